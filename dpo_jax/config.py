@@ -1,0 +1,73 @@
+"""The base run config. Experiment files in ``configs/`` start from it and change what they need.
+
+The defaults are the offline default run: DPO on the synthetic preference task with a small
+GPT-2-shaped model, 2 CPU cores, under 3 minutes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dpo_jax import losses as losses_lib
+from dpo_jax import sharding
+from dpo_jax.data import default_data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "dpo"  # what main runs: 'dpo' (preference optimisation)
+    c.seed = 0  # parameter init and data shuffling
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny-gpt2"  # a name from dpo_jax.models.PRESETS (ignored with hf_path)
+    c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields to change, e.g. n_layer
+    c.model.hf_path = ""  # HF model dir or hub name to import (config + safetensors)
+    c.model.ref_hf_path = ""  # reference from another HF checkpoint ('' = same init as policy)
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+    c.model.param_dtype = "float32"  # policy parameter (master weight) dtype
+    c.model.ref_param_dtype = ""  # frozen reference storage dtype ('' = as the policy; bfloat16 halves it)
+    c.model.remat = "none"  # per-layer rematerialisation: none, full, dots_saveable
+    c.model.scan_layers = True  # scan over stacked layers (compile time independent of depth)
+    c.model.attention_impl = ""  # '' = XLA; 'cudnn' for the fused GPU kernel
+
+    c.init = ml_collections.ConfigDict()
+    c.init.policy = ""  # another run's workdir to take policy params from (e.g. the SFT run)
+    c.init.reference = ""  # a run's workdir for the reference ('' = the policy's initial params)
+
+    c.loss = losses_lib.default_loss_config()
+
+    c.data = default_data_config()
+
+    c.logprobs = ml_collections.ConfigDict()
+    c.logprobs.scored_only = True  # LM head only at response positions (same numbers, less work)
+    c.logprobs.seq_chunk = 128  # positions per LM-head chunk (0 = all at once)
+    c.logprobs.vocab_chunk = 0  # vocabulary slice for the online logsumexp (0 = whole vocabulary)
+    c.logprobs.precompute_reference = False  # reference log-probs computed once over the data
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # rmsprop (the paper's recipe), adamw or sgd
+    c.optim.lr = 1e-3  # peak learning rate (the paper: 1e-6 with RMSprop for billion-scale models)
+    c.optim.schedule = "constant"  # after warmup: constant (paper), linear or cosine decay to 0
+    c.optim.warmup_steps = 20  # linear warmup from 0 (paper: 150)
+    c.optim.b1 = 0.9  # AdamW first-moment decay
+    c.optim.b2 = 0.999  # AdamW second-moment decay
+    c.optim.rms_decay = 0.99  # RMSprop alpha (PyTorch default, as the paper ran it)
+    c.optim.eps = 1e-8  # optimizer epsilon
+    c.optim.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only)
+    c.optim.max_grad_norm = 10.0  # global-norm clipping (0 = off; paper's code: 10)
+    c.optim.grad_accum = 1  # micro-batches per update; the update equals the full batch's
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 300  # optimizer updates
+    c.train.batch_size = 32  # global batch in pairs (paper: 64)
+    c.train.eval_every = 100  # held-out evaluation interval in steps (0 = never)
+    c.train.eval_batch_size = 64  # pairs per eval batch
+    c.train.log_every = 10  # progress line and metrics.jsonl interval
+    c.train.checkpoint_every = 100  # checkpoint interval (and always at the end)
+    c.train.keep_checkpoints = 2  # newest checkpoints kept
+    c.train.async_checkpointing = True  # write checkpoints in the background
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
+    c.mesh.rules = [list(r) for r in sharding.DEFAULT_RULES]  # logical -> mesh axis
+    return c

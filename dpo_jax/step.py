@@ -1,0 +1,214 @@
+"""The DPO training and evaluation steps: pure functions of (state, batch).
+
+One policy forward runs chosen and rejected rows together (the reference implementation's
+``concatenated_forward``); the reference forward runs under ``stop_gradient`` on a frozen second
+parameter tree. Gradient accumulation splits the pairs into equal strided micro-batches inside
+the jitted step and sums exactly-normalised gradients, so the update equals the big batch's.
+
+Batch layout (see ARCHITECTURE.md): rows are per-host blocks ``[chosen_0..B_l-1,
+rejected_0..B_l-1]`` concatenated over ``num_blocks`` hosts, so per-sequence vectors are
+reshaped ``[num_blocks, 2, B_l]`` to pair chosen with rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpo_jax import losses as losses_lib
+from dpo_jax.logprobs import LogprobConfig, sequence_logps
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ref_params: Any  # None when the loss is reference-free or reference log-probs are precomputed
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    num_blocks: int = 1  # processes whose local batches make up the global batch
+    grad_accum: int = 1  # micro-batches per update
+    logprobs: LogprobConfig = LogprobConfig()
+
+
+def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """optax chain: global-norm clipping, then RMSprop (the paper's recipe) or AdamW."""
+    warmup = int(optim.warmup_steps)
+    lr = float(optim.lr)
+    if optim.schedule == "constant":
+        schedule = optax.linear_schedule(0.0, lr, max(warmup, 1)) if warmup else optax.constant_schedule(lr)
+    elif optim.schedule in ("linear", "cosine"):
+        decay_steps = max(total_steps - warmup, 1)
+        tail = (
+            optax.linear_schedule(lr, 0.0, decay_steps)
+            if optim.schedule == "linear"
+            else optax.cosine_decay_schedule(lr, decay_steps)
+        )
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)), tail], [warmup]
+        ) if warmup else tail
+    else:
+        raise ValueError(f"optim.schedule={optim.schedule!r}: expected constant, linear or cosine")
+    if optim.name == "rmsprop":
+        # PyTorch's RMSprop (the paper's optimizer): alpha=0.99, eps added outside the sqrt.
+        base = optax.rmsprop(schedule, decay=float(optim.rms_decay), eps=float(optim.eps),
+                             eps_in_sqrt=False)
+    elif optim.name == "adamw":
+        base = optax.adamw(
+            schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
+            weight_decay=float(optim.weight_decay),
+            mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+        )
+    elif optim.name == "sgd":
+        base = optax.sgd(schedule)
+    else:
+        raise ValueError(f"optim.name={optim.name!r}: expected rmsprop, adamw or sgd")
+    parts = [base]
+    if optim.max_grad_norm and float(optim.max_grad_norm) > 0:
+        parts.insert(0, optax.clip_by_global_norm(float(optim.max_grad_norm)))
+    return optax.chain(*parts), schedule
+
+
+def _sequence_stats(model, params, batch, cfg: StepConfig, num_scored):
+    """Per-sequence (logps, lengths), each ``[2B]`` in block layout."""
+    h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    w, b = model.unembedding(params)
+    seq_index = batch.get("seq_index")
+    num_seqs = None
+    if seq_index is not None:
+        rows = batch["input_ids"].shape[0]
+        pairs_local = batch["pair_weight"].shape[0] // cfg.num_blocks
+        block = jnp.arange(rows)[:, None] // (rows // cfg.num_blocks)
+        seq_index = jnp.where(seq_index >= 0, seq_index + block * 2 * pairs_local, -1)
+        num_seqs = 2 * batch["pair_weight"].shape[0]
+    return sequence_logps(
+        h, batch["input_ids"], batch["loss_mask"], w, b, cfg.logprobs,
+        num_scored=num_scored, seq_index_RL=seq_index, num_seqs=num_seqs,
+    )
+
+
+def _pairs(x_S, num_blocks):
+    x = x_S.reshape(num_blocks, 2, -1)
+    return x[:, 0].reshape(-1), x[:, 1].reshape(-1)
+
+
+def _stats(logps, lengths, num_blocks) -> losses_lib.SequenceStats:
+    chosen_logps, rejected_logps = _pairs(logps, num_blocks)
+    chosen_lengths, rejected_lengths = _pairs(lengths, num_blocks)
+    return losses_lib.SequenceStats(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+    )
+
+
+def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, num_scored):
+    """Policy/reference statistics and the loss output for one (micro-)batch."""
+    policy = _stats(*_sequence_stats(model, params, batch, cfg, num_scored), cfg.num_blocks)
+    reference = None
+    if "ref_logps" in batch:  # precomputed once over the dataset
+        reference = _stats(batch["ref_logps"], batch["ref_lengths"], cfg.num_blocks)
+    elif ref_params is not None:
+        ref = _sequence_stats(model, ref_params, batch, cfg, num_scored)
+        reference = _stats(*jax.lax.stop_gradient(ref), cfg.num_blocks)
+    weights = batch["pair_weight"]
+    out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
+    return policy, out
+
+
+def _weighted_sums(policy, out, weights) -> dict[str, jax.Array]:
+    """Sums weighted by pair_weight; divided by the weight total they are the plotted means."""
+    w = weights.astype(jnp.float32)
+    sums = {
+        "loss": jnp.sum(w * out.losses),
+        "rewards/chosen": jnp.sum(w * out.chosen_rewards),
+        "rewards/rejected": jnp.sum(w * out.rejected_rewards),
+        "rewards/margins": jnp.sum(w * (out.chosen_rewards - out.rejected_rewards)),
+        "rewards/accuracies": jnp.sum(w * (out.chosen_rewards > out.rejected_rewards)),
+        "logps/chosen": jnp.sum(w * policy.chosen_logps),
+        "logps/rejected": jnp.sum(w * policy.rejected_logps),
+    }
+    for k, v in out.extras.items():
+        sums[k] = jnp.sum(w * v) if jnp.ndim(v) else v * jnp.sum(w)
+    return sums
+
+
+def _micro(batch, n: int, j, num_blocks: int):
+    """Micro-batch j of n: pairs j, j+n, j+2n, ... of every block (keeps row sharding)."""
+
+    def split(x, paired_rows: bool):
+        lead = (num_blocks, 2) if paired_rows else (num_blocks,)
+        x = x.reshape(*lead, -1, n, *x.shape[1:])
+        x = jax.lax.dynamic_index_in_dim(x, j, axis=len(lead) + 1, keepdims=False)
+        return x.reshape(-1, *x.shape[len(lead) + 1:])
+
+    return {
+        k: split(v, paired_rows=k not in ("pair_weight",)) for k, v in batch.items()
+    }
+
+
+def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig):
+    """``train_step(state, batch, num_scored) -> (state, metrics)``; jit it with shardings."""
+    if cfg.grad_accum > 1 and losses_lib.uses_batch_statistics(loss_cfg):
+        raise ValueError(
+            f"loss {loss_cfg.name!r} uses batch statistics, so accumulating micro-batches would "
+            "change it; set optim.grad_accum=1"
+        )
+
+    def loss_fn(params, ref_params, batch, total_weight, num_scored):
+        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, num_scored)
+        sums = _weighted_sums(policy, out, batch["pair_weight"])
+        return sums["loss"] / total_weight, sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch, num_scored=None):
+        total_weight = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
+        n = cfg.grad_accum
+        if n == 1:
+            grads, sums = grad_fn(state.params, state.ref_params, batch, total_weight, num_scored)
+        else:
+            if "seq_index" in batch:
+                raise ValueError("gradient accumulation with packed batches is not supported")
+
+            def body(carry, j):
+                g_acc, s_acc = carry
+                g, s = grad_fn(state.params, state.ref_params, _micro(batch, n, j, cfg.num_blocks),
+                               total_weight, num_scored)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            _, zeros_s = jax.eval_shape(
+                grad_fn, state.params, state.ref_params, _micro(batch, n, 0, cfg.num_blocks),
+                total_weight, num_scored,
+            )
+            zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_s)
+            (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), jnp.arange(n))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {k: v / total_weight for k, v in sums.items()}
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, loss_cfg, cfg: StepConfig):
+    """``eval_step(params, ref_params, batch, num_scored) -> weighted sums`` (host divides)."""
+
+    def eval_step(params, ref_params, batch, num_scored=None):
+        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, num_scored)
+        sums = _weighted_sums(policy, out, batch["pair_weight"])
+        sums["weight"] = jnp.sum(batch["pair_weight"])
+        return sums
+
+    return eval_step

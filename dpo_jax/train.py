@@ -1,0 +1,253 @@
+"""The training loop: init or restore, jit once with shardings, step, eval, checkpoint, log.
+
+No math lives here (see ``step.py``, ``losses.py``, ``logprobs.py``). The loop dispatches step
+``n+1`` before it reads step ``n``'s metrics, so the host never stalls the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dpo_jax import checkpoint as ckpt_lib
+from dpo_jax import data as data_lib
+from dpo_jax import losses as losses_lib
+from dpo_jax import sharding as shard_lib
+from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
+from dpo_jax.metrics import MetricWriter, Progress
+from dpo_jax.models import Model, ModelConfig, preset
+from dpo_jax.step import StepConfig, TrainState, make_eval_step, make_optimizer, make_train_step
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The policy's ModelConfig: from an HF directory when ``model.hf_path`` is set, else a preset."""
+    m = config.model
+    overrides = {k: v for k, v in m.overrides.items()} if m.get("overrides") else {}
+    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                     scan_layers=m.scan_layers, attention_impl=m.attention_impl or None)
+    if m.get("hf_path"):
+        from dpo_jax.models import hf
+
+        return hf.load_hf_config(m.hf_path, **overrides)
+    return preset(m.preset, **overrides)
+
+
+def logprob_config(config) -> LogprobConfig:
+    lp = config.logprobs
+    return LogprobConfig(scored_only=bool(lp.scored_only), seq_chunk=lp.seq_chunk or None,
+                         vocab_chunk=lp.vocab_chunk or None)
+
+
+def _init_params(model: Model, source: str | None, hf_path: str | None, shardings, rng, dtype=None):
+    """Params from another run's checkpoint, an HF directory, or a seeded random init."""
+    cast = (lambda p: p) if dtype is None else (
+        lambda p: jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p))
+    if source:
+        like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            model.abstract_params(), shardings)
+        params = ckpt_lib.restore_params(source, like)
+    elif hf_path:
+        from dpo_jax.models import hf
+
+        params = hf.load_hf_params(hf_path, model.config, shardings=shardings)
+    else:
+        params = jax.jit(model.init, out_shardings=shardings)(rng)
+    if dtype is not None:
+        params = jax.jit(cast, out_shardings=shardings)(params)
+    return params
+
+
+class Run:
+    """Everything a training run holds: mesh, model, jitted steps, state, data, sinks."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        self.mesh = shard_lib.make_mesh(dict(config.mesh.shape))
+        self.rules = tuple(tuple(r) for r in config.mesh.rules)
+        self.model = Model(model_config(config))
+        self.loss_cfg = losses_lib.loss_config_from(config.loss)
+        t = config.train
+        self.total_steps = int(t.steps)
+        self.step_cfg = StepConfig(num_blocks=jax.process_count(), grad_accum=int(config.optim.grad_accum),
+                                   logprobs=logprob_config(config))
+        self.tx, self.schedule = make_optimizer(config.optim, self.total_steps)
+
+        abstract = self.model.abstract_params()
+        self.param_shardings = shard_lib.tree_shardings(abstract, self.model.logical_axes(), self.mesh, self.rules)
+        self.state = self._init_state()
+
+        state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self._state_shardings = state_shardings
+        self._train_step = jax.jit(
+            make_train_step(self.model, self.loss_cfg, self.tx, self.schedule, self.step_cfg),
+            in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+            donate_argnums=0, static_argnums=2,
+        )
+        self._eval_step = jax.jit(make_eval_step(self.model, self.loss_cfg, self.step_cfg), static_argnums=3)
+
+        pc, pi = jax.process_count(), jax.process_index()
+        self.train_data = data_lib.build_pipeline(
+            config.data, split="train", global_batch_size=int(t.batch_size),
+            process_index=pi, process_count=pc, seed=int(config.seed))
+        self.eval_data = None
+        if t.eval_every:
+            self.eval_data = data_lib.build_pipeline(
+                config.data, split="eval", global_batch_size=int(t.eval_batch_size or t.batch_size),
+                process_index=pi, process_count=pc, seed=int(config.seed))
+        self.checkpointer = ckpt_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), every=int(t.checkpoint_every or self.total_steps),
+            keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpointing))
+        self.writer = MetricWriter(workdir)
+        self._restore()
+
+    # ----------------------------------------------------------------------------- state
+    def _init_state(self) -> TrainState:
+        cfg = self.config
+        rng_policy = jax.random.key(int(cfg.seed))
+        params = _init_params(self.model, cfg.init.policy, cfg.model.get("hf_path"),
+                              self.param_shardings, rng_policy)
+        ref_params = None
+        if losses_lib.needs_reference(self.loss_cfg) and not cfg.logprobs.get("precompute_reference"):
+            ref_dtype = jnp.dtype(cfg.model.ref_param_dtype) if cfg.model.ref_param_dtype else None
+            same_source = not cfg.init.reference and not cfg.model.get("ref_hf_path")
+            if same_source:
+                ref_params = jax.jit(
+                    lambda p: jax.tree.map(lambda x: x.astype(ref_dtype or x.dtype), p),
+                    out_shardings=self.param_shardings)(params)
+            else:
+                ref_params = _init_params(self.model, cfg.init.reference, cfg.model.get("ref_hf_path"),
+                                          self.param_shardings, rng_policy, ref_dtype)
+        opt_state = jax.jit(self.tx.init)(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), shard_lib.replicated(self.mesh))
+        return TrainState(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
+
+    def _restore(self) -> None:
+        self.start_step = 0
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return
+        params, opt_state, data_state = self.checkpointer.restore(
+            latest, self.state.params, self.state.opt_state)
+        step = jax.device_put(jnp.asarray(latest, jnp.int32), shard_lib.replicated(self.mesh))
+        self.state = self.state.replace(step=step, params=params, opt_state=opt_state)
+        self.train_data.load_state_dict(data_state)
+        self.start_step = latest
+        self.writer.truncate_after(latest)
+        logging.info("resumed from %s at step %d", self.checkpointer.directory, latest)
+
+    # ------------------------------------------------------------------------------ steps
+    def _device_batch(self, batch_np: dict[str, np.ndarray]):
+        num_scored = None
+        if self.step_cfg.logprobs.scored_only:
+            num_scored = max_scored_tokens(batch_np["loss_mask"])
+            if jax.process_count() > 1:  # every process must compile the same program
+                from jax.experimental import multihost_utils
+
+                num_scored = int(np.max(multihost_utils.process_allgather(np.asarray(num_scored))))
+        shardings = shard_lib.batch_shardings(batch_np, self.mesh)
+        return data_lib.to_global(batch_np, shardings), num_scored
+
+    def evaluate(self) -> dict[str, float]:
+        """Weighted means over every held-out pair (padding pairs weigh 0)."""
+        totals: dict[str, float] = {}
+        for batch_np in self.eval_data.epoch():
+            batch, num_scored = self._device_batch(batch_np)
+            sums = jax.device_get(self._eval_step(self.state.params, self.state.ref_params, batch, num_scored))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        weight = max(totals.pop("weight", 0.0), 1e-9)
+        return {k: v / weight for k, v in totals.items()}
+
+    def train(self) -> dict[str, Any]:
+        t0 = time.time()
+        progress = Progress(self.total_steps, self.start_step)
+        log_every = max(1, int(self.config.train.log_every))
+        eval_every = int(self.config.train.eval_every or 0)
+        pending = None  # (step, device metrics, tokens): read one step late
+        last_train: dict[str, Any] = {}
+        last_eval: dict[str, float] = {}
+        compile_s = None
+        data_iter = iter(self.train_data)
+
+        def flush(item):
+            step, metrics_dev, tokens = item
+            metrics = jax.device_get(metrics_dev)
+            progress.update(step, tokens)
+            tps, _ = progress.rates()
+            record = dict(metrics, tokens_per_s=tps)
+            if step % log_every == 0 or step == self.total_steps:
+                self.writer.write(step, record)
+                if jax.process_index() == 0:
+                    logging.info(progress.line(step, metrics))
+            return record
+
+        for step in range(self.start_step, self.total_steps):
+            batch_np = next(data_iter)
+            tokens = int(np.sum(batch_np["segment_ids"] > 0)) * jax.process_count()
+            batch, num_scored = self._device_batch(batch_np)
+            t_step = time.time()
+            self.state, metrics = self._train_step(self.state, batch, num_scored)
+            if pending is not None:
+                last_train = flush(pending)
+            elif compile_s is None:
+                jax.block_until_ready(metrics)
+                compile_s = time.time() - t_step
+            pending = (step + 1, metrics, tokens)
+            done = step + 1
+            if eval_every and (done % eval_every == 0 or done == self.total_steps):
+                last_train = flush(pending)
+                pending = None
+                last_eval = self.evaluate()
+                self.writer.write(done, last_eval, prefix="eval/")
+                if jax.process_index() == 0:
+                    logging.info("eval step %d: %s", done, _short(last_eval))
+            self.checkpointer.save(done, self.state.params, self.state.opt_state,
+                                   self.train_data.state_dict(), force=done == self.total_steps)
+        if pending is not None:
+            last_train = flush(pending)
+        self.checkpointer.close()
+        self.writer.close()
+        summary = {
+            "steps": self.total_steps,
+            "resumed_from": self.start_step,
+            "wall_s": round(time.time() - t0, 1),
+            "compile_s": None if compile_s is None else round(compile_s, 1),
+            "final_train": {k: float(np.asarray(v)) for k, v in last_train.items()},
+            "final_eval": last_eval,
+            "data": _jsonable(getattr(self.train_data, "stats", {})),
+        }
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+
+
+def _short(metrics: dict[str, float]) -> str:
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def _jsonable(x):
+    try:
+        json.dumps(x)
+        return x
+    except TypeError:
+        return str(x)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    run = Run(config, workdir)
+    return run.train()
