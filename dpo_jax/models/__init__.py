@@ -1,0 +1,23 @@
+"""Decoder-only transformers (GPT-2, GPT-NeoX, GPT-J, Llama/Mistral/Qwen2) in flax.nnx, exposed
+as pure functions over nested-dict parameters (see ARCHITECTURE.md)."""
+
+from dpo_jax.models.config import (
+    PRESETS,
+    ModelConfig,
+    flops_per_token,
+    matmul_param_count,
+    param_count,
+    preset,
+)
+from dpo_jax.models.model import Model, project
+
+__all__ = [
+    "PRESETS",
+    "Model",
+    "ModelConfig",
+    "flops_per_token",
+    "matmul_param_count",
+    "param_count",
+    "preset",
+    "project",
+]

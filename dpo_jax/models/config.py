@@ -1,0 +1,205 @@
+"""ModelConfig: one frozen dataclass whose named switches select GPT-2, GPT-NeoX, GPT-J or Llama.
+
+Why one decoder with switches rather than four model classes: the DPO trainer, sharding rules,
+checkpointing and the HF importer all see the same parameter tree layout; the families only
+differ in a handful of well-understood places (norm, MLP, position encoding, residual wiring,
+biases, head tying), and each difference is a field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FAMILIES = ("gpt2", "neox", "gptj", "llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and architectural switches of a decoder-only transformer.
+
+    `n_kv_head` None -> n_head (multi-head); `head_dim` None -> d_model // n_head;
+    `rotary_dim` None -> head_dim (all of each head is rotated). These are resolved in
+    `__post_init__`, so a constructed config always holds concrete ints.
+    """
+
+    family: str = "gpt2"  # informational + chooses HF name map: gpt2 | neox | gptj | llama
+    vocab_size: int = 50257
+    n_layer: int = 12
+    d_model: int = 768
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention when < n_head
+    head_dim: int | None = None
+    d_ff: int = 3072
+    max_len: int = 1024  # learned position table size / documented context length
+    # normalisation
+    norm: str = "layernorm"  # layernorm (scale+bias) | rmsnorm (scale only)
+    norm_eps: float = 1e-5
+    # MLP
+    activation: str = "gelu_tanh"  # gelu_tanh | gelu (erf) | silu | relu
+    gated_mlp: bool = False  # SwiGLU-style: down(act(gate(x)) * up(x))
+    # positions
+    position: str = "learned"  # learned | rotary
+    rotary_dim: int | None = None  # per-head dims that are rotated (NeoX rotary_pct * head_dim)
+    rotary_style: str = "half"  # half (NeoX/Llama rotate_half) | interleaved (GPT-J every-two)
+    rope_theta: float = 10000.0
+    rope_scaling: str | None = None  # None | linear | llama3
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only
+    # residual wiring
+    parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x)   (NeoX, GPT-J)
+    shared_norm: bool = False  # parallel block uses ONE norm for attn and mlp (GPT-J)
+    # head and biases
+    tie_embeddings: bool = True
+    qkv_bias: bool = True
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    lm_head_bias: bool = False  # GPT-J
+    # numerics / execution
+    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat: str = "none"  # none | full | dots_saveable (per layer)
+    attention_impl: str | None = None  # None (XLA) | cudnn
+    scan_layers: bool = True  # lax.scan over stacked layers: compile time independent of depth
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ValueError(f"d_model {self.d_model} not divisible by n_head {self.n_head}")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_head)
+        if self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} not a multiple of n_kv_head {self.n_kv_head}")
+        checks = {
+            "norm": ("layernorm", "rmsnorm"),
+            "activation": ("gelu_tanh", "gelu", "silu", "relu"),
+            "position": ("learned", "rotary"),
+            "rotary_style": ("half", "interleaved"),
+            "rope_scaling": (None, "linear", "llama3"),
+            "remat": ("none", "full", "dots_saveable"),
+            "attention_impl": (None, "xla", "cudnn"),
+            "dtype": ("float32", "bfloat16", "float16"),
+            "param_dtype": ("float32", "bfloat16", "float16"),
+        }
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.position == "rotary" and (self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim")
+        if self.shared_norm and not self.parallel_residual:
+            raise ValueError("shared_norm only makes sense with parallel_residual")
+
+
+def _tiny(**kw: Any) -> dict:
+    base = dict(vocab_size=128, n_layer=2, d_model=32, n_head=4, d_ff=64, max_len=64)
+    base.update(kw)
+    return base
+
+
+_GPT2 = dict(family="gpt2", vocab_size=50257, max_len=1024, norm="layernorm",
+             activation="gelu_tanh", position="learned", tie_embeddings=True)
+_NEOX = dict(family="neox", norm="layernorm", activation="gelu", position="rotary",
+             rotary_style="half", parallel_residual=True, tie_embeddings=False, max_len=2048)
+_GPTJ = dict(family="gptj", norm="layernorm", activation="gelu_tanh", position="rotary",
+             rotary_style="interleaved", parallel_residual=True, shared_norm=True,
+             tie_embeddings=False, qkv_bias=False, attn_out_bias=False, lm_head_bias=True,
+             max_len=2048)
+_LLAMA = dict(family="llama", norm="rmsnorm", activation="silu", gated_mlp=True,
+              position="rotary", rotary_style="half", qkv_bias=False, attn_out_bias=False,
+              mlp_bias=False, tie_embeddings=False)
+_LLAMA3_ROPE = dict(rope_theta=500000.0, rope_scaling="llama3", rope_low_freq_factor=1.0,
+                    rope_high_freq_factor=4.0, rope_original_max_len=8192)
+
+# Shapes from the public config.json of each checkpoint.
+PRESETS: dict[str, dict] = {
+    "tiny-gpt2": _tiny(**{**_GPT2, "vocab_size": 128, "max_len": 64}),
+    "tiny-neox": _tiny(**{**_NEOX, "max_len": 64}, d_model=64, rotary_dim=4),
+    "tiny-gptj": _tiny(**{**_GPTJ, "max_len": 64}, d_model=64, rotary_dim=8),
+    "tiny-llama": _tiny(**_LLAMA, n_kv_head=2, norm_eps=1e-5,
+                        **{**_LLAMA3_ROPE, "rope_factor": 8.0, "rope_original_max_len": 32}),
+    "gpt2": dict(_GPT2, n_layer=12, d_model=768, n_head=12, d_ff=3072),
+    "gpt2-medium": dict(_GPT2, n_layer=24, d_model=1024, n_head=16, d_ff=4096),
+    "gpt2-large": dict(_GPT2, n_layer=36, d_model=1280, n_head=20, d_ff=5120),
+    "gpt2-xl": dict(_GPT2, n_layer=48, d_model=1600, n_head=25, d_ff=6400),
+    "pythia-1.4b": dict(_NEOX, vocab_size=50304, n_layer=24, d_model=2048, n_head=16,
+                        d_ff=8192, rotary_dim=32),  # rotary_pct 0.25 of head_dim 128
+    "pythia-2.8b": dict(_NEOX, vocab_size=50304, n_layer=32, d_model=2560, n_head=32,
+                        d_ff=10240, rotary_dim=20),  # rotary_pct 0.25 of head_dim 80
+    "gpt-j-6b": dict(_GPTJ, vocab_size=50400, n_layer=28, d_model=4096, n_head=16,
+                     d_ff=16384, rotary_dim=64),
+    "llama-3.2-1b": dict(_LLAMA, **_LLAMA3_ROPE, rope_factor=32.0, vocab_size=128256,
+                         n_layer=16, d_model=2048, n_head=32, n_kv_head=8, head_dim=64,
+                         d_ff=8192, max_len=131072, norm_eps=1e-5, tie_embeddings=True),
+    "llama-3.1-8b": dict(_LLAMA, **_LLAMA3_ROPE, rope_factor=8.0, vocab_size=128256,
+                         n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336,
+                         max_len=131072, norm_eps=1e-5),
+    # Mistral-7B-v0.1 (sliding window 4096 is not modelled: identical below 4096 tokens).
+    "mistral-7b": dict(_LLAMA, family="llama", vocab_size=32000, n_layer=32, d_model=4096,
+                       n_head=32, n_kv_head=8, d_ff=14336, max_len=32768, norm_eps=1e-5),
+    "qwen2.5-0.5b": dict(_LLAMA, vocab_size=151936, n_layer=24, d_model=896, n_head=14,
+                         n_kv_head=2, d_ff=4864, max_len=32768, norm_eps=1e-6,
+                         rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-7b": dict(_LLAMA, vocab_size=152064, n_layer=28, d_model=3584, n_head=28,
+                       n_kv_head=4, d_ff=18944, max_len=32768, norm_eps=1e-6,
+                       rope_theta=1000000.0, qkv_bias=True, tie_embeddings=False),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named shape (tiny test shapes or public checkpoints) with field overrides."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def _layer_matmul_params(cfg: ModelConfig) -> int:
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2  # q, o, k, v
+    mlp = d * cfg.d_ff * (3 if cfg.gated_mlp else 2)
+    return attn + mlp
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Exact number of parameters of the tree `Model(cfg).init` builds (tied head counted once)."""
+    d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layer
+    norm = d * (2 if cfg.norm == "layernorm" else 1)
+    layer = _layer_matmul_params(cfg)
+    if cfg.qkv_bias:
+        layer += (cfg.n_head + 2 * cfg.n_kv_head) * hd
+    if cfg.attn_out_bias:
+        layer += d
+    if cfg.mlp_bias:
+        layer += cfg.d_ff * (2 if cfg.gated_mlp else 1) + d
+    layer += norm * (1 if cfg.shared_norm else 2)
+    n = L * layer + norm + cfg.vocab_size * d
+    if cfg.position == "learned":
+        n += cfg.max_len * d
+    if not cfg.tie_embeddings:
+        n += cfg.vocab_size * d
+    if cfg.lm_head_bias:
+        n += cfg.vocab_size
+    return n
+
+
+def matmul_param_count(cfg: ModelConfig) -> int:
+    """N of the FLOPs convention: all matmul weights incl. the LM head, excluding input embedding
+    lookup (a gather, no FLOPs), position table, norms and biases."""
+    return cfg.n_layer * _layer_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training (forward + backward) FLOPs per token: 6 N + 12 L (n_head*head_dim) T.
+
+    6N: 2 FLOPs per multiply-add forward, twice that backward. 12 L d T: the two attention
+    matmuls (QK^T and PV) at full (non-causal) cost, forward + backward. Same convention as
+    Kaplan et al. / PaLM MFU, so MFU numbers are comparable with the literature.
+    """
+    return 6 * matmul_param_count(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len

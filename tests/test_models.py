@@ -1,0 +1,133 @@
+"""Model-level properties that need no transformers: shapes, axes, causality, segments, scan,
+KV-cache decoding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax.models import Model, flops_per_token, param_count, preset, PRESETS
+
+TINY = ["tiny-gpt2", "tiny-neox", "tiny-gptj", "tiny-llama"]
+
+
+def _inputs(B=2, L=12, V=128, seed=0):
+    ids = jax.random.randint(jax.random.key(seed), (B, L), 0, V)
+    pos = jnp.broadcast_to(jnp.arange(L), (B, L)).astype(jnp.int32)
+    seg = jnp.ones((B, L), jnp.int32)
+    return ids, pos, seg
+
+
+@pytest.fixture(scope="module", params=TINY)
+def built(request):
+    cfg = preset(request.param)
+    model = Model(cfg)
+    params = jax.jit(model.init)(jax.random.key(1))
+    # Non-zero biases / non-unit norms so every parameter matters.
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape,
+                                                                  x.dtype), params)
+    return cfg, model, params
+
+
+def test_tree_axes_count(built):
+    cfg, model, params = built
+    axes = model.logical_axes()
+    is_t = lambda x: isinstance(x, tuple)
+    assert jax.tree.structure(axes, is_leaf=is_t) == jax.tree.structure(params)
+    for a, p in zip(jax.tree.leaves(axes, is_leaf=is_t), jax.tree.leaves(params)):
+        assert len(a) == p.ndim
+        assert set(a) <= {None, "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers"}
+    abstract = model.abstract_params()
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), params)
+    assert sum(x.size for x in jax.tree.leaves(params)) == param_count(cfg)
+
+
+def test_scan_equals_unrolled_and_remat(built):
+    cfg, model, params = built
+    ids, pos, seg = _inputs()
+    ref = model.hidden(params, ids, pos, seg)
+    for kw in [dict(scan_layers=False), dict(remat="full"), dict(remat="dots_saveable")]:
+        other = Model(dataclasses.replace(cfg, **kw))
+        np.testing.assert_allclose(other.hidden(params, ids, pos, seg), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_causal(built):
+    cfg, model, params = built
+    ids, pos, seg = _inputs()
+    h1 = model.hidden(params, ids, pos, seg)
+    h2 = model.hidden(params, ids.at[:, 7].set((ids[:, 7] + 1) % 128), pos, seg)
+    np.testing.assert_array_equal(h1[:, :7], h2[:, :7])
+    assert not np.allclose(h1[:, 7:], h2[:, 7:])
+
+
+def test_segments_isolated(built):
+    cfg, model, params = built
+    ids, _, _ = _inputs(B=1, L=12)
+    a, b = ids[:, :5], ids[:, 5:10]
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 2), ids.dtype)], axis=1)
+    pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 0]], jnp.int32)
+    seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0]], jnp.int32)
+    h = model.hidden(params, packed, pos, seg)
+    assert np.all(np.isfinite(h))
+    ones = jnp.ones((1, 5), jnp.int32)
+    ar = jnp.arange(5)[None]
+    np.testing.assert_allclose(h[:, :5], model.hidden(params, a, ar, ones), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h[:, 5:10], model.hidden(params, b, ar, ones), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_kv_cache_decode_matches_forward(built):
+    cfg, model, params = built
+    lens = [6, 3, 5]
+    P, steps = max(lens), 4
+    B = len(lens)
+    toks = np.asarray(jax.random.randint(jax.random.key(5), (B, P + steps), 0, 128))
+    prompt = np.zeros((B, P), np.int32)
+    pseg = np.zeros((B, P), np.int32)
+    for b, n in enumerate(lens):
+        prompt[b, :n] = toks[b, :n]
+        pseg[b, :n] = 1
+    ppos = np.broadcast_to(np.arange(P), (B, P)).astype(np.int32)
+    cache = model.init_cache(B, P + steps + 2)
+    decode = jax.jit(model.decode)
+    h_pre, cache = decode(params, prompt, ppos, cache, pseg)
+    np.testing.assert_array_equal(cache["index"], lens)
+    got = [[h_pre[b, :n] for b, n in enumerate(lens)]]
+    for t in range(steps):
+        nxt = np.array([toks[b, n + t] for b, n in enumerate(lens)], np.int32)[:, None]
+        pos = np.array([n + t for n in lens], np.int32)[:, None]
+        h, cache = decode(params, nxt, pos, cache)
+        got.append([h[b] for b in range(B)])
+    for b, n in enumerate(lens):
+        seq = toks[b:b + 1, :n + steps]
+        L = n + steps
+        full = model.hidden(params, seq, np.arange(L)[None], np.ones((1, L), np.int32))[0]
+        mine = np.concatenate([got[0][b]] + [g[b] for g in got[1:]], axis=0)
+        np.testing.assert_allclose(mine, full, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_runs():
+    cfg = preset("tiny-llama", dtype="bfloat16", param_dtype="bfloat16")
+    model = Model(cfg)
+    params = model.init(jax.random.key(0))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    ids, pos, seg = _inputs()
+    h = model.hidden(params, ids, pos, seg)
+    assert h.dtype == jnp.bfloat16
+    assert model.logits(params, ids, pos, seg).dtype == jnp.float32
+
+
+def test_presets_counts_and_flops():
+    # Public totals (tied heads counted once): a sanity check of the preset shapes.
+    expected = {"gpt2": 124_439_808, "gpt2-xl": 1_557_611_200, "llama-3.2-1b": 1_235_814_400,
+                "llama-3.1-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768,
+                "mistral-7b": 7_241_732_096}
+    for name, n in expected.items():
+        assert param_count(preset(name)) == n, name
+    for name in PRESETS:
+        cfg = preset(name)
+        assert flops_per_token(cfg, 2048) > 6 * (param_count(cfg) - cfg.vocab_size * cfg.d_model
+                                                 * (2 if cfg.tie_embeddings else 1)) * 0.9
