@@ -162,8 +162,7 @@ def _sigmoid(c: _Ctx) -> _Part:
 
 def _hinge(c: _Ctx) -> _Part:
     # SLiC-HF rank-calibration loss, Zhao et al. 2023 (arXiv 2305.10425): max(0, delta - log-ratio),
-    # in the DPO
-    # paper / TRL form with the reference: relu(1 - beta * h), i.e. margin delta = 1 / beta.
+    # in the DPO paper / TRL form with the reference: relu(1 - beta * h), i.e. delta = 1 / beta.
     c_w, c_l = _log_ratios(c)
     return _Part(jax.nn.relu(1.0 - c.cfg.beta * (c_w - c_l)), *_dpo_rewards(c), {})
 
