@@ -215,7 +215,8 @@ def _robust(c: _Ctx) -> _Part:
 
 
 def _bco_pair(c: _Ctx) -> _Part:
-    # BCO, Jung et al. 2024 (arXiv 2404.04656) on pairs (TRL bco_pair; eq. number not re-checked): -log sigma(r_w - delta)
+    # BCO, Jung et al. 2024 (arXiv 2404.04656) on pairs (TRL bco_pair; eq. number not
+    # re-checked): -log sigma(r_w - delta)
     # - log sigma(-(r_l - delta)), r = beta c. delta is the reward mean: TRL keeps a running mean
     # across steps; here it is the pair-weighted mean of r_w and r_l over the GLOBAL batch
     # (stop-gradient, padding excluded), which keeps the loss a pure function of the batch.
@@ -235,7 +236,8 @@ def _sppo_hard(c: _Ctx) -> _Part:
 
 
 def _aot(c: _Ctx) -> _Part:
-    # AOT paired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot; eq. number not re-checked): sort the policy log-ratios pi_w - pi_l and
+    # AOT paired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot; eq. number not re-checked):
+    # sort the policy log-ratios pi_w - pi_l and
     # the reference log-ratios ref_w - ref_l separately over the (global) batch, take
     # delta_k = sorted_policy[k] - sorted_ref[k] and the (smoothed) logistic loss of beta delta_k.
     # Rank k's loss is stored at the pair holding policy rank k; padding pairs sort last.
