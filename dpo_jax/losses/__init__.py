@@ -1,0 +1,40 @@
+"""Preference-optimisation losses (DPO and its family) as pure functions of sequence log-probs.
+
+    from dpo_jax import losses
+    loss_cfg = losses.loss_config_from(config.loss)   # validates
+    out = losses.preference_loss(loss_cfg, policy_stats, reference_stats, weights=pair_weight)
+
+See docs/losses.md for the table of losses, formulas, papers and hyperparameter ranges.
+"""
+
+from dpo_jax.losses.config import (
+    LOSS_NAMES,
+    OPTION_USERS,
+    REFERENCE_FREE_LOSSES,
+    LossConfig,
+    default_loss_config,
+    loss_config_from,
+    needs_reference,
+)
+from dpo_jax.losses.core import (
+    ORPO_MAX_AVG_LOGP,
+    LossOutput,
+    SequenceStats,
+    preference_loss,
+    weighted_mean,
+)
+
+__all__ = [
+    "LOSS_NAMES",
+    "OPTION_USERS",
+    "ORPO_MAX_AVG_LOGP",
+    "REFERENCE_FREE_LOSSES",
+    "LossConfig",
+    "LossOutput",
+    "SequenceStats",
+    "default_loss_config",
+    "loss_config_from",
+    "needs_reference",
+    "preference_loss",
+    "weighted_mean",
+]

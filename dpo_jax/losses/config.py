@@ -1,0 +1,262 @@
+"""Loss configuration: the `config.loss` ConfigDict, its validation, and the frozen `LossConfig`.
+
+Validation is strict on purpose: a preference-loss run that silently ignores an option (say
+`label_smoothing` set while training IPO) produces a result that looks like an ablation but is
+not one. So every optional option defaults to None, and an option set to anything other than
+None while none of the selected losses reads it is an error that names the losses that would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+# Every loss name this package implements, in documentation order. Names follow Hugging Face
+# TRL's `DPOConfig.loss_type` strings where TRL has the loss; simpo / orpo / rpo / rdpo are
+# separate trainers or options in TRL and get their own names here.
+LOSS_NAMES: tuple[str, ...] = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "simpo",
+    "orpo",
+    "rpo",
+    "rdpo",
+)
+
+# Losses that never look at a reference model. `sigmoid` joins them when reference_free=True.
+REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo", "sft"})
+
+# Which losses read each optional option. An option set (not None) while no selected loss is in
+# its set is a ValueError. `beta`, `name` and `weights` are always meaningful (sft ignores beta,
+# documented) and are not listed.
+OPTION_USERS: dict[str, frozenset[str]] = {
+    "label_smoothing": frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"}),
+    "reference_free": frozenset({"sigmoid"}),
+    "ipo_logps": frozenset({"ipo"}),
+    "simpo_gamma": frozenset({"simpo"}),
+    "rpo_alpha": frozenset({"rpo"}),
+    "rdpo_alpha": frozenset({"rdpo"}),
+    "discopop_tau": frozenset({"discopop"}),
+}
+
+# Defaults applied when the option is None and a loss that reads it is selected.
+DEFAULT_EXO_EPSILON = 1e-3  # EXO needs a strictly positive epsilon (log eps); TRL's old default
+DEFAULT_SIMPO_GAMMA = 0.5  # TRL CPOConfig.simpo_gamma
+DEFAULT_RPO_ALPHA = 1.0  # Pang et al. 2024 use alpha = 1
+DEFAULT_DISCOPOP_TAU = 0.05  # Lu et al. 2024 / TRL DPOConfig.discopop_tau
+
+
+def default_loss_config() -> ml_collections.ConfigDict:
+    """The `config.loss` block with every field documented; optional options are None.
+
+    None means "not set": `loss_config_from` fills the per-loss default only when a selected loss
+    reads the option, and rejects any non-None option that no selected loss reads.
+    """
+    cfg = ml_collections.ConfigDict()
+    # Loss name(s): one of LOSS_NAMES, or a comma-separated list ("sigmoid,sft") that is summed.
+    cfg.name = "sigmoid"
+    # Per-loss weights for a list of names (like TRL loss_weights); None = all 1.0.
+    cfg.weights = None
+    # Inverse temperature / KL strength (DPO beta, IPO tau, SLiC 1/delta, ORPO lambda). Must be > 0.
+    cfg.beta = 0.1
+    # cDPO / robust / EXO / AOT label-noise rate epsilon in [0, 0.5); None = 0 (EXO: 1e-3).
+    cfg.label_smoothing = None
+    # sigmoid only: True = reference-free DPO (reference log-probs taken as 0); None = False.
+    cfg.reference_free = None
+    # ipo only: "average" (per-token mean log-probs, the paper/TRL form) or "sum"; None = average.
+    cfg.ipo_logps = None
+    # simpo only: target reward margin gamma (in reward units, not gamma/beta); None = 0.5.
+    cfg.simpo_gamma = None
+    # rpo only: weight alpha of the chosen NLL term added to DPO; None = 1.0.
+    cfg.rpo_alpha = None
+    # rdpo only: length penalty alpha in beta*h - alpha*(|y_w| - |y_l|); required, no default.
+    cfg.rdpo_alpha = None
+    # discopop only: temperature tau of the logistic/exponential mixing; None = 0.05.
+    cfg.discopop_tau = None
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Validated, resolved loss options. Frozen and hashable, so it can be a static jit argument."""
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    beta: float
+    label_smoothing: float | None  # None = not set (0 for cDPO/robust/AOT, 1e-3 for EXO)
+    reference_free: bool
+    ipo_logps: str
+    simpo_gamma: float
+    rpo_alpha: float
+    rdpo_alpha: float | None
+    discopop_tau: float
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, ml_collections.ConfigDict):
+        return cfg.to_dict()
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"loss config must be a ConfigDict or mapping, got {type(cfg).__name__}")
+
+
+def _parse_names(name: Any) -> tuple[str, ...]:
+    if isinstance(name, str):
+        names = tuple(n.strip() for n in name.split(","))
+    elif isinstance(name, Sequence):
+        names = tuple(str(n).strip() for n in name)
+    else:
+        raise ValueError(f"loss.name must be a string or a list of strings, got {name!r}")
+    if not names or any(not n for n in names):
+        raise ValueError(f"loss.name has an empty entry: {name!r}")
+    unknown = [n for n in names if n not in LOSS_NAMES]
+    if unknown:
+        raise ValueError(f"unknown loss name(s) {unknown}; valid names: {', '.join(LOSS_NAMES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss.name lists a loss twice: {names}")
+    return names
+
+
+def _finite(name: str, value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"loss.{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"loss.{name} must be finite, got {value}")
+    return value
+
+
+def loss_config_from(cfg: Any) -> LossConfig:
+    """Validate `config.loss` and resolve per-loss defaults into a frozen `LossConfig`.
+
+    Raises ValueError for: an unknown loss name (listing the valid ones), an unknown key, an
+    option that none of the selected losses reads (naming the losses that read it), and values
+    out of range (beta <= 0, label_smoothing outside [0, 0.5), ...).
+    """
+    raw = _as_dict(cfg)
+    known = set(default_loss_config().keys())
+    unknown_keys = sorted(set(raw) - known)
+    if unknown_keys:
+        raise ValueError(f"unknown loss option(s) {unknown_keys}; known: {sorted(known)}")
+    full = default_loss_config().to_dict()
+    full.update(raw)
+
+    names = _parse_names(full["name"])
+    selected = set(names)
+
+    for option, users in OPTION_USERS.items():
+        if full[option] is not None and not (selected & users):
+            raise ValueError(
+                f"loss.{option}={full[option]!r} is set but unused by loss(es) {list(names)}; "
+                f"it is read only by: {', '.join(sorted(users))}"
+            )
+
+    if full["weights"] is None:
+        weights = (1.0,) * len(names)
+    else:
+        w = full["weights"]
+        if isinstance(w, (str, bytes)) or not isinstance(w, Sequence):
+            raise ValueError(f"loss.weights must be a sequence of numbers, got {w!r}")
+        weights = tuple(_finite("weights", x) for x in w)
+        if len(weights) != len(names):
+            raise ValueError(
+                f"loss.weights has {len(weights)} entries but loss.name lists {len(names)}: {names}"
+            )
+        if any(x < 0 for x in weights) or sum(weights) <= 0:
+            raise ValueError(f"loss.weights must be >= 0 with a positive sum, got {weights}")
+
+    beta = _finite("beta", full["beta"])
+    if beta <= 0:
+        raise ValueError(f"loss.beta must be > 0, got {beta}")
+
+    label_smoothing = full["label_smoothing"]
+    if label_smoothing is not None:
+        label_smoothing = _finite("label_smoothing", label_smoothing)
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        if "exo_pair" in selected and label_smoothing == 0.0:
+            raise ValueError(
+                "loss.label_smoothing=0 with exo_pair: EXO needs epsilon > 0 (it takes log eps); "
+                f"leave it None for the default {DEFAULT_EXO_EPSILON}"
+            )
+
+    reference_free = full["reference_free"]
+    if reference_free is not None and not isinstance(reference_free, bool):
+        raise ValueError(f"loss.reference_free must be a bool, got {reference_free!r}")
+
+    ipo_logps = full["ipo_logps"] if full["ipo_logps"] is not None else "average"
+    if ipo_logps not in ("average", "sum"):
+        raise ValueError(f"loss.ipo_logps must be 'average' or 'sum', got {ipo_logps!r}")
+
+    simpo_gamma = DEFAULT_SIMPO_GAMMA
+    if full["simpo_gamma"] is not None:
+        simpo_gamma = _finite("simpo_gamma", full["simpo_gamma"])
+        if simpo_gamma < 0:
+            raise ValueError(f"loss.simpo_gamma must be >= 0, got {simpo_gamma}")
+
+    rpo_alpha = DEFAULT_RPO_ALPHA
+    if full["rpo_alpha"] is not None:
+        rpo_alpha = _finite("rpo_alpha", full["rpo_alpha"])
+        if rpo_alpha < 0:
+            raise ValueError(f"loss.rpo_alpha must be >= 0, got {rpo_alpha}")
+
+    rdpo_alpha = full["rdpo_alpha"]
+    if "rdpo" in selected:
+        if rdpo_alpha is None:
+            raise ValueError(
+                "loss 'rdpo' needs loss.rdpo_alpha (length penalty per token, e.g. 0.01); "
+                "there is no safe default because it scales with response lengths"
+            )
+        rdpo_alpha = _finite("rdpo_alpha", rdpo_alpha)
+        if rdpo_alpha < 0:
+            raise ValueError(f"loss.rdpo_alpha must be >= 0, got {rdpo_alpha}")
+
+    discopop_tau = DEFAULT_DISCOPOP_TAU
+    if full["discopop_tau"] is not None:
+        discopop_tau = _finite("discopop_tau", full["discopop_tau"])
+        if discopop_tau <= 0:
+            raise ValueError(f"loss.discopop_tau must be > 0, got {discopop_tau}")
+
+    return LossConfig(
+        names=names,
+        weights=weights,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        reference_free=bool(reference_free),
+        ipo_logps=ipo_logps,
+        simpo_gamma=simpo_gamma,
+        rpo_alpha=rpo_alpha,
+        rdpo_alpha=rdpo_alpha,
+        discopop_tau=discopop_tau,
+    )
+
+
+def needs_reference(cfg: LossConfig) -> bool:
+    """True when any selected loss reads reference log-probs, so train.py must keep ref params.
+
+    simpo, orpo and sft never do; sigmoid does not with reference_free=True.
+    """
+    for name in cfg.names:
+        if name in REFERENCE_FREE_LOSSES:
+            continue
+        if name == "sigmoid" and cfg.reference_free:
+            continue
+        return True
+    return False

@@ -1,0 +1,428 @@
+"""Preference losses as pure, jittable functions of per-sequence log-prob statistics.
+
+Notation used in every comment below (all per pair i of the batch):
+
+* ``pi_w, pi_l``  policy log-probs of chosen / rejected response, SUMMED over response tokens;
+* ``ref_w, ref_l`` the same for the reference model;
+* ``|y_w|, |y_l|`` number of scored response tokens;
+* ``c_w = pi_w - ref_w``, ``c_l = pi_l - ref_l``  (per-response log-ratios);
+* ``h = c_w - c_l``  (the DPO "logits": policy log-ratio minus reference log-ratio);
+* ``sigma`` the logistic function, ``log sigma`` computed as ``jax.nn.log_sigmoid``.
+
+Summed vs averaged log-probs is a per-loss choice: DPO-family losses use sums (the sequence
+likelihood in the Bradley-Terry model), IPO (default), SimPO, ORPO, sft and the NLL terms use
+per-token averages ``pi / |y|`` as their papers do.
+
+Batch statistics (bco_pair's reward mean, aot / aot_unpaired sorting) are taken over the whole
+arrays passed in. Under ``jax.jit`` with data-sharded inputs those arrays are the GLOBAL batch
+(XLA inserts the collectives), so the loss does not depend on the number of devices.
+Padding pairs (``weights == 0``) are excluded from those statistics, so they never change a real
+pair's loss; their own entries in ``losses`` are finite garbage meant to be multiplied by 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dpo_jax.losses.config import (
+    DEFAULT_EXO_EPSILON,
+    LossConfig,
+    needs_reference,
+)
+
+Array = jax.Array
+
+# Largest per-token average log-prob ORPO feeds to log(1 - p): keeps the odds of p -> 1 finite
+# (log-odds capped near log(1e6) ~ 13.8) so loss and gradient stay finite when a response is
+# (numerically) certain.
+ORPO_MAX_AVG_LOGP = -1e-6
+# Cap on the exponent of DiscoPOP's exponential branch (exp(80) ~ 5.5e34 fits in f32); it is only
+# reached for discopop_tau >= 1 with very negative margins.
+_DISCOPOP_MAX_EXPONENT = 80.0
+
+
+@struct.dataclass
+class SequenceStats:
+    """Per-pair sequence statistics of one model; everything a preference loss needs.
+
+    chosen_logps / rejected_logps: f32 [B], SUM of response-token log-probs.
+    chosen_lengths / rejected_lengths: f32 [B], number of scored response tokens (a padding pair
+    may carry 0; losses clip lengths to >= 1 so it stays finite).
+    """
+
+    chosen_logps: Array
+    rejected_logps: Array
+    chosen_lengths: Array
+    rejected_lengths: Array
+
+
+@struct.dataclass
+class LossOutput:
+    """Per-pair losses (unweighted; the caller takes the pair-weighted mean) and diagnostics.
+
+    chosen_rewards / rejected_rewards: the implicit rewards the selected paper defines
+    (beta * log-ratio for DPO-style losses), with stop_gradient. extras: scalar diagnostics,
+    pair-weighted means over the (global) batch, e.g. ``nll_loss``, ``log_odds_ratio``, and
+    ``loss/<name>`` for each component of a combined loss.
+    """
+
+    losses: Array
+    chosen_rewards: Array
+    rejected_rewards: Array
+    extras: dict[str, Array]
+
+
+class _Ctx(NamedTuple):
+    """Inputs shared by all loss functions (f32, lengths clipped to >= 1)."""
+
+    cfg: LossConfig
+    pi_w: Array
+    pi_l: Array
+    ref_w: Array | None
+    ref_l: Array | None
+    len_w: Array
+    len_l: Array
+    weights: Array  # pair weights, 0 for padding pairs
+
+
+class _Part(NamedTuple):
+    losses: Array
+    chosen_rewards: Array
+    rejected_rewards: Array
+    extras: dict[str, Array]
+
+
+def weighted_mean(x: Array, weights: Array | None = None) -> Array:
+    """Pair-weighted mean; the loss reduction train/eval steps use (padding pairs weigh 0)."""
+    if weights is None:
+        return jnp.mean(x)
+    weights = weights.astype(x.dtype)
+    return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def _sg(x: Array) -> Array:
+    return jax.lax.stop_gradient(x)
+
+
+def _log_ratios(c: _Ctx) -> tuple[Array, Array]:
+    """(c_w, c_l) on summed log-probs; needs the reference."""
+    return c.pi_w - c.ref_w, c.pi_l - c.ref_l
+
+
+def _dpo_rewards(c: _Ctx) -> tuple[Array, Array]:
+    c_w, c_l = _log_ratios(c)
+    return _sg(c.cfg.beta * c_w), _sg(c.cfg.beta * c_l)
+
+
+def _smoothed_logistic(z: Array, eps: float) -> Array:
+    """cDPO form -(1-eps) log sigma(z) - eps log sigma(-z) (Mitchell 2023 note; TRL sigmoid)."""
+    loss = -jax.nn.log_sigmoid(z)
+    if eps:
+        loss = (1.0 - eps) * loss - eps * jax.nn.log_sigmoid(-z)
+    return loss
+
+
+def _nll(c: _Ctx) -> Array:
+    """Per-pair NLL of the chosen response, averaged over its tokens: -pi_w / |y_w|."""
+    return -c.pi_w / c.len_w
+
+
+def _padding_last_order(x: Array, weights: Array) -> Array:
+    """Permutation sorting x ascending with padding pairs (weight 0) after all real pairs.
+
+    Real pairs then occupy ranks 0..n-1 exactly as if the padding were absent, which is what
+    keeps padded pairs from changing real pairs' AOT losses.
+    """
+    is_pad = (weights <= 0).astype(jnp.int32)
+    return jnp.lexsort((x, is_pad))  # last key is primary: real (0) before padding (1)
+
+
+# ----------------------------------------------------------------------------- the losses
+
+
+def _sigmoid(c: _Ctx) -> _Part:
+    # DPO, Rafailov et al. 2023 Eq. 7: -log sigma(beta * h). With label_smoothing eps this is
+    # conservative DPO (cDPO, Mitchell 2023): -(1-eps) log sigma(beta h) - eps log sigma(-beta h).
+    # reference_free=True takes ref log-probs as 0 (TRL reference_free).
+    beta = c.cfg.beta
+    if c.cfg.reference_free:
+        h = c.pi_w - c.pi_l
+        rw, rl = _sg(beta * c.pi_w), _sg(beta * c.pi_l)
+    else:
+        c_w, c_l = _log_ratios(c)
+        h = c_w - c_l
+        rw, rl = _dpo_rewards(c)
+    return _Part(_smoothed_logistic(beta * h, c.cfg.label_smoothing or 0.0), rw, rl, {})
+
+
+def _hinge(c: _Ctx) -> _Part:
+    # SLiC-HF rank-calibration loss, Zhao et al. 2023 (arXiv 2305.10425): max(0, delta - log-ratio),
+    # in the DPO paper / TRL form with the reference: relu(1 - beta * h), i.e. delta = 1 / beta.
+    c_w, c_l = _log_ratios(c)
+    return _Part(jax.nn.relu(1.0 - c.cfg.beta * (c_w - c_l)), *_dpo_rewards(c), {})
+
+
+def _ipo(c: _Ctx) -> _Part:
+    # IPO, Azar et al. 2023 Eq. 17: (h - 1/(2 tau))^2 with tau = beta. The paper (and TRL) use
+    # per-token AVERAGE log-probs; ipo_logps='sum' uses summed log-probs instead.
+    beta = c.cfg.beta
+    if c.cfg.ipo_logps == "average":
+        c_w = (c.pi_w - c.ref_w) / c.len_w
+        c_l = (c.pi_l - c.ref_l) / c.len_l
+    else:
+        c_w, c_l = _log_ratios(c)
+    losses = (c_w - c_l - 1.0 / (2.0 * beta)) ** 2
+    return _Part(losses, _sg(beta * c_w), _sg(beta * c_l), {})
+
+
+def _exo_pair(c: _Ctx) -> _Part:
+    # EXO-pref, Ji et al. 2024 Eq. 16 with K = 2: KL(p_theta || p_label) where
+    # p_theta = (sigma(beta h), sigma(-beta h)) and p_label = (1 - eps, eps):
+    # sigma(z)(log sigma(z) - log(1-eps)) + sigma(-z)(log sigma(-z) - log eps), z = beta h.
+    eps = c.cfg.label_smoothing if c.cfg.label_smoothing is not None else DEFAULT_EXO_EPSILON
+    c_w, c_l = _log_ratios(c)
+    z = c.cfg.beta * (c_w - c_l)
+    log_pw, log_pl = jnp.log1p(-eps), jnp.log(eps)
+    losses = jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - log_pw) + jax.nn.sigmoid(-z) * (
+        jax.nn.log_sigmoid(-z) - log_pl
+    )
+    return _Part(losses, *_dpo_rewards(c), {})
+
+
+def _nca_pair(c: _Ctx) -> _Part:
+    # NCA, Chen et al. 2024 (Noise Contrastive Alignment, arXiv 2402.05369; pairwise form as in
+    # TRL nca_pair; eq. number not re-checked), r = beta c:
+    # -log sigma(r_w) - 1/2 log sigma(-r_w) - 1/2 log sigma(-r_l)   (TRL nca_pair).
+    rw, rl = (c.cfg.beta * x for x in _log_ratios(c))
+    losses = -jax.nn.log_sigmoid(rw) - 0.5 * jax.nn.log_sigmoid(-rw) - 0.5 * jax.nn.log_sigmoid(-rl)
+    return _Part(losses, _sg(rw), _sg(rl), {})
+
+
+def _robust(c: _Ctx) -> _Part:
+    # Robust DPO (rDPO), Chowdhury et al. 2024 (arXiv 2403.00409; the de-biased loss under label-flip
+    # rate eps, eq. number not re-checked), with
+    # l(z) = -log sigma(z): [(1-eps) l(beta h) - eps l(-beta h)] / (1 - 2 eps).
+    eps = c.cfg.label_smoothing or 0.0
+    c_w, c_l = _log_ratios(c)
+    z = c.cfg.beta * (c_w - c_l)
+    losses = ((1.0 - eps) * -jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+    return _Part(losses, *_dpo_rewards(c), {})
+
+
+def _bco_pair(c: _Ctx) -> _Part:
+    # BCO, Jung et al. 2024 (arXiv 2404.04656) on pairs (TRL bco_pair; eq. number not
+    # re-checked): -log sigma(r_w - delta)
+    # - log sigma(-(r_l - delta)), r = beta c. delta is the reward mean: TRL keeps a running mean
+    # across steps; here it is the pair-weighted mean of r_w and r_l over the GLOBAL batch
+    # (stop-gradient, padding excluded), which keeps the loss a pure function of the batch.
+    rw, rl = (c.cfg.beta * x for x in _log_ratios(c))
+    w = c.weights
+    delta = _sg(jnp.sum(w * (rw + rl)) / jnp.maximum(2.0 * jnp.sum(w), 1e-12))
+    losses = -jax.nn.log_sigmoid(rw - delta) - jax.nn.log_sigmoid(-(rl - delta))
+    return _Part(losses, _sg(rw), _sg(rl), {"bco_delta": delta})
+
+
+def _sppo_hard(c: _Ctx) -> _Part:
+    # SPPO, Wu et al. 2024 Eq. 4.7 (Algorithm 1) with hard win probabilities P = 1 / 0 and
+    # eta = 1/beta: (c_w - 1/(2 beta))^2 + (c_l + 1/(2 beta))^2   (TRL sppo_hard).
+    c_w, c_l = _log_ratios(c)
+    half = 0.5 / c.cfg.beta
+    return _Part((c_w - half) ** 2 + (c_l + half) ** 2, *_dpo_rewards(c), {})
+
+
+def _aot(c: _Ctx) -> _Part:
+    # AOT paired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot; eq. number not re-checked):
+    # sort the policy log-ratios pi_w - pi_l and
+    # the reference log-ratios ref_w - ref_l separately over the (global) batch, take
+    # delta_k = sorted_policy[k] - sorted_ref[k] and the (smoothed) logistic loss of beta delta_k.
+    # Rank k's loss is stored at the pair holding policy rank k; padding pairs sort last.
+    p = c.pi_w - c.pi_l
+    r = c.ref_w - c.ref_l
+    order_p = _padding_last_order(p, c.weights)
+    order_r = _padding_last_order(r, c.weights)
+    delta = p[order_p] - r[order_r]
+    rank_loss = _smoothed_logistic(c.cfg.beta * delta, c.cfg.label_smoothing or 0.0)
+    losses = jnp.zeros_like(p).at[order_p].set(rank_loss)
+    return _Part(losses, *_dpo_rewards(c), {})
+
+
+def _aot_unpaired(c: _Ctx) -> _Part:
+    # AOT unpaired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot_unpaired): sort chosen log-ratios c_w and
+    # rejected log-ratios c_l separately; delta_k = sorted c_w[k] - sorted c_l[k]. Rank k's loss is
+    # stored at the pair holding chosen rank k; padding pairs sort last.
+    c_w, c_l = _log_ratios(c)
+    order_w = _padding_last_order(c_w, c.weights)
+    order_l = _padding_last_order(c_l, c.weights)
+    delta = c_w[order_w] - c_l[order_l]
+    rank_loss = _smoothed_logistic(c.cfg.beta * delta, c.cfg.label_smoothing or 0.0)
+    losses = jnp.zeros_like(c_w).at[order_w].set(rank_loss)
+    return _Part(losses, *_dpo_rewards(c), {})
+
+
+def _apo_zero(c: _Ctx) -> _Part:
+    # APO-zero, D'Oosterlinck et al. 2024 Eq. 7: 1 - sigma(beta c_w) + sigma(beta c_l)
+    # (raise chosen, lower rejected; for chosen answers better than the model's own).
+    c_w, c_l = _log_ratios(c)
+    beta = c.cfg.beta
+    return _Part(1.0 - jax.nn.sigmoid(beta * c_w) + jax.nn.sigmoid(beta * c_l), *_dpo_rewards(c), {})
+
+
+def _apo_down(c: _Ctx) -> _Part:
+    # APO-down, D'Oosterlinck et al. 2024 Eq. 8: sigma(beta c_w) + 1 - sigma(beta (c_w - c_l))
+    # (lower both, rejected more; for chosen answers worse than the model's own).
+    c_w, c_l = _log_ratios(c)
+    beta = c.cfg.beta
+    losses = jax.nn.sigmoid(beta * c_w) + 1.0 - jax.nn.sigmoid(beta * (c_w - c_l))
+    return _Part(losses, *_dpo_rewards(c), {})
+
+
+def _discopop(c: _Ctx) -> _Part:
+    # DiscoPOP / LRML, Lu et al. 2024 Eq. 5, z = beta h, tau = discopop_tau:
+    # (1 - sigma(z/tau)) * (-log sigma(z)) + sigma(z/tau) * exp(-z).
+    # The exponential branch is computed as exp(-z + log sigma(z/tau)) so that exp(-z) never
+    # overflows on its own (TRL's exp(-z) * sigma(z/tau) is inf * 0 = NaN for z << 0).
+    c_w, c_l = _log_ratios(c)
+    z = c.cfg.beta * (c_w - c_l)
+    tau = c.cfg.discopop_tau
+    logistic = -jax.nn.log_sigmoid(z) * jax.nn.sigmoid(-z / tau)
+    exponent = jnp.minimum(-z + jax.nn.log_sigmoid(z / tau), _DISCOPOP_MAX_EXPONENT)
+    return _Part(logistic + jnp.exp(exponent), *_dpo_rewards(c), {})
+
+
+def _sft(c: _Ctx) -> _Part:
+    # Supervised NLL of the chosen response, per-token average (TRL sft / MPO generation term).
+    # SFT defines no implicit reward; the reported rewards are the per-token average log-probs
+    # pi / |y| (no beta), so reward accuracy reads "chosen more likely per token than rejected".
+    nll = _nll(c)
+    return _Part(nll, _sg(c.pi_w / c.len_w), _sg(c.pi_l / c.len_l), {"nll_loss": nll})
+
+
+def _simpo(c: _Ctx) -> _Part:
+    # SimPO, Meng et al. 2024 Eq. 6 (reference-free, length-normalised, target margin gamma):
+    # -log sigma(beta pi_w/|y_w| - beta pi_l/|y_l| - gamma). Rewards beta * pi / |y| (Eq. 4).
+    beta = c.cfg.beta
+    rw, rl = beta * c.pi_w / c.len_w, beta * c.pi_l / c.len_l
+    losses = -jax.nn.log_sigmoid(rw - rl - c.cfg.simpo_gamma)
+    return _Part(losses, _sg(rw), _sg(rl), {})
+
+
+def _log1mexp(x: Array) -> Array:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Maechler 2012)."""
+    return jnp.where(x > -0.6931471805599453, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _orpo(c: _Ctx) -> _Part:
+    # ORPO, Hong et al. 2024 Eq. 6-8: L = NLL(y_w) - lambda log sigma(log odds(y_w) - log odds(y_l)),
+    # odds(y) = p / (1 - p) with log p = pi / |y| (per-token average); lambda = beta (as TRL's
+    # ORPOConfig). log(1 - p) uses log1mexp with log p capped at ORPO_MAX_AVG_LOGP so p -> 1
+    # stays finite. Rewards beta * pi / |y| (TRL ORPOTrainer).
+    beta = c.cfg.beta
+    avg_w = jnp.minimum(c.pi_w / c.len_w, ORPO_MAX_AVG_LOGP)
+    avg_l = jnp.minimum(c.pi_l / c.len_l, ORPO_MAX_AVG_LOGP)
+    log_odds = (avg_w - avg_l) - (_log1mexp(avg_w) - _log1mexp(avg_l))
+    nll = _nll(c)
+    log_sig = jax.nn.log_sigmoid(log_odds)
+    losses = nll - beta * log_sig
+    # Diagnostics named as TRL's ORPOTrainer logs them: log_odds_chosen = mean log odds ratio,
+    # log_odds_ratio = mean log sigma(log odds ratio).
+    extras = {"nll_loss": nll, "log_odds_chosen": log_odds, "log_odds_ratio": log_sig}
+    return _Part(losses, _sg(beta * c.pi_w / c.len_w), _sg(beta * c.pi_l / c.len_l), extras)
+
+
+def _rpo(c: _Ctx) -> _Part:
+    # RPO / IRPO, Pang et al. 2024 Eq. 1: DPO + alpha * NLL(y_w), the NLL normalised by the
+    # chosen length (TRL rpo_alpha). Here the NLL is the per-pair token mean -pi_w/|y_w|; TRL
+    # averages over all chosen tokens of the batch instead (equal when lengths are equal).
+    c_w, c_l = _log_ratios(c)
+    nll = _nll(c)
+    losses = -jax.nn.log_sigmoid(c.cfg.beta * (c_w - c_l)) + c.cfg.rpo_alpha * nll
+    return _Part(losses, *_dpo_rewards(c), {"nll_loss": nll})
+
+
+def _rdpo(c: _Ctx) -> _Part:
+    # R-DPO, Park et al. 2024 (arXiv 2403.19159; length-regularised DPO, eq. number not re-checked):
+    # -log sigma(beta h - alpha (|y_w| - |y_l|)), lengths in tokens.
+    c_w, c_l = _log_ratios(c)
+    margin = c.cfg.beta * (c_w - c_l) - c.cfg.rdpo_alpha * (c.len_w - c.len_l)
+    return _Part(-jax.nn.log_sigmoid(margin), *_dpo_rewards(c), {})
+
+
+_LOSS_FNS: dict[str, Callable[[_Ctx], _Part]] = {
+    "sigmoid": _sigmoid,
+    "hinge": _hinge,
+    "ipo": _ipo,
+    "exo_pair": _exo_pair,
+    "nca_pair": _nca_pair,
+    "robust": _robust,
+    "bco_pair": _bco_pair,
+    "sppo_hard": _sppo_hard,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
+    "apo_zero": _apo_zero,
+    "apo_down": _apo_down,
+    "discopop": _discopop,
+    "sft": _sft,
+    "simpo": _simpo,
+    "orpo": _orpo,
+    "rpo": _rpo,
+    "rdpo": _rdpo,
+}
+
+
+def preference_loss(
+    cfg: LossConfig,
+    policy: SequenceStats,
+    reference: SequenceStats | None,
+    weights: Array | None = None,
+) -> LossOutput:
+    """Per-pair preference loss(es) and implicit rewards for one (global) batch of B pairs.
+
+    Pure and jittable (cfg is static). Combined losses (cfg.names has several entries) are
+    summed per pair with cfg.weights; the reported rewards are those of the first listed
+    component that is not 'sft' (sft's own when it is alone). `weights` [B] (default all 1) only
+    affects batch statistics (bco_pair mean, aot sorting) and the extras' means: `losses` is
+    returned unweighted, reduce it with `weighted_mean(out.losses, weights)`.
+
+    The reference's lengths are ignored: both models score the same tokens, so the policy's
+    lengths are used everywhere.
+    """
+    if needs_reference(cfg) and reference is None:
+        raise ValueError(f"loss(es) {list(cfg.names)} need reference log-probs, got reference=None")
+    f32 = jnp.float32
+    pi_w = jnp.asarray(policy.chosen_logps, f32)
+    if weights is None:
+        weights = jnp.ones_like(pi_w)
+    ctx = _Ctx(
+        cfg=cfg,
+        pi_w=pi_w,
+        pi_l=jnp.asarray(policy.rejected_logps, f32),
+        ref_w=None if reference is None else jnp.asarray(reference.chosen_logps, f32),
+        ref_l=None if reference is None else jnp.asarray(reference.rejected_logps, f32),
+        # Padding pairs may have 0 scored tokens; clip so averages stay finite (0 * NaN = NaN).
+        len_w=jnp.maximum(jnp.asarray(policy.chosen_lengths, f32), 1.0),
+        len_l=jnp.maximum(jnp.asarray(policy.rejected_lengths, f32), 1.0),
+        weights=jnp.asarray(weights, f32),
+    )
+
+    total = jnp.zeros_like(pi_w)
+    extras: dict[str, Array] = {}
+    parts: dict[str, _Part] = {}
+    for name, w in zip(cfg.names, cfg.weights):
+        part = parts[name] = _LOSS_FNS[name](ctx)
+        total = total + w * part.losses
+        for key, value in part.extras.items():  # per-pair diagnostics -> weighted batch means
+            extras[key] = value if value.ndim == 0 else weighted_mean(_sg(value), ctx.weights)
+        if len(cfg.names) > 1:
+            extras[f"loss/{name}"] = weighted_mean(_sg(part.losses), ctx.weights)
+    reward_from = next((n for n in cfg.names if n != "sft"), cfg.names[0])
+    return LossOutput(
+        losses=total,
+        chosen_rewards=parts[reward_from].chosen_rewards,
+        rejected_rewards=parts[reward_from].rejected_rewards,
+        extras=extras,
+    )

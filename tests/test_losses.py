@@ -1,0 +1,461 @@
+"""Tests for dpo_jax.losses: golden values against independent float64 numpy formulas, gradient
+signs, numerical stability at saturated margins, padding/shuffle invariance, sharded == single
+device, option validation and loss combinations."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dpo_jax import losses
+
+ALL = losses.LOSS_NAMES
+BETA = 0.1
+
+
+# ----------------------------------------------------------------- independent numpy references
+# Written from the papers' formulas (float64), without looking at dpo_jax.losses.core.
+
+
+def np_logsig(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def np_sig(x):
+    return np.exp(np_logsig(x))
+
+
+def np_reference(name, opts, pw, pl, rw, rl, lw, ll, mask):
+    """Per-pair loss for the real pairs (mask True) only; returns an array over real pairs."""
+    pw, pl, rw, rl, lw, ll = (np.asarray(a, np.float64)[mask] for a in (pw, pl, rw, rl, lw, ll))
+    b = opts.get("beta", BETA)
+    eps = opts.get("label_smoothing") or 0.0
+    h = (pw - rw) - (pl - rl)
+    if name == "sigmoid":
+        if opts.get("reference_free"):
+            h = pw - pl
+        return -(1 - eps) * np_logsig(b * h) - eps * np_logsig(-b * h)
+    if name == "hinge":
+        return np.maximum(0.0, 1 - b * h)
+    if name == "ipo":
+        if opts.get("ipo_logps", "average") == "average":
+            h = (pw / lw - rw / lw) - (pl / ll - rl / ll)
+        return (h - 1 / (2 * b)) ** 2
+    if name == "exo_pair":
+        e = opts.get("label_smoothing") or 1e-3
+        # KL((q, 1-q) || (1-e, e)) with q = sigma(beta h)
+        return np_sig(b * h) * (np_logsig(b * h) - np.log(1 - e)) + np_sig(-b * h) * (
+            np_logsig(-b * h) - np.log(e)
+        )
+    if name == "nca_pair":
+        a, c = b * (pw - rw), b * (pl - rl)
+        return -np_logsig(a) - 0.5 * np_logsig(-a) - 0.5 * np_logsig(-c)
+    if name == "robust":
+        return ((1 - eps) * -np_logsig(b * h) - eps * -np_logsig(-b * h)) / (1 - 2 * eps)
+    if name == "bco_pair":
+        a, c = b * (pw - rw), b * (pl - rl)
+        d = np.concatenate([a, c]).mean()
+        return -np_logsig(a - d) - np_logsig(d - c)
+    if name == "sppo_hard":
+        return (pw - rw - 0.5 / b) ** 2 + (pl - rl + 0.5 / b) ** 2
+    if name in ("aot", "aot_unpaired"):
+        if name == "aot":
+            x, y = pw - pl, rw - rl
+        else:
+            x, y = pw - rw, pl - rl
+        ix = np.argsort(x, kind="stable")
+        d = x[ix] - np.sort(y)
+        rank_loss = -(1 - eps) * np_logsig(b * d) - eps * np_logsig(-b * d)
+        out = np.empty_like(x)
+        out[ix] = rank_loss  # loss of rank k belongs to the pair whose x has rank k
+        return out
+    if name == "apo_zero":
+        return 1 - np_sig(b * (pw - rw)) + np_sig(b * (pl - rl))
+    if name == "apo_down":
+        return np_sig(b * (pw - rw)) + 1 - np_sig(b * h)
+    if name == "discopop":
+        tau = opts.get("discopop_tau", 0.05)
+        z = b * h
+        mod = np_sig(z / tau)
+        # exp(-z) * mod written in log space only to avoid numpy overflow warnings at z << 0
+        return -np_logsig(z) * (1 - mod) + np.exp(-z + np_logsig(z / tau))
+    if name == "sft":
+        return -pw / lw
+    if name == "simpo":
+        g = opts.get("simpo_gamma", 0.5)
+        return -np_logsig(b * pw / lw - b * pl / ll - g)
+    if name == "orpo":
+        aw, al = pw / lw, pl / ll
+        odds_w = aw - np.log(-np.expm1(aw))
+        odds_l = al - np.log(-np.expm1(al))
+        return -aw - b * np_logsig(odds_w - odds_l)
+    if name == "rpo":
+        return -np_logsig(b * h) + opts.get("rpo_alpha", 1.0) * (-pw / lw)
+    if name == "rdpo":
+        return -np_logsig(b * h - opts["rdpo_alpha"] * (lw - ll))
+    raise KeyError(name)
+
+
+REQUIRED = {"rdpo": {"rdpo_alpha": 0.01}}
+
+
+def make_cfg(name, **kw):
+    cfg = losses.default_loss_config()
+    cfg.name = name
+    for n in name.split(","):
+        for k, v in REQUIRED.get(n, {}).items():
+            kw.setdefault(k, v)
+    for k, v in kw.items():
+        cfg[k] = v
+    return losses.loss_config_from(cfg)
+
+
+def make_inputs(seed, b=32, saturate=True, n_pad=0):
+    """Random sums of log-probs; some pairs with |beta*h| ~ 100 when `saturate`."""
+    rng = np.random.default_rng(seed)
+    lw = rng.integers(1, 64, b).astype(np.float32)
+    ll = rng.integers(1, 64, b).astype(np.float32)
+    # per-token log-probs in [-3, -0.01] so ORPO's p stays < 1 in the golden comparisons
+    pw = (-rng.uniform(0.01, 3.0, b) * lw).astype(np.float32)
+    pl = (-rng.uniform(0.01, 3.0, b) * ll).astype(np.float32)
+    rw = (pw + rng.normal(0, 3.0, b)).astype(np.float32)
+    rl = (pl + rng.normal(0, 3.0, b)).astype(np.float32)
+    if saturate:  # |beta * h| ~ 100: reference log-ratio pushed by +-1000 nats
+        rw[:4] = pw[:4] + np.array([1000.0, -1000.0, 990.0, -990.0], np.float32)
+    w = np.ones(b, np.float32)
+    if n_pad:
+        w[-n_pad:] = 0.0
+        for a in (pw, pl, rw, rl):
+            a[-n_pad:] = rng.normal(0, 1e3, n_pad)  # garbage
+        lw[-n_pad:] = 0.0
+        ll[-n_pad:] = 0.0
+    return pw, pl, rw, rl, lw, ll, w
+
+
+def stats(pw, pl, lw, ll):
+    return losses.SequenceStats(*(jnp.asarray(a) for a in (pw, pl, lw, ll)))
+
+
+def run(cfg, pw, pl, rw, rl, lw, ll, w=None):
+    ref = stats(rw, rl, lw, ll)
+    return losses.preference_loss(cfg, stats(pw, pl, lw, ll), ref, None if w is None else jnp.asarray(w))
+
+
+# Losses whose papers make d loss / d pi_w < 0 and d loss / d pi_l > 0 everywhere (hinge: >= /
+# <= where the margin is met). ipo / sppo_hard / exo_pair / nca_pair / discopop / apo_down are
+# regressions towards a target or non-monotone, sft does not see the rejected response.
+STRICT_SIGN = ("sigmoid", "robust", "bco_pair", "aot", "aot_unpaired", "apo_zero", "simpo", "orpo",
+               "rpo", "rdpo")
+
+
+# ------------------------------------------------------------------------------- golden values
+
+GOLDEN_CASES = [(n, {}) for n in ALL] + [
+    ("sigmoid", {"label_smoothing": 0.2}),
+    ("sigmoid", {"reference_free": True}),
+    ("robust", {"label_smoothing": 0.2}),
+    ("exo_pair", {"label_smoothing": 0.1}),
+    ("aot", {"label_smoothing": 0.1}),
+    ("aot_unpaired", {"label_smoothing": 0.1}),
+    ("ipo", {"ipo_logps": "sum"}),
+    ("ipo", {"beta": 0.5}),
+    ("simpo", {"beta": 2.0, "simpo_gamma": 1.0}),
+    ("rpo", {"rpo_alpha": 0.3}),
+    ("rdpo", {"rdpo_alpha": 0.05}),
+    ("discopop", {"discopop_tau": 0.5}),
+]
+
+
+@pytest.mark.parametrize("name,opts", GOLDEN_CASES, ids=lambda x: str(x))
+def test_golden_against_numpy(name, opts):
+    cfg = make_cfg(name, **opts)
+    pw, pl, rw, rl, lw, ll, w = make_inputs(0)
+    out = run(cfg, pw, pl, rw, rl, lw, ll)
+    expected = np_reference(name, {"beta": BETA, **REQUIRED.get(name, {}), **opts}, pw, pl, rw, rl, lw, ll, np.ones(len(pw), bool))
+    got = np.asarray(out.losses, np.float64)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5 * max(1.0, np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_finite_loss_and_grad_at_saturated_margins(name):
+    cfg = make_cfg(name)
+    pw, pl, rw, rl, lw, ll, w = make_inputs(1, n_pad=3)
+    # Saturate the policy side too: beta * h = +-100 from the policy log-ratio.
+    pw[4:6] = pl[4:6] + np.array([1000.0, -1000.0], np.float32)
+
+    def f(pw_, pl_):
+        out = run(cfg, pw_, pl_, rw, rl, lw, ll, w)
+        return losses.weighted_mean(out.losses, jnp.asarray(w)), out
+
+    (val, out), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(jnp.asarray(pw), jnp.asarray(pl))
+    assert np.isfinite(float(val))
+    for a in (out.losses, out.chosen_rewards, out.rejected_rewards, *grads, *out.extras.values()):
+        assert np.all(np.isfinite(np.asarray(a))), name
+
+
+def test_orpo_saturated_probability_is_finite():
+    """ORPO's log(1 - p) at p -> 1 (average log-prob 0 or -1e-9): loss and grads stay finite."""
+    cfg = make_cfg("orpo")
+    pw = jnp.array([0.0, -1e-9, -5.0, 0.0], jnp.float32)
+    pl = jnp.array([-5.0, -1e-9, 0.0, 0.0], jnp.float32)
+    lens = jnp.array([5.0, 1.0, 5.0, 3.0], jnp.float32)
+
+    def f(pw_, pl_):
+        return losses.preference_loss(cfg, losses.SequenceStats(pw_, pl_, lens, lens), None).losses.sum()
+
+    val, grads = jax.value_and_grad(f, argnums=(0, 1))(pw, pl)
+    assert np.isfinite(float(val))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+@pytest.mark.parametrize("name", STRICT_SIGN + ("hinge", "sft"))
+def test_gradient_signs(name):
+    cfg = make_cfg(name)
+    pw, pl, rw, rl, lw, ll, _ = make_inputs(2, saturate=False)
+
+    def f(pw_, pl_):
+        return run(cfg, pw_, pl_, rw, rl, lw, ll).losses.sum()
+
+    gw, gl = (np.asarray(g) for g in jax.grad(f, argnums=(0, 1))(jnp.asarray(pw), jnp.asarray(pl)))
+    if name in STRICT_SIGN:
+        assert np.all(gw < 0), (name, gw)
+        assert np.all(gl > 0), (name, gl)
+    else:  # hinge: zero where the margin is met; sft: rejected unseen
+        assert np.all(gw <= 0) and np.all(gl >= 0)
+        assert np.any(gw < 0)
+
+
+def test_dpo_is_ln2_with_zero_rewards_when_policy_equals_reference():
+    cfg = make_cfg("sigmoid")
+    pw, pl, _, _, lw, ll, _ = make_inputs(3)
+    out = run(cfg, pw, pl, pw, pl, lw, ll)
+    np.testing.assert_allclose(np.asarray(out.losses), math.log(2.0), rtol=1e-6)
+    assert np.all(np.asarray(out.chosen_rewards) == 0) and np.all(np.asarray(out.rejected_rewards) == 0)
+
+
+def test_rewards_are_beta_log_ratios_and_stop_gradient():
+    cfg = make_cfg("sigmoid", beta=0.3)
+    pw, pl, rw, rl, lw, ll, _ = make_inputs(4)
+    out = run(cfg, pw, pl, rw, rl, lw, ll)
+    np.testing.assert_allclose(np.asarray(out.chosen_rewards), 0.3 * (pw - rw), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.rejected_rewards), 0.3 * (pl - rl), rtol=1e-5, atol=1e-4)
+    g = jax.grad(lambda x: run(cfg, x, pl, rw, rl, lw, ll).chosen_rewards.sum())(jnp.asarray(pw))
+    assert np.all(np.asarray(g) == 0)
+
+
+# ------------------------------------------------------------------ batch statistics & padding
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shuffle_invariance(name):
+    cfg = make_cfg(name)
+    pw, pl, rw, rl, lw, ll, w = make_inputs(5, n_pad=4)
+    out = run(cfg, pw, pl, rw, rl, lw, ll, w)
+    perm = np.random.default_rng(0).permutation(len(pw))
+    out_p = run(cfg, *(a[perm] for a in (pw, pl, rw, rl, lw, ll, w)))
+    real = w[perm] > 0
+    np.testing.assert_allclose(np.asarray(out_p.losses)[real], np.asarray(out.losses)[perm][real], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out_p.chosen_rewards), np.asarray(out.chosen_rewards)[perm], rtol=1e-6)
+    for k in out.extras:
+        np.testing.assert_allclose(float(out_p.extras[k]), float(out.extras[k]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_padding_pairs_do_not_change_real_pairs(name):
+    """Real pairs' losses equal those of the unpadded batch, and match numpy on real pairs only."""
+    cfg = make_cfg(name)
+    n_real, n_pad = 20, 12
+    pw, pl, rw, rl, lw, ll, w = make_inputs(6, b=n_real + n_pad, n_pad=n_pad)
+    out = run(cfg, pw, pl, rw, rl, lw, ll, w)
+    out_real = run(cfg, *(a[:n_real] for a in (pw, pl, rw, rl, lw, ll)))
+    got = np.asarray(out.losses)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got[:n_real], np.asarray(out_real.losses), rtol=1e-5, atol=1e-6)
+    for k in out.extras:
+        np.testing.assert_allclose(float(out.extras[k]), float(out_real.extras[k]), rtol=1e-5, atol=1e-6)
+    expected = np_reference(name, {"beta": BETA, **REQUIRED.get(name, {})}, pw, pl, rw, rl, lw, ll, w > 0)
+    np.testing.assert_allclose(got[:n_real], expected, rtol=2e-4, atol=2e-5 * max(1.0, np.abs(expected).max()))
+
+
+def test_bco_delta_is_global_batch_mean():
+    cfg = make_cfg("bco_pair")
+    pw, pl, rw, rl, lw, ll, w = make_inputs(7, n_pad=5)
+    out = run(cfg, pw, pl, rw, rl, lw, ll, w)
+    m = w > 0
+    expected = BETA * np.concatenate([(pw - rw)[m], (pl - rl)[m]]).astype(np.float64).mean()
+    np.testing.assert_allclose(float(out.extras["bco_delta"]), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sharded_jit_matches_single_device(name):
+    devices = jax.devices()
+    assert len(devices) == 8, "conftest should provide 8 CPU devices"
+    mesh = Mesh(np.array(devices).reshape(8), ("data",))
+    sharding = NamedSharding(mesh, P("data"))
+    cfg = make_cfg(name)
+    pw, pl, rw, rl, lw, ll, w = make_inputs(8, b=64, n_pad=5)
+    expected = run(cfg, pw, pl, rw, rl, lw, ll, w)
+
+    @jax.jit
+    def step(pol, ref, weights):
+        out = losses.preference_loss(cfg, pol, ref, weights)
+        return out, losses.weighted_mean(out.losses, weights)
+
+    put = lambda a: jax.device_put(jnp.asarray(a), sharding)  # noqa: E731
+    pol = losses.SequenceStats(put(pw), put(pl), put(lw), put(ll))
+    ref = losses.SequenceStats(put(rw), put(rl), put(lw), put(ll))
+    out, mean = step(pol, ref, put(w))
+    assert len(out.losses.sharding.device_set) == 8
+    for a, b in ((out.losses, expected.losses), (out.chosen_rewards, expected.chosen_rewards)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(mean), float(losses.weighted_mean(expected.losses, jnp.asarray(w))), rtol=1e-5)
+    for k in expected.extras:
+        np.testing.assert_allclose(float(out.extras[k]), float(expected.extras[k]), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ config and validation
+
+
+def test_default_config_is_dpo_with_reference():
+    cfg = losses.loss_config_from(losses.default_loss_config())
+    assert cfg.names == ("sigmoid",) and cfg.beta == 0.1 and cfg.weights == (1.0,)
+    assert losses.needs_reference(cfg)
+    hash(cfg)  # usable as a static jit argument
+
+
+@pytest.mark.parametrize(
+    "name,opts,needs",
+    [("simpo", {}, False), ("orpo", {}, False), ("sft", {}, False), ("sigmoid", {"reference_free": True}, False),
+     ("sigmoid", {"reference_free": False}, True), ("ipo", {}, True), ("sft,simpo", {}, False),
+     ("sft,sigmoid", {}, True)],
+)
+def test_needs_reference(name, opts, needs):
+    assert losses.needs_reference(make_cfg(name, **opts)) is needs
+
+
+def test_reference_free_losses_run_without_reference():
+    pw, pl, _, _, lw, ll, _ = make_inputs(9)
+    for name, opts in (("simpo", {}), ("orpo", {}), ("sft", {}), ("sigmoid", {"reference_free": True})):
+        out = losses.preference_loss(make_cfg(name, **opts), stats(pw, pl, lw, ll), None)
+        assert np.all(np.isfinite(np.asarray(out.losses)))
+    with pytest.raises(ValueError, match="need reference"):
+        losses.preference_loss(make_cfg("sigmoid"), stats(pw, pl, lw, ll), None)
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names:.*sigmoid.*rdpo"):
+        make_cfg("dpo")
+    with pytest.raises(ValueError, match="unknown loss name"):
+        make_cfg("sigmoid,foo")
+
+
+@pytest.mark.parametrize(
+    "name,option,value,users",
+    [("ipo", "label_smoothing", 0.1, "aot, aot_unpaired, exo_pair, robust, sigmoid"),
+     ("sigmoid", "ipo_logps", "sum", "ipo"),
+     ("sigmoid,sft", "simpo_gamma", 1.0, "simpo")],
+)
+def test_unused_option_is_an_error(name, option, value, users):
+    with pytest.raises(ValueError, match=f"loss.{option}.*unused.*read only by: {users}"):
+        make_cfg(name, **{option: value})
+
+
+@pytest.mark.parametrize("option,value", [("reference_free", False), ("simpo_gamma", 0.5), ("rpo_alpha", 1.0),
+                                          ("rdpo_alpha", 0.1), ("discopop_tau", 0.05), ("ipo_logps", "average")])
+def test_every_optional_option_rejected_when_unused(option, value):
+    with pytest.raises(ValueError, match=option):
+        make_cfg("hinge", **{option: value})
+
+
+def test_option_used_by_any_selected_loss_is_accepted():
+    cfg = make_cfg("ipo,sigmoid", label_smoothing=0.1)
+    assert cfg.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"beta": 0.0}, "beta must be > 0"), ({"beta": -1.0}, "beta must be > 0"), ({"beta": float("nan")}, "finite"),
+     ({"label_smoothing": 0.5}, r"\[0, 0.5\)"), ({"label_smoothing": -0.1}, r"\[0, 0.5\)")],
+)
+def test_value_ranges(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_cfg("sigmoid", **kw)
+
+
+def test_more_value_checks():
+    with pytest.raises(ValueError, match="ipo_logps"):
+        make_cfg("ipo", ipo_logps="mean")
+    with pytest.raises(ValueError, match="exo_pair"):
+        make_cfg("exo_pair", label_smoothing=0.0)
+    with pytest.raises(ValueError, match="rdpo_alpha"):
+        losses.loss_config_from({"name": "rdpo"})
+    with pytest.raises(ValueError, match="discopop_tau must be > 0"):
+        make_cfg("discopop", discopop_tau=0.0)
+    with pytest.raises(ValueError, match="unknown loss option"):
+        losses.loss_config_from({"name": "sigmoid", "betta": 0.1})
+    with pytest.raises(ValueError, match="twice"):
+        make_cfg("sigmoid,sigmoid")
+
+
+def test_weights_validation():
+    with pytest.raises(ValueError, match="2 entries but loss.name lists 1"):
+        make_cfg("sigmoid", weights=(1.0, 0.5))
+    with pytest.raises(ValueError, match="positive sum"):
+        make_cfg("sigmoid,sft", weights=(0.0, 0.0))
+    with pytest.raises(ValueError, match=">= 0"):
+        make_cfg("sigmoid,sft", weights=(1.0, -0.5))
+
+
+def test_default_config_fields_are_commented():
+    import inspect
+
+    src = inspect.getsource(losses.default_loss_config)
+    for key in losses.default_loss_config().keys():
+        line_idx = [i for i, l in enumerate(src.splitlines()) if l.strip().startswith(f"cfg.{key} =")]
+        assert line_idx, key
+        assert src.splitlines()[line_idx[0] - 1].strip().startswith("#"), key
+        if key not in ("name", "beta"):
+            assert losses.default_loss_config()[key] is None, key
+
+
+# ---------------------------------------------------------------------------------- combinations
+
+
+def test_combination_weights_and_extras():
+    pw, pl, rw, rl, lw, ll, w = make_inputs(10, n_pad=2)
+    combo = run(make_cfg("sigmoid,sft", weights=(1.0, 0.5)), pw, pl, rw, rl, lw, ll, w)
+    dpo = run(make_cfg("sigmoid"), pw, pl, rw, rl, lw, ll, w)
+    sft = run(make_cfg("sft"), pw, pl, rw, rl, lw, ll, w)
+    np.testing.assert_allclose(np.asarray(combo.losses), np.asarray(dpo.losses + 0.5 * sft.losses), rtol=1e-6)
+    # rewards come from the first non-sft component
+    np.testing.assert_allclose(np.asarray(combo.chosen_rewards), np.asarray(dpo.chosen_rewards))
+    m = w > 0
+    np.testing.assert_allclose(float(combo.extras["loss/sft"]), np.mean(-pw[m] / lw[m]), rtol=1e-5)
+    np.testing.assert_allclose(float(combo.extras["nll_loss"]), np.mean(-pw[m] / lw[m]), rtol=1e-5)
+    # sft listed first: rewards still come from sigmoid
+    combo2 = run(make_cfg("sft,sigmoid"), pw, pl, rw, rl, lw, ll, w)
+    np.testing.assert_allclose(np.asarray(combo2.chosen_rewards), np.asarray(dpo.chosen_rewards))
+
+
+def test_rpo_equals_sigmoid_plus_weighted_sft():
+    pw, pl, rw, rl, lw, ll, _ = make_inputs(11)
+    rpo = run(make_cfg("rpo", rpo_alpha=0.7), pw, pl, rw, rl, lw, ll)
+    combo = run(make_cfg("sigmoid,sft", weights=(1.0, 0.7)), pw, pl, rw, rl, lw, ll)
+    np.testing.assert_allclose(np.asarray(rpo.losses), np.asarray(combo.losses), rtol=1e-5)
+
+
+def test_three_way_combination_with_list_names():
+    pw, pl, rw, rl, lw, ll, _ = make_inputs(12)
+    cfg = make_cfg("sigmoid,bco_pair,sft", weights=(0.8, 0.2, 1.0))
+    cfg_list = losses.loss_config_from({"name": ["sigmoid", "bco_pair", "sft"], "weights": [0.8, 0.2, 1.0]})
+    assert cfg == cfg_list
+    out = run(cfg, pw, pl, rw, rl, lw, ll)
+    parts = [run(make_cfg(n), pw, pl, rw, rl, lw, ll).losses for n in ("sigmoid", "bco_pair", "sft")]
+    np.testing.assert_allclose(np.asarray(out.losses), np.asarray(0.8 * parts[0] + 0.2 * parts[1] + parts[2]), rtol=1e-5)
+    assert set(out.extras) >= {"loss/sigmoid", "loss/bco_pair", "loss/sft", "bco_delta", "nll_loss"}
