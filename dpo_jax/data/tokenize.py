@@ -58,7 +58,7 @@ class TokenStats:
     prompt_truncated: int = 0
     responses_truncated: int = 0
     eos_already_present: int = 0
-    double_bos_removed: int = 0
+    bos_already_present: int = 0
     chat_prefix_mismatch: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -100,9 +100,9 @@ class PairTokenizer:
         if self.bos is None:
             return ids
         if ids[:1] == [self.bos]:
-            if ids[1:2] == [self.bos]:
-                self.stats.double_bos_removed += 1
-                return ids[1:]
+            self.stats.bos_already_present += 1
+            while ids[1:2] == [self.bos]:
+                ids = ids[1:]
             return ids
         return [self.bos] + ids
 
