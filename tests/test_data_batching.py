@@ -175,15 +175,16 @@ def test_multihost_slices_partition_the_global_batch(packing, split):
             assert sum(map(len, slots)) == len(set().union(*slots)) == 32
 
 
-def test_to_global_with_fake_devices():
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 8, 1)])
+def test_to_global_with_fake_devices(shape):
     p = build_pipeline(_cfg(), split="train", global_batch_size=8)
     b = next(p)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1), ("data", "tensor"))
-    g = to_global(b, NamedSharding(mesh, PartitionSpec("data", None)))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "fsdp", "tensor"))
+    g = to_global(b, NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None)))
     for k in b:
         assert g[k].shape == b[k].shape
         np.testing.assert_array_equal(np.asarray(g[k]), b[k])
-    assert g["pair_weight"].sharding.spec == PartitionSpec("data")
+    assert g["pair_weight"].sharding.spec == PartitionSpec(("data", "fsdp"))
 
 
 def test_bad_multihost_args():

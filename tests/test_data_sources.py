@@ -176,6 +176,8 @@ def test_generic_pipeline_end_to_end(tmp_path):
     tr = build_pipeline(cfg, split="train", global_batch_size=2, tokenizer=tok)
     ev = build_pipeline(cfg, split="eval", global_batch_size=2, tokenizer=tok)
     assert len(tr.pairs) == 7 and len(ev.pairs) == 3 and ev.num_batches == 2
+    chosen = lambda p: tuple(p["chosen"])  # noqa: E731
+    assert not {chosen(p) for p in tr.pairs} & {chosen(p) for p in ev.pairs}
     b = next(tr)
     assert b["input_ids"].shape[0] == 4 and (b["input_ids"][:, 0] == tok.bos_token_id).all()
     assert (b["loss_mask"] * (b["segment_ids"] == 0)).sum() == 0
@@ -198,6 +200,7 @@ def test_real_hh_file_parses():
         b = next(p)
         assert b["input_ids"].shape[1] <= 512 + 15
         assert p.stats["lengths"]["total"]["max"] <= 512
+        assert len(p.buckets) <= 5 and p.stats["tokenisation"]["prompt_truncated"] > 0
 
 
 def test_imdb_loader():

@@ -79,8 +79,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError("data.prompt_trailing_whitespace must be 'move' or 'keep'")
     if not 0 < c.max_prompt_length < c.max_length:
         raise ValueError("need 0 < data.max_prompt_length < data.max_length")
-    if c.source != "synthetic" and not c.path:
-        raise ValueError(f"data.path is required for source {c.source!r}")
+    if c.source == "generic" and not c.path:
+        raise ValueError("data.path is required for the generic source (others default to hub)")
     if c.source != "synthetic" and not c.tokenizer:
         raise ValueError(f"data.tokenizer is required for source {c.source!r}")
     if not c.eval_split and c.eval_size <= 0:
