@@ -1,0 +1,88 @@
+"""Default configuration of the data pipeline (``config.data`` in a run config).
+
+Every field that changes which tokens the model sees lives here, so a run's config file fully
+determines its batches (together with the run seed passed to ``build_pipeline``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SOURCES = ("synthetic", "generic", "hh", "shp", "tldr", "ultrafeedback")
+TRUNCATION_MODES = ("keep_end", "keep_start", "error")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The offline default: the synthetic task, no tokenizer, no files."""
+    c = ml_collections.ConfigDict()
+    c.source = "synthetic"  # one of SOURCES: synthetic | generic | hh | shp | tldr | ultrafeedback
+    c.path = ""  # local file (jsonl, jsonl.gz, json, parquet), directory, save_to_disk dir, or hub name
+    c.hub_config = ""  # hub dataset config name or data_dir (e.g. 'harmless-base' for hh)
+    c.train_split = "train"  # split name (files whose name contains it, DatasetDict key, hub split)
+    c.eval_split = "test"  # held-out split; '' carves eval_size pairs out of the train split
+    c.eval_size = 0  # eval pairs (0 = the whole eval split; must be > 0 when carving)
+    c.max_pairs = 0  # cap on pairs per split after parsing (0 = no cap), for smoke runs
+    c.tokenizer = ""  # local tokenizer dir or hub name ('' only for the synthetic source)
+    c.max_length = 512  # prompt + response tokens, at most (paper: 512)
+    c.max_prompt_length = 256  # prompt tokens kept when prompt + longer response is too long
+    c.truncation_mode = "keep_end"  # prompt truncation: keep_end (paper, hh) | keep_start | error
+    c.prompt_trailing_whitespace = "move"  # 'move' trailing prompt whitespace into the responses | 'keep'
+    c.buckets = "auto"  # 'auto' (from the batch-length histogram) or comma list like '128,256,512'
+    c.num_buckets = 4  # number of auto buckets (a handful keeps XLA compiles few)
+    c.bucket_multiple = 16  # auto bucket lengths are rounded up to a multiple of this
+    c.packing = False  # pack several sequences per row (segment ids) when that saves compute
+    c.pack_length = 0  # packed row length (0 = the largest bucket)
+    c.row_multiple = 1  # packed row counts are multiples of this (set to the data-parallel size)
+    c.group_by_length = 0  # sort pairs by length within windows of this many batches (0 = off)
+    c.on_bad_row = "error"  # 'error': raise DataError with file/row/field | 'skip': count and drop
+    c.shuffle_seed = 0  # data order seed, combined with the run seed
+    c.field_prompt = "prompt"  # generic source: prompt column (may be absent for message lists)
+    c.field_chosen = "chosen"  # generic source: chosen column
+    c.field_rejected = "rejected"  # generic source: rejected column
+    c.hh_single_turn = False  # hh: keep only single-turn conversations
+    c.shp_min_score_ratio = 2.0  # shp: keep pairs whose score ratio is at least this (paper: 2)
+    c.shp_max_pairs_per_post = 5  # shp: at most this many pairs per post (0 = no cap)
+    c.synthetic = ml_collections.ConfigDict()
+    c.synthetic.vocab_size = 128  # EOS(0) + topic tokens + content tokens
+    c.synthetic.num_topics = 4  # topic tokens 1..num_topics
+    c.synthetic.prompt_len = (4, 12)  # content tokens after the topic token, inclusive range
+    c.synthetic.response_len = (6, 14)  # content tokens per response (+ EOS), inclusive range
+    c.synthetic.min_gap = 0.25  # chosen true reward - rejected true reward, at least
+    c.synthetic.num_train = 4096  # train pairs
+    c.synthetic.num_eval = 512  # eval pairs
+    c.synthetic.train_seed = 0  # generator seed of the train split
+    c.synthetic.eval_seed = 1  # generator seed of the eval split (differs so eval is held out)
+    return c
+
+
+def parse_buckets(value) -> list[int] | None:
+    """``'auto'`` -> None; ``'128,256'`` or a sequence of ints -> sorted unique ints."""
+    if isinstance(value, str):
+        if value.strip() in ("", "auto"):
+            return None
+        value = [v for v in value.split(",") if v.strip()]
+    out = sorted({int(v) for v in value})
+    if not out or out[0] <= 0:
+        raise ValueError(f"buckets must be positive lengths, got {value!r}")
+    return out
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Fail early on settings that would otherwise fail deep inside the pipeline."""
+    if c.source not in SOURCES:
+        raise ValueError(f"data.source must be one of {SOURCES}, got {c.source!r}")
+    if c.truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"data.truncation_mode must be one of {TRUNCATION_MODES}")
+    if c.on_bad_row not in ("error", "skip"):
+        raise ValueError("data.on_bad_row must be 'error' or 'skip'")
+    if c.prompt_trailing_whitespace not in ("move", "keep"):
+        raise ValueError("data.prompt_trailing_whitespace must be 'move' or 'keep'")
+    if not 0 < c.max_prompt_length < c.max_length:
+        raise ValueError("need 0 < data.max_prompt_length < data.max_length")
+    if c.source == "generic" and not c.path:
+        raise ValueError("data.path is required for the generic source (others default to hub)")
+    if c.source != "synthetic" and not c.tokenizer:
+        raise ValueError(f"data.tokenizer is required for source {c.source!r}")
+    if not c.eval_split and c.eval_size <= 0:
+        raise ValueError("data.eval_size must be > 0 when eval is carved from train (eval_split='')")
+    parse_buckets(c.buckets)

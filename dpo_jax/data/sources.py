@@ -1,0 +1,266 @@
+"""Schema parsers: rows of each public preference dataset -> ``RawPair`` (text or messages).
+
+Each parser reproduces how the DPO paper's code (``preference_datasets.py``) splits prompt from
+responses, so results are comparable; rows that cannot be parsed raise ``DataError`` naming the
+file, row and field (or are counted and skipped with ``on_bad_row='skip'``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, Iterable
+
+from dpo_jax.data.errors import BadRows, DataError
+from dpo_jax.data.io import Record, Row, read_rows
+
+Message = dict[str, str]
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+
+
+@dataclasses.dataclass
+class RawPair:
+    """One preference pair before tokenisation.
+
+    ``prompt`` is text (responses continue it directly), or a list of chat messages ending before
+    the assistant turn (then ``chosen``/``rejected`` are assistant message contents and the
+    tokenizer's chat template renders them).
+    """
+
+    prompt: str | list[Message]
+    chosen: str
+    rejected: str
+    file: str = ""
+    row: int = -1
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def _get(rec: Record, field: str, file: str, row: int) -> Any:
+    if field not in rec or rec[field] is None:
+        raise DataError(f"missing column (row has {sorted(rec)})", file=file, row=row,
+                        field=field, reason="missing_field")
+    return rec[field]
+
+
+def _get_str(rec: Record, field: str, file: str, row: int) -> str:
+    v = _get(rec, field, file, row)
+    if not isinstance(v, str):
+        raise DataError(f"expected a string, got {type(v).__name__}", file=file, row=row,
+                        field=field, reason="bad_type")
+    return v
+
+
+def check_pair(pair: RawPair) -> RawPair:
+    """Reject pairs DPO cannot learn from: an empty response or identical responses."""
+    for field in ("chosen", "rejected"):
+        if not getattr(pair, field).strip():
+            raise DataError("empty response", file=pair.file, row=pair.row, field=field,
+                            reason="empty_response")
+    if pair.chosen == pair.rejected:
+        raise DataError("chosen is identical to rejected", file=pair.file, row=pair.row,
+                        field="rejected", reason="identical_responses")
+    return pair
+
+
+# ----------------------------------------------------------------------------------------- hh
+
+def split_prompt_and_responses(chosen: str, rejected: str, file: str = "", row: int = -1):
+    """HH: the prompt is the chosen text through its last '\\n\\nAssistant:' (paper's code);
+    both responses are what follows it. The rejected text must share that prompt."""
+    idx = chosen.rfind(HH_ASSISTANT)
+    if idx < 0:
+        raise DataError(f"no {HH_ASSISTANT!r} turn", file=file, row=row, field="chosen",
+                        reason="bad_format")
+    prompt = chosen[: idx + len(HH_ASSISTANT)]
+    if not rejected.startswith(prompt):
+        raise DataError("rejected does not start with the chosen prompt", file=file, row=row,
+                        field="rejected", reason="prompt_mismatch")
+    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+
+
+def parse_hh(rec: Record, file: str, row: int, cfg) -> RawPair | None:
+    prompt, c, r = split_prompt_and_responses(
+        _get_str(rec, "chosen", file, row), _get_str(rec, "rejected", file, row), file, row)
+    if cfg.hh_single_turn and prompt.count(HH_HUMAN) != 1:
+        return None  # not a bad row: a filter
+    return RawPair(prompt, c, r, file, row)
+
+
+# ---------------------------------------------------------------------------------------- shp
+
+def parse_shp(rec: Record, file: str, row: int, cfg) -> RawPair | None:
+    """SHP: prompt '\\n\\nHuman: <history>\\n\\nAssistant:', responses ' ' + human_ref_A/B;
+    labels == 1 means A is preferred. Pairs with score_ratio < shp_min_score_ratio are dropped
+    (the paper keeps ratio >= 2); the per-post cap is applied after all rows are read."""
+    history = _get_str(rec, "history", file, row)
+    a, b = _get_str(rec, "human_ref_A", file, row), _get_str(rec, "human_ref_B", file, row)
+    label = _get(rec, "labels", file, row)
+    if "score_ratio" in rec and rec["score_ratio"] is not None:
+        ratio = float(rec["score_ratio"])
+    else:
+        sa, sb = float(_get(rec, "score_A", file, row)), float(_get(rec, "score_B", file, row))
+        ratio = max(sa / max(sb, 1e-9), sb / max(sa, 1e-9))
+    if ratio < cfg.shp_min_score_ratio:
+        return None
+    prompt = f"{HH_HUMAN} {history}{HH_ASSISTANT}"
+    chosen, rejected = (a, b) if int(label) == 1 else (b, a)
+    return RawPair(prompt, " " + chosen, " " + rejected, file, row)
+
+
+def _cap_per_prompt(pairs: list[RawPair], cap: int) -> list[RawPair]:
+    if cap <= 0:
+        return pairs
+    seen: collections.Counter[str] = collections.Counter()
+    out = []
+    for p in pairs:
+        key = p.prompt if isinstance(p.prompt, str) else repr(p.prompt)
+        if seen[key] < cap:
+            out.append(p)
+        seen[key] += 1
+    return out
+
+
+# --------------------------------------------------------------------------------------- tldr
+
+def tldr_prompt(info: dict) -> str:
+    """The paper's TL;DR prompt: 'SUBREDDIT: r/...\\nTITLE: ...\\nPOST: ...\\nTL;DR:'."""
+    return (f"SUBREDDIT: r/{info.get('subreddit') or ''}\nTITLE: {info.get('title') or ''}\n"
+            f"POST: {info.get('post') or ''}\nTL;DR:")
+
+
+def parse_tldr(rec: Record, file: str, row: int, cfg) -> RawPair:
+    info = _get(rec, "info", file, row)
+    if not isinstance(info, dict) or not info.get("post"):
+        raise DataError("info.post missing (CNN/DM rows have no post)", file=file, row=row,
+                        field="info", reason="missing_field")
+    summaries = _get(rec, "summaries", file, row)
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        raise DataError("expected two summaries", file=file, row=row, field="summaries",
+                        reason="bad_format")
+    choice = int(_get(rec, "choice", file, row))
+    texts = [" " + (s.get("text") or "").strip() if isinstance(s, dict) else "" for s in summaries]
+    return RawPair(tldr_prompt(info), texts[choice], texts[1 - choice], file, row)
+
+
+# ------------------------------------------------------------------------ messages / generic
+
+def _messages(v: Any, file: str, row: int, field: str) -> list[Message]:
+    if not isinstance(v, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in v
+    ):
+        raise DataError("expected a list of {role, content} messages", file=file, row=row,
+                        field=field, reason="bad_type")
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in v]
+
+
+def _split_conversation(prompt_msgs: list[Message] | None, conv: list[Message], file: str,
+                        row: int, field: str) -> tuple[list[Message], str]:
+    """Prompt messages and the final assistant content of one side."""
+    if prompt_msgs is not None and conv[: len(prompt_msgs)] == prompt_msgs:
+        conv_prompt, rest = prompt_msgs, conv[len(prompt_msgs):]
+    elif prompt_msgs is not None:
+        conv_prompt, rest = prompt_msgs, conv
+    else:
+        conv_prompt, rest = conv[:-1], conv[-1:]
+    if len(rest) != 1 or rest[0]["role"] != "assistant":
+        raise DataError("the response must be exactly one final assistant message", file=file,
+                        row=row, field=field, reason="bad_format")
+    return conv_prompt, rest[0]["content"]
+
+
+def parse_messages(prompt: Any, chosen: Any, rejected: Any, file: str, row: int,
+                   fields: tuple[str, str, str]) -> RawPair:
+    """Message-list pairs (ultrafeedback, TRL conversational): the prompt is the shared prefix."""
+    fp, fc, fr = fields
+    if isinstance(prompt, str):
+        prompt_msgs: list[Message] | None = [{"role": "user", "content": prompt}]
+    elif prompt is None:
+        prompt_msgs = None
+    else:
+        prompt_msgs = _messages(prompt, file, row, fp)
+    c_msgs, r_msgs = _messages(chosen, file, row, fc), _messages(rejected, file, row, fr)
+    pc, c = _split_conversation(prompt_msgs, c_msgs, file, row, fc)
+    pr, r = _split_conversation(prompt_msgs, r_msgs, file, row, fr)
+    if pc != pr:
+        raise DataError("chosen and rejected conversations have different prompts", file=file,
+                        row=row, field=fr, reason="prompt_mismatch")
+    if not pc:
+        raise DataError("empty prompt conversation", file=file, row=row, field=fp,
+                        reason="bad_format")
+    return RawPair(pc, c, r, file, row)
+
+
+def parse_ultrafeedback(rec: Record, file: str, row: int, cfg) -> RawPair:
+    return parse_messages(rec.get("prompt"), _get(rec, "chosen", file, row),
+                          _get(rec, "rejected", file, row), file, row,
+                          ("prompt", "chosen", "rejected"))
+
+
+def parse_generic(rec: Record, file: str, row: int, cfg) -> RawPair:
+    """prompt/chosen/rejected as strings, or as message lists (prompt column optional)."""
+    fp, fc, fr = cfg.field_prompt, cfg.field_chosen, cfg.field_rejected
+    chosen, rejected = _get(rec, fc, file, row), _get(rec, fr, file, row)
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return RawPair(_get_str(rec, fp, file, row), chosen, rejected, file, row)
+    return parse_messages(rec.get(fp), chosen, rejected, file, row, (fp, fc, fr))
+
+
+PARSERS: dict[str, Callable[..., RawPair | None]] = {
+    "hh": parse_hh, "shp": parse_shp, "tldr": parse_tldr,
+    "ultrafeedback": parse_ultrafeedback, "generic": parse_generic,
+}
+HUB_NAMES = {
+    "hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "tldr": "openai/summarize_from_feedback",
+    "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
+}
+
+
+def parse_rows(source: str, rows: Iterable[Row], cfg, bad: BadRows) -> list[RawPair]:
+    """Parse and check every row; bad rows raise or are counted by ``bad``."""
+    parser = PARSERS[source]
+    pairs: list[RawPair] = []
+    for file, row, rec in rows:
+        try:
+            pair = parser(rec, file, row, cfg)
+            if pair is not None:
+                pairs.append(check_pair(pair))
+        except DataError as e:
+            bad.handle(e)
+    if source == "shp":
+        pairs = _cap_per_prompt(pairs, cfg.shp_max_pairs_per_post)
+    return pairs
+
+
+def load_raw_pairs(cfg, split: str, bad: BadRows) -> list[RawPair]:
+    """Read ``split`` of ``cfg.path`` (a local copy, or the hub when the path is a name)."""
+    path = cfg.path or HUB_NAMES.get(cfg.source, "")
+    hub_config = cfg.hub_config
+    if cfg.source == "tldr" and not hub_config and path == HUB_NAMES["tldr"]:
+        hub_config = "comparisons"
+    return parse_rows(cfg.source, read_rows(path, split, hub_config), cfg, bad)
+
+
+def load_imdb(path: str, split: str = "train") -> tuple[list[str], list[int]]:
+    """IMDb texts and labels (0 neg, 1 pos) with the HTML line breaks ``<br />`` cleaned.
+
+    Used for SFT text and for the paper's controlled-sentiment prompts (short prefixes)."""
+    texts, labels = [], []
+    for file, row, rec in read_rows(path or "stanfordnlp/imdb", split):
+        text = _get_str(rec, "text", file, row)
+        texts.append(" ".join(text.replace("<br />", " ").replace("<br/>", " ").split()))
+        labels.append(int(_get(rec, "label", file, row)))
+    return texts, labels
+
+
+def imdb_prompt_prefixes(texts: list[str], tokenizer, seed: int = 0, min_tokens: int = 2,
+                         max_tokens: int = 8) -> list[list[int]]:
+    """Prompt prefixes of ``min_tokens..max_tokens`` tokens (the paper's IMDb setup)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(t[: int(rng.integers(min_tokens, max_tokens + 1))]) for t in ids]

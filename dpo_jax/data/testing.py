@@ -1,0 +1,85 @@
+"""Tiny tokenizers built locally (no hub) that mimic the BOS/EOS/chat conventions of real ones.
+
+Tests need GPT-2-like (no BOS, pad == EOS), Llama-3-like (BOS prepended, byte-level BPE) and
+chat-template (ChatML: EOS inside the template, whitespace after it) behaviour without network.
+"""
+
+from __future__ import annotations
+
+CORPUS = [
+    "Human: what is the capital of France? Assistant: Paris is the capital of France.",
+    "The movie was great, I loved it. The film was terrible and boring.",
+    "SUBREDDIT: r/relationships TITLE: help POST: my friend is late TL;DR: friend late",
+    "Hello there! How are you today? I am fine, thank you very much.",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9 \n\n \n",
+]
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _byte_bpe(specials: list[str], vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def llama3_style_tokenizer(eos: str = "<|end_of_text|>"):
+    """BOS '<|begin_of_text|>' prepended by the post-processor, Llama-3 chat template."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    tok = _byte_bpe(specials)
+    bos_id = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token=eos, pad_token="<|end_of_text|>",
+                                   chat_template=LLAMA3_TEMPLATE)
+
+
+def chatml_tokenizer():
+    """No BOS; EOS '<|im_end|>' closes each turn inside the template, followed by a newline."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _byte_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+
+
+def gpt2_style_tokenizer():
+    """No BOS added, EOS '<|endoftext|>', pad unset (load_tokenizer sets pad = EOS)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _byte_bpe(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+
+
+def find_shared_data(start: str) -> "pathlib.Path | None":
+    """The nearest ``shared/data`` directory above ``start`` (worktrees sit deeper than main),
+    or ``$DPO_JAX_SHARED_DATA``; None when absent so tests can skip."""
+    import os
+    import pathlib
+
+    env = os.environ.get("DPO_JAX_SHARED_DATA")
+    if env:
+        return pathlib.Path(env) if pathlib.Path(env).is_dir() else None
+    for parent in pathlib.Path(start).resolve().parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return None
