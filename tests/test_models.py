@@ -20,14 +20,29 @@ def _inputs(B=2, L=12, V=128, seed=0):
     return ids, pos, seg
 
 
+def random_params(model, seed=0, std=0.1):
+    """Random params from numpy (fast; model.init's compile is tested once separately).
+    Non-zero biases and non-unit norm scales so every parameter matters."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, std, s.shape) + (
+        1.0 if s.ndim <= 2 and s.shape[-1] == model.cfg.d_model else 0.0), s.dtype),
+        model.abstract_params())
+
+
+def test_init_matches_abstract_and_count():
+    model = Model(preset("tiny-llama"))
+    params = jax.jit(model.init)(jax.random.key(0))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), model.abstract_params()) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), params)
+    assert sum(x.size for x in jax.tree.leaves(params)) == param_count(model.cfg)
+
+
 @pytest.fixture(scope="module", params=TINY)
 def built(request):
     cfg = preset(request.param)
     model = Model(cfg)
-    params = jax.jit(model.init)(jax.random.key(1))
-    # Non-zero biases / non-unit norms so every parameter matters.
-    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape,
-                                                                  x.dtype), params)
+    params = random_params(model)
+    model.hidden = jax.jit(model.hidden)  # one compile per shape instead of eager dispatch
     return cfg, model, params
 
 
@@ -51,7 +66,7 @@ def test_scan_equals_unrolled_and_remat(built):
     ref = model.hidden(params, ids, pos, seg)
     for kw in [dict(scan_layers=False), dict(remat="full"), dict(remat="dots_saveable")]:
         other = Model(dataclasses.replace(cfg, **kw))
-        np.testing.assert_allclose(other.hidden(params, ids, pos, seg), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(jax.jit(other.hidden)(params, ids, pos, seg), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_causal(built):
@@ -101,10 +116,14 @@ def test_kv_cache_decode_matches_forward(built):
         pos = np.array([n + t for n in lens], np.int32)[:, None]
         h, cache = decode(params, nxt, pos, cache)
         got.append([h[b] for b in range(B)])
+    # Full forward on the right-padded batch of whole sequences (one compile).
+    W = P + steps
+    seq, seg = np.zeros((B, W), np.int32), np.zeros((B, W), np.int32)
     for b, n in enumerate(lens):
-        seq = toks[b:b + 1, :n + steps]
-        L = n + steps
-        full = model.hidden(params, seq, np.arange(L)[None], np.ones((1, L), np.int32))[0]
+        seq[b, :n + steps], seg[b, :n + steps] = toks[b, :n + steps], 1
+    h_full = model.hidden(params, seq, np.broadcast_to(np.arange(W), (B, W)), seg)
+    for b, n in enumerate(lens):
+        full = h_full[b, :n + steps]
         mine = np.concatenate([got[0][b]] + [g[b] for g in got[1:]], axis=0)
         np.testing.assert_allclose(mine, full, rtol=1e-4, atol=1e-4)
 
@@ -112,12 +131,12 @@ def test_kv_cache_decode_matches_forward(built):
 def test_bf16_compute_runs():
     cfg = preset("tiny-llama", dtype="bfloat16", param_dtype="bfloat16")
     model = Model(cfg)
-    params = model.init(jax.random.key(0))
+    params = random_params(model)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
     ids, pos, seg = _inputs()
-    h = model.hidden(params, ids, pos, seg)
-    assert h.dtype == jnp.bfloat16
-    assert model.logits(params, ids, pos, seg).dtype == jnp.float32
+    logits = jax.jit(model.logits)(params, ids, pos, seg)
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+    assert jax.eval_shape(model.hidden, params, ids, pos, seg).dtype == jnp.bfloat16
 
 
 def test_presets_counts_and_flops():
