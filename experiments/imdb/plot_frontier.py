@@ -1,0 +1,28 @@
+"""Collect frontier points (jsonl rows {method, setting, step, kl, mean_reward}) into a CSV + PNG.
+
+    python experiments/imdb/plot_frontier.py runs/imdb/*/frontier_points.jsonl --out=runs/imdb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dpo_jax.imdb.frontier import write_frontier
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("points", nargs="+", help="jsonl files of frontier points")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    points = []
+    for path in args.points:
+        with open(path, encoding="utf-8") as f:
+            points.extend(json.loads(line) for line in f if line.strip())
+    csv_path, png_path = write_frontier(points, args.out)
+    print(f"{len(points)} points -> {csv_path}, {png_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Shared helpers for the IMDb tests: synthetic reviews and the real-data location."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+IMDB_DATA = pathlib.Path(os.environ.get("DPO_JAX_IMDB_DATA", "/work/shared/data/imdb"))
+
+_POS = ["great", "wonderful", "loved", "brilliant", "excellent", "superb", "moving", "fun"]
+_NEG = ["awful", "boring", "terrible", "waste", "worst", "dull", "hated", "bad"]
+_NEUTRAL = ["the", "movie", "film", "plot", "actor", "scene", "story", "was", "and", "it",
+            "this", "a", "of", "director", "ending", "music"]
+
+
+def synthetic_reviews(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """Short reviews whose label decides which sentiment words appear (with <br /> tags)."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], rng.integers(0, 2, size=n)
+    for y in labels:
+        words = list(rng.choice(_NEUTRAL, size=int(rng.integers(6, 14))))
+        pool = _POS if y == 1 else _NEG
+        for _ in range(int(rng.integers(1, 4))):
+            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(pool)))
+        texts.append(" ".join(words[:5]) + "<br /><br />" + " ".join(words[5:]) + ".")
+    return texts, labels.astype(np.int64)
+
+
+def imdb_data() -> pathlib.Path:
+    """The real IMDb parquet directory, or skip the test."""
+    if not any(IMDB_DATA.glob("train-*.parquet")):
+        pytest.skip(f"no IMDb data under {IMDB_DATA}")
+    return IMDB_DATA
