@@ -26,12 +26,11 @@ def _abstract(tree, shardings=None):
 
 
 class Checkpointer:
-    """Saves every ``every`` steps (and when forced), keeps the newest ``keep``."""
+    """Saves when asked (the loop decides when), keeps the newest ``keep``."""
 
-    def __init__(self, directory: str, *, every: int, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, every),
             max_to_keep=keep,
             create=True,
             cleanup_tmp_directories=True,
@@ -42,14 +41,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, params, opt_state, data_state: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, params, opt_state, data_state: dict) -> bool:
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave({"step": int(step)}),
         )
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, params_like, opt_state_like) -> tuple[Any, Any, dict]:
         """Restore into the shardings of ``*_like`` (arrays or ShapeDtypeStructs with sharding)."""

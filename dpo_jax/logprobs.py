@@ -18,6 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dpo_jax.models.model import project
+
 
 @dataclasses.dataclass(frozen=True)
 class LogprobConfig:
@@ -31,26 +33,17 @@ class LogprobConfig:
 DENSE = LogprobConfig(scored_only=False, seq_chunk=None, vocab_chunk=None)
 
 
-def _head(h_RCD, w_VD, b_V):
-    logits = jnp.einsum(
-        "rcd,vd->rcv", h_RCD, w_VD.astype(h_RCD.dtype), preferred_element_type=jnp.float32
-    )
-    if b_V is not None:
-        logits = logits + b_V.astype(jnp.float32)
-    return logits
-
-
 def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk):
     """log p(target) for one chunk: target logit minus a float32 (online) logsumexp."""
     vocab = w_VD.shape[0]
     if not vocab_chunk or vocab_chunk >= vocab:
-        logits = _head(h_RCD, w_VD, b_V)
+        logits = project(h_RCD, w_VD, b_V)
         target = jnp.take_along_axis(logits, targets_RC[..., None], axis=-1)[..., 0]
         return target - jax.nn.logsumexp(logits, axis=-1)
     running_max = running_sum = target = None
     for start in range(0, vocab, vocab_chunk):
         end = min(vocab, start + vocab_chunk)
-        logits = _head(h_RCD, w_VD[start:end], None if b_V is None else b_V[start:end])
+        logits = project(h_RCD, w_VD[start:end], None if b_V is None else b_V[start:end])
         chunk_max = jax.lax.stop_gradient(logits.max(axis=-1))
         in_chunk = (targets_RC >= start) & (targets_RC < end)
         index = jnp.clip(targets_RC - start, 0, end - start - 1)

@@ -7,6 +7,13 @@ Fields are overridden on the command line, e.g. ``--config.loss.beta=0.5``.
 from __future__ import annotations
 
 import json
+import os
+
+# Before jax initialises: on CPU, the concurrency-optimised scheduler can run independent
+# collectives in different orders on different (virtual) devices and deadlock the rendezvous.
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,10 +23,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (optional
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, metrics.")
 
 
+def quiet_library_logs() -> None:
+    """orbax logs every checkpoint phase at INFO through absl; keep the run's own lines readable."""
+    import logging as py_logging
+
+    def keep(record: py_logging.LogRecord) -> bool:
+        noisy = "/orbax/" in record.pathname or "xla_bridge" in record.pathname
+        return record.levelno >= py_logging.WARNING or not noisy
+
+    logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
+
+    quiet_library_logs()
 
     from dpo_jax import train
     from dpo_jax.config import base_config

@@ -60,7 +60,10 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
             f"mesh shape {dict(zip(MESH_AXES, dims))} needs {int(np.prod(dims))} devices, "
             f"but {n} are available"
         )
-    return jax.make_mesh(tuple(dims), MESH_AXES, devices=devices)
+    # Auto axes: GSPMD propagates shardings from the annotated inputs and outputs (explicit
+    # sharding types would demand an out_sharding on every gather).
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(dims), MESH_AXES, axis_types=auto, devices=devices)
 
 
 def logical_to_spec(

@@ -5,9 +5,8 @@ One policy forward runs chosen and rejected rows together (the reference impleme
 parameter tree. Gradient accumulation splits the pairs into equal strided micro-batches inside
 the jitted step and sums exactly-normalised gradients, so the update equals the big batch's.
 
-Batch layout (see ARCHITECTURE.md): rows are per-host blocks ``[chosen_0..B_l-1,
-rejected_0..B_l-1]`` concatenated over ``num_blocks`` hosts, so per-sequence vectors are
-reshaped ``[num_blocks, 2, B_l]`` to pair chosen with rejected.
+Batch layout (see ARCHITECTURE.md): rows of the *global* batch are ``[chosen_0..B-1,
+rejected_0..B-1]``; each host holds a contiguous block of those rows.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    num_blocks: int = 1  # processes whose local batches make up the global batch
     grad_accum: int = 1  # micro-batches per update
     logprobs: LogprobConfig = LogprobConfig()
 
@@ -82,27 +80,21 @@ def _sequence_stats(model, params, batch, cfg: StepConfig, num_scored):
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
     w, b = model.unembedding(params)
     seq_index = batch.get("seq_index")
-    num_seqs = None
-    if seq_index is not None:
-        rows = batch["input_ids"].shape[0]
-        pairs_local = batch["pair_weight"].shape[0] // cfg.num_blocks
-        block = jnp.arange(rows)[:, None] // (rows // cfg.num_blocks)
-        seq_index = jnp.where(seq_index >= 0, seq_index + block * 2 * pairs_local, -1)
-        num_seqs = 2 * batch["pair_weight"].shape[0]
+    num_seqs = None if seq_index is None else 2 * batch["pair_weight"].shape[0]
     return sequence_logps(
         h, batch["input_ids"], batch["loss_mask"], w, b, cfg.logprobs,
         num_scored=num_scored, seq_index_RL=seq_index, num_seqs=num_seqs,
     )
 
 
-def _pairs(x_S, num_blocks):
-    x = x_S.reshape(num_blocks, 2, -1)
-    return x[:, 0].reshape(-1), x[:, 1].reshape(-1)
+def _pairs(x_S):
+    chosen, rejected = jnp.split(x_S, 2)
+    return chosen, rejected
 
 
-def _stats(logps, lengths, num_blocks) -> losses_lib.SequenceStats:
-    chosen_logps, rejected_logps = _pairs(logps, num_blocks)
-    chosen_lengths, rejected_lengths = _pairs(lengths, num_blocks)
+def _stats(logps, lengths) -> losses_lib.SequenceStats:
+    chosen_logps, rejected_logps = _pairs(logps)
+    chosen_lengths, rejected_lengths = _pairs(lengths)
     return losses_lib.SequenceStats(
         chosen_logps=chosen_logps, rejected_logps=rejected_logps,
         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
@@ -111,13 +103,13 @@ def _stats(logps, lengths, num_blocks) -> losses_lib.SequenceStats:
 
 def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, num_scored):
     """Policy/reference statistics and the loss output for one (micro-)batch."""
-    policy = _stats(*_sequence_stats(model, params, batch, cfg, num_scored), cfg.num_blocks)
+    policy = _stats(*_sequence_stats(model, params, batch, cfg, num_scored))
     reference = None
     if "ref_logps" in batch:  # precomputed once over the dataset
-        reference = _stats(batch["ref_logps"], batch["ref_lengths"], cfg.num_blocks)
+        reference = _stats(batch["ref_logps"], batch["ref_lengths"])
     elif ref_params is not None:
         ref = _sequence_stats(model, ref_params, batch, cfg, num_scored)
-        reference = _stats(*jax.lax.stop_gradient(ref), cfg.num_blocks)
+        reference = _stats(*jax.lax.stop_gradient(ref))
     weights = batch["pair_weight"]
     out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
     return policy, out
@@ -140,11 +132,11 @@ def _weighted_sums(policy, out, weights) -> dict[str, jax.Array]:
     return sums
 
 
-def _micro(batch, n: int, j, num_blocks: int):
-    """Micro-batch j of n: pairs j, j+n, j+2n, ... of every block (keeps row sharding)."""
+def _micro(batch, n: int, j):
+    """Micro-batch j of n: pairs j, j+n, j+2n, ... (strided, so row sharding is kept)."""
 
     def split(x, paired_rows: bool):
-        lead = (num_blocks, 2) if paired_rows else (num_blocks,)
+        lead = (2,) if paired_rows else ()
         x = x.reshape(*lead, -1, n, *x.shape[1:])
         x = jax.lax.dynamic_index_in_dim(x, j, axis=len(lead) + 1, keepdims=False)
         return x.reshape(-1, *x.shape[len(lead) + 1:])
@@ -180,21 +172,21 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig):
 
             def body(carry, j):
                 g_acc, s_acc = carry
-                g, s = grad_fn(state.params, state.ref_params, _micro(batch, n, j, cfg.num_blocks),
+                g, s = grad_fn(state.params, state.ref_params, _micro(batch, n, j),
                                total_weight, num_scored)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
             _, zeros_s = jax.eval_shape(
-                grad_fn, state.params, state.ref_params, _micro(batch, n, 0, cfg.num_blocks),
-                total_weight, num_scored,
+                lambda p, r, b, w: grad_fn(p, r, b, w, num_scored),
+                state.params, state.ref_params, _micro(batch, n, 0), total_weight,
             )
             zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_s)
             (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), jnp.arange(n))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {k: v / total_weight for k, v in sums.items()}
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

@@ -81,7 +81,7 @@ class Run:
         self.loss_cfg = losses_lib.loss_config_from(config.loss)
         t = config.train
         self.total_steps = int(t.steps)
-        self.step_cfg = StepConfig(num_blocks=jax.process_count(), grad_accum=int(config.optim.grad_accum),
+        self.step_cfg = StepConfig(grad_accum=int(config.optim.grad_accum),
                                    logprobs=logprob_config(config))
         self.tx, self.schedule = make_optimizer(config.optim, self.total_steps)
 
@@ -107,8 +107,9 @@ class Run:
             self.eval_data = data_lib.build_pipeline(
                 config.data, split="eval", global_batch_size=int(t.eval_batch_size or t.batch_size),
                 process_index=pi, process_count=pc, seed=int(config.seed))
+        self.checkpoint_every = int(t.checkpoint_every or 0)
         self.checkpointer = ckpt_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), every=int(t.checkpoint_every or self.total_steps),
+            os.path.join(workdir, "checkpoints"),
             keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpointing))
         self.writer = MetricWriter(workdir)
         self._restore()
@@ -130,7 +131,12 @@ class Run:
             else:
                 ref_params = _init_params(self.model, cfg.init.reference, cfg.model.get("ref_hf_path"),
                                           self.param_shardings, rng_policy, ref_dtype)
-        opt_state = jax.jit(self.tx.init)(params)
+        # Moments follow their parameters' shardings; scalar counters would land on one
+        # device, so they are replicated over the mesh.
+        replicated = shard_lib.replicated(self.mesh)
+        opt_state = jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
+            jax.jit(self.tx.init)(params))
         step = jax.device_put(jnp.zeros((), jnp.int32), shard_lib.replicated(self.mesh))
         return TrainState(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
 
@@ -163,7 +169,7 @@ class Run:
     def evaluate(self) -> dict[str, float]:
         """Weighted means over every held-out pair (padding pairs weigh 0)."""
         totals: dict[str, float] = {}
-        for batch_np in self.eval_data.epoch():
+        for batch_np in self.eval_data:
             batch, num_scored = self._device_batch(batch_np)
             sums = jax.device_get(self._eval_step(self.state.params, self.state.ref_params, batch, num_scored))
             for k, v in sums.items():
@@ -214,8 +220,9 @@ class Run:
                 self.writer.write(done, last_eval, prefix="eval/")
                 if jax.process_index() == 0:
                     logging.info("eval step %d: %s", done, _short(last_eval))
-            self.checkpointer.save(done, self.state.params, self.state.opt_state,
-                                   self.train_data.state_dict(), force=done == self.total_steps)
+            if done == self.total_steps or (self.checkpoint_every and done % self.checkpoint_every == 0):
+                self.checkpointer.save(done, self.state.params, self.state.opt_state,
+                                       self.train_data.state_dict())
         if pending is not None:
             last_train = flush(pending)
         self.checkpointer.close()

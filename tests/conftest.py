@@ -2,8 +2,13 @@
 
 import os
 
+# The concurrency-optimised CPU scheduler lets fake devices reach independent collectives in
+# different orders, which deadlocks XLA:CPU's rendezvous on a 2-core machine (seen with FSDP
+# all-gathers inside the layer scan); the plain scheduler keeps them in program order.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +16,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pathlib  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "imdb_data: needs the real IMDb parquet files")
 
 import pytest  # noqa: E402
 

@@ -79,7 +79,7 @@ def test_same_loss_and_gradients_on_every_mesh(tmp_path, mesh_shape):
 
 def test_accumulating_four_micro_batches_equals_one_big_batch(tmp_path):
     want_metrics, want_grads = _one_step(tmp_path / "big", {"data": 8, "fsdp": 1, "tensor": 1})
-    got_metrics, got_grads = _one_step(tmp_path / "micro", {"data": 4, "fsdp": 1, "tensor": 1, },
+    got_metrics, got_grads = _one_step(tmp_path / "micro", {"data": 8, "fsdp": 1, "tensor": 1},
                                        grad_accum=4)
     for k in ("loss", "rewards/accuracies", "logps/rejected", "grad_norm"):
         assert got_metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-6), k

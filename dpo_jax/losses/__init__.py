@@ -15,6 +15,7 @@ from dpo_jax.losses.config import (
     default_loss_config,
     loss_config_from,
     needs_reference,
+    uses_batch_statistics,
 )
 from dpo_jax.losses.core import (
     ORPO_MAX_AVG_LOGP,
@@ -35,6 +36,7 @@ __all__ = [
     "default_loss_config",
     "loss_config_from",
     "needs_reference",
+    "uses_batch_statistics",
     "preference_loss",
     "weighted_mean",
 ]

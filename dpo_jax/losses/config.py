@@ -260,3 +260,12 @@ def needs_reference(cfg: LossConfig) -> bool:
             continue
         return True
     return False
+
+
+BATCH_STATISTIC_LOSSES = frozenset({"bco_pair", "aot", "aot_unpaired"})
+
+
+def uses_batch_statistics(cfg: LossConfig) -> bool:
+    """True when a pair's loss depends on other pairs of the batch (bco mean, aot sorting), so
+    micro-batch accumulation would change the objective."""
+    return any(name in BATCH_STATISTIC_LOSSES for name in cfg.names)
