@@ -41,16 +41,14 @@ def main(argv):
 
     quiet_library_logs()
 
-    from dpo_jax import train
     from dpo_jax.config import base_config
+    from dpo_jax.tasks import get_task
 
     config = _CONFIG.value if _CONFIG.value is not None else base_config()
     workdir = _WORKDIR.value or "runs/default"
     logging.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                  jax.process_count())
-    if config.task != "dpo":
-        raise app.UsageError(f"config.task={config.task!r}: this build runs 'dpo'")
-    summary = train.train_and_evaluate(config, workdir)
+    summary = get_task(config.task)(config, workdir)
     if jax.process_index() == 0:
         print(json.dumps({"summary": summary}, indent=2))
 

@@ -78,12 +78,12 @@ class Run:
         self.mesh = shard_lib.make_mesh(dict(config.mesh.shape))
         self.rules = tuple(tuple(r) for r in config.mesh.rules)
         self.model = Model(model_config(config))
-        self.loss_cfg = losses_lib.loss_config_from(config.loss)
         t = config.train
         self.total_steps = int(t.steps)
         self.step_cfg = StepConfig(grad_accum=int(config.optim.grad_accum),
                                    logprobs=logprob_config(config))
         self.tx, self.schedule = make_optimizer(config.optim, self.total_steps)
+        self.setup_task()
 
         abstract = self.model.abstract_params()
         self.param_shardings = shard_lib.tree_shardings(abstract, self.model.logical_axes(), self.mesh, self.rules)
@@ -92,27 +92,45 @@ class Run:
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self._state_shardings = state_shardings
         self._train_step = jax.jit(
-            make_train_step(self.model, self.loss_cfg, self.tx, self.schedule, self.step_cfg),
-            in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-            donate_argnums=0, static_argnums=2,
+            self.make_train_step(), in_shardings=(state_shardings, None),
+            out_shardings=(state_shardings, None), donate_argnums=0, static_argnums=2,
         )
-        self._eval_step = jax.jit(make_eval_step(self.model, self.loss_cfg, self.step_cfg), static_argnums=3)
+        self._eval_step = jax.jit(self.make_eval_step(), static_argnums=3)
 
-        pc, pi = jax.process_count(), jax.process_index()
-        self.train_data = data_lib.build_pipeline(
-            config.data, split="train", global_batch_size=int(t.batch_size),
-            process_index=pi, process_count=pc, seed=int(config.seed))
+        self.train_data = self.build_data("train", int(t.batch_size))
         self.eval_data = None
         if t.eval_every:
-            self.eval_data = data_lib.build_pipeline(
-                config.data, split="eval", global_batch_size=int(t.eval_batch_size or t.batch_size),
-                process_index=pi, process_count=pc, seed=int(config.seed))
+            self.eval_data = self.build_data("eval", int(t.eval_batch_size or t.batch_size))
         self.checkpoint_every = int(t.checkpoint_every or 0)
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(workdir, "checkpoints"),
             keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpointing))
         self.writer = MetricWriter(workdir)
         self._restore()
+
+    # ------------------------------------------------------------------- task hooks
+    # A task (DPO here; SFT, reward modelling, ... in subclasses) supplies its loss config,
+    # steps and data; the loop, sharding, checkpoints and metrics are shared.
+    def setup_task(self) -> None:
+        self.loss_cfg = losses_lib.loss_config_from(self.config.loss)
+
+    def needs_reference(self) -> bool:
+        return losses_lib.needs_reference(self.loss_cfg) and not self.config.logprobs.get(
+            "precompute_reference")
+
+    def make_train_step(self):
+        """``(state, batch, num_scored) -> (state, metrics)``; jitted once by the Run."""
+        return make_train_step(self.model, self.loss_cfg, self.tx, self.schedule, self.step_cfg)
+
+    def make_eval_step(self):
+        """``(params, ref_params, batch, num_scored) -> weighted sums incl. 'weight'``."""
+        return make_eval_step(self.model, self.loss_cfg, self.step_cfg)
+
+    def build_data(self, split: str, global_batch_size: int):
+        return data_lib.build_pipeline(
+            self.config.data, split=split, global_batch_size=global_batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            seed=int(self.config.seed))
 
     # ----------------------------------------------------------------------------- state
     def _init_state(self) -> TrainState:
@@ -121,7 +139,7 @@ class Run:
         params = _init_params(self.model, cfg.init.policy, cfg.model.get("hf_path"),
                               self.param_shardings, rng_policy)
         ref_params = None
-        if losses_lib.needs_reference(self.loss_cfg) and not cfg.logprobs.get("precompute_reference"):
+        if self.needs_reference():
             ref_dtype = jnp.dtype(cfg.model.ref_param_dtype) if cfg.model.ref_param_dtype else None
             same_source = not cfg.init.reference and not cfg.model.get("ref_hf_path")
             if same_source:
