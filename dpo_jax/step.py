@@ -41,20 +41,28 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
     """optax chain: global-norm clipping, then RMSprop (the paper's recipe) or AdamW."""
     warmup = int(optim.warmup_steps)
     lr = float(optim.lr)
+
+    def ramp(step):
+        # The paper's code: LambdaLR(min(1, (step + 1) / (warmup + 1))), so step 0 already moves.
+        return jnp.minimum(1.0, (step + 1.0) / (warmup + 1.0)) if warmup else 1.0
+
+    decay_steps = max(total_steps - warmup, 1)
     if optim.schedule == "constant":
-        schedule = optax.linear_schedule(0.0, lr, max(warmup, 1)) if warmup else optax.constant_schedule(lr)
-    elif optim.schedule in ("linear", "cosine"):
-        decay_steps = max(total_steps - warmup, 1)
-        tail = (
-            optax.linear_schedule(lr, 0.0, decay_steps)
-            if optim.schedule == "linear"
-            else optax.cosine_decay_schedule(lr, decay_steps)
-        )
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, max(warmup, 1)), tail], [warmup]
-        ) if warmup else tail
+        def decay(step):
+            return 1.0
+    elif optim.schedule == "linear":
+        def decay(step):
+            return jnp.clip(1.0 - (step - warmup) / decay_steps, 0.0, 1.0)
+    elif optim.schedule == "cosine":
+        def decay(step):
+            t = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+            return 0.5 * (1.0 + jnp.cos(jnp.pi * t))
     else:
         raise ValueError(f"optim.schedule={optim.schedule!r}: expected constant, linear or cosine")
+
+    def schedule(step):
+        return lr * ramp(step) * decay(step)
+
     if optim.name == "rmsprop":
         # PyTorch's RMSprop (the paper's optimizer): alpha=0.99, eps added outside the sqrt.
         base = optax.rmsprop(schedule, decay=float(optim.rms_decay), eps=float(optim.eps),

@@ -150,3 +150,46 @@ def test_offline_default_learns_the_synthetic_task(tmp_path):
     assert any(k.startswith("eval/") for k in records[-1])
     assert os.listdir(workdir / "tb")
     assert "step 60/60" in out.stderr
+
+
+def test_schedule_follows_the_papers_warmup():
+    from dpo_jax.step import make_optimizer
+
+    c = base_config()
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 150
+    _, schedule = make_optimizer(c.optim, 1000)
+    assert float(schedule(0)) == pytest.approx(1e-6 / 151)
+    assert float(schedule(149)) == pytest.approx(1e-6 * 150 / 151)
+    assert float(schedule(150)) == pytest.approx(1e-6)
+    assert float(schedule(999)) == pytest.approx(1e-6)
+    c.optim.schedule = "linear"
+    _, schedule = make_optimizer(c.optim, 1150)
+    assert float(schedule(150)) == pytest.approx(1e-6)
+    assert float(schedule(650)) == pytest.approx(0.5e-6)
+    assert float(schedule(1150)) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_rmsprop_matches_pytorch_as_the_paper_ran_it():
+    torch = pytest.importorskip("torch")
+    from dpo_jax.step import make_optimizer
+
+    c = base_config()
+    c.optim.name = "rmsprop"
+    c.optim.lr = 1e-2
+    c.optim.warmup_steps = 0
+    c.optim.max_grad_norm = 0.0
+    tx, _ = make_optimizer(c.optim, 10)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5,)).astype(np.float32)
+    grads = [rng.normal(size=(5,)).astype(np.float32) for _ in range(4)]
+    params = {"w": jax.numpy.asarray(w)}
+    state = tx.init(params)
+    tw = torch.nn.Parameter(torch.tensor(w))
+    topt = torch.optim.RMSprop([tw], lr=1e-2)  # alpha=0.99, eps=1e-8 outside the sqrt
+    for g in grads:
+        updates, state = tx.update({"w": jax.numpy.asarray(g)}, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        tw.grad = torch.tensor(g)
+        topt.step()
+    np.testing.assert_allclose(np.asarray(params["w"]), tw.detach().numpy(), rtol=1e-5, atol=1e-7)

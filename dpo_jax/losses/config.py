@@ -68,27 +68,29 @@ def default_loss_config() -> ml_collections.ConfigDict:
     None means "not set": `loss_config_from` fills the per-loss default only when a selected loss
     reads the option, and rejects any non-None option that no selected loss reads.
     """
+    # Typed placeholders (None until set) so --config.loss.<option>=... works on the command line.
+    placeholder = ml_collections.config_dict.placeholder
     cfg = ml_collections.ConfigDict()
     # Loss name(s): one of LOSS_NAMES, or a comma-separated list ("sigmoid,sft") that is summed.
     cfg.name = "sigmoid"
     # Per-loss weights for a list of names (like TRL loss_weights); None = all 1.0.
-    cfg.weights = None
+    cfg.weights = placeholder(tuple)
     # Inverse temperature / KL strength (DPO beta, IPO tau, SLiC 1/delta, ORPO lambda). Must be > 0.
     cfg.beta = 0.1
     # cDPO / robust / EXO / AOT label-noise rate epsilon in [0, 0.5); None = 0 (EXO: 1e-3).
-    cfg.label_smoothing = None
+    cfg.label_smoothing = placeholder(float)
     # sigmoid only: True = reference-free DPO (reference log-probs taken as 0); None = False.
-    cfg.reference_free = None
+    cfg.reference_free = placeholder(bool)
     # ipo only: "average" (per-token mean log-probs, the paper/TRL form) or "sum"; None = average.
-    cfg.ipo_logps = None
+    cfg.ipo_logps = placeholder(str)
     # simpo only: target reward margin gamma (in reward units, not gamma/beta); None = 0.5.
-    cfg.simpo_gamma = None
+    cfg.simpo_gamma = placeholder(float)
     # rpo only: weight alpha of the chosen NLL term added to DPO; None = 1.0.
-    cfg.rpo_alpha = None
+    cfg.rpo_alpha = placeholder(float)
     # rdpo only: length penalty alpha in beta*h - alpha*(|y_w| - |y_l|); required, no default.
-    cfg.rdpo_alpha = None
+    cfg.rdpo_alpha = placeholder(float)
     # discopop only: temperature tau of the logistic/exponential mixing; None = 0.05.
-    cfg.discopop_tau = None
+    cfg.discopop_tau = placeholder(float)
     return cfg
 
 
