@@ -132,18 +132,21 @@ def test_sharded_load_from_index(hf_dirs, tmp_path):
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     cfg = load_hf_config(str(tmp_path))
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
-    rules = {"layers": "a", "vocab": "a", "embed": "b", "heads": "a"}
     axes = Model(cfg).logical_axes()
     is_t = lambda x: isinstance(x, tuple)
-    shardings = jax.tree.map(lambda a: NamedSharding(mesh, PartitionSpec(
-        *[rules.get(n) if rules.get(n) not in [rules.get(m) for m in a[:k]] else None
-          for k, n in enumerate(a)])), axes, is_leaf=is_t)
-    params = load_hf_params(str(tmp_path), cfg, shardings)
     plain = load_hf_params(hf_dirs["llama3-gqa"][0], cfg)
-    for got, want, s in zip(jax.tree.leaves(params), jax.tree.leaves(plain),
-                            jax.tree.leaves(shardings)):
-        assert got.sharding == s
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Contiguous slices read straight from the file (embed/heads/layers) and non-contiguous
+    # ones (head_dim inside a fused [N*Dh] HF dim) that fall back to whole-layer reads.
+    for rules in [{"layers": "a", "vocab": "a", "embed": "b", "heads": "a"},
+                  {"mlp": "b", "head_dim": "b", "kv_heads": "a", "vocab": "b"}]:
+        shardings = jax.tree.map(lambda a: NamedSharding(mesh, PartitionSpec(
+            *[rules.get(n) if rules.get(n) not in [rules.get(m) for m in a[:k]] else None
+              for k, n in enumerate(a)])), axes, is_leaf=is_t)
+        params = load_hf_params(str(tmp_path), cfg, shardings)
+        for got, want, s in zip(jax.tree.leaves(params), jax.tree.leaves(plain),
+                                jax.tree.leaves(shardings)):
+            assert got.sharding == s
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_bf16_params(hf_dirs):

@@ -163,10 +163,10 @@ def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     """Read a safetensors checkpoint into our parameter tree (dtype cfg.param_dtype).
 
     `shardings`: optional tree like the params of jax.sharding.Sharding. Each leaf is built by
-    jax.make_array_from_callback, so a device only reads its own shard: unstacked tensors
-    (embedding, head, final norm) are sliced in the file via get_slice; stacked layer tensors
-    read only the layers in the shard, one layer tensor at a time (a small LRU cache serves the
-    other parts of fused qkv and the other devices holding the same layers).
+    jax.make_array_from_callback, so a device only reads its own shard: stacked layer tensors
+    read only the layers in the shard, and within a layer the contiguous HF range holding the
+    device's slice (via get_slice; see hf_maps.slice_through). Fused qkv tensors (GPT-2,
+    NeoX) and non-contiguous slices read one whole layer tensor, kept in a small LRU cache.
     """
     path = resolve_path(path)
     ckpt = _Checkpoint(path)
@@ -204,14 +204,23 @@ def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
         ti, j = owner[key]
         t = specs[ti]
 
+        layer_shape = leaf.shape[1:] if t.layered else leaf.shape
+
+        def read(layer: int | None, index: tuple) -> np.ndarray:
+            plan = hf_maps.slice_through(t, layer_shape, index)
+            if plan is None:  # fused qkv or a non-contiguous slice: whole tensor (cached)
+                return parts_of(ti, layer)[j][index]
+            hf_index, block, residual = plan
+            raw = ckpt.read(hf_maps.full_name(t.name, prefix, layer), hf_index)
+            raw = raw.T if t.layout == "T" else raw
+            return np.asarray(raw.reshape(block)[residual], dtype)
+
         def callback(index: tuple) -> np.ndarray:
             index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
             if t.layered:
                 layers = range(*index[0].indices(leaf.shape[0]))
-                return np.stack([parts_of(ti, i)[j][index[1:]] for i in layers])
-            if len(t.parts) == 1 and t.shape == leaf.shape:  # identity layout: slice in file
-                return np.asarray(ckpt.read(hf_maps.full_name(t.name, prefix), index), dtype)
-            return parts_of(ti, None)[j][index]
+                return np.stack([read(i, index[1:]) for i in layers])
+            return read(None, index)
 
         return jax.make_array_from_callback(leaf.shape, sharding or default, callback)
 

@@ -30,18 +30,19 @@ class HFTensor:
     split: Callable[[np.ndarray], list[np.ndarray]]
     join: Callable[[list[np.ndarray]], np.ndarray]
     layered: bool = False
+    layout: str = "fused"  # T: ours = hf.T.reshape; R: ours = hf.reshape; fused: several parts
 
 
 def _T(name: str, hf_shape: tuple, part: Path, ours: tuple, layered: bool = True) -> HFTensor:
     """torch Linear weight [out, in] <-> our [in, ...] kernel (or [..., out] for o_proj)."""
     return HFTensor(name, hf_shape, (part,), lambda w: [w.T.reshape(ours)],
-                    lambda o: o[0].reshape(hf_shape[::-1]).T, layered)
+                    lambda o: o[0].reshape(hf_shape[::-1]).T, layered, "T")
 
 
 def _R(name: str, hf_shape: tuple, part: Path, ours: tuple, layered: bool = True) -> HFTensor:
     """Same memory order, only a reshape (Conv1D kernels, biases, norms, embeddings)."""
     return HFTensor(name, hf_shape, (part,), lambda w: [w.reshape(ours)],
-                    lambda o: o[0].reshape(hf_shape), layered)
+                    lambda o: o[0].reshape(hf_shape), layered, "R")
 
 
 def _norm(name: str, part: str, cfg: ModelConfig, layered: bool = True) -> list[HFTensor]:
@@ -181,3 +182,41 @@ def tensor_specs(cfg: ModelConfig) -> list[HFTensor]:
 def full_name(t_name: str, prefix: str, layer: int | None = None) -> str:
     name = t_name.format(i=layer) if layer is not None else t_name
     return name if name in HEAD_NAMES else prefix + name
+
+
+def slice_through(t: HFTensor, ours_shape: tuple, index: tuple
+                  ) -> tuple[tuple, tuple, tuple] | None:
+    """For a T/R tensor: (HF slice to read, shape to reshape it to after the transpose, residual
+    index to apply then) that yields ours[index] (basic slices over one layer's shape);
+    None -> read the tensor whole.
+
+    Each HF dim is the product of consecutive dims of ours (in transposed order for T); a slice
+    of the leading dim of such a group with the rest full is a contiguous HF range."""
+    if t.layout not in ("T", "R"):
+        return None
+    dims = t.shape[::-1] if t.layout == "T" else t.shape
+    hf_index, block, residual, k = [], [], [], 0
+    for d in dims:
+        start, size = k, 1
+        while size < d and k < len(ours_shape):
+            size *= ours_shape[k]
+            k += 1
+        if size != d or k == start:
+            return None
+        sub, sl = ours_shape[start:k], index[start:k]
+        ranges = [x.indices(n) for x, n in zip(sl, sub)]
+        if any(r[2] != 1 for r in ranges):
+            return None
+        if all(r[:2] == (0, n) for r, n in zip(ranges[1:], sub[1:])):
+            inner = int(np.prod(sub[1:], dtype=np.int64))
+            hf_index.append(slice(ranges[0][0] * inner, ranges[0][1] * inner))
+            block += [ranges[0][1] - ranges[0][0], *sub[1:]]
+            residual += [slice(None)] * len(sub)
+        else:
+            hf_index.append(slice(None))
+            block += list(sub)
+            residual += list(sl)
+    if k != len(ours_shape):
+        return None
+    hf_index = hf_index[::-1] if t.layout == "T" else hf_index
+    return tuple(hf_index), tuple(block), tuple(residual)
