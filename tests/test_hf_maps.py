@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 
 from dpo_jax.models import hf_maps as M
+from dpo_jax.models import preset
 
 
 def test_slice_through_matches_full_transform():
@@ -29,6 +30,6 @@ def test_slice_through_matches_full_transform():
             np.testing.assert_array_equal(raw.reshape(block)[residual], full[idx])
             checked += 1
     assert checked > 50
-    fused = M._gpt2(__import__("dpo_jax.models", fromlist=["preset"]).preset("tiny-gpt2"))
+    fused = M._gpt2(preset("tiny-gpt2"))
     assert M.slice_through(next(t for t in fused if t.layout == "fused"), (32, 4, 8),
                            (slice(None),) * 3) is None
