@@ -185,3 +185,9 @@ def test_errors(hf_dirs, tmp_path):
     (unk / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="'bert'"):
         load_hf_config(str(unk))
+    (unk / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0}, "num_attention_heads": 4, "hidden_size": 32,
+        "num_hidden_layers": 1, "vocab_size": 8, "intermediate_size": 8,
+        "max_position_embeddings": 8}))
+    with pytest.raises(ValueError, match="'yarn'"):
+        load_hf_config(str(unk))

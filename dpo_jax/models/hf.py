@@ -64,6 +64,9 @@ def hf_config_to_model_config(c: dict, **overrides: Any) -> ModelConfig:
     """Map a parsed config.json to ModelConfig; unknown model_type -> ValueError naming it."""
     mt = c.get("model_type")
     if mt == "gpt2":
+        if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True):
+            raise ValueError("gpt2 config with scale_attn_by_inverse_layer_idx=True or "
+                             "scale_attn_weights=False is not supported")
         d = c["n_embd"]
         kw = dict(family="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d,
                   n_head=c["n_head"], d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
