@@ -9,6 +9,7 @@ from dpo_jax.models.config import (
     param_count,
     preset,
 )
+from dpo_jax.models.hf import load_hf_config, load_hf_params, save_hf
 from dpo_jax.models.model import Model, project
 
 __all__ = [
@@ -16,8 +17,11 @@ __all__ = [
     "Model",
     "ModelConfig",
     "flops_per_token",
+    "load_hf_config",
+    "load_hf_params",
     "matmul_param_count",
     "param_count",
     "preset",
     "project",
+    "save_hf",
 ]

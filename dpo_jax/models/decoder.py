@@ -27,8 +27,9 @@ from dpo_jax.models.config import ModelConfig
 Cache = dict[str, Any]
 
 
-def _param(rngs: nnx.Rngs, shape: tuple, axes: tuple, cfg: ModelConfig, init: str = "normal",
-           fan_in: int | None = None) -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape: tuple, axes: tuple, cfg: ModelConfig,
+           init: str = "normal") -> nnx.Param:
+    """A parameter in cfg.param_dtype with logical axis names as custom `axes` metadata."""
     dtype = jnp.dtype(cfg.param_dtype)
     if init == "zeros":
         value = jnp.zeros(shape, dtype)

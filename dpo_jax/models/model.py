@@ -57,11 +57,9 @@ class Model:
         return _nested(flat)
 
     def _module(self, params: Params) -> D.Decoder:
-        state = jax.tree.map(lambda x: x, self._abstract_state,
-                             is_leaf=lambda x: isinstance(x, nnx.Variable))
-        state = nnx.State(state) if not isinstance(state, nnx.State) else state
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self._graphdef, state)
+        """A fresh module over `params` (graphdef carries structure and axis metadata); nothing
+        is stored on `self`, so tracers never leak between calls."""
+        return nnx.merge(self._graphdef, params)
 
     # -- forward -----------------------------------------------------------------------------
     def hidden(self, params: Params, input_ids_BL: jax.Array, positions_BL: jax.Array,
