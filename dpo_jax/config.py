@@ -19,10 +19,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # parameter init and data shuffling
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny-gpt2"  # a name from dpo_jax.models.PRESETS (ignored with hf_path)
-    # ModelConfig fields to change. Default: a small GPT-2 shape for the synthetic task.
-    c.model.overrides = ml_collections.ConfigDict(
-        {"n_layer": 2, "d_model": 128, "n_head": 4, "d_ff": 512, "max_len": 64})
+    c.model.preset = "gpt2-synthetic"  # a name from dpo_jax.models.PRESETS (ignored with hf_path)
+    c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields to change, e.g. n_layer
     c.model.hf_path = ""  # HF model dir or hub name to import (config + safetensors)
     c.model.ref_hf_path = ""  # reference from another HF checkpoint ('' = same init as policy)
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16

@@ -57,7 +57,7 @@ def _init_params(model: Model, source: str | None, hf_path: str | None, sharding
     elif hf_path:
         from dpo_jax.models import hf
 
-        params = hf.load_hf_params(hf_path, model.config, shardings=shardings)
+        params = hf.load_hf_params(hf_path, model.cfg, shardings=shardings)
     else:
         params = jax.jit(model.init, out_shardings=shardings)(rng)
     if dtype is not None:

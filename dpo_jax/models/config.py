@@ -125,6 +125,9 @@ PRESETS: dict[str, dict] = {
     "tiny-gptj": _tiny(**{**_GPTJ, "max_len": 64}, d_model=64, rotary_dim=8),
     "tiny-llama": _tiny(**_LLAMA, n_kv_head=2, norm_eps=1e-5,
                         **{**_LLAMA3_ROPE, "rope_factor": 8.0, "rope_original_max_len": 32}),
+    # The offline default's model: GPT-2 layout sized for the synthetic task (128-token vocab).
+    "gpt2-synthetic": dict(_GPT2, vocab_size=128, max_len=64, n_layer=2, d_model=128, n_head=4,
+                           d_ff=512),
     "gpt2": dict(_GPT2, n_layer=12, d_model=768, n_head=12, d_ff=3072),
     "gpt2-medium": dict(_GPT2, n_layer=24, d_model=1024, n_head=16, d_ff=4096),
     "gpt2-large": dict(_GPT2, n_layer=36, d_model=1280, n_head=20, d_ff=5120),
