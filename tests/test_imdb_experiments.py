@@ -7,7 +7,6 @@ import runpy
 import sys
 
 import numpy as np
-import pytest
 
 from dpo_jax.imdb import sentiment
 from dpo_jax.imdb.pairs import read_pairs

@@ -53,7 +53,7 @@ def run_one(label: str, overrides: dict[str, str], steps: int, out: str) -> dict
     args = [sys.executable, "-m", "dpo_jax.main", "--config=configs/default.py",
             f"--workdir={workdir}", f"--config.loss.name={name}",
             f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
-            f"--config.train.checkpoint_every=0"]
+            "--config.train.checkpoint_every=0"]
     args += [f"--config.loss.{k}={v}" for k, v in overrides.items() if k != "name"]
     t0 = time.time()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
