@@ -124,6 +124,47 @@ def axis_process_spans(mesh) -> dict[str, int]:
     return spans
 
 
+_OPTIMIZER_MOMENTS = {"adamw": 2, "rmsprop": 1, "sgd": 0}  # param-shaped trees in opt_state
+
+
+def state_bytes_per_device(model_cfg, mesh_shape: Mapping[str, int], *,
+                           policy_dtype: str = "float32", ref_dtype: str | None = "float32",
+                           optimizer: str = "adamw", rules=None) -> dict[str, int]:
+    """Bytes one device holds for the training state under the config's sharding rules.
+
+    Computed from the model's real parameter shapes and the same ``logical_to_spec`` the run
+    uses (a dimension the mesh axis does not divide stays replicated), so it answers "does
+    this model fit on this mesh" before renting the mesh. Policy, gradients and optimizer
+    moments (optax keeps them in the parameter dtype) are in ``policy_dtype``; the frozen
+    reference in ``ref_dtype`` (None: no reference). Activations are not included: they scale
+    with batch per device, length and remat, not with the mesh.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from dpo_jax import sharding
+    from dpo_jax.models import Model
+
+    model = Model(dataclasses.replace(model_cfg, param_dtype=policy_dtype))
+    dims = {a: int(mesh_shape.get(a, 1)) for a in sharding.MESH_AXES}
+    mesh = type("ShapeOnlyMesh", (), {"shape": dims})()
+    table = sharding.DEFAULT_RULES if rules is None else rules
+    abstract, axes = model.abstract_params(), model.logical_axes()
+    leaves = jax.tree.leaves(abstract)
+    axes_leaves = jax.tree.leaves(axes, is_leaf=sharding._is_axes)
+    elements = 0
+    for a, ax in zip(leaves, axes_leaves):
+        spec = sharding.logical_to_spec(ax, a.shape, mesh, table)
+        split = int(np.prod([dims[m] for m in spec if m is not None] or [1]))
+        elements += int(np.prod(a.shape)) // split
+    pbytes = jnp.dtype(policy_dtype).itemsize
+    out = {"params": elements * pbytes, "grads": elements * pbytes,
+           "optimizer": _OPTIMIZER_MOMENTS[optimizer] * elements * pbytes,
+           "reference": elements * jnp.dtype(ref_dtype).itemsize if ref_dtype else 0}
+    out["total"] = sum(out.values())
+    return out
+
+
 class PreemptionGuard:
     """SIGTERM -> stop at a step boundary that every process agrees on.
 

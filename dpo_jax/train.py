@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from dpo_jax import checkpoint as ckpt_lib
@@ -150,12 +151,14 @@ class Run:
             else:
                 ref_params = _init_params(self.model, cfg.init.reference, cfg.model.get("ref_hf_path"),
                                           self.param_shardings, rng_policy, ref_dtype)
-        # Moments follow their parameters' shardings; scalar counters would land on one
-        # device, so they are replicated over the mesh.
+        # Moments get their parameters' shardings and scalar counters are replicated. Said
+        # explicitly: a moment does not depend on its parameter's values, so jit would not
+        # propagate the sharding (FSDP would then hold every moment whole on every device).
         replicated = shard_lib.replicated(self.mesh)
-        opt_state = jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
-            jax.jit(self.tx.init)(params))
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, params), self.param_shardings,
+            transform_non_params=lambda _: replicated)
+        opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), shard_lib.replicated(self.mesh))
         return TrainState(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
 
