@@ -9,13 +9,14 @@ Usage:
   launch.sh tpu NAME ZONE [--project P] [--install git|tarball] [--git-url URL] -- <main args>
       Run `python3 -m dpo_jax.main <main args>` on every worker of the TPU VM NAME through
       `gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command "..."`.
-      First the package is installed on each worker:
-        --install git      (default) pip install "git+URL@COMMIT" (URL: --git-url, else this
+      First the repository is put in ~/dpo_jax on each worker and pip installed from there
+      (with jax[tpu]); main then runs in ~/dpo_jax so --config=configs/... paths resolve:
+        --install git      (default) git clone URL at COMMIT (URL: --git-url, else this
                            checkout's `origin` remote; COMMIT: this checkout's HEAD, so every
                            worker runs the same code; it must be pushed).
         --install tarball  `git archive HEAD` to dpo_jax.tar.gz, copied to each worker with
-                           `gcloud compute tpus tpu-vm scp`, then pip installed (no git access
-                           needed on the workers; uncommitted changes are NOT included).
+                           `gcloud compute tpus tpu-vm scp` and unpacked (no git access needed
+                           on the workers; uncommitted changes are NOT included).
       The workers get DPO_JAX_TPU_POD=1, so main calls jax.distributed.initialize() with no
       arguments (topology from the TPU metadata). --workdir must be shared by all workers.
 
@@ -64,18 +65,19 @@ if [[ $mode == tpu ]]; then
     git)
       url=${git_url:-$(git remote get-url origin)}
       commit=$(git rev-parse HEAD)
-      setup="pip install -U 'jax[tpu]' && pip install --force-reinstall 'git+$url@$commit'" ;;
+      setup="rm -rf ~/dpo_jax && git clone -q $url ~/dpo_jax && git -C ~/dpo_jax checkout -q $commit" ;;
     tarball)
       say git archive --format=tar.gz -o dpo_jax.tar.gz HEAD
       git archive --format=tar.gz -o dpo_jax.tar.gz HEAD
       say "${gcloud_scp[@]}"
       "${gcloud_scp[@]}"
-      setup="pip install -U 'jax[tpu]' && pip install --force-reinstall ~/dpo_jax.tar.gz" ;;
+      setup="rm -rf ~/dpo_jax && mkdir ~/dpo_jax && tar xzf ~/dpo_jax.tar.gz -C ~/dpo_jax" ;;
     *) echo "launch.sh tpu: --install is git or tarball, not $install" >&2; exit 2 ;;
   esac
+  setup+=" && pip install -U 'jax[tpu]' && pip install -e ~/dpo_jax"
   say "${gcloud_ssh[@]}" --command "$setup"
   "${gcloud_ssh[@]}" --command "$setup"
-  run="DPO_JAX_TPU_POD=1 python3 -m dpo_jax.main $(quote_args "$@")"
+  run="cd ~/dpo_jax && DPO_JAX_TPU_POD=1 python3 -m dpo_jax.main $(quote_args "$@")"
   say "${gcloud_ssh[@]}" --command "$run"
   exec "${gcloud_ssh[@]}" --command "$run"
 fi

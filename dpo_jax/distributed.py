@@ -224,3 +224,39 @@ class PreemptionGuard:
 
 def _int(value: str | None) -> int | None:
     return None if value in (None, "") else int(value)
+
+
+# (preset, optimizer, policy dtype, reference dtype, where, mesh) rows of docs/scale.md.
+SCALE_EXAMPLES: tuple[tuple[str, str, str, str | None, str, dict], ...] = (
+    ("gpt2-large", "rmsprop", "float32", "float32", "1 host, 8 GPUs", {"data": 8}),
+    ("pythia-2.8b", "rmsprop", "float32", "bfloat16", "1 host, 8 GPUs", {"fsdp": 8}),
+    ("pythia-2.8b", "rmsprop", "float32", "bfloat16", "TPU v4-32 (4 hosts x 4 chips)", {"data": 4, "fsdp": 4}),
+    ("gpt-j-6b", "rmsprop", "float32", "bfloat16", "1 host, 8 GPUs", {"fsdp": 8}),
+    ("gpt-j-6b", "rmsprop", "float32", "bfloat16", "TPU v5e-32 (8 hosts x 4 chips)", {"data": 2, "fsdp": 16}),
+    ("llama-3.1-8b", "adamw", "float32", "bfloat16", "4 hosts x 8 GPUs", {"data": 4, "fsdp": 8}),
+    ("llama-3.1-8b", "adamw", "float32", "bfloat16", "TPU v5p-64 (8 hosts x 4 chips)", {"data": 2, "fsdp": 16}),
+    ("qwen2.5-7b", "adamw", "float32", "bfloat16", "2 hosts x 8 GPUs", {"data": 2, "fsdp": 8}),
+    ("mistral-7b", "adamw", "bfloat16", "bfloat16", "1 host, 8 GPUs", {"fsdp": 8}),
+)
+
+
+def scale_table() -> str:
+    """Markdown table of per-device state memory for ``SCALE_EXAMPLES`` (docs/scale.md)."""
+    from dpo_jax.models import param_count, preset
+
+    gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
+    lines = ["| model | params | optimizer | policy / ref dtype | where | mesh (data, fsdp, tensor) "
+             "| params | grads | optimizer | reference | **total GB / device** |",
+             "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, opt, pdt, rdt, where, mesh in SCALE_EXAMPLES:
+        cfg = preset(name)
+        b = state_bytes_per_device(cfg, mesh, policy_dtype=pdt, ref_dtype=rdt, optimizer=opt)
+        shape = tuple(int(mesh.get(a, 1)) for a in ("data", "fsdp", "tensor"))
+        lines.append(f"| {name} | {param_count(cfg) / 1e9:.2f}B | {opt} | {pdt} / {rdt} | {where} "
+                     f"| {shape} | {gb(b['params'])} | {gb(b['grads'])} | {gb(b['optimizer'])} "
+                     f"| {gb(b['reference'])} | **{gb(b['total'])}** |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(scale_table())

@@ -134,9 +134,13 @@ def test_launch_tpu_prints_and_runs_the_gcloud_commands(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 2
     ssh = "gcloud called: compute tpus tpu-vm ssh pod1 --zone us-central2-b --worker=all --project p"
-    assert calls[0].startswith(ssh + " --command pip install -U 'jax[tpu]'")
-    assert "git+https://example.org/dpo_jax.git@" in calls[0]
-    assert calls[1] == ssh + r" --command DPO_JAX_TPU_POD=1 python3 -m dpo_jax.main --workdir=/mnt/runs/a\ b"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    assert calls[0] == (ssh + " --command rm -rf ~/dpo_jax && git clone -q "
+                        "https://example.org/dpo_jax.git ~/dpo_jax && git -C ~/dpo_jax checkout -q "
+                        f"{commit} && pip install -U 'jax[tpu]' && pip install -e ~/dpo_jax")
+    assert calls[1] == ssh + (r" --command cd ~/dpo_jax && DPO_JAX_TPU_POD=1 python3 -m "
+                              r"dpo_jax.main --workdir=/mnt/runs/a\ b")
     printed = [line for line in out.stderr.splitlines() if line.startswith("+ gcloud")]
     assert len(printed) == 2  # each command shown before it runs
 
@@ -188,3 +192,15 @@ def test_state_bytes_per_device_equal_the_real_shards(mesh_shape, optimizer):
         assert on_device(opt_state, device) == want["optimizer"]
     assert want["reference"] * 2 == want["params"]
     assert want["total"] == sum(v for k, v in want.items() if k != "total")
+
+
+def test_docs_memory_table_is_the_computed_one():
+    docs = open(os.path.join(REPO, "docs", "scale.md")).read()
+    assert D.scale_table() in docs  # regenerate with `python -m dpo_jax.distributed`
+    from dpo_jax.models import preset
+
+    replicated = {n: D.state_bytes_per_device(preset(n), {"data": 8}, ref_dtype="bfloat16",
+                                              optimizer="rmsprop")["total"] / 1e9
+                  for n in ("pythia-2.8b", "gpt-j-6b")}
+    assert f"pythia-2.8b\nwould need {replicated['pythia-2.8b']:.2f} GB" in docs
+    assert f"gpt-j-6b {replicated['gpt-j-6b']:.2f} GB" in docs

@@ -29,9 +29,25 @@ ARGS = [
 ]
 
 
+_CACHE = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """One persistent XLA cache for this module's runs: the interrupted and resumed runs reuse
+    the full run's executables (same programs, so the same numbers), which saves compile time."""
+    _CACHE["dir"] = str(tmp_path_factory.mktemp("xla_cache"))
+    yield
+    _CACHE.clear()
+
+
 def _env():
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)  # launch.sh sets the device count and the scheduler flag
+    if "dir" in _CACHE:
+        env.update(JAX_COMPILATION_CACHE_DIR=_CACHE["dir"],
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
