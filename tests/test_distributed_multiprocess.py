@@ -165,6 +165,7 @@ def test_sigterm_to_one_process_checkpoints_all_and_the_rerun_resumes_exactly(tm
         pids = {}
 
         def started():
+            assert proc.poll() is None, open(f"{workdir}.err").read()[-4000:]  # died early
             pids.update(re.findall(r"process (\d) pid (\d+)", open(f"{workdir}.out").read()))
             # Both guards installed (logged by each process before its first step).
             return len(pids) == 2 and open(f"{workdir}.err").read().count("preemption guard") == 2
