@@ -21,6 +21,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (optionally :variant).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, metrics.")
+# Multi-host (see dpo_jax/distributed.py and docs/scale.md): TPU pods and SLURM are detected;
+# elsewhere give all three (or DPO_JAX_COORDINATOR / DPO_JAX_NUM_PROCESSES / DPO_JAX_PROCESS_ID).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index in [0, num_processes).")
 
 
 def quiet_library_logs() -> None:
@@ -39,7 +44,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    from dpo_jax import distributed
+
     quiet_library_logs()
+    distributed.initialize(distributed.plan_initialization(
+        os.environ, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
 
     from dpo_jax.config import base_config
     from dpo_jax.tasks import get_task

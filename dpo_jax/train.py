@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from dpo_jax import checkpoint as ckpt_lib
 from dpo_jax import data as data_lib
 from dpo_jax import losses as losses_lib
 from dpo_jax import sharding as shard_lib
+from dpo_jax.distributed import PreemptionGuard
 from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
 from dpo_jax.metrics import MetricWriter, Progress
 from dpo_jax.models import Model, ModelConfig, preset
@@ -149,12 +151,14 @@ class Run:
             else:
                 ref_params = _init_params(self.model, cfg.init.reference, cfg.model.get("ref_hf_path"),
                                           self.param_shardings, rng_policy, ref_dtype)
-        # Moments follow their parameters' shardings; scalar counters would land on one
-        # device, so they are replicated over the mesh.
+        # Moments get their parameters' shardings and scalar counters are replicated. Said
+        # explicitly: a moment does not depend on its parameter's values, so jit would not
+        # propagate the sharding (FSDP would then hold every moment whole on every device).
         replicated = shard_lib.replicated(self.mesh)
-        opt_state = jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
-            jax.jit(self.tx.init)(params))
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, params), self.param_shardings,
+            transform_non_params=lambda _: replicated)
+        opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), shard_lib.replicated(self.mesh))
         return TrainState(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
 
@@ -196,6 +200,15 @@ class Run:
         return {k: v / weight for k, v in totals.items()}
 
     def train(self) -> dict[str, Any]:
+        """Run to ``train.steps`` (or until SIGTERM: then checkpoint at a step every process
+        agrees on, and return with ``summary['stopped_at']`` set)."""
+        guard = PreemptionGuard(self.mesh)
+        try:
+            return self._train(guard)
+        finally:
+            guard.close()
+
+    def _train(self, guard: PreemptionGuard) -> dict[str, Any]:
         t0 = time.time()
         progress = Progress(self.total_steps, self.start_step)
         log_every = max(1, int(self.config.train.log_every))
@@ -205,6 +218,7 @@ class Run:
         last_eval: dict[str, float] = {}
         compile_s = None
         data_iter = iter(self.train_data)
+        stopped_at = None  # SIGTERM (TPU maintenance, SLURM preemption): the agreed stop step
 
         def flush(item):
             step, metrics_dev, tokens = item
@@ -231,6 +245,7 @@ class Run:
                 compile_s = time.time() - t_step
             pending = (step + 1, metrics, tokens)
             done = step + 1
+            stop = guard.should_stop() and done < self.total_steps
             if eval_every and (done % eval_every == 0 or done == self.total_steps):
                 last_train = flush(pending)
                 pending = None
@@ -238,9 +253,13 @@ class Run:
                 self.writer.write(done, last_eval, prefix="eval/")
                 if jax.process_index() == 0:
                     logging.info("eval step %d: %s", done, _short(last_eval))
-            if done == self.total_steps or (self.checkpoint_every and done % self.checkpoint_every == 0):
+            if stop or done == self.total_steps or (self.checkpoint_every and done % self.checkpoint_every == 0):
                 self.checkpointer.save(done, self.state.params, self.state.opt_state,
                                        self.train_data.state_dict())
+            if stop:
+                stopped_at = done
+                logging.warning("SIGTERM: checkpointed step %d, stopping; rerun to resume", done)
+                break
         if pending is not None:
             last_train = flush(pending)
         self.checkpointer.close()
@@ -248,6 +267,7 @@ class Run:
         summary = {
             "steps": self.total_steps,
             "resumed_from": self.start_step,
+            "stopped_at": stopped_at,  # step of the preemption checkpoint (None: ran to the end)
             "wall_s": round(time.time() - t0, 1),
             "compile_s": None if compile_s is None else round(compile_s, 1),
             "final_train": {k: float(np.asarray(v)) for k, v in last_train.items()},
