@@ -19,6 +19,7 @@ def sft_config(**train):
     c.model.overrides.d_model = 32
     c.model.overrides.d_ff = 64
     c.data.synthetic.num_train = 64
+    c.data.buckets = "32"  # one shape: one compile per step function
     c.data.synthetic.num_eval = 24
     c.train.steps = 4
     c.train.batch_size = 16
@@ -53,7 +54,18 @@ def test_loss_equals_numpy_nll(tmp_path, packing, target):
     c = sft_config(eval_every=1)
     c.data.packing = packing
     c.sft.target = target
+    c.data.synthetic.num_eval = 20  # 16 + 4 real examples; 12 padding copies weigh 0
     run = sft.SFTRun(c, str(tmp_path))
+    # Eval: token mean over every held-out example, padding excluded.
+    total = tokens = 0.0
+    for eval_np in run.eval_data:
+        lp, mask, slot = _np_token_nll(run, eval_np)
+        w = eval_np["example_weight"][slot] * mask
+        total, tokens = total - (w * lp).sum(), tokens + w.sum()
+    assert run.eval_data.num_batches == 2
+    got = run.evaluate()
+    assert got["nll"] == pytest.approx(total / tokens, rel=1e-5)
+    assert got["ppl"] == pytest.approx(np.exp(total / tokens), rel=1e-5)
     batch_np = run.train_data.batch_at(0, 0)
     assert ("seq_index" in batch_np) == packing
     lp, mask, slot = _np_token_nll(run, batch_np)
@@ -69,21 +81,6 @@ def test_loss_equals_numpy_nll(tmp_path, packing, target):
     # (the state was donated; metrics were computed before the update)
     assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5)
     assert float(metrics["ppl"]) == pytest.approx(np.exp(want), rel=1e-5)
-
-
-def test_eval_nll_is_token_mean_over_every_example(tmp_path):
-    c = sft_config(eval_every=1)
-    c.data.synthetic.num_eval = 20  # 16 + 4 real examples; 12 padding copies weigh 0
-    run = sft.SFTRun(c, str(tmp_path))
-    total = tokens = 0.0
-    for batch_np in run.eval_data:
-        lp, mask, slot = _np_token_nll(run, batch_np)
-        w = batch_np["example_weight"][slot] * mask
-        total, tokens = total - (w * lp).sum(), tokens + w.sum()
-    assert run.eval_data.num_batches == 2
-    got = run.evaluate()
-    assert got["nll"] == pytest.approx(total / tokens, rel=1e-5)
-    assert got["ppl"] == pytest.approx(np.exp(total / tokens), rel=1e-5)
 
 
 def test_unlikelihood_equals_formula(tmp_path):
