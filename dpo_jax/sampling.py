@@ -159,3 +159,20 @@ def sequence_mask(samples: Samples, prompt_lengths_B: jax.Array) -> jax.Array:
     T = samples.tokens_BT.shape[1]
     in_prompt = jnp.arange(T)[None, :] < prompt_lengths_B[:, None]
     return (in_prompt | (samples.completion_mask_BT > 0)).astype(jnp.int32)
+
+
+def score_tokens(model: Model, params: Params, tokens_BT: jax.Array,
+                 segment_ids_BT: jax.Array) -> jax.Array:
+    """float32 [B, T]: log p(token t | tokens < t) from one full forward (0 at t = 0).
+
+    Same alignment as ``Samples.logps_BT``: multiply by ``completion_mask_BT`` to rescore a
+    sample under another model (e.g. the reference, for KL(pi || pi_ref)).
+    """
+    from dpo_jax.logprobs import DENSE, token_logps
+
+    T = tokens_BT.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
+    h = model.hidden(params, tokens_BT, positions, segment_ids_BT)
+    w_VD, b_V = model.unembedding(params)
+    lp = token_logps(h[:, :-1], tokens_BT[:, 1:], w_VD, b_V, DENSE)
+    return jnp.pad(lp, ((0, 0), (1, 0)))

@@ -8,7 +8,8 @@ from jax.sharding import NamedSharding, PartitionSpec as PS
 
 from dpo_jax import sharding as shard_lib
 from dpo_jax.models import Model, preset
-from dpo_jax.sampling import SamplingConfig, filter_logits, generate, sequence_mask
+from dpo_jax.sampling import (SamplingConfig, filter_logits, generate, score_tokens,
+                              sequence_mask)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -47,6 +48,8 @@ def test_logps_equal_full_forward_and_layout(built):
     s = generate(model, params, prompt, LENS, jax.random.key(1), cfg)
     np.testing.assert_allclose(np.asarray(s.logps_BT), _forward_logps(model, params, s, LENS),
                                atol=2e-5)
+    rescored = score_tokens(model, params, s.tokens_BT, sequence_mask(s, jnp.asarray(LENS)))
+    np.testing.assert_allclose(np.asarray(rescored * s.completion_mask_BT), s.logps_BT, atol=2e-5)
     mask = np.asarray(s.completion_mask_BT)
     toks = np.asarray(s.tokens_BT)
     assert toks.shape == (len(LENS), P + 9)
