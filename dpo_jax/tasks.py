@@ -12,6 +12,7 @@ from typing import Any, Callable
 TASKS: dict[str, str] = {
     "dpo": "dpo_jax.train:train_and_evaluate",
     "sft": "dpo_jax.sft:train_and_evaluate",
+    "imdb": "dpo_jax.imdb.pipeline:run_pipeline",
 }
 
 
