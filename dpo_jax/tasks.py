@@ -11,6 +11,8 @@ from typing import Any, Callable
 # task name -> "module:function", imported on use so a task's dependencies load only when run.
 TASKS: dict[str, str] = {
     "dpo": "dpo_jax.train:train_and_evaluate",
+    "sft": "dpo_jax.sft:train_and_evaluate",
+    "imdb": "dpo_jax.imdb.pipeline:run_pipeline",
 }
 
 

@@ -1,0 +1,136 @@
+"""The paper's IMDb experiment (Section 6.1, Figure 2 left) as one resumable pipeline.
+
+    python -m dpo_jax.main --config=configs/imdb.py:cpu --workdir=runs/imdb_cpu
+
+Variants (``:name``):
+  * ``tiny``  -- tests only: a few dozen reviews written by the test (``imdb.data_dir``), a
+    one-layer model, every stage in seconds.
+  * ``cpu``   -- offline, 2 CPU cores: the IMDb BPE (8192), a 4-layer d=256 GPT-2-shaped model
+    pretrained on IMDb reviews cut to 64 tokens, 1000 train prefixes x 4 samples, 4 betas +
+    Preferred-FT + Unlikelihood, frontier on 256 test prefixes.
+  * ``gpu``   -- the same recipe at GPT-2-small shape on all reviews (one accelerator).
+  * ``paper`` -- gpt2-large from ``model.hf_path`` (hub or a local directory) with the GPT-2
+    tokenizer, reward ``siebert/sentiment-roberta-large-english`` through
+    ``HubSentimentReward`` (needs network/hub cache; never run here).
+Stage outputs live in the workdir (see dpo_jax/imdb/pipeline.py); rerunning skips finished
+stages, and an interrupted training stage resumes from its checkpoint.
+"""
+
+import ml_collections
+
+from dpo_jax.config import base_config
+from dpo_jax.sft import add_sft_config
+
+
+def _imdb_block() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.data_dir = "/work/shared/data/imdb"  # parquet shards {train,test,unsup}-*.parquet
+    c.use_unsup = True  # SFT and tokenizer also on the 50k unlabelled reviews
+    c.max_reviews = 0  # reviews read per split (0 = all)
+    c.max_test_reviews = 0  # test reviews read (0 = all): test prefixes, reward accuracy
+    c.tokenizer = ""  # '' = build the IMDb BPE in the workdir; else a tokenizer directory
+    c.vocab_size = 8192  # IMDb BPE size
+    c.reward_dir = ""  # a saved SentimentReward ('' = fit one on IMDb train in the workdir)
+    c.hub_reward = ""  # hub classifier name (HubSentimentReward) instead of the offline one
+    c.reward_features = 2**20  # hashed n-gram buckets of the offline reward
+    c.reward_steps = 300  # full-batch Adam steps of the offline reward
+    c.sft_max_length = 64  # tokens per SFT review (cut, then EOS)
+    c.sft_eval_size = 512  # held-out test reviews for SFT eval NLL
+    c.sft = ml_collections.ConfigDict(dict(steps=1500, batch_size=32, lr=1e-3, warmup_steps=100,
+                                           eval_every=500, checkpoint_every=500))
+    c.num_train_prefixes = 1000  # prompts whose samples become preference pairs
+    c.num_test_prefixes = 256  # held-out TEST prompts of the frontier evaluation
+    c.min_prefix_tokens = 2  # paper: prefixes of 2-8 tokens
+    c.max_prefix_tokens = 8
+    c.samples_per_prefix = 4  # paper: 4 samples -> 6 pairs (ties dropped)
+    c.max_new_tokens = 48  # completion length bound
+    c.temperature = 1.0  # sampling temperature (1.0: samples from pi, as the KL estimate needs)
+    c.sample_batch = 128  # prompts per generate call (fixed shape: one compile)
+    c.betas = (0.05, 0.1, 0.5, 1.0)  # DPO beta sweep
+    c.baselines = ("preferred_ft", "unlikelihood")
+    c.unlikelihood_alpha = 1.0
+    c.runs = ml_collections.ConfigDict(dict(steps=300, batch_size=32, lr=1e-4, sft_lr=1e-4,
+                                            optim="adamw", warmup_steps=20, eval_every=0,
+                                            eval_pairs=64))
+    c.eval_every = 100  # frontier point every K steps of every run (checkpoints kept)
+    c.eval_samples_per_prefix = 1  # policy samples per test prefix at each frontier point
+    c.best_of_n = (2, 4, 16)  # Best-of-N of SFT samples (reward of the best of n)
+    return c
+
+
+def get_config(arg: str = "cpu"):
+    c = add_sft_config(base_config())
+    c.task = "imdb"
+    c.imdb = _imdb_block()
+    c.train.async_checkpointing = False
+    c.train.log_every = 20
+    c.model.overrides = ml_collections.ConfigDict(
+        {"n_layer": 4, "d_model": 256, "n_head": 4, "d_ff": 1024, "max_len": 128})
+    variant = arg or "cpu"
+    if variant == "tiny":
+        i = c.imdb
+        i.data_dir = ""  # the test writes parquet shards and sets this
+        i.vocab_size = 300
+        i.reward_features = 2**12
+        i.reward_steps = 30
+        i.sft_max_length = 24
+        i.sft_eval_size = 8
+        i.sft = ml_collections.ConfigDict(dict(steps=6, batch_size=8, lr=3e-3, warmup_steps=0,
+                                               eval_every=6, checkpoint_every=0))
+        i.num_train_prefixes = 8
+        i.num_test_prefixes = 8
+        i.max_new_tokens = 6
+        i.sample_batch = 32
+        i.betas = (0.1,)
+        i.runs = ml_collections.ConfigDict(dict(steps=2, batch_size=8, lr=1e-3, sft_lr=1e-3,
+                                                optim="adamw", warmup_steps=0, eval_every=0,
+                                                eval_pairs=8))
+        i.eval_every = 2
+        i.best_of_n = (2, 4)
+        c.model.overrides = ml_collections.ConfigDict(
+            {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64, "max_len": 32})
+        c.data.buckets = "32"  # one shape for SFT and pairs: one compile per step function
+        c.train.log_every = 1
+    elif variant == "cpu":
+        pass
+    elif variant == "gpu":
+        c.model.preset = "gpt2"
+        c.model.overrides = ml_collections.ConfigDict({"max_len": 256})
+        c.model.dtype = "bfloat16"
+        c.imdb.sft_max_length = 256
+        c.imdb.sft = ml_collections.ConfigDict(dict(steps=6000, batch_size=64, lr=3e-4,
+                                                    warmup_steps=500, eval_every=1000,
+                                                    checkpoint_every=1000))
+        c.imdb.num_train_prefixes = 10000
+        c.imdb.num_test_prefixes = 1000
+        c.imdb.max_new_tokens = 64
+        c.imdb.sample_batch = 512
+        c.imdb.betas = (0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
+        c.imdb.runs = ml_collections.ConfigDict(dict(steps=2000, batch_size=64, lr=1e-6,
+                                                     sft_lr=1e-6, optim="rmsprop",
+                                                     warmup_steps=150, eval_every=0,
+                                                     eval_pairs=256))
+        c.imdb.eval_every = 250
+    elif variant == "paper":
+        c.model.hf_path = "gpt2-large"
+        c.model.dtype = "bfloat16"
+        c.imdb.tokenizer = "/work/shared/data/gpt2_tokenizer"  # gpt2-large's tokenizer
+        c.imdb.hub_reward = "siebert/sentiment-roberta-large-english"
+        c.imdb.sft_max_length = 512
+        c.imdb.sft = ml_collections.ConfigDict(dict(steps=5000, batch_size=64, lr=1e-5,
+                                                    warmup_steps=150, eval_every=1000,
+                                                    checkpoint_every=1000))
+        c.imdb.num_train_prefixes = 25000
+        c.imdb.num_test_prefixes = 1000
+        c.imdb.max_new_tokens = 128
+        c.imdb.sample_batch = 256
+        c.imdb.betas = (0.05, 0.1, 0.5, 1.0, 5.0)
+        c.imdb.runs = ml_collections.ConfigDict(dict(steps=5000, batch_size=64, lr=1e-6,
+                                                     sft_lr=1e-6, optim="rmsprop",
+                                                     warmup_steps=150, eval_every=0,
+                                                     eval_pairs=512))
+        c.imdb.eval_every = 500
+    else:
+        raise ValueError(f"unknown variant {variant!r} of configs/imdb.py "
+                         "(known: tiny, cpu, gpu, paper)")
+    return c
