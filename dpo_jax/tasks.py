@@ -11,6 +11,8 @@ from typing import Any, Callable
 # task name -> "module:function", imported on use so a task's dependencies load only when run.
 TASKS: dict[str, str] = {
     "dpo": "dpo_jax.train:train_and_evaluate",
+    "reward": "dpo_jax.reward_model:train_and_evaluate",
+    "ppo": "dpo_jax.ppo.run:train_and_evaluate",
 }
 
 
