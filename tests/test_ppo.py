@@ -103,21 +103,30 @@ def test_ppo_increases_a_bandit_reward_and_starts_at_zero_kl(tmp_path):
 
 
 def test_ppo_and_ppo_gt_share_everything_but_the_reward(tmp_path):
-    """Same step function, same update given the same scores: only reward_fn differs."""
+    """PPO (a trained reward model restored from its run) and PPO-GT (the synthetic task's true
+    reward): same class and step function, identical update given the same scores."""
+    from dpo_jax.reward_model import RewardRun
+
+    rm = ppo_config(steps=1)
+    rm.task = "reward"
+    del rm.ppo
+    rm.train.eval_every = 0
+    RewardRun(rm, str(tmp_path / "rm")).train()
     gt = PPORun(ppo_config(), str(tmp_path / "gt"))
-    bandit = PPORun(ppo_config(), str(tmp_path / "bandit"), reward_fn=liked_fraction)
-    assert type(gt) is type(bandit)
-    assert gt.make_train_step().__qualname__ == bandit.make_train_step().__qualname__
-    assert gt.reward_fn is not bandit.reward_fn
+    learned = PPORun(ppo_config(reward="model", reward_model=str(tmp_path / "rm")),
+                     str(tmp_path / "learned"))
+    assert type(gt) is type(learned)
+    assert gt.make_train_step().__qualname__ == learned.make_train_step().__qualname__
     prompts = next(iter(gt.train_data))
     batch_gt, _ = gt.rollout(prompts, jax.random.key(0))
-    batch_b, _ = bandit.rollout(prompts, jax.random.key(0))
-    np.testing.assert_array_equal(batch_gt["tokens"], batch_b["tokens"])
-    assert not np.allclose(batch_gt["scores"], batch_b["scores"])
-    batch_b["scores"] = batch_gt["scores"]
-    for run, batch in ((gt, batch_gt), (bandit, batch_b)):
+    batch_rm, _ = learned.rollout(prompts, jax.random.key(0))
+    np.testing.assert_array_equal(batch_gt["tokens"], batch_rm["tokens"])
+    assert np.std(np.asarray(batch_rm["scores"])) > 0  # the restored head is not the zero init
+    assert not np.allclose(batch_gt["scores"], batch_rm["scores"])
+    batch_rm["scores"] = batch_gt["scores"]
+    for run, batch in ((gt, batch_gt), (learned, batch_rm)):
         batch["kl_coef"] = jnp.float32(0.05)
-        run.state, run.metrics = run._train_step(run.state, batch, None)
+        run.state, _ = run._train_step(run.state, batch, None)
     for a, b in zip(jax.tree.leaves(jax.device_get(gt.state.params)),
-                    jax.tree.leaves(jax.device_get(bandit.state.params))):
+                    jax.tree.leaves(jax.device_get(learned.state.params))):
         np.testing.assert_array_equal(a, b)

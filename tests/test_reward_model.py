@@ -82,13 +82,23 @@ def test_initial_reward_is_zero_so_loss_is_ln2_and_score_matches_pair_rewards(tm
 
 
 def test_reward_model_learns_the_synthetic_preferences(tmp_path):
+    """As in the paper the reward model starts from a trained LM (there: the SFT model; here a
+    60-step DPO run on the same task, via ``init.policy``). From a random trunk the tiny model
+    sits on the ln 2 plateau for 100+ steps (measured; see docs/rlhf.md)."""
+    from dpo_jax import train
+
+    lm = small_config(steps=60)
+    lm.task = "dpo"
+    lm.optim.lr = 1e-3
+    train.Run(lm, str(tmp_path / "lm")).train()
     c = small_config(steps=60, eval_every=60)
     c.optim.lr = 1e-3
-    run = RewardRun(c, str(tmp_path))
+    c.init.policy = str(tmp_path / "lm")
+    run = RewardRun(c, str(tmp_path / "rm"))
+    assert float(jnp.abs(run.state.params["value_head"]["kernel"]).max()) == 0.0
     summary = run.train()
     final = summary["final_eval"]
-    # Held-out pairs (a different generator seed): chance is 0.5.
-    assert final["accuracy"] >= 0.75, final
-    assert final["loss"] < math.log(2) - 0.1, final
-    assert summary["final_train"]["loss"] < math.log(2)
-    assert (tmp_path / "checkpoints").is_dir()
+    # Held-out pairs (a different generator seed): chance is 0.5; measured 0.94.
+    assert final["accuracy"] >= 0.8, final
+    assert final["loss"] < math.log(2) - 0.2, final
+    assert (tmp_path / "rm" / "checkpoints").is_dir()
