@@ -53,7 +53,6 @@ class PPORun(train_lib.Run):
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  reward_fn: RewardFn | None = None):
-        self._reward_override = reward_fn
         super().__init__(config, workdir)
         self.reward_fn = reward_fn if reward_fn is not None else build_reward(config, mesh=self.mesh)
 
