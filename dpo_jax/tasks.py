@@ -13,6 +13,8 @@ TASKS: dict[str, str] = {
     "dpo": "dpo_jax.train:train_and_evaluate",
     "sft": "dpo_jax.sft:train_and_evaluate",
     "imdb": "dpo_jax.imdb.pipeline:run_pipeline",
+    "reward": "dpo_jax.reward_model:train_and_evaluate",
+    "ppo": "dpo_jax.ppo.run:train_and_evaluate",
 }
 
 

@@ -1,0 +1,37 @@
+"""PPO on the synthetic task's prompts.
+
+``--config=configs/ppo_synthetic.py --config.ppo.reward_model=runs/rm`` optimises a trained
+reward model (see configs/reward_synthetic.py); variant ``gt`` is PPO-GT (the task's true
+reward: fraction of liked content tokens). Variants: ``gt``, ``quick``; e.g. ``:gt,quick``.
+"""
+
+from dpo_jax.config import base_config
+from dpo_jax.ppo.config import default_ppo_config
+
+
+def get_config(arg: str = ""):
+    config = base_config()
+    config.task = "ppo"
+    config.ppo = default_ppo_config()
+    config.ppo.max_new_tokens = 16
+    config.ppo.init_kl_coef = 0.05
+    config.ppo.target_kl = 6.0
+    config.optim.lr = 3e-4
+    config.optim.warmup_steps = 0
+    config.optim.max_grad_norm = 1.0
+    config.train.batch_size = 64  # rollouts per PPO iteration
+    config.train.eval_batch_size = 128
+    config.train.steps = 100  # PPO iterations
+    config.train.eval_every = 50
+    config.train.checkpoint_every = 50
+    config.data.synthetic.num_eval = 256
+    for variant in filter(None, (arg or "").split(",")):
+        if variant == "gt":
+            config.ppo.reward = "synthetic"
+        elif variant == "quick":
+            config.train.steps = 20
+            config.train.eval_every = 20
+            config.train.checkpoint_every = 20
+        else:
+            raise ValueError(f"unknown variant {variant!r} of configs/ppo_synthetic.py")
+    return config

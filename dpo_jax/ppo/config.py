@@ -1,0 +1,42 @@
+"""``config.ppo``: PPO's fields. Where a field notes "trl: x", x is the classic trl
+PPOTrainer default (Ziegler et al. 2019's recipe); the synthetic configs change what they need."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_ppo_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # reward source: 'model' (a reward run's workdir in reward_model), 'synthetic' (the synthetic
+    # task's true reward: PPO-GT), 'sentiment' (IMDb classifier at sentiment_path: PPO-GT)
+    c.reward = "model"
+    c.reward_model = ""  # workdir of a task='reward' run
+    c.sentiment_path = ""  # SentimentReward.save() file for reward='sentiment'
+    # prompts: jsonl rows with prompt_ids or prompt ('' = prompts of config.data's split)
+    c.prompt_file = ""
+    c.eval_prompt_file = ""  # held-out prompts ('' with prompt_file set: no eval)
+    c.max_prompts = 0  # cap on prompts per split (0 = all)
+    c.prompt_width = 0  # padded prompt length P (0 = the longest prompt)
+    # sampling
+    c.max_new_tokens = 16  # completion tokens per rollout (T = P + this)
+    c.temperature = 1.0
+    c.top_k = 0  # 0 = off (trl's recipe samples from the full distribution)
+    c.top_p = 1.0
+    c.eos_id = 0  # the tokenizer's EOS (0 in the synthetic task)
+    c.pad_id = 0
+    # KL penalty against the frozen reference
+    c.init_kl_coef = 0.2  # beta at the start (trl: 0.2)
+    c.adaptive_kl = True  # Ziegler et al.'s proportional controller
+    c.target_kl = 6.0  # target sequence KL in nats (trl: 6; the paper's IMDb sweep: 3, 6, 9, 12)
+    c.kl_horizon = 10000  # controller horizon in episodes (trl: 10000)
+    # PPO update
+    c.epochs = 4  # passes over each rollout batch (trl: 4)
+    c.minibatches = 4  # updates per pass (minibatch = rollout batch / this)
+    c.gamma = 1.0  # discount (trl: 1)
+    c.lam = 0.95  # GAE lambda (trl: 0.95)
+    c.clip = 0.2  # policy ratio clip range (trl: 0.2)
+    c.vf_clip = 0.2  # value clip range (trl: 0.2)
+    c.vf_coef = 0.1  # value loss weight (trl: 0.1)
+    c.whiten_advantages = True
+    return c

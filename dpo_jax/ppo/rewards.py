@@ -1,0 +1,120 @@
+"""Reward sources for PPO: ``reward_fn(samples) -> float32 [B]`` on device.
+
+PPO (learned reward model) and PPO-GT (ground-truth reward) differ only in which of these the
+run passes to the same rollout/update code:
+
+* :func:`model_reward` -- a trained :class:`~dpo_jax.reward_model.RewardModel` (Stiennon et al.);
+* :func:`synthetic_reward` -- the synthetic task's ``true_reward`` (fraction of liked content
+  tokens under the prompt's topic), jittable;
+* :func:`text_reward` -- any host-side text reward such as IMDb's
+  :class:`~dpo_jax.imdb.sentiment.SentimentReward`, over decoded prompt and completion.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax.data.synthetic import SyntheticTask
+from dpo_jax.sampling import Samples
+
+RewardFn = Callable[[Samples], jax.Array]
+
+
+def model_reward(model, params) -> RewardFn:
+    """Scores from a reward model (params are passed to one jitted function, not baked in)."""
+    score = jax.jit(model.score)
+
+    def reward(samples: Samples) -> jax.Array:
+        return score(params, samples.tokens_BT, samples.completion_mask_BT)
+
+    return reward
+
+
+def synthetic_true_reward(task: SyntheticTask, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """Vectorised ``dpo_jax.data.synthetic.true_reward``: the topic is each row's first token;
+    EOS/topic tokens in the completion are ignored; 0 when the completion has no content."""
+    topic = tokens_BT[:, :1]
+    content = (mask_BT > 0) & (tokens_BT >= task.first_content)
+    liked = content & (tokens_BT % task.num_topics == topic - 1)
+    n = jnp.sum(content, axis=1)
+    return jnp.where(n > 0, jnp.sum(liked, axis=1) / jnp.maximum(n, 1), 0.0).astype(jnp.float32)
+
+
+def synthetic_reward(task: SyntheticTask) -> RewardFn:
+    fn = jax.jit(lambda t, m: synthetic_true_reward(task, t, m))
+    return lambda samples: fn(samples.tokens_BT, samples.completion_mask_BT)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def text_reward(fn: Callable[[list[str], list[str]], np.ndarray],
+                decode: Callable[[list[int]], str]) -> RewardFn:
+    """A host text reward ``fn(prompts, completions)`` over decoded samples (EOS dropped)."""
+
+    def reward(samples: Samples) -> jax.Array:
+        tokens, mask = _host(samples.tokens_BT), _host(samples.completion_mask_BT)
+        prompts, completions = [], []
+        for row, m in zip(tokens, mask):
+            start = int(np.argmax(m > 0)) if m.any() else len(row)
+            gen = row[m > 0]
+            prompts.append(decode(row[:start].tolist()))
+            completions.append(decode(gen.tolist()))
+        out = np.asarray(fn(prompts, completions), np.float32)
+        sharding = samples.lengths_B.sharding
+        if jax.process_count() > 1:
+            return jax.make_array_from_callback(out.shape, sharding, lambda i: out[i])
+        return jax.device_put(out, sharding)
+
+    return reward
+
+
+def build_reward(config, *, mesh=None) -> RewardFn:
+    """The reward the config names: ``ppo.reward`` in {'model', 'synthetic', 'sentiment'}."""
+    p = config.ppo
+    if p.reward == "synthetic":
+        s = config.data.synthetic
+        return synthetic_reward(SyntheticTask(
+            vocab_size=s.vocab_size, num_topics=s.num_topics, prompt_len=tuple(s.prompt_len),
+            response_len=tuple(s.response_len), min_gap=s.min_gap))
+    if p.reward == "sentiment":
+        from dpo_jax.data.tokenize import load_tokenizer
+        from dpo_jax.imdb.sentiment import SentimentReward
+
+        tok = load_tokenizer(config.data.tokenizer)
+        clf = SentimentReward.load(p.sentiment_path)
+        return text_reward(clf, lambda ids: tok.decode(ids, skip_special_tokens=True))
+    if p.reward == "model":
+        return _reward_model_from_run(p.reward_model, mesh, config)
+    raise ValueError(f"ppo.reward={p.reward!r}: expected model, synthetic or sentiment")
+
+
+def _reward_model_from_run(run_dir: str, mesh, config) -> RewardFn:
+    """Rebuild the reward model from its run's config.json and restore its checkpoint."""
+    import json
+    import os
+
+    import ml_collections
+
+    from dpo_jax import sharding as shard_lib
+    from dpo_jax import train as train_lib
+    from dpo_jax.models import Model
+    from dpo_jax.reward_model import RewardModel, restore_reward_model
+
+    if not run_dir:
+        raise ValueError("ppo.reward='model' needs ppo.reward_model (a reward run's workdir)")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        rm_config = ml_collections.ConfigDict(json.load(f))
+    model = RewardModel(Model(train_lib.model_config(rm_config)))
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    shardings = shard_lib.tree_shardings(model.abstract_params(), model.logical_axes(), mesh, rules)
+    return model_reward(model, restore_reward_model(run_dir, model, shardings))

@@ -1,0 +1,164 @@
+"""The PPO rollout and update: pure functions, jitted once by the run with shardings.
+
+``make_ppo_step`` returns ``train_step(state, batch, num_scored=None) -> (state, metrics)`` (the
+same signature as the DPO step, so :class:`~dpo_jax.train.Run` jits it). One call is one PPO
+iteration on one rollout batch (Ziegler et al. 2019; Stiennon et al. 2020):
+
+1. forward passes of the policy (log-probs, values: the rollout-time "old" quantities) and of the
+   frozen reference over the sampled sequences;
+2. per-token rewards ``-beta KL_t`` plus the reward score on the last token; GAE; whitening;
+3. ``epochs`` passes of ``minibatches`` clipped policy + value updates, rows reshuffled per epoch.
+
+``state.params`` is ``{"decoder", "value_head"}`` (policy and value function share the trunk);
+``state.ref_params`` is the frozen reference decoder. The batch holds the rollout:
+``tokens [B, T]``, ``completion_mask [B, T]``, ``prompt_lengths [B]``, ``scores [B]`` and the
+scalar ``kl_coef``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpo_jax.models import project
+from dpo_jax.ppo import core
+from dpo_jax.step import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    max_new_tokens: int
+    epochs: int = 4  # passes over each rollout batch
+    minibatches: int = 4  # updates per pass
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2  # policy ratio clip
+    vf_clip: float = 0.2  # value clip (around the rollout-time value)
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    seed: int = 0  # minibatch shuffling (folded with the step)
+
+
+def completion_view(batch, n: int):
+    """Indices of the hidden states that predict each completion token, the tokens, the mask:
+    each ``[B, N]`` (completion token i of row b sits at column ``prompt_len_b + i``)."""
+    i = jnp.arange(n, dtype=jnp.int32)[None, :]
+    cols = batch["prompt_lengths"].astype(jnp.int32)[:, None] + i
+    tokens = jnp.take_along_axis(batch["tokens"], cols, axis=1)
+    mask = jnp.take_along_axis(batch["completion_mask"], cols, axis=1).astype(jnp.float32)
+    return cols - 1, tokens, mask
+
+
+def _hidden(decoder, dparams, batch):
+    tokens = batch["tokens"]
+    B, T = tokens.shape
+    t = jnp.arange(T, dtype=jnp.int32)
+    real = batch["prompt_lengths"][:, None] + jnp.sum(batch["completion_mask"] > 0, axis=1)[:, None]
+    seg = (t[None, :] < real).astype(jnp.int32)
+    return decoder.hidden(dparams, tokens, jnp.broadcast_to(t, (B, T)), seg)
+
+
+def forward(model, params, batch, n: int, with_values: bool = True):
+    """(token log-probs [B, N], values [B, N] or None, logits [B, N, V]) of the completions.
+
+    ``model`` is a RewardModel-style wrapper when ``with_values``; else a plain decoder Model
+    and ``params`` its params (the reference)."""
+    decoder = model.decoder if with_values else model
+    dparams = params["decoder"] if with_values else params
+    idx, targets, _ = completion_view(batch, n)
+    h = _hidden(decoder, dparams, batch)
+    h_BND = jnp.take_along_axis(h, idx[..., None], axis=1)
+    logits = project(h_BND, *decoder.unembedding(dparams))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+    values = model.head(params, h_BND) if with_values else None
+    return logp, values, logits
+
+
+def make_ppo_step(model, tx, cfg: PPOConfig):
+    """PPO iteration as one function; see the module docstring."""
+    n = cfg.max_new_tokens
+
+    def loss_fn(params, mb):
+        logp, values, logits = forward(model, params, mb, n)
+        mask = mb["mask"]
+        pg, pg_stats = core.policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip)
+        vf, vf_stats = core.value_loss(values, mb["old_values"], mb["returns"], mask, cfg.vf_clip)
+        stats = {"policy/loss": pg, "value/loss": vf,
+                 "policy/entropy": core.entropy(jax.lax.stop_gradient(logits), mask),
+                 "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
+                 "value/clipfrac": vf_stats["vf_clipfrac"]}
+        return pg + cfg.vf_coef * vf, stats
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch, num_scored=None):
+        del num_scored
+        B = batch["tokens"].shape[0]
+        if B % cfg.minibatches:
+            raise ValueError(f"rollout batch {B} not divisible by {cfg.minibatches} minibatches")
+        _, _, mask = completion_view(batch, n)
+        old_logp, old_values, _ = jax.lax.stop_gradient(forward(model, state.params, batch, n))
+        ref_logp, _, _ = jax.lax.stop_gradient(
+            forward(model.decoder, state.ref_params, batch, n, with_values=False))
+        rewards, kl = core.kl_penalty_rewards(old_logp, ref_logp, batch["scores"], mask,
+                                              batch["kl_coef"])
+        adv, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = core.whiten(adv, mask)
+        rollout = dict(batch, mask=mask, old_logp=old_logp, old_values=old_values * mask,
+                       advantages=adv, returns=returns)
+        del rollout["kl_coef"], rollout["scores"]
+
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+        perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(rng, e), B))(
+            jnp.arange(cfg.epochs))
+        mb_rows = perms.reshape(cfg.epochs * cfg.minibatches, B // cfg.minibatches)
+
+        def update(carry, rows):
+            params, opt_state = carry
+            mb = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), rollout)
+            grads, stats = grad_fn(params, mb)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            stats["grad_norm"] = optax.tree.norm(grads)
+            return (optax.apply_updates(params, updates), opt_state), stats
+
+        (params, opt_state), stats = jax.lax.scan(update, (state.params, state.opt_state), mb_rows)
+        metrics = {k: jnp.mean(v) for k, v in stats.items()}
+        seq_kl = jnp.sum(kl, axis=1)
+        metrics.update({
+            "env/reward_mean": jnp.mean(batch["scores"]),
+            "env/reward_std": jnp.std(batch["scores"]),
+            "objective/kl": jnp.mean(seq_kl),
+            "objective/kl_coef": batch["kl_coef"],
+            "objective/non_score_reward": jnp.mean(jnp.sum(rewards * mask, axis=1) - batch["scores"]),
+            "value/explained_variance": core.explained_variance(old_values, returns, mask),
+            "value/mean": core.masked_mean(old_values, mask),
+            "returns/mean": core.masked_mean(returns, mask),
+            "completion/length": jnp.mean(jnp.sum(mask, axis=1)),
+        })
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_ppo_eval_step(model, n: int):
+    """``(params, ref_params, batch, num_scored) -> weighted sums``: reward and sequence KL
+    (sum over the completion of log pi - log pi_ref) of sampled completions, for the
+    reward/KL frontier."""
+
+    def eval_step(params, ref_params, batch, num_scored=None):
+        del num_scored
+        _, _, mask = completion_view(batch, n)
+        logp, _, _ = forward(model, params, batch, n)
+        ref_logp, _, _ = forward(model.decoder, ref_params, batch, n, with_values=False)
+        w = batch["weight"].astype(jnp.float32)
+        return {"reward": jnp.sum(w * batch["scores"]),
+                "kl": jnp.sum(w * jnp.sum((logp - ref_logp) * mask, axis=1)),
+                "length": jnp.sum(w * jnp.sum(mask, axis=1)),
+                "weight": jnp.sum(w)}
+
+    return eval_step

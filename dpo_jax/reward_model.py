@@ -1,0 +1,202 @@
+"""Reward modelling (``config.task='reward'``): a decoder with a scalar head, Bradley-Terry loss.
+
+The RLHF baseline DPO is compared against first fits a reward model on the same preference
+pairs (the paper's Eq. 2): ``L = -log sigmoid(r(x, y_w) - r(x, y_l))``, where ``r`` is a scalar
+head on the final hidden state of the last response token (the EOS the pipeline appends). The
+same wrapper (decoder + ``value_head``) is PPO's policy-with-value-head, and
+``RewardModel.score`` is the reward PPO optimises and a judge for any samples.
+
+Parameters are ``{"decoder": <Model params>, "value_head": {"kernel": [D], "bias": []}}``. The
+head starts at zero, so every initial reward is exactly 0 and the initial loss exactly ln 2; the
+trunk receives gradient from the second update on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dpo_jax import sharding as shard_lib
+from dpo_jax import train as train_lib
+from dpo_jax.models import Model
+from dpo_jax.step import TrainState
+
+Params = dict[str, Any]
+
+
+class RewardModel:
+    """A :class:`~dpo_jax.models.Model` plus a scalar head; same init/abstract_params/
+    logical_axes interface as Model, so the Run's sharding and checkpointing apply unchanged."""
+
+    def __init__(self, decoder: Model):
+        self.decoder = decoder
+        self.config = decoder.cfg
+
+    def init_head(self, rng: jax.Array | None = None) -> Params:
+        del rng  # zero init: see the module docstring
+        dtype = jnp.dtype(self.config.param_dtype)
+        return {"kernel": jnp.zeros((self.config.d_model,), dtype), "bias": jnp.zeros((), dtype)}
+
+    def init(self, rng: jax.Array) -> Params:
+        return {"decoder": self.decoder.init(rng), "value_head": self.init_head()}
+
+    def abstract_params(self) -> Params:
+        return jax.eval_shape(self.init, jax.random.key(0))
+
+    def logical_axes(self) -> Params:
+        return {"decoder": self.decoder.logical_axes(),
+                "value_head": {"kernel": ("embed",), "bias": ()}}
+
+    @staticmethod
+    def head(params: Params, h_BLD: jax.Array) -> jax.Array:
+        """Scalar head on hidden states, float32 ``[B, L]``."""
+        hp = params["value_head"]
+        return jnp.einsum("...d,d->...", h_BLD.astype(jnp.float32),
+                          hp["kernel"].astype(jnp.float32)) + hp["bias"].astype(jnp.float32)
+
+    def hidden(self, params: Params, ids_BL, positions_BL, segment_ids_BL) -> jax.Array:
+        return self.decoder.hidden(params["decoder"], ids_BL, positions_BL, segment_ids_BL)
+
+    def score(self, params: Params, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+        """Reward ``[B]`` of right-padded rows ``prompt + response``: the head at each row's last
+        masked (response) token. Tokens after that one are treated as padding."""
+        B, T = tokens_BT.shape
+        t = jnp.arange(T, dtype=jnp.int32)
+        last = jnp.max(jnp.where(mask_BT > 0, t[None, :], 0), axis=1)
+        seg = (t[None, :] <= last[:, None]).astype(jnp.int32)
+        pos = jnp.broadcast_to(t, (B, T))
+        h = self.hidden(params, tokens_BT, pos, seg)
+        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+        return self.head(params, h_last)
+
+
+def last_scored_hidden(h_RLD: jax.Array, loss_mask_RL: jax.Array, seq_index_RL=None,
+                       num_seqs: int | None = None) -> jax.Array:
+    """Hidden state at each sequence's last scored token: ``[R, D]`` unpacked (one sequence per
+    row), ``[num_seqs, D]`` packed (slot from ``seq_index``)."""
+    R, L, D = h_RLD.shape
+    t = jnp.arange(L, dtype=jnp.int32)
+    if seq_index_RL is None:
+        last = jnp.max(jnp.where(loss_mask_RL > 0, t[None, :], 0), axis=1)
+        return jnp.take_along_axis(h_RLD, last[:, None, None], axis=1)[:, 0]
+    flat = (jnp.arange(R, dtype=jnp.int32)[:, None] * L + t[None, :]).reshape(-1)
+    slot = jnp.where(loss_mask_RL > 0, seq_index_RL, num_seqs).reshape(-1)
+    last = jax.ops.segment_max(jnp.where(slot < num_seqs, flat, -1), slot,
+                               num_segments=num_seqs + 1)[:num_seqs]
+    return h_RLD.reshape(R * L, D)[jnp.maximum(last, 0)]
+
+
+def bradley_terry(chosen_B: jax.Array, rejected_B: jax.Array) -> jax.Array:
+    """Per-pair loss ``-log sigmoid(r_w - r_l)`` (the paper's Eq. 2), float32."""
+    return -jax.nn.log_sigmoid(chosen_B.astype(jnp.float32) - rejected_B.astype(jnp.float32))
+
+
+def pair_rewards(model: RewardModel, params: Params, batch) -> tuple[jax.Array, jax.Array]:
+    """(r chosen, r rejected), each ``[B]``, for a pipeline batch (packed or not)."""
+    h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    seq_index = batch.get("seq_index")
+    num_seqs = None if seq_index is None else 2 * batch["pair_weight"].shape[0]
+    r = model.head(params, last_scored_hidden(h, batch["loss_mask"], seq_index, num_seqs))
+    return jnp.split(r, 2)
+
+
+def _sums(chosen, rejected, weights) -> dict[str, jax.Array]:
+    w = weights.astype(jnp.float32)
+    return {
+        "loss": jnp.sum(w * bradley_terry(chosen, rejected)),
+        "accuracy": jnp.sum(w * (chosen > rejected)),
+        "margin": jnp.sum(w * (chosen - rejected)),
+        "rewards/chosen": jnp.sum(w * chosen),
+        "rewards/rejected": jnp.sum(w * rejected),
+    }
+
+
+def make_reward_train_step(model: RewardModel, tx, schedule):
+    """``(state, batch, num_scored) -> (state, metrics)``: one Bradley-Terry update."""
+    import optax
+
+    def loss_fn(params, batch, total):
+        sums = _sums(*pair_rewards(model, params, batch), batch["pair_weight"])
+        return sums["loss"] / total, sums
+
+    def train_step(state: TrainState, batch, num_scored=None):
+        del num_scored  # the head reads one hidden state per sequence; no LM head here
+        total = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params, batch, total)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics = {k: v / total for k, v in sums.items()}
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["lr"] = schedule(state.step)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_reward_eval_step(model: RewardModel):
+    """``(params, ref_params, batch, num_scored) -> weighted sums incl. 'weight'``."""
+
+    def eval_step(params, ref_params, batch, num_scored=None):
+        del ref_params, num_scored
+        sums = _sums(*pair_rewards(model, params, batch), batch["pair_weight"])
+        sums["weight"] = jnp.sum(batch["pair_weight"])
+        return sums
+
+    return eval_step
+
+
+def init_head_model_state(run: train_lib.Run, source: str | None) -> tuple[Params, Any]:
+    """Decoder params from ``source`` (a run's workdir), ``model.hf_path`` or the seed; a zero
+    head. Returns (params, optimizer state with counters replicated over the mesh)."""
+    cfg = run.config
+    rng = jax.random.key(int(cfg.seed))
+    decoder = train_lib._init_params(run.model.decoder, source, cfg.model.get("hf_path"),
+                                     run.param_shardings["decoder"], rng)
+    head = jax.jit(run.model.init_head, out_shardings=run.param_shardings["value_head"])()
+    params = {"decoder": decoder, "value_head": head}
+    replicated = shard_lib.replicated(run.mesh)
+    opt_state = jax.tree.map(
+        lambda x: x if len(x.sharding.device_set) == run.mesh.size else jax.device_put(x, replicated),
+        jax.jit(run.tx.init)(params))
+    return params, opt_state
+
+
+class RewardRun(train_lib.Run):
+    """Bradley-Terry reward-model training on the DPO preference pipeline.
+
+    ``config.init.policy`` (e.g. the SFT run) initialises the decoder; the head starts at 0."""
+
+    def setup_task(self) -> None:
+        if int(self.config.optim.grad_accum) != 1:
+            raise ValueError("task 'reward' does not accumulate gradients; set optim.grad_accum=1")
+        self.model = RewardModel(self.model)
+
+    def needs_reference(self) -> bool:
+        return False
+
+    def make_train_step(self):
+        return make_reward_train_step(self.model, self.tx, self.schedule)
+
+    def make_eval_step(self):
+        return make_reward_eval_step(self.model)
+
+    def _init_state(self) -> TrainState:
+        params, opt_state = init_head_model_state(self, self.config.init.policy or None)
+        step = jax.device_put(jnp.zeros((), jnp.int32), shard_lib.replicated(self.mesh))
+        return TrainState(step=step, params=params, ref_params=None, opt_state=opt_state)
+
+
+def restore_reward_model(run_dir: str, model: RewardModel, shardings) -> Params:
+    """A trained reward model's params (``{"decoder", "value_head"}``) from its run directory."""
+    from dpo_jax import checkpoint as ckpt_lib
+
+    like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        model.abstract_params(), shardings)
+    return ckpt_lib.restore_params(run_dir, like)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    return RewardRun(config, workdir).train()
