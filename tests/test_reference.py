@@ -17,8 +17,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def _config(precompute: bool, **train_overrides):
-    c = small_config(steps=4, eval_every=2, eval_batch_size=16, **train_overrides)
-    c.data.synthetic.num_train = 64
+    c = small_config(**{"steps": 3, "eval_every": 3, "batch_size": 8, "eval_batch_size": 16,
+                        **train_overrides})
+    c.data.synthetic.num_train = 32
+    c.data.eval_size = 32
     c.logprobs.precompute_reference = precompute
     c.optim.warmup_steps = 0  # full learning rate from step 1, so the rewards move
     return c
@@ -45,7 +47,7 @@ def test_precomputed_reference_gives_the_online_trajectory(tmp_path):
     # The rewards are non-zero after the first update, so the reference really enters them.
     margins = [r["rewards/margins"] for r in want if "rewards/margins" in r]
     evals = [r["eval/loss"] for r in want if "eval/loss" in r]
-    assert len(margins) == 4 and len(evals) == 2 and abs(margins[-1]) > 1e-2
+    assert len(margins) == 3 and len(evals) == 1 and abs(margins[-1]) > 1e-2
     for g, w in zip(_leaves(pre.state.params), _leaves(online.state.params)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
@@ -53,13 +55,13 @@ def test_precomputed_reference_gives_the_online_trajectory(tmp_path):
 def test_stored_reference_is_reused_on_resume_and_recomputed_when_the_fingerprint_changes(
         tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
-    first = train.Run(_config(True, checkpoint_every=2), workdir)
+    first = train.Run(_config(True, steps=2, checkpoint_every=2), workdir)
     first.train()
     path = first.reference_info["path"]
     assert os.path.exists(path)
     stored = dict(np.load(path))
-    assert stored["train_logps"].shape == (64, 2) and stored["eval_logps"].shape == (64, 2)
-    # Every scored response token counted; log-probs of a random model over vocab 64 are < 0.
+    assert stored["train_logps"].shape == (32, 2) and stored["eval_logps"].shape == (32, 2)
+    # Every scored response token counted; log-probs of a random model over vocab 128 are < 0.
     assert np.all(stored["train_lengths"] > 0) and np.all(stored["train_logps"] < 0)
 
     calls = {"n": 0}
@@ -70,10 +72,8 @@ def test_stored_reference_is_reused_on_resume_and_recomputed_when_the_fingerprin
         return original(*args, **kwargs)
 
     monkeypatch.setattr(reference, "compute_pair_logps", counting)
-    c = _config(True, checkpoint_every=2)
-    c.train.steps = 6
-    resumed = train.Run(c, workdir)
-    assert resumed.start_step == 4
+    resumed = train.Run(_config(True, checkpoint_every=2), workdir)
+    assert resumed.start_step == 2
     assert resumed.reference_info == dict(first.reference_info, reused=True)
     assert calls["n"] == 0
     resumed.train()
