@@ -38,6 +38,14 @@ def test_same_math_and_best_take_identical_steps_and_report_consistent_numbers()
         assert r["flops_per_token"] == flops
         assert r["mfu"] == pytest.approx(flops * tokens / r["step_s_median"] / 1e11, rel=1e-3, abs=1e-4)
         assert r["step_s_min"] <= r["step_s_median"] <= r["step_s_max"]
+    # Executed FLOPs: same_math runs the nominal work (head at all T positions, policy x6 and
+    # reference x2).
+    n, head, attn = rows["same_math"]["matmul_params"], 128 * 32, 4 * 2 * 32 * 16
+    assert rows["same_math"]["executed_flops_per_token"] == 8 * n + 4 * attn
+    # best: no reference forward; the head runs at num_scored = 15 of T = 16 positions (the
+    # static width: at least 16, capped at the 15 predictable positions).
+    assert rows["best"]["executed_flops_per_token"] == round(
+        3 * (2 * (n - head) + 2 * head * 15 / 16 + attn))
     # The loss after the first updates moves away from ln 2 identically in both configurations
     # (bf16-stored reference in both; precomputed once vs recomputed each step).
     np.testing.assert_allclose(rows["best"]["losses"], rows["same_math"]["losses"], rtol=1e-5)
