@@ -33,7 +33,7 @@ def test_same_math_and_best_take_identical_steps_and_report_consistent_numbers()
     for r in rows.values():
         assert r["first_loss"] == pytest.approx(math.log(2), abs=2e-3)  # policy == bf16 reference
         tokens = 2 * 2 * 16
-        assert r["tokens_per_s"] == round(tokens / r["step_s_median"])
+        assert r["tokens_per_s"] == pytest.approx(tokens / r["step_s_median"], rel=1e-3, abs=0.5)
         flops = 8 * r["matmul_params"] + 16 * 2 * 32 * 16  # L=2, d=32, T=16 (tiny-gpt2)
         assert r["flops_per_token"] == flops
         assert r["mfu"] == pytest.approx(flops * tokens / r["step_s_median"] / 1e11, rel=1e-3, abs=1e-4)

@@ -175,8 +175,8 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     med = statistics.median(times)
     q = np.percentile(times, [25, 75])
     ceiling = ceilings["bfloat16" if cfg.dtype == "bfloat16" else "float32"]
-    out.update(first_loss=round(losses[0], 5), losses=losses, step_s_median=round(med, 4),
-               step_s_min=round(min(times), 4), step_s_max=round(max(times), 4),
+    out.update(first_loss=round(losses[0], 5), losses=losses, step_s_median=round(med, 6),
+               step_s_min=round(min(times), 6), step_s_max=round(max(times), 6),
                step_s_iqr=[round(float(x), 4) for x in q], steps=steps, warmup=warmup,
                tokens_per_s=round(tokens / med), flops_per_token=flops_tok,
                achieved_tflops=round(flops_tok * tokens / med / 1e12, 4),
