@@ -218,11 +218,12 @@ def machine() -> dict:
 def sweep(args, ceilings) -> list[dict]:
     """Time and memory growth with length and vocabulary on a small shape (one pair)."""
     rows = []
-    for vocab in (50257, 128256):
+    for vocab in map(int, args.sweep_vocabs.split(",")):
         SHAPES[f"sweep-v{vocab}"] = ("gpt2", dict(SHAPES["sweep-small"][1], vocab_size=vocab))
-        for length in (512, 2048, 8192):
+        for length in map(int, args.sweep_lengths.split(",")):
             for variant in ("same_math", "best"):
-                big = variant == "same_math" and 2 * length * vocab * 4 > args.max_dense_bytes
+                big = (variant == "same_math" and 2 * length * vocab * 4 > args.max_dense_bytes
+                       or length > args.sweep_run_max_len)
                 r = bench_variant(f"sweep-v{vocab}", variant, 1, length // 2, length // 2,
                                   args.sweep_steps, 1, ceilings, run_steps=not big)
                 r["vocab"] = vocab
@@ -247,6 +248,10 @@ def main() -> None:
     p.add_argument("--sweep_steps", type=int, default=2)
     p.add_argument("--max_dense_bytes", type=float, default=2e9,
                    help="sweep: only compile (no run) dense points whose logits exceed this")
+    p.add_argument("--sweep_run_max_len", type=int, default=8192,
+                   help="sweep: longer points are compiled (memory) but not timed")
+    p.add_argument("--sweep_lengths", default="512,2048,8192")
+    p.add_argument("--sweep_vocabs", default="50257,128256")
     p.add_argument("--out", default="")
     a = p.parse_args()
     info = machine()
