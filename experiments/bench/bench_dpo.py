@@ -128,7 +128,12 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
                matmul_params=matmul_param_count(cfg), vocab=cfg.vocab_size,
                seq=prompt + response, prompt=prompt, dtype=cfg.dtype, remat=cfg.remat,
                logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate)
-    if precomputed:  # one reference pass over the data; the step then carries its results
+    if precomputed and not run_steps:  # compile only: the step needs the shapes, not values
+        ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(
+            lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored), ref_params, batch))
+        batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
+        ref_params = None
+    elif precomputed:  # one reference pass over the data; the step then carries its results
         fwd = jax.jit(lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored))
         t = time.perf_counter()
         jax.block_until_ready(fwd(ref_params, batch))
