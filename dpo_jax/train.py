@@ -108,6 +108,9 @@ class Run:
             os.path.join(workdir, "checkpoints"),
             keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpointing))
         self.writer = MetricWriter(workdir)
+        self.reference_info = None
+        if config.logprobs.get("precompute_reference") and losses_lib.needs_reference(self.loss_cfg):
+            self._precompute_reference()
         self._restore()
 
     # ------------------------------------------------------------------- task hooks
@@ -140,17 +143,7 @@ class Run:
         rng_policy = jax.random.key(int(cfg.seed))
         params = _init_params(self.model, cfg.init.policy, cfg.model.get("hf_path"),
                               self.param_shardings, rng_policy)
-        ref_params = None
-        if self.needs_reference():
-            ref_dtype = jnp.dtype(cfg.model.ref_param_dtype) if cfg.model.ref_param_dtype else None
-            same_source = not cfg.init.reference and not cfg.model.get("ref_hf_path")
-            if same_source:
-                ref_params = jax.jit(
-                    lambda p: jax.tree.map(lambda x: x.astype(ref_dtype or x.dtype), p),
-                    out_shardings=self.param_shardings)(params)
-            else:
-                ref_params = _init_params(self.model, cfg.init.reference, cfg.model.get("ref_hf_path"),
-                                          self.param_shardings, rng_policy, ref_dtype)
+        ref_params = self._reference_params(params) if self.needs_reference() else None
         # Moments get their parameters' shardings and scalar counters are replicated. Said
         # explicitly: a moment does not depend on its parameter's values, so jit would not
         # propagate the sharding (FSDP would then hold every moment whole on every device).
@@ -161,6 +154,28 @@ class Run:
         opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), shard_lib.replicated(self.mesh))
         return TrainState(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
+
+    def _reference_params(self, params):
+        """The frozen reference: a cast copy of the initial policy, or its own source."""
+        cfg = self.config
+        ref_dtype = jnp.dtype(cfg.model.ref_param_dtype) if cfg.model.ref_param_dtype else None
+        if not cfg.init.reference and not cfg.model.get("ref_hf_path"):
+            return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(ref_dtype or x.dtype), p),
+                           out_shardings=self.param_shardings)(params)
+        return _init_params(self.model, cfg.init.reference, cfg.model.get("ref_hf_path"),
+                            self.param_shardings, jax.random.key(int(cfg.seed)), ref_dtype)
+
+    def _precompute_reference(self) -> None:
+        """Reference log-probs once over the data (dpo_jax/reference.py); the reference params
+        live only for this call, before a restore replaces the initial policy."""
+        from dpo_jax import reference
+
+        cfg = self.config
+        ref_params = self._reference_params(self.state.params)
+        source = dict(policy=cfg.init.policy, hf_path=cfg.model.get("hf_path"),
+                      reference=cfg.init.reference, ref_hf_path=cfg.model.get("ref_hf_path"))
+        self.reference_info = reference.precompute_for_run(self, ref_params, source)
+        del ref_params
 
     def _restore(self) -> None:
         self.start_step = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -101,6 +101,10 @@ class PreferencePipeline:
         self._pad = [0, 0]  # real, total tokens in the current epoch
         self._shapes: dict[str, int] = {}
         self._padding_per_epoch: list[float] = []
+        # Optional hook: global pair indices [B] -> per-pair arrays in the global layout (leading
+        # axis a multiple of B, e.g. [2B] chosen then rejected); this host gets its block. Used to
+        # attach precomputed reference log-probs (dpo_jax/reference.py).
+        self.per_pair: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
         buckets = config_lib.parse_buckets(cfg.buckets)
         longest = int(self._seq_max(np.arange(len(pairs))))
         if buckets is None:
@@ -172,6 +176,10 @@ class PreferencePipeline:
         out = batching.materialise(plan, seqs, r0, r1, self.pad_id)
         bp = self.B // self.P
         out["pair_weight"] = weight[self.p * bp:(self.p + 1) * bp]
+        if self.per_pair is not None:
+            for k, v in self.per_pair(idx).items():
+                n = len(v) // self.P
+                out[k] = np.asarray(v)[self.p * n:(self.p + 1) * n]
         real = int(batching.seq_lengths_of(lens).sum())
         self._last_tokens = (real, plan.cost)
         return out

@@ -1,0 +1,315 @@
+"""Time the trainer's jitted DPO step on the current backend, optionally next to PyTorch.
+
+The step is the one ``Run`` jits (``dpo_jax.step.make_train_step``, donated state), on a random
+batch laid out like the PyTorch baseline's (shared prompt, response tokens scored). Prints one
+JSON line per measurement and a table. Same invocation, same environment for both sides:
+
+  python experiments/bench/bench_dpo.py --preset gpt2-cpu-bench --pairs 8 --prompt 64 \
+      --response 64 --configs same_math,best --torch
+  python experiments/bench/bench_dpo.py --sweep            # length x vocab growth, small shape
+
+Configurations (``--configs``, comma separated; see VARIANTS):
+  same_math  dense full-vocab log-softmax at every position, online bf16-stored reference
+             forward each step (what pytorch_dpo_step.py does)
+  best       precomputed reference log-probs, scored-only + chunked log-probs
+  and single switches on top of same_math: scored, precomputed, bf16, remat_full,
+  remat_dots, no_donate.
+FLOPs/token = 8N + 16 L d T (policy train + reference forward, as pytorch_dpo_step.py counts),
+for every configuration, so tokens/s and MFU compare the same nominal work; ``mfu_executed``
+counts only what the configuration runs (scored-only head, no reference forward when
+precomputed), which is the honest chip-utilisation number for "best".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from dpo_jax import losses as losses_lib  # noqa: E402
+from dpo_jax.config import base_config  # noqa: E402
+from dpo_jax.logprobs import DENSE, LogprobConfig, max_scored_tokens  # noqa: E402
+from dpo_jax.models import Model, matmul_param_count, preset  # noqa: E402
+from dpo_jax.step import StepConfig, TrainState, _sequence_stats, make_optimizer, make_train_step  # noqa: E402
+
+TORCH_SCRIPT = "/work/shared/bench/pytorch_dpo_step.py"
+# Shapes named like pytorch_dpo_step.py's CONFIGS: (our preset, overrides).
+SHAPES = {
+    "gpt2-cpu-bench": ("gpt2", dict(n_layer=4, d_model=256, n_head=4, d_ff=1024, vocab_size=50257,
+                                    max_len=512)),
+    "gpt2-tiny": ("gpt2", dict(n_layer=2, d_model=128, n_head=4, d_ff=512, max_len=1024)),
+    "sweep-small": ("gpt2", dict(n_layer=2, d_model=128, n_head=4, d_ff=512, max_len=8192)),
+}
+SCORED_CHUNKED = LogprobConfig(scored_only=True, seq_chunk=128, vocab_chunk=None)
+# name -> (model overrides, logprob config, precomputed reference, donate)
+VARIANTS = {
+    "same_math": ({}, DENSE, False, True),
+    "best": ({}, SCORED_CHUNKED, True, True),
+    "scored": ({}, SCORED_CHUNKED, False, True),
+    "precomputed": ({}, DENSE, True, True),
+    "bf16": (dict(dtype="bfloat16"), DENSE, False, True),
+    "best_bf16": (dict(dtype="bfloat16"), SCORED_CHUNKED, True, True),
+    "remat_full": (dict(remat="full"), DENSE, False, True),
+    "remat_dots": (dict(remat="dots_saveable"), DENSE, False, True),
+    "no_donate": ({}, DENSE, False, False),
+}
+
+
+def model_config(name: str, **overrides):
+    """A pytorch_dpo_step.py shape name or a dpo_jax preset, with overrides."""
+    base, shape = SHAPES.get(name, (name, {}))
+    return preset(base, **{**shape, **overrides})
+
+
+def matmul_ceiling(dtype, n: int = 2048, reps: int = 8) -> float:
+    """FLOP/s of one jitted n x n matmul on the default device (the MFU denominator)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), dtype)
+    b = jax.random.normal(k2, (n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def make_batch(pairs: int, prompt: int, response: int, vocab: int, seed: int = 1):
+    """Random [2B, T] batch, chosen rows then rejected, shared prompt, response tokens scored."""
+    rng = np.random.default_rng(seed)
+    T = prompt + response
+    ids = rng.integers(0, vocab, (2 * pairs, T), dtype=np.int32)
+    ids[pairs:, :prompt] = ids[:pairs, :prompt]
+    mask = np.zeros((2 * pairs, T), np.float32)
+    mask[:, prompt:] = 1.0
+    return {"input_ids": ids, "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape).copy(),
+            "segment_ids": np.ones_like(ids), "loss_mask": mask,
+            "pair_weight": np.ones((pairs,), np.float32)}
+
+
+def _peak_bytes():
+    """Peak device bytes so far in this process (None where the backend keeps no stats, e.g.
+    CPU); cumulative over the configurations run before, so the largest config should go last."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: int, steps: int,
+                  warmup: int, ceilings: dict, run_steps: bool = True) -> dict:
+    overrides, lp_cfg, precomputed, donate = VARIANTS[variant]
+    cfg = model_config(shape, **overrides)
+    model = Model(cfg)
+    c = base_config()
+    c.optim.name, c.optim.lr, c.optim.warmup_steps, c.optim.max_grad_norm = "adamw", 1e-6, 0, 0.0
+    tx, schedule = make_optimizer(c.optim, 1000)
+    loss_cfg = losses_lib.loss_config_from(c.loss)  # sigmoid, beta 0.1
+    step_cfg = StepConfig(logprobs=lp_cfg)
+    params = jax.jit(model.init)(jax.random.key(0))
+    ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))(params)
+    batch_np = make_batch(pairs, prompt, response, cfg.vocab_size)
+    num_scored = max_scored_tokens(batch_np["loss_mask"]) if lp_cfg.scored_only else None
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    out = dict(shape=shape, config=variant, backend=jax.default_backend(), pairs=pairs,
+               matmul_params=matmul_param_count(cfg), vocab=cfg.vocab_size,
+               seq=prompt + response, prompt=prompt, dtype=cfg.dtype, remat=cfg.remat,
+               logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate)
+    if precomputed and not run_steps:  # compile only: the step needs the shapes, not values
+        ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(
+            lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored), ref_params, batch))
+        batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
+        ref_params = None
+    elif precomputed:  # one reference pass over the data; the step then carries its results
+        fwd = jax.jit(lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored))
+        t = time.perf_counter()
+        jax.block_until_ready(fwd(ref_params, batch))
+        out["ref_precompute_compile_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        ref_logps, ref_lengths = jax.block_until_ready(fwd(ref_params, batch))
+        out["ref_precompute_s_per_batch"] = round(time.perf_counter() - t, 4)
+        batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
+        del ref_params
+        ref_params = None
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref_params,
+                       opt_state=jax.jit(tx.init)(params))
+    step_fn = jax.jit(make_train_step(model, loss_cfg, tx, schedule, step_cfg),
+                      donate_argnums=0 if donate else (), static_argnums=2)
+    t = time.perf_counter()
+    compiled = step_fn.lower(state, batch, num_scored).compile()
+    out["compile_s"] = round(time.perf_counter() - t, 2)
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        out["compiled_temp_MiB"] = round(mem.temp_size_in_bytes / 2**20, 1)
+        out["compiled_args_MiB"] = round(mem.argument_size_in_bytes / 2**20, 1)
+    if not run_steps:
+        return out
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        state, metrics = step_fn(state, batch, num_scored)
+        losses.append(float(metrics["loss"]))  # blocks: the step is done
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    T = prompt + response
+    tokens = 2 * pairs * T
+    n = matmul_param_count(cfg)
+    flops_tok = 8 * n + 16 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+    # FLOPs this configuration executes (the nominal count above assumes the LM head at every
+    # position and a reference forward each step): head at num_scored of T positions when
+    # scored-only, no reference forward when precomputed.
+    head = cfg.vocab_size * cfg.d_model
+    frac = (num_scored / T) if lp_cfg.scored_only else 1.0
+    attn = 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+    executed = 3 * (2 * (n - head) + 2 * head * frac + attn)
+    if not precomputed:
+        executed += 2 * (n - head) + 2 * head * frac + attn
+    med = statistics.median(times)
+    q = np.percentile(times, [25, 75])
+    ceiling = ceilings["bfloat16" if cfg.dtype == "bfloat16" else "float32"]
+    out.update(first_loss=round(losses[0], 5), losses=losses, step_s_median=round(med, 6),
+               step_s_min=round(min(times), 6), step_s_max=round(max(times), 6),
+               step_s_iqr=[round(float(x), 4) for x in q], steps=steps, warmup=warmup,
+               tokens_per_s=round(tokens / med), flops_per_token=flops_tok,
+               achieved_tflops=round(flops_tok * tokens / med / 1e12, 4),
+               mfu=round(flops_tok * tokens / med / ceiling, 4),
+               executed_flops_per_token=round(executed),
+               mfu_executed=round(executed * tokens / med / ceiling, 4), peak_bytes=_peak_bytes())
+    if precomputed:  # the reference pass amortised over one epoch (each pair seen once)
+        out["tokens_per_s_one_epoch"] = round(tokens / (med + out["ref_precompute_s_per_batch"]))
+    return out
+
+
+def run_torch(script: str, shape: str, pairs: int, prompt: int, response: int, steps: int,
+              warmup: int, device: str) -> dict:
+    """pytorch_dpo_step.py in a subprocess with this process's environment; its JSON row."""
+    cmd = [sys.executable, script, "--device", device, "--models", shape, "--pairs", str(pairs),
+           "--seq", str(prompt + response), "--prompt", str(prompt), "--steps", str(steps),
+           "--warmup", str(warmup), "--compile", ""]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not rows:
+        return dict(config="pytorch", error=proc.stderr[-2000:], cmd=" ".join(cmd))
+    return dict(rows[-1], config="pytorch", cmd=" ".join(cmd))
+
+
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "XLA_FLAGS", "OMP_"))}
+    return dict(cpu=model, cores=os.cpu_count(), backend=jax.default_backend(),
+                devices=str(jax.devices()), jax=jax.__version__, env=env,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"))
+
+
+def sweep(args, ceilings) -> list[dict]:
+    """Time and memory growth with length and vocabulary on a small shape (one pair)."""
+    rows = []
+    for vocab in map(int, args.sweep_vocabs.split(",")):
+        SHAPES[f"sweep-v{vocab}"] = ("gpt2", dict(SHAPES["sweep-small"][1], vocab_size=vocab))
+        for length in map(int, args.sweep_lengths.split(",")):
+            for variant in ("same_math", "best"):
+                big = (variant == "same_math" and 2 * length * vocab * 4 > args.max_dense_bytes
+                       or length > args.sweep_run_max_len)
+                r = bench_variant(f"sweep-v{vocab}", variant, 1, length // 2, length // 2,
+                                  args.sweep_steps, 1, ceilings, run_steps=not big)
+                r["vocab"] = vocab
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2-cpu-bench")
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--response", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--configs", default="same_math,best")
+    p.add_argument("--torch", action="store_true", help="also run pytorch_dpo_step.py")
+    p.add_argument("--torch_script", default=TORCH_SCRIPT)
+    p.add_argument("--torch_device", default="cpu" if jax.default_backend() == "cpu" else "cuda")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep_steps", type=int, default=2)
+    p.add_argument("--max_dense_bytes", type=float, default=2e9,
+                   help="sweep: only compile (no run) dense points whose logits exceed this")
+    p.add_argument("--sweep_run_max_len", type=int, default=8192,
+                   help="sweep: longer points are compiled (memory) but not timed")
+    p.add_argument("--sweep_lengths", default="512,2048,8192")
+    p.add_argument("--sweep_vocabs", default="50257,128256")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    info = machine()
+    print(json.dumps(info), flush=True)
+    ceilings = {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
+    info["matmul_ceiling_tflops"] = {k: round(v / 1e12, 4) for k, v in ceilings.items()}
+    print(json.dumps(info["matmul_ceiling_tflops"]), flush=True)
+    rows = []
+    if a.sweep:
+        rows = sweep(a, ceilings)
+    else:
+        torch_runs = 2 if a.torch and a.torch_device == "cpu" else int(a.torch)
+        if torch_runs:  # first, before this process's allocator holds device memory
+            r = run_torch(a.torch_script, a.preset, a.pairs, a.prompt, a.response, a.steps,
+                          a.warmup, a.torch_device)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        for v in filter(None, a.configs.split(",")):
+            r = bench_variant(a.preset, v, a.pairs, a.prompt, a.response, a.steps, a.warmup, ceilings)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        if torch_runs > 1:  # again after ours: on a shared CPU the load drifts, so both sides
+            # are bracketed and the ratio uses PyTorch's faster run (conservative for us)
+            r = run_torch(a.torch_script, a.preset, a.pairs, a.prompt, a.response, a.steps,
+                          a.warmup, a.torch_device)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    # The ceiling again at the end: a neighbour's load during the first measurement would
+    # otherwise inflate MFU; the larger of the two is the device's ceiling.
+    again = {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
+    info["matmul_ceiling_tflops_end"] = {k: round(v / 1e12, 4) for k, v in again.items()}
+    for r in rows:
+        if "mfu" in r:
+            k = "bfloat16" if r["dtype"] == "bfloat16" else "float32"
+            scale = max(ceilings[k], again[k]) / ceilings[k]
+            r["mfu"], r["mfu_executed"] = round(r["mfu"] / scale, 4), round(r["mfu_executed"] / scale, 4)
+    print(json.dumps(info["matmul_ceiling_tflops_end"]), flush=True)
+    torch_tps = max((r["tokens_per_s"] for r in rows if r["config"] == "pytorch" and "tokens_per_s" in r),
+                    default=None)
+    print("\n| shape | config | seq | step s (median [min,max]) | tokens/s | MFU nominal | MFU executed | compile s | temp MiB | vs torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = (f"{r['tokens_per_s'] / torch_tps:.2f}x" if torch_tps and r.get("tokens_per_s")
+                 and r["config"] != "pytorch" else "")
+        med = r.get("step_s_median")
+        span = f"{med} [{r.get('step_s_min')}, {r.get('step_s_max')}]" if med else "compiled only"
+        print(f"| {r.get('shape', r.get('model'))} | {r['config']} | {r.get('seq')} | {span} | "
+              f"{r.get('tokens_per_s', '')} | {r.get('mfu', '')} | {r.get('mfu_executed', '')} | {r.get('compile_s', '')} | "
+              f"{r.get('compiled_temp_MiB', '')} | {ratio} |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(machine=info, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""experiments/bench/bench_dpo.py: its numbers follow from its measurements, and its
+configurations compute the same DPO step (they differ in cost only)."""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location(
+    "bench_dpo", os.path.join(REPO, "experiments", "bench", "bench_dpo.py"))
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+CEILINGS = {"float32": 1e11, "bfloat16": 2e11}
+
+
+def test_cpu_bench_shape_and_flops_count():
+    cfg = bench.model_config("gpt2-cpu-bench")
+    assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_ff, cfg.vocab_size) == (4, 256, 4, 1024, 50257)
+    # qkv + out (4 d^2) and the MLP (2 d d_ff) per layer, plus the tied LM head V d.
+    n = 4 * (4 * 256**2 + 2 * 256 * 1024) + 50257 * 256
+    assert bench.matmul_param_count(cfg) == n == 16_011_520
+
+
+def test_same_math_and_best_take_identical_steps_and_report_consistent_numbers():
+    rows = {v: bench.bench_variant("tiny-gpt2", v, 2, 8, 8, steps=2, warmup=1, ceilings=CEILINGS)
+            for v in ("same_math", "best")}
+    for r in rows.values():
+        assert r["first_loss"] == pytest.approx(math.log(2), abs=2e-3)  # policy == bf16 reference
+        tokens = 2 * 2 * 16
+        assert r["tokens_per_s"] == pytest.approx(tokens / r["step_s_median"], rel=1e-3, abs=0.5)
+        flops = 8 * r["matmul_params"] + 16 * 2 * 32 * 16  # L=2, d=32, T=16 (tiny-gpt2)
+        assert r["flops_per_token"] == flops
+        assert r["mfu"] == pytest.approx(flops * tokens / r["step_s_median"] / 1e11, rel=1e-3, abs=1e-4)
+        assert r["step_s_min"] <= r["step_s_median"] <= r["step_s_max"]
+    # Executed FLOPs: same_math runs the nominal work (head at all T positions, policy x6 and
+    # reference x2).
+    n, head, attn = rows["same_math"]["matmul_params"], 128 * 32, 4 * 2 * 32 * 16
+    assert rows["same_math"]["executed_flops_per_token"] == 8 * n + 4 * attn
+    # best: no reference forward; the head runs at num_scored = 15 of T = 16 positions (the
+    # static width: at least 16, capped at the 15 predictable positions).
+    assert rows["best"]["executed_flops_per_token"] == round(
+        3 * (2 * (n - head) + 2 * head * 15 / 16 + attn))
+    # The loss after the first updates moves away from ln 2 identically in both configurations
+    # (bf16-stored reference in both; precomputed once vs recomputed each step).
+    np.testing.assert_allclose(rows["best"]["losses"], rows["same_math"]["losses"], rtol=1e-5)
+    assert rows["same_math"]["losses"][-1] != rows["same_math"]["losses"][0]
+    assert rows["best"]["ref_precompute_s_per_batch"] > 0
+
+
+def test_torch_rows_are_read_from_the_baseline_json(tmp_path):
+    fake = tmp_path / "fake_torch.py"
+    fake.write_text("import json, sys\nprint('noise')\n"
+                    "print(json.dumps({'model': sys.argv[sys.argv.index('--models') + 1], "
+                    "'seq': int(sys.argv[sys.argv.index('--seq') + 1]), 'tokens_per_s': 600}))\n")
+    row = bench.run_torch(str(fake), "gpt2-cpu-bench", 8, 64, 64, 5, 2, "cpu")
+    assert row["config"] == "pytorch" and row["tokens_per_s"] == 600
+    assert row["model"] == "gpt2-cpu-bench" and row["seq"] == 128
+    bad = bench.run_torch(str(tmp_path / "missing.py"), "gpt2-cpu-bench", 8, 64, 64, 5, 2, "cpu")
+    assert "error" in bad
