@@ -20,7 +20,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "gpt2-synthetic"  # a name from dpo_jax.models.PRESETS (ignored with hf_path)
-    c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields to change, e.g. n_layer
+    # ModelConfig fields to change (None keeps the preset's / HF config's value); typed
+    # placeholders so the command line can set them: --config.model.overrides.n_layer=4.
+    c.model.overrides = ml_collections.ConfigDict(
+        {k: ml_collections.config_dict.placeholder(int)
+         for k in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "max_len", "vocab_size")})
     c.model.hf_path = ""  # HF model dir or hub name to import (config + safetensors)
     c.model.ref_hf_path = ""  # reference from another HF checkpoint ('' = same init as policy)
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16

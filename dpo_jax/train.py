@@ -32,7 +32,7 @@ from dpo_jax.step import StepConfig, TrainState, make_eval_step, make_optimizer,
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The policy's ModelConfig: from an HF directory when ``model.hf_path`` is set, else a preset."""
     m = config.model
-    overrides = {k: v for k, v in m.overrides.items()} if m.get("overrides") else {}
+    overrides = {k: v for k, v in m.overrides.items() if v is not None} if m.get("overrides") else {}
     overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                      scan_layers=m.scan_layers, attention_impl=m.attention_impl or None)
     if m.get("hf_path"):
