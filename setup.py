@@ -23,9 +23,11 @@ setup(
         "numpy>=1.26",
         "pyarrow>=14",
         "tensorboardX>=2.6",
+        "tokenizers>=0.19",
+        "huggingface_hub>=0.23",
+        "matplotlib>=3.8",  # frontier.png of the IMDb experiment
     ],
     extras_require={
-        "test": ["pytest>=8", "matplotlib>=3.8"],
-        "experiments": ["matplotlib>=3.8"],
+        "test": ["pytest>=8"],
     },
 )
