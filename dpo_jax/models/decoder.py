@@ -41,6 +41,22 @@ def _param(rngs: nnx.Rngs, shape: tuple, axes: tuple, cfg: ModelConfig,
     return nnx.Param(value, axes=axes)
 
 
+
+def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., I] @ w [I, O] as one matmul on [rows, I].
+
+    Same numbers as the batched form; XLA:CPU runs a dot with several leading dims, and above
+    all its weight gradient (a contraction over two batch-like dims), several times slower
+    than the flattened matmul (measured: a 4-layer MLP's gradient 0.78 s vs 0.24 s).
+    """
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def _heads(x: jax.Array, w_DNH: jax.Array) -> jax.Array:
+    """x [..., D] @ w [D, N, H] -> [..., N, H] through one 2-D matmul."""
+    y = _mm(x, w_DNH.reshape(w_DNH.shape[0], -1))
+    return y.reshape(*x.shape[:-1], *w_DNH.shape[1:])
+
 class Norm(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lead: tuple = (), lead_axes: tuple = ()):
         self.cfg = cfg
@@ -72,9 +88,9 @@ class Attention(nnx.Module):
 
     def qkv(self, x: jax.Array, sin: jax.Array | None, cos: jax.Array | None):
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dnh->btnh", x, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dnh->btnh", x, self.v[...].astype(dt))
+        q = _heads(x, self.q[...].astype(dt))
+        k = _heads(x, self.k[...].astype(dt))
+        v = _heads(x, self.v[...].astype(dt))
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -85,7 +101,8 @@ class Attention(nnx.Module):
         return q, k, v
 
     def out(self, a: jax.Array) -> jax.Array:
-        y = jnp.einsum("btnh,nhd->btd", a, self.o[...].astype(a.dtype))
+        o = self.o[...].astype(a.dtype)
+        y = _mm(a.reshape(*a.shape[:-2], -1), o.reshape(-1, o.shape[-1]))
         if self.cfg.attn_out_bias:
             y = y + self.o_bias[...].astype(a.dtype)
         return y
@@ -109,17 +126,17 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, x.dtype
-        u = x @ self.up[...].astype(dt)
+        u = _mm(x, self.up[...].astype(dt))
         if cfg.mlp_bias:
             u = u + self.up_bias[...].astype(dt)
         if cfg.gated_mlp:
-            g = x @ self.gate[...].astype(dt)
+            g = _mm(x, self.gate[...].astype(dt))
             if cfg.mlp_bias:
                 g = g + self.gate_bias[...].astype(dt)
             u = F.activation(cfg.activation, g) * u
         else:
             u = F.activation(cfg.activation, u)
-        y = u @ self.down[...].astype(dt)
+        y = _mm(u, self.down[...].astype(dt))
         if cfg.mlp_bias:
             y = y + self.down_bias[...].astype(dt)
         return y

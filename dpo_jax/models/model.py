@@ -97,8 +97,9 @@ class Model:
 
 def project(h: jax.Array, w_VD: jax.Array, b_V: jax.Array | None = None) -> jax.Array:
     """h [..., D] @ w[V, D]^T (+ b) with float32 accumulation and result."""
-    logits = jnp.einsum("...d,vd->...v", h, w_VD.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    # One 2-D matmul over the flattened rows (XLA:CPU is much slower on batched dots).
+    logits = jnp.einsum("nd,vd->nv", h.reshape(-1, h.shape[-1]), w_VD.astype(h.dtype),
+                        preferred_element_type=jnp.float32).reshape(*h.shape[:-1], -1)
     if b_V is not None:
         logits = logits + b_V.astype(jnp.float32)
     return logits
