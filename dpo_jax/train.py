@@ -269,6 +269,9 @@ class Run:
                 if jax.process_index() == 0:
                     logging.info("eval step %d: %s", done, _short(last_eval))
             if stop or done == self.total_steps or (self.checkpoint_every and done % self.checkpoint_every == 0):
+                if pending is not None:  # a checkpoint never runs ahead of the metrics log
+                    last_train = flush(pending)
+                    pending = None
                 self.checkpointer.save(done, self.state.params, self.state.opt_state,
                                        self.train_data.state_dict())
             if stop:

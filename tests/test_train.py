@@ -102,14 +102,15 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     want = _leaves(full.state.params)
     want_log = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
 
-    # Kill the second run after step 5 is dispatched (a checkpoint exists at step 4).
+    # Kill the second run when step 5 is dispatched, right after the checkpoint at step 4 (the
+    # hardest moment for the one-step-late metrics: step 4's must already be in the log).
     run = train.Run(config(), str(tmp_path / "cut"))
     original = run._train_step
     calls = {"n": 0}
 
     def dying_step(*args):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == 5:
             raise _Interrupt()
         return original(*args)
 
