@@ -71,6 +71,12 @@ class Run:
     """Everything a training run holds: mesh, model, jitted steps, state, data, sinks."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        if (not config.data.get("tokenizer") and config.data.get("source", "synthetic") != "synthetic"
+                and config.model.get("hf_path")):
+            # The tokenizer comes from the model's directory unless the config names another.
+            config = config.copy_and_resolve_references()
+            with config.unlocked():
+                config.data.tokenizer = config.model.hf_path
         self.config = config
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)

@@ -107,3 +107,14 @@ def test_trained_policy_exports_to_transformers(hf_setup):
         theirs = reloaded(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     assert transformers.AutoTokenizer.from_pretrained(out)("Human: good").input_ids
+
+
+def test_tokenizer_defaults_to_the_model_directory(hf_setup):
+    c, _, _, tmp_path = hf_setup
+    gpt2_style_tokenizer().save_pretrained(c.model.hf_path)
+    c.data.tokenizer = ""
+    c.train.eval_every = 0
+    run = train.Run(c, str(tmp_path / "run_tok"))
+    assert run.config.data.tokenizer == c.model.hf_path
+    assert json.load(open(tmp_path / "run_tok" / "config.json"))["data"]["tokenizer"] == c.model.hf_path
+    assert next(iter(run.train_data))["input_ids"].shape[0] == 2 * c.train.batch_size
