@@ -63,5 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.FLAGS.set_default("logtostderr", True) if "logtostderr" in flags.FLAGS else None
     app.run(main)
