@@ -360,8 +360,10 @@ class ImdbPipeline:
             self._stage(f"frontier:{name}", [d / "runs" / name / "frontier_points.jsonl"],
                         lambda n=name, m=method, s=setting: self.frontier_points(n, m, s))
         self._stage("frontier:sft", [d / "sft_frontier_points.jsonl"], self.sft_and_best_of_n)
-        self._stage("frontier", [d / "frontier.csv", d / "frontier.png"],
-                    lambda: self.write_frontier(list(variants)))
+        # Always re-assembled (cheap: it reads the per-run point files), so the CSV and plot
+        # hold exactly the configured variants, also when a rerun adds a beta.
+        self.write_frontier(list(variants))
+        self.stages_run.append("frontier")
         summary = {"stages_run": self.stages_run, "stages_skipped": self.stages_skipped,
                    "frontier": [r for r in frontier_lib.read_frontier_csv(d / "frontier.csv")]}
         summary["frontier"] = [dict(p.__dict__) for p in summary["frontier"]]
