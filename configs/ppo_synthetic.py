@@ -5,7 +5,7 @@ reward model (see configs/reward_synthetic.py); variant ``gt`` is PPO-GT (the ta
 reward: fraction of liked content tokens). Variants: ``gt``, ``quick``; e.g. ``:gt,quick``.
 """
 
-from dpo_jax.config import base_config
+from dpo_jax.config import apply_variants, base_config, short_run
 from dpo_jax.ppo.config import default_ppo_config
 
 
@@ -25,13 +25,8 @@ def get_config(arg: str = ""):
     config.train.eval_every = 50
     config.train.checkpoint_every = 50
     config.data.synthetic.num_eval = 256
-    for variant in filter(None, (arg or "").split(",")):
-        if variant == "gt":
-            config.ppo.reward = "synthetic"
-        elif variant == "quick":
-            config.train.steps = 20
-            config.train.eval_every = 20
-            config.train.checkpoint_every = 20
-        else:
-            raise ValueError(f"unknown variant {variant!r} of configs/ppo_synthetic.py")
-    return config
+    def ground_truth(c):
+        c.ppo.reward = "synthetic"
+
+    return apply_variants(config, arg, {"gt": ground_truth, "quick": short_run(20)},
+                          "configs/ppo_synthetic.py")

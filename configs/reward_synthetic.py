@@ -4,7 +4,7 @@
 Variants: ``quick`` (a short run for smoke tests).
 """
 
-from dpo_jax.config import base_config
+from dpo_jax.config import apply_variants, base_config, short_run
 
 
 def get_config(arg: str = ""):
@@ -13,11 +13,4 @@ def get_config(arg: str = ""):
     config.train.steps = 200
     config.train.eval_every = 100
     config.train.checkpoint_every = 100
-    for variant in filter(None, (arg or "").split(",")):
-        if variant == "quick":
-            config.train.steps = 60
-            config.train.eval_every = 60
-            config.train.checkpoint_every = 60
-        else:
-            raise ValueError(f"unknown variant {variant!r} of configs/reward_synthetic.py")
-    return config
+    return apply_variants(config, arg, {"quick": short_run(60)}, "configs/reward_synthetic.py")

@@ -75,3 +75,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
     c.mesh.rules = [list(r) for r in sharding.DEFAULT_RULES]  # logical -> mesh axis
     return c
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg: str, variants: dict, source: str):
+    """Apply ``--config=FILE:a,b`` variants in order; each maps a name to ``f(config)``.
+
+    An unknown name is an error that lists the known ones, so a typo never runs the default.
+    """
+    for name in filter(None, (arg or "").split(",")):
+        if name not in variants:
+            raise ValueError(f"unknown variant {name!r} of {source} (known: {', '.join(variants)})")
+        variants[name](config)
+    return config
+
+
+def short_run(steps: int):
+    """A variant that shortens a run to ``steps``, evaluating and checkpointing at the end."""
+
+    def apply(config: ml_collections.ConfigDict) -> None:
+        config.train.steps = steps
+        config.train.eval_every = steps
+        config.train.checkpoint_every = steps
+
+    return apply
