@@ -2,10 +2,8 @@
 configurations compute the same DPO step (they differ in cost only)."""
 
 import importlib.util
-import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import data as data_lib
 from dpo_jax.config import base_config
-from dpo_jax.reward_model import (RewardModel, RewardRun, bradley_terry, last_scored_hidden,
+from dpo_jax.reward_model import (RewardRun, bradley_terry, last_scored_hidden,
                                   pair_rewards)
 
 jax.config.update("jax_default_matmul_precision", "highest")
