@@ -130,3 +130,67 @@ def test_ppo_and_ppo_gt_share_everything_but_the_reward(tmp_path):
     for a, b in zip(jax.tree.leaves(jax.device_get(gt.state.params)),
                     jax.tree.leaves(jax.device_get(learned.state.params))):
         np.testing.assert_array_equal(a, b)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_ppo_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    """Killed right after the checkpoint at iteration 2, a resumed run continues with the same
+    params, optimizer state, prompt position and adaptive KL coefficient: the final params and
+    the metric log are those of the uninterrupted run, bit for bit."""
+    import json
+
+    def config():
+        c = ppo_config(steps=4, adaptive_kl=True, target_kl=0.5, kl_horizon=64)
+        c.train.checkpoint_every = 2
+        return c
+
+    full = PPORun(config(), str(tmp_path / "full"), reward_fn=liked_fraction)
+    full.train()
+    want_log = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
+    coefs = [r["objective/kl_coef"] for r in want_log]
+    assert len(set(coefs)) == len(coefs), coefs  # the controller moved beta every iteration
+
+    run = PPORun(config(), str(tmp_path / "cut"), reward_fn=liked_fraction)
+    original, calls = run._train_step, {"n": 0}
+
+    def dying_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Interrupt()
+        return original(*args)
+
+    run._train_step = dying_step
+    with pytest.raises(_Interrupt):
+        run.train()
+    run.checkpointer.close()
+
+    resumed = PPORun(config(), str(tmp_path / "cut"), reward_fn=liked_fraction)
+    assert resumed.start_step == 2
+    assert resumed.kl_controller.value == pytest.approx(coefs[2], rel=1e-6)
+    resumed.train()
+    for a, b in zip(jax.tree.leaves(jax.device_get(full.state.params)),
+                    jax.tree.leaves(jax.device_get(resumed.state.params))):
+        np.testing.assert_array_equal(a, b)
+    got_log = [json.loads(x) for x in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert [r["step"] for r in got_log] == [r["step"] for r in want_log]
+    for g, w in zip(got_log, want_log):
+        assert {k: v for k, v in g.items() if k != "iteration_s"} == \
+            {k: v for k, v in w.items() if k != "iteration_s"}
+
+
+def test_learned_reward_scores_truncated_rollouts_with_a_final_eos():
+    """A rollout cut at the length bound gets the EOS the reward model saw in training; a row
+    that already ended in EOS, and an empty completion, are left alone."""
+    from dpo_jax.ppo.rewards import with_final_eos
+
+    eos = 0
+    tokens = jnp.array([[5, 6, 7, 8, 9],    # prompt 5 6, completion 7 8 9 (bound hit)
+                        [5, 7, 0, 0, 0],    # prompt 5, completion 7 EOS
+                        [5, 6, 0, 0, 0]])   # prompt 5 6, nothing generated
+    mask = jnp.array([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], jnp.float32)
+    t, m = with_final_eos(tokens, mask, eos)
+    np.testing.assert_array_equal(t, [[5, 6, 7, 8, 9, 0], [5, 7, 0, 0, 0, 0], [5, 6, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(m, [[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])

@@ -5,9 +5,11 @@ Stages, each caching its output under the workdir and skipped when that output e
 
   tokenizer -> reward -> sft_data -> sft -> prefixes -> samples (k per train prefix from the
   SFT model) -> pairs (reward-labelled, ties dropped) -> runs (DPO per beta, Preferred-FT,
-  Unlikelihood; each initialised from SFT) -> frontier (every checkpoint of every run: sample
-  held-out TEST prefixes, mean reward, sequence KL(pi || pi_SFT); SFT itself and Best-of-N
-  of SFT samples) -> frontier.csv + frontier.png.
+  Unlikelihood; each initialised from SFT) -> reward model (Bradley-Terry on the same pairs,
+  prompts split into train/held-out) -> PPO runs (learned reward, one per target KL) and PPO-GT
+  runs (the ground-truth reward) -> frontier (every checkpoint of every run: sample held-out
+  TEST prefixes, mean reward, sequence KL(pi || pi_SFT); SFT itself and Best-of-N of SFT
+  samples) -> frontier.csv + frontier.png; ``compute.json`` (wall time and tokens per method).
 
 Why checkpoints rather than an eval hook in the loop: the frontier needs samples, rewards and
 a reference forward, none of which belong in the training step; evaluating saved checkpoints
@@ -37,6 +39,7 @@ from dpo_jax.imdb.kl import kl_estimate
 from dpo_jax.imdb.pairs import build_pair_dataset, make_prefixes, write_pairs
 from dpo_jax.imdb.text import load_imdb
 from dpo_jax.models import Model
+from dpo_jax.reward_model import RewardModel
 from dpo_jax.sampling import SamplingConfig, generate, score_tokens, sequence_mask
 
 
@@ -69,7 +72,11 @@ class ImdbPipeline:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stages_run: list[str] = []
         self.stages_skipped: list[str] = []
-        self._tok = self._reward = self._model = self._score = None
+        self._tok = self._reward = self._model = self._score = self._proxy = None
+        # Wall seconds of every stage ever run in this workdir (kept across reruns).
+        self._times_path = self.dir / "stage_times.json"
+        self.stage_seconds: dict[str, float] = (
+            json.loads(self._times_path.read_text()) if self._times_path.exists() else {})
 
     # ------------------------------------------------------------------ plumbing
     def _stage(self, name: str, outputs: list[pathlib.Path], fn: Callable[[], Any]) -> None:
@@ -84,6 +91,10 @@ class ImdbPipeline:
             raise RuntimeError(f"stage {name} did not write {missing}")
         logging.info("imdb stage %s: done in %.1fs", name, time.time() - t0)
         self.stages_run.append(name)
+        self.stage_seconds[name] = round(time.time() - t0, 1)
+        tmp = self._times_path.with_name("stage_times.json.tmp")
+        tmp.write_text(json.dumps(self.stage_seconds, indent=2))
+        os.replace(tmp, self._times_path)
 
     @property
     def tokenizer_dir(self) -> str:
@@ -115,6 +126,10 @@ class ImdbPipeline:
         c = self.config.copy_and_resolve_references()
         c.unlock()
         c.task = task
+        if task == "ppo":
+            from dpo_jax.ppo.config import default_ppo_config
+
+            c.ppo = default_ppo_config()
         if not c.model.get("hf_path"):
             c.model.overrides.vocab_size = len(self.tokenizer)
         for section, values in sections.items():
@@ -218,8 +233,9 @@ class ImdbPipeline:
                 ref = np.asarray(self._score(ref_params, s.tokens_BT, seg) * s.completion_mask_BT).sum(1)
             for i, r in enumerate(chunk):
                 comp = [int(t) for t, m in zip(toks[i], mask[i]) if m > 0 and t != tok.eos_token_id]
-                row = {"prompt": r["prompt"], "completion": tok.decode(comp),
-                       "completion_ids": comp, "policy_logp": float(pol[i])}
+                row = {"prompt": r["prompt"], "prompt_ids": list(r["prompt_ids"]),
+                       "completion": tok.decode(comp), "completion_ids": comp,
+                       "policy_logp": float(pol[i])}
                 if ref is not None:
                     row["ref_logp"] = float(ref[i])
                 out.append(row)
@@ -228,16 +244,19 @@ class ImdbPipeline:
             r["reward"] = float(v)
         return out
 
-    def _params(self, run_dir: pathlib.Path, step: int | None = None):
+    def _params(self, run_dir: pathlib.Path, step: int | None = None, head: bool = False):
+        """(decoder Model, params) of a run's checkpoint. ``head``: the run saved
+        ``{"decoder", "value_head"}`` (PPO, reward model); the full tree is returned."""
         model = self.model()
+        tree = RewardModel(model) if head else model
         c = self.run_config("sft")
         from dpo_jax import sharding as shard_lib
 
         mesh = shard_lib.make_mesh(dict(c.mesh.shape))
-        shardings = shard_lib.tree_shardings(model.abstract_params(), model.logical_axes(), mesh,
+        shardings = shard_lib.tree_shardings(tree.abstract_params(), tree.logical_axes(), mesh,
                                              tuple(tuple(r) for r in c.mesh.rules))
         like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            model.abstract_params(), shardings)
+                            tree.abstract_params(), shardings)
         return model, ckpt_lib.restore_params(str(run_dir), like, step)
 
     def sample_train(self) -> None:
@@ -259,16 +278,79 @@ class ImdbPipeline:
         write_pairs(pairs, self.dir / "pairs.tmp.jsonl")
         os.replace(self.dir / "pairs.tmp.jsonl", self.dir / "pairs.jsonl")
 
+    def build_rm_pairs(self) -> None:
+        """``rm_pairs/{train,test}.jsonl``: the DPO pairs split by PROMPT (a seeded fraction of
+        the prompts held out), so the reward model's held-out accuracy is on unseen prompts."""
+        rows = _jsonl_read(self.dir / "pairs.jsonl")
+        prompts = sorted({r["prompt"] for r in rows})
+        n_eval = max(1, int(round(len(prompts) * float(self.c.reward_model.eval_fraction))))
+        order = np.random.default_rng(int(self.config.seed)).permutation(len(prompts))
+        held = {prompts[i] for i in order[:n_eval]}
+        out = self.dir / "rm_pairs"
+        out.mkdir(exist_ok=True)
+        _jsonl_write([r for r in rows if r["prompt"] in held], out / "test.jsonl")
+        _jsonl_write([r for r in rows if r["prompt"] not in held], out / "train.jsonl")
+
+    def _pair_data(self, path: str, **extra) -> dict:
+        return dict({"source": "generic", "path": path, "tokenizer": self.tokenizer_dir,
+                     "max_length": int(self.c.max_prefix_tokens) + int(self.c.max_new_tokens) + 2,
+                     "max_prompt_length": int(self.c.max_prefix_tokens) + 1}, **extra)
+
+    def reward_model_config(self) -> ml_collections.ConfigDict:
+        m = self.c.reward_model
+        return self.run_config(
+            "reward",
+            train={"steps": m.steps, "batch_size": m.batch_size, "eval_every": m.steps,
+                   "eval_batch_size": m.batch_size, "checkpoint_every": m.steps},
+            data=self._pair_data(str(self.dir / "rm_pairs"), train_split="train",
+                                 eval_split="test", eval_size=0),
+            init={"policy": str(self.dir / "sft"), "reference": ""},
+            optim={"lr": m.lr, "name": "adamw", "warmup_steps": m.warmup_steps})
+
+    def train_reward_model(self) -> None:
+        from dpo_jax.reward_model import RewardRun
+
+        RewardRun(self.reward_model_config(), str(self.dir / "reward_model")).train()
+
+    def ppo_variants(self) -> dict[str, tuple[str, str, ml_collections.ConfigDict]]:
+        """PPO against the learned reward model, one run per target KL, and PPO-GT (the
+        ground-truth reward) per target KL: same code, only the reward differs."""
+        p, tok = self.c.ppo, self.tokenizer
+        train = {"steps": p.steps, "batch_size": p.batch_size, "eval_every": 0,
+                 "checkpoint_every": int(p.eval_every), "log_every": 1,
+                 "keep_checkpoints": p.steps // int(p.eval_every) + 2}
+        eos = int(tok.eos_token_id)
+        base = {"prompt_file": str(self.dir / "prefixes_train.jsonl"), "eval_prompt_file": "",
+                "prompt_width": int(self.c.max_prefix_tokens),
+                "max_new_tokens": int(self.c.max_new_tokens),
+                "temperature": float(self.c.temperature), "eos_id": eos, "pad_id": eos,
+                "init_kl_coef": float(p.init_kl_coef), "adaptive_kl": True,
+                "kl_horizon": int(p.kl_horizon), "epochs": int(p.epochs),
+                "minibatches": int(p.minibatches)}
+        out = {}
+        for method, kls in (("ppo", self.c.ppo_target_kls), ("ppo_gt", self.c.ppo_gt_target_kls)):
+            for target in kls:
+                reward = ({"reward": "model", "reward_model": str(self.dir / "reward_model")}
+                          if method == "ppo" else
+                          {"reward": "sentiment", "sentiment_path": self.c.reward_dir
+                           or ("" if self.c.hub_reward else str(self.dir / "reward"))})
+                out[f"{method}_kl{target:g}"] = (method, f"target_kl={target:g}", self.run_config(
+                    "ppo", train=train, init={"policy": str(self.dir / "sft"), "reference": ""},
+                    data={"tokenizer": self.tokenizer_dir,
+                          "max_prompt_length": int(self.c.max_prefix_tokens)},
+                    optim={"lr": p.lr, "name": "adamw", "warmup_steps": p.warmup_steps,
+                           "max_grad_norm": p.max_grad_norm},
+                    ppo=dict(base, target_kl=float(target), **reward)))
+        return out
+
     def variants(self) -> dict[str, tuple[str, str, ml_collections.ConfigDict]]:
         """run name -> (method, setting, run config) for DPO betas and the baselines."""
         r = self.c.runs
         train = {"steps": r.steps, "batch_size": r.batch_size, "eval_every": r.eval_every,
                  "eval_batch_size": r.batch_size, "checkpoint_every": int(self.c.eval_every),
                  "keep_checkpoints": r.steps // int(self.c.eval_every) + 2}
-        data = {"source": "generic", "path": str(self.dir / "pairs.jsonl"),
-                "tokenizer": self.tokenizer_dir, "eval_split": "", "eval_size": r.eval_pairs,
-                "max_length": int(self.c.max_prefix_tokens) + int(self.c.max_new_tokens) + 2,
-                "max_prompt_length": int(self.c.max_prefix_tokens) + 1}
+        data = self._pair_data(str(self.dir / "pairs.jsonl"), eval_split="",
+                               eval_size=r.eval_pairs)
         init = {"policy": str(self.dir / "sft"), "reference": ""}
         out = {}
         for beta in self.c.betas:
@@ -286,24 +368,69 @@ class ImdbPipeline:
                 optim={"lr": lr, "name": r.optim, "warmup_steps": r.warmup_steps}))
         return out
 
-    def train_variant(self, name: str, config) -> None:
+    def train_variant(self, name: str, method: str, config) -> None:
+        workdir = str(self.dir / "runs" / name)
+        if config.task == "ppo":
+            from dpo_jax.ppo.rewards import text_reward
+            from dpo_jax.ppo.run import PPORun
+
+            tok = self.tokenizer
+            # PPO-GT optimises exactly the pipeline's ground-truth reward object (the offline
+            # classifier or the hub one); PPO builds its learned reward from the config.
+            gt = (text_reward(self.reward, lambda ids: tok.decode(ids, skip_special_tokens=True))
+                  if method == "ppo_gt" else None)
+            PPORun(config, workdir, reward_fn=gt).train()
+            return
         cls = train_lib.Run if config.task == "dpo" else sft_lib.SFTRun
-        cls(config, str(self.dir / "runs" / name)).train()
+        cls(config, workdir).train()
+
+    def proxy_scores(self, rows: list[dict]) -> np.ndarray:
+        """The learned reward model's score of sampled rows (prompt + completion + EOS, as it
+        was trained), to set PPO's optimised proxy against the ground truth."""
+        if self._proxy is None:
+            model, params = self._params(self.dir / "reward_model", head=True)
+            rm = RewardModel(model)
+            self._proxy = (params, jax.jit(rm.score))
+        params, score = self._proxy
+        eos = int(self.tokenizer.eos_token_id)
+        T = int(self.c.max_prefix_tokens) + int(self.c.max_new_tokens) + 1
+        B = int(self.c.sample_batch)
+        out = []
+        for start in range(0, len(rows), B):
+            chunk = rows[start:start + B]
+            ids = np.full((B, T), eos, np.int32)
+            mask = np.zeros((B, T), np.float32)
+            mask[len(chunk):, 0] = 1  # filler rows: any valid position
+            for i, r in enumerate(chunk):
+                seq = list(r["prompt_ids"]) + list(r["completion_ids"]) + [eos]
+                ids[i, :len(seq)] = seq
+                mask[i, len(r["prompt_ids"]):len(seq)] = 1
+            out.append(np.asarray(score(params, ids, mask))[:len(chunk)])
+        return np.concatenate(out)
 
     def frontier_points(self, name: str, method: str, setting: str) -> None:
-        """One point per saved checkpoint of run ``name`` on the held-out test prefixes."""
+        """One point per saved checkpoint of run ``name`` on the held-out test prefixes (PPO
+        points also carry ``proxy_reward``, the learned reward model's mean score)."""
         run_dir = self.dir / "runs" / name
         model, ref = self._params(self.dir / "sft")
         manager = ckpt_lib.Checkpointer(str(run_dir / "checkpoints"), async_save=False)
         steps = sorted(manager.manager.all_steps())
         manager.close()
         prompts = _jsonl_read(self.dir / "prefixes_test.jsonl")
+        ppo = method.startswith("ppo")
         points, examples = [], []
         for step in steps:
-            _, params = self._params(run_dir, step)
+            _, params = self._params(run_dir, step, head=ppo)
+            if ppo:
+                params = params["decoder"]
             rows = self.sample(params, prompts, int(self.c.eval_samples_per_prefix),
                                jax.random.key(1000 + step), ref_params=ref)
             points.append(self._point(method, setting, step, rows))
+            if ppo and (self.dir / "reward_model" / "summary.json").exists():
+                proxy = self.proxy_scores(rows)
+                for r, v in zip(rows, proxy):
+                    r["proxy_reward"] = float(v)
+                points[-1]["proxy_reward"] = float(proxy.mean())
             examples = rows
         _jsonl_write(examples, run_dir / "test_samples.jsonl")
         _jsonl_write(points, run_dir / "frontier_points.jsonl")
@@ -334,6 +461,56 @@ class ImdbPipeline:
         _jsonl_write(rows[::k], self.dir / "sft_test_samples.jsonl")
         _jsonl_write(points, self.dir / "sft_frontier_points.jsonl")
 
+    def write_compute(self, variants: dict) -> dict:
+        """``compute.json``: what each run cost to train (wall seconds of its training stage,
+        optimizer steps, tokens through the policy with gradient, tokens sampled during
+        training) and the stages it depends on. Frontier evaluation is reported apart (the
+        same for every method)."""
+        times = self.stage_seconds
+        runs = {}
+        for name, (method, setting, cfg) in variants.items():
+            run_dir = self.dir / "runs" / name
+            if not (run_dir / "summary.json").exists():
+                continue
+            summary = json.loads((run_dir / "summary.json").read_text())
+            steps, B = int(summary["steps"]), int(cfg.train.batch_size)
+            row = {"method": method, "setting": setting, "steps": steps,
+                   "train_wall_s": times.get(f"train:{name}", summary.get("wall_s")),
+                   "frontier_eval_s": times.get(f"frontier:{name}")}
+            if method.startswith("ppo"):
+                recs = [json.loads(x) for x in open(run_dir / "metrics.jsonl") if x.strip()]
+                recs = [r for r in recs if "rollout/tokens" in r]
+                scale = steps / max(len(recs), 1)  # log_every > 1: extrapolate the logged mean
+                seq = sum(r["rollout/tokens"] for r in recs) * scale
+                row.update(sampled_tokens=round(sum(r["completion/length"] for r in recs) * B * scale),
+                           forward_tokens=round(2 * seq),  # rollout-time policy and reference
+                           trained_tokens=round(seq * int(cfg.ppo.epochs)),
+                           depends_on=["sft"] + (["samples", "pairs", "reward_model"]
+                                                 if method == "ppo" else []))
+            else:
+                data = summary["data"]
+                if "lengths" in data:  # preference batches: prompt + chosen + rejected
+                    L = data["lengths"]
+                    p, c, r = (L[k]["mean"] for k in ("prompt", "chosen", "rejected"))
+                    per_pair = p + c if method == "preferred_ft" else 2 * p + c + r
+                else:  # text examples (Preferred-FT: prompt + chosen)
+                    per_pair = data["tokens"] / max(int(data["examples"]), 1)
+                row.update(sampled_tokens=0, trained_tokens=round(steps * B * per_pair),
+                           forward_tokens=round(steps * B * per_pair) if method == "dpo" else 0,
+                           depends_on=["sft", "samples", "pairs"])
+            runs[name] = row
+        shared = {k: times.get(k) for k in ("tokenizer", "reward", "sft_data", "sft", "samples",
+                                            "pairs", "reward_model")}
+        out = {"stages": shared, "runs": runs,
+               "note": "wall seconds on this machine; trained_tokens = real (unpadded) tokens "
+                       "through the policy with gradient (DPO: from mean pair lengths); "
+                       "forward_tokens = no-grad forwards (DPO reference; PPO rollout-time "
+                       "policy + reference); sampled_tokens = tokens generated during training"}
+        tmp = self.dir / "compute.json.tmp"
+        tmp.write_text(json.dumps(out, indent=2))
+        os.replace(tmp, self.dir / "compute.json")
+        return out
+
     def write_frontier(self, names: list[str]) -> None:
         points = _jsonl_read(self.dir / "sft_frontier_points.jsonl")
         for name in names:
@@ -354,15 +531,24 @@ class ImdbPipeline:
         self._stage("samples", [d / "samples_train.jsonl"], self.sample_train)
         self._stage("pairs", [d / "pairs.jsonl"], self.build_pairs)
         variants = self.variants()
+        ppo = self.ppo_variants()
+        if ppo:
+            self._stage("rm_pairs", [d / "rm_pairs" / "train.jsonl", d / "rm_pairs" / "test.jsonl"],
+                        self.build_rm_pairs)
+            if any(m == "ppo" for m, _, _ in ppo.values()):
+                self._stage("reward_model", [d / "reward_model" / "summary.json"],
+                            self.train_reward_model)
+        variants.update(ppo)
         for name, (method, setting, cfg) in variants.items():
             self._stage(f"train:{name}", [d / "runs" / name / "summary.json"],
-                        lambda n=name, c=cfg: self.train_variant(n, c))
+                        lambda n=name, m=method, c=cfg: self.train_variant(n, m, c))
             self._stage(f"frontier:{name}", [d / "runs" / name / "frontier_points.jsonl"],
                         lambda n=name, m=method, s=setting: self.frontier_points(n, m, s))
         self._stage("frontier:sft", [d / "sft_frontier_points.jsonl"], self.sft_and_best_of_n)
         # Always re-assembled (cheap: it reads the per-run point files), so the CSV and plot
         # hold exactly the configured variants, also when a rerun adds a beta.
         self.write_frontier(list(variants))
+        self.write_compute(variants)
         self.stages_run.append("frontier")
         summary = {"stages_run": self.stages_run, "stages_skipped": self.stages_skipped,
                    "frontier": [r for r in frontier_lib.read_frontier_csv(d / "frontier.csv")]}

@@ -24,9 +24,35 @@ from dpo_jax.sampling import Samples
 RewardFn = Callable[[Samples], jax.Array]
 
 
-def model_reward(model, params) -> RewardFn:
-    """Scores from a reward model (params are passed to one jitted function, not baked in)."""
-    score = jax.jit(model.score)
+def with_final_eos(tokens_BT: jax.Array, mask_BT: jax.Array, eos_id: int):
+    """Rows ``[B, T + 1]`` whose completion ends in EOS: one is written after the last generated
+    token of every row that stopped at the length bound (rows already ending in EOS, and rows
+    with no generated token, are unchanged). A reward model trained by this codebase reads its
+    head at the EOS the data pipeline appends to every response; scoring a truncated rollout at
+    a content token instead would ask it for a reward at a position it never learnt."""
+    B, T = tokens_BT.shape
+    tokens = jnp.concatenate([tokens_BT, jnp.full((B, 1), eos_id, tokens_BT.dtype)], axis=1)
+    mask = jnp.concatenate([mask_BT, jnp.zeros((B, 1), mask_BT.dtype)], axis=1)
+    t = jnp.arange(T + 1, dtype=jnp.int32)
+    has = jnp.any(mask > 0, axis=1)
+    last = jnp.max(jnp.where(mask > 0, t[None, :], -1), axis=1)
+    ends_eos = jnp.take_along_axis(tokens, jnp.maximum(last, 0)[:, None], axis=1)[:, 0] == eos_id
+    add = (has & ~ends_eos)[:, None] & (t[None, :] == last[:, None] + 1)
+    return (jnp.where(add, jnp.asarray(eos_id, tokens.dtype), tokens),
+            jnp.where(add, jnp.ones((), mask.dtype), mask))
+
+
+def model_reward(model, params, eos_id: int | None = None) -> RewardFn:
+    """Scores from a reward model (params are passed to one jitted function, not baked in).
+    With ``eos_id``, rollouts cut at the length bound are scored with an EOS appended
+    (:func:`with_final_eos`), as the reward model saw every response in training."""
+
+    def _score(params, tokens, mask):
+        if eos_id is not None:
+            tokens, mask = with_final_eos(tokens, mask, eos_id)
+        return model.score(params, tokens, mask)
+
+    score = jax.jit(_score)
 
     def reward(samples: Samples) -> jax.Array:
         return score(params, samples.tokens_BT, samples.completion_mask_BT)
@@ -117,4 +143,5 @@ def _reward_model_from_run(run_dir: str, mesh, config) -> RewardFn:
     model = RewardModel(Model(train_lib.model_config(rm_config)))
     rules = tuple(tuple(r) for r in config.mesh.rules)
     shardings = shard_lib.tree_shardings(model.abstract_params(), model.logical_axes(), mesh, rules)
-    return model_reward(model, restore_reward_model(run_dir, model, shardings))
+    return model_reward(model, restore_reward_model(run_dir, model, shardings),
+                        eos_id=int(config.ppo.eos_id))

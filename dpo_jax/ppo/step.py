@@ -138,6 +138,8 @@ def make_ppo_step(model, tx, cfg: PPOConfig):
             "value/mean": core.masked_mean(old_values, mask),
             "returns/mean": core.masked_mean(returns, mask),
             "completion/length": jnp.mean(jnp.sum(mask, axis=1)),
+            # prompt + completion tokens of this rollout batch (compute accounting)
+            "rollout/tokens": jnp.sum(batch["prompt_lengths"]) + jnp.sum(mask),
         })
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
