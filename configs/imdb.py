@@ -7,7 +7,8 @@ Variants (``:name``):
     one-layer model, every stage in seconds.
   * ``cpu``   -- offline, 2 CPU cores: the IMDb BPE (8192), a 4-layer d=256 GPT-2-shaped model
     pretrained on IMDb reviews cut to 64 tokens, 1000 train prefixes x 4 samples, 4 betas +
-    Preferred-FT + Unlikelihood, frontier on 256 test prefixes.
+    Preferred-FT + Unlikelihood, a reward model + PPO at target KL 3/6/9/12 + PPO-GT,
+    frontier on 256 test prefixes.
   * ``gpu``   -- the same recipe at GPT-2-small shape on all reviews (one accelerator).
   * ``paper`` -- gpt2-large from ``model.hf_path`` (hub or a local directory) with the GPT-2
     tokenizer, reward ``siebert/sentiment-roberta-large-english`` through
@@ -36,8 +37,9 @@ def _imdb_block() -> ml_collections.ConfigDict:
     c.reward_steps = 300  # full-batch Adam steps of the offline reward
     c.sft_max_length = 64  # tokens per SFT review (cut, then EOS)
     c.sft_eval_size = 512  # held-out test reviews for SFT eval NLL
-    c.sft = ml_collections.ConfigDict(dict(steps=1500, batch_size=32, lr=1e-3, warmup_steps=100,
-                                           eval_every=500, checkpoint_every=500))
+    # 800 x 32 x 64 tokens: a third of an epoch of train+unsup, what fits the 2-core budget
+    c.sft = ml_collections.ConfigDict(dict(steps=800, batch_size=32, lr=1e-3, warmup_steps=100,
+                                           eval_every=400, checkpoint_every=400))
     c.num_train_prefixes = 1000  # prompts whose samples become preference pairs
     c.num_test_prefixes = 256  # held-out TEST prompts of the frontier evaluation
     c.min_prefix_tokens = 2  # paper: prefixes of 2-8 tokens
@@ -46,15 +48,33 @@ def _imdb_block() -> ml_collections.ConfigDict:
     c.max_new_tokens = 48  # completion length bound
     c.temperature = 1.0  # sampling temperature (1.0: samples from pi, as the KL estimate needs)
     c.sample_batch = 128  # prompts per generate call (fixed shape: one compile)
-    c.betas = (0.05, 0.1, 0.5, 1.0)  # DPO beta sweep
+    c.betas = (0.05, 0.1, 1.0, 5.0)  # DPO beta sweep (the paper's)
     c.baselines = ("preferred_ft", "unlikelihood")
     c.unlikelihood_alpha = 1.0
-    c.runs = ml_collections.ConfigDict(dict(steps=300, batch_size=32, lr=1e-4, sft_lr=1e-4,
+    c.runs = ml_collections.ConfigDict(dict(steps=200, batch_size=32, lr=1e-4, sft_lr=1e-4,
                                             optim="adamw", warmup_steps=20, eval_every=0,
                                             eval_pairs=64))
-    c.eval_every = 100  # frontier point every K steps of every run (checkpoints kept)
+    c.eval_every = 50  # frontier point every K steps of every run (checkpoints kept)
     c.eval_samples_per_prefix = 1  # policy samples per test prefix at each frontier point
     c.best_of_n = (2, 4, 16)  # Best-of-N of SFT samples (reward of the best of n)
+    # RLHF baseline: a Bradley-Terry reward model on the same pairs, then PPO against it.
+    c.reward_model = ml_collections.ConfigDict(dict(
+        steps=200, batch_size=32, lr=1e-4, warmup_steps=20,  # ~1.2 epochs of its 5.4k pairs
+        eval_fraction=0.1))  # prompts held out for its accuracy
+    c.ppo_target_kls = (3.0, 6.0, 9.0, 12.0)  # PPO (learned reward), paper's sweep
+    c.ppo_gt_target_kls = (6.0,)  # PPO-GT (the ground-truth reward)
+    c.ppo = ml_collections.ConfigDict(dict(
+        steps=100,  # PPO iterations (rollout batch + epochs x minibatches updates each)
+        batch_size=64,  # rollouts per iteration (100 x 64 = 6400 episodes ~ DPO's 200 x 32 pairs)
+        # 5e-5: clip fraction 6-8% and reward -0.24 -> 0.8 in 12 PPO-GT iterations of the cpu
+        # model; 1e-5 left clipfrac ~0 and the reward flat (experiments/imdb/README.md).
+        lr=5e-5, warmup_steps=0, max_grad_norm=1.0,
+        epochs=4, minibatches=4,  # trl's recipe
+        init_kl_coef=0.1,
+        # Ziegler et al.'s controller moves beta by at most 20% x episodes/horizon per iteration;
+        # trl's 10000 would leave beta fixed over 6400 episodes, so the target could not act.
+        kl_horizon=1000,
+        eval_every=25))  # a frontier point every K iterations
     return c
 
 
@@ -87,6 +107,13 @@ def get_config(arg: str = "cpu"):
                                                 eval_pairs=8))
         i.eval_every = 2
         i.best_of_n = (2, 4)
+        i.reward_model = ml_collections.ConfigDict(dict(steps=2, batch_size=8, lr=1e-3,
+                                                        warmup_steps=0, eval_fraction=0.25))
+        i.ppo_target_kls = (6.0,)
+        i.ppo_gt_target_kls = (6.0,)
+        i.ppo = ml_collections.ConfigDict(dict(steps=2, batch_size=8, lr=1e-3, warmup_steps=0,
+                                               max_grad_norm=1.0, epochs=2, minibatches=2,
+                                               init_kl_coef=0.1, kl_horizon=100, eval_every=2))
         c.model.overrides = ml_collections.ConfigDict(
             {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64, "max_len": 32})
         c.data.buckets = "32"  # one shape for SFT and pairs: one compile per step function
@@ -111,6 +138,13 @@ def get_config(arg: str = "cpu"):
                                                      warmup_steps=150, eval_every=0,
                                                      eval_pairs=256))
         c.imdb.eval_every = 250
+        c.imdb.reward_model = ml_collections.ConfigDict(dict(
+            steps=1000, batch_size=64, lr=1e-5, warmup_steps=150, eval_fraction=0.05))
+        c.imdb.ppo_gt_target_kls = (3.0, 6.0, 9.0, 12.0)
+        c.imdb.ppo = ml_collections.ConfigDict(dict(
+            steps=400, batch_size=256, lr=1.41e-5,  # trl's GPT-2 sentiment example
+            warmup_steps=0, max_grad_norm=1.0, epochs=4, minibatches=4, init_kl_coef=0.2,
+            kl_horizon=10000, eval_every=50))
     elif variant == "paper":
         c.model.hf_path = "gpt2-large"
         c.model.dtype = "bfloat16"
@@ -130,6 +164,12 @@ def get_config(arg: str = "cpu"):
                                                      warmup_steps=150, eval_every=0,
                                                      eval_pairs=512))
         c.imdb.eval_every = 500
+        c.imdb.reward_model = ml_collections.ConfigDict(dict(
+            steps=2000, batch_size=64, lr=1e-6, warmup_steps=150, eval_fraction=0.05))
+        c.imdb.ppo_gt_target_kls = (3.0, 6.0, 9.0, 12.0)
+        c.imdb.ppo = ml_collections.ConfigDict(dict(
+            steps=1000, batch_size=256, lr=1.41e-5, warmup_steps=0, max_grad_norm=1.0,
+            epochs=4, minibatches=4, init_kl_coef=0.2, kl_horizon=10000, eval_every=100))
     else:
         raise ValueError(f"unknown variant {variant!r} of configs/imdb.py "
                          "(known: tiny, cpu, gpu, paper)")

@@ -19,6 +19,36 @@ def _rows(path: pathlib.Path) -> list[dict]:
     return [json.loads(x) for x in open(path, encoding="utf-8") if x.strip()]
 
 
+def _compute_table(d: pathlib.Path) -> None:
+    """What each run cost (compute.json) and, for PPO, the proxy (reward-model) score of its
+    last frontier point next to the ground truth."""
+    if not (d / "compute.json").exists():
+        return
+    compute = json.loads((d / "compute.json").read_text())
+    rm = d / "reward_model" / "summary.json"
+    if rm.exists():
+        ev = json.loads(rm.read_text())["final_eval"]
+        print(f"\nreward model: held-out pair accuracy {ev['accuracy']:.3f} "
+              f"(loss {ev['loss']:.3f}) on pairs of prompts it never saw")
+    print("\n| run | steps | train wall (s) | trained tokens | no-grad forward tokens | "
+          "sampled tokens | frontier eval (s) | last point: reward / proxy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in compute["runs"].items():
+        last = ""
+        pts = d / "runs" / name / "frontier_points.jsonl"
+        if pts.exists():
+            p = _rows(pts)[-1]
+            last = f"{p['mean_reward']:.2f}" + (f" / {p['proxy_reward']:.2f}"
+                                                if "proxy_reward" in p else "")
+        wall = "" if r["train_wall_s"] is None else f"{r['train_wall_s']:.0f}"
+        ev = "" if r.get("frontier_eval_s") is None else f"{r['frontier_eval_s']:.0f}"
+        print(f"| {name} | {r['steps']} | {wall} | {r['trained_tokens']:,} | "
+              f"{r['forward_tokens']:,} | {r['sampled_tokens']:,} | {ev} | {last} |")
+    stages = {k: v for k, v in compute["stages"].items() if v is not None}
+    if stages:
+        print("\nshared stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workdir")
@@ -31,6 +61,7 @@ def main() -> None:
         for r in csv.DictReader(f):
             print(f"| {r['method']} | {r['setting']} | {r['step']} | {float(r['kl']):.2f} | "
                   f"{float(r['mean_reward']):.2f} |")
+    _compute_table(d)
     sft = _rows(d / "sft_test_samples.jsonl")
     run = _rows(d / "runs" / args.run / "test_samples.jsonl")
     clean = lambda s: s.replace("|", "/").replace("\n", " ")
