@@ -61,7 +61,7 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     points = summary["frontier"]
     methods = {(p["method"], p["setting"], p["step"]) for p in points}
     assert {("dpo", "beta=0.1", 2), ("preferred_ft", "", 2), ("unlikelihood", "", 2),
-            ("ppo", "target_kl=6", 2), ("ppo_gt", "target_kl=6", 2),
+            ("ppo", "target_kl=6", 2), ("ppo_gt", "target_kl=6", 1), ("ppo_gt", "target_kl=6", 2),
             ("sft", "", 0), ("best_of_n", "n=2", 0), ("best_of_n", "n=4", 0)} == methods
     sft = next(p for p in points if p["method"] == "sft")
     assert abs(sft["kl"]) < 1e-4
@@ -77,13 +77,14 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     assert len(rm_train) + len(rm_test) == len(per_prompt)
     rm_summary = json.loads((work / "reward_model" / "summary.json").read_text())
     assert 0.0 <= rm_summary["final_eval"]["accuracy"] <= 1.0
-    for name in ("ppo_kl6", "ppo_gt_kl6"):
+    for name, steps in (("ppo_kl6", [2]), ("ppo_gt_kl6", [1, 2])):  # imdb.ppo_gt: every step
         pts = [json.loads(x) for x in open(work / "runs" / name / "frontier_points.jsonl")]
-        assert [p["step"] for p in pts] == [2] and np.isfinite(pts[0]["proxy_reward"])
+        assert [p["step"] for p in pts] == steps and np.isfinite(pts[0]["proxy_reward"])
     # PPO-GT trained on the ground-truth reward: its logged rollout rewards are the classifier's
     # scores of its own samples (the same object that scores the frontier).
     ppo_gt = json.loads((work / "runs" / "ppo_gt_kl6" / "config.json").read_text())
     assert ppo_gt["ppo"]["reward"] == "sentiment" and ppo_gt["ppo"]["target_kl"] == 6.0
+    assert ppo_gt["ppo"]["kl_horizon"] == 50 and ppo_gt["train"]["checkpoint_every"] == 1
     compute = json.loads((work / "compute.json").read_text())
     assert set(compute["runs"]) == {"dpo_beta0.1", "preferred_ft", "unlikelihood", "ppo_kl6",
                                     "ppo_gt_kl6"}

@@ -314,21 +314,26 @@ class ImdbPipeline:
 
     def ppo_variants(self) -> dict[str, tuple[str, str, ml_collections.ConfigDict]]:
         """PPO against the learned reward model, one run per target KL, and PPO-GT (the
-        ground-truth reward) per target KL: same code, only the reward differs."""
-        p, tok = self.c.ppo, self.tokenizer
-        train = {"steps": p.steps, "batch_size": p.batch_size, "eval_every": 0,
-                 "checkpoint_every": int(p.eval_every), "log_every": 1,
-                 "keep_checkpoints": p.steps // int(p.eval_every) + 2}
+        ground-truth reward) per target KL: same code and settings (``imdb.ppo``), only the
+        reward differs, plus the few fields ``imdb.ppo_gt`` overrides for PPO-GT."""
+        tok = self.tokenizer
         eos = int(tok.eos_token_id)
-        base = {"prompt_file": str(self.dir / "prefixes_train.jsonl"), "eval_prompt_file": "",
-                "prompt_width": int(self.c.max_prefix_tokens),
-                "max_new_tokens": int(self.c.max_new_tokens),
-                "temperature": float(self.c.temperature), "eos_id": eos, "pad_id": eos,
-                "init_kl_coef": float(p.init_kl_coef), "adaptive_kl": True,
-                "kl_horizon": int(p.kl_horizon), "epochs": int(p.epochs),
-                "minibatches": int(p.minibatches)}
         out = {}
         for method, kls in (("ppo", self.c.ppo_target_kls), ("ppo_gt", self.c.ppo_gt_target_kls)):
+            p = self.c.ppo.to_dict()
+            if method == "ppo_gt":
+                p.update(self.c.get("ppo_gt", ml_collections.ConfigDict()).to_dict())
+            every = int(p["eval_every"])
+            train = {"steps": p["steps"], "batch_size": p["batch_size"], "eval_every": 0,
+                     "checkpoint_every": every, "log_every": 1,
+                     "keep_checkpoints": p["steps"] // every + 2}
+            base = {"prompt_file": str(self.dir / "prefixes_train.jsonl"), "eval_prompt_file": "",
+                    "prompt_width": int(self.c.max_prefix_tokens),
+                    "max_new_tokens": int(self.c.max_new_tokens),
+                    "temperature": float(self.c.temperature), "eos_id": eos, "pad_id": eos,
+                    "init_kl_coef": float(p["init_kl_coef"]), "adaptive_kl": True,
+                    "kl_horizon": int(p["kl_horizon"]), "epochs": int(p["epochs"]),
+                    "minibatches": int(p["minibatches"])}
             for target in kls:
                 reward = ({"reward": "model", "reward_model": str(self.dir / "reward_model")}
                           if method == "ppo" else
@@ -338,8 +343,8 @@ class ImdbPipeline:
                     "ppo", train=train, init={"policy": str(self.dir / "sft"), "reference": ""},
                     data={"tokenizer": self.tokenizer_dir,
                           "max_prompt_length": int(self.c.max_prefix_tokens)},
-                    optim={"lr": p.lr, "name": "adamw", "warmup_steps": p.warmup_steps,
-                           "max_grad_norm": p.max_grad_norm},
+                    optim={"lr": p["lr"], "name": "adamw", "warmup_steps": p["warmup_steps"],
+                           "max_grad_norm": p["max_grad_norm"]},
                     ppo=dict(base, target_kl=float(target), **reward)))
         return out
 
