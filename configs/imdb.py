@@ -70,6 +70,7 @@ def _imdb_block() -> ml_collections.ConfigDict:
         # model; 1e-5 left clipfrac ~0 and the reward flat (experiments/imdb/README.md).
         lr=5e-5, warmup_steps=0, max_grad_norm=1.0,
         epochs=4, minibatches=4,  # trl's recipe
+        detach_value_head=False,  # trl's shared trunk (see dpo_jax/ppo/config.py)
         init_kl_coef=0.1,
         # Ziegler et al.'s controller moves beta by at most 20% x episodes/horizon per iteration;
         # trl's 10000 would leave beta fixed over 6400 episodes, so the target could not act.

@@ -194,3 +194,29 @@ def test_learned_reward_scores_truncated_rollouts_with_a_final_eos():
     t, m = with_final_eos(tokens, mask, eos)
     np.testing.assert_array_equal(t, [[5, 6, 7, 8, 9, 0], [5, 7, 0, 0, 0, 0], [5, 6, 0, 0, 0, 0]])
     np.testing.assert_array_equal(m, [[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+
+
+def test_detached_value_head_keeps_the_value_loss_out_of_the_trunk(tmp_path):
+    """``ppo.detach_value_head``: the value loss trains the head only; shared (default), it
+    reaches the decoder too."""
+    from dpo_jax.ppo import step as ppo_step
+
+    run = PPORun(ppo_config(steps=1), str(tmp_path), reward_fn=liked_fraction)
+    batch, _ = run.rollout(next(iter(run.train_data)), jax.random.key(0))
+    n = run.ppo_cfg.max_new_tokens
+    _, _, mask = ppo_step.completion_view(batch, n)
+    returns = jnp.ones(mask.shape)  # any target the zero-initialised head misses
+
+    def value_loss(params, detach):
+        _, values, _ = ppo_step.forward(run.model, params, batch, n, detach_value=detach)
+        return core.masked_mean((values - returns) ** 2, mask)
+
+    # A non-zero head (the zero init passes no gradient to the trunk either way).
+    params = dict(run.state.params, value_head=jax.tree.map(
+        lambda x: jnp.full_like(x, 0.1), run.state.params["value_head"]))
+    for detach in (True, False):
+        g = jax.grad(value_loss)(params, detach)
+        trunk = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g["decoder"]))
+        head = float(jnp.max(jnp.abs(g["value_head"]["kernel"])))
+        assert head > 0
+        assert (trunk == 0.0) if detach else (trunk > 0.0), (detach, trunk)

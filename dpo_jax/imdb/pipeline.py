@@ -333,7 +333,8 @@ class ImdbPipeline:
                     "temperature": float(self.c.temperature), "eos_id": eos, "pad_id": eos,
                     "init_kl_coef": float(p["init_kl_coef"]), "adaptive_kl": True,
                     "kl_horizon": int(p["kl_horizon"]), "epochs": int(p["epochs"]),
-                    "minibatches": int(p["minibatches"])}
+                    "minibatches": int(p["minibatches"]),
+                    "detach_value_head": bool(p.get("detach_value_head", False))}
             for target in kls:
                 reward = ({"reward": "model", "reward_model": str(self.dir / "reward_model")}
                           if method == "ppo" else

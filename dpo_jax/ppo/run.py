@@ -38,7 +38,9 @@ def ppo_config(config) -> PPOConfig:
     return PPOConfig(max_new_tokens=int(p.max_new_tokens), epochs=int(p.epochs),
                      minibatches=int(p.minibatches), gamma=float(p.gamma), lam=float(p.lam),
                      clip=float(p.clip), vf_clip=float(p.vf_clip), vf_coef=float(p.vf_coef),
-                     whiten_advantages=bool(p.whiten_advantages), seed=int(config.seed))
+                     whiten_advantages=bool(p.whiten_advantages),
+                     detach_value_head=bool(p.get("detach_value_head", False)),
+                     seed=int(config.seed))
 
 
 def sampling_config(config, eos_id: int, pad_id: int) -> SamplingConfig:

@@ -39,6 +39,9 @@ class PPOConfig:
     vf_clip: float = 0.2  # value clip (around the rollout-time value)
     vf_coef: float = 0.1
     whiten_advantages: bool = True
+    # True: the value head reads stop_gradient(hidden states), so the value loss cannot move the
+    # shared trunk (a linear value probe on the policy's features). False: trl's shared trunk.
+    detach_value_head: bool = False
     seed: int = 0  # minibatch shuffling (folded with the step)
 
 
@@ -61,7 +64,7 @@ def _hidden(decoder, dparams, batch):
     return decoder.hidden(dparams, tokens, jnp.broadcast_to(t, (B, T)), seg)
 
 
-def forward(model, params, batch, n: int, with_values: bool = True):
+def forward(model, params, batch, n: int, with_values: bool = True, detach_value: bool = False):
     """(token log-probs [B, N], values [B, N] or None, logits [B, N, V]) of the completions.
 
     ``model`` is a RewardModel-style wrapper when ``with_values``; else a plain decoder Model
@@ -73,7 +76,8 @@ def forward(model, params, batch, n: int, with_values: bool = True):
     h_BND = jnp.take_along_axis(h, idx[..., None], axis=1)
     logits = project(h_BND, *decoder.unembedding(dparams))
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
-    values = model.head(params, h_BND) if with_values else None
+    h_value = jax.lax.stop_gradient(h_BND) if detach_value else h_BND
+    values = model.head(params, h_value) if with_values else None
     return logp, values, logits
 
 
@@ -82,7 +86,7 @@ def make_ppo_step(model, tx, cfg: PPOConfig):
     n = cfg.max_new_tokens
 
     def loss_fn(params, mb):
-        logp, values, logits = forward(model, params, mb, n)
+        logp, values, logits = forward(model, params, mb, n, detach_value=cfg.detach_value_head)
         mask = mb["mask"]
         pg, pg_stats = core.policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip)
         vf, vf_stats = core.value_loss(values, mb["old_values"], mb["returns"], mask, cfg.vf_clip)
