@@ -57,6 +57,7 @@ def _imdb_block() -> ml_collections.ConfigDict:
     c.eval_every = 50  # frontier point every K steps of every run (checkpoints kept)
     c.eval_samples_per_prefix = 1  # policy samples per test prefix at each frontier point
     c.best_of_n = (2, 4, 16)  # Best-of-N of SFT samples (reward of the best of n)
+    c.plot_kl_max = 40.0  # frontier.png x-axis end (0 = all); farther points sit on the edge
     # RLHF baseline: a Bradley-Terry reward model on the same pairs, then PPO against it.
     c.reward_model = ml_collections.ConfigDict(dict(
         steps=200, batch_size=32, lr=1e-4, warmup_steps=20,  # ~1.2 epochs of its 5.4k pairs

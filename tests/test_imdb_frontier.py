@@ -40,6 +40,30 @@ def test_png_written(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_kl_max_clips_the_axis_not_the_csv(tmp_path, monkeypatch):
+    """Points beyond kl_max are drawn on the edge (counted in the title); the CSV keeps them."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        seen["xlim"], seen["title"] = ax.get_xlim(), ax.get_title()
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    far = POINTS + [FrontierPoint("ppo", "target_kl=6", 150, 70.0, 0.1)]
+    csv_path, _ = frontier.write_frontier(far, tmp_path, kl_max=10.0)
+    assert seen["xlim"][1] == pytest.approx(10.2)
+    assert "1 points with KL > 10" in seen["title"]
+    assert len(frontier.read_frontier_csv(csv_path)) == len(far)
+    plt.close("all")
+
+
 def test_pareto_front():
     front = frontier.pareto_front(frontier.sort_points(POINTS))
     assert [(p.kl, p.mean_reward) for p in front] == [(2.0, 0.6), (4.0, 0.8), (8.0, 0.95)]

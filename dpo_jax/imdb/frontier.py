@@ -82,8 +82,13 @@ def plot_frontier(
     *,
     title: str = "IMDb sentiment generation: reward vs KL",
     reward_label: str = "mean reward (sentiment logit)",
+    kl_max: float | None = None,
 ) -> pathlib.Path:
-    """Scatter reward vs KL, one colour per method, each method's Pareto envelope as a line."""
+    """Scatter reward vs KL, one colour per method, each method's Pareto envelope as a line.
+
+    ``kl_max``: the x-axis ends there; points beyond it (e.g. a collapsed run) are drawn on the
+    edge as ``>`` markers and counted in the title, so they neither vanish nor squash the rest.
+    The CSV always holds every point unchanged."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -93,19 +98,30 @@ def plot_frontier(
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    beyond = [p for p in pts if kl_max is not None and p.kl > kl_max]
     for method in sorted({p.method for p in pts}):
-        mine = [p for p in pts if p.method == method]
+        mine = [p for p in pts if p.method == method and p not in beyond]
+        if not mine:
+            continue
         sc = ax.scatter([p.kl for p in mine], [p.mean_reward for p in mine], s=14, alpha=0.6,
                         label=method)
+        colour = sc.get_facecolor()[0][:3]
         front = pareto_front(mine)
-        ax.plot([p.kl for p in front], [p.mean_reward for p in front],
-                color=sc.get_facecolor()[0][:3], linewidth=1.2)
+        ax.plot([p.kl for p in front], [p.mean_reward for p in front], color=colour,
+                linewidth=1.2)
+        out = [p for p in beyond if p.method == method]
+        if out:
+            ax.scatter([kl_max] * len(out), [p.mean_reward for p in out], marker=">", s=24,
+                       color=colour, alpha=0.8)
+    if beyond:
+        ax.set_xlim(right=kl_max * 1.02)
+        title += f"\n({len(beyond)} points with KL > {kl_max:g} drawn at the edge as >)"
     ax.set_xlabel("KL(pi || pi_ref), nats per sequence")
     ax.set_ylabel(reward_label)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if pts:
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -113,10 +129,11 @@ def plot_frontier(
 
 
 def write_frontier(
-    points: Iterable[FrontierPoint | dict], out_dir: str | pathlib.Path
+    points: Iterable[FrontierPoint | dict], out_dir: str | pathlib.Path,
+    kl_max: float | None = None,
 ) -> tuple[pathlib.Path, pathlib.Path]:
     """``out_dir/frontier.csv`` and ``out_dir/frontier.png``; returns both paths."""
     pts = _points(points)
     out_dir = pathlib.Path(out_dir)
     return (write_frontier_csv(pts, out_dir / "frontier.csv"),
-            plot_frontier(pts, out_dir / "frontier.png"))
+            plot_frontier(pts, out_dir / "frontier.png", kl_max=kl_max))

@@ -521,7 +521,8 @@ class ImdbPipeline:
         points = _jsonl_read(self.dir / "sft_frontier_points.jsonl")
         for name in names:
             points += _jsonl_read(self.dir / "runs" / name / "frontier_points.jsonl")
-        frontier_lib.write_frontier(points, self.dir)
+        kl_max = float(self.c.get("plot_kl_max", 0.0)) or None
+        frontier_lib.write_frontier(points, self.dir, kl_max=kl_max)
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict[str, Any]:

@@ -15,12 +15,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("points", nargs="+", help="jsonl files of frontier points")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--kl-max", type=float, default=None,
+                    help="end the x-axis here; farther points are drawn on the edge")
     args = ap.parse_args()
     points = []
     for path in args.points:
         with open(path, encoding="utf-8") as f:
             points.extend(json.loads(line) for line in f if line.strip())
-    csv_path, png_path = write_frontier(points, args.out)
+    csv_path, png_path = write_frontier(points, args.out, kl_max=args.kl_max)
     print(f"{len(points)} points -> {csv_path}, {png_path}")
 
 
