@@ -13,6 +13,7 @@ from dpo_jax.ppo.data import PromptStream
 from dpo_jax.ppo.rewards import synthetic_true_reward
 from dpo_jax.ppo.run import PPORun
 from dpo_jax.config import base_config
+from tests._interrupt import train_until_killed
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -132,10 +133,6 @@ def test_ppo_and_ppo_gt_share_everything_but_the_reward(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_ppo_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     """Killed right after the checkpoint at iteration 2, a resumed run continues with the same
     params, optimizer state, prompt position and adaptive KL coefficient: the final params and
@@ -153,19 +150,7 @@ def test_ppo_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     coefs = [r["objective/kl_coef"] for r in want_log]
     assert len(set(coefs)) == len(coefs), coefs  # the controller moved beta every iteration
 
-    run = PPORun(config(), str(tmp_path / "cut"), reward_fn=liked_fraction)
-    original, calls = run._train_step, {"n": 0}
-
-    def dying_step(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Interrupt()
-        return original(*args)
-
-    run._train_step = dying_step
-    with pytest.raises(_Interrupt):
-        run.train()
-    run.checkpointer.close()
+    train_until_killed(PPORun(config(), str(tmp_path / "cut"), reward_fn=liked_fraction), 3)
 
     resumed = PPORun(config(), str(tmp_path / "cut"), reward_fn=liked_fraction)
     assert resumed.start_step == 2

@@ -9,6 +9,7 @@ import pytest
 from dpo_jax import sft
 from dpo_jax.config import base_config
 from dpo_jax.tasks import get_task
+from tests._interrupt import train_until_killed
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -119,10 +120,6 @@ def test_memorises_a_tiny_dataset_through_the_task_registry(tmp_path):
     assert summary["final_eval"]["ppl"] == pytest.approx(np.exp(summary["final_eval"]["nll"]))
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted_run(tmp_path):
     def config():
         c = sft_config(steps=6, checkpoint_every=2)
@@ -134,19 +131,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     full = sft.SFTRun(config(), str(tmp_path / "full"))
     full.train()
     want = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(full.state.params))]
-    run = sft.SFTRun(config(), str(tmp_path / "cut"))
-    original, calls = run._train_step, {"n": 0}
-
-    def dying_step(*args):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise _Interrupt()
-        return original(*args)
-
-    run._train_step = dying_step
-    with pytest.raises(_Interrupt):
-        run.train()
-    run.checkpointer.close()
+    train_until_killed(sft.SFTRun(config(), str(tmp_path / "cut")), 6)
     resumed = sft.SFTRun(config(), str(tmp_path / "cut"))
     assert resumed.start_step == 4
     resumed.train()

@@ -12,6 +12,7 @@ import pytest
 
 from dpo_jax import train
 from dpo_jax.config import base_config
+from tests._interrupt import train_until_killed
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -87,10 +88,6 @@ def test_accumulating_four_micro_batches_equals_one_big_batch(tmp_path):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
     def config():
         c = small_config(steps=6, checkpoint_every=2)
@@ -104,20 +101,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
 
     # Kill the second run when step 5 is dispatched, right after the checkpoint at step 4 (the
     # hardest moment for the one-step-late metrics: step 4's must already be in the log).
-    run = train.Run(config(), str(tmp_path / "cut"))
-    original = run._train_step
-    calls = {"n": 0}
-
-    def dying_step(*args):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise _Interrupt()
-        return original(*args)
-
-    run._train_step = dying_step
-    with pytest.raises(_Interrupt):
-        run.train()
-    run.checkpointer.close()
+    train_until_killed(train.Run(config(), str(tmp_path / "cut")), 5)
 
     resumed = train.Run(config(), str(tmp_path / "cut"))
     assert resumed.start_step == 4
