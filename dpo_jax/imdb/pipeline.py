@@ -89,9 +89,9 @@ class ImdbPipeline:
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise RuntimeError(f"stage {name} did not write {missing}")
-        logging.info("imdb stage %s: done in %.1fs", name, time.time() - t0)
-        self.stages_run.append(name)
         self.stage_seconds[name] = round(time.time() - t0, 1)
+        logging.info("imdb stage %s: done in %.1fs", name, self.stage_seconds[name])
+        self.stages_run.append(name)
         tmp = self._times_path.with_name("stage_times.json.tmp")
         tmp.write_text(json.dumps(self.stage_seconds, indent=2))
         os.replace(tmp, self._times_path)
@@ -391,14 +391,16 @@ class ImdbPipeline:
         cls(config, workdir).train()
 
     def proxy_scores(self, rows: list[dict]) -> np.ndarray:
-        """The learned reward model's score of sampled rows (prompt + completion + EOS, as it
-        was trained), to set PPO's optimised proxy against the ground truth."""
+        """The learned reward model's score of sampled rows, through the same reward function
+        PPO optimised (``model_reward``: prompt + completion + EOS, as the model was trained),
+        to set PPO's proxy against the ground truth."""
+        from dpo_jax.ppo.rewards import model_reward
+        from dpo_jax.sampling import Samples
+
+        eos = int(self.tokenizer.eos_token_id)
         if self._proxy is None:
             model, params = self._params(self.dir / "reward_model", head=True)
-            rm = RewardModel(model)
-            self._proxy = (params, jax.jit(rm.score))
-        params, score = self._proxy
-        eos = int(self.tokenizer.eos_token_id)
+            self._proxy = model_reward(RewardModel(model), params, eos_id=eos)
         T = int(self.c.max_prefix_tokens) + int(self.c.max_new_tokens) + 1
         B = int(self.c.sample_batch)
         out = []
@@ -408,10 +410,14 @@ class ImdbPipeline:
             mask = np.zeros((B, T), np.float32)
             mask[len(chunk):, 0] = 1  # filler rows: any valid position
             for i, r in enumerate(chunk):
+                # completion_ids hold no EOS (the sampler's, if any, was dropped): restore it
                 seq = list(r["prompt_ids"]) + list(r["completion_ids"]) + [eos]
                 ids[i, :len(seq)] = seq
                 mask[i, len(r["prompt_ids"]):len(seq)] = 1
-            out.append(np.asarray(score(params, ids, mask))[:len(chunk)])
+            zeros = np.zeros((B,), np.int32)
+            samples = Samples(tokens_BT=jnp.asarray(ids), completion_mask_BT=jnp.asarray(mask),
+                              logps_BT=jnp.zeros((B, T)), lengths_B=jnp.asarray(zeros))
+            out.append(np.asarray(self._proxy(samples))[:len(chunk)])
         return np.concatenate(out)
 
     def frontier_points(self, name: str, method: str, setting: str) -> None:
