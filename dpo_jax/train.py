@@ -34,7 +34,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     m = config.model
     overrides = {k: v for k, v in m.overrides.items() if v is not None} if m.get("overrides") else {}
     overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                     scan_layers=m.scan_layers, attention_impl=m.attention_impl or None)
+                     scan_layers=m.scan_layers, attention_impl=m.attention_impl or None,
+                     attention_chunk=m.get("attention_chunk", 512))
     if m.get("hf_path"):
         from dpo_jax.models import hf
 

@@ -60,8 +60,9 @@ class ModelConfig:
     # numerics / execution
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # storage dtype of parameters
-    remat: str = "none"  # none | full | dots_saveable (per layer)
-    attention_impl: str | None = None  # None (XLA) | cudnn
+    remat: str = "none"  # none | full | dots_saveable | dots_no_batch (per layer)
+    attention_impl: str | None = None  # None (XLA) | cudnn | chunked (query blocks, remat)
+    attention_chunk: int = 512  # query rows per block for attention_impl='chunked'
     scan_layers: bool = True  # lax.scan over stacked layers: compile time independent of depth
     init_std: float = 0.02
 
@@ -84,14 +85,16 @@ class ModelConfig:
             "position": ("learned", "rotary"),
             "rotary_style": ("half", "interleaved"),
             "rope_scaling": (None, "linear", "llama3"),
-            "remat": ("none", "full", "dots_saveable"),
-            "attention_impl": (None, "xla", "cudnn"),
+            "remat": ("none", "full", "dots_saveable", "dots_no_batch"),
+            "attention_impl": (None, "xla", "cudnn", "chunked"),
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16", "float16"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.attention_chunk < 1:
+            raise ValueError(f"attention_chunk must be >= 1, got {self.attention_chunk}")
         if self.position == "rotary" and (self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim")
         if self.shared_norm and not self.parallel_residual:

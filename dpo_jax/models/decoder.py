@@ -182,6 +182,10 @@ class Block(nnx.Module):
 _REMAT_POLICIES = {
     "full": None,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # keeps the projections' outputs (2-D matmuls here, see _mm) and recomputes attention's
+    # batched score/value contractions and softmax: the [heads, T, T] probabilities of the
+    # XLA attention path are not stored
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 

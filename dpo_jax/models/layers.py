@@ -98,7 +98,46 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
     """q [B,T,N,Dh], k/v [B,S,K,Dh] (GQA when K < N), mask [B,1,T,S] -> [B,T,N,Dh].
 
     jax.nn.dot_product_attention keeps logits and softmax in float32 (XLA path) and can
-    dispatch to cuDNN flash attention with attention_impl='cudnn'.
+    dispatch to cuDNN flash attention with attention_impl='cudnn'. attention_impl='chunked'
+    runs the XLA path over query blocks of cfg.attention_chunk rows (see chunked_attention).
     """
+    if cfg.attention_impl == "chunked":
+        return chunked_attention(q, k, v, mask, cfg.attention_chunk)
     impl = None if cfg.attention_impl in (None, "xla") else cfg.attention_impl
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      chunk: int) -> jax.Array:
+    """Exact attention over query blocks of `chunk` rows, each block rematerialised.
+
+    The dense XLA path keeps the float32 scores and probabilities [B, N, T, S] of every layer
+    for the backward pass: at T = 8192 that is the memory wall (not the log-probs). Here a
+    `lax.map` over query blocks computes [B, N, chunk, S] at a time and `jax.checkpoint`
+    makes the backward recompute a block's scores instead of storing them, so the residuals
+    are q, k, v and the mask: memory O(B*N*chunk*S) instead of O(B*N*T*S), same FLOPs plus
+    one recomputed forward of the scores. Each query row still sees every key, so the
+    softmax is the plain one (no online rescaling): same numbers as the dense path up to
+    float summation order. T is padded to a multiple of chunk with fully visible rows, which
+    are dropped afterwards. T <= chunk falls back to the dense path.
+    """
+    B, T, N, Dh = q.shape
+    if T <= chunk:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    S = k.shape[1]
+    mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+    q_blocks = jnp.moveaxis(q.reshape(B, n, chunk, N, Dh), 1, 0)  # [n, B, c, N, Dh]
+    m_blocks = jnp.moveaxis(mask.reshape(B, mask.shape[1], n, chunk, S), 2, 0)  # [n,B,1,c,S]
+
+    @jax.checkpoint
+    def block(args):
+        q_i, m_i = args
+        return jax.nn.dot_product_attention(q_i, k, v, mask=m_i)
+
+    out = jax.lax.map(block, (q_blocks, m_blocks))  # [n, B, c, N, Dh]
+    return jnp.moveaxis(out, 0, 1).reshape(B, n * chunk, N, Dh)[:, :T]
