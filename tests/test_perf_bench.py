@@ -51,6 +51,19 @@ def test_same_math_and_best_take_identical_steps_and_report_consistent_numbers()
     assert rows["best"]["ref_precompute_s_per_batch"] > 0
 
 
+def test_chunked_attention_takes_the_same_dpo_steps(monkeypatch):
+    """The trainer's step with query-blocked attention (4-row blocks, T = 16) follows the dense
+    attention's loss trajectory; the bench's own variant uses 512-row blocks."""
+    overrides, lp, pre, donate = bench.VARIANTS["best_chunked_attn"]
+    assert overrides == dict(attention_impl="chunked", attention_chunk=512) and pre
+    monkeypatch.setitem(bench.VARIANTS, "chunk4", (dict(overrides, attention_chunk=4), lp, pre,
+                                                   donate))
+    rows = {v: bench.bench_variant("tiny-gpt2", v, 2, 8, 8, steps=3, warmup=0, ceilings=CEILINGS)
+            for v in ("best", "chunk4")}
+    np.testing.assert_allclose(rows["chunk4"]["losses"], rows["best"]["losses"], rtol=1e-5)
+    assert rows["best"]["losses"][-1] != rows["best"]["losses"][0]
+
+
 def test_torch_rows_are_read_from_the_baseline_json(tmp_path):
     fake = tmp_path / "fake_torch.py"
     fake.write_text("import json, sys\nprint('noise')\n"
@@ -61,3 +74,29 @@ def test_torch_rows_are_read_from_the_baseline_json(tmp_path):
     assert row["model"] == "gpt2-cpu-bench" and row["seq"] == 128
     bad = bench.run_torch(str(tmp_path / "missing.py"), "gpt2-cpu-bench", 8, 64, 64, 5, 2, "cpu")
     assert "error" in bad
+
+
+def test_abstract_compile_sizes_the_same_program_without_allocating():
+    real = bench.bench_variant("tiny-gpt2", "best", 2, 8, 8, steps=1, warmup=0, ceilings=CEILINGS,
+                               run_steps=False)
+    shapes = bench.bench_variant("tiny-gpt2", "best", 2, 8, 8, steps=1, warmup=0,
+                                 ceilings=CEILINGS, abstract=True)
+    assert real["compiled_only"] and shapes["compiled_only"] and "step_s_median" not in shapes
+    for k in ("compiled_temp_MiB", "compiled_args_MiB", "compiled_peak_est_GiB"):
+        assert shapes[k] == real[k] and real[k] >= 0, k
+
+
+def test_isolated_configuration_runs_in_its_own_process(tmp_path):
+    import argparse
+    import jax
+
+    a = argparse.Namespace(preset="tiny-gpt2", pairs=2, prompt=8, response=8, steps=1, warmup=0,
+                           abstract=False, isolate_timeout=300)
+    row = bench.run_isolated(a, "same_math", CEILINGS)
+    assert row["config"] == "same_math" and "error" not in row, row
+    assert row["backend"] == jax.default_backend() and row["first_loss"] > 0
+    # the parent's ceilings are used for MFU
+    assert row["mfu"] == pytest.approx(row["flops_per_token"] * 64 / row["step_s_median"] / 1e11,
+                                       rel=1e-3, abs=1e-4)
+    bad = bench.run_isolated(a, "no_such_config", CEILINGS)
+    assert "error" in bad and "no_such_config" in bad["error"]

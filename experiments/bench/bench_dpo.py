@@ -13,7 +13,8 @@ Configurations (``--configs``, comma separated; see VARIANTS):
              forward each step (what pytorch_dpo_step.py does)
   best       precomputed reference log-probs, scored-only + chunked log-probs
   and single switches on top of same_math: scored, precomputed, bf16, remat_full,
-  remat_dots, no_donate.
+  remat_dots, remat_dots_nb (dots_no_batch), no_donate; bf16_remat_dots_nb, bf16_remat_full; best_chunked_attn (best + query-blocked attention), bf16_cudnn and
+  best_bf16_cudnn (GPU: cuDNN fused attention).
 FLOPs/token = 8N + 16 L d T (policy train + reference forward, as pytorch_dpo_step.py counts),
 for every configuration, so tokens/s and MFU compare the same nominal work; ``mfu_executed``
 counts only what the configuration runs (scored-only head, no reference forward when
@@ -64,7 +65,18 @@ VARIANTS = {
     "best_bf16": (dict(dtype="bfloat16"), SCORED_CHUNKED, True, True),
     "remat_full": (dict(remat="full"), DENSE, False, True),
     "remat_dots": (dict(remat="dots_saveable"), DENSE, False, True),
+    "remat_dots_nb": (dict(remat="dots_no_batch"), DENSE, False, True),
+    "bf16_remat_dots_nb": (dict(dtype="bfloat16", remat="dots_no_batch"), DENSE, False, True),
+    "bf16_remat_full": (dict(dtype="bfloat16", remat="full"), DENSE, False, True),
     "no_donate": ({}, DENSE, False, False),
+    # query-blocked, rematerialised attention (dpo_jax.models.layers.chunked_attention): the
+    # [heads, T, T] scores are no longer the memory wall at long T
+    "best_chunked_attn": (dict(attention_impl="chunked", attention_chunk=512), SCORED_CHUNKED,
+                          True, True),
+    # GPU: cuDNN fused attention (bf16)
+    "bf16_cudnn": (dict(dtype="bfloat16", attention_impl="cudnn"), DENSE, False, True),
+    "best_bf16_cudnn": (dict(dtype="bfloat16", attention_impl="cudnn"), SCORED_CHUNKED, True,
+                        True),
 }
 
 
@@ -110,7 +122,14 @@ def _peak_bytes():
 
 
 def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: int, steps: int,
-                  warmup: int, ceilings: dict, run_steps: bool = True) -> dict:
+                  warmup: int, ceilings: dict, run_steps: bool = True,
+                  max_temp_bytes: float | None = None, abstract: bool = False) -> dict:
+    """One configuration: compile (XLA memory analysis), then time `steps` steps after
+    `warmup`, unless run_steps is False or the step's XLA temp memory exceeds max_temp_bytes
+    (then the row is compiled only). abstract=True compiles from shapes alone (no parameter
+    or optimiser memory is allocated): a model too large for this host's memory can still
+    be sized."""
+    run_steps = run_steps and not abstract
     overrides, lp_cfg, precomputed, donate = VARIANTS[variant]
     cfg = model_config(shape, **overrides)
     model = Model(cfg)
@@ -119,8 +138,13 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     tx, schedule = make_optimizer(c.optim, 1000)
     loss_cfg = losses_lib.loss_config_from(c.loss)  # sigmoid, beta 0.1
     step_cfg = StepConfig(logprobs=lp_cfg)
-    params = jax.jit(model.init)(jax.random.key(0))
-    ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))(params)
+    to_bf16 = lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
+    if abstract:
+        params = model.abstract_params()
+        ref_params = jax.eval_shape(to_bf16, params)
+    else:
+        params = jax.jit(model.init)(jax.random.key(0))
+        ref_params = jax.jit(to_bf16)(params)
     batch_np = make_batch(pairs, prompt, response, cfg.vocab_size)
     num_scored = max_scored_tokens(batch_np["loss_mask"]) if lp_cfg.scored_only else None
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
@@ -128,24 +152,14 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
                matmul_params=matmul_param_count(cfg), vocab=cfg.vocab_size,
                seq=prompt + response, prompt=prompt, dtype=cfg.dtype, remat=cfg.remat,
                logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate)
-    if precomputed and not run_steps:  # compile only: the step needs the shapes, not values
+    if precomputed:  # the step carries the reference results: shapes first, values if it runs
         ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(
             lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored), ref_params, batch))
         batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
-        ref_params = None
-    elif precomputed:  # one reference pass over the data; the step then carries its results
-        fwd = jax.jit(lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored))
-        t = time.perf_counter()
-        jax.block_until_ready(fwd(ref_params, batch))
-        out["ref_precompute_compile_s"] = round(time.perf_counter() - t, 3)
-        t = time.perf_counter()
-        ref_logps, ref_lengths = jax.block_until_ready(fwd(ref_params, batch))
-        out["ref_precompute_s_per_batch"] = round(time.perf_counter() - t, 4)
-        batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
-        del ref_params
-        ref_params = None
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ref_params=ref_params,
-                       opt_state=jax.jit(tx.init)(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       ref_params=None if precomputed else ref_params,
+                       opt_state=(jax.eval_shape(tx.init, params) if abstract
+                                  else jax.jit(tx.init)(params)))
     step_fn = jax.jit(make_train_step(model, loss_cfg, tx, schedule, step_cfg),
                       donate_argnums=0 if donate else (), static_argnums=2)
     t = time.perf_counter()
@@ -155,12 +169,29 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     if mem is not None:
         out["compiled_temp_MiB"] = round(mem.temp_size_in_bytes / 2**20, 1)
         out["compiled_args_MiB"] = round(mem.argument_size_in_bytes / 2**20, 1)
+        # live at once: arguments (donated state aliases the new state), outputs, temporaries
+        out["compiled_peak_est_GiB"] = round((mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                              - mem.alias_size_in_bytes
+                                              + mem.temp_size_in_bytes) / 2**30, 2)
+        if max_temp_bytes and mem.temp_size_in_bytes > max_temp_bytes:
+            run_steps = False
     if not run_steps:
+        out["compiled_only"] = True
         return out
+    if precomputed:  # one reference pass over the data (timed: amortised over an epoch below)
+        fwd = jax.jit(lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored))
+        t = time.perf_counter()
+        jax.block_until_ready(fwd(ref_params, batch))
+        out["ref_precompute_compile_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        ref_logps, ref_lengths = jax.block_until_ready(fwd(ref_params, batch))
+        out["ref_precompute_s_per_batch"] = round(time.perf_counter() - t, 4)
+        batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
+    del ref_params
     times, losses = [], []
     for i in range(warmup + steps):
         t = time.perf_counter()
-        state, metrics = step_fn(state, batch, num_scored)
+        state, metrics = compiled(state, batch)  # the executable measured above
         losses.append(float(metrics["loss"]))  # blocks: the step is done
         if i >= warmup:
             times.append(time.perf_counter() - t)
@@ -206,6 +237,28 @@ def run_torch(script: str, shape: str, pairs: int, prompt: int, response: int, s
     return dict(rows[-1], config="pytorch", cmd=" ".join(cmd))
 
 
+def run_isolated(a, variant: str, ceilings: dict) -> dict:
+    """One configuration in a fresh process (same flags, same MFU ceilings): device peak
+    memory is otherwise a high-water mark over every configuration run before it."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--preset", a.preset,
+           "--pairs", str(a.pairs), "--prompt", str(a.prompt), "--response", str(a.response),
+           "--steps", str(a.steps), "--warmup", str(a.warmup), "--configs", variant,
+           "--ceilings", f"{ceilings['float32']},{ceilings['bfloat16']}"]
+    if a.abstract:
+        cmd.append("--abstract")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ),
+                              timeout=a.isolate_timeout)
+    except subprocess.TimeoutExpired:
+        return dict(shape=a.preset, config=variant, error=f"timeout after {a.isolate_timeout} s")
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            if row.get("config") == variant:
+                return row
+    return dict(shape=a.preset, config=variant, error=(proc.stderr or proc.stdout)[-2000:])
+
+
 def machine() -> dict:
     model = platform.processor()
     try:
@@ -226,11 +279,11 @@ def sweep(args, ceilings) -> list[dict]:
     for vocab in map(int, args.sweep_vocabs.split(",")):
         SHAPES[f"sweep-v{vocab}"] = ("gpt2", dict(SHAPES["sweep-small"][1], vocab_size=vocab))
         for length in map(int, args.sweep_lengths.split(",")):
-            for variant in ("same_math", "best"):
-                big = (variant == "same_math" and 2 * length * vocab * 4 > args.max_dense_bytes
-                       or length > args.sweep_run_max_len)
+            for variant in args.sweep_configs.split(","):
                 r = bench_variant(f"sweep-v{vocab}", variant, 1, length // 2, length // 2,
-                                  args.sweep_steps, 1, ceilings, run_steps=not big)
+                                  args.sweep_steps, 1, ceilings,
+                                  run_steps=length <= args.sweep_run_max_len,
+                                  max_temp_bytes=args.max_run_temp_bytes)
                 r["vocab"] = vocab
                 print(json.dumps(r), flush=True)
                 rows.append(r)
@@ -249,19 +302,30 @@ def main() -> None:
     p.add_argument("--torch", action="store_true", help="also run pytorch_dpo_step.py")
     p.add_argument("--torch_script", default=TORCH_SCRIPT)
     p.add_argument("--torch_device", default="cpu" if jax.default_backend() == "cpu" else "cuda")
+    p.add_argument("--abstract", action="store_true",
+                   help="compile from shapes only (memory analysis, no steps, no allocation)")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep_steps", type=int, default=2)
-    p.add_argument("--max_dense_bytes", type=float, default=2e9,
-                   help="sweep: only compile (no run) dense points whose logits exceed this")
+    p.add_argument("--max_run_temp_bytes", type=float, default=6 * 2**30,
+                   help="sweep: points whose step needs more XLA temp memory are compiled only")
     p.add_argument("--sweep_run_max_len", type=int, default=8192,
                    help="sweep: longer points are compiled (memory) but not timed")
     p.add_argument("--sweep_lengths", default="512,2048,8192")
     p.add_argument("--sweep_vocabs", default="50257,128256")
+    p.add_argument("--sweep_configs", default="same_math,best,best_chunked_attn")
+    p.add_argument("--isolate", action="store_true",
+                   help="each configuration in its own process: its peak device memory is its own")
+    p.add_argument("--isolate_timeout", type=float, default=600)
+    p.add_argument("--ceilings", default="", help=argparse.SUPPRESS)  # f32,bf16 FLOP/s
     p.add_argument("--out", default="")
     a = p.parse_args()
     info = machine()
     print(json.dumps(info), flush=True)
-    ceilings = {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
+    if a.ceilings:  # given by the parent of an --isolate run
+        ceilings = dict(zip(("float32", "bfloat16"), map(float, a.ceilings.split(","))))
+    else:
+        ceilings = {"float32": matmul_ceiling(jnp.float32),
+                    "bfloat16": matmul_ceiling(jnp.bfloat16)}
     info["matmul_ceiling_tflops"] = {k: round(v / 1e12, 4) for k, v in ceilings.items()}
     print(json.dumps(info["matmul_ceiling_tflops"]), flush=True)
     rows = []
@@ -275,7 +339,16 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             rows.append(r)
         for v in filter(None, a.configs.split(",")):
-            r = bench_variant(a.preset, v, a.pairs, a.prompt, a.response, a.steps, a.warmup, ceilings)
+            if a.isolate:
+                r = run_isolated(a, v, ceilings)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+                continue
+            try:
+                r = bench_variant(a.preset, v, a.pairs, a.prompt, a.response, a.steps, a.warmup,
+                                  ceilings, abstract=a.abstract)
+            except Exception as e:  # e.g. out of device memory: keep the other configurations
+                r = dict(shape=a.preset, config=v, error=f"{type(e).__name__}: {e}"[:2000])
             print(json.dumps(r), flush=True)
             rows.append(r)
         if torch_runs > 1:  # again after ours: on a shared CPU the load drifts, so both sides
@@ -296,16 +369,18 @@ def main() -> None:
     print(json.dumps(info["matmul_ceiling_tflops_end"]), flush=True)
     torch_tps = max((r["tokens_per_s"] for r in rows if r["config"] == "pytorch" and "tokens_per_s" in r),
                     default=None)
-    print("\n| shape | config | seq | step s (median [min,max]) | tokens/s | MFU nominal | MFU executed | compile s | temp MiB | vs torch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | config | seq | step s (median [min,max]) | tokens/s | MFU nominal | MFU executed | compile s | temp MiB | peak est GiB | peak GiB | vs torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = (f"{r['tokens_per_s'] / torch_tps:.2f}x" if torch_tps and r.get("tokens_per_s")
                  and r["config"] != "pytorch" else "")
         med = r.get("step_s_median")
-        span = f"{med} [{r.get('step_s_min')}, {r.get('step_s_max')}]" if med else "compiled only"
+        span = (f"{med} [{r.get('step_s_min')}, {r.get('step_s_max')}]" if med else
+                "error" if "error" in r else "compiled only")
         print(f"| {r.get('shape', r.get('model'))} | {r['config']} | {r.get('seq')} | {span} | "
               f"{r.get('tokens_per_s', '')} | {r.get('mfu', '')} | {r.get('mfu_executed', '')} | {r.get('compile_s', '')} | "
-              f"{r.get('compiled_temp_MiB', '')} | {ratio} |")
+              f"{r.get('compiled_temp_MiB', '')} | {r.get('compiled_peak_est_GiB', '')} | "
+              f"{round(r['peak_bytes'] / 2**30, 2) if r.get('peak_bytes') else ''} | {ratio} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(machine=info, rows=rows), f, indent=1)

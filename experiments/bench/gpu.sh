@@ -1,29 +1,66 @@
 #!/usr/bin/env bash
-# GPU benchmark, ready to run on one GPU (results pending: no GPU in the session that wrote it).
-# Ours (same jitted step as the trainer) and pytorch_dpo_step.py --device cuda, same shapes,
-# one invocation each per model so both sides share the environment; 16 pairs x 512 tokens.
+# GPU benchmark in one call (results pending: no GPU has been lent to this project's sessions yet).
+# Ours (the trainer's jitted step) and pytorch_dpo_step.py --device cuda on the same shapes in
+# the same invocation; 16 pairs x 512 tokens (prompt 128). Every configuration runs in its own
+# process (--isolate), so its peak device memory is its own. Results are written to $OUT as they
+# come, and each piece has its own time limit, so a partial run still reports.
 # Usage: experiments/bench/gpu.sh [path/to/pytorch_dpo_step.py] [outdir]
-set -euo pipefail
+#   ~8 min on one H100 (estimated, never run): smoke checks 1 min, Pythia-1.4B 4 configurations
+#   + PyTorch 5 min, GPT-2-large 2 configurations + PyTorch 2 min.
+# Plumbing check on a CPU (tiny shapes, PyTorch on the CPU; cuDNN reports FAILED there):
+#   BIG=gpt2-tiny LARGE=gpt2-tiny PAIRS=2 PROMPT=32 RESPONSE=32 SMOKE_T=64 TORCH_DEVICE=cpu \
+#     experiments/bench/gpu.sh /work/shared/bench/pytorch_dpo_step.py /tmp/gpu_dry
+set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # leave GPU memory to the PyTorch subprocess
 cd "$(dirname "$0")/../.."
 TORCH_SCRIPT="${1:-/work/shared/bench/pytorch_dpo_step.py}"
 OUT="${2:-${OUT:-/tmp/dpo_bench_gpu}}"
+BIG="${BIG:-pythia-1.4b}" LARGE="${LARGE:-gpt2-large}" TORCH_DEVICE="${TORCH_DEVICE:-cuda}"
+PAIRS="${PAIRS:-16}" PROMPT="${PROMPT:-128}" RESPONSE="${RESPONSE:-384}" SMOKE_T="${SMOKE_T:-1024}"
+SHAPE=(--pairs "$PAIRS" --prompt "$PROMPT" --response "$RESPONSE" --steps 8 --warmup 2 --isolate)
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-for model in gpt2-large pythia-1.4b; do
-  python experiments/bench/bench_dpo.py --preset "$model" --pairs 16 --prompt 128 --response 384 \
-    --steps 10 --warmup 3 --configs same_math,bf16,best_bf16,remat_dots \
-    --torch --torch_script "$TORCH_SCRIPT" --torch_device cuda \
-    --out "$OUT/bench_${model}.json" | tee "$OUT/bench_${model}.log"
-done
-# cuDNN fused attention (config path model.attention_impl='cudnn'; untested so far).
-python - <<'PY' | tee "$OUT/cudnn_smoke.log"
-import jax, jax.numpy as jnp
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+
+# 1. Attention implementations on the GPU against the XLA path (values and gradients, bf16).
+SMOKE_T="$SMOKE_T" timeout 120 python - <<'PY' 2>&1 | tee "$OUT/attention_smoke.log"
+import dataclasses, os, jax, jax.numpy as jnp
 from dpo_jax.models import Model, preset
-cfg = preset("gpt2", n_layer=2, dtype="bfloat16", attention_impl="cudnn")
-m = Model(cfg); p = jax.jit(m.init)(jax.random.key(0))
-ids = jnp.zeros((2, 512), jnp.int32); pos = jnp.broadcast_to(jnp.arange(512), ids.shape)
-ref = Model(preset("gpt2", n_layer=2, dtype="bfloat16"))
-a = m.logits(p, ids, pos, jnp.ones_like(ids)); b = ref.logits(p, ids, pos, jnp.ones_like(ids))
-print("cudnn vs xla max abs logit diff", float(jnp.max(jnp.abs(a - b))))
+base = preset("gpt2", n_layer=2, dtype="bfloat16")
+T = int(os.environ["SMOKE_T"]); R = T * 7 // 8  # row 1 is right-padded after R tokens
+ids = jax.random.randint(jax.random.key(1), (2, T), 0, base.vocab_size)
+pos = jnp.broadcast_to(jnp.arange(T), ids.shape)
+seg = jnp.ones_like(ids).at[1, R:].set(0)
+ref_m = Model(base)
+params = jax.jit(ref_m.init)(jax.random.key(0))
+def value_grad(m):
+    f = lambda p: jnp.mean(jnp.square(m.hidden(p, ids, pos, seg).astype(jnp.float32)[:, :R]))
+    return jax.jit(jax.value_and_grad(f))(params)
+v0, g0 = value_grad(ref_m)
+for impl in ("cudnn", "chunked"):
+    try:
+        v, g = value_grad(Model(dataclasses.replace(base, attention_impl=impl, attention_chunk=T // 4)))
+        sq = lambda t: sum(float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in jax.tree.leaves(t))
+        diff = sq(jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), g, g0))
+        # whole-tree relative L2 error (k_bias's true gradient is 0: per-leaf ratios are noise)
+        print(f"{impl}: loss {float(v):.6f} vs xla {float(v0):.6f}; "
+              f"|grad - grad_xla| / |grad_xla| = {(diff / sq(g0)) ** 0.5:.3e}")
+    except Exception as e:
+        print(f"{impl}: FAILED {type(e).__name__}: {str(e)[:500]}")
 PY
+
+# 2. Pythia-1.4B: same math (bf16 compute, dense log-probs, online reference) with cuDNN
+# attention and with XLA attention under remat dots_no_batch (CPU-compiled estimate in float32:
+# 55 GiB vs 147 GiB without remat), the best configuration, and plain bf16 last (the one most
+# likely to run out of memory). PyTorch eager first.
+timeout 330 python experiments/bench/bench_dpo.py --preset "$BIG" "${SHAPE[@]}" --isolate_timeout 100 \
+  --configs bf16_cudnn,bf16_remat_dots_nb,best_bf16_cudnn,bf16 \
+  --torch --torch_script "$TORCH_SCRIPT" --torch_device "$TORCH_DEVICE" \
+  --out "$OUT/bench_$BIG.json" 2>&1 | tee "$OUT/bench_$BIG.log"
+
+# 3. GPT-2-large must fit at the same batch.
+timeout 200 python experiments/bench/bench_dpo.py --preset "$LARGE" "${SHAPE[@]}" --isolate_timeout 90 \
+  --configs bf16_cudnn,best_bf16_cudnn \
+  --torch --torch_script "$TORCH_SCRIPT" --torch_device "$TORCH_DEVICE" \
+  --out "$OUT/bench_$LARGE.json" 2>&1 | tee "$OUT/bench_$LARGE.log"
+echo "gpu.sh done"
