@@ -47,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.logprobs.scored_only = True  # LM head only at response positions (same numbers, less work)
     c.logprobs.seq_chunk = 128  # positions per LM-head chunk (0 = all at once)
     c.logprobs.vocab_chunk = 0  # vocabulary slice for the online logsumexp (0 = whole vocabulary)
+    # forward-only passes (reference, eval) may tile the head differently: no backward, so no
+    # recompute cost (-1 = as above, 0 = whole). On the 2-core CPU, 32 / 4096 takes the bench
+    # shape's reference forward from 0.75 s to 0.35 s (experiments/bench/README.md)
+    c.logprobs.forward_seq_chunk = -1
+    c.logprobs.forward_vocab_chunk = -1
     c.logprobs.precompute_reference = False  # reference log-probs computed once over the data
 
     c.optim = ml_collections.ConfigDict()

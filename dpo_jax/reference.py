@@ -93,7 +93,7 @@ def compute_pair_logps(model, ref_params, pairs: list, data_cfg, step_cfg, mesh,
         pairs, data_cfg, train=False, global_batch_size=global_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
     replicated = shard_lib.replicated(mesh)
-    forward = jax.jit(lambda p, b, n: _sequence_stats(model, p, b, step_cfg, n),
+    forward = jax.jit(lambda p, b, n: _sequence_stats(model, p, b, step_cfg, n, forward_only=True),
                       static_argnums=2, out_shardings=(replicated, replicated))
     n, B = len(pairs), global_batch_size
     logps = np.zeros((pipe.num_batches * B, 2), np.float32)
@@ -146,7 +146,8 @@ def precompute_for_run(run, ref_params, ref_source: dict) -> dict[str, Any]:
         {k: p.pairs for k, p in pipes.items()}, tokenizer=str(cfg.data.tokenizer),
         pad_id=run.train_data.pad_id, ref_source=ref_source,
         ref_checksum=param_checksum(ref_params), model_config=run.model.cfg,
-        ref_param_dtype=str(cfg.model.ref_param_dtype), logprob_config=run.step_cfg.logprobs)
+        ref_param_dtype=str(cfg.model.ref_param_dtype),
+        logprob_config=run.step_cfg.no_grad_logprobs)
     path = os.path.join(run.workdir, SUBDIR, f"{fp[:32]}.npz")
     batch = int(cfg.train.eval_batch_size or cfg.train.batch_size)
 

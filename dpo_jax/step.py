@@ -35,6 +35,18 @@ class TrainState:
 class StepConfig:
     grad_accum: int = 1  # micro-batches per update
     logprobs: LogprobConfig = LogprobConfig()
+    # forward-only passes (reference log-probs, evaluation): no backward, so no remat trade-off
+    # and their best tiling can differ (None: as `logprobs`). Must keep its scored_only.
+    forward_logprobs: LogprobConfig | None = None
+
+    def __post_init__(self):
+        f = self.forward_logprobs
+        if f is not None and f.scored_only != self.logprobs.scored_only:
+            raise ValueError("forward_logprobs.scored_only must equal logprobs.scored_only")
+
+    @property
+    def no_grad_logprobs(self) -> LogprobConfig:
+        return self.forward_logprobs or self.logprobs
 
 
 def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
@@ -83,14 +95,16 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
     return optax.chain(*parts), schedule
 
 
-def _sequence_stats(model, params, batch, cfg: StepConfig, num_scored):
-    """Per-sequence (logps, lengths), each ``[2B]`` in block layout."""
+def _sequence_stats(model, params, batch, cfg: StepConfig, num_scored, forward_only=False):
+    """Per-sequence (logps, lengths), each ``[2B]`` in block layout; forward_only (no gradient
+    will be taken) evaluates the head with ``cfg.no_grad_logprobs``."""
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
     w, b = model.unembedding(params)
     seq_index = batch.get("seq_index")
     num_seqs = None if seq_index is None else 2 * batch["pair_weight"].shape[0]
     return sequence_logps(
-        h, batch["input_ids"], batch["loss_mask"], w, b, cfg.logprobs,
+        h, batch["input_ids"], batch["loss_mask"], w, b,
+        cfg.no_grad_logprobs if forward_only else cfg.logprobs,
         num_scored=num_scored, seq_index_RL=seq_index, num_seqs=num_seqs,
     )
 
@@ -109,14 +123,16 @@ def _stats(logps, lengths) -> losses_lib.SequenceStats:
     )
 
 
-def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, num_scored):
+def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, num_scored,
+               policy_forward_only=False):
     """Policy/reference statistics and the loss output for one (micro-)batch."""
-    policy = _stats(*_sequence_stats(model, params, batch, cfg, num_scored))
+    policy = _stats(*_sequence_stats(model, params, batch, cfg, num_scored,
+                                     forward_only=policy_forward_only))
     reference = None
     if "ref_logps" in batch:  # precomputed once over the dataset
         reference = _stats(batch["ref_logps"], batch["ref_lengths"])
     elif ref_params is not None:
-        ref = _sequence_stats(model, ref_params, batch, cfg, num_scored)
+        ref = _sequence_stats(model, ref_params, batch, cfg, num_scored, forward_only=True)
         reference = _stats(*jax.lax.stop_gradient(ref))
     weights = batch["pair_weight"]
     out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
@@ -206,7 +222,8 @@ def make_eval_step(model, loss_cfg, cfg: StepConfig):
     """``eval_step(params, ref_params, batch, num_scored) -> weighted sums`` (host divides)."""
 
     def eval_step(params, ref_params, batch, num_scored=None):
-        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, num_scored)
+        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, num_scored,
+                                 policy_forward_only=True)
         sums = _weighted_sums(policy, out, batch["pair_weight"])
         sums["weight"] = jnp.sum(batch["pair_weight"])
         return sums

@@ -6,6 +6,7 @@ No math lives here (see ``step.py``, ``losses.py``, ``logprobs.py``). The loop d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -49,6 +50,17 @@ def logprob_config(config) -> LogprobConfig:
                          vocab_chunk=lp.vocab_chunk or None)
 
 
+def forward_logprob_config(config) -> LogprobConfig | None:
+    """The head's tiling for forward-only passes (reference, eval); None = as for training."""
+    lp = config.logprobs
+    seq, vocab = lp.get("forward_seq_chunk", -1), lp.get("forward_vocab_chunk", -1)
+    if seq == -1 and vocab == -1:
+        return None
+    train = logprob_config(config)
+    return dataclasses.replace(train, seq_chunk=train.seq_chunk if seq == -1 else (seq or None),
+                               vocab_chunk=train.vocab_chunk if vocab == -1 else (vocab or None))
+
+
 def _init_params(model: Model, source: str | None, hf_path: str | None, shardings, rng, dtype=None):
     """Params from another run's checkpoint, an HF directory, or a seeded random init."""
     cast = (lambda p: p) if dtype is None else (
@@ -90,7 +102,8 @@ class Run:
         t = config.train
         self.total_steps = int(t.steps)
         self.step_cfg = StepConfig(grad_accum=int(config.optim.grad_accum),
-                                   logprobs=logprob_config(config))
+                                   logprobs=logprob_config(config),
+                                   forward_logprobs=forward_logprob_config(config))
         self.tx, self.schedule = make_optimizer(config.optim, self.total_steps)
         self.setup_task()
 

@@ -64,6 +64,21 @@ def test_chunked_attention_takes_the_same_dpo_steps(monkeypatch):
     assert rows["best"]["losses"][-1] != rows["best"]["losses"][0]
 
 
+def test_forward_only_tiling_takes_the_same_dpo_steps(monkeypatch):
+    """The reference forward evaluated in other tiles (forward_logprobs) than the policy's
+    dense head: same loss trajectory as same_math."""
+    from dpo_jax.logprobs import LogprobConfig
+
+    tiles = LogprobConfig(scored_only=False, seq_chunk=4, vocab_chunk=48)  # 3 x 48 > 128
+    monkeypatch.setitem(bench.VARIANTS, "tiny_tiled_ref", ({}, bench.DENSE, False, True, tiles))
+    rows = {v: bench.bench_variant("tiny-gpt2", v, 2, 8, 8, steps=3, warmup=0, ceilings=CEILINGS)
+            for v in ("same_math", "tiny_tiled_ref")}
+    assert rows["tiny_tiled_ref"]["forward_logprobs"]["seq_chunk"] == 4
+    assert rows["same_math"]["forward_logprobs"]["seq_chunk"] is None
+    np.testing.assert_allclose(rows["tiny_tiled_ref"]["losses"], rows["same_math"]["losses"],
+                               rtol=1e-5)
+
+
 def test_torch_rows_are_read_from_the_baseline_json(tmp_path):
     fake = tmp_path / "fake_torch.py"
     fake.write_text("import json, sys\nprint('noise')\n"

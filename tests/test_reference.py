@@ -52,6 +52,45 @@ def test_precomputed_reference_gives_the_online_trajectory(tmp_path):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("precompute", [False, True])
+def test_forward_only_tiling_gives_the_same_trajectory(tmp_path, precompute):
+    """logprobs.forward_{seq,vocab}_chunk tile the reference forward (online or precomputed)
+    and the eval forward differently from the policy's training head: same numbers."""
+    def config(tiled):
+        c = _config(precompute)
+        c.logprobs.seq_chunk, c.logprobs.vocab_chunk = 0, 0  # training head: one block
+        if tiled:
+            c.logprobs.forward_seq_chunk, c.logprobs.forward_vocab_chunk = 2, 48
+        return c
+
+    runs = {}
+    for tiled in (False, True):
+        run = train.Run(config(tiled), str(tmp_path / str(tiled)))
+        runs[tiled] = run
+        run.train()
+    lp = runs[True].step_cfg
+    assert (lp.logprobs.seq_chunk, lp.logprobs.vocab_chunk) == (None, None)
+    assert (lp.no_grad_logprobs.seq_chunk, lp.no_grad_logprobs.vocab_chunk) == (2, 48)
+    assert runs[False].step_cfg.forward_logprobs is None
+    want, got = _log(tmp_path / "False"), _log(tmp_path / "True")
+    for w, g in zip(want, got):
+        for k in ("loss", "rewards/margins", "eval/loss", "eval/rewards/margins"):
+            if k in w:
+                assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (w["step"], k)
+    assert abs([r["rewards/margins"] for r in want if "rewards/margins" in r][-1]) > 1e-2
+    if precompute:  # the stored file is keyed by the tiling that produced it
+        assert runs[True].reference_info["path"] != runs[False].reference_info["path"]
+
+
+def test_forward_logprobs_must_score_the_same_positions():
+    from dpo_jax.logprobs import LogprobConfig
+    from dpo_jax.step import StepConfig
+
+    with pytest.raises(ValueError, match="scored_only"):
+        StepConfig(logprobs=LogprobConfig(scored_only=True),
+                   forward_logprobs=LogprobConfig(scored_only=False))
+
+
 def test_stored_reference_is_reused_on_resume_and_recomputed_when_the_fingerprint_changes(
         tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")

@@ -55,7 +55,12 @@ SHAPES = {
     "sweep-small": ("gpt2", dict(n_layer=2, d_model=128, n_head=4, d_ff=512, max_len=8192)),
 }
 SCORED_CHUNKED = LogprobConfig(scored_only=True, seq_chunk=128, vocab_chunk=None)
-# name -> (model overrides, logprob config, precomputed reference, donate)
+# The same log-probs evaluated in cache-sized tiles (rows x seq_chunk positions x vocab_chunk
+# logits: 16 x 32 x 4096 float32 = 8 MiB at the CPU shape), each tile's logsumexp online.
+ALL_TILED = LogprobConfig(scored_only=False, seq_chunk=32, vocab_chunk=4096)
+SCORED_TILED = LogprobConfig(scored_only=True, seq_chunk=32, vocab_chunk=4096)
+# name -> (model overrides, logprob config, precomputed reference, donate[, forward-only
+# logprob config: the reference forward's / precompute's tiling, default as the policy's])
 VARIANTS = {
     "same_math": ({}, DENSE, False, True),
     "best": ({}, SCORED_CHUNKED, True, True),
@@ -69,6 +74,21 @@ VARIANTS = {
     "bf16_remat_dots_nb": (dict(dtype="bfloat16", remat="dots_no_batch"), DENSE, False, True),
     "bf16_remat_full": (dict(dtype="bfloat16", remat="full"), DENSE, False, True),
     "no_donate": ({}, DENSE, False, False),
+    # same math (full vocabulary at every position, reference forward each step), evaluated
+    # in tiles: everywhere (the policy's backward then recomputes its logits), or only in the
+    # reference's forward (the policy's head dense, as PyTorch's)
+    "same_math_tiled": ({}, ALL_TILED, False, True),
+    "same_math_tiled_ref": ({}, DENSE, False, True, ALL_TILED),
+    # best, with the one-time reference pass tiled (the step itself is best's)
+    "best_tiled_ref": ({}, SCORED_CHUNKED, True, True, SCORED_TILED),
+    # layers unrolled instead of lax.scan (same numbers; compile time grows with depth)
+    "same_math_unrolled": (dict(scan_layers=False), DENSE, False, True),
+    # same math with this CPU's speed switches: reference head tiled, layers unrolled
+    "same_math_tuned": (dict(scan_layers=False), DENSE, False, True, ALL_TILED),
+    "best_tuned": (dict(scan_layers=False), SCORED_CHUNKED, True, True, SCORED_TILED),
+    # best_tuned with the scored head in one block (no recompute; [rows, scored, V] logits kept)
+    "best_tuned_unchunked": (dict(scan_layers=False), LogprobConfig(scored_only=True,
+                             seq_chunk=None, vocab_chunk=None), True, True, SCORED_TILED),
     # query-blocked, rematerialised attention (dpo_jax.models.layers.chunked_attention): the
     # [heads, T, T] scores are no longer the memory wall at long T
     "best_chunked_attn": (dict(attention_impl="chunked", attention_chunk=512), SCORED_CHUNKED,
@@ -130,14 +150,14 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     or optimiser memory is allocated): a model too large for this host's memory can still
     be sized."""
     run_steps = run_steps and not abstract
-    overrides, lp_cfg, precomputed, donate = VARIANTS[variant]
+    overrides, lp_cfg, precomputed, donate, *fwd_lp = VARIANTS[variant]
     cfg = model_config(shape, **overrides)
     model = Model(cfg)
     c = base_config()
     c.optim.name, c.optim.lr, c.optim.warmup_steps, c.optim.max_grad_norm = "adamw", 1e-6, 0, 0.0
     tx, schedule = make_optimizer(c.optim, 1000)
     loss_cfg = losses_lib.loss_config_from(c.loss)  # sigmoid, beta 0.1
-    step_cfg = StepConfig(logprobs=lp_cfg)
+    step_cfg = StepConfig(logprobs=lp_cfg, forward_logprobs=fwd_lp[0] if fwd_lp else None)
     to_bf16 = lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
     if abstract:
         params = model.abstract_params()
@@ -151,10 +171,11 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     out = dict(shape=shape, config=variant, backend=jax.default_backend(), pairs=pairs,
                matmul_params=matmul_param_count(cfg), vocab=cfg.vocab_size,
                seq=prompt + response, prompt=prompt, dtype=cfg.dtype, remat=cfg.remat,
-               logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate)
+               logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate,
+               forward_logprobs=dataclasses.asdict(step_cfg.no_grad_logprobs))
     if precomputed:  # the step carries the reference results: shapes first, values if it runs
         ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(
-            lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored), ref_params, batch))
+            lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True), ref_params, batch))
         batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        ref_params=None if precomputed else ref_params,
@@ -179,7 +200,7 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
         out["compiled_only"] = True
         return out
     if precomputed:  # one reference pass over the data (timed: amortised over an epoch below)
-        fwd = jax.jit(lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored))
+        fwd = jax.jit(lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True))
         t = time.perf_counter()
         jax.block_until_ready(fwd(ref_params, batch))
         out["ref_precompute_compile_s"] = round(time.perf_counter() - t, 3)
