@@ -48,9 +48,13 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(tmp_path):
     assert metrics["rewards/accuracies"] == 0.0  # ties are not wins
 
 
-def _one_step(tmp_path, mesh_shape, **optim):
+def _one_step(tmp_path, mesh_shape, model=None, logprobs=None, **optim):
     c = small_config(steps=1)
     c.mesh.shape = mesh_shape
+    for k, v in (model or {}).items():
+        c.model[k] = v
+    for k, v in (logprobs or {}).items():
+        c.logprobs[k] = v
     c.optim.name = "sgd"
     c.optim.lr = 1.0
     c.optim.warmup_steps = 0
@@ -72,6 +76,24 @@ def _one_step(tmp_path, mesh_shape, **optim):
 def test_same_loss_and_gradients_on_every_mesh(tmp_path, mesh_shape):
     want_metrics, want_grads = _one_step(tmp_path / "ref", {"data": 8, "fsdp": 1, "tensor": 1})
     got_metrics, got_grads = _one_step(tmp_path / "other", mesh_shape)
+    for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        assert got_metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-6), k
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_speed_switches_give_the_same_step_on_a_sharded_mesh(tmp_path):
+    """Chunked attention (8-row blocks), remat dots_no_batch, unrolled layers and a separately
+    tiled reference forward, on a data x fsdp x tensor mesh: the plain step's numbers."""
+    want_metrics, want_grads = _one_step(tmp_path / "ref", {"data": 8, "fsdp": 1, "tensor": 1})
+    run_dir = tmp_path / "fast"
+    got_metrics, got_grads = _one_step(
+        run_dir, {"data": 2, "fsdp": 2, "tensor": 2},
+        model=dict(attention_impl="chunked", attention_chunk=8, remat="dots_no_batch",
+                   scan_layers=False),
+        logprobs=dict(forward_seq_chunk=4, forward_vocab_chunk=48))
+    cfg = json.load(open(run_dir / "config.json"))
+    assert cfg["model"]["attention_impl"] == "chunked" and cfg["logprobs"]["forward_seq_chunk"] == 4
     for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         assert got_metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-6), k
     for g, w in zip(got_grads, want_grads):
