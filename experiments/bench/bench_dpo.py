@@ -12,9 +12,12 @@ Configurations (``--configs``, comma separated; see VARIANTS):
   same_math  dense full-vocab log-softmax at every position, online bf16-stored reference
              forward each step (what pytorch_dpo_step.py does)
   best       precomputed reference log-probs, scored-only + chunked log-probs
+  same_math_tuned / best_tuned  the same with this CPU's speed switches (reference head
+             tiled for the forward-only pass, layers unrolled)
   and single switches on top of same_math: scored, precomputed, bf16, remat_full,
-  remat_dots, remat_dots_nb (dots_no_batch), no_donate; bf16_remat_dots_nb, bf16_remat_full; best_chunked_attn (best + query-blocked attention), bf16_cudnn and
-  best_bf16_cudnn (GPU: cuDNN fused attention).
+  remat_dots, remat_dots_nb (dots_no_batch), no_donate, same_math_tiled(_ref),
+  same_math_unrolled; bf16_remat_dots_nb, bf16_remat_full; best_chunked_attn (best +
+  query-blocked attention); bf16_cudnn and best_bf16_cudnn (GPU: cuDNN fused attention).
 FLOPs/token = 8N + 16 L d T (policy train + reference forward, as pytorch_dpo_step.py counts),
 for every configuration, so tokens/s and MFU compare the same nominal work; ``mfu_executed``
 counts only what the configuration runs (scored-only head, no reference forward when
@@ -175,7 +178,8 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
                forward_logprobs=dataclasses.asdict(step_cfg.no_grad_logprobs))
     if precomputed:  # the step carries the reference results: shapes first, values if it runs
         ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(
-            lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True), ref_params, batch))
+            lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True),
+            ref_params, batch))
         batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        ref_params=None if precomputed else ref_params,
@@ -200,7 +204,8 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
         out["compiled_only"] = True
         return out
     if precomputed:  # one reference pass over the data (timed: amortised over an epoch below)
-        fwd = jax.jit(lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True))
+        fwd = jax.jit(lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored,
+                                                   forward_only=True))
         t = time.perf_counter()
         jax.block_until_ready(fwd(ref_params, batch))
         out["ref_precompute_compile_s"] = round(time.perf_counter() - t, 3)
