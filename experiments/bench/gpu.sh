@@ -5,8 +5,9 @@
 # process (--isolate), so its peak device memory is its own. Results are written to $OUT as they
 # come, and each piece has its own time limit, so a partial run still reports.
 # Usage: experiments/bench/gpu.sh [path/to/pytorch_dpo_step.py] [outdir]
-#   ~8 min on one H100 (estimated, never run): smoke checks 1 min, Pythia-1.4B 4 configurations
-#   + PyTorch 5 min, GPT-2-large 2 configurations + PyTorch 2 min.
+#   ~8 min on one H100 (estimated, never run); hard limits 100 + 300 + 150 s, so one 600 s
+#   device call always returns: smoke checks, Pythia-1.4B 4 configurations + PyTorch,
+#   GPT-2-large 2 configurations + PyTorch.
 # Plumbing check on a CPU (tiny shapes, PyTorch on the CPU; cuDNN reports FAILED there):
 #   BIG=gpt2-tiny LARGE=gpt2-tiny PAIRS=2 PROMPT=32 RESPONSE=32 SMOKE_T=64 TORCH_DEVICE=cpu \
 #     experiments/bench/gpu.sh /work/shared/bench/pytorch_dpo_step.py /tmp/gpu_dry
@@ -15,15 +16,16 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # leave GPU memory to the PyTorch su
 cd "$(dirname "$0")/../.."
 TORCH_SCRIPT="${1:-/work/shared/bench/pytorch_dpo_step.py}"
 OUT="${2:-${OUT:-/tmp/dpo_bench_gpu}}"
+PY="${PYTHON:-python3}"  # on the GPU machines python3 is the interpreter with jax and torch
 BIG="${BIG:-pythia-1.4b}" LARGE="${LARGE:-gpt2-large}" TORCH_DEVICE="${TORCH_DEVICE:-cuda}"
 PAIRS="${PAIRS:-16}" PROMPT="${PROMPT:-128}" RESPONSE="${RESPONSE:-384}" SMOKE_T="${SMOKE_T:-1024}"
 SHAPE=(--pairs "$PAIRS" --prompt "$PROMPT" --response "$RESPONSE" --steps 8 --warmup 2 --isolate)
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-python -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+"$PY" -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 
 # 1. Attention implementations on the GPU against the XLA path (values and gradients, bf16).
-SMOKE_T="$SMOKE_T" timeout 120 python - <<'PY' 2>&1 | tee "$OUT/attention_smoke.log"
+SMOKE_T="$SMOKE_T" timeout 100 "$PY" - <<'PY' 2>&1 | tee "$OUT/attention_smoke.log"
 import dataclasses, os, jax, jax.numpy as jnp
 from dpo_jax.models import Model, preset
 base = preset("gpt2", n_layer=2, dtype="bfloat16")
@@ -49,17 +51,18 @@ for impl in ("cudnn", "chunked"):
         print(f"{impl}: FAILED {type(e).__name__}: {str(e)[:500]}")
 PY
 
-# 2. Pythia-1.4B: same math (bf16 compute, dense log-probs, online reference) with cuDNN
-# attention and with XLA attention under remat dots_no_batch (CPU-compiled estimate in float32:
-# 55 GiB vs 147 GiB without remat), the best configuration, and plain bf16 last (the one most
-# likely to run out of memory). PyTorch eager first.
-timeout 330 python experiments/bench/bench_dpo.py --preset "$BIG" "${SHAPE[@]}" --isolate_timeout 100 \
-  --configs bf16_cudnn,bf16_remat_dots_nb,best_bf16_cudnn,bf16 \
+# 2. Pythia-1.4B, PyTorch eager first, then in order of importance (a piece that runs out of
+# time loses the last ones): same math (bf16 compute, dense log-probs, online reference) with
+# cuDNN attention; the best configuration; same math with XLA attention under remat
+# dots_no_batch (CPU-compiled estimate in float32: 55 GiB vs 147 GiB without remat); plain
+# bf16 last (the one most likely to run out of memory).
+timeout 300 "$PY" experiments/bench/bench_dpo.py --preset "$BIG" "${SHAPE[@]}" --isolate_timeout 100 \
+  --configs bf16_cudnn,best_bf16_cudnn,bf16_remat_dots_nb,bf16 \
   --torch --torch_script "$TORCH_SCRIPT" --torch_device "$TORCH_DEVICE" \
   --out "$OUT/bench_$BIG.json" 2>&1 | tee "$OUT/bench_$BIG.log"
 
 # 3. GPT-2-large must fit at the same batch.
-timeout 200 python experiments/bench/bench_dpo.py --preset "$LARGE" "${SHAPE[@]}" --isolate_timeout 90 \
+timeout 150 "$PY" experiments/bench/bench_dpo.py --preset "$LARGE" "${SHAPE[@]}" --isolate_timeout 90 \
   --configs bf16_cudnn,best_bf16_cudnn \
   --torch --torch_script "$TORCH_SCRIPT" --torch_device "$TORCH_DEVICE" \
   --out "$OUT/bench_$LARGE.json" 2>&1 | tee "$OUT/bench_$LARGE.log"
