@@ -30,7 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.model.param_dtype = "float32"  # policy parameter (master weight) dtype
     c.model.ref_param_dtype = ""  # frozen reference storage dtype ('' = as the policy; bfloat16 halves it)
-    c.model.remat = "none"  # per-layer rematerialisation: none, full, dots_saveable, dots_no_batch
+    # per-layer rematerialisation: none, full, dots_saveable, dots_no_batch (on XLA:CPU the
+    # layer scan's backward is also faster with dots_saveable: experiments/bench/README.md)
+    c.model.remat = "none"
     c.model.scan_layers = True  # scan over stacked layers (compile time independent of depth)
     c.model.attention_impl = ""  # '' = XLA; 'cudnn' fused GPU kernel; 'chunked' query blocks
     c.model.attention_chunk = 512  # query rows per block with attention_impl='chunked'
