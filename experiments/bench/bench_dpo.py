@@ -95,9 +95,6 @@ VARIANTS = {
     # is cheaper (body value-and-grad 0.44 -> 0.33 s, like unrolling)
     "same_math_tuned_scan": (dict(remat="dots_saveable"), DENSE, False, True, ALL_TILED),
     "best_tuned_scan": (dict(remat="dots_saveable"), SCORED_CHUNKED, True, True, SCORED_TILED),
-    # best_tuned with the scored head in one block (no recompute; [rows, scored, V] logits kept)
-    "best_tuned_unchunked": (dict(scan_layers=False), LogprobConfig(scored_only=True,
-                             seq_chunk=None, vocab_chunk=None), True, True, SCORED_TILED),
     # query-blocked, rematerialised attention (dpo_jax.models.layers.chunked_attention): the
     # [heads, T, T] scores are no longer the memory wall at long T
     "best_chunked_attn": (dict(attention_impl="chunked", attention_chunk=512), SCORED_CHUNKED,
