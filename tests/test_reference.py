@@ -55,7 +55,7 @@ def test_precomputed_reference_gives_the_online_trajectory(tmp_path):
 def test_forward_only_tiling_gives_the_same_trajectory(tmp_path):
     """logprobs.forward_{seq,vocab}_chunk tile the precomputed reference pass and the eval
     forward differently from the policy's training head: same numbers. (The online reference
-    forward: tests/test_perf_bench.py and test_train.py's sharded-mesh test.)"""
+    forward: test_train.py's sharded-mesh test.)"""
     precompute = True
 
     def config(tiled):
