@@ -41,7 +41,7 @@ def default_ppo_config() -> ml_collections.ConfigDict:
     c.whiten_advantages = True
     # Value head on stop_gradient(trunk features): the value loss cannot reach the policy's
     # trunk. Off = trl's shared trunk. On IMDb PPO-GT with a growing KL coefficient the returns
-    # (-beta * KL) grew to ~-40, the value loss to ~2000, and with grad clipping its gradient
+    # (-beta * KL) grew to ~-43, the value loss to ~42,000, and with grad clipping its gradient
     # swamped the policy's; see docs/rlhf.md.
     c.detach_value_head = False
     return c

@@ -179,10 +179,11 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
                seq=prompt + response, prompt=prompt, dtype=cfg.dtype, remat=cfg.remat,
                logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate,
                forward_logprobs=dataclasses.asdict(step_cfg.no_grad_logprobs))
+    # the reference's forward-only log-probs (the precompute pass of `best`)
+    ref_stats = lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True)
     if precomputed:  # the step carries the reference results: shapes first, values if it runs
-        ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(
-            lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True),
-            ref_params, batch))
+        ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype)
+                                  for s in jax.eval_shape(ref_stats, ref_params, batch))
         batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        ref_params=None if precomputed else ref_params,
@@ -207,8 +208,7 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
         out["compiled_only"] = True
         return out
     if precomputed:  # one reference pass over the data (timed: amortised over an epoch below)
-        fwd = jax.jit(lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored,
-                                                   forward_only=True))
+        fwd = jax.jit(ref_stats)
         t = time.perf_counter()
         jax.block_until_ready(fwd(ref_params, batch))
         out["ref_precompute_compile_s"] = round(time.perf_counter() - t, 3)
