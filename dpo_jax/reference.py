@@ -29,7 +29,7 @@ from absl import logging
 from dpo_jax import data as data_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax.logprobs import max_scored_tokens
-from dpo_jax.step import _sequence_stats
+from dpo_jax.step import sequence_stats
 
 SUBDIR = "reference_logps"
 
@@ -93,7 +93,7 @@ def compute_pair_logps(model, ref_params, pairs: list, data_cfg, step_cfg, mesh,
         pairs, data_cfg, train=False, global_batch_size=global_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
     replicated = shard_lib.replicated(mesh)
-    forward = jax.jit(lambda p, b, n: _sequence_stats(model, p, b, step_cfg, n, forward_only=True),
+    forward = jax.jit(lambda p, b, n: sequence_stats(model, p, b, step_cfg, n, forward_only=True),
                       static_argnums=2, out_shardings=(replicated, replicated))
     n, B = len(pairs), global_batch_size
     logps = np.zeros((pipe.num_batches * B, 2), np.float32)

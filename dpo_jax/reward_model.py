@@ -22,7 +22,7 @@ import ml_collections
 from dpo_jax import sharding as shard_lib
 from dpo_jax import train as train_lib
 from dpo_jax.models import Model
-from dpo_jax.step import TrainState
+from dpo_jax.state import TrainState
 
 Params = dict[str, Any]
 

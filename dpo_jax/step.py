@@ -12,23 +12,13 @@ rejected_0..B-1]``; each host holds a contiguous block of those rows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
-import optax
-
 from dpo_jax import losses as losses_lib
 from dpo_jax.logprobs import LogprobConfig, sequence_logps
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    ref_params: Any  # None when the loss is reference-free or reference log-probs are precomputed
-    opt_state: Any
+from dpo_jax.optim import apply_gradients
+from dpo_jax.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,53 +39,7 @@ class StepConfig:
         return self.forward_logprobs or self.logprobs
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """optax chain: global-norm clipping, then RMSprop (the paper's recipe) or AdamW."""
-    warmup = int(optim.warmup_steps)
-    lr = float(optim.lr)
-
-    def ramp(step):
-        # The paper's code: LambdaLR(min(1, (step + 1) / (warmup + 1))), so step 0 already moves.
-        return jnp.minimum(1.0, (step + 1.0) / (warmup + 1.0)) if warmup else 1.0
-
-    decay_steps = max(total_steps - warmup, 1)
-    if optim.schedule == "constant":
-        def decay(step):
-            return 1.0
-    elif optim.schedule == "linear":
-        def decay(step):
-            return jnp.clip(1.0 - (step - warmup) / decay_steps, 0.0, 1.0)
-    elif optim.schedule == "cosine":
-        def decay(step):
-            t = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
-            return 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-    else:
-        raise ValueError(f"optim.schedule={optim.schedule!r}: expected constant, linear or cosine")
-
-    def schedule(step):
-        return lr * ramp(step) * decay(step)
-
-    if optim.name == "rmsprop":
-        # PyTorch's RMSprop (the paper's optimizer): alpha=0.99, eps added outside the sqrt.
-        base = optax.rmsprop(schedule, decay=float(optim.rms_decay), eps=float(optim.eps),
-                             eps_in_sqrt=False)
-    elif optim.name == "adamw":
-        base = optax.adamw(
-            schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
-            weight_decay=float(optim.weight_decay),
-            mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
-        )
-    elif optim.name == "sgd":
-        base = optax.sgd(schedule)
-    else:
-        raise ValueError(f"optim.name={optim.name!r}: expected rmsprop, adamw or sgd")
-    parts = [base]
-    if optim.max_grad_norm and float(optim.max_grad_norm) > 0:
-        parts.insert(0, optax.clip_by_global_norm(float(optim.max_grad_norm)))
-    return optax.chain(*parts), schedule
-
-
-def _sequence_stats(model, params, batch, cfg: StepConfig, num_scored, forward_only=False):
+def sequence_stats(model, params, batch, cfg: StepConfig, num_scored, forward_only=False):
     """Per-sequence (logps, lengths), each ``[2B]`` in block layout; forward_only (no gradient
     will be taken) evaluates the head with ``cfg.no_grad_logprobs``."""
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
@@ -126,13 +70,13 @@ def _stats(logps, lengths) -> losses_lib.SequenceStats:
 def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, num_scored,
                policy_forward_only=False):
     """Policy/reference statistics and the loss output for one (micro-)batch."""
-    policy = _stats(*_sequence_stats(model, params, batch, cfg, num_scored,
+    policy = _stats(*sequence_stats(model, params, batch, cfg, num_scored,
                                      forward_only=policy_forward_only))
     reference = None
     if "ref_logps" in batch:  # precomputed once over the dataset
         reference = _stats(batch["ref_logps"], batch["ref_lengths"])
     elif ref_params is not None:
-        ref = _sequence_stats(model, ref_params, batch, cfg, num_scored, forward_only=True)
+        ref = sequence_stats(model, ref_params, batch, cfg, num_scored, forward_only=True)
         reference = _stats(*jax.lax.stop_gradient(ref))
     weights = batch["pair_weight"]
     out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
@@ -170,8 +114,11 @@ def _micro(batch, n: int, j):
     }
 
 
-def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig):
-    """``train_step(state, batch, num_scored) -> (state, metrics)``; jit it with shardings."""
+def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite: str = "error"):
+    """``train_step(state, batch, num_scored) -> (state, metrics)``; jit it with shardings.
+
+    ``metrics`` holds the weighted means of the loss terms plus ``grad_norm``, ``lr`` and
+    ``nonfinite`` (:func:`dpo_jax.optim.apply_gradients`)."""
     if cfg.grad_accum > 1 and losses_lib.uses_batch_statistics(loss_cfg):
         raise ValueError(
             f"loss {loss_cfg.name!r} uses batch statistics, so accumulating micro-batches would "
@@ -207,13 +154,10 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig):
             )
             zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_s)
             (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), jnp.arange(n))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics = {k: v / total_weight for k, v in sums.items()}
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["lr"] = schedule(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
+        new_state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
+                                                    on_nonfinite)
+        return new_state, {**metrics, **update_metrics}
 
     return train_step
 

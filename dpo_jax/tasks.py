@@ -1,6 +1,8 @@
 """``config.task`` -> the function that runs it: ``run(config, workdir) -> summary dict``.
 
-A new task registers here; main.py dispatches through this table and knows nothing else.
+A library task is named here; an experiment outside the library (a project under
+``dpo_jax/proj/``, a fork's own module) is named by its config as ``"module:function"``, so the
+library never imports it.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from typing import Any, Callable
 TASKS: dict[str, str] = {
     "dpo": "dpo_jax.train:train_and_evaluate",
     "sft": "dpo_jax.sft:train_and_evaluate",
-    "imdb": "dpo_jax.imdb.pipeline:run_pipeline",
     "reward": "dpo_jax.reward_model:train_and_evaluate",
     "ppo": "dpo_jax.ppo.run:train_and_evaluate",
 }
 
 
 def get_task(name: str) -> Callable[[Any, str], dict]:
-    if name not in TASKS:
-        raise ValueError(f"config.task={name!r} is not a task; known tasks: {sorted(TASKS)}")
-    module, function = TASKS[name].split(":")
+    """The task function for a registered name or a ``"module:function"`` path."""
+    target = TASKS.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"config.task={name!r} is not a task; known tasks: {sorted(TASKS)} "
+                         "or 'module:function'")
+    module, function = target.split(":")
     return getattr(importlib.import_module(module), function)

@@ -27,7 +27,9 @@ from dpo_jax.distributed import PreemptionGuard
 from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
 from dpo_jax.metrics import MetricWriter, Progress
 from dpo_jax.models import Model, ModelConfig, preset
-from dpo_jax.step import StepConfig, TrainState, make_eval_step, make_optimizer, make_train_step
+from dpo_jax.optim import OptimConfig, make_optimizer
+from dpo_jax.state import TrainState
+from dpo_jax.step import StepConfig, make_eval_step, make_train_step
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -104,7 +106,7 @@ class Run:
         self.step_cfg = StepConfig(grad_accum=int(config.optim.grad_accum),
                                    logprobs=logprob_config(config),
                                    forward_logprobs=forward_logprob_config(config))
-        self.tx, self.schedule = make_optimizer(config.optim, self.total_steps)
+        self.tx, self.schedule = make_optimizer(OptimConfig.from_config(config.optim), self.total_steps)
         self.setup_task()
 
         abstract = self.model.abstract_params()

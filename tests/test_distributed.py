@@ -165,7 +165,7 @@ def test_state_bytes_per_device_equal_the_real_shards():
 
     from dpo_jax import sharding, train
     from dpo_jax.models import Model, preset
-    from dpo_jax.step import make_optimizer
+    from dpo_jax.optim import OptimConfig, make_optimizer
 
     cfg = preset("tiny-gpt2", vocab_size=130, d_model=32, d_ff=64)
     model = Model(cfg)
@@ -174,7 +174,7 @@ def test_state_bytes_per_device_equal_the_real_shards():
     optim = ConfigDict(dict(name=optimizer, lr=1e-3, schedule="constant", warmup_steps=0, b1=0.9,
                             b2=0.999, eps=1e-8, weight_decay=0.0, rms_decay=0.99,
                             max_grad_norm=1.0))
-    run = types.SimpleNamespace(tx=make_optimizer(optim, 10)[0], mesh=mesh, param_shardings=shardings,
+    run = types.SimpleNamespace(tx=make_optimizer(OptimConfig.from_config(optim), 10)[0], mesh=mesh, param_shardings=shardings,
                                 needs_reference=lambda: False, model=model,
                                 config=ConfigDict(dict(seed=0, init=dict(policy="", reference=""),
                                                        model=dict(hf_path=""))))

@@ -160,18 +160,18 @@ def test_offline_default_learns_the_synthetic_task(tmp_path):
 
 
 def test_schedule_follows_the_papers_warmup():
-    from dpo_jax.step import make_optimizer
+    from dpo_jax.optim import OptimConfig, make_optimizer
 
     c = base_config()
     c.optim.lr = 1e-6
     c.optim.warmup_steps = 150
-    _, schedule = make_optimizer(c.optim, 1000)
+    _, schedule = make_optimizer(OptimConfig.from_config(c.optim), 1000)
     assert float(schedule(0)) == pytest.approx(1e-6 / 151)
     assert float(schedule(149)) == pytest.approx(1e-6 * 150 / 151)
     assert float(schedule(150)) == pytest.approx(1e-6)
     assert float(schedule(999)) == pytest.approx(1e-6)
     c.optim.schedule = "linear"
-    _, schedule = make_optimizer(c.optim, 1150)
+    _, schedule = make_optimizer(OptimConfig.from_config(c.optim), 1150)
     assert float(schedule(150)) == pytest.approx(1e-6)
     assert float(schedule(650)) == pytest.approx(0.5e-6)
     assert float(schedule(1150)) == pytest.approx(0.0, abs=1e-15)
@@ -179,14 +179,14 @@ def test_schedule_follows_the_papers_warmup():
 
 def test_rmsprop_matches_pytorch_as_the_paper_ran_it():
     torch = pytest.importorskip("torch")
-    from dpo_jax.step import make_optimizer
+    from dpo_jax.optim import OptimConfig, make_optimizer
 
     c = base_config()
     c.optim.name = "rmsprop"
     c.optim.lr = 1e-2
     c.optim.warmup_steps = 0
     c.optim.max_grad_norm = 0.0
-    tx, _ = make_optimizer(c.optim, 10)
+    tx, _ = make_optimizer(OptimConfig.from_config(c.optim), 10)
     rng = np.random.default_rng(0)
     w = rng.normal(size=(5,)).astype(np.float32)
     grads = [rng.normal(size=(5,)).astype(np.float32) for _ in range(4)]

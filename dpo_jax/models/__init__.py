@@ -6,6 +6,7 @@ from dpo_jax.models.config import (
     ModelConfig,
     flops_per_token,
     matmul_param_count,
+    model_config_from,
     param_count,
     preset,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "load_hf_config",
     "load_hf_params",
     "matmul_param_count",
+    "model_config_from",
     "param_count",
     "preset",
     "project",

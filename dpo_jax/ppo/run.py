@@ -30,7 +30,8 @@ from dpo_jax.ppo.rewards import RewardFn, build_reward
 from dpo_jax.ppo.step import PPOConfig, make_ppo_eval_step, make_ppo_step
 from dpo_jax.reward_model import RewardModel, init_head_model_state
 from dpo_jax.sampling import SamplingConfig, generate
-from dpo_jax.step import TrainState, make_optimizer
+from dpo_jax.optim import OptimConfig, make_optimizer
+from dpo_jax.state import TrainState
 
 
 def ppo_config(config) -> PPOConfig:
@@ -66,7 +67,7 @@ class PPORun(train_lib.Run):
             raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
         # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
         updates = self.total_steps * self.ppo_cfg.epochs * self.ppo_cfg.minibatches
-        self.tx, self.schedule = make_optimizer(c.optim, updates)
+        self.tx, self.schedule = make_optimizer(OptimConfig.from_config(c.optim), updates)
         self.model = RewardModel(self.model)
         self.eos_id = int(c.ppo.eos_id)
         self.pad_id = int(c.ppo.pad_id)

@@ -25,7 +25,7 @@ import optax
 
 from dpo_jax.models import project
 from dpo_jax.ppo import core
-from dpo_jax.step import TrainState
+from dpo_jax.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)

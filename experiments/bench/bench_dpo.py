@@ -48,7 +48,9 @@ from dpo_jax import losses as losses_lib  # noqa: E402
 from dpo_jax.config import base_config  # noqa: E402
 from dpo_jax.logprobs import DENSE, LogprobConfig, max_scored_tokens  # noqa: E402
 from dpo_jax.models import Model, matmul_param_count, preset  # noqa: E402
-from dpo_jax.step import StepConfig, TrainState, _sequence_stats, make_optimizer, make_train_step  # noqa: E402
+from dpo_jax.optim import OptimConfig, make_optimizer  # noqa: E402
+from dpo_jax.state import TrainState  # noqa: E402
+from dpo_jax.step import StepConfig, sequence_stats, make_train_step  # noqa: E402
 
 TORCH_SCRIPT = "/work/shared/bench/pytorch_dpo_step.py"
 # Shapes named like pytorch_dpo_step.py's CONFIGS: (our preset, overrides).
@@ -161,7 +163,7 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     model = Model(cfg)
     c = base_config()
     c.optim.name, c.optim.lr, c.optim.warmup_steps, c.optim.max_grad_norm = "adamw", 1e-6, 0, 0.0
-    tx, schedule = make_optimizer(c.optim, 1000)
+    tx, schedule = make_optimizer(OptimConfig.from_config(c.optim), 1000)
     loss_cfg = losses_lib.loss_config_from(c.loss)  # sigmoid, beta 0.1
     step_cfg = StepConfig(logprobs=lp_cfg, forward_logprobs=fwd_lp[0] if fwd_lp else None)
     to_bf16 = lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
@@ -180,7 +182,7 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
                logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate,
                forward_logprobs=dataclasses.asdict(step_cfg.no_grad_logprobs))
     # the reference's forward-only log-probs (the precompute pass of `best`)
-    ref_stats = lambda p, b: _sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True)
+    ref_stats = lambda p, b: sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True)
     if precomputed:  # the step carries the reference results: shapes first, values if it runs
         ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype)
                                   for s in jax.eval_shape(ref_stats, ref_params, batch))

@@ -1,0 +1,108 @@
+"""The optimizer of every task: ``OptimConfig``, ``make_optimizer`` and the one update helper.
+
+``apply_gradients`` is the tail of every train step (DPO, SFT, reward model, PPO): global-norm
+clipping and the optimizer update (both inside the optax chain), the step counter, ``grad_norm``
+(of the gradients before clipping, as TRL and the paper's code report it), ``lr``, and the
+non-finite guard: a step whose loss or gradient norm is not finite is flagged in
+``metrics['nonfinite']`` and, with ``on_nonfinite='skip'``, leaves parameters and optimizer
+state unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+NONFINITE_POLICIES = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The ``optim`` block of a run config (field meanings: ``dpo_jax/config.py``)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 20
+    b1: float = 0.9
+    b2: float = 0.999
+    rms_decay: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 10.0
+    grad_accum: int = 1
+
+    @classmethod
+    def from_config(cls, block) -> "OptimConfig":
+        return cls(**{f.name: type(f.default)(block[f.name]) for f in dataclasses.fields(cls)})
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """``(tx, schedule)``: global-norm clipping, then RMSprop (the paper's recipe), AdamW or SGD,
+    under linear warmup and a constant / linear / cosine decay over ``total_steps`` updates.
+
+    Raises ValueError for an unknown ``name`` or ``schedule``."""
+    warmup, lr = cfg.warmup_steps, cfg.lr
+
+    def ramp(step):
+        # The paper's code: LambdaLR(min(1, (step + 1) / (warmup + 1))), so step 0 already moves.
+        return jnp.minimum(1.0, (step + 1.0) / (warmup + 1.0)) if warmup else 1.0
+
+    decay_steps = max(total_steps - warmup, 1)
+    if cfg.schedule == "constant":
+        def decay(step):
+            return 1.0
+    elif cfg.schedule == "linear":
+        def decay(step):
+            return jnp.clip(1.0 - (step - warmup) / decay_steps, 0.0, 1.0)
+    elif cfg.schedule == "cosine":
+        def decay(step):
+            t = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+            return 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}: expected constant, linear or cosine")
+
+    def schedule(step):
+        return lr * ramp(step) * decay(step)
+
+    if cfg.name == "rmsprop":
+        # PyTorch's RMSprop (the paper's optimizer): alpha=0.99, eps added outside the sqrt.
+        base = optax.rmsprop(schedule, decay=cfg.rms_decay, eps=cfg.eps, eps_in_sqrt=False)
+    elif cfg.name == "adamw":
+        base = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay,
+                           mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    elif cfg.name == "sgd":
+        base = optax.sgd(schedule)
+    else:
+        raise ValueError(f"optim.name={cfg.name!r}: expected rmsprop, adamw or sgd")
+    parts = [base]
+    if cfg.max_grad_norm > 0:
+        parts.insert(0, optax.clip_by_global_norm(cfg.max_grad_norm))
+    return optax.chain(*parts), schedule
+
+
+def apply_gradients(state, grads, loss, tx: optax.GradientTransformation, schedule: Callable,
+                    on_nonfinite: str = "error") -> tuple[Any, dict[str, jax.Array]]:
+    """One optimizer update of ``state`` (a :class:`dpo_jax.state.TrainState`).
+
+    Returns ``(new_state, {"grad_norm", "lr", "nonfinite"})``; ``nonfinite`` is 1.0 when ``loss``
+    or the gradient norm is NaN/inf. With ``on_nonfinite='skip'`` such an update is dropped
+    (parameters and optimizer state kept, the step counter still advances); with ``'error'`` it
+    is applied and the loop stops the run before anything is checkpointed."""
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: expected one of {NONFINITE_POLICIES}")
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if on_nonfinite == "skip":
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    metrics = {"grad_norm": grad_norm, "lr": schedule(state.step),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
