@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import sft
+from dpo_jax.data.text import read_token_examples, write_token_examples
 from dpo_jax.config import base_config
 from dpo_jax.tasks import get_task
 from tests._interrupt import train_until_killed
@@ -146,8 +147,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 def test_token_file_roundtrip(tmp_path):
     path = str(tmp_path / "t.jsonl.gz")
-    sft.write_token_examples([{"prompt": [5, 6], "response": [7, 0]}, {"response": [9, 9, 0]}],
-                             path)
-    got = sft.read_token_examples(path)
+    write_token_examples([{"prompt": [5, 6], "response": [7, 0]}, {"response": [9, 9, 0]}],
+                         path)
+    got = read_token_examples(path)
     assert [g["prompt"].tolist() for g in got] == [[5, 6], []]
     assert [g["response"].tolist() for g in got] == [[7, 0], [9, 9, 0]]

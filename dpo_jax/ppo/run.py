@@ -24,8 +24,8 @@ from absl import logging
 from dpo_jax import data as data_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax import train as train_lib
+from dpo_jax.data.prompts import PromptStream, load_prompts
 from dpo_jax.ppo import core
-from dpo_jax.ppo.data import PromptStream, load_prompts
 from dpo_jax.ppo.rewards import RewardFn, build_reward
 from dpo_jax.ppo.step import PPOConfig, make_ppo_eval_step, make_ppo_step
 from dpo_jax.reward_model import RewardModel, init_head_model_state
@@ -97,8 +97,7 @@ class PPORun(train_lib.Run):
         width = int(self.config.ppo.prompt_width) or max(len(x) for x in prompts)
         return PromptStream(prompts, train=split == "train", global_batch_size=global_batch_size,
                             width=width, seed=int(self.config.seed), pad_id=self.pad_id,
-                            process_index=jax.process_index(), process_count=jax.process_count(),
-                            kl_controller=self.kl_controller if split == "train" else None)
+                            process_index=jax.process_index(), process_count=jax.process_count())
 
     def _init_state(self) -> TrainState:
         c = self.config
