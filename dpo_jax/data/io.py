@@ -1,7 +1,8 @@
-"""Reading rows from local files, ``save_to_disk`` directories or the hub.
+"""Reading rows from local files, ``save_to_disk`` directories or the hub; the one jsonl(.gz)
+reader/writer (``read_jsonl`` / ``write_jsonl``).
 
-All readers yield ``(file, row_index, record)`` so any later problem can name its file and row.
-Local copies are preferred (tests and offline runs); a ``path`` that exists on disk is never
+All row readers yield ``(file, row_index, record)`` so any later problem can name its file and
+row. Local copies are preferred (tests and offline runs); a ``path`` that exists on disk is never
 sent to the hub.
 """
 
@@ -12,7 +13,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from dpo_jax.data.errors import DataError
 
@@ -52,6 +53,41 @@ def _read_json_lines(path: pathlib.Path) -> Iterator[Row]:
                 row += 1
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read file: {e}", file=str(path), reason="unreadable") from e
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Record]:
+    """The objects of a jsonl file, one per non-blank line; gzip when the name ends in ``.gz``.
+
+    Raises ``DataError`` naming the file (and the row for a line that is not a JSON object)."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise DataError("no such file", file=str(p), reason="unreadable")
+    return [rec for _, _, rec in _read_json_lines(p)]
+
+
+def write_jsonl(rows: Iterable[Record], path: str | os.PathLike) -> None:
+    """Write ``rows`` as jsonl (UTF-8, one object per line; gzip when the name ends in ``.gz``).
+
+    Atomic: the rows go to a temporary file in the same directory, renamed over ``path`` only
+    when complete, so a killed writer never leaves a file that looks finished. Parent
+    directories are created. gzip output carries no name or timestamp (same rows, same bytes)."""
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as raw:
+            gz = (gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0)
+                  if p.name.endswith(".gz") else None)
+            out = raw if gz is None else gz
+            for r in rows:
+                out.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+            if gz is not None:
+                gz.close()  # writes the gzip trailer; leaves ``raw`` open
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _read_json(path: pathlib.Path) -> Iterator[Row]:

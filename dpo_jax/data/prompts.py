@@ -8,12 +8,11 @@ file, the distinct prompts of ``config.data``'s split are used (e.g. the synthet
 
 from __future__ import annotations
 
-import gzip
-import json
 from typing import Any, Mapping
 
 import numpy as np
 
+from dpo_jax.data import io
 from dpo_jax.data.pipeline import load_tokenised_pairs
 
 
@@ -22,9 +21,7 @@ def load_prompts(config, split: str) -> list[np.ndarray]:
     p = config.ppo
     path = p.prompt_file if split == "train" else (p.eval_prompt_file or "")
     if path:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = io.read_jsonl(path)
         if rows and "prompt_ids" not in rows[0]:
             from dpo_jax.data.tokenize import load_tokenizer
 

@@ -7,43 +7,35 @@ also takes (prompt, chosen) of a run's preference data.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from dpo_jax.data import batching, config as config_lib, synthetic
+from dpo_jax.data import batching, config as config_lib, io, synthetic
 from dpo_jax.data.errors import DataError
 from dpo_jax.data.pipeline import load_tokenised_pairs
 from dpo_jax.data.tokenize import load_tokenizer
 
 
 def read_token_examples(path: str) -> list[dict[str, np.ndarray]]:
-    """Rows of a jsonl(.gz) token file as {"prompt", "response"} int32 arrays."""
-    opener = gzip.open if path.endswith(".gz") else open
+    """Rows of a jsonl(.gz) token file as {"prompt", "response"} int32 arrays.
+
+    Raises ``DataError`` naming the file and row of a row without ``response``."""
     out = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if "response" not in rec:
-                raise DataError("token example without 'response'", file=path, row=i,
-                                reason="missing_field")
-            out.append({"prompt": np.asarray(rec.get("prompt", []), np.int32),
-                        "response": np.asarray(rec["response"], np.int32)})
+    for i, rec in enumerate(io.read_jsonl(path)):
+        if "response" not in rec:
+            raise DataError("token example without 'response'", file=path, row=i,
+                            reason="missing_field")
+        out.append({"prompt": np.asarray(rec.get("prompt", []), np.int32),
+                    "response": np.asarray(rec["response"], np.int32)})
     return out
 
 
 def write_token_examples(examples, path: str) -> None:
-    """Inverse of :func:`read_token_examples` (gzip when the name ends in .gz)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps({"prompt": [int(t) for t in ex.get("prompt", [])],
-                                "response": [int(t) for t in ex["response"]]}) + "\n")
+    """Inverse of :func:`read_token_examples` (atomic; gzip when the name ends in .gz)."""
+    io.write_jsonl(({"prompt": [int(t) for t in ex.get("prompt", [])],
+                     "response": [int(t) for t in ex["response"]]} for ex in examples), path)
 
 
 class TextPipeline:
