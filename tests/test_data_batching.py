@@ -47,7 +47,7 @@ def test_format_and_masks():
     assert R == 16 and L in p.buckets
     assert b["input_ids"].dtype == np.int32 and b["loss_mask"].dtype == np.float32
     assert b["pair_weight"].shape == (8,) and (b["pair_weight"] == 1).all()
-    idx = p._batches(0)[0]
+    idx = p.epoch_batches(0)[0]
     for r in range(R):
         pair = p.pairs[idx[r % 8]]
         resp = pair["chosen"] if r < 8 else pair["rejected"]
@@ -67,8 +67,8 @@ def test_eval_covers_every_pair_once_and_pads_with_zero_weight():
     assert len(batches) == 5 == p.num_batches
     w = np.concatenate([b["pair_weight"] for b in batches])
     assert w.sum() == 37 and (w[37:] == 0).all()
-    seen = [tuple(p.pairs[i]["prompt"]) for i in p._batches(0).ravel() if i >= 0]
-    assert len(seen) == 37 and sorted(p._batches(0).ravel()[:37]) == list(range(37))
+    seen = [tuple(p.pairs[i]["prompt"]) for i in p.epoch_batches(0).ravel() if i >= 0]
+    assert len(seen) == 37 and sorted(p.epoch_batches(0).ravel()[:37]) == list(range(37))
     assert len(list(p)) == 5  # iterating again starts over
     assert p.stats["padding_fraction_per_epoch"]
 
@@ -103,7 +103,7 @@ def test_resume_gives_identical_batches():
 def test_epochs_reshuffle_and_drop_remainder():
     p = build_pipeline(_cfg(), split="train", global_batch_size=10)
     assert p.num_batches == 9
-    e0, e1 = p._batches(0), p._batches(1)
+    e0, e1 = p.epoch_batches(0), p.epoch_batches(1)
     assert len(set(e0.ravel())) == 90 and not np.array_equal(e0, e1)
 
 

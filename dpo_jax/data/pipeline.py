@@ -1,23 +1,26 @@
-"""``build_pipeline``: config -> a resumable, multi-host aware iterator of fixed-shape batches.
+"""Preference pairs as batches: ``load_tokenised_pairs`` (config -> tokenised pairs),
+``PreferencePipeline`` (a ``BatchStream`` of pairs) and ``build_pipeline`` (both in one call).
 
 Every host tokenises the whole split (cheap next to training, and needed so all hosts agree on
 the shuffle and on each batch's shape), then materialises only the rows its devices own: the
 global batch is laid out as in ARCHITECTURE.md (rows 0..B-1 chosen, B..2B-1 rejected; packed
 rows by plan) and host p of P holds rows [p R/P, (p+1) R/P) and pairs [p B/P, (p+1) B/P) of
-``pair_weight`` -- the contiguous blocks ``jax.make_array_from_process_local_data`` expects
-when the leading axis is sharded over all devices in process order.
+``pair_weight`` (and of the [2B] ``ref_logps``/``ref_lengths`` when reference log-probs are
+given) -- the contiguous blocks ``jax.make_array_from_process_local_data`` expects when the
+leading axis is sharded over all devices in process order.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from dpo_jax.data import batching, config as config_lib, synthetic
 from dpo_jax.data.errors import BadRows, DataError
+from dpo_jax.data.stream import BatchStream
 from dpo_jax.data.tokenize import PairTokenizer, TokenPair, length_summary, load_tokenizer
 
 log = logging.getLogger("dpo_jax.data")
@@ -72,43 +75,47 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPai
     return pairs, stats
 
 
-class PreferencePipeline:
-    """Iterator of per-host batches with ``state_dict``/``load_state_dict`` and ``stats``.
+class PreferencePipeline(BatchStream):
+    """Preference pairs as batches in the ARCHITECTURE.md layout, with ``stats``.
 
-    Train: endless, reshuffled each epoch from (shuffle_seed, seed, epoch), the last partial
-    batch of an epoch dropped. Eval: one pass in file order covering every pair once; the last
-    batch is filled with copies of pair 0 at ``pair_weight`` 0 (copies, not empty sequences, so
-    per-length normalised losses stay finite); iterating again starts over."""
+    A ``BatchStream`` over pairs (train: endless, reshuffled each epoch from
+    ``(data.shuffle_seed, seed, epoch)``, optionally grouped by length; eval: one pass in file
+    order, padded with weight-0 copies of pair 0). Each batch holds this process's rows of the
+    bucketed (or packed) global batch and its block of ``pair_weight`` [B].
+
+    ``reference``: ``(logps_N2, lengths_N2)`` float32, one row per pair (column 0 chosen,
+    1 rejected), e.g. from ``dpo_jax.reference.reference_logps``; each batch then also carries
+    ``ref_logps`` and ``ref_lengths``, this process's block of the [2B] global layout (chosen of
+    the B pairs, then rejected). Raises ``ValueError`` when their shape is not ``[N, 2]``."""
+
+    item_name = "pairs"
 
     def __init__(self, pairs: list[TokenPair], cfg, *, train: bool, global_batch_size: int,
                  process_index: int = 0, process_count: int = 1, seed: int = 0,
-                 pad_id: int = 0, load_stats: dict | None = None):
-        if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                             f"process_count {process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        if train and len(pairs) < global_batch_size:
-            raise DataError(f"{len(pairs)} train pairs < global batch size {global_batch_size}")
-        self.pairs, self.cfg, self.train = pairs, cfg, train
-        self.B, self.P, self.p = global_batch_size, process_count, process_index
-        self.seed, self.pad_id = int(seed), int(pad_id)
-        self.lengths = batching.pair_lengths(pairs)
+                 pad_id: int = 0, load_stats: dict | None = None,
+                 reference: tuple[np.ndarray, np.ndarray] | None = None):
+        super().__init__(len(pairs), train=train, global_batch_size=global_batch_size,
+                         seed=(int(cfg.shuffle_seed), int(seed)), process_index=process_index,
+                         process_count=process_count)
+        self.pairs, self.cfg, self.pad_id = pairs, cfg, int(pad_id)
+        self.reference = None
+        if reference is not None:
+            logps_N2, lengths_N2 = (np.asarray(a, np.float32) for a in reference)
+            for name, a in (("logps", logps_N2), ("lengths", lengths_N2)):
+                if a.shape != (len(pairs), 2):
+                    raise ValueError(f"reference {name} have shape {a.shape}, want "
+                                     f"({len(pairs)}, 2): one (chosen, rejected) row per pair")
+            self.reference = (logps_N2, lengths_N2)
+        self.lengths = batching.pair_lengths(pairs)  # [N, 3] prompt, chosen, rejected
         self.row_multiple = math.lcm(int(cfg.row_multiple), process_count)
-        self.epoch, self.position = 0, 0
-        self._epoch_cache: tuple[int, np.ndarray] | None = None
         self._stats: dict[str, Any] = dict(load_stats or {})
-        self._pad = [0, 0]  # real, total tokens in the current epoch
+        self._tokens = [0, 0]  # real, total (padded) tokens of the global batches this epoch
         self._shapes: dict[str, int] = {}
         self._padding_per_epoch: list[float] = []
-        # Optional hook: global pair indices [B] -> per-pair arrays in the global layout (leading
-        # axis a multiple of B, e.g. [2B] chosen then rejected); this host gets its block. Used to
-        # attach precomputed reference log-probs (dpo_jax/reference.py).
-        self.per_pair: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
         buckets = config_lib.parse_buckets(cfg.buckets)
-        longest = int(self._seq_max(np.arange(len(pairs))))
+        longest = self._longest(np.arange(len(pairs)))
         if buckets is None:
-            maxima = [self._seq_max(b) for b in self._batches(0)]
+            maxima = [self._longest(b) for b in self.epoch_batches(0)]
             buckets = batching.choose_buckets(np.asarray(maxima), cfg.num_buckets,
                                               cfg.bucket_multiple)
         elif longest > buckets[-1]:
@@ -119,144 +126,117 @@ class PreferencePipeline:
         if cfg.packing and self.pack_length < longest:
             raise ValueError(f"pack_length {self.pack_length} < longest sequence {longest}")
 
-    # --------------------------------------------------------------------- ordering
-    def _seq_max(self, idx: np.ndarray) -> int:
+    def _longest(self, idx: np.ndarray) -> int:
+        """Longest prompt + response of pairs ``idx`` (eval padding -1 reads the last pair,
+        which only ever makes a bucket larger)."""
         lens = self.lengths[idx]
         return int((lens[:, 0] + lens[:, 1:].max(axis=1)).max())
 
-    @property
-    def num_batches(self) -> int:
-        """Batches per epoch (train: full batches only; eval: ceil)."""
-        n = len(self.pairs)
-        return n // self.B if self.train else -(-n // self.B)
+    def arrange(self, order_N: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``data.group_by_length`` = k: sort pairs by length within windows of k batches, then
+        shuffle the batches of each window; 0 keeps the shuffled order."""
+        B = self.global_batch_size
+        window = int(self.cfg.group_by_length) * B
+        if not window:
+            return order_N.reshape(-1, B)
+        total = self.lengths[:, 0] + self.lengths[:, 1:].max(axis=1)
+        chunks = []
+        for start in range(0, len(order_N), window):
+            chunk = order_N[start:start + window]
+            chunk = chunk[np.argsort(total[chunk], kind="stable")].reshape(-1, B)
+            chunks.append(chunk[rng.permutation(len(chunk))])
+        return np.concatenate(chunks)
 
-    def _batches(self, epoch: int) -> np.ndarray:
-        """[num_batches, B] pair indices of ``epoch`` (-1: eval padding pair)."""
-        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
-            return self._epoch_cache[1]
-        n, B = len(self.pairs), self.B
-        if not self.train:
-            order = np.full(self.num_batches * B, -1, np.int64)
-            order[:n] = np.arange(n)
-            out = order.reshape(-1, B)
-        else:
-            rng = np.random.default_rng([int(self.cfg.shuffle_seed), self.seed, epoch])
-            order = rng.permutation(n)[: self.num_batches * B]
-            window = int(self.cfg.group_by_length) * B
-            if window:
-                total = self.lengths[:, 0] + self.lengths[:, 1:].max(axis=1)
-                chunks = []
-                for start in range(0, len(order), window):
-                    chunk = order[start:start + window]
-                    chunk = chunk[np.argsort(total[chunk], kind="stable")].reshape(-1, B)
-                    chunks.append(chunk[rng.permutation(len(chunk))])
-                out = np.concatenate(chunks)
-            else:
-                out = order.reshape(-1, B)
-        self._epoch_cache = (epoch, out)
-        return out
-
-    # --------------------------------------------------------------------- batches
     def batch_at(self, epoch: int, position: int) -> dict[str, np.ndarray]:
-        """This host's part of global batch ``position`` of ``epoch`` (pure: no state change)."""
-        idx = self._batches(epoch)[position]
-        weight = (idx >= 0).astype(np.float32)
-        idx = np.where(idx >= 0, idx, 0)
-        lens = self.lengths[idx]
-        plan = batching.make_plan(batching.seq_lengths_of(lens), self.buckets,
+        """This host's rows of global batch ``position`` of ``epoch`` (pure: no state change)."""
+        idx, weight = self.batch_items(epoch, position)
+        B = self.global_batch_size
+        plan = batching.make_plan(batching.seq_lengths_of(self.lengths[idx]), self.buckets,
                                   bool(self.cfg.packing), self.pack_length, self.row_multiple)
-        rows_per_host = plan.rows // self.P
-        r0, r1 = self.p * rows_per_host, (self.p + 1) * rows_per_host
+        r0, r1 = self.host_rows(plan.rows)
         seqs = {}
-        for s in range(2 * self.B):
+        for s in range(2 * B):  # sequence slot s: chosen of pair s, or rejected of pair s - B
             if r0 <= plan.row[s] < r1:
-                pair = self.pairs[int(idx[s % self.B])]
-                resp = pair["chosen"] if s < self.B else pair["rejected"]
+                pair = self.pairs[int(idx[s % B])]
+                resp = pair["chosen"] if s < B else pair["rejected"]
                 seqs[s] = (np.concatenate([pair["prompt"], resp]), len(pair["prompt"]))
         out = batching.materialise(plan, seqs, r0, r1, self.pad_id)
-        bp = self.B // self.P
-        out["pair_weight"] = weight[self.p * bp:(self.p + 1) * bp]
-        if self.per_pair is not None:
-            for k, v in self.per_pair(idx).items():
-                n = len(v) // self.P
-                out[k] = np.asarray(v)[self.p * n:(self.p + 1) * n]
-        real = int(batching.seq_lengths_of(lens).sum())
-        self._last_tokens = (real, plan.cost)
+        out["pair_weight"] = self.host_block(weight)
+        if self.reference is not None:
+            logps_N2, lengths_N2 = self.reference
+            out["ref_logps"] = self.host_block(np.concatenate([logps_N2[idx, 0], logps_N2[idx, 1]]))
+            out["ref_lengths"] = self.host_block(
+                np.concatenate([lengths_N2[idx, 0], lengths_N2[idx, 1]]))
         return out
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.position >= self.num_batches:
-            if not self.train:
-                self.position = 0
-                raise StopIteration
-        batch = self.batch_at(self.epoch, self.position)
+    def _record(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Count the served batch's shape and its global real / padded tokens (the same on
+        every host: real tokens from the pair lengths, padded ones from the host's rows)."""
         shape = "x".join(map(str, batch["input_ids"].shape))
         self._shapes[shape] = self._shapes.get(shape, 0) + 1
-        self._pad[0] += self._last_tokens[0]
-        self._pad[1] += self._last_tokens[1]
-        self.position += 1
-        if self.position >= self.num_batches:
-            self._end_epoch()
-        return batch
+        idx, _ = self.batch_items(self.epoch, self.position)
+        self._tokens[0] += int(batching.seq_lengths_of(self.lengths[idx]).sum())
+        self._tokens[1] += batch["input_ids"].size * self.process_count
 
     def _end_epoch(self) -> None:
-        frac = 1.0 - self._pad[0] / max(self._pad[1], 1)
+        frac = 1.0 - self._tokens[0] / max(self._tokens[1], 1)
         self._padding_per_epoch.append(frac)
         log.info("data epoch %d (%s): padding fraction %.3f, shapes %s", self.epoch,
                  "train" if self.train else "eval", frac, self._shapes)
-        self._pad = [0, 0]
-        if self.train:
-            self.epoch += 1
-            self.position = 0
-
-    # --------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, int]:
-        """JSON-serialisable position in the stream."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_pairs": len(self.pairs), "global_batch_size": self.B}
+        self._tokens = [0, 0]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken; refuses a different dataset or batch."""
-        for k, v in (("num_pairs", len(self.pairs)), ("global_batch_size", self.B)):
-            if k in state and int(state[k]) != v:
-                raise DataError(f"cannot resume: state has {k}={state[k]}, pipeline has {v}")
-        if int(state["seed"]) != self.seed:
-            raise DataError(f"cannot resume: state seed {state['seed']} != pipeline seed "
-                            f"{self.seed}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._pad = [0, 0]
+        super().load_state_dict(state)
+        self._tokens = [0, 0]
 
     @property
     def stats(self) -> dict[str, Any]:
+        """Loading stats (tokenisation, skipped rows, lengths) and what was served: buckets,
+        padding fraction of the global batches per epoch, this host's batch shapes seen."""
         out = dict(self._stats)
-        out.update(split="train" if self.train else "eval", num_pairs=len(self.pairs),
-                   batches_per_epoch=self.num_batches, buckets=list(self.buckets),
+        out.update(super().stats)
+        out.update(num_pairs=len(self.pairs), buckets=list(self.buckets),
                    pack_length=self.pack_length if self.cfg.packing else None,
                    padding_fraction_per_epoch=list(self._padding_per_epoch),
                    shapes_seen=dict(self._shapes))
         return out
 
 
+def pad_id_for(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad id (else its EOS), or the synthetic
+    task's EOS when ``tokenizer`` is None. Masks never derive from it (it may equal EOS)."""
+    if tokenizer is None:
+        return synthetic.EOS_ID
+    return int(tokenizer.eos_token_id if tokenizer.pad_token_id is None
+               else tokenizer.pad_token_id)
+
+
 def build_pipeline(data_cfg, *, split: str, global_batch_size: int, process_index: int = 0,
-                   process_count: int = 1, seed: int = 0, tokenizer=None) -> PreferencePipeline:
-    """The pipeline for ``split`` ('train' or 'eval'; the config maps them to dataset splits)."""
+                   process_count: int = 1, seed: int = 0, tokenizer=None,
+                   pairs: list[TokenPair] | None = None, load_stats: dict | None = None,
+                   reference: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> PreferencePipeline:
+    """The pipeline for ``split`` ('train' or 'eval'; the config maps them to dataset splits).
+
+    ``pairs``: the split's tokenised pairs when the caller already has them (tokenise once,
+    compute reference log-probs, then build; ``load_stats`` the stats that came with them);
+    None loads them with ``load_tokenised_pairs``. ``tokenizer``: loaded from
+    ``data_cfg.tokenizer`` when needed and not given (it gives the pad id). ``reference``: see
+    ``PreferencePipeline``. Raises ``ValueError``/``DataError`` for a bad config or data."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     config_lib.validate(data_cfg)
     if data_cfg.source != "synthetic" and tokenizer is None:
         tokenizer = load_tokenizer(data_cfg.tokenizer)
-    pairs, stats = load_tokenised_pairs(data_cfg, split, tokenizer)
-    pad_id = synthetic.EOS_ID if tokenizer is None else int(
-        tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
+    if pairs is None:
+        pairs, load_stats = load_tokenised_pairs(data_cfg, split, tokenizer)
+    stats = dict(load_stats or {})
     log.info("data %s: %d pairs, lengths %s, skipped %s", split, len(pairs),
              stats.get("lengths", {}).get("total"), stats.get("bad_rows_skipped"))
     return PreferencePipeline(pairs, data_cfg, train=split == "train",
                               global_batch_size=global_batch_size, process_index=process_index,
-                              process_count=process_count, seed=seed, pad_id=pad_id,
-                              load_stats=stats)
+                              process_count=process_count, seed=seed, pad_id=pad_id_for(tokenizer),
+                              load_stats=stats, reference=reference)
 
 
 def to_global(batch_np: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Prompts for PPO rollouts: from a prompt file or the prompts of the run's preference data.
 
-A prompt file is jsonl, one row per prompt, with ``prompt_ids`` (token ids, used as given: the
+A prompt file is jsonl(.gz), one row per prompt, with ``prompt_ids`` (token ids, used as given: the
 IMDb experiment's ``make_prompts.py`` writes these) or ``prompt`` (text, tokenised with
 ``config.data.tokenizer`` and cut to ``data.max_prompt_length`` keeping the end). Without a
 file, the distinct prompts of ``config.data``'s split are used (e.g. the synthetic task).
@@ -8,12 +8,13 @@ file, the distinct prompts of ``config.data``'s split are used (e.g. the synthet
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from dpo_jax.data import io
 from dpo_jax.data.pipeline import load_tokenised_pairs
+from dpo_jax.data.stream import BatchStream
 
 
 def load_prompts(config, split: str) -> list[np.ndarray]:
@@ -48,73 +49,38 @@ def load_prompts(config, split: str) -> list[np.ndarray]:
     return prompts
 
 
-class PromptStream:
-    """Fixed-shape prompt batches ``(ids [b, P] right-padded, lengths [b], weight [b])``.
+class PromptStream(BatchStream):
+    """Fixed-shape prompt batches: ``prompt_ids`` [b, width] int32 (right-padded with
+    ``pad_id``), ``prompt_lengths`` [b] int32 and ``weight`` [b] float32, ``b`` this process's
+    block of the global batch.
 
-    Train: endless, reshuffled each epoch from (seed, epoch). Eval: one pass in order, the last
-    batch filled with prompt 0 at weight 0. ``b`` is this host's block of the global batch."""
+    A ``BatchStream`` over prompts (train: endless, reshuffled each epoch from
+    ``(seed, epoch)``; eval: one pass in order, the last batch filled with prompt 0 at weight 0).
+    Raises ``ValueError`` when ``width`` is shorter than the longest prompt."""
+
+    item_name = "prompts"
 
     def __init__(self, prompts: list[np.ndarray], *, train: bool, global_batch_size: int,
                  width: int, seed: int, pad_id: int = 0, process_index: int = 0,
                  process_count: int = 1):
-        if train and len(prompts) < global_batch_size:
-            raise ValueError(f"{len(prompts)} prompts < batch size {global_batch_size}")
-        if global_batch_size % process_count:
-            raise ValueError("batch size must divide over processes")
+        super().__init__(len(prompts), train=train, global_batch_size=global_batch_size,
+                         seed=seed, process_index=process_index, process_count=process_count)
         longest = max(len(x) for x in prompts)
         if width < longest:
             raise ValueError(f"prompt width {width} < longest prompt {longest}")
-        self.prompts, self.train, self.B, self.P = prompts, train, global_batch_size, width
-        self.seed, self.pad_id = int(seed), int(pad_id)
-        self.p, self.n_proc = process_index, process_count
-        self.epoch = self.position = 0
+        self.prompts, self.width, self.pad_id = prompts, int(width), int(pad_id)
 
-    @property
-    def num_batches(self) -> int:
-        n = len(self.prompts)
-        return n // self.B if self.train else -(-n // self.B)
-
-    def _order(self) -> np.ndarray:
-        n = len(self.prompts)
-        if self.train:
-            return np.random.default_rng([self.seed, self.epoch]).permutation(n)
-        return np.arange(n)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.position >= self.num_batches:
-            if not self.train:
-                self.position = 0
-                raise StopIteration
-            self.epoch, self.position = self.epoch + 1, 0
-        order = self._order()
-        idx = order[self.position * self.B:(self.position + 1) * self.B]
-        weight = np.ones(self.B, np.float32)
-        if len(idx) < self.B:
-            weight[len(idx):] = 0.0
-            idx = np.concatenate([idx, np.zeros(self.B - len(idx), idx.dtype)])
-        self.position += 1
-        b = self.B // self.n_proc
-        idx, weight = idx[self.p * b:(self.p + 1) * b], weight[self.p * b:(self.p + 1) * b]
-        ids = np.full((b, self.P), self.pad_id, np.int32)
-        lengths = np.zeros(b, np.int32)
+    def batch_at(self, epoch: int, position: int) -> dict[str, np.ndarray]:
+        """This host's block of global batch ``position`` of ``epoch`` (pure)."""
+        idx, weight = self.batch_items(epoch, position)
+        idx = self.host_block(idx)
+        ids = np.full((len(idx), self.width), self.pad_id, np.int32)
+        lengths = np.zeros(len(idx), np.int32)
         for r, i in enumerate(idx):
             x = self.prompts[int(i)]
             ids[r, :len(x)], lengths[r] = x, len(x)
-        return {"prompt_ids": ids, "prompt_lengths": lengths, "weight": weight}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "num_prompts": len(self.prompts)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if int(state["num_prompts"]) != len(self.prompts):
-            raise ValueError(f"cannot resume: {state['num_prompts']} prompts in the checkpoint, "
-                             f"{len(self.prompts)} now")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        return {"prompt_ids": ids, "prompt_lengths": lengths, "weight": self.host_block(weight)}
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"num_prompts": len(self.prompts), "prompt_width": self.P,
-                "batches_per_epoch": self.num_batches}
+        return dict(super().stats, num_prompts=len(self.prompts), prompt_width=self.width)
