@@ -1,22 +1,35 @@
-"""The base run config. Experiment files in ``configs/`` start from it and change what they need.
+"""The run config: its schema (``base_config``) and the one place each block is read.
 
-The defaults are the offline default run: DPO on the synthetic preference task with a small
-GPT-2-shaped model, 2 CPU cores, under 3 minutes.
+Experiment files in ``configs/`` start from ``base_config`` and change what they need; the
+defaults are the offline default run (DPO on the synthetic preference task with a small
+GPT-2-shaped model, 2 CPU cores, minutes). Tasks call :func:`read_config` once and pass the frozen
+dataclasses on; nothing below the tasks reads the ConfigDict (the ``loss`` block is read by
+``losses.loss_config_from``, the ``ppo`` block by ``ppo.config.ppo_config``).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import ml_collections
 
 from dpo_jax import losses as losses_lib
 from dpo_jax import sharding
 from dpo_jax.data import default_data_config
+from dpo_jax.logprobs import LogprobConfig
+from dpo_jax.models import ModelConfig, model_config_from
+from dpo_jax.optim import NONFINITE_POLICIES, OptimConfig
+from dpo_jax.step import StepConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "dpo"  # what main runs: 'dpo' (preference optimisation)
+    c.task = "dpo"  # what main runs: dpo | sft | reward | ppo, or 'module:function'
     c.seed = 0  # parameter init and data shuffling
+    # fields a resumed run may change, comma separated (only those in
+    # dpo_jax.workdir.SAFE_ON_RESUME, e.g. 'train.steps'); recorded in config_history.jsonl
+    c.allow_resume_changes = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "gpt2-synthetic"  # a name from dpo_jax.models.PRESETS (ignored with hf_path)
@@ -30,8 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.model.param_dtype = "float32"  # policy parameter (master weight) dtype
     c.model.ref_param_dtype = ""  # frozen reference storage dtype ('' = as the policy; bfloat16 halves it)
-    # per-layer rematerialisation: none, full, dots_saveable, dots_no_batch (on XLA:CPU the
-    # layer scan's backward is also faster with dots_saveable: experiments/bench/README.md)
+    # per-layer rematerialisation: none, full, dots_saveable, dots_no_batch
     c.model.remat = "none"
     c.model.scan_layers = True  # scan over stacked layers (compile time independent of depth)
     c.model.attention_impl = ""  # '' = XLA; 'cudnn' fused GPU kernel; 'chunked' query blocks
@@ -50,8 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.logprobs.seq_chunk = 128  # positions per LM-head chunk (0 = all at once)
     c.logprobs.vocab_chunk = 0  # vocabulary slice for the online logsumexp (0 = whole vocabulary)
     # forward-only passes (reference, eval) may tile the head differently: no backward, so no
-    # recompute cost (-1 = as above, 0 = whole). On the 2-core CPU, 32 / 4096 takes the bench
-    # shape's reference forward from 0.75 s to 0.35 s (experiments/bench/README.md)
+    # recompute cost (-1 = as above, 0 = whole; measurements: experiments/bench/README.md)
     c.logprobs.forward_seq_chunk = -1
     c.logprobs.forward_vocab_chunk = -1
     c.logprobs.precompute_reference = False  # reference log-probs computed once over the data
@@ -78,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100  # checkpoint interval (and always at the end)
     c.train.keep_checkpoints = 2  # newest checkpoints kept
     c.train.async_checkpointing = True  # write checkpoints in the background
+    # a step with a non-finite loss or gradient: 'error' stops the run (nothing past the last
+    # checkpoint is saved), 'skip' drops that update and counts it (summary: skipped_updates)
+    c.train.on_nonfinite = "error"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
@@ -106,3 +120,91 @@ def short_run(steps: int):
         config.train.checkpoint_every = steps
 
     return apply
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` block: what the loop (``dpo_jax/loop.py``) and the batch sizes need."""
+
+    steps: int
+    batch_size: int
+    eval_batch_size: int
+    log_every: int
+    eval_every: int  # 0 = never
+    checkpoint_every: int  # 0 = only at the end
+    keep_checkpoints: int
+    async_checkpointing: bool
+    on_nonfinite: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSources:
+    """Where the policy and the reference come from (``init`` and ``model`` blocks): another
+    run's workdir, else an HF directory, else the seeded init; the reference defaults to a copy
+    of the initial policy, stored in ``reference_dtype`` ('' = as the policy)."""
+
+    policy: str = ""
+    policy_hf: str = ""
+    reference: str = ""
+    reference_hf: str = ""
+    reference_dtype: str = ""
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every block a task needs, read once (see :func:`read_config`)."""
+
+    task: str
+    seed: int
+    model: ModelConfig
+    sources: ParamSources
+    step: StepConfig
+    optim: OptimConfig
+    train: TrainConfig
+    data: Any  # the ``data`` block (dpo_jax/data reads it; tokenizer resolved)
+    mesh_shape: dict
+    mesh_rules: tuple
+    precompute_reference: bool
+
+
+def _logprob_configs(lp) -> tuple[LogprobConfig, LogprobConfig]:
+    train = LogprobConfig(scored_only=bool(lp.scored_only), seq_chunk=lp.seq_chunk or None,
+                          vocab_chunk=lp.vocab_chunk or None)
+    seq, vocab = lp.forward_seq_chunk, lp.forward_vocab_chunk
+    forward = dataclasses.replace(
+        train, seq_chunk=train.seq_chunk if seq == -1 else (seq or None),
+        vocab_chunk=train.vocab_chunk if vocab == -1 else (vocab or None))
+    return train, forward
+
+
+def read_config(config: ml_collections.ConfigDict) -> RunConfig:
+    """The frozen view of ``config`` that tasks consume. Raises ValueError for bad values."""
+    t = config.train
+    if t.on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"train.on_nonfinite={t.on_nonfinite!r}: expected one of "
+                         f"{NONFINITE_POLICIES}")
+    train = TrainConfig(
+        steps=int(t.steps), batch_size=int(t.batch_size),
+        eval_batch_size=int(t.eval_batch_size or t.batch_size), log_every=int(t.log_every),
+        eval_every=int(t.eval_every or 0), checkpoint_every=int(t.checkpoint_every or 0),
+        keep_checkpoints=int(t.keep_checkpoints), async_checkpointing=bool(t.async_checkpointing),
+        on_nonfinite=str(t.on_nonfinite))
+    logprobs, forward = _logprob_configs(config.logprobs)
+    optim = OptimConfig.from_config(config.optim)
+    data = config.data
+    if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:
+        # The tokenizer comes from the model's directory unless the config names another.
+        data = ml_collections.ConfigDict(data.to_dict())
+        data.tokenizer = config.model.hf_path
+    m = config.model
+    return RunConfig(
+        task=config.task, seed=int(config.seed), model=model_config_from(m),
+        sources=ParamSources(policy=config.init.policy, policy_hf=m.hf_path,
+                             reference=config.init.reference, reference_hf=m.ref_hf_path,
+                             reference_dtype=m.ref_param_dtype, seed=int(config.seed)),
+        step=StepConfig(grad_accum=optim.grad_accum, logprobs=logprobs, forward_logprobs=forward),
+        optim=optim, train=train, data=data, mesh_shape=dict(config.mesh.shape),
+        mesh_rules=tuple(tuple(r) for r in config.mesh.rules),
+        precompute_reference=bool(config.logprobs.precompute_reference))

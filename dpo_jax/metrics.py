@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,32 +20,56 @@ def _scalar(v: Any) -> float | int:
 
 class MetricWriter:
     """Appends one JSON object per record to ``workdir/metrics.jsonl`` and mirrors scalars to
-    TensorBoard event files under ``workdir/tb``. Opening in append mode keeps the history of an
-    interrupted run; records past the restored step are dropped so a resumed run never shows a
-    step twice."""
+    TensorBoard event files under ``workdir/tb``.
+
+    Resuming at step ``s`` calls :meth:`truncate_after` (``s = 0`` without a checkpoint): records
+    past ``s`` are cut from the JSONL and TensorBoard is rebuilt from what remains, so after any
+    interruption each step appears once, as in an uninterrupted run. Non-finite values are
+    written as they are (``NaN``/``Infinity`` in the JSONL, NaN points in TensorBoard)."""
 
     def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb_dir = os.path.join(workdir, "tb")
+        self._tensorboard = tensorboard
         self._tb = None
-        if not self.enabled:
-            return
-        os.makedirs(workdir, exist_ok=True)
-        if tensorboard:
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._open_tb()
+
+    def _open_tb(self) -> None:
+        if self._tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+            self._tb = SummaryWriter(self.tb_dir, flush_secs=30)
+
+    def records(self) -> list[dict]:
+        """The records written so far (empty when there are none)."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
 
     def truncate_after(self, step: int) -> None:
-        """Drop records with ``step > step`` (written after the checkpoint a run resumes from)."""
-        if not self.enabled or not os.path.exists(self.path):
+        """Drop records with ``step > step`` and rebuild TensorBoard from the rest."""
+        if not self.enabled:
             return
-        with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [r for r in self.records() if r.get("step", 0) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(keep)
+            f.writelines(json.dumps(r) + "\n" for r in keep)
         os.replace(tmp, self.path)
+        if self._tb is not None:
+            self._tb.close()
+            shutil.rmtree(self.tb_dir, ignore_errors=True)
+            self._open_tb()
+            for r in keep:
+                self._add_scalars(r)
+
+    def _add_scalars(self, record: dict) -> None:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, int(record["step"]))
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict:
         record = {"step": int(step)}
@@ -54,10 +78,13 @@ class MetricWriter:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self._tb is not None:
-                for k, v in record.items():
-                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                        self._tb.add_scalar(k, v, int(step))
+                self._add_scalars(record)
         return record
+
+    def flush(self) -> None:
+        """Make everything written so far durable in TensorBoard (called at every checkpoint)."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

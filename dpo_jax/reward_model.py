@@ -19,17 +19,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dpo_jax import loop
 from dpo_jax import sharding as shard_lib
-from dpo_jax import train as train_lib
+from dpo_jax import state as state_lib
+from dpo_jax import streams
+from dpo_jax.config import read_config
 from dpo_jax.models import Model
+from dpo_jax.optim import apply_gradients, make_optimizer
 from dpo_jax.state import TrainState
+from dpo_jax.workdir import open_run
 
 Params = dict[str, Any]
 
 
 class RewardModel:
     """A :class:`~dpo_jax.models.Model` plus a scalar head; same init/abstract_params/
-    logical_axes interface as Model, so the Run's sharding and checkpointing apply unchanged."""
+    logical_axes interface as Model, so the shared state and checkpoint code apply unchanged."""
 
     def __init__(self, decoder: Model):
         self.decoder = decoder
@@ -114,9 +119,8 @@ def _sums(chosen, rejected, weights) -> dict[str, jax.Array]:
     }
 
 
-def make_reward_train_step(model: RewardModel, tx, schedule):
+def make_reward_train_step(model: RewardModel, tx, schedule, on_nonfinite: str = "error"):
     """``(state, batch, num_scored) -> (state, metrics)``: one Bradley-Terry update."""
-    import optax
 
     def loss_fn(params, batch, total):
         sums = _sums(*pair_rewards(model, params, batch), batch["pair_weight"])
@@ -126,21 +130,18 @@ def make_reward_train_step(model: RewardModel, tx, schedule):
         del num_scored  # the head reads one hidden state per sequence; no LM head here
         total = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
         grads, sums = jax.grad(loss_fn, has_aux=True)(state.params, batch, total)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics = {k: v / total for k, v in sums.items()}
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["lr"] = schedule(state.step)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), metrics
+        state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
+                                                on_nonfinite)
+        return state, {**metrics, **update_metrics}
 
     return train_step
 
 
 def make_reward_eval_step(model: RewardModel):
-    """``(params, ref_params, batch, num_scored) -> weighted sums incl. 'weight'``."""
+    """``(params, batch) -> weighted sums incl. 'weight'``."""
 
-    def eval_step(params, ref_params, batch, num_scored=None):
-        del ref_params, num_scored
+    def eval_step(params, batch):
         sums = _sums(*pair_rewards(model, params, batch), batch["pair_weight"])
         sums["weight"] = jnp.sum(batch["pair_weight"])
         return sums
@@ -148,55 +149,55 @@ def make_reward_eval_step(model: RewardModel):
     return eval_step
 
 
-def init_head_model_state(run: train_lib.Run, source: str | None) -> tuple[Params, Any]:
-    """Decoder params from ``source`` (a run's workdir), ``model.hf_path`` or the seed; a zero
-    head. Returns (params, optimizer state with counters replicated over the mesh)."""
-    cfg = run.config
-    rng = jax.random.key(int(cfg.seed))
-    decoder = train_lib._init_params(run.model.decoder, source, cfg.model.get("hf_path"),
-                                     run.param_shardings["decoder"], rng)
-    head = jax.jit(run.model.init_head, out_shardings=run.param_shardings["value_head"])()
-    params = {"decoder": decoder, "value_head": head}
-    replicated = shard_lib.replicated(run.mesh)
-    opt_state = jax.tree.map(
-        lambda x: x if len(x.sharding.device_set) == run.mesh.size else jax.device_put(x, replicated),
-        jax.jit(run.tx.init)(params))
-    return params, opt_state
-
-
-class RewardRun(train_lib.Run):
-    """Bradley-Terry reward-model training on the DPO preference pipeline.
-
-    ``config.init.policy`` (e.g. the SFT run) initialises the decoder; the head starts at 0."""
-
-    def setup_task(self) -> None:
-        if int(self.config.optim.grad_accum) != 1:
-            raise ValueError("task 'reward' does not accumulate gradients; set optim.grad_accum=1")
-        self.model = RewardModel(self.model)
-
-    def needs_reference(self) -> bool:
-        return False
-
-    def make_train_step(self):
-        return make_reward_train_step(self.model, self.tx, self.schedule)
-
-    def make_eval_step(self):
-        return make_reward_eval_step(self.model)
-
-    def _init_state(self) -> TrainState:
-        params, opt_state = init_head_model_state(self, self.config.init.policy or None)
-        step = jax.device_put(jnp.zeros((), jnp.int32), shard_lib.replicated(self.mesh))
-        return TrainState(step=step, params=params, ref_params=None, opt_state=opt_state)
+def init_params(model: RewardModel, shardings, sources) -> Params:
+    """Decoder parameters from ``sources`` (e.g. the SFT run), a zero head."""
+    decoder = state_lib.init_policy(model.decoder, shardings["decoder"], sources)
+    head = jax.jit(model.init_head, out_shardings=shardings["value_head"])()
+    return {"decoder": decoder, "value_head": head}
 
 
 def restore_reward_model(run_dir: str, model: RewardModel, shardings) -> Params:
     """A trained reward model's params (``{"decoder", "value_head"}``) from its run directory."""
     from dpo_jax import checkpoint as ckpt_lib
 
-    like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        model.abstract_params(), shardings)
-    return ckpt_lib.restore_params(run_dir, like)
+    return ckpt_lib.restore_params(run_dir, state_lib.abstract(model.abstract_params(), shardings))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    return RewardRun(config, workdir).train()
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       interrupt_after: int | None = None) -> dict[str, Any]:
+    """Bradley-Terry reward-model training on the preference pipeline (``config.task='reward'``);
+    ``config.init.policy`` (e.g. the SFT run) initialises the decoder, the head starts at 0."""
+    with open_run(config, workdir) as run:
+        if run.finished:
+            return run.summary
+        rc = read_config(config)
+        if rc.optim.grad_accum != 1:
+            raise ValueError("task 'reward' does not accumulate gradients; set optim.grad_accum=1")
+        mesh = shard_lib.make_mesh(rc.mesh_shape)
+        model = RewardModel(Model(rc.model))
+        tx, schedule = make_optimizer(rc.optim, rc.train.steps)
+        shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
+        state = state_lib.create_state(init_params(model, shardings, rc.sources), tx, mesh,
+                                       shardings)
+        splits = ("train", "eval") if rc.train.eval_every else ("train",)
+        data = streams.preference_streams(rc, splits, model_cfg=model.config, mesh=mesh)
+
+        shardings_of = jax.tree.map(lambda x: x.sharding, state)
+        train_step = jax.jit(make_reward_train_step(model, tx, schedule, rc.train.on_nonfinite),
+                             in_shardings=(shardings_of, None), out_shardings=(shardings_of, None),
+                             donate_argnums=0, static_argnums=2)
+        eval_step = jax.jit(make_reward_eval_step(model))
+
+        def step_fn(state, batch_np):
+            return train_step(state, *loop.device_batch(batch_np, mesh, False))
+
+        def evaluate(state):
+            return loop.reduce_eval(
+                lambda b: eval_step(state.params, loop.device_batch(b, mesh, False)[0]),
+                data["eval"])
+
+        return loop.train(run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn,
+                          train_data=data["train"],
+                          evaluate=evaluate if "eval" in data else None,
+                          report=lambda: {"data": {k: s.stats for k, s in data.items()}},
+                          interrupt_after=interrupt_after)

@@ -1,8 +1,7 @@
 """Supervised fine-tuning (``config.task='sft'``) and the Unlikelihood baseline, on the DPO loop.
 
-Why a subclass of ``train.Run``: the mesh, sharded init/restore, the jit-once step, the
-one-step-late metrics, eval, checkpoints and resume are the same for every task; SFT only
-changes the loss (token-mean NLL) and the batches (single sequences instead of pairs).
+SFT changes only the loss (token-mean NLL) and the batches (single sequences instead of
+pairs); the state, the loop, checkpoints and resume are the shared ones (``dpo_jax/loop.py``).
 
 Objectives (``config.sft.objective``):
   * ``nll``: mean negative log-likelihood over scored tokens of the whole global batch; scored
@@ -22,18 +21,23 @@ pre-tokenised ``{"prompt": [ids], "response": [ids]}`` rows (``sft.train_path``/
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
+from dpo_jax import loop
 from dpo_jax import sharding as shard_lib
-from dpo_jax import train as train_lib
-from dpo_jax.data.text import (TextPipeline, load_examples, read_token_examples,
-                              write_token_examples)
+from dpo_jax import state as state_lib
+from dpo_jax import streams
+from dpo_jax.config import read_config
+from dpo_jax.models import Model
+from dpo_jax.optim import apply_gradients, make_optimizer
+from dpo_jax.workdir import open_run
+from dpo_jax.data.text import TextPipeline, load_examples
 from dpo_jax.logprobs import compact_scored, token_logps
 
 UL_MIN_ONE_MINUS_P = 1e-5
@@ -110,71 +114,108 @@ def ratios(sums: Mapping[str, Any], alpha: float) -> dict[str, Any]:
     return out
 
 
-def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cfg):
+def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cfg,
+                        on_nonfinite: str = "error"):
     """``train_step(state, batch, num_scored) -> (state, metrics)`` minimising the token mean."""
     sums_fn = unlikelihood_sums if objective == "unlikelihood" else nll_sums
 
     def loss_fn(params, batch, num_scored):
-        sums = sums_fn(model, params, batch, lp_cfg, num_scored)
-        out = ratios(sums, alpha)
+        out = ratios(sums_fn(model, params, batch, lp_cfg, num_scored), alpha)
         return out["loss"], out
 
     def train_step(state, batch, num_scored=None):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, num_scored)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
+                                                on_nonfinite)
+        return state, {**metrics, **update_metrics}
 
     return train_step
 
 
 # ------------------------------------------------------------------------------- the task
-class SFTRun(train_lib.Run):
-    """``train.Run`` with the SFT / Unlikelihood objective and single-sequence batches."""
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """The ``sft`` block (see :func:`add_sft_config`)."""
 
-    def setup_task(self) -> None:
-        s = self.config.sft
-        if s.objective not in ("nll", "unlikelihood"):
-            raise ValueError(f"sft.objective must be 'nll' or 'unlikelihood', got {s.objective!r}")
-        if self.step_cfg.grad_accum != 1:
-            raise ValueError("the SFT task does not accumulate gradients; set optim.grad_accum=1")
-        self.objective, self.alpha = s.objective, float(s.unlikelihood_alpha)
+    objective: str
+    target: str
+    source: str
+    train_path: str
+    eval_path: str
+    unlikelihood_alpha: float
 
-    def needs_reference(self) -> bool:
-        return False
-
-    def make_train_step(self):
-        return make_sft_train_step(self.model, self.objective, self.alpha, self.tx,
-                                   self.schedule, self.step_cfg.logprobs)
-
-    def make_eval_step(self):
-        sums_fn = unlikelihood_sums if self.objective == "unlikelihood" else nll_sums
-        lp_cfg = self.step_cfg.logprobs
-        return lambda params, ref_params, batch, num_scored=None: sums_fn(
-            self.model, params, batch, lp_cfg, num_scored)
-
-    def build_data(self, split: str, global_batch_size: int):
-        if self.objective == "unlikelihood":
-            return super().build_data(split, global_batch_size)
-        examples, pad_id = load_examples(self.config, split)
-        return TextPipeline(examples, self.config.data, train=split == "train",
-                            global_batch_size=global_batch_size, target=self.config.sft.target,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count(), seed=int(self.config.seed),
-                            pad_id=pad_id,
-                            row_multiple=shard_lib.num_batch_shards(self.mesh))
-
-    def evaluate(self) -> dict[str, float]:
-        """Token means over the whole held-out set (sums first, then ratios)."""
-        totals: dict[str, float] = {}
-        for batch_np in self.eval_data:
-            batch, num_scored = self._device_batch(batch_np)
-            sums = jax.device_get(self._eval_step(self.state.params, None, batch, num_scored))
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        return {k: float(v) for k, v in ratios(totals, self.alpha).items()}
+    @classmethod
+    def from_config(cls, block) -> "SFTConfig":
+        cfg = cls(**{f.name: block[f.name] for f in dataclasses.fields(cls)})
+        if cfg.objective not in ("nll", "unlikelihood"):
+            raise ValueError(f"sft.objective must be 'nll' or 'unlikelihood', got {cfg.objective!r}")
+        return cfg
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    return SFTRun(config, workdir).train()
+def _check(config, rc) -> None:
+    if rc.optim.grad_accum != 1:
+        raise ValueError("the SFT task does not accumulate gradients; set optim.grad_accum=1")
+    if rc.precompute_reference:
+        raise ValueError("logprobs.precompute_reference=True: the SFT task has no reference "
+                         "model; set it to False")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       interrupt_after: int | None = None) -> dict[str, Any]:
+    """Train and evaluate an SFT / Unlikelihood run in ``workdir``; returns its summary.
+
+    Raises ValueError for settings the task cannot honour (gradient accumulation, a
+    precomputed reference)."""
+    with open_run(config, workdir) as run:
+        if run.finished:
+            return run.summary
+        rc = read_config(config)
+        sft = SFTConfig.from_config(config.sft)
+        _check(config, rc)
+        mesh = shard_lib.make_mesh(rc.mesh_shape)
+        model = Model(rc.model)
+        tx, schedule = make_optimizer(rc.optim, rc.train.steps)
+        shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
+        state = state_lib.create_state(state_lib.init_policy(model, shardings, rc.sources), tx,
+                                       mesh, shardings)
+
+        splits = ("train", "eval") if rc.train.eval_every else ("train",)
+        if sft.objective == "unlikelihood":
+            data = streams.preference_streams(rc, splits, model_cfg=model.cfg, mesh=mesh)
+        else:
+            data = {}
+            sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
+            for split in splits:
+                examples, pad_id = load_examples(config, split)
+                streams.check_fits([{"prompt": e["prompt"], "chosen": e["response"],
+                                     "rejected": e["response"]} for e in examples],
+                                   model.cfg, pad_id=pad_id, where=f"sft split {split!r}")
+                data[split] = TextPipeline(
+                    examples, rc.data, train=split == "train", global_batch_size=sizes[split],
+                    target=sft.target, process_index=jax.process_index(),
+                    process_count=jax.process_count(), seed=rc.seed, pad_id=pad_id,
+                    row_multiple=shard_lib.num_batch_shards(mesh))
+
+        shardings_of = jax.tree.map(lambda x: x.sharding, state)
+        alpha, lp_cfg = sft.unlikelihood_alpha, rc.step.logprobs
+        train_step = jax.jit(
+            make_sft_train_step(model, sft.objective, alpha, tx, schedule, lp_cfg,
+                                rc.train.on_nonfinite),
+            in_shardings=(shardings_of, None), out_shardings=(shardings_of, None),
+            donate_argnums=0, static_argnums=2)
+        sums_fn = unlikelihood_sums if sft.objective == "unlikelihood" else nll_sums
+        eval_sums = jax.jit(lambda p, b, n: sums_fn(model, p, b, lp_cfg, n), static_argnums=2)
+
+        def step_fn(state, batch_np):
+            return train_step(state, *loop.device_batch(batch_np, mesh, lp_cfg.scored_only))
+
+        def evaluate(state):
+            return loop.reduce_eval(
+                lambda b: eval_sums(state.params, *loop.device_batch(b, mesh, lp_cfg.scored_only)),
+                data["eval"], finalize=lambda t: {k: float(v) for k, v in ratios(t, alpha).items()})
+
+        return loop.train(run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn,
+                          train_data=data["train"],
+                          evaluate=evaluate if "eval" in data else None,
+                          report=lambda: {"data": {k: s.stats for k, s in data.items()}},
+                          interrupt_after=interrupt_after)

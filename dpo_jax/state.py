@@ -66,11 +66,22 @@ def init_params(model, shardings, *, checkpoint: str = "", hf_path: str = "", se
     return params
 
 
-def frozen_copy(params, shardings, dtype: str = ""):
-    """A separate copy of ``params`` (optionally cast), e.g. the reference = the initial policy."""
-    cast = (lambda p: cast_floats(p, jnp.dtype(dtype))) if dtype else (
-        lambda p: jax.tree.map(jnp.copy, p))
-    return jax.jit(cast, out_shardings=shardings)(params)
+def init_policy(model, shardings, sources):
+    """The policy's initial parameters from ``sources`` (a ``config.ParamSources``)."""
+    return init_params(model, shardings, checkpoint=sources.policy, hf_path=sources.policy_hf,
+                       seed=sources.seed)
+
+
+def init_reference(model, shardings, sources, policy_params):
+    """The frozen reference: its own source when ``sources`` names one, else a (cast) copy of
+    the initial ``policy_params``."""
+    if sources.reference or sources.reference_hf:
+        return init_params(model, shardings, checkpoint=sources.reference,
+                           hf_path=sources.reference_hf, seed=sources.seed,
+                           dtype=sources.reference_dtype)
+    cast = (lambda p: cast_floats(p, jnp.dtype(sources.reference_dtype))) if (
+        sources.reference_dtype) else (lambda p: jax.tree.map(jnp.copy, p))
+    return jax.jit(cast, out_shardings=shardings)(policy_params)
 
 
 def create_state(params, tx: optax.GradientTransformation, mesh, shardings,

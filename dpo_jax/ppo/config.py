@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from dpo_jax.ppo.step import PPOConfig
+from dpo_jax.sampling import SamplingConfig
+
 
 def default_ppo_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -45,3 +48,21 @@ def default_ppo_config() -> ml_collections.ConfigDict:
     # swamped the policy's; see docs/rlhf.md.
     c.detach_value_head = False
     return c
+
+
+def ppo_config(config: ml_collections.ConfigDict) -> PPOConfig:
+    """The update's settings from the ``ppo`` block (and the run seed)."""
+    p = config.ppo
+    return PPOConfig(max_new_tokens=int(p.max_new_tokens), epochs=int(p.epochs),
+                     minibatches=int(p.minibatches), gamma=float(p.gamma), lam=float(p.lam),
+                     clip=float(p.clip), vf_clip=float(p.vf_clip), vf_coef=float(p.vf_coef),
+                     whiten_advantages=bool(p.whiten_advantages),
+                     detach_value_head=bool(p.detach_value_head), seed=int(config.seed))
+
+
+def sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
+    """The rollout sampler's settings from the ``ppo`` block."""
+    p = config.ppo
+    return SamplingConfig(max_new_tokens=int(p.max_new_tokens), temperature=float(p.temperature),
+                          top_k=int(p.top_k), top_p=float(p.top_p), eos_id=int(p.eos_id),
+                          pad_id=int(p.pad_id))

@@ -123,12 +123,18 @@ class KLController:
 
     ``e = clip(KL / target - 1, -0.2, 0.2)``, ``beta <- beta (1 + e * n_steps / horizon)``,
     where ``n_steps`` is the number of episodes in the rollout batch the KL was measured on.
-    Host-side state (one float), saved with the data position in each checkpoint.
+    Host-side state (one float), saved as its own item of each checkpoint.
     """
 
     value: float
     target: float | None = None  # None: fixed coefficient
     horizon: int = 10000
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": float(self.value)}
+
+    def load_state_dict(self, state) -> None:
+        self.value = float(state["kl_coef"])
 
     def update(self, current_kl: float, n_steps: int) -> float:
         if self.target is not None:

@@ -1,186 +1,120 @@
-"""``config.task='ppo'``: the RLHF baseline as a :class:`~dpo_jax.train.Run` subclass.
+"""``config.task='ppo'``: the RLHF baseline (PPO with a learned reward, or PPO-GT with a
+ground-truth reward) on the shared loop.
 
-Each iteration: sample completions for a prompt batch from the policy (jitted, sharded), score
-them with the configured reward (learned reward model, or a ground-truth reward for PPO-GT),
-then run the jitted PPO update (``dpo_jax.ppo.step``). The mesh, parameter shardings, optimizer,
-checkpoints (policy + value head, optimizer state, prompt position and KL coefficient) and the
-metric sinks are the Run's. The reference is the policy's initial decoder unless
-``init.reference`` names another run.
+One loop step is one PPO iteration: sample completions for a prompt batch from the policy
+(jitted, sharded), score them with the reward function, then the jitted PPO update
+(``dpo_jax/ppo/step.py``) and the adaptive KL controller. The controller's coefficient is saved
+as its own checkpoint item. The reference is the policy's initial decoder unless
+``init.reference`` / ``model.ref_hf_path`` names another.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from dpo_jax import data as data_lib
+from dpo_jax import loop
 from dpo_jax import sharding as shard_lib
-from dpo_jax import train as train_lib
+from dpo_jax import state as state_lib
+from dpo_jax.config import read_config
 from dpo_jax.data.prompts import PromptStream, load_prompts
+from dpo_jax.models import Model
+from dpo_jax.optim import make_optimizer
 from dpo_jax.ppo import core
+from dpo_jax.ppo.config import ppo_config, sampling_config
 from dpo_jax.ppo.rewards import RewardFn, build_reward
-from dpo_jax.ppo.step import PPOConfig, make_ppo_eval_step, make_ppo_step
-from dpo_jax.reward_model import RewardModel, init_head_model_state
-from dpo_jax.sampling import SamplingConfig, generate
-from dpo_jax.optim import OptimConfig, make_optimizer
-from dpo_jax.state import TrainState
+from dpo_jax.ppo.step import make_ppo_eval_step, make_ppo_step
+from dpo_jax.reward_model import RewardModel, init_params
+from dpo_jax.sampling import generate
+from dpo_jax.workdir import open_run
+
+EVAL_SEED_OFFSET = 1_000_003  # eval rollouts use seed + this, train rollouts seed + 1
 
 
-def ppo_config(config) -> PPOConfig:
-    p = config.ppo
-    return PPOConfig(max_new_tokens=int(p.max_new_tokens), epochs=int(p.epochs),
-                     minibatches=int(p.minibatches), gamma=float(p.gamma), lam=float(p.lam),
-                     clip=float(p.clip), vf_clip=float(p.vf_clip), vf_coef=float(p.vf_coef),
-                     whiten_advantages=bool(p.whiten_advantages),
-                     detach_value_head=bool(p.get("detach_value_head", False)),
-                     seed=int(config.seed))
-
-
-def sampling_config(config, eos_id: int, pad_id: int) -> SamplingConfig:
-    p = config.ppo
-    return SamplingConfig(max_new_tokens=int(p.max_new_tokens), temperature=float(p.temperature),
-                          top_k=int(p.top_k), top_p=float(p.top_p), eos_id=eos_id, pad_id=pad_id)
-
-
-class PPORun(train_lib.Run):
-    """PPO on prompts; ``reward_fn`` overrides the configured reward source (tests, PPO-GT with
-    a custom function): everything else is shared between PPO and PPO-GT."""
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 reward_fn: RewardFn | None = None):
-        super().__init__(config, workdir)
-        self.reward_fn = reward_fn if reward_fn is not None else build_reward(config, mesh=self.mesh)
-
-    # ------------------------------------------------------------------- task hooks
-    def setup_task(self) -> None:
-        c = self.config
-        self.ppo_cfg = ppo_config(c)
-        if int(c.optim.grad_accum) != 1:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       reward_fn: RewardFn | None = None,
+                       interrupt_after: int | None = None) -> dict[str, Any]:
+    """Train a PPO run in ``workdir``; returns its summary. ``reward_fn(samples) -> [B]``
+    replaces the reward the config names (``ppo.reward``), e.g. an experiment's ground truth."""
+    with open_run(config, workdir) as run:
+        if run.finished:
+            return run.summary
+        rc = read_config(config)
+        ppo = ppo_config(config)
+        if rc.optim.grad_accum != 1:
             raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
+        mesh = shard_lib.make_mesh(rc.mesh_shape)
+        model = RewardModel(Model(rc.model))
         # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
-        updates = self.total_steps * self.ppo_cfg.epochs * self.ppo_cfg.minibatches
-        self.tx, self.schedule = make_optimizer(OptimConfig.from_config(c.optim), updates)
-        self.model = RewardModel(self.model)
-        self.eos_id = int(c.ppo.eos_id)
-        self.pad_id = int(c.ppo.pad_id)
-        self.sampling_cfg = sampling_config(c, self.eos_id, self.pad_id)
-        target = float(c.ppo.target_kl) if c.ppo.adaptive_kl else None
-        self.kl_controller = core.KLController(float(c.ppo.init_kl_coef), target,
-                                               int(c.ppo.kl_horizon))
-        decoder = self.model.decoder
-        cfg = self.sampling_cfg
-        self._rollout = jax.jit(
-            lambda params, ids, lengths, rng: generate(decoder, params["decoder"], ids, lengths,
-                                                       rng, cfg))
+        tx, schedule = make_optimizer(rc.optim, rc.train.steps * ppo.epochs * ppo.minibatches)
+        shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
+        params = init_params(model, shardings, rc.sources)
+        ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.sources,
+                                       params["decoder"])
+        state = state_lib.create_state(params, tx, mesh, shardings, ref)
+        reward_fn = reward_fn if reward_fn is not None else build_reward(config, mesh=mesh)
+        kl = core.KLController(float(config.ppo.init_kl_coef),
+                               float(config.ppo.target_kl) if config.ppo.adaptive_kl else None,
+                               int(config.ppo.kl_horizon))
 
-    def needs_reference(self) -> bool:
-        return True
+        data = {}
+        sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
+        for split in ("train", "eval") if rc.train.eval_every else ("train",):
+            prompts = load_prompts(config, split)
+            if prompts:
+                data[split] = PromptStream(
+                    prompts, train=split == "train", global_batch_size=sizes[split],
+                    width=int(config.ppo.prompt_width) or max(len(x) for x in prompts),
+                    seed=rc.seed, pad_id=int(config.ppo.pad_id),
+                    process_index=jax.process_index(), process_count=jax.process_count())
 
-    def make_train_step(self):
-        return make_ppo_step(self.model, self.tx, self.ppo_cfg)
+        shardings_of = jax.tree.map(lambda x: x.sharding, state)
+        update = jax.jit(make_ppo_step(model, tx, schedule, ppo, rc.train.on_nonfinite),
+                         in_shardings=(shardings_of, None), out_shardings=(shardings_of, None),
+                         donate_argnums=0, static_argnums=2)
+        eval_sums = jax.jit(make_ppo_eval_step(model, ppo.max_new_tokens), static_argnums=3)
+        cfg = sampling_config(config)
+        sample = jax.jit(lambda params, ids, lengths, rng: generate(
+            model.decoder, params["decoder"], ids, lengths, rng, cfg))
 
-    def make_eval_step(self):
-        return make_ppo_eval_step(self.model, self.ppo_cfg.max_new_tokens)
+        def rollout(params, prompts_np, rng):
+            prompts = data_lib.to_global(prompts_np, shard_lib.batch_shardings(prompts_np, mesh))
+            samples = sample(params, prompts["prompt_ids"], prompts["prompt_lengths"], rng)
+            return {"tokens": samples.tokens_BT, "completion_mask": samples.completion_mask_BT,
+                    "prompt_lengths": prompts["prompt_lengths"], "scores": reward_fn(samples),
+                    "weight": prompts["weight"]}
 
-    def build_data(self, split: str, global_batch_size: int):
-        prompts = load_prompts(self.config, split)
-        if not prompts:
-            return None
-        width = int(self.config.ppo.prompt_width) or max(len(x) for x in prompts)
-        return PromptStream(prompts, train=split == "train", global_batch_size=global_batch_size,
-                            width=width, seed=int(self.config.seed), pad_id=self.pad_id,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+        train_rng = jax.random.key(rc.seed + 1)
 
-    def _init_state(self) -> TrainState:
-        c = self.config
-        params, opt_state = init_head_model_state(self, c.init.policy or None)
-        if c.init.reference or c.model.get("ref_hf_path"):
-            ref = train_lib._init_params(self.model.decoder, c.init.reference or None,
-                                         c.model.get("ref_hf_path"),
-                                         self.param_shardings["decoder"], jax.random.key(int(c.seed)))
-        else:
-            ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                          out_shardings=self.param_shardings["decoder"])(params["decoder"])
-        step = jax.device_put(jnp.zeros((), jnp.int32), shard_lib.replicated(self.mesh))
-        return TrainState(step=step, params=params, ref_params=ref, opt_state=opt_state)
+        def step_fn(state, prompts_np):
+            t0 = time.time()
+            batch = rollout(state.params, prompts_np, jax.random.fold_in(train_rng, state.step))
+            batch["kl_coef"] = jnp.float32(kl.value)
+            state, metrics = update(state, batch, None)
+            metrics = loop.host_floats(metrics)
+            kl.update(metrics["objective/kl"], int(batch["tokens"].shape[0]))
+            metrics["iteration_s"] = time.time() - t0
+            logging.log_every_n(logging.INFO, "ppo: reward=%.4f kl=%.4f beta=%.4f", 10,
+                                metrics["env/reward_mean"], metrics["objective/kl"], kl.value)
+            return state, metrics
 
-    # ------------------------------------------------------------------------ rollouts
-    def rollout(self, prompts_np: dict[str, np.ndarray], rng: jax.Array):
-        """Samples and their reward scores for one host-local prompt batch."""
-        prompts = data_lib.to_global(prompts_np, shard_lib.batch_shardings(prompts_np, self.mesh))
-        samples = self._rollout(self.state.params, prompts["prompt_ids"],
-                                prompts["prompt_lengths"], rng)
-        batch = {"tokens": samples.tokens_BT, "completion_mask": samples.completion_mask_BT,
-                 "prompt_lengths": prompts["prompt_lengths"], "scores": self.reward_fn(samples)}
-        return batch, prompts["weight"]
+        def evaluate(state):
+            rng = jax.random.key(rc.seed + EVAL_SEED_OFFSET)
+            batches = (rollout(state.params, p, jax.random.fold_in(rng, i))
+                       for i, p in enumerate(data["eval"]))
+            return loop.reduce_eval(lambda b: eval_sums(state.params, state.ref_params, b, None),
+                                    batches)
 
-    def evaluate(self) -> dict[str, float]:
-        """Mean reward and sequence KL to the reference of samples on held-out prompts."""
-        totals: dict[str, float] = {}
-        rng = jax.random.key(int(self.config.seed) + 1_000_003)
-        for i, prompts_np in enumerate(self.eval_data):
-            batch, weight = self.rollout(prompts_np, jax.random.fold_in(rng, i))
-            batch["weight"] = weight
-            sums = jax.device_get(self._eval_step(self.state.params, self.state.ref_params, batch, None))
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        weight = max(totals.pop("weight", 0.0), 1e-9)
-        return {k: v / weight for k, v in totals.items()}
-
-    def train(self) -> dict[str, Any]:
-        t0 = time.time()
-        log_every = max(1, int(self.config.train.log_every))
-        eval_every = int(self.config.train.eval_every or 0) if self.eval_data is not None else 0
-        rng = jax.random.key(int(self.config.seed) + 1)
-        first_train: dict[str, float] = {}
-        last_train: dict[str, float] = {}
-        last_eval: dict[str, float] = {}
-        compile_s = None
-        kl_coef = self.kl_controller.value
-        for step in range(self.start_step, self.total_steps):
-            t_step = time.time()
-            batch, _ = self.rollout(next(self.train_data), jax.random.fold_in(rng, step))
-            batch["kl_coef"] = jnp.float32(self.kl_controller.value)
-            self.state, metrics = self._train_step(self.state, batch, None)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            compile_s = compile_s if compile_s is not None else time.time() - t_step
-            kl_coef = self.kl_controller.update(metrics["objective/kl"], int(batch["tokens"].shape[0]))
-            metrics["iteration_s"] = time.time() - t_step
-            last_train = metrics
-            first_train = first_train or metrics
-            done = step + 1
-            if done % log_every == 0 or done == self.total_steps:
-                self.writer.write(done, metrics)
-                if jax.process_index() == 0:
-                    logging.info("ppo step %d/%d: reward=%.4f kl=%.4f beta=%.4f", done,
-                                 self.total_steps, metrics["env/reward_mean"],
-                                 metrics["objective/kl"], kl_coef)
-            if eval_every and (done % eval_every == 0 or done == self.total_steps):
-                last_eval = self.evaluate()
-                self.writer.write(done, last_eval, prefix="eval/")
-            if done == self.total_steps or (self.checkpoint_every and done % self.checkpoint_every == 0):
-                self.checkpointer.save(done, self.state.params, self.state.opt_state,
-                                       self.train_data.state_dict())
-        self.checkpointer.close()
-        self.writer.close()
-        summary = {"steps": self.total_steps, "resumed_from": self.start_step,
-                   "wall_s": round(time.time() - t0, 1),
-                   "compile_s": None if compile_s is None else round(compile_s, 1),
-                   "first_train": first_train, "final_train": last_train, "final_eval": last_eval,
-                   "kl_coef": kl_coef, "data": self.train_data.stats}
-        if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-        return summary
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    return PPORun(config, workdir).train()
+        return loop.train(
+            run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn, train_data=data["train"],
+            evaluate=evaluate if "eval" in data else None, host_states={"kl_controller": kl},
+            count_tokens=lambda b: b["prompt_ids"].size + b["prompt_ids"].shape[0] * ppo.max_new_tokens,
+            report=lambda: {"kl_coef": kl.value,
+                            "data": {k: s.stats for k, s in data.items()}},
+            interrupt_after=interrupt_after)

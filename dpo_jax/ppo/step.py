@@ -21,9 +21,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from dpo_jax.models import project
+from dpo_jax.optim import apply_gradients
 from dpo_jax.ppo import core
 from dpo_jax.state import TrainState
 
@@ -81,8 +81,10 @@ def forward(model, params, batch, n: int, with_values: bool = True, detach_value
     return logp, values, logits
 
 
-def make_ppo_step(model, tx, cfg: PPOConfig):
-    """PPO iteration as one function; see the module docstring."""
+def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "error"):
+    """PPO iteration as one function; see the module docstring. ``schedule`` counts optimizer
+    updates (``epochs * minibatches`` per iteration); ``on_nonfinite``: see
+    :func:`dpo_jax.optim.apply_gradients` (applied per minibatch update)."""
     n = cfg.max_new_tokens
 
     def loss_fn(params, mb):
@@ -122,15 +124,17 @@ def make_ppo_step(model, tx, cfg: PPOConfig):
         mb_rows = perms.reshape(cfg.epochs * cfg.minibatches, B // cfg.minibatches)
 
         def update(carry, rows):
-            params, opt_state = carry
             mb = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), rollout)
-            grads, stats = grad_fn(params, mb)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            stats["grad_norm"] = optax.tree.norm(grads)
-            return (optax.apply_updates(params, updates), opt_state), stats
+            grads, stats = grad_fn(carry.params, mb)
+            loss = stats["policy/loss"] + cfg.vf_coef * stats["value/loss"]
+            carry, update_stats = apply_gradients(carry, grads, loss, tx, schedule, on_nonfinite)
+            return carry, {**stats, **update_stats}
 
-        (params, opt_state), stats = jax.lax.scan(update, (state.params, state.opt_state), mb_rows)
-        metrics = {k: jnp.mean(v) for k, v in stats.items()}
+        inner = TrainState(step=state.step * cfg.epochs * cfg.minibatches, params=state.params,
+                           ref_params=None, opt_state=state.opt_state)
+        inner, stats = jax.lax.scan(update, inner, mb_rows)
+        params, opt_state = inner.params, inner.opt_state
+        metrics = {k: jnp.max(v) if k == "nonfinite" else jnp.mean(v) for k, v in stats.items()}
         seq_kl = jnp.sum(kl, axis=1)
         metrics.update({
             "env/reward_mean": jnp.mean(batch["scores"]),

@@ -1,0 +1,235 @@
+"""One run per workdir, started and resumed with one config.
+
+``open_run(config, workdir)`` is the first thing every task does, before it builds anything:
+
+* **Lock.** Process 0 takes an exclusive ``flock`` on ``WORKDIR/.lock`` and writes its holder
+  (host, pid, job id, start time) into it. A second process on the same workdir is refused at
+  once with a message naming the holder. The kernel drops the lock when its process dies, so a
+  killed run never blocks its rerun (``flock`` also works across hosts on NFSv4).
+* **Config.** A workdir remembers the config it was started with (``config.json``). A rerun
+  whose config differs in anything that changes the result is refused, listing the differing
+  fields. Fields in ``SAFE_ON_RESUME`` may differ when the rerun names them in
+  ``config.allow_resume_changes`` (comma list); each accepted change is appended to
+  ``config_history.jsonl``. Nothing is written to the workdir before the config is accepted.
+* **Finished runs.** A workdir whose ``summary.json`` says ``finished`` (and whose config is
+  unchanged) is reported as it is: the task returns that summary without training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import socket
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+
+CONFIG = "config.json"
+HISTORY = "config_history.jsonl"
+SUMMARY = "summary.json"
+LOCK = ".lock"
+
+# Fields that change no number of the trained model: how long to run (unless the learning-rate
+# schedule decays over the run length), how often to log / evaluate / checkpoint, eval batching.
+SAFE_ON_RESUME = (
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batch_size",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpointing",
+)
+# Never compared: the override list itself.
+NOT_COMPARED = ("allow_resume_changes",)
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot take this run (in use, or started with another config)."""
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON values (what ``config.json`` holds)."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """``{field: (old, new)}`` for every leaf that differs (lists compared as lists)."""
+    a, b = _flat(old), _flat(new)
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        if k in NOT_COMPARED:
+            continue
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if va != vb:
+            out[k] = (va, vb)
+    return out
+
+
+def refused_changes(changes: dict[str, tuple[Any, Any]], allowed: str,
+                    new: dict) -> list[str]:
+    """Lines naming each change that a resume may not make (empty: all accepted)."""
+    allowed_set = {s.strip() for s in (allowed or "").split(",") if s.strip()}
+    schedule = _flat(new).get("optim.schedule", "constant")
+    lines = []
+    for field, (old, value) in changes.items():
+        why = None
+        if field not in SAFE_ON_RESUME:
+            why = "changes the result"
+        elif field == "train.steps" and schedule != "constant":
+            why = f"the {schedule} learning-rate schedule decays over train.steps"
+        elif field not in allowed_set:
+            why = f"safe, but not named in --config.allow_resume_changes"
+        if why:
+            lines.append(f"  {field}: {old!r} -> {value!r} ({why})")
+    return lines
+
+
+@dataclasses.dataclass
+class RunDir:
+    """An accepted workdir. ``finished`` runs carry their ``summary``."""
+
+    path: str
+    finished: bool = False
+    summary: dict | None = None
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+
+def _holder() -> dict[str, Any]:
+    job = (os.environ.get("SLURM_JOB_ID") or os.environ.get("DPO_JAX_JOB_ID")
+           or os.environ.get("TPU_WORKER_ID") and os.environ.get("HOSTNAME") or "")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job,
+            "since": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _lock(path: str):
+    """The open, flock-ed lock file of ``path``; WorkdirError naming the holder if taken."""
+    f = open(os.path.join(path, LOCK), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "{}"
+        f.close()
+        try:
+            h = json.loads(holder)
+            who = f"pid {h.get('pid')} on host {h.get('host')}" + (
+                f" (job {h['job_id']})" if h.get("job_id") else "") + f", since {h.get('since')}"
+        except json.JSONDecodeError:
+            who = "another process"
+        raise WorkdirError(f"workdir {path!r} is in use by {who}: wait for that run to end, or "
+                           "give this run another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps(_holder()))
+    f.flush()
+    return f
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _accept(path: str, config: ml_collections.ConfigDict) -> RunDir:
+    """Compare with the workdir's config; write config.json / history only once accepted."""
+    new = config_dict(config)
+    config_path = os.path.join(path, CONFIG)
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            old = json.load(f)
+        changes = config_changes(old, new)
+        has_state = os.path.isdir(os.path.join(path, "checkpoints")) and any(
+            name.isdigit() for name in os.listdir(os.path.join(path, "checkpoints")))
+        refused = refused_changes(changes, config.get("allow_resume_changes", ""), new)
+        if refused and has_state:
+            raise WorkdirError(
+                f"workdir {path!r} holds a run started with another config; this rerun changes:\n"
+                + "\n".join(refused)
+                + "\nTo proceed: rerun with the workdir's config (its config.json), give this "
+                "config a new --workdir, or, for the fields marked safe, name them in "
+                "--config.allow_resume_changes=FIELD[,FIELD] (recorded in config_history.jsonl).")
+        if changes:
+            event = "resume with changes" if has_state else "restart (no checkpoint to resume)"
+            _append_history(path, {"time": stamp, "event": event,
+                                   "changes": {k: list(v) for k, v in changes.items()}})
+            _atomic_json(config_path, new)
+        summary_path = os.path.join(path, SUMMARY)
+        if not changes and os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            if summary.get("finished"):
+                return RunDir(path, finished=True, summary=summary)
+        return RunDir(path)
+    _atomic_json(config_path, new)
+    _append_history(path, {"time": stamp, "event": "start"})
+    return RunDir(path)
+
+
+def _append_history(path: str, record: dict) -> None:
+    with open(os.path.join(path, HISTORY), "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def _agree(ok: bool, message: str) -> None:
+    """Every process raises when process 0 refused (multi-host: process 0 decides)."""
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+    if not ok:
+        raise WorkdirError(message or "process 0 refused the workdir (see its log)")
+
+
+@contextlib.contextmanager
+def open_run(config: ml_collections.ConfigDict, workdir: str) -> Iterator[RunDir]:
+    """Lock ``workdir`` and accept ``config`` for it (see the module docstring); yields a
+    :class:`RunDir`, releases the lock on exit. Raises WorkdirError."""
+    path = os.path.abspath(workdir)
+    lock, run, message = None, None, ""
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        try:
+            lock = _lock(path)
+            run = _accept(path, config)
+        except WorkdirError as e:
+            message = str(e)
+            if lock is not None:
+                lock.close()
+                lock = None
+    _agree(not message, message)
+    if run is None:  # processes > 0 follow process 0's decision
+        summary_path = os.path.join(path, SUMMARY)
+        summary = None
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+        finished = bool(summary and summary.get("finished")
+                        and summary.get("steps") == int(config.train.steps))
+        run = RunDir(path, finished=finished, summary=summary if finished else None)
+    try:
+        yield run
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def write_summary(run: RunDir, summary: dict) -> None:
+    """``summary.json``, atomically, from process 0."""
+    if jax.process_index() == 0:
+        _atomic_json(run.file(SUMMARY), summary)
