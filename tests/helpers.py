@@ -71,6 +71,14 @@ def init_params(model: Model, seed: int = 0):
     return jax.jit(model.init)(jax.random.key(seed))
 
 
+def perturbed(params, scale: float = 0.02, seed: int = 1):
+    """``params`` plus float32 normal noise of std ``scale`` on every leaf, drawn on the host:
+    a second model (e.g. a reference that differs from the policy) without another init."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: x + rng.normal(0.0, scale, np.shape(x)).astype(np.asarray(x).dtype), params)
+
+
 def optimizer(total_steps: int = 10, **fields: Any):
     """``(tx, schedule)`` from ``OptimConfig(**fields)``; the defaults here make the update
     easy to compute by hand: SGD, lr 1, no warmup, no clipping."""
