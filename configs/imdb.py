@@ -13,19 +13,25 @@ Variants (``:name``):
   * ``paper`` -- gpt2-large from ``model.hf_path`` (hub or a local directory) with the GPT-2
     tokenizer, reward ``siebert/sentiment-roberta-large-english`` through
     ``HubSentimentReward`` (needs network/hub cache; never run here).
-Stage outputs live in the workdir (see dpo_jax/imdb/pipeline.py); rerunning skips finished
-stages, and an interrupted training stage resumes from its checkpoint.
+Stage outputs live in the workdir (see dpo_jax/proj/imdb/pipeline.py); rerunning skips finished
+stages, and an interrupted training stage resumes from its checkpoint. The IMDb parquet shards
+(and the ``paper`` variant's GPT-2 tokenizer) are read under the data root: ``$DPO_JAX_DATA``,
+default ``../shared/data`` beside the repository (``dpo_jax.data.testing.data_root``).
+
+The experiment's code is the project ``dpo_jax/proj/imdb``, which only this config names (as
+``config.task``); the library never imports it.
 """
 
 import ml_collections
 
 from dpo_jax.config import base_config
+from dpo_jax.data.testing import data_root
 from dpo_jax.sft import add_sft_config
 
 
 def _imdb_block() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.data_dir = "/work/shared/data/imdb"  # parquet shards {train,test,unsup}-*.parquet
+    c.data_dir = str(data_root() / "imdb")  # parquet shards {train,test,unsup}-*.parquet
     c.use_unsup = True  # SFT and tokenizer also on the 50k unlabelled reviews
     c.max_reviews = 0  # reviews read per split (0 = all)
     c.max_test_reviews = 0  # test reviews read (0 = all): test prefixes, reward accuracy
@@ -87,7 +93,7 @@ def _imdb_block() -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "cpu"):
     c = add_sft_config(base_config())
-    c.task = "imdb"
+    c.task = "dpo_jax.proj.imdb.pipeline:run_pipeline"
     c.imdb = _imdb_block()
     c.train.async_checkpointing = False
     c.train.log_every = 20
@@ -102,26 +108,24 @@ def get_config(arg: str = "cpu"):
         i.reward_steps = 30
         i.sft_max_length = 24
         i.sft_eval_size = 8
-        i.sft = ml_collections.ConfigDict(dict(steps=6, batch_size=8, lr=3e-3, warmup_steps=0,
-                                               eval_every=6, checkpoint_every=0))
+        i.sft.update(steps=6, batch_size=8, lr=3e-3, warmup_steps=0, eval_every=6,
+                     checkpoint_every=0)
         i.num_train_prefixes = 8
         i.num_test_prefixes = 8
         i.max_new_tokens = 6
         i.sample_batch = 32
         i.betas = (0.1,)
-        i.runs = ml_collections.ConfigDict(dict(steps=2, batch_size=8, lr=1e-3, sft_lr=1e-3,
-                                                optim="adamw", warmup_steps=0, eval_every=0,
-                                                eval_pairs=8))
+        i.runs.update(steps=2, batch_size=8, lr=1e-3, sft_lr=1e-3, optim="adamw",
+                      warmup_steps=0, eval_every=0, eval_pairs=8)
         i.eval_every = 2
         i.best_of_n = (2, 4)
-        i.reward_model = ml_collections.ConfigDict(dict(steps=2, batch_size=8, lr=1e-3,
-                                                        warmup_steps=0, eval_fraction=0.25))
+        i.reward_model.update(steps=2, batch_size=8, lr=1e-3, warmup_steps=0,
+                              eval_fraction=0.25)
         i.ppo_target_kls = (6.0,)
         i.ppo_gt_target_kls = (6.0,)
-        i.ppo = ml_collections.ConfigDict(dict(steps=2, batch_size=8, lr=1e-3, warmup_steps=0,
-                                               max_grad_norm=1.0, epochs=2, minibatches=2,
-                                               init_kl_coef=0.1, kl_horizon=100, eval_every=2))
-        i.ppo_gt = ml_collections.ConfigDict(dict(kl_horizon=50, eval_every=1))
+        i.ppo.update(steps=2, batch_size=8, lr=1e-3, warmup_steps=0, max_grad_norm=1.0,
+                     epochs=2, minibatches=2, init_kl_coef=0.1, kl_horizon=100, eval_every=2)
+        i.ppo_gt.update(kl_horizon=50, eval_every=1)
         c.model.overrides = ml_collections.ConfigDict(
             {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64, "max_len": 32})
         c.data.buckets = "32"  # one shape for SFT and pairs: one compile per step function
@@ -133,53 +137,47 @@ def get_config(arg: str = "cpu"):
         c.model.overrides = ml_collections.ConfigDict({"max_len": 256})
         c.model.dtype = "bfloat16"
         c.imdb.sft_max_length = 256
-        c.imdb.sft = ml_collections.ConfigDict(dict(steps=6000, batch_size=64, lr=3e-4,
-                                                    warmup_steps=500, eval_every=1000,
-                                                    checkpoint_every=1000))
+        c.imdb.sft.update(steps=6000, batch_size=64, lr=3e-4, warmup_steps=500,
+                          eval_every=1000, checkpoint_every=1000)
         c.imdb.num_train_prefixes = 10000
         c.imdb.num_test_prefixes = 1000
         c.imdb.max_new_tokens = 64
         c.imdb.sample_batch = 512
         c.imdb.betas = (0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
-        c.imdb.runs = ml_collections.ConfigDict(dict(steps=2000, batch_size=64, lr=1e-6,
-                                                     sft_lr=1e-6, optim="rmsprop",
-                                                     warmup_steps=150, eval_every=0,
-                                                     eval_pairs=256))
+        c.imdb.runs.update(steps=2000, batch_size=64, lr=1e-6, sft_lr=1e-6, optim="rmsprop",
+                           warmup_steps=150, eval_every=0, eval_pairs=256)
         c.imdb.eval_every = 250
-        c.imdb.reward_model = ml_collections.ConfigDict(dict(
-            steps=1000, batch_size=64, lr=1e-5, warmup_steps=150, eval_fraction=0.05))
+        c.imdb.reward_model.update(steps=1000, batch_size=64, lr=1e-5, warmup_steps=150,
+                                   eval_fraction=0.05)
         c.imdb.ppo_gt_target_kls = (3.0, 6.0, 9.0, 12.0)
-        c.imdb.ppo = ml_collections.ConfigDict(dict(
+        c.imdb.ppo.update(
             steps=400, batch_size=256, lr=1.41e-5,  # trl's GPT-2 sentiment example
             warmup_steps=0, max_grad_norm=1.0, epochs=4, minibatches=4, init_kl_coef=0.2,
-            kl_horizon=10000, eval_every=50))
-        c.imdb.ppo_gt = ml_collections.ConfigDict(dict(kl_horizon=10000, eval_every=50))
+            kl_horizon=10000, eval_every=50)
+        c.imdb.ppo_gt.update(kl_horizon=10000, eval_every=50)
     elif variant == "paper":
         c.model.hf_path = "gpt2-large"
         c.model.dtype = "bfloat16"
-        c.imdb.tokenizer = "/work/shared/data/gpt2_tokenizer"  # gpt2-large's tokenizer
+        c.imdb.tokenizer = str(data_root() / "gpt2_tokenizer")  # gpt2-large's tokenizer
         c.imdb.hub_reward = "siebert/sentiment-roberta-large-english"
         c.imdb.sft_max_length = 512
-        c.imdb.sft = ml_collections.ConfigDict(dict(steps=5000, batch_size=64, lr=1e-5,
-                                                    warmup_steps=150, eval_every=1000,
-                                                    checkpoint_every=1000))
+        c.imdb.sft.update(steps=5000, batch_size=64, lr=1e-5, warmup_steps=150,
+                          eval_every=1000, checkpoint_every=1000)
         c.imdb.num_train_prefixes = 25000
         c.imdb.num_test_prefixes = 1000
         c.imdb.max_new_tokens = 128
         c.imdb.sample_batch = 256
         c.imdb.betas = (0.05, 0.1, 0.5, 1.0, 5.0)
-        c.imdb.runs = ml_collections.ConfigDict(dict(steps=5000, batch_size=64, lr=1e-6,
-                                                     sft_lr=1e-6, optim="rmsprop",
-                                                     warmup_steps=150, eval_every=0,
-                                                     eval_pairs=512))
+        c.imdb.runs.update(steps=5000, batch_size=64, lr=1e-6, sft_lr=1e-6, optim="rmsprop",
+                           warmup_steps=150, eval_every=0, eval_pairs=512)
         c.imdb.eval_every = 500
-        c.imdb.reward_model = ml_collections.ConfigDict(dict(
-            steps=2000, batch_size=64, lr=1e-6, warmup_steps=150, eval_fraction=0.05))
+        c.imdb.reward_model.update(steps=2000, batch_size=64, lr=1e-6, warmup_steps=150,
+                                   eval_fraction=0.05)
         c.imdb.ppo_gt_target_kls = (3.0, 6.0, 9.0, 12.0)
-        c.imdb.ppo = ml_collections.ConfigDict(dict(
-            steps=1000, batch_size=256, lr=1.41e-5, warmup_steps=0, max_grad_norm=1.0,
-            epochs=4, minibatches=4, init_kl_coef=0.2, kl_horizon=10000, eval_every=100))
-        c.imdb.ppo_gt = ml_collections.ConfigDict(dict(kl_horizon=10000, eval_every=100))
+        c.imdb.ppo.update(steps=1000, batch_size=256, lr=1.41e-5, warmup_steps=0,
+                          max_grad_norm=1.0, epochs=4, minibatches=4, init_kl_coef=0.2,
+                          kl_horizon=10000, eval_every=100)
+        c.imdb.ppo_gt.update(kl_horizon=10000, eval_every=100)
     else:
         raise ValueError(f"unknown variant {variant!r} of configs/imdb.py "
                          "(known: tiny, cpu, gpu, paper)")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import numpy as np
 import pytest
 
-IMDB_DATA = pathlib.Path(os.environ.get("DPO_JAX_IMDB_DATA", "/work/shared/data/imdb"))
+from dpo_jax.data.testing import DATA_ENV, data_root
+
+IMDB_DATA = data_root() / "imdb"
 
 _POS = ["great", "wonderful", "loved", "brilliant", "excellent", "superb", "moving", "fun"]
 _NEG = ["awful", "boring", "terrible", "waste", "worst", "dull", "hated", "bad"]
@@ -32,5 +33,6 @@ def synthetic_reviews(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
 def imdb_data() -> pathlib.Path:
     """The real IMDb parquet directory, or skip the test."""
     if not any(IMDB_DATA.glob("train-*.parquet")):
-        pytest.skip(f"no IMDb data under {IMDB_DATA}")
+        pytest.skip(f"no IMDb data under {IMDB_DATA} (set ${DATA_ENV} to the data root "
+                    "holding imdb/)")
     return IMDB_DATA

@@ -15,20 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pathlib  # noqa: E402
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "imdb_data: needs the real IMDb parquet files")
 
 import pytest  # noqa: E402
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from dpo_jax.data.testing import DATA_ENV, data_root  # noqa: E402
+
+SHARED_DATA = data_root()
 
 
 @pytest.fixture
 def shared_data():
-    """Path to ../shared/data (real IMDb, GPT-2 tokenizer, HH); skips the test when absent."""
+    """The real-data root (IMDb, GPT-2 tokenizer, HH): ``$DPO_JAX_DATA``, default
+    ``../shared/data`` beside the repository; skips the test when absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent")
+        pytest.skip(f"no real data at {SHARED_DATA} (set ${DATA_ENV} to the data root)")
     return SHARED_DATA

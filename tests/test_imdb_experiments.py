@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 
-from dpo_jax.imdb import sentiment
-from dpo_jax.imdb.pairs import read_pairs
-from dpo_jax.imdb.tokenizer import save_tokenizer, train_bpe
+from dpo_jax.proj.imdb import sentiment
+from dpo_jax.proj.imdb.pairs import read_pairs
+from dpo_jax.proj.imdb.tokenizer import save_tokenizer, train_bpe
 from tests._imdb_common import synthetic_reviews
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from dpo_jax.imdb import frontier
-from dpo_jax.imdb.frontier import FrontierPoint
+from dpo_jax.proj.imdb import frontier
+from dpo_jax.proj.imdb.frontier import FrontierPoint
 
 POINTS = [
     FrontierPoint("dpo", "beta=0.1", 200, 8.0, 0.95),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpo_jax.imdb import kl
+from dpo_jax.proj.imdb import kl
 
 
 def make_toy(seed: int, vocab: int = 3, length: int = 2, temperature: float = 1.0):

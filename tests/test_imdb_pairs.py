@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dpo_jax.imdb import pairs
+from dpo_jax.proj.imdb import pairs
 from tests._imdb_common import synthetic_reviews
 
 
@@ -40,7 +40,7 @@ def test_prefix_lengths_and_content():
     assert min(lengths) == 2 and max(lengths) == 8 and len(set(lengths)) == 7
     for p in out:
         assert "<br" not in p.text
-        from dpo_jax.imdb.text import clean_review
+        from dpo_jax.proj.imdb.text import clean_review
 
         assert clean_review(texts[p.source_index]).startswith(p.text)
     again = pairs.make_prefixes(texts, tok, seed=0)
@@ -58,7 +58,7 @@ def test_short_reviews_are_capped_or_skipped():
 
 
 def test_prefixes_with_a_real_bpe(tmp_path):
-    from dpo_jax.imdb.tokenizer import save_tokenizer, train_bpe
+    from dpo_jax.proj.imdb.tokenizer import save_tokenizer, train_bpe
 
     texts, _ = synthetic_reviews(200, seed=1)
     hf = save_tokenizer(train_bpe(texts, vocab_size=300), tmp_path)

@@ -1,13 +1,18 @@
-"""The IMDb pipeline (`configs/imdb.py:tiny`) end to end through every stage; a rerun skips them."""
+"""The IMDb pipeline (`configs/imdb.py:tiny`) end to end through every stage; a rerun skips them.
+Also: the stage runner's cache, the data root, and that the library never imports the project."""
 
+import ast
 import importlib.util
 import json
 import pathlib
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 
+from dpo_jax.ppo.rewards import build_reward
+from dpo_jax.proj.imdb.pipeline import StageRunner
 from dpo_jax.tasks import get_task
 from tests._imdb_common import synthetic_reviews
 
@@ -27,19 +32,22 @@ def _write_shards(root: pathlib.Path) -> None:
                        root / f"{split}-00000-of-00001.parquet")
 
 
-def _config(data_dir):
+def _config(variant="tiny", data_dir=None):
     spec = importlib.util.spec_from_file_location("imdb_config", REPO / "configs" / "imdb.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config("tiny")
-    c.imdb.data_dir = str(data_dir)
+    c = module.get_config(variant)
+    if data_dir is not None:
+        c.imdb.data_dir = str(data_dir)
     return c
 
 
 def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     _write_shards(tmp_path / "imdb")
     work = tmp_path / "work"
-    summary = get_task("imdb")(_config(tmp_path / "imdb"), str(work))
+    config = _config(data_dir=tmp_path / "imdb")
+    assert config.task == "dpo_jax.proj.imdb.pipeline:run_pipeline"
+    summary = get_task(config.task)(config, str(work))
     expected = ["tokenizer", "reward", "sft_data", "sft", "prefixes", "samples", "pairs",
                 "rm_pairs", "reward_model",
                 "train:dpo_beta0.1", "frontier:dpo_beta0.1", "train:preferred_ft",
@@ -80,11 +88,13 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     for name, steps in (("ppo_kl6", [2]), ("ppo_gt_kl6", [1, 2])):  # imdb.ppo_gt: every step
         pts = [json.loads(x) for x in open(work / "runs" / name / "frontier_points.jsonl")]
         assert [p["step"] for p in pts] == steps and np.isfinite(pts[0]["proxy_reward"])
-    # PPO-GT trained on the ground-truth reward: its logged rollout rewards are the classifier's
-    # scores of its own samples (the same object that scores the frontier).
+    # PPO-GT was given the ground-truth reward object as reward_fn: its config names no reward
+    # the library could build, and the controller overrides of imdb.ppo_gt apply.
     ppo_gt = json.loads((work / "runs" / "ppo_gt_kl6" / "config.json").read_text())
-    assert ppo_gt["ppo"]["reward"] == "sentiment" and ppo_gt["ppo"]["target_kl"] == 6.0
+    assert ppo_gt["ppo"]["reward"] == "ground_truth" and ppo_gt["ppo"]["target_kl"] == 6.0
     assert ppo_gt["ppo"]["kl_horizon"] == 50 and ppo_gt["train"]["checkpoint_every"] == 1
+    with pytest.raises(ValueError, match="reward_fn"):
+        build_reward(ml_collections.ConfigDict(ppo_gt))
     compute = json.loads((work / "compute.json").read_text())
     assert set(compute["runs"]) == {"dpo_beta0.1", "preferred_ft", "unlikelihood", "ppo_kl6",
                                     "ppo_gt_kl6"}
@@ -95,7 +105,45 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     assert compute["runs"]["dpo_beta0.1"]["trained_tokens"] > 0
     # Rerun: every stage is cached, nothing is recomputed; only the frontier is re-assembled.
     t0 = time.time()
-    again = get_task("imdb")(_config(tmp_path / "imdb"), str(work))
+    again = get_task(config.task)(_config(data_dir=tmp_path / "imdb"), str(work))
     assert again["stages_run"] == ["frontier"] and again["stages_skipped"] == expected[:-1]
     assert again["frontier"] == points
     assert time.time() - t0 < 20
+
+
+def test_stage_runner_skips_finished_stages_and_keeps_their_times(tmp_path):
+    calls = []
+
+    def write(path, text):
+        calls.append(path.name)
+        path.write_text(text)
+
+    stage = StageRunner.open(tmp_path)
+    stage("a", [tmp_path / "a.txt"], write, tmp_path / "a.txt", "1")
+    with pytest.raises(RuntimeError, match="did not write"):
+        stage("b", [tmp_path / "b.txt"], lambda: None)
+    assert stage.ran == ["a"] and calls == ["a.txt"]
+    again = StageRunner.open(tmp_path)  # a rerun: "a" is cached, its time kept
+    again("a", [tmp_path / "a.txt"], write, tmp_path / "a.txt", "2")
+    assert again.skipped == ["a"] and calls == ["a.txt"]
+    assert set(again.seconds) == {"a"} and (tmp_path / "a.txt").read_text() == "1"
+
+
+def test_real_data_paths_follow_the_data_root_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_JAX_DATA", str(tmp_path))
+    assert _config("cpu").imdb.data_dir == str(tmp_path / "imdb")
+    assert _config("paper").imdb.tokenizer == str(tmp_path / "gpt2_tokenizer")
+
+
+def test_library_never_imports_the_project():
+    """Only configs name dpo_jax.proj; no module of the library imports it."""
+    offenders = []
+    for path in sorted((REPO / "dpo_jax").rglob("*.py")):
+        if "proj" in path.relative_to(REPO / "dpo_jax").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("dpo_jax.proj")]
+    assert offenders == []

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from dpo_jax.imdb import sentiment
-from dpo_jax.imdb.sentiment import HubSentimentReward, RewardFn, SentimentReward
+from dpo_jax.proj.imdb import sentiment
+from dpo_jax.proj.imdb.sentiment import HubSentimentReward, RewardFn, SentimentReward
 from tests._imdb_common import imdb_data, synthetic_reviews
 
 
@@ -85,7 +85,7 @@ def test_hub_reward_is_lazy():
 @pytest.mark.imdb_data
 def test_real_imdb_subsample_accuracy():
     """4k train / 2k test reviews: well above chance fast (the full-data number is in the README)."""
-    from dpo_jax.imdb.text import load_imdb
+    from dpo_jax.proj.imdb.text import load_imdb
 
     data = imdb_data()
     t0 = time.perf_counter()

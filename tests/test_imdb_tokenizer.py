@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from dpo_jax.imdb import tokenizer as imdb_tok
+from dpo_jax.data.tokenize import load_tokenizer
+from dpo_jax.proj.imdb import tokenizer as imdb_tok
 from tests._imdb_common import synthetic_reviews
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     texts, _ = synthetic_reviews(300, seed=0)
-    from dpo_jax.imdb.text import clean_review
+    from dpo_jax.proj.imdb.text import clean_review
 
     out = tmp_path_factory.mktemp("tok")
     tok = imdb_tok.train_bpe([clean_review(t) for t in texts], vocab_size=400)
@@ -32,7 +33,7 @@ def test_autotokenizer_loads_with_eos_bos_pad(tok_dir):
 
 
 def test_byte_level_roundtrip_of_unseen_text(tok_dir):
-    hf = imdb_tok.load_tokenizer(tok_dir)
+    hf = load_tokenizer(str(tok_dir))
     for s in ["the movie was wonderful", " Unseen wörds, ünïcode & emoji 🎬!", "  two  spaces"]:
         ids = hf.encode(s, add_special_tokens=False)
         assert hf.decode(ids) == s
@@ -41,7 +42,7 @@ def test_byte_level_roundtrip_of_unseen_text(tok_dir):
 
 
 def test_eos_is_a_single_special_token(tok_dir):
-    hf = imdb_tok.load_tokenizer(tok_dir)
+    hf = load_tokenizer(str(tok_dir))
     assert hf.encode("good" + imdb_tok.EOS, add_special_tokens=False)[-1] == hf.eos_token_id
 
 
@@ -58,6 +59,6 @@ def test_build_cli_on_small_parquet(tmp_path):
     summary = imdb_tok.main([f"--data={data}", f"--out={tmp_path / 'tok'}", "--vocab_size=350"])
     assert summary["reviews"] == 400 and summary["vocab_size"] <= 350
     assert json.loads((tmp_path / "tok" / "build_summary.json").read_text()) == summary
-    hf = imdb_tok.load_tokenizer(tmp_path / "tok")
+    hf = load_tokenizer(str(tmp_path / "tok"))
     # trained on cleaned text: no merges were learnt across "<br />", so it stays many tokens
     assert len(hf.encode("<br />", add_special_tokens=False)) >= 4

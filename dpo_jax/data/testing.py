@@ -70,16 +70,33 @@ def gpt2_style_tokenizer():
                                    eos_token="<|endoftext|>")
 
 
-def find_shared_data(start: str) -> "pathlib.Path | None":
-    """The nearest ``shared/data`` directory above ``start`` (worktrees sit deeper than main),
-    or ``$DPO_JAX_SHARED_DATA``; None when absent so tests can skip."""
+DATA_ENV = "DPO_JAX_DATA"
+
+
+def data_root(start: "str | pathlib.Path | None" = None) -> "pathlib.Path":
+    """The real-data root holding ``imdb/``, ``gpt2_tokenizer/`` and ``hh_rlhf/``.
+
+    ``$DPO_JAX_DATA`` when set; else the nearest ``shared/data`` directory above ``start``
+    (default: this repository), which is ``../shared/data`` beside a checkout (a worktree
+    nested deeper finds the same one); else ``../shared/data`` beside the repository. The
+    returned directory may not exist: configs use it as a default, tests skip without it
+    (:func:`find_shared_data`)."""
     import os
     import pathlib
 
-    env = os.environ.get("DPO_JAX_SHARED_DATA")
+    env = os.environ.get(DATA_ENV)
     if env:
-        return pathlib.Path(env) if pathlib.Path(env).is_dir() else None
-    for parent in pathlib.Path(start).resolve().parents:
+        return pathlib.Path(env)
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    here = pathlib.Path(start).resolve() if start is not None else repo
+    for parent in here.parents:
         if (parent / "shared" / "data").is_dir():
             return parent / "shared" / "data"
-    return None
+    return repo.parent / "shared" / "data"
+
+
+def find_shared_data(start: "str | pathlib.Path | None" = None) -> "pathlib.Path | None":
+    """:func:`data_root` when that directory exists, else None (so tests can skip, naming
+    ``$DPO_JAX_DATA``)."""
+    root = data_root(start)
+    return root if root.is_dir() else None

@@ -6,8 +6,12 @@ run passes to the same rollout/update code:
 * :func:`model_reward` -- a trained :class:`~dpo_jax.reward_model.RewardModel` (Stiennon et al.);
 * :func:`synthetic_reward` -- the synthetic task's ``true_reward`` (fraction of liked content
   tokens under the prompt's topic), jittable;
-* :func:`text_reward` -- any host-side text reward such as IMDb's
-  :class:`~dpo_jax.imdb.sentiment.SentimentReward`, over decoded prompt and completion.
+* :func:`text_reward` -- any host-side text reward ``fn(prompts, completions)`` over decoded
+  prompt and completion (an experiment's ground truth, e.g. the IMDb project's sentiment
+  classifier, which its pipeline passes to PPO as ``reward_fn``).
+
+:func:`build_reward` builds the first two from a config; a text reward is always passed in by
+its caller, so the library imports no experiment.
 """
 
 from __future__ import annotations
@@ -105,23 +109,21 @@ def text_reward(fn: Callable[[list[str], list[str]], np.ndarray],
 
 
 def build_reward(config, *, mesh=None) -> RewardFn:
-    """The reward the config names: ``ppo.reward`` in {'model', 'synthetic', 'sentiment'}."""
+    """The reward the config names: ``ppo.reward`` in {'model', 'synthetic'}.
+
+    Raises ValueError for any other name: other rewards (an experiment's ground truth) are
+    passed to PPO as a function, ``ppo.run.train_and_evaluate(config, workdir, reward_fn=...)``.
+    """
     p = config.ppo
     if p.reward == "synthetic":
         s = config.data.synthetic
         return synthetic_reward(SyntheticTask(
             vocab_size=s.vocab_size, num_topics=s.num_topics, prompt_len=tuple(s.prompt_len),
             response_len=tuple(s.response_len), min_gap=s.min_gap))
-    if p.reward == "sentiment":
-        from dpo_jax.data.tokenize import load_tokenizer
-        from dpo_jax.imdb.sentiment import SentimentReward
-
-        tok = load_tokenizer(config.data.tokenizer)
-        clf = SentimentReward.load(p.sentiment_path)
-        return text_reward(clf, lambda ids: tok.decode(ids, skip_special_tokens=True))
     if p.reward == "model":
         return _reward_model_from_run(p.reward_model, mesh, config)
-    raise ValueError(f"ppo.reward={p.reward!r}: expected model, synthetic or sentiment")
+    raise ValueError(f"ppo.reward={p.reward!r}: expected 'model' or 'synthetic'; pass any other "
+                     "reward as reward_fn to dpo_jax.ppo.run.train_and_evaluate")
 
 
 def _reward_model_from_run(run_dir: str, mesh, config) -> RewardFn:
@@ -132,15 +134,14 @@ def _reward_model_from_run(run_dir: str, mesh, config) -> RewardFn:
     import ml_collections
 
     from dpo_jax import sharding as shard_lib
-    from dpo_jax import train as train_lib
-    from dpo_jax.models import Model
+    from dpo_jax.models import Model, model_config_from
     from dpo_jax.reward_model import RewardModel, restore_reward_model
 
     if not run_dir:
         raise ValueError("ppo.reward='model' needs ppo.reward_model (a reward run's workdir)")
     with open(os.path.join(run_dir, "config.json")) as f:
         rm_config = ml_collections.ConfigDict(json.load(f))
-    model = RewardModel(Model(train_lib.model_config(rm_config)))
+    model = RewardModel(Model(model_config_from(rm_config.model)))
     rules = tuple(tuple(r) for r in config.mesh.rules)
     shardings = shard_lib.tree_shardings(model.abstract_params(), model.logical_axes(), mesh, rules)
     return model_reward(model, restore_reward_model(run_dir, model, shardings),

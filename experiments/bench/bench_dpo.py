@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 
 from dpo_jax import losses as losses_lib  # noqa: E402
 from dpo_jax.config import base_config  # noqa: E402
@@ -52,7 +53,8 @@ from dpo_jax.optim import OptimConfig, make_optimizer  # noqa: E402
 from dpo_jax.state import TrainState  # noqa: E402
 from dpo_jax.step import StepConfig, sequence_stats, make_train_step  # noqa: E402
 
-TORCH_SCRIPT = "/work/shared/bench/pytorch_dpo_step.py"
+# The PyTorch baseline lives beside the repository, in ../shared/bench/.
+TORCH_SCRIPT = os.path.join(os.path.dirname(REPO), "shared", "bench", "pytorch_dpo_step.py")
 # Shapes named like pytorch_dpo_step.py's CONFIGS: (our preset, overrides).
 SHAPES = {
     "gpt2-cpu-bench": ("gpt2", dict(n_layer=4, d_model=256, n_head=4, d_ff=1024, vocab_size=50257,

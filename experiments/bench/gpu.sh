@@ -10,11 +10,11 @@
 #   GPT-2-large 2 configurations + PyTorch.
 # Plumbing check on a CPU (tiny shapes, PyTorch on the CPU; cuDNN reports FAILED there):
 #   BIG=gpt2-tiny LARGE=gpt2-tiny PAIRS=2 PROMPT=32 RESPONSE=32 SMOKE_T=64 TORCH_DEVICE=cpu \
-#     experiments/bench/gpu.sh /work/shared/bench/pytorch_dpo_step.py /tmp/gpu_dry
+#     experiments/bench/gpu.sh ../shared/bench/pytorch_dpo_step.py /tmp/gpu_dry
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # leave GPU memory to the PyTorch subprocess
 cd "$(dirname "$0")/../.."
-TORCH_SCRIPT="${1:-/work/shared/bench/pytorch_dpo_step.py}"
+TORCH_SCRIPT="${1:-../shared/bench/pytorch_dpo_step.py}"  # default: beside the repository
 OUT="${2:-${OUT:-/tmp/dpo_bench_gpu}}"
 PY="${PYTHON:-python3}"  # on the GPU machines python3 is the interpreter with jax and torch
 BIG="${BIG:-pythia-1.4b}" LARGE="${LARGE:-gpt2-large}" TORCH_DEVICE="${TORCH_DEVICE:-cuda}"

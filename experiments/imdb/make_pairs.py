@@ -11,22 +11,22 @@ so a prompt yields at most 6 pairs.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
-from dpo_jax.imdb.pairs import build_pair_dataset, write_pairs
-from dpo_jax.imdb.sentiment import SentimentReward
+from dpo_jax.data.io import read_jsonl
+from dpo_jax.proj.imdb.pairs import build_pair_dataset, write_pairs
+from dpo_jax.proj.imdb.sentiment import SentimentReward
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", required=True)
-    ap.add_argument("--reward", required=True, help="directory written by dpo_jax.imdb.sentiment")
+    ap.add_argument("--reward", required=True,
+                    help="directory written by dpo_jax.proj.imdb.sentiment")
     ap.add_argument("--out", required=True, help=".jsonl or .parquet")
     args = ap.parse_args()
-    with open(args.samples, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(args.samples)
     reward = SentimentReward.load(args.reward)
     prompts = [r["prompt"] for r in rows]
     completions = [list(r["completions"]) for r in rows]

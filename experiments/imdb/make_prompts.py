@@ -1,6 +1,6 @@
 """Write IMDb review prefixes (2-8 tokens) as prompts: one jsonl row {prompt, prompt_ids, source}.
 
-    python experiments/imdb/make_prompts.py --data=/work/shared/data/imdb --split=train \
+    python experiments/imdb/make_prompts.py --data=../shared/data/imdb --split=train \
         --tokenizer=runs/imdb/tokenizer --out=runs/imdb/prompts_train.jsonl [--limit=N]
 
 The generation step (SFT sampler, not in this package) reads these, samples 4 completions per
@@ -10,12 +10,11 @@ prompt and writes {prompt, completions: [...]}, which make_pairs.py turns into l
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
-from dpo_jax.imdb.pairs import make_prefixes
-from dpo_jax.imdb.text import load_imdb
-from dpo_jax.imdb.tokenizer import load_tokenizer
+from dpo_jax.data.io import write_jsonl
+from dpo_jax.data.tokenize import load_tokenizer
+from dpo_jax.proj.imdb.pairs import make_prefixes
+from dpo_jax.proj.imdb.text import load_imdb
 
 
 def main() -> None:
@@ -32,14 +31,9 @@ def main() -> None:
     texts, _ = load_imdb(args.data, args.split, limit=args.limit)
     prefixes = make_prefixes(texts, load_tokenizer(args.tokenizer), args.min_tokens,
                              args.max_tokens, args.seed)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for p in prefixes:
-            f.write(json.dumps({"prompt": p.text, "prompt_ids": list(p.token_ids),
-                                "source": f"{args.split}:{p.source_index}"},
-                               ensure_ascii=False) + "\n")
-    print(f"wrote {len(prefixes)} prompts to {out}")
+    write_jsonl([{"prompt": p.text, "prompt_ids": list(p.token_ids),
+                  "source": f"{args.split}:{p.source_index}"} for p in prefixes], args.out)
+    print(f"wrote {len(prefixes)} prompts to {args.out}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dpo_jax.imdb.frontier import write_frontier
+from dpo_jax.proj.imdb.frontier import write_frontier
 
 
 def main() -> None:

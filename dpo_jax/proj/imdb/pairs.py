@@ -9,13 +9,13 @@ arbitrary winner would train DPO on label noise.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from dpo_jax.imdb.text import clean_review
+from dpo_jax.data.io import read_jsonl, write_jsonl
+from dpo_jax.proj.imdb.text import clean_review
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward")
 
@@ -116,9 +116,7 @@ def write_pairs(rows: Iterable[dict], path: str | pathlib.Path) -> pathlib.Path:
     rows = [{k: r[k] for k in PAIR_COLUMNS} for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
-        with path.open("w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl(rows, path)
     elif path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -137,8 +135,7 @@ def read_pairs(path: str | pathlib.Path) -> list[dict]:
     """Inverse of :func:`write_pairs`."""
     path = pathlib.Path(path)
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_jsonl(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

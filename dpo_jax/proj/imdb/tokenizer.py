@@ -3,10 +3,11 @@
 Why not GPT-2's 50k vocabulary: the CPU-sized IMDb policy is small, and its embedding/unembedding
 would be dominated by 50k rows of mostly unused tokens; an ~8k vocabulary fitted to reviews
 gives shorter sequences and a model whose parameters go into the transformer. The GPT-2
-tokenizer (``/work/shared/data/gpt2_tokenizer``) remains the choice for real GPT-2 weights.
+tokenizer (``gpt2_tokenizer/`` under the data root, ``$DPO_JAX_DATA``) remains the choice for
+real GPT-2 weights.
 
 The output directory is a ``transformers`` tokenizer (``tokenizer.json`` +
-``tokenizer_config.json``) loadable by ``AutoTokenizer.from_pretrained(dir)``, with
+``tokenizer_config.json``) loadable by ``dpo_jax.data.tokenize.load_tokenizer(dir)``, with
 ``<|endoftext|>`` as bos, eos and pad token (id 0), like GPT-2.
 """
 
@@ -72,13 +73,6 @@ def save_tokenizer(tok, out_dir: str | pathlib.Path, model_max_length: int = 102
     return hf
 
 
-def load_tokenizer(path: str | pathlib.Path):
-    """``AutoTokenizer.from_pretrained(path)`` (local files only)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
 def build_imdb_tokenizer(
     data_dir: str | pathlib.Path,
     out_dir: str | pathlib.Path,
@@ -92,7 +86,7 @@ def build_imdb_tokenizer(
     ``test`` is excluded by default so that nothing about the tokenizer is fitted on the
     evaluation reviews.
     """
-    from dpo_jax.imdb.text import load_imdb
+    from dpo_jax.proj.imdb.text import load_imdb
 
     t0 = time.perf_counter()
     texts: list[str] = []

@@ -2,7 +2,7 @@
 
 Each point is one evaluation of one run: the method (``dpo``, ``ppo``, ``unlikelihood``, ...),
 its setting (e.g. ``beta=0.1``), the training step, the sequence-level KL estimated by
-:mod:`dpo_jax.imdb.kl`, and the mean ground-truth reward of its samples. A method that reaches
+:mod:`dpo_jax.proj.imdb.kl`, and the mean ground-truth reward of its samples. A method that reaches
 more reward for the same KL dominates; the plot draws one series per method, points of the
 same method's different settings and steps all together, as in the paper.
 """

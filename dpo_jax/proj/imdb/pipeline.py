@@ -1,0 +1,114 @@
+"""The paper's IMDb experiment as one resumable pipeline: ``configs/imdb.py`` names
+:func:`run_pipeline` as its task.
+
+Stages, each caching its output under the workdir and skipped when that output exists
+(training stages also resume from their own checkpoints when interrupted):
+
+  tokenizer -> reward -> sft_data -> sft -> prefixes -> samples (k per train prefix from the
+  SFT model) -> pairs (reward-labelled, ties dropped) -> runs (DPO per beta, Preferred-FT,
+  Unlikelihood; each initialised from SFT) -> reward model (Bradley-Terry on the same pairs,
+  prompts split into train/held-out) -> PPO runs (learned reward, one per target KL) and PPO-GT
+  runs (the ground-truth reward) -> frontier (every checkpoint of every run: sample held-out
+  TEST prefixes, mean reward, sequence KL(pi || pi_SFT); SFT itself and Best-of-N of SFT
+  samples) -> frontier.csv + frontier.png; ``compute.json`` (wall time and tokens per method).
+
+The stages are functions of an :class:`~dpo_jax.proj.imdb.experiment.Experiment` in
+``stages`` (data), ``runs`` (training) and ``evaluate`` (frontier, compute); this module runs
+them in order through :class:`StageRunner`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import ml_collections
+from absl import logging
+
+from dpo_jax.proj.imdb import evaluate, runs, stages
+from dpo_jax.proj.imdb.experiment import Experiment
+
+
+@dataclasses.dataclass
+class StageRunner:
+    """Runs named stages, each skipped when all its output files exist; records which ran and
+    which were skipped, and the wall seconds of every stage ever run in ``workdir``
+    (``stage_times.json``, kept across reruns)."""
+
+    workdir: pathlib.Path
+    ran: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def open(cls, workdir: pathlib.Path) -> "StageRunner":
+        times = workdir / "stage_times.json"
+        return cls(workdir, seconds=json.loads(times.read_text()) if times.exists() else {})
+
+    def __call__(self, name: str, outputs: list[pathlib.Path], fn: Callable[..., Any],
+                 *args: Any) -> None:
+        """``fn(*args)`` unless every path in ``outputs`` exists. Raises RuntimeError when
+        ``fn`` returns without writing all of ``outputs`` (a stage must write what it
+        promises, or a rerun would redo it forever)."""
+        if all(p.exists() for p in outputs):
+            logging.info("imdb stage %s: cached (%s)", name, outputs[0])
+            self.skipped.append(name)
+            return
+        t0 = time.time()
+        fn(*args)
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise RuntimeError(f"imdb stage {name} did not write {missing}")
+        self.seconds[name] = round(time.time() - t0, 1)
+        logging.info("imdb stage %s: done in %.1fs", name, self.seconds[name])
+        self.ran.append(name)
+        tmp = self.workdir / "stage_times.json.tmp"
+        tmp.write_text(json.dumps(self.seconds, indent=2))
+        tmp.replace(self.workdir / "stage_times.json")
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Every stage in order (finished ones skipped); returns and writes
+    ``pipeline_summary.json``: ``stages_run``, ``stages_skipped`` and the ``frontier`` points."""
+    d = pathlib.Path(workdir)
+    d.mkdir(parents=True, exist_ok=True)
+    exp, c = Experiment(config, d), config.imdb
+    stage = StageRunner.open(d)
+    if not c.tokenizer:
+        stage("tokenizer", [d / "tokenizer" / "tokenizer.json"], stages.build_tokenizer, exp)
+    if not (c.reward_dir or c.hub_reward):
+        stage("reward", [d / "reward" / "sentiment.npz"], stages.build_reward, exp)
+    stage("sft_data", [d / "sft_data" / "train.jsonl.gz"], stages.build_sft_data, exp)
+    stage("sft", [d / "sft" / "summary.json"], runs.train_sft, exp)
+    stage("prefixes", [d / "prefixes_train.jsonl", d / "prefixes_test.jsonl"],
+          stages.build_prefixes, exp)
+    stage("samples", [d / "samples_train.jsonl"], stages.sample_train, exp)
+    stage("pairs", [d / "pairs.jsonl"], stages.build_pairs, exp)
+
+    variants = runs.variants(exp)
+    ppo = runs.ppo_variants(exp)
+    if ppo:
+        stage("rm_pairs", [d / "rm_pairs" / "train.jsonl", d / "rm_pairs" / "test.jsonl"],
+              stages.build_rm_pairs, exp)
+        if any(method == "ppo" for method, _, _ in ppo.values()):
+            stage("reward_model", [d / "reward_model" / "summary.json"],
+                  runs.train_reward_model, exp)
+    variants.update(ppo)
+    for name, (method, setting, cfg) in variants.items():
+        stage(f"train:{name}", [d / "runs" / name / "summary.json"],
+              runs.train_variant, exp, name, method, cfg)
+        stage(f"frontier:{name}", [d / "runs" / name / "frontier_points.jsonl"],
+              evaluate.frontier_points, exp, name, method, setting)
+    stage("frontier:sft", [d / "sft_frontier_points.jsonl"], evaluate.sft_and_best_of_n, exp)
+
+    # Always re-assembled (cheap: it reads the per-run point files), so the CSV and plot hold
+    # exactly the configured variants, also when a rerun adds a beta.
+    points = evaluate.write_frontier(exp, list(variants))
+    evaluate.write_compute(exp, variants, stage.seconds)
+    stage.ran.append("frontier")
+    summary = {"stages_run": stage.ran, "stages_skipped": stage.skipped, "frontier": points}
+    (d / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
