@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpo_jax.data import build_pipeline, default_data_config, to_global
+from dpo_jax.data import DataError, build_pipeline, default_data_config, to_global
 from dpo_jax.data import batching
 from dpo_jax.data.pipeline import PreferencePipeline
 
@@ -96,7 +96,7 @@ def test_resume_gives_identical_batches():
             np.testing.assert_array_equal(got[k], want[k])
     other = build_pipeline(cfg, split="train", global_batch_size=8, seed=4)
     assert not np.array_equal(next(other)["input_ids"], ref[0]["input_ids"])
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match="cannot resume.*seed"):
         other.load_state_dict(state)
 
 
