@@ -161,6 +161,60 @@ def test_policy_equal_to_reference_gives_exactly_ln2(setup):
         assert metrics[k] == 0.0, k
 
 
+def test_padding_pairs_in_a_train_batch_change_nothing(setup):
+    """A batch of 4 real and 4 padding pairs: the step's metrics are numpy's means over the 4
+    real pairs and its gradient is that of the real pairs' mean loss (``grad_norm``)."""
+    model, params, ref_params = setup["model"], setup["params"], setup["ref_params"]
+    pairs = helpers.synthetic_pairs(12, seed=3)
+    batch_np = list(helpers.pipeline(pairs, 8))[1]
+    assert batch_np["pair_weight"].tolist() == [1.0] * 4 + [0.0] * 4
+    real = pairs[8:]
+    want = {k: float(np.mean(v)) for k, v in numpy_dpo(numpy_logps(model, params, real),
+                                                       numpy_logps(model, ref_params, real)).items()}
+    grads = jax.jit(jax.grad(lambda p: jax_dpo_loss(model, p, ref_params, real)))(params)
+
+    state = helpers.train_state(model, params, setup["tx"], ref_params=ref_params)
+    _, metrics = setup["train_step"](state, *helpers.device_batch(batch_np))
+    metrics = jax.device_get(metrics)
+    for k, v in want.items():
+        np.testing.assert_allclose(metrics[k], v, err_msg=k, **TOL)
+    np.testing.assert_allclose(metrics["grad_norm"], helpers.global_norm(grads), rtol=1e-4)
+
+
+def test_accumulated_micro_batches_give_the_big_batch_update(setup):
+    """grad_accum=4 (strided micro-batches of 2 pairs) gives the one-batch update and metrics."""
+    model, params, ref_params, pairs = (setup[k] for k in ("model", "params", "ref_params",
+                                                           "pairs"))
+    tx, schedule = helpers.optimizer()
+    batch, num_scored = helpers.device_batch(helpers.pair_batch(pairs))
+    outputs = []
+    for step in (setup["train_step"], _train_step(model, tx, schedule, grad_accum=4)):
+        state = helpers.train_state(model, params, tx, ref_params=ref_params)
+        outputs.append(jax.device_get(step(state, batch, num_scored)))
+    (want_state, want), (got_state, got) = outputs
+    for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/rejected", "grad_norm"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for g, w in zip(helpers.leaves(got_state.params), helpers.leaves(want_state.params)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_loss_with_skip_keeps_the_parameters(setup):
+    """``on_nonfinite='skip'`` reaches the update: a NaN reference makes the loss NaN, the
+    step is flagged and the parameters stay as they were."""
+    model, params, pairs = setup["model"], setup["params"], setup["pairs"]
+    ref_params = jax.tree.map(lambda x: x * np.nan, params)
+    tx, schedule = helpers.optimizer()
+    step = jax.jit(make_train_step(model, helpers.loss_config(beta=BETA), tx, schedule,
+                                   helpers.step_config(), on_nonfinite="skip"),
+                   static_argnums=2)
+    state = helpers.train_state(model, params, tx, ref_params=ref_params)
+    before = helpers.leaves(state.params)
+    new_state, metrics = step(state, *helpers.device_batch(helpers.pair_batch(pairs)))
+    assert float(metrics["nonfinite"]) == 1.0 and int(new_state.step) == 1
+    for a, b in zip(helpers.leaves(new_state.params), before):
+        np.testing.assert_array_equal(a, b)
+
+
 # ----------------------------------------------------------------------- clipping
 
 
@@ -191,15 +245,20 @@ def test_clipped_sgd_step_equals_the_hand_computed_update(setup):
 # ----------------------------------------------------------------------- padded evaluation
 
 
-def test_padded_final_eval_batch_gives_the_unpadded_mean(setup):
+@pytest.mark.parametrize("layout", [
+    dict(),
+    dict(packing=True, pack_length=48, row_multiple=8),  # two sequences per row
+], ids=["one_sequence_per_row", "packed"])
+def test_padded_final_eval_batch_gives_the_unpadded_mean(setup, layout):
     """12 held-out pairs in eval batches of 8: the second batch carries 4 padding pairs
     (``pair_weight`` 0, copies of pair 0). Summed over batches and divided by the summed weight
     by the loop's eval reducer, the eval step's numbers are numpy's means over the 12 real
     pairs. (The forward-only head runs in 8-position chunks over 48-token vocabulary slices.)"""
     model, params, ref_params = setup["model"], setup["params"], setup["ref_params"]
     pairs = helpers.synthetic_pairs(12, seed=3)
-    batches = list(helpers.pipeline(pairs, 8))
+    batches = list(helpers.pipeline(pairs, 8, **layout))
     assert [b["pair_weight"].tolist() for b in batches] == [[1.0] * 8, [1.0] * 4 + [0.0] * 4]
+    assert ("seq_index" in batches[0]) == bool(layout)
 
     eval_step = _eval_step(model, forward_logprobs=LogprobConfig(seq_chunk=8, vocab_chunk=48))
     sums = [eval_step(params, ref_params, *helpers.device_batch(b)) for b in batches]
