@@ -1,16 +1,19 @@
-"""Reference log-probs computed once over the dataset, stored, and attached to every batch.
+"""Reference log-probs as data: computed once over the dataset, stored by fingerprint, and
+handed to ``PreferencePipeline(reference=...)`` as plain arrays.
 
 Why: with a frozen reference, the reference forward of every training step recomputes the same
 numbers each epoch, and holding the reference parameters costs a second copy of the model in
-device memory. Precomputing them once (one jitted, sharded forward per pair) removes both: the
-``Run`` then holds no ``ref_params`` and its step reads ``batch["ref_logps"]``/``["ref_lengths"]``
-([2B] global layout, chosen then rejected; see ``step.pair_terms``).
+device memory. Computing them once (one jitted, sharded forward-only pass per batch) removes
+both: the training state then holds no reference parameters and the step reads
+``batch["ref_logps"]``/``["ref_lengths"]`` ([2B] global layout, chosen then rejected; see
+``step.pair_terms``).
 
-The stored file is keyed by a fingerprint of everything that decides those numbers: the tokenised
-pairs of both splits, the tokenizer (name, pad id, files when it is a local directory), the
-reference parameters (their source and an on-device checksum of their values), the model config,
-the reference storage dtype and the log-prob settings. A resumed run or a later run with the same
-fingerprint loads the file; any difference gives a new fingerprint, hence a recomputation.
+``reference_logps`` keys the stored file by a fingerprint of everything that decides those
+numbers: the tokenised pairs of every split, the tokenizer (name, pad id, files when it is a
+local directory), the reference parameters (their source, dtypes, shapes and an on-device
+checksum of their values), the model config and the forward-only log-prob settings. A resumed
+run or a later run with the same fingerprint loads the file; any difference gives a new
+fingerprint, hence a recomputation.
 """
 
 from __future__ import annotations
@@ -19,37 +22,43 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from dpo_jax import data as data_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax.logprobs import max_scored_tokens
-from dpo_jax.step import sequence_stats
+from dpo_jax.step import StepConfig, sequence_stats
 
-SUBDIR = "reference_logps"
+SUBDIR = "reference_logps"  # the cache directory's conventional name inside a run's workdir
+
+TokenPair = Mapping[str, np.ndarray]
 
 
-def param_checksum(params: Any) -> list[list[float]]:
-    """Per leaf ``[sum x, sum x^2, sum x*sin(i)]`` in float32, computed on device.
+def _leaf_sums(x):
+    x = x.astype(jnp.float32).reshape(-1)
+    w = jnp.sin(jnp.arange(x.shape[0], dtype=jnp.float32))
+    return jnp.stack([x.sum(), (x * x).sum(), (x * w).sum()])
+
+
+_tree_sums = jax.jit(lambda params: jax.tree.map(_leaf_sums, params))
+
+
+def param_checksum(params: Any) -> list[list]:
+    """Per leaf ``[dtype, shape, sum x, sum x^2, sum x*sin(i)]`` (sums in float32, computed on
+    device, rounded to 6 decimals).
 
     A cheap stand-in for hashing every byte (which would move the whole model to the host): the
-    third term depends on the position of each value, so permutations change it too."""
-
-    def leaf(x):
-        x = x.astype(jnp.float32).reshape(-1)
-        w = jnp.sin(jnp.arange(x.shape[0], dtype=jnp.float32))
-        return jnp.stack([x.sum(), (x * x).sum(), (x * w).sum()])
-
-    sums = jax.jit(lambda p: jax.tree.map(leaf, p))(params)
-    return [np.asarray(jax.device_get(s)).round(6).tolist() for s in jax.tree.leaves(sums)]
+    third sum depends on the position of each value, so permutations change it too."""
+    sums = jax.device_get(_tree_sums(params))
+    return [[str(x.dtype), list(x.shape)] + np.asarray(s).round(6).tolist()
+            for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(sums))]
 
 
-def _hash_pairs(h, pairs) -> None:
+def _hash_pairs(h, pairs: Sequence[TokenPair]) -> None:
     h.update(str(len(pairs)).encode())
     for p in pairs:
         for key in ("prompt", "chosen", "rejected"):
@@ -57,110 +66,123 @@ def _hash_pairs(h, pairs) -> None:
             h.update(key.encode() + str(a.shape[0]).encode() + a.tobytes())
 
 
-def _hash_tokenizer(h, tokenizer: str, pad_id: int) -> None:
-    h.update(f"tokenizer={tokenizer!r} pad={pad_id}".encode())
-    if tokenizer and os.path.isdir(tokenizer):
-        for name in sorted(os.listdir(tokenizer)):
-            path = os.path.join(tokenizer, name)
+def _hash_tokenizer(h, tokenizer_name: str, pad_id: int) -> None:
+    h.update(f"tokenizer={tokenizer_name!r} pad={pad_id}".encode())
+    if tokenizer_name and os.path.isdir(tokenizer_name):
+        for name in sorted(os.listdir(tokenizer_name)):
+            path = os.path.join(tokenizer_name, name)
             if os.path.isfile(path):
                 with open(path, "rb") as f:
                     h.update(name.encode() + f.read())
 
 
-def fingerprint(splits: dict[str, list], *, tokenizer: str, pad_id: int, ref_source: dict,
-                ref_checksum: list, model_config: Any, ref_param_dtype: str,
+def fingerprint(pairs: Mapping[str, Sequence[TokenPair]], *, tokenizer_name: str, pad_id: int,
+                ref_source: Mapping[str, Any], ref_checksum: list, model_config: Any,
                 logprob_config: Any) -> str:
-    """Hex sha256 of everything the stored reference log-probs depend on (see module doc)."""
+    """Hex sha256 of everything the stored reference log-probs depend on (see module doc).
+
+    ``pairs``: split name -> tokenised pairs; ``ref_checksum``: ``param_checksum`` of the
+    reference parameters; ``model_config``/``logprob_config``: dataclasses."""
     h = hashlib.sha256()
-    for name in sorted(splits):
+    for name in sorted(pairs):
         h.update(name.encode())
-        _hash_pairs(h, splits[name])
-    _hash_tokenizer(h, tokenizer, pad_id)
-    meta = dict(ref_source=ref_source, ref_checksum=ref_checksum,
-                model=dataclasses.asdict(model_config), ref_param_dtype=ref_param_dtype,
+        _hash_pairs(h, pairs[name])
+    _hash_tokenizer(h, tokenizer_name, pad_id)
+    meta = dict(ref_source=dict(ref_source), ref_checksum=ref_checksum,
+                model=dataclasses.asdict(model_config),
                 logprobs=dataclasses.asdict(logprob_config))
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
-def compute_pair_logps(model, ref_params, pairs: list, data_cfg, step_cfg, mesh,
-                       global_batch_size: int) -> dict[str, np.ndarray]:
-    """``{"logps": [N, 2], "lengths": [N, 2]}`` (column 0 chosen, 1 rejected) for every pair.
+def compute_pair_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], data_cfg,
+                       step_cfg: StepConfig, mesh, global_batch_size: int, pad_id: int = 0
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{split: (logps_N2, lengths_N2)}`` float32 (column 0 chosen, 1 rejected, one row per
+    pair): summed response log-probs under ``params`` (nats) and scored token counts.
 
-    One pass in file order through an eval-mode pipeline (pads the last batch with weight-0
-    copies of pair 0), one jitted forward per batch with the trainer's log-prob settings."""
-    pipe = data_lib.PreferencePipeline(
-        pairs, data_cfg, train=False, global_batch_size=global_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    Per split, one pass in file order through an eval ``PreferencePipeline`` built from
+    ``data_cfg`` (buckets, packing; the last batch padded with weight-0 copies of pair 0); one
+    jitted forward per batch over ``mesh`` with the forward-only log-prob settings
+    (``step_cfg.no_grad_logprobs``), as ``step.sequence_stats(forward_only=True)`` computes the
+    reference inside a training step. ``global_batch_size`` pairs per forward; their 2B rows
+    and B weights must divide over the mesh's batch axes."""
     replicated = shard_lib.replicated(mesh)
     forward = jax.jit(lambda p, b, n: sequence_stats(model, p, b, step_cfg, n, forward_only=True),
                       static_argnums=2, out_shardings=(replicated, replicated))
-    n, B = len(pairs), global_batch_size
-    logps = np.zeros((pipe.num_batches * B, 2), np.float32)
-    lengths = np.zeros((pipe.num_batches * B, 2), np.float32)
-    for i, batch_np in enumerate(pipe):
-        num_scored = max_scored_tokens(batch_np["loss_mask"]) if step_cfg.logprobs.scored_only else None
-        if num_scored is not None and jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    B = int(global_batch_size)
+    out = {}
+    for split, split_pairs in pairs.items():
+        pipe = data_lib.PreferencePipeline(
+            list(split_pairs), data_cfg, train=False, global_batch_size=B,
+            process_index=jax.process_index(), process_count=jax.process_count(), pad_id=pad_id)
+        logps_N2 = np.zeros((pipe.num_batches * B, 2), np.float32)
+        lengths_N2 = np.zeros((pipe.num_batches * B, 2), np.float32)
+        for i, batch_np in enumerate(pipe):
+            num_scored = None
+            if step_cfg.logprobs.scored_only:
+                num_scored = max_scored_tokens(batch_np["loss_mask"])
+                if jax.process_count() > 1:  # every process must compile the same program
+                    from jax.experimental import multihost_utils
 
-            num_scored = int(np.max(multihost_utils.process_allgather(np.asarray(num_scored))))
-        batch = data_lib.to_global(batch_np, shard_lib.batch_shardings(batch_np, mesh))
-        lp, ln = jax.device_get(forward(ref_params, batch, num_scored))
-        logps[i * B:(i + 1) * B] = np.stack([lp[:B], lp[B:]], axis=1)
-        lengths[i * B:(i + 1) * B] = np.stack([ln[:B], ln[B:]], axis=1)
-    return {"logps": logps[:n], "lengths": lengths[:n]}
+                    num_scored = int(np.max(multihost_utils.process_allgather(
+                        np.asarray(num_scored))))
+            batch = data_lib.to_global(batch_np, shard_lib.batch_shardings(batch_np, mesh))
+            logps_S, lengths_S = jax.device_get(forward(params, batch, num_scored))
+            logps_N2[i * B:(i + 1) * B] = np.stack([logps_S[:B], logps_S[B:]], axis=1)
+            lengths_N2[i * B:(i + 1) * B] = np.stack([lengths_S[:B], lengths_S[B:]], axis=1)
+        out[split] = (logps_N2[:len(split_pairs)], lengths_N2[:len(split_pairs)])
+    return out
 
 
 def load_or_compute(path: str, compute) -> tuple[dict[str, np.ndarray], bool]:
-    """The arrays stored at ``path``, or ``compute()`` saved there; and whether it was reused."""
+    """The arrays stored at ``path`` (an ``.npz``), or ``compute()`` saved there by process 0;
+    and whether they were reused."""
     if os.path.exists(path):
         with np.load(path) as f:
             return {k: f[k] for k in f.files}, True
     arrays = compute()
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp.npz"
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written file under the key
     return arrays, False
 
 
-def attach(pipeline, logps_N2: np.ndarray, lengths_N2: np.ndarray) -> None:
-    """Make ``pipeline`` add ``ref_logps``/``ref_lengths`` [2B] (chosen then rejected)."""
+def reference_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], *, data_cfg,
+                    step_cfg: StepConfig, mesh, batch_size: int, cache_dir: str,
+                    tokenizer_name: str = "", pad_id: int = 0,
+                    ref_source: Mapping[str, Any] | None = None
+                    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """Reference log-probs of every pair of every split, loaded from ``cache_dir`` or computed
+    (``compute_pair_logps``) and stored there under the fingerprint of all their inputs.
 
-    def per_pair(idx: np.ndarray) -> dict[str, np.ndarray]:
-        return {"ref_logps": np.concatenate([logps_N2[idx, 0], logps_N2[idx, 1]]),
-                "ref_lengths": np.concatenate([lengths_N2[idx, 0], lengths_N2[idx, 1]])}
+    Args:
+      model, params: the reference model and its (sharded) parameters.
+      pairs: split name -> tokenised pairs (``{"prompt", "chosen", "rejected"}`` int32).
+      data_cfg: the data config (bucketing / packing of the forward's batches).
+      step_cfg: the run's ``StepConfig``; its forward-only log-prob settings are used.
+      mesh: the device mesh; batch_size: pairs per forward (2B rows divide over the mesh's
+        batch axes).
+      cache_dir: directory of the stored ``<fingerprint[:32]>.npz`` files (created if absent).
+      tokenizer_name, pad_id: the tokenizer the pairs came from ('' for the synthetic task).
+      ref_source: where the parameters came from (paths, dtype), JSON-able; fingerprinted.
 
-    pipeline.per_pair = per_pair
+    Returns ``({split: (logps_N2, lengths_N2)}, {"path", "fingerprint", "reused"})``: float32
+    arrays with one row per pair in the split's order (column 0 chosen, 1 rejected), ready
+    for ``PreferencePipeline(reference=...)``."""
+    fp = fingerprint(pairs, tokenizer_name=tokenizer_name, pad_id=pad_id,
+                     ref_source=ref_source or {}, ref_checksum=param_checksum(params),
+                     model_config=model.cfg, logprob_config=step_cfg.no_grad_logprobs)
+    path = os.path.join(cache_dir, f"{fp[:32]}.npz")
 
-
-def precompute_for_run(run, ref_params, ref_source: dict) -> dict[str, Any]:
-    """Reference log-probs of ``run``'s train (and eval) pairs, loaded or computed, attached to
-    its pipelines. Returns ``{"path", "fingerprint", "reused"}`` for logging and tests."""
-    pipes = {"train": run.train_data}
-    if run.eval_data is not None:
-        pipes["eval"] = run.eval_data
-    cfg = run.config
-    fp = fingerprint(
-        {k: p.pairs for k, p in pipes.items()}, tokenizer=str(cfg.data.tokenizer),
-        pad_id=run.train_data.pad_id, ref_source=ref_source,
-        ref_checksum=param_checksum(ref_params), model_config=run.model.cfg,
-        ref_param_dtype=str(cfg.model.ref_param_dtype),
-        logprob_config=run.step_cfg.no_grad_logprobs)
-    path = os.path.join(run.workdir, SUBDIR, f"{fp[:32]}.npz")
-    batch = int(cfg.train.eval_batch_size or cfg.train.batch_size)
-
-    def compute():
-        out = {}
-        for split, pipe in pipes.items():
-            got = compute_pair_logps(run.model, ref_params, pipe.pairs, cfg.data, run.step_cfg,
-                                     run.mesh, batch)
-            out[f"{split}_logps"], out[f"{split}_lengths"] = got["logps"], got["lengths"]
-        return out
+    def compute() -> dict[str, np.ndarray]:
+        got = compute_pair_logps(model, params, pairs, data_cfg, step_cfg, mesh, batch_size,
+                                 pad_id)
+        return {f"{split}_{name}": a for split, arrays in got.items()
+                for name, a in zip(("logps", "lengths"), arrays)}
 
     arrays, reused = load_or_compute(path, compute)
-    for split, pipe in pipes.items():
-        attach(pipe, arrays[f"{split}_logps"], arrays[f"{split}_lengths"])
-    logging.info("reference log-probs %s %s", "reused from" if reused else "computed into", path)
-    return {"path": path, "fingerprint": fp, "reused": reused}
+    stored = {split: (arrays[f"{split}_logps"], arrays[f"{split}_lengths"]) for split in pairs}
+    return stored, {"path": path, "fingerprint": fp, "reused": reused}

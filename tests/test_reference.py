@@ -1,4 +1,6 @@
-"""Precomputed reference log-probs: same trajectory as the online reference, stored and reused."""
+"""Reference log-probs as data (``dpo_jax.reference``): the numbers of the step's reference
+forward, attached to shuffled batches by pair, cached by fingerprint; and, end to end, the same
+training trajectory as the online reference."""
 
 import json
 import os
@@ -7,17 +9,152 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import reference, train
+from dpo_jax import reference
 from dpo_jax.data import PreferencePipeline
-from dpo_jax.data.synthetic import SyntheticTask, make_pairs
-
-from tests.test_train import _leaves, small_config
+from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
+from dpo_jax.step import StepConfig, sequence_stats
+from tests import helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(scope="module")
+def reference_model():
+    """``(model, reference parameters, 16 synthetic pairs)``, shared by this file's tests."""
+    model = helpers.tiny_model()
+    return model, helpers.init_params(model, seed=1), helpers.synthetic_pairs(16)
+
+
+def _mesh():
+    return helpers.mesh({"data": 2, "fsdp": 2, "tensor": 2})
+
+
+def _reference(model, params, pairs, tmp_path, step_cfg=None, **kw):
+    return reference.reference_logps(
+        model, params, pairs, data_cfg=helpers.data_config(buckets="32"),
+        step_cfg=step_cfg or StepConfig(),
+        mesh=_mesh(), batch_size=4,
+        cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_shuffled_packed_batches_carry_the_numbers_of_the_steps_reference_forward(
+        tmp_path, reference_model):
+    """Computed in file order, unpacked, 4 pairs per forward, attached by pair index to a
+    shuffled, packed train stream of 8 pairs per batch: equal to
+    ``sequence_stats(forward_only=True)`` on that very batch, as the step computes the
+    reference online."""
+    model, ref_params, pairs = reference_model
+    step_cfg = StepConfig(logprobs=LogprobConfig(scored_only=True))
+    stored, _ = _reference(model, ref_params, {"train": pairs}, tmp_path, step_cfg)
+    logps_N2, lengths_N2 = stored["train"]
+    assert logps_N2.shape == lengths_N2.shape == (16, 2) and logps_N2.dtype == np.float32
+    want_lengths = [[len(p["chosen"]), len(p["rejected"])] for p in pairs]
+    np.testing.assert_array_equal(lengths_N2, want_lengths)  # every response token, EOS included
+    assert (logps_N2 < 0).all()
+    data_cfg = helpers.data_config(buckets="32", packing=True, pack_length=64, row_multiple=4)
+    stream = PreferencePipeline(pairs, data_cfg, train=True, global_batch_size=8, seed=5,
+                                reference=stored["train"])
+    forward = jax.jit(lambda p, b, n: sequence_stats(model, p, b, step_cfg, n,
+                                                     forward_only=True), static_argnums=2)
+    for _ in range(3):  # two batches an epoch: crosses into a reshuffled epoch
+        batch_np = next(stream)
+        assert "seq_index" in batch_np
+        batch, num_scored = helpers.device_batch(
+            {k: v for k, v in batch_np.items() if not k.startswith("ref_")}, _mesh())
+        logps_S, lengths_S = jax.device_get(forward(ref_params, batch, num_scored))
+        np.testing.assert_allclose(batch_np["ref_logps"], logps_S, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(batch_np["ref_lengths"], lengths_S)
+
+
+def test_stored_by_fingerprint_reused_and_recomputed_when_the_parameters_change(
+        tmp_path, monkeypatch, reference_model):
+    """(Every other input of the fingerprint: test_fingerprint_covers_data_params_and_settings.)"""
+    model, ref_params, pairs = reference_model
+    splits = {"train": pairs[:8], "eval": pairs[8:11]}  # eval: a padded last batch
+    first, info = _reference(model, ref_params, splits, tmp_path)
+    assert info["reused"] is False and os.path.exists(info["path"])
+    assert first["train"][0].shape == (8, 2) and first["eval"][0].shape == (3, 2)
+
+    calls = []
+    original = reference.compute_pair_logps
+    monkeypatch.setattr(reference, "compute_pair_logps",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    again, again_info = _reference(model, ref_params, splits, tmp_path)
+    assert again_info == dict(info, reused=True) and not calls
+    for split in splits:
+        for got, want in zip(again[split], first[split]):
+            np.testing.assert_array_equal(got, want)
+
+    scaled = jax.tree.map(lambda x: x * 1.01, ref_params)
+    other, other_info = _reference(model, scaled, splits, tmp_path)
+    assert other_info["reused"] is False and len(calls) == 1
+    assert other_info["fingerprint"] != info["fingerprint"]
+    assert not np.allclose(other["train"][0], first["train"][0])
+    np.testing.assert_array_equal(other["train"][1], first["train"][1])
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(
+        os.path.basename(i["path"]) for i in (info, other_info))
+
+
+def test_each_host_gets_its_block_of_the_global_layout():
+    pairs = helpers.synthetic_pairs(12)
+    values = np.arange(12, dtype=np.float32) * 10
+    reference_N2 = (np.stack([values, -values], 1), np.ones((12, 2), np.float32))
+    hosts = [PreferencePipeline(pairs, helpers.data_config(), train=True, global_batch_size=4,
+                                process_index=p, process_count=2, seed=3, reference=reference_N2)
+             for p in range(2)]
+    idx = hosts[0].epoch_batches(0)[0]
+    want = np.concatenate([values[idx], -values[idx]])  # [2B]: chosen then rejected
+    got = [h.batch_at(0, 0) for h in hosts]
+    np.testing.assert_array_equal(np.concatenate([g["ref_logps"] for g in got]), want)
+    for g in got:
+        assert g["ref_logps"].shape == (4,) and g["pair_weight"].shape == (2,)
+    with pytest.raises(ValueError, match=r"want \(12, 2\)"):
+        PreferencePipeline(pairs, helpers.data_config(), train=True, global_batch_size=4,
+                           reference=(values[:, None], reference_N2[1]))
+
+
+def test_fingerprint_covers_data_params_and_settings():
+    from dpo_jax.models import preset
+
+    pairs = helpers.synthetic_pairs(4)
+    kw = dict(tokenizer_name="", pad_id=0, ref_source={"reference": ""}, ref_checksum=[[1.0]],
+              model_config=preset("tiny-gpt2"), logprob_config=LogprobConfig())
+    base = reference.fingerprint({"train": pairs}, **kw)
+    assert reference.fingerprint({"train": pairs}, **kw) == base
+    edited = [dict(p) for p in pairs]
+    edited[2] = dict(edited[2], chosen=edited[2]["chosen"][:-1])
+    changes = [({"train": edited}, {}), ({"eval": pairs}, {}), ({"train": pairs}, dict(pad_id=1)),
+               ({"train": pairs}, dict(ref_checksum=[[1.5]])),
+               ({"train": pairs}, dict(model_config=preset("tiny-gpt2", n_layer=3))),
+               ({"train": pairs}, dict(logprob_config=LogprobConfig(vocab_chunk=16))),
+               ({"train": pairs}, dict(ref_source={"reference": "/other"}))]
+    for splits, change in changes:
+        assert reference.fingerprint(splits, **{**kw, **change}) != base, change
+    params = {"a": np.arange(6, dtype=np.float32), "b": np.ones((2, 2), np.float32)}
+    swapped = {"a": params["a"][::-1].copy(), "b": params["b"]}
+    as_bf16 = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
+    assert reference.param_checksum(params) != reference.param_checksum(swapped)
+    assert reference.param_checksum(params) != reference.param_checksum(as_bf16)
+
+
+def test_forward_logprobs_must_score_the_same_positions():
+    with pytest.raises(ValueError, match="scored_only"):
+        StepConfig(logprobs=LogprobConfig(scored_only=True),
+                   forward_logprobs=LogprobConfig(scored_only=False))
+
+
+# --------------------------------------------------------------------------- end to end
+# These train whole runs through ``train.Run`` (to be rewired to the DPO task function).
+
+
+def _run(config, workdir):
+    from dpo_jax import train
+
+    return train.Run(config, workdir)
+
+
 def _config(precompute: bool, **train_overrides):
-    c = small_config(**{"steps": 3, "eval_every": 3, "batch_size": 8, "eval_batch_size": 16,
+    c = helpers.small_config(**{"steps": 3, "eval_every": 3, "batch_size": 8, "eval_batch_size": 16,
                         **train_overrides})
     c.data.synthetic.num_train = 32
     c.data.eval_size = 32
@@ -31,10 +168,10 @@ def _log(workdir):
 
 
 def test_precomputed_reference_gives_the_online_trajectory(tmp_path):
-    online = train.Run(_config(False), str(tmp_path / "online"))
+    online = _run(_config(False), str(tmp_path / "online"))
     assert online.state.ref_params is not None
     online.train()
-    pre = train.Run(_config(True), str(tmp_path / "pre"))
+    pre = _run(_config(True), str(tmp_path / "pre"))
     assert pre.state.ref_params is None  # no second copy of the model on the devices
     assert pre.reference_info["reused"] is False
     pre.train()
@@ -48,7 +185,7 @@ def test_precomputed_reference_gives_the_online_trajectory(tmp_path):
     margins = [r["rewards/margins"] for r in want if "rewards/margins" in r]
     evals = [r["eval/loss"] for r in want if "eval/loss" in r]
     assert len(margins) == 3 and len(evals) == 1 and abs(margins[-1]) > 1e-2
-    for g, w in zip(_leaves(pre.state.params), _leaves(online.state.params)):
+    for g, w in zip(helpers.leaves(pre.state.params), helpers.leaves(online.state.params)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
@@ -67,7 +204,7 @@ def test_forward_only_tiling_gives_the_same_trajectory(tmp_path):
 
     runs = {}
     for tiled in (False, True):
-        run = train.Run(config(tiled), str(tmp_path / str(tiled)))
+        run = _run(config(tiled), str(tmp_path / str(tiled)))
         runs[tiled] = run
         run.train()
     lp = runs[True].step_cfg
@@ -84,19 +221,10 @@ def test_forward_only_tiling_gives_the_same_trajectory(tmp_path):
     assert runs[True].reference_info["path"] != runs[False].reference_info["path"]
 
 
-def test_forward_logprobs_must_score_the_same_positions():
-    from dpo_jax.logprobs import LogprobConfig
-    from dpo_jax.step import StepConfig
-
-    with pytest.raises(ValueError, match="scored_only"):
-        StepConfig(logprobs=LogprobConfig(scored_only=True),
-                   forward_logprobs=LogprobConfig(scored_only=False))
-
-
 def test_stored_reference_is_reused_on_resume_and_recomputed_when_the_fingerprint_changes(
         tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
-    first = train.Run(_config(True, steps=2, checkpoint_every=2), workdir)
+    first = _run(_config(True, steps=2, checkpoint_every=2), workdir)
     first.train()
     path = first.reference_info["path"]
     assert os.path.exists(path)
@@ -113,7 +241,7 @@ def test_stored_reference_is_reused_on_resume_and_recomputed_when_the_fingerprin
         return original(*args, **kwargs)
 
     monkeypatch.setattr(reference, "compute_pair_logps", counting)
-    resumed = train.Run(_config(True, checkpoint_every=2), workdir)
+    resumed = _run(_config(True, checkpoint_every=2), workdir)
     assert resumed.start_step == 2
     assert resumed.reference_info == dict(first.reference_info, reused=True)
     assert calls["n"] == 0
@@ -121,55 +249,10 @@ def test_stored_reference_is_reused_on_resume_and_recomputed_when_the_fingerprin
 
     other = _config(True)
     other.model.ref_param_dtype = "bfloat16"  # different reference numbers -> new fingerprint
-    changed = train.Run(other, str(tmp_path / "run"))
+    changed = _run(other, str(tmp_path / "run"))
     assert changed.reference_info["fingerprint"] != first.reference_info["fingerprint"]
     assert changed.reference_info["reused"] is False
-    assert calls["n"] == 2  # train and eval splits recomputed
+    assert calls["n"] == 1  # train and eval splits recomputed in one call
     bf16 = dict(np.load(changed.reference_info["path"]))
     assert not np.array_equal(bf16["train_logps"], stored["train_logps"])
     np.testing.assert_allclose(bf16["train_logps"], stored["train_logps"], rtol=0.05)
-
-
-def test_per_pair_hook_gives_each_host_its_block_of_the_global_layout():
-    c = small_config()
-    task = SyntheticTask(vocab_size=64, num_topics=4, prompt_len=(2, 4), response_len=(2, 5),
-                         min_gap=1)
-    pairs = make_pairs(task, 12, 0)
-    values = np.arange(12, dtype=np.float32) * 10
-    hosts = []
-    for p in range(2):
-        pipe = PreferencePipeline(pairs, c.data, train=True, global_batch_size=4,
-                                  process_index=p, process_count=2, seed=3)
-        reference.attach(pipe, np.stack([values, -values], 1), np.ones((12, 2), np.float32))
-        hosts.append(pipe)
-    idx = hosts[0]._batches(0)[0]
-    want = np.concatenate([values[idx], -values[idx]])  # [2B]: chosen then rejected
-    got = [h.batch_at(0, 0) for h in hosts]
-    np.testing.assert_array_equal(np.concatenate([g["ref_logps"] for g in got]), want)
-    for g in got:
-        assert g["ref_logps"].shape == (4,) and g["pair_weight"].shape == (2,)
-
-
-def test_fingerprint_covers_data_params_and_settings():
-    from dpo_jax.logprobs import LogprobConfig
-    from dpo_jax.models import preset
-
-    task = SyntheticTask(vocab_size=64, num_topics=4, prompt_len=(2, 4), response_len=(2, 5),
-                         min_gap=1)
-    pairs = make_pairs(task, 4, 0)
-    kw = dict(tokenizer="", pad_id=0, ref_source={"reference": ""}, ref_checksum=[[1.0]],
-              model_config=preset("tiny-gpt2"), ref_param_dtype="", logprob_config=LogprobConfig())
-    base = reference.fingerprint({"train": pairs}, **kw)
-    assert reference.fingerprint({"train": pairs}, **kw) == base
-    edited = [dict(p) for p in pairs]
-    edited[2] = dict(edited[2], chosen=edited[2]["chosen"][:-1])
-    changes = [({"train": edited}, {}), ({"train": pairs}, dict(pad_id=1)),
-               ({"train": pairs}, dict(ref_checksum=[[1.5]])),
-               ({"train": pairs}, dict(model_config=preset("tiny-gpt2", n_layer=3))),
-               ({"train": pairs}, dict(logprob_config=LogprobConfig(vocab_chunk=16))),
-               ({"train": pairs}, dict(ref_source={"reference": "/other"}))]
-    for splits, change in changes:
-        assert reference.fingerprint(splits, **{**kw, **change}) != base, change
-    params = {"a": np.arange(6, dtype=np.float32), "b": np.ones((2, 2), np.float32)}
-    swapped = {"a": params["a"][::-1].copy(), "b": params["b"]}
-    assert reference.param_checksum(params) != reference.param_checksum(swapped)
