@@ -4,13 +4,13 @@ bad-input errors/skips, and the real HH file when present."""
 import gzip
 import json
 
-import numpy as np
 import pytest
 
 from dpo_jax.data import DataError, build_pipeline, default_data_config
 from dpo_jax.data.errors import BadRows
 from dpo_jax.data.io import read_rows
-from dpo_jax.data.sources import load_imdb, load_raw_pairs, split_prompt_and_responses
+from dpo_jax.data.pipeline import load_tokenised_pairs
+from dpo_jax.data.sources import load_raw_pairs, split_prompt_and_responses
 from dpo_jax.data.testing import find_shared_data, gpt2_style_tokenizer, llama3_style_tokenizer
 
 HH_ROWS = [
@@ -127,19 +127,24 @@ def test_directory_split_selection(tmp_path):
 
 @pytest.mark.parametrize("rows,reason,field", [
     ([{"prompt": "p", "chosen": "a"}], "missing_field", "rejected"),
-    ([{"prompt": "p", "chosen": "  ", "rejected": "b"}], "empty_response", "chosen"),
-    ([{"prompt": "p", "chosen": "same", "rejected": "same"}], "identical_responses", "rejected"),
+    ([{"prompt": "p", "chosen": 3, "rejected": "b"}], "bad_type", "chosen"),
+    ([{"prompt": "p", "chosen": "  ", "rejected": " b"}], "empty_response", "chosen"),
+    ([{"prompt": "p", "chosen": " same", "rejected": " same"}], "identical_responses",
+     "rejected"),
 ])
 def test_bad_rows_error_or_skip(tmp_path, rows, reason, field):
-    good = [{"prompt": "p", "chosen": "x", "rejected": "y"}]
+    """Rows that do not parse, and pairs whose tokens cannot teach a preference, name file,
+    row and field; 'skip' counts them by reason."""
+    good = [{"prompt": "p", "chosen": " x", "rejected": " y"}]
     path = _write_jsonl(tmp_path / "train.jsonl", good + rows)
+    cfg = _cfg("generic", path, eval_fraction=0.0)
     with pytest.raises(DataError) as e:
-        _parse("generic", path)
+        load_tokenised_pairs(cfg, "train", gpt2_style_tokenizer())
     assert e.value.row == 1 and e.value.field == field and e.value.reason == reason
     assert "train.jsonl" in str(e.value) and "row 1" in str(e.value)
-    bad = BadRows("skip")
-    assert len(load_raw_pairs(_cfg("generic", path), "train", bad)) == 1
-    assert bad.counts == {reason: 1}
+    cfg.on_bad_row = "skip"
+    pairs, stats = load_tokenised_pairs(cfg, "train", gpt2_style_tokenizer())
+    assert len(pairs) == 1 and stats["bad_rows_skipped"] == {reason: 1}
 
 
 def test_unreadable_files(tmp_path):
@@ -154,14 +159,16 @@ def test_unreadable_files(tmp_path):
 
 
 def test_prompt_too_long_error_mode(tmp_path):
-    rows = [{"prompt": "word " * 50, "chosen": " a", "rejected": " b"}]
-    path = _write_jsonl(tmp_path / "train.jsonl", rows * 4)
+    rows = [{"prompt": "word " * 50 + str(i), "chosen": " a", "rejected": " b"}
+            for i in range(4)]
+    path = _write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = _cfg("generic", path, max_length=24, max_prompt_length=16, truncation_mode="error",
                eval_split="", eval_size=1)
     with pytest.raises(DataError, match="row 0.*'prompt'.*max_prompt_length"):
         build_pipeline(cfg, split="train", global_batch_size=1, tokenizer=gpt2_style_tokenizer())
     cfg.on_bad_row = "skip"
-    rows2 = [{"prompt": "hi", "chosen": " a", "rejected": " b"}] * 4 + rows
+    rows2 = [{"prompt": f"hi {i}", "chosen": " a", "rejected": " b"} for i in range(4)]
+    rows2 += rows[:1]
     cfg.path = _write_jsonl(tmp_path / "train2.jsonl", rows2)
     p = build_pipeline(cfg, split="train", global_batch_size=1, tokenizer=gpt2_style_tokenizer())
     assert p.stats["bad_rows_skipped"] == {"prompt_too_long": 1} and len(p.pairs) == 3
@@ -201,13 +208,3 @@ def test_real_hh_file_parses():
         assert b["input_ids"].shape[1] <= 512 + 15
         assert p.stats["lengths"]["total"]["max"] <= 512
         assert len(p.buckets) <= 5 and p.stats["tokenisation"]["prompt_truncated"] > 0
-
-
-def test_imdb_loader():
-    root = find_shared_data(__file__)
-    if root is None or not (root / "imdb").is_dir():
-        pytest.skip("shared IMDb data absent")
-    texts, labels = load_imdb(str(root / "imdb"), "test")
-    assert len(texts) == 25000 and set(labels) == {0, 1}
-    assert not any("<br" in t for t in texts[:2000])
-    assert np.mean(labels) == 0.5

@@ -19,8 +19,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.path = ""  # local file (jsonl, jsonl.gz, json, parquet), directory, save_to_disk dir, or hub name
     c.hub_config = ""  # hub dataset config name or data_dir (e.g. 'harmless-base' for hh)
     c.train_split = "train"  # split name (files whose name contains it, DatasetDict key, hub split)
-    c.eval_split = "test"  # held-out split; '' carves eval_size pairs out of the train split
-    c.eval_size = 0  # eval pairs (0 = the whole eval split; must be > 0 when carving)
+    c.eval_split = "test"  # eval's split; '' carves eval out of the train split by prompt
+    c.eval_size = 0  # eval pairs: eval_split's first N, or carved: whole prompts, >= N (0: all)
+    c.eval_fraction = 0.1  # prompts carved for eval (one file / eval_split=''); 0 = one file: none
     c.max_pairs = 0  # cap on pairs per split after parsing (0 = no cap), for smoke runs
     c.tokenizer = ""  # local tokenizer dir or hub name ('' only for the synthetic source)
     c.max_length = 512  # prompt + response tokens, at most (paper: 512)
@@ -83,6 +84,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError("data.path is required for the generic source (others default to hub)")
     if c.source != "synthetic" and not c.tokenizer:
         raise ValueError(f"data.tokenizer is required for source {c.source!r}")
-    if not c.eval_split and c.eval_size <= 0:
-        raise ValueError("data.eval_size must be > 0 when eval is carved from train (eval_split='')")
+    if not 0 <= c.eval_fraction < 1:
+        raise ValueError(f"data.eval_fraction must be in [0, 1), got {c.eval_fraction}")
+    if not c.eval_split and c.eval_size <= 0 and c.eval_fraction <= 0:
+        raise ValueError("eval is carved from train (data.eval_split=''): set data.eval_size > 0 "
+                         "or data.eval_fraction > 0")
     parse_buckets(c.buckets)

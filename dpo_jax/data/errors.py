@@ -14,15 +14,16 @@ log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
-    """A data problem, located by ``file``, ``row`` (0-based record index) and ``field``."""
+    """A data problem, located by ``file``, ``row`` (0-based record index; -1 or None: not
+    from a file row) and ``field``; ``reason`` names the kind (counted under it when skipped)."""
 
     def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
                  field: str | None = None, reason: str = "bad_row"):
         self.file, self.row, self.field, self.reason = file, row, field, reason
         where = []
-        if file is not None:
+        if file:
             where.append(str(file))
-        if row is not None:
+        if row is not None and row >= 0:
             where.append(f"row {row}")
         if field is not None:
             where.append(f"field {field!r}")

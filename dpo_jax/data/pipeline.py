@@ -27,6 +27,8 @@ log = logging.getLogger("dpo_jax.data")
 
 
 def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
+    """The synthetic task's pairs of ``split``: train from ``train_seed``, eval from
+    ``eval_seed`` (its first ``eval_size`` when > 0), before ``max_pairs``."""
     s = cfg.synthetic
     task = synthetic.SyntheticTask(
         vocab_size=s.vocab_size, num_topics=s.num_topics, prompt_len=tuple(s.prompt_len),
@@ -38,38 +40,62 @@ def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
 
 
 def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPair], dict]:
-    """Tokenised pairs of ``split`` ('train' or 'eval') and the stats of getting them."""
+    """Tokenised pairs of ``split`` ('train' or 'eval') and the stats of getting them.
+
+    Every pair passed ``checks.check_scored_pair`` on its tokens as scored (bad rows raise
+    ``DataError`` or, with ``on_bad_row='skip'``, are counted in ``stats['bad_rows_skipped']``
+    by reason). Stats: ``lengths``, ``bad_rows_skipped``, ``tokenisation`` (text sources),
+    ``split`` (text sources: the dataset split read and, when eval was carved by prompt, the
+    sizes), and for eval ``eval_pairs_in_train`` / ``eval_prompts_in_train``: how many eval
+    pairs (prompts) the train split also holds, logged as a warning when pairs are shared."""
+    from dpo_jax.data.checks import check_scored_pair
+    from dpo_jax.data.sources import count_shared, select_split
+
     bad = BadRows(cfg.on_bad_row)
     stats: dict[str, Any] = {}
     if cfg.source == "synthetic":
-        pairs = _synthetic_pairs(cfg, split)
-        if cfg.max_pairs:
-            pairs = pairs[: cfg.max_pairs]
-        too_long = [i for i, p in enumerate(pairs)
-                    if len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) > cfg.max_length]
+        pairs = _synthetic_pairs(cfg, split)[: cfg.max_pairs or None]
+        too_long = [i for i, p in enumerate(pairs) if len(p["prompt"])
+                    + max(len(p["chosen"]), len(p["rejected"])) > cfg.max_length]
         if too_long:
             raise DataError(f"{len(too_long)} synthetic pairs exceed max_length {cfg.max_length}",
                             file="synthetic", row=too_long[0], reason="prompt_too_long")
+        kept = []
+        for i, pair in enumerate(pairs):
+            try:
+                check_scored_pair(pair, end_ids={synthetic.EOS_ID}, file="synthetic", row=i)
+                kept.append(pair)
+            except DataError as e:
+                bad.handle(e)
+        pairs = kept
+        if split == "eval":
+            key = lambda p: (p["prompt"].tobytes(), p["chosen"].tobytes(),  # noqa: E731
+                             p["rejected"].tobytes())
+            train = _synthetic_pairs(cfg, "train")[: cfg.max_pairs or None]
+            train_keys = {key(p) for p in train}
+            train_prompts = {p["prompt"].tobytes() for p in train}
+            stats["eval_pairs_in_train"] = sum(key(p) in train_keys for p in pairs)
+            stats["eval_prompts_in_train"] = len({p["prompt"].tobytes() for p in pairs}
+                                                 & train_prompts)
     else:
-        from dpo_jax.data.sources import load_raw_pairs
-
-        carve = not cfg.eval_split
-        split_name = cfg.train_split if (split == "train" or carve) else cfg.eval_split
-        raw = load_raw_pairs(cfg, split_name, bad)
-        if carve:
-            rng = np.random.default_rng([cfg.shuffle_seed, 7919])
-            held = set(rng.permutation(len(raw))[: cfg.eval_size].tolist())
-            raw = [p for i, p in enumerate(raw) if (i in held) == (split == "eval")]
-        elif split == "eval" and cfg.eval_size > 0:
-            raw = raw[: cfg.eval_size]
-        if cfg.max_pairs:
-            raw = raw[: cfg.max_pairs]
+        raw, stats["split"] = select_split(cfg, split, bad)
         tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
         encoder = PairTokenizer(tok, cfg)
-        pairs = encoder(raw, bad)
+        pairs, kept_at = encoder.encode(raw, bad)
         stats["tokenisation"] = encoder.stats.as_dict()
+        if split == "eval":
+            train, _ = select_split(cfg, "train", BadRows("skip", max_logged=0), quiet=True)
+            stats["eval_pairs_in_train"], stats["eval_prompts_in_train"] = count_shared(
+                [raw[i] for i in kept_at], train)
     if not pairs:
         raise DataError(f"no usable pairs in split {split!r}", file=cfg.path or cfg.source)
+    if stats.get("eval_pairs_in_train"):
+        log.warning(
+            "eval shares %d of its %d pairs with the train split (%d prompts in both): eval "
+            "metrics partly measure training pairs. Hold out prompts instead: "
+            "data.eval_fraction > 0 when one file serves both splits, data.eval_split='' to "
+            "carve eval from train, or (synthetic) data.synthetic.eval_seed != train_seed",
+            stats["eval_pairs_in_train"], len(pairs), stats["eval_prompts_in_train"])
     stats["bad_rows_skipped"] = dict(bad.counts)
     stats["lengths"] = length_summary(pairs)
     return pairs, stats

@@ -2,18 +2,26 @@
 
 Each parser reproduces how the DPO paper's code (``preference_datasets.py``) splits prompt from
 responses, so results are comparable; rows that cannot be parsed raise ``DataError`` naming the
-file, row and field (or are counted and skipped with ``on_bad_row='skip'``).
+file, row and field (or are counted and skipped with ``on_bad_row='skip'``). ``select_split``
+decides which rows are train and which eval (held out by prompt when one set of rows serves
+both).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import logging
+import pathlib
 from typing import Any, Callable, Iterable
+
+import numpy as np
 
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.io import Record, Row, read_rows
 
+log = logging.getLogger("dpo_jax.data")
 Message = dict[str, str]
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -52,18 +60,6 @@ def _get_str(rec: Record, field: str, file: str, row: int) -> str:
         raise DataError(f"expected a string, got {type(v).__name__}", file=file, row=row,
                         field=field, reason="bad_type")
     return v
-
-
-def check_pair(pair: RawPair) -> RawPair:
-    """Reject pairs DPO cannot learn from: an empty response or identical responses."""
-    for field in ("chosen", "rejected"):
-        if not getattr(pair, field).strip():
-            raise DataError("empty response", file=pair.file, row=pair.row, field=field,
-                            reason="empty_response")
-    if pair.chosen == pair.rejected:
-        raise DataError("chosen is identical to rejected", file=pair.file, row=pair.row,
-                        field="rejected", reason="identical_responses")
-    return pair
 
 
 # ----------------------------------------------------------------------------------------- hh
@@ -220,14 +216,15 @@ HUB_NAMES = {
 
 
 def parse_rows(source: str, rows: Iterable[Row], cfg, bad: BadRows) -> list[RawPair]:
-    """Parse and check every row; bad rows raise or are counted by ``bad``."""
+    """Parse every row; rows that do not parse raise or are counted by ``bad``. Whether a pair
+    can teach a preference is decided on its tokens (``checks.check_scored_pair``)."""
     parser = PARSERS[source]
     pairs: list[RawPair] = []
     for file, row, rec in rows:
         try:
             pair = parser(rec, file, row, cfg)
             if pair is not None:
-                pairs.append(check_pair(pair))
+                pairs.append(pair)
         except DataError as e:
             bad.handle(e)
     if source == "shp":
@@ -236,7 +233,8 @@ def parse_rows(source: str, rows: Iterable[Row], cfg, bad: BadRows) -> list[RawP
 
 
 def load_raw_pairs(cfg, split: str, bad: BadRows) -> list[RawPair]:
-    """Read ``split`` of ``cfg.path`` (a local copy, or the hub when the path is a name)."""
+    """Parsed rows of dataset split ``split`` of ``cfg.path`` (a local copy, or the hub when
+    the path is a name)."""
     path = cfg.path or HUB_NAMES.get(cfg.source, "")
     hub_config = cfg.hub_config
     if cfg.source == "tldr" and not hub_config and path == HUB_NAMES["tldr"]:
@@ -244,23 +242,101 @@ def load_raw_pairs(cfg, split: str, bad: BadRows) -> list[RawPair]:
     return parse_rows(cfg.source, read_rows(path, split, hub_config), cfg, bad)
 
 
-def load_imdb(path: str, split: str = "train") -> tuple[list[str], list[int]]:
-    """IMDb texts and labels (0 neg, 1 pos) with the HTML line breaks ``<br />`` cleaned.
+# ------------------------------------------------------------------------ train / eval split
 
-    Used for SFT text and for the paper's controlled-sentiment prompts (short prefixes)."""
-    texts, labels = [], []
-    for file, row, rec in read_rows(path or "stanfordnlp/imdb", split):
-        text = _get_str(rec, "text", file, row)
-        texts.append(" ".join(text.replace("<br />", " ").replace("<br/>", " ").split()))
-        labels.append(int(_get(rec, "label", file, row)))
-    return texts, labels
+def prompt_key(pair: RawPair) -> str:
+    """The prompt as one string (text and message-list prompts never collide)."""
+    return json.dumps(pair.prompt)
 
 
-def imdb_prompt_prefixes(texts: list[str], tokenizer, seed: int = 0, min_tokens: int = 2,
-                         max_tokens: int = 8) -> list[list[int]]:
-    """Prompt prefixes of ``min_tokens..max_tokens`` tokens (the paper's IMDb setup)."""
-    import numpy as np
+def pair_key(pair: RawPair) -> tuple[str, str, str]:
+    return prompt_key(pair), pair.chosen, pair.rejected
 
-    rng = np.random.default_rng(seed)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [list(t[: int(rng.integers(min_tokens, max_tokens + 1))]) for t in ids]
+
+def same_rows_for_both_splits(cfg) -> bool:
+    """True when ``train_split`` and ``eval_split`` read the same rows: one file (the file *is*
+    the split), a ``save_to_disk`` Dataset without splits, or equal split names."""
+    if cfg.train_split == cfg.eval_split:
+        return True
+    path = pathlib.Path(cfg.path) if cfg.path else None
+    if path is None or not path.exists():
+        return False
+    if path.is_file():
+        return True
+    saved = any((path / n).exists() for n in ("state.json", "dataset_info.json"))
+    return saved and not (path / "dataset_dict.json").exists()
+
+
+def hold_out_prompts(pairs: list[RawPair], *, eval_size: int, eval_fraction: float,
+                     seed: int, where: str) -> set[str]:
+    """Prompt keys held out for eval, chosen in a seeded order of the distinct prompts: the
+    fewest whose pairs reach ``eval_size`` when it is > 0, else ``eval_fraction`` of them
+    (at least one). Raises ``DataError`` when no prompt would be left for training."""
+    prompts = list(dict.fromkeys(prompt_key(p) for p in pairs))
+    order = np.random.default_rng([int(seed), 7919]).permutation(len(prompts))
+    if eval_size > 0:
+        per_prompt = collections.Counter(prompt_key(p) for p in pairs)
+        held: list[str] = []
+        total = 0
+        for i in order:
+            if total >= eval_size:
+                break
+            held.append(prompts[i])
+            total += per_prompt[prompts[i]]
+    else:
+        held = [prompts[i] for i in order[:max(1, round(eval_fraction * len(prompts)))]]
+    if len(held) >= len(prompts):
+        rule = (f"data.eval_size={eval_size}" if eval_size > 0
+                else f"data.eval_fraction={eval_fraction}")
+        raise DataError(
+            f"holding out prompts for eval ({rule}) leaves none for training: the {len(pairs)} "
+            f"pairs have {len(prompts)} distinct prompt(s). Lower the held-out size, give eval "
+            f"its own rows (data.eval_split naming a split of data.path), or evaluate on training "
+            f"pairs with data.eval_fraction=0 (reported as eval_pairs_in_train)", file=where,
+            reason="no_train_prompts")
+    return set(held)
+
+
+def select_split(cfg, split: str, bad: BadRows, *,
+                 quiet: bool = False) -> tuple[list[RawPair], dict[str, Any]]:
+    """Raw pairs of ``split`` ('train' or 'eval') and how they were chosen.
+
+    Eval is carved from the train split's rows, by prompt (no prompt in both), when
+    ``eval_split=''`` or when both splits would read the same rows
+    (``same_rows_for_both_splits``) and ``eval_fraction > 0``; otherwise eval reads
+    ``eval_split`` (its first ``eval_size`` pairs when > 0). ``max_pairs`` then caps each split.
+    Returns ``(pairs, info)``; ``info['holdout']`` gives the carved sizes (None when eval has
+    its own rows), also logged unless ``quiet``."""
+    carve = not cfg.eval_split or (cfg.eval_fraction > 0 and same_rows_for_both_splits(cfg))
+    split_name = cfg.train_split if (split == "train" or carve) else cfg.eval_split
+    raw = load_raw_pairs(cfg, split_name, bad)
+    where = cfg.path or cfg.source
+    info: dict[str, Any] = {"dataset_split": split_name, "holdout": None}
+    if carve:
+        held = hold_out_prompts(raw, eval_size=cfg.eval_size, eval_fraction=cfg.eval_fraction,
+                                seed=cfg.shuffle_seed, where=where)
+        eval_pairs = [p for p in raw if prompt_key(p) in held]
+        train_pairs = [p for p in raw if prompt_key(p) not in held]
+        info["holdout"] = {
+            "by": "eval_size" if cfg.eval_size > 0 else "eval_fraction",
+            "eval_prompts": len(held), "prompts": len({prompt_key(p) for p in raw}),
+            "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs)}
+        say = log.debug if quiet else log.info
+        say("data %s: eval holds out %d of %d prompts of %s split %r (%d pairs; by %s), train "
+            "keeps %d pairs", split, len(held), info["holdout"]["prompts"], where, split_name,
+            len(eval_pairs), info["holdout"]["by"], len(train_pairs))
+        raw = eval_pairs if split == "eval" else train_pairs
+    elif split == "eval" and cfg.eval_size > 0:
+        raw = raw[: cfg.eval_size]
+    if cfg.max_pairs:
+        raw = raw[: cfg.max_pairs]
+    return raw, info
+
+
+def count_shared(eval_pairs: list[RawPair], train_pairs: list[RawPair]) -> tuple[int, int]:
+    """(eval pairs that are also train pairs, eval prompts that are also train prompts)."""
+    train_keys = {pair_key(p) for p in train_pairs}
+    train_prompts = {prompt_key(p) for p in train_pairs}
+    pairs = sum(pair_key(p) in train_keys for p in eval_pairs)
+    prompts = len({prompt_key(p) for p in eval_pairs} & train_prompts)
+    return pairs, prompts

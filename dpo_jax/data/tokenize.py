@@ -1,22 +1,29 @@
 """Tokenisation of preference pairs: what the model is trained on equals what it samples from.
 
-Rules (see docs/data.md for the reasoning):
+Rules (docs/data.md, "Tokenisation rules", states them as guarantees):
 
-* the prompt is tokenised alone and the responses alone, then concatenated: the prompt tokens are
-  exactly the tokens a sampler feeds, and a response is the continuation the model generates;
-* boundary: trailing whitespace of a *text* prompt moves to the start of each response before
-  tokenising ('TL;DR: ' + 'x' -> 'TL;DR:' + ' x'), because BPE tokenizers attach a leading
-  space to the next word; then prompt + response ids equal the ids of the joined text in the
-  usual case (tested), and never decode to a different string;
-* BOS: added when the tokenizer adds one to plain text (Llama-3 does, GPT-2 does not), never
+* boundary (``split_at_prompt``, the one place it is decided, for every tokenizer family): the
+  prompt tokens are the prompt tokenised alone (what a sampler feeds); a response's tokens are
+  the tokens of the joined text (prompt + response, or the chat template's rendered
+  conversation) that follow the prompt's tokens. A joined text whose tokens do not start with
+  the prompt's tokens (the tokenizer merges across the boundary) is a bad row (``boundary``);
+* trailing whitespace of a *text* prompt that tokenises apart from the prompt's text
+  ('TL;DR: ' -> 'TL;DR:' + ' ', GPT-2 and SentencePiece alike) is left to the responses, where
+  the tokenizer attaches it to the next word; whitespace that shares a token with prompt text
+  (Llama-3's ':\\n') stays in the prompt;
+* BOS: added when the tokenizer adds one to plain text (Llama-2/3 do, GPT-2 does not), never
   twice (a prompt or template that already starts with BOS keeps one);
-* EOS: appended once to each response; not added when the response (e.g. a chat template's
-  assistant turn) already ends with it, and whitespace the template puts after it is dropped;
-* chat messages: the prompt is rendered with ``add_generation_prompt=True``; a response is the
-  rendered full conversation minus the rendered prompt (so turn-end tokens are learnt);
+* exactly one end token ends each response: the tokenizer's EOS for text pairs, the chat
+  template's end-of-turn token for message pairs (EOS when the template closes the assistant
+  turn with none). End tokens a response text already ends with are removed before it is
+  joined or rendered (so 'Yes', 'Yes<eos>' and 'Yes<eos>\n' give the same tokens); the
+  template's own closing token and whitespace after it give way to that one end token;
+* chat messages: the prompt is rendered with ``add_generation_prompt=True``; the joined text is
+  the rendered conversation with the assistant message (turn markers are learnt);
 * truncation as the paper's code: if prompt + longer response > max_length, the prompt keeps
   max_prompt_length tokens (keep_end keeps its end, keep_start its start; BOS kept); if still
-  too long the responses keep max_length - max_prompt_length tokens.
+  too long the responses keep max_length - len(prompt) tokens;
+* then ``checks.check_scored_pair`` decides, on the tokens as scored, whether the pair is kept.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from dpo_jax.data.checks import check_scored_pair
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.sources import RawPair
 
 TokenPair = dict[str, np.ndarray]
+_PROBE = "PROBE_RESPONSE_7f3a"  # assistant content used to find a template's end-of-turn token
 
 
 def load_tokenizer(name_or_path: str):
@@ -55,19 +64,22 @@ def load_tokenizer(name_or_path: str):
 class TokenStats:
     """Counts of what tokenisation changed, reported with the pipeline stats."""
 
-    prompt_truncated: int = 0
-    responses_truncated: int = 0
-    eos_already_present: int = 0
-    bos_already_present: int = 0
-    chat_prefix_mismatch: int = 0
+    prompt_truncated: int = 0  # pairs whose prompt was cut to max_prompt_length
+    responses_truncated: int = 0  # pairs whose responses were cut to fit max_length
+    eos_already_present: int = 0  # response texts that already ended with an end token
+    bos_already_present: int = 0  # prompts that already started with BOS (kept one)
+    prompt_whitespace_moved: int = 0  # text prompts whose trailing whitespace went to responses
+    chat_prefix_mismatch: int = 0  # responses whose template rendering changed the prompt text
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
 
-def _split_trailing_ws(text: str) -> tuple[str, str]:
-    stripped = text.rstrip()
-    return stripped, text[len(stripped):]
+def split_at_prompt(prompt_ids: list[int], joined_ids: list[int]) -> list[int] | None:
+    """The response tokens: ``joined_ids`` after ``prompt_ids``, or None when ``joined_ids`` does
+    not start with ``prompt_ids`` (the tokenizer cannot split the joined text there)."""
+    n = len(prompt_ids)
+    return list(joined_ids[n:]) if list(joined_ids[:n]) == list(prompt_ids) else None
 
 
 class PairTokenizer:
@@ -81,19 +93,54 @@ class PairTokenizer:
         empty = tokenizer("", add_special_tokens=True)["input_ids"]
         # BOS is added only when the tokenizer itself prepends it to plain text.
         self.bos: int | None = int(bos) if bos is not None and empty[:1] == [bos] else None
-        self.stats = TokenStats()
         self._ws_cache: dict[int, bool] = {}
+        self._prompt_cache: dict[str, tuple[str, list[int], bool]] = {}
+        # The token that closes the template's assistant turn (None: no template, or none).
+        self.turn_end: int | None = self._template_turn_end()
+        # Every token that ends a response; a sampler stops at any of them.
+        self.end_ids: frozenset[int] = frozenset(
+            {self.eos} | ({self.turn_end} if self.turn_end is not None else set()))
+        self._end_texts = sorted({tokenizer.convert_ids_to_tokens(i) for i in self.end_ids},
+                                 key=len, reverse=True)
+        self.stats = TokenStats()
 
     # -------------------------------------------------------------------------- pieces
-    def _is_ws(self, tid: int) -> bool:
+    def is_blank(self, tid: int) -> bool:
+        """Token ``tid`` decodes to whitespace only (or nothing)."""
         if tid not in self._ws_cache:
             self._ws_cache[tid] = self.tok.decode([tid]).strip() == ""
         return self._ws_cache[tid]
+
+    def _is_special(self, tid: int) -> bool:
+        added = getattr(self.tok, "added_tokens_decoder", {}) or {}
+        return tid in set(self.tok.all_special_ids) or (tid in added and added[tid].special)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
         return [list(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False,
+                                            add_generation_prompt=generation_prompt)
+
+    def _template_turn_end(self) -> int | None:
+        """The special token the chat template puts after an assistant message's content
+        (ChatML '<|im_end|>', Llama-3 '<|eot_id|>', Llama-2/Mistral '</s>'), else None."""
+        if not getattr(self.tok, "chat_template", None):
+            return None
+        user = [{"role": "user", "content": "hi"}]
+        try:
+            prompt = self._render(user, True)
+            full = self._render(user + [{"role": "assistant", "content": _PROBE}], False)
+        except Exception:  # a template that refuses this conversation: no known turn end
+            return None
+        if not full.startswith(prompt) or _PROBE not in full[len(prompt):]:
+            return None
+        after = self._ids([full[full.rindex(_PROBE) + len(_PROBE):]])[0]
+        while after and self.is_blank(after[-1]) and not self._is_special(after[-1]):
+            after = after[:-1]
+        return int(after[-1]) if after and self._is_special(after[-1]) else None
 
     def finish_prompt(self, ids: list[int]) -> list[int]:
         """Add BOS when the tokenizer uses one; keep a single BOS if the text brought its own."""
@@ -106,45 +153,82 @@ class PairTokenizer:
             return ids
         return [self.bos] + ids
 
-    def finish_response(self, ids: list[int]) -> list[int]:
-        """Exactly one EOS at the end (template whitespace after an existing EOS dropped)."""
-        end = len(ids)
-        while end > 0 and ids[end - 1] != self.eos and self._is_ws(ids[end - 1]):
-            end -= 1
-        if end > 0 and ids[end - 1] == self.eos:
-            self.stats.eos_already_present += 1
-            return ids[:end]
-        return ids + [self.eos]
+    def strip_end_text(self, text: str) -> str:
+        """A response text without the end tokens it already ends with (and the whitespace
+        after them), so every path renders and ends it the same way. Whitespace before them is
+        content and stays."""
+        cut = text
+        while True:
+            rest = cut.rstrip()
+            end = next((e for e in self._end_texts if rest.endswith(e)), None)
+            if end is None:
+                if cut is not text:
+                    self.stats.eos_already_present += 1
+                return cut
+            cut = rest[: len(rest) - len(end)]
+
+    def finish_response(self, ids: list[int], chat: bool) -> list[int]:
+        """``ids`` with exactly one end token: trailing end tokens (a template's, and whitespace
+        after them) dropped, then the end token of the path appended (the template's turn end
+        for chat, else EOS). Whitespace before the first trailing end token stays."""
+        end = self.turn_end if chat and self.turn_end is not None else self.eos
+        keep, j = len(ids), len(ids)
+        while j > 0 and (ids[j - 1] in self.end_ids or self.is_blank(ids[j - 1])):
+            if ids[j - 1] in self.end_ids:
+                keep = j - 1
+            j -= 1
+        return list(ids[:keep]) + [end]
+
+    def _cache_text_prompts(self, prompts: list[str]) -> None:
+        """Fill the cache of ``_text_prompt`` for ``prompts`` with two batched tokenizer calls.
+        Trailing whitespace is left out when it tokenises apart from the rest (the rest's ids
+        are a prefix of the whole's): the tokenizer then attaches it to the response's first
+        word. Whitespace sharing a token with prompt text stays."""
+        todo = sorted({p for p in prompts if p not in self._prompt_cache})
+        move = self.cfg.prompt_trailing_whitespace == "move"
+        trailing = [p for p in todo if move and p.rstrip() != p]
+        rests = dict(zip(trailing, self._ids([p.rstrip() for p in trailing])))
+        for prompt, whole in zip(todo, self._ids(todo)):
+            rest = rests.get(prompt)
+            if rest is not None and whole[:len(rest)] == rest:
+                self._prompt_cache[prompt] = (prompt.rstrip(), rest, True)
+            else:
+                self._prompt_cache[prompt] = (prompt, whole, False)
+
+    def _text_prompt(self, prompt: str) -> tuple[str, list[int], bool]:
+        """(text fed, raw ids without BOS, whether trailing whitespace was left out)."""
+        self._cache_text_prompts([prompt])
+        return self._prompt_cache[prompt]
 
     def prompt_text(self, prompt: str | list[dict]) -> str:
         """The prompt string a sampler should tokenise (chat rendered, whitespace moved)."""
         if isinstance(prompt, list):
-            return self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        if self.cfg.prompt_trailing_whitespace == "move":
-            return _split_trailing_ws(prompt)[0]
-        return prompt
+            return self._render(prompt, True)
+        return self._text_prompt(prompt)[0]
 
     def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
-        """Prompt ids as fed at sample time."""
-        return self.finish_prompt(self._ids([self.prompt_text(prompt)])[0])
+        """Prompt ids as fed at sample time (BOS included when the tokenizer uses one)."""
+        if isinstance(prompt, list):
+            return self.finish_prompt(self._ids([self._render(prompt, True)])[0])
+        return self.finish_prompt(list(self._text_prompt(prompt)[1]))
 
-    def _texts(self, pair: RawPair) -> tuple[str, str, str]:
-        if pair.is_chat:
-            ptext = self.prompt_text(pair.prompt)
-            out = []
-            for resp in (pair.chosen, pair.rejected):
-                full = self.tok.apply_chat_template(
-                    pair.prompt + [{"role": "assistant", "content": resp}], tokenize=False)
-                if full.startswith(ptext):
-                    out.append(full[len(ptext):])
-                else:  # template renders history differently once answered: plain content
-                    self.stats.chat_prefix_mismatch += 1
-                    out.append(resp)
-            return ptext, out[0], out[1]
-        if self.cfg.prompt_trailing_whitespace == "move":
-            ptext, ws = _split_trailing_ws(pair.prompt)
-            return ptext, ws + pair.chosen, ws + pair.rejected
-        return pair.prompt, pair.chosen, pair.rejected
+    def _joined(self, pair: RawPair) -> tuple[list[int] | str, str, str]:
+        """(raw prompt ids, or the rendered chat prompt still to tokenise; joined chosen text;
+        joined rejected text)."""
+        chosen, rejected = self.strip_end_text(pair.chosen), self.strip_end_text(pair.rejected)
+        if not pair.is_chat:
+            _, ids, moved = self._text_prompt(pair.prompt)
+            self.stats.prompt_whitespace_moved += moved
+            return ids, pair.prompt + chosen, pair.prompt + rejected
+        ptext = self._render(pair.prompt, True)
+        out = []
+        for resp in (chosen, rejected):
+            full = self._render(pair.prompt + [{"role": "assistant", "content": resp}], False)
+            if not full.startswith(ptext):  # history rendered differently once answered
+                self.stats.chat_prefix_mismatch += 1
+                full = ptext + resp
+            out.append(full)
+        return ptext, out[0], out[1]
 
     # -------------------------------------------------------------------------- truncation
     def truncate(self, prompt: list[int], chosen: list[int], rejected: list[int],
@@ -172,24 +256,56 @@ class PairTokenizer:
         return prompt, chosen, rejected
 
     # -------------------------------------------------------------------------- all pairs
-    def __call__(self, pairs: list[RawPair], bad: BadRows) -> list[TokenPair]:
-        """Tokenise all pairs (batched tokenizer calls, which are much faster)."""
-        texts = [self._texts(p) for p in pairs]
-        ids = [self._ids([t[k] for t in texts]) for k in range(3)]
+    def _boundary_error(self, pair: RawPair, field: str, prompt: list[int],
+                        joined: list[int]) -> DataError:
+        n = len(prompt)
+        shown = lambda ids: self.tok.convert_ids_to_tokens(list(ids))  # noqa: E731
+        hint = ""
+        if (not pair.is_chat and self.cfg.prompt_trailing_whitespace == "keep"
+                and pair.prompt != pair.prompt.rstrip()):
+            hint = " (data.prompt_trailing_whitespace='move' leaves trailing whitespace to it)"
+        return DataError(
+            f"the tokenizer cannot split prompt + {field} where the prompt ends: the prompt "
+            f"alone ends with tokens {shown(prompt[max(0, n - 3):])} but the joined text has "
+            f"{shown(joined[max(0, n - 3):n + 2])} there, so no response tokens follow the "
+            f"prompt's tokens; end the prompt where a token of the joined text ends (move the "
+            f"characters that merge across the boundary to one side){hint}",
+            file=pair.file, row=pair.row, field=field, reason="boundary")
+
+    def encode(self, pairs: list[RawPair], bad: BadRows) -> tuple[list[TokenPair], list[int]]:
+        """Tokenised pairs and, for each, its index in ``pairs`` (bad rows raise or are
+        counted by ``bad``). Tokenizer calls are batched."""
+        self._cache_text_prompts([p.prompt for p in pairs if not p.is_chat])
+        joined = [self._joined(p) for p in pairs]
+        chat_at = [i for i, j in enumerate(joined) if isinstance(j[0], str)]
+        chat_ids = dict(zip(chat_at, self._ids([joined[i][0] for i in chat_at])))
+        ids = [self._ids([j[k] for j in joined]) for k in (1, 2)]
         out: list[TokenPair] = []
+        kept: list[int] = []
         for i, pair in enumerate(pairs):
             try:
-                prompt = self.finish_prompt(ids[0][i])
-                chosen, rejected = self.finish_response(ids[1][i]), self.finish_response(ids[2][i])
-                if chosen == rejected:
-                    raise DataError("chosen and rejected tokenise identically", file=pair.file,
-                                    row=pair.row, field="rejected", reason="identical_responses")
-                prompt, chosen, rejected = self.truncate(prompt, chosen, rejected, pair)
-                out.append({k: np.asarray(v, np.int32) for k, v in
-                            (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))})
+                raw_prompt = chat_ids[i] if i in chat_ids else joined[i][0]
+                responses = []
+                for field, joined_ids in zip(("chosen", "rejected"), (ids[0][i], ids[1][i])):
+                    resp = split_at_prompt(raw_prompt, joined_ids)
+                    if resp is None:
+                        raise self._boundary_error(pair, field, raw_prompt, joined_ids)
+                    responses.append(self.finish_response(resp, pair.is_chat))
+                prompt, chosen, rejected = self.truncate(self.finish_prompt(list(raw_prompt)),
+                                                         *responses, pair)
+                tokens = {k: np.asarray(v, np.int32) for k, v in
+                          (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))}
+                check_scored_pair(tokens, end_ids=self.end_ids, is_blank=self.is_blank,
+                                  file=pair.file, row=pair.row)
+                out.append(tokens)
+                kept.append(i)
             except DataError as e:
                 bad.handle(e)
-        return out
+        return out, kept
+
+    def __call__(self, pairs: list[RawPair], bad: BadRows) -> list[TokenPair]:
+        """Tokenise all pairs (see ``encode``)."""
+        return self.encode(pairs, bad)[0]
 
 
 def length_summary(pairs: list[TokenPair]) -> dict[str, Any]:
