@@ -13,11 +13,11 @@ from dpo_jax.state import TrainState
 from tests import helpers
 
 
-def _state(tx):
+def _state(tx, step=1):
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
               "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
-    return TrainState(step=jnp.asarray(5, jnp.int32), params=params, ref_params=None,
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params, ref_params=None,
                       opt_state=tx.init(params))
 
 
@@ -36,17 +36,18 @@ def _update(policy, grads, loss=0.5):
     state = _state(tx)
     new, metrics = jax.jit(
         lambda s, g, l: apply_gradients(s, g, l, tx, schedule, policy))(state, grads, loss)
-    return state, new, jax.device_get(metrics), schedule
+    return state, new, jax.device_get(metrics)
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_finite_update_is_applied_and_reported(policy):
     grads = _grads()
-    state, new, metrics, schedule = _update(policy, grads)
+    state, new, metrics = _update(policy, grads)
     assert metrics["nonfinite"] == 0.0
     np.testing.assert_allclose(metrics["grad_norm"], helpers.global_norm(grads), rtol=1e-6)
-    np.testing.assert_allclose(metrics["lr"], float(schedule(5)), rtol=1e-7)
-    assert int(new.step) == 6
+    # lr of the update at step 1 of a 3-step warmup: 0.1 * (1 + 1) / (3 + 1)
+    np.testing.assert_allclose(metrics["lr"], 0.05, rtol=1e-6)
+    assert int(new.step) == 2
     for a, b in zip(helpers.leaves(new.params), helpers.leaves(state.params)):
         assert np.all(np.isfinite(a)) and not np.array_equal(a, b)
 
@@ -55,13 +56,13 @@ def test_finite_update_is_applied_and_reported(policy):
                                            (None, np.inf)])
 def test_nonfinite_is_flagged_and_skip_keeps_params_and_optimizer_state(bad_grad, loss):
     grads = _grads(bad_grad)
-    _, applied, metrics, _ = _update("error", grads, loss)
+    _, applied, metrics = _update("error", grads, loss)
     assert metrics["nonfinite"] == 1.0
-    assert int(applied.step) == 6
+    assert int(applied.step) == 2
 
-    state, skipped, metrics, _ = _update("skip", grads, loss)
+    state, skipped, metrics = _update("skip", grads, loss)
     assert metrics["nonfinite"] == 1.0
-    assert int(skipped.step) == 6  # the step counter advances past the dropped update
+    assert int(skipped.step) == 2  # the step counter advances past the dropped update
     for a, b in zip(helpers.leaves((skipped.params, skipped.opt_state)),
                     helpers.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, b)
@@ -70,3 +71,14 @@ def test_nonfinite_is_flagged_and_skip_keeps_params_and_optimizer_state(bad_grad
 def test_unknown_policy_is_an_error():
     with pytest.raises(ValueError, match="on_nonfinite='ignore'"):
         _update("ignore", _grads())
+
+
+def test_adamw_decays_matrices_not_vectors():
+    """Decoupled weight decay (AdamW) applies to matrices only: with zero gradients a matrix
+    shrinks by lr * weight_decay, a bias or norm vector stays."""
+    tx, schedule = helpers.optimizer(name="adamw", lr=0.1, weight_decay=0.5)
+    state = _state(tx)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    new, _ = apply_gradients(state, zeros, 0.0, tx, schedule)
+    np.testing.assert_allclose(new.params["w"], state.params["w"] * (1 - 0.1 * 0.5), rtol=1e-6)
+    np.testing.assert_array_equal(new.params["b"], state.params["b"])
