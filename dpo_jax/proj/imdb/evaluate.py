@@ -174,7 +174,7 @@ def _run_cost(run_dir: pathlib.Path, method: str, cfg, summary: dict) -> dict:
                     trained_tokens=round(seq * int(cfg.ppo.epochs)),
                     depends_on=["sft"] + (["samples", "pairs", "reward_model"]
                                           if method == "ppo" else []))
-    data = summary["data"]
+    data = summary["data"]["train"]  # the train stream's stats
     if "lengths" in data:  # preference batches: prompt + chosen + rejected
         L = data["lengths"]
         p, c, r = (L[k]["mean"] for k in ("prompt", "chosen", "rejected"))
