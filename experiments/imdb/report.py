@@ -14,9 +14,7 @@ import csv
 import json
 import pathlib
 
-
-def _rows(path: pathlib.Path) -> list[dict]:
-    return [json.loads(x) for x in open(path, encoding="utf-8") if x.strip()]
+from dpo_jax.data.io import read_jsonl
 
 
 def _compute_table(d: pathlib.Path) -> None:
@@ -37,7 +35,7 @@ def _compute_table(d: pathlib.Path) -> None:
         last = ""
         pts = d / "runs" / name / "frontier_points.jsonl"
         if pts.exists():
-            p = _rows(pts)[-1]
+            p = read_jsonl(pts)[-1]
             last = f"{p['mean_reward']:.2f}" + (f" / {p['proxy_reward']:.2f}"
                                                 if "proxy_reward" in p else "")
         wall = "" if r["train_wall_s"] is None else f"{r['train_wall_s']:.0f}"
@@ -62,8 +60,8 @@ def main() -> None:
             print(f"| {r['method']} | {r['setting']} | {r['step']} | {float(r['kl']):.2f} | "
                   f"{float(r['mean_reward']):.2f} |")
     _compute_table(d)
-    sft = _rows(d / "sft_test_samples.jsonl")
-    run = _rows(d / "runs" / args.run / "test_samples.jsonl")
+    sft = read_jsonl(d / "sft_test_samples.jsonl")
+    run = read_jsonl(d / "runs" / args.run / "test_samples.jsonl")
     clean = lambda s: s.replace("|", "/").replace("\n", " ")
     print(f"\n| prompt | SFT completion | SFT reward | {args.run} completion | reward |")
     print("| --- | --- | --- | --- | --- |")
