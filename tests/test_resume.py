@@ -1,0 +1,240 @@
+"""Exact resume and everything around it (dpo_jax/loop.py, workdir.py, checkpoint.py, metrics.py):
+interrupted at several moments, every task ends with the uninterrupted run's parameters and
+metric log; finished runs are reported, not retrained; damaged checkpoints are walked past;
+a changed config is refused; one run per workdir; non-finite steps never reach a checkpoint."""
+
+import glob
+import json
+import os
+import shutil
+import struct
+
+import pytest
+
+from dpo_jax import checkpoint as ckpt_lib
+from dpo_jax import loop
+from dpo_jax import workdir as workdir_lib
+from tests import runs
+
+# ------------------------------------------------------------------ helpers
+
+
+def tensorboard_steps(workdir, tag="loss") -> list[int]:
+    """Steps of ``tag`` in all TensorBoard event files under ``workdir/tb`` (TFRecord framing:
+    u64 length, u32 crc, payload, u32 crc; payload = an Event proto)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tb", "events.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def cut_and_resume(config, workdir, interrupt_after, **kwargs) -> dict:
+    with pytest.raises(loop.Interrupted):
+        runs.run(config, workdir, interrupt_after=interrupt_after, **kwargs)
+    return runs.run(config, workdir, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def dpo_full(tmp_path_factory):
+    """The uninterrupted reference run: 6 steps, async checkpoints every 2."""
+    workdir = tmp_path_factory.mktemp("full")
+    config = runs.dpo_config(steps=6, checkpoint_every=2, async_checkpointing=True,
+                             keep_checkpoints=5)
+    summary = runs.run(config, workdir)
+    return config, workdir, summary
+
+
+# ------------------------------------------------------------------ exact resume
+
+
+@pytest.mark.parametrize("interrupt_after", [
+    1,  # before the first checkpoint: the rerun starts over, its log must not repeat steps
+    3,  # one step after an asynchronous checkpoint write began
+    6,  # after the last step, before its checkpoint
+])
+def test_interrupted_dpo_run_ends_as_the_uninterrupted_one(dpo_full, tmp_path, interrupt_after):
+    config, full_dir, full_summary = dpo_full
+    summary = cut_and_resume(config, tmp_path, interrupt_after)
+    assert summary["resumed_from"] == {1: 0, 3: 2, 6: 4}[interrupt_after]
+    runs.assert_same_params(runs.final_params(config, tmp_path),
+                            runs.final_params(config, full_dir))
+    want = runs.without_timing(runs.records(full_dir))
+    assert runs.without_timing(runs.records(tmp_path)) == want
+    assert tensorboard_steps(tmp_path) == [r["step"] for r in want if "loss" in r]
+    assert summary["final_train"]["loss"] == full_summary["final_train"]["loss"]
+
+
+@pytest.mark.parametrize("task", ["sft", "reward", "ppo"])
+def test_every_task_resumes_exactly(tmp_path, task):
+    """Killed right after the checkpoint at step 2 (PPO: with its adaptive KL coefficient, saved
+    as its own checkpoint item), the rerun ends with the uninterrupted run's params and log."""
+    config = runs.CONFIGS[task](steps=4, checkpoint_every=2)
+    runs.run(config, tmp_path / "full")
+    summary = cut_and_resume(config, tmp_path / "cut", interrupt_after=3)
+    assert summary["resumed_from"] == 2
+    runs.assert_same_params(runs.final_params(config, tmp_path / "cut"),
+                            runs.final_params(config, tmp_path / "full"))
+    want = runs.without_timing(runs.records(tmp_path / "full"))
+    assert runs.without_timing(runs.records(tmp_path / "cut")) == want
+    if task == "ppo":
+        coefs = [r["objective/kl_coef"] for r in want]
+        assert len(set(coefs)) == len(coefs), coefs  # the controller moved every iteration
+
+
+def test_a_finished_workdir_is_reported_not_retrained(dpo_full):
+    config, workdir, summary = dpo_full
+    before = runs.records(workdir)
+    again = runs.run(config, workdir)
+    assert again == summary and again["finished"] and again["final_eval"] == summary["final_eval"]
+    assert runs.records(workdir) == before
+    assert json.load(open(os.path.join(workdir, "summary.json"))) == summary
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+
+
+def _damage(step_dir, how):
+    files = sorted(p for p in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True)
+                   if os.path.isfile(p))
+    if how == "truncate_all":
+        for p in files:
+            with open(p, "r+b") as f:
+                f.truncate(os.path.getsize(p) // 2)
+    elif how == "delete_params":
+        shutil.rmtree(os.path.join(step_dir, "params"))
+    elif how == "empty_step_dir":
+        for p in os.listdir(step_dir):
+            full = os.path.join(step_dir, p)
+            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+    elif how == "garbage_data_item":
+        for p in files:
+            if os.sep + "data" + os.sep in p:
+                with open(p, "w") as f:
+                    f.write("{not json")
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["truncate_all", "delete_params", "empty_step_dir",
+                                 "garbage_data_item"])
+def test_a_damaged_newest_checkpoint_is_walked_past(dpo_full, tmp_path, how, caplog):
+    config, full_dir, _ = dpo_full
+    with pytest.raises(loop.Interrupted):
+        runs.run(config, tmp_path, interrupt_after=5)  # checkpoints at 2 and 4
+    _damage(os.path.join(tmp_path, "checkpoints", "4"), how)
+    summary = runs.run(config, tmp_path)
+    assert summary["resumed_from"] == 2
+    assert any("checkpoint step 4" in r.getMessage() and "does not restore" in r.getMessage()
+               for r in caplog.records)
+    assert os.path.isdir(os.path.join(tmp_path, "checkpoints.damaged", "4"))  # kept, not deleted
+    runs.assert_same_params(runs.final_params(config, tmp_path),
+                            runs.final_params(config, full_dir))
+
+
+def test_no_restorable_checkpoint_is_one_clear_error(tmp_path):
+    config = runs.dpo_config(steps=3, checkpoint_every=1, keep_checkpoints=3)
+    with pytest.raises(loop.Interrupted):
+        runs.run(config, tmp_path, interrupt_after=3)
+    for step in ("1", "2"):
+        _damage(os.path.join(tmp_path, "checkpoints", step), "delete_params")
+    with pytest.raises(ckpt_lib.CheckpointError, match=str(tmp_path / "checkpoints")):
+        runs.run(config, tmp_path)
+
+
+# ------------------------------------------------------------------ config and lock
+
+
+def test_a_changed_config_is_refused_before_anything_is_written(tmp_path):
+    config = runs.dpo_config(steps=4, checkpoint_every=2)
+    with pytest.raises(loop.Interrupted):
+        runs.run(config, tmp_path, interrupt_after=3)
+    saved = open(tmp_path / "config.json").read()
+    changed = runs.dpo_config(steps=4, checkpoint_every=2)
+    changed.loss.beta = 0.5
+    changed.train.batch_size = 32
+    with pytest.raises(workdir_lib.WorkdirError) as e:
+        runs.run(changed, tmp_path)
+    assert "loss.beta: 0.1 -> 0.5" in str(e.value) and "train.batch_size: 16 -> 32" in str(e.value)
+    assert open(tmp_path / "config.json").read() == saved
+    # A safe field changes only when named; the change is recorded.
+    longer = runs.dpo_config(steps=6, checkpoint_every=2)
+    with pytest.raises(workdir_lib.WorkdirError, match="allow_resume_changes"):
+        runs.run(longer, tmp_path)
+    longer.allow_resume_changes = "train.steps"
+    summary = runs.run(longer, tmp_path)
+    assert summary["steps"] == 6 and summary["resumed_from"] == 2
+    history = [json.loads(x) for x in open(tmp_path / "config_history.jsonl")]
+    assert history[-1]["changes"] == {"train.steps": [4, 6]}
+    assert json.load(open(tmp_path / "config.json"))["train"]["steps"] == 6
+
+
+def test_run_length_is_not_safe_to_change_under_a_decaying_schedule(tmp_path):
+    config = runs.dpo_config(steps=4, checkpoint_every=2)
+    config.optim.schedule = "cosine"
+    with pytest.raises(loop.Interrupted):
+        runs.run(config, tmp_path, interrupt_after=3)
+    config.train.steps = 6
+    config.allow_resume_changes = "train.steps"
+    with pytest.raises(workdir_lib.WorkdirError, match="cosine learning-rate schedule"):
+        runs.run(config, tmp_path)
+
+
+def test_one_run_per_workdir_and_a_dead_holder_does_not_block(tmp_path):
+    config = runs.dpo_config()
+    with workdir_lib.open_run(config, str(tmp_path)):
+        with pytest.raises(workdir_lib.WorkdirError, match=f"pid {os.getpid()}"):
+            with workdir_lib.open_run(config, str(tmp_path)):
+                pass
+    # The holder's record stays in the file after it ends; it does not block the next run.
+    assert json.load(open(tmp_path / ".lock"))["pid"] == os.getpid()
+    with workdir_lib.open_run(config, str(tmp_path)) as run:
+        assert not run.finished
+
+
+# ------------------------------------------------------------------ non-finite steps
+
+
+@pytest.mark.parametrize("lr,checkpoint_every,message", [
+    (1e38, 0, "step 2: non-finite loss or gradient"),  # params huge after step 1, NaN loss at 2
+    (1e39, 1, "step 1: parameters are not finite"),  # lr = inf in float32: step 1's params
+])
+def test_a_non_finite_step_stops_the_run_and_is_never_checkpointed(tmp_path, lr,
+                                                                   checkpoint_every, message):
+    config = runs.dpo_config(steps=4, checkpoint_every=checkpoint_every, keep_checkpoints=5)
+    config.optim.name = "sgd"
+    config.optim.lr = lr
+    config.optim.max_grad_norm = 0.0
+    config.optim.warmup_steps = 0
+    with pytest.raises(loop.NonFiniteError, match=message):
+        runs.run(config, tmp_path)
+    assert not glob.glob(os.path.join(tmp_path, "checkpoints", "[0-9]*"))
+    assert [r["step"] for r in runs.records(tmp_path)] == ([1, 2] if checkpoint_every == 0 else [1])
+
+
+def test_on_nonfinite_skip_drops_the_update_and_counts_it(tmp_path):
+    config = runs.dpo_config(steps=3)
+    config.optim.name = "sgd"
+    config.optim.warmup_steps = 0
+    config.optim.max_grad_norm = 0.0
+    config.loss.beta = float("inf")  # every loss is non-finite
+    config.train.on_nonfinite = "skip"
+    summary = runs.run(config, tmp_path)
+    assert summary["skipped_updates"] == 3
+    recs = runs.records(tmp_path)
+    assert all(r["nonfinite"] == 1.0 for r in recs)
+    assert any(str(r["loss"]) in ("nan", "inf") for r in recs)  # visible in the log
+    init = runs.final_params(config, tmp_path)  # unchanged from the seeded init
+    from dpo_jax.models import Model, model_config_from
+    import jax
+
+    model = Model(model_config_from(config.model))
+    runs.assert_same_params(init, jax.jit(model.init)(jax.random.key(config.seed)))
