@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from dpo_jax.data.io import read_jsonl
 from dpo_jax.proj.imdb.frontier import write_frontier
 
 
@@ -18,10 +18,7 @@ def main() -> None:
     ap.add_argument("--kl-max", type=float, default=None,
                     help="end the x-axis here; farther points are drawn on the edge")
     args = ap.parse_args()
-    points = []
-    for path in args.points:
-        with open(path, encoding="utf-8") as f:
-            points.extend(json.loads(line) for line in f if line.strip())
+    points = [row for path in args.points for row in read_jsonl(path)]
     csv_path, png_path = write_frontier(points, args.out, kl_max=args.kl_max)
     print(f"{len(points)} points -> {csv_path}, {png_path}")
 
