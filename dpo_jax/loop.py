@@ -26,6 +26,7 @@ from dpo_jax.config import TrainConfig
 from dpo_jax.distributed import PreemptionGuard
 from dpo_jax.logprobs import max_scored_tokens
 from dpo_jax.metrics import MetricWriter, Progress
+from dpo_jax.optim import all_finite
 from dpo_jax.workdir import RunDir, write_summary
 
 
@@ -74,13 +75,6 @@ def reduce_eval(sums_of: Callable[[Any], Mapping[str, Any]], batches: Iterable,
         for k, v in jax.device_get(sums_of(batch)).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     return finalize(totals)
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _short(metrics: Mapping[str, float]) -> str:
@@ -164,17 +158,17 @@ def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, count_tok
         if bad:
             if cfg.on_nonfinite == "error":
                 raise NonFiniteError(
-                    f"step {step}: non-finite loss or gradient ({_short(metrics)}); nothing past "
+                    f"step {step}: non-finite loss, gradient or parameters ({_short(metrics)}); nothing past "
                     f"the last checkpoint was saved. Rerun resumes from it; lower optim.lr, check "
                     "the data, or set train.on_nonfinite='skip' to drop such updates")
             skipped += 1
-            logging.warning("step %d: non-finite loss or gradient, update skipped (%d so far)",
+            logging.warning("step %d: non-finite loss, gradient or parameters; update skipped (%d so far)",
                             step, skipped)
         first_train = first_train or record
         return record
 
     def save(done: int) -> None:
-        if not bool(_all_finite(state.params)):
+        if not bool(jax.jit(all_finite)(state.params)):
             raise NonFiniteError(f"step {done}: parameters are not finite; not checkpointed")
         checkpointer.save(done, state.params, state.opt_state,
                           {k: v.state_dict() for k, v in items.items()})

@@ -86,20 +86,27 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
     return optax.chain(*parts), schedule
 
 
+def all_finite(tree) -> jax.Array:
+    """bool []: every floating leaf of ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def apply_gradients(state, grads, loss, tx: optax.GradientTransformation, schedule: Callable,
                     on_nonfinite: str = "error") -> tuple[Any, dict[str, jax.Array]]:
     """One optimizer update of ``state`` (a :class:`dpo_jax.state.TrainState`).
 
-    Returns ``(new_state, {"grad_norm", "lr", "nonfinite"})``; ``nonfinite`` is 1.0 when ``loss``
-    or the gradient norm is NaN/inf. With ``on_nonfinite='skip'`` such an update is dropped
+    Returns ``(new_state, {"grad_norm", "lr", "nonfinite"})``; ``nonfinite`` is 1.0 when ``loss``,
+    the gradient norm or an updated parameter is NaN/inf. With ``on_nonfinite='skip'`` such an update is dropped
     (parameters and optimizer state kept, the step counter still advances); with ``'error'`` it
     is applied and the loop stops the run before anything is checkpointed."""
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: expected one of {NONFINITE_POLICIES}")
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
     if on_nonfinite == "skip":
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)

@@ -12,10 +12,10 @@ from dpo_jax.sampling import SamplingConfig
 def default_ppo_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # reward source: 'model' (a reward run's workdir in reward_model), 'synthetic' (the synthetic
-    # task's true reward: PPO-GT), 'sentiment' (IMDb classifier at sentiment_path: PPO-GT)
+    # task's true reward: PPO-GT); an experiment passes any other reward as the task's reward_fn
+    # (the name here then only labels it, e.g. 'ground_truth')
     c.reward = "model"
     c.reward_model = ""  # workdir of a task='reward' run
-    c.sentiment_path = ""  # SentimentReward.save() file for reward='sentiment'
     # prompts: jsonl rows with prompt_ids or prompt ('' = prompts of config.data's split)
     c.prompt_file = ""
     c.eval_prompt_file = ""  # held-out prompts ('' with prompt_file set: no eval)
