@@ -103,7 +103,8 @@ def generate(model: Model, params: Params, prompt_ids_BP: jax.Array, prompt_leng
                          f"{model.cfg.max_len}")
     prompt_ids_BP = prompt_ids_BP.astype(jnp.int32)
     lengths_B = prompt_lengths_B.astype(jnp.int32)
-    w_VD, b_V = model.unembedding(params)
+    w_VD, b_V = model.unembedding(params, caller_applies_softcap=True)
+    cap = model.cfg.final_logit_softcap
     in_prompt_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
 
     cache = model.init_cache(B, T)
@@ -111,7 +112,7 @@ def generate(model: Model, params: Params, prompt_ids_BP: jax.Array, prompt_leng
     h_BPD, cache = model.decode(params, prompt_ids_BP, positions_BP, cache,
                                 in_prompt_BP.astype(jnp.int32))
     h_last_BD = jnp.take_along_axis(h_BPD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    logits_BV = project(h_last_BD, w_VD, b_V)
+    logits_BV = project(h_last_BD, w_VD, b_V, cap)
 
     def emit(logits_BV, key, done_B):
         token_B = sample_token(logits_BV, key, cfg)
@@ -133,7 +134,7 @@ def generate(model: Model, params: Params, prompt_ids_BP: jax.Array, prompt_leng
         pos_B1 = (lengths_B + i - 1)[:, None]
         h_B1D, cache = model.decode(params, token_B[:, None], pos_B1, cache,
                                     live_B[:, None].astype(jnp.int32))
-        logits_BV = project(h_B1D[:, 0], w_VD, b_V)
+        logits_BV = project(h_B1D[:, 0], w_VD, b_V, cap)
         token_B, logp_B, live_B, done_B = emit(logits_BV, key, done_B)
         return (cache, token_B, live_B, done_B), (token_B, logp_B, live_B)
 

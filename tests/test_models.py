@@ -10,7 +10,7 @@ import pytest
 
 from dpo_jax.models import Model, flops_per_token, param_count, preset, PRESETS
 
-TINY = ["tiny-gpt2", "tiny-neox", "tiny-gptj", "tiny-llama"]
+TINY = ["tiny-gpt2", "tiny-neox", "tiny-gptj", "tiny-llama", "tiny-gemma"]
 
 
 def _inputs(B=2, L=12, V=128, seed=0):
@@ -76,7 +76,7 @@ def test_remat_gradients_match(built):
     def grad_fn(m):
         return jax.jit(jax.grad(lambda p: jnp.sum(jnp.square(m.hidden(p, ids, pos, seg)))))
 
-    if cfg.family == "gptj":
+    if cfg.family in ("gptj", "gemma3"):
         pytest.skip("remat is family-independent; three families keep the suite fast")
     kw = {"llama": dict(remat="full", scan_layers=False), "gpt2": dict(remat="dots_saveable"),
           "neox": dict(remat="dots_no_batch")}[cfg.family]
@@ -108,6 +108,19 @@ def test_segments_isolated(built):
     np.testing.assert_allclose(h[:, :5], model.hidden(params, a, ar, ones), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(h[:, 5:10], model.hidden(params, b, ar, ones), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_sliding_window_limits_the_receptive_field():
+    """Two sliding layers of window 4: token 0 reaches positions 0..6 (3 + 3 steps back) and
+    nothing after; one full layer instead lets it reach every later position."""
+    ids, pos, seg = _inputs(B=1, L=12)
+    changed = ids.at[:, 0].set((ids[:, 0] + 1) % 128)
+    for types, reach in ((("sliding", "sliding"), 7), (("sliding", "full"), 12)):
+        model = Model(preset("tiny-gemma", layer_types=types))
+        params = random_params(model)
+        h1, h2 = (jax.jit(model.hidden)(params, x, pos, seg) for x in (ids, changed))
+        assert not np.allclose(h1[:, reach - 1], h2[:, reach - 1])
+        np.testing.assert_array_equal(h1[:, reach:], h2[:, reach:])
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -173,7 +186,7 @@ def test_chunked_attention_equals_dense_any_mask():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref)
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gemma"])
 def test_chunked_attention_model_matches_dense(name):
     """attention_impl='chunked' through the whole model: packed segments + padding, hidden
     states and parameter gradients equal the dense path's; block 5 does not divide 13."""

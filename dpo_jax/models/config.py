@@ -1,9 +1,10 @@
-"""ModelConfig: one frozen dataclass whose named switches select GPT-2, GPT-NeoX, GPT-J or Llama.
+"""ModelConfig: one frozen dataclass whose named switches select GPT-2, GPT-NeoX, GPT-J, the
+Llama family (Llama 2/3, Mistral, Qwen2), Qwen3, Gemma 2, Gemma 3 or Phi-3.
 
-Why one decoder with switches rather than four model classes: the DPO trainer, sharding rules,
-checkpointing and the HF importer all see the same parameter tree layout; the families only
-differ in a handful of well-understood places (norm, MLP, position encoding, residual wiring,
-biases, head tying), and each difference is a field here.
+Why one decoder with switches rather than one model class per family: the DPO trainer, sharding
+rules, checkpointing and the HF importer all see the same parameter tree layout; the families
+only differ in a handful of well-understood places (norm, MLP, position encoding, residual
+wiring, biases, head tying, attention window, soft-capping), and each difference is a field here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-FAMILIES = ("gpt2", "neox", "gptj", "llama")
+# The family chooses the HF tensor-name map and the model_type written on export; every
+# difference in the computation is a separate switch below.
+FAMILIES = ("gpt2", "neox", "gptj", "llama", "qwen3", "gemma2", "gemma3", "phi3")
+LAYER_TYPES = ("full", "sliding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +27,7 @@ class ModelConfig:
     `__post_init__`, so a constructed config always holds concrete ints.
     """
 
-    family: str = "gpt2"  # informational + chooses HF name map: gpt2 | neox | gptj | llama
+    family: str = "gpt2"  # HF name map and export model_type (FAMILIES)
     vocab_size: int = 50257
     n_layer: int = 12
     d_model: int = 768
@@ -35,6 +39,9 @@ class ModelConfig:
     # normalisation
     norm: str = "layernorm"  # layernorm (scale+bias) | rmsnorm (scale only)
     norm_eps: float = 1e-5
+    norm_unit_offset: bool = False  # scale is (1 + w), w initialised at 0 (Gemma RMSNorm)
+    post_norms: bool = False  # norm the attention / MLP output before its residual add (Gemma)
+    qk_norm: bool = False  # RMSNorm over head_dim of each query and key head before rotary
     # MLP
     activation: str = "gelu_tanh"  # gelu_tanh | gelu (erf) | silu | relu
     gated_mlp: bool = False  # SwiGLU-style: down(act(gate(x)) * up(x))
@@ -48,6 +55,14 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_len: int = 8192  # llama3 only
+    local_rope_theta: float | None = None  # sliding layers: unscaled rope of this base (Gemma 3)
+    # attention
+    sliding_window: int | None = None  # query i sees key j only when i - j < sliding_window
+    layer_types: tuple[str, ...] | None = None  # per layer 'full' | 'sliding' (None: all one)
+    query_pre_attn_scalar: float | None = None  # scores * this**-0.5 (None: head_dim**-0.5)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    embed_scale: bool = False  # input embeddings * sqrt(d_model) (Gemma)
     # residual wiring
     parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x)   (NeoX, GPT-J)
     shared_norm: bool = False  # parallel block uses ONE norm for attn and mlp (GPT-J)
@@ -99,6 +114,36 @@ class ModelConfig:
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim")
         if self.shared_norm and not self.parallel_residual:
             raise ValueError("shared_norm only makes sense with parallel_residual")
+        if self.post_norms and self.parallel_residual:
+            raise ValueError("post_norms is a sequential-residual switch (Gemma); "
+                             "parallel_residual must be False")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.n_layer or not set(self.layer_types) <= set(
+                    LAYER_TYPES):
+                raise ValueError(f"layer_types must hold n_layer={self.n_layer} entries of "
+                                 f"{LAYER_TYPES}, got {self.layer_types}")
+            if "sliding" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has 'sliding' layers but sliding_window is None")
+        if self.local_rope_theta is not None and self.position != "rotary":
+            raise ValueError("local_rope_theta needs position='rotary'")
+        if self.attn_logit_softcap is not None and self.attention_impl == "cudnn":
+            raise ValueError("attn_logit_softcap is not available with attention_impl='cudnn'; "
+                             "use None (XLA) or 'chunked'")
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value}")
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it attend through the sliding window? (layer_types None: every layer
+        when sliding_window is set, else none.)"""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.n_layer
+        return tuple(t == "sliding" for t in self.layer_types)
 
 
 def _tiny(**kw: Any) -> dict:
@@ -118,6 +163,23 @@ _GPTJ = dict(family="gptj", norm="layernorm", activation="gelu_tanh", position="
 _LLAMA = dict(family="llama", norm="rmsnorm", activation="silu", gated_mlp=True,
               position="rotary", rotary_style="half", qkv_bias=False, attn_out_bias=False,
               mlp_bias=False, tie_embeddings=False)
+_QWEN3 = dict(_LLAMA, family="qwen3", qk_norm=True, vocab_size=151936, head_dim=128,
+              max_len=40960, norm_eps=1e-6, rope_theta=1000000.0)
+_GEMMA = dict(_LLAMA, activation="gelu_tanh", norm_eps=1e-6, norm_unit_offset=True,
+              post_norms=True, embed_scale=True, tie_embeddings=True, head_dim=256,
+              query_pre_attn_scalar=256.0)
+_GEMMA2 = dict(_GEMMA, family="gemma2", attn_logit_softcap=50.0, final_logit_softcap=30.0,
+               sliding_window=4096)
+_GEMMA3 = dict(_GEMMA, family="gemma3", qk_norm=True, rope_theta=1000000.0,
+               local_rope_theta=10000.0)
+_PHI3 = dict(_LLAMA, family="phi3")
+
+
+def _alternate(n_layer: int, every: int) -> tuple[str, ...]:
+    """Gemma's layer pattern: every `every`-th layer full, the others sliding."""
+    return tuple("full" if (i + 1) % every == 0 else "sliding" for i in range(n_layer))
+
+
 _LLAMA3_ROPE = dict(rope_theta=500000.0, rope_scaling="llama3", rope_low_freq_factor=1.0,
                     rope_high_freq_factor=4.0, rope_original_max_len=8192)
 
@@ -128,6 +190,12 @@ PRESETS: dict[str, dict] = {
     "tiny-gptj": _tiny(**{**_GPTJ, "max_len": 64}, d_model=64, rotary_dim=8),
     "tiny-llama": _tiny(**_LLAMA, n_kv_head=2, norm_eps=1e-5,
                         **{**_LLAMA3_ROPE, "rope_factor": 8.0, "rope_original_max_len": 32}),
+    # Every new switch at once: sliding + full layers with their own rope, q/k norm, (1 + w)
+    # norms, post norms, embedding scale, query_pre_attn_scalar, both soft-caps.
+    "tiny-gemma": _tiny(**{**_GEMMA3, "max_len": 64, "head_dim": 16,
+                           "query_pre_attn_scalar": 12.0}, n_kv_head=2, sliding_window=4,
+                        layer_types=("sliding", "full"), attn_logit_softcap=5.0,
+                        final_logit_softcap=3.0, rope_scaling="linear", rope_factor=2.0),
     # The offline default's model: GPT-2 layout sized for the synthetic task (128-token vocab).
     "gpt2-synthetic": dict(_GPT2, vocab_size=128, max_len=64, n_layer=2, d_model=128, n_head=4,
                            d_ff=512),
@@ -147,15 +215,32 @@ PRESETS: dict[str, dict] = {
     "llama-3.1-8b": dict(_LLAMA, **_LLAMA3_ROPE, rope_factor=8.0, vocab_size=128256,
                          n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336,
                          max_len=131072, norm_eps=1e-5),
-    # Mistral-7B-v0.1 (sliding window 4096 is not modelled: identical below 4096 tokens).
     "mistral-7b": dict(_LLAMA, family="llama", vocab_size=32000, n_layer=32, d_model=4096,
-                       n_head=32, n_kv_head=8, d_ff=14336, max_len=32768, norm_eps=1e-5),
+                       n_head=32, n_kv_head=8, d_ff=14336, max_len=32768, norm_eps=1e-5,
+                       sliding_window=4096),  # v0.1
     "qwen2.5-0.5b": dict(_LLAMA, vocab_size=151936, n_layer=24, d_model=896, n_head=14,
                          n_kv_head=2, d_ff=4864, max_len=32768, norm_eps=1e-6,
                          rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True),
     "qwen2.5-7b": dict(_LLAMA, vocab_size=152064, n_layer=28, d_model=3584, n_head=28,
                        n_kv_head=4, d_ff=18944, max_len=32768, norm_eps=1e-6,
                        rope_theta=1000000.0, qkv_bias=True, tie_embeddings=False),
+    "qwen3-0.6b": dict(_QWEN3, n_layer=28, d_model=1024, n_head=16, n_kv_head=8, d_ff=3072,
+                       tie_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, n_layer=28, d_model=2048, n_head=16, n_kv_head=8, d_ff=6144,
+                       tie_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, n_layer=36, d_model=4096, n_head=32, n_kv_head=8, d_ff=12288,
+                     tie_embeddings=False),
+    "gemma-2-2b": dict(_GEMMA2, vocab_size=256000, n_layer=26, d_model=2304, n_head=8,
+                       n_kv_head=4, d_ff=9216, max_len=8192, layer_types=_alternate(26, 2)),
+    "gemma-3-1b": dict(_GEMMA3, vocab_size=262144, n_layer=26, d_model=1152, n_head=4,
+                       n_kv_head=1, d_ff=6912, max_len=32768, sliding_window=512,
+                       layer_types=_alternate(26, 6)),
+    # The text decoder of the multimodal Gemma-3-4B (rope linear x8 on the full layers).
+    "gemma-3-4b": dict(_GEMMA3, vocab_size=262208, n_layer=34, d_model=2560, n_head=8,
+                       n_kv_head=4, d_ff=10240, max_len=131072, sliding_window=1024,
+                       layer_types=_alternate(34, 6), rope_scaling="linear", rope_factor=8.0),
+    "phi-3-mini": dict(_PHI3, vocab_size=32064, n_layer=32, d_model=3072, n_head=32,
+                       d_ff=8192, max_len=4096, norm_eps=1e-5, sliding_window=2047),  # 4k
 }
 
 
@@ -184,7 +269,9 @@ def param_count(cfg: ModelConfig) -> int:
         layer += d
     if cfg.mlp_bias:
         layer += cfg.d_ff * (2 if cfg.gated_mlp else 1) + d
-    layer += norm * (1 if cfg.shared_norm else 2)
+    layer += norm * (1 if cfg.shared_norm else 2) + (2 * norm if cfg.post_norms else 0)
+    if cfg.qk_norm:
+        layer += 2 * hd
     n = L * layer + norm + cfg.vocab_size * d
     if cfg.position == "learned":
         n += cfg.max_len * d

@@ -8,7 +8,9 @@ layers and compile time does not grow with depth.
 Parameter tree (pure dict keys):
   embed [V,D] ('vocab','embed'); pos_embed [max_len,D] (None,'embed') (learned positions only)
   layers/ln1/{scale,bias} [L,D]; layers/ln2/... (absent with shared_norm)
+  layers/post_attn_norm/scale, layers/post_mlp_norm/scale [L,D] (post_norms)
   layers/attn/q [L,D,N,Dh]; k, v [L,D,K,Dh]; o [L,N,Dh,D]; q_bias [L,N,Dh] ... o_bias [L,D]
+  layers/attn/q_norm/scale, k_norm/scale [L,Dh] (qk_norm)
   layers/mlp/up [L,D,F]; gate [L,D,F] (gated); down [L,F,D]; up_bias, gate_bias, down_bias
   final_norm/{scale,bias}; lm_head [V,D] (untied only); lm_head_bias [V] (GPT-J)
 """
@@ -58,11 +60,17 @@ def _heads(x: jax.Array, w_DNH: jax.Array) -> jax.Array:
     return y.reshape(*x.shape[:-1], *w_DNH.shape[1:])
 
 class Norm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lead: tuple = (), lead_axes: tuple = ()):
+    """cfg.norm over the last axis of size `dim` (None: d_model). Scale initialised to the
+    identity: ones, or zeros with norm_unit_offset (scale = 1 + w)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lead: tuple = (), lead_axes: tuple = (),
+                 dim: int | None = None):
         self.cfg = cfg
-        self.scale = _param(rngs, lead + (cfg.d_model,), lead_axes + (None,), cfg, "ones")
+        shape = lead + (dim or cfg.d_model,)
+        self.scale = _param(rngs, shape, lead_axes + (None,), cfg,
+                            "zeros" if cfg.norm_unit_offset else "ones")
         if cfg.norm == "layernorm":
-            self.bias = _param(rngs, lead + (cfg.d_model,), lead_axes + (None,), cfg, "zeros")
+            self.bias = _param(rngs, shape, lead_axes + (None,), cfg, "zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         bias = self.bias[...] if self.cfg.norm == "layernorm" else None
@@ -85,6 +93,9 @@ class Attention(nnx.Module):
             self.v_bias = p((K, Dh), ("kv_heads", "head_dim"), "zeros")
         if cfg.attn_out_bias:
             self.o_bias = p((D,), (None,), "zeros")
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg, rngs, lead, lead_axes, dim=Dh)
+            self.k_norm = Norm(cfg, rngs, lead, lead_axes, dim=Dh)
 
     def qkv(self, x: jax.Array, sin: jax.Array | None, cos: jax.Array | None):
         cfg, dt = self.cfg, x.dtype
@@ -95,6 +106,8 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cfg.position == "rotary":
             q = F.apply_rotary(cfg, q, sin, cos)
             k = F.apply_rotary(cfg, k, sin, cos)
@@ -153,6 +166,9 @@ class Block(nnx.Module):
             self.ln2 = Norm(cfg, rngs, lead, lead_axes)
         self.attn = Attention(cfg, rngs, lead, lead_axes)
         self.mlp = MLP(cfg, rngs, lead, lead_axes)
+        if cfg.post_norms:
+            self.post_attn_norm = Norm(cfg, rngs, lead, lead_axes)
+            self.post_mlp_norm = Norm(cfg, rngs, lead, lead_axes)
 
     def __call__(self, h: jax.Array, sin, cos, mask: jax.Array,
                  kv: tuple | None = None):
@@ -173,6 +189,9 @@ class Block(nnx.Module):
         if cfg.parallel_residual:
             m = self.mlp(x if cfg.shared_norm else self.ln2(h))
             h = h + a + m
+        elif cfg.post_norms:
+            h = h + self.post_attn_norm(a)
+            h = h + self.post_mlp_norm(self.mlp(self.ln2(h)))
         else:
             h = h + a
             h = h + self.mlp(self.ln2(h))
@@ -209,22 +228,37 @@ class Decoder(nnx.Module):
         return w, b
 
     def _embed(self, ids: jax.Array, positions: jax.Array):
+        """Embedded tokens [B,T,D] and the rotary tables {layer type: (sin, cos) or (None,
+        None)} of the layer types present (see _layer_kinds)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         h = jnp.take(self.embed[...], ids, axis=0).astype(dt)
-        sin = cos = None
+        if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the compute dtype as HF does
+            h = h * jnp.asarray(cfg.d_model ** 0.5, dt)
+        ropes = {}
         if cfg.position == "learned":
             h = h + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
-        else:
-            sin, cos = F.rotary_tables(cfg, positions)
-        return h, sin, cos
+        for kind in _layer_kinds(cfg):
+            ropes[kind] = ((None, None) if cfg.position == "learned" else
+                           F.rotary_tables(cfg, positions, local=kind == "sliding"))
+        return h, ropes
 
-    def _run_layers(self, h, sin, cos, mask, cache_kv=None, start_B=None):
+    def _run_layers(self, h, ropes, masks, cache_kv=None, start_B=None):
+        """Run every layer. ropes / masks: {layer type: (sin, cos) / mask} for the types in
+        _layer_kinds; with both types present each layer picks its own by a per-layer flag
+        scanned alongside its parameters."""
         cfg = self.cfg
         graphdef, state = nnx.split(self.layers)
+        kinds = _layer_kinds(cfg)
 
         def body(h, xs):
-            layer_state, kv = xs
+            layer_state, kv, sliding = xs
+            if len(kinds) == 1:
+                (sin, cos), mask = ropes[kinds[0]], masks[kinds[0]]
+            else:
+                pick = lambda a, b: None if a is None else jnp.where(sliding, a, b)
+                mask = pick(masks["sliding"], masks["full"])
+                sin, cos = (pick(a, b) for a, b in zip(ropes["sliding"], ropes["full"]))
             block = nnx.merge(graphdef, layer_state)
             kv_arg = None if kv is None else (kv[0], kv[1], start_B)
             h, new_kv = block(h, sin, cos, mask, kv_arg)
@@ -232,7 +266,7 @@ class Decoder(nnx.Module):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        xs = (state, cache_kv)
+        xs = (state, cache_kv, jnp.asarray(cfg.sliding_layers))
         if cfg.scan_layers:
             return jax.lax.scan(body, h, xs)
         outs = []
@@ -244,9 +278,11 @@ class Decoder(nnx.Module):
 
     def __call__(self, ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """Hidden states [B, L, D] after the final norm, in the compute dtype."""
-        h, sin, cos = self._embed(ids, positions)
-        mask = F.segment_causal_mask(segment_ids)
-        h, _ = self._run_layers(h, sin, cos, mask)
+        h, ropes = self._embed(ids, positions)
+        masks = {kind: F.segment_causal_mask(
+            segment_ids, self.cfg.sliding_window if kind == "sliding" else None)
+            for kind in _layer_kinds(self.cfg)}
+        h, _ = self._run_layers(h, ropes, masks)
         return self.final_norm(h)
 
     def decode(self, ids: jax.Array, positions: jax.Array, cache: Cache,
@@ -258,7 +294,9 @@ class Decoder(nnx.Module):
         slot s iff s <= index[b]+t and slot s holds a real token (cache['valid']), or s is its
         own slot (so padded query rows never see an empty row). index[b] then advances by the
         number of real tokens (segment_ids != 0), so right-padding of a prefill is overwritten
-        by the next step: prompts of different lengths share one batch.
+        by the next step: prompts of different lengths share one batch. A row's real tokens
+        therefore sit in consecutive slots, and sliding layers also require slot s >
+        own slot - sliding_window (the window over positions, as in the full forward).
         """
         B, T = ids.shape
         if segment_ids is None:
@@ -269,14 +307,24 @@ class Decoder(nnx.Module):
         slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
         write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, 0))
         valid = write(cache["valid"], real, start)
-        key_slots = jnp.arange(S)
-        mask = (valid[:, None, :] & (key_slots[None, None, :] <= slots[:, :, None])) | (
-            key_slots[None, None, :] == slots[:, :, None])
-        h, sin, cos = self._embed(ids, positions)
-        h, (k, v) = self._run_layers(h, sin, cos, mask[:, None], (cache["k"], cache["v"]), start)
+        delta = slots[:, :, None] - jnp.arange(S)[None, None, :]  # query slot - key slot
+        masks = {}
+        for kind in _layer_kinds(self.cfg):
+            seen = valid[:, None, :] & (delta >= 0)
+            if kind == "sliding":
+                seen = seen & (delta < self.cfg.sliding_window)
+            masks[kind] = (seen | (delta == 0))[:, None]
+        h, ropes = self._embed(ids, positions)
+        h, (k, v) = self._run_layers(h, ropes, masks, (cache["k"], cache["v"]), start)
         new_cache = {"k": k, "v": v, "valid": valid,
                      "index": start + jnp.sum(real, axis=1).astype(start.dtype)}
         return self.final_norm(h), new_cache
+
+
+def _layer_kinds(cfg: ModelConfig) -> tuple[str, ...]:
+    """The layer types present, in a fixed order ('full' before 'sliding')."""
+    present = set(cfg.sliding_layers)
+    return tuple(kind for flag, kind in ((False, "full"), (True, "sliding")) if flag in present)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:

@@ -8,6 +8,10 @@ stacked parameters. Layout notes:
   * GPT-2 Conv1D stores [in, out] already                           -> reshape only.
   * GPT-2 c_attn is [D, 3D] = q | k | v along columns.
   * NeoX query_key_value rows are per head [N, 3, Dh] (q, k, v interleaved per head).
+  * Phi-3 qkv_proj rows are q [N*Dh] | k [K*Dh] | v [K*Dh]; gate_up_proj rows gate [F] | up [F].
+  * Gemma's `post_attention_layernorm` normalises the attention output (our post_attn_norm);
+    its MLP input norm is `pre_feedforward_layernorm` (our ln2). In Llama the same HF name is
+    the MLP input norm.
 """
 
 from __future__ import annotations
@@ -153,14 +157,56 @@ def _gptj(cfg: ModelConfig) -> list[HFTensor]:
     return out + _head(cfg, "lm_head")
 
 
+def _qk_norm(cfg: ModelConfig, pre: str) -> list[HFTensor]:
+    """Per-head q/k RMSNorm weights [Dh] (Qwen3, Gemma 3)."""
+    if not cfg.qk_norm:
+        return []
+    Dh = cfg.head_dim
+    return [_R(f"{pre}.q_norm.weight", (Dh,), ("attn", "q_norm", "scale"), (Dh,)),
+            _R(f"{pre}.k_norm.weight", (Dh,), ("attn", "k_norm", "scale"), (Dh,))]
+
+
+def _llama_norms(cfg: ModelConfig) -> list[HFTensor]:
+    out = _norm("layers.{i}.input_layernorm", "ln1", cfg)
+    if cfg.post_norms:  # Gemma 2/3 names
+        return out + (_norm("layers.{i}.post_attention_layernorm", "post_attn_norm", cfg)
+                      + _norm("layers.{i}.pre_feedforward_layernorm", "ln2", cfg)
+                      + _norm("layers.{i}.post_feedforward_layernorm", "post_mlp_norm", cfg))
+    return out + _norm("layers.{i}.post_attention_layernorm", "ln2", cfg)
+
+
 def _llama(cfg: ModelConfig) -> list[HFTensor]:
+    """Llama, Mistral, Qwen2, Qwen3 and Gemma 2/3 (the switches add their tensors)."""
     D, V = cfg.d_model, cfg.vocab_size
     out = [_R("embed_tokens.weight", (V, D), ("embed",), (V, D), False)]
     out += _separate_attn(cfg, "layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
+    out += _qk_norm(cfg, "layers.{i}.self_attn")
     out += _mlp_linear(cfg, "layers.{i}.mlp.up_proj", "layers.{i}.mlp.down_proj",
                        "layers.{i}.mlp.gate_proj")
-    out += _norm("layers.{i}.input_layernorm", "ln1", cfg)
-    out += _norm("layers.{i}.post_attention_layernorm", "ln2", cfg)
+    out += _llama_norms(cfg)
+    return out + _norm("norm", "final_norm", cfg, False) + _head(cfg, "lm_head")
+
+
+def _phi3(cfg: ModelConfig) -> list[HFTensor]:
+    """Phi-3: Llama's computation with fused qkv_proj and gate_up_proj tensors."""
+    D, N, K, Dh, F, V = (cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff,
+                         cfg.vocab_size)
+    if cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias:
+        raise ValueError("phi3 checkpoints have no biases; set qkv_bias, attn_out_bias and "
+                         "mlp_bias False")
+    a, m = "layers.{i}.self_attn", "layers.{i}.mlp"
+    cuts = [N * Dh, (N + K) * Dh]
+    out = [_R("embed_tokens.weight", (V, D), ("embed",), (V, D), False),
+           HFTensor(f"{a}.qkv_proj.weight", ((N + 2 * K) * Dh, D),
+                    (("attn", "q"), ("attn", "k"), ("attn", "v")),
+                    lambda w: [p.T.reshape(D, -1, Dh) for p in np.split(w, cuts)],
+                    lambda o: np.concatenate([p.reshape(D, -1).T for p in o]), True),
+           _T(f"{a}.o_proj.weight", (D, N * Dh), ("attn", "o"), (N, Dh, D)),
+           HFTensor(f"{m}.gate_up_proj.weight", (2 * F, D), (("mlp", "gate"), ("mlp", "up")),
+                    lambda w: [p.T for p in np.split(w, 2)],
+                    lambda o: np.concatenate([p.T for p in o]), True),
+           _T(f"{m}.down_proj.weight", (D, F), ("mlp", "down"), (F, D))]
+    out += _llama_norms(cfg)
     return out + _norm("norm", "final_norm", cfg, False) + _head(cfg, "lm_head")
 
 
@@ -171,6 +217,10 @@ FAMILY_MAPS = {
     "neox": (_neox, ("gpt_neox.", "")),
     "gptj": (_gptj, ("transformer.", "")),
     "llama": (_llama, ("model.", "")),
+    "qwen3": (_llama, ("model.", "")),
+    "gemma2": (_llama, ("model.", "")),
+    "gemma3": (_llama, ("model.", "")),
+    "phi3": (_phi3, ("model.", "")),
 }
 HEAD_NAMES = ("lm_head.weight", "lm_head.bias", "embed_out.weight")
 

@@ -14,14 +14,18 @@ from dpo_jax.models.config import ModelConfig
 
 
 def norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """LayerNorm or RMSNorm computed in float32 (bf16 statistics are too noisy), cast back."""
+    """LayerNorm or RMSNorm over the last axis computed in float32 (bf16 statistics are too
+    noisy), cast back; scale (and bias) broadcast against it."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
     if cfg.norm == "layernorm":
         mean = jnp.mean(x, axis=-1, keepdims=True)
         x = x - mean
     var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-    y = x * jax.lax.rsqrt(var + cfg.norm_eps) * scale.astype(jnp.float32)
+    scale = scale.astype(jnp.float32)
+    if cfg.norm_unit_offset:  # Gemma stores w with the norm's scale being (1 + w)
+        scale = 1.0 + scale
+    y = x * jax.lax.rsqrt(var + cfg.norm_eps) * scale
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(dtype)
@@ -37,9 +41,15 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     return jax.nn.relu(x)
 
 
-def inv_frequencies(cfg: ModelConfig) -> jax.Array:
-    """Rotary inverse frequencies [rotary_dim/2] with HF's rope scaling rules (linear, llama3)."""
+def inv_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """Rotary inverse frequencies [rotary_dim/2] with HF's rope scaling rules (linear, llama3).
+
+    local=True with cfg.local_rope_theta set: the sliding layers' own unscaled rope (Gemma 3's
+    rope_local_base_freq); otherwise every layer uses rope_theta and the scaling.
+    """
     rd = cfg.rotary_dim
+    if local and cfg.local_rope_theta is not None:
+        return 1.0 / (cfg.local_rope_theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
     inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
     if cfg.rope_scaling == "linear":
         inv = inv / cfg.rope_factor
@@ -56,9 +66,11 @@ def inv_frequencies(cfg: ModelConfig) -> jax.Array:
     return inv
 
 
-def rotary_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """sin, cos [B, T, rotary_dim/2] in float32 for integer positions [B, T]."""
-    ang = positions.astype(jnp.float32)[..., None] * inv_frequencies(cfg)
+def rotary_tables(cfg: ModelConfig, positions: jax.Array,
+                  local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """sin, cos [B, T, rotary_dim/2] in float32 for integer positions [B, T] (local: the
+    sliding layers' tables, see inv_frequencies)."""
+    ang = positions.astype(jnp.float32)[..., None] * inv_frequencies(cfg, local)
     return jnp.sin(ang), jnp.cos(ang)
 
 
@@ -82,15 +94,26 @@ def apply_rotary(cfg: ModelConfig, x: jax.Array, sin: jax.Array, cos: jax.Array)
     return jnp.concatenate([out.astype(dtype), xp], axis=-1)
 
 
-def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, 1, L, L] bool: key j visible to query i iff j <= i and same segment id.
+def segment_causal_mask(segment_ids: jax.Array, window: int | None = None) -> jax.Array:
+    """[B, 1, L, L] bool: key j visible to query i iff j <= i and same segment id, and, with a
+    sliding `window`, i - j < window (HF's `kv_idx > q_idx - sliding_window`).
 
+    Packed segments are contiguous, so i - j is also the position difference within a segment.
     Padding (segment 0) rows see earlier padding incl. themselves, so no row is empty (no NaN).
     """
     L = segment_ids.shape[1]
-    causal = jnp.arange(L)[:, None] >= jnp.arange(L)[None, :]
+    delta = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]
+    causal = delta >= 0
+    if window is not None:
+        causal = causal & (delta < window)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (causal[None] & same)[:, None]
+
+
+def attention_scale(cfg: ModelConfig) -> float:
+    """Score scale: query_pre_attn_scalar**-0.5 (Gemma) or head_dim**-0.5."""
+    base = cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar is not None else cfg.head_dim
+    return float(base) ** -0.5
 
 
 def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -99,16 +122,45 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
 
     jax.nn.dot_product_attention keeps logits and softmax in float32 (XLA path) and can
     dispatch to cuDNN flash attention with attention_impl='cudnn'. attention_impl='chunked'
-    runs the XLA path over query blocks of cfg.attention_chunk rows (see chunked_attention).
+    runs the same over query blocks of cfg.attention_chunk rows (see chunked_attention).
+    With cfg.attn_logit_softcap the scores go through softcapped_attention (jax's attention
+    has no soft-capping). Sliding windows are part of `mask`.
     """
+    scale, cap = attention_scale(cfg), cfg.attn_logit_softcap
     if cfg.attention_impl == "chunked":
-        return chunked_attention(q, k, v, mask, cfg.attention_chunk)
+        return chunked_attention(q, k, v, mask, cfg.attention_chunk, scale, cap)
+    if cap is not None:
+        return softcapped_attention(q, k, v, mask, scale, cap)
     impl = None if cfg.attention_impl in (None, "xla") else cfg.attention_impl
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+
+
+def softcapped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                         scale: float, cap: float) -> jax.Array:
+    """Attention with Gemma 2's score soft-capping: s = cap * tanh(q.k * scale / cap), then
+    the mask and a float32 softmax (as transformers' eager Gemma 2 attention).
+
+    q [B,T,N,Dh], k/v [B,S,K,Dh] with N a multiple of K, mask [B,1,T,S] -> [B,T,N,Dh].
+    """
+    B, T, N, Dh = q.shape
+    K = k.shape[2]
+    q_g = q.reshape(B, T, K, N // K, Dh)
+    s = jnp.einsum("btkgd,bskd->bkgts", q_g, k, preferred_element_type=jnp.float32) * scale
+    s = cap * jnp.tanh(s / cap)
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, N, Dh)
+
+
+def _dense_attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Array:
+    if cap is not None:
+        return softcapped_attention(q, k, v, mask, scale, cap)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                      chunk: int) -> jax.Array:
+                      chunk: int, scale: float | None = None,
+                      cap: float | None = None) -> jax.Array:
     """Exact attention over query blocks of `chunk` rows, each block rematerialised.
 
     The dense XLA path keeps the float32 scores and probabilities [B, N, T, S] of every layer
@@ -119,11 +171,13 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     one recomputed forward of the scores. Each query row still sees every key, so the
     softmax is the plain one (no online rescaling): same numbers as the dense path up to
     float summation order. T is padded to a multiple of chunk with fully visible rows, which
-    are dropped afterwards. T <= chunk falls back to the dense path.
+    are dropped afterwards. T <= chunk falls back to the dense path. scale None: head_dim**-0.5;
+    cap: the score soft-cap (softcapped_attention) or None.
     """
     B, T, N, Dh = q.shape
+    scale = float(Dh) ** -0.5 if scale is None else scale
     if T <= chunk:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return _dense_attention(q, k, v, mask, scale, cap)
     S = k.shape[1]
     mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
     n = -(-T // chunk)
@@ -137,7 +191,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     @jax.checkpoint
     def block(args):
         q_i, m_i = args
-        return jax.nn.dot_product_attention(q_i, k, v, mask=m_i)
+        return _dense_attention(q_i, k, v, m_i, scale, cap)
 
     out = jax.lax.map(block, (q_blocks, m_blocks))  # [n, B, c, N, Dh]
     return jnp.moveaxis(out, 0, 1).reshape(B, n * chunk, N, Dh)[:, :T]

@@ -68,16 +68,31 @@ class Model:
         onto the vocabulary in chunks, so the full [B, L, V] logits need never exist)."""
         return self._module(params)(input_ids_BL, positions_BL, segment_ids_BL)
 
-    def unembedding(self, params: Params) -> tuple[jax.Array, jax.Array | None]:
-        """LM head as [V, D] (the input embedding when tied) and its bias [V] or None."""
+    def unembedding(self, params: Params, *, caller_applies_softcap: bool = False
+                    ) -> tuple[jax.Array, jax.Array | None]:
+        """LM head as [V, D] (the input embedding when tied) and its bias [V] or None.
+
+        A config with `final_logit_softcap` (Gemma 2) needs the cap on the projected logits
+        (`project(..., softcap=cfg.final_logit_softcap)`); a caller that does so passes
+        caller_applies_softcap=True, any other caller gets a ValueError rather than the
+        log-probs of a different model.
+        """
+        if self.cfg.final_logit_softcap is not None and not caller_applies_softcap:
+            raise ValueError(
+                f"model config has final_logit_softcap={self.cfg.final_logit_softcap} (Gemma 2), "
+                "which this caller of Model.unembedding does not apply; apply it with "
+                "project(..., softcap=cfg.final_logit_softcap) and pass "
+                "caller_applies_softcap=True")
         w = params["embed"] if self.cfg.tie_embeddings else params["lm_head"]
         return w, params.get("lm_head_bias")
 
     def logits(self, params: Params, input_ids_BL: jax.Array, positions_BL: jax.Array,
                segment_ids_BL: jax.Array) -> jax.Array:
-        """Float32 logits [B, L, V]; convenience for tests and small models."""
+        """Float32 logits [B, L, V] (with the final soft-cap when the config has one);
+        convenience for tests and small models."""
         h = self.hidden(params, input_ids_BL, positions_BL, segment_ids_BL)
-        return project(h, *self.unembedding(params))
+        return project(h, *self.unembedding(params, caller_applies_softcap=True),
+                       softcap=self.cfg.final_logit_softcap)
 
     # -- sampling ----------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> D.Cache:
@@ -95,11 +110,15 @@ class Model:
         return self._module(params).decode(input_ids_BT, positions_BT, cache, segment_ids_BT)
 
 
-def project(h: jax.Array, w_VD: jax.Array, b_V: jax.Array | None = None) -> jax.Array:
-    """h [..., D] @ w[V, D]^T (+ b) with float32 accumulation and result."""
+def project(h: jax.Array, w_VD: jax.Array, b_V: jax.Array | None = None,
+            softcap: float | None = None) -> jax.Array:
+    """h [..., D] @ w[V, D]^T (+ b) with float32 accumulation and result; softcap (a model's
+    `final_logit_softcap`, Gemma 2): logits -> softcap * tanh(logits / softcap)."""
     # One 2-D matmul over the flattened rows (XLA:CPU is much slower on batched dots).
     logits = jnp.einsum("nd,vd->nv", h.reshape(-1, h.shape[-1]), w_VD.astype(h.dtype),
                         preferred_element_type=jnp.float32).reshape(*h.shape[:-1], -1)
     if b_V is not None:
         logits = logits + b_V.astype(jnp.float32)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     return logits

@@ -1,0 +1,252 @@
+"""Mistral's sliding window, Qwen3, Gemma 2, Gemma 3 and Phi-3 against tiny random transformers
+models (torch, float32, CPU): logits on padded and packed batches with sequences longer than
+the window, the export round trip, greedy sampling past the window, a DPO step, and the
+importer's refusal of config fields it does not implement."""
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from dpo_jax import sampling  # noqa: E402
+from dpo_jax.models import Model  # noqa: E402
+from dpo_jax.models.hf import hf_config_to_model_config, load_hf_config, load_hf_params, save_hf  # noqa: E402,E501
+
+torch.set_num_threads(2)
+
+WINDOW = 8
+BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+CASES = {
+    "mistral-window": ("MistralConfig", dict(head_dim=16, sliding_window=WINDOW)),
+    "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=False)),
+    "qwen3-tied-window": ("Qwen3Config", dict(
+        head_dim=16, tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW,
+        max_window_layers=1)),
+    # small soft-caps so that the tanh bends the scores and logits of these weights
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1000000.0}})),
+    "phi3": ("Phi3Config", dict(sliding_window=WINDOW, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+}
+LENS = [24, 17, 10]  # longest three times the window
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    L = max(LENS)
+    ids = rng.integers(3, 128, (len(LENS), L)).astype(np.int32)
+    mask = np.zeros_like(ids)
+    for b, n in enumerate(LENS):
+        mask[b, :n] = 1
+    return ids * mask, mask
+
+
+def _hf_logits(hf_model, ids, mask=None):
+    mask = np.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                       attention_mask=torch.tensor(mask, dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+def _rel_err(ours, ref, sel):
+    ours, ref = np.asarray(ours)[sel], ref[sel]
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def _assert_close(ours, ref, mask):
+    sel = mask.astype(bool)
+    scale = np.abs(ref[sel]).max()
+    np.testing.assert_allclose(np.asarray(ours)[sel], ref[sel], rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """name -> (dir, hf_model, reference logits of _batch) for each tiny random model."""
+    out = {}
+    ids, mask = _batch()
+    for name, (cls, kw) in CASES.items():
+        torch.manual_seed(0)
+        conf = getattr(transformers, cls)(**BASE, **kw)
+        model = transformers.AutoModelForCausalLM.from_config(
+            conf, attn_implementation="eager").eval()
+        with torch.no_grad():  # larger than init std so attention patterns are non-trivial
+            for p in model.parameters():
+                p.normal_(0.0, 0.2)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (str(path), model, _hf_logits(model, ids, mask))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(hf_dirs):
+    """name -> (cfg, params, jitted logits) imported from each directory."""
+    out = {}
+    for name, (path, _, _) in hf_dirs.items():
+        cfg = load_hf_config(path)
+        out[name] = (cfg, load_hf_params(path, cfg), jax.jit(Model(cfg).logits))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_match_transformers_padded_and_packed(name, hf_dirs, ours):
+    _, hf_model, ref = hf_dirs[name]
+    cfg, params, logits_fn = ours[name]
+    ids, mask = _batch()
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    logits = logits_fn(params, ids, pos, mask)
+    _assert_close(logits, ref, mask)
+    print(f"{name}: padded max relative error {_rel_err(logits, ref, mask.astype(bool)):.2e}")
+    # Packed: two sequences (each longer than the window) and padding in one row.
+    a, b = ids[0, :13], ids[1, :9]
+    row = np.concatenate([a, b, np.zeros(2, np.int32)])[None]
+    seg = np.array([[1] * 13 + [2] * 9 + [0, 0]], np.int32)
+    ppos = np.array([list(range(13)) + list(range(9)) + [0, 0]], np.int32)
+    packed = np.asarray(logits_fn(params, row, ppos, seg))
+    for piece, lo, hi in ((a, 0, 13), (b, 13, 22)):
+        want = _hf_logits(hf_model, piece[None])
+        _assert_close(packed[:, lo:hi], want, np.ones((1, hi - lo)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_roundtrip_reloads_in_transformers(name, hf_dirs, ours, tmp_path):
+    _, _, ref = hf_dirs[name]
+    cfg, params, _ = ours[name]
+    save_hf(str(tmp_path), cfg, params)
+    assert load_hf_config(str(tmp_path)) == cfg
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), attn_implementation="eager").eval()
+    ids, mask = _batch()
+    _assert_close(_hf_logits(back, ids, mask), ref, mask)
+
+
+def test_switches_resolved(ours):
+    mistral = ours["mistral-window"][0]
+    assert (mistral.family, mistral.sliding_window, mistral.sliding_layers) == (
+        "llama", WINDOW, (True, True))
+    q3 = ours["qwen3-tied-window"][0]
+    assert (q3.qk_norm, q3.qkv_bias, q3.tie_embeddings, q3.sliding_layers) == (
+        True, False, True, (False, True))
+    g2 = ours["gemma2"][0]
+    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.query_pre_attn_scalar,
+            g2.sliding_layers, g2.activation, g2.norm_unit_offset, g2.post_norms,
+            g2.embed_scale) == (5.0, 3.0, 24.0, (True, False), "gelu_tanh", True, True, True)
+    g3 = ours["gemma3"][0]
+    assert (g3.qk_norm, g3.local_rope_theta, g3.rope_theta, g3.rope_scaling,
+            g3.final_logit_softcap) == (True, 10000.0, 1000000.0, "linear", None)
+    phi = ours["phi3"][0]
+    assert (phi.family, phi.rotary_dim, phi.head_dim, phi.sliding_window) == (
+        "phi3", 4, 8, WINDOW)
+
+
+@pytest.mark.parametrize("name", ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_greedy_sampling_matches_generate_past_the_window(name, hf_dirs, ours):
+    """The KV-cache sampler's greedy continuation equals transformers.generate, rows of
+    different prompt lengths in one batch, generating well past the window."""
+    _, hf_model, _ = hf_dirs[name]
+    cfg, params, _ = ours[name]
+    ids, _ = _batch()
+    lens, new = [5, 3], 14
+    prompt = np.zeros((2, max(lens)), np.int32)
+    for b, n in enumerate(lens):
+        prompt[b, :n] = ids[b, :n]
+    eos = 127
+    got = sampling.generate(Model(cfg), params, prompt, np.array(lens), jax.random.key(0),
+                            sampling.SamplingConfig(max_new_tokens=new, temperature=0.0,
+                                                    eos_id=eos, pad_id=0))
+    for b, n in enumerate(lens):
+        with torch.no_grad():
+            want = hf_model.generate(torch.tensor(prompt[b:b + 1, :n], dtype=torch.long),
+                                     max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=0).numpy()[0, n:]
+        k = int(got.lengths_B[b])
+        assert n + k > WINDOW
+        np.testing.assert_array_equal(np.asarray(got.tokens_BT)[b, n:n + k], want[:k])
+
+
+@pytest.mark.parametrize("name", ["mistral-window", "qwen3", "gemma3", "phi3"])
+def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
+    """One DPO train step (dpo_jax.step.make_train_step) on the imported model: the policy
+    log-probs it reports equal PyTorch's on the same batch, and the parameters move."""
+    from tests import helpers
+    from dpo_jax.step import make_train_step
+
+    _, hf_model, _ = hf_dirs[name]
+    cfg, params, _ = ours[name]
+    model = Model(cfg)
+    tx, schedule = helpers.optimizer(lr=1e-3)
+    state = helpers.train_state(model, params, tx, ref_params=helpers.perturbed(params, 0.02))
+    batch_np = helpers.pair_batch(helpers.synthetic_pairs(8))
+    assert batch_np["input_ids"].shape[1] > WINDOW
+    batch, num_scored = helpers.device_batch(batch_np)
+    step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.1), tx, schedule,
+                                   helpers.step_config()), static_argnums=2)
+    new_state, metrics = step(state, batch, num_scored)
+    with torch.no_grad():
+        logits = _hf_logits(hf_model, batch_np["input_ids"],
+                            (batch_np["segment_ids"] > 0).astype(np.int64)).astype(np.float64)
+    logp = torch.log_softmax(torch.tensor(logits[:, :-1]), -1).numpy()
+    tok = np.take_along_axis(logp, batch_np["input_ids"][:, 1:, None], axis=-1)[..., 0]
+    seq = (tok * batch_np["loss_mask"][:, 1:]).sum(1)
+    B = len(batch_np["pair_weight"])
+    assert float(metrics["logps/chosen"]) == pytest.approx(seq[:B].mean(), rel=1e-4)
+    assert float(metrics["logps/rejected"]) == pytest.approx(seq[B:].mean(), rel=1e-4)
+    assert np.isfinite(float(metrics["loss"]))
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         new_state.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_final_softcap_is_never_dropped(ours):
+    """Gemma 2's final logit soft-cap: Model.logits applies it; a log-prob path that calls
+    Model.unembedding without applying it is refused."""
+    cfg, params, _ = ours["gemma2"]
+    with pytest.raises(ValueError, match="final_logit_softcap=3.0"):
+        Model(cfg).unembedding(params)
+
+
+def _config(name):
+    cls, kw = CASES[name]
+    return getattr(transformers, cls)(**BASE, **kw).to_dict()
+
+
+@pytest.mark.parametrize("name, field, value, match", [
+    ("mistral-window", "use_fancy_attention", True, "'use_fancy_attention' = True"),
+    ("qwen3", "use_mrope", True, "'use_mrope' = True"),
+    ("gemma3", "use_bidirectional_attention", True, "'use_bidirectional_attention' = True"),
+    ("mistral-window", "attention_bias", True, "'attention_bias' = True"),
+    ("phi3", "rope_parameters", {"rope_type": "longrope", "short_factor": [1.0] * 2,
+                                 "long_factor": [1.0] * 2, "rope_theta": 1e4}, "'longrope'"),
+    ("mistral-window", "rope_parameters", {"rope_type": "linear", "factor": 2.0,
+                                           "rope_theta": 1e4, "beta_fast": 32},
+     r"\['beta_fast'\]"),
+    ("gemma2", "layer_types", ["sliding_attention", "chunked_attention"], "chunked_attention"),
+    ("mistral-window", "model_type", "mixtral", "'mixtral'"),
+])
+def test_unimplemented_config_fields_are_refused(name, field, value, match):
+    c = _config(name)
+    hf_config_to_model_config(c)  # the untouched config imports
+    with pytest.raises(ValueError, match=match):
+        hf_config_to_model_config({**c, field: value})
+
+
+def test_export_refuses_what_the_model_type_cannot_express(ours, tmp_path):
+    import dataclasses
+
+    cfg, params, _ = ours["mistral-window"]
+    # Mistral has no per-layer types: a Llama-family model with one full layer cannot export.
+    mixed = dataclasses.replace(cfg, layer_types=("sliding", "full"))
+    with pytest.raises(ValueError, match="layer_types"):
+        save_hf(str(tmp_path), mixed, params)
+    assert not (tmp_path / "model.safetensors").exists()
