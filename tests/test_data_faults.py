@@ -159,10 +159,17 @@ def _pairs(*rows):
             for r in rows]
 
 
-def test_added_chat_tokens_outside_the_embedding_table():
-    """The issue's case in small: a GPT-2-style tokenizer with two added chat tokens (ids V,
-    V+1) and a model with the base vocabulary V."""
-    tok = gpt2_style_tokenizer()
+@pytest.mark.parametrize("name", ["gpt2_local", "gpt2_real"])
+def test_added_chat_tokens_outside_the_embedding_table(name):
+    """The issue's case: a GPT-2 tokenizer with two added chat tokens (ids V, V+1; 50257 and
+    50258 for the real one) and a model with the base vocabulary V."""
+    if name == "gpt2_real":
+        root = find_shared_data(__file__)
+        if root is None or not (root / "gpt2_tokenizer").is_dir():
+            pytest.skip("shared GPT-2 tokenizer absent")
+        tok = load_tokenizer(str(root / "gpt2_tokenizer"))
+    else:
+        tok = gpt2_style_tokenizer()
     base = len(tok)
     tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
     pairs, _ = _encode(tok, [RawPair("<|user|> hi <|assistant|>", " yes", " no")])
