@@ -1,5 +1,6 @@
-"""Decoder-only transformers (GPT-2, GPT-NeoX, GPT-J, Llama/Mistral/Qwen2) in flax.nnx, exposed
-as pure functions over nested-dict parameters (see ARCHITECTURE.md)."""
+"""Decoder-only transformers (GPT-2, GPT-NeoX, GPT-J, Llama/Mistral/Qwen2, Qwen3, Gemma 2/3,
+Phi-3) in flax.nnx, exposed as pure functions over nested-dict parameters (see ARCHITECTURE.md
+and docs/models.md)."""
 
 from dpo_jax.models.config import (
     PRESETS,
