@@ -25,9 +25,12 @@ Variants = dict[str, tuple[str, str, ml_collections.ConfigDict]]
 
 
 def _pair_data(exp: Experiment, path: str, **extra) -> dict:
-    """``data`` block of a run on pairs at ``path`` (generic jsonl), sized to the prefixes."""
+    """``data`` block of a run on pairs at ``path`` (generic jsonl), sized to the prefixes.
+    Sampled completions whose first token merges with the prefix's last one have no exact
+    prompt/response boundary: they are skipped and counted (summary: bad_rows_skipped)."""
     c = exp.imdb
     return dict({"source": "generic", "path": path, "tokenizer": exp.tokenizer_dir,
+                 "on_bad_row": "skip",
                  "max_length": int(c.max_prefix_tokens) + int(c.max_new_tokens) + 2,
                  "max_prompt_length": int(c.max_prefix_tokens) + 1}, **extra)
 
