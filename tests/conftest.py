@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices so mesh shapes (8,1,1), (1,8,1), (2,2,2) are testable anywhere."""
 
 import os
+import tempfile
 
 # The concurrency-optimised CPU scheduler lets fake devices reach independent collectives in
 # different orders, which deadlocks XLA:CPU's rendezvous on a 2-core machine (seen with FSDP
@@ -11,6 +12,12 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole suite (and its xdist workers): most tests
+# build tiny runs that compile the same programs, which then compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"dpo_jax_test_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
