@@ -1,48 +1,27 @@
 """PPO task: learns a bandit-like reward; PPO and PPO-GT differ only in the reward callable;
-rollouts and prompts."""
+rewards, prompts and the value head's reach into the trunk.
+
+End-to-end tests run ``dpo_jax.ppo.run.train_and_evaluate`` on ``tests/runs.py``'s tiny PPO
+config; the value-head test calls ``dpo_jax.ppo.step.forward`` on a tiny model. Exact resume
+(with the adaptive KL coefficient): ``tests/test_resume.py``."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpo_jax import sharding as shard_lib
 from dpo_jax.data import synthetic
 from dpo_jax.data.prompts import PromptStream
+from dpo_jax.models import Model
 from dpo_jax.ppo import core
-from dpo_jax.ppo.config import default_ppo_config
-from dpo_jax.ppo.rewards import synthetic_true_reward
-from dpo_jax.ppo.run import PPORun
-from dpo_jax.config import base_config
-from tests._interrupt import train_until_killed
+from dpo_jax.ppo import run as ppo_run
+from dpo_jax.ppo import step as ppo_step
+from dpo_jax.ppo.rewards import build_reward, synthetic_true_reward, with_final_eos
+from dpo_jax.reward_model import RewardModel
+from tests import helpers, runs
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-def ppo_config(steps=2, **ppo):
-    c = base_config()
-    c.task = "ppo"
-    c.ppo = default_ppo_config()
-    c.ppo.reward = "synthetic"
-    c.ppo.max_new_tokens = 8
-    c.ppo.max_prompts = 128
-    c.ppo.epochs = 2
-    c.ppo.minibatches = 2
-    c.ppo.init_kl_coef = 0.05
-    for k, v in ppo.items():
-        c.ppo[k] = v
-    c.model.overrides.n_layer = 1
-    c.model.overrides.d_model = 64
-    c.model.overrides.d_ff = 128
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 0
-    c.optim.max_grad_norm = 1.0
-    c.train.steps = steps
-    c.train.batch_size = 32
-    c.train.eval_every = 0
-    c.train.log_every = 1
-    c.train.checkpoint_every = 0
-    c.train.async_checkpointing = False
-    return c
 
 
 def liked_fraction(samples):
@@ -82,12 +61,20 @@ def test_prompt_stream_resumes():
 
 
 def test_ppo_increases_a_bandit_reward_and_starts_at_zero_kl(tmp_path):
-    c = ppo_config(steps=14)
-    run = PPORun(c, str(tmp_path), reward_fn=liked_fraction)
-    summary = run.train()
-    import json
-    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    c = runs.ppo_config(steps=14, batch_size=32)
+    c.model.overrides.d_model = 64
+    c.model.overrides.d_ff = 128
+    c.optim.warmup_steps = 0
+    c.ppo.max_new_tokens = 8
+    c.ppo.max_prompts = 128
+    c.ppo.epochs = 2
+    c.ppo.init_kl_coef = 0.05
+    c.ppo.target_kl = 6.0  # trl's controller: beta stays near its start over 14 iterations
+    c.ppo.kl_horizon = 10000
+    summary = ppo_run.train_and_evaluate(c, str(tmp_path), reward_fn=liked_fraction)
+    recs = runs.records(tmp_path)
     rewards = [r["env/reward_mean"] for r in recs]
+    assert len(rewards) == 14
     assert recs[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
     assert recs[0]["value/mean"] == 0.0  # zero-initialised value head
     # Random init: about 31 of 127 tokens are multiples of 4 (~0.24).
@@ -100,73 +87,43 @@ def test_ppo_increases_a_bandit_reward_and_starts_at_zero_kl(tmp_path):
 
 
 def test_ppo_and_ppo_gt_share_everything_but_the_reward(tmp_path):
-    """PPO (a trained reward model restored from its run) and PPO-GT (the synthetic task's true
-    reward): same class and step function, identical update given the same scores."""
-    from dpo_jax.reward_model import RewardRun
+    """PPO (``ppo.reward='model'``: a trained reward model restored from its run) and PPO-GT
+    (``'synthetic'``: the task's true reward) differ only in the reward callable: the PPO-GT
+    config given the learned reward as ``reward_fn`` trains exactly as the PPO config does."""
+    rm = runs.reward_config(steps=1)
+    rm.optim.warmup_steps = 0  # the head leaves its zero init in the one step
+    runs.run(rm, tmp_path / "rm")
 
-    rm = ppo_config(steps=1)
-    rm.task = "reward"
-    del rm.ppo
-    rm.train.eval_every = 0
-    RewardRun(rm, str(tmp_path / "rm")).train()
-    gt = PPORun(ppo_config(), str(tmp_path / "gt"))
-    learned = PPORun(ppo_config(reward="model", reward_model=str(tmp_path / "rm")),
-                     str(tmp_path / "learned"))
-    assert type(gt) is type(learned)
-    assert gt.make_train_step().__qualname__ == learned.make_train_step().__qualname__
-    prompts = next(iter(gt.train_data))
-    batch_gt, _ = gt.rollout(prompts, jax.random.key(0))
-    batch_rm, _ = learned.rollout(prompts, jax.random.key(0))
-    np.testing.assert_array_equal(batch_gt["tokens"], batch_rm["tokens"])
-    assert np.std(np.asarray(batch_rm["scores"])) > 0  # the restored head is not the zero init
-    assert not np.allclose(batch_gt["scores"], batch_rm["scores"])
-    batch_rm["scores"] = batch_gt["scores"]
-    for run, batch in ((gt, batch_gt), (learned, batch_rm)):
-        batch["kl_coef"] = jnp.float32(0.05)
-        run.state, _ = run._train_step(run.state, batch, None)
-    for a, b in zip(jax.tree.leaves(jax.device_get(gt.state.params)),
-                    jax.tree.leaves(jax.device_get(learned.state.params))):
-        np.testing.assert_array_equal(a, b)
+    learned = runs.ppo_config(steps=2)
+    learned.ppo.reward = "model"
+    learned.ppo.reward_model = str(tmp_path / "rm")
+    runs.run(learned, tmp_path / "learned")
 
+    gt = runs.ppo_config(steps=2)
+    assert gt.ppo.reward == "synthetic"
+    mesh = shard_lib.make_mesh(dict(gt.mesh.shape))
+    learned_fn, gt_fn = build_reward(learned, mesh=mesh), build_reward(gt, mesh=mesh)
+    scored = []
 
-def test_ppo_resume_after_interruption_equals_uninterrupted_run(tmp_path):
-    """Killed right after the checkpoint at iteration 2, a resumed run continues with the same
-    params, optimizer state, prompt position and adaptive KL coefficient: the final params and
-    the metric log are those of the uninterrupted run, bit for bit."""
-    import json
+    def learned_reward(samples):
+        scores = learned_fn(samples)
+        scored.append((np.asarray(gt_fn(samples)), np.asarray(scores)))
+        return scores
 
-    def config():
-        c = ppo_config(steps=4, adaptive_kl=True, target_kl=0.5, kl_horizon=64)
-        c.train.checkpoint_every = 2
-        return c
-
-    full = PPORun(config(), str(tmp_path / "full"), reward_fn=liked_fraction)
-    full.train()
-    want_log = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
-    coefs = [r["objective/kl_coef"] for r in want_log]
-    assert len(set(coefs)) == len(coefs), coefs  # the controller moved beta every iteration
-
-    train_until_killed(PPORun(config(), str(tmp_path / "cut"), reward_fn=liked_fraction), 3)
-
-    resumed = PPORun(config(), str(tmp_path / "cut"), reward_fn=liked_fraction)
-    assert resumed.start_step == 2
-    assert resumed.kl_controller.value == pytest.approx(coefs[2], rel=1e-6)
-    resumed.train()
-    for a, b in zip(jax.tree.leaves(jax.device_get(full.state.params)),
-                    jax.tree.leaves(jax.device_get(resumed.state.params))):
-        np.testing.assert_array_equal(a, b)
-    got_log = [json.loads(x) for x in open(tmp_path / "cut" / "metrics.jsonl")]
-    assert [r["step"] for r in got_log] == [r["step"] for r in want_log]
-    for g, w in zip(got_log, want_log):
-        assert {k: v for k, v in g.items() if k != "iteration_s"} == \
-            {k: v for k, v in w.items() if k != "iteration_s"}
+    ppo_run.train_and_evaluate(gt, str(tmp_path / "gt"), reward_fn=learned_reward)
+    runs.assert_same_params(runs.final_params(gt, tmp_path / "gt"),
+                            runs.final_params(learned, tmp_path / "learned"))
+    assert (runs.without_timing(runs.records(tmp_path / "gt"))
+            == runs.without_timing(runs.records(tmp_path / "learned")))
+    assert len(scored) == 2
+    for gt_scores, learned_scores in scored:
+        assert np.std(learned_scores) > 0  # the restored head is not the zero init
+        assert not np.allclose(gt_scores, learned_scores)
 
 
 def test_learned_reward_scores_truncated_rollouts_with_a_final_eos():
     """A rollout cut at the length bound gets the EOS the reward model saw in training; a row
     that already ended in EOS, and an empty completion, are left alone."""
-    from dpo_jax.ppo.rewards import with_final_eos
-
     eos = 0
     tokens = jnp.array([[5, 6, 7, 8, 9],    # prompt 5 6, completion 7 8 9 (bound hit)
                         [5, 7, 0, 0, 0],    # prompt 5, completion 7 EOS
@@ -177,26 +134,40 @@ def test_learned_reward_scores_truncated_rollouts_with_a_final_eos():
     np.testing.assert_array_equal(m, [[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
 
 
-def test_detached_value_head_keeps_the_value_loss_out_of_the_trunk(tmp_path):
+def _rollout_batch(B=4, max_prompt=3, n=4, vocab=128, seed=0):
+    """A rollout batch as PPO's step reads it: right-padded ``tokens [B, max_prompt + n]``,
+    each row's prompt then 1..n completion tokens (``completion_mask``), ``prompt_lengths``."""
+    rng = np.random.default_rng(seed)
+    prompt_lengths = rng.integers(1, max_prompt + 1, B).astype(np.int32)
+    tokens = np.zeros((B, max_prompt + n), np.int32)
+    mask = np.zeros((B, max_prompt + n), np.float32)
+    for b, p in enumerate(prompt_lengths):
+        k = int(rng.integers(1, n + 1))
+        tokens[b, :p + k] = rng.integers(1, vocab, p + k)
+        mask[b, p:p + k] = 1
+    return {"tokens": jnp.asarray(tokens), "completion_mask": jnp.asarray(mask),
+            "prompt_lengths": jnp.asarray(prompt_lengths)}
+
+
+def test_detached_value_head_keeps_the_value_loss_out_of_the_trunk():
     """``ppo.detach_value_head``: the value loss trains the head only; shared (default), it
     reaches the decoder too."""
-    from dpo_jax.ppo import step as ppo_step
-
-    run = PPORun(ppo_config(steps=1), str(tmp_path), reward_fn=liked_fraction)
-    batch, _ = run.rollout(next(iter(run.train_data)), jax.random.key(0))
-    n = run.ppo_cfg.max_new_tokens
+    model = RewardModel(Model(helpers.tiny_model_config(n_layer=1)))
+    n = 4
+    batch = _rollout_batch(n=n)
     _, _, mask = ppo_step.completion_view(batch, n)
-    returns = jnp.ones(mask.shape)  # any target the zero-initialised head misses
+    returns = jnp.ones(mask.shape)  # any target the head misses
 
     def value_loss(params, detach):
-        _, values, _ = ppo_step.forward(run.model, params, batch, n, detach_value=detach)
+        _, values, _ = ppo_step.forward(model, params, batch, n, detach_value=detach)
         return core.masked_mean((values - returns) ** 2, mask)
 
     # A non-zero head (the zero init passes no gradient to the trunk either way).
-    params = dict(run.state.params, value_head=jax.tree.map(
-        lambda x: jnp.full_like(x, 0.1), run.state.params["value_head"]))
+    params = {"decoder": helpers.init_params(model.decoder),
+              "value_head": jax.tree.map(lambda x: jnp.full_like(x, 0.1), model.init_head())}
+    grad = jax.jit(jax.grad(value_loss), static_argnums=1)
     for detach in (True, False):
-        g = jax.grad(value_loss)(params, detach)
+        g = grad(params, detach)
         trunk = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g["decoder"]))
         head = float(jnp.max(jnp.abs(g["value_head"]["kernel"])))
         assert head > 0
