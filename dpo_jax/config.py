@@ -137,6 +137,11 @@ class TrainConfig:
     async_checkpointing: bool
     on_nonfinite: str
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The data splits a run reads: 'eval' only when it evaluates."""
+        return ("train", "eval") if self.eval_every else ("train",)
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSources:

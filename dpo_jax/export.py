@@ -17,7 +17,7 @@ import ml_collections
 from absl import app, flags
 
 from dpo_jax import checkpoint as ckpt_lib
-from dpo_jax.models import Model
+from dpo_jax.models import Model, model_config_from
 from dpo_jax.models.hf import save_hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to export from.", required=True)
@@ -27,20 +27,18 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
 
 def export_run(workdir: str, out: str, step: int | None = None) -> str:
     """Export ``workdir``'s policy at ``step`` to ``out``; returns ``out``."""
-    from dpo_jax.train import model_config  # the run's exact ModelConfig rules
-
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a dpo_jax run directory?")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    model = Model(model_config(config))
+    model = Model(model_config_from(config.model))
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
                         model.abstract_params())
     params = ckpt_lib.restore_params(workdir, like, step=step)
     tokenizer = None
-    name = config.data.get("tokenizer") or config.model.get("hf_path")
+    name = config.data.tokenizer or config.model.hf_path
     if name:
         from dpo_jax.data import load_tokenizer
 

@@ -59,6 +59,31 @@ def device_batch(batch_np: Mapping[str, np.ndarray], mesh, scored_only: bool):
     return to_global(batch_np, shard_lib.batch_shardings(batch_np, mesh)), bound
 
 
+def jit_train_step(step, state):
+    """``step(state, batch, max_scored)`` jitted with ``state``'s shardings in and out, the
+    state donated and the bound static: compiled once per batch shape."""
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None),
+                   donate_argnums=0, static_argnums=2)
+
+
+def host_step(train_step, mesh, scored_only: bool):
+    """``step_fn(state, host_batch)`` for :func:`train`: the batch moved onto ``mesh``."""
+    return lambda state, batch_np: train_step(state, *device_batch(batch_np, mesh, scored_only))
+
+
+def evaluator(eval_step, batches, mesh, scored_only: bool,
+              finalize: Callable[[dict[str, float]], dict[str, float]] | None = None):
+    """``evaluate(state)`` for :func:`train`: :func:`reduce_eval` of
+    ``eval_step(state, batch, max_scored)`` sums over ``batches`` (None: no evaluation)."""
+    if batches is None:
+        return None
+    jitted = jax.jit(eval_step, static_argnums=2)
+    return lambda state: reduce_eval(
+        lambda b: jitted(state, *device_batch(b, mesh, scored_only)), batches,
+        finalize or weighted_means)
+
+
 def weighted_means(totals: dict[str, float]) -> dict[str, float]:
     """Sums divided by their ``weight`` entry (padding pairs weigh 0)."""
     totals = dict(totals)

@@ -27,7 +27,7 @@ from dpo_jax.config import read_config
 from dpo_jax.models import Model
 from dpo_jax.optim import apply_gradients, make_optimizer
 from dpo_jax.state import TrainState
-from dpo_jax.workdir import open_run
+from dpo_jax.workdir import RunDir, task
 
 Params = dict[str, Any]
 
@@ -163,41 +163,29 @@ def restore_reward_model(run_dir: str, model: RewardModel, shardings) -> Params:
     return ckpt_lib.restore_params(run_dir, state_lib.abstract(model.abstract_params(), shardings))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+@task
+def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                        interrupt_after: int | None = None) -> dict[str, Any]:
-    """Bradley-Terry reward-model training on the preference pipeline (``config.task='reward'``);
-    ``config.init.policy`` (e.g. the SFT run) initialises the decoder, the head starts at 0."""
-    with open_run(config, workdir) as run:
-        if run.finished:
-            return run.summary
-        rc = read_config(config)
-        if rc.optim.grad_accum != 1:
-            raise ValueError("task 'reward' does not accumulate gradients; set optim.grad_accum=1")
-        mesh = shard_lib.make_mesh(rc.mesh_shape)
-        model = RewardModel(Model(rc.model))
-        tx, schedule = make_optimizer(rc.optim, rc.train.steps)
-        shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-        state = state_lib.create_state(init_params(model, shardings, rc.sources), tx, mesh,
-                                       shardings)
-        splits = ("train", "eval") if rc.train.eval_every else ("train",)
-        data = streams.preference_streams(rc, splits, model_cfg=model.config, mesh=mesh)
+    """Bradley-Terry reward-model training on the preference pipeline (``config.task='reward'``),
+    called as ``train_and_evaluate(config, workdir)``; ``config.init.policy`` (e.g. the SFT run)
+    initialises the decoder, the head starts at 0."""
+    rc = read_config(config)
+    if rc.optim.grad_accum != 1:
+        raise ValueError("task 'reward' does not accumulate gradients; set optim.grad_accum=1")
+    mesh = shard_lib.make_mesh(rc.mesh_shape)
+    model = RewardModel(Model(rc.model))
+    tx, schedule = make_optimizer(rc.optim, rc.train.steps)
+    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
+    state = state_lib.create_state(init_params(model, shardings, rc.sources), tx, mesh, shardings)
+    data = streams.preference_streams(rc, rc.train.splits, model_cfg=model.config, mesh=mesh)
 
-        shardings_of = jax.tree.map(lambda x: x.sharding, state)
-        train_step = jax.jit(make_reward_train_step(model, tx, schedule, rc.train.on_nonfinite),
-                             in_shardings=(shardings_of, None), out_shardings=(shardings_of, None),
-                             donate_argnums=0, static_argnums=2)
-        eval_step = jax.jit(make_reward_eval_step(model))
-
-        def step_fn(state, batch_np):
-            return train_step(state, *loop.device_batch(batch_np, mesh, False))
-
-        def evaluate(state):
-            return loop.reduce_eval(
-                lambda b: eval_step(state.params, loop.device_batch(b, mesh, False)[0]),
-                data["eval"])
-
-        return loop.train(run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn,
-                          train_data=data["train"],
-                          evaluate=evaluate if "eval" in data else None,
-                          report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-                          interrupt_after=interrupt_after)
+    train_step = loop.jit_train_step(
+        make_reward_train_step(model, tx, schedule, rc.train.on_nonfinite), state)
+    eval_step = make_reward_eval_step(model)
+    return loop.train(
+        run, state, cfg=rc.train, mesh=mesh, step_fn=loop.host_step(train_step, mesh, False),
+        train_data=data["train"],
+        evaluate=loop.evaluator(lambda s, b, n: eval_step(s.params, b), data.get("eval"), mesh,
+                                False),
+        report=lambda: {"data": {k: s.stats for k, s in data.items()}},
+        interrupt_after=interrupt_after)

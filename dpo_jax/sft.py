@@ -36,7 +36,7 @@ from dpo_jax import streams
 from dpo_jax.config import read_config
 from dpo_jax.models import Model
 from dpo_jax.optim import apply_gradients, make_optimizer
-from dpo_jax.workdir import open_run
+from dpo_jax.workdir import RunDir, task
 from dpo_jax.data.text import TextPipeline, load_examples
 from dpo_jax.logprobs import compact_scored, token_logps
 
@@ -160,62 +160,50 @@ def _check(config, rc) -> None:
                          "model; set it to False")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+@task
+def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                        interrupt_after: int | None = None) -> dict[str, Any]:
-    """Train and evaluate an SFT / Unlikelihood run in ``workdir``; returns its summary.
+    """Train and evaluate an SFT / Unlikelihood run; called as
+    ``train_and_evaluate(config, workdir)``, returns its summary.
 
     Raises ValueError for settings the task cannot honour (gradient accumulation, a
     precomputed reference)."""
-    with open_run(config, workdir) as run:
-        if run.finished:
-            return run.summary
-        rc = read_config(config)
-        sft = SFTConfig.from_config(config.sft)
-        _check(config, rc)
-        mesh = shard_lib.make_mesh(rc.mesh_shape)
-        model = Model(rc.model)
-        tx, schedule = make_optimizer(rc.optim, rc.train.steps)
-        shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-        state = state_lib.create_state(state_lib.init_policy(model, shardings, rc.sources), tx,
-                                       mesh, shardings)
+    rc = read_config(config)
+    sft = SFTConfig.from_config(config.sft)
+    _check(config, rc)
+    mesh = shard_lib.make_mesh(rc.mesh_shape)
+    model = Model(rc.model)
+    tx, schedule = make_optimizer(rc.optim, rc.train.steps)
+    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
+    state = state_lib.create_state(state_lib.init_policy(model, shardings, rc.sources), tx,
+                                   mesh, shardings)
 
-        splits = ("train", "eval") if rc.train.eval_every else ("train",)
-        if sft.objective == "unlikelihood":
-            data = streams.preference_streams(rc, splits, model_cfg=model.cfg, mesh=mesh)
-        else:
-            data = {}
-            sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
-            for split in splits:
-                examples, pad_id = load_examples(config, split)
-                streams.check_fits([{"prompt": e["prompt"], "chosen": e["response"],
-                                     "rejected": e["response"]} for e in examples],
-                                   model.cfg, pad_id=pad_id, where=f"sft split {split!r}")
-                data[split] = TextPipeline(
-                    examples, rc.data, train=split == "train", global_batch_size=sizes[split],
-                    target=sft.target, process_index=jax.process_index(),
-                    process_count=jax.process_count(), seed=rc.seed, pad_id=pad_id,
-                    row_multiple=shard_lib.num_batch_shards(mesh))
+    if sft.objective == "unlikelihood":
+        data = streams.preference_streams(rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh)
+    else:
+        data = {}
+        sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
+        for split in rc.train.splits:
+            examples, pad_id = load_examples(config, split)
+            streams.check_fits([{"prompt": e["prompt"], "chosen": e["response"],
+                                 "rejected": e["response"]} for e in examples],
+                               model.cfg, pad_id=pad_id, where=f"sft split {split!r}")
+            data[split] = TextPipeline(
+                examples, rc.data, train=split == "train", global_batch_size=sizes[split],
+                target=sft.target, process_index=jax.process_index(),
+                process_count=jax.process_count(), seed=rc.seed, pad_id=pad_id,
+                row_multiple=shard_lib.num_batch_shards(mesh))
 
-        shardings_of = jax.tree.map(lambda x: x.sharding, state)
-        alpha, lp_cfg = sft.unlikelihood_alpha, rc.step.logprobs
-        train_step = jax.jit(
-            make_sft_train_step(model, sft.objective, alpha, tx, schedule, lp_cfg,
-                                rc.train.on_nonfinite),
-            in_shardings=(shardings_of, None), out_shardings=(shardings_of, None),
-            donate_argnums=0, static_argnums=2)
-        sums_fn = unlikelihood_sums if sft.objective == "unlikelihood" else nll_sums
-        eval_sums = jax.jit(lambda p, b, n: sums_fn(model, p, b, lp_cfg, n), static_argnums=2)
-
-        def step_fn(state, batch_np):
-            return train_step(state, *loop.device_batch(batch_np, mesh, lp_cfg.scored_only))
-
-        def evaluate(state):
-            return loop.reduce_eval(
-                lambda b: eval_sums(state.params, *loop.device_batch(b, mesh, lp_cfg.scored_only)),
-                data["eval"], finalize=lambda t: {k: float(v) for k, v in ratios(t, alpha).items()})
-
-        return loop.train(run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn,
-                          train_data=data["train"],
-                          evaluate=evaluate if "eval" in data else None,
-                          report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-                          interrupt_after=interrupt_after)
+    alpha, lp_cfg = sft.unlikelihood_alpha, rc.step.logprobs
+    train_step = loop.jit_train_step(
+        make_sft_train_step(model, sft.objective, alpha, tx, schedule, lp_cfg,
+                            rc.train.on_nonfinite), state)
+    sums_fn = unlikelihood_sums if sft.objective == "unlikelihood" else nll_sums
+    return loop.train(
+        run, state, cfg=rc.train, mesh=mesh,
+        step_fn=loop.host_step(train_step, mesh, lp_cfg.scored_only), train_data=data["train"],
+        evaluate=loop.evaluator(
+            lambda s, b, n: sums_fn(model, s.params, b, lp_cfg, n), data.get("eval"), mesh,
+            lp_cfg.scored_only, finalize=lambda t: {k: float(v) for k, v in ratios(t, alpha).items()}),
+        report=lambda: {"data": {k: s.stats for k, s in data.items()}},
+        interrupt_after=interrupt_after)

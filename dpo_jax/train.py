@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import ml_collections
 
 from dpo_jax import loop
@@ -21,53 +20,41 @@ from dpo_jax.config import read_config
 from dpo_jax.models import Model
 from dpo_jax.optim import make_optimizer
 from dpo_jax.step import make_eval_step, make_train_step
-from dpo_jax.workdir import open_run
+from dpo_jax.workdir import RunDir, task
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+@task
+def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                        interrupt_after: int | None = None) -> dict[str, Any]:
-    """Train and evaluate a DPO-family run in ``workdir``; returns its summary (also in
-    ``summary.json``). ``interrupt_after``: see :func:`dpo_jax.loop.train`."""
-    with open_run(config, workdir) as run:
-        if run.finished:
-            return run.summary
-        rc = read_config(config)
-        loss_cfg = losses_lib.loss_config_from(config.loss)
-        mesh = shard_lib.make_mesh(rc.mesh_shape)
-        model = Model(rc.model)
-        tx, schedule = make_optimizer(rc.optim, rc.train.steps)
-        shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-        params = state_lib.init_policy(model, shardings, rc.sources)
-        needs_ref = losses_lib.needs_reference(loss_cfg)
-        ref_params = state_lib.init_reference(model, shardings, rc.sources, params) if needs_ref else None
+    """Train and evaluate a DPO-family run; called as ``train_and_evaluate(config, workdir)``,
+    returns its summary (also in ``summary.json``). ``interrupt_after``: see
+    :func:`dpo_jax.loop.train`."""
+    rc = read_config(config)
+    loss_cfg = losses_lib.loss_config_from(config.loss)
+    mesh = shard_lib.make_mesh(rc.mesh_shape)
+    model = Model(rc.model)
+    tx, schedule = make_optimizer(rc.optim, rc.train.steps)
+    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
+    params = state_lib.init_policy(model, shardings, rc.sources)
+    needs_ref = losses_lib.needs_reference(loss_cfg)
+    ref_params = state_lib.init_reference(model, shardings, rc.sources, params) if needs_ref else None
 
-        splits = ("train", "eval") if rc.train.eval_every else ("train",)
-        data = streams.preference_streams(
-            rc, splits, model_cfg=model.cfg, mesh=mesh,
-            reference=(model, ref_params, run.file("reference_logps"))
-            if needs_ref and rc.precompute_reference else None)
-        if rc.precompute_reference:
-            ref_params = None  # the stored log-probs replace the reference forward
-        state = state_lib.create_state(params, tx, mesh, shardings, ref_params)
+    data = streams.preference_streams(
+        rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh,
+        reference=(model, ref_params, run.file("reference_logps"))
+        if needs_ref and rc.precompute_reference else None)
+    if rc.precompute_reference:
+        ref_params = None  # the stored log-probs replace the reference forward
+    state = state_lib.create_state(params, tx, mesh, shardings, ref_params)
 
-        shardings_of = jax.tree.map(lambda x: x.sharding, state)
-        train_step = jax.jit(
-            make_train_step(model, loss_cfg, tx, schedule, rc.step, rc.train.on_nonfinite),
-            in_shardings=(shardings_of, None), out_shardings=(shardings_of, None),
-            donate_argnums=0, static_argnums=2)
-        eval_step = jax.jit(make_eval_step(model, loss_cfg, rc.step), static_argnums=3)
-        scored_only = rc.step.logprobs.scored_only
-
-        def step_fn(state, batch_np):
-            return train_step(state, *loop.device_batch(batch_np, mesh, scored_only))
-
-        def evaluate(state):
-            return loop.reduce_eval(
-                lambda b: eval_step(state.params, state.ref_params,
-                                    *loop.device_batch(b, mesh, scored_only)), data["eval"])
-
-        return loop.train(run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn,
-                          train_data=data["train"],
-                          evaluate=evaluate if "eval" in data else None,
-                          report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-                          interrupt_after=interrupt_after)
+    train_step = loop.jit_train_step(
+        make_train_step(model, loss_cfg, tx, schedule, rc.step, rc.train.on_nonfinite), state)
+    eval_step = make_eval_step(model, loss_cfg, rc.step)
+    scored_only = rc.step.logprobs.scored_only
+    return loop.train(
+        run, state, cfg=rc.train, mesh=mesh, step_fn=loop.host_step(train_step, mesh, scored_only),
+        train_data=data["train"],
+        evaluate=loop.evaluator(lambda s, b, n: eval_step(s.params, s.ref_params, b, n),
+                                data.get("eval"), mesh, scored_only),
+        report=lambda: {"data": {k: s.stats for k, s in data.items()}},
+        interrupt_after=interrupt_after)

@@ -21,10 +21,11 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import json
 import os
 import socket
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -233,3 +234,16 @@ def write_summary(run: RunDir, summary: dict) -> None:
     """``summary.json``, atomically, from process 0."""
     if jax.process_index() == 0:
         _atomic_json(run.file(SUMMARY), summary)
+
+
+def task(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """Make ``fn(config, run: RunDir, **kwargs) -> summary`` the task function
+    ``(config, workdir, **kwargs) -> summary``: the workdir is opened and accepted first
+    (:func:`open_run`), and a finished run's summary is returned without calling ``fn``."""
+
+    @functools.wraps(fn)
+    def run_task(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
+        with open_run(config, workdir) as run:
+            return run.summary if run.finished else fn(config, run, **kwargs)
+
+    return run_task

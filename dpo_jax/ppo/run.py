@@ -32,89 +32,86 @@ from dpo_jax.ppo.rewards import RewardFn, build_reward
 from dpo_jax.ppo.step import make_ppo_eval_step, make_ppo_step
 from dpo_jax.reward_model import RewardModel, init_params
 from dpo_jax.sampling import generate
-from dpo_jax.workdir import open_run
+from dpo_jax.workdir import RunDir, task
 
 EVAL_SEED_OFFSET = 1_000_003  # eval rollouts use seed + this, train rollouts seed + 1
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+@task
+def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                        reward_fn: RewardFn | None = None,
                        interrupt_after: int | None = None) -> dict[str, Any]:
-    """Train a PPO run in ``workdir``; returns its summary. ``reward_fn(samples) -> [B]``
-    replaces the reward the config names (``ppo.reward``), e.g. an experiment's ground truth."""
-    with open_run(config, workdir) as run:
-        if run.finished:
-            return run.summary
-        rc = read_config(config)
-        ppo = ppo_config(config)
-        if rc.optim.grad_accum != 1:
-            raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
-        mesh = shard_lib.make_mesh(rc.mesh_shape)
-        model = RewardModel(Model(rc.model))
-        # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
-        tx, schedule = make_optimizer(rc.optim, rc.train.steps * ppo.epochs * ppo.minibatches)
-        shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-        params = init_params(model, shardings, rc.sources)
-        ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.sources,
-                                       params["decoder"])
-        state = state_lib.create_state(params, tx, mesh, shardings, ref)
-        reward_fn = reward_fn if reward_fn is not None else build_reward(config, mesh=mesh)
-        kl = core.KLController(float(config.ppo.init_kl_coef),
-                               float(config.ppo.target_kl) if config.ppo.adaptive_kl else None,
-                               int(config.ppo.kl_horizon))
+    """Train a PPO run; called as ``train_and_evaluate(config, workdir)``, returns its summary.
+    ``reward_fn(samples) -> [B]`` replaces the reward the config names (``ppo.reward``), e.g. an
+    experiment's ground truth."""
+    rc = read_config(config)
+    ppo = ppo_config(config)
+    if rc.optim.grad_accum != 1:
+        raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
+    mesh = shard_lib.make_mesh(rc.mesh_shape)
+    model = RewardModel(Model(rc.model))
+    # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
+    tx, schedule = make_optimizer(rc.optim, rc.train.steps * ppo.epochs * ppo.minibatches)
+    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
+    params = init_params(model, shardings, rc.sources)
+    ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.sources,
+                                   params["decoder"])
+    state = state_lib.create_state(params, tx, mesh, shardings, ref)
+    reward_fn = reward_fn if reward_fn is not None else build_reward(config, mesh=mesh)
+    kl = core.KLController(float(config.ppo.init_kl_coef),
+                           float(config.ppo.target_kl) if config.ppo.adaptive_kl else None,
+                           int(config.ppo.kl_horizon))
 
-        data = {}
-        sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
-        for split in ("train", "eval") if rc.train.eval_every else ("train",):
-            prompts = load_prompts(config, split)
-            if prompts:
-                data[split] = PromptStream(
-                    prompts, train=split == "train", global_batch_size=sizes[split],
-                    width=int(config.ppo.prompt_width) or max(len(x) for x in prompts),
-                    seed=rc.seed, pad_id=int(config.ppo.pad_id),
-                    process_index=jax.process_index(), process_count=jax.process_count())
+    data = {}
+    sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
+    for split in rc.train.splits:
+        prompts = load_prompts(config, split)
+        if prompts:
+            data[split] = PromptStream(
+                prompts, train=split == "train", global_batch_size=sizes[split],
+                width=int(config.ppo.prompt_width) or max(len(x) for x in prompts),
+                seed=rc.seed, pad_id=int(config.ppo.pad_id),
+                process_index=jax.process_index(), process_count=jax.process_count())
 
-        shardings_of = jax.tree.map(lambda x: x.sharding, state)
-        update = jax.jit(make_ppo_step(model, tx, schedule, ppo, rc.train.on_nonfinite),
-                         in_shardings=(shardings_of, None), out_shardings=(shardings_of, None),
-                         donate_argnums=0, static_argnums=2)
-        eval_sums = jax.jit(make_ppo_eval_step(model, ppo.max_new_tokens), static_argnums=3)
-        cfg = sampling_config(config)
-        sample = jax.jit(lambda params, ids, lengths, rng: generate(
-            model.decoder, params["decoder"], ids, lengths, rng, cfg))
+    update = loop.jit_train_step(
+        make_ppo_step(model, tx, schedule, ppo, rc.train.on_nonfinite), state)
+    eval_sums = jax.jit(make_ppo_eval_step(model, ppo.max_new_tokens), static_argnums=3)
+    cfg = sampling_config(config)
+    sample = jax.jit(lambda params, ids, lengths, rng: generate(
+        model.decoder, params["decoder"], ids, lengths, rng, cfg))
 
-        def rollout(params, prompts_np, rng):
-            prompts = data_lib.to_global(prompts_np, shard_lib.batch_shardings(prompts_np, mesh))
-            samples = sample(params, prompts["prompt_ids"], prompts["prompt_lengths"], rng)
-            return {"tokens": samples.tokens_BT, "completion_mask": samples.completion_mask_BT,
-                    "prompt_lengths": prompts["prompt_lengths"], "scores": reward_fn(samples),
-                    "weight": prompts["weight"]}
+    def rollout(params, prompts_np, rng):
+        prompts = data_lib.to_global(prompts_np, shard_lib.batch_shardings(prompts_np, mesh))
+        samples = sample(params, prompts["prompt_ids"], prompts["prompt_lengths"], rng)
+        return {"tokens": samples.tokens_BT, "completion_mask": samples.completion_mask_BT,
+                "prompt_lengths": prompts["prompt_lengths"], "scores": reward_fn(samples),
+                "weight": prompts["weight"]}
 
-        train_rng = jax.random.key(rc.seed + 1)
+    train_rng = jax.random.key(rc.seed + 1)
 
-        def step_fn(state, prompts_np):
-            t0 = time.time()
-            batch = rollout(state.params, prompts_np, jax.random.fold_in(train_rng, state.step))
-            batch["kl_coef"] = jnp.float32(kl.value)
-            state, metrics = update(state, batch, None)
-            metrics = loop.host_floats(metrics)
-            kl.update(metrics["objective/kl"], int(batch["tokens"].shape[0]))
-            metrics["iteration_s"] = time.time() - t0
-            logging.log_every_n(logging.INFO, "ppo: reward=%.4f kl=%.4f beta=%.4f", 10,
-                                metrics["env/reward_mean"], metrics["objective/kl"], kl.value)
-            return state, metrics
+    def step_fn(state, prompts_np):
+        t0 = time.time()
+        batch = rollout(state.params, prompts_np, jax.random.fold_in(train_rng, state.step))
+        batch["kl_coef"] = jnp.float32(kl.value)
+        state, metrics = update(state, batch, None)
+        metrics = loop.host_floats(metrics)
+        kl.update(metrics["objective/kl"], int(batch["tokens"].shape[0]))
+        metrics["iteration_s"] = time.time() - t0
+        logging.log_every_n(logging.INFO, "ppo: reward=%.4f kl=%.4f beta=%.4f", 10,
+                            metrics["env/reward_mean"], metrics["objective/kl"], kl.value)
+        return state, metrics
 
-        def evaluate(state):
-            rng = jax.random.key(rc.seed + EVAL_SEED_OFFSET)
-            batches = (rollout(state.params, p, jax.random.fold_in(rng, i))
-                       for i, p in enumerate(data["eval"]))
-            return loop.reduce_eval(lambda b: eval_sums(state.params, state.ref_params, b, None),
-                                    batches)
+    def evaluate(state):
+        rng = jax.random.key(rc.seed + EVAL_SEED_OFFSET)
+        batches = (rollout(state.params, p, jax.random.fold_in(rng, i))
+                   for i, p in enumerate(data["eval"]))
+        return loop.reduce_eval(lambda b: eval_sums(state.params, state.ref_params, b, None),
+                                batches)
 
-        return loop.train(
-            run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn, train_data=data["train"],
-            evaluate=evaluate if "eval" in data else None, host_states={"kl_controller": kl},
-            count_tokens=lambda b: b["prompt_ids"].size + b["prompt_ids"].shape[0] * ppo.max_new_tokens,
-            report=lambda: {"kl_coef": kl.value,
-                            "data": {k: s.stats for k, s in data.items()}},
-            interrupt_after=interrupt_after)
+    return loop.train(
+        run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn, train_data=data["train"],
+        evaluate=evaluate if "eval" in data else None, host_states={"kl_controller": kl},
+        count_tokens=lambda b: b["prompt_ids"].size + b["prompt_ids"].shape[0] * ppo.max_new_tokens,
+        report=lambda: {"kl_coef": kl.value,
+                        "data": {k: s.stats for k, s in data.items()}},
+        interrupt_after=interrupt_after)
