@@ -38,6 +38,35 @@ class NonFiniteError(FloatingPointError):
     """A train step produced a non-finite loss, gradient or parameter."""
 
 
+class LogWindow:
+    """Training metrics since the last logged step: a logged record is their mean (as TRL logs
+    with ``logging_steps`` > 1), and the count of skipped non-finite updates. Saved with every
+    checkpoint (item ``loop``), so a resumed run logs exactly what an uninterrupted one does."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.skipped_updates = 0
+
+    def add(self, record: Mapping[str, float]) -> None:
+        for k, v in record.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def pop_mean(self) -> dict[str, float]:
+        mean = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return mean
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "count": self.count,
+                "skipped_updates": self.skipped_updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sums = {k: float(v) for k, v in state["sums"].items()}
+        self.count, self.skipped_updates = int(state["count"]), int(state["skipped_updates"])
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
@@ -130,7 +159,8 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
     gradient norm is not finite, before any checkpoint of that state; CheckpointError when no
     existing checkpoint restores."""
     t0 = time.time()
-    items = {"data": train_data, **dict(host_states or {})}
+    window = LogWindow()
+    items = {"data": train_data, **dict(host_states or {}), "loop": window}
     checkpointer = ckpt_lib.Checkpointer(run.file("checkpoints"), json_items=tuple(items),
                                          keep=cfg.keep_checkpoints,
                                          async_save=cfg.async_checkpointing)
@@ -147,15 +177,16 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
                 obj.load_state_dict(json_states[name])
             logging.info("resumed from %s at step %d", checkpointer.directory, start)
         writer.truncate_after(start)
-        return _run(run, state, cfg, start, step_fn, train_data, evaluate, items, count_tokens,
-                    report, interrupt_after, checkpointer, writer, guard, t0)
+        return _run(run, state, cfg, start, step_fn, train_data, evaluate, items, window,
+                    count_tokens, report, interrupt_after, checkpointer, writer, guard, t0)
     finally:
         guard.close()
         checkpointer.close()
         writer.close()
 
 
-def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, count_tokens, report,
+def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, window, count_tokens,
+         report,
          interrupt_after, checkpointer, writer, guard, t0):
     progress = Progress(cfg.steps, start)
     log_every = max(1, cfg.log_every)
@@ -165,32 +196,35 @@ def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, count_tok
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     compile_s = None
-    skipped = 0
     stopped_at = None
     data_iter = iter(train_data)
 
     def flush(item) -> dict[str, float]:
-        nonlocal skipped, first_train
+        """Read step ``item``'s metrics; log the window's mean at logging steps."""
+        nonlocal first_train, last_train
         step, metrics_dev, tokens = item
         metrics = host_floats(metrics_dev)
         progress.update(step, tokens)
         record = dict(metrics, tokens_per_s=progress.rates()[0])
+        window.add(record)
+        first_train = first_train or record
         bad = metrics.get("nonfinite", 0.0) > 0
         if step % log_every == 0 or step == cfg.steps or bad:
-            writer.write(step, record)
+            last_train = window.pop_mean()
+            writer.write(step, last_train)
             if jax.process_index() == 0:
-                logging.info(progress.line(step, metrics))
+                logging.info(progress.line(step, last_train))
         if bad:
             if cfg.on_nonfinite == "error":
                 raise NonFiniteError(
-                    f"step {step}: non-finite loss, gradient or parameters ({_short(metrics)}); nothing past "
-                    f"the last checkpoint was saved. Rerun resumes from it; lower optim.lr, check "
-                    "the data, or set train.on_nonfinite='skip' to drop such updates")
-            skipped += 1
-            logging.warning("step %d: non-finite loss, gradient or parameters; update skipped (%d so far)",
-                            step, skipped)
-        first_train = first_train or record
-        return record
+                    f"step {step}: non-finite loss, gradient or parameters ({_short(metrics)}); "
+                    "nothing past the last checkpoint was saved. Rerun resumes from it; lower "
+                    "optim.lr, check the data, or set train.on_nonfinite='skip' to drop such "
+                    "updates")
+            window.skipped_updates += 1
+            logging.warning("step %d: non-finite loss, gradient or parameters; update skipped "
+                            "(%d so far)", step, window.skipped_updates)
+        return last_train
 
     def save(done: int) -> None:
         if not bool(jax.jit(all_finite)(state.params)):
@@ -238,7 +272,7 @@ def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, count_tok
         "stopped_at": stopped_at,  # step of the preemption checkpoint (None: ran to the end)
         "wall_s": round(time.time() - t0, 1),
         "compile_s": None if compile_s is None else round(compile_s, 1),
-        "skipped_updates": skipped,
+        "skipped_updates": window.skipped_updates,
         "first_train": first_train,
         "final_train": last_train,
         "final_eval": last_eval,

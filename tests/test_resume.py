@@ -238,3 +238,19 @@ def test_on_nonfinite_skip_drops_the_update_and_counts_it(tmp_path):
 
     model = Model(model_config_from(config.model))
     runs.assert_same_params(init, jax.jit(model.init)(jax.random.key(config.seed)))
+
+
+def test_logged_records_are_interval_means_and_survive_a_resume_mid_interval(dpo_full, tmp_path):
+    """log_every=3 records the mean of the three steps' metrics (as TRL logs); killed after the
+    checkpoint at step 2 (mid-interval), the rerun logs the same means."""
+    config, full_dir, _ = dpo_full
+    every_step = [r for r in runs.records(full_dir) if "loss" in r]
+    config3 = runs.dpo_config(steps=6, checkpoint_every=2, async_checkpointing=True,
+                              keep_checkpoints=5, log_every=3)
+    summary = cut_and_resume(config3, tmp_path, interrupt_after=3)
+    assert summary["resumed_from"] == 2
+    got = [r for r in runs.records(tmp_path) if "loss" in r]
+    assert [r["step"] for r in got] == [3, 6]
+    for rec, window in zip(got, (every_step[0:3], every_step[3:6])):
+        for k in ("loss", "grad_norm", "rewards/margins"):
+            assert rec[k] == pytest.approx(sum(w[k] for w in window) / 3, rel=1e-6), k
