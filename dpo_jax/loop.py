@@ -151,13 +151,13 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
     device; they are read one step late). ``train_data`` yields host batches and is saved with
     every checkpoint as the ``data`` item, each of ``host_states`` as its own item.
     ``evaluate(state) -> {name: value}`` runs every ``cfg.eval_every`` steps and at the end.
-    ``report()`` adds entries to the summary (data statistics, ...). ``interrupt_after=n`` simulates a crash
-    right after step ``n`` is dispatched: nothing more is logged or saved and
+    ``report()`` adds entries to the summary (data statistics, ...). ``interrupt_after=n``
+    simulates a crash right after step ``n`` is dispatched: nothing more is logged or saved and
     :class:`Interrupted` is raised (the resume tests use it).
 
-    Raises NonFiniteError (``cfg.on_nonfinite='error'``) at the first step whose loss or
-    gradient norm is not finite, before any checkpoint of that state; CheckpointError when no
-    existing checkpoint restores."""
+    Raises NonFiniteError (``cfg.on_nonfinite='error'``) at the first step whose loss, gradient
+    norm or updated parameters are not finite, before any checkpoint of that state;
+    CheckpointError when no existing checkpoint restores."""
     t0 = time.time()
     window = LogWindow()
     items = {"data": train_data, **dict(host_states or {}), "loop": window}
