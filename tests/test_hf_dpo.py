@@ -7,9 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import train
-from dpo_jax.config import base_config
+from dpo_jax import loop, streams
+from dpo_jax import losses as losses_lib
+from dpo_jax import sharding as shard_lib
+from dpo_jax import state as state_lib
+from dpo_jax.config import base_config, read_config
 from dpo_jax.data.testing import gpt2_style_tokenizer
+from dpo_jax.models import Model
+from dpo_jax.step import make_eval_step
+from tests import runs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -61,6 +67,7 @@ def hf_setup(tmp_path):
     c.data.eval_size = 8
     c.data.max_length = 64
     c.data.max_prompt_length = 32
+    c.data.buckets = "48"  # one batch shape: one compile per step function
     c.train.steps = 3
     c.train.batch_size = 8
     c.train.eval_every = 3
@@ -72,12 +79,22 @@ def hf_setup(tmp_path):
 
 
 def test_policy_and_reference_from_different_hf_checkpoints(hf_setup):
+    """The DPO eval step on a 2x2x2 mesh, with the policy and the reference loaded from their
+    HF directories as the task loads them (``state.init_policy`` / ``init_reference``) and a
+    batch of the task's eval stream: its sums are PyTorch's log-probs of the two models."""
     c, policy, reference, tmp_path = hf_setup
-    run = train.Run(c, str(tmp_path / "run"))
-    batch = next(iter(run.eval_data))
-    num_scored = None
-    dev_batch, num_scored = run._device_batch(batch)
-    sums = jax.device_get(run._eval_step(run.state.params, run.state.ref_params, dev_batch, num_scored))
+    rc = read_config(c)
+    mesh = shard_lib.make_mesh(rc.mesh_shape)
+    model = Model(rc.model)
+    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
+    params = state_lib.init_policy(model, shardings, rc.sources)
+    ref_params = state_lib.init_reference(model, shardings, rc.sources, params)
+    eval_stream = streams.preference_streams(rc, ("eval",), model_cfg=model.cfg, mesh=mesh)["eval"]
+    batch = next(iter(eval_stream))
+    eval_step = jax.jit(make_eval_step(model, losses_lib.loss_config_from(c.loss), rc.step),
+                        static_argnums=3)
+    sums = jax.device_get(eval_step(
+        params, ref_params, *loop.device_batch(batch, mesh, rc.step.logprobs.scored_only)))
     weight = batch["pair_weight"]
     B = len(weight)
     pol = _torch_seq_logps(policy, batch["input_ids"], batch["loss_mask"])
@@ -95,14 +112,16 @@ def test_trained_policy_exports_to_transformers(hf_setup):
     from dpo_jax.export import export_run
 
     c, _, _, tmp_path = hf_setup
-    run = train.Run(c, str(tmp_path / "run"))
-    run.train()
-    out = export_run(str(tmp_path / "run"), str(tmp_path / "exported"))
+    workdir = tmp_path / "run"
+    summary = runs.run(c, workdir)
+    assert summary["finished"] and summary["final_eval"]
+    out = export_run(str(workdir), str(tmp_path / "exported"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = np.array([[5, 17, 42, 7, 99, 3]], np.int32)
     pos = np.arange(6, dtype=np.int32)[None]
     seg = np.ones_like(ids)
-    ours = np.asarray(run.model.logits(jax.device_get(run.state.params), ids, pos, seg))
+    model = Model(read_config(c).model)
+    ours = np.asarray(model.logits(runs.final_params(c, workdir), ids, pos, seg))
     with torch.no_grad():
         theirs = reloaded(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
@@ -113,8 +132,10 @@ def test_tokenizer_defaults_to_the_model_directory(hf_setup):
     c, _, _, tmp_path = hf_setup
     gpt2_style_tokenizer().save_pretrained(c.model.hf_path)
     c.data.tokenizer = ""
-    c.train.eval_every = 0
-    run = train.Run(c, str(tmp_path / "run_tok"))
-    assert run.config.data.tokenizer == c.model.hf_path
-    assert json.load(open(tmp_path / "run_tok" / "config.json"))["data"]["tokenizer"] == c.model.hf_path
-    assert next(iter(run.train_data))["input_ids"].shape[0] == 2 * c.train.batch_size
+    rc = read_config(c)
+    assert rc.data.tokenizer == c.model.hf_path
+    assert c.data.tokenizer == ""  # reading the config leaves the given one as it was
+    mesh = shard_lib.make_mesh(rc.mesh_shape)
+    train_stream = streams.preference_streams(rc, ("train",), model_cfg=rc.model,
+                                              mesh=mesh)["train"]
+    assert next(iter(train_stream))["input_ids"].shape[0] == 2 * c.train.batch_size
