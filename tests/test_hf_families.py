@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from dpo_jax import sampling  # noqa: E402
 from dpo_jax.models import Model  # noqa: E402
-from dpo_jax.models.hf import hf_config_to_model_config, load_hf_config, load_hf_params, save_hf  # noqa: E402,E501
+from dpo_jax.models.hf import (  # noqa: E402
+    hf_config_to_model_config, load_hf_config, load_hf_params, save_hf)
 
 torch.set_num_threads(2)
 
@@ -184,12 +185,16 @@ def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
 
     _, hf_model, _ = hf_dirs[name]
     cfg, params, _ = ours[name]
+    from dpo_jax.sharding import make_mesh
+
     model = Model(cfg)
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])  # the math, not the sharding
     tx, schedule = helpers.optimizer(lr=1e-3)
-    state = helpers.train_state(model, params, tx, ref_params=helpers.perturbed(params, 0.02))
-    batch_np = helpers.pair_batch(helpers.synthetic_pairs(8))
+    state = helpers.train_state(model, params, tx, ref_params=helpers.perturbed(params, 0.02),
+                                mesh_=mesh)
+    batch_np = helpers.pair_batch(helpers.synthetic_pairs(4))
     assert batch_np["input_ids"].shape[1] > WINDOW
-    batch, num_scored = helpers.device_batch(batch_np)
+    batch, num_scored = helpers.device_batch(batch_np, mesh)
     step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.1), tx, schedule,
                                    helpers.step_config()), static_argnums=2)
     new_state, metrics = step(state, batch, num_scored)

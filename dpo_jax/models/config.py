@@ -127,6 +127,8 @@ class ModelConfig:
                                  f"{LAYER_TYPES}, got {self.layer_types}")
             if "sliding" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types has 'sliding' layers but sliding_window is None")
+            if set(self.layer_types) == {"sliding"}:  # canonical form of "every layer slides"
+                object.__setattr__(self, "layer_types", None)
         if self.local_rope_theta is not None and self.position != "rotary":
             raise ValueError("local_rope_theta needs position='rotary'")
         if self.attn_logit_softcap is not None and self.attention_impl == "cudnn":
