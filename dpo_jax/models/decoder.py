@@ -233,7 +233,7 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         h = jnp.take(self.embed[...], ids, axis=0).astype(dt)
-        if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the compute dtype as HF does
+        if cfg.embed_scale:  # Gemma: sqrt(d_model), as a scalar of the compute dtype
             h = h * jnp.asarray(cfg.d_model ** 0.5, dt)
         ropes = {}
         if cfg.position == "learned":
