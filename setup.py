@@ -28,6 +28,6 @@ setup(
         "matplotlib>=3.8",  # frontier.png of the IMDb experiment
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
     },
 )
