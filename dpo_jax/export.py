@@ -5,24 +5,144 @@
 Reads the run's ``config.json`` (model shape, HF source, tokenizer) and its newest (or the
 given) checkpoint, and writes ``config.json``, ``model.safetensors`` and, when the run used a
 tokenizer, its files, so ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads it.
+
+When the run started from an HF checkpoint (``model.hf_path``), the export keeps that
+checkpoint's configuration: its ``config.json`` is written back field for field (dropouts, token
+ids, rope settings, everything), changed only where the trained model differs (a
+``model.overrides`` entry; the dtype field names the dtype of the written tensors), and its
+``generation_config.json`` and the tokenizer's files (chat template included) are copied as they
+are. A run from a preset has no source: its ``config.json`` is built from ``transformers``'
+defaults for the model type.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
 
 from dpo_jax import checkpoint as ckpt_lib
-from dpo_jax.models import Model, model_config_from
+from dpo_jax.models import Model, ModelConfig, model_config_from
+from dpo_jax.models import hf as hf_lib
 from dpo_jax.models.hf import save_hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to export from.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory (HF format).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+
+# The files a transformers tokenizer is saved as (any of them, by tokenizer kind).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json")
+# Model-side files besides config.json and the weights that training leaves as they were.
+MODEL_FILES = ("generation_config.json",)
+_DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers 4.x / 5.x name of the weights' dtype
+
+
+def _imports_as(hf_cfg: dict, cfg: ModelConfig) -> ModelConfig | None:
+    """The ModelConfig ``hf_cfg`` imports as, with ``cfg``'s execution settings; None when the
+    importer refuses it."""
+    try:
+        return hf_lib.hf_config_to_model_config(
+            hf_cfg, **{f: getattr(cfg, f) for f in hf_lib._EXECUTION_FIELDS})
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def source_config(source: dict[str, Any], cfg: ModelConfig, tensor_dtype: str) -> dict:
+    """The exported ``config.json``: ``source`` (the HF checkpoint the run started from) with
+    every field unchanged, except
+
+    * the fields whose value the trained model ``cfg`` changed (``model.overrides``, e.g.
+      ``n_positions``), taken from ``model_config_to_hf(cfg)``;
+    * ``torch_dtype`` / ``dtype`` (when present): ``tensor_dtype``, the dtype of the written
+      tensors.
+
+    Raises ``ValueError`` naming the fields when the result would not import back as ``cfg``."""
+    out = dict(source)
+    base = _imports_as(source, cfg)
+    if base != cfg:
+        ours = hf_lib.model_config_to_hf(cfg)
+        for key, value in ours.items():
+            if key in ("architectures", "model_type") or source.get(key, object()) == value:
+                continue
+            if _imports_as({**source, key: value}, cfg) != base:  # the field matters
+                out[key] = value
+        if _imports_as(out, cfg) != cfg:
+            taken = sorted(k for k in out if source.get(k, object()) != out[k])
+            raise ValueError(
+                f"cannot write the source checkpoint's config.json back for the trained model: "
+                f"with {taken} taken from the trained model it still imports differently; "
+                f"export without a source (write_hf(..., source='')) to get transformers' "
+                f"defaults for the model type")
+    for key in _DTYPE_KEYS:
+        if key in out and out[key] is not None:
+            out[key] = tensor_dtype
+    return out
+
+
+def _local_dir(name: str) -> str | None:
+    """A local directory for ``name`` (itself, or its hub snapshot in the local cache); None
+    when it has none."""
+    if os.path.isdir(name):
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached / not a hub name: the caller falls back
+        return None
+
+
+def copy_files(src_dir: str, out: str, names: tuple[str, ...]) -> list[str]:
+    """Copy the files of ``names`` present in ``src_dir`` to ``out`` byte for byte; returns the
+    names copied."""
+    copied = []
+    for name in names:
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(out, name))
+            copied.append(name)
+    return copied
+
+
+def write_hf(out: str, cfg: ModelConfig, params: dict, *, source: str = "",
+             tokenizer: str = "") -> str:
+    """Write ``params`` of the model ``cfg`` to ``out`` as an HF model directory.
+
+    ``source``: the HF checkpoint (directory or cached hub name) the model was trained from;
+    its config.json is kept (``source_config``) and its ``MODEL_FILES`` copied. ``tokenizer``:
+    the tokenizer the run used (directory or hub name); its ``TOKENIZER_FILES`` are copied as
+    they are, or, when it has no local files, it is loaded and saved by ``transformers``.
+    Returns ``out``. Raises ``FileNotFoundError`` when ``source`` has no local config.json."""
+    save_hf(out, cfg, params)
+    if source:
+        src_dir = _local_dir(source)
+        if src_dir is None or not os.path.isfile(os.path.join(src_dir, "config.json")):
+            raise FileNotFoundError(
+                f"model.hf_path={source!r}: no config.json there (nor in the local hub cache); "
+                f"export needs the checkpoint the run started from")
+        with open(os.path.join(src_dir, "config.json")) as f:
+            src_cfg = json.load(f)
+        leaves = jax.tree.leaves(params)
+        tensor_dtype = str(np.dtype(leaves[0].dtype)) if leaves else "float32"
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(source_config(src_cfg, cfg, tensor_dtype), f, indent=2, sort_keys=True)
+            f.write("\n")
+        copy_files(src_dir, out, MODEL_FILES)
+    if tokenizer:
+        tok_dir = _local_dir(tokenizer)
+        if tok_dir is None or not copy_files(tok_dir, out, TOKENIZER_FILES):
+            import transformers
+
+            transformers.AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+    return out
 
 
 def export_run(workdir: str, out: str, step: int | None = None) -> str:
@@ -37,14 +157,8 @@ def export_run(workdir: str, out: str, step: int | None = None) -> str:
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
                         model.abstract_params())
     params = ckpt_lib.restore_params(workdir, like, step=step)
-    tokenizer = None
-    name = config.data.tokenizer or config.model.hf_path
-    if name:
-        from dpo_jax.data import load_tokenizer
-
-        tokenizer = load_tokenizer(name)
-    save_hf(out, model.cfg, params, tokenizer=tokenizer)
-    return out
+    return write_hf(out, model.cfg, params, source=config.model.hf_path,
+                    tokenizer=config.data.tokenizer or config.model.hf_path)
 
 
 def main(argv):
