@@ -121,7 +121,7 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
     ``nonfinite`` (:func:`dpo_jax.optim.apply_gradients`)."""
     if cfg.grad_accum > 1 and losses_lib.uses_batch_statistics(loss_cfg):
         raise ValueError(
-            f"loss {loss_cfg.name!r} uses batch statistics, so accumulating micro-batches would "
+            f"loss {list(loss_cfg.names)} uses batch statistics, so accumulating micro-batches would "
             "change it; set optim.grad_accum=1"
         )
 

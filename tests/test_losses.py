@@ -30,21 +30,51 @@ def np_sig(x):
     return np.exp(np_logsig(x))
 
 
-def np_reference(name, opts, pw, pl, rw, rl, lw, ll, mask):
+def np_f_score(r, opts, trl_form=False):
+    """f-DPO score of a log-ratio r (Wang et al. 2023, "Beyond Reverse KL"): f'(u) at the density
+    ratio u = e^r minus f'(1), for f of reverse KL (u log u), forward KL (-log u), Jensen-Shannon
+    (u log u - (u + 1) log((u + 1)/2)) and the alpha-divergence in TRL's parametrisation
+    (f'(u) = u^(alpha-1) / (alpha-1) + const). `trl_form`: without subtracting f'(1), as TRL."""
+    kind = opts.get("f_divergence_type") or "reverse_kl"
+    if kind == "reverse_kl":  # f'(u) = log u + 1: the log-ratio itself
+        return np.asarray(r, np.float64)
+    u = np.exp(np.asarray(r, np.float64))
+    if kind == "forward_kl":
+        f_prime, at_one = -1.0 / u, -1.0
+    elif kind == "js_divergence":
+        f_prime, at_one = np.log(2 * u / (1 + u)), 0.0
+    elif kind == "alpha_divergence":
+        a = opts.get("f_alpha_divergence_coef", 0.5)
+        f_prime, at_one = u ** (a - 1) / (a - 1), 1.0 / (a - 1)
+    else:
+        raise KeyError(kind)
+    if kind == "js_divergence" and trl_form:
+        return f_prime - np.log(2.0)
+    return f_prime if trl_form else f_prime - at_one
+
+
+def np_reference(name, opts, pw, pl, rw, rl, lw, ll, mask, trl_form=False):
     """Per-pair loss for the real pairs (mask True) only; returns an array over real pairs."""
     pw, pl, rw, rl, lw, ll = (np.asarray(a, np.float64)[mask] for a in (pw, pl, rw, rl, lw, ll))
     b = opts.get("beta", BETA)
     eps = opts.get("label_smoothing") or 0.0
-    h = (pw - rw) - (pl - rl)
+    def S(r):  # noqa: E306 - the score that replaces a log-ratio under an f-divergence
+        return np_f_score(r, opts, trl_form)
+    h = S(pw - rw) - S(pl - rl)
     if name == "sigmoid":
         if opts.get("reference_free"):
-            h = pw - pl
+            h = S(pw) - S(pl)
         return -(1 - eps) * np_logsig(b * h) - eps * np_logsig(-b * h)
+    if name == "sigmoid_norm":
+        return -np_logsig(b * (S(pw - rw) / lw - S(pl - rl) / ll))
+    if name == "dpop":
+        lam = opts.get("dpop_lambda", 50.0)
+        return -np_logsig(b * ((pw - rw) - (pl - rl) - lam * np.maximum(0.0, rw - pw)))
     if name == "hinge":
         return np.maximum(0.0, 1 - b * h)
     if name == "ipo":
         if opts.get("ipo_logps", "average") == "average":
-            h = (pw / lw - rw / lw) - (pl / ll - rl / ll)
+            h = S(pw - rw) / lw - S(pl - rl) / ll
         return (h - 1 / (2 * b)) ** 2
     if name == "exo_pair":
         e = opts.get("label_smoothing") or 1e-3
@@ -150,7 +180,7 @@ def run(cfg, pw, pl, rw, rl, lw, ll, w=None):
 # <= where the margin is met). ipo / sppo_hard / exo_pair / nca_pair / discopop / apo_down are
 # regressions towards a target or non-monotone, sft does not see the rejected response.
 STRICT_SIGN = ("sigmoid", "robust", "bco_pair", "aot", "aot_unpaired", "apo_zero", "simpo", "orpo",
-               "rpo", "rdpo")
+               "rpo", "rdpo", "sigmoid_norm", "dpop")
 
 
 # ------------------------------------------------------------------------------- golden values
@@ -168,6 +198,9 @@ GOLDEN_CASES = [(n, {}) for n in ALL] + [
     ("rpo", {"rpo_alpha": 0.3}),
     ("rdpo", {"rdpo_alpha": 0.05}),
     ("discopop", {"discopop_tau": 0.5}),
+    ("sigmoid_norm", {"beta": 5.0}),
+    ("dpop", {"dpop_lambda": 5.0}),
+    ("dpop", {"beta": 0.3, "dpop_lambda": 0.0}),
 ]
 
 
@@ -367,7 +400,8 @@ def test_unused_option_is_an_error(name, option, value, users):
 
 
 @pytest.mark.parametrize("option,value", [("reference_free", False), ("simpo_gamma", 0.5), ("rpo_alpha", 1.0),
-                                          ("rdpo_alpha", 0.1), ("discopop_tau", 0.05), ("ipo_logps", "average")])
+                                          ("rdpo_alpha", 0.1), ("discopop_tau", 0.05), ("ipo_logps", "average"),
+                                          ("dpop_lambda", 50.0), ("f_alpha_divergence_coef", 0.5)])
 def test_every_optional_option_rejected_when_unused(option, value):
     with pytest.raises(ValueError, match=option):
         make_cfg("hinge", **{option: value})
@@ -459,3 +493,161 @@ def test_three_way_combination_with_list_names():
     parts = [run(make_cfg(n), pw, pl, rw, rl, lw, ll).losses for n in ("sigmoid", "bco_pair", "sft")]
     np.testing.assert_allclose(np.asarray(out.losses), np.asarray(0.8 * parts[0] + 0.2 * parts[1] + parts[2]), rtol=1e-5)
     assert set(out.extras) >= {"loss/sigmoid", "loss/bco_pair", "loss/sft", "bco_delta", "nll_loss"}
+
+
+# ------------------------------------------------ f-divergences, sigmoid_norm, dpop (TRL 1.16 knobs)
+
+F_TYPES = [("forward_kl", {}), ("js_divergence", {}), ("alpha_divergence", {}),
+           ("alpha_divergence", {"f_alpha_divergence_coef": 2.0}),
+           ("alpha_divergence", {"f_alpha_divergence_coef": -0.5})]
+F_LOSSES = sorted(losses.F_DIVERGENCE_LOSSES)
+# Losses whose value depends only on the difference of the two scores: there TRL's scores (the
+# additive constant dropped) give the same loss; ipo and sigmoid_norm divide each score by its
+# own length first, so the constant survives when |y_w| != |y_l|.
+DIFFERENCE_ONLY = ("sigmoid", "hinge", "exo_pair", "robust", "discopop")
+
+
+def make_ratio_inputs(seed, b=32, max_ratio=20.0):
+    """Log-prob sums whose log-ratios c_w, c_l lie in [-max_ratio, max_ratio] (float64 numpy of
+    e^{|r|} stays exact)."""
+    pw, pl, _, _, lw, ll, w = make_inputs(seed, b=b, saturate=False)
+    rng = np.random.default_rng(seed + 100)
+    rw = (pw - rng.uniform(-max_ratio, max_ratio, b)).astype(np.float32)
+    rl = (pl - rng.uniform(-max_ratio, max_ratio, b)).astype(np.float32)
+    return pw, pl, rw, rl, lw, ll, w
+
+
+@pytest.mark.parametrize("name", F_LOSSES)
+@pytest.mark.parametrize("f_type,f_opts", F_TYPES, ids=lambda x: str(x))
+def test_f_divergence_golden_against_numpy(name, f_type, f_opts):
+    opts = {"f_divergence_type": f_type, **f_opts}
+    if name == "sigmoid_norm":
+        opts["beta"] = 2.0
+    cfg = make_cfg(name, **opts)
+    pw, pl, rw, rl, lw, ll, _ = make_ratio_inputs(20)
+    got = np.asarray(run(cfg, pw, pl, rw, rl, lw, ll).losses, np.float64)
+    mask = np.ones(len(pw), bool)
+    expected = np_reference(name, {"beta": BETA, **opts}, pw, pl, rw, rl, lw, ll, mask)
+    assert np.all(np.isfinite(got))
+    tol = dict(rtol=5e-4, atol=2e-5 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(got, expected, **tol)
+    if name in DIFFERENCE_ONLY:  # TRL 1.16's scores (constants dropped) give the same loss
+        trl = np_reference(name, {"beta": BETA, **opts}, pw, pl, rw, rl, lw, ll, mask, trl_form=True)
+        np.testing.assert_allclose(got, trl, **tol)
+
+
+@pytest.mark.parametrize("name", F_LOSSES)
+@pytest.mark.parametrize("f_type,f_opts", F_TYPES + [("alpha_divergence", {"f_alpha_divergence_coef": 1.001})],
+                         ids=lambda x: str(x))
+def test_f_divergence_float32_finite_up_to_100(name, f_type, f_opts):
+    """Log-ratios up to |r| = 100 in float32 (TRL's forward_kl e^{-r} is inf there): loss and
+    gradient finite, including beta = 10 and IPO's square."""
+    cfg = make_cfg(name, f_divergence_type=f_type, beta=10.0 if name != "ipo" else 0.1, **f_opts)
+    grid = np.array([-100.0, -88.8, -80.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 80.0, 88.8, 100.0], np.float32)
+    c_w, c_l = (a.ravel() for a in np.meshgrid(grid, grid))
+    n = len(c_w)
+    lens = np.full(n, 3.0, np.float32)
+    rw, rl = np.full(n, -50.0, np.float32), np.full(n, -60.0, np.float32)
+
+    def f(pw_, pl_):
+        out = run(cfg, pw_, pl_, rw, rl, lens, lens)
+        return losses.weighted_mean(out.losses), out.losses
+
+    (val, per_pair), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(rw + c_w), jnp.asarray(rl + c_l))
+    assert np.isfinite(float(val)), name
+    for a in (per_pair, *grads):
+        assert np.all(np.isfinite(np.asarray(a))), (name, f_type)
+
+
+NEW_OBJECTIVES = [("sigmoid_norm", {"beta": 2.0}), ("dpop", {}), ("dpop", {"dpop_lambda": 5.0})] + [
+    (n, {"f_divergence_type": t, **o}) for n in F_LOSSES for t, o in F_TYPES[:3]]
+
+
+@pytest.mark.parametrize("name,opts", NEW_OBJECTIVES, ids=lambda x: str(x))
+def test_new_objectives_gradients_against_numpy(name, opts):
+    """jax.grad of the float32 loss against float64 central differences of the numpy formula."""
+    cfg = make_cfg(name, **opts)
+    pw, pl, rw, rl, lw, ll, _ = make_ratio_inputs(21, b=8, max_ratio=4.0)
+    if name == "dpop":  # both sides of the kink ref_w = pi_w, away from it
+        rw[:4] = pw[:4] + np.array([2.0, 0.5, -0.5, -2.0], np.float32)
+    full = {"beta": BETA, **opts}
+    mask = np.ones(len(pw), bool)
+
+    def total(a_w, a_l):
+        return np_reference(name, full, a_w, a_l, rw, rl, lw, ll, mask).sum()
+
+    step = 1e-4
+    expected = []
+    for which in (0, 1):
+        g = np.zeros(len(pw))
+        for i in range(len(pw)):
+            args = [np.asarray(pw, np.float64), np.asarray(pl, np.float64)]
+            up, down = [a.copy() for a in args], [a.copy() for a in args]
+            up[which][i] += step
+            down[which][i] -= step
+            g[i] = (total(*up) - total(*down)) / (2 * step)
+        expected.append(g)
+    grads = jax.grad(lambda a, b: run(cfg, a, b, rw, rl, lw, ll).losses.sum(), argnums=(0, 1))(
+        jnp.asarray(pw), jnp.asarray(pl))
+    for got, exp in zip(grads, expected):
+        np.testing.assert_allclose(np.asarray(got, np.float64), exp, rtol=2e-3,
+                                   atol=2e-4 * max(1.0, np.abs(exp).max()))
+
+
+def test_dpop_penalty_only_below_the_reference():
+    """DPOP equals DPO while pi_w >= ref_w; below, the chosen gradient is larger by
+    beta * lambda * sigma(-z) and the dpop_penalty extra is the mean shortfall."""
+    pw, pl, rw, rl, lw, ll, _ = make_ratio_inputs(22, b=16, max_ratio=3.0)
+    rw[:8] = pw[:8] - 1.0  # chosen above the reference: no penalty
+    rw[8:] = pw[8:] + 2.0  # 2 nats below
+    dpop = run(make_cfg("dpop", dpop_lambda=50.0), pw, pl, rw, rl, lw, ll)
+    dpo = run(make_cfg("sigmoid"), pw, pl, rw, rl, lw, ll)
+    np.testing.assert_allclose(np.asarray(dpop.losses)[:8], np.asarray(dpo.losses)[:8], rtol=1e-6)
+    assert np.all(np.asarray(dpop.losses)[8:] > np.asarray(dpo.losses)[8:])
+    np.testing.assert_allclose(float(dpop.extras["dpop_penalty"]), 1.0, rtol=1e-5)  # 8 x 2 / 16
+    g = jax.grad(lambda a: run(make_cfg("dpop"), a, pl, rw, rl, lw, ll).losses.sum())(jnp.asarray(pw))
+    g_dpo = jax.grad(lambda a: run(make_cfg("sigmoid"), a, pl, rw, rl, lw, ll).losses.sum())(jnp.asarray(pw))
+    assert np.all(np.asarray(g)[8:] < np.asarray(g_dpo)[8:] * 10)
+
+
+def test_sigmoid_norm_with_equal_lengths_is_dpo_at_beta_over_length():
+    pw, pl, rw, rl, lw, _, _ = make_ratio_inputs(23)
+    lens = np.full(len(pw), 7.0, np.float32)
+    norm = run(make_cfg("sigmoid_norm", beta=2.0), pw, pl, rw, rl, lens, lens)
+    dpo = run(make_cfg("sigmoid", beta=2.0 / 7.0), pw, pl, rw, rl, lens, lens)
+    np.testing.assert_allclose(np.asarray(norm.losses), np.asarray(dpo.losses), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(norm.chosen_rewards), 2.0 * (pw - rw) / 7.0, rtol=1e-4, atol=1e-5)
+
+
+def test_f_divergence_scores_vanish_at_the_reference_and_alpha_one_is_reverse_kl():
+    pw, pl, _, _, lw, ll, _ = make_ratio_inputs(24)
+    for t, o in F_TYPES:
+        out = run(make_cfg("sigmoid", f_divergence_type=t, **o), pw, pl, pw, pl, lw, ll)
+        np.testing.assert_allclose(np.asarray(out.losses), math.log(2.0), rtol=1e-6)
+    pw, pl, rw, rl, lw, ll, _ = make_ratio_inputs(25)
+    one = run(make_cfg("ipo", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0),
+              pw, pl, rw, rl, lw, ll)
+    rkl = run(make_cfg("ipo"), pw, pl, rw, rl, lw, ll)
+    np.testing.assert_allclose(np.asarray(one.losses), np.asarray(rkl.losses), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["apo_zero", "sigmoid,sft", "dpop", "simpo", "bco_pair"])
+def test_f_divergence_refused_for_other_losses(name):
+    refused = [n for n in name.split(",") if n not in losses.F_DIVERGENCE_LOSSES]
+    with pytest.raises(ValueError, match=f"f_divergence_type.*{refused[0]}"):
+        make_cfg(name, f_divergence_type="js_divergence")
+
+
+def test_f_divergence_option_values():
+    assert make_cfg("sigmoid").f_divergence_type == "reverse_kl"
+    cfg = make_cfg("hinge", f_divergence_type="alpha_divergence")
+    assert cfg.f_alpha_divergence_coef == 0.5
+    with pytest.raises(ValueError, match="expected one of reverse_kl, forward_kl"):
+        make_cfg("sigmoid", f_divergence_type="kl")
+    with pytest.raises(ValueError, match="f_alpha_divergence_coef.*alpha_divergence"):
+        make_cfg("sigmoid", f_divergence_type="forward_kl", f_alpha_divergence_coef=0.3)
+    with pytest.raises(ValueError, match="finite"):
+        make_cfg("sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("inf"))
+    with pytest.raises(ValueError, match="dpop_lambda must be >= 0"):
+        make_cfg("dpop", dpop_lambda=-1.0)

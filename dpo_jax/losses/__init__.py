@@ -8,6 +8,8 @@ See docs/losses.md for the table of losses, formulas, papers and hyperparameter 
 """
 
 from dpo_jax.losses.config import (
+    F_DIVERGENCE_LOSSES,
+    F_DIVERGENCE_TYPES,
     LOSS_NAMES,
     OPTION_USERS,
     REFERENCE_FREE_LOSSES,
@@ -18,14 +20,21 @@ from dpo_jax.losses.config import (
     uses_batch_statistics,
 )
 from dpo_jax.losses.core import (
+    F_SCORE_MAX,
+    F_SCORE_MAX_EXPONENT,
     ORPO_MAX_AVG_LOGP,
     LossOutput,
     SequenceStats,
+    f_divergence_score,
     preference_loss,
     weighted_mean,
 )
 
 __all__ = [
+    "F_DIVERGENCE_LOSSES",
+    "F_DIVERGENCE_TYPES",
+    "F_SCORE_MAX",
+    "F_SCORE_MAX_EXPONENT",
     "LOSS_NAMES",
     "OPTION_USERS",
     "ORPO_MAX_AVG_LOGP",
@@ -33,6 +42,7 @@ __all__ = [
     "LossConfig",
     "LossOutput",
     "SequenceStats",
+    "f_divergence_score",
     "default_loss_config",
     "loss_config_from",
     "needs_reference",

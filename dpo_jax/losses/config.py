@@ -32,15 +32,25 @@ LOSS_NAMES: tuple[str, ...] = (
     "apo_zero",
     "apo_down",
     "discopop",
+    "sigmoid_norm",
     "sft",
     "simpo",
     "orpo",
     "rpo",
     "rdpo",
+    "dpop",
 )
 
 # Losses that never look at a reference model. `sigmoid` joins them when reference_free=True.
 REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo", "sft"})
+
+# Losses whose log-ratios TRL replaces by the f-DPO score (`f_divergence_type`): the ones built on
+# the chosen and rejected log-ratios alone. Any other selected loss with a non-default divergence
+# is a ValueError naming it (TRL refuses them too).
+F_DIVERGENCE_LOSSES: frozenset[str] = frozenset(
+    {"sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sigmoid_norm"})
+F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence",
+                                       "alpha_divergence")
 
 # Which losses read each optional option. An option set (not None) while no selected loss is in
 # its set is a ValueError. `beta`, `name` and `weights` are always meaningful (sft ignores beta,
@@ -53,6 +63,9 @@ OPTION_USERS: dict[str, frozenset[str]] = {
     "rpo_alpha": frozenset({"rpo"}),
     "rdpo_alpha": frozenset({"rdpo"}),
     "discopop_tau": frozenset({"discopop"}),
+    "dpop_lambda": frozenset({"dpop"}),
+    "f_divergence_type": F_DIVERGENCE_LOSSES,
+    "f_alpha_divergence_coef": F_DIVERGENCE_LOSSES,
 }
 
 # Defaults applied when the option is None and a loss that reads it is selected.
@@ -60,6 +73,8 @@ DEFAULT_EXO_EPSILON = 1e-3  # EXO needs a strictly positive epsilon (log eps); T
 DEFAULT_SIMPO_GAMMA = 0.5  # TRL CPOConfig.simpo_gamma
 DEFAULT_RPO_ALPHA = 1.0  # Pang et al. 2024 use alpha = 1
 DEFAULT_DISCOPOP_TAU = 0.05  # Lu et al. 2024 / TRL DPOConfig.discopop_tau
+DEFAULT_DPOP_LAMBDA = 50.0  # Pal et al. 2024 (Smaug) use lambda = 50
+DEFAULT_F_ALPHA_DIVERGENCE_COEF = 0.5  # TRL DPOConfig.f_alpha_divergence_coef
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
@@ -91,6 +106,14 @@ def default_loss_config() -> ml_collections.ConfigDict:
     cfg.rdpo_alpha = placeholder(float)
     # discopop only: temperature tau of the logistic/exponential mixing; None = 0.05.
     cfg.discopop_tau = placeholder(float)
+    # dpop only: weight lambda of the penalty max(0, ref_w - pi_w) inside DPO's margin; None = 50.
+    cfg.dpop_lambda = placeholder(float)
+    # f-DPO score replacing each log-ratio (TRL's name and values): reverse_kl (plain DPO),
+    # forward_kl, js_divergence or alpha_divergence; None = reverse_kl. Read by sigmoid, hinge,
+    # ipo, exo_pair, robust, discopop and sigmoid_norm; any other selected loss refuses it.
+    cfg.f_divergence_type = placeholder(str)
+    # alpha of f_divergence_type='alpha_divergence' (any finite value; 1 is reverse_kl); None = 0.5.
+    cfg.f_alpha_divergence_coef = placeholder(float)
     return cfg
 
 
@@ -108,6 +131,9 @@ class LossConfig:
     rpo_alpha: float
     rdpo_alpha: float | None
     discopop_tau: float
+    dpop_lambda: float = DEFAULT_DPOP_LAMBDA
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = DEFAULT_F_ALPHA_DIVERGENCE_COEF
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -236,6 +262,32 @@ def loss_config_from(cfg: Any) -> LossConfig:
         if discopop_tau <= 0:
             raise ValueError(f"loss.discopop_tau must be > 0, got {discopop_tau}")
 
+    dpop_lambda = DEFAULT_DPOP_LAMBDA
+    if full["dpop_lambda"] is not None:
+        dpop_lambda = _finite("dpop_lambda", full["dpop_lambda"])
+        if dpop_lambda < 0:
+            raise ValueError(f"loss.dpop_lambda must be >= 0, got {dpop_lambda}")
+
+    f_type = full["f_divergence_type"] if full["f_divergence_type"] is not None else "reverse_kl"
+    if f_type not in F_DIVERGENCE_TYPES:
+        raise ValueError(f"loss.f_divergence_type={f_type!r}: expected one of "
+                         f"{', '.join(F_DIVERGENCE_TYPES)}")
+    if f_type != "reverse_kl":
+        others = [n for n in names if n not in F_DIVERGENCE_LOSSES]
+        if others:
+            raise ValueError(
+                f"loss.f_divergence_type={f_type!r} does not apply to loss(es) {others} (as in "
+                f"TRL, only {', '.join(sorted(F_DIVERGENCE_LOSSES))} replace their log-ratios by "
+                "the f-DPO score); drop those losses or use f_divergence_type='reverse_kl'")
+    f_alpha = DEFAULT_F_ALPHA_DIVERGENCE_COEF
+    if full["f_alpha_divergence_coef"] is not None:
+        if f_type != "alpha_divergence":
+            raise ValueError(
+                f"loss.f_alpha_divergence_coef={full['f_alpha_divergence_coef']!r} is set but "
+                f"unused with f_divergence_type={f_type!r}; it is read only with "
+                "f_divergence_type='alpha_divergence'")
+        f_alpha = _finite("f_alpha_divergence_coef", full["f_alpha_divergence_coef"])
+
     return LossConfig(
         names=names,
         weights=weights,
@@ -247,6 +299,9 @@ def loss_config_from(cfg: Any) -> LossConfig:
         rpo_alpha=rpo_alpha,
         rdpo_alpha=rdpo_alpha,
         discopop_tau=discopop_tau,
+        dpop_lambda=dpop_lambda,
+        f_divergence_type=f_type,
+        f_alpha_divergence_coef=f_alpha,
     )
 
 

@@ -41,6 +41,15 @@ Array = jax.Array
 # (log-odds capped near log(1e6) ~ 13.8) so loss and gradient stay finite when a response is
 # (numerically) certain.
 ORPO_MAX_AVG_LOGP = -1e-6
+# Cap on the exponent of the f-DPO scores (forward KL e^{-r}, alpha-divergence e^{(alpha-1) r}):
+# TRL's float32/bfloat16 cap for the alpha-divergence, applied here to forward KL as well.
+F_SCORE_MAX_EXPONENT = 80.0
+# Bound on |f-DPO score|: keeps beta-scaled score differences, IPO's square and their gradients
+# finite in float32 for every alpha and beta (e^80 / |alpha - 1| alone can overflow them).
+F_SCORE_MAX = 1e15
+# Bound on IPO's residual (its square <= 1e34 fits in float32, with room for a batch sum); only
+# reached with f-divergence scores near F_SCORE_MAX.
+_IPO_MAX_RESIDUAL = 1e17
 # Cap on the exponent of DiscoPOP's exponential branch (exp(80) ~ 5.5e34 fits in f32); it is only
 # reached for discopop_tau >= 1 with very negative margins.
 _DISCOPOP_MAX_EXPONENT = 80.0
@@ -114,6 +123,44 @@ def _log_ratios(c: _Ctx) -> tuple[Array, Array]:
     return c.pi_w - c.ref_w, c.pi_l - c.ref_l
 
 
+def f_divergence_score(r: Array, f_divergence_type: str, alpha: float = 0.5) -> Array:
+    """The f-DPO score of a log-ratio ``r = log pi/ref`` (Wang et al. 2023, "Beyond Reverse KL":
+    f'(u) at u = e^r, shifted so the score of r = 0 is 0).
+
+    reverse_kl: r (DPO); forward_kl: 1 - e^{-r}; js_divergence: ln 2 + log sigma(r);
+    alpha_divergence: (e^{(alpha-1) r} - 1) / (alpha - 1) (r when |alpha - 1| < 1e-6, its limit).
+    Exponents are capped at F_SCORE_MAX_EXPONENT and the score is clipped to +-F_SCORE_MAX, so
+    loss and gradient stay finite in float32 (zero gradient where a cap binds). The additive
+    constants (1, ln 2, 1/(alpha-1)) cancel in every difference of scores; TRL drops them.
+    """
+    if f_divergence_type == "reverse_kl":
+        return r
+    if f_divergence_type == "forward_kl":
+        score = -jnp.expm1(jnp.minimum(-r, F_SCORE_MAX_EXPONENT))
+    elif f_divergence_type == "js_divergence":
+        score = jnp.log(2.0) + jax.nn.log_sigmoid(r)
+    elif f_divergence_type == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return r
+        score = jnp.expm1(jnp.minimum((alpha - 1.0) * r, F_SCORE_MAX_EXPONENT)) / (alpha - 1.0)
+    else:
+        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}")
+    return jnp.clip(score, -F_SCORE_MAX, F_SCORE_MAX)
+
+
+def _scores(c: _Ctx, c_w: Array, c_l: Array) -> tuple[Array, Array]:
+    """The log-ratios (c_w, c_l) as the losses of F_DIVERGENCE_LOSSES read them: replaced by
+    their f-DPO scores under cfg.f_divergence_type (identity for reverse_kl)."""
+    f, alpha = c.cfg.f_divergence_type, c.cfg.f_alpha_divergence_coef
+    return f_divergence_score(c_w, f, alpha), f_divergence_score(c_l, f, alpha)
+
+
+def _score_margin(c: _Ctx) -> Array:
+    """h with each log-ratio replaced by its f-DPO score: s(c_w) - s(c_l)."""
+    s_w, s_l = _scores(c, *_log_ratios(c))
+    return s_w - s_l
+
+
 def _dpo_rewards(c: _Ctx) -> tuple[Array, Array]:
     c_w, c_l = _log_ratios(c)
     return _sg(c.cfg.beta * c_w), _sg(c.cfg.beta * c_l)
@@ -149,13 +196,14 @@ def _sigmoid(c: _Ctx) -> _Part:
     # DPO, Rafailov et al. 2023 Eq. 7: -log sigma(beta * h). With label_smoothing eps this is
     # conservative DPO (cDPO, Mitchell 2023): -(1-eps) log sigma(beta h) - eps log sigma(-beta h).
     # reference_free=True takes ref log-probs as 0 (TRL reference_free).
+    # An f-divergence replaces each log-ratio by its score (f-DPO, Wang et al. 2023).
     beta = c.cfg.beta
     if c.cfg.reference_free:
-        h = c.pi_w - c.pi_l
+        s_w, s_l = _scores(c, c.pi_w, c.pi_l)
+        h = s_w - s_l
         rw, rl = _sg(beta * c.pi_w), _sg(beta * c.pi_l)
     else:
-        c_w, c_l = _log_ratios(c)
-        h = c_w - c_l
+        h = _score_margin(c)
         rw, rl = _dpo_rewards(c)
     return _Part(_smoothed_logistic(beta * h, c.cfg.label_smoothing or 0.0), rw, rl, {})
 
@@ -163,21 +211,21 @@ def _sigmoid(c: _Ctx) -> _Part:
 def _hinge(c: _Ctx) -> _Part:
     # SLiC-HF rank-calibration loss, Zhao et al. 2023 (arXiv 2305.10425): max(0, delta - log-ratio),
     # in the DPO paper / TRL form with the reference: relu(1 - beta * h), i.e. delta = 1 / beta.
-    c_w, c_l = _log_ratios(c)
-    return _Part(jax.nn.relu(1.0 - c.cfg.beta * (c_w - c_l)), *_dpo_rewards(c), {})
+    return _Part(jax.nn.relu(1.0 - c.cfg.beta * _score_margin(c)), *_dpo_rewards(c), {})
 
 
 def _ipo(c: _Ctx) -> _Part:
     # IPO, Azar et al. 2023 Eq. 17: (h - 1/(2 tau))^2 with tau = beta. The paper (and TRL) use
     # per-token AVERAGE log-probs; ipo_logps='sum' uses summed log-probs instead.
+    # An f-divergence replaces each summed log-ratio by its score before averaging (as TRL); the
+    # residual is clipped to +-_IPO_MAX_RESIDUAL so its square stays finite in float32.
     beta = c.cfg.beta
+    c_w, c_l = _log_ratios(c)
+    s_w, s_l = _scores(c, c_w, c_l)
     if c.cfg.ipo_logps == "average":
-        c_w = (c.pi_w - c.ref_w) / c.len_w
-        c_l = (c.pi_l - c.ref_l) / c.len_l
-    else:
-        c_w, c_l = _log_ratios(c)
-    losses = (c_w - c_l - 1.0 / (2.0 * beta)) ** 2
-    return _Part(losses, _sg(beta * c_w), _sg(beta * c_l), {})
+        c_w, c_l, s_w, s_l = c_w / c.len_w, c_l / c.len_l, s_w / c.len_w, s_l / c.len_l
+    residual = jnp.clip(s_w - s_l - 1.0 / (2.0 * beta), -_IPO_MAX_RESIDUAL, _IPO_MAX_RESIDUAL)
+    return _Part(residual**2, _sg(beta * c_w), _sg(beta * c_l), {})
 
 
 def _exo_pair(c: _Ctx) -> _Part:
@@ -185,8 +233,7 @@ def _exo_pair(c: _Ctx) -> _Part:
     # p_theta = (sigma(beta h), sigma(-beta h)) and p_label = (1 - eps, eps):
     # sigma(z)(log sigma(z) - log(1-eps)) + sigma(-z)(log sigma(-z) - log eps), z = beta h.
     eps = c.cfg.label_smoothing if c.cfg.label_smoothing is not None else DEFAULT_EXO_EPSILON
-    c_w, c_l = _log_ratios(c)
-    z = c.cfg.beta * (c_w - c_l)
+    z = c.cfg.beta * _score_margin(c)
     log_pw, log_pl = jnp.log1p(-eps), jnp.log(eps)
     losses = jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - log_pw) + jax.nn.sigmoid(-z) * (
         jax.nn.log_sigmoid(-z) - log_pl
@@ -208,8 +255,7 @@ def _robust(c: _Ctx) -> _Part:
     # rate eps, eq. number not re-checked), with
     # l(z) = -log sigma(z): [(1-eps) l(beta h) - eps l(-beta h)] / (1 - 2 eps).
     eps = c.cfg.label_smoothing or 0.0
-    c_w, c_l = _log_ratios(c)
-    z = c.cfg.beta * (c_w - c_l)
+    z = c.cfg.beta * _score_margin(c)
     losses = ((1.0 - eps) * -jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
     return _Part(losses, *_dpo_rewards(c), {})
 
@@ -286,12 +332,22 @@ def _discopop(c: _Ctx) -> _Part:
     # (1 - sigma(z/tau)) * (-log sigma(z)) + sigma(z/tau) * exp(-z).
     # The exponential branch is computed as exp(-z + log sigma(z/tau)) so that exp(-z) never
     # overflows on its own (TRL's exp(-z) * sigma(z/tau) is inf * 0 = NaN for z << 0).
-    c_w, c_l = _log_ratios(c)
-    z = c.cfg.beta * (c_w - c_l)
+    z = c.cfg.beta * _score_margin(c)
     tau = c.cfg.discopop_tau
     logistic = -jax.nn.log_sigmoid(z) * jax.nn.sigmoid(-z / tau)
     exponent = jnp.minimum(-z + jax.nn.log_sigmoid(z / tau), _DISCOPOP_MAX_EXPONENT)
     return _Part(logistic + jnp.exp(exponent), *_dpo_rewards(c), {})
+
+
+def _sigmoid_norm(c: _Ctx) -> _Part:
+    # Length-normalised DPO (TRL sigmoid_norm; the Tulu 3 recipe, Lambert et al. 2024):
+    # -log sigma(beta (s_w/|y_w| - s_l/|y_l|)), s = the log-ratio or its f-DPO score. Rewards
+    # beta * c / |y| on the same per-token averages.
+    beta = c.cfg.beta
+    c_w, c_l = _log_ratios(c)
+    s_w, s_l = _scores(c, c_w, c_l)
+    losses = -jax.nn.log_sigmoid(beta * (s_w / c.len_w - s_l / c.len_l))
+    return _Part(losses, _sg(beta * c_w / c.len_w), _sg(beta * c_l / c.len_l), {})
 
 
 def _sft(c: _Ctx) -> _Part:
@@ -352,6 +408,16 @@ def _rdpo(c: _Ctx) -> _Part:
     return _Part(-jax.nn.log_sigmoid(margin), *_dpo_rewards(c), {})
 
 
+def _dpop(c: _Ctx) -> _Part:
+    # DPO-Positive, Pal et al. 2024 ("Smaug", arXiv 2402.13228, Eq. 3):
+    # -log sigma(beta (h - lambda max(0, ref_w - pi_w))): the penalty switches on as soon as the
+    # chosen log-prob falls below the reference's. Extra: dpop_penalty = max(0, ref_w - pi_w).
+    c_w, c_l = _log_ratios(c)
+    penalty = jax.nn.relu(-c_w)
+    losses = -jax.nn.log_sigmoid(c.cfg.beta * (c_w - c_l - c.cfg.dpop_lambda * penalty))
+    return _Part(losses, *_dpo_rewards(c), {"dpop_penalty": penalty})
+
+
 _LOSS_FNS: dict[str, Callable[[_Ctx], _Part]] = {
     "sigmoid": _sigmoid,
     "hinge": _hinge,
@@ -366,11 +432,13 @@ _LOSS_FNS: dict[str, Callable[[_Ctx], _Part]] = {
     "apo_zero": _apo_zero,
     "apo_down": _apo_down,
     "discopop": _discopop,
+    "sigmoid_norm": _sigmoid_norm,
     "sft": _sft,
     "simpo": _simpo,
     "orpo": _orpo,
     "rpo": _rpo,
     "rdpo": _rdpo,
+    "dpop": _dpop,
 }
 
 
