@@ -2,18 +2,20 @@
 forward, attached to shuffled batches by pair, cached by fingerprint; and, end to end, the same
 training trajectory as the online reference."""
 
-import json
+import glob
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from dpo_jax import reference
+from dpo_jax import loop, reference
+from dpo_jax.config import read_config
 from dpo_jax.data import PreferencePipeline
 from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
 from dpo_jax.step import StepConfig, sequence_stats
-from tests import helpers
+from tests import helpers, runs
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -144,90 +146,86 @@ def test_forward_logprobs_must_score_the_same_positions():
 
 
 # --------------------------------------------------------------------------- end to end
-# These train whole runs through ``train.Run`` (to be rewired to the DPO task function).
-
-
-def _run(config, workdir):
-    from dpo_jax import train
-
-    return train.Run(config, workdir)
+# Whole DPO runs through ``dpo_jax.train.train_and_evaluate`` (tests/runs.py's tiny config).
 
 
 def _config(precompute: bool, **train_overrides):
-    c = helpers.small_config(**{"steps": 3, "eval_every": 3, "batch_size": 8, "eval_batch_size": 16,
-                        **train_overrides})
+    c = runs.dpo_config(**{"steps": 3, "eval_every": 3, "batch_size": 8, "eval_batch_size": 16,
+                           **train_overrides})
     c.data.synthetic.num_train = 32
-    c.data.eval_size = 32
+    c.data.synthetic.num_eval = 32
     c.logprobs.precompute_reference = precompute
-    c.optim.warmup_steps = 0  # full learning rate from step 1, so the rewards move
+    # SGD at the full rate from step 1, so the rewards move; its update is proportional to the
+    # gradient (Adam's would turn the rounding noise of a near-zero gradient into a full step).
+    c.optim.name = "sgd"
+    c.optim.lr = 1.0
+    c.optim.warmup_steps = 0
     return c
 
 
-def _log(workdir):
-    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+def _stored(workdir) -> list[str]:
+    """The stored reference files of a run (``reference.SUBDIR`` in its workdir)."""
+    return sorted(glob.glob(os.path.join(workdir, reference.SUBDIR, "*.npz")))
+
+
+def _assert_same_trajectory(want, got, keys):
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for w, g in zip(want, got):
+        for k in keys:
+            if k in w:
+                assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (w["step"], k)
 
 
 def test_precomputed_reference_gives_the_online_trajectory(tmp_path):
-    online = _run(_config(False), str(tmp_path / "online"))
-    assert online.state.ref_params is not None
-    online.train()
-    pre = _run(_config(True), str(tmp_path / "pre"))
-    assert pre.state.ref_params is None  # no second copy of the model on the devices
-    assert pre.reference_info["reused"] is False
-    pre.train()
-    want, got = _log(tmp_path / "online"), _log(tmp_path / "pre")
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for w, g in zip(want, got):
-        for k in ("loss", "rewards/margins", "rewards/chosen", "eval/loss", "eval/rewards/margins"):
-            if k in w:
-                assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (w["step"], k)
+    online, pre = _config(False), _config(True)
+    runs.run(online, tmp_path / "online")
+    assert _stored(tmp_path / "online") == []
+    runs.run(pre, tmp_path / "pre")
+    assert len(_stored(tmp_path / "pre")) == 1
+    want, got = runs.records(tmp_path / "online"), runs.records(tmp_path / "pre")
+    _assert_same_trajectory(want, got, ("loss", "rewards/margins", "rewards/chosen", "eval/loss",
+                                        "eval/rewards/margins"))
     # The rewards are non-zero after the first update, so the reference really enters them.
     margins = [r["rewards/margins"] for r in want if "rewards/margins" in r]
     evals = [r["eval/loss"] for r in want if "eval/loss" in r]
     assert len(margins) == 3 and len(evals) == 1 and abs(margins[-1]) > 1e-2
-    for g, w in zip(helpers.leaves(pre.state.params), helpers.leaves(online.state.params)):
+    for g, w in zip(helpers.leaves(runs.final_params(pre, tmp_path / "pre")),
+                    helpers.leaves(runs.final_params(online, tmp_path / "online")), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_forward_only_tiling_gives_the_same_trajectory(tmp_path):
     """logprobs.forward_{seq,vocab}_chunk tile the precomputed reference pass and the eval
     forward differently from the policy's training head: same numbers. (The online reference
-    forward: test_train.py's sharded-mesh test.)"""
-    precompute = True
+    forward: test_step.py.)"""
 
     def config(tiled):
-        c = _config(precompute)
+        c = _config(True)
         c.logprobs.seq_chunk, c.logprobs.vocab_chunk = 0, 0  # training head: one block
         if tiled:
             c.logprobs.forward_seq_chunk, c.logprobs.forward_vocab_chunk = 2, 48
         return c
 
-    runs = {}
-    for tiled in (False, True):
-        run = _run(config(tiled), str(tmp_path / str(tiled)))
-        runs[tiled] = run
-        run.train()
-    lp = runs[True].step_cfg
-    assert (lp.logprobs.seq_chunk, lp.logprobs.vocab_chunk) == (None, None)
-    assert (lp.no_grad_logprobs.seq_chunk, lp.no_grad_logprobs.vocab_chunk) == (2, 48)
-    assert runs[False].step_cfg.forward_logprobs is None
-    want, got = _log(tmp_path / "False"), _log(tmp_path / "True")
-    for w, g in zip(want, got):
-        for k in ("loss", "rewards/margins", "eval/loss", "eval/rewards/margins"):
-            if k in w:
-                assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (w["step"], k)
+    tiled, plain = read_config(config(True)).step, read_config(config(False)).step
+    assert (tiled.logprobs.seq_chunk, tiled.logprobs.vocab_chunk) == (None, None)
+    assert (tiled.no_grad_logprobs.seq_chunk, tiled.no_grad_logprobs.vocab_chunk) == (2, 48)
+    assert plain.no_grad_logprobs == plain.logprobs
+    for t in (False, True):
+        runs.run(config(t), tmp_path / str(t))
+    want, got = runs.records(tmp_path / "False"), runs.records(tmp_path / "True")
+    _assert_same_trajectory(want, got, ("loss", "rewards/margins", "eval/loss",
+                                        "eval/rewards/margins"))
     assert abs([r["rewards/margins"] for r in want if "rewards/margins" in r][-1]) > 1e-2
     # the stored file is keyed by the tiling that produced it
-    assert runs[True].reference_info["path"] != runs[False].reference_info["path"]
+    [untiled_file], [tiled_file] = _stored(tmp_path / "False"), _stored(tmp_path / "True")
+    assert os.path.basename(untiled_file) != os.path.basename(tiled_file)
 
 
 def test_stored_reference_is_reused_on_resume_and_recomputed_when_the_fingerprint_changes(
         tmp_path, monkeypatch):
-    workdir = str(tmp_path / "run")
-    first = _run(_config(True, steps=2, checkpoint_every=2), workdir)
-    first.train()
-    path = first.reference_info["path"]
-    assert os.path.exists(path)
+    workdir = tmp_path / "run"
+    runs.run(_config(True, steps=2, checkpoint_every=2), workdir)
+    [path] = _stored(workdir)
     stored = dict(np.load(path))
     assert stored["train_logps"].shape == (32, 2) and stored["eval_logps"].shape == (32, 2)
     # Every scored response token counted; log-probs of a random model over vocab 128 are < 0.
@@ -241,18 +239,24 @@ def test_stored_reference_is_reused_on_resume_and_recomputed_when_the_fingerprin
         return original(*args, **kwargs)
 
     monkeypatch.setattr(reference, "compute_pair_logps", counting)
-    resumed = _run(_config(True, checkpoint_every=2), workdir)
-    assert resumed.start_step == 2
-    assert resumed.reference_info == dict(first.reference_info, reused=True)
-    assert calls["n"] == 0
-    resumed.train()
+    longer = _config(True, checkpoint_every=2)
+    longer.allow_resume_changes = "train.steps"
+    summary = runs.run(longer, workdir)
+    assert summary["resumed_from"] == 2 and summary["finished"]
+    assert calls["n"] == 0 and _stored(workdir) == [path]
 
+    # The same store under a config whose reference numbers differ: a new fingerprint, hence
+    # a new file (a workdir refuses such a change, so the store is copied into a fresh one).
     other = _config(True)
-    other.model.ref_param_dtype = "bfloat16"  # different reference numbers -> new fingerprint
-    changed = _run(other, str(tmp_path / "run"))
-    assert changed.reference_info["fingerprint"] != first.reference_info["fingerprint"]
-    assert changed.reference_info["reused"] is False
+    other.model.ref_param_dtype = "bfloat16"
+    fresh = tmp_path / "bf16"
+    shutil.copytree(workdir / reference.SUBDIR, fresh / reference.SUBDIR)
+    with pytest.raises(loop.Interrupted):  # the reference is computed before the first step
+        runs.run(other, fresh, interrupt_after=1)
     assert calls["n"] == 1  # train and eval splits recomputed in one call
-    bf16 = dict(np.load(changed.reference_info["path"]))
+    files = _stored(fresh)
+    assert len(files) == 2 and os.path.basename(path) in map(os.path.basename, files)
+    [new] = [f for f in files if os.path.basename(f) != os.path.basename(path)]
+    bf16 = dict(np.load(new))
     assert not np.array_equal(bf16["train_logps"], stored["train_logps"])
     np.testing.assert_allclose(bf16["train_logps"], stored["train_logps"], rtol=0.05)
