@@ -10,13 +10,16 @@ Variants (``:name``):
     Preferred-FT + Unlikelihood, a reward model + PPO at target KL 3/6/9/12 + PPO-GT,
     frontier on 256 test prefixes.
   * ``gpu``   -- the same recipe at GPT-2-small shape on all reviews (one accelerator).
-  * ``paper`` -- gpt2-large from ``model.hf_path`` (hub or a local directory) with the GPT-2
+  * ``paper`` -- gpt2-large from ``model.hf_path`` (hub or a local directory) with its own
     tokenizer, reward ``siebert/sentiment-roberta-large-english`` through
     ``HubSentimentReward`` (needs network/hub cache; never run here).
 Stage outputs live in the workdir (see dpo_jax/proj/imdb/pipeline.py); rerunning skips finished
-stages, and an interrupted training stage resumes from its checkpoint. The IMDb parquet shards
-(and the ``paper`` variant's GPT-2 tokenizer) are read under the data root: ``$DPO_JAX_DATA``,
-default ``../shared/data`` beside the repository (``dpo_jax.data.testing.data_root``).
+stages, and an interrupted training stage resumes from its checkpoint.
+
+The reviews: ``imdb.data_dir`` empty (the default) reads the hub dataset ``stanfordnlp/imdb``
+through ``datasets`` (network, or its cache); offline, point it at a directory of
+``{train,test,unsup}-*.parquet`` shards or a ``datasets.save_to_disk`` directory, e.g.
+``--config.imdb.data_dir=$DPO_JAX_DATA/imdb`` (``dpo_jax/proj/imdb/text.py``).
 
 The experiment's code is the project ``dpo_jax/proj/imdb``, which only this config names (as
 ``config.task``); the library never imports it.
@@ -25,13 +28,12 @@ The experiment's code is the project ``dpo_jax/proj/imdb``, which only this conf
 import ml_collections
 
 from dpo_jax.config import base_config
-from dpo_jax.data.testing import data_root
 from dpo_jax.sft import add_sft_config
 
 
 def _imdb_block() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.data_dir = str(data_root() / "imdb")  # parquet shards {train,test,unsup}-*.parquet
+    c.data_dir = ""  # '' = hub stanfordnlp/imdb; or {train,test,unsup}-*.parquet / save_to_disk dir
     c.use_unsup = True  # SFT and tokenizer also on the 50k unlabelled reviews
     c.max_reviews = 0  # reviews read per split (0 = all)
     c.max_test_reviews = 0  # test reviews read (0 = all): test prefixes, reward accuracy
@@ -102,7 +104,7 @@ def get_config(arg: str = "cpu"):
     variant = arg or "cpu"
     if variant == "tiny":
         i = c.imdb
-        i.data_dir = ""  # the test writes parquet shards and sets this
+        i.data_dir = ""  # the test writes reviews and sets this
         i.vocab_size = 300
         i.reward_features = 2**12
         i.reward_steps = 30
@@ -158,7 +160,7 @@ def get_config(arg: str = "cpu"):
     elif variant == "paper":
         c.model.hf_path = "gpt2-large"
         c.model.dtype = "bfloat16"
-        c.imdb.tokenizer = str(data_root() / "gpt2_tokenizer")  # gpt2-large's tokenizer
+        c.imdb.tokenizer = "gpt2-large"  # its own tokenizer (hub or cache; or a local directory)
         c.imdb.hub_reward = "siebert/sentiment-roberta-large-english"
         c.imdb.sft_max_length = 512
         c.imdb.sft.update(steps=5000, batch_size=64, lr=1e-5, warmup_steps=150,
