@@ -1,5 +1,6 @@
 """The IMDb pipeline (`configs/imdb.py:tiny`) end to end through every stage; a rerun skips them.
-Also: the stage runner's cache, the data root, and that the library never imports the project."""
+Also: the stage runner's cache, the default data source, and that the library never imports
+the project."""
 
 import ast
 import importlib.util
@@ -129,10 +130,12 @@ def test_stage_runner_skips_finished_stages_and_keeps_their_times(tmp_path):
     assert set(again.seconds) == {"a"} and (tmp_path / "a.txt").read_text() == "1"
 
 
-def test_real_data_paths_follow_the_data_root_variable(tmp_path, monkeypatch):
-    monkeypatch.setenv("DPO_JAX_DATA", str(tmp_path))
-    assert _config("cpu").imdb.data_dir == str(tmp_path / "imdb")
-    assert _config("paper").imdb.tokenizer == str(tmp_path / "gpt2_tokenizer")
+def test_default_config_names_no_local_path():
+    """The reviews default to the hub (tests/test_imdb_data.py), the paper's tokenizer to the
+    model's own."""
+    for variant in ("cpu", "gpu", "paper"):
+        assert _config(variant).imdb.data_dir == ""
+    assert _config("paper").imdb.tokenizer == _config("paper").model.hf_path
 
 
 def test_library_never_imports_the_project():
