@@ -155,30 +155,26 @@ def test_launch_local_fails_when_a_process_fails(tmp_path):
 
 
 def test_state_bytes_per_device_equal_the_real_shards():
-    """Against the state a Run places on 8 devices (vocab 130 is not divisible by 4 or 8, so
-    some dimensions stay replicated). Before Run gave tx.init explicit out_shardings, FSDP
-    moments sat whole on every device and this failed (fsdp=8, rmsprop: 93,440 bytes of
-    moments on each device instead of 14,368)."""
+    """Against the state every task places on 8 devices (``dpo_jax.state``: parameters from
+    their source, then ``create_state``); vocab 130 is not divisible by 4 or 8, so some
+    dimensions stay replicated. Optimizer moments must carry their parameters' shardings:
+    held whole on every device, FSDP's moments would exceed the computed bytes."""
     mesh_shape, optimizer = {"data": 2, "fsdp": 2, "tensor": 2}, "adamw"
     import jax
-    from ml_collections import ConfigDict
 
-    from dpo_jax import sharding, train
+    from dpo_jax import sharding
+    from dpo_jax import state as state_lib
+    from dpo_jax.config import ParamSources
     from dpo_jax.models import Model, preset
     from dpo_jax.optim import OptimConfig, make_optimizer
 
     cfg = preset("tiny-gpt2", vocab_size=130, d_model=32, d_ff=64)
     model = Model(cfg)
     mesh = sharding.make_mesh(mesh_shape)
-    shardings = sharding.tree_shardings(model.abstract_params(), model.logical_axes(), mesh)
-    optim = ConfigDict(dict(name=optimizer, lr=1e-3, schedule="constant", warmup_steps=0, b1=0.9,
-                            b2=0.999, eps=1e-8, weight_decay=0.0, rms_decay=0.99,
-                            max_grad_norm=1.0))
-    run = types.SimpleNamespace(tx=make_optimizer(OptimConfig.from_config(optim), 10)[0], mesh=mesh, param_shardings=shardings,
-                                needs_reference=lambda: False, model=model,
-                                config=ConfigDict(dict(seed=0, init=dict(policy="", reference=""),
-                                                       model=dict(hf_path=""))))
-    state = train.Run._init_state(run)  # parameters and moments exactly as a run places them
+    shardings = state_lib.param_shardings(model, mesh, sharding.DEFAULT_RULES)
+    tx, _ = make_optimizer(OptimConfig(name=optimizer, warmup_steps=0, max_grad_norm=1.0), 10)
+    state = state_lib.create_state(state_lib.init_policy(model, shardings, ParamSources()), tx,
+                                   mesh, shardings)
     params, opt_state = state.params, state.opt_state
 
     def on_device(tree, device):
