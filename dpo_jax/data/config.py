@@ -40,6 +40,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.field_prompt = "prompt"  # generic source: prompt column (may be absent for message lists)
     c.field_chosen = "chosen"  # generic source: chosen column
     c.field_rejected = "rejected"  # generic source: rejected column
+    # numeric column (>= 0) that becomes each pair's weight in the loss and metrics ('' = all 1)
+    c.weight_field = ""
     c.hh_single_turn = False  # hh: keep only single-turn conversations
     c.shp_min_score_ratio = 2.0  # shp: keep pairs whose score ratio is at least this (paper: 2)
     c.shp_max_pairs_per_post = 5  # shp: at most this many pairs per post (0 = no cap)
@@ -89,4 +91,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not c.eval_split and c.eval_size <= 0 and c.eval_fraction <= 0:
         raise ValueError("eval is carved from train (data.eval_split=''): set data.eval_size > 0 "
                          "or data.eval_fraction > 0")
+    if c.get("weight_field") and c.source == "synthetic":
+        raise ValueError("data.weight_field names a column of a preference file; the synthetic "
+                         "source has none (set data.source and data.path, or weight_field='')")
     parse_buckets(c.buckets)

@@ -133,6 +133,8 @@ class PreferencePipeline(BatchStream):
                                      f"({len(pairs)}, 2): one (chosen, rejected) row per pair")
             self.reference = (logps_N2, lengths_N2)
         self.lengths = batching.pair_lengths(pairs)  # [N, 3] prompt, chosen, rejected
+        # Per-pair weights (a pair's "weight", from data.weight_field; 1 when absent).
+        self.weights = np.asarray([p.get("weight", 1.0) for p in pairs], np.float32)
         self.row_multiple = math.lcm(int(cfg.row_multiple), process_count)
         self._stats: dict[str, Any] = dict(load_stats or {})
         self._tokens = [0, 0]  # real, total (padded) tokens of the global batches this epoch
@@ -187,7 +189,7 @@ class PreferencePipeline(BatchStream):
                 resp = pair["chosen"] if s < B else pair["rejected"]
                 seqs[s] = (np.concatenate([pair["prompt"], resp]), len(pair["prompt"]))
         out = batching.materialise(plan, seqs, r0, r1, self.pad_id)
-        out["pair_weight"] = self.host_block(weight)
+        out["pair_weight"] = self.host_block(weight * self.weights[idx])
         if self.reference is not None:
             logps_N2, lengths_N2 = self.reference
             out["ref_logps"] = self.host_block(np.concatenate([logps_N2[idx, 0], logps_N2[idx, 1]]))

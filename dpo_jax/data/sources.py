@@ -41,6 +41,7 @@ class RawPair:
     rejected: str
     file: str = ""
     row: int = -1
+    weight: float = 1.0  # from ``data.weight_field`` (1 when unset)
 
     @property
     def is_chat(self) -> bool:
@@ -215,15 +216,33 @@ HUB_NAMES = {
 }
 
 
+def pair_weight(rec: Record, field: str, file: str, row: int) -> float:
+    """The row's ``data.weight_field`` value as a pair weight: a finite number >= 0 (bools and
+    numeric strings are refused, so a wrong column is not read as weights)."""
+    v = _get(rec, field, file, row)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise DataError(f"pair weight must be a number, got {type(v).__name__} {v!r}", file=file,
+                        row=row, field=field, reason="bad_weight")
+    w = float(v)
+    if not np.isfinite(w) or w < 0:
+        raise DataError(f"pair weight must be finite and >= 0, got {w}", file=file, row=row,
+                        field=field, reason="bad_weight")
+    return w
+
+
 def parse_rows(source: str, rows: Iterable[Row], cfg, bad: BadRows) -> list[RawPair]:
     """Parse every row; rows that do not parse raise or are counted by ``bad``. Whether a pair
-    can teach a preference is decided on its tokens (``checks.check_scored_pair``)."""
+    can teach a preference is decided on its tokens (``checks.check_scored_pair``).
+    ``cfg.weight_field`` (when set) gives each pair its weight (``pair_weight``)."""
     parser = PARSERS[source]
+    weight_field = getattr(cfg, "weight_field", "") or ""
     pairs: list[RawPair] = []
     for file, row, rec in rows:
         try:
             pair = parser(rec, file, row, cfg)
             if pair is not None:
+                if weight_field:
+                    pair.weight = pair_weight(rec, weight_field, file, row)
                 pairs.append(pair)
         except DataError as e:
             bad.handle(e)

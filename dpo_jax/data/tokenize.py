@@ -295,6 +295,8 @@ class PairTokenizer:
                                                          *responses, pair)
                 tokens = {k: np.asarray(v, np.int32) for k, v in
                           (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))}
+                if pair.weight != 1.0:  # data.weight_field; absent means 1
+                    tokens["weight"] = np.asarray(pair.weight, np.float32)
                 check_scored_pair(tokens, end_ids=self.end_ids, is_blank=self.is_blank,
                                   file=pair.file, row=pair.row)
                 out.append(tokens)
