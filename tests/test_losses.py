@@ -232,6 +232,20 @@ def test_finite_loss_and_grad_at_saturated_margins(name):
         assert np.all(np.isfinite(np.asarray(a))), name
 
 
+def test_orpo_log_odds_near_certainty_match_float64():
+    """log(1 - p) as p -> 1 (average log-probs -1e-5 .. -0.5): ORPO's log odds equal float64
+    numpy's to float32 precision. 1 - exp(x) computed directly loses the digits of 1 - p there,
+    so only the expm1 branch of log1mexp passes this tolerance near 0."""
+    cfg = make_cfg("orpo")
+    lens = np.full(4, 10.0, np.float32)
+    pw = np.array([-1e-4, -1e-3, -0.05, -5.0], np.float32)  # averages -1e-5 .. -0.5
+    pl = np.array([-20.0, -1e-2, -30.0, -6.0], np.float32)
+    out = losses.preference_loss(cfg, stats(pw, pl, lens, lens), None)
+    aw, al = pw.astype(np.float64) / lens, pl.astype(np.float64) / lens
+    want = (aw - np.log(-np.expm1(aw))) - (al - np.log(-np.expm1(al)))
+    np.testing.assert_allclose(float(out.extras["log_odds_chosen"]), want.mean(), rtol=2e-6)
+
+
 def test_orpo_saturated_probability_is_finite():
     """ORPO's log(1 - p) at p -> 1 (average log-prob 0 or -1e-9): loss and grads stay finite."""
     cfg = make_cfg("orpo")
