@@ -26,6 +26,7 @@ setup(
         "tokenizers>=0.19",
         "huggingface_hub>=0.23",
         "matplotlib>=3.8",  # frontier.png of the IMDb experiment
+        "beautifulsoup4>=4.12",  # the se source cleans StackExchange HTML as the paper's code
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

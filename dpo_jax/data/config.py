@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import ml_collections
 
-SOURCES = ("synthetic", "generic", "hh", "shp", "tldr", "ultrafeedback")
+SOURCES = ("synthetic", "generic", "hh", "shp", "tldr", "ultrafeedback", "se")
 TRUNCATION_MODES = ("keep_end", "keep_start", "error")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
     """The offline default: the synthetic task, no tokenizer, no files."""
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"  # one of SOURCES: synthetic | generic | hh | shp | tldr | ultrafeedback
+    c.source = "synthetic"  # one of SOURCES: synthetic generic hh shp tldr ultrafeedback se
     c.path = ""  # local file (jsonl, jsonl.gz, json, parquet), directory, save_to_disk dir, or hub name
     c.hub_config = ""  # hub dataset config name or data_dir (e.g. 'harmless-base' for hh)
     c.train_split = "train"  # split name (files whose name contains it, DatasetDict key, hub split)

@@ -213,6 +213,7 @@ PARSERS: dict[str, Callable[..., RawPair | None]] = {
 HUB_NAMES = {
     "hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "tldr": "openai/summarize_from_feedback",
     "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
+    "se": "HuggingFaceH4/stack-exchange-preferences",
 }
 
 
@@ -254,6 +255,10 @@ def parse_rows(source: str, rows: Iterable[Row], cfg, bad: BadRows) -> list[RawP
 def load_raw_pairs(cfg, split: str, bad: BadRows) -> list[RawPair]:
     """Parsed rows of dataset split ``split`` of ``cfg.path`` (a local copy, or the hub when
     the path is a name)."""
+    if cfg.source == "se":  # many pairs per row, the paper's own split: stackexchange.py
+        from dpo_jax.data.stackexchange import load_se_pairs
+
+        return load_se_pairs(cfg, split, bad)
     path = cfg.path or HUB_NAMES.get(cfg.source, "")
     hub_config = cfg.hub_config
     if cfg.source == "tldr" and not hub_config and path == HUB_NAMES["tldr"]:
@@ -277,6 +282,8 @@ def same_rows_for_both_splits(cfg) -> bool:
     the split), a ``save_to_disk`` Dataset without splits, or equal split names."""
     if cfg.train_split == cfg.eval_split:
         return True
+    if cfg.source == "se" and {cfg.train_split, cfg.eval_split} == {"train", "test"}:
+        return False  # the paper's disjoint split of the dataset's rows (stackexchange.py)
     path = pathlib.Path(cfg.path) if cfg.path else None
     if path is None or not path.exists():
         return False
