@@ -99,3 +99,5 @@ def test_bad_rows_name_the_field(tmp_path):
     bad = BadRows("skip")
     pairs = load_raw_pairs(_cfg(path), "other", bad)
     assert len(pairs) == 1 and sum(bad.counts.values()) == 2
+    with pytest.raises(DataError, match="weight_field"):
+        load_raw_pairs(_cfg(path, weight_field="pm_score"), "other", BadRows("error"))

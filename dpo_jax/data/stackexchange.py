@@ -119,6 +119,10 @@ def load_se_pairs(cfg, split: str, bad: BadRows) -> list:
     the module doc says."""
     from dpo_jax.data.sources import RawPair
 
+    if getattr(cfg, "weight_field", ""):
+        raise DataError("the se source forms several pairs per row and has no per-pair weight "
+                        "column: set data.weight_field=''", file=cfg.path or HUB_NAME,
+                        field="weight_field", reason="bad_config")
     by_prompt: dict[str, list] = {}
     for file, row, rec in _rows_of(cfg.path or HUB_NAME, split, cfg.hub_config):
         try:
