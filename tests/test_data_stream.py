@@ -98,7 +98,8 @@ def test_resume_from_a_json_state_continues_the_same_stream(kind, taken):
 @pytest.mark.parametrize("kind", ["index", "pairs", "text", "prompts"])
 def test_resume_refuses_another_item_count_batch_size_or_seed(kind):
     state = _streams(train=True)[kind].state_dict()
-    assert set(state) == {"epoch", "position", "seed", "num_items", "global_batch_size"}
+    assert set(state) == {"epoch", "position", "seed", "num_items", "global_batch_size",
+                          "shuffle"}
     for changed, field in ((_streams(train=True, seed=4), "seed"),
                            (_streams(train=True, batch=6), "global_batch_size")):
         with pytest.raises(DataError, match=f"{field}="):

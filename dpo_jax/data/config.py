@@ -37,6 +37,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.group_by_length = 0  # sort pairs by length within windows of this many batches (0 = off)
     c.on_bad_row = "error"  # 'error': raise DataError with file/row/field | 'skip': count and drop
     c.shuffle_seed = 0  # data order seed, combined with the run seed
+    c.shuffle = True  # False: train in the file's order, every epoch (debugging, parity runs)
     c.field_prompt = "prompt"  # generic source: prompt column (may be absent for message lists)
     c.field_chosen = "chosen"  # generic source: chosen column
     c.field_rejected = "rejected"  # generic source: rejected column
@@ -94,4 +95,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.get("weight_field") and c.source == "synthetic":
         raise ValueError("data.weight_field names a column of a preference file; the synthetic "
                          "source has none (set data.source and data.path, or weight_field='')")
+    if not c.get("shuffle", True) and c.group_by_length:
+        raise ValueError("data.shuffle=False keeps the file's order; data.group_by_length "
+                         f"={c.group_by_length} would reorder it (set it to 0)")
     parse_buckets(c.buckets)

@@ -105,7 +105,8 @@ class PreferencePipeline(BatchStream):
     """Preference pairs as batches in the ARCHITECTURE.md layout, with ``stats``.
 
     A ``BatchStream`` over pairs (train: endless, reshuffled each epoch from
-    ``(data.shuffle_seed, seed, epoch)``, optionally grouped by length; eval: one pass in file
+    ``(data.shuffle_seed, seed, epoch)`` or, with ``data.shuffle=False``, in file order every
+    epoch; optionally grouped by length; eval: one pass in file
     order, padded with weight-0 copies of pair 0). Each batch holds this process's rows of the
     bucketed (or packed) global batch and its block of ``pair_weight`` [B].
 
@@ -122,7 +123,7 @@ class PreferencePipeline(BatchStream):
                  reference: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__(len(pairs), train=train, global_batch_size=global_batch_size,
                          seed=(int(cfg.shuffle_seed), int(seed)), process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, shuffle=bool(cfg.get("shuffle", True)))
         self.pairs, self.cfg, self.pad_id = pairs, cfg, int(pad_id)
         self.reference = None
         if reference is not None:

@@ -4,8 +4,9 @@ A stream serves global batches of ``global_batch_size`` items (pairs, sequences 
 ``num_items`` of them) and hands this process its block:
 
 * **order**: epoch ``e``'s item order is ``np.random.default_rng([*seed, e]).permutation``
-  (train) or file order (eval); ``[num_batches, global_batch_size]`` item indices per epoch,
-  ``-1`` for eval padding (:meth:`epoch_batches`);
+  (train) or file order (eval, and train with ``shuffle=False``: the same order every epoch,
+  for debugging and parity runs against other trainers); ``[num_batches, global_batch_size]``
+  item indices per epoch, ``-1`` for eval padding (:meth:`epoch_batches`);
 * **train**: endless; each epoch reshuffled, its last partial batch dropped;
 * **eval**: one pass in order covering every item once; the last batch is filled with copies of
   item 0 at weight 0 (copies, not empty items, so per-length normalised numbers stay finite);
@@ -15,7 +16,7 @@ A stream serves global batches of ``global_batch_size`` items (pairs, sequences 
   contiguous blocks ``jax.make_array_from_process_local_data`` expects when the leading axis is
   sharded over all devices in process order;
 * **state**: ``state_dict()`` is the JSON-serialisable position (epoch, position) plus what must
-  not change across a resume (item count, global batch size, seed), checked by
+  not change across a resume (item count, global batch size, seed, shuffle), checked by
   ``load_state_dict``.
 
 A subclass builds one batch from item indices (:meth:`batch_at`) and may arrange an epoch's
@@ -35,14 +36,17 @@ class BatchStream:
     """Iterator of this process's block of fixed-size global batches (see the module doc).
 
     ``seed`` is one int or a sequence of ints (e.g. ``(data.shuffle_seed, run seed)``); the
-    epoch number is appended to it to seed each epoch's order. ``item_name`` names the items in
-    error messages. Raises ``ValueError`` for a process index or batch size that does not fit
-    the process count, ``DataError`` when there are no items or (train) fewer than one batch."""
+    epoch number is appended to it to seed each epoch's order. ``shuffle=False`` serves train
+    items in file order (``seed`` still seeds :meth:`arrange`'s rng). ``item_name`` names the
+    items in error messages. Raises ``ValueError`` for a process index or batch size that does
+    not fit the process count, ``DataError`` when there are no items or (train) fewer than one
+    batch."""
 
     item_name = "items"
 
     def __init__(self, num_items: int, *, train: bool, global_batch_size: int,
-                 seed: int | Sequence[int], process_index: int = 0, process_count: int = 1):
+                 seed: int | Sequence[int], process_index: int = 0, process_count: int = 1,
+                 shuffle: bool = True):
         if global_batch_size <= 0 or global_batch_size % process_count:
             raise ValueError(f"global batch size {global_batch_size} is not a positive multiple "
                              f"of the process count {process_count}")
@@ -57,6 +61,7 @@ class BatchStream:
         self.global_batch_size = int(global_batch_size)
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.seed = tuple(int(s) for s in np.atleast_1d(np.asarray(seed, np.int64)))
+        self.shuffle = bool(shuffle)
         self.epoch, self.position = 0, 0
         self._order_cache: tuple[int, np.ndarray] | None = None
 
@@ -86,7 +91,8 @@ class BatchStream:
         n, B = self.num_items, self.global_batch_size
         if self.train:
             rng = np.random.default_rng([*self.seed, epoch])
-            out = self.arrange(rng.permutation(n)[: self.num_batches * B], rng)
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            out = self.arrange(order[: self.num_batches * B], rng)
         else:
             order = np.full(self.num_batches * B, -1, np.int64)
             order[:n] = np.arange(n)
@@ -144,20 +150,27 @@ class BatchStream:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position in the stream and the settings a resume must match."""
         return {"epoch": self.epoch, "position": self.position, "seed": list(self.seed),
-                "num_items": self.num_items, "global_batch_size": self.global_batch_size}
+                "num_items": self.num_items, "global_batch_size": self.global_batch_size,
+                "shuffle": self.shuffle}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue exactly where ``state`` was taken. Raises ``DataError`` when the item count,
-        global batch size or seed differ (another dataset, batch or order: resuming would
-        silently train on a different stream) or a field is missing."""
+        global batch size, seed or shuffle differ (another dataset, batch or order: resuming
+        would silently train on a different stream) or a field is missing (``shuffle`` absent:
+        a shuffled stream)."""
         missing = {"epoch", "position", "seed", "num_items", "global_batch_size"} - set(state)
         if missing:
             raise DataError(f"cannot resume: data state lacks {sorted(missing)} (a checkpoint "
                             "from an older version; start a new run)")
         have = {"num_items": self.num_items, "global_batch_size": self.global_batch_size,
-                "seed": list(self.seed)}
+                "seed": list(self.seed), "shuffle": self.shuffle}
         for key, value in have.items():
-            stored = [int(s) for s in state[key]] if key == "seed" else int(state[key])
+            if key == "shuffle":
+                stored = bool(state.get("shuffle", True))
+            elif key == "seed":
+                stored = [int(s) for s in state[key]]
+            else:
+                stored = int(state[key])
             if stored != value:
                 raise DataError(f"cannot resume: the checkpoint's data state has {key}={stored}, "
                                 f"this {type(self).__name__} has {value}; resume with the "

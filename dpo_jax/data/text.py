@@ -72,7 +72,7 @@ class TextPipeline(BatchStream):
                 self.seqs.append((tokens, p_len))
         super().__init__(len(self.seqs), train=train, global_batch_size=global_batch_size,
                          seed=(int(cfg.shuffle_seed), int(seed)), process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, shuffle=bool(cfg.get("shuffle", True)))
         self.cfg, self.pad_id = cfg, int(pad_id)
         self.lengths = np.asarray([len(t) for t, _ in self.seqs], np.int64)
         self.row_multiple = math.lcm(int(cfg.row_multiple), int(row_multiple), process_count)
