@@ -76,8 +76,10 @@ def test_interrupted_dpo_run_ends_as_the_uninterrupted_one(dpo_full, tmp_path, i
 @pytest.mark.parametrize("task", ["sft", "reward", "ppo"])
 def test_every_task_resumes_exactly(tmp_path, task):
     """Killed right after the checkpoint at step 2 (PPO: with its adaptive KL coefficient, saved
-    as its own checkpoint item), the rerun ends with the uninterrupted run's params and log."""
+    as its own checkpoint item), the rerun crosses an epoch boundary and ends with the
+    uninterrupted run's params and log."""
     config = runs.CONFIGS[task](steps=4, checkpoint_every=2)
+    config.data.synthetic.num_train = 48  # 3 batches per epoch: the resumed run crosses one
     runs.run(config, tmp_path / "full")
     summary = cut_and_resume(config, tmp_path / "cut", interrupt_after=3)
     assert summary["resumed_from"] == 2

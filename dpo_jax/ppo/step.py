@@ -1,7 +1,7 @@
-"""The PPO rollout and update: pure functions, jitted once by the run with shardings.
+"""The PPO update: pure functions, jitted once by the PPO task with shardings.
 
 ``make_ppo_step`` returns ``train_step(state, batch, num_scored=None) -> (state, metrics)`` (the
-same signature as the DPO step, so :class:`~dpo_jax.train.Run` jits it). One call is one PPO
+same signature as the DPO step, so ``loop.jit_train_step`` jits it). One call is one PPO
 iteration on one rollout batch (Ziegler et al. 2019; Stiennon et al. 2020):
 
 1. forward passes of the policy (log-probs, values: the rollout-time "old" quantities) and of the
