@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from dpo_jax.models import Model  # noqa: E402
-from dpo_jax.models.hf import load_hf_config, load_hf_params, save_hf  # noqa: E402
+from dpo_jax.models.hf import load_hf_params, save_hf  # noqa: E402
+from dpo_jax.models.hf_config import load_hf_config  # noqa: E402
 
 torch.set_num_threads(2)
 

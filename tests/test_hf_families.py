@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from dpo_jax import sampling  # noqa: E402
 from dpo_jax.models import Model  # noqa: E402
-from dpo_jax.models.hf import (  # noqa: E402
-    hf_config_to_model_config, load_hf_config, load_hf_params, save_hf)
+from dpo_jax.models.hf import load_hf_params, save_hf  # noqa: E402
+from dpo_jax.models.hf_config import hf_config_to_model_config, load_hf_config  # noqa: E402
 
 torch.set_num_threads(2)
 

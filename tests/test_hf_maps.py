@@ -104,7 +104,7 @@ HUB_CONFIGS = {
 
 
 def test_published_configs_import_to_their_presets():
-    from dpo_jax.models.hf import hf_config_to_model_config
+    from dpo_jax.models.hf_config import hf_config_to_model_config
 
     for name, c in HUB_CONFIGS.items():
         assert hf_config_to_model_config(c) == preset(name), name

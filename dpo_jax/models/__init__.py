@@ -11,7 +11,8 @@ from dpo_jax.models.config import (
     param_count,
     preset,
 )
-from dpo_jax.models.hf import load_hf_config, load_hf_params, save_hf
+from dpo_jax.models.hf import load_hf_params, save_hf
+from dpo_jax.models.hf_config import load_hf_config
 from dpo_jax.models.model import Model, project
 
 __all__ = [

@@ -310,7 +310,7 @@ def model_config_from(model_block) -> ModelConfig:
                      scan_layers=m.scan_layers, attention_impl=m.attention_impl or None,
                      attention_chunk=m.attention_chunk)
     if m.hf_path:
-        from dpo_jax.models import hf
+        from dpo_jax.models.hf_config import load_hf_config
 
-        return hf.load_hf_config(m.hf_path, **overrides)
+        return load_hf_config(m.hf_path, **overrides)
     return preset(m.preset, **overrides)

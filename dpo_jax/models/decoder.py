@@ -13,6 +13,9 @@ Parameter tree (pure dict keys):
   layers/attn/q_norm/scale, k_norm/scale [L,Dh] (qk_norm)
   layers/mlp/up [L,D,F]; gate [L,D,F] (gated); down [L,F,D]; up_bias, gate_bias, down_bias
   final_norm/{scale,bias}; lm_head [V,D] (untied only); lm_head_bias [V] (GPT-J)
+
+Shape suffixes of arrays: L layers, B batch, T tokens of this call, S key positions (T, or cache
+slots), D d_model, N query heads, K kv heads, H head_dim (Dh above), F d_ff, R rotary_dim / 2.
 """
 
 from __future__ import annotations
@@ -23,8 +26,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import layers as F
 from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.layers import (
+    activation,
+    apply_rotary,
+    attention,
+    norm,
+    rotary_tables,
+    segment_causal_mask,
+)
 
 Cache = dict[str, Any]
 
@@ -43,13 +53,12 @@ def _param(rngs: nnx.Rngs, shape: tuple, axes: tuple, cfg: ModelConfig,
     return nnx.Param(value, axes=axes)
 
 
-
 def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., I] @ w [I, O] as one matmul on [rows, I].
 
     Same numbers as the batched form; XLA:CPU runs a dot with several leading dims, and above
-    all its weight gradient (a contraction over two batch-like dims), several times slower
-    than the flattened matmul (measured: a 4-layer MLP's gradient 0.78 s vs 0.24 s).
+    all its weight gradient (a contraction over two batch-like dims), more slowly than the
+    flattened matmul.
     """
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
@@ -58,6 +67,7 @@ def _heads(x: jax.Array, w_DNH: jax.Array) -> jax.Array:
     """x [..., D] @ w [D, N, H] -> [..., N, H] through one 2-D matmul."""
     y = _mm(x, w_DNH.reshape(w_DNH.shape[0], -1))
     return y.reshape(*x.shape[:-1], *w_DNH.shape[1:])
+
 
 class Norm(nnx.Module):
     """cfg.norm over the last axis of size `dim` (None: d_model). Scale initialised to the
@@ -74,7 +84,7 @@ class Norm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         bias = self.bias[...] if self.cfg.norm == "layernorm" else None
-        return F.norm(self.cfg, x, self.scale[...], bias)
+        return norm(self.cfg, x, self.scale[...], bias)
 
 
 class Attention(nnx.Module):
@@ -97,62 +107,65 @@ class Attention(nnx.Module):
             self.q_norm = Norm(cfg, rngs, lead, lead_axes, dim=Dh)
             self.k_norm = Norm(cfg, rngs, lead, lead_axes, dim=Dh)
 
-    def qkv(self, x: jax.Array, sin: jax.Array | None, cos: jax.Array | None):
-        cfg, dt = self.cfg, x.dtype
-        q = _heads(x, self.q[...].astype(dt))
-        k = _heads(x, self.k[...].astype(dt))
-        v = _heads(x, self.v[...].astype(dt))
+    def qkv(self, x_BTD: jax.Array, sin_BTR: jax.Array | None, cos_BTR: jax.Array | None):
+        """Queries [B,T,N,H], keys and values [B,T,K,H] (biased, normed, rotated per cfg)."""
+        cfg, dt = self.cfg, x_BTD.dtype
+        q_BTNH = _heads(x_BTD, self.q[...].astype(dt))
+        k_BTKH = _heads(x_BTD, self.k[...].astype(dt))
+        v_BTKH = _heads(x_BTD, self.v[...].astype(dt))
         if cfg.qkv_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
+            q_BTNH = q_BTNH + self.q_bias[...].astype(dt)
+            k_BTKH = k_BTKH + self.k_bias[...].astype(dt)
+            v_BTKH = v_BTKH + self.v_bias[...].astype(dt)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         if cfg.position == "rotary":
-            q = F.apply_rotary(cfg, q, sin, cos)
-            k = F.apply_rotary(cfg, k, sin, cos)
-        return q, k, v
+            q_BTNH = apply_rotary(cfg, q_BTNH, sin_BTR, cos_BTR)
+            k_BTKH = apply_rotary(cfg, k_BTKH, sin_BTR, cos_BTR)
+        return q_BTNH, k_BTKH, v_BTKH
 
-    def out(self, a: jax.Array) -> jax.Array:
-        o = self.o[...].astype(a.dtype)
-        y = _mm(a.reshape(*a.shape[:-2], -1), o.reshape(-1, o.shape[-1]))
+    def out(self, a_BTNH: jax.Array) -> jax.Array:
+        """The output projection of attention's result: [B,T,N,H] -> [B,T,D]."""
+        o_NHD = self.o[...].astype(a_BTNH.dtype)
+        y_BTD = _mm(a_BTNH.reshape(*a_BTNH.shape[:-2], -1), o_NHD.reshape(-1, o_NHD.shape[-1]))
         if self.cfg.attn_out_bias:
-            y = y + self.o_bias[...].astype(a.dtype)
-        return y
+            y_BTD = y_BTD + self.o_bias[...].astype(a_BTNH.dtype)
+        return y_BTD
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lead: tuple, lead_axes: tuple):
         self.cfg = cfg
-        D, Fd = cfg.d_model, cfg.d_ff
+        D, F = cfg.d_model, cfg.d_ff
         p = lambda shape, axes, init="normal": _param(rngs, lead + shape, lead_axes + axes, cfg,
                                                       init)
-        self.up = p((D, Fd), ("embed", "mlp"))
+        self.up = p((D, F), ("embed", "mlp"))
         if cfg.gated_mlp:
-            self.gate = p((D, Fd), ("embed", "mlp"))
-        self.down = p((Fd, D), ("mlp", "embed"))
+            self.gate = p((D, F), ("embed", "mlp"))
+        self.down = p((F, D), ("mlp", "embed"))
         if cfg.mlp_bias:
-            self.up_bias = p((Fd,), ("mlp",), "zeros")
+            self.up_bias = p((F,), ("mlp",), "zeros")
             if cfg.gated_mlp:
-                self.gate_bias = p((Fd,), ("mlp",), "zeros")
+                self.gate_bias = p((F,), ("mlp",), "zeros")
             self.down_bias = p((D,), (None,), "zeros")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, dt = self.cfg, x.dtype
-        u = _mm(x, self.up[...].astype(dt))
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        """[B,T,D] -> [B,T,D]: down(act(gate(x)) * up(x)) when gated, else down(act(up(x)))."""
+        cfg, dt = self.cfg, x_BTD.dtype
+        u_BTF = _mm(x_BTD, self.up[...].astype(dt))
         if cfg.mlp_bias:
-            u = u + self.up_bias[...].astype(dt)
+            u_BTF = u_BTF + self.up_bias[...].astype(dt)
         if cfg.gated_mlp:
-            g = _mm(x, self.gate[...].astype(dt))
+            g_BTF = _mm(x_BTD, self.gate[...].astype(dt))
             if cfg.mlp_bias:
-                g = g + self.gate_bias[...].astype(dt)
-            u = F.activation(cfg.activation, g) * u
+                g_BTF = g_BTF + self.gate_bias[...].astype(dt)
+            u_BTF = activation(cfg.activation, g_BTF) * u_BTF
         else:
-            u = F.activation(cfg.activation, u)
-        y = _mm(u, self.down[...].astype(dt))
+            u_BTF = activation(cfg.activation, u_BTF)
+        y_BTD = _mm(u_BTF, self.down[...].astype(dt))
         if cfg.mlp_bias:
-            y = y + self.down_bias[...].astype(dt)
-        return y
+            y_BTD = y_BTD + self.down_bias[...].astype(dt)
+        return y_BTD
 
 
 class Block(nnx.Module):
@@ -170,32 +183,36 @@ class Block(nnx.Module):
             self.post_attn_norm = Norm(cfg, rngs, lead, lead_axes)
             self.post_mlp_norm = Norm(cfg, rngs, lead, lead_axes)
 
-    def __call__(self, h: jax.Array, sin, cos, mask: jax.Array,
+    def __call__(self, h_BTD: jax.Array, sin_BTR, cos_BTR, mask_B1TS: jax.Array,
                  kv: tuple | None = None):
-        """kv=None: self-attention over h. kv=(k_cache, v_cache, slot_BT): write this call's
-        keys/values into the cache at per-row slots, attend over the whole cache."""
+        """Residual stream [B,T,D] through one layer -> (new [B,T,D], new (k, v) cache or None).
+
+        kv=None: self-attention over h_BTD (S = T). kv=(k_cache_BSKH, v_cache_BSKH, start_B):
+        write this call's keys/values into the cache from per-row slot start_B, attend over the
+        whole cache."""
         cfg = self.cfg
-        x = self.ln1(h)
-        q, k, v = self.attn.qkv(x, sin, cos)
+        x_BTD = self.ln1(h_BTD)
+        q_BTNH, k_BSKH, v_BSKH = self.attn.qkv(x_BTD, sin_BTR, cos_BTR)
         new_kv = None
         if kv is not None:
-            k_cache, v_cache, start_B = kv
+            k_cache_BSKH, v_cache_BSKH, start_B = kv
             write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, 0))
-            k_cache = write(k_cache, k.astype(k_cache.dtype), start_B)
-            v_cache = write(v_cache, v.astype(v_cache.dtype), start_B)
-            new_kv = (k_cache, v_cache)
-            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        a = self.attn.out(F.attention(cfg, q, k, v, mask))
+            k_cache_BSKH = write(k_cache_BSKH, k_BSKH.astype(k_cache_BSKH.dtype), start_B)
+            v_cache_BSKH = write(v_cache_BSKH, v_BSKH.astype(v_cache_BSKH.dtype), start_B)
+            new_kv = (k_cache_BSKH, v_cache_BSKH)
+            k_BSKH = k_cache_BSKH.astype(q_BTNH.dtype)
+            v_BSKH = v_cache_BSKH.astype(q_BTNH.dtype)
+        a_BTD = self.attn.out(attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS))
         if cfg.parallel_residual:
-            m = self.mlp(x if cfg.shared_norm else self.ln2(h))
-            h = h + a + m
+            m_BTD = self.mlp(x_BTD if cfg.shared_norm else self.ln2(h_BTD))
+            h_BTD = h_BTD + a_BTD + m_BTD
         elif cfg.post_norms:
-            h = h + self.post_attn_norm(a)
-            h = h + self.post_mlp_norm(self.mlp(self.ln2(h)))
+            h_BTD = h_BTD + self.post_attn_norm(a_BTD)
+            h_BTD = h_BTD + self.post_mlp_norm(self.mlp(self.ln2(h_BTD)))
         else:
-            h = h + a
-            h = h + self.mlp(self.ln2(h))
-        return h, new_kv
+            h_BTD = h_BTD + a_BTD
+            h_BTD = h_BTD + self.mlp(self.ln2(h_BTD))
+        return h_BTD, new_kv
 
 
 _REMAT_POLICIES = {
@@ -227,66 +244,68 @@ class Decoder(nnx.Module):
         b = self.lm_head_bias[...] if self.cfg.lm_head_bias else None
         return w, b
 
-    def _embed(self, ids: jax.Array, positions: jax.Array):
-        """Embedded tokens [B,T,D] and the rotary tables {layer type: (sin, cos) or (None,
-        None)} of the layer types present (see _layer_kinds)."""
+    def _embed(self, ids_BT: jax.Array, positions_BT: jax.Array):
+        """Embedded tokens [B,T,D] and the rotary tables {layer type: (sin [B,T,R], cos
+        [B,T,R]) or (None, None)} of the layer types present (see _layer_kinds)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        h = jnp.take(self.embed[...], ids, axis=0).astype(dt)
+        h_BTD = jnp.take(self.embed[...], ids_BT, axis=0).astype(dt)
         if cfg.embed_scale:  # Gemma: sqrt(d_model), as a scalar of the compute dtype
-            h = h * jnp.asarray(cfg.d_model ** 0.5, dt)
+            h_BTD = h_BTD * jnp.asarray(cfg.d_model ** 0.5, dt)
         ropes = {}
         if cfg.position == "learned":
-            h = h + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+            h_BTD = h_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(dt)
         for kind in _layer_kinds(cfg):
             ropes[kind] = ((None, None) if cfg.position == "learned" else
-                           F.rotary_tables(cfg, positions, local=kind == "sliding"))
-        return h, ropes
+                           rotary_tables(cfg, positions_BT, local=kind == "sliding"))
+        return h_BTD, ropes
 
-    def _run_layers(self, h, ropes, masks, cache_kv=None, start_B=None):
-        """Run every layer. ropes / masks: {layer type: (sin, cos) / mask} for the types in
-        _layer_kinds; with both types present each layer picks its own by a per-layer flag
-        scanned alongside its parameters."""
+    def _run_layers(self, h_BTD, ropes, masks, cache_kv=None, start_B=None):
+        """Run every layer. ropes / masks: {layer type: (sin, cos) / mask [B,1,T,S]} for the
+        types in _layer_kinds; with both types present each layer picks its own by a per-layer
+        flag scanned alongside its parameters. cache_kv: (k, v) [n_layer,B,S,K,H] or None.
+        Returns (h [B,T,D], the updated (k, v) cache or None)."""
         cfg = self.cfg
         graphdef, state = nnx.split(self.layers)
         kinds = _layer_kinds(cfg)
 
-        def body(h, xs):
+        def body(h_BTD, xs):
             layer_state, kv, sliding = xs
             if len(kinds) == 1:
-                (sin, cos), mask = ropes[kinds[0]], masks[kinds[0]]
+                (sin_BTR, cos_BTR), mask_B1TS = ropes[kinds[0]], masks[kinds[0]]
             else:
                 pick = lambda a, b: None if a is None else jnp.where(sliding, a, b)
-                mask = pick(masks["sliding"], masks["full"])
-                sin, cos = (pick(a, b) for a, b in zip(ropes["sliding"], ropes["full"]))
+                mask_B1TS = pick(masks["sliding"], masks["full"])
+                sin_BTR, cos_BTR = (pick(a, b) for a, b in zip(ropes["sliding"], ropes["full"]))
             block = nnx.merge(graphdef, layer_state)
             kv_arg = None if kv is None else (kv[0], kv[1], start_B)
-            h, new_kv = block(h, sin, cos, mask, kv_arg)
-            return h, new_kv
+            h_BTD, new_kv = block(h_BTD, sin_BTR, cos_BTR, mask_B1TS, kv_arg)
+            return h_BTD, new_kv
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         xs = (state, cache_kv, jnp.asarray(cfg.sliding_layers))
         if cfg.scan_layers:
-            return jax.lax.scan(body, h, xs)
+            return jax.lax.scan(body, h_BTD, xs)
         outs = []
         for i in range(cfg.n_layer):
-            h, new_kv = body(h, jax.tree.map(lambda a: a[i], xs))
+            h_BTD, new_kv = body(h_BTD, jax.tree.map(lambda a: a[i], xs))
             outs.append(new_kv)
         stacked = None if cache_kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return h, stacked
+        return h_BTD, stacked
 
-    def __call__(self, ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """Hidden states [B, L, D] after the final norm, in the compute dtype."""
-        h, ropes = self._embed(ids, positions)
-        masks = {kind: F.segment_causal_mask(
-            segment_ids, self.cfg.sliding_window if kind == "sliding" else None)
+    def __call__(self, ids_BT: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array) -> jax.Array:
+        """Hidden states [B, T, D] after the final norm, in the compute dtype."""
+        h_BTD, ropes = self._embed(ids_BT, positions_BT)
+        masks = {kind: segment_causal_mask(
+            segment_ids_BT, self.cfg.sliding_window if kind == "sliding" else None)
             for kind in _layer_kinds(self.cfg)}
-        h, _ = self._run_layers(h, ropes, masks)
-        return self.final_norm(h)
+        h_BTD, _ = self._run_layers(h_BTD, ropes, masks)
+        return self.final_norm(h_BTD)
 
-    def decode(self, ids: jax.Array, positions: jax.Array, cache: Cache,
-               segment_ids: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+    def decode(self, ids_BT: jax.Array, positions_BT: jax.Array, cache: Cache,
+               segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, Cache]:
         """Process T new tokens per row against a KV cache (prefill: T = prompt length;
         sampling: T = 1).
 
@@ -298,27 +317,28 @@ class Decoder(nnx.Module):
         therefore sit in consecutive slots, and sliding layers also require slot s >
         own slot - sliding_window (the window over positions, as in the full forward).
         """
-        B, T = ids.shape
-        if segment_ids is None:
-            segment_ids = jnp.ones((B, T), jnp.int32)
-        real = segment_ids != 0
-        start = cache["index"]
+        B, T = ids_BT.shape
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        real_BT = segment_ids_BT != 0
+        start_B = cache["index"]
         S = cache["valid"].shape[1]
-        slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
+        slots_BT = start_B[:, None] + jnp.arange(T)[None, :]
         write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, 0))
-        valid = write(cache["valid"], real, start)
-        delta = slots[:, :, None] - jnp.arange(S)[None, None, :]  # query slot - key slot
+        valid_BS = write(cache["valid"], real_BT, start_B)
+        delta_BTS = slots_BT[:, :, None] - jnp.arange(S)[None, None, :]  # query slot - key slot
         masks = {}
         for kind in _layer_kinds(self.cfg):
-            seen = valid[:, None, :] & (delta >= 0)
+            seen_BTS = valid_BS[:, None, :] & (delta_BTS >= 0)
             if kind == "sliding":
-                seen = seen & (delta < self.cfg.sliding_window)
-            masks[kind] = (seen | (delta == 0))[:, None]
-        h, ropes = self._embed(ids, positions)
-        h, (k, v) = self._run_layers(h, ropes, masks, (cache["k"], cache["v"]), start)
-        new_cache = {"k": k, "v": v, "valid": valid,
-                     "index": start + jnp.sum(real, axis=1).astype(start.dtype)}
-        return self.final_norm(h), new_cache
+                seen_BTS = seen_BTS & (delta_BTS < self.cfg.sliding_window)
+            masks[kind] = (seen_BTS | (delta_BTS == 0))[:, None]
+        h_BTD, ropes = self._embed(ids_BT, positions_BT)
+        h_BTD, (k_LBSKH, v_LBSKH) = self._run_layers(h_BTD, ropes, masks,
+                                                     (cache["k"], cache["v"]), start_B)
+        new_cache = {"k": k_LBSKH, "v": v_LBSKH, "valid": valid_BS,
+                     "index": start_B + jnp.sum(real_BT, axis=1).astype(start_B.dtype)}
+        return self.final_norm(h_BTD), new_cache
 
 
 def _layer_kinds(cfg: ModelConfig) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import decoder as D
+from dpo_jax.models import decoder
 from dpo_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -34,14 +34,14 @@ class Model:
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
-        abstract = nnx.eval_shape(lambda: D.Decoder(cfg, nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, nnx.Rngs(0)))
         self._graphdef, self._abstract_state = nnx.split(abstract)
 
     # -- parameters --------------------------------------------------------------------------
     def init(self, rng: jax.Array) -> Params:
         """Random init (GPT-2 style normal(0.02), zero biases, unit norms); jittable, so the
         trainer can run it under jax.jit(out_shardings=...) and never hold an unsharded copy."""
-        module = D.Decoder(self.cfg, nnx.Rngs(params=rng))
+        module = decoder.Decoder(self.cfg, nnx.Rngs(params=rng))
         return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
     def abstract_params(self) -> Params:
@@ -56,7 +56,7 @@ class Model:
         }
         return _nested(flat)
 
-    def _module(self, params: Params) -> D.Decoder:
+    def _module(self, params: Params) -> decoder.Decoder:
         """A fresh module over `params` (graphdef carries structure and axis metadata); nothing
         is stored on `self`, so tracers never leak between calls."""
         return nnx.merge(self._graphdef, params)
@@ -95,13 +95,13 @@ class Model:
                        softcap=self.cfg.final_logit_softcap)
 
     # -- sampling ----------------------------------------------------------------------------
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> D.Cache:
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> decoder.Cache:
         """Empty KV cache for `decode` (see decoder.init_cache)."""
-        return D.init_cache(self.cfg, batch, max_len, dtype)
+        return decoder.init_cache(self.cfg, batch, max_len, dtype)
 
     def decode(self, params: Params, input_ids_BT: jax.Array, positions_BT: jax.Array,
-               cache: D.Cache, segment_ids_BT: jax.Array | None = None
-               ) -> tuple[jax.Array, D.Cache]:
+               cache: decoder.Cache, segment_ids_BT: jax.Array | None = None
+               ) -> tuple[jax.Array, decoder.Cache]:
         """Run T tokens per row against the cache -> (hidden [B,T,D], new cache).
 
         Prefill a right-padded prompt batch with segment_ids (0 = padding), then feed one token
@@ -114,7 +114,8 @@ def project(h: jax.Array, w_VD: jax.Array, b_V: jax.Array | None = None,
             softcap: float | None = None) -> jax.Array:
     """h [..., D] @ w[V, D]^T (+ b) with float32 accumulation and result; softcap (a model's
     `final_logit_softcap`, Gemma 2): logits -> softcap * tanh(logits / softcap)."""
-    # One 2-D matmul over the flattened rows (XLA:CPU is much slower on batched dots).
+    # One 2-D matmul over the flattened rows: XLA:CPU runs a dot with leading batch dims
+    # more slowly (as decoder._mm).
     logits = jnp.einsum("nd,vd->nv", h.reshape(-1, h.shape[-1]), w_VD.astype(h.dtype),
                         preferred_element_type=jnp.float32).reshape(*h.shape[:-1], -1)
     if b_V is not None:

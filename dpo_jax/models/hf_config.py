@@ -1,0 +1,388 @@
+"""Hugging Face config.json <-> ModelConfig: the field checks and the mapping in both directions.
+
+Import (`hf_config_to_model_config`, `load_hf_config`) refuses any config.json field it does not
+implement (`check_fields`) rather than build a silently different model; export
+(`model_config_to_hf`) is checked by importing its result back (`check_exportable`). The weights
+themselves are read and written by hf.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from dpo_jax.models.config import ModelConfig
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3",
+                         "gemma2", "gemma3_text", "phi3")
+_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+         "gelu": "gelu", "silu": "silu", "swish": "silu", "relu": "relu"}
+
+# config.json fields that never change the computed logits: names, token ids, dtype and cache
+# hints, initialisation, task heads. Fields with "dropout" / "pdrop" in their name are
+# training-time dropout, which dpo_jax never applies (as TRL's default disable_dropout=True).
+_METADATA = frozenset({
+    "_name_or_path", "architectures", "model_type", "transformers_version", "dtype",
+    "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+    "decoder_start_token_id", "id2label", "label2id", "problem_type", "initializer_range",
+    "use_cache", "cache_implementation", "output_attentions", "output_hidden_states",
+    "return_dict", "is_decoder", "chunk_size_feed_forward", "tokenizer_class", "auto_map",
+    "task_specific_params", "keys_to_ignore_at_inference", "pretraining_tp",
+    "output_router_logits", "prefix", "torchscript", "tf_legacy_loss", "use_return_dict"})
+# Fields that leave the computation unchanged only at these values (anything else: refused).
+_ONLY_AT = {"is_encoder_decoder": (False, None), "add_cross_attention": (False, None),
+            "use_mrope": (False, None), "use_bidirectional_attention": (False, None),
+            "scale_attn_by_inverse_layer_idx": (False, None), "scale_attn_weights": (True, None),
+            "attention_bias": (False, None), "mlp_bias": (False, None)}
+_LLAMA_LIKE = {"vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
+               "rms_norm_eps", "hidden_act", "tie_word_embeddings", "rope_theta", "rope_scaling",
+               "rope_parameters"}
+# The fields each model_type's mapping reads and implements (values are checked there).
+_IMPLEMENTED = {
+    "gpt2": {"vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "n_ctx",
+             "layer_norm_epsilon", "activation_function", "tie_word_embeddings",
+             "reorder_and_upcast_attn",  # float32 attention scores: ours always are
+             "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+             "summary_first_dropout"},  # sequence-classification head, not in a causal LM
+    "gpt_neox": {"vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings", "layer_norm_eps", "hidden_act",
+                 "rotary_pct", "partial_rotary_factor", "rotary_emb_base", "rope_theta",
+                 "rope_scaling", "rope_parameters", "use_parallel_residual",
+                 "tie_word_embeddings", "attention_bias"},
+    "gptj": {"vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "n_positions",
+             "layer_norm_epsilon", "activation_function", "rotary_dim", "rope_theta",
+             "tie_word_embeddings"},
+    "llama": _LLAMA_LIKE | {"attention_bias", "mlp_bias"},
+    "mistral": _LLAMA_LIKE | {"sliding_window"},
+    "qwen2": _LLAMA_LIKE | {"use_sliding_window", "sliding_window", "max_window_layers",
+                            "layer_types"},
+    "qwen3": _LLAMA_LIKE | {"attention_bias", "use_sliding_window", "sliding_window",
+                            "max_window_layers", "layer_types"},
+    "gemma2": _LLAMA_LIKE | {"hidden_activation", "attention_bias", "query_pre_attn_scalar",
+                             "attn_logit_softcapping", "final_logit_softcapping",
+                             "sliding_window", "layer_types"},
+    "gemma3_text": _LLAMA_LIKE | {"hidden_activation", "attention_bias", "query_pre_attn_scalar",
+                                  "attn_logit_softcapping", "final_logit_softcapping",
+                                  "sliding_window", "layer_types", "sliding_window_pattern",
+                                  "_sliding_window_pattern", "rope_local_base_freq"},
+    "phi3": _LLAMA_LIKE | {"sliding_window", "partial_rotary_factor",
+                           "original_max_position_embeddings"},  # read by longrope only
+}
+
+
+def check_fields(c: dict) -> None:
+    """Refuse a config.json that asks for something the importer does not implement.
+
+    Every field must be metadata (_METADATA), dropout, implemented by its model_type's mapping
+    (_IMPLEMENTED) or at a value that changes nothing (_ONLY_AT); anything else is a ValueError
+    naming the field and its value, never a silently different model.
+    """
+    mt = c.get("model_type")
+    if mt not in _IMPLEMENTED:
+        raise ValueError(f"config.json: unsupported model_type {mt!r}; supported: "
+                         f"{SUPPORTED_MODEL_TYPES}")
+    for key, value in c.items():
+        if key in _METADATA or "dropout" in key or key.endswith("pdrop"):
+            continue
+        if key in _IMPLEMENTED[mt]:
+            continue
+        if key in _ONLY_AT:
+            if value not in _ONLY_AT[key]:
+                raise ValueError(f"config.json field {key!r} = {value!r} (model_type {mt!r}) "
+                                 f"is not implemented; only {_ONLY_AT[key]} are")
+            continue
+        raise ValueError(
+            f"config.json field {key!r} = {value!r} is not implemented for model_type {mt!r} "
+            f"and may change the computation; refusing rather than importing a different model "
+            f"(if it is only metadata, remove it from config.json)")
+
+
+def resolve_path(path: str) -> str:
+    """A local directory as is; otherwise a hub name fetched with snapshot_download."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                   "*.model", "*.tiktoken"])
+
+
+def _act(name: str) -> str:
+    if name not in _ACTS:
+        raise ValueError(f"config.json: unsupported activation {name!r}; known: {sorted(_ACTS)}")
+    return _ACTS[name]
+
+
+_ROPE_KEYS = {"default": set(), "linear": {"factor"},
+              "llama3": {"factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings"}}
+
+
+def _rope(c: dict, default_theta: float = 10000.0) -> dict:
+    """Rope settings from either transformers-5 `rope_parameters` or legacy keys; a scaling type
+    or scaling field not implemented here is a ValueError naming it."""
+    rp = dict(c.get("rope_parameters") or {})
+    legacy = c.get("rope_scaling") or {}
+    theta = rp.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", default_theta)))
+    scaling = {**legacy, **{k: v for k, v in rp.items() if k != "rope_theta"}}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    out: dict[str, Any] = dict(rope_theta=float(theta))
+    kind = "default" if kind is None else kind
+    if kind not in _ROPE_KEYS:
+        raise ValueError(f"config.json: unsupported rope scaling type {kind!r} (supported: "
+                         f"{sorted(_ROPE_KEYS)})")
+    unknown = set(scaling) - _ROPE_KEYS[kind] - {"rope_type", "type", "partial_rotary_factor"}
+    if unknown:
+        raise ValueError(f"config.json: rope scaling field(s) {sorted(unknown)} of type {kind!r} "
+                         f"not implemented")
+    if kind == "default":
+        return out
+    out.update(rope_scaling=kind, rope_factor=float(scaling["factor"]))
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                   rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                   rope_original_max_len=int(scaling["original_max_position_embeddings"]))
+    return out
+
+
+def _gemma3_rope(c: dict) -> dict:
+    """Gemma 3: full layers use rope_theta (+ scaling), sliding layers an unscaled rope of
+    rope_local_base_freq; transformers-5 nests both under rope_parameters by layer type."""
+    rp = c.get("rope_parameters") or {}
+    if "full_attention" in rp or "sliding_attention" in rp:
+        full = _rope({"rope_parameters": rp.get("full_attention") or {}}, 1e6)
+        local = _rope({"rope_parameters": rp.get("sliding_attention") or {}}, 1e4)
+    else:
+        full = _rope(c, 1e6)
+        local = dict(rope_theta=float(c.get("rope_local_base_freq", 1e4)))
+    if "rope_scaling" in local:
+        raise ValueError(f"config.json: rope scaling of Gemma 3's sliding layers "
+                         f"({local['rope_scaling']!r}) is not implemented")
+    return {**full, "local_rope_theta": local["rope_theta"]}
+
+
+def _layer_types(c: dict, mt: str, n_layer: int) -> dict:
+    """sliding_window and per-layer types from config.json, with each model_type's defaults as
+    transformers applies them (sliding windows are honoured, never dropped)."""
+    window = c.get("sliding_window", 4096 if mt in ("mistral", "gemma2", "gemma3_text") else None)
+    if mt in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return {}
+    types = c.get("layer_types")
+    if types is None:
+        if mt in ("qwen2", "qwen3"):
+            first = c.get("max_window_layers", 28)
+            types = ["sliding_attention" if i >= first else "full_attention"
+                     for i in range(n_layer)]
+        elif mt == "gemma2":
+            types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                     for i in range(n_layer)]
+        elif mt == "gemma3_text":
+            every = c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6))
+            types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                     for i in range(n_layer)]
+        else:
+            types = ["sliding_attention"] * n_layer
+    names = {"sliding_attention": "sliding", "full_attention": "full"}
+    bad = sorted(set(types) - set(names))
+    if bad or len(types) != n_layer:
+        raise ValueError(f"config.json: layer_types {types!r}: expected {n_layer} entries of "
+                         f"{sorted(names)}")
+    return dict(sliding_window=int(window), layer_types=tuple(names[t] for t in types))
+
+
+def _llama_like(c: dict, mt: str) -> dict:
+    """The RMSNorm + gated-MLP + rotary decoders (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3)."""
+    n = c["num_attention_heads"]
+    n_layer = c["num_hidden_layers"]
+    gemma = mt in ("gemma2", "gemma3_text")
+    head_default = {"gemma2": 256, "gemma3_text": 256, "qwen3": 128}.get(mt)
+    act = c.get("hidden_activation", "gelu_pytorch_tanh") if gemma else c.get("hidden_act",
+                                                                                "silu")
+    kw = dict(vocab_size=c["vocab_size"], n_layer=n_layer, d_model=c["hidden_size"], n_head=n,
+              n_kv_head=c.get("num_key_value_heads") or n,
+              head_dim=c.get("head_dim") or head_default or c["hidden_size"] // n,
+              d_ff=c["intermediate_size"], max_len=c["max_position_embeddings"],
+              norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-5 if mt == "phi3" else 1e-6),
+              activation=_act(act), gated_mlp=True, position="rotary", rotary_style="half",
+              tie_embeddings=c.get("tie_word_embeddings", gemma), qkv_bias=False,
+              attn_out_bias=False, mlp_bias=False)
+    kw.update(_gemma3_rope(c) if mt == "gemma3_text" else _rope(c))
+    kw.update(_layer_types(c, mt, n_layer))
+    if mt == "llama":
+        bias = bool(c.get("attention_bias", False))
+        kw.update(family="llama", qkv_bias=bias, attn_out_bias=bias,
+                  mlp_bias=bool(c.get("mlp_bias", False)))
+    elif mt in ("mistral", "qwen2"):
+        kw.update(family="llama", qkv_bias=mt == "qwen2")
+    elif mt == "qwen3":
+        bias = bool(c.get("attention_bias", False))
+        kw.update(family="qwen3", qk_norm=True, qkv_bias=bias, attn_out_bias=bias)
+    elif gemma:
+        bias = bool(c.get("attention_bias", False))
+        g2 = mt == "gemma2"
+        kw.update(family="gemma2" if g2 else "gemma3", qkv_bias=bias, attn_out_bias=bias,
+                  qk_norm=not g2, norm_unit_offset=True, post_norms=True, embed_scale=True,
+                  query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)),
+                  attn_logit_softcap=c.get("attn_logit_softcapping", 50.0 if g2 else None),
+                  final_logit_softcap=c.get("final_logit_softcapping", 30.0 if g2 else None))
+    elif mt == "phi3":
+        rp = c.get("rope_parameters") or {}
+        pct = rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+        kw.update(family="phi3", rotary_dim=int(kw["head_dim"] * pct))
+    return kw
+
+
+def hf_config_to_model_config(c: dict, **overrides: Any) -> ModelConfig:
+    """Map a parsed config.json to ModelConfig. An unknown model_type, or a field / value the
+    importer does not implement (check_fields, _rope, _layer_types), is a ValueError naming it."""
+    check_fields(c)
+    mt = c.get("model_type")
+    if mt == "gpt2":
+        d = c["n_embd"]
+        kw = dict(family="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d,
+                  n_head=c["n_head"], d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
+                  norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                  activation=_act(c.get("activation_function", "gelu_new")),
+                  tie_embeddings=c.get("tie_word_embeddings", True))
+    elif mt == "gpt_neox":
+        d, n = c["hidden_size"], c["num_attention_heads"]
+        rp = c.get("rope_parameters") or {}
+        pct = rp.get("partial_rotary_factor", c.get("rotary_pct", c.get("partial_rotary_factor",
+                                                                        1.0)))
+        rope = _rope(c)
+        kw = dict(family="neox", vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
+                  d_model=d, n_head=n, d_ff=c["intermediate_size"],
+                  max_len=c["max_position_embeddings"], norm_eps=c.get("layer_norm_eps", 1e-5),
+                  activation=_act(c.get("hidden_act", "gelu")), position="rotary",
+                  rotary_dim=int((d // n) * pct), rotary_style="half",
+                  parallel_residual=c.get("use_parallel_residual", True),
+                  tie_embeddings=c.get("tie_word_embeddings", False),
+                  qkv_bias=c.get("attention_bias", True),
+                  attn_out_bias=c.get("attention_bias", True), **rope)
+    elif mt == "gptj":
+        d = c["n_embd"]
+        kw = dict(family="gptj", vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d,
+                  n_head=c["n_head"], d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
+                  norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                  activation=_act(c.get("activation_function", "gelu_new")), position="rotary",
+                  rotary_dim=c.get("rotary_dim") or d // c["n_head"], rotary_style="interleaved",
+                  parallel_residual=True, shared_norm=True, tie_embeddings=False,
+                  qkv_bias=False, attn_out_bias=False, lm_head_bias=True,
+                  rope_theta=float(c.get("rope_theta", 10000.0)))
+    else:
+        kw = _llama_like(c, mt)
+    return ModelConfig(**{**kw, **overrides})
+
+
+def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
+    """ModelConfig from <path>/config.json (path: local dir or hub name); overrides e.g. dtype."""
+    with open(os.path.join(resolve_path(path), "config.json")) as f:
+        return hf_config_to_model_config(json.load(f), **overrides)
+
+def model_config_to_hf(cfg: ModelConfig) -> dict:
+    """transformers config kwargs (legacy key names, accepted by transformers 4.45+ and 5.x)."""
+    rope: dict[str, Any] = {}
+    if cfg.rope_scaling == "linear":
+        rope = dict(rope_scaling={"rope_type": "linear", "factor": cfg.rope_factor})
+    elif cfg.rope_scaling == "llama3":
+        rope = dict(rope_scaling={
+            "rope_type": "llama3", "factor": cfg.rope_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len})
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}[cfg.activation]
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
+    if cfg.family == "gpt2":
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model,
+                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
+                    n_positions=cfg.max_len, layer_norm_epsilon=cfg.norm_eps,
+                    activation_function=act, **common)
+    if cfg.family == "neox":
+        return dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"],
+                    hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                    num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
+                    max_position_embeddings=cfg.max_len, layer_norm_eps=cfg.norm_eps,
+                    hidden_act=act, rotary_pct=cfg.rotary_dim / cfg.head_dim,
+                    rotary_emb_base=cfg.rope_theta, rope_theta=cfg.rope_theta,
+                    use_parallel_residual=cfg.parallel_residual,
+                    attention_bias=cfg.qkv_bias, **common)
+    if cfg.family == "gptj":
+        return dict(model_type="gptj", architectures=["GPTJForCausalLM"], n_embd=cfg.d_model,
+                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
+                    n_positions=cfg.max_len, rotary_dim=cfg.rotary_dim,
+                    layer_norm_epsilon=cfg.norm_eps, activation_function=act, **common)
+    sliding: dict[str, Any] = {}
+    if cfg.sliding_window is not None:
+        sliding = dict(sliding_window=cfg.sliding_window, layer_types=[
+            "sliding_attention" if x else "full_attention" for x in cfg.sliding_layers])
+    body = dict(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                head_dim=cfg.head_dim, intermediate_size=cfg.d_ff,
+                max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
+                rope_theta=cfg.rope_theta, **rope, **common)
+    if cfg.family == "llama":
+        qwen = cfg.qkv_bias and not cfg.attn_out_bias
+        if qwen:
+            extra = dict(use_sliding_window=bool(sliding), **sliding)
+            return dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act=act,
+                        **extra, **body)
+        if sliding:  # Mistral: every layer slides (MistralConfig has no layer_types)
+            return dict(model_type="mistral", architectures=["MistralForCausalLM"],
+                        hidden_act=act, sliding_window=cfg.sliding_window, **body)
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act=act,
+                    attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, **body)
+    if cfg.family == "qwen3":
+        return dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_act=act,
+                    attention_bias=cfg.qkv_bias, use_sliding_window=bool(sliding), **sliding,
+                    **body)
+    if cfg.family in ("gemma2", "gemma3"):
+        g2 = cfg.family == "gemma2"
+        extra = {} if g2 else dict(rope_local_base_freq=cfg.local_rope_theta)
+        return dict(model_type="gemma2" if g2 else "gemma3_text",
+                    architectures=["Gemma2ForCausalLM" if g2 else "Gemma3ForCausalLM"],
+                    hidden_activation="gelu_pytorch_tanh" if act == "gelu_new" else act,
+                    attention_bias=cfg.qkv_bias, query_pre_attn_scalar=_number(
+                        cfg.query_pre_attn_scalar),
+                    attn_logit_softcapping=cfg.attn_logit_softcap,
+                    final_logit_softcapping=cfg.final_logit_softcap,
+                    sliding_window=cfg.sliding_window, layer_types=sliding.get("layer_types"),
+                    **extra, **body)
+    if cfg.family == "phi3":
+        return dict(model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_act=act,
+                    partial_rotary_factor=cfg.rotary_dim / cfg.head_dim,
+                    sliding_window=cfg.sliding_window, **body)
+    raise ValueError(f"no HF export for family {cfg.family!r}")
+
+
+def _number(x: float | None) -> float | int | None:
+    """An integral float as int (transformers' strict configs type some fields as int)."""
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
+_EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk",
+                     "scan_layers", "init_std")
+
+
+def check_exportable(cfg: ModelConfig, hf_cfg: dict) -> None:
+    """The exported config.json must import back to the same model: a switch the target
+    model_type cannot express is a ValueError naming the field, never a silently different
+    checkpoint."""
+    clean = {k: v for k, v in hf_cfg.items() if v is not None or k in (
+        "attn_logit_softcapping", "final_logit_softcapping", "sliding_window")}
+    back = hf_config_to_model_config(clean, **{f: getattr(cfg, f) for f in _EXECUTION_FIELDS})
+    ours, theirs = dataclasses.asdict(cfg), dataclasses.asdict(back)
+    if cfg.rope_scaling != "llama3":
+        for f in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+            ours.pop(f), theirs.pop(f)
+    if cfg.rope_scaling is None:
+        ours.pop("rope_factor"), theirs.pop("rope_factor")
+    diff = sorted(k for k in ours if ours[k] != theirs[k])
+    if diff:
+        raise ValueError(f"cannot export as HF {hf_cfg['model_type']!r}: it cannot express "
+                         + ", ".join(f"{k}={ours[k]!r} (would reload as {theirs[k]!r})"
+                                     for k in diff))
