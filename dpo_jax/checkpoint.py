@@ -6,8 +6,10 @@ but damaged afterwards (a failing disk, a truncated copy) is skipped on restore:
 walks back from the newest step to the newest one that restores, moves the damaged ones aside
 to ``<directory>.damaged/`` (nothing is deleted) and says so in one line each.
 
-The frozen reference is not saved: it is rebuilt from the config's reference source (seed, HF
-path or another run's checkpoint), which saves a model-sized write per checkpoint.
+A frozen reference is not saved: it is rebuilt from the config's reference source (seed, HF
+path or another run's checkpoint), which saves a model-sized write per checkpoint. A reference
+that changes during training (TR-DPO, ``train.ref_sync_every``) is saved as the ``ref_params``
+item (``Checkpointer(ref_item=True)``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from absl import logging
 from dpo_jax.state import abstract
 
 ARRAY_ITEMS = ("params", "opt_state")
+REF_ITEM = "ref_params"
 
 
 class CheckpointError(RuntimeError):
@@ -54,12 +57,15 @@ class Checkpointer:
     """Saves when asked (the loop decides when), keeps the newest ``keep``.
 
     ``json_items`` name the host-side states saved with every checkpoint (each a JSON-able
-    dict, e.g. ``data`` = the batch stream's position, ``kl_controller`` = PPO's coefficient)."""
+    dict, e.g. ``data`` = the batch stream's position, ``kl_controller`` = PPO's coefficient).
+    ``ref_item``: the reference parameters are saved and restored too (a reference that
+    changes during training, TR-DPO)."""
 
     def __init__(self, directory: str, *, json_items: tuple[str, ...] = ("data",), keep: int = 2,
-                 async_save: bool = True):
+                 async_save: bool = True, ref_item: bool = False):
         self.directory = os.path.abspath(directory)
         self.json_items = tuple(json_items)
+        self.ref_item = bool(ref_item)
         self._options = dict(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                              enable_async_checkpointing=async_save)
         self.manager = self._open()
@@ -67,38 +73,57 @@ class Checkpointer:
     def _open(self):
         return ocp.CheckpointManager(self.directory,
                                      options=ocp.CheckpointManagerOptions(**self._options),
-                                     item_names=ARRAY_ITEMS + self.json_items)
+                                     item_names=self._array_items + self.json_items)
+
+    @property
+    def _array_items(self) -> tuple[str, ...]:
+        return ARRAY_ITEMS + ((REF_ITEM,) if self.ref_item else ())
 
     def steps(self) -> list[int]:
         """Finished checkpoint steps, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, params, opt_state, json_states: dict[str, dict]) -> bool:
+    def save(self, step: int, params, opt_state, json_states: dict[str, dict],
+             ref_params=None) -> bool:
+        """Save step ``step``; ``ref_params`` is required exactly when ``ref_item``."""
         if set(json_states) != set(self.json_items):
             raise ValueError(f"json states {sorted(json_states)} != items {self.json_items}")
+        if (ref_params is not None) != self.ref_item:
+            raise ValueError(f"ref_params {'missing' if self.ref_item else 'given'}: this "
+                             f"checkpointer was opened with ref_item={self.ref_item}")
         args = {"params": ocp.args.StandardSave(params),
                 "opt_state": ocp.args.StandardSave(opt_state)}
+        if self.ref_item:
+            args[REF_ITEM] = ocp.args.StandardSave(ref_params)
         args.update({k: ocp.args.JsonSave(v) for k, v in json_states.items()})
         return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-    def _restore_step(self, step: int, params_like, opt_state_like):
+    def _restore_step(self, step: int, params_like, opt_state_like, ref_params_like):
+        arrays = {"params": ocp.args.StandardRestore(abstract(params_like)),
+                  "opt_state": ocp.args.StandardRestore(abstract(opt_state_like))}
+        if self.ref_item:
+            arrays[REF_ITEM] = ocp.args.StandardRestore(abstract(ref_params_like))
         out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract(params_like)),
-            opt_state=ocp.args.StandardRestore(abstract(opt_state_like)),
-            **{k: ocp.args.JsonRestore() for k in self.json_items}))
-        return out["params"], out["opt_state"], {k: out[k] for k in self.json_items}
+            **arrays, **{k: ocp.args.JsonRestore() for k in self.json_items}))
+        return (out["params"], out["opt_state"], {k: out[k] for k in self.json_items},
+                out[REF_ITEM] if self.ref_item else None)
 
-    def restore(self, params_like, opt_state_like) -> tuple[int, Any, Any, dict] | None:
-        """``(step, params, opt_state, json_states)`` of the newest checkpoint that restores
-        into the shardings of ``*_like``, or None when there is none.
+    def restore(self, params_like, opt_state_like, ref_params_like=None
+                ) -> tuple[int, Any, Any, dict, Any] | None:
+        """``(step, params, opt_state, json_states, ref_params)`` of the newest checkpoint that
+        restores into the shardings of ``*_like``, or None when there is none; ``ref_params``
+        is None unless ``ref_item`` (then ``ref_params_like`` is required).
 
         Raises CheckpointError when checkpoints exist but none restores."""
+        if self.ref_item and ref_params_like is None:
+            raise ValueError("ref_params_like is required: this checkpointer has ref_item=True")
         steps = self.steps()
         failures = []
         for step in reversed(steps):
             try:
                 with _Quiet():
-                    return (step, *self._restore_step(step, params_like, opt_state_like))
+                    return (step, *self._restore_step(step, params_like, opt_state_like,
+                                                      ref_params_like))
             except Exception as e:  # noqa: BLE001 - any damage: report and walk back
                 failures.append((step, _first_line(e)))
                 moved = self._move_aside(step)

@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     # a step with a non-finite loss or gradient: 'error' stops the run (nothing past the last
     # checkpoint is saved), 'skip' drops that update and counts it (summary: skipped_updates)
     c.train.on_nonfinite = "error"
+    # TR-DPO (Gorbatovski et al. 2024; TRL ref_model_sync_steps): every this many steps the
+    # reference becomes ref_mixup_alpha * policy + (1 - ref_mixup_alpha) * reference (0 = frozen)
+    c.train.ref_sync_every = 0
+    c.train.ref_mixup_alpha = 0.6  # TR-DPO alpha in (0, 1]; 1 = hard copy (TRL's default 0.6)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
@@ -184,6 +188,29 @@ def _logprob_configs(lp) -> tuple[LogprobConfig, LogprobConfig]:
     return train, forward
 
 
+def _ref_sync(config: ml_collections.ConfigDict) -> tuple[int, float]:
+    """``(train.ref_sync_every, train.ref_mixup_alpha)`` checked: TR-DPO needs a reference
+    forward to update, so a precomputed reference or a reference-free loss refuses it."""
+    t = config.train
+    every, alpha = int(t.get("ref_sync_every", 0) or 0), float(t.get("ref_mixup_alpha", 0.6))
+    if every < 0:
+        raise ValueError(f"train.ref_sync_every={every}: must be >= 0 (0 = frozen reference)")
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"train.ref_mixup_alpha={alpha}: must be in (0, 1] (1 = hard copy)")
+    if every:
+        if config.logprobs.precompute_reference:
+            raise ValueError(
+                "train.ref_sync_every > 0 (TR-DPO) updates the reference during training, but "
+                "logprobs.precompute_reference=True stores its log-probs once; set one of them "
+                "off")
+        loss_cfg = losses_lib.loss_config_from(config.loss)
+        if not losses_lib.needs_reference(loss_cfg):
+            raise ValueError(
+                f"train.ref_sync_every > 0 (TR-DPO) updates the reference, but loss "
+                f"{list(loss_cfg.names)} is reference-free; set train.ref_sync_every=0")
+    return every, alpha
+
+
 def read_config(config: ml_collections.ConfigDict) -> RunConfig:
     """The frozen view of ``config`` that tasks consume. Raises ValueError for bad values."""
     t = config.train
@@ -198,6 +225,7 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
         on_nonfinite=str(t.on_nonfinite))
     logprobs, forward = _logprob_configs(config.logprobs)
     optim = OptimConfig.from_config(config.optim)
+    ref_sync_every, ref_mixup_alpha = _ref_sync(config)
     data = config.data
     if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:
         # The tokenizer comes from the model's directory unless the config names another.
@@ -209,7 +237,8 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
         sources=ParamSources(policy=config.init.policy, policy_hf=m.hf_path,
                              reference=config.init.reference, reference_hf=m.ref_hf_path,
                              reference_dtype=m.ref_param_dtype, seed=int(config.seed)),
-        step=StepConfig(grad_accum=optim.grad_accum, logprobs=logprobs, forward_logprobs=forward),
+        step=StepConfig(grad_accum=optim.grad_accum, logprobs=logprobs, forward_logprobs=forward,
+                        ref_sync_every=ref_sync_every, ref_mixup_alpha=ref_mixup_alpha),
         optim=optim, train=train, data=data, mesh_shape=dict(config.mesh.shape),
         mesh_rules=tuple(tuple(r) for r in config.mesh.rules),
         precompute_reference=bool(config.logprobs.precompute_reference))

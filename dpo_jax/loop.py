@@ -144,7 +144,7 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
           host_states: Mapping[str, Stateful] | None = None,
           count_tokens: Callable[[Mapping[str, np.ndarray]], int] | None = None,
           report: Callable[[], dict] | None = None,
-          interrupt_after: int | None = None) -> dict[str, Any]:
+          interrupt_after: int | None = None, save_reference: bool = False) -> dict[str, Any]:
     """Train ``state`` to ``cfg.steps`` updates; returns the summary written to summary.json.
 
     ``step_fn(state, host_batch) -> (state, metrics)`` does one update (metrics may stay on
@@ -153,7 +153,8 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
     ``evaluate(state) -> {name: value}`` runs every ``cfg.eval_every`` steps and at the end.
     ``report()`` adds entries to the summary (data statistics, ...). ``interrupt_after=n``
     simulates a crash right after step ``n`` is dispatched: nothing more is logged or saved and
-    :class:`Interrupted` is raised (the resume tests use it).
+    :class:`Interrupted` is raised (the resume tests use it). ``save_reference``: the step
+    changes ``state.ref_params`` (TR-DPO), so they are checkpointed and restored with the rest.
 
     Raises NonFiniteError (``cfg.on_nonfinite='error'``) at the first step whose loss, gradient
     norm or updated parameters are not finite, before any checkpoint of that state;
@@ -163,16 +164,20 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
     items = {"data": train_data, **dict(host_states or {}), "loop": window}
     checkpointer = ckpt_lib.Checkpointer(run.file("checkpoints"), json_items=tuple(items),
                                          keep=cfg.keep_checkpoints,
-                                         async_save=cfg.async_checkpointing)
+                                         async_save=cfg.async_checkpointing,
+                                         ref_item=save_reference)
     writer = MetricWriter(run.path)
     guard = PreemptionGuard(mesh)
     try:
-        restored = checkpointer.restore(state.params, state.opt_state)
+        restored = checkpointer.restore(state.params, state.opt_state,
+                                        state.ref_params if save_reference else None)
         start = 0
         if restored is not None:
-            start, params, opt_state, json_states = restored
+            start, params, opt_state, json_states, ref_params = restored
             step = jax.device_put(jnp.asarray(start, jnp.int32), shard_lib.replicated(mesh))
             state = state.replace(step=step, params=params, opt_state=opt_state)
+            if save_reference:
+                state = state.replace(ref_params=ref_params)
             for name, obj in items.items():
                 obj.load_state_dict(json_states[name])
             logging.info("resumed from %s at step %d", checkpointer.directory, start)
@@ -230,7 +235,8 @@ def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, window, c
         if not bool(jax.jit(all_finite)(state.params)):
             raise NonFiniteError(f"step {done}: parameters are not finite; not checkpointed")
         checkpointer.save(done, state.params, state.opt_state,
-                          {k: v.state_dict() for k, v in items.items()})
+                          {k: v.state_dict() for k, v in items.items()},
+                          ref_params=state.ref_params if checkpointer.ref_item else None)
         writer.flush()
 
     for step in range(start, cfg.steps):

@@ -28,11 +28,18 @@ class StepConfig:
     # forward-only passes (reference log-probs, evaluation): no backward, so no remat trade-off
     # and their best tiling can differ (None: as `logprobs`). Must keep its scored_only.
     forward_logprobs: LogprobConfig | None = None
+    # TR-DPO (Gorbatovski et al. 2024): after every `ref_sync_every`-th update (0 = never) the
+    # reference becomes ref_mixup_alpha * policy + (1 - ref_mixup_alpha) * reference.
+    ref_sync_every: int = 0
+    ref_mixup_alpha: float = 0.6
 
     def __post_init__(self):
         f = self.forward_logprobs
         if f is not None and f.scored_only != self.logprobs.scored_only:
             raise ValueError("forward_logprobs.scored_only must equal logprobs.scored_only")
+        if self.ref_sync_every < 0 or not 0.0 < self.ref_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_sync_every={self.ref_sync_every} must be >= 0 and "
+                             f"ref_mixup_alpha={self.ref_mixup_alpha} in (0, 1]")
 
     @property
     def no_grad_logprobs(self) -> LogprobConfig:
@@ -114,11 +121,32 @@ def _micro(batch, n: int, j):
     }
 
 
+def sync_reference(ref_params, params, step, every: int, alpha: float):
+    """TR-DPO's reference update (Gorbatovski et al. 2024, Eq. 5-6; TRL SyncRefModelCallback):
+    when ``step % every == 0``, ``alpha * params + (1 - alpha) * ref_params`` in float32, stored
+    in the reference's dtype (``alpha = 1``: a hard copy); else ``ref_params`` unchanged. Pure and
+    jittable; each leaf keeps its sharding (elementwise)."""
+
+    def mix(p, r):
+        if alpha == 1.0:
+            return p.astype(r.dtype)
+        return (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)).astype(r.dtype)
+
+    return jax.lax.cond(step % every == 0, lambda: jax.tree.map(mix, params, ref_params),
+                        lambda: ref_params)
+
+
 def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite: str = "error"):
     """``train_step(state, batch, num_scored) -> (state, metrics)``; jit it with shardings.
 
     ``metrics`` holds the weighted means of the loss terms plus ``grad_norm``, ``lr`` and
-    ``nonfinite`` (:func:`dpo_jax.optim.apply_gradients`)."""
+    ``nonfinite`` (:func:`dpo_jax.optim.apply_gradients`). With ``cfg.ref_sync_every`` > 0
+    (TR-DPO) the returned state's reference is :func:`sync_reference` of the updated policy
+    after every ``ref_sync_every``-th update; the loss must read a reference and the state must
+    hold its parameters (not precomputed log-probs), else ValueError."""
+    if cfg.ref_sync_every and not losses_lib.needs_reference(loss_cfg):
+        raise ValueError(f"ref_sync_every={cfg.ref_sync_every} (TR-DPO) with the reference-free "
+                         f"loss {list(loss_cfg.names)}: there is no reference to update")
     if cfg.grad_accum > 1 and losses_lib.uses_batch_statistics(loss_cfg):
         raise ValueError(
             f"loss {list(loss_cfg.names)} uses batch statistics, so accumulating micro-batches would "
@@ -157,6 +185,13 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
         metrics = {k: v / total_weight for k, v in sums.items()}
         new_state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
                                                     on_nonfinite)
+        if cfg.ref_sync_every:
+            if state.ref_params is None:
+                raise ValueError("ref_sync_every > 0 (TR-DPO) needs the reference parameters in "
+                                 "the state; precomputed reference log-probs cannot be updated")
+            new_state = new_state.replace(ref_params=sync_reference(
+                state.ref_params, new_state.params, new_state.step, cfg.ref_sync_every,
+                cfg.ref_mixup_alpha))
         return new_state, {**metrics, **update_metrics}
 
     return train_step

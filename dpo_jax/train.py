@@ -57,4 +57,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         evaluate=loop.evaluator(lambda s, b, n: eval_step(s.params, s.ref_params, b, n),
                                 data.get("eval"), mesh, scored_only),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-        interrupt_after=interrupt_after)
+        interrupt_after=interrupt_after, save_reference=rc.step.ref_sync_every > 0)
