@@ -117,6 +117,9 @@ def _damage(step_dir, how):
         for p in os.listdir(step_dir):
             full = os.path.join(step_dir, p)
             shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+    elif how == "torn_async_write":  # killed mid-write: orbax's temporary directory is left
+        os.rename(step_dir, step_dir + ".orbax-checkpoint-tmp-1700000000")
+        return
     elif how == "garbage_data_item":
         for p in files:
             if os.sep + "data" + os.sep in p:
@@ -127,7 +130,7 @@ def _damage(step_dir, how):
 
 
 @pytest.mark.parametrize("how", ["truncate_all", "delete_params", "empty_step_dir",
-                                 "garbage_data_item"])
+                                 "garbage_data_item", "torn_async_write"])
 def test_a_damaged_newest_checkpoint_is_walked_past(dpo_full, tmp_path, how, caplog):
     config, full_dir, _ = dpo_full
     with pytest.raises(loop.Interrupted):
@@ -135,9 +138,10 @@ def test_a_damaged_newest_checkpoint_is_walked_past(dpo_full, tmp_path, how, cap
     _damage(os.path.join(tmp_path, "checkpoints", "4"), how)
     summary = runs.run(config, tmp_path)
     assert summary["resumed_from"] == 2
-    assert any("checkpoint step 4" in r.getMessage() and "does not restore" in r.getMessage()
-               for r in caplog.records)
-    assert os.path.isdir(os.path.join(tmp_path, "checkpoints.damaged", "4"))  # kept, not deleted
+    if how != "torn_async_write":  # an unfinished write is not a checkpoint: nothing to report
+        assert any("checkpoint step 4" in r.getMessage() and "does not restore" in r.getMessage()
+                   for r in caplog.records)
+        assert os.path.isdir(os.path.join(tmp_path, "checkpoints.damaged", "4"))  # kept
     runs.assert_same_params(runs.final_params(config, tmp_path),
                             runs.final_params(config, full_dir))
 
@@ -256,3 +260,47 @@ def test_logged_records_are_interval_means_and_survive_a_resume_mid_interval(dpo
     for rec, window in zip(got, (every_step[0:3], every_step[3:6])):
         for k in ("loss", "grad_norm", "rewards/margins"):
             assert rec[k] == pytest.approx(sum(w[k] for w in window) / 3, rel=1e-6), k
+
+
+def test_kill_9_before_the_first_checkpoint_and_a_second_process_on_the_workdir(tmp_path):
+    """Real processes (``python -m dpo_jax.main``): a second run on the same workdir is refused
+    at once naming the holder; the first, killed with SIGKILL before its first checkpoint, leaves
+    a log that the rerun (here shortened: nothing to resume, so it starts over) replaces: every
+    step exactly once, in the JSONL and in TensorBoard."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def command(steps):
+        return [sys.executable, "-m", "dpo_jax.main", "--config=configs/default.py",
+                f"--workdir={tmp_path}", f"--config.train.steps={steps}",
+                "--config.train.log_every=1", "--config.train.eval_every=0",
+                "--config.train.checkpoint_every=0", "--config.train.batch_size=8",
+                "--config.model.overrides.n_layer=1", "--config.model.overrides.d_model=32",
+                "--config.model.overrides.d_ff=64", "--config.data.synthetic.num_train=64"]
+
+    env = dict(os.environ, XLA_FLAGS="")
+    first = subprocess.Popen(command(10**6), cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    for line in first.stderr:
+        if "step 5/" in line or time.time() > deadline:
+            break
+    second = subprocess.run(command(10**6), cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=300)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert second.returncode != 0 and f"in use by pid {first.pid}" in second.stderr, \
+        second.stderr[-2000:]
+    logged = [r["step"] for r in runs.records(tmp_path)]
+    assert len(logged) >= 5 and logged == list(range(1, len(logged) + 1))
+    done = subprocess.run(command(30), cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["step"] for r in runs.records(tmp_path)] == list(range(1, 31))
+    assert tensorboard_steps(tmp_path) == list(range(1, 31))
+    history = [json.loads(x) for x in open(tmp_path / "config_history.jsonl")]
+    assert history[-1]["event"] == "restart (no checkpoint to resume)"
