@@ -265,7 +265,8 @@ def test_truncation_modes_and_counts(name, mode):
         assert list(p["prompt"][start:]) == full[start:][-(12 - start):]
     else:
         assert list(p["prompt"]) == full[:12]
-    assert len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= 32
+    # the longer response keeps exactly max_length - len(prompt) tokens (the paper's rule)
+    assert len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) == 32
     assert enc.stats.prompt_truncated == 1 and enc.stats.responses_truncated == 1
     short = _enc(tok, max_length=512, max_prompt_length=4)
     q = _one(short, long_prompt, resp)  # fits max_length: no truncation even if prompt > 4
