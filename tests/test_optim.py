@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dpo_jax.optim import apply_gradients
@@ -82,3 +83,21 @@ def test_adamw_decays_matrices_not_vectors():
     new, _ = apply_gradients(state, zeros, 0.0, tx, schedule)
     np.testing.assert_allclose(new.params["w"], state.params["w"] * (1 - 0.1 * 0.5), rtol=1e-6)
     np.testing.assert_array_equal(new.params["b"], state.params["b"])
+
+
+def test_rmsprop_is_pytorchs_with_eps_outside_the_sqrt():
+    """The paper's optimizer as PyTorch runs it, by hand: v <- 0.99 v + 0.01 g^2 from v = 0,
+    p <- p - lr g / (sqrt(v) + eps). Gradients of ~1e-5 make sqrt(v) ~ 1e-6, where eps = 1e-8
+    inside the sqrt would change the step a hundredfold."""
+    tx, schedule = helpers.optimizer(name="rmsprop", lr=1e-2)
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(size=5), jnp.float32)}
+    opt_state = tx.init(params)
+    p, v = np.asarray(params["w"], np.float64), np.zeros(5)
+    for _ in range(3):
+        g = (rng.normal(size=5) * 1e-5).astype(np.float32)
+        updates, opt_state = tx.update({"w": jnp.asarray(g)}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        v = 0.99 * v + 0.01 * g.astype(np.float64) ** 2
+        p = p - 1e-2 * g / (np.sqrt(v) + 1e-8)
+    np.testing.assert_allclose(params["w"], p, rtol=1e-5)
