@@ -184,7 +184,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         data = {}
         sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
         for split in rc.train.splits:
-            examples, pad_id = load_examples(config, split)
+            examples, pad_id = load_examples(
+                split, source=sft.source, data_cfg=rc.data,
+                path=sft.train_path if split == "train" else sft.eval_path)
             streams.check_fits([{"prompt": e["prompt"], "chosen": e["response"],
                                  "rejected": e["response"]} for e in examples],
                                model.cfg, pad_id=pad_id, where=f"sft split {split!r}")

@@ -17,24 +17,28 @@ from dpo_jax.data.pipeline import load_tokenised_pairs
 from dpo_jax.data.stream import BatchStream
 
 
-def load_prompts(config, split: str) -> list[np.ndarray]:
-    """Token-id prompts of ``split`` ('train' or 'eval')."""
-    p = config.ppo
-    path = p.prompt_file if split == "train" else (p.eval_prompt_file or "")
+def load_prompts(split: str, *, prompt_file: str, eval_prompt_file: str, max_prompts: int,
+                 data_cfg) -> list[np.ndarray]:
+    """Token-id prompts of ``split`` ('train' or 'eval'): rows of ``prompt_file`` /
+    ``eval_prompt_file`` (``prompt_ids``, or ``prompt`` text tokenised with ``data_cfg.tokenizer``
+    and cut to ``data_cfg.max_prompt_length`` keeping the end), else the distinct prompts of
+    ``data_cfg``'s split; at most ``max_prompts`` (0 = all). Raises ValueError when none is
+    usable."""
+    path = prompt_file if split == "train" else eval_prompt_file
     if path:
         rows = io.read_jsonl(path)
         if rows and "prompt_ids" not in rows[0]:
             from dpo_jax.data.tokenize import load_tokenizer
 
-            tok = load_tokenizer(config.data.tokenizer)
+            tok = load_tokenizer(data_cfg.tokenizer)
             for r in rows:
                 r["prompt_ids"] = tok.encode(r["prompt"], add_special_tokens=False)
-        keep = int(config.data.max_prompt_length)
+        keep = int(data_cfg.max_prompt_length)
         prompts = [np.asarray(r["prompt_ids"], np.int32)[-keep:] for r in rows]
-    elif split == "eval" and p.prompt_file:
+    elif split == "eval" and prompt_file:
         return []
     else:
-        pairs, _ = load_tokenised_pairs(config.data, split)
+        pairs, _ = load_tokenised_pairs(data_cfg, split)
         seen: set[bytes] = set()
         prompts = []
         for pair in pairs:
@@ -42,8 +46,8 @@ def load_prompts(config, split: str) -> list[np.ndarray]:
             if key not in seen:
                 seen.add(key)
                 prompts.append(np.asarray(pair["prompt"], np.int32))
-    if p.max_prompts:
-        prompts = prompts[: int(p.max_prompts)]
+    if max_prompts:
+        prompts = prompts[:max_prompts]
     if not prompts or min(len(x) for x in prompts) == 0:
         raise ValueError(f"no usable (non-empty) prompts for split {split!r}")
     return prompts

@@ -103,19 +103,20 @@ class TextPipeline(BatchStream):
         return dict(self._stats, **super().stats, buckets=list(self.buckets))
 
 
-def load_examples(config, split: str) -> tuple[list[dict[str, np.ndarray]], int]:
-    """SFT examples of ``split`` ('train' | 'eval') and the pad id."""
-    s = config.sft
-    if s.source == "tokens":
-        path = s.train_path if split == "train" else s.eval_path
+def load_examples(split: str, *, source: str, path: str, data_cfg
+                  ) -> tuple[list[dict[str, np.ndarray]], int]:
+    """SFT examples of ``split`` ('train' | 'eval') and the pad id: ``source='tokens'`` reads
+    the token file ``path``; ``'preference'`` takes (prompt, chosen) of ``data_cfg``'s pairs.
+
+    Raises ValueError for an unknown source or a missing path."""
+    if source == "tokens":
         if not path:
             raise ValueError(f"sft.source='tokens' needs sft.{split}_path")
         return read_token_examples(path), 0
-    if s.source == "preference":
-        config_lib.validate(config.data)
-        tok = None if config.data.source == "synthetic" else load_tokenizer(
-            config.data.tokenizer)
-        pairs, _ = load_tokenised_pairs(config.data, split, tok)
+    if source == "preference":
+        config_lib.validate(data_cfg)
+        tok = None if data_cfg.source == "synthetic" else load_tokenizer(data_cfg.tokenizer)
+        pairs, _ = load_tokenised_pairs(data_cfg, split, tok)
         return ([{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs],
                 pad_id_for(tok))
-    raise ValueError(f"sft.source must be 'preference' or 'tokens', got {s.source!r}")
+    raise ValueError(f"sft.source must be 'preference' or 'tokens', got {source!r}")

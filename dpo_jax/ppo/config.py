@@ -3,6 +3,8 @@ PPOTrainer default (Ziegler et al. 2019's recipe); the synthetic configs change 
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from dpo_jax.ppo.step import PPOConfig
@@ -50,19 +52,34 @@ def default_ppo_config() -> ml_collections.ConfigDict:
     return c
 
 
-def ppo_config(config: ml_collections.ConfigDict) -> PPOConfig:
-    """The update's settings from the ``ppo`` block (and the run seed)."""
-    p = config.ppo
-    return PPOConfig(max_new_tokens=int(p.max_new_tokens), epochs=int(p.epochs),
-                     minibatches=int(p.minibatches), gamma=float(p.gamma), lam=float(p.lam),
-                     clip=float(p.clip), vf_clip=float(p.vf_clip), vf_coef=float(p.vf_coef),
-                     whiten_advantages=bool(p.whiten_advantages),
-                     detach_value_head=bool(p.detach_value_head), seed=int(config.seed))
+@dataclasses.dataclass(frozen=True)
+class PPOSettings:
+    """The ``ppo`` block, read once (:func:`read_ppo`)."""
+
+    update: PPOConfig
+    sampling: SamplingConfig
+    init_kl_coef: float
+    target_kl: float | None  # None: a fixed KL coefficient
+    kl_horizon: int
+    prompt_file: str
+    eval_prompt_file: str
+    max_prompts: int
+    prompt_width: int  # 0 = the longest prompt
 
 
-def sampling_config(config: ml_collections.ConfigDict) -> SamplingConfig:
-    """The rollout sampler's settings from the ``ppo`` block."""
+def read_ppo(config: ml_collections.ConfigDict) -> PPOSettings:
+    """The frozen view of ``config.ppo`` (and the run seed) that the PPO task consumes."""
     p = config.ppo
-    return SamplingConfig(max_new_tokens=int(p.max_new_tokens), temperature=float(p.temperature),
-                          top_k=int(p.top_k), top_p=float(p.top_p), eos_id=int(p.eos_id),
-                          pad_id=int(p.pad_id))
+    return PPOSettings(
+        update=PPOConfig(max_new_tokens=int(p.max_new_tokens), epochs=int(p.epochs),
+                         minibatches=int(p.minibatches), gamma=float(p.gamma), lam=float(p.lam),
+                         clip=float(p.clip), vf_clip=float(p.vf_clip), vf_coef=float(p.vf_coef),
+                         whiten_advantages=bool(p.whiten_advantages),
+                         detach_value_head=bool(p.detach_value_head), seed=int(config.seed)),
+        sampling=SamplingConfig(max_new_tokens=int(p.max_new_tokens),
+                                temperature=float(p.temperature), top_k=int(p.top_k),
+                                top_p=float(p.top_p), eos_id=int(p.eos_id), pad_id=int(p.pad_id)),
+        init_kl_coef=float(p.init_kl_coef),
+        target_kl=float(p.target_kl) if p.adaptive_kl else None, kl_horizon=int(p.kl_horizon),
+        prompt_file=p.prompt_file, eval_prompt_file=p.eval_prompt_file,
+        max_prompts=int(p.max_prompts), prompt_width=int(p.prompt_width))

@@ -27,7 +27,7 @@ from dpo_jax.data.prompts import PromptStream, load_prompts
 from dpo_jax.models import Model
 from dpo_jax.optim import make_optimizer
 from dpo_jax.ppo import core
-from dpo_jax.ppo.config import ppo_config, sampling_config
+from dpo_jax.ppo.config import read_ppo
 from dpo_jax.ppo.rewards import RewardFn, build_reward
 from dpo_jax.ppo.step import make_ppo_eval_step, make_ppo_step
 from dpo_jax.reward_model import RewardModel, init_params
@@ -45,7 +45,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     ``reward_fn(samples) -> [B]`` replaces the reward the config names (``ppo.reward``), e.g. an
     experiment's ground truth."""
     rc = read_config(config)
-    ppo = ppo_config(config)
+    settings = read_ppo(config)
+    ppo = settings.update
     if rc.optim.grad_accum != 1:
         raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
     mesh = shard_lib.make_mesh(rc.mesh_shape)
@@ -58,25 +59,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                                    params["decoder"])
     state = state_lib.create_state(params, tx, mesh, shardings, ref)
     reward_fn = reward_fn if reward_fn is not None else build_reward(config, mesh=mesh)
-    kl = core.KLController(float(config.ppo.init_kl_coef),
-                           float(config.ppo.target_kl) if config.ppo.adaptive_kl else None,
-                           int(config.ppo.kl_horizon))
+    kl = core.KLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
 
     data = {}
     sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
     for split in rc.train.splits:
-        prompts = load_prompts(config, split)
+        prompts = load_prompts(split, prompt_file=settings.prompt_file,
+                               eval_prompt_file=settings.eval_prompt_file,
+                               max_prompts=settings.max_prompts, data_cfg=rc.data)
         if prompts:
             data[split] = PromptStream(
                 prompts, train=split == "train", global_batch_size=sizes[split],
-                width=int(config.ppo.prompt_width) or max(len(x) for x in prompts),
-                seed=rc.seed, pad_id=int(config.ppo.pad_id),
+                width=settings.prompt_width or max(len(x) for x in prompts),
+                seed=rc.seed, pad_id=settings.sampling.pad_id,
                 process_index=jax.process_index(), process_count=jax.process_count())
 
     update = loop.jit_train_step(
         make_ppo_step(model, tx, schedule, ppo, rc.train.on_nonfinite), state)
     eval_sums = jax.jit(make_ppo_eval_step(model, ppo.max_new_tokens), static_argnums=3)
-    cfg = sampling_config(config)
+    cfg = settings.sampling
     sample = jax.jit(lambda params, ids, lengths, rng: generate(
         model.decoder, params["decoder"], ids, lengths, rng, cfg))
 
