@@ -30,5 +30,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "wandb": ["wandb>=0.17"],  # log.wandb_project: metrics to Weights & Biases
     },
 )

@@ -1,4 +1,5 @@
-"""Metric sinks (JSONL, TensorBoard) and the progress line. Process 0 writes; others no-op."""
+"""Metric sinks (JSONL, TensorBoard, optionally Weights & Biases) and the progress line.
+Process 0 writes; others no-op."""
 
 from __future__ import annotations
 
@@ -6,11 +7,84 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+
+
+WANDB_INSTALL = 'pip install -e ".[wandb]"'
+
+
+def wandb_settings(workdir: str) -> dict[str, str]:
+    """The ``log`` block of ``workdir/config.json`` (the run's config): ``wandb_project`` ('' =
+    off), ``wandb_entity``, ``wandb_name``; empty when the file or the block is absent."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        log = json.load(f).get("log") or {}
+    return {k: str(log.get(k) or "") for k in ("wandb_project", "wandb_entity", "wandb_name")}
+
+
+class WandbSink:
+    """One W&B run per workdir: the run's config, every metrics record at its step, files
+    (e.g. a plot) as images.
+
+    The run id is kept in ``workdir/wandb_run_id``, so a resumed run continues the same W&B
+    run (W&B keeps steps increasing: records at or below a step it already has, rewritten
+    after a resume cut the JSONL back, are dropped by W&B; metrics.jsonl stays the reference).
+    ``WANDB_MODE=offline`` / ``WANDB_DIR`` work as W&B documents (the files go under
+    ``workdir`` unless ``WANDB_DIR`` is set). Raises ``ImportError`` saying how to install
+    the extra when ``wandb`` is missing."""
+
+    def __init__(self, workdir: str, project: str, *, entity: str = "", name: str = "",
+                 config: Mapping[str, Any] | None = None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(f"log.wandb_project={project!r} needs wandb: {WANDB_INSTALL} "
+                              "(or set log.wandb_project='')") from e
+        self._wandb = wandb
+        id_path = os.path.join(workdir, "wandb_run_id")
+        if os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            os.makedirs(workdir, exist_ok=True)
+            with open(id_path, "w") as f:
+                f.write(run_id + "\n")
+        self.run = wandb.init(project=project, entity=entity or None,
+                              name=name or os.path.basename(os.path.abspath(workdir)),
+                              id=run_id, resume="allow", config=dict(config or {}),
+                              dir=os.environ.get("WANDB_DIR") or workdir)
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """A metrics record (``step`` and scalars) at its step."""
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        self.run.log(values, step=int(record["step"]))
+
+    def log_image(self, key: str, path: str, step: int | None = None) -> None:
+        """The image file ``path`` (e.g. a plot) under ``key``."""
+        self.run.log({key: self._wandb.Image(path)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_sink(workdir: str) -> WandbSink | None:
+    """A ``WandbSink`` for ``workdir`` when its config.json sets ``log.wandb_project``, on
+    process 0 only; else None."""
+    settings = wandb_settings(workdir)
+    if jax.process_index() != 0 or not settings.get("wandb_project"):
+        return None
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    return WandbSink(workdir, settings["wandb_project"], entity=settings["wandb_entity"],
+                     name=settings["wandb_name"], config=config)
 
 
 def _scalar(v: Any) -> float | int:
@@ -20,22 +94,28 @@ def _scalar(v: Any) -> float | int:
 
 class MetricWriter:
     """Appends one JSON object per record to ``workdir/metrics.jsonl`` and mirrors scalars to
-    TensorBoard event files under ``workdir/tb``.
+    TensorBoard event files under ``workdir/tb`` and, when the run's ``config.json`` in
+    ``workdir`` sets ``log.wandb_project``, to Weights & Biases (:class:`WandbSink`; ``wandb``
+    False turns it off).
 
     Resuming at step ``s`` calls :meth:`truncate_after` (``s = 0`` without a checkpoint): records
     past ``s`` are cut from the JSONL and TensorBoard is rebuilt from what remains, so after any
     interruption each step appears once, as in an uninterrupted run. Non-finite values are
     written as they are (``NaN``/``Infinity`` in the JSONL, NaN points in TensorBoard)."""
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True,
+                 wandb: bool = True):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb_dir = os.path.join(workdir, "tb")
         self._tensorboard = tensorboard
         self._tb = None
+        self.wandb: WandbSink | None = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             self._open_tb()
+            if wandb:
+                self.wandb = wandb_sink(workdir)
 
     def _open_tb(self) -> None:
         if self._tensorboard:
@@ -79,6 +159,8 @@ class MetricWriter:
                 f.write(json.dumps(record) + "\n")
             if self._tb is not None:
                 self._add_scalars(record)
+            if self.wandb is not None:
+                self.wandb.log(record)
         return record
 
     def flush(self) -> None:
@@ -89,6 +171,9 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 class Progress:

@@ -161,6 +161,24 @@ def write_frontier(exp: Experiment, names: list[str]) -> list[dict]:
     return [dict(p.__dict__) for p in frontier_lib.read_frontier_csv(exp.workdir / "frontier.csv")]
 
 
+def log_frontier_to_wandb(config, workdir: pathlib.Path) -> bool:
+    """When ``config.log.wandb_project`` is set: ``workdir/frontier.png`` as the image
+    ``imdb/frontier`` of the pipeline's own W&B run (each training run streams its metrics to
+    its own), from process 0 only. Returns whether it logged."""
+    from dpo_jax.metrics import WandbSink
+
+    log = config.get("log") or {}
+    if not log.get("wandb_project") or jax.process_index() != 0:
+        return False
+    sink = WandbSink(str(workdir), log.wandb_project, entity=log.get("wandb_entity", ""),
+                     name=log.get("wandb_name", ""), config=config.to_dict())
+    try:
+        sink.log_image("imdb/frontier", str(workdir / "frontier.png"))
+    finally:
+        sink.close()
+    return True
+
+
 def _run_cost(run_dir: pathlib.Path, method: str, cfg, summary: dict) -> dict:
     """Optimizer steps and tokens of one finished run (see :func:`write_compute`)."""
     steps, B = int(summary["steps"]), int(cfg.train.batch_size)

@@ -108,6 +108,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     # exactly the configured variants, also when a rerun adds a beta.
     points = evaluate.write_frontier(exp, list(variants))
     evaluate.write_compute(exp, variants, stage.seconds)
+    evaluate.log_frontier_to_wandb(config, d)
     stage.ran.append("frontier")
     summary = {"stages_run": stage.ran, "stages_skipped": stage.skipped, "frontier": points}
     (d / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
