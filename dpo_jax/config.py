@@ -97,13 +97,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ref_sync_every = 0
     c.train.ref_mixup_alpha = 0.6  # TR-DPO alpha in (0, 1]; 1 = hard copy (TRL's default 0.6)
 
-    # Weights & Biases (optional extra: pip install -e ".[wandb]"), process 0 only: the run's
-    # config and every metrics.jsonl record (dpo_jax.metrics.WandbSink)
-    c.log = ml_collections.ConfigDict()
-    c.log.wandb_project = ""  # '' = off
-    c.log.wandb_entity = ""  # team or user ('' = wandb's default)
-    c.log.wandb_name = ""  # run name ('' = the workdir's name)
-
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
     c.mesh.rules = [list(r) for r in sharding.DEFAULT_RULES]  # logical -> mesh axis
@@ -233,6 +226,10 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
     logprobs, forward = _logprob_configs(config.logprobs)
     optim = OptimConfig.from_config(config.optim)
     ref_sync_every, ref_mixup_alpha = _ref_sync(config)
+    if config.logprobs.precompute_reference and config.loss.get("ld_alpha") is not None:
+        raise ValueError("loss.ld_alpha (LD-DPO) weights the reference's tokens too, but "
+                         "logprobs.precompute_reference=True stores plain sums; set one of them "
+                         "off")
     data = config.data
     if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:
         # The tokenizer comes from the model's directory unless the config names another.

@@ -33,14 +33,22 @@ class LogprobConfig:
 DENSE = LogprobConfig(scored_only=False, seq_chunk=None, vocab_chunk=None)
 
 
-def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk):
-    """log p(target) for one chunk: target logit minus a float32 (online) logsumexp."""
+def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = False):
+    """log p(target) for one chunk: target logit minus a float32 (online) logsumexp.
+
+    ``with_sq``: also ``log sum_v p_v^2`` per position (WPO's normaliser), ``logsumexp(2 l) -
+    2 logsumexp(l)``, accumulated online on the same running max and under stop_gradient."""
     vocab = w_VD.shape[0]
     if not vocab_chunk or vocab_chunk >= vocab:
         logits = project(h_RCD, w_VD, b_V)
         target = jnp.take_along_axis(logits, targets_RC[..., None], axis=-1)[..., 0]
-        return target - jax.nn.logsumexp(logits, axis=-1)
-    running_max = running_sum = target = None
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        if not with_sq:
+            return target - lse
+        frozen = jax.lax.stop_gradient(logits)
+        log_sq = jax.nn.logsumexp(2.0 * frozen, axis=-1) - 2.0 * jax.lax.stop_gradient(lse)
+        return target - lse, log_sq
+    running_max = running_sum = running_sq = target = None
     for start in range(0, vocab, vocab_chunk):
         end = min(vocab, start + vocab_chunk)
         logits = project(h_RCD, w_VD[start:end], None if b_V is None else b_V[start:end])
@@ -52,23 +60,35 @@ def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk):
         if running_max is None:
             running_max = chunk_max
             running_sum = jnp.exp(logits - chunk_max[..., None]).sum(-1)
+            if with_sq:
+                running_sq = jnp.exp(2.0 * (jax.lax.stop_gradient(logits) - chunk_max[..., None])).sum(-1)
             target = hit
             continue
         new_max = jnp.maximum(running_max, chunk_max)
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(
             logits - new_max[..., None]
         ).sum(-1)
+        if with_sq:
+            running_sq = running_sq * jnp.exp(2.0 * (running_max - new_max)) + jnp.exp(
+                2.0 * (jax.lax.stop_gradient(logits) - new_max[..., None])).sum(-1)
         running_max = new_max
         target = target + hit
-    return target - (running_max + jnp.log(running_sum))
+    logps = target - (running_max + jnp.log(running_sum))
+    if not with_sq:
+        return logps
+    return logps, jnp.log(running_sq) - 2.0 * jnp.log(jax.lax.stop_gradient(running_sum))
 
 
-def token_logps(h_RSD, targets_RS, w_VD, b_V, cfg: LogprobConfig = LogprobConfig()):
-    """float32 [R, S] log-probs of ``targets_RS`` given hidden states ``h_RSD`` (aligned)."""
+def token_logps(h_RSD, targets_RS, w_VD, b_V, cfg: LogprobConfig = LogprobConfig(),
+                with_sq: bool = False):
+    """float32 [R, S] log-probs of ``targets_RS`` given hidden states ``h_RSD`` (aligned).
+
+    ``with_sq``: returns ``(logps_RS, log_sq_RS)`` with ``log_sq = log sum_v p_v^2`` at each
+    position (no gradient), from the same chunked pass."""
     rows, length, _ = h_RSD.shape
     chunk = cfg.seq_chunk
     if not chunk or chunk >= length:
-        return _chunk_logps(h_RSD, targets_RS, w_VD, b_V, cfg.vocab_chunk)
+        return _chunk_logps(h_RSD, targets_RS, w_VD, b_V, cfg.vocab_chunk, with_sq)
     pad = (-length) % chunk
     if pad:
         h_RSD = jnp.pad(h_RSD, ((0, 0), (0, pad), (0, 0)))
@@ -80,10 +100,11 @@ def token_logps(h_RSD, targets_RS, w_VD, b_V, cfg: LogprobConfig = LogprobConfig
 
     @jax.checkpoint
     def one(h_RCD, t_RC):
-        return _chunk_logps(h_RCD, t_RC, w_VD, b_V, cfg.vocab_chunk)
+        return _chunk_logps(h_RCD, t_RC, w_VD, b_V, cfg.vocab_chunk, with_sq)
 
-    _, logps_nRC = jax.lax.scan(lambda c, x: (c, one(*x)), None, (h_nRCD, t_nRC))
-    return jnp.moveaxis(logps_nRC, 0, 1).reshape(rows, n * chunk)[:, :length]
+    _, out_nRC = jax.lax.scan(lambda c, x: (c, one(*x)), None, (h_nRCD, t_nRC))
+    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(rows, n * chunk)[:, :length]  # noqa: E731
+    return jax.tree.map(unchunk, out_nRC)
 
 
 def compact_scored(mask_RL, num_scored: int):
@@ -103,6 +124,9 @@ def sequence_logps(
     num_scored: int | None = None,
     seq_index_RL=None,
     num_seqs: int | None = None,
+    ld_shared_S=None,
+    ld_alpha: float = 1.0,
+    with_wpo: bool = False,
 ):
     """Summed float32 log-probs and scored-token counts per sequence.
 
@@ -110,6 +134,12 @@ def sequence_logps(
     Packed batches: ``seq_index_RL`` gives each scored token's sequence slot, ``[num_seqs]``.
     ``num_scored`` (static) bounds the scored tokens of any row when ``cfg.scored_only``; the
     caller guarantees it (``max_scored_tokens`` on the host batch).
+
+    LD-DPO (Liu et al. 2024): with ``ld_shared_S`` (per sequence, float), the k-th scored token
+    of a sequence counts with weight 1 while k <= ld_shared_S[seq] and ``ld_alpha`` after it
+    (counts stay unweighted). ``with_wpo``: also returns, per sequence, the sum over its scored
+    tokens of ``log p_t - log sum_v p_v^2`` (WPO's aligned log-prob, no gradient), so the
+    return value is ``(sums, counts, wpo_sums)``.
     """
     h = h_RLD[:, :-1]
     targets = input_ids_RL[:, 1:]
@@ -122,15 +152,51 @@ def sequence_logps(
         targets = jnp.take_along_axis(targets, order, axis=1)
         if index is not None:
             index = jnp.take_along_axis(index, order, axis=1)
-    logps = token_logps(h, targets, w_VD, b_V, cfg) * mask
-    if index is None:
-        return logps.sum(axis=1), mask.sum(axis=1)
-    if num_seqs is None:
-        raise ValueError("packed batches need num_seqs")
-    slot = jnp.where(mask > 0, index, num_seqs).reshape(-1)
-    sums = jax.ops.segment_sum(logps.reshape(-1), slot, num_segments=num_seqs + 1)
-    counts = jax.ops.segment_sum(mask.reshape(-1), slot, num_segments=num_seqs + 1)
-    return sums[:num_seqs], counts[:num_seqs]
+    out = token_logps(h, targets, w_VD, b_V, cfg, with_sq=with_wpo)
+    logps, log_sq = out if with_wpo else (out, None)
+    weight = mask
+    if index is None:  # one sequence per row: sums along the row keep the rows' sharding
+        def per_seq(x):
+            return x.sum(axis=1)
+
+        if ld_shared_S is not None:
+            rank = jnp.cumsum(mask, axis=1)  # 1-based rank of each scored token in its row
+            shared = jnp.asarray(ld_shared_S, jnp.float32)[:, None]
+            weight = mask * jnp.where(rank <= shared, 1.0, ld_alpha)
+    else:
+        if num_seqs is None:
+            raise ValueError("packed batches need num_seqs")
+        slot = jnp.where(mask > 0, index, num_seqs)  # unscored tokens go to a dropped slot
+
+        def per_seq(x):
+            return jax.ops.segment_sum(x.reshape(-1), slot.reshape(-1),
+                                       num_segments=num_seqs + 1)[:num_seqs]
+
+        if ld_shared_S is not None:
+            # Rank within the sequence: the row's running count of scored tokens minus that
+            # count at the sequence's first token, plus 1.
+            count = jnp.cumsum(mask, axis=1)
+            first = jax.ops.segment_min(jnp.where(mask > 0, count, jnp.inf).reshape(-1),
+                                        slot.reshape(-1), num_segments=num_seqs + 1)
+            rank = count - first[slot] + 1.0
+            shared = jnp.concatenate([jnp.asarray(ld_shared_S, jnp.float32),
+                                      jnp.zeros((1,), jnp.float32)])[slot]
+            weight = mask * jnp.where(rank <= shared, 1.0, ld_alpha)
+    sums, counts = per_seq(logps * weight), per_seq(mask)
+    if not with_wpo:
+        return sums, counts
+    return sums, counts, per_seq((jax.lax.stop_gradient(logps) - log_sq) * mask)
+
+
+def scored_counts(loss_mask_RL, seq_index_RL=None, num_seqs: int | None = None):
+    """Scored tokens per sequence, ``[R]`` (unpacked) or ``[num_seqs]`` (packed), from the
+    batch's mask alone (no forward): what :func:`sequence_logps` returns as counts."""
+    mask = loss_mask_RL[:, 1:].astype(jnp.float32)
+    if seq_index_RL is None:
+        return mask.sum(axis=1)
+    slot = jnp.where(mask > 0, seq_index_RL[:, 1:], num_seqs)
+    return jax.ops.segment_sum(mask.reshape(-1), slot.reshape(-1),
+                               num_segments=num_seqs + 1)[:num_seqs]
 
 
 def max_scored_tokens(loss_mask_RL, minimum: int = 16) -> int:

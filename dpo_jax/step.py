@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from dpo_jax import losses as losses_lib
-from dpo_jax.logprobs import LogprobConfig, sequence_logps
+from dpo_jax.logprobs import LogprobConfig, scored_counts, sequence_logps
 from dpo_jax.optim import apply_gradients
 from dpo_jax.state import TrainState
 
@@ -46,18 +46,31 @@ class StepConfig:
         return self.forward_logprobs or self.logprobs
 
 
-def sequence_stats(model, params, batch, cfg: StepConfig, num_scored, forward_only=False):
-    """Per-sequence (logps, lengths), each ``[2B]`` in block layout; forward_only (no gradient
-    will be taken) evaluates the head with ``cfg.no_grad_logprobs``."""
+def sequence_stats(model, params, batch, cfg: StepConfig, num_scored, forward_only=False,
+                   loss_cfg: losses_lib.LossConfig | None = None, with_wpo=False):
+    """Per-sequence (logps, lengths), each ``[2B]`` in block layout, and with ``with_wpo`` a
+    third: WPO's per-token mean aligned log-prob. forward_only (no gradient will be taken)
+    evaluates the head with ``cfg.no_grad_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights
+    the tokens past the shorter response of each pair."""
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
     w, b = model.unembedding(params)
     seq_index = batch.get("seq_index")
     num_seqs = None if seq_index is None else 2 * batch["pair_weight"].shape[0]
-    return sequence_logps(
+    ld = {}
+    if loss_cfg is not None and loss_cfg.ld_alpha is not None:
+        chosen, rejected = _pairs(scored_counts(batch["loss_mask"], seq_index, num_seqs))
+        shared = jnp.minimum(chosen, rejected)
+        ld = dict(ld_shared_S=jnp.concatenate([shared, shared]), ld_alpha=loss_cfg.ld_alpha)
+    out = sequence_logps(
         h, batch["input_ids"], batch["loss_mask"], w, b,
         cfg.no_grad_logprobs if forward_only else cfg.logprobs,
-        num_scored=num_scored, seq_index_RL=seq_index, num_seqs=num_seqs,
+        num_scored=num_scored, seq_index_RL=seq_index, num_seqs=num_seqs, with_wpo=with_wpo,
+        **ld,
     )
+    if with_wpo:
+        logps, lengths, wpo_sums = out
+        return logps, lengths, wpo_sums / jnp.maximum(lengths, 1.0)
+    return out
 
 
 def _pairs(x_S):
@@ -65,25 +78,36 @@ def _pairs(x_S):
     return chosen, rejected
 
 
-def _stats(logps, lengths) -> losses_lib.SequenceStats:
+def _stats(logps, lengths, wpo_logps=None) -> losses_lib.SequenceStats:
     chosen_logps, rejected_logps = _pairs(logps)
     chosen_lengths, rejected_lengths = _pairs(lengths)
+    chosen_wpo, rejected_wpo = (None, None) if wpo_logps is None else _pairs(wpo_logps)
     return losses_lib.SequenceStats(
         chosen_logps=chosen_logps, rejected_logps=rejected_logps,
         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        chosen_wpo_logps=chosen_wpo, rejected_wpo_logps=rejected_wpo,
     )
 
 
 def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, num_scored,
                policy_forward_only=False):
-    """Policy/reference statistics and the loss output for one (micro-)batch."""
+    """Policy/reference statistics and the loss output for one (micro-)batch.
+
+    LD-DPO (``loss_cfg.ld_alpha``) weights both models' log-probs, so it refuses stored
+    reference log-probs (``ref_logps`` in the batch, plain sums); WPO reads the policy only."""
     policy = _stats(*sequence_stats(model, params, batch, cfg, num_scored,
-                                     forward_only=policy_forward_only))
+                                     forward_only=policy_forward_only, loss_cfg=loss_cfg,
+                                     with_wpo=loss_cfg.use_weighting))
     reference = None
     if "ref_logps" in batch:  # precomputed once over the dataset
+        if loss_cfg.ld_alpha is not None:
+            raise ValueError("loss.ld_alpha (LD-DPO) weights the reference's tokens too; stored "
+                             "reference log-probs are plain sums: set "
+                             "logprobs.precompute_reference=False")
         reference = _stats(batch["ref_logps"], batch["ref_lengths"])
     elif ref_params is not None:
-        ref = sequence_stats(model, ref_params, batch, cfg, num_scored, forward_only=True)
+        ref = sequence_stats(model, ref_params, batch, cfg, num_scored, forward_only=True,
+                             loss_cfg=loss_cfg)
         reference = _stats(*jax.lax.stop_gradient(ref))
     weights = batch["pair_weight"]
     out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)

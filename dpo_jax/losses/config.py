@@ -114,6 +114,12 @@ def default_loss_config() -> ml_collections.ConfigDict:
     cfg.f_divergence_type = placeholder(str)
     # alpha of f_divergence_type='alpha_divergence' (any finite value; 1 is reverse_kl); None = 0.5.
     cfg.f_alpha_divergence_coef = placeholder(float)
+    # WPO (TRL use_weighting): each pair's loss times the policy's length-normalised probability
+    # of both responses, prod_t (p_t / sum_v p_v^2)^(1/|y|) (no gradient); None = False.
+    cfg.use_weighting = placeholder(bool)
+    # LD-DPO (TRL ld_alpha): tokens of a response past the shorter response's length count with
+    # weight ld_alpha in [0, 1] in every summed log-prob (policy and reference); None = off.
+    cfg.ld_alpha = placeholder(float)
     return cfg
 
 
@@ -134,6 +140,8 @@ class LossConfig:
     dpop_lambda: float = DEFAULT_DPOP_LAMBDA
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = DEFAULT_F_ALPHA_DIVERGENCE_COEF
+    use_weighting: bool = False
+    ld_alpha: float | None = None  # None = LD-DPO off
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -288,6 +296,15 @@ def loss_config_from(cfg: Any) -> LossConfig:
                 "f_divergence_type='alpha_divergence'")
         f_alpha = _finite("f_alpha_divergence_coef", full["f_alpha_divergence_coef"])
 
+    use_weighting = full["use_weighting"]
+    if use_weighting is not None and not isinstance(use_weighting, bool):
+        raise ValueError(f"loss.use_weighting must be a bool, got {use_weighting!r}")
+    ld_alpha = full["ld_alpha"]
+    if ld_alpha is not None:
+        ld_alpha = _finite("ld_alpha", ld_alpha)
+        if not 0.0 <= ld_alpha <= 1.0:
+            raise ValueError(f"loss.ld_alpha must be in [0, 1], got {ld_alpha}")
+
     return LossConfig(
         names=names,
         weights=weights,
@@ -302,6 +319,8 @@ def loss_config_from(cfg: Any) -> LossConfig:
         dpop_lambda=dpop_lambda,
         f_divergence_type=f_type,
         f_alpha_divergence_coef=f_alpha,
+        use_weighting=bool(use_weighting),
+        ld_alpha=ld_alpha,
     )
 
 

@@ -61,13 +61,18 @@ class SequenceStats:
 
     chosen_logps / rejected_logps: f32 [B], SUM of response-token log-probs.
     chosen_lengths / rejected_lengths: f32 [B], number of scored response tokens (a padding pair
-    may carry 0; losses clip lengths to >= 1 so it stays finite).
+    may carry 0; losses clip lengths to >= 1 so it stays finite). With LD-DPO (loss.ld_alpha)
+    the log-prob sums are already length-desensitised; lengths stay token counts.
     """
 
     chosen_logps: Array
     rejected_logps: Array
     chosen_lengths: Array
     rejected_lengths: Array
+    # WPO only (loss.use_weighting): per-token mean of log(p_t / sum_v p_v^2) under this model,
+    # f32 [B], no gradient (logprobs.sequence_logps(with_wpo=True) sums divided by lengths).
+    chosen_wpo_logps: Array | None = None
+    rejected_wpo_logps: Array | None = None
 
 
 @struct.dataclass
@@ -487,6 +492,16 @@ def preference_loss(
             extras[key] = value if value.ndim == 0 else weighted_mean(_sg(value), ctx.weights)
         if len(cfg.names) > 1:
             extras[f"loss/{name}"] = weighted_mean(_sg(part.losses), ctx.weights)
+    if cfg.use_weighting:
+        # WPO, Zhou et al. 2024 Eq. 2 (TRL use_weighting): the pair's loss times
+        # w(y_w) w(y_l), w(y) = exp(mean_t log(p_t / sum_v p_v^2)) under the policy, no gradient.
+        if policy.chosen_wpo_logps is None or policy.rejected_wpo_logps is None:
+            raise ValueError("loss.use_weighting (WPO) needs the policy's chosen_wpo_logps / "
+                             "rejected_wpo_logps (logprobs.sequence_logps(with_wpo=True))")
+        wpo = _sg(jnp.exp(jnp.asarray(policy.chosen_wpo_logps, f32)
+                          + jnp.asarray(policy.rejected_wpo_logps, f32)))
+        total = total * wpo
+        extras["wpo_weight"] = weighted_mean(wpo, ctx.weights)
     reward_from = next((n for n in cfg.names if n != "sft"), cfg.names[0])
     return LossOutput(
         losses=total,
