@@ -97,6 +97,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ref_sync_every = 0
     c.train.ref_mixup_alpha = 0.6  # TR-DPO alpha in (0, 1]; 1 = hard copy (TRL's default 0.6)
 
+    # Weights & Biases (optional extra: pip install -e ".[wandb]"), process 0 only: the run's
+    # config and every metrics.jsonl record (dpo_jax.metrics.WandbSink)
+    c.log = ml_collections.ConfigDict()
+    c.log.wandb_project = ""  # '' = off
+    c.log.wandb_entity = ""  # team or user ('' = wandb's default)
+    c.log.wandb_name = ""  # run name ('' = the workdir's name)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
     c.mesh.rules = [list(r) for r in sharding.DEFAULT_RULES]  # logical -> mesh axis
