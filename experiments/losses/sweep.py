@@ -43,6 +43,20 @@ LOSSES: dict[str, dict[str, str]] = {
     "rpo": {"beta": "0.1", "rpo_alpha": "1.0"},
     "rdpo": {"beta": "0.1", "rdpo_alpha": "0.01"},
     "sigmoid,sft (1, 0.5)": {"name": "sigmoid,sft", "beta": "0.1", "weights": "(1.0, 0.5)"},
+    # TRL 1.16's remaining knobs, DPO-Positive and TR-DPO (keys with a dot are full config paths).
+    "sigmoid_norm": {"beta": "5.0"},
+    "dpop": {"beta": "0.1", "dpop_lambda": "50"},
+    "sigmoid (forward_kl)": {"name": "sigmoid", "beta": "0.1", "f_divergence_type": "forward_kl"},
+    "sigmoid (js_divergence)": {"name": "sigmoid", "beta": "0.1",
+                                "f_divergence_type": "js_divergence"},
+    "sigmoid (alpha_divergence 0.5)": {"name": "sigmoid", "beta": "0.1",
+                                       "f_divergence_type": "alpha_divergence",
+                                       "f_alpha_divergence_coef": "0.5"},
+    "sigmoid (WPO)": {"name": "sigmoid", "beta": "0.1", "use_weighting": "True"},
+    "sigmoid (LD-DPO alpha 0.5)": {"name": "sigmoid", "beta": "0.1", "ld_alpha": "0.5"},
+    "sigmoid (TR-DPO tau 16 alpha 0.6)": {"name": "sigmoid", "beta": "0.1",
+                                          "train.ref_sync_every": "16",
+                                          "train.ref_mixup_alpha": "0.6"},
 }
 
 
@@ -54,7 +68,8 @@ def run_one(label: str, overrides: dict[str, str], steps: int, out: str) -> dict
             f"--workdir={workdir}", f"--config.loss.name={name}",
             f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
             "--config.train.checkpoint_every=0"]
-    args += [f"--config.loss.{k}={v}" for k, v in overrides.items() if k != "name"]
+    args += [f"--config.{k}={v}" if "." in k else f"--config.loss.{k}={v}"
+             for k, v in overrides.items() if k != "name"]
     t0 = time.time()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
@@ -64,6 +79,8 @@ def run_one(label: str, overrides: dict[str, str], steps: int, out: str) -> dict
     return {"loss": label, "eval_accuracy": ev["rewards/accuracies"],
             "eval_margin": ev["rewards/margins"], "eval_loss": ev["loss"],
             "eval_logps_chosen": ev["logps/chosen"], "eval_logps_rejected": ev["logps/rejected"],
+            # the first train batch's chosen log-prob (the initial policy): has it fallen?
+            "train_logps_chosen_first": summary["first_train"].get("logps/chosen"),
             "wall_s": round(time.time() - t0, 1)}
 
 
@@ -83,11 +100,13 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print("\n| loss | held-out accuracy | reward margin | eval loss | wall s |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("\n| loss | held-out accuracy | reward margin | eval loss | logps chosen (first "
+          "train batch -> eval) | logps rejected | wall s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| `{r['loss']}` | {r['eval_accuracy']:.3f} | {r['eval_margin']:.3f} | "
-              f"{r['eval_loss']:.4f} | {r['wall_s']} |")
+              f"{r['eval_loss']:.4f} | {r['train_logps_chosen_first']:.1f} -> "
+              f"{r['eval_logps_chosen']:.1f} | {r['eval_logps_rejected']:.1f} | {r['wall_s']} |")
 
 
 if __name__ == "__main__":
