@@ -1,0 +1,383 @@
+"""Targeted mutation testing of the modules that decide numbers; run by hand, outside CI.
+
+    python tests/mutation/run_mutations.py                  # HEAD's dpo_jax/ and tests/
+    python tests/mutation/run_mutations.py --rev d77c00c    # another commit's code and tests
+    python tests/mutation/run_mutations.py --worktree       # the working tree as it is now
+    python tests/mutation/run_mutations.py --only step.,optim.   # mutants whose id starts so
+    python tests/mutation/run_mutations.py --list           # print the mutants, run nothing
+
+Each mutant replaces one exact snippet of one module (an operator, a sign, a slice bound, an
+argument order, a dropped term) by a plausible bug. The tree under test (``dpo_jax/``,
+``tests/``, ``configs/``) is copied into a temporary directory once; a mutant is written into
+that copy only, the test files that concern its module run there (``pytest -x``, with a
+timeout, ``PYTHONPATH`` pointing at the copy, no bytecode written so an edited module is
+always re-read), and the file is restored. The repository is never modified.
+
+A mutant is *killed* when its tests fail (or error, or time out) and *survives* when they
+pass. A test file that does not exist in the tree (older commits) is left out; one that fails
+without any mutant is reported and left out too. A mutant whose snippet is not in the tree
+(the module changed) is reported as ``n/a``. Results: tests/README.md ("Mutation testing").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Test files per module group, fastest and most targeted first (pytest -x stops at the first
+# failure, so a killed mutant usually costs seconds). test_train.py's end-to-end learning run
+# and its resume test are left out for time (the loop's resume and eval are not mutated here).
+TESTS = {
+    "losses": ["tests/test_losses.py", "tests/test_step.py"],
+    "logprobs": ["tests/test_logprobs.py", "tests/test_step.py"],
+    "step": ["tests/test_step.py", "tests/test_optim.py", "tests/test_train.py"],
+    "optim": ["tests/test_optim.py", "tests/test_step.py", "tests/test_train.py"],
+    "tokenize": ["tests/test_data_tokenize.py", "tests/test_data_sources.py"],
+    "batching": ["tests/test_data_batching.py", "tests/test_step.py"],
+    "pipeline": ["tests/test_data_batching.py", "tests/test_step.py"],
+}
+DESELECT = [
+    "tests/test_train.py::test_offline_default_learns_the_synthetic_task",
+    "tests/test_train.py::test_resume_after_interruption_equals_uninterrupted_run",
+]
+
+# The file(s) a group's mutants edit; of several, the first holding the snippet (code moves:
+# the eval padding weight lives in pipeline.py at older commits, in stream.py later).
+FILES = {
+    "losses": ("dpo_jax/losses/core.py",),
+    "logprobs": ("dpo_jax/logprobs.py",),
+    "step": ("dpo_jax/step.py",),
+    "optim": ("dpo_jax/optim.py",),
+    "tokenize": ("dpo_jax/data/tokenize.py",),
+    "batching": ("dpo_jax/data/batching.py",),
+    "pipeline": ("dpo_jax/data/pipeline.py", "dpo_jax/data/stream.py"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    id: str  # "<group>.<name>"; the group selects the file and the tests
+    old: str | tuple[str, ...]  # must occur exactly once; a tuple: variants for older code,
+    new: str | tuple[str, ...]  # the first variant found is applied
+    what: str
+
+    @property
+    def group(self) -> str:
+        return self.id.split(".")[0]
+
+    def variants(self) -> list[tuple[str, str]]:
+        if isinstance(self.old, str):
+            return [(self.old, self.new)]
+        return list(zip(self.old, self.new))
+
+    def locate(self, root: str) -> tuple[str, str, str] | None:
+        """(path, old, new) of the first file and variant where ``old`` occurs exactly once."""
+        for rel in FILES[self.group]:
+            path = os.path.join(root, rel)
+            if not os.path.exists(path):
+                continue
+            text = open(path).read()
+            for old, new in self.variants():
+                if text.count(old) == 1:
+                    return path, old, new
+        return None
+
+
+M = Mutant
+MUTANTS = [
+    # ------------------------------------------------------------------ dpo_jax/losses/core.py
+    M("losses.mean_counts_padding",
+      "return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1e-12)",
+      "return jnp.sum(x * weights) / x.shape[0]", "weighted mean divides by all pairs"),
+    M("losses.log_ratios_swapped", "return c.pi_w - c.ref_w, c.pi_l - c.ref_l",
+      "return c.pi_l - c.ref_l, c.pi_w - c.ref_w", "chosen and rejected log-ratios swapped"),
+    M("losses.rewards_without_beta", "return _sg(c.cfg.beta * c_w), _sg(c.cfg.beta * c_l)",
+      "return _sg(c_w), _sg(c_l)", "DPO rewards without beta"),
+    M("losses.cdpo_sign", "loss = (1.0 - eps) * loss - eps * jax.nn.log_sigmoid(-z)",
+      "loss = (1.0 - eps) * loss + eps * jax.nn.log_sigmoid(-z)", "cDPO smoothing sign"),
+    M("losses.logistic_argument", "loss = -jax.nn.log_sigmoid(z)\n",
+      "loss = -jax.nn.log_sigmoid(-z)\n", "-log sigma(-z) for -log sigma(z)"),
+    M("losses.sigmoid_h_sign", "        h = c_w - c_l\n        rw, rl = _dpo_rewards(c)",
+      "        h = c_l - c_w\n        rw, rl = _dpo_rewards(c)", "DPO h = c_l - c_w"),
+    M("losses.sigmoid_without_beta",
+      "_Part(_smoothed_logistic(beta * h, c.cfg.label_smoothing or 0.0), rw, rl, {})",
+      "_Part(_smoothed_logistic(h, c.cfg.label_smoothing or 0.0), rw, rl, {})",
+      "DPO formula without beta"),
+    M("losses.hinge_margin", "jax.nn.relu(1.0 - c.cfg.beta * (c_w - c_l))",
+      "jax.nn.relu(-c.cfg.beta * (c_w - c_l))", "hinge without its margin"),
+    M("losses.ipo_length", "c_l = (c.pi_l - c.ref_l) / c.len_l",
+      "c_l = (c.pi_l - c.ref_l) / c.len_w", "IPO rejected average over the chosen length"),
+    M("losses.bco_delta_count", "jnp.maximum(2.0 * jnp.sum(w), 1e-12)",
+      "jnp.maximum(jnp.sum(w), 1e-12)", "BCO delta divided by B, not 2B"),
+    M("losses.bco_delta_padding", "jnp.sum(w * (rw + rl))", "jnp.sum(rw + rl)",
+      "BCO delta sums padding pairs"),
+    M("losses.aot_unsorted_reference", "delta = p[order_p] - r[order_r]",
+      "delta = p[order_p] - r[order_p]", "AOT reference not sorted separately"),
+    M("losses.padding_sorts_first", "jnp.lexsort((x, is_pad))", "jnp.lexsort((is_pad, x))",
+      "AOT sort key order (padding mixed into ranks)"),
+    M("losses.orpo_odds_sign", "(avg_w - avg_l) - (_log1mexp(avg_w) - _log1mexp(avg_l))",
+      "(avg_w - avg_l) + (_log1mexp(avg_w) - _log1mexp(avg_l))", "ORPO log-odds sign"),
+    M("losses.log1mexp_branch", "x > -0.6931471805599453", "x < -0.6931471805599453",
+      "log1mexp branches swapped (same function, less accurate)"),
+    M("losses.rdpo_length_sign", "(c.len_w - c.len_l)", "(c.len_l - c.len_w)",
+      "R-DPO length penalty sign"),
+    M("losses.length_not_clipped",
+      "len_w=jnp.maximum(jnp.asarray(policy.chosen_lengths, f32), 1.0)",
+      "len_w=jnp.asarray(policy.chosen_lengths, f32)", "zero lengths of padding not clipped"),
+    M("losses.rewards_from_first", "reward_from = next((n for n in cfg.names if n != \"sft\"), "
+      "cfg.names[0])", "reward_from = cfg.names[0]", "rewards from sft when listed first"),
+    M("losses.extras_count_padding",
+      "extras[key] = value if value.ndim == 0 else weighted_mean(_sg(value), ctx.weights)",
+      "extras[key] = value if value.ndim == 0 else jnp.mean(_sg(value))",
+      "extras averaged over padding pairs"),
+    M("losses.combination_unweighted", "total = total + w * part.losses",
+      "total = total + part.losses", "combined losses without their weights"),
+    # ------------------------------------------------------------------ dpo_jax/logprobs.py
+    M("logprobs.targets_not_shifted", "targets = input_ids_RL[:, 1:]",
+      "targets = input_ids_RL[:, :-1]", "targets not shifted by one"),
+    M("logprobs.mask_shift", "mask = loss_mask_RL[:, 1:].astype(jnp.float32)",
+      "mask = loss_mask_RL[:, :-1].astype(jnp.float32)", "mask shifted the wrong way"),
+    M("logprobs.bf16_running_sum",
+      "running_sum = jnp.exp(logits - chunk_max[..., None]).sum(-1)",
+      "running_sum = jnp.exp(logits - chunk_max[..., None]).astype(h_RCD.dtype).sum(-1)",
+      "online logsumexp accumulated in the input dtype (bf16)"),
+    M("logprobs.bf16_logits",
+      "logits = project(h_RCD, w_VD[start:end], None if b_V is None else b_V[start:end])",
+      "logits = project(h_RCD, w_VD[start:end], None if b_V is None else b_V[start:end])"
+      ".astype(h_RCD.dtype)", "vocabulary-slice logits rounded to the input dtype"),
+    M("logprobs.no_rescale", "running_sum = running_sum * jnp.exp(running_max - new_max) + ",
+      "running_sum = running_sum + ", "online sum not rescaled to the new max"),
+    M("logprobs.in_chunk_bound", "(targets_RC >= start) & (targets_RC < end)",
+      "(targets_RC > start) & (targets_RC < end)", "first token of a vocabulary slice missed"),
+    M("logprobs.max_with_gradient",
+      "chunk_max = jax.lax.stop_gradient(logits.max(axis=-1))",
+      "chunk_max = logits.max(axis=-1)", "running max carries a gradient"),
+    M("logprobs.chunk_unpad", "reshape(rows, n * chunk)[:, :length]",
+      "reshape(rows, n * chunk)[:, pad:pad + length]", "sequence-chunk padding cut from the front"),
+    M("logprobs.compact_unscored_first", "jnp.argsort(mask_RL <= 0, axis=1, stable=True)",
+      "jnp.argsort(mask_RL > 0, axis=1, stable=True)", "compaction keeps unscored positions"),
+    M("logprobs.packed_slot_zero", "slot = jnp.where(mask > 0, index, num_seqs)",
+      "slot = jnp.where(mask > 0, index, 0)", "unscored packed tokens summed into slot 0"),
+    M("logprobs.bound_halved", "1 << (most - 1).bit_length()",
+      "1 << (most - 1).bit_length() - 1", "num_scored bound below the most scored tokens"),
+    # ------------------------------------------------------------------ dpo_jax/step.py
+    M("step.pairs_swapped", "chosen, rejected = jnp.split(x_S, 2)",
+      "rejected, chosen = jnp.split(x_S, 2)", "rows split into rejected, chosen"),
+    M("step.reference_with_gradient", "reference = _stats(*jax.lax.stop_gradient(ref))",
+      "reference = _stats(*ref)", "reference log-probs without stop_gradient"),
+    M("step.ties_are_wins", "jnp.sum(w * (out.chosen_rewards > out.rejected_rewards))",
+      "jnp.sum(w * (out.chosen_rewards >= out.rejected_rewards))", "reward ties count as wins"),
+    M("step.logps_chosen_from_rejected", "\"logps/chosen\": jnp.sum(w * policy.chosen_logps)",
+      "\"logps/chosen\": jnp.sum(w * policy.rejected_logps)", "logps/chosen of the rejected"),
+    M("step.loss_sum_unweighted", "\"loss\": jnp.sum(w * out.losses)",
+      "\"loss\": jnp.sum(out.losses)", "padding pairs' losses summed"),
+    M("step.eval_weight_counts_padding", "sums[\"weight\"] = jnp.sum(batch[\"pair_weight\"])",
+      "sums[\"weight\"] = jnp.float32(batch[\"pair_weight\"].shape[0])",
+      "eval denominator counts padding pairs"),
+    M("step.train_weight_counts_padding",
+      "total_weight = jnp.maximum(jnp.sum(batch[\"pair_weight\"]), 1e-9)",
+      "total_weight = jnp.float32(batch[\"pair_weight\"].shape[0])",
+      "train denominator counts padding pairs"),
+    M("step.accum_divided_twice", "_micro(batch, n, j),\n                               "
+      "total_weight, num_scored)", "_micro(batch, n, j),\n                               "
+      "total_weight * n, num_scored)", "accumulated gradients divided by n again"),
+    M("step.micro_contiguous", "axis=len(lead) + 1, keepdims=False",
+      "axis=len(lead), keepdims=False", "micro-batches contiguous instead of strided"),
+    M("step.nonfinite_policy_dropped", "tx, schedule,\n                                    "
+      "                on_nonfinite)", "tx, schedule,\n                                    "
+      "                \"error\")", "on_nonfinite not passed to the update"),
+    M("step.packed_num_seqs", "num_seqs = None if seq_index is None else 2 * batch",
+      "num_seqs = None if seq_index is None else batch", "packed batches: B sequence slots"),
+    M("step.forward_tiling_swapped", "cfg.no_grad_logprobs if forward_only else cfg.logprobs",
+      "cfg.logprobs if forward_only else cfg.no_grad_logprobs",
+      "forward-only and training head tilings swapped"),
+    # ------------------------------------------------------------------ dpo_jax/optim.py
+    M("optim.clip_after_optimizer", "parts.insert(0, optax.clip_by_global_norm(",
+      "parts.append(optax.clip_by_global_norm(", "gradient clipping after the optimizer"),
+    M("optim.clip_off", "if cfg.max_grad_norm > 0:", "if cfg.max_grad_norm < 0:",
+      "gradient clipping never applied"),
+    M("optim.warmup_from_zero", "(step + 1.0) / (warmup + 1.0)", "step / (warmup + 1.0)",
+      "warmup starts at lr 0"),
+    M("optim.grad_norm_after_clip", "metrics = {\"grad_norm\": grad_norm,",
+      "metrics = {\"grad_norm\": optax.tree.norm(updates),", "grad_norm of the update"),
+    M("optim.skip_keeps_new", "keep(params, state.params), keep(opt_state, state.opt_state)",
+      "keep(state.params, params), keep(opt_state, state.opt_state)", "skip inverted for params"),
+    M("optim.skip_updates_moments", "keep(params, state.params), keep(opt_state, state.opt_state)",
+      "keep(params, state.params), opt_state", "skip still updates the optimizer state"),
+    M("optim.finite_ignores_grads",
+      ("finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)\n",
+       "finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)\n"),
+      ("finite = jnp.isfinite(loss)\n", "finite = jnp.isfinite(loss)\n"),
+      "non-finite gradients (and updated parameters) not flagged"),
+    M("optim.lr_of_next_step", "\"lr\": schedule(state.step)", "\"lr\": schedule(state.step + 1)",
+      "lr reported for the next step"),
+    M("optim.rmsprop_eps_in_sqrt", "eps_in_sqrt=False", "eps_in_sqrt=True",
+      "RMSprop eps inside the sqrt (not PyTorch's)"),
+    M("optim.adamw_decays_vectors", "x.ndim >= 2", "x.ndim >= 1",
+      "AdamW weight decay on biases and norms"),
+    # ------------------------------------------------------------------ dpo_jax/data/tokenize.py
+    M("tokenize.no_bos", "        return [self.bos] + ids", "        return ids",
+      "BOS never added"),
+    M("tokenize.double_bos_kept", "while ids[1:2] == [self.bos]:",
+      "while ids[2:3] == [self.bos]:", "a doubled BOS kept"),
+    M("tokenize.truncation_side", "body = body[-n:] if c.truncation_mode == \"keep_end\" else "
+      "body[:n]", "body = body[:n] if c.truncation_mode == \"keep_end\" else body[-n:]",
+      "keep_end and keep_start swapped"),
+    M("tokenize.response_cut_one_short", "n = c.max_length - len(prompt)\n",
+      "n = c.max_length - len(prompt) - 1\n", "responses cut one token shorter than needed"),
+    M("tokenize.bos_budget", "(prompt[1:], c.max_prompt_length - 1) if keep_bos",
+      "(prompt[1:], c.max_prompt_length) if keep_bos", "kept BOS not counted in the budget"),
+    M("tokenize.eos_not_appended", ("        return ids + [self.eos]\n",
+                                     "return list(ids[:keep]) + [end]"),
+      ("        return ids\n", "return list(ids[:keep])"), "no end token appended"),
+    # ------------------------------------------------------------------ dpo_jax/data/batching.py
+    M("batching.mask_scores_last_prompt_token", "mask[r, o + max(p_len, 1):o + n] = 1.0",
+      "mask[r, o + max(p_len, 1) - 1:o + n] = 1.0", "last prompt token scored"),
+    M("batching.mask_drops_eos", "mask[r, o + max(p_len, 1):o + n] = 1.0",
+      "mask[r, o + max(p_len, 1):o + n - 1] = 1.0", "final (EOS) token not scored"),
+    M("batching.positions_from_one", "pos[r, o:o + n] = np.arange(n)",
+      "pos[r, o:o + n] = np.arange(1, n + 1)", "positions start at 1"),
+    M("batching.first_segment_is_padding", "next_seg[r] = next_seg.get(r, 0) + 1",
+      "next_seg[r] = next_seg.get(r, 0)", "first segment id 0 (= padding)"),
+    M("batching.rejected_length_is_chosen",
+      "lengths[:, 0] + lengths[:, 1], lengths[:, 0] + lengths[:, 2]",
+      "lengths[:, 0] + lengths[:, 1], lengths[:, 0] + lengths[:, 1]",
+      "rejected sequence lengths taken from chosen"),
+    M("batching.no_max_bucket", "    out.add(round_up(int(a.max()), multiple))\n", "\n",
+      "largest bucket not forced to cover the longest batch"),
+    M("batching.pack_overlap", "        free[r] -= n\n", "        free[r] -= n - 1\n",
+      "packed sequences overlap by one token"),
+    M("batching.packed_slot_index", "sidx[r, o + max(p_len, 1):o + n] = s",
+      "sidx[r, o + max(p_len, 1):o + n] = s % max(1, len(plan.row) // 2)",
+      "packed rejected tokens credited to the chosen slot"),
+    # ------------------------------------------------------------------ dpo_jax/data/pipeline.py
+    M("pipeline.responses_swapped",
+      ("resp = pair[\"chosen\"] if s < B else pair[\"rejected\"]",
+       "resp = pair[\"chosen\"] if s < self.B else pair[\"rejected\"]"),
+      ("resp = pair[\"rejected\"] if s < B else pair[\"chosen\"]",
+       "resp = pair[\"rejected\"] if s < self.B else pair[\"chosen\"]"),
+      "the batch puts rejected responses in the chosen rows"),
+    M("pipeline.padding_weighted", "weight = (idx >= 0).astype(np.float32)",
+      "weight = np.ones(idx.shape, np.float32)", "eval padding pairs weigh 1"),
+]
+
+
+def _copy_tree(dest: str, rev: str | None) -> None:
+    """dpo_jax/, tests/ and configs/ of ``rev`` (git archive) or of the working tree."""
+    parts = ["dpo_jax", "tests", "configs"]
+    if rev is None:
+        for p in parts:
+            shutil.copytree(os.path.join(REPO, p), os.path.join(dest, p),
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return
+    archive = subprocess.run(["git", "-C", REPO, "archive", rev, *parts], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+
+
+def _pytest(root: str, files: list[str], timeout: float, cache: str) -> tuple[str, float, str]:
+    """('pass' | 'fail' | 'timeout', seconds, last output line) of pytest -x over ``files``.
+
+    XLA programs go to a persistent compilation cache keyed by their HLO: a mutant recompiles
+    only the programs it changes."""
+    env = dict(os.environ, PYTHONPATH=root, PYTHONDONTWRITEBYTECODE="1", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p",
+           "no:randomly", *files, *[f"--deselect={d}" for d in DESELECT]]
+    t0 = time.time()
+    try:
+        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.time() - t0, ""
+    lines = [x for x in out.stdout.strip().splitlines() if x.strip()]
+    return ("pass" if out.returncode == 0 else "fail"), time.time() - t0, (lines or [""])[-1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--rev", default="HEAD", help="git revision whose code and tests to use")
+    src.add_argument("--worktree", action="store_true", help="copy the working tree instead")
+    ap.add_argument("--only", default="", help="comma list of mutant id prefixes")
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per pytest run")
+    ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(),
+                                                    "dpo_jax_mutation_xla_cache"),
+                    help="persistent XLA compilation cache shared by the runs")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = ap.parse_args(argv)
+
+    prefixes = [p for p in args.only.split(",") if p]
+    mutants = [m for m in MUTANTS if not prefixes or m.id.startswith(tuple(prefixes))]
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:40s} {FILES[m.group][0]}: {m.what}")
+        print(f"{len(mutants)} mutants")
+        return 0
+
+    rev = None if args.worktree else args.rev
+    root = tempfile.mkdtemp(prefix="dpo_jax_mutants_")
+    results = []
+    try:
+        _copy_tree(root, rev)
+        print(f"tree: {'working tree' if rev is None else rev} copied to {root}", flush=True)
+        # Baseline: each needed test file must pass unmutated; those that do not are left out.
+        needed = sorted({f for m in mutants for f in TESTS[m.group]
+                         if os.path.exists(os.path.join(root, f))})
+        usable = set()
+        for f in needed:
+            status, secs, last = _pytest(root, [f], args.timeout * 2, args.cache)
+            print(f"baseline {f}: {status} ({secs:.0f} s) {last}", flush=True)
+            if status == "pass":
+                usable.add(f)
+        for m in mutants:
+            where = m.locate(root)
+            files = [f for f in TESTS[m.group] if f in usable]
+            if where is None or not files:
+                why = "snippet not found once" if where is None else "no usable tests"
+                results.append(dict(id=m.id, status="n/a", why=why, what=m.what))
+                print(f"{m.id:40s} n/a ({why})", flush=True)
+                continue
+            path, old, new = where
+            original = open(path).read()
+            try:
+                with open(path, "w") as fh:
+                    fh.write(original.replace(old, new))
+                status, secs, last = _pytest(root, files, args.timeout, args.cache)
+            finally:
+                with open(path, "w") as fh:
+                    fh.write(original)
+            verdict = "survived" if status == "pass" else "killed"
+            results.append(dict(id=m.id, status=verdict, how=status, seconds=round(secs, 1),
+                                last=last, what=m.what, tests=files))
+            print(f"{m.id:40s} {verdict:8s} ({status}, {secs:.0f} s) {last[:90]}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    ran = [r for r in results if r["status"] != "n/a"]
+    killed = [r for r in ran if r["status"] == "killed"]
+    print(f"\nkilled {len(killed)} / {len(ran)} applicable mutants "
+          f"({100.0 * len(killed) / max(len(ran), 1):.0f}%); "
+          f"n/a {len(results) - len(ran)}; tree {rev or 'working tree'}")
+    for r in ran:
+        if r["status"] == "survived":
+            print(f"  survived: {r['id']}: {r['what']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(rev=rev or "worktree", results=results), fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
