@@ -113,3 +113,19 @@ def apply_gradients(state, grads, loss, tx: optax.GradientTransformation, schedu
     metrics = {"grad_norm": grad_norm, "lr": schedule(state.step),
                "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def gradient_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
+                  on_nonfinite: str = "error") -> Callable:
+    """``train_step(state, batch, max_scored) -> (state, metrics)`` for a task whose loss is
+    ``loss_fn(params, batch, max_scored) -> (loss, metrics)``: one gradient, one
+    :func:`apply_gradients`; metrics are the loss function's plus the update's."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch, max_scored=None):
+        grads, metrics = grad_fn(state.params, batch, max_scored)
+        state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
+                                                on_nonfinite)
+        return state, {**metrics, **update_metrics}
+
+    return train_step

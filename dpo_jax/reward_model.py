@@ -25,8 +25,7 @@ from dpo_jax import state as state_lib
 from dpo_jax import streams
 from dpo_jax.config import read_config
 from dpo_jax.models import Model
-from dpo_jax.optim import apply_gradients, make_optimizer
-from dpo_jax.state import TrainState
+from dpo_jax.optim import gradient_step, make_optimizer
 from dpo_jax.workdir import RunDir, task
 
 Params = dict[str, Any]
@@ -122,20 +121,14 @@ def _sums(chosen, rejected, weights) -> dict[str, jax.Array]:
 def make_reward_train_step(model: RewardModel, tx, schedule, on_nonfinite: str = "error"):
     """``(state, batch, num_scored) -> (state, metrics)``: one Bradley-Terry update."""
 
-    def loss_fn(params, batch, total):
-        sums = _sums(*pair_rewards(model, params, batch), batch["pair_weight"])
-        return sums["loss"] / total, sums
-
-    def train_step(state: TrainState, batch, num_scored=None):
+    def loss_fn(params, batch, num_scored):
         del num_scored  # the head reads one hidden state per sequence; no LM head here
         total = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
-        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params, batch, total)
+        sums = _sums(*pair_rewards(model, params, batch), batch["pair_weight"])
         metrics = {k: v / total for k, v in sums.items()}
-        state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
-                                                on_nonfinite)
-        return state, {**metrics, **update_metrics}
+        return metrics["loss"], metrics
 
-    return train_step
+    return gradient_step(loss_fn, tx, schedule, on_nonfinite)
 
 
 def make_reward_eval_step(model: RewardModel):

@@ -35,7 +35,7 @@ from dpo_jax import state as state_lib
 from dpo_jax import streams
 from dpo_jax.config import read_config
 from dpo_jax.models import Model
-from dpo_jax.optim import apply_gradients, make_optimizer
+from dpo_jax.optim import gradient_step, make_optimizer
 from dpo_jax.workdir import RunDir, task
 from dpo_jax.data.text import TextPipeline, load_examples
 from dpo_jax.logprobs import compact_scored, token_logps
@@ -123,13 +123,7 @@ def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cf
         out = ratios(sums_fn(model, params, batch, lp_cfg, num_scored), alpha)
         return out["loss"], out
 
-    def train_step(state, batch, num_scored=None):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, num_scored)
-        state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
-                                                on_nonfinite)
-        return state, {**metrics, **update_metrics}
-
-    return train_step
+    return gradient_step(loss_fn, tx, schedule, on_nonfinite)
 
 
 # ------------------------------------------------------------------------------- the task

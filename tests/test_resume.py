@@ -210,7 +210,7 @@ def test_one_run_per_workdir_and_a_dead_holder_does_not_block(tmp_path):
 
 
 @pytest.mark.parametrize("lr,checkpoint_every,message", [
-    (1e38, 0, "step 2: non-finite loss or gradient"),  # params huge after step 1, NaN loss at 2
+    (1e38, 0, "step 2: non-finite loss, gradient"),  # params huge after step 1, NaN loss at 2
     (1e39, 1, "step 1: non-finite"),  # lr = inf in float32: step 1's updated params
 ])
 def test_a_non_finite_step_stops_the_run_and_is_never_checkpointed(tmp_path, lr,
