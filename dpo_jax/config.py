@@ -97,6 +97,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ref_sync_every = 0
     c.train.ref_mixup_alpha = 0.6  # TR-DPO alpha in (0, 1]; 1 = hard copy (TRL's default 0.6)
 
+    # samples during evaluation (dpo_jax/evaluation.py, read by evaluation.read_eval): the
+    # policy's completions of held-out eval prompts in WORKDIR/samples.jsonl and TensorBoard
+    c.eval = ml_collections.ConfigDict()
+    c.eval.sample_every = 0  # steps between sample points, a multiple of train.eval_every (0 = off)
+    c.eval.sample_prompts = 16  # held-out prompts sampled (drawn once from the eval split)
+    c.eval.seed = 0  # which prompts, and the sampler's key (the same at every sample point)
+    c.eval.max_new_tokens = 32  # completion tokens per sample
+    c.eval.temperature = 1.0  # sampler temperature (0 = greedy)
+    c.eval.top_k = 0  # keep the k most likely tokens (0 = all)
+    c.eval.top_p = 1.0  # nucleus mass kept
+    c.eval.eos_id = 0  # the tokenizer's EOS (0 in the synthetic task)
+    c.eval.pad_id = 0  # pad id of sampled rows
+    # judge for samples/reward and eval/win_rate (vs the reference, ties half): '' = none,
+    # 'synthetic' (the synthetic task's true reward) or a task='reward' run's workdir
+    c.eval.judge = ""
+
     # Weights & Biases (optional extra: pip install -e ".[wandb]"), process 0 only: the run's
     # config and every metrics.jsonl record (dpo_jax.metrics.WandbSink)
     c.log = ml_collections.ConfigDict()

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
@@ -171,6 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
     state = state_lib.create_state(state_lib.init_policy(model, shardings, rc.sources), tx,
                                    mesh, shardings)
+    samples = evaluation.sample_evaluator(
+        config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
+        reference_params=state.params, total_steps=rc.train.steps)
 
     if sft.objective == "unlikelihood":
         data = streams.preference_streams(rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh)
@@ -198,8 +202,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh,
         step_fn=loop.host_step(train_step, mesh, lp_cfg.scored_only), train_data=data["train"],
-        evaluate=loop.evaluator(
+        evaluate=evaluation.with_samples(loop.evaluator(
             lambda s, b, n: sums_fn(model, s.params, b, lp_cfg, n), data.get("eval"), mesh,
             lp_cfg.scored_only, finalize=lambda t: {k: float(v) for k, v in ratios(t, alpha).items()}),
+            samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
         interrupt_after=interrupt_after)

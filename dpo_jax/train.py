@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import losses as losses_lib
 from dpo_jax import sharding as shard_lib
@@ -38,6 +39,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     params = state_lib.init_policy(model, shardings, rc.sources)
     needs_ref = losses_lib.needs_reference(loss_cfg)
     ref_params = state_lib.init_reference(model, shardings, rc.sources, params) if needs_ref else None
+    samples = evaluation.sample_evaluator(
+        config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
+        reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps)
 
     data = streams.preference_streams(
         rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh,
@@ -54,7 +58,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=loop.host_step(train_step, mesh, scored_only),
         train_data=data["train"],
-        evaluate=loop.evaluator(lambda s, b, n: eval_step(s.params, s.ref_params, b, n),
-                                data.get("eval"), mesh, scored_only),
+        evaluate=evaluation.with_samples(loop.evaluator(
+            lambda s, b, n: eval_step(s.params, s.ref_params, b, n), data.get("eval"), mesh,
+            scored_only), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
         interrupt_after=interrupt_after, save_reference=rc.step.ref_sync_every > 0)

@@ -19,6 +19,7 @@ import ml_collections
 from absl import logging
 
 from dpo_jax import data as data_lib
+from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
@@ -109,9 +110,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         return loop.reduce_eval(lambda b: eval_sums(state.params, state.ref_params, b, None),
                                 batches)
 
+    samples = evaluation.sample_evaluator(
+        config, workdir=run.path, model=model.decoder, mesh=mesh, data_cfg=rc.data,
+        reference_params=state.ref_params, total_steps=rc.train.steps,
+        prompts=data["eval"].prompts if "eval" in data else None,
+        judge=None if evaluation.read_eval(config).judge else reward_fn, params_of=lambda s: s.params["decoder"])
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn, train_data=data["train"],
-        evaluate=evaluate if "eval" in data else None, host_states={"kl_controller": kl},
+        evaluate=evaluation.with_samples(evaluate if "eval" in data else None, samples),
+        host_states={"kl_controller": kl},
         count_tokens=lambda b: b["prompt_ids"].size + b["prompt_ids"].shape[0] * ppo.max_new_tokens,
         report=lambda: {"kl_coef": kl.value,
                         "data": {k: s.stats for k, s in data.items()}},
