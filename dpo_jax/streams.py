@@ -27,11 +27,29 @@ def check_fits(pairs, model_cfg, *, pad_id: int, where: str, tokenizer=None) -> 
 def load_pairs(rc, splits, model_cfg) -> tuple[dict, dict, object]:
     """``({split: pairs}, {split: stats}, tokenizer)``, checked against ``model_cfg``.
 
+    With ``data.sources`` (a mixture) each split holds every source's pairs and, for 'eval',
+    each source's eval pairs are also split ``'eval/<name>'``; ``stats[split]['mixture_counts']``
+    is ``[(name, weight, pairs)]`` (``PreferencePipeline``'s ``mixture``).
+
     Raises DataError when the data cannot fit the model, naming the config fields to change."""
-    tokenizer = None if rc.data.source == "synthetic" else data_lib.load_tokenizer(rc.data.tokenizer)
+    mixed = bool(rc.data.get("sources"))
+    tokenizer = (None if rc.data.source == "synthetic" and not mixed
+                 else data_lib.load_tokenizer(rc.data.tokenizer))
     pairs, stats = {}, {}
     for split in splits:
-        pairs[split], stats[split] = data_lib.load_tokenised_pairs(rc.data, split, tokenizer)
+        if not mixed:
+            pairs[split], stats[split] = data_lib.load_tokenised_pairs(rc.data, split, tokenizer)
+            continue
+        from dpo_jax.data.pipeline import load_mixture_pairs
+
+        pairs[split], stats[split], mixture = load_mixture_pairs(rc.data, split, tokenizer)
+        stats[split]["mixture_counts"] = mixture
+        if split == "eval":
+            start = 0
+            for name, _, count in mixture:
+                pairs[f"eval/{name}"] = pairs[split][start:start + count]
+                stats[f"eval/{name}"] = stats[split]["sources"][name]
+                start += count
     pad_id = data_lib.pad_id_for(tokenizer)
     for split, items in pairs.items():
         check_fits(items, model_cfg, pad_id=pad_id, where=f"data split {split!r}",
@@ -59,9 +77,30 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
                             reference=rc.sources.reference, ref_hf_path=rc.sources.reference_hf,
                             ref_param_dtype=rc.sources.reference_dtype))
         logging.info("reference log-probs %s", info)
-    sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
     return {split: data_lib.PreferencePipeline(
-        pairs[split], rc.data, train=split == "train", global_batch_size=sizes[split],
+        pairs[split], rc.data, train=split == "train",
+        global_batch_size=rc.train.batch_size if split == "train" else rc.train.eval_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=rc.seed,
-        pad_id=pad_id, load_stats=stats[split], reference=stored.get(split))
-        for split in splits}
+        pad_id=pad_id, load_stats=stats[split], reference=stored.get(split),
+        mixture=stats[split].pop("mixture_counts", None))
+        for split in pairs}
+
+
+def evaluators(make, streams: dict):
+    """``evaluate(state)`` over ``streams['eval']`` and, for a mixture, over each source's
+    ``streams['eval/<name>']`` (its metrics as ``'<name>/<metric>'``, logged as
+    ``eval/<name>/<metric>``); ``make(stream)`` builds one stream's ``evaluate`` (e.g.
+    ``loop.evaluator``). None without an eval stream."""
+    main = make(streams.get("eval"))
+    per_source = {k.split("/", 1)[1]: make(v) for k, v in streams.items()
+                  if k.startswith("eval/")}
+    if main is None or not per_source:
+        return main
+
+    def evaluate(state):
+        out = dict(main(state))
+        for name, ev in per_source.items():
+            out.update({f"{name}/{k}": v for k, v in ev(state).items()})
+        return out
+
+    return evaluate

@@ -46,6 +46,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.hh_single_turn = False  # hh: keep only single-turn conversations
     c.shp_min_score_ratio = 2.0  # shp: keep pairs whose score ratio is at least this (paper: 2)
     c.shp_max_pairs_per_post = 5  # shp: at most this many pairs per post (0 = no cap)
+    # a mixture: [{source, weight, path, splits, fields, ...}, ...] (data/mixture.py; [] = the
+    # single source above); the other fields here are shared by every source
+    c.sources = []
     c.synthetic = ml_collections.ConfigDict()
     c.synthetic.vocab_size = 128  # EOS(0) + topic tokens + content tokens
     c.synthetic.num_topics = 4  # topic tokens 1..num_topics
@@ -99,3 +102,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError("data.shuffle=False keeps the file's order; data.group_by_length "
                          f"={c.group_by_length} would reorder it (set it to 0)")
     parse_buckets(c.buckets)
+    if c.get("sources"):
+        from dpo_jax.data.mixture import mixture_sources
+
+        mixture_sources(c)  # each entry and its source's config

@@ -101,6 +101,36 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPai
     return pairs, stats
 
 
+def load_mixture_pairs(cfg, split: str, tokenizer=None
+                       ) -> tuple[list[TokenPair], dict, list[tuple[str, float, int]]]:
+    """``load_tokenised_pairs`` of every source of ``cfg.sources`` (``data.mixture``), their
+    pairs concatenated in source order.
+
+    Returns ``(pairs, stats, mixture)``: ``stats['sources']`` holds each source's own stats
+    (``lengths`` those of all pairs), ``mixture`` is ``[(name, weight, pairs)]`` for
+    ``PreferencePipeline``. Raises ``ValueError`` for a bad ``data.sources`` entry and
+    ``DataError`` naming the source for a source without usable pairs."""
+    from dpo_jax.data.mixture import mixture_sources
+
+    sources = mixture_sources(cfg)
+    if not sources:
+        raise ValueError("data.sources is empty: load_tokenised_pairs reads the single source")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    pairs: list[TokenPair] = []
+    per_source: dict[str, dict] = {}
+    mixture = []
+    for src in sources:
+        try:
+            items, stats = load_tokenised_pairs(src.cfg, split, tok)
+        except DataError as e:
+            raise DataError(f"mixture source {src.name!r}: {e}", reason=e.reason) from e
+        pairs.extend(items)
+        per_source[src.name] = stats
+        mixture.append((src.name, src.weight, len(items)))
+    log.info("data %s: mixture %s", split, {n: (w, k) for n, w, k in mixture})
+    return pairs, {"sources": per_source, "lengths": length_summary(pairs)}, mixture
+
+
 class PreferencePipeline(BatchStream):
     """Preference pairs as batches in the ARCHITECTURE.md layout, with ``stats``.
 
@@ -113,14 +143,27 @@ class PreferencePipeline(BatchStream):
     ``reference``: ``(logps_N2, lengths_N2)`` float32, one row per pair (column 0 chosen,
     1 rejected), e.g. from ``dpo_jax.reference.reference_logps``; each batch then also carries
     ``ref_logps`` and ``ref_lengths``, this process's block of the [2B] global layout (chosen of
-    the B pairs, then rejected). Raises ``ValueError`` when their shape is not ``[N, 2]``."""
+    the B pairs, then rejected). Raises ``ValueError`` when their shape is not ``[N, 2]``.
+
+    ``mixture``: ``[(name, weight, count)]`` when ``pairs`` are several sources' pairs
+    concatenated in that order (``load_mixture_pairs``); train then orders each epoch by
+    ``data.mixture.mixture_order`` (every batch holds the sources by weight), the stream state
+    carries the mixture (a resume with another one is refused) and ``stats['mixture']`` gives
+    each source's pairs, weight, share of the epoch's slots and the pairs served."""
 
     item_name = "pairs"
 
     def __init__(self, pairs: list[TokenPair], cfg, *, train: bool, global_batch_size: int,
                  process_index: int = 0, process_count: int = 1, seed: int = 0,
                  pad_id: int = 0, load_stats: dict | None = None,
-                 reference: tuple[np.ndarray, np.ndarray] | None = None):
+                 reference: tuple[np.ndarray, np.ndarray] | None = None,
+                 mixture: list[tuple[str, float, int]] | None = None):
+        if mixture is not None and sum(int(k) for _, _, k in mixture) != len(pairs):
+            raise ValueError(f"mixture counts {[k for _, _, k in mixture]} do not add up to the "
+                             f"{len(pairs)} pairs")
+        self.mixture = None if not mixture else [(str(n), float(w), int(k))
+                                                 for n, w, k in mixture]
+        self._served = np.zeros(len(self.mixture or []), np.int64)
         super().__init__(len(pairs), train=train, global_batch_size=global_batch_size,
                          seed=(int(cfg.shuffle_seed), int(seed)), process_index=process_index,
                          process_count=process_count, shuffle=bool(cfg.get("shuffle", True)))
@@ -154,6 +197,19 @@ class PreferencePipeline(BatchStream):
         self.pack_length = int(cfg.pack_length) or buckets[-1]
         if cfg.packing and self.pack_length < longest:
             raise ValueError(f"pack_length {self.pack_length} < longest sequence {longest}")
+
+    def train_order(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        if self.mixture is None:
+            return super().train_order(epoch, rng)
+        from dpo_jax.data.mixture import mixture_order
+
+        return mixture_order([k for _, _, k in self.mixture], [w for _, w, _ in self.mixture],
+                             seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+
+    def _source_of(self, idx: np.ndarray) -> np.ndarray:
+        """The mixture source index of pairs ``idx``."""
+        ends = np.cumsum([k for _, _, k in self.mixture])
+        return np.searchsorted(ends, idx, side="right")
 
     def _longest(self, idx: np.ndarray) -> int:
         """Longest prompt + response of pairs ``idx`` (eval padding -1 reads the last pair,
@@ -203,8 +259,11 @@ class PreferencePipeline(BatchStream):
         every host: real tokens from the pair lengths, padded ones from the host's rows)."""
         shape = "x".join(map(str, batch["input_ids"].shape))
         self._shapes[shape] = self._shapes.get(shape, 0) + 1
-        idx, _ = self.batch_items(self.epoch, self.position)
+        idx, weight = self.batch_items(self.epoch, self.position)
         self._tokens[0] += int(batching.seq_lengths_of(self.lengths[idx]).sum())
+        if self.mixture is not None:
+            self._served += np.bincount(self._source_of(idx[weight > 0]),
+                                        minlength=len(self.mixture))
         self._tokens[1] += batch["input_ids"].size * self.process_count
 
     def _end_epoch(self) -> None:
@@ -214,9 +273,24 @@ class PreferencePipeline(BatchStream):
                  "train" if self.train else "eval", frac, self._shapes)
         self._tokens = [0, 0]
 
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        if self.mixture is not None:
+            out["mixture"] = [list(m) for m in self.mixture]
+        return out
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """``BatchStream.load_state_dict``; also refuses a state of another mixture (sources,
+        weights or pair counts) or of a single source for a mixture and vice versa."""
+        stored = [tuple(m) for m in state.get("mixture") or []] or None
+        have = None if self.mixture is None else [tuple(m) for m in self.mixture]
+        if stored != have:
+            raise DataError(f"cannot resume: the checkpoint's data state has mixture={stored}, "
+                            f"this stream has {have} (name, weight, pairs); resume with the "
+                            "run's original data.sources")
         super().load_state_dict(state)
         self._tokens = [0, 0]
+        self._served[:] = 0
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -228,6 +302,19 @@ class PreferencePipeline(BatchStream):
                    pack_length=self.pack_length if self.cfg.packing else None,
                    padding_fraction_per_epoch=list(self._padding_per_epoch),
                    shapes_seen=dict(self._shapes))
+        if self.mixture is not None:
+            if self.train:
+                slots = self._source_of(self.epoch_batches(0).reshape(-1))
+                share = np.bincount(slots, minlength=len(self.mixture)) / max(len(slots), 1)
+            else:
+                share = np.asarray([k for _, _, k in self.mixture]) / len(self.pairs)
+            served = max(int(self._served.sum()), 1)
+            total_w = sum(w for _, w, _ in self.mixture)
+            out["mixture"] = {n: {"weight": w, "target_fraction": w / total_w, "pairs": k,
+                                  "epoch_fraction": float(share[i]),
+                                  "served_pairs": int(self._served[i]),
+                                  "served_fraction": float(self._served[i] / served)}
+                              for i, (n, w, k) in enumerate(self.mixture)}
         return out
 
 
@@ -251,13 +338,19 @@ def build_pipeline(data_cfg, *, split: str, global_batch_size: int, process_inde
     compute reference log-probs, then build; ``load_stats`` the stats that came with them);
     None loads them with ``load_tokenised_pairs``. ``tokenizer``: loaded from
     ``data_cfg.tokenizer`` when needed and not given (it gives the pad id). ``reference``: see
-    ``PreferencePipeline``. Raises ``ValueError``/``DataError`` for a bad config or data."""
+    ``PreferencePipeline``. With ``data.sources`` (and ``pairs`` None) the split is the
+    mixture of those sources (``load_mixture_pairs``). Raises ``ValueError``/``DataError`` for
+    a bad config or data."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     config_lib.validate(data_cfg)
-    if data_cfg.source != "synthetic" and tokenizer is None:
+    mixed = bool(data_cfg.get("sources"))
+    if (mixed or data_cfg.source != "synthetic") and tokenizer is None:
         tokenizer = load_tokenizer(data_cfg.tokenizer)
-    if pairs is None:
+    mixture = None
+    if pairs is None and mixed:
+        pairs, load_stats, mixture = load_mixture_pairs(data_cfg, split, tokenizer)
+    elif pairs is None:
         pairs, load_stats = load_tokenised_pairs(data_cfg, split, tokenizer)
     stats = dict(load_stats or {})
     log.info("data %s: %d pairs, lengths %s, skipped %s", split, len(pairs),
@@ -265,7 +358,7 @@ def build_pipeline(data_cfg, *, split: str, global_batch_size: int, process_inde
     return PreferencePipeline(pairs, data_cfg, train=split == "train",
                               global_batch_size=global_batch_size, process_index=process_index,
                               process_count=process_count, seed=seed, pad_id=pad_id_for(tokenizer),
-                              load_stats=stats, reference=reference)
+                              load_stats=stats, reference=reference, mixture=mixture)
 
 
 def to_global(batch_np: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:

@@ -77,6 +77,13 @@ class BatchStream:
         """Items of each global batch that this process holds."""
         return self.global_batch_size // self.process_count
 
+    def train_order(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        """Train: epoch ``epoch``'s item order ``[num_items]`` (the caller keeps the first
+        ``num_batches * B``): ``rng.permutation`` (``rng`` seeded by ``(*seed, epoch)``), or the
+        file order without ``shuffle``. Subclasses may order differently (e.g. a mixture)."""
+        del epoch
+        return rng.permutation(self.num_items) if self.shuffle else np.arange(self.num_items)
+
     def arrange(self, order_N: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Train: an epoch's shuffled item order ``[num_batches * B]`` -> ``[num_batches, B]``
         batches. The default keeps the shuffled order; ``rng`` continues the epoch's stream."""
@@ -91,8 +98,7 @@ class BatchStream:
         n, B = self.num_items, self.global_batch_size
         if self.train:
             rng = np.random.default_rng([*self.seed, epoch])
-            order = rng.permutation(n) if self.shuffle else np.arange(n)
-            out = self.arrange(order[: self.num_batches * B], rng)
+            out = self.arrange(self.train_order(epoch, rng)[: self.num_batches * B], rng)
         else:
             order = np.full(self.num_batches * B, -1, np.int64)
             order[:n] = np.arange(n)
