@@ -29,7 +29,7 @@ from absl import app, flags
 
 from dpo_jax import checkpoint as ckpt_lib
 from dpo_jax.models import Model, ModelConfig, model_config_from
-from dpo_jax.models import hf as hf_lib
+from dpo_jax.models import hf_config as hf_lib
 from dpo_jax.models.hf import save_hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to export from.", required=True)
