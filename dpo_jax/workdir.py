@@ -41,8 +41,8 @@ SAFE_ON_RESUME = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpointing",
 )
-# Never compared: the override list itself.
-NOT_COMPARED = ("allow_resume_changes",)
+# Never compared: the override list itself and where metrics are mirrored.
+NOT_COMPARED = ("allow_resume_changes", "log.wandb_project", "log.wandb_entity", "log.wandb_name")
 
 
 class WorkdirError(RuntimeError):
