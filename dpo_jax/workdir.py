@@ -64,11 +64,15 @@ def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """``{field: (old, new)}`` for every leaf that differs (lists compared as lists)."""
+    """``{field: (old, new)}`` for every leaf that differs (lists compared as lists). A field
+    the old config lacks (added to the schema since) counts only when it is not at its default."""
+    from dpo_jax.config import base_config
+
     a, b = _flat(old), _flat(new)
+    defaults = _flat(config_dict(base_config()))
     out = {}
     for k in sorted(set(a) | set(b)):
-        if k in NOT_COMPARED:
+        if k in NOT_COMPARED or (k not in a and k in defaults and b.get(k) == defaults[k]):
             continue
         va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
         if va != vb:

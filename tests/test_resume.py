@@ -304,3 +304,13 @@ def test_kill_9_before_the_first_checkpoint_and_a_second_process_on_the_workdir(
     assert tensorboard_steps(tmp_path) == list(range(1, 31))
     history = [json.loads(x) for x in open(tmp_path / "config_history.jsonl")]
     assert history[-1]["event"] == "restart (no checkpoint to resume)"
+
+
+def test_a_field_added_to_the_schema_at_its_default_is_not_a_change():
+    old = workdir_lib.config_dict(runs.dpo_config())
+    del old["train"]["on_nonfinite"]  # a workdir written before the field existed
+    new = runs.dpo_config()
+    assert workdir_lib.config_changes(old, workdir_lib.config_dict(new)) == {}
+    new.train.on_nonfinite = "skip"
+    assert workdir_lib.config_changes(old, workdir_lib.config_dict(new)) == {
+        "train.on_nonfinite": ("<absent>", "skip")}
