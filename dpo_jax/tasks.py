@@ -16,6 +16,7 @@ TASKS: dict[str, str] = {
     "sft": "dpo_jax.sft:train_and_evaluate",
     "reward": "dpo_jax.reward_model:train_and_evaluate",
     "ppo": "dpo_jax.ppo.run:train_and_evaluate",
+    "online_dpo": "dpo_jax.online:train_and_evaluate",
 }
 
 
