@@ -4,7 +4,7 @@ Experiment files in ``configs/`` start from ``base_config`` and change what they
 defaults are the offline default run (DPO on the synthetic preference task with a small
 GPT-2-shaped model, 2 CPU cores, minutes). Tasks call :func:`read_config` once and pass the frozen
 dataclasses on; nothing below the tasks reads the ConfigDict (the ``loss`` block is read by
-``losses.loss_config_from``, the ``ppo`` block by ``ppo.config.ppo_config``).
+``losses.loss_config_from``, the ``ppo`` block by ``ppo.config.read_ppo``).
 """
 
 from __future__ import annotations
