@@ -107,9 +107,9 @@ def token_logps(h_RSD, targets_RS, w_VD, b_V, cfg: LogprobConfig = LogprobConfig
     return jax.tree.map(unchunk, out_nRC)
 
 
-def compact_scored(mask_RL, num_scored: int):
-    """Indices [R, num_scored] of each row's scored positions first (stable), and their mask."""
-    order_RS = jnp.argsort(mask_RL <= 0, axis=1, stable=True)[:, :num_scored]
+def compact_scored(mask_RL, max_scored: int):
+    """Indices [R, max_scored] of each row's scored positions first (stable), and their mask."""
+    order_RS = jnp.argsort(mask_RL <= 0, axis=1, stable=True)[:, :max_scored]
     return order_RS, jnp.take_along_axis(mask_RL, order_RS, axis=1)
 
 
@@ -121,7 +121,7 @@ def sequence_logps(
     b_V,
     cfg: LogprobConfig = LogprobConfig(),
     *,
-    num_scored: int | None = None,
+    max_scored: int | None = None,
     seq_index_RL=None,
     num_seqs: int | None = None,
     ld_shared_S=None,
@@ -132,7 +132,7 @@ def sequence_logps(
 
     Unpacked batches (``seq_index_RL`` None): one sequence per row, returns ``[R]`` arrays.
     Packed batches: ``seq_index_RL`` gives each scored token's sequence slot, ``[num_seqs]``.
-    ``num_scored`` (static) bounds the scored tokens of any row when ``cfg.scored_only``; the
+    ``max_scored`` (static) bounds the scored tokens of any row when ``cfg.scored_only``; the
     caller guarantees it (``max_scored_tokens`` on the host batch).
 
     LD-DPO (Liu et al. 2024): with ``ld_shared_S`` (per sequence, float), the k-th scored token
@@ -146,7 +146,7 @@ def sequence_logps(
     mask = loss_mask_RL[:, 1:].astype(jnp.float32)
     index = None if seq_index_RL is None else seq_index_RL[:, 1:]
     if cfg.scored_only:
-        width = mask.shape[1] if num_scored is None else min(num_scored, mask.shape[1])
+        width = mask.shape[1] if max_scored is None else min(max_scored, mask.shape[1])
         order, mask = compact_scored(mask, width)
         h = jnp.take_along_axis(h, order[..., None], axis=1)
         targets = jnp.take_along_axis(targets, order, axis=1)
@@ -200,7 +200,7 @@ def scored_counts(loss_mask_RL, seq_index_RL=None, num_seqs: int | None = None):
 
 
 def max_scored_tokens(loss_mask_RL, minimum: int = 16) -> int:
-    """Host-side: the static ``num_scored`` for a numpy batch.
+    """Host-side: the static ``max_scored`` for a numpy batch.
 
     Rounded up to a power of two (capped at the row length) so a run compiles a handful of
     programs, not one per batch.

@@ -104,7 +104,7 @@ def compute_pair_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], 
     Per split, one pass in file order through an eval ``PreferencePipeline`` built from
     ``data_cfg`` (buckets, packing; the last batch padded with weight-0 copies of pair 0); one
     jitted forward per batch over ``mesh`` with the forward-only log-prob settings
-    (``step_cfg.no_grad_logprobs``), as ``step.sequence_stats(forward_only=True)`` computes the
+    (``step_cfg.forward_logprobs``), as ``step.sequence_stats(forward_only=True)`` computes the
     reference inside a training step. ``global_batch_size`` pairs per forward; their 2B rows
     and B weights must divide over the mesh's batch axes."""
     replicated = shard_lib.replicated(mesh)
@@ -119,16 +119,16 @@ def compute_pair_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], 
         logps_N2 = np.zeros((pipe.num_batches * B, 2), np.float32)
         lengths_N2 = np.zeros((pipe.num_batches * B, 2), np.float32)
         for i, batch_np in enumerate(pipe):
-            num_scored = None
+            max_scored = None
             if step_cfg.logprobs.scored_only:
-                num_scored = max_scored_tokens(batch_np["loss_mask"])
+                max_scored = max_scored_tokens(batch_np["loss_mask"])
                 if jax.process_count() > 1:  # every process must compile the same program
                     from jax.experimental import multihost_utils
 
-                    num_scored = int(np.max(multihost_utils.process_allgather(
-                        np.asarray(num_scored))))
+                    max_scored = int(np.max(multihost_utils.process_allgather(
+                        np.asarray(max_scored))))
             batch = data_lib.to_global(batch_np, shard_lib.batch_shardings(batch_np, mesh))
-            logps_S, lengths_S = jax.device_get(forward(params, batch, num_scored))
+            logps_S, lengths_S = jax.device_get(forward(params, batch, max_scored))
             logps_N2[i * B:(i + 1) * B] = np.stack([logps_S[:B], logps_S[B:]], axis=1)
             lengths_N2[i * B:(i + 1) * B] = np.stack([lengths_S[:B], lengths_S[B:]], axis=1)
         out[split] = (logps_N2[:len(split_pairs)], lengths_N2[:len(split_pairs)])
@@ -174,7 +174,7 @@ def reference_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], *, 
     for ``PreferencePipeline(reference=...)``."""
     fp = fingerprint(pairs, tokenizer_name=tokenizer_name, pad_id=pad_id,
                      ref_source=ref_source or {}, ref_checksum=param_checksum(params),
-                     model_config=model.cfg, logprob_config=step_cfg.no_grad_logprobs)
+                     model_config=model.cfg, logprob_config=step_cfg.forward_logprobs)
     path = os.path.join(cache_dir, f"{fp[:32]}.npz")
 
     def compute() -> dict[str, np.ndarray]:

@@ -119,10 +119,10 @@ def _sums(chosen, rejected, weights) -> dict[str, jax.Array]:
 
 
 def make_reward_train_step(model: RewardModel, tx, schedule, on_nonfinite: str = "error"):
-    """``(state, batch, num_scored) -> (state, metrics)``: one Bradley-Terry update."""
+    """``(state, batch, max_scored) -> (state, metrics)``: one Bradley-Terry update."""
 
-    def loss_fn(params, batch, num_scored):
-        del num_scored  # the head reads one hidden state per sequence; no LM head here
+    def loss_fn(params, batch, max_scored):
+        del max_scored  # the head reads one hidden state per sequence; no LM head here
         total = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
         sums = _sums(*pair_rewards(model, params, batch), batch["pair_weight"])
         metrics = {k: v / total for k, v in sums.items()}

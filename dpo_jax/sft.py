@@ -58,7 +58,7 @@ def add_sft_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------------------- math
-def scored_token_logps(model, params, batch, lp_cfg, num_scored):
+def scored_token_logps(model, params, batch, lp_cfg, max_scored):
     """Per-token log-probs of scored tokens: (logps [R,S], mask [R,S], slot [R,S]).
 
     ``slot`` is the sequence slot of each token: ``seq_index`` in packed batches, else the row.
@@ -73,7 +73,7 @@ def scored_token_logps(model, params, batch, lp_cfg, num_scored):
     else:
         slot = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, length))
     if lp_cfg.scored_only:
-        width = length if num_scored is None else min(num_scored, length)
+        width = length if max_scored is None else min(max_scored, length)
         order, mask = compact_scored(mask, width)
         h = jnp.take_along_axis(h, order[..., None], axis=1)
         targets = jnp.take_along_axis(targets, order, axis=1)
@@ -82,16 +82,16 @@ def scored_token_logps(model, params, batch, lp_cfg, num_scored):
     return logps, mask, jnp.where(mask > 0, slot, 0)
 
 
-def nll_sums(model, params, batch, lp_cfg, num_scored) -> dict[str, jax.Array]:
+def nll_sums(model, params, batch, lp_cfg, max_scored) -> dict[str, jax.Array]:
     """Weighted sums over scored tokens: ``nll`` (of -log p) and ``tokens``."""
-    logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, num_scored)
+    logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, max_scored)
     w = batch["example_weight"][slot] * mask
     return {"nll": -jnp.sum(w * logps), "tokens": jnp.sum(w)}
 
 
-def unlikelihood_sums(model, params, batch, lp_cfg, num_scored) -> dict[str, jax.Array]:
+def unlikelihood_sums(model, params, batch, lp_cfg, max_scored) -> dict[str, jax.Array]:
     """Sums for the Unlikelihood loss on a preference batch (slots < B are chosen)."""
-    logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, num_scored)
+    logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, max_scored)
     B = batch["pair_weight"].shape[0]
     w = batch["pair_weight"][slot % B] * mask
     chosen = (slot < B).astype(jnp.float32)
@@ -117,11 +117,11 @@ def ratios(sums: Mapping[str, Any], alpha: float) -> dict[str, Any]:
 
 def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cfg,
                         on_nonfinite: str = "error"):
-    """``train_step(state, batch, num_scored) -> (state, metrics)`` minimising the token mean."""
+    """``train_step(state, batch, max_scored) -> (state, metrics)`` minimising the token mean."""
     sums_fn = unlikelihood_sums if objective == "unlikelihood" else nll_sums
 
-    def loss_fn(params, batch, num_scored):
-        out = ratios(sums_fn(model, params, batch, lp_cfg, num_scored), alpha)
+    def loss_fn(params, batch, max_scored):
+        out = ratios(sums_fn(model, params, batch, lp_cfg, max_scored), alpha)
         return out["loss"], out
 
     return gradient_step(loss_fn, tx, schedule, on_nonfinite)

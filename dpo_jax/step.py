@@ -26,7 +26,7 @@ class StepConfig:
     grad_accum: int = 1  # micro-batches per update
     logprobs: LogprobConfig = LogprobConfig()
     # forward-only passes (reference log-probs, evaluation): no backward, so no remat trade-off
-    # and their best tiling can differ (None: as `logprobs`). Must keep its scored_only.
+    # and their best tiling can differ (None given: as `logprobs`). Must keep its scored_only.
     forward_logprobs: LogprobConfig | None = None
     # TR-DPO (Gorbatovski et al. 2024): after every `ref_sync_every`-th update (0 = never) the
     # reference becomes ref_mixup_alpha * policy + (1 - ref_mixup_alpha) * reference.
@@ -34,23 +34,21 @@ class StepConfig:
     ref_mixup_alpha: float = 0.6
 
     def __post_init__(self):
+        if self.forward_logprobs is None:
+            object.__setattr__(self, "forward_logprobs", self.logprobs)
         f = self.forward_logprobs
-        if f is not None and f.scored_only != self.logprobs.scored_only:
+        if f.scored_only != self.logprobs.scored_only:
             raise ValueError("forward_logprobs.scored_only must equal logprobs.scored_only")
         if self.ref_sync_every < 0 or not 0.0 < self.ref_mixup_alpha <= 1.0:
             raise ValueError(f"ref_sync_every={self.ref_sync_every} must be >= 0 and "
                              f"ref_mixup_alpha={self.ref_mixup_alpha} in (0, 1]")
 
-    @property
-    def no_grad_logprobs(self) -> LogprobConfig:
-        return self.forward_logprobs or self.logprobs
 
-
-def sequence_stats(model, params, batch, cfg: StepConfig, num_scored, forward_only=False,
+def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_only=False,
                    loss_cfg: losses_lib.LossConfig | None = None, with_wpo=False):
     """Per-sequence (logps, lengths), each ``[2B]`` in block layout, and with ``with_wpo`` a
     third: WPO's per-token mean aligned log-prob. forward_only (no gradient will be taken)
-    evaluates the head with ``cfg.no_grad_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights
+    evaluates the head with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights
     the tokens past the shorter response of each pair."""
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
     w, b = model.unembedding(params)
@@ -63,8 +61,8 @@ def sequence_stats(model, params, batch, cfg: StepConfig, num_scored, forward_on
         ld = dict(ld_shared_S=jnp.concatenate([shared, shared]), ld_alpha=loss_cfg.ld_alpha)
     out = sequence_logps(
         h, batch["input_ids"], batch["loss_mask"], w, b,
-        cfg.no_grad_logprobs if forward_only else cfg.logprobs,
-        num_scored=num_scored, seq_index_RL=seq_index, num_seqs=num_seqs, with_wpo=with_wpo,
+        cfg.forward_logprobs if forward_only else cfg.logprobs,
+        max_scored=max_scored, seq_index_RL=seq_index, num_seqs=num_seqs, with_wpo=with_wpo,
         **ld,
     )
     if with_wpo:
@@ -89,13 +87,13 @@ def _stats(logps, lengths, wpo_logps=None) -> losses_lib.SequenceStats:
     )
 
 
-def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, num_scored,
+def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
                policy_forward_only=False):
     """Policy/reference statistics and the loss output for one (micro-)batch.
 
     LD-DPO (``loss_cfg.ld_alpha``) weights both models' log-probs, so it refuses stored
     reference log-probs (``ref_logps`` in the batch, plain sums); WPO reads the policy only."""
-    policy = _stats(*sequence_stats(model, params, batch, cfg, num_scored,
+    policy = _stats(*sequence_stats(model, params, batch, cfg, max_scored,
                                      forward_only=policy_forward_only, loss_cfg=loss_cfg,
                                      with_wpo=loss_cfg.use_weighting))
     reference = None
@@ -106,7 +104,7 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, num_
                              "logprobs.precompute_reference=False")
         reference = _stats(batch["ref_logps"], batch["ref_lengths"])
     elif ref_params is not None:
-        ref = sequence_stats(model, ref_params, batch, cfg, num_scored, forward_only=True,
+        ref = sequence_stats(model, ref_params, batch, cfg, max_scored, forward_only=True,
                              loss_cfg=loss_cfg)
         reference = _stats(*jax.lax.stop_gradient(ref))
     weights = batch["pair_weight"]
@@ -161,7 +159,7 @@ def sync_reference(ref_params, params, step, every: int, alpha: float):
 
 
 def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite: str = "error"):
-    """``train_step(state, batch, num_scored) -> (state, metrics)``; jit it with shardings.
+    """``train_step(state, batch, max_scored) -> (state, metrics)``; jit it with shardings.
 
     ``metrics`` holds the weighted means of the loss terms plus ``grad_norm``, ``lr`` and
     ``nonfinite`` (:func:`dpo_jax.optim.apply_gradients`). With ``cfg.ref_sync_every`` > 0
@@ -177,18 +175,18 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
             "change it; set optim.grad_accum=1"
         )
 
-    def loss_fn(params, ref_params, batch, total_weight, num_scored):
-        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, num_scored)
+    def loss_fn(params, ref_params, batch, total_weight, max_scored):
+        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored)
         sums = _weighted_sums(policy, out, batch["pair_weight"])
         return sums["loss"] / total_weight, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch, num_scored=None):
+    def train_step(state: TrainState, batch, max_scored=None):
         total_weight = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
         n = cfg.grad_accum
         if n == 1:
-            grads, sums = grad_fn(state.params, state.ref_params, batch, total_weight, num_scored)
+            grads, sums = grad_fn(state.params, state.ref_params, batch, total_weight, max_scored)
         else:
             if "seq_index" in batch:
                 raise ValueError("gradient accumulation with packed batches is not supported")
@@ -196,12 +194,12 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
             def body(carry, j):
                 g_acc, s_acc = carry
                 g, s = grad_fn(state.params, state.ref_params, _micro(batch, n, j),
-                               total_weight, num_scored)
+                               total_weight, max_scored)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
             _, zeros_s = jax.eval_shape(
-                lambda p, r, b, w: grad_fn(p, r, b, w, num_scored),
+                lambda p, r, b, w: grad_fn(p, r, b, w, max_scored),
                 state.params, state.ref_params, _micro(batch, n, 0), total_weight,
             )
             zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_s)
@@ -222,10 +220,10 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
 
 
 def make_eval_step(model, loss_cfg, cfg: StepConfig):
-    """``eval_step(params, ref_params, batch, num_scored) -> weighted sums`` (host divides)."""
+    """``eval_step(params, ref_params, batch, max_scored) -> weighted sums`` (host divides)."""
 
-    def eval_step(params, ref_params, batch, num_scored=None):
-        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, num_scored,
+    def eval_step(params, ref_params, batch, max_scored=None):
+        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
                                  policy_forward_only=True)
         sums = _weighted_sums(policy, out, batch["pair_weight"])
         sums["weight"] = jnp.sum(batch["pair_weight"])

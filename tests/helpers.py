@@ -8,7 +8,7 @@ directly with what these builders return; end-to-end tests start from :func:`sma
     tx, schedule = optimizer(name="sgd", lr=1.0)
     state = train_state(model, params, tx, ref_params=init_params(model, seed=1))
     pairs = synthetic_pairs(8)
-    batch, num_scored = device_batch(pair_batch(pairs))
+    batch, max_scored = device_batch(pair_batch(pairs))
 
 Everything is small enough that one jitted step compiles and runs in about a second on CPU.
 """
@@ -151,7 +151,7 @@ def pair_batch(pairs, batch_size: int | None = None, **data_fields: Any) -> dict
 
 
 def device_batch(batch_np: dict[str, np.ndarray], mesh_=None):
-    """``(batch, num_scored)``: the numpy batch as global arrays sharded over ``mesh_``'s batch
+    """``(batch, max_scored)``: the numpy batch as global arrays sharded over ``mesh_``'s batch
     axes (default :func:`mesh`; rows must divide by its data x fsdp size) and the static bound
     on scored tokens per row that the step takes."""
     mesh_ = mesh_ if mesh_ is not None else mesh()

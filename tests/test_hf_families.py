@@ -194,10 +194,10 @@ def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
                                 mesh_=mesh)
     batch_np = helpers.pair_batch(helpers.synthetic_pairs(4))
     assert batch_np["input_ids"].shape[1] > WINDOW
-    batch, num_scored = helpers.device_batch(batch_np, mesh)
+    batch, max_scored = helpers.device_batch(batch_np, mesh)
     step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.1), tx, schedule,
                                    helpers.step_config()), static_argnums=2)
-    new_state, metrics = step(state, batch, num_scored)
+    new_state, metrics = step(state, batch, max_scored)
     with torch.no_grad():
         logits = _hf_logits(hf_model, batch_np["input_ids"],
                             (batch_np["segment_ids"] > 0).astype(np.int64)).astype(np.float64)

@@ -108,8 +108,8 @@ def test_zero_weights_equal_dropping_the_pairs(tmp_path, loss):
     for b in (b_weighted, b_kept):
         state = helpers.train_state(model, params, tx, ref_params=ref,
                                     mesh_=helpers.mesh({"data": 2, "fsdp": 1, "tensor": 4}))
-        batch, num_scored = helpers.device_batch(b, helpers.mesh({"data": 2, "fsdp": 1, "tensor": 4}))
-        new_state, metrics = step(state, batch, num_scored)
+        batch, max_scored = helpers.device_batch(b, helpers.mesh({"data": 2, "fsdp": 1, "tensor": 4}))
+        new_state, metrics = step(state, batch, max_scored)
         outs.append((helpers.leaves(new_state.params), jax.device_get(metrics)))
     (p_w, m_w), (p_k, m_k) = outs
     for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm"):

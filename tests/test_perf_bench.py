@@ -40,7 +40,7 @@ def test_same_math_and_best_take_identical_steps_and_report_consistent_numbers()
     # reference x2).
     n, head, attn = rows["same_math"]["matmul_params"], 128 * 32, 4 * 2 * 32 * 16
     assert rows["same_math"]["executed_flops_per_token"] == 8 * n + 4 * attn
-    # best: no reference forward; the head runs at num_scored = 15 of T = 16 positions (the
+    # best: no reference forward; the head runs at max_scored = 15 of T = 16 positions (the
     # static width: at least 16, capped at the 15 predictable positions).
     assert rows["best"]["executed_flops_per_token"] == round(
         3 * (2 * (n - head) + 2 * head * 15 / 16 + attn))

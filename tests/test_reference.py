@@ -61,9 +61,9 @@ def test_shuffled_packed_batches_carry_the_numbers_of_the_steps_reference_forwar
     for _ in range(3):  # two batches an epoch: crosses into a reshuffled epoch
         batch_np = next(stream)
         assert "seq_index" in batch_np
-        batch, num_scored = helpers.device_batch(
+        batch, max_scored = helpers.device_batch(
             {k: v for k, v in batch_np.items() if not k.startswith("ref_")}, _mesh())
-        logps_S, lengths_S = jax.device_get(forward(ref_params, batch, num_scored))
+        logps_S, lengths_S = jax.device_get(forward(ref_params, batch, max_scored))
         np.testing.assert_allclose(batch_np["ref_logps"], logps_S, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(batch_np["ref_lengths"], lengths_S)
 
@@ -208,8 +208,8 @@ def test_forward_only_tiling_gives_the_same_trajectory(tmp_path):
 
     tiled, plain = read_config(config(True)).step, read_config(config(False)).step
     assert (tiled.logprobs.seq_chunk, tiled.logprobs.vocab_chunk) == (None, None)
-    assert (tiled.no_grad_logprobs.seq_chunk, tiled.no_grad_logprobs.vocab_chunk) == (2, 48)
-    assert plain.no_grad_logprobs == plain.logprobs
+    assert (tiled.forward_logprobs.seq_chunk, tiled.forward_logprobs.vocab_chunk) == (2, 48)
+    assert plain.forward_logprobs == plain.logprobs
     for t in (False, True):
         runs.run(config(t), tmp_path / str(t))
     want, got = runs.records(tmp_path / "False"), runs.records(tmp_path / "True")

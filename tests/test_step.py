@@ -137,13 +137,13 @@ def test_step_metrics_match_numpy_on_the_models_logits(setup):
         assert abs(want[k] - swapped[k]) > 100 * TOL["atol"], k
 
     state = helpers.train_state(model, params, setup["tx"], ref_params=ref_params)
-    batch, num_scored = helpers.device_batch(helpers.pair_batch(pairs))
-    _, metrics = setup["train_step"](state, batch, num_scored)
+    batch, max_scored = helpers.device_batch(helpers.pair_batch(pairs))
+    _, metrics = setup["train_step"](state, batch, max_scored)
     metrics = jax.device_get(metrics)
     for k, v in want.items():
         np.testing.assert_allclose(metrics[k], v, err_msg=k, **TOL)
 
-    sums = jax.device_get(_eval_step(model)(params, ref_params, batch, num_scored))
+    sums = jax.device_get(_eval_step(model)(params, ref_params, batch, max_scored))
     assert sums["weight"] == len(pairs)
     for k, v in want.items():
         np.testing.assert_allclose(sums[k] / sums["weight"], v, err_msg=k, **TOL)
@@ -153,8 +153,8 @@ def test_policy_equal_to_reference_gives_exactly_ln2(setup):
     """At step 0 (policy = reference) every pair's loss is log 2 and every reward 0."""
     model, params, pairs = setup["model"], setup["params"], setup["pairs"]
     state = helpers.train_state(model, params, setup["tx"], ref_params=params)
-    batch, num_scored = helpers.device_batch(helpers.pair_batch(pairs))
-    _, metrics = setup["train_step"](state, batch, num_scored)
+    batch, max_scored = helpers.device_batch(helpers.pair_batch(pairs))
+    _, metrics = setup["train_step"](state, batch, max_scored)
     metrics = jax.device_get(metrics)
     np.testing.assert_allclose(metrics["loss"], np.log(2.0), rtol=1e-6)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
@@ -186,11 +186,11 @@ def test_accumulated_micro_batches_give_the_big_batch_update(setup):
     model, params, ref_params, pairs = (setup[k] for k in ("model", "params", "ref_params",
                                                            "pairs"))
     tx, schedule = helpers.optimizer()
-    batch, num_scored = helpers.device_batch(helpers.pair_batch(pairs))
+    batch, max_scored = helpers.device_batch(helpers.pair_batch(pairs))
     outputs = []
     for step in (setup["train_step"], _train_step(model, tx, schedule, grad_accum=4)):
         state = helpers.train_state(model, params, tx, ref_params=ref_params)
-        outputs.append(jax.device_get(step(state, batch, num_scored)))
+        outputs.append(jax.device_get(step(state, batch, max_scored)))
     (want_state, want), (got_state, got) = outputs
     for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/rejected", "grad_norm"):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -233,8 +233,8 @@ def test_clipped_sgd_step_equals_the_hand_computed_update(setup):
     tx, schedule = helpers.optimizer(lr=lr, max_grad_norm=clip)
     state = helpers.train_state(model, params, tx, ref_params=ref_params)
     before = helpers.leaves(state.params)
-    batch, num_scored = helpers.device_batch(helpers.pair_batch(pairs))
-    new_state, metrics = _train_step(model, tx, schedule)(state, batch, num_scored)
+    batch, max_scored = helpers.device_batch(helpers.pair_batch(pairs))
+    new_state, metrics = _train_step(model, tx, schedule)(state, batch, max_scored)
     np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-4)
     assert float(metrics["lr"]) == lr and int(new_state.step) == 1
     scale = max(np.abs(w).max() for w in want)

@@ -29,12 +29,12 @@ def test_reference_mixes_every_tau_steps_and_keeps_shardings(alpha):
     state = helpers.train_state(model, params, tx, ref_params=ref0)
     shardings = jax.tree.map(lambda x: x.sharding, state.ref_params)
     step = loop.jit_train_step(_step(model, tx, schedule, every=2, alpha=alpha), state)
-    batch, num_scored = helpers.device_batch(helpers.pair_batch(helpers.synthetic_pairs(8)))
+    batch, max_scored = helpers.device_batch(helpers.pair_batch(helpers.synthetic_pairs(8)))
 
-    state, _ = step(state, batch, num_scored)  # step 1: not a multiple of 2, reference kept
+    state, _ = step(state, batch, max_scored)  # step 1: not a multiple of 2, reference kept
     for a, b in zip(helpers.leaves(state.ref_params), ref0_np):
         np.testing.assert_array_equal(a, b)
-    state, _ = step(state, batch, num_scored)  # step 2: ref = alpha * policy + (1 - alpha) * ref
+    state, _ = step(state, batch, max_scored)  # step 2: ref = alpha * policy + (1 - alpha) * ref
     policy = helpers.leaves(state.params)
     for got, p, r in zip(helpers.leaves(state.ref_params), policy, ref0_np):
         want = (alpha * p.astype(np.float64) + (1 - alpha) * r.astype(np.float64))
@@ -47,7 +47,7 @@ def test_reference_mixes_every_tau_steps_and_keeps_shardings(alpha):
 
     # Unjitted shardings are not pinned: the mix itself keeps them.
     plain = jax.jit(_step(model, tx, schedule, every=1, alpha=alpha), static_argnums=2)
-    state2, _ = plain(state, batch, num_scored)
+    state2, _ = plain(state, batch, max_scored)
     for x, s in zip(jax.tree.leaves(state2.ref_params), jax.tree.leaves(shardings)):
         assert x.sharding.is_equivalent_to(s, x.ndim)
 
@@ -73,10 +73,10 @@ def test_refused_with_precomputed_reference_or_reference_free_loss():
     with pytest.raises(ValueError, match="reference-free"):
         _step(model, tx, schedule, every=2, alpha=0.5, loss="simpo")
     state = helpers.train_state(model, helpers.init_params(model), tx)  # no reference params
-    batch, num_scored = helpers.device_batch(helpers.pair_batch(helpers.synthetic_pairs(8)))
+    batch, max_scored = helpers.device_batch(helpers.pair_batch(helpers.synthetic_pairs(8)))
     batch = dict(batch, ref_logps=batch["pair_weight"].repeat(2), ref_lengths=batch["pair_weight"].repeat(2))
     with pytest.raises(ValueError, match="precomputed"):
-        _step(model, tx, schedule, every=2, alpha=0.5)(state, batch, num_scored)
+        _step(model, tx, schedule, every=2, alpha=0.5)(state, batch, max_scored)
 
 
 def test_interrupted_trdpo_run_resumes_bit_for_bit(tmp_path):

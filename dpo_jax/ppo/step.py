@@ -1,6 +1,6 @@
 """The PPO update: pure functions, jitted once by the PPO task with shardings.
 
-``make_ppo_step`` returns ``train_step(state, batch, num_scored=None) -> (state, metrics)`` (the
+``make_ppo_step`` returns ``train_step(state, batch, max_scored=None) -> (state, metrics)`` (the
 same signature as the DPO step, so ``loop.jit_train_step`` jits it). One call is one PPO
 iteration on one rollout batch (Ziegler et al. 2019; Stiennon et al. 2020):
 
@@ -100,8 +100,8 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch, num_scored=None):
-        del num_scored
+    def train_step(state: TrainState, batch, max_scored=None):
+        del max_scored
         B = batch["tokens"].shape[0]
         if B % cfg.minibatches:
             raise ValueError(f"rollout batch {B} not divisible by {cfg.minibatches} minibatches")
@@ -156,12 +156,12 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
 
 
 def make_ppo_eval_step(model, n: int):
-    """``(params, ref_params, batch, num_scored) -> weighted sums``: reward and sequence KL
+    """``(params, ref_params, batch, max_scored) -> weighted sums``: reward and sequence KL
     (sum over the completion of log pi - log pi_ref) of sampled completions, for the
     reward/KL frontier."""
 
-    def eval_step(params, ref_params, batch, num_scored=None):
-        del num_scored
+    def eval_step(params, ref_params, batch, max_scored=None):
+        del max_scored
         _, _, mask = completion_view(batch, n)
         logp, _, _ = forward(model, params, batch, n)
         ref_logp, _, _ = forward(model.decoder, ref_params, batch, n, with_values=False)

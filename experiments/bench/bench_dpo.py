@@ -176,15 +176,15 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
         params = jax.jit(model.init)(jax.random.key(0))
         ref_params = jax.jit(to_bf16)(params)
     batch_np = make_batch(pairs, prompt, response, cfg.vocab_size)
-    num_scored = max_scored_tokens(batch_np["loss_mask"]) if lp_cfg.scored_only else None
+    max_scored = max_scored_tokens(batch_np["loss_mask"]) if lp_cfg.scored_only else None
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     out = dict(shape=shape, config=variant, backend=jax.default_backend(), pairs=pairs,
                matmul_params=matmul_param_count(cfg), vocab=cfg.vocab_size,
                seq=prompt + response, prompt=prompt, dtype=cfg.dtype, remat=cfg.remat,
                logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate,
-               forward_logprobs=dataclasses.asdict(step_cfg.no_grad_logprobs))
+               forward_logprobs=dataclasses.asdict(step_cfg.forward_logprobs))
     # the reference's forward-only log-probs (the precompute pass of `best`)
-    ref_stats = lambda p, b: sequence_stats(model, p, b, step_cfg, num_scored, forward_only=True)
+    ref_stats = lambda p, b: sequence_stats(model, p, b, step_cfg, max_scored, forward_only=True)
     if precomputed:  # the step carries the reference results: shapes first, values if it runs
         ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype)
                                   for s in jax.eval_shape(ref_stats, ref_params, batch))
@@ -196,7 +196,7 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     step_fn = jax.jit(make_train_step(model, loss_cfg, tx, schedule, step_cfg),
                       donate_argnums=0 if donate else (), static_argnums=2)
     t = time.perf_counter()
-    compiled = step_fn.lower(state, batch, num_scored).compile()
+    compiled = step_fn.lower(state, batch, max_scored).compile()
     out["compile_s"] = round(time.perf_counter() - t, 2)
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -233,10 +233,10 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     n = matmul_param_count(cfg)
     flops_tok = 8 * n + 16 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
     # FLOPs this configuration executes (the nominal count above assumes the LM head at every
-    # position and a reference forward each step): head at num_scored of T positions when
+    # position and a reference forward each step): head at max_scored of T positions when
     # scored-only, no reference forward when precomputed.
     head = cfg.vocab_size * cfg.d_model
-    frac = (num_scored / T) if lp_cfg.scored_only else 1.0
+    frac = (max_scored / T) if lp_cfg.scored_only else 1.0
     attn = 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
     executed = 3 * (2 * (n - head) + 2 * head * frac + attn)
     if not precomputed:

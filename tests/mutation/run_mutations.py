@@ -168,7 +168,7 @@ MUTANTS = [
     M("logprobs.packed_slot_zero", "slot = jnp.where(mask > 0, index, num_seqs)",
       "slot = jnp.where(mask > 0, index, 0)", "unscored packed tokens summed into slot 0"),
     M("logprobs.bound_halved", "1 << (most - 1).bit_length()",
-      "1 << (most - 1).bit_length() - 1", "num_scored bound below the most scored tokens"),
+      "1 << (most - 1).bit_length() - 1", "max_scored bound below the most scored tokens"),
     # ------------------------------------------------------------------ dpo_jax/step.py
     M("step.pairs_swapped", "chosen, rejected = jnp.split(x_S, 2)",
       "rejected, chosen = jnp.split(x_S, 2)", "rows split into rejected, chosen"),
@@ -188,8 +188,8 @@ MUTANTS = [
       "total_weight = jnp.float32(batch[\"pair_weight\"].shape[0])",
       "train denominator counts padding pairs"),
     M("step.accum_divided_twice", "_micro(batch, n, j),\n                               "
-      "total_weight, num_scored)", "_micro(batch, n, j),\n                               "
-      "total_weight * n, num_scored)", "accumulated gradients divided by n again"),
+      "total_weight, max_scored)", "_micro(batch, n, j),\n                               "
+      "total_weight * n, max_scored)", "accumulated gradients divided by n again"),
     M("step.micro_contiguous", "axis=len(lead) + 1, keepdims=False",
       "axis=len(lead), keepdims=False", "micro-batches contiguous instead of strided"),
     M("step.nonfinite_policy_dropped", "tx, schedule,\n                                    "
@@ -197,8 +197,8 @@ MUTANTS = [
       "                \"error\")", "on_nonfinite not passed to the update"),
     M("step.packed_num_seqs", "num_seqs = None if seq_index is None else 2 * batch",
       "num_seqs = None if seq_index is None else batch", "packed batches: B sequence slots"),
-    M("step.forward_tiling_swapped", "cfg.no_grad_logprobs if forward_only else cfg.logprobs",
-      "cfg.logprobs if forward_only else cfg.no_grad_logprobs",
+    M("step.forward_tiling_swapped", "cfg.forward_logprobs if forward_only else cfg.logprobs",
+      "cfg.logprobs if forward_only else cfg.forward_logprobs",
       "forward-only and training head tilings swapped"),
     # ------------------------------------------------------------------ dpo_jax/optim.py
     M("optim.clip_after_optimizer", "parts.insert(0, optax.clip_by_global_norm(",
