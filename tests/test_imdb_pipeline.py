@@ -6,7 +6,6 @@ import ast
 import importlib.util
 import json
 import pathlib
-import time
 
 import ml_collections
 import numpy as np
@@ -85,7 +84,10 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     assert rm_test and rm_train and not rm_train & rm_test
     assert len(rm_train) + len(rm_test) == len(per_prompt)
     rm_summary = json.loads((work / "reward_model" / "summary.json").read_text())
-    assert 0.0 <= rm_summary["final_eval"]["accuracy"] <= 1.0
+    # Its accuracy counts wins over exactly the held-out pairs (padding pairs weigh 0).
+    held_out = len(open(work / "rm_pairs" / "test.jsonl").readlines())
+    wins = rm_summary["final_eval"]["accuracy"] * held_out
+    assert wins == pytest.approx(round(wins), abs=1e-4), (wins, held_out)
     for name, steps in (("ppo_kl6", [2]), ("ppo_gt_kl6", [1, 2])):  # imdb.ppo_gt: every step
         pts = [json.loads(x) for x in open(work / "runs" / name / "frontier_points.jsonl")]
         assert [p["step"] for p in pts] == steps and np.isfinite(pts[0]["proxy_reward"])
@@ -105,11 +107,9 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     assert ppo_cost["sampled_tokens"] <= 2 * 8 * 6
     assert compute["runs"]["dpo_beta0.1"]["trained_tokens"] > 0
     # Rerun: every stage is cached, nothing is recomputed; only the frontier is re-assembled.
-    t0 = time.time()
     again = get_task(config.task)(_config(data_dir=tmp_path / "imdb"), str(work))
     assert again["stages_run"] == ["frontier"] and again["stages_skipped"] == expected[:-1]
     assert again["frontier"] == points
-    assert time.time() - t0 < 20
 
 
 def test_stage_runner_skips_finished_stages_and_keeps_their_times(tmp_path):

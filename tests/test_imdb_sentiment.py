@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -84,14 +83,12 @@ def test_hub_reward_is_lazy():
 
 @pytest.mark.imdb_data
 def test_real_imdb_subsample_accuracy():
-    """4k train / 2k test reviews: well above chance fast (the full-data number is in the README)."""
+    """4k train / 2k test reviews: well above chance (the full-data number is in the README)."""
     from dpo_jax.proj.imdb.text import load_imdb
 
     data = imdb_data()
-    t0 = time.perf_counter()
     train_x, train_y = load_imdb(data, "train", limit=4000)
     test_x, test_y = load_imdb(data, "test", limit=2000)
     model = sentiment.train_sentiment(train_x, train_y, n_features=2**18, steps=150)
     acc = model.accuracy(test_x, test_y)
     assert acc > 0.84, acc
-    assert time.perf_counter() - t0 < 30
