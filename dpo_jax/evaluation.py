@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import sharding as shard_lib
+from dpo_jax.ppo.rewards import to_host
 from dpo_jax.sampling import Samples, SamplingConfig, generate
 
 
@@ -106,13 +107,6 @@ def padded_prompts(prompts: list[np.ndarray], rows: int, pad_id: int):
     return ids, lengths
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global array as one numpy array on every process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def global_rows(x_np: np.ndarray, mesh) -> jax.Array:

@@ -57,7 +57,6 @@ from dpo_jax.config import read_config
 from dpo_jax.data import batching
 from dpo_jax.data.prompts import PromptStream, load_prompts
 from dpo_jax.models import Model
-from dpo_jax.optim import make_optimizer
 from dpo_jax.sampling import SamplingConfig, generate, score_tokens, sequence_mask
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, task
@@ -232,11 +231,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
         raise ValueError("task 'online_dpo' samples new pairs every step, so their reference "
                          "log-probs cannot be precomputed; set logprobs.precompute_reference="
                          "False")
-    mesh = shard_lib.make_mesh(rc.mesh_shape)
     model = Model(rc.model)
-    tx, schedule = make_optimizer(rc.optim, rc.train.steps)
-    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-    params = state_lib.init_policy(model, shardings, rc.sources)
+    built = state_lib.setup(rc, model)
+    mesh, tx, schedule, shardings, params = (built.mesh, built.tx, built.schedule,
+                                             built.shardings, built.params)
     needs_ref = losses_lib.needs_reference(loss_cfg)
     ref_params = state_lib.init_reference(model, shardings, rc.sources, params) if needs_ref else None
     reward_fn = reward_fn or evaluation.build_judge(oc.reward, config, mesh, oc.sampling.eos_id)

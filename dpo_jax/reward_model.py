@@ -20,12 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from dpo_jax import loop
-from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax import streams
 from dpo_jax.config import read_config
 from dpo_jax.models import Model
-from dpo_jax.optim import gradient_step, make_optimizer
+from dpo_jax.optim import gradient_step
 from dpo_jax.workdir import RunDir, task
 
 Params = dict[str, Any]
@@ -165,11 +164,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     rc = read_config(config)
     if rc.optim.grad_accum != 1:
         raise ValueError("task 'reward' does not accumulate gradients; set optim.grad_accum=1")
-    mesh = shard_lib.make_mesh(rc.mesh_shape)
     model = RewardModel(Model(rc.model))
-    tx, schedule = make_optimizer(rc.optim, rc.train.steps)
-    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-    state = state_lib.create_state(init_params(model, shardings, rc.sources), tx, mesh, shardings)
+    built = state_lib.setup(rc, model, init=init_params)
+    mesh, tx, schedule = built.mesh, built.tx, built.schedule
+    state = state_lib.create_state(built.params, tx, mesh, built.shardings)
     data = streams.preference_streams(rc, rc.train.splits, model_cfg=model.config, mesh=mesh)
 
     train_step = loop.jit_train_step(

@@ -36,7 +36,7 @@ from dpo_jax import state as state_lib
 from dpo_jax import streams
 from dpo_jax.config import read_config
 from dpo_jax.models import Model
-from dpo_jax.optim import gradient_step, make_optimizer
+from dpo_jax.optim import gradient_step
 from dpo_jax.workdir import RunDir, task
 from dpo_jax.data.text import TextPipeline, load_examples
 from dpo_jax.logprobs import compact_scored, token_logps
@@ -166,12 +166,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     rc = read_config(config)
     sft = SFTConfig.from_config(config.sft)
     _check(config, rc)
-    mesh = shard_lib.make_mesh(rc.mesh_shape)
     model = Model(rc.model)
-    tx, schedule = make_optimizer(rc.optim, rc.train.steps)
-    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-    state = state_lib.create_state(state_lib.init_policy(model, shardings, rc.sources), tx,
-                                   mesh, shardings)
+    built = state_lib.setup(rc, model)
+    mesh, tx, schedule = built.mesh, built.tx, built.schedule
+    state = state_lib.create_state(built.params, tx, mesh, built.shardings)
     samples = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
         reference_params=state.params, total_steps=rc.train.steps)

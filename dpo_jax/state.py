@@ -6,7 +6,8 @@ sharding (``jax.jit(..., out_shardings=...)`` or a sharded restore), never whole
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax
 import jax
@@ -96,3 +97,28 @@ def create_state(params, tx: optax.GradientTransformation, mesh, shardings,
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
     return TrainState(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every task builds first: the mesh, the optimizer over ``updates`` steps, the
+    parameter shardings and the initial parameters."""
+
+    mesh: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    shardings: Any
+    params: Any
+
+
+def setup(rc, model, *, updates: int | None = None, init: Callable | None = None) -> Setup:
+    """:class:`Setup` of ``model`` under a ``config.RunConfig``: the mesh of ``rc.mesh_shape``,
+    ``make_optimizer(rc.optim, updates or rc.train.steps)``, shardings by ``rc.mesh_rules``,
+    and ``init(model, shardings, rc.sources)`` (default :func:`init_policy`)."""
+    from dpo_jax.optim import make_optimizer
+
+    mesh = shard_lib.make_mesh(rc.mesh_shape)
+    tx, schedule = make_optimizer(rc.optim, updates or rc.train.steps)
+    shardings = param_shardings(model, mesh, rc.mesh_rules)
+    params = (init or init_policy)(model, shardings, rc.sources)
+    return Setup(mesh, tx, schedule, shardings, params)

@@ -14,12 +14,10 @@ import ml_collections
 from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import losses as losses_lib
-from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax import streams
 from dpo_jax.config import read_config
 from dpo_jax.models import Model
-from dpo_jax.optim import make_optimizer
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, task
 
@@ -32,11 +30,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     :func:`dpo_jax.loop.train`."""
     rc = read_config(config)
     loss_cfg = losses_lib.loss_config_from(config.loss)
-    mesh = shard_lib.make_mesh(rc.mesh_shape)
     model = Model(rc.model)
-    tx, schedule = make_optimizer(rc.optim, rc.train.steps)
-    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-    params = state_lib.init_policy(model, shardings, rc.sources)
+    built = state_lib.setup(rc, model)
+    mesh, tx, schedule, shardings, params = (built.mesh, built.tx, built.schedule,
+                                             built.shardings, built.params)
     needs_ref = losses_lib.needs_reference(loss_cfg)
     ref_params = state_lib.init_reference(model, shardings, rc.sources, params) if needs_ref else None
     samples = evaluation.sample_evaluator(

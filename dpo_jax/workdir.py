@@ -93,7 +93,7 @@ def refused_changes(changes: dict[str, tuple[Any, Any]], allowed: str,
         elif field == "train.steps" and schedule != "constant":
             why = f"the {schedule} learning-rate schedule decays over train.steps"
         elif field not in allowed_set:
-            why = f"safe, but not named in --config.allow_resume_changes"
+            why = "safe, but not named in --config.allow_resume_changes"
         if why:
             lines.append(f"  {field}: {old!r} -> {value!r} ({why})")
     return lines

@@ -13,7 +13,7 @@ import pytest
 from dpo_jax import loop, reference
 from dpo_jax.config import read_config
 from dpo_jax.data import PreferencePipeline
-from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
+from dpo_jax.logprobs import LogprobConfig
 from dpo_jax.step import StepConfig, sequence_stats
 from tests import helpers, runs
 

@@ -10,6 +10,8 @@ EOS closes the assistant turn) behaviour without network.
 
 from __future__ import annotations
 
+import pathlib
+
 CORPUS = [
     "Human: what is the capital of France? Assistant: Paris is the capital of France.",
     "The movie was great, I loved it. The film was terrible and boring.",

@@ -79,7 +79,8 @@ def synthetic_reward(task: SyntheticTask) -> RewardFn:
     return lambda samples: fn(samples.tokens_BT, samples.completion_mask_BT)
 
 
-def _host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as one numpy array on every process."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -92,7 +93,7 @@ def text_reward(fn: Callable[[list[str], list[str]], np.ndarray],
     """A host text reward ``fn(prompts, completions)`` over decoded samples (EOS dropped)."""
 
     def reward(samples: Samples) -> jax.Array:
-        tokens, mask = _host(samples.tokens_BT), _host(samples.completion_mask_BT)
+        tokens, mask = to_host(samples.tokens_BT), to_host(samples.completion_mask_BT)
         prompts, completions = [], []
         for row, m in zip(tokens, mask):
             start = int(np.argmax(m > 0)) if m.any() else len(row)

@@ -26,7 +26,6 @@ from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
 from dpo_jax.data.prompts import PromptStream, load_prompts
 from dpo_jax.models import Model
-from dpo_jax.optim import make_optimizer
 from dpo_jax.ppo import core
 from dpo_jax.ppo.config import read_ppo
 from dpo_jax.ppo.rewards import RewardFn, build_reward
@@ -50,12 +49,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     ppo = settings.update
     if rc.optim.grad_accum != 1:
         raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
-    mesh = shard_lib.make_mesh(rc.mesh_shape)
     model = RewardModel(Model(rc.model))
     # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
-    tx, schedule = make_optimizer(rc.optim, rc.train.steps * ppo.epochs * ppo.minibatches)
-    shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-    params = init_params(model, shardings, rc.sources)
+    built = state_lib.setup(rc, model, updates=rc.train.steps * ppo.epochs * ppo.minibatches,
+                            init=init_params)
+    mesh, tx, schedule, shardings, params = (built.mesh, built.tx, built.schedule,
+                                             built.shardings, built.params)
     ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.sources,
                                    params["decoder"])
     state = state_lib.create_state(params, tx, mesh, shardings, ref)
