@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import sharding as shard_lib
+from dpo_jax.data.synthetic import SyntheticTask
 from dpo_jax.ppo.rewards import to_host
 from dpo_jax.sampling import Samples, SamplingConfig, generate
 
@@ -141,32 +142,13 @@ def build_judge(judge: str, config: ml_collections.ConfigDict, mesh, eos_id: int
     if not judge:
         return None
     if judge == "synthetic":
-        return rewards.synthetic_reward(synthetic_task(config))
+        return rewards.synthetic_reward(SyntheticTask.from_config(config.data.synthetic))
     if not os.path.exists(os.path.join(judge, "config.json")):
         raise ValueError(f"eval.judge={judge!r}: expected '', 'synthetic' or a task='reward' "
                          "run's workdir (no config.json there); pass any other judge as a "
                          "function (judge=)")
-    from dpo_jax.models import Model, model_config_from
-    from dpo_jax.reward_model import RewardModel, restore_reward_model
-
-    with open(os.path.join(judge, "config.json")) as f:
-        rm_config = ml_collections.ConfigDict(json.load(f))
-    model = RewardModel(Model(model_config_from(rm_config.model)))
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    shardings = shard_lib.tree_shardings(model.abstract_params(), model.logical_axes(), mesh,
-                                         rules)
-    return rewards.model_reward(model, restore_reward_model(judge, model, shardings),
-                                eos_id=eos_id)
-
-
-def synthetic_task(config: ml_collections.ConfigDict):
-    """The ``SyntheticTask`` of ``config.data.synthetic``."""
-    from dpo_jax.data.synthetic import SyntheticTask
-
-    s = config.data.synthetic
-    return SyntheticTask(vocab_size=s.vocab_size, num_topics=s.num_topics,
-                         prompt_len=tuple(s.prompt_len), response_len=tuple(s.response_len),
-                         min_gap=s.min_gap)
+    return rewards.reward_model_from_run(judge, mesh, tuple(tuple(r) for r in config.mesh.rules),
+                                         eos_id)
 
 
 # ----------------------------------------------------------------------------- the evaluator

@@ -232,11 +232,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
                          "log-probs cannot be precomputed; set logprobs.precompute_reference="
                          "False")
     model = Model(rc.model)
-    built = state_lib.setup(rc, model)
-    mesh, tx, schedule, shardings, params = (built.mesh, built.tx, built.schedule,
-                                             built.shardings, built.params)
     needs_ref = losses_lib.needs_reference(loss_cfg)
-    ref_params = state_lib.init_reference(model, shardings, rc.sources, params) if needs_ref else None
+    mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(rc, model,
+                                                                       reference=needs_ref)
     reward_fn = reward_fn or evaluation.build_judge(oc.reward, config, mesh, oc.sampling.eos_id)
     samples_eval = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,

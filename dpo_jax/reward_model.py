@@ -165,9 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     if rc.optim.grad_accum != 1:
         raise ValueError("task 'reward' does not accumulate gradients; set optim.grad_accum=1")
     model = RewardModel(Model(rc.model))
-    built = state_lib.setup(rc, model, init=init_params)
-    mesh, tx, schedule = built.mesh, built.tx, built.schedule
-    state = state_lib.create_state(built.params, tx, mesh, built.shardings)
+    mesh, tx, schedule, shardings, params, _ = state_lib.setup(rc, model, init=init_params)
+    state = state_lib.create_state(params, tx, mesh, shardings)
     data = streams.preference_streams(rc, rc.train.splits, model_cfg=model.config, mesh=mesh)
 
     train_step = loop.jit_train_step(

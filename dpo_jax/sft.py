@@ -167,9 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     sft = SFTConfig.from_config(config.sft)
     _check(config, rc)
     model = Model(rc.model)
-    built = state_lib.setup(rc, model)
-    mesh, tx, schedule = built.mesh, built.tx, built.schedule
-    state = state_lib.create_state(built.params, tx, mesh, built.shardings)
+    mesh, tx, schedule, shardings, params, _ = state_lib.setup(rc, model)
+    state = state_lib.create_state(params, tx, mesh, shardings)
     samples = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
         reference_params=state.params, total_steps=rc.train.steps)

@@ -6,8 +6,7 @@ sharding (``jax.jit(..., out_shardings=...)`` or a sharded restore), never whole
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -99,26 +98,29 @@ def create_state(params, tx: optax.GradientTransformation, mesh, shardings,
     return TrainState(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
+class Setup(NamedTuple):
     """What every task builds first: the mesh, the optimizer over ``updates`` steps, the
-    parameter shardings and the initial parameters."""
+    parameter shardings, the initial parameters and (when asked for) the frozen reference."""
 
     mesh: Any
     tx: optax.GradientTransformation
     schedule: Callable
     shardings: Any
     params: Any
+    ref_params: Any = None
 
 
-def setup(rc, model, *, updates: int | None = None, init: Callable | None = None) -> Setup:
+def setup(rc, model, *, updates: int | None = None, init: Callable | None = None,
+          reference: bool = False) -> Setup:
     """:class:`Setup` of ``model`` under a ``config.RunConfig``: the mesh of ``rc.mesh_shape``,
     ``make_optimizer(rc.optim, updates or rc.train.steps)``, shardings by ``rc.mesh_rules``,
-    and ``init(model, shardings, rc.sources)`` (default :func:`init_policy`)."""
+    ``init(model, shardings, rc.sources)`` (default :func:`init_policy`) and, with
+    ``reference``, :func:`init_reference`."""
     from dpo_jax.optim import make_optimizer
 
     mesh = shard_lib.make_mesh(rc.mesh_shape)
     tx, schedule = make_optimizer(rc.optim, updates or rc.train.steps)
     shardings = param_shardings(model, mesh, rc.mesh_rules)
     params = (init or init_policy)(model, shardings, rc.sources)
-    return Setup(mesh, tx, schedule, shardings, params)
+    ref_params = init_reference(model, shardings, rc.sources, params) if reference else None
+    return Setup(mesh, tx, schedule, shardings, params, ref_params)

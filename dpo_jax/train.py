@@ -31,11 +31,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     rc = read_config(config)
     loss_cfg = losses_lib.loss_config_from(config.loss)
     model = Model(rc.model)
-    built = state_lib.setup(rc, model)
-    mesh, tx, schedule, shardings, params = (built.mesh, built.tx, built.schedule,
-                                             built.shardings, built.params)
     needs_ref = losses_lib.needs_reference(loss_cfg)
-    ref_params = state_lib.init_reference(model, shardings, rc.sources, params) if needs_ref else None
+    mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(rc, model,
+                                                                       reference=needs_ref)
     samples = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
         reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps)

@@ -30,9 +30,7 @@ def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
     """The synthetic task's pairs of ``split``: train from ``train_seed``, eval from
     ``eval_seed`` (its first ``eval_size`` when > 0), before ``max_pairs``."""
     s = cfg.synthetic
-    task = synthetic.SyntheticTask(
-        vocab_size=s.vocab_size, num_topics=s.num_topics, prompt_len=tuple(s.prompt_len),
-        response_len=tuple(s.response_len), min_gap=s.min_gap)
+    task = synthetic.SyntheticTask.from_config(s)
     if split == "train":
         return synthetic.make_pairs(task, s.num_train, s.train_seed)
     n = s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval)

@@ -36,6 +36,13 @@ class SyntheticTask:
     def first_content(self) -> int:
         return self.num_topics + 1
 
+    @classmethod
+    def from_config(cls, block) -> "SyntheticTask":
+        """The task of a data config's ``synthetic`` block."""
+        return cls(vocab_size=int(block.vocab_size), num_topics=int(block.num_topics),
+                   prompt_len=tuple(block.prompt_len), response_len=tuple(block.response_len),
+                   min_gap=float(block.min_gap))
+
 
 def true_reward(task: SyntheticTask, prompt: np.ndarray, response: np.ndarray) -> float:
     """Fraction of the response's content tokens liked under the prompt's topic (EOS ignored)."""

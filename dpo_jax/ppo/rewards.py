@@ -117,33 +117,33 @@ def build_reward(config, *, mesh=None) -> RewardFn:
     """
     p = config.ppo
     if p.reward == "synthetic":
-        s = config.data.synthetic
-        return synthetic_reward(SyntheticTask(
-            vocab_size=s.vocab_size, num_topics=s.num_topics, prompt_len=tuple(s.prompt_len),
-            response_len=tuple(s.response_len), min_gap=s.min_gap))
+        return synthetic_reward(SyntheticTask.from_config(config.data.synthetic))
     if p.reward == "model":
-        return _reward_model_from_run(p.reward_model, mesh, config)
+        if not p.reward_model:
+            raise ValueError("ppo.reward='model' needs ppo.reward_model (a reward run's workdir)")
+        return reward_model_from_run(p.reward_model, mesh,
+                                     tuple(tuple(r) for r in config.mesh.rules), int(p.eos_id))
     raise ValueError(f"ppo.reward={p.reward!r}: expected 'model' or 'synthetic'; pass any other "
                      "reward as reward_fn to dpo_jax.ppo.run.train_and_evaluate")
 
 
-def _reward_model_from_run(run_dir: str, mesh, config) -> RewardFn:
-    """Rebuild the reward model from its run's config.json and restore its checkpoint."""
+def reward_model_from_run(run_dir: str, mesh, rules, eos_id: int) -> RewardFn:
+    """The reward function of a ``task='reward'`` run: its model rebuilt from the run's
+    config.json, its newest checkpoint restored in ``mesh``'s shardings under ``rules``.
+    Raises ValueError when ``run_dir`` is empty or holds no config.json."""
     import json
     import os
 
     import ml_collections
 
-    from dpo_jax import sharding as shard_lib
+    from dpo_jax import state as state_lib
     from dpo_jax.models import Model, model_config_from
     from dpo_jax.reward_model import RewardModel, restore_reward_model
 
-    if not run_dir:
-        raise ValueError("ppo.reward='model' needs ppo.reward_model (a reward run's workdir)")
+    if not run_dir or not os.path.exists(os.path.join(run_dir, "config.json")):
+        raise ValueError(f"{run_dir!r} is not a task='reward' run's workdir (no config.json)")
     with open(os.path.join(run_dir, "config.json")) as f:
         rm_config = ml_collections.ConfigDict(json.load(f))
     model = RewardModel(Model(model_config_from(rm_config.model)))
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    shardings = shard_lib.tree_shardings(model.abstract_params(), model.logical_axes(), mesh, rules)
-    return model_reward(model, restore_reward_model(run_dir, model, shardings),
-                        eos_id=int(config.ppo.eos_id))
+    shardings = state_lib.param_shardings(model, mesh, rules)
+    return model_reward(model, restore_reward_model(run_dir, model, shardings), eos_id=eos_id)

@@ -51,10 +51,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
     model = RewardModel(Model(rc.model))
     # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
-    built = state_lib.setup(rc, model, updates=rc.train.steps * ppo.epochs * ppo.minibatches,
-                            init=init_params)
-    mesh, tx, schedule, shardings, params = (built.mesh, built.tx, built.schedule,
-                                             built.shardings, built.params)
+    mesh, tx, schedule, shardings, params, _ = state_lib.setup(
+        rc, model, updates=rc.train.steps * ppo.epochs * ppo.minibatches, init=init_params)
     ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.sources,
                                    params["decoder"])
     state = state_lib.create_state(params, tx, mesh, shardings, ref)
