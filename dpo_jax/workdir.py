@@ -112,8 +112,7 @@ class RunDir:
 
 
 def _holder() -> dict[str, Any]:
-    job = (os.environ.get("SLURM_JOB_ID") or os.environ.get("DPO_JAX_JOB_ID")
-           or os.environ.get("TPU_WORKER_ID") and os.environ.get("HOSTNAME") or "")
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("DPO_JAX_JOB_ID") or ""
     return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job,
             "since": datetime.datetime.now().isoformat(timespec="seconds")}
 
