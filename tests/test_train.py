@@ -153,3 +153,21 @@ def test_rmsprop_matches_pytorch_as_the_paper_ran_it():
         tw.grad = torch.tensor(g)
         topt.step()
     np.testing.assert_allclose(np.asarray(params["w"]), tw.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    ("vocab_size", 64, "token_id_out_of_range"),  # synthetic ids reach 127
+    ("max_len", 16, "sequence_too_long"),  # learned positions: GPT-2 shape
+])
+def test_data_that_does_not_fit_the_model_stops_the_task_at_start(tmp_path, field, value, reason):
+    """Checked before anything is compiled or trained: no checkpoint, no metrics."""
+    from dpo_jax import train
+    from dpo_jax.data import DataError
+    from tests import runs
+
+    c = runs.dpo_config()
+    c.model.overrides[field] = value
+    with pytest.raises(DataError, match="model.overrides") as e:
+        train.train_and_evaluate(c, str(tmp_path))
+    assert e.value.reason == reason
+    assert not os.path.exists(tmp_path / "checkpoints") and not runs.records(tmp_path)
