@@ -1,7 +1,7 @@
-"""The one shared test helper: a tiny model, its state and optimizer, real batches, run configs.
+"""Shared pure-function test builders: a tiny model, its state and optimizer, real batches.
 
 Step tests call the pure step functions (``dpo_jax.step.make_train_step`` / ``make_eval_step``)
-directly with what these builders return; end-to-end tests start from :func:`small_config`.
+directly with what these builders return; end-to-end tests start from ``tests/runs.py``.
 
     model = tiny_model()
     params = init_params(model, seed=0)
@@ -15,43 +15,25 @@ Everything is small enough that one jitted step compiles and runs in about a sec
 
 from __future__ import annotations
 
+import gzip
+import json
 from typing import Any
 
 import jax
 import numpy as np
+import pytest
 
 from dpo_jax import losses as losses_lib
 from dpo_jax import sharding as shard_lib
-from dpo_jax.config import base_config
-from dpo_jax.data import PreferencePipeline, default_data_config, to_global
+from dpo_jax.data import PreferencePipeline, default_data_config, load_tokenizer, to_global
 from dpo_jax.data.synthetic import SyntheticTask, make_pairs
+from dpo_jax.data.testing import find_shared_data
 from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
 from dpo_jax.models import Model, ModelConfig
 from dpo_jax.models.config import preset
 from dpo_jax.optim import OptimConfig, make_optimizer
 from dpo_jax.state import TrainState, create_state, param_shardings
 from dpo_jax.step import StepConfig
-
-# ----------------------------------------------------------------------------- run configs
-
-
-def small_config(**train_overrides):
-    """``base_config()`` with a 2-layer model, 4 steps of 16 pairs, no eval, no checkpoints,
-    a metrics record every step and a 64-pair eval split; ``train_overrides`` set
-    ``config.train`` fields (e.g. ``steps=6, checkpoint_every=2``)."""
-    c = base_config()
-    c.model.overrides.n_layer = 2
-    c.train.steps = 4
-    c.train.batch_size = 16
-    c.train.eval_every = 0
-    c.train.log_every = 1
-    c.train.checkpoint_every = 0
-    c.train.async_checkpointing = False
-    c.data.eval_size = 64
-    for k, v in train_overrides.items():
-        c.train[k] = v
-    return c
-
 
 # ----------------------------------------------------------------------------- model and state
 
@@ -127,6 +109,58 @@ def synthetic_pairs(num_pairs: int, seed: int = 0, task: SyntheticTask | None = 
     return make_pairs(task or SyntheticTask(), num_pairs, seed)
 
 
+def head_batch(seed: int = 0, rows: int = 4, length: int = 19, dim: int = 8, vocab: int = 37):
+    """``(h, w, b, ids, mask)``: seeded normal float32 hidden states ``h`` [rows, length, dim],
+    output weights ``w`` [vocab, dim] and bias ``b`` [vocab], int32 token ``ids``
+    [rows, length] and a float32 ``mask`` scoring tokens ``3 + r`` to ``length - 2 r`` of row
+    ``r`` (a prompt, a response, then right padding): inputs of the chunked log-prob head."""
+    rng = np.random.default_rng(seed)
+    h = rng.normal(size=(rows, length, dim)).astype(np.float32)
+    w = rng.normal(size=(vocab, dim)).astype(np.float32)
+    b = rng.normal(size=(vocab,)).astype(np.float32)
+    ids = rng.integers(0, vocab, size=(rows, length)).astype(np.int32)
+    mask = np.zeros((rows, length), np.float32)
+    for r in range(rows):
+        mask[r, 3 + r:length - 2 * r] = 1.0
+    return h, w, b, ids, mask
+
+
+def packed_seq_index(mask) -> np.ndarray:
+    """int32 ``seq_index`` shaped like ``mask`` [R, L] as if each row packed two sequences:
+    row ``r``'s scored columns split in halves, slot ``r`` then slot ``r + R`` (R = 2: row 0
+    packs slots 0 and 2, row 1 slots 1 and 3); -1 at unscored columns."""
+    rows = len(mask)
+    seq_index = np.full(np.shape(mask), -1, np.int32)
+    for r in range(rows):
+        cols = np.nonzero(mask[r])[0]
+        half = len(cols) // 2
+        seq_index[r, cols[:half]] = r
+        seq_index[r, cols[half:]] = r + rows
+    return seq_index
+
+
+def write_jsonl(path, rows, gz: bool = False) -> str:
+    """``rows`` (dicts) written to ``path`` one JSON object a line, gzip-compressed when
+    ``gz``; the path as a string."""
+    opener = gzip.open if gz else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def shared_gpt2_tokenizer(required: bool = True):
+    """The real GPT-2 tokenizer in the shared data directory (``gpt2_tokenizer`` under
+    ``dpo_jax.data.testing.find_shared_data``). Absent: the calling test is skipped when
+    ``required``, else None."""
+    root = find_shared_data(__file__)
+    if root is None or not (root / "gpt2_tokenizer").is_dir():
+        if required:
+            pytest.skip("shared GPT-2 tokenizer absent")
+        return None
+    return load_tokenizer(str(root / "gpt2_tokenizer"))
+
+
 def data_config(**fields: Any):
     """``default_data_config()`` (the synthetic source) with ``fields`` set."""
     c = default_data_config()
@@ -142,6 +176,25 @@ def pipeline(pairs, batch_size: int | None = None, *, train: bool = False, seed:
     return PreferencePipeline(list(pairs), data_config(**data_fields), train=train,
                               global_batch_size=batch_size or len(pairs), seed=seed,
                               pad_id=0)
+
+
+def assert_resumes(make, batches, after: int, through_json: bool = True) -> dict:
+    """A pipeline from ``make()`` advanced ``after`` batches; its ``state_dict`` (round-tripped
+    through JSON when ``through_json``) loaded into a fresh ``make()``: the fresh pipeline
+    yields ``batches[after:]`` (the uninterrupted pipeline's), every array equal. The state."""
+    part = make()
+    for _ in range(after):
+        next(part)
+    state = part.state_dict()
+    if through_json:
+        state = json.loads(json.dumps(state))
+    resumed = make()
+    resumed.load_state_dict(state)
+    for want in batches[after:]:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    return state
 
 
 def pair_batch(pairs, batch_size: int | None = None, **data_fields: Any) -> dict[str, np.ndarray]:
@@ -167,3 +220,61 @@ def leaves(tree) -> list[np.ndarray]:
 def global_norm(tree) -> float:
     """float64 global L2 norm of a pytree (host side)."""
     return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves(tree))))
+
+
+# ----------------------------------------------------------------------------- transformers parity
+# torch and transformers are imported inside these functions: only the HF tests need them.
+
+
+def padded_ids(lens: list[int], low: int = 0, vocab: int = 128, seed: int = 0):
+    """``(ids, mask)``, int32 [len(lens), max(lens)]: seeded tokens in ``[low, vocab)``, row
+    ``b`` real for its first ``lens[b]`` positions, then right padding with token 0."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(low, vocab, (len(lens), max(lens))).astype(np.int32)
+    mask = np.zeros_like(ids)
+    for b, n in enumerate(lens):
+        mask[b, :n] = 1
+    return ids * mask, mask
+
+
+def hf_logits(hf_model, ids, mask=None) -> np.ndarray:
+    """float32 logits [B, L, V] of a transformers causal LM on ``ids`` (``mask``: the
+    attention mask, default all ones), without gradients."""
+    import torch
+
+    mask = np.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                       attention_mask=torch.tensor(mask, dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+def assert_logits_close(ours, ref, mask) -> None:
+    """``ours`` equals the reference logits ``ref`` at the positions ``mask`` marks, to 1e-4
+    relative and 1e-5 of ``ref``'s largest magnitude there."""
+    sel = mask.astype(bool)
+    scale = np.abs(ref[sel]).max()
+    np.testing.assert_allclose(np.asarray(ours)[sel], ref[sel], rtol=1e-4, atol=1e-5 * scale)
+
+
+def random_hf_models(tmp_path_factory, cases, common: dict, ids, mask, **from_config: Any):
+    """name -> (directory, model, its logits on ``ids``/``mask``) for each
+    ``name: (config class name, fields)`` of ``cases``: a transformers causal LM of
+    ``common`` and those fields, seeded torch weights of std 0.2 (larger than the init's, so
+    attention patterns are non-trivial), saved with ``save_pretrained``. ``from_config`` goes
+    to ``AutoModelForCausalLM.from_config``."""
+    import torch
+    import transformers
+
+    out = {}
+    for name, (cls, fields) in cases.items():
+        torch.manual_seed(0)
+        conf = getattr(transformers, cls)(**common, **fields)
+        model = transformers.AutoModelForCausalLM.from_config(conf, **from_config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.2)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (str(path), model, hf_logits(model, ids, mask))
+    return out

@@ -11,8 +11,10 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from dpo_jax import checkpoint as ckpt_lib
+from dpo_jax import loop
 from dpo_jax.config import base_config
 from dpo_jax.models import Model, model_config_from
 from dpo_jax.ppo.config import default_ppo_config
@@ -24,21 +26,12 @@ from dpo_jax.tasks import get_task
 def tiny(c, steps: int = 4, batch_size: int = 16, **train):
     """A 1-layer d_model-32 model, ``steps`` of ``batch_size``, synchronous checkpoints only at
     the end, a metrics record every step, small synthetic splits."""
-    c.model.overrides.n_layer = 1
-    c.model.overrides.d_model = 32
-    c.model.overrides.d_ff = 64
-    c.data.synthetic.num_train = 128
-    c.data.synthetic.num_eval = 32
-    c.data.buckets = "32"
-    c.train.steps = steps
-    c.train.batch_size = batch_size
-    c.train.eval_batch_size = 16
-    c.train.eval_every = 0
-    c.train.log_every = 1
-    c.train.checkpoint_every = 0
-    c.train.async_checkpointing = False
-    for k, v in train.items():
-        c.train[k] = v
+    c.update_from_flattened_dict({
+        "model.overrides.n_layer": 1, "model.overrides.d_model": 32, "model.overrides.d_ff": 64,
+        "data.synthetic.num_train": 128, "data.synthetic.num_eval": 32, "data.buckets": "32"})
+    c.train.update({"steps": steps, "batch_size": batch_size, "eval_batch_size": 16,
+                    "eval_every": 0, "log_every": 1, "checkpoint_every": 0,
+                    "async_checkpointing": False, **train})
     return c
 
 
@@ -60,14 +53,8 @@ def ppo_config(**train):
     c = tiny(base_config(), **train)
     c.task = "ppo"
     c.ppo = default_ppo_config()
-    c.ppo.reward = "synthetic"
-    c.ppo.max_new_tokens = 4
-    c.ppo.max_prompts = 64
-    c.ppo.epochs = 1
-    c.ppo.minibatches = 2
-    c.ppo.adaptive_kl = True
-    c.ppo.target_kl = 0.5
-    c.ppo.kl_horizon = 64
+    c.ppo.update(reward="synthetic", max_new_tokens=4, max_prompts=64, epochs=1, minibatches=2,
+                 adaptive_kl=True, target_kl=0.5, kl_horizon=64)
     c.optim.max_grad_norm = 1.0
     return c
 
@@ -78,6 +65,14 @@ CONFIGS = {"dpo": dpo_config, "sft": sft_config, "reward": reward_config, "ppo":
 def run(config, workdir, **kwargs) -> dict:
     """The task ``config.task`` names, run in ``workdir``; its summary."""
     return get_task(config.task)(config, str(workdir), **kwargs)
+
+
+def cut_and_resume(config, workdir, interrupt_after: int, **kwargs) -> dict:
+    """``config`` run in ``workdir`` until it is interrupted after step ``interrupt_after``
+    (``loop.Interrupted``, asserted), then run again there; the rerun's summary."""
+    with pytest.raises(loop.Interrupted):
+        run(config, workdir, interrupt_after=interrupt_after, **kwargs)
+    return run(config, workdir, **kwargs)
 
 
 def final_params(config, workdir, step: int | None = None):
@@ -109,3 +104,23 @@ def without_timing(recs: list[dict]) -> list[dict]:
     drop = ("tokens_per_s", "iteration_s")
     return [{k: v for k, v in r.items() if k not in drop} for r in recs]
 
+
+def assert_same_run(config, got, want) -> list[dict]:
+    """The runs of ``config`` in workdirs ``got`` and ``want`` ended with bit-identical
+    parameters and the same metric log (wall-clock fields aside); ``want``'s records without
+    those fields."""
+    assert_same_params(final_params(config, got), final_params(config, want))
+    want_records = without_timing(records(want))
+    assert without_timing(records(got)) == want_records
+    return want_records
+
+
+def resume_matches_full_run(config, workdir, interrupt_after: int, resumed_from: int):
+    """``config`` run uninterrupted in ``workdir/'full'`` and, in ``workdir/'cut'``,
+    interrupted after step ``interrupt_after`` and rerun: the rerun resumed from step
+    ``resumed_from`` and ended as the uninterrupted run did (:func:`assert_same_run`).
+    ``(full run's summary, rerun's summary, full run's records without wall-clock fields)``."""
+    full = run(config, workdir / "full")
+    summary = cut_and_resume(config, workdir / "cut", interrupt_after)
+    assert summary["resumed_from"] == resumed_from
+    return full, summary, assert_same_run(config, workdir / "cut", workdir / "full")

@@ -1,6 +1,5 @@
 """Batch format, buckets, packing, resume, eval coverage and multi-host slicing."""
 
-import json
 
 import jax
 import numpy as np
@@ -10,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dpo_jax.data import DataError, build_pipeline, default_data_config, to_global
 from dpo_jax.data import batching
 from dpo_jax.data.pipeline import PreferencePipeline
+from tests import helpers
 
 
 def _cfg(**kw):
@@ -84,16 +84,8 @@ def test_resume_gives_identical_batches():
     cfg = _cfg()
     full = build_pipeline(cfg, split="train", global_batch_size=8, seed=3)
     ref = [next(full) for _ in range(30)]  # crosses epochs (12 batches per epoch)
-    part = build_pipeline(cfg, split="train", global_batch_size=8, seed=3)
-    for _ in range(17):
-        next(part)
-    state = json.loads(json.dumps(part.state_dict()))
-    resumed = build_pipeline(cfg, split="train", global_batch_size=8, seed=3)
-    resumed.load_state_dict(state)
-    for want in ref[17:]:
-        got = next(resumed)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+    state = helpers.assert_resumes(
+        lambda: build_pipeline(cfg, split="train", global_batch_size=8, seed=3), ref, after=17)
     other = build_pipeline(cfg, split="train", global_batch_size=8, seed=4)
     assert not np.array_equal(next(other)["input_ids"], ref[0]["input_ids"])
     with pytest.raises(DataError, match="cannot resume.*seed"):

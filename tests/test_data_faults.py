@@ -1,33 +1,29 @@
 """Data faults users of DPO trainers report: checks on the tokens as finally scored, data that
 cannot fit the model, and eval pairs that are training pairs."""
 
-import json
 import logging
 
 import numpy as np
 import pytest
 
-from dpo_jax.data import DataError, default_data_config, load_tokenizer
+from dpo_jax.data import DataError, default_data_config
 from dpo_jax.data.batching import materialise, pair_lengths, plan_packed, plan_unpacked
 from dpo_jax.data.batching import packed_row_choices, seq_lengths_of, sequences
 from dpo_jax.data.checks import check_fits_model, check_scored_pair, scored_tokens
 from dpo_jax.data.errors import BadRows
 from dpo_jax.data.pipeline import load_tokenised_pairs
 from dpo_jax.data.sources import RawPair
-from dpo_jax.data.testing import (chatml_tokenizer, find_shared_data, gpt2_style_tokenizer,
+from dpo_jax.data.testing import (chatml_tokenizer, gpt2_style_tokenizer,
                                   llama2_style_tokenizer, llama3_style_tokenizer)
 from dpo_jax.data.tokenize import PairTokenizer
+from tests import helpers
 
 TOKENIZERS = {"gpt2": gpt2_style_tokenizer, "llama3": llama3_style_tokenizer,
               "llama2": llama2_style_tokenizer, "chatml": chatml_tokenizer}
 
 
 def _cfg(**kw):
-    c = default_data_config()
-    c.source, c.tokenizer = "generic", "unused"
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
+    return helpers.data_config(source="generic", tokenizer="unused", **kw)
 
 
 def _encode(tok, pairs, on_bad_row="error", **kw):
@@ -69,10 +65,8 @@ def test_scored_tokens_is_the_batch_rule(name):
 
 def test_empty_prompt_without_bos_is_reported():
     """The issue's case: GPT-2, prompt '', 'Yes' vs 'No': only the EOS would be scored."""
-    root = find_shared_data(__file__)
-    toks = [gpt2_style_tokenizer()]
-    if root is not None and (root / "gpt2_tokenizer").is_dir():
-        toks.append(load_tokenizer(str(root / "gpt2_tokenizer")))
+    toks = [gpt2_style_tokenizer(), helpers.shared_gpt2_tokenizer(required=False)]
+    toks = [t for t in toks if t is not None]
     for tok in toks:
         pair = RawPair("", "Yes", "No", file="d.jsonl", row=0)
         with pytest.raises(DataError, match=r"d.jsonl: row 0: field 'prompt'.*never scored"):
@@ -163,13 +157,7 @@ def _pairs(*rows):
 def test_added_chat_tokens_outside_the_embedding_table(name):
     """The issue's case: a GPT-2 tokenizer with two added chat tokens (ids V, V+1; 50257 and
     50258 for the real one) and a model with the base vocabulary V."""
-    if name == "gpt2_real":
-        root = find_shared_data(__file__)
-        if root is None or not (root / "gpt2_tokenizer").is_dir():
-            pytest.skip("shared GPT-2 tokenizer absent")
-        tok = load_tokenizer(str(root / "gpt2_tokenizer"))
-    else:
-        tok = gpt2_style_tokenizer()
+    tok = helpers.shared_gpt2_tokenizer() if name == "gpt2_real" else gpt2_style_tokenizer()
     base = len(tok)
     tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
     pairs, _ = _encode(tok, [RawPair("<|user|> hi <|assistant|>", " yes", " no")])
@@ -234,11 +222,7 @@ def test_synthetic_data_against_small_models():
 
 # --------------------------------------------------------------------- eval vs train
 
-def _write(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
+_write = helpers.write_jsonl
 
 
 def _rows(n_prompts, per_prompt, start=0):

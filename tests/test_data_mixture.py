@@ -11,6 +11,7 @@ from dpo_jax.config import base_config, read_config
 from dpo_jax.data import DataError, build_pipeline, default_data_config
 from dpo_jax.data.mixture import interleave, mixture_counts, mixture_sources
 from dpo_jax.data.testing import gpt2_style_tokenizer
+from tests import helpers
 
 B = 8
 WORDS = ["good", "bad", "movie", "film", "great", "boring", "the", "was", "loved", "it"]
@@ -75,16 +76,7 @@ def test_mixture_is_deterministic_and_resumes_exactly(mix):
                                      tokenizer=tok)
     full = build(cfg)
     want = [next(full) for _ in range(9)]  # crosses an epoch boundary
-    part = build(cfg)
-    for _ in range(4):
-        next(part)
-    state = json.loads(json.dumps(part.state_dict()))
-    resumed = build(cfg)
-    resumed.load_state_dict(state)
-    for w in want[4:]:
-        got = next(resumed)
-        for k in w:
-            np.testing.assert_array_equal(got[k], w[k])
+    state = helpers.assert_resumes(lambda: build(cfg), want, after=4)
     other = cfg.copy_and_resolve_references()
     other.sources = [dict(s, weight=1.0) for s in cfg.sources]
     with pytest.raises(DataError, match="mixture"):

@@ -6,6 +6,7 @@ import pytest
 
 from dpo_jax.data import DataError, build_pipeline, default_data_config
 from dpo_jax.data.config import validate
+from tests import helpers
 
 B = 8
 
@@ -49,17 +50,8 @@ def test_no_shuffle_resumes_exactly_and_refuses_the_other_order():
     cfg = _cfg(shuffle=False)
     full = _pipe(cfg)
     batches = [next(full) for _ in range(10)]
-    first = _pipe(cfg)
-    for _ in range(4):
-        next(first)
-    state = first.state_dict()
+    state = helpers.assert_resumes(lambda: _pipe(cfg), batches, after=4, through_json=False)
     assert state["shuffle"] is False
-    resumed = _pipe(cfg)
-    resumed.load_state_dict(state)
-    for want in batches[4:]:
-        got = next(resumed)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
     with pytest.raises(DataError, match="shuffle"):
         _pipe(_cfg()).load_state_dict(state)
     old = {k: v for k, v in _pipe(_cfg()).state_dict().items() if k != "shuffle"}

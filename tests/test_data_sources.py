@@ -1,17 +1,17 @@
 """Schema parsers on fixtures written here (jsonl, jsonl.gz, json, parquet, save_to_disk),
 bad-input errors/skips, and the real HH file when present."""
 
-import gzip
 import json
 
 import pytest
 
-from dpo_jax.data import DataError, build_pipeline, default_data_config
+from dpo_jax.data import DataError, build_pipeline
 from dpo_jax.data.errors import BadRows
 from dpo_jax.data.io import read_rows
 from dpo_jax.data.pipeline import load_tokenised_pairs
 from dpo_jax.data.sources import load_raw_pairs, split_prompt_and_responses
 from dpo_jax.data.testing import find_shared_data, gpt2_style_tokenizer, llama3_style_tokenizer
+from tests import helpers
 
 HH_ROWS = [
     {"chosen": "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: how are you?\n\nAssistant: I am fine.",
@@ -21,12 +21,7 @@ HH_ROWS = [
 ]
 
 
-def _write_jsonl(path, rows, gz=False):
-    opener = gzip.open if gz else open
-    with opener(path, "wt", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
+_write_jsonl = helpers.write_jsonl
 
 
 def _write_parquet(path, rows):
@@ -38,11 +33,8 @@ def _write_parquet(path, rows):
 
 
 def _cfg(source, path, **kw):
-    c = default_data_config()
-    c.source, c.path, c.tokenizer = source, str(path), "unused"
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
+    return helpers.data_config(**{"source": source, "path": str(path), "tokenizer": "unused",
+                                  **kw})
 
 
 def _parse(source, path, split="train", **kw):

@@ -5,15 +5,15 @@ every path, chat templates, truncation, masks."""
 import numpy as np
 import pytest
 
-from dpo_jax.data import DataError, default_data_config, load_tokenizer
+from dpo_jax.data import DataError, default_data_config
 from dpo_jax.data.batching import (materialise, pair_lengths, plan_unpacked, seq_lengths_of,
                                    sequences)
 from dpo_jax.data.errors import BadRows
 from dpo_jax.data.sources import RawPair
-from dpo_jax.data.testing import (MISTRAL_TEMPLATE, chatml_tokenizer, find_shared_data,
-                                  gpt2_style_tokenizer, llama2_style_tokenizer,
-                                  llama3_style_tokenizer)
+from dpo_jax.data.testing import (MISTRAL_TEMPLATE, chatml_tokenizer, gpt2_style_tokenizer,
+                                  llama2_style_tokenizer, llama3_style_tokenizer)
 from dpo_jax.data.tokenize import PairTokenizer
+from tests import helpers
 
 FAMILIES = {
     "gpt2_local": gpt2_style_tokenizer,
@@ -27,12 +27,7 @@ CHAT = ["llama3", "llama3_eot", "llama2", "mistral", "chatml"]
 
 
 def _tokenizer(name):
-    if name == "gpt2_real":
-        root = find_shared_data(__file__)
-        if root is None or not (root / "gpt2_tokenizer").is_dir():
-            pytest.skip("shared GPT-2 tokenizer absent")
-        return load_tokenizer(str(root / "gpt2_tokenizer"))
-    return FAMILIES[name]()
+    return helpers.shared_gpt2_tokenizer() if name == "gpt2_real" else FAMILIES[name]()
 
 
 @pytest.fixture(scope="module", params=["gpt2_real"] + list(FAMILIES))

@@ -35,10 +35,7 @@ def _read(path):
 @pytest.mark.parametrize("task", ["dpo", "sft", "ppo"])
 def test_samples_and_win_rate_are_written_at_sample_points(tmp_path, task):
     config = runs.CONFIGS[task](steps=4, eval_every=2)
-    config.eval.sample_every = 2
-    config.eval.sample_prompts = 6
-    config.eval.max_new_tokens = 5
-    config.eval.judge = "synthetic"
+    config.eval.update(sample_every=2, sample_prompts=6, max_new_tokens=5, judge="synthetic")
     runs.run(config, tmp_path)
     rows = _read(tmp_path / "samples.jsonl")
     assert [(r["model"], r["step"]) for r in rows] == (
@@ -69,14 +66,9 @@ def test_a_resumed_run_writes_the_samples_of_an_uninterrupted_one(tmp_path, chec
     """Killed after step 3 with the samples of step 2 written (and checkpointed at 2, or not
     checkpointed at all), the rerun redoes what follows its checkpoint: samples.jsonl ends as
     the uninterrupted run's, each step once."""
-    from tests.test_resume import cut_and_resume
-
     config = runs.dpo_config(steps=4, eval_every=2, checkpoint_every=checkpoint_every)
-    config.eval.sample_every = 2
-    config.eval.sample_prompts = 4
-    config.eval.max_new_tokens = 4
-    config.eval.judge = "synthetic"
+    config.eval.update(sample_every=2, sample_prompts=4, max_new_tokens=4, judge="synthetic")
     runs.run(config, tmp_path / "full")
-    summary = cut_and_resume(config, tmp_path / "cut", interrupt_after=3)
+    summary = runs.cut_and_resume(config, tmp_path / "cut", interrupt_after=3)
     assert summary["resumed_from"] == checkpoint_every
     assert _read(tmp_path / "cut" / "samples.jsonl") == _read(tmp_path / "full" / "samples.jsonl")

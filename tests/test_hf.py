@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from dpo_jax.models import Model  # noqa: E402
 from dpo_jax.models.hf import load_hf_params, save_hf  # noqa: E402
 from dpo_jax.models.hf_config import load_hf_config  # noqa: E402
+from tests import helpers  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -50,45 +51,13 @@ LENS = [12, 9, 4]
 
 
 def _batch():
-    rng = np.random.default_rng(0)
-    L = max(LENS)
-    ids = rng.integers(0, 128, (len(LENS), L)).astype(np.int32)
-    mask = np.zeros_like(ids)
-    for b, n in enumerate(LENS):
-        mask[b, :n] = 1
-    ids = ids * mask  # right padding with token 0
-    return ids, mask
-
-
-def _hf_logits(hf_model, ids, mask):
-    with torch.no_grad():
-        out = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                       attention_mask=torch.tensor(mask, dtype=torch.long))
-    return out.logits.float().numpy()
-
-
-def _assert_close(ours, ref, mask):
-    sel = mask.astype(bool)
-    scale = np.abs(ref[sel]).max()
-    np.testing.assert_allclose(np.asarray(ours)[sel], ref[sel], rtol=1e-4, atol=1e-5 * scale)
+    return helpers.padded_ids(LENS)
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """name -> (dir, hf_model, reference logits) for each tiny random model."""
-    out = {}
-    ids, mask = _batch()
-    for name, (cls, kw) in CASES.items():
-        torch.manual_seed(0)
-        conf = getattr(transformers, cls)(**SMALL, **kw)
-        model = transformers.AutoModelForCausalLM.from_config(conf).eval()
-        with torch.no_grad():  # larger than init std so attention patterns are non-trivial
-            for p in model.parameters():
-                p.normal_(0.0, 0.2)
-        path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path)
-        out[name] = (str(path), model, _hf_logits(model, ids, mask))
-    return out
+    return helpers.random_hf_models(tmp_path_factory, CASES, SMALL, *_batch())
 
 
 def _ours(path, **overrides):
@@ -105,11 +74,11 @@ def test_import_matches_transformers_and_export_roundtrips(name, hf_dirs, tmp_pa
     path, _, ref = hf_dirs[name]
     ids, mask = _batch()
     cfg, params, logits = _ours(path)
-    _assert_close(logits, ref, mask)
+    helpers.assert_logits_close(logits, ref, mask)
     # Export, reload through transformers: same logits as the original.
     save_hf(str(tmp_path), cfg, params)
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    _assert_close(_hf_logits(back, ids, mask), ref, mask)
+    helpers.assert_logits_close(helpers.hf_logits(back, ids, mask), ref, mask)
 
 
 def test_family_switches_resolved(hf_dirs):
@@ -166,20 +135,20 @@ def test_errors(hf_dirs, tmp_path):
     path, _, _ = hf_dirs["gpt2"]
     cfg = load_hf_config(path)
     tensors = load_file(os.path.join(path, "model.safetensors"))
-    # missing tensor
-    missing = tmp_path / "missing"
-    missing.mkdir()
-    save_file({k: v for k, v in tensors.items() if k != "transformer.h.1.mlp.c_fc.weight"},
-              str(missing / "model.safetensors"))
-    with pytest.raises(KeyError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight.*\(32, 128\)"):
-        load_hf_params(str(missing), cfg)
-    # wrong shape
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    tensors["transformer.h.0.attn.c_proj.weight"] = np.zeros((32, 16), np.float32)
-    save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_proj\.weight.*\(32, 32\)"):
-        load_hf_params(str(bad), cfg)
+
+    def refused(name, saved, error, match):
+        """``saved`` as ``name``'s weights: loading them raises ``error`` matching ``match``."""
+        os.makedirs(tmp_path / name)
+        save_file(saved, str(tmp_path / name / "model.safetensors"))
+        with pytest.raises(error, match=match):
+            load_hf_params(str(tmp_path / name), cfg)
+
+    missing = "transformer.h.1.mlp.c_fc.weight"
+    refused("missing", {k: v for k, v in tensors.items() if k != missing},
+            KeyError, r"transformer\.h\.1\.mlp\.c_fc\.weight.*\(32, 128\)")
+    wrong_shape = {"transformer.h.0.attn.c_proj.weight": np.zeros((32, 16), np.float32)}
+    refused("bad", {**tensors, **wrong_shape},
+            ValueError, r"transformer\.h\.0\.attn\.c_proj\.weight.*\(32, 32\)")
     # unknown model_type
     unk = tmp_path / "unk"
     unk.mkdir()

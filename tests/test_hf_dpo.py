@@ -60,20 +60,11 @@ def hf_setup(tmp_path):
     c = base_config()
     c.model.hf_path = str(tmp_path / "policy")
     c.model.ref_hf_path = str(tmp_path / "reference")
-    c.data.source = "generic"
-    c.data.path = str(data)
-    c.data.tokenizer = str(tok_dir)
-    c.data.eval_split = ""
-    c.data.eval_size = 8
-    c.data.max_length = 64
-    c.data.max_prompt_length = 32
-    c.data.buckets = "48"  # one batch shape: one compile per step function
-    c.train.steps = 3
-    c.train.batch_size = 8
-    c.train.eval_every = 3
-    c.train.eval_batch_size = 8
-    c.train.checkpoint_every = 0
-    c.train.async_checkpointing = False
+    # buckets: one batch shape, so one compile per step function
+    c.data.update(source="generic", path=str(data), tokenizer=str(tok_dir), eval_split="",
+                  eval_size=8, max_length=64, max_prompt_length=32, buckets="48")
+    c.train.update(steps=3, batch_size=8, eval_every=3, eval_batch_size=8, checkpoint_every=0,
+                   async_checkpointing=False)
     c.mesh.shape = {"data": 2, "fsdp": 2, "tensor": 2}
     return c, policy, reference, tmp_path
 

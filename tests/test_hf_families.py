@@ -14,6 +14,7 @@ from dpo_jax import sampling  # noqa: E402
 from dpo_jax.models import Model  # noqa: E402
 from dpo_jax.models.hf import load_hf_params, save_hf  # noqa: E402
 from dpo_jax.models.hf_config import hf_config_to_model_config, load_hf_config  # noqa: E402
+from tests import helpers  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -43,21 +44,7 @@ LENS = [24, 17, 10]  # longest three times the window
 
 
 def _batch():
-    rng = np.random.default_rng(0)
-    L = max(LENS)
-    ids = rng.integers(3, 128, (len(LENS), L)).astype(np.int32)
-    mask = np.zeros_like(ids)
-    for b, n in enumerate(LENS):
-        mask[b, :n] = 1
-    return ids * mask, mask
-
-
-def _hf_logits(hf_model, ids, mask=None):
-    mask = np.ones_like(ids) if mask is None else mask
-    with torch.no_grad():
-        out = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                       attention_mask=torch.tensor(mask, dtype=torch.long))
-    return out.logits.float().numpy()
+    return helpers.padded_ids(LENS, low=3)
 
 
 def _rel_err(ours, ref, sel):
@@ -65,29 +52,11 @@ def _rel_err(ours, ref, sel):
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def _assert_close(ours, ref, mask):
-    sel = mask.astype(bool)
-    scale = np.abs(ref[sel]).max()
-    np.testing.assert_allclose(np.asarray(ours)[sel], ref[sel], rtol=1e-4, atol=1e-5 * scale)
-
-
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """name -> (dir, hf_model, reference logits of _batch) for each tiny random model."""
-    out = {}
-    ids, mask = _batch()
-    for name, (cls, kw) in CASES.items():
-        torch.manual_seed(0)
-        conf = getattr(transformers, cls)(**BASE, **kw)
-        model = transformers.AutoModelForCausalLM.from_config(
-            conf, attn_implementation="eager").eval()
-        with torch.no_grad():  # larger than init std so attention patterns are non-trivial
-            for p in model.parameters():
-                p.normal_(0.0, 0.2)
-        path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path)
-        out[name] = (str(path), model, _hf_logits(model, ids, mask))
-    return out
+    return helpers.random_hf_models(tmp_path_factory, CASES, BASE, *_batch(),
+                                    attn_implementation="eager")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +76,7 @@ def test_logits_match_transformers_padded_and_packed(name, hf_dirs, ours):
     ids, mask = _batch()
     pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
     logits = logits_fn(params, ids, pos, mask)
-    _assert_close(logits, ref, mask)
+    helpers.assert_logits_close(logits, ref, mask)
     print(f"{name}: padded max relative error {_rel_err(logits, ref, mask.astype(bool)):.2e}")
     # Packed: two sequences (each longer than the window) and padding in one row.
     a, b = ids[0, :13], ids[1, :9]
@@ -116,8 +85,8 @@ def test_logits_match_transformers_padded_and_packed(name, hf_dirs, ours):
     ppos = np.array([list(range(13)) + list(range(9)) + [0, 0]], np.int32)
     packed = np.asarray(logits_fn(params, row, ppos, seg))
     for piece, lo, hi in ((a, 0, 13), (b, 13, 22)):
-        want = _hf_logits(hf_model, piece[None])
-        _assert_close(packed[:, lo:hi], want, np.ones((1, hi - lo)))
+        want = helpers.hf_logits(hf_model, piece[None])
+        helpers.assert_logits_close(packed[:, lo:hi], want, np.ones((1, hi - lo)))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -129,7 +98,7 @@ def test_export_roundtrip_reloads_in_transformers(name, hf_dirs, ours, tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), attn_implementation="eager").eval()
     ids, mask = _batch()
-    _assert_close(_hf_logits(back, ids, mask), ref, mask)
+    helpers.assert_logits_close(helpers.hf_logits(back, ids, mask), ref, mask)
 
 
 def test_switches_resolved(ours):
@@ -180,7 +149,6 @@ def test_greedy_sampling_matches_generate_past_the_window(name, hf_dirs, ours):
 def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
     """One DPO train step (dpo_jax.step.make_train_step) on the imported model: the policy
     log-probs it reports equal PyTorch's on the same batch, and the parameters move."""
-    from tests import helpers
     from dpo_jax.step import make_train_step
 
     _, hf_model, _ = hf_dirs[name]
@@ -199,7 +167,7 @@ def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
                                    helpers.step_config()), static_argnums=2)
     new_state, metrics = step(state, batch, max_scored)
     with torch.no_grad():
-        logits = _hf_logits(hf_model, batch_np["input_ids"],
+        logits = helpers.hf_logits(hf_model, batch_np["input_ids"],
                             (batch_np["segment_ids"] > 0).astype(np.int64)).astype(np.float64)
     logp = torch.log_softmax(torch.tensor(logits[:, :-1]), -1).numpy()
     tok = np.take_along_axis(logp, batch_np["input_ids"][:, 1:, None], axis=-1)[..., 0]

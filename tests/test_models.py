@@ -46,6 +46,14 @@ def built(request):
     return cfg, model, params
 
 
+@pytest.fixture(scope="module")
+def hidden(built):
+    """``((ids, pos, seg), h)``: :func:`_inputs` and ``built``'s hidden states on them."""
+    _, model, params = built
+    ids, pos, seg = _inputs()
+    return (ids, pos, seg), model.hidden(params, ids, pos, seg)
+
+
 def test_tree_axes_count(built):
     cfg, model, params = built
     axes = model.logical_axes()
@@ -60,10 +68,9 @@ def test_tree_axes_count(built):
     assert sum(x.size for x in jax.tree.leaves(params)) == param_count(cfg)
 
 
-def test_scan_equals_unrolled(built):
-    cfg, model, params = built
-    ids, pos, seg = _inputs()
-    ref = model.hidden(params, ids, pos, seg)
+def test_scan_equals_unrolled(built, hidden):
+    cfg, _, params = built
+    (ids, pos, seg), ref = hidden
     other = Model(dataclasses.replace(cfg, scan_layers=False))
     got = jax.jit(other.hidden)(params, ids, pos, seg)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
@@ -85,10 +92,9 @@ def test_remat_gradients_match(built):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, ref)
 
 
-def test_causal(built):
-    cfg, model, params = built
-    ids, pos, seg = _inputs()
-    h1 = model.hidden(params, ids, pos, seg)
+def test_causal(built, hidden):
+    _, model, params = built
+    (ids, pos, seg), h1 = hidden
     h2 = model.hidden(params, ids.at[:, 7].set((ids[:, 7] + 1) % 128), pos, seg)
     np.testing.assert_array_equal(h1[:, :7], h2[:, :7])
     assert not np.allclose(h1[:, 7:], h2[:, 7:])

@@ -14,7 +14,6 @@ from dpo_jax.config import base_config
 from dpo_jax.data.synthetic import SyntheticTask, true_reward
 from tests import helpers as h
 from tests import runs
-from tests.test_resume import cut_and_resume
 
 
 def online_config(steps=4, **train):
@@ -23,8 +22,7 @@ def online_config(steps=4, **train):
     c = runs.tiny(base_config(), steps=steps, **train)
     c.task = "online_dpo"
     c.online = online.default_online_config()
-    c.online.samples_per_prompt = 4
-    c.online.max_new_tokens = 8
+    c.online.update(samples_per_prompt=4, max_new_tokens=8)
     c.optim.warmup_steps = 0
     return c
 
@@ -64,18 +62,15 @@ def test_pair_batch_is_the_pipelines_batch():
     np.testing.assert_array_equal(got["pair_weight"], weight)
 
 
-def test_bad_online_settings_are_refused():
+@pytest.mark.parametrize("field,value,message", [
+    ("samples_per_prompt", 1, "at least 2 completions"),
+    ("iterations", 4, "divisor of train.steps=6"),
+    ("temperature", 0.0, "greedy"),
+])
+def test_bad_online_settings_are_refused(field, value, message):
     c = online_config(steps=6)
-    c.online.samples_per_prompt = 1
-    with pytest.raises(ValueError, match="at least 2 completions"):
-        online.read_online(c)
-    c = online_config(steps=6)
-    c.online.iterations = 4
-    with pytest.raises(ValueError, match="divisor of train.steps=6"):
-        online.read_online(c)
-    c = online_config(steps=6)
-    c.online.temperature = 0.0
-    with pytest.raises(ValueError, match="greedy"):
+    c.online[field] = value
+    with pytest.raises(ValueError, match=message):
         online.read_online(c)
 
 
@@ -114,13 +109,8 @@ def test_online_and_iterative_dpo_resume_exactly(tmp_path, iterations):
     c = online_config(steps=4, checkpoint_every=2, keep_checkpoints=3)
     c.online.iterations = iterations
     c.data.synthetic.num_train = 48  # 3 prompt batches per epoch: the resumed run crosses one
-    full = runs.run(c, tmp_path / "full")
-    summary = cut_and_resume(c, tmp_path / "cut", interrupt_after=3)
-    assert summary["resumed_from"] == 2
-    runs.assert_same_params(runs.final_params(c, tmp_path / "cut"),
-                            runs.final_params(c, tmp_path / "full"))
-    want = runs.without_timing(runs.records(tmp_path / "full"))
-    assert runs.without_timing(runs.records(tmp_path / "cut")) == want
+    full, summary, want = runs.resume_matches_full_run(c, tmp_path, interrupt_after=3,
+                                                       resumed_from=2)
     assert summary["online"] == full["online"]
     assert [r["online/round"] for r in want] == ([0, 0, 0, 0] if not iterations else [0, 0, 1, 1])
 

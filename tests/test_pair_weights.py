@@ -6,7 +6,6 @@ as the file without those pairs (weighted means everywhere)."""
 
 from __future__ import annotations
 
-import json
 
 import jax
 import numpy as np
@@ -30,20 +29,12 @@ def _rows(weights=None):
     return rows
 
 
-def _write(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
+_write = helpers.write_jsonl
 
 
 def _cfg(path, **kw):
-    c = default_data_config()
-    c.source, c.path, c.tokenizer = "generic", str(path), "unused"
-    c.eval_fraction = 0.0
-    for k, v in kw.items():
-        c[k] = v
-    return c
+    return helpers.data_config(**{"source": "generic", "path": str(path), "tokenizer": "unused",
+                                  "eval_fraction": 0.0, **kw})
 
 
 def _eval_pipeline(path, batch_size, **kw):

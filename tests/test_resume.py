@@ -37,12 +37,6 @@ def tensorboard_steps(workdir, tag="loss") -> list[int]:
     return steps
 
 
-def cut_and_resume(config, workdir, interrupt_after, **kwargs) -> dict:
-    with pytest.raises(loop.Interrupted):
-        runs.run(config, workdir, interrupt_after=interrupt_after, **kwargs)
-    return runs.run(config, workdir, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def dpo_full(tmp_path_factory):
     """The uninterrupted reference run: 6 steps, async checkpoints every 2."""
@@ -63,12 +57,9 @@ def dpo_full(tmp_path_factory):
 ])
 def test_interrupted_dpo_run_ends_as_the_uninterrupted_one(dpo_full, tmp_path, interrupt_after):
     config, full_dir, full_summary = dpo_full
-    summary = cut_and_resume(config, tmp_path, interrupt_after)
+    summary = runs.cut_and_resume(config, tmp_path, interrupt_after)
     assert summary["resumed_from"] == {1: 0, 3: 2, 6: 4}[interrupt_after]
-    runs.assert_same_params(runs.final_params(config, tmp_path),
-                            runs.final_params(config, full_dir))
-    want = runs.without_timing(runs.records(full_dir))
-    assert runs.without_timing(runs.records(tmp_path)) == want
+    want = runs.assert_same_run(config, tmp_path, full_dir)
     assert tensorboard_steps(tmp_path) == [r["step"] for r in want if "loss" in r]
     assert summary["final_train"]["loss"] == full_summary["final_train"]["loss"]
 
@@ -80,13 +71,7 @@ def test_every_task_resumes_exactly(tmp_path, task):
     uninterrupted run's params and log."""
     config = runs.CONFIGS[task](steps=4, checkpoint_every=2)
     config.data.synthetic.num_train = 48  # 3 batches per epoch: the resumed run crosses one
-    runs.run(config, tmp_path / "full")
-    summary = cut_and_resume(config, tmp_path / "cut", interrupt_after=3)
-    assert summary["resumed_from"] == 2
-    runs.assert_same_params(runs.final_params(config, tmp_path / "cut"),
-                            runs.final_params(config, tmp_path / "full"))
-    want = runs.without_timing(runs.records(tmp_path / "full"))
-    assert runs.without_timing(runs.records(tmp_path / "cut")) == want
+    _, _, want = runs.resume_matches_full_run(config, tmp_path, interrupt_after=3, resumed_from=2)
     if task == "ppo":
         coefs = [r["objective/kl_coef"] for r in want]
         assert len(set(coefs)) == len(coefs), coefs  # the controller moved every iteration
@@ -253,7 +238,7 @@ def test_logged_records_are_interval_means_and_survive_a_resume_mid_interval(dpo
     every_step = [r for r in runs.records(full_dir) if "loss" in r]
     config3 = runs.dpo_config(steps=6, checkpoint_every=2, async_checkpointing=True,
                               keep_checkpoints=5, log_every=3)
-    summary = cut_and_resume(config3, tmp_path, interrupt_after=3)
+    summary = runs.cut_and_resume(config3, tmp_path, interrupt_after=3)
     assert summary["resumed_from"] == 2
     got = [r for r in runs.records(tmp_path) if "loss" in r]
     assert [r["step"] for r in got] == [3, 6]

@@ -62,10 +62,16 @@ def test_logps_equal_full_forward_and_layout(built):
         assert (np.asarray(s.logps_BT)[b][mask[b] == 0] == 0).all()
 
 
-def test_top_k_one_is_greedy_and_greedy_is_argmax(built):
+@pytest.fixture(scope="module")
+def greedy(built):
+    """Greedy completions of ``built``'s prompts: 6 new tokens, no EOS id."""
     model, params, prompt = built
-    greedy = generate(model, params, prompt, LENS, jax.random.key(0),
-                      SamplingConfig(max_new_tokens=6, temperature=0.0, eos_id=-1))
+    return generate(model, params, prompt, LENS, jax.random.key(0),
+                    SamplingConfig(max_new_tokens=6, temperature=0.0, eos_id=-1))
+
+
+def test_top_k_one_is_greedy_and_greedy_is_argmax(built, greedy):
+    model, params, prompt = built
     topk1 = generate(model, params, prompt, LENS, jax.random.key(7),
                      SamplingConfig(max_new_tokens=6, temperature=1.3, top_k=1, eos_id=-1))
     np.testing.assert_array_equal(greedy.tokens_BT, topk1.tokens_BT)
@@ -99,10 +105,8 @@ def test_top_p_keeps_smallest_nucleus_and_top_k():
     np.testing.assert_allclose(freq, [0.625, 0, 0.375, 0], atol=0.015)
 
 
-def test_eos_stops_row_and_later_tokens_are_pad(built):
+def test_eos_stops_row_and_later_tokens_are_pad(built, greedy):
     model, params, prompt = built
-    greedy = generate(model, params, prompt, LENS, jax.random.key(0),
-                      SamplingConfig(max_new_tokens=6, temperature=0.0, eos_id=-1))
     # Make row 0's third greedy token the EOS id: row 0 must stop there, others not earlier.
     eos = int(greedy.tokens_BT[0, LENS[0] + 2])
     s = generate(model, params, prompt, LENS, jax.random.key(0),

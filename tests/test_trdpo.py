@@ -55,17 +55,15 @@ def test_reference_mixes_every_tau_steps_and_keeps_shardings(alpha):
 def test_refused_with_precomputed_reference_or_reference_free_loss():
     c = base_config()
     c.train.ref_sync_every = 4
-    c.logprobs.precompute_reference = True
-    with pytest.raises(ValueError, match="ref_sync_every.*precompute_reference"):
-        read_config(c)
-    c.logprobs.precompute_reference = False
-    c.loss.name = "simpo"
-    with pytest.raises(ValueError, match="ref_sync_every.*reference-free"):
-        read_config(c)
-    c.loss.name = "sigmoid"
-    c.train.ref_mixup_alpha = 0.0
-    with pytest.raises(ValueError, match="ref_mixup_alpha"):
-        read_config(c)
+    for fields, message in [
+        ({"logprobs.precompute_reference": True}, "ref_sync_every.*precompute_reference"),
+        ({"logprobs.precompute_reference": False, "loss.name": "simpo"},
+         "ref_sync_every.*reference-free"),
+        ({"loss.name": "sigmoid", "train.ref_mixup_alpha": 0.0}, "ref_mixup_alpha"),
+    ]:
+        c.update_from_flattened_dict(fields)
+        with pytest.raises(ValueError, match=message):
+            read_config(c)
     c.train.ref_mixup_alpha = 1.0
     assert read_config(c).step.ref_sync_every == 4
     model = helpers.tiny_model()
@@ -83,15 +81,7 @@ def test_interrupted_trdpo_run_resumes_bit_for_bit(tmp_path):
     """Reference synced at steps 3 and 6; cut after step 5 (checkpoint at 4 holds the step-3
     reference): the rerun ends with the uninterrupted run's parameters and log."""
     config = runs.dpo_config(steps=6, checkpoint_every=2, ref_sync_every=3, ref_mixup_alpha=0.5)
-    runs.run(config, tmp_path / "full")
-    with pytest.raises(loop.Interrupted):
-        runs.run(config, tmp_path / "cut", interrupt_after=5)
-    summary = runs.run(config, tmp_path / "cut")
-    assert summary["resumed_from"] == 4
-    runs.assert_same_params(runs.final_params(config, tmp_path / "cut"),
-                            runs.final_params(config, tmp_path / "full"))
-    want = runs.without_timing(runs.records(tmp_path / "full"))
-    assert runs.without_timing(runs.records(tmp_path / "cut")) == want
+    _, _, want = runs.resume_matches_full_run(config, tmp_path, interrupt_after=5, resumed_from=4)
     frozen = runs.dpo_config(steps=6)
     runs.run(frozen, tmp_path / "frozen")
     losses = {r["step"]: r["loss"] for r in runs.records(tmp_path / "frozen") if "loss" in r}

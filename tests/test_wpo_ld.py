@@ -25,22 +25,16 @@ CONFIGS = [
 ]
 
 
-def _batch(seed=0, rows=4, length=19, dim=8, vocab=37):
-    rng = np.random.default_rng(seed)
-    h = rng.normal(size=(rows, length, dim)).astype(np.float32)
-    w = rng.normal(size=(vocab, dim)).astype(np.float32)
-    b = rng.normal(size=(vocab,)).astype(np.float32)
-    ids = rng.integers(0, vocab, size=(rows, length)).astype(np.int32)
-    mask = np.zeros((rows, length), np.float32)
-    for r in range(rows):
-        mask[r, 3 + r:length - 2 * r] = 1.0
-    return h, w, b, ids, mask
-
-
 def _np_terms(h, w, b, ids):
     """float64 per-token (log p(target), log sum_v p_v^2) from the full softmax."""
     logits = np.einsum("rld,vd->rlv", h[:, :-1].astype(np.float64), w.astype(np.float64)) + b
-    logits -= logits.max(-1, keepdims=True)
+    return _np_logit_terms(logits, ids)
+
+
+def _np_logit_terms(logits, ids):
+    """float64 per-token (log p(target), log sum_v p_v^2) of float64 ``logits`` [R, L-1, V]
+    that predict ``ids[:, 1:]``."""
+    logits = logits - logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     target = np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
     return target, np.log(np.exp(2 * logp).sum(-1))
@@ -54,7 +48,7 @@ def _np_ld_weights(mask_RS, shared_R, alpha):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 def test_wpo_and_ld_sums_match_numpy(cfg):
-    h, w, b, ids, mask = _batch()
+    h, w, b, ids, mask = helpers.head_batch()
     target, log_sq = _np_terms(h, w, b, ids)
     m = mask[:, 1:]
     shared = np.array([4.0, 7.0, 2.0, 30.0], np.float32)
@@ -70,13 +64,8 @@ def test_wpo_and_ld_sums_match_numpy(cfg):
 
 
 def test_ld_weights_in_packed_rows_count_within_each_sequence():
-    h, w, b, ids, mask = _batch(seed=3, rows=2, length=20)
-    seq_index = -np.ones_like(ids)
-    for r in range(2):  # row 0 packs slots 0 and 2, row 1 slots 1 and 3
-        cols = np.nonzero(mask[r])[0]
-        half = len(cols) // 2
-        seq_index[r, cols[:half]] = r
-        seq_index[r, cols[half:]] = r + 2
+    h, w, b, ids, mask = helpers.head_batch(seed=3, rows=2, length=20)
+    seq_index = helpers.packed_seq_index(mask)  # row 0 packs slots 0 and 2, row 1 slots 1 and 3
     target, log_sq = _np_terms(h, w, b, ids)
     shared = np.array([3.0, 2.0, 1.0, 4.0], np.float32)
     want, want_wpo = np.zeros(4), np.zeros(4)
@@ -98,7 +87,7 @@ def test_ld_weights_in_packed_rows_count_within_each_sequence():
 @pytest.mark.parametrize("cfg", CONFIGS[1:], ids=str)
 def test_gradients_exact_with_wpo_and_ld(cfg):
     """The WPO term carries no gradient; LD-weighted sums differentiate exactly as dense."""
-    h, w, b, ids, mask = _batch(seed=1)
+    h, w, b, ids, mask = helpers.head_batch(seed=1)
     coef = jnp.asarray(np.random.default_rng(2).normal(size=h.shape[0]).astype(np.float32))
     shared = jnp.asarray([5.0, 3.0, 8.0, 1.0])
     n = max_scored_tokens(mask) if cfg.scored_only else None
@@ -160,10 +149,7 @@ def test_dpo_step_with_wpo_and_ld_matches_numpy(opts):
 
     def terms(p):
         logits = np.asarray(jax.jit(model.logits)(p, ids, pos, seg), np.float64)[:, :-1]
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        target = np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
-        return target, np.log(np.exp(2 * logp).sum(-1))
+        return _np_logit_terms(logits, ids)
 
     t_pol, sq_pol = terms(params)
     t_ref, _ = terms(ref_params)
