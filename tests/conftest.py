@@ -23,8 +23,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (multi-process launches, whole "
+                          "pipelines, learning runs, benchmarks)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "imdb_data: needs the real IMDb parquet files")
+    config.addinivalue_line("markers", "slow: end-to-end test of 20 s or more; runs with "
+                                       "--run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 import pytest  # noqa: E402
 

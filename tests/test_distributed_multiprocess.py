@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real multi-process launches: run with --run-slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.sh")
 TIMEOUT = 400
@@ -111,6 +113,7 @@ import json, os
 from dpo_jax import distributed, sharding
 distributed.initialize(distributed.plan_initialization(os.environ))
 import jax
+
 out = {"count": jax.process_count(), "local": [d.id for d in jax.local_devices()]}
 for name, shape in (("data2_fsdp4", (2, 4, 1)), ("data2_fsdp2_tensor2", (2, 2, 2)),
                     ("fsdp8", (1, 8, 1))):

@@ -41,7 +41,7 @@ def _config(variant="tiny", data_dir=None):
         c.imdb.data_dir = str(data_dir)
     return c
 
-
+@pytest.mark.slow
 def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     _write_shards(tmp_path / "imdb")
     work = tmp_path / "work"

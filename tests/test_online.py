@@ -76,7 +76,7 @@ def test_bad_online_settings_are_refused(field, value, message):
 
 # ------------------------------------------------------------------ the task
 
-
+@pytest.mark.slow
 def test_online_dpo_learns_the_true_reward(tmp_path):
     """configs/online_dpo.py:quick against the synthetic task's true reward: held-out DPO
     accuracy well above chance, the policy's samples beat the reference's."""
@@ -122,6 +122,7 @@ def data_parallel_run(tmp_path_factory):
     return runs.records(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [
     {"data": 1, "fsdp": 8, "tensor": 1},
     {"data": 2, "fsdp": 2, "tensor": 2},

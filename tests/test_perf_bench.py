@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # run with --run-slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location(
     "bench_dpo", os.path.join(REPO, "experiments", "bench", "bench_dpo.py"))

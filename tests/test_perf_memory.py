@@ -8,6 +8,8 @@ import pytest
 
 from dpo_jax.logprobs import DENSE, LogprobConfig, sequence_logps
 
+pytestmark = pytest.mark.slow  # run with --run-slow
+
 ROWS, D, V = 2, 32, 50257
 CHUNKED = LogprobConfig(scored_only=False, seq_chunk=64, vocab_chunk=4096)
 

@@ -170,6 +170,9 @@ def _stored(workdir) -> list[str]:
 
 def _assert_same_trajectory(want, got, keys):
     assert [r["step"] for r in got] == [r["step"] for r in want]
+    for k in keys:  # every key is logged somewhere, at the same steps in both runs
+        assert any(k in r for r in want), k
+        assert [k in r for r in got] == [k in r for r in want], k
     for w, g in zip(want, got):
         for k in keys:
             if k in w:

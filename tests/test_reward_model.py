@@ -122,6 +122,6 @@ def test_reward_model_learns_the_synthetic_preferences(tmp_path):
     assert first["accuracy"] == 0.0
     final = summary["final_eval"]
     # Held-out pairs (a different generator seed): chance is 0.5.
-    assert final["accuracy"] >= 0.8, final
+    assert final["accuracy"] >= 0.9, final  # measured 0.94
     assert final["loss"] < math.log(2) - 0.2, final
     assert (tmp_path / "rm" / "checkpoints").is_dir()
