@@ -19,14 +19,14 @@ from dpo_jax.losses.config import (
     needs_reference,
     uses_batch_statistics,
 )
-from dpo_jax.losses.core import (
+from dpo_jax.losses.core import preference_loss
+from dpo_jax.losses.terms import (
     F_SCORE_MAX,
     F_SCORE_MAX_EXPONENT,
     ORPO_MAX_AVG_LOGP,
     LossOutput,
     SequenceStats,
     f_divergence_score,
-    preference_loss,
     weighted_mean,
 )
 

@@ -53,7 +53,7 @@ DESELECT = [
 # The file(s) a group's mutants edit; of several, the first holding the snippet (code moves:
 # the eval padding weight lives in pipeline.py at older commits, in stream.py later).
 FILES = {
-    "losses": ("dpo_jax/losses/core.py",),
+    "losses": ("dpo_jax/losses/core.py", "dpo_jax/losses/terms.py"),
     "logprobs": ("dpo_jax/logprobs.py",),
     "step": ("dpo_jax/step.py",),
     "optim": ("dpo_jax/optim.py",),
