@@ -32,7 +32,6 @@ from dpo_jax.losses.config import (
     LossConfig,
     needs_reference,
 )
-
 from dpo_jax.losses.terms import (
     Array,
     LossOutput,
