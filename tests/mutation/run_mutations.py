@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Test files per module group, fastest and most targeted first (pytest -x stops at the first
 # failure, so a killed mutant usually costs seconds). test_train.py's end-to-end learning run
-# and its resume test are left out for time (the loop's resume and eval are not mutated here).
+# and its resume test are left out for time.
 TESTS = {
     "losses": ["tests/test_losses.py", "tests/test_step.py"],
     "logprobs": ["tests/test_logprobs.py", "tests/test_step.py"],
@@ -44,6 +44,7 @@ TESTS = {
     "tokenize": ["tests/test_data_tokenize.py", "tests/test_data_sources.py"],
     "batching": ["tests/test_data_batching.py", "tests/test_step.py"],
     "pipeline": ["tests/test_data_batching.py", "tests/test_step.py"],
+    "loop": ["tests/test_resume.py", "tests/test_step.py"],
 }
 DESELECT = [
     "tests/test_train.py::test_offline_default_learns_the_synthetic_task",
@@ -60,6 +61,8 @@ FILES = {
     "tokenize": ("dpo_jax/data/tokenize.py",),
     "batching": ("dpo_jax/data/batching.py",),
     "pipeline": ("dpo_jax/data/pipeline.py", "dpo_jax/data/stream.py"),
+    "loop": ("dpo_jax/loop.py", "dpo_jax/checkpoint.py", "dpo_jax/workdir.py",
+             "dpo_jax/metrics.py"),
 }
 
 
@@ -280,6 +283,32 @@ MUTANTS = [
       "the batch puts rejected responses in the chosen rows"),
     M("pipeline.padding_weighted", "weight = (idx >= 0).astype(np.float32)",
       "weight = np.ones(idx.shape, np.float32)", "eval padding pairs weigh 1"),
+    # ------------------------------------------ the loop's resume and eval (loop, checkpoint, ...)
+    M("loop.log_cut_one_step_late", "writer.truncate_after(start)",
+      "writer.truncate_after(start + 1)", "the resumed log keeps a record past the checkpoint"),
+    M("loop.log_not_cut", "writer.truncate_after(start)", "pass",
+      "the resumed log is not cut back to the checkpoint"),
+    M("loop.host_state_not_restored", "obj.load_state_dict(json_states[name])",
+      "obj.load_state_dict(json_states[name]) if name != 'data' else None",
+      "the batch stream's position is not restored"),
+    M("loop.log_window_not_restored", "obj.load_state_dict(json_states[name])",
+      "obj.load_state_dict(json_states[name]) if name != 'loop' else None",
+      "the log window (interval means, skipped count) is not restored"),
+    M("loop.window_mean_off_by_one", "mean = {k: v / max(self.count, 1)",
+      "mean = {k: v / max(self.count + 1, 1)", "interval means divide by one too many"),
+    M("loop.eval_weight_off", 'weight = max(totals.pop("weight", 0.0), 1e-9)',
+      'weight = max(totals.pop("weight", 0.0), 1e-9) + 1.0', "eval means over a wrong count"),
+    M("loop.nonfinite_ignored", 'bad = metrics.get("nonfinite", 0.0) > 0', "bad = False",
+      "non-finite steps are neither stopped nor counted"),
+    M("loop.flush_after_checkpoint",
+      "if pending is not None:  # a checkpoint never runs ahead of the metrics log",
+      "if False:", "a checkpoint is written before its step's metrics are logged"),
+    M("loop.restore_oldest_first", "for step in reversed(steps):", "for step in steps:",
+      "restore starts from the oldest checkpoint"),
+    M("loop.changed_config_accepted", "if refused and has_state:", "if False:",
+      "a resume with a changed config is accepted"),
+    M("loop.tensorboard_not_rebuilt", "                self._add_scalars(r)\n",
+      "                pass\n", "TensorBoard is emptied, not rebuilt, on resume"),
 ]
 
 
