@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from dpo_jax.logprobs import DENSE, LogprobConfig, max_scored_tokens, sequence_logps, token_logps
+from tests.helpers import head_batch as _batch  # (h, w, b, ids, mask)
+from tests.helpers import packed_seq_index
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -19,18 +21,6 @@ def _numpy_token_logps(h, w, b, targets):
     return np.take_along_axis(logp, targets[..., None], -1)[..., 0]
 
 
-def _batch(seed=0, rows=4, length=19, dim=8, vocab=37):
-    rng = np.random.default_rng(seed)
-    h = rng.normal(size=(rows, length, dim)).astype(np.float32)
-    w = rng.normal(size=(vocab, dim)).astype(np.float32)
-    b = rng.normal(size=(vocab,)).astype(np.float32)
-    ids = rng.integers(0, vocab, size=(rows, length)).astype(np.int32)
-    mask = np.zeros((rows, length), np.float32)
-    for r in range(rows):  # prompt of 3..6 tokens, response, then right padding
-        start = 3 + r
-        end = length - 2 * r
-        mask[r, start:end] = 1.0
-    return h, w, b, ids, mask
 
 
 CONFIGS = [
@@ -85,13 +75,7 @@ def test_gradients_equal_dense_path(cfg):
 
 def test_packed_sequences_sum_by_slot():
     h, w, b, ids, mask = _batch(seed=3, rows=2, length=20)
-    seq_index = -np.ones_like(ids)
-    # Row 0 packs slots 0 and 2, row 1 packs slots 1 and 3.
-    for r in range(2):
-        cols = np.nonzero(mask[r])[0]
-        half = len(cols) // 2
-        seq_index[r, cols[:half]] = r
-        seq_index[r, cols[half:]] = r + 2
+    seq_index = packed_seq_index(mask)  # row 0 packs slots 0 and 2, row 1 slots 1 and 3
     tok = _numpy_token_logps(h[:, :-1], w, b, ids[:, 1:]) * mask[:, 1:]
     want = np.zeros(4)
     for r in range(2):
