@@ -138,14 +138,10 @@ def get_config(arg: str = "cpu"):
         c.model.preset = "gpt2"
         c.model.overrides = ml_collections.ConfigDict({"max_len": 256})
         c.model.dtype = "bfloat16"
-        c.imdb.sft_max_length = 256
+        c.imdb.update(sft_max_length=256, num_train_prefixes=10000, num_test_prefixes=1000,
+                      max_new_tokens=64, sample_batch=512, betas=(0.05, 0.1, 0.2, 0.5, 1.0, 5.0))
         c.imdb.sft.update(steps=6000, batch_size=64, lr=3e-4, warmup_steps=500,
                           eval_every=1000, checkpoint_every=1000)
-        c.imdb.num_train_prefixes = 10000
-        c.imdb.num_test_prefixes = 1000
-        c.imdb.max_new_tokens = 64
-        c.imdb.sample_batch = 512
-        c.imdb.betas = (0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
         c.imdb.runs.update(steps=2000, batch_size=64, lr=1e-6, sft_lr=1e-6, optim="rmsprop",
                            warmup_steps=150, eval_every=0, eval_pairs=256)
         c.imdb.eval_every = 250
@@ -162,14 +158,10 @@ def get_config(arg: str = "cpu"):
         c.model.dtype = "bfloat16"
         c.imdb.tokenizer = "gpt2-large"  # its own tokenizer (hub or cache; or a local directory)
         c.imdb.hub_reward = "siebert/sentiment-roberta-large-english"
-        c.imdb.sft_max_length = 512
+        c.imdb.update(sft_max_length=512, num_train_prefixes=25000, num_test_prefixes=1000,
+                      max_new_tokens=128, sample_batch=256, betas=(0.05, 0.1, 0.5, 1.0, 5.0))
         c.imdb.sft.update(steps=5000, batch_size=64, lr=1e-5, warmup_steps=150,
                           eval_every=1000, checkpoint_every=1000)
-        c.imdb.num_train_prefixes = 25000
-        c.imdb.num_test_prefixes = 1000
-        c.imdb.max_new_tokens = 128
-        c.imdb.sample_batch = 256
-        c.imdb.betas = (0.05, 0.1, 0.5, 1.0, 5.0)
         c.imdb.runs.update(steps=5000, batch_size=64, lr=1e-6, sft_lr=1e-6, optim="rmsprop",
                            warmup_steps=150, eval_every=0, eval_pairs=512)
         c.imdb.eval_every = 500

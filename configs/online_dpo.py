@@ -14,22 +14,14 @@ from dpo_jax.online import default_online_config
 
 
 def quick(c):
-    c.model.overrides.n_layer = 1
-    c.model.overrides.d_model = 64
-    c.model.overrides.d_ff = 128
-    c.data.synthetic.num_train = 128
-    c.data.synthetic.num_eval = 32
+    c.model.overrides.update(n_layer=1, d_model=64, d_ff=128)
+    c.data.synthetic.update(num_train=128, num_eval=32)
     c.data.buckets = "32"
     c.online.max_new_tokens = 8
-    c.eval.max_new_tokens = 8
     c.optim.lr = 3e-3
-    c.train.steps = 100
-    c.train.batch_size = 16
-    c.train.eval_batch_size = 16
-    c.train.eval_every = 100
-    c.train.checkpoint_every = 100
-    c.eval.sample_every = 100
-    c.eval.sample_prompts = 16
+    c.train.update(steps=100, batch_size=16, eval_batch_size=16, eval_every=100,
+                   checkpoint_every=100)
+    c.eval.update(sample_every=100, sample_prompts=16, max_new_tokens=8)
 
 
 def iterative(c):

@@ -13,17 +13,11 @@ def get_config(arg: str = ""):
     config = base_config()
     config.task = "ppo"
     config.ppo = default_ppo_config()
-    config.ppo.max_new_tokens = 16
-    config.ppo.init_kl_coef = 0.05
-    config.ppo.target_kl = 6.0
-    config.optim.lr = 3e-4
-    config.optim.warmup_steps = 0
-    config.optim.max_grad_norm = 1.0
-    config.train.batch_size = 64  # rollouts per PPO iteration
-    config.train.eval_batch_size = 128
-    config.train.steps = 100  # PPO iterations
-    config.train.eval_every = 50
-    config.train.checkpoint_every = 50
+    config.ppo.update(max_new_tokens=16, init_kl_coef=0.05, target_kl=6.0)
+    config.optim.update(lr=3e-4, warmup_steps=0, max_grad_norm=1.0)
+    # batch_size: rollouts per PPO iteration; steps: PPO iterations
+    config.train.update(batch_size=64, eval_batch_size=128, steps=100, eval_every=50,
+                        checkpoint_every=50)
     config.data.synthetic.num_eval = 256
     def ground_truth(c):
         c.ppo.reward = "synthetic"
