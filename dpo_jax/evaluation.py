@@ -243,9 +243,9 @@ class SampleEvaluator:
         self._tb.flush()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            tb.close()
 
 
 def _markdown(rows: list[dict]) -> str:

@@ -31,9 +31,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     rc = read_config(config)
     loss_cfg = losses_lib.loss_config_from(config.loss)
     model = Model(rc.model)
-    needs_ref = losses_lib.needs_reference(loss_cfg)
-    mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(rc, model,
-                                                                       reference=needs_ref)
+    mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(
+        rc, model, reference=losses_lib.needs_reference(loss_cfg))
     samples = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
         reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps)
@@ -41,7 +40,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     data = streams.preference_streams(
         rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh,
         reference=(model, ref_params, run.file("reference_logps"))
-        if needs_ref and rc.precompute_reference else None)
+        if ref_params is not None and rc.precompute_reference else None)
     if rc.precompute_reference:
         ref_params = None  # the stored log-probs replace the reference forward
     state = state_lib.create_state(params, tx, mesh, shardings, ref_params)

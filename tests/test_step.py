@@ -153,8 +153,7 @@ def test_policy_equal_to_reference_gives_exactly_ln2(setup):
     """At step 0 (policy = reference) every pair's loss is log 2 and every reward 0."""
     model, params, pairs = setup["model"], setup["params"], setup["pairs"]
     state = helpers.train_state(model, params, setup["tx"], ref_params=params)
-    batch, max_scored = helpers.device_batch(helpers.pair_batch(pairs))
-    _, metrics = setup["train_step"](state, batch, max_scored)
+    _, metrics = setup["train_step"](state, *helpers.device_batch(helpers.pair_batch(pairs)))
     metrics = jax.device_get(metrics)
     np.testing.assert_allclose(metrics["loss"], np.log(2.0), rtol=1e-6)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):

@@ -33,10 +33,14 @@ def _is_saved_dataset(p: pathlib.Path) -> bool:
     )
 
 
+def _open_text(path: pathlib.Path):
+    """``path`` opened for reading UTF-8 text, through gzip when its name ends in ``.gz``."""
+    return (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8")
+
+
 def _read_json_lines(path: pathlib.Path) -> Iterator[Row]:
-    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with _open_text(path) as f:
             row = 0
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -91,9 +95,8 @@ def write_jsonl(rows: Iterable[Record], path: str | os.PathLike) -> None:
 
 
 def _read_json(path: pathlib.Path) -> Iterator[Row]:
-    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with _open_text(path) as f:
             data = json.load(f)
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read JSON file: {e}", file=str(path), reason="unreadable") from e
