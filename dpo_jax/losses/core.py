@@ -145,33 +145,27 @@ def _sppo_hard(c: _Ctx) -> _Part:
     return _Part((c_w - half) ** 2 + (c_l + half) ** 2, *_dpo_rewards(c), {})
 
 
-def _aot(c: _Ctx) -> _Part:
-    # AOT paired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot; eq. number not re-checked):
-    # sort the policy log-ratios pi_w - pi_l and
-    # the reference log-ratios ref_w - ref_l separately over the (global) batch, take
-    # delta_k = sorted_policy[k] - sorted_ref[k] and the (smoothed) logistic loss of beta delta_k.
-    # Rank k's loss is stored at the pair holding policy rank k; padding pairs sort last.
-    p = c.pi_w - c.pi_l
-    r = c.ref_w - c.ref_l
-    order_p = _padding_last_order(p, c.weights)
-    order_r = _padding_last_order(r, c.weights)
-    delta = p[order_p] - r[order_r]
+def _rank_matched(c: _Ctx, x: Array, y: Array) -> _Part:
+    """AOT's loss: ``x`` and ``y`` sorted separately over the batch (padding pairs last),
+    ``delta_k = x_(k) - y_(k)`` and the (smoothed) logistic loss of ``beta delta_k``, stored at
+    the pair holding ``x``'s rank ``k``."""
+    order_x = _padding_last_order(x, c.weights)
+    order_y = _padding_last_order(y, c.weights)
+    delta = x[order_x] - y[order_y]
     rank_loss = _smoothed_logistic(c.cfg.beta * delta, c.cfg.label_smoothing or 0.0)
-    losses = jnp.zeros_like(p).at[order_p].set(rank_loss)
-    return _Part(losses, *_dpo_rewards(c), {})
+    return _Part(jnp.zeros_like(x).at[order_x].set(rank_loss), *_dpo_rewards(c), {})
+
+
+def _aot(c: _Ctx) -> _Part:
+    # AOT paired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot): the policy log-ratios
+    # pi_w - pi_l matched by rank with the reference log-ratios ref_w - ref_l.
+    return _rank_matched(c, c.pi_w - c.pi_l, c.ref_w - c.ref_l)
 
 
 def _aot_unpaired(c: _Ctx) -> _Part:
-    # AOT unpaired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot_unpaired): sort chosen log-ratios c_w and
-    # rejected log-ratios c_l separately; delta_k = sorted c_w[k] - sorted c_l[k]. Rank k's loss is
-    # stored at the pair holding chosen rank k; padding pairs sort last.
-    c_w, c_l = _log_ratios(c)
-    order_w = _padding_last_order(c_w, c.weights)
-    order_l = _padding_last_order(c_l, c.weights)
-    delta = c_w[order_w] - c_l[order_l]
-    rank_loss = _smoothed_logistic(c.cfg.beta * delta, c.cfg.label_smoothing or 0.0)
-    losses = jnp.zeros_like(c_w).at[order_w].set(rank_loss)
-    return _Part(losses, *_dpo_rewards(c), {})
+    # AOT unpaired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot_unpaired): the chosen
+    # log-ratios c_w matched by rank with the rejected log-ratios c_l.
+    return _rank_matched(c, *_log_ratios(c))
 
 
 def _apo_zero(c: _Ctx) -> _Part:
