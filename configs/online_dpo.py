@@ -32,8 +32,7 @@ def get_config(arg: str = ""):
     c = base_config()
     c.task = "online_dpo"
     c.online = default_online_config()
-    c.online.samples_per_prompt = 4
-    c.online.max_new_tokens = 12
+    c.online.update(samples_per_prompt=4, max_new_tokens=12)
     c.optim.lr = 1e-3
     c.train.steps = 200  # the true reward saturates: past ~200 steps nearly every pair is a tie
     c.eval.sample_every = 100  # samples and eval/win_rate against the reference, judged by

@@ -83,11 +83,7 @@ class _Ctx(NamedTuple):
     weights: Array  # pair weights, 0 for padding pairs
 
 
-class _Part(NamedTuple):
-    losses: Array
-    chosen_rewards: Array
-    rejected_rewards: Array
-    extras: dict[str, Array]
+_Part = LossOutput  # what one loss component returns (preference_loss combines them)
 
 
 def weighted_mean(x: Array, weights: Array | None = None) -> Array:

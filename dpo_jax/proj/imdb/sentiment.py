@@ -43,6 +43,15 @@ class RewardFn(Protocol):
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray: ...
 
 
+class _TextScorer:
+    """A :class:`RewardFn` from ``self.score(texts)``: the reward of ``prompt + completion``."""
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return self.score([p + c for p, c in zip(prompts, completions)])
+
+
 # --------------------------------------------------------------------------------------------
 # Features
 # --------------------------------------------------------------------------------------------
@@ -112,7 +121,7 @@ def tfidf_values(
 # --------------------------------------------------------------------------------------------
 
 
-class SentimentReward:
+class SentimentReward(_TextScorer):
     """A fitted linear sentiment classifier over hashed n-gram TF-IDF features.
 
     Callable as a :class:`RewardFn`: the reward of a completion is the positive logit of the
@@ -153,10 +162,6 @@ class SentimentReward:
     def accuracy(self, texts: Sequence[str], labels: np.ndarray) -> float:
         return float(np.mean(self.predict(texts) == np.asarray(labels)))
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        return self.score([p + c for p, c in zip(prompts, completions)])
 
     # ---- persistence: npz arrays + json metadata (no pickle, loadable anywhere) -----------
 
@@ -243,7 +248,7 @@ def train_sentiment(
     return SentimentReward(np.asarray(params["w"]), float(params["b"]), idf, meta)
 
 
-class HubSentimentReward:
+class HubSentimentReward(_TextScorer):
     """A transformers sentiment classifier as the reward (the paper's setup, needs the hub).
 
     Returns the same quantity as :class:`SentimentReward`: ``logit_pos - logit_neg`` (the raw
@@ -274,10 +279,6 @@ class HubSentimentReward:
             rewards.append(logits[self.positive_label] - logits[self.negative_label])
         return np.asarray(rewards, np.float32)
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        return self.score([p + c for p, c in zip(prompts, completions)])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

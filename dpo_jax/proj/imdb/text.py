@@ -62,6 +62,15 @@ def _no_data(source: str, split: str, error: Exception) -> FileNotFoundError:
         f"{{train,test,unsup}}-*.parquet shards or a datasets.save_to_disk directory")
 
 
+def _pick_split(source: str, names, available) -> str:
+    """The first of ``names`` that ``available`` holds; KeyError naming both otherwise."""
+    name = next((n for n in names if n in available), None)
+    if name is None:
+        raise KeyError(f"IMDb {source!r} has no split {' or '.join(map(repr, names))} "
+                       f"(it has {list(available)})")
+    return name
+
+
 def _load_datasets(source: str, split: str) -> tuple[list[str], np.ndarray]:
     """Texts and labels of ``split`` through ``datasets``: a ``save_to_disk`` directory or
     anything ``datasets.load_dataset`` reads (hub name, local dataset directory or script),
@@ -79,21 +88,13 @@ def _load_datasets(source: str, split: str) -> tuple[list[str], np.ndarray]:
             if not path.exists() and (path.is_absolute() or source.startswith((".", "~"))):
                 raise FileNotFoundError("no such file or directory")
             available = datasets.get_dataset_split_names(source)
-            name = next((n for n in names if n in available), None)
-            if name is None:
-                raise KeyError(f"IMDb {source!r} has no split {' or '.join(map(repr, names))} "
-                               f"(it has {available})")
-            ds = datasets.load_dataset(source, split=name)
+            ds = datasets.load_dataset(source, split=_pick_split(source, names, available))
     except KeyError:
         raise
     except Exception as e:  # noqa: BLE001 - offline, unknown name, unreadable: one message
         raise _no_data(source, split, e) from e
     if isinstance(ds, datasets.DatasetDict):
-        name = next((n for n in names if n in ds), None)
-        if name is None:
-            raise KeyError(f"IMDb {source!r} has no split {' or '.join(map(repr, names))} "
-                           f"(it has {sorted(ds)})")
-        ds = ds[name]
+        ds = ds[_pick_split(source, names, sorted(ds))]
     missing = {"text", "label"} - set(ds.column_names)
     if missing:
         raise KeyError(f"IMDb {source!r} split {split!r} lacks column(s) {sorted(missing)} "
