@@ -78,14 +78,19 @@ def _hinge(c: _Ctx) -> _Part:
     return _Part(jax.nn.relu(1.0 - c.cfg.beta * _score_margin(c)), *_dpo_rewards(c), {})
 
 
+def _ratios_and_scores(c: _Ctx) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """``((c_w, c_l), (s_w, s_l))``: the log-ratios and their f-DPO scores."""
+    c_w, c_l = _log_ratios(c)
+    return (c_w, c_l), _scores(c, c_w, c_l)
+
+
 def _ipo(c: _Ctx) -> _Part:
     # IPO, Azar et al. 2023 Eq. 17: (h - 1/(2 tau))^2 with tau = beta. The paper (and TRL) use
     # per-token AVERAGE log-probs; ipo_logps='sum' uses summed log-probs instead.
     # An f-divergence replaces each summed log-ratio by its score before averaging (as TRL); the
     # residual is clipped to +-_IPO_MAX_RESIDUAL so its square stays finite in float32.
     beta = c.cfg.beta
-    c_w, c_l = _log_ratios(c)
-    s_w, s_l = _scores(c, c_w, c_l)
+    (c_w, c_l), (s_w, s_l) = _ratios_and_scores(c)
     if c.cfg.ipo_logps == "average":
         c_w, c_l, s_w, s_l = c_w / c.len_w, c_l / c.len_l, s_w / c.len_w, s_l / c.len_l
     residual = jnp.clip(s_w - s_l - 1.0 / (2.0 * beta), -_IPO_MAX_RESIDUAL, _IPO_MAX_RESIDUAL)
@@ -202,8 +207,7 @@ def _sigmoid_norm(c: _Ctx) -> _Part:
     # -log sigma(beta (s_w/|y_w| - s_l/|y_l|)), s = the log-ratio or its f-DPO score. Rewards
     # beta * c / |y| on the same per-token averages.
     beta = c.cfg.beta
-    c_w, c_l = _log_ratios(c)
-    s_w, s_l = _scores(c, c_w, c_l)
+    (c_w, c_l), (s_w, s_l) = _ratios_and_scores(c)
     losses = -jax.nn.log_sigmoid(beta * (s_w / c.len_w - s_l / c.len_l))
     return _Part(losses, _sg(beta * c_w / c.len_w), _sg(beta * c_l / c.len_l), {})
 
