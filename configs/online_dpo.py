@@ -30,8 +30,7 @@ def iterative(c):
 
 def get_config(arg: str = ""):
     c = base_config()
-    c.task = "online_dpo"
-    c.online = default_online_config()
+    c.update(task="online_dpo", online=default_online_config())
     c.online.update(samples_per_prompt=4, max_new_tokens=12)
     c.optim.lr = 1e-3
     c.train.steps = 200  # the true reward saturates: past ~200 steps nearly every pair is a tie

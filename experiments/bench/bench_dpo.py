@@ -366,30 +366,29 @@ def main() -> None:
         rows = sweep(a, ceilings)
     else:
         torch_runs = 2 if a.torch and a.torch_device == "cpu" else int(a.torch)
-        if torch_runs:  # first, before this process's allocator holds device memory
-            r = run_torch(a.torch_script, a.preset, a.pairs, a.prompt, a.response, a.steps,
-                          a.warmup, a.torch_device)
+        def torch_row():
+            return run_torch(a.torch_script, a.preset, a.pairs, a.prompt, a.response, a.steps,
+                             a.warmup, a.torch_device)
+
+        def emit(r):
             print(json.dumps(r), flush=True)
             rows.append(r)
+
+        if torch_runs:  # first, before this process's allocator holds device memory
+            emit(torch_row())
         for v in filter(None, a.configs.split(",")):
             if a.isolate:
-                r = run_isolated(a, v, ceilings)
-                print(json.dumps(r), flush=True)
-                rows.append(r)
+                emit(run_isolated(a, v, ceilings))
                 continue
             try:
                 r = bench_variant(a.preset, v, a.pairs, a.prompt, a.response, a.steps, a.warmup,
                                   ceilings, abstract=a.abstract)
             except Exception as e:  # e.g. out of device memory: keep the other configurations
                 r = dict(shape=a.preset, config=v, error=f"{type(e).__name__}: {e}"[:2000])
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+            emit(r)
         if torch_runs > 1:  # again after ours: on a shared CPU the load drifts, so both sides
             # are bracketed and the ratio uses PyTorch's faster run (conservative for us)
-            r = run_torch(a.torch_script, a.preset, a.pairs, a.prompt, a.response, a.steps,
-                          a.warmup, a.torch_device)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+            emit(torch_row())
     # The ceiling again at the end: a neighbour's load during the first measurement would
     # otherwise inflate MFU; the larger of the two is the device's ceiling.
     again = {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
