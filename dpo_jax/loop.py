@@ -152,7 +152,8 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
     every checkpoint as the ``data`` item, each of ``host_states`` as its own item.
     ``evaluate(state) -> {name: value}`` runs every ``cfg.eval_every`` steps and at the end.
     ``report()`` adds entries to the summary (data statistics, ...). ``interrupt_after=n``
-    simulates a crash right after step ``n`` is dispatched: nothing more is logged or saved and
+    simulates a crash right after step ``n`` is dispatched and step ``n-1``'s metrics are logged
+    (so the log may run past the newest checkpoint): nothing more is logged or saved and
     :class:`Interrupted` is raised (the resume tests use it). ``save_reference``: the step
     changes ``state.ref_params`` (TR-DPO), so they are checkpointed and restored with the rest.
 
@@ -244,13 +245,13 @@ def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, window, c
         tokens = count_tokens(batch_np) * jax.process_count()
         t_step = time.time()
         state, metrics = step_fn(state, batch_np)
-        if interrupt_after is not None and step + 1 == interrupt_after:
-            raise Interrupted(f"interrupted after dispatching step {step + 1}")
         if pending is not None:
             last_train = flush(pending)
         elif compile_s is None:
             jax.block_until_ready(metrics)
             compile_s = time.time() - t_step
+        if interrupt_after is not None and step + 1 == interrupt_after:
+            raise Interrupted(f"interrupted after dispatching step {step + 1}")
         pending = (step + 1, metrics, tokens)
         done = step + 1
         stop = guard.should_stop() and done < cfg.steps

@@ -57,7 +57,13 @@ def dpo_full(tmp_path_factory):
 ])
 def test_interrupted_dpo_run_ends_as_the_uninterrupted_one(dpo_full, tmp_path, interrupt_after):
     config, full_dir, full_summary = dpo_full
-    summary = runs.cut_and_resume(config, tmp_path, interrupt_after)
+    with pytest.raises(loop.Interrupted):
+        runs.run(config, tmp_path, interrupt_after=interrupt_after)
+    # The crash leaves every earlier step logged: at 6 that includes step 5, past the newest
+    # checkpoint (4), which the rerun must cut.
+    assert [r["step"] for r in runs.records(tmp_path) if "loss" in r] == list(
+        range(1, interrupt_after))
+    summary = runs.run(config, tmp_path)
     assert summary["resumed_from"] == {1: 0, 3: 2, 6: 4}[interrupt_after]
     want = runs.assert_same_run(config, tmp_path, full_dir)
     assert tensorboard_steps(tmp_path) == [r["step"] for r in want if "loss" in r]
