@@ -131,6 +131,9 @@ def reduce_eval(sums_of: Callable[[Any], Mapping[str, Any]], batches: Iterable,
     return finalize(totals)
 
 
+_all_finite = jax.jit(all_finite)
+
+
 def _short(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in list(metrics.items())[:6])
 
@@ -192,8 +195,7 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
 
 
 def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, window, count_tokens,
-         report,
-         interrupt_after, checkpointer, writer, guard, t0):
+         report, interrupt_after, checkpointer, writer, guard, t0):
     progress = Progress(cfg.steps, start)
     log_every = max(1, cfg.log_every)
     count_tokens = count_tokens or (lambda b: int(np.sum(b["segment_ids"] > 0)))
@@ -233,7 +235,7 @@ def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, window, c
         return last_train
 
     def save(done: int) -> None:
-        if not bool(jax.jit(all_finite)(state.params)):
+        if not bool(_all_finite(state.params)):
             raise NonFiniteError(f"step {done}: parameters are not finite; not checkpointed")
         checkpointer.save(done, state.params, state.opt_state,
                           {k: v.state_dict() for k, v in items.items()},
