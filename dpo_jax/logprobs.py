@@ -33,14 +33,15 @@ class LogprobConfig:
 DENSE = LogprobConfig(scored_only=False, seq_chunk=None, vocab_chunk=None)
 
 
-def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = False):
+def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = False,
+                 softcap: float | None = None):
     """log p(target) for one chunk: target logit minus a float32 (online) logsumexp.
 
     ``with_sq``: also ``log sum_v p_v^2`` per position (WPO's normaliser), ``logsumexp(2 l) -
     2 logsumexp(l)``, accumulated online on the same running max and under stop_gradient."""
     vocab = w_VD.shape[0]
     if not vocab_chunk or vocab_chunk >= vocab:
-        logits = project(h_RCD, w_VD, b_V)
+        logits = project(h_RCD, w_VD, b_V, softcap)
         target = jnp.take_along_axis(logits, targets_RC[..., None], axis=-1)[..., 0]
         lse = jax.nn.logsumexp(logits, axis=-1)
         if not with_sq:
@@ -51,7 +52,8 @@ def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = Fals
     running_max = running_sum = running_sq = target = None
     for start in range(0, vocab, vocab_chunk):
         end = min(vocab, start + vocab_chunk)
-        logits = project(h_RCD, w_VD[start:end], None if b_V is None else b_V[start:end])
+        logits = project(h_RCD, w_VD[start:end], None if b_V is None else b_V[start:end],
+                         softcap)
         chunk_max = jax.lax.stop_gradient(logits.max(axis=-1))
         in_chunk = (targets_RC >= start) & (targets_RC < end)
         index = jnp.clip(targets_RC - start, 0, end - start - 1)
@@ -80,15 +82,16 @@ def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = Fals
 
 
 def token_logps(h_RSD, targets_RS, w_VD, b_V, cfg: LogprobConfig = LogprobConfig(),
-                with_sq: bool = False):
+                with_sq: bool = False, softcap: float | None = None):
     """float32 [R, S] log-probs of ``targets_RS`` given hidden states ``h_RSD`` (aligned).
+    ``softcap``: the model's final logit soft-cap (Gemma 2), applied to every logit.
 
     ``with_sq``: returns ``(logps_RS, log_sq_RS)`` with ``log_sq = log sum_v p_v^2`` at each
     position (no gradient), from the same chunked pass."""
     rows, length, _ = h_RSD.shape
     chunk = cfg.seq_chunk
     if not chunk or chunk >= length:
-        return _chunk_logps(h_RSD, targets_RS, w_VD, b_V, cfg.vocab_chunk, with_sq)
+        return _chunk_logps(h_RSD, targets_RS, w_VD, b_V, cfg.vocab_chunk, with_sq, softcap)
     pad = (-length) % chunk
     if pad:
         h_RSD = jnp.pad(h_RSD, ((0, 0), (0, pad), (0, 0)))
@@ -100,7 +103,7 @@ def token_logps(h_RSD, targets_RS, w_VD, b_V, cfg: LogprobConfig = LogprobConfig
 
     @jax.checkpoint
     def one(h_RCD, t_RC):
-        return _chunk_logps(h_RCD, t_RC, w_VD, b_V, cfg.vocab_chunk, with_sq)
+        return _chunk_logps(h_RCD, t_RC, w_VD, b_V, cfg.vocab_chunk, with_sq, softcap)
 
     _, out_nRC = jax.lax.scan(lambda c, x: (c, one(*x)), None, (h_nRCD, t_nRC))
     unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(rows, n * chunk)[:, :length]  # noqa: E731
@@ -127,6 +130,7 @@ def sequence_logps(
     ld_shared_S=None,
     ld_alpha: float = 1.0,
     with_wpo: bool = False,
+    softcap: float | None = None,
 ):
     """Summed float32 log-probs and scored-token counts per sequence.
 
@@ -139,7 +143,7 @@ def sequence_logps(
     of a sequence counts with weight 1 while k <= ld_shared_S[seq] and ``ld_alpha`` after it
     (counts stay unweighted). ``with_wpo``: also returns, per sequence, the sum over its scored
     tokens of ``log p_t - log sum_v p_v^2`` (WPO's aligned log-prob, no gradient), so the
-    return value is ``(sums, counts, wpo_sums)``.
+    return value is ``(sums, counts, wpo_sums)``. ``softcap``: see :func:`token_logps`.
     """
     h = h_RLD[:, :-1]
     targets = input_ids_RL[:, 1:]
@@ -152,7 +156,7 @@ def sequence_logps(
         targets = jnp.take_along_axis(targets, order, axis=1)
         if index is not None:
             index = jnp.take_along_axis(index, order, axis=1)
-    out = token_logps(h, targets, w_VD, b_V, cfg, with_sq=with_wpo)
+    out = token_logps(h, targets, w_VD, b_V, cfg, with_sq=with_wpo, softcap=softcap)
     logps, log_sq = out if with_wpo else (out, None)
     weight = mask
     if index is None:  # one sequence per row: sums along the row keep the rows' sharding

@@ -174,6 +174,7 @@ def score_tokens(model: Model, params: Params, tokens_BT: jax.Array,
     T = tokens_BT.shape[1]
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
     h = model.hidden(params, tokens_BT, positions, segment_ids_BT)
-    w_VD, b_V = model.unembedding(params)
-    lp = token_logps(h[:, :-1], tokens_BT[:, 1:], w_VD, b_V, DENSE)
+    w_VD, b_V = model.unembedding(params, caller_applies_softcap=True)
+    lp = token_logps(h[:, :-1], tokens_BT[:, 1:], w_VD, b_V, DENSE,
+                     softcap=model.cfg.final_logit_softcap)
     return jnp.pad(lp, ((0, 0), (1, 0)))

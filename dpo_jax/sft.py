@@ -64,7 +64,7 @@ def scored_token_logps(model, params, batch, lp_cfg, max_scored):
     ``slot`` is the sequence slot of each token: ``seq_index`` in packed batches, else the row.
     """
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    w, b = model.unembedding(params)
+    w, b = model.unembedding(params, caller_applies_softcap=True)
     h, targets = h[:, :-1], batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
     rows, length = targets.shape
@@ -78,7 +78,7 @@ def scored_token_logps(model, params, batch, lp_cfg, max_scored):
         h = jnp.take_along_axis(h, order[..., None], axis=1)
         targets = jnp.take_along_axis(targets, order, axis=1)
         slot = jnp.take_along_axis(slot, order, axis=1)
-    logps = token_logps(h, targets, w, b, lp_cfg) * mask
+    logps = token_logps(h, targets, w, b, lp_cfg, softcap=model.cfg.final_logit_softcap) * mask
     return logps, mask, jnp.where(mask > 0, slot, 0)
 
 

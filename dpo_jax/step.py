@@ -51,7 +51,7 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
     evaluates the head with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights
     the tokens past the shorter response of each pair."""
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    w, b = model.unembedding(params)
+    w, b = model.unembedding(params, caller_applies_softcap=True)
     seq_index = batch.get("seq_index")
     num_seqs = None if seq_index is None else 2 * batch["pair_weight"].shape[0]
     ld = {}
@@ -63,7 +63,7 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
         h, batch["input_ids"], batch["loss_mask"], w, b,
         cfg.forward_logprobs if forward_only else cfg.logprobs,
         max_scored=max_scored, seq_index_RL=seq_index, num_seqs=num_seqs, with_wpo=with_wpo,
-        **ld,
+        softcap=model.cfg.final_logit_softcap, **ld,
     )
     if with_wpo:
         logps, lengths, wpo_sums = out

@@ -145,7 +145,7 @@ def test_greedy_sampling_matches_generate_past_the_window(name, hf_dirs, ours):
         np.testing.assert_array_equal(np.asarray(got.tokens_BT)[b, n:n + k], want[:k])
 
 
-@pytest.mark.parametrize("name", ["mistral-window", "qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("name", ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
     """One DPO train step (dpo_jax.step.make_train_step) on the imported model: the policy
     log-probs it reports equal PyTorch's on the same batch, and the parameters move."""

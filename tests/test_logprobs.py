@@ -122,3 +122,21 @@ def test_max_scored_tokens_is_a_power_of_two_bound():
     assert max_scored_tokens(mask) == 64
     mask[1, 1:300] = 1  # 299 scored, capped at the 299 shifted positions
     assert max_scored_tokens(mask) == 299
+
+
+@pytest.mark.parametrize("cfg", [DENSE, LogprobConfig(seq_chunk=4, vocab_chunk=8)], ids=str)
+def test_final_logit_softcap_applies_in_every_tiling(cfg):
+    """Gemma 2's final soft-cap ``cap * tanh(logit / cap)`` before the log-softmax, on the
+    whole vocabulary and on vocabulary slices alike (float64 numpy reference)."""
+    h, w, b, ids, _ = _batch(seed=6)
+    cap = 3.0
+    logits = np.einsum("rld,vd->rlv", h[:, :-1].astype(np.float64), w.astype(np.float64)) + b
+    logits = cap * np.tanh(logits / cap)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                          keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    want = np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+    got = token_logps(h[:, :-1], ids[:, 1:], w, b, cfg, softcap=cap)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    uncapped = token_logps(h[:, :-1], ids[:, 1:], w, b, cfg)
+    assert np.max(np.abs(np.asarray(uncapped) - want)) > 1e-2  # the cap matters here

@@ -74,7 +74,8 @@ def forward(model, params, batch, n: int, with_values: bool = True, detach_value
     idx, targets, _ = completion_view(batch, n)
     h = _hidden(decoder, dparams, batch)
     h_BND = jnp.take_along_axis(h, idx[..., None], axis=1)
-    logits = project(h_BND, *decoder.unembedding(dparams))
+    logits = project(h_BND, *decoder.unembedding(dparams, caller_applies_softcap=True),
+                     softcap=decoder.cfg.final_logit_softcap)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
     h_value = jax.lax.stop_gradient(h_BND) if detach_value else h_BND
     values = model.head(params, h_value) if with_values else None
