@@ -12,6 +12,7 @@ import jax
 from absl import logging
 
 from dpo_jax import data as data_lib
+from dpo_jax.loop import weighted_means
 
 
 def check_fits(pairs, model_cfg, *, pad_id: int, where: str, tokenizer=None) -> None:
@@ -69,14 +70,20 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
         from dpo_jax import reference as ref_lib
 
         model, ref_params, cache_dir = reference
+        # A mixture's per-source eval splits are slices of 'eval': computed once, sliced below.
         stored, info = ref_lib.reference_logps(
-            model, ref_params, pairs, data_cfg=rc.data, step_cfg=rc.step, mesh=mesh,
+            model, ref_params, {k: v for k, v in pairs.items() if "/" not in k},
+            data_cfg=rc.data, step_cfg=rc.step, mesh=mesh,
             batch_size=rc.train.eval_batch_size, cache_dir=cache_dir,
             tokenizer_name=str(rc.data.tokenizer), pad_id=pad_id,
             ref_source=dict(policy=rc.sources.policy, hf_path=rc.sources.policy_hf,
                             reference=rc.sources.reference, ref_hf_path=rc.sources.reference_hf,
                             ref_param_dtype=rc.sources.reference_dtype))
         logging.info("reference log-probs %s", info)
+        start = 0
+        for name, _, count in stats.get("eval", {}).get("mixture_counts", None) or ():
+            stored[f"eval/{name}"] = tuple(x[start:start + count] for x in stored["eval"])
+            start += count
     return {split: data_lib.PreferencePipeline(
         pairs[split], rc.data, train=split == "train",
         global_batch_size=rc.train.batch_size if split == "train" else rc.train.eval_batch_size,
@@ -89,18 +96,24 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
 def evaluators(make, streams: dict):
     """``evaluate(state)`` over ``streams['eval']`` and, for a mixture, over each source's
     ``streams['eval/<name>']`` (its metrics as ``'<name>/<metric>'``, logged as
-    ``eval/<name>/<metric>``); ``make(stream)`` builds one stream's ``evaluate`` (e.g.
-    ``loop.evaluator``). None without an eval stream."""
-    main = make(streams.get("eval"))
-    per_source = {k.split("/", 1)[1]: make(v) for k, v in streams.items()
+    ``eval/<name>/<metric>``); ``make(stream, finalize)`` builds one stream's ``evaluate``
+    (e.g. ``loop.evaluator``; ``finalize=None``: weighted means). A mixture's overall metrics
+    are the weighted means of the sources' summed sums: every eval pair runs through the model
+    once. None without an eval stream."""
+    per_source = {k.split("/", 1)[1]: make(v, dict) for k, v in streams.items()
                   if k.startswith("eval/")}
-    if main is None or not per_source:
-        return main
+    if streams.get("eval") is None or not per_source:
+        return make(streams.get("eval"), None)
 
     def evaluate(state):
-        out = dict(main(state))
-        for name, ev in per_source.items():
-            out.update({f"{name}/{k}": v for k, v in ev(state).items()})
+        sums = {name: ev(state) for name, ev in per_source.items()}
+        total: dict[str, float] = {}
+        for source_sums in sums.values():
+            for k, v in source_sums.items():
+                total[k] = total.get(k, 0.0) + v
+        out = weighted_means(total)
+        for name, source_sums in sums.items():
+            out.update({f"{name}/{k}": v for k, v in weighted_means(source_sums).items()})
         return out
 
     return evaluate

@@ -52,8 +52,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=loop.host_step(train_step, mesh, scored_only),
         train_data=data["train"],
-        evaluate=evaluation.with_samples(streams.evaluators(lambda batches: loop.evaluator(
-            lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches, mesh,
-            scored_only), data), samples),
+        evaluate=evaluation.with_samples(streams.evaluators(
+            lambda batches, finalize: loop.evaluator(
+                lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches, mesh,
+                scored_only, finalize), data), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
         interrupt_after=interrupt_after, save_reference=rc.step.ref_sync_every > 0)

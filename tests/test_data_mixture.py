@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from dpo_jax import streams
+from dpo_jax import loop, streams
 from dpo_jax.config import base_config, read_config
 from dpo_jax.data import DataError, build_pipeline, default_data_config
 from dpo_jax.data.mixture import interleave, mixture_counts, mixture_sources
@@ -105,12 +105,17 @@ def test_per_source_eval_streams_and_metrics(mix, tmp_path):
     assert sorted(data) == ["eval", "eval/b_side", "eval/generic", "train"]
     sizes = {k: len(v.pairs) for k, v in data.items()}
     assert sizes["eval"] == sizes["eval/generic"] + sizes["eval/b_side"] == (60 - 48) + (24 - 19)
-    evaluate = streams.evaluators(
-        lambda s: None if s is None else (lambda state: {"rewards/accuracies": len(s.pairs)}),
-        data)
-    assert evaluate(None) == {"rewards/accuracies": sizes["eval"],
-                              "generic/rewards/accuracies": sizes["eval/generic"],
-                              "b_side/rewards/accuracies": sizes["eval/b_side"]}
+    # Each source's sums: a metric summing to n^2 over its n pairs (mean n), weight n. The
+    # overall mean comes from the summed sums, not from another pass over the eval stream.
+    def make(stream, finalize):
+        if stream is None:
+            return None
+        n = float(len(stream.pairs))
+        return lambda state: (finalize or loop.weighted_means)({"size": n * n, "weight": n})
+
+    a, b = sizes["eval/generic"], sizes["eval/b_side"]
+    assert streams.evaluators(make, data)(None) == pytest.approx(
+        {"size": (a * a + b * b) / (a + b), "generic/size": a, "b_side/size": b})
 
 
 @pytest.mark.parametrize("entry, match", [
@@ -126,3 +131,34 @@ def test_bad_entries_name_the_source_and_field(mix, entry, match):
     cfg.sources = [cfg.sources[0], entry]
     with pytest.raises(ValueError, match=match):
         mixture_sources(cfg)
+
+
+def test_per_source_reference_log_probs_are_slices_of_the_eval_split(mix, tmp_path):
+    """With a precomputed reference, each source's eval stream gets its block of the eval
+    split's stored log-probs (computed once), in the eval split's order."""
+    import jax
+
+    from dpo_jax.models import Model
+    from dpo_jax.sharding import make_mesh
+
+    cfg, _ = mix
+    c = base_config()
+    c.data = cfg
+    c.model.overrides.vocab_size = 512
+    c.model.overrides.n_layer = 1
+    c.train.eval_batch_size = 8
+    rc = read_config(c)
+    model = Model(rc.model)
+    params = jax.jit(model.init)(jax.random.key(0))
+    data = streams.preference_streams(rc, ("train", "eval"), model_cfg=rc.model,
+                                      mesh=make_mesh({"data": -1}),
+                                      reference=(model, params, str(tmp_path / "ref")))
+    whole = data["eval"].reference
+    start = 0
+    for name in ("generic", "b_side"):
+        part = data[f"eval/{name}"].reference
+        n = len(data[f"eval/{name}"].pairs)
+        for got, want in zip(part, whole):
+            np.testing.assert_array_equal(got, want[start:start + n])
+        start += n
+    assert start == len(data["eval"].pairs)
