@@ -8,7 +8,8 @@ Variants (``:name``):
   * ``cpu``   -- offline, 2 CPU cores: the IMDb BPE (8192), a 4-layer d=256 GPT-2-shaped model
     pretrained on IMDb reviews cut to 64 tokens, 1000 train prefixes x 4 samples, 4 betas +
     Preferred-FT + Unlikelihood, a reward model + PPO at target KL 3/6/9/12 + PPO-GT,
-    frontier on 256 test prefixes.
+    online and iterative DPO (beta 0.1, pairs judged by the ground-truth reward), frontier on
+    256 test prefixes.
   * ``gpu``   -- the same recipe at GPT-2-small shape on all reviews (one accelerator).
   * ``paper`` -- gpt2-large from ``model.hf_path`` (hub or a local directory) with its own
     tokenizer, reward ``siebert/sentiment-roberta-large-english`` through
@@ -62,6 +63,14 @@ def _imdb_block() -> ml_collections.ConfigDict:
     c.runs = ml_collections.ConfigDict(dict(steps=200, batch_size=32, lr=1e-4, sft_lr=1e-4,
                                             optim="adamw", warmup_steps=20, eval_every=0,
                                             eval_pairs=64))
+    # Online DPO (task 'online_dpo'): per step, `online.samples_per_prompt` completions of each
+    # of runs.batch_size train prefixes from the current policy, judged by the ground-truth
+    # reward (as the offline pairs were labelled), best vs worst -> one pair per prefix; the
+    # runs.* optimizer, steps and batch size, so an online run trains on as many pairs as an
+    # offline one. One run per entry of `online_iterations`: 0 = online (sample every step),
+    # n >= 1 = iterative DPO (n rounds, each sampling from the policy as the round began).
+    c.online_iterations = (0, 4)
+    c.online = ml_collections.ConfigDict(dict(beta=0.1, samples_per_prompt=2))
     c.eval_every = 50  # frontier point every K steps of every run (checkpoints kept)
     c.eval_samples_per_prefix = 1  # policy samples per test prefix at each frontier point
     c.best_of_n = (2, 4, 16)  # Best-of-N of SFT samples (reward of the best of n)
@@ -120,6 +129,7 @@ def get_config(arg: str = "cpu"):
         i.runs.update(steps=2, batch_size=8, lr=1e-3, sft_lr=1e-3, optim="adamw",
                       warmup_steps=0, eval_every=0, eval_pairs=8)
         i.eval_every = 2
+        i.online_iterations = (0, 2)
         i.best_of_n = (2, 4)
         i.reward_model.update(steps=2, batch_size=8, lr=1e-3, warmup_steps=0,
                               eval_fraction=0.25)

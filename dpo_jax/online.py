@@ -27,7 +27,8 @@ stream's position is the ``data`` item.
 Metrics per step, besides the DPO step's: ``online/reward`` (mean score of all samples),
 ``online/reward_chosen`` / ``online/reward_rejected``, ``online/length`` (mean completion
 tokens), ``online/ties`` (fraction of prompts dropped as ties; ``online/ties_total`` since the
-start), ``objective/kl`` (mean over samples of the summed ``log pi - log pi_ref`` of the sampled
+start), ``online/pair_tokens`` (real tokens of the step's pairs, prompt counted twice, ties
+included: what the policy and reference forwards of the DPO step process), ``objective/kl`` (mean over samples of the summed ``log pi - log pi_ref`` of the sampled
 tokens, from the sampler's log-probs and one reference forward; only when the loss reads a
 reference) and ``online/round``. Evaluation: the DPO eval over the held-out preference pairs
 (``rewards/accuracies``...) and, with ``eval.sample_every``, samples and ``eval/win_rate``
@@ -150,6 +151,12 @@ def preference_pairs(prompts: list[np.ndarray], completions: list[np.ndarray],
                       "rejected": np.asarray(completions[i * k + lo], np.int32)})
     return (pairs, weight, scores_BK[np.arange(B), best].astype(np.float32),
             scores_BK[np.arange(B), worst].astype(np.float32))
+
+
+def pair_tokens(pairs) -> int:
+    """Real tokens the DPO step's forwards run over ``pairs`` (dicts of token arrays
+    ``prompt``, ``chosen``, ``rejected``): the prompt once before each response."""
+    return sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
 
 
 def pair_batch(pairs, pair_weight_B: np.ndarray, length: int, pad_id: int,
@@ -293,6 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
                            jax.process_count())
         ties = int(np.sum(weight_B == 0))
         metrics = {"online/reward": float(np.mean(scores_N)),
+                   "online/pair_tokens": float(pair_tokens(pairs)),
                    "online/reward_chosen": float(np.mean(chosen_B)),
                    "online/reward_rejected": float(np.mean(rejected_B)),
                    "online/length": float(np.mean(evaluation.to_host(samples.lengths_B))),

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dpo_jax.evaluation import build_judge
 from dpo_jax.ppo.rewards import build_reward
 from dpo_jax.proj.imdb.pipeline import StageRunner
 from dpo_jax.tasks import get_task
@@ -52,6 +53,8 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
                 "rm_pairs", "reward_model",
                 "train:dpo_beta0.1", "frontier:dpo_beta0.1", "train:preferred_ft",
                 "frontier:preferred_ft", "train:unlikelihood", "frontier:unlikelihood",
+                "train:online_dpo_beta0.1", "frontier:online_dpo_beta0.1",
+                "train:iterative_dpo_beta0.1_r2", "frontier:iterative_dpo_beta0.1_r2",
                 "train:ppo_kl6", "frontier:ppo_kl6",
                 "train:ppo_gt_kl6", "frontier:ppo_gt_kl6", "frontier:sft", "frontier"]
     assert summary["stages_run"] == expected and summary["stages_skipped"] == []
@@ -70,6 +73,7 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     methods = {(p["method"], p["setting"], p["step"]) for p in points}
     assert {("dpo", "beta=0.1", 2), ("preferred_ft", "", 2), ("unlikelihood", "", 2),
             ("ppo", "target_kl=6", 2), ("ppo_gt", "target_kl=6", 1), ("ppo_gt", "target_kl=6", 2),
+            ("online_dpo", "beta=0.1", 2), ("iterative_dpo", "beta=0.1,rounds=2", 2),
             ("sft", "", 0), ("best_of_n", "n=2", 0), ("best_of_n", "n=4", 0)} == methods
     sft = next(p for p in points if p["method"] == "sft")
     assert abs(sft["kl"]) < 1e-4
@@ -100,7 +104,23 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
         build_reward(ml_collections.ConfigDict(ppo_gt))
     compute = json.loads((work / "compute.json").read_text())
     assert set(compute["runs"]) == {"dpo_beta0.1", "preferred_ft", "unlikelihood", "ppo_kl6",
-                                    "ppo_gt_kl6"}
+                                    "ppo_gt_kl6", "online_dpo_beta0.1",
+                                    "iterative_dpo_beta0.1_r2"}
+    # Online DPO: judged by the ground-truth reward object (no reward the library could build
+    # from the config), 2 steps x 8 prefixes x 2 samples of <= 6 tokens; iterative DPO sampled
+    # round 1 from the policy saved when it began.
+    for name in ("online_dpo_beta0.1", "iterative_dpo_beta0.1_r2"):
+        run_cfg = json.loads((work / "runs" / name / "config.json").read_text())
+        assert run_cfg["online"]["reward"] == "ground_truth"
+        assert run_cfg["task"] == "online_dpo" and run_cfg["init"]["policy"].endswith("sft")
+        cost = compute["runs"][name]
+        assert 0 < cost["sampled_tokens"] <= 2 * 8 * 2 * 6
+        # each pair: prompt (2-8 tokens) twice and two completions (1-6 tokens each)
+        assert 2 * 8 * (2 * 2 + 2) <= cost["trained_tokens"] <= 2 * 8 * (2 * 8 + 2 * 6)
+    assert sorted(p.name for p in (work / "runs" / "iterative_dpo_beta0.1_r2" / "rounds")
+                  .iterdir()) == ["0", "1"]
+    with pytest.raises(ValueError, match="ground_truth"):
+        build_judge("ground_truth", ml_collections.ConfigDict(run_cfg), None, 0)
     ppo_cost = compute["runs"]["ppo_kl6"]
     # 2 iterations x 8 rollouts x (prompt + completion) tokens, 2 epochs: trained = 2 x forward/2
     assert ppo_cost["sampled_tokens"] > 0 and ppo_cost["trained_tokens"] == ppo_cost["forward_tokens"]

@@ -50,6 +50,14 @@ def test_pairs_take_the_best_and_worst_sample_and_drop_ties():
         online.preference_pairs(prompts, completions[:-1], scores[:-1], k)
 
 
+def test_pair_tokens_count_the_prompt_before_each_response():
+    rng = np.random.default_rng(0)
+    pairs = [{"prompt": rng.integers(1, 9, n), "chosen": rng.integers(1, 9, c),
+              "rejected": rng.integers(1, 9, r)} for n, c, r in ((3, 2, 4), (1, 5, 0), (7, 1, 1))]
+    assert online.pair_tokens(pairs) == (2 * 3 + 2 + 4) + (2 * 1 + 5) + (2 * 7 + 1 + 1)
+    assert online.pair_tokens([]) == 0
+
+
 def test_pair_batch_is_the_pipelines_batch():
     pairs = h.synthetic_pairs(8)
     weight = np.arange(8, dtype=np.float32) % 2

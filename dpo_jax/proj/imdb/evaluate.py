@@ -192,6 +192,17 @@ def _run_cost(run_dir: pathlib.Path, method: str, cfg, summary: dict) -> dict:
                     trained_tokens=round(seq * int(cfg.ppo.epochs)),
                     depends_on=["sft"] + (["samples", "pairs", "reward_model"]
                                           if method == "ppo" else []))
+    if method in ("online_dpo", "iterative_dpo"):
+        recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "online/pair_tokens" in r]
+        scale = steps / max(len(recs), 1)  # each record: the mean over its log window
+        k, P = int(cfg.online.samples_per_prompt), int(cfg.online.prompt_width)
+        sampled = sum(r["online/length"] for r in recs) * B * k * scale
+        pair = sum(r["online/pair_tokens"] for r in recs) * scale
+        return dict(steps=steps, sampled_tokens=round(sampled), trained_tokens=round(pair),
+                    # the DPO loss's reference forward over the pairs, and the reference
+                    # forward over every sample (padded prompt + completion) for objective/kl
+                    forward_tokens=round(pair + sampled + steps * B * k * P),
+                    depends_on=["sft"])
     data = summary["data"]["train"]  # the train stream's stats
     if "lengths" in data:  # preference batches: prompt + chosen + rejected
         L = data["lengths"]

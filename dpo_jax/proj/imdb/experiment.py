@@ -93,6 +93,10 @@ class Experiment:
             from dpo_jax.ppo.config import default_ppo_config
 
             c.ppo = default_ppo_config()
+        if task == "online_dpo":
+            from dpo_jax.online import default_online_config
+
+            c.online = default_online_config()
         if not c.model.hf_path:
             c.model.overrides.vocab_size = len(self.tokenizer)
         for section, values in sections.items():

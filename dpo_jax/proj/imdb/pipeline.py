@@ -89,6 +89,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     stage("pairs", [d / "pairs.jsonl"], stages.build_pairs, exp)
 
     variants = runs.variants(exp)
+    variants.update(runs.online_variants(exp))
     ppo = runs.ppo_variants(exp)
     if ppo:
         stage("rm_pairs", [d / "rm_pairs" / "train.jsonl", d / "rm_pairs" / "test.jsonl"],

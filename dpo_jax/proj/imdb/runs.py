@@ -6,7 +6,9 @@ and the library task function that trains it (every run resumes from its own che
 * the reward model (Bradley-Terry on the same pairs, prompts split train/held-out);
 * PPO against that reward model and PPO-GT against the ground-truth reward, one run per target
   KL (:func:`ppo_variants`). Both are the same PPO task; PPO-GT is given the pipeline's
-  ground-truth reward object as ``reward_fn``, so the library needs no IMDb code to run it.
+  ground-truth reward object as ``reward_fn``, so the library needs no IMDb code to run it;
+* online and iterative DPO (:func:`online_variants`): the ``online_dpo`` task on the train
+  prefixes, its pairs judged by the same ground-truth reward object.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import ml_collections
 
 from dpo_jax import reward_model as reward_lib
 from dpo_jax import sft as sft_lib
+from dpo_jax import online as online_lib
 from dpo_jax import train as dpo_lib
 from dpo_jax.ppo import run as ppo_lib
 from dpo_jax.ppo.rewards import text_reward
@@ -126,6 +129,44 @@ def ppo_variants(exp: Experiment) -> Variants:
     return out
 
 
+def online_variants(exp: Experiment) -> Variants:
+    """Online DPO (``imdb.online_iterations`` entry 0: ``online_dpo_beta<b>``) and iterative
+    DPO (entry n >= 1: ``iterative_dpo_beta<b>_r<n>``, n rounds): the offline DPO runs'
+    optimizer, steps, batch size and checkpoints (frontier points), init and reference SFT,
+    prompts the train prefixes the offline pairs were sampled from, ``imdb.online.
+    samples_per_prompt`` completions per prefix of ``imdb.max_new_tokens`` tokens at
+    ``imdb.temperature``, judged by the ground-truth reward (given as ``reward_fn`` by
+    :func:`train_variant`). Eval: the offline runs' held-out pairs."""
+    c, r, o = exp.imdb, exp.imdb.runs, exp.imdb.online
+    eos, beta = int(exp.tokenizer.eos_token_id), float(o.beta)
+    train = {"steps": r.steps, "batch_size": r.batch_size, "eval_every": r.eval_every,
+             "eval_batch_size": r.batch_size, "checkpoint_every": int(c.eval_every),
+             "keep_checkpoints": r.steps // int(c.eval_every) + 2}
+    data = _pair_data(exp, str(exp.workdir / "pairs.jsonl"), eval_split="",
+                      eval_size=r.eval_pairs)
+    online = {"reward": "ground_truth", "samples_per_prompt": int(o.samples_per_prompt),
+              "max_new_tokens": int(c.max_new_tokens), "temperature": float(c.temperature),
+              "eos_id": eos, "pad_id": eos, "prompt_width": int(c.max_prefix_tokens),
+              "prompt_file": str(exp.workdir / "prefixes_train.jsonl")}
+    out = {}
+    for n in c.online_iterations:
+        n = int(n)
+        name, method = ((f"online_dpo_beta{beta:g}", "online_dpo") if n == 0 else
+                        (f"iterative_dpo_beta{beta:g}_r{n}", "iterative_dpo"))
+        out[name] = (method, f"beta={beta:g}" + (f",rounds={n}" if n else ""), exp.run_config(
+            "online_dpo", train=train, data=data, init=_init_from_sft(exp),
+            optim={"lr": r.lr, "name": r.optim, "warmup_steps": r.warmup_steps},
+            loss={"name": "sigmoid", "beta": beta}, online=dict(online, iterations=n)))
+    return out
+
+
+def ground_truth_reward(exp: Experiment):
+    """The pipeline's ground-truth reward as a sampler reward function (``samples ->
+    float32 [N]``): its completions decoded with the experiment's tokenizer and scored."""
+    tok = exp.tokenizer
+    return text_reward(exp.reward, lambda ids: tok.decode(ids, skip_special_tokens=True))
+
+
 def train_sft(exp: Experiment) -> None:
     sft_lib.train_and_evaluate(sft_config(exp), str(exp.workdir / "sft"))
 
@@ -141,10 +182,10 @@ def train_variant(exp: Experiment, name: str, method: str,
     hub one), the one that scores the frontier; PPO builds its learned reward from its config."""
     workdir = str(exp.workdir / "runs" / name)
     if method in ("ppo", "ppo_gt"):
-        tok = exp.tokenizer
-        gt = (text_reward(exp.reward, lambda ids: tok.decode(ids, skip_special_tokens=True))
-              if method == "ppo_gt" else None)
+        gt = ground_truth_reward(exp) if method == "ppo_gt" else None
         ppo_lib.train_and_evaluate(config, workdir, reward_fn=gt)
+    elif method in ("online_dpo", "iterative_dpo"):
+        online_lib.train_and_evaluate(config, workdir, reward_fn=ground_truth_reward(exp))
     elif method == "dpo":
         dpo_lib.train_and_evaluate(config, workdir)
     else:  # Preferred-FT, Unlikelihood: the sft task on preference data
