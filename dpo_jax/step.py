@@ -50,7 +50,10 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
     third: WPO's per-token mean aligned log-prob. forward_only (no gradient will be taken)
     evaluates the head with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights
     the tokens past the shorter response of each pair."""
-    h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    # prefix-shared rows (data.prefix_sharing) carry branch ids: the mask is derived from them
+    branch = {} if "branch_ids" not in batch else {"branch_ids_BL": batch["branch_ids"]}
+    h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                     **branch)
     w, b = model.unembedding(params, caller_applies_softcap=True)
     seq_index = batch.get("seq_index")
     num_seqs = None if seq_index is None else 2 * batch["pair_weight"].shape[0]
@@ -189,7 +192,9 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
             grads, sums = grad_fn(state.params, state.ref_params, batch, total_weight, max_scored)
         else:
             if "seq_index" in batch:
-                raise ValueError("gradient accumulation with packed batches is not supported")
+                raise ValueError("gradient accumulation with packed or prefix-shared batches "
+                                 "is not supported: set optim.grad_accum=1, or data.packing "
+                                 "and data.prefix_sharing to False")
 
             def body(carry, j):
                 g_acc, s_acc = carry

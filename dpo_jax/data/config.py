@@ -34,6 +34,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.packing = False  # pack several sequences per row (segment ids) when that saves compute
     c.pack_length = 0  # packed row length (0 = the largest bucket)
     c.row_multiple = 1  # packed row counts are multiples of this (set to the data-parallel size)
+    c.prefix_sharing = False  # one row unit [prompt, chosen, rejected] per pair (data/prefix.py)
     c.group_by_length = 0  # sort pairs by length within windows of this many batches (0 = off)
     c.on_bad_row = "error"  # 'error': raise DataError with file/row/field | 'skip': count and drop
     c.shuffle_seed = 0  # data order seed, combined with the run seed

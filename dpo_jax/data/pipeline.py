@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dpo_jax.data import batching, config as config_lib, synthetic
+from dpo_jax.data import batching, config as config_lib, prefix, synthetic
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.stream import BatchStream
 from dpo_jax.data.tokenize import PairTokenizer, TokenPair, length_summary, load_tokenizer
@@ -166,6 +166,8 @@ class PreferencePipeline(BatchStream):
                          seed=(int(cfg.shuffle_seed), int(seed)), process_index=process_index,
                          process_count=process_count, shuffle=bool(cfg.get("shuffle", True)))
         self.pairs, self.cfg, self.pad_id = pairs, cfg, int(pad_id)
+        # data.prefix_sharing: one [prompt, chosen, rejected] unit per pair (data/prefix.py)
+        self.prefix_sharing = bool(cfg.get("prefix_sharing", False))
         self.reference = None
         if reference is not None:
             logps_N2, lengths_N2 = (np.asarray(a, np.float32) for a in reference)
@@ -194,7 +196,10 @@ class PreferencePipeline(BatchStream):
         self.buckets = buckets
         self.pack_length = int(cfg.pack_length) or buckets[-1]
         if cfg.packing and self.pack_length < longest:
-            raise ValueError(f"pack_length {self.pack_length} < longest sequence {longest}")
+            what = "prefix-shared unit (prompt + both responses)" if self.prefix_sharing else \
+                "sequence"
+            raise ValueError(f"pack_length {self.pack_length} < longest {what} {longest}: "
+                             "raise data.pack_length (0 = the largest bucket)")
 
     def train_order(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
         if self.mixture is None:
@@ -209,11 +214,17 @@ class PreferencePipeline(BatchStream):
         ends = np.cumsum([k for _, _, k in self.mixture])
         return np.searchsorted(ends, idx, side="right")
 
+    def _unit_lengths(self, idx: np.ndarray) -> np.ndarray:
+        """Columns of what the planner places for pairs ``idx``: their 2B prompt + response
+        sequences, or with prefix sharing their B shared units."""
+        if self.prefix_sharing:
+            return prefix.unit_lengths(self.lengths[idx])
+        return batching.seq_lengths_of(self.lengths[idx])
+
     def _longest(self, idx: np.ndarray) -> int:
-        """Longest prompt + response of pairs ``idx`` (eval padding -1 reads the last pair,
-        which only ever makes a bucket larger)."""
-        lens = self.lengths[idx]
-        return int((lens[:, 0] + lens[:, 1:].max(axis=1)).max())
+        """Longest sequence (prefix sharing: unit) of pairs ``idx`` (eval padding -1 reads the
+        last pair, which only ever makes a bucket larger)."""
+        return int(self._unit_lengths(idx).max())
 
     def arrange(self, order_N: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """``data.group_by_length`` = k: sort pairs by length within windows of k batches, then
@@ -234,16 +245,28 @@ class PreferencePipeline(BatchStream):
         """This host's rows of global batch ``position`` of ``epoch`` (pure: no state change)."""
         idx, weight = self.batch_items(epoch, position)
         B = self.global_batch_size
-        plan = batching.make_plan(batching.seq_lengths_of(self.lengths[idx]), self.buckets,
-                                  bool(self.cfg.packing), self.pack_length, self.row_multiple)
+        make_plan = prefix.make_plan if self.prefix_sharing else batching.make_plan
+        plan = make_plan(self._unit_lengths(idx), self.buckets, bool(self.cfg.packing),
+                         self.pack_length, self.row_multiple)
         r0, r1 = self.host_rows(plan.rows)
+        if self.prefix_sharing:  # unit s: pair s's prompt and both responses
+            units = {}
+            for s in range(B):
+                if r0 <= plan.row[s] < r1:
+                    pair = self.pairs[int(idx[s])]
+                    units[s] = (pair["prompt"], [pair["chosen"], pair["rejected"]])
+            return self._finish(idx, weight,
+                                prefix.materialise(plan, units, r0, r1, self.pad_id))
         seqs = {}
         for s in range(2 * B):  # sequence slot s: chosen of pair s, or rejected of pair s - B
             if r0 <= plan.row[s] < r1:
                 pair = self.pairs[int(idx[s % B])]
                 resp = pair["chosen"] if s < B else pair["rejected"]
                 seqs[s] = (np.concatenate([pair["prompt"], resp]), len(pair["prompt"]))
-        out = batching.materialise(plan, seqs, r0, r1, self.pad_id)
+        return self._finish(idx, weight, batching.materialise(plan, seqs, r0, r1, self.pad_id))
+
+    def _finish(self, idx: np.ndarray, weight: np.ndarray, out: dict) -> dict[str, np.ndarray]:
+        """A batch's rows with this host's block of the per-pair arrays added."""
         out["pair_weight"] = self.host_block(weight * self.weights[idx])
         if self.reference is not None:
             logps_N2, lengths_N2 = self.reference
@@ -258,7 +281,7 @@ class PreferencePipeline(BatchStream):
         shape = "x".join(map(str, batch["input_ids"].shape))
         self._shapes[shape] = self._shapes.get(shape, 0) + 1
         idx, weight = self.batch_items(self.epoch, self.position)
-        self._tokens[0] += int(batching.seq_lengths_of(self.lengths[idx]).sum())
+        self._tokens[0] += int(self._unit_lengths(idx).sum())
         if self.mixture is not None:
             self._served += np.bincount(self._source_of(idx[weight > 0]),
                                         minlength=len(self.mixture))

@@ -295,11 +295,13 @@ class Decoder(nnx.Module):
         return h_BTD, stacked
 
     def __call__(self, ids_BT: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array) -> jax.Array:
-        """Hidden states [B, T, D] after the final norm, in the compute dtype."""
+                 segment_ids_BT: jax.Array, branch_ids_BT: jax.Array | None = None) -> jax.Array:
+        """Hidden states [B, T, D] after the final norm, in the compute dtype. branch_ids_BT:
+        prefix-shared rows' branch per token (see layers.segment_causal_mask) or None."""
         h_BTD, ropes = self._embed(ids_BT, positions_BT)
         masks = {kind: segment_causal_mask(
-            segment_ids_BT, self.cfg.sliding_window if kind == "sliding" else None)
+            segment_ids_BT, self.cfg.sliding_window if kind == "sliding" else None,
+            branch_ids_BT, positions_BT)
             for kind in _layer_kinds(self.cfg)}
         h_BTD, _ = self._run_layers(h_BTD, ropes, masks)
         return self.final_norm(h_BTD)

@@ -94,20 +94,36 @@ def apply_rotary(cfg: ModelConfig, x: jax.Array, sin: jax.Array, cos: jax.Array)
     return jnp.concatenate([out.astype(dtype), xp], axis=-1)
 
 
-def segment_causal_mask(segment_ids: jax.Array, window: int | None = None) -> jax.Array:
+def segment_causal_mask(segment_ids: jax.Array, window: int | None = None,
+                        branch_ids: jax.Array | None = None,
+                        positions: jax.Array | None = None) -> jax.Array:
     """[B, 1, L, L] bool: key j visible to query i iff j <= i and same segment id, and, with a
     sliding `window`, i - j < window (HF's `kv_idx > q_idx - sliding_window`).
 
     Packed segments are contiguous, so i - j is also the position difference within a segment.
     Padding (segment 0) rows see earlier padding incl. themselves, so no row is empty (no NaN).
+
+    `branch_ids` [B, L] (prefix-shared rows, `dpo_jax.data.prefix`): 0 on a segment's shared
+    prompt, k >= 1 on its k-th response branch; j must also be on the prompt or on i's branch
+    (branch_j == 0 or branch_j == branch_i). A branch's columns then do not follow its prompt
+    directly, so the window is measured in `positions` [B, L] (pos_i - pos_j < window), which
+    equals i - j in rows without branches.
     """
     L = segment_ids.shape[1]
     delta = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]
-    causal = delta >= 0
-    if window is not None:
-        causal = causal & (delta < window)
+    causal = (delta >= 0)[None]
+    if window is not None and branch_ids is None:
+        causal = causal & (delta < window)[None]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None]
+    if branch_ids is not None:
+        key_branch = branch_ids[:, None, :]
+        same = same & ((key_branch == 0) | (key_branch == branch_ids[:, :, None]))
+        if window is not None:
+            if positions is None:
+                raise ValueError("segment_causal_mask: a sliding window over branched rows "
+                                 "needs positions (the window is measured in positions)")
+            same = same & (positions[:, :, None] - positions[:, None, :] < window)
+    return (causal & same)[:, None]
 
 
 def attention_scale(cfg: ModelConfig) -> float:

@@ -63,10 +63,11 @@ class Model:
 
     # -- forward -----------------------------------------------------------------------------
     def hidden(self, params: Params, input_ids_BL: jax.Array, positions_BL: jax.Array,
-               segment_ids_BL: jax.Array) -> jax.Array:
+               segment_ids_BL: jax.Array, branch_ids_BL: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states [B, L, D] in the compute dtype (the loss code projects them
-        onto the vocabulary in chunks, so the full [B, L, V] logits need never exist)."""
-        return self._module(params)(input_ids_BL, positions_BL, segment_ids_BL)
+        onto the vocabulary in chunks, so the full [B, L, V] logits need never exist).
+        branch_ids_BL: prefix-shared rows (``dpo_jax.data.prefix``), else None."""
+        return self._module(params)(input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL)
 
     def unembedding(self, params: Params, *, caller_applies_softcap: bool = False
                     ) -> tuple[jax.Array, jax.Array | None]:
@@ -87,10 +88,10 @@ class Model:
         return w, params.get("lm_head_bias")
 
     def logits(self, params: Params, input_ids_BL: jax.Array, positions_BL: jax.Array,
-               segment_ids_BL: jax.Array) -> jax.Array:
+               segment_ids_BL: jax.Array, branch_ids_BL: jax.Array | None = None) -> jax.Array:
         """Float32 logits [B, L, V] (with the final soft-cap when the config has one);
         convenience for tests and small models."""
-        h = self.hidden(params, input_ids_BL, positions_BL, segment_ids_BL)
+        h = self.hidden(params, input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL)
         return project(h, *self.unembedding(params, caller_applies_softcap=True),
                        softcap=self.cfg.final_logit_softcap)
 
