@@ -8,11 +8,14 @@ See docs/losses.md for the table of losses, formulas, papers and hyperparameter 
 """
 
 from dpo_jax.losses.config import (
+    ALL_LOSS_NAMES,
     F_DIVERGENCE_LOSSES,
     F_DIVERGENCE_TYPES,
+    LIST_LOSS_NAMES,
     LOSS_NAMES,
     OPTION_USERS,
     REFERENCE_FREE_LOSSES,
+    UNPAIRED_LOSS_NAMES,
     LossConfig,
     default_loss_config,
     loss_config_from,
@@ -20,6 +23,8 @@ from dpo_jax.losses.config import (
     uses_batch_statistics,
 )
 from dpo_jax.losses.core import preference_loss
+from dpo_jax.losses.kto import kto_loss, kto_reference_point
+from dpo_jax.losses.listwise import listwise_loss, plackett_luce, ranked_stats
 from dpo_jax.losses.terms import (
     F_SCORE_MAX,
     F_SCORE_MAX_EXPONENT,
@@ -31,6 +36,14 @@ from dpo_jax.losses.terms import (
 )
 
 __all__ = [
+    "ALL_LOSS_NAMES",
+    "LIST_LOSS_NAMES",
+    "UNPAIRED_LOSS_NAMES",
+    "kto_loss",
+    "kto_reference_point",
+    "listwise_loss",
+    "plackett_luce",
+    "ranked_stats",
     "F_DIVERGENCE_LOSSES",
     "F_DIVERGENCE_TYPES",
     "F_SCORE_MAX",

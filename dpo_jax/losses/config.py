@@ -40,6 +40,13 @@ LOSS_NAMES: tuple[str, ...] = (
     "rdpo",
     "dpop",
 )
+# Losses of other data shapes (not pairs of chosen/rejected): the Plackett-Luce objective over
+# ranked lists of K responses (data.format='ranked'; on pairs it is the K = 2 case, sigmoid) in
+# losses/listwise.py, and KTO over unpaired labelled completions (data.format='unpaired') in
+# losses/kto.py. Each is trained alone (not combined with a pair loss).
+LIST_LOSS_NAMES: tuple[str, ...] = ("plackett_luce",)
+UNPAIRED_LOSS_NAMES: tuple[str, ...] = ("kto",)
+ALL_LOSS_NAMES: tuple[str, ...] = LOSS_NAMES + LIST_LOSS_NAMES + UNPAIRED_LOSS_NAMES
 
 # Losses that never look at a reference model. `sigmoid` joins them when reference_free=True.
 REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo", "sft"})
@@ -66,6 +73,9 @@ OPTION_USERS: dict[str, frozenset[str]] = {
     "dpop_lambda": frozenset({"dpop"}),
     "f_divergence_type": F_DIVERGENCE_LOSSES,
     "f_alpha_divergence_coef": F_DIVERGENCE_LOSSES,
+    "pl_top_k": frozenset({"plackett_luce"}),
+    "desirable_weight": frozenset({"kto"}),
+    "undesirable_weight": frozenset({"kto"}),
 }
 
 # Defaults applied when the option is None and a loss that reads it is selected.
@@ -120,6 +130,13 @@ def default_loss_config() -> ml_collections.ConfigDict:
     # LD-DPO (TRL ld_alpha): tokens of a response past the shorter response's length count with
     # weight ld_alpha in [0, 1] in every summed log-prob (policy and reference); None = off.
     cfg.ld_alpha = placeholder(float)
+    # plackett_luce only: only the first pl_top_k ranks are stages of the Plackett-Luce model
+    # (the top-k truncated ranking likelihood); None = all ranks.
+    cfg.pl_top_k = placeholder(int)
+    # kto only: weight of the desirable examples' losses (TRL KTOConfig); None = 1.
+    cfg.desirable_weight = placeholder(float)
+    # kto only: weight of the undesirable examples' losses (TRL KTOConfig); None = 1.
+    cfg.undesirable_weight = placeholder(float)
     return cfg
 
 
@@ -142,6 +159,9 @@ class LossConfig:
     f_alpha_divergence_coef: float = DEFAULT_F_ALPHA_DIVERGENCE_COEF
     use_weighting: bool = False
     ld_alpha: float | None = None  # None = LD-DPO off
+    pl_top_k: int | None = None  # None = every rank is a Plackett-Luce stage
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -161,11 +181,16 @@ def _parse_names(name: Any) -> tuple[str, ...]:
         raise ValueError(f"loss.name must be a string or a list of strings, got {name!r}")
     if not names or any(not n for n in names):
         raise ValueError(f"loss.name has an empty entry: {name!r}")
-    unknown = [n for n in names if n not in LOSS_NAMES]
+    unknown = [n for n in names if n not in ALL_LOSS_NAMES]
     if unknown:
-        raise ValueError(f"unknown loss name(s) {unknown}; valid names: {', '.join(LOSS_NAMES)}")
+        raise ValueError(f"unknown loss name(s) {unknown}; valid names: "
+                         f"{', '.join(ALL_LOSS_NAMES)}")
     if len(set(names)) != len(names):
         raise ValueError(f"loss.name lists a loss twice: {names}")
+    alone = [n for n in names if n in LIST_LOSS_NAMES + UNPAIRED_LOSS_NAMES]
+    if alone and len(names) > 1:
+        raise ValueError(f"loss {alone[0]!r} is trained alone (its own data shape); "
+                         f"loss.name={name!r} combines it with others")
     return names
 
 
@@ -305,6 +330,17 @@ def loss_config_from(cfg: Any) -> LossConfig:
         if not 0.0 <= ld_alpha <= 1.0:
             raise ValueError(f"loss.ld_alpha must be in [0, 1], got {ld_alpha}")
 
+    pl_top_k = full["pl_top_k"]
+    if pl_top_k is not None:
+        if isinstance(pl_top_k, bool) or not isinstance(pl_top_k, int) or pl_top_k < 1:
+            raise ValueError(f"loss.pl_top_k must be an int >= 1, got {pl_top_k!r}")
+    kto_weights = {}
+    for option in ("desirable_weight", "undesirable_weight"):
+        value = 1.0 if full[option] is None else _finite(option, full[option])
+        if value <= 0:
+            raise ValueError(f"loss.{option} must be > 0, got {value}")
+        kto_weights[option] = value
+
     return LossConfig(
         names=names,
         weights=weights,
@@ -321,6 +357,8 @@ def loss_config_from(cfg: Any) -> LossConfig:
         f_alpha_divergence_coef=f_alpha,
         use_weighting=bool(use_weighting),
         ld_alpha=ld_alpha,
+        pl_top_k=pl_top_k,
+        **kto_weights,
     )
 
 
@@ -338,10 +376,10 @@ def needs_reference(cfg: LossConfig) -> bool:
     return False
 
 
-BATCH_STATISTIC_LOSSES = frozenset({"bco_pair", "aot", "aot_unpaired"})
+BATCH_STATISTIC_LOSSES = frozenset({"bco_pair", "aot", "aot_unpaired", "kto"})
 
 
 def uses_batch_statistics(cfg: LossConfig) -> bool:
-    """True when a pair's loss depends on other pairs of the batch (bco mean, aot sorting), so
-    micro-batch accumulation would change the objective."""
+    """True when a pair's loss depends on other pairs of the batch (bco mean, aot sorting, KTO's
+    reference point z0), so micro-batch accumulation would change the objective."""
     return any(name in BATCH_STATISTIC_LOSSES for name in cfg.names)

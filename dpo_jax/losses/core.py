@@ -280,6 +280,17 @@ def _dpop(c: _Ctx) -> _Part:
     return _Part(losses, *_dpo_rewards(c), {"dpop_penalty": penalty})
 
 
+def _plackett_luce_pair(c: _Ctx) -> _Part:
+    # Rafailov et al. 2023, Appendix A.3 with K = 2 (a ranking of two is a pair): equals
+    # `sigmoid` to the last bit; ranked lists of K responses go through listwise.listwise_loss.
+    from dpo_jax.losses.listwise import plackett_luce
+
+    c_w, c_l = _log_ratios(c)
+    losses = plackett_luce(jnp.stack([c_w, c_l], axis=1), jnp.ones((c_w.shape[0], 2)),
+                           c.cfg.beta, c.cfg.pl_top_k)
+    return _Part(losses, *_dpo_rewards(c), {})
+
+
 _LOSS_FNS: dict[str, Callable[[_Ctx], _Part]] = {
     "sigmoid": _sigmoid,
     "hinge": _hinge,
@@ -301,6 +312,7 @@ _LOSS_FNS: dict[str, Callable[[_Ctx], _Part]] = {
     "rpo": _rpo,
     "rdpo": _rdpo,
     "dpop": _dpop,
+    "plackett_luce": _plackett_luce_pair,
 }
 
 
@@ -321,6 +333,9 @@ def preference_loss(
     The reference's lengths are ignored: both models score the same tokens, so the policy's
     lengths are used everywhere.
     """
+    if "kto" in cfg.names:
+        raise ValueError("loss 'kto' trains on unpaired labelled completions: set "
+                         "data.format='unpaired' (a pair source is split into unpaired rows)")
     if needs_reference(cfg) and reference is None:
         raise ValueError(f"loss(es) {list(cfg.names)} need reference log-probs, got reference=None")
     f32 = jnp.float32
