@@ -137,6 +137,10 @@ def default_loss_config() -> ml_collections.ConfigDict:
     cfg.desirable_weight = placeholder(float)
     # kto only: weight of the undesirable examples' losses (TRL KTOConfig); None = 1.
     cfg.undesirable_weight = placeholder(float)
+    # Mixture-of-experts policies: weight of the router's load-balancing loss (transformers'
+    # load_balancing_loss_func over all layers) added to the loss; 0 = off (TRL's default:
+    # only with output_router_logits). Any loss; a model without experts refuses > 0.
+    cfg.router_aux_loss_coef = 0.0
     return cfg
 
 
@@ -162,6 +166,7 @@ class LossConfig:
     pl_top_k: int | None = None  # None = every rank is a Plackett-Luce stage
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    router_aux_loss_coef: float = 0.0  # 0 = no router load-balancing term
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -340,6 +345,9 @@ def loss_config_from(cfg: Any) -> LossConfig:
         if value <= 0:
             raise ValueError(f"loss.{option} must be > 0, got {value}")
         kto_weights[option] = value
+    router_aux_loss_coef = _finite("router_aux_loss_coef", full["router_aux_loss_coef"])
+    if router_aux_loss_coef < 0:
+        raise ValueError(f"loss.router_aux_loss_coef must be >= 0, got {router_aux_loss_coef}")
 
     return LossConfig(
         names=names,
@@ -358,6 +366,7 @@ def loss_config_from(cfg: Any) -> LossConfig:
         use_weighting=bool(use_weighting),
         ld_alpha=ld_alpha,
         pl_top_k=pl_top_k,
+        router_aux_loss_coef=router_aux_loss_coef,
         **kto_weights,
     )
 
