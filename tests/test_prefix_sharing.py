@@ -24,7 +24,7 @@ from dpo_jax.data import PreferencePipeline, prefix
 from dpo_jax.logprobs import LogprobConfig
 from dpo_jax.models import Model, preset
 from dpo_jax.models.layers import segment_causal_mask
-from dpo_jax.step import StepConfig, make_train_step, pair_terms, sequence_stats
+from dpo_jax.step import StepConfig, make_train_step, sequence_stats
 from tests import helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -131,7 +131,8 @@ def test_sequence_logps_and_their_gradient_match_unshared(family):
     cot = jnp.asarray(np.random.default_rng(0).normal(size=16), jnp.float32)
     out = []
     for batch_np in _both(_pairs(8)):
-        batch, max_scored = helpers.device_batch(batch_np)
+        batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+        max_scored = helpers.max_scored_tokens(batch_np["loss_mask"])
 
         def f(p, b):
             logps, counts = sequence_stats(model, p, b, cfg, max_scored)
@@ -146,27 +147,45 @@ def test_sequence_logps_and_their_gradient_match_unshared(family):
 
 
 def test_every_loss_from_the_shared_stats():
-    """Policy and reference statistics from the shared and unshared batches give every loss
-    of LOSS_NAMES (and LD-DPO, WPO) the same per-pair losses and rewards."""
+    """Policy and reference statistics from the shared and unshared batches (one jitted
+    forward each, with WPO's weights and LD-DPO's weighting) give every loss of LOSS_NAMES,
+    WPO and LD-DPO the same per-pair losses and rewards."""
     model = helpers.tiny_model()
     params, ref_params = helpers.init_params(model), helpers.init_params(model, seed=1)
     cfg = StepConfig()
-    options = {"rdpo": dict(rdpo_alpha=0.01), "ld": dict(ld_alpha=0.5),
-               "wpo": dict(use_weighting=True)}
-    cases = [(n, options.get(n, {})) for n in losses_lib.LOSS_NAMES] + [
-        ("sigmoid", options["ld"]), ("sigmoid", options["wpo"])]
+    ld_cfg = helpers.loss_config(ld_alpha=0.5)
+
+    @jax.jit
+    def stats(batch):
+        return (sequence_stats(model, params, batch, cfg, None, with_wpo=True),
+                sequence_stats(model, params, batch, cfg, None, loss_cfg=ld_cfg),
+                sequence_stats(model, ref_params, batch, cfg, None),
+                sequence_stats(model, ref_params, batch, cfg, None, loss_cfg=ld_cfg))
+
+    cases = [(n, {"rdpo_alpha": 0.01} if n == "rdpo" else {}) for n in losses_lib.LOSS_NAMES]
+    cases += [("sigmoid", dict(use_weighting=True)), ("sigmoid", dict(ld_alpha=0.5))]
     results = []
     for batch_np in _both(_pairs(8)):
-        batch, max_scored = helpers.device_batch(batch_np)
+        policy, policy_ld, ref, ref_ld = jax.device_get(
+            stats({k: jnp.asarray(v) for k, v in batch_np.items()}))
         per_loss = []
         for name, opts in cases:
-            loss_cfg = helpers.loss_config(name, **opts)
-            _, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
-                                policy_forward_only=True)
+            ld = "ld_alpha" in opts
+            p, r = (policy_ld, ref_ld) if ld else (policy, ref)
+            out = losses_lib.preference_loss(helpers.loss_config(name, **opts),
+                                             _seq_stats(*p), _seq_stats(*r))
             per_loss.append(np.stack([out.losses, out.chosen_rewards, out.rejected_rewards]))
         results.append(per_loss)
     for (name, opts), a, b in zip(cases, *results):
         np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5, err_msg=f"{name} {opts}")
+
+
+def _seq_stats(logps, lengths, wpo=None):
+    half = len(logps) // 2
+    return losses_lib.SequenceStats(
+        chosen_logps=logps[:half], rejected_logps=logps[half:], chosen_lengths=lengths[:half],
+        rejected_lengths=lengths[half:], chosen_wpo_logps=None if wpo is None else wpo[:half],
+        rejected_wpo_logps=None if wpo is None else wpo[half:])
 
 
 def _one_step(model, params, ref_params, batch_np, loss_cfg, mesh_, cfg=None):
