@@ -7,7 +7,9 @@ walks back from the newest step to the newest one that restores, moves the damag
 to ``<directory>.damaged/`` (nothing is deleted) and says so in one line each.
 
 A frozen reference is not saved: it is rebuilt from the config's reference source (seed, HF
-path or another run's checkpoint), which saves a model-sized write per checkpoint. A reference
+path or another run's checkpoint), which saves a model-sized write per checkpoint. Likewise a
+LoRA run (``dpo_jax/lora.py``) saves its adapters as ``params`` and their optimizer state, not
+its frozen base; the base's fingerprint (the ``lora_base`` JSON item) is checked on restore. A reference
 that changes during training (TR-DPO, ``train.ref_sync_every``) is saved as the ``ref_params``
 item (``Checkpointer(ref_item=True)``).
 """
@@ -161,11 +163,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(run_dir: str, params_like, step: int | None = None):
-    """Policy params of another run (e.g. the SFT run the paper uses as DPO's init and reference).
-
-    ``run_dir`` is that run's workdir (its ``checkpoints/`` is used) or its checkpoint directory.
-    Raises FileNotFoundError when there is no finished checkpoint."""
+def _restore_item(run_dir: str, name: str, arg, step: int | None):
+    """Item ``name`` of another run's checkpoint ``step`` (None: the newest), restored with the
+    orbax ``arg``. Raises FileNotFoundError when there is no finished checkpoint."""
     directory = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(directory):
         directory = run_dir
@@ -173,10 +173,30 @@ def restore_params(run_dir: str, params_like, step: int | None = None):
         raise FileNotFoundError(f"no checkpoint directory at {run_dir!r} (nor {directory!r})")
     manager = ocp.CheckpointManager(
         os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory!r} holds no finished checkpoint")
-    out = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract(params_like))))
-    manager.close()
-    return out["params"]
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory!r} holds no finished checkpoint")
+        if not os.path.isdir(os.path.join(directory, str(step), name)):
+            return None
+        return manager.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
+    finally:
+        manager.close()
+
+
+def restore_params(run_dir: str, params_like, step: int | None = None):
+    """Policy params of another run (e.g. the SFT run the paper uses as DPO's init and reference):
+    its ``params`` item (a LoRA run's: its adapters).
+
+    ``run_dir`` is that run's workdir (its ``checkpoints/`` is used) or its checkpoint directory.
+    Raises FileNotFoundError when there is no finished checkpoint."""
+    out = _restore_item(run_dir, "params", ocp.args.StandardRestore(abstract(params_like)), step)
+    if out is None:
+        raise FileNotFoundError(f"{run_dir!r}: the checkpoint holds no params item")
+    return out
+
+
+def restore_json_item(run_dir: str, name: str, step: int | None = None) -> dict | None:
+    """JSON item ``name`` (e.g. a LoRA run's ``lora_base`` fingerprint) of another run's
+    newest (or ``step``'s) checkpoint; None when that checkpoint has no such item."""
+    return _restore_item(run_dir, name, ocp.args.JsonRestore(), step)

@@ -18,6 +18,7 @@ from dpo_jax import losses as losses_lib
 from dpo_jax import sharding
 from dpo_jax.data import default_data_config
 from dpo_jax.logprobs import LogprobConfig
+from dpo_jax.lora import LoraConfig, read_lora
 from dpo_jax.models import ModelConfig, model_config_from
 from dpo_jax.optim import NONFINITE_POLICIES, OptimConfig
 from dpo_jax.step import StepConfig
@@ -48,6 +49,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True  # scan over stacked layers (compile time independent of depth)
     c.model.attention_impl = ""  # '' = XLA; 'cudnn' fused GPU kernel; 'chunked' query blocks
     c.model.attention_chunk = 512  # query rows per block with attention_impl='chunked'
+    # LoRA (dpo_jax/lora.py): train low-rank adapters over the frozen base (from init.policy,
+    # hf_path or the seed, in param_dtype); the reference is the base with the adapters off
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0  # adapter rank (0 = off: every parameter is trained)
+    c.model.lora.alpha = 16.0  # the update is (alpha / rank) * dropout(x) @ A @ B
+    c.model.lora.dropout = 0.0  # dropout on each adapter's input, training steps only
+    # comma list of q, k, v, o, up, gate, down, lm_head; 'all' = every projection but lm_head
+    c.model.lora.targets = "all"
+    c.model.lora.init = "kaiming"  # A: kaiming (uniform, PEFT's default) or gaussian; B = 0
+    c.model.lora.path = ""  # a PEFT LoRA directory as the initial adapters ('' = A random, B 0)
 
     c.init = ml_collections.ConfigDict()
     c.init.policy = ""  # another run's workdir to take policy params from (e.g. the SFT run)
@@ -199,6 +210,7 @@ class RunConfig:
     mesh_shape: dict
     mesh_rules: tuple
     precompute_reference: bool
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # model.lora (0 = off)
 
 
 def _logprob_configs(lp) -> tuple[LogprobConfig, LogprobConfig]:
@@ -268,4 +280,5 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                         ref_sync_every=ref_sync_every, ref_mixup_alpha=ref_mixup_alpha),
         optim=optim, train=train, data=data, mesh_shape=dict(config.mesh.shape),
         mesh_rules=tuple(tuple(r) for r in config.mesh.rules),
-        precompute_reference=bool(config.logprobs.precompute_reference))
+        precompute_reference=bool(config.logprobs.precompute_reference),
+        lora=read_lora(m.get("lora"), int(config.seed)))

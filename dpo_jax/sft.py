@@ -31,12 +31,11 @@ import ml_collections
 
 from dpo_jax import evaluation
 from dpo_jax import loop
+from dpo_jax import lora as lora_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax import streams
 from dpo_jax.config import read_config
-from dpo_jax.models import Model
-from dpo_jax.optim import gradient_step
 from dpo_jax.workdir import RunDir, task
 from dpo_jax.data.text import TextPipeline, load_examples
 from dpo_jax.logprobs import compact_scored, token_logps
@@ -117,14 +116,15 @@ def ratios(sums: Mapping[str, Any], alpha: float) -> dict[str, Any]:
 
 def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cfg,
                         on_nonfinite: str = "error"):
-    """``train_step(state, batch, max_scored) -> (state, metrics)`` minimising the token mean."""
+    """``train_step(state, batch, max_scored) -> (state, metrics)`` minimising the token mean
+    (of the adapters over the frozen base ``state.ref_params`` under LoRA)."""
     sums_fn = unlikelihood_sums if objective == "unlikelihood" else nll_sums
 
     def loss_fn(params, batch, max_scored):
         out = ratios(sums_fn(model, params, batch, lp_cfg, max_scored), alpha)
         return out["loss"], out
 
-    return gradient_step(loss_fn, tx, schedule, on_nonfinite)
+    return lora_lib.gradient_step(loss_fn, tx, schedule, on_nonfinite, model)
 
 
 # ------------------------------------------------------------------------------- the task
@@ -166,12 +166,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     rc = read_config(config)
     sft = SFTConfig.from_config(config.sft)
     _check(config, rc)
-    model = Model(rc.model)
-    mesh, tx, schedule, shardings, params, _ = state_lib.setup(rc, model)
-    state = state_lib.create_state(params, tx, mesh, shardings)
+    model = lora_lib.make_model(rc.model, rc.lora)  # a LoraModel when model.lora.rank > 0
+    # under LoRA, params are the adapters and base the frozen base (dpo_jax/lora.py)
+    mesh, tx, schedule, shardings, params, base = state_lib.setup(rc, model)
+    state = state_lib.create_state(params, tx, mesh, shardings, base)
+    policy_of = lambda s: lora_lib.join(s.ref_params, s.params)
     samples = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
-        reference_params=state.params, total_steps=rc.train.steps)
+        reference_params=policy_of(state), total_steps=rc.train.steps, params_of=policy_of)
 
     if sft.objective == "unlikelihood":
         data = streams.preference_streams(rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh)
@@ -200,8 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         run, state, cfg=rc.train, mesh=mesh,
         step_fn=loop.host_step(train_step, mesh, lp_cfg.scored_only), train_data=data["train"],
         evaluate=evaluation.with_samples(loop.evaluator(
-            lambda s, b, n: sums_fn(model, s.params, b, lp_cfg, n), data.get("eval"), mesh,
+            lambda s, b, n: sums_fn(model, policy_of(s), b, lp_cfg, n), data.get("eval"), mesh,
             lp_cfg.scored_only, finalize=lambda t: {k: float(v) for k, v in ratios(t, alpha).items()}),
             samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-        interrupt_after=interrupt_after)
+        host_states=lora_lib.host_states(state, rc.sources), interrupt_after=interrupt_after)

@@ -19,8 +19,11 @@ from dpo_jax import sharding as shard_lib
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 [], replicated: optimizer updates applied so far
-    params: Any
-    ref_params: Any  # None when the loss is reference-free or reference log-probs are precomputed
+    params: Any  # the trained parameters: the whole policy, or its adapters under LoRA
+    # The frozen reference: None when the loss is reference-free or reference log-probs are
+    # precomputed. Under LoRA (dpo_jax/lora.py) it is always the frozen base, the policy's
+    # weights under its adapters and, with the adapters off, the reference.
+    ref_params: Any
     opt_state: Any
 
 
@@ -46,15 +49,24 @@ def cast_floats(tree, dtype):
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def as_dtype(params, shardings, dtype: str):
+    """``params`` with floating leaves in ``dtype`` (unchanged when they already are)."""
+    if all(x.dtype == jnp.dtype(dtype) for x in jax.tree.leaves(params)
+           if jnp.issubdtype(x.dtype, jnp.floating)):
+        return params
+    return jax.jit(lambda p: cast_floats(p, jnp.dtype(dtype)), out_shardings=shardings)(params)
+
+
 def init_params(model, shardings, *, checkpoint: str = "", hf_path: str = "", seed: int = 0,
                 dtype: str = ""):
     """Parameters of ``model`` in ``shardings`` from, in order of precedence: another run's
-    ``checkpoint`` (its workdir), an HF directory ``hf_path``, or a seeded random init; cast to
-    ``dtype`` when given (e.g. 'bfloat16' for a frozen reference)."""
+    ``checkpoint`` (its workdir; a LoRA run's base with its adapters merged in), an HF
+    directory ``hf_path``, or a seeded random init; cast to ``dtype`` when given (e.g.
+    'bfloat16' for a frozen reference)."""
     if checkpoint:
-        from dpo_jax import checkpoint as ckpt_lib
+        from dpo_jax import lora as lora_lib
 
-        params = ckpt_lib.restore_params(checkpoint, abstract(model.abstract_params(), shardings))
+        params = lora_lib.run_params(checkpoint, model, shardings)
     elif hf_path:
         from dpo_jax.models import hf
 
@@ -100,7 +112,8 @@ def create_state(params, tx: optax.GradientTransformation, mesh, shardings,
 
 class Setup(NamedTuple):
     """What every task builds first: the mesh, the optimizer over ``updates`` steps, the
-    parameter shardings, the initial parameters and (when asked for) the frozen reference."""
+    parameter shardings, the initial parameters and (when asked for) the frozen reference.
+    Under LoRA: the adapters' shardings, the initial adapters and the frozen base (always)."""
 
     mesh: Any
     tx: optax.GradientTransformation
@@ -115,12 +128,34 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     """:class:`Setup` of ``model`` under a ``config.RunConfig``: the mesh of ``rc.mesh_shape``,
     ``make_optimizer(rc.optim, updates or rc.train.steps)``, shardings by ``rc.mesh_rules``,
     ``init(model, shardings, rc.sources)`` (default :func:`init_policy`) and, with
-    ``reference``, :func:`init_reference`."""
+    ``reference``, :func:`init_reference`.
+
+    With ``rc.lora.rank`` > 0 (``model`` a ``lora.LoraModel``): the base from ``init`` in
+    ``model.param_dtype`` as the frozen ``ref_params`` (the reference is the base with the
+    adapters off), and the adapters (seeded, or ``rc.lora.path``, a PEFT directory) as the
+    parameters. Raises ValueError for LoRA settings the run contradicts
+    (``lora.check_run``) or a task whose model carries no adapters."""
+    from dpo_jax import lora as lora_lib
     from dpo_jax.optim import make_optimizer
 
     mesh = shard_lib.make_mesh(rc.mesh_shape)
     tx, schedule = make_optimizer(rc.optim, updates or rc.train.steps)
     shardings = param_shardings(model, mesh, rc.mesh_rules)
     params = (init or init_policy)(model, shardings, rc.sources)
+    lora = getattr(rc, "lora", None)
+    if lora is not None and lora.rank:
+        if not isinstance(model, lora_lib.LoraModel):
+            raise ValueError(f"model.lora.rank={lora.rank}: task {rc.task!r} does not train "
+                             "adapters (LoRA runs: task dpo or sft); set model.lora.rank=0")
+        lora_lib.check_run(rc)
+        base = as_dtype(params, shardings, model.cfg.param_dtype)
+        adapter_shardings = shard_lib.tree_shardings(
+            model.abstract_adapters(), model.adapter_axes(), mesh, rc.mesh_rules)
+        if lora.path:
+            adapters = lora_lib.load_peft(lora.path, model, adapter_shardings)
+        else:
+            adapters = jax.jit(model.init_adapters, out_shardings=adapter_shardings)(
+                jax.random.fold_in(jax.random.key(lora.seed), 1))
+        return Setup(mesh, tx, schedule, adapter_shardings, adapters, base)
     ref_params = init_reference(model, shardings, rc.sources, params) if reference else None
     return Setup(mesh, tx, schedule, shardings, params, ref_params)

@@ -16,6 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from dpo_jax import losses as losses_lib
+from dpo_jax import lora as lora_lib
 from dpo_jax.logprobs import LogprobConfig, scored_counts, sequence_logps
 from dpo_jax.optim import apply_gradients
 from dpo_jax.state import TrainState
@@ -91,11 +92,16 @@ def _stats(logps, lengths, wpo_logps=None) -> losses_lib.SequenceStats:
 
 
 def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
-               policy_forward_only=False):
+               policy_forward_only=False, key=None):
     """Policy/reference statistics and the loss output for one (micro-)batch.
 
     LD-DPO (``loss_cfg.ld_alpha``) weights both models' log-probs, so it refuses stored
     reference log-probs (``ref_logps`` in the batch, plain sums); WPO reads the policy only."""
+    # LoRA (dpo_jax/lora.py): params are adapters over the frozen base ref_params, which with
+    # the adapters off is the reference (key: the adapters' dropout key, None = no dropout)
+    params = lora_lib.join(ref_params, params, key)
+    if not losses_lib.needs_reference(loss_cfg):
+        ref_params = None
     policy = _stats(*sequence_stats(model, params, batch, cfg, max_scored,
                                      forward_only=policy_forward_only, loss_cfg=loss_cfg,
                                      with_wpo=loss_cfg.use_weighting))
@@ -178,8 +184,9 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
             "change it; set optim.grad_accum=1"
         )
 
-    def loss_fn(params, ref_params, batch, total_weight, max_scored):
-        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored)
+    def loss_fn(params, ref_params, batch, total_weight, max_scored, key=None):
+        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
+                                 key=key)
         sums = _weighted_sums(policy, out, batch["pair_weight"])
         return sums["loss"] / total_weight, sums
 
@@ -189,7 +196,8 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
         total_weight = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
         n = cfg.grad_accum
         if n == 1:
-            grads, sums = grad_fn(state.params, state.ref_params, batch, total_weight, max_scored)
+            grads, sums = grad_fn(state.params, state.ref_params, batch, total_weight, max_scored,
+                                  lora_lib.step_key(model, state.step))
         else:
             if "seq_index" in batch:
                 raise ValueError("gradient accumulation with packed or prefix-shared batches "
@@ -199,7 +207,7 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
             def body(carry, j):
                 g_acc, s_acc = carry
                 g, s = grad_fn(state.params, state.ref_params, _micro(batch, n, j),
-                               total_weight, max_scored)
+                               total_weight, max_scored, lora_lib.step_key(model, state.step, j))
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)

@@ -13,11 +13,11 @@ import ml_collections
 
 from dpo_jax import evaluation
 from dpo_jax import loop
+from dpo_jax import lora as lora_lib
 from dpo_jax import losses as losses_lib
 from dpo_jax import state as state_lib
 from dpo_jax import streams
 from dpo_jax.config import read_config
-from dpo_jax.models import Model
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, task
 
@@ -30,18 +30,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     :func:`dpo_jax.loop.train`."""
     rc = read_config(config)
     loss_cfg = losses_lib.loss_config_from(config.loss)
-    model = Model(rc.model)
+    model = lora_lib.make_model(rc.model, rc.lora)  # a LoraModel when model.lora.rank > 0
+    # under LoRA, params are the adapters and ref_params the frozen base (dpo_jax/lora.py)
+    needs_reference = losses_lib.needs_reference(loss_cfg)
     mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(
-        rc, model, reference=losses_lib.needs_reference(loss_cfg))
+        rc, model, reference=needs_reference)
     samples = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
-        reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps)
+        reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps,
+        params_of=lambda s: lora_lib.join(s.ref_params, s.params))
 
     data = streams.preference_streams(
         rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh,
         reference=(model, ref_params, run.file("reference_logps"))
-        if ref_params is not None and rc.precompute_reference else None)
-    if rc.precompute_reference:
+        if ref_params is not None and needs_reference and rc.precompute_reference else None)
+    if rc.precompute_reference and not rc.lora.rank:
         ref_params = None  # the stored log-probs replace the reference forward
     state = state_lib.create_state(params, tx, mesh, shardings, ref_params)
 
@@ -57,4 +60,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                 lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches, mesh,
                 scored_only, finalize), data), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
+        host_states=lora_lib.host_states(state, rc.sources),
         interrupt_after=interrupt_after, save_reference=rc.step.ref_sync_every > 0)

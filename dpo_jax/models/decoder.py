@@ -69,6 +69,14 @@ def _heads(x: jax.Array, w_DNH: jax.Array) -> jax.Array:
     return y.reshape(*x.shape[:-1], *w_DNH.shape[1:])
 
 
+def _adapted(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``y``, projection ``name`` of ``x`` [..., I] (input axes flattened), plus its low-rank
+    update when ``module`` carries a LoRA adapter for it (attribute ``lora_<name>``, attached
+    by dpo_jax/lora.py: ``scale * dropout(x) @ A @ B``); ``y`` itself otherwise."""
+    adapter = getattr(module, "lora_" + name, None)
+    return y if adapter is None else y + adapter(x).reshape(y.shape).astype(y.dtype)
+
+
 class Norm(nnx.Module):
     """cfg.norm over the last axis of size `dim` (None: d_model). Scale initialised to the
     identity: ones, or zeros with norm_unit_offset (scale = 1 + w)."""
@@ -110,9 +118,9 @@ class Attention(nnx.Module):
     def qkv(self, x_BTD: jax.Array, sin_BTR: jax.Array | None, cos_BTR: jax.Array | None):
         """Queries [B,T,N,H], keys and values [B,T,K,H] (biased, normed, rotated per cfg)."""
         cfg, dt = self.cfg, x_BTD.dtype
-        q_BTNH = _heads(x_BTD, self.q[...].astype(dt))
-        k_BTKH = _heads(x_BTD, self.k[...].astype(dt))
-        v_BTKH = _heads(x_BTD, self.v[...].astype(dt))
+        q_BTNH = _adapted(self, "q", x_BTD, _heads(x_BTD, self.q[...].astype(dt)))
+        k_BTKH = _adapted(self, "k", x_BTD, _heads(x_BTD, self.k[...].astype(dt)))
+        v_BTKH = _adapted(self, "v", x_BTD, _heads(x_BTD, self.v[...].astype(dt)))
         if cfg.qkv_bias:
             q_BTNH = q_BTNH + self.q_bias[...].astype(dt)
             k_BTKH = k_BTKH + self.k_bias[...].astype(dt)
@@ -127,7 +135,8 @@ class Attention(nnx.Module):
     def out(self, a_BTNH: jax.Array) -> jax.Array:
         """The output projection of attention's result: [B,T,N,H] -> [B,T,D]."""
         o_NHD = self.o[...].astype(a_BTNH.dtype)
-        y_BTD = _mm(a_BTNH.reshape(*a_BTNH.shape[:-2], -1), o_NHD.reshape(-1, o_NHD.shape[-1]))
+        a_BTF = a_BTNH.reshape(*a_BTNH.shape[:-2], -1)
+        y_BTD = _adapted(self, "o", a_BTF, _mm(a_BTF, o_NHD.reshape(-1, o_NHD.shape[-1])))
         if self.cfg.attn_out_bias:
             y_BTD = y_BTD + self.o_bias[...].astype(a_BTNH.dtype)
         return y_BTD
@@ -152,17 +161,17 @@ class MLP(nnx.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         """[B,T,D] -> [B,T,D]: down(act(gate(x)) * up(x)) when gated, else down(act(up(x)))."""
         cfg, dt = self.cfg, x_BTD.dtype
-        u_BTF = _mm(x_BTD, self.up[...].astype(dt))
+        u_BTF = _adapted(self, "up", x_BTD, _mm(x_BTD, self.up[...].astype(dt)))
         if cfg.mlp_bias:
             u_BTF = u_BTF + self.up_bias[...].astype(dt)
         if cfg.gated_mlp:
-            g_BTF = _mm(x_BTD, self.gate[...].astype(dt))
+            g_BTF = _adapted(self, "gate", x_BTD, _mm(x_BTD, self.gate[...].astype(dt)))
             if cfg.mlp_bias:
                 g_BTF = g_BTF + self.gate_bias[...].astype(dt)
             u_BTF = activation(cfg.activation, g_BTF) * u_BTF
         else:
             u_BTF = activation(cfg.activation, u_BTF)
-        y_BTD = _mm(u_BTF, self.down[...].astype(dt))
+        y_BTD = _adapted(self, "down", u_BTF, _mm(u_BTF, self.down[...].astype(dt)))
         if cfg.mlp_bias:
             y_BTD = y_BTD + self.down_bias[...].astype(dt)
         return y_BTD
