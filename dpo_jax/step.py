@@ -57,7 +57,7 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
                      **branch)
     w, b = model.unembedding(params, caller_applies_softcap=True)
     seq_index = batch.get("seq_index")
-    num_seqs = None if seq_index is None else 2 * batch["pair_weight"].shape[0]
+    num_seqs = None if seq_index is None else _num_slots(batch) * batch["pair_weight"].shape[0]
     ld = {}
     if loss_cfg is not None and loss_cfg.ld_alpha is not None:
         chosen, rejected = _pairs(scored_counts(batch["loss_mask"], seq_index, num_seqs))
@@ -80,6 +80,43 @@ def _pairs(x_S):
     return chosen, rejected
 
 
+# Per-example arrays of a batch (leading axis B); every other array is laid out slot-major
+# over the K response slots (rows, or [K B] stored reference log-probs).
+_PER_EXAMPLE_KEYS = ("pair_weight", "slot_rank", "desirable")
+
+
+def _num_slots(batch) -> int:
+    """K, the response slots per example: a ranked batch's ``slot_rank`` [B, K] gives it; a pair
+    (or an unpaired example: its completion and its mismatched KL completion) has 2."""
+    return batch["slot_rank"].shape[1] if "slot_rank" in batch else 2
+
+
+def _slots(x_S, K: int):
+    """``[K B]`` slot-major per-sequence values -> ``[B, K]`` (K = 2: the columns of _pairs)."""
+    return x_S.reshape(K, -1).T
+
+
+def ranked_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
+                 policy_forward_only=False):
+    """``pair_terms`` for ranked lists (``slot_rank`` [B, K] in the batch; -1 = empty slot):
+    the K responses of each prompt in one forward, ``losses.listwise_loss`` over ``[B, K]``.
+    LD-DPO, WPO and stored reference log-probs read pairs only (ValueError)."""
+    if loss_cfg.ld_alpha is not None or loss_cfg.use_weighting or "ref_logps" in batch:
+        raise ValueError("ranked lists: loss.ld_alpha, loss.use_weighting and "
+                         "logprobs.precompute_reference are for pairs; unset them")
+    K, rank_BK = _num_slots(batch), batch["slot_rank"]
+    mask_BK = (rank_BK >= 0).astype(jnp.float32)
+    logps, lengths = sequence_stats(model, params, batch, cfg, max_scored,
+                                    forward_only=policy_forward_only)
+    ref_logps = jnp.zeros_like(logps)
+    if ref_params is not None:
+        ref_logps = jax.lax.stop_gradient(sequence_stats(model, ref_params, batch, cfg,
+                                                         max_scored, forward_only=True)[0])
+    out = losses_lib.listwise_loss(loss_cfg, _slots(logps, K), _slots(ref_logps, K), mask_BK,
+                                   rank_BK, batch["pair_weight"])
+    return losses_lib.ranked_stats(_slots(logps, K), _slots(lengths, K), mask_BK), out
+
+
 def _stats(logps, lengths, wpo_logps=None) -> losses_lib.SequenceStats:
     chosen_logps, rejected_logps = _pairs(logps)
     chosen_lengths, rejected_lengths = _pairs(lengths)
@@ -96,12 +133,18 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     """Policy/reference statistics and the loss output for one (micro-)batch.
 
     LD-DPO (``loss_cfg.ld_alpha``) weights both models' log-probs, so it refuses stored
-    reference log-probs (``ref_logps`` in the batch, plain sums); WPO reads the policy only."""
+    reference log-probs (``ref_logps`` in the batch, plain sums); WPO reads the policy only.
+    Ranked lists (``slot_rank`` in the batch) go to :func:`ranked_terms`; unpaired examples
+    (``desirable`` [B] in the batch: chosen = the completion, rejected = its mismatched KL
+    completion) to ``losses.kto_loss``."""
     # LoRA (dpo_jax/lora.py): params are adapters over the frozen base ref_params, which with
     # the adapters off is the reference (key: the adapters' dropout key, None = no dropout)
     params = lora_lib.join(ref_params, params, key)
     if not losses_lib.needs_reference(loss_cfg):
         ref_params = None
+    if "slot_rank" in batch:
+        return ranked_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
+                            policy_forward_only)
     policy = _stats(*sequence_stats(model, params, batch, cfg, max_scored,
                                      forward_only=policy_forward_only, loss_cfg=loss_cfg,
                                      with_wpo=loss_cfg.use_weighting))
@@ -117,6 +160,9 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
                              loss_cfg=loss_cfg)
         reference = _stats(*jax.lax.stop_gradient(ref))
     weights = batch["pair_weight"]
+    if "desirable" in batch:
+        return policy, losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"],
+                                           weights)
     out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
     return policy, out
 
@@ -139,16 +185,19 @@ def _weighted_sums(policy, out, weights) -> dict[str, jax.Array]:
 
 
 def _micro(batch, n: int, j):
-    """Micro-batch j of n: pairs j, j+n, j+2n, ... (strided, so row sharding is kept)."""
+    """Micro-batch j of n: examples j, j+n, j+2n, ... (strided, so row sharding is kept), with
+    their K response slots."""
+
+    K = _num_slots(batch)
 
     def split(x, paired_rows: bool):
-        lead = (2,) if paired_rows else ()
+        lead = (K,) if paired_rows else ()
         x = x.reshape(*lead, -1, n, *x.shape[1:])
         x = jax.lax.dynamic_index_in_dim(x, j, axis=len(lead) + 1, keepdims=False)
         return x.reshape(-1, *x.shape[len(lead) + 1:])
 
     return {
-        k: split(v, paired_rows=k not in ("pair_weight",)) for k, v in batch.items()
+        k: split(v, paired_rows=k not in _PER_EXAMPLE_KEYS) for k, v in batch.items()
     }
 
 

@@ -19,7 +19,9 @@ def check_fits(pairs, model_cfg, *, pad_id: int, where: str, tokenizer=None) -> 
     """``data.checks.check_fits_model`` for the model described by ``model_cfg``."""
     from dpo_jax.data.checks import check_fits_model
 
-    check_fits_model(pairs, vocab_size=model_cfg.vocab_size,
+    from dpo_jax.data.ranked import pair_views
+
+    check_fits_model(pair_views(pairs), vocab_size=model_cfg.vocab_size,
                      max_positions=model_cfg.max_len if model_cfg.position == "learned" else None,
                      pad_id=pad_id, where=where,
                      tokenizer_size=None if tokenizer is None else len(tokenizer))
@@ -66,6 +68,9 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
     pairs, stats, tokenizer = load_pairs(rc, splits, model_cfg)
     pad_id = data_lib.pad_id_for(tokenizer)
     stored = {}
+    if reference is not None and rc.data.get("format", "pairs") != "pairs":
+        raise ValueError(f"data.format={rc.data.format!r}: stored reference log-probs are for "
+                         "pairs; set logprobs.precompute_reference=False")
     if reference is not None:
         from dpo_jax import reference as ref_lib
 
@@ -84,7 +89,9 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
         for name, _, count in stats.get("eval", {}).get("mixture_counts", None) or ():
             stored[f"eval/{name}"] = tuple(x[start:start + count] for x in stored["eval"])
             start += count
-    return {split: data_lib.PreferencePipeline(
+    from dpo_jax.data.ranked import pipeline_class
+
+    return {split: pipeline_class(rc.data)(
         pairs[split], rc.data, train=split == "train",
         global_batch_size=rc.train.batch_size if split == "train" else rc.train.eval_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=rc.seed,

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpo_jax import losses
 
@@ -16,10 +17,10 @@ from dpo_jax import losses
 def np_kto(pi, ref, pi_kl, ref_kl, label, w, beta, dw, uw):
     """Eq. 7-8 of the KTO paper, float64, real examples (w > 0) only."""
     m = w > 0
-    f = lambda a: np.asarray(a, np.float64)[m]  # noqa: E731
+    f = lambda a: np.asarray(a, np.float64)[m]
     z0 = max(0.0, float(np.mean(f(pi_kl) - f(ref_kl))))
     c = f(pi) - f(ref)
-    sig = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))
     good = np.asarray(label)[m] > 0
     loss = np.where(good, dw * (1 - sig(beta * (c - z0))), uw * (1 - sig(beta * (z0 - c))))
     return loss, z0
@@ -131,7 +132,7 @@ def test_sharded_jit_matches_single_device():
     pi, ref, pi_kl, ref_kl, label, w = inputs(4, B=64, n_pad=5, kl_shift=6.0)
     cfg = kto_cfg()
     want = losses.kto_loss(cfg, stats(pi, pi_kl), stats(ref, ref_kl), label, w)
-    put = lambda a: jax.device_put(jnp.asarray(a), sharding)  # noqa: E731
+    put = lambda a: jax.device_put(jnp.asarray(a), sharding)
 
     @jax.jit
     def f(a, b, c, d, lab, wt):

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpo_jax import losses
-
 
 # ------------------------------------------------------------ independent float64 reference
 
@@ -126,7 +126,7 @@ def test_k2_is_sigmoid_bit_for_bit():
     pw, pl, rw, rl = (rng.normal(-50, 20, 16).astype(np.float32) for _ in range(4))
     pw[:3] = pl[:3] + np.array([1e4, -1e4, 0.0], np.float32)
     lens = np.full(16, 10.0, np.float32)
-    stats = lambda a, b: losses.SequenceStats(jnp.asarray(a), jnp.asarray(b),  # noqa: E731
+    stats = lambda a, b: losses.SequenceStats(jnp.asarray(a), jnp.asarray(b),
                                               jnp.asarray(lens), jnp.asarray(lens))
     for beta in (0.1, 0.37, 2.0):
         sig = losses.preference_loss(losses.loss_config_from({"name": "sigmoid", "beta": beta}),
@@ -194,7 +194,7 @@ def test_sharded_jit_matches_single_device():
     w = (rng.random(32) < 0.9).astype(np.float32)
     cfg = pl_cfg()
     want = losses.listwise_loss(cfg, c, ref, mask, weights=w)
-    put = lambda a: jax.device_put(jnp.asarray(a), sharding)  # noqa: E731
+    put = lambda a: jax.device_put(jnp.asarray(a), sharding)
     got = jax.jit(lambda *a: losses.listwise_loss(cfg, *a[:3], weights=a[3]))(
         put(c), put(ref), put(mask), put(w))
     np.testing.assert_allclose(np.asarray(got.losses), np.asarray(want.losses), rtol=1e-6)

@@ -30,6 +30,30 @@ def scored_tokens(prompt_length: int, response: np.ndarray) -> np.ndarray:
     return response if prompt_length > 0 else response[1:]
 
 
+def check_scored_response(n_prompt: int, response: np.ndarray, *, ends: np.ndarray,
+                          is_blank: Callable[[int], bool] | None, file: str | None,
+                          row: int | None, field: str) -> np.ndarray:
+    """The scored tokens of one response after ``n_prompt`` prompt tokens; raises the
+    per-response ``DataError``s of ``check_scored_pair`` (``no_scored_tokens``,
+    ``end_token_inside``, ``empty_response``) naming ``field``. ``ends``: sorted end ids."""
+    tokens = scored_tokens(n_prompt, np.asarray(response))
+    if len(tokens) == 0:
+        raise DataError("the response has no scored token", file=file, row=row, field=field,
+                        reason="no_scored_tokens")
+    body = tokens[:-1] if ends.size and tokens[-1] in ends else tokens
+    inside = np.isin(body, ends)
+    if inside.any():
+        raise DataError(
+            f"end token {int(body[inside][0])} at response token {int(np.argmax(inside))} "
+            "before the response's end: sampling stops there; remove it from the text",
+            file=file, row=row, field=field, reason="end_token_inside")
+    if len(body) == 0 or (is_blank is not None and all(is_blank(int(t)) for t in body)):
+        raise DataError("empty response (no scored token but the end token, or only "
+                        "whitespace)", file=file, row=row, field=field,
+                        reason="empty_response")
+    return tokens
+
+
 def check_scored_pair(pair: TokenPair, *, end_ids: Collection[int] = (),
                       is_blank: Callable[[int], bool] | None = None, file: str | None = None,
                       row: int | None = None) -> None:
@@ -58,24 +82,9 @@ def check_scored_pair(pair: TokenPair, *, end_ids: Collection[int] = (),
             "never scored: give the row a prompt, or start the prompt text with a context token "
             "such as the tokenizer's BOS (GPT-2: '<|endoftext|>')", file=file, row=row,
             field="prompt", reason="unscored_first_token")
-    scored = {}
-    for field in RESPONSES:
-        tokens = scored_tokens(n_prompt, np.asarray(pair[field]))
-        scored[field] = tokens
-        if len(tokens) == 0:
-            raise DataError("the response has no scored token", file=file, row=row, field=field,
-                            reason="no_scored_tokens")
-        body = tokens[:-1] if ends.size and tokens[-1] in ends else tokens
-        inside = np.isin(body, ends)
-        if inside.any():
-            raise DataError(
-                f"end token {int(body[inside][0])} at response token {int(np.argmax(inside))} "
-                "before the response's end: sampling stops there; remove it from the text",
-                file=file, row=row, field=field, reason="end_token_inside")
-        if len(body) == 0 or (is_blank is not None and all(is_blank(int(t)) for t in body)):
-            raise DataError("empty response (no scored token but the end token, or only "
-                            "whitespace)", file=file, row=row, field=field,
-                            reason="empty_response")
+    scored = {field: check_scored_response(n_prompt, pair[field], ends=ends, is_blank=is_blank,
+                                           file=file, row=row, field=field)
+              for field in RESPONSES}
     if np.array_equal(scored["chosen"], scored["rejected"]):
         raise DataError(
             f"chosen and rejected have the same {len(scored['chosen'])} scored tokens (identical "

@@ -10,6 +10,9 @@ import ml_collections
 
 SOURCES = ("synthetic", "generic", "hh", "shp", "tldr", "ultrafeedback", "se")
 TRUNCATION_MODES = ("keep_end", "keep_start", "error")
+# pairs: {prompt, chosen, rejected}; ranked: {prompt, K responses, scores} (data/ranked.py,
+# loss plackett_luce); unpaired: {prompt, completion, label} (data/unpaired.py, loss kto)
+FORMATS = ("pairs", "ranked", "unpaired")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -42,6 +45,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.field_prompt = "prompt"  # generic source: prompt column (may be absent for message lists)
     c.field_chosen = "chosen"  # generic source: chosen column
     c.field_rejected = "rejected"  # generic source: rejected column
+    c.format = "pairs"  # one of FORMATS: pairs | ranked (plackett_luce) | unpaired (kto)
+    c.field_responses = "responses"  # generic ranked source: list-of-responses column
+    # generic ranked source: list-of-scores column (higher is better; ultrafeedback: the key of
+    # each completion's score, '' = overall_score)
+    c.field_scores = "scores"
+    c.field_completion = "completion"  # generic unpaired source: completion column
+    c.field_label = "label"  # generic unpaired source: bool column (True = desirable)
     # numeric column (>= 0) that becomes each pair's weight in the loss and metrics ('' = all 1)
     c.weight_field = ""
     c.hh_single_turn = False  # hh: keep only single-turn conversations
@@ -60,6 +70,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.synthetic.num_eval = 512  # eval pairs
     c.synthetic.train_seed = 0  # generator seed of the train split
     c.synthetic.eval_seed = 1  # generator seed of the eval split (differs so eval is held out)
+    c.synthetic.num_responses = 4  # data.format='ranked': responses per prompt
     return c
 
 
@@ -103,6 +114,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError("data.shuffle=False keeps the file's order; data.group_by_length "
                          f"={c.group_by_length} would reorder it (set it to 0)")
     parse_buckets(c.buckets)
+    fmt = c.get("format", "pairs")
+    if fmt not in FORMATS:
+        raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
+    if fmt != "pairs" and (c.get("sources") or c.get("prefix_sharing")):
+        raise ValueError(f"data.format={fmt!r} reads one source without prefix sharing: set "
+                         "data.sources=[] and data.prefix_sharing=False")
     if c.get("sources"):
         from dpo_jax.data.mixture import mixture_sources
 

@@ -47,8 +47,12 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPai
     sizes), and for eval ``eval_pairs_in_train`` / ``eval_prompts_in_train``: how many eval
     pairs (prompts) the train split also holds, logged as a warning when pairs are shared."""
     from dpo_jax.data.checks import check_scored_pair
-    from dpo_jax.data.sources import count_shared, select_split
+    from dpo_jax.data.sources import select_split, shared_with_train
 
+    if cfg.get("format", "pairs") != "pairs":  # ranked lists / unpaired completions
+        from dpo_jax.data.ranked import load_tokenised_items
+
+        return load_tokenised_items(cfg, split, tokenizer)
     bad = BadRows(cfg.on_bad_row)
     stats: dict[str, Any] = {}
     if cfg.source == "synthetic":
@@ -82,9 +86,8 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPai
         pairs, kept_at = encoder.encode(raw, bad)
         stats["tokenisation"] = encoder.stats.as_dict()
         if split == "eval":
-            train, _ = select_split(cfg, "train", BadRows("skip", max_logged=0), quiet=True)
-            stats["eval_pairs_in_train"], stats["eval_prompts_in_train"] = count_shared(
-                [raw[i] for i in kept_at], train)
+            stats["eval_pairs_in_train"], stats["eval_prompts_in_train"] = shared_with_train(
+                cfg, [raw[i] for i in kept_at])
     if not pairs:
         raise DataError(f"no usable pairs in split {split!r}", file=cfg.path or cfg.source)
     if stats.get("eval_pairs_in_train"):
@@ -176,7 +179,7 @@ class PreferencePipeline(BatchStream):
                     raise ValueError(f"reference {name} have shape {a.shape}, want "
                                      f"({len(pairs)}, 2): one (chosen, rejected) row per pair")
             self.reference = (logps_N2, lengths_N2)
-        self.lengths = batching.pair_lengths(pairs)  # [N, 3] prompt, chosen, rejected
+        self.lengths = self._item_lengths(pairs)  # [N, 3] prompt, chosen, rejected
         # Per-pair weights (a pair's "weight", from data.weight_field; 1 when absent).
         self.weights = np.asarray([p.get("weight", 1.0) for p in pairs], np.float32)
         self.row_multiple = math.lcm(int(cfg.row_multiple), process_count)
@@ -200,6 +203,10 @@ class PreferencePipeline(BatchStream):
                 "sequence"
             raise ValueError(f"pack_length {self.pack_length} < longest {what} {longest}: "
                              "raise data.pack_length (0 = the largest bucket)")
+
+    def _item_lengths(self, pairs: list[TokenPair]) -> np.ndarray:
+        """[N, 1 + K]: prompt and response lengths of each item (pairs: K = 2)."""
+        return batching.pair_lengths(pairs)
 
     def train_order(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
         if self.mixture is None:
@@ -376,7 +383,9 @@ def build_pipeline(data_cfg, *, split: str, global_batch_size: int, process_inde
     stats = dict(load_stats or {})
     log.info("data %s: %d pairs, lengths %s, skipped %s", split, len(pairs),
              stats.get("lengths", {}).get("total"), stats.get("bad_rows_skipped"))
-    return PreferencePipeline(pairs, data_cfg, train=split == "train",
+    from dpo_jax.data.ranked import pipeline_class
+
+    return pipeline_class(data_cfg)(pairs, data_cfg, train=split == "train",
                               global_batch_size=global_batch_size, process_index=process_index,
                               process_count=process_count, seed=seed, pad_id=pad_id_for(tokenizer),
                               load_stats=stats, reference=reference, mixture=mixture)

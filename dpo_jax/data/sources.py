@@ -231,20 +231,40 @@ def pair_weight(rec: Record, field: str, file: str, row: int) -> float:
     return w
 
 
+def row_parser(source: str, cfg) -> Callable[..., Any]:
+    """The row parser of ``source`` for ``data.format``: pairs (``PARSERS``), ranked lists
+    (``data/ranked.py``) or unpaired completions (``data/unpaired.py``; one row may give
+    several). Raises ValueError for a source without that format."""
+    fmt = getattr(cfg, "format", "pairs") or "pairs"
+    if fmt == "ranked":
+        from dpo_jax.data.ranked import RANKED_PARSERS
+
+        if source not in RANKED_PARSERS:
+            raise ValueError(f"data.source={source!r} has no ranked lists; ranked sources: "
+                             f"{sorted(RANKED_PARSERS)} and synthetic")
+        return RANKED_PARSERS[source]
+    if fmt == "unpaired":
+        from dpo_jax.data.unpaired import unpaired_parser
+
+        return unpaired_parser(source)
+    return PARSERS[source]
+
+
 def parse_rows(source: str, rows: Iterable[Row], cfg, bad: BadRows) -> list[RawPair]:
     """Parse every row; rows that do not parse raise or are counted by ``bad``. Whether a pair
     can teach a preference is decided on its tokens (``checks.check_scored_pair``).
     ``cfg.weight_field`` (when set) gives each pair its weight (``pair_weight``)."""
-    parser = PARSERS[source]
+    parser = row_parser(source, cfg)
     weight_field = getattr(cfg, "weight_field", "") or ""
     pairs: list[RawPair] = []
     for file, row, rec in rows:
         try:
-            pair = parser(rec, file, row, cfg)
-            if pair is not None:
-                if weight_field:
-                    pair.weight = pair_weight(rec, weight_field, file, row)
-                pairs.append(pair)
+            parsed = parser(rec, file, row, cfg)
+            for pair in parsed if isinstance(parsed, list) else [parsed]:
+                if pair is not None:
+                    if weight_field:
+                        pair.weight = pair_weight(rec, weight_field, file, row)
+                    pairs.append(pair)
         except DataError as e:
             bad.handle(e)
     if source == "shp":
@@ -256,10 +276,14 @@ def load_raw_pairs(cfg, split: str, bad: BadRows) -> list[RawPair]:
     """Parsed rows of dataset split ``split`` of ``cfg.path`` (a local copy, or the hub when
     the path is a name)."""
     if cfg.source == "se":  # many pairs per row, the paper's own split: stackexchange.py
+        if (getattr(cfg, "format", "pairs") or "pairs") != "pairs":
+            raise ValueError("data.source='se' reads pairs only (data.format='pairs')")
         from dpo_jax.data.stackexchange import load_se_pairs
 
         return load_se_pairs(cfg, split, bad)
     path = cfg.path or HUB_NAMES.get(cfg.source, "")
+    if not cfg.path and cfg.source == "ultrafeedback" and getattr(cfg, "format", "") == "ranked":
+        path = "openbmb/UltraFeedback"  # the 4 rated completions per prompt
     hub_config = cfg.hub_config
     if cfg.source == "tldr" and not hub_config and path == HUB_NAMES["tldr"]:
         hub_config = "comparisons"
@@ -273,7 +297,10 @@ def prompt_key(pair: RawPair) -> str:
     return json.dumps(pair.prompt)
 
 
-def pair_key(pair: RawPair) -> tuple[str, str, str]:
+def pair_key(pair: RawPair) -> tuple[str, ...]:
+    """The prompt and responses (ranked lists: all of them; unpaired: the completion)."""
+    if not isinstance(pair, RawPair):
+        return (prompt_key(pair), *pair.responses)
     return prompt_key(pair), pair.chosen, pair.rejected
 
 
@@ -366,3 +393,9 @@ def count_shared(eval_pairs: list[RawPair], train_pairs: list[RawPair]) -> tuple
     pairs = sum(pair_key(p) in train_keys for p in eval_pairs)
     prompts = len({prompt_key(p) for p in eval_pairs} & train_prompts)
     return pairs, prompts
+
+
+def shared_with_train(cfg, eval_items: list) -> tuple[int, int]:
+    """``count_shared`` of the kept eval items against the train split's raw items."""
+    train, _ = select_split(cfg, "train", BadRows("skip", max_logged=0), quiet=True)
+    return count_shared(eval_items, train)

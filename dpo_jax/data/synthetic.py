@@ -81,3 +81,26 @@ def make_pairs(task: SyntheticTask, num_pairs: int, seed: int) -> list[dict[str,
         chosen, rejected = (a, b) if ra > rb else (b, a)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
+
+
+def make_ranked(task: SyntheticTask, num_prompts: int, seed: int, num_responses: int = 4
+                ) -> list[dict]:
+    """``num_prompts`` ranked lists ``{prompt, responses, scores}``: ``num_responses`` responses
+    per prompt (each with its own uniform liked-token rate), sorted by true reward, best first;
+    ``scores`` float32 [K] are the true rewards (ties possible: equal fractions). Drawn from
+    their own stream (``seed``), so pairs of ``make_pairs`` are unchanged."""
+    rng = np.random.default_rng([seed, 4099])
+    items = []
+    for _ in range(num_prompts):
+        topic = int(rng.integers(1, task.num_topics + 1))
+        n_prompt = int(rng.integers(task.prompt_len[0], task.prompt_len[1] + 1))
+        prompt = np.concatenate(
+            [[topic], rng.integers(task.first_content, task.vocab_size, n_prompt)]
+        ).astype(np.int32)
+        responses = [_sample_response(task, rng, topic, rng.random())
+                     for _ in range(num_responses)]
+        scores = np.asarray([true_reward(task, prompt, r) for r in responses], np.float32)
+        order = np.argsort(-scores, kind="stable")
+        items.append({"prompt": prompt, "responses": [responses[i] for i in order],
+                      "scores": scores[order]})
+    return items

@@ -215,33 +215,47 @@ class PairTokenizer:
     def _joined(self, pair: RawPair) -> tuple[list[int] | str, str, str]:
         """(raw prompt ids, or the rendered chat prompt still to tokenise; joined chosen text;
         joined rejected text)."""
-        chosen, rejected = self.strip_end_text(pair.chosen), self.strip_end_text(pair.rejected)
-        if not pair.is_chat:
-            _, ids, moved = self._text_prompt(pair.prompt)
+        prompt, (chosen, rejected) = self.joined_texts(pair.prompt, [pair.chosen, pair.rejected])
+        return prompt, chosen, rejected
+
+    def joined_texts(self, prompt: str | list[dict], responses: list[str]
+                     ) -> tuple[list[int] | str, list[str]]:
+        """(raw prompt ids, or the rendered chat prompt still to tokenise; the joined text of
+        each response): the boundary rules of the module doc for any number of responses."""
+        responses = [self.strip_end_text(r) for r in responses]
+        if not isinstance(prompt, list):
+            _, ids, moved = self._text_prompt(prompt)
             self.stats.prompt_whitespace_moved += moved
-            return ids, pair.prompt + chosen, pair.prompt + rejected
-        ptext = self._render(pair.prompt, True)
+            return ids, [prompt + r for r in responses]
+        ptext = self._render(prompt, True)
         out = []
-        for resp in (chosen, rejected):
-            full = self._render(pair.prompt + [{"role": "assistant", "content": resp}], False)
+        for resp in responses:
+            full = self._render(prompt + [{"role": "assistant", "content": resp}], False)
             if not full.startswith(ptext):  # history rendered differently once answered
                 self.stats.chat_prefix_mismatch += 1
                 full = ptext + resp
             out.append(full)
-        return ptext, out[0], out[1]
+        return ptext, out
 
     # -------------------------------------------------------------------------- truncation
     def truncate(self, prompt: list[int], chosen: list[int], rejected: list[int],
                  pair: RawPair | None = None):
         """The paper's truncation, counted; 'error' mode refuses to cut a prompt."""
+        prompt, (chosen, rejected) = self.truncate_responses(prompt, [chosen, rejected], pair)
+        return prompt, chosen, rejected
+
+    def truncate_responses(self, prompt: list[int], responses: list[list[int]], where=None
+                           ) -> tuple[list[int], list[list[int]]]:
+        """The paper's truncation with the longest of ``responses`` deciding (for pairs: the
+        longer response); ``where`` (with ``file`` / ``row``) names the row in errors."""
         c = self.cfg
-        longer = max(len(chosen), len(rejected))
+        longer = max(len(r) for r in responses)
         if len(prompt) + longer > c.max_length and len(prompt) > c.max_prompt_length:
             if c.truncation_mode == "error":
                 raise DataError(
                     f"prompt has {len(prompt)} tokens > max_prompt_length {c.max_prompt_length}"
                     f" and prompt + response exceeds max_length {c.max_length}",
-                    file=pair.file if pair else None, row=pair.row if pair else None,
+                    file=getattr(where, "file", None), row=getattr(where, "row", None),
                     field="prompt", reason="prompt_too_long")
             keep_bos = self.bos is not None and prompt[:1] == [self.bos]
             body, n = (prompt[1:], c.max_prompt_length - 1) if keep_bos else (prompt,
@@ -251,9 +265,9 @@ class PairTokenizer:
             self.stats.prompt_truncated += 1
         if len(prompt) + longer > c.max_length:
             n = c.max_length - len(prompt)
-            chosen, rejected = chosen[:n], rejected[:n]
+            responses = [r[:n] for r in responses]
             self.stats.responses_truncated += 1
-        return prompt, chosen, rejected
+        return prompt, responses
 
     # -------------------------------------------------------------------------- all pairs
     def _boundary_error(self, pair: RawPair, field: str, prompt: list[int],
@@ -300,6 +314,43 @@ class PairTokenizer:
                 check_scored_pair(tokens, end_ids=self.end_ids, is_blank=self.is_blank,
                                   file=pair.file, row=pair.row)
                 out.append(tokens)
+                kept.append(i)
+            except DataError as e:
+                bad.handle(e)
+        return out, kept
+
+    def encode_lists(self, items: list, bad: BadRows, check=None
+                     ) -> tuple[list[tuple[np.ndarray, list[np.ndarray]]], list[int]]:
+        """Tokenised ``(prompt, [responses])`` of items with ``prompt``, ``responses`` (texts),
+        ``is_chat``, ``file`` and ``row`` (ranked lists, unpaired completions), by the rules of
+        pairs (boundary, BOS, one end token, truncation with the longest response deciding),
+        and each kept item's index in ``items``. ``check(prompt, responses, item)`` raises
+        ``DataError`` for an item that cannot be scored; bad rows raise or are counted by
+        ``bad``."""
+        self._cache_text_prompts([p.prompt for p in items if not p.is_chat])
+        joined = [self.joined_texts(p.prompt, list(p.responses)) for p in items]
+        chat_at = [i for i, j in enumerate(joined) if isinstance(j[0], str)]
+        chat_ids = dict(zip(chat_at, self._ids([joined[i][0] for i in chat_at])))
+        flat = self._ids([t for j in joined for t in j[1]])
+        out, kept, at = [], [], 0
+        for i, item in enumerate(items):
+            texts_ids, at = flat[at:at + len(joined[i][1])], at + len(joined[i][1])
+            try:
+                raw_prompt = chat_ids[i] if i in chat_ids else joined[i][0]
+                responses = []
+                for k, joined_ids in enumerate(texts_ids):
+                    resp = split_at_prompt(raw_prompt, joined_ids)
+                    if resp is None:
+                        raise self._boundary_error(item, f"responses[{k}]", raw_prompt,
+                                                   joined_ids)
+                    responses.append(self.finish_response(resp, item.is_chat))
+                prompt, responses = self.truncate_responses(
+                    self.finish_prompt(list(raw_prompt)), responses, item)
+                prompt = np.asarray(prompt, np.int32)
+                responses = [np.asarray(r, np.int32) for r in responses]
+                if check is not None:
+                    check(prompt, responses, item)
+                out.append((prompt, responses))
                 kept.append(i)
             except DataError as e:
                 bad.handle(e)
