@@ -1,10 +1,15 @@
 """Write a trained policy back as a Hugging Face model directory.
 
-    python -m dpo_jax.export --workdir=runs/hh --out=exported/hh [--step=N]
+    python -m dpo_jax.export --workdir=runs/hh --out=exported/hh [--step=N] [--adapter_out=DIR]
 
 Reads the run's ``config.json`` (model shape, HF source, tokenizer) and its newest (or the
 given) checkpoint, and writes ``config.json``, ``model.safetensors`` and, when the run used a
 tokenizer, its files, so ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads it.
+
+A LoRA run (``model.lora.rank`` > 0) is written twice: ``out`` holds the merged model (the
+base with its adapters folded in), and ``--adapter_out`` (default ``OUT/adapter``) the adapters
+alone as a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) that
+``peft.PeftModel.from_pretrained(base, DIR)`` loads onto the run's base model.
 
 When the run started from an HF checkpoint (``model.hf_path``), the export keeps that
 checkpoint's configuration: its ``config.json`` is written back field for field (dropouts, token
@@ -28,6 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from dpo_jax import checkpoint as ckpt_lib
+from dpo_jax import lora as lora_lib
 from dpo_jax.models import Model, ModelConfig, model_config_from
 from dpo_jax.models import hf_config as hf_lib
 from dpo_jax.models.hf import save_hf
@@ -35,6 +41,8 @@ from dpo_jax.models.hf import save_hf
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to export from.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory (HF format).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+_ADAPTER_OUT = flags.DEFINE_string(
+    "adapter_out", None, "LoRA runs: the PEFT adapter directory (default: OUT/adapter).")
 
 # The files a transformers tokenizer is saved as (any of them, by tokenizer kind).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -145,8 +153,11 @@ def write_hf(out: str, cfg: ModelConfig, params: dict, *, source: str = "",
     return out
 
 
-def export_run(workdir: str, out: str, step: int | None = None) -> str:
-    """Export ``workdir``'s policy at ``step`` to ``out``; returns ``out``."""
+def export_run(workdir: str, out: str, step: int | None = None,
+               adapter_out: str | None = None) -> str:
+    """Export ``workdir``'s policy at ``step`` to ``out``; returns ``out``. A LoRA run's policy
+    is its base with the adapters merged in, and its adapters also go to ``adapter_out``
+    (default ``out/adapter``) as a PEFT directory."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a dpo_jax run directory?")
@@ -156,14 +167,22 @@ def export_run(workdir: str, out: str, step: int | None = None) -> str:
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
                         model.abstract_params())
-    params = ckpt_lib.restore_params(workdir, like, step=step)
+    if lora_lib.run_lora(config).rank:
+        shardings = jax.tree.map(lambda _: cpu, like)
+        lora_model, base, adapters = lora_lib.run_base_and_adapters(workdir, model, shardings,
+                                                                   step)
+        params = lora_lib.merge(lora_model, base, adapters)
+        lora_lib.save_peft(adapter_out or os.path.join(out, "adapter"), lora_model, adapters,
+                           base_model=config.model.hf_path)
+    else:
+        params = ckpt_lib.restore_params(workdir, like, step=step)
     return write_hf(out, model.cfg, params, source=config.model.hf_path,
                     tokenizer=config.data.tokenizer or config.model.hf_path)
 
 
 def main(argv):
     del argv
-    print(export_run(_WORKDIR.value, _OUT.value, _STEP.value))
+    print(export_run(_WORKDIR.value, _OUT.value, _STEP.value, _ADAPTER_OUT.value))
 
 
 if __name__ == "__main__":

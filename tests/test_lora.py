@@ -20,7 +20,7 @@ from dpo_jax.models import Model
 from dpo_jax.step import StepConfig, make_train_step, pair_terms, sequence_stats
 from tests import helpers, runs
 
-TOL = dict(rtol=2e-5, atol=2e-6)
+TOL = {"rtol": 2e-5, "atol": 2e-6}
 MESHES = {"dp": {"data": 8, "fsdp": 1, "tensor": 1}, "fsdp": {"data": 1, "fsdp": 8, "tensor": 1},
           "mixed": {"data": 2, "fsdp": 2, "tensor": 2}}
 

@@ -1,0 +1,99 @@
+"""LoRA runs end to end (dpo_jax/lora.py through the DPO and SFT tasks): exact resume from
+checkpoints that hold only the adapters, their optimizer state and the base's fingerprint; a
+changed base is refused; the two-stage recipe (SFT adapters merged into DPO's base)."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from dpo_jax import checkpoint as ckpt_lib
+from dpo_jax import lora as lora_lib
+from dpo_jax import state as state_lib
+from dpo_jax.config import read_config
+from dpo_jax.models import Model, model_config_from
+from dpo_jax.models.hf import save_hf
+from dpo_jax.step import StepConfig, pair_terms
+from tests import helpers, runs
+
+
+def with_lora(config, rank=4, **lora):
+    config.model.lora.update(rank=rank, **lora)
+    config.optim.lr = 1e-2
+    return config
+
+
+def final_adapters(config, workdir):
+    """The adapters of ``workdir``'s newest checkpoint, on one device."""
+    rc = read_config(config)
+    model = lora_lib.LoraModel(rc.model, rc.lora)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                        model.abstract_adapters())
+    return ckpt_lib.restore_params(str(workdir), like)
+
+
+def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path):
+    """With adapter dropout (masks drawn from the step), killed after step 3 (checkpoint at 2):
+    the rerun ends with the same adapters, bit for bit, and the same metrics log."""
+    config = with_lora(runs.dpo_config(steps=4, checkpoint_every=2), dropout=0.1)
+    runs.run(config, tmp_path / "full")
+    summary = runs.cut_and_resume(config, tmp_path / "cut", 3)
+    assert summary["resumed_from"] == 2
+    runs.assert_same_params(final_adapters(config, tmp_path / "cut"),
+                            final_adapters(config, tmp_path / "full"))
+    assert runs.without_timing(runs.records(tmp_path / "cut")) == runs.without_timing(
+        runs.records(tmp_path / "full"))
+    # a checkpoint holds the adapters and the base's fingerprint, not the base
+    fingerprint = ckpt_lib.restore_json_item(str(tmp_path / "full"), lora_lib.ITEM)
+    assert fingerprint["source"]["seed"] == 0 and len(fingerprint["checksum"]) > 0
+    assert set(final_adapters(config, tmp_path / "full")) == {"lora"}
+    assert summary["first_train"]["loss"] != summary["final_train"]["loss"]
+
+
+def test_resume_refuses_a_changed_base(tmp_path):
+    """The base comes from an HF directory whose weights are replaced between the crash and
+    the rerun: the resume stops, naming the checksum, instead of training the adapters on
+    another model."""
+    config = with_lora(runs.dpo_config(steps=2, checkpoint_every=1))
+    cfg = model_config_from(config.model)
+    model = Model(cfg)
+    src = tmp_path / "base"
+    save_hf(str(src), cfg, jax.device_get(jax.jit(model.init)(jax.random.key(0))))
+    config.model.hf_path = str(src)
+    with pytest.raises(Exception, match="interrupted"):
+        runs.run(config, tmp_path / "run", interrupt_after=2)
+    save_hf(str(src), cfg, jax.device_get(jax.jit(model.init)(jax.random.key(1))))
+    with pytest.raises(ValueError, match="checksum differs"):
+        runs.run(config, tmp_path / "run")
+
+
+def test_two_stage_recipe_sft_adapters_merged_into_the_dpo_base(tmp_path):
+    """SFT with LoRA, then DPO with ``init.policy`` = the SFT run: the SFT adapters are merged
+    into the base, which is DPO's reference (full fine-tuning: its initial policy too; new
+    adapters: their base), where DPO starts at loss ln 2."""
+    sft = with_lora(runs.sft_config(steps=2))
+    runs.run(sft, tmp_path / "sft")
+    sft_rc = read_config(sft)
+    sft_model = lora_lib.LoraModel(sft_rc.model, sft_rc.lora)
+    seed_base = jax.device_get(jax.jit(sft_model.init)(jax.random.key(0)))
+    want = jax.device_get(lora_lib.merge(sft_model, seed_base, final_adapters(sft, tmp_path / "sft")))
+    assert not np.allclose(want["layers"]["attn"]["q"], seed_base["layers"]["attn"]["q"])
+
+    for rank in (0, 8):  # full fine-tuning from the merged SFT model; new adapters stacked on it
+        dpo = with_lora(runs.dpo_config(steps=1), rank=rank)
+        dpo.init.policy = str(tmp_path / "sft")
+        rc = read_config(dpo)
+        model = lora_lib.make_model(rc.model, rc.lora)
+        setup = state_lib.setup(rc, model, reference=True)
+        base = setup.ref_params if rank else setup.params
+        for got, w in zip(jax.tree.leaves(jax.device_get(base)), jax.tree.leaves(want),
+                          strict=True):
+            np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-6)
+        if rank:  # step 0: the adapted policy is its base, the reference
+            loss_cfg = helpers.loss_config(beta=0.5)
+            b = helpers.pair_batch(helpers.synthetic_pairs(8))
+            _, out = pair_terms(model, loss_cfg, setup.params, setup.ref_params, b, StepConfig(),
+                                None)
+            np.testing.assert_allclose(np.asarray(out.losses), math.log(2.0), rtol=1e-6)
