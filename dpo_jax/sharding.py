@@ -20,8 +20,15 @@ BATCH_AXES = ("data", "fsdp")
 
 # Default logical -> mesh rules: FSDP shards the model dimension, tensor parallelism the
 # vocabulary, MLP and heads (Megatron layout). An axis missing from the mesh shape is size 1.
+# Mixture-of-experts weights [layers, expert, embed, mlp] put whole experts on the `fsdp` axis
+# (the expert axis precedes `embed` in those arrays and an array uses a mesh axis once): each
+# fsdp shard holds n_experts / fsdp experts, split over `tensor` along their hidden width. Where fsdp
+# does not divide n_experts the expert axis stays whole and `embed` takes `fsdp` as in a dense
+# MLP. Weights are gathered for the compute as FSDP gathers them (models/moe.py runs every
+# token through every expert).
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "tensor"),
+    ("expert", "fsdp"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

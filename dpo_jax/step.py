@@ -46,15 +46,19 @@ class StepConfig:
 
 
 def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_only=False,
-                   loss_cfg: losses_lib.LossConfig | None = None, with_wpo=False):
+                   loss_cfg: losses_lib.LossConfig | None = None, with_wpo=False,
+                   router_aux=False):
     """Per-sequence (logps, lengths), each ``[2B]`` in block layout, and with ``with_wpo`` a
     third: WPO's per-token mean aligned log-prob. forward_only (no gradient will be taken)
     evaluates the head with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights
-    the tokens past the shorter response of each pair."""
+    the tokens past the shorter response of each pair. router_aux (mixture-of-experts models):
+    ``(those, the router's load-balancing loss of this forward)``."""
     # prefix-shared rows (data.prefix_sharing) carry branch ids: the mask is derived from them
     branch = {} if "branch_ids" not in batch else {"branch_ids_BL": batch["branch_ids"]}
+    aux = {"router_aux": True} if router_aux else {}
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                     **branch)
+                     **branch, **aux)
+    h, aux = h if router_aux else (h, None)
     w, b = model.unembedding(params, caller_applies_softcap=True)
     seq_index = batch.get("seq_index")
     num_seqs = None if seq_index is None else _num_slots(batch) * batch["pair_weight"].shape[0]
@@ -71,8 +75,8 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
     )
     if with_wpo:
         logps, lengths, wpo_sums = out
-        return logps, lengths, wpo_sums / jnp.maximum(lengths, 1.0)
-    return out
+        out = logps, lengths, wpo_sums / jnp.maximum(lengths, 1.0)
+    return (out, aux) if router_aux else out
 
 
 def _pairs(x_S):
@@ -145,9 +149,15 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     if "slot_rank" in batch:
         return ranked_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
                             policy_forward_only)
-    policy = _stats(*sequence_stats(model, params, batch, cfg, max_scored,
-                                     forward_only=policy_forward_only, loss_cfg=loss_cfg,
-                                     with_wpo=loss_cfg.use_weighting))
+    router_aux = loss_cfg.router_aux_loss_coef > 0
+    if router_aux and "desirable" in batch:
+        raise ValueError("loss.router_aux_loss_coef adds the router loss to paired preference "
+                         "losses, not to KTO; set it to 0")
+    policy = sequence_stats(model, params, batch, cfg, max_scored,
+                            forward_only=policy_forward_only, loss_cfg=loss_cfg,
+                            with_wpo=loss_cfg.use_weighting, router_aux=router_aux)
+    policy, aux = policy if router_aux else (policy, None)
+    policy = _stats(*policy)
     reference = None
     if "ref_logps" in batch:  # precomputed once over the dataset
         if loss_cfg.ld_alpha is not None:
@@ -164,6 +174,9 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
         return policy, losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"],
                                            weights)
     out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
+    if router_aux:  # TRL: loss + router_aux_loss_coef * aux_loss, logged as aux_loss
+        out = out.replace(losses=out.losses + loss_cfg.router_aux_loss_coef * aux,
+                          extras={**out.extras, "aux_loss": aux})
     return policy, out
 
 

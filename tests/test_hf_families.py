@@ -1,4 +1,5 @@
-"""Mistral's sliding window, Qwen3, Gemma 2, Gemma 3 and Phi-3 against tiny random transformers
+"""Mistral's sliding window, Qwen3, Gemma 2, Gemma 3, Phi-3, Mixtral and Qwen2-MoE against tiny
+random transformers
 models (torch, float32, CPU): logits on padded and packed batches with sequences longer than
 the window, the export round trip, greedy sampling past the window, a DPO step, and the
 importer's refusal of config fields it does not implement."""
@@ -39,7 +40,20 @@ CASES = {
                                             "rope_theta": 1000000.0}})),
     "phi3": ("Phi3Config", dict(sliding_window=WINDOW, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # 4 experts, top-2: Mixtral renormalises the top-2 weights; Qwen2-MoE does not (unless
+    # norm_topk_prob) and adds its sigmoid-gated shared expert
+    "mixtral-window": ("MixtralConfig", dict(sliding_window=WINDOW, num_local_experts=4,
+                                             num_experts_per_tok=2)),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48)),
+    "qwen2-moe-norm": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32, norm_topk_prob=True,
+                                              shared_expert_intermediate_size=16,
+                                              tie_word_embeddings=True)),
 }
+GENERATING = ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3", "mixtral-window",
+              "qwen2-moe"]
 LENS = [24, 17, 10]  # longest three times the window
 
 
@@ -120,7 +134,7 @@ def test_switches_resolved(ours):
         "phi3", 4, 8, WINDOW)
 
 
-@pytest.mark.parametrize("name", ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("name", GENERATING)
 def test_greedy_sampling_matches_generate_past_the_window(name, hf_dirs, ours):
     """The KV-cache sampler's greedy continuation equals transformers.generate, rows of
     different prompt lengths in one batch, generating well past the window."""
@@ -145,7 +159,7 @@ def test_greedy_sampling_matches_generate_past_the_window(name, hf_dirs, ours):
         np.testing.assert_array_equal(np.asarray(got.tokens_BT)[b, n:n + k], want[:k])
 
 
-@pytest.mark.parametrize("name", ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("name", GENERATING)
 def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
     """One DPO train step (dpo_jax.step.make_train_step) on the imported model: the policy
     log-probs it reports equal PyTorch's on the same batch, and the parameters move."""
@@ -205,7 +219,12 @@ def _config(name):
                                            "rope_theta": 1e4, "beta_fast": 32},
      r"\['beta_fast'\]"),
     ("gemma2", "layer_types", ["sliding_attention", "chunked_attention"], "chunked_attention"),
-    ("mistral-window", "model_type", "mixtral", "'mixtral'"),
+    ("mistral-window", "model_type", "qwen3_moe", "'qwen3_moe'"),
+    ("mixtral-window", "output_router_logits", True, "'output_router_logits' = True"),
+    ("mixtral-window", "router_jitter_noise", 0.1, "'router_jitter_noise' = 0.1"),
+    ("qwen2-moe", "decoder_sparse_step", 2, "'decoder_sparse_step' = 2"),
+    ("qwen2-moe", "mlp_only_layers", [0], r"'mlp_only_layers' = \[0\]"),
+    ("qwen2-moe", "router_type", "expert_choice", "'router_type' = 'expert_choice'"),
 ])
 def test_unimplemented_config_fields_are_refused(name, field, value, match):
     c = _config(name)

@@ -1,20 +1,24 @@
 """ModelConfig: one frozen dataclass whose named switches select GPT-2, GPT-NeoX, GPT-J, the
-Llama family (Llama 2/3, Mistral, Qwen2), Qwen3, Gemma 2, Gemma 3 or Phi-3.
+Llama family (Llama 2/3, Mistral, Qwen2), Qwen3, Gemma 2, Gemma 3, Phi-3, or the
+mixture-of-experts Mixtral and Qwen2-MoE.
 
 Why one decoder with switches rather than one model class per family: the DPO trainer, sharding
 rules, checkpointing and the HF importer all see the same parameter tree layout; the families
 only differ in a handful of well-understood places (norm, MLP, position encoding, residual
-wiring, biases, head tying, attention window, soft-capping), and each difference is a field here.
+wiring, biases, head tying, attention window, soft-capping, mixture-of-experts MLP), and each
+difference is a field here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 # The family chooses the HF tensor-name map and the model_type written on export; every
 # difference in the computation is a separate switch below.
-FAMILIES = ("gpt2", "neox", "gptj", "llama", "qwen3", "gemma2", "gemma3", "phi3")
+FAMILIES = ("gpt2", "neox", "gptj", "llama", "qwen3", "gemma2", "gemma3", "phi3", "mixtral",
+            "qwen2_moe")
 LAYER_TYPES = ("full", "sliding")
 
 
@@ -45,16 +49,30 @@ class ModelConfig:
     # MLP
     activation: str = "gelu_tanh"  # gelu_tanh | gelu (erf) | silu | relu
     gated_mlp: bool = False  # SwiGLU-style: down(act(gate(x)) * up(x))
+    # mixture of experts (models/moe.py): n_experts > 0 replaces the MLP of every layer
+    n_experts: int = 0  # experts per layer (0: the dense MLP)
+    n_experts_per_tok: int = 2  # top-k experts each token is sent to
+    moe_d_ff: int | None = None  # hidden width of each expert (None: d_ff)
+    moe_renormalize: bool = True  # top-k weights divided by their sum (Mixtral; Qwen2-MoE's
+    # norm_topk_prob); False: the top-k softmax probabilities as they are
+    shared_expert_d_ff: int = 0  # > 0: a gated MLP of this width on every token, times
+    # sigmoid(x . shared_gate) (Qwen2-MoE's shared expert)
     # positions
     position: str = "learned"  # learned | rotary
     rotary_dim: int | None = None  # per-head dims that are rotated (NeoX rotary_pct * head_dim)
     rotary_style: str = "half"  # half (NeoX/Llama rotate_half) | interleaved (GPT-J every-two)
     rope_theta: float = 10000.0
-    rope_scaling: str | None = None  # None | linear | llama3
+    rope_scaling: str | None = None  # None | linear | llama3 | longrope
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_len: int = 8192  # llama3 only
+    rope_original_max_len: int = 8192  # llama3, longrope (pretraining context length)
+    # longrope (Phi-3 su / longrope): per-frequency divisors [rotary_dim / 2], the long ones when
+    # a forward's largest position + 1 exceeds rope_original_max_len; sin and cos times
+    # rope_attention_factor (None: sqrt(1 + ln(max_len / original) / ln(original)), 1 if <= 1)
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
+    rope_attention_factor: float | None = None
     local_rope_theta: float | None = None  # sliding layers: unscaled rope of this base (Gemma 3)
     # attention
     sliding_window: int | None = None  # query i sees key j only when i - j < sliding_window
@@ -99,7 +117,7 @@ class ModelConfig:
             "activation": ("gelu_tanh", "gelu", "silu", "relu"),
             "position": ("learned", "rotary"),
             "rotary_style": ("half", "interleaved"),
-            "rope_scaling": (None, "linear", "llama3"),
+            "rope_scaling": (None, "linear", "llama3", "longrope"),
             "remat": ("none", "full", "dots_saveable", "dots_no_batch"),
             "attention_impl": (None, "xla", "cudnn", "chunked"),
             "dtype": ("float32", "bfloat16", "float16"),
@@ -138,6 +156,45 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be None or > 0, got {value}")
+        self._check_moe()
+        self._check_longrope()
+
+    def _check_moe(self) -> None:
+        if self.moe_d_ff is None and self.n_experts:
+            object.__setattr__(self, "moe_d_ff", self.d_ff)
+        if self.n_experts < 0 or self.shared_expert_d_ff < 0:
+            raise ValueError(f"n_experts ({self.n_experts}) and shared_expert_d_ff "
+                             f"({self.shared_expert_d_ff}) must be >= 0")
+        if not self.n_experts:
+            if self.shared_expert_d_ff:
+                raise ValueError("shared_expert_d_ff needs n_experts > 0")
+            return
+        if not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise ValueError(f"n_experts_per_tok must be in [1, n_experts={self.n_experts}], "
+                             f"got {self.n_experts_per_tok}")
+        if not self.gated_mlp or self.mlp_bias:
+            raise ValueError("mixture-of-experts layers are gated MLPs without biases: set "
+                             "gated_mlp=True and mlp_bias=False")
+
+    def _check_longrope(self) -> None:
+        factors = (self.rope_short_factor, self.rope_long_factor)
+        if self.rope_scaling != "longrope":
+            if factors != (None, None) or self.rope_attention_factor is not None:
+                raise ValueError("rope_short_factor, rope_long_factor and rope_attention_factor "
+                                 "are longrope fields; set rope_scaling='longrope' or leave them "
+                                 "None")
+            return
+        half = self.rotary_dim // 2
+        for name in ("rope_short_factor", "rope_long_factor"):
+            value = getattr(self, name)
+            if value is None or len(value) != half:
+                raise ValueError(f"rope_scaling='longrope' needs {name} of rotary_dim / 2 = "
+                                 f"{half} floats, got {value!r}")
+            object.__setattr__(self, name, tuple(float(x) for x in value))
+        if self.rope_attention_factor is None:
+            factor = self.max_len / self.rope_original_max_len
+            object.__setattr__(self, "rope_attention_factor", 1.0 if factor <= 1.0 else math.sqrt(
+                1 + math.log(factor) / math.log(self.rope_original_max_len)))
 
     @property
     def sliding_layers(self) -> tuple[bool, ...]:
@@ -175,6 +232,10 @@ _GEMMA2 = dict(_GEMMA, family="gemma2", attn_logit_softcap=50.0, final_logit_sof
 _GEMMA3 = dict(_GEMMA, family="gemma3", qk_norm=True, rope_theta=1000000.0,
                local_rope_theta=10000.0)
 _PHI3 = dict(_LLAMA, family="phi3")
+_MIXTRAL = dict(_LLAMA, family="mixtral", n_experts=8, n_experts_per_tok=2, rope_theta=1e6,
+                norm_eps=1e-5)
+_QWEN2_MOE = dict(_LLAMA, family="qwen2_moe", qkv_bias=True, moe_renormalize=False,
+                  norm_eps=1e-6)
 
 
 def _alternate(n_layer: int, every: int) -> tuple[str, ...]:
@@ -243,6 +304,12 @@ PRESETS: dict[str, dict] = {
                        layer_types=_alternate(34, 6), rope_scaling="linear", rope_factor=8.0),
     "phi-3-mini": dict(_PHI3, vocab_size=32064, n_layer=32, d_model=3072, n_head=32,
                        d_ff=8192, max_len=4096, norm_eps=1e-5, sliding_window=2047),  # 4k
+    "mixtral-8x7b": dict(_MIXTRAL, vocab_size=32000, n_layer=32, d_model=4096, n_head=32,
+                         n_kv_head=8, d_ff=14336, max_len=32768),  # v0.1
+    "qwen1.5-moe-a2.7b": dict(_QWEN2_MOE, vocab_size=151936, n_layer=24, d_model=2048,
+                              n_head=16, n_kv_head=16, d_ff=5632, max_len=8192,
+                              rope_theta=1e6, n_experts=60, n_experts_per_tok=4, moe_d_ff=1408,
+                              shared_expert_d_ff=5632, tie_embeddings=False),
 }
 
 
@@ -253,11 +320,16 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
-def _layer_matmul_params(cfg: ModelConfig) -> int:
+def _layer_matmul_params(cfg: ModelConfig, active: bool = False) -> int:
+    """Matmul weights of one layer; with experts, all of them (active=False) or those one token
+    runs through (active=True: the router, n_experts_per_tok experts and the shared expert)."""
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2  # q, o, k, v
-    mlp = d * cfg.d_ff * (3 if cfg.gated_mlp else 2)
-    return attn + mlp
+    if not cfg.n_experts:
+        return attn + d * cfg.d_ff * (3 if cfg.gated_mlp else 2)
+    experts = cfg.n_experts_per_tok if active else cfg.n_experts
+    shared = 3 * d * cfg.shared_expert_d_ff + (d if cfg.shared_expert_d_ff else 0)
+    return attn + d * cfg.n_experts + experts * 3 * d * cfg.moe_d_ff + shared
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -269,7 +341,7 @@ def param_count(cfg: ModelConfig) -> int:
         layer += (cfg.n_head + 2 * cfg.n_kv_head) * hd
     if cfg.attn_out_bias:
         layer += d
-    if cfg.mlp_bias:
+    if cfg.mlp_bias and not cfg.n_experts:
         layer += cfg.d_ff * (2 if cfg.gated_mlp else 1) + d
     layer += norm * (1 if cfg.shared_norm else 2) + (2 * norm if cfg.post_norms else 0)
     if cfg.qk_norm:
@@ -286,8 +358,11 @@ def param_count(cfg: ModelConfig) -> int:
 
 def matmul_param_count(cfg: ModelConfig) -> int:
     """N of the FLOPs convention: all matmul weights incl. the LM head, excluding input embedding
-    lookup (a gather, no FLOPs), position table, norms and biases."""
-    return cfg.n_layer * _layer_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
+    lookup (a gather, no FLOPs), position table, norms and biases. With experts, the weights one
+    token runs through (router, top-k experts, shared expert): the FLOPs of sparse routing, not
+    of the dense dispatch models/moe.py computes (n_experts / n_experts_per_tok times the
+    experts' share)."""
+    return cfg.n_layer * _layer_matmul_params(cfg, active=True) + cfg.vocab_size * cfg.d_model
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:

@@ -12,6 +12,7 @@ Parameter tree (pure dict keys):
   layers/attn/q [L,D,N,Dh]; k, v [L,D,K,Dh]; o [L,N,Dh,D]; q_bias [L,N,Dh] ... o_bias [L,D]
   layers/attn/q_norm/scale, k_norm/scale [L,Dh] (qk_norm)
   layers/mlp/up [L,D,F]; gate [L,D,F] (gated); down [L,F,D]; up_bias, gate_bias, down_bias
+  layers/mlp/router, gate, up, down, shared/... with n_experts > 0 (see moe.py)
   final_norm/{scale,bias}; lm_head [V,D] (untied only); lm_head_bias [V] (GPT-J)
 
 Shape suffixes of arrays: L layers, B batch, T tokens of this call, S key positions (T, or cache
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dpo_jax.models import moe
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import (
     activation,
@@ -187,14 +189,19 @@ class Block(nnx.Module):
         if not cfg.shared_norm:
             self.ln2 = Norm(cfg, rngs, lead, lead_axes)
         self.attn = Attention(cfg, rngs, lead, lead_axes)
-        self.mlp = MLP(cfg, rngs, lead, lead_axes)
+        if cfg.n_experts:  # mixture of experts in place of the MLP (Mixtral, Qwen2-MoE)
+            self.mlp = moe.MoE(cfg, lambda shape, axes, init="normal": _param(
+                rngs, lead + shape, lead_axes + axes, cfg, init))
+        else:
+            self.mlp = MLP(cfg, rngs, lead, lead_axes)
         if cfg.post_norms:
             self.post_attn_norm = Norm(cfg, rngs, lead, lead_axes)
             self.post_mlp_norm = Norm(cfg, rngs, lead, lead_axes)
 
     def __call__(self, h_BTD: jax.Array, sin_BTR, cos_BTR, mask_B1TS: jax.Array,
                  kv: tuple | None = None):
-        """Residual stream [B,T,D] through one layer -> (new [B,T,D], new (k, v) cache or None).
+        """Residual stream [B,T,D] through one layer -> (new [B,T,D], new (k, v) cache or None,
+        the router statistics of a mixture-of-experts layer (moe.RouterStats) or None).
 
         kv=None: self-attention over h_BTD (S = T). kv=(k_cache_BSKH, v_cache_BSKH, start_B):
         write this call's keys/values into the cache from per-row slot start_B, attend over the
@@ -212,16 +219,19 @@ class Block(nnx.Module):
             k_BSKH = k_cache_BSKH.astype(q_BTNH.dtype)
             v_BSKH = v_cache_BSKH.astype(q_BTNH.dtype)
         a_BTD = self.attn.out(attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS))
+        mlp = self.mlp if cfg.n_experts else lambda x: (self.mlp(x), None)
         if cfg.parallel_residual:
-            m_BTD = self.mlp(x_BTD if cfg.shared_norm else self.ln2(h_BTD))
+            m_BTD, router = mlp(x_BTD if cfg.shared_norm else self.ln2(h_BTD))
             h_BTD = h_BTD + a_BTD + m_BTD
         elif cfg.post_norms:
             h_BTD = h_BTD + self.post_attn_norm(a_BTD)
-            h_BTD = h_BTD + self.post_mlp_norm(self.mlp(self.ln2(h_BTD)))
+            m_BTD, router = mlp(self.ln2(h_BTD))
+            h_BTD = h_BTD + self.post_mlp_norm(m_BTD)
         else:
             h_BTD = h_BTD + a_BTD
-            h_BTD = h_BTD + self.mlp(self.ln2(h_BTD))
-        return h_BTD, new_kv
+            m_BTD, router = mlp(self.ln2(h_BTD))
+            h_BTD = h_BTD + m_BTD
+        return h_BTD, new_kv, router
 
 
 _REMAT_POLICIES = {
@@ -273,7 +283,8 @@ class Decoder(nnx.Module):
         """Run every layer. ropes / masks: {layer type: (sin, cos) / mask [B,1,T,S]} for the
         types in _layer_kinds; with both types present each layer picks its own by a per-layer
         flag scanned alongside its parameters. cache_kv: (k, v) [n_layer,B,S,K,H] or None.
-        Returns (h [B,T,D], the updated (k, v) cache or None)."""
+        Returns (h [B,T,D], the updated (k, v) cache or None, the stacked router statistics
+        [n_layer, ...] of mixture-of-experts layers or None)."""
         cfg = self.cfg
         graphdef, state = nnx.split(self.layers)
         kinds = _layer_kinds(cfg)
@@ -288,31 +299,40 @@ class Decoder(nnx.Module):
                 sin_BTR, cos_BTR = (pick(a, b) for a, b in zip(ropes["sliding"], ropes["full"]))
             block = nnx.merge(graphdef, layer_state)
             kv_arg = None if kv is None else (kv[0], kv[1], start_B)
-            h_BTD, new_kv = block(h_BTD, sin_BTR, cos_BTR, mask_B1TS, kv_arg)
-            return h_BTD, new_kv
+            h_BTD, new_kv, router = block(h_BTD, sin_BTR, cos_BTR, mask_B1TS, kv_arg)
+            return h_BTD, (new_kv, router)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         xs = (state, cache_kv, jnp.asarray(cfg.sliding_layers))
         if cfg.scan_layers:
-            return jax.lax.scan(body, h_BTD, xs)
+            h_BTD, (new_kv, router) = jax.lax.scan(body, h_BTD, xs)
+            return h_BTD, new_kv, router
         outs = []
         for i in range(cfg.n_layer):
-            h_BTD, new_kv = body(h_BTD, jax.tree.map(lambda a: a[i], xs))
-            outs.append(new_kv)
-        stacked = None if cache_kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return h_BTD, stacked
+            h_BTD, out = body(h_BTD, jax.tree.map(lambda a: a[i], xs))
+            outs.append(out)
+        new_kv, router = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return h_BTD, new_kv, router
 
     def __call__(self, ids_BT: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array, branch_ids_BT: jax.Array | None = None) -> jax.Array:
+                 segment_ids_BT: jax.Array, branch_ids_BT: jax.Array | None = None,
+                 router_aux: bool = False):
         """Hidden states [B, T, D] after the final norm, in the compute dtype. branch_ids_BT:
-        prefix-shared rows' branch per token (see layers.segment_causal_mask) or None."""
+        prefix-shared rows' branch per token (see layers.segment_causal_mask) or None.
+        router_aux=True (mixture-of-experts configs only): (hidden, the router's load-balancing
+        loss over the real tokens, moe.load_balancing_loss)."""
         h_BTD, ropes = self._embed(ids_BT, positions_BT)
         masks = {kind: segment_causal_mask(
             segment_ids_BT, self.cfg.sliding_window if kind == "sliding" else None,
             branch_ids_BT, positions_BT)
             for kind in _layer_kinds(self.cfg)}
-        h_BTD, _ = self._run_layers(h_BTD, ropes, masks)
+        h_BTD, _, router = self._run_layers(h_BTD, ropes, masks)
+        if router_aux:
+            if router is None:
+                raise ValueError("router_aux=True (e.g. loss.router_aux_loss_coef > 0) needs a "
+                                 "mixture-of-experts model (n_experts > 0)")
+            return self.final_norm(h_BTD), moe.load_balancing_loss(router, segment_ids_BT != 0)
         return self.final_norm(h_BTD)
 
     def decode(self, ids_BT: jax.Array, positions_BT: jax.Array, cache: Cache,
@@ -345,8 +365,8 @@ class Decoder(nnx.Module):
                 seen_BTS = seen_BTS & (delta_BTS < self.cfg.sliding_window)
             masks[kind] = (seen_BTS | (delta_BTS == 0))[:, None]
         h_BTD, ropes = self._embed(ids_BT, positions_BT)
-        h_BTD, (k_LBSKH, v_LBSKH) = self._run_layers(h_BTD, ropes, masks,
-                                                     (cache["k"], cache["v"]), start_B)
+        h_BTD, (k_LBSKH, v_LBSKH), _ = self._run_layers(h_BTD, ropes, masks,
+                                                        (cache["k"], cache["v"]), start_B)
         new_cache = {"k": k_LBSKH, "v": v_LBSKH, "valid": valid_BS,
                      "index": start_B + jnp.sum(real_BT, axis=1).astype(start_B.dtype)}
         return self.final_norm(h_BTD), new_cache

@@ -60,6 +60,12 @@ def _find_prefix(ckpt: _Checkpoint, cfg: ModelConfig, specs: list) -> str:
                    f"{hf_maps.FAMILY_MAPS[cfg.family][1]}) for family {cfg.family!r}")
 
 
+def _instances(t: hf_maps.HFTensor, cfg: ModelConfig) -> list[tuple[int | None, int | None]]:
+    """The (layer, expert) pairs of a tensor's checkpoint entries (None: no such axis)."""
+    layers = range(cfg.n_layer) if t.layered else [None]
+    return [(i, e) for i in layers for e in (range(t.experts) if t.experts else [None])]
+
+
 def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     """Read a safetensors checkpoint into our parameter tree (dtype cfg.param_dtype).
 
@@ -74,8 +80,8 @@ def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     specs = hf_maps.tensor_specs(cfg)
     prefix = _find_prefix(ckpt, cfg, specs)
     for t in specs:  # check every tensor's presence and shape before reading anything
-        for i in range(cfg.n_layer) if t.layered else [None]:
-            name = hf_maps.full_name(t.name, prefix, i)
+        for i, e in _instances(t, cfg):
+            name = hf_maps.full_name(t.name, prefix, i, e)
             got = ckpt.shape(name)
             if got is None:
                 raise KeyError(f"missing tensor {name!r} (expected shape {t.shape}) in {path}")
@@ -85,9 +91,9 @@ def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
 
     @functools.lru_cache(maxsize=8)
-    def parts_of(t_index: int, layer: int | None) -> list[np.ndarray]:
+    def parts_of(t_index: int, layer: int | None, expert: int | None) -> list[np.ndarray]:
         t = specs[t_index]
-        raw = ckpt.read(hf_maps.full_name(t.name, prefix, layer))
+        raw = ckpt.read(hf_maps.full_name(t.name, prefix, layer, expert))
         return [np.asarray(p, dtype) for p in t.split(raw)]
 
     owner: dict[tuple, tuple[int, int]] = {}
@@ -105,23 +111,28 @@ def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
         ti, j = owner[key]
         t = specs[ti]
 
-        layer_shape = leaf.shape[1:] if t.layered else leaf.shape
+        lead = (1 if t.layered else 0) + (1 if t.experts else 0)  # layers, expert axes
+        layer_shape = leaf.shape[lead:]
 
-        def read(layer: int | None, index: tuple) -> np.ndarray:
+        def read(layer: int | None, expert: int | None, index: tuple) -> np.ndarray:
             plan = hf_maps.slice_through(t, layer_shape, index)
             if plan is None:  # fused qkv or a non-contiguous slice: whole tensor (cached)
-                return parts_of(ti, layer)[j][index]
+                return parts_of(ti, layer, expert)[j][index]
             hf_index, block, residual = plan
-            raw = ckpt.read(hf_maps.full_name(t.name, prefix, layer), hf_index)
+            raw = ckpt.read(hf_maps.full_name(t.name, prefix, layer, expert), hf_index)
             raw = raw.T if t.layout == "T" else raw
             return np.asarray(raw.reshape(block)[residual], dtype)
 
         def callback(index: tuple) -> np.ndarray:
             index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
-            if t.layered:
-                layers = range(*index[0].indices(leaf.shape[0]))
-                return np.stack([read(i, index[1:]) for i in layers])
-            return read(None, index)
+            if not t.layered:
+                return read(None, None, index)
+            layers = range(*index[0].indices(leaf.shape[0]))
+            if not t.experts:
+                return np.stack([read(i, None, index[1:]) for i in layers])
+            experts = range(*index[1].indices(leaf.shape[1]))
+            return np.stack([np.stack([read(i, e, index[2:]) for e in experts])
+                             for i in layers])
 
         return jax.make_array_from_callback(leaf.shape, sharding or default, callback)
 
@@ -169,9 +180,10 @@ def save_hf(path: str, cfg: ModelConfig, params: dict, tokenizer: Any = None) ->
 
     tensors = {}
     for t in hf_maps.tensor_specs(cfg):
-        for i in range(cfg.n_layer) if t.layered else [None]:
-            parts = [get(("layers",) + p)[i] if t.layered else get(p) for p in t.parts]
-            tensors[hf_maps.full_name(t.name, prefix, i)] = np.ascontiguousarray(t.join(parts))
+        for i, e in _instances(t, cfg):
+            parts = [get(p) if i is None else get(("layers",) + p)[i] for p in t.parts]
+            parts = parts if e is None else [x[e] for x in parts]
+            tensors[hf_maps.full_name(t.name, prefix, i, e)] = np.ascontiguousarray(t.join(parts))
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

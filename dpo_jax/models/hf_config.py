@@ -16,7 +16,7 @@ from typing import Any
 from dpo_jax.models.config import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3",
-                         "gemma2", "gemma3_text", "phi3")
+                         "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe")
 _ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
          "gelu": "gelu", "silu": "silu", "swish": "silu", "relu": "relu"}
 
@@ -70,6 +70,16 @@ _IMPLEMENTED = {
                                   "_sliding_window_pattern", "rope_local_base_freq"},
     "phi3": _LLAMA_LIKE | {"sliding_window", "partial_rotary_factor",
                            "original_max_position_embeddings"},  # read by longrope only
+    # router_aux_loss_coef: the weight of TRL's auxiliary loss, which TRL applies only with
+    # output_router_logits=True (refused in _moe: the run config's loss.router_aux_loss_coef
+    # sets it here); router_jitter_noise: training-time noise, refused unless 0 (in _moe).
+    "mixtral": _LLAMA_LIKE | {"sliding_window", "num_local_experts", "num_experts_per_tok",
+                              "router_aux_loss_coef", "router_jitter_noise"},
+    "qwen2_moe": _LLAMA_LIKE | {"use_sliding_window", "sliding_window", "max_window_layers",
+                                "layer_types", "qkv_bias", "num_experts", "num_experts_per_tok",
+                                "moe_intermediate_size", "shared_expert_intermediate_size",
+                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+                                "router_aux_loss_coef"},
 }
 
 
@@ -168,7 +178,7 @@ def _layer_types(c: dict, mt: str, n_layer: int) -> dict:
     """sliding_window and per-layer types from config.json, with each model_type's defaults as
     transformers applies them (sliding windows are honoured, never dropped)."""
     window = c.get("sliding_window", 4096 if mt in ("mistral", "gemma2", "gemma3_text") else None)
-    if mt in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3", "qwen2_moe") and not c.get("use_sliding_window", False):
         window = None
     if window is None:
         return {}
@@ -177,6 +187,10 @@ def _layer_types(c: dict, mt: str, n_layer: int) -> dict:
         if mt in ("qwen2", "qwen3"):
             first = c.get("max_window_layers", 28)
             types = ["sliding_attention" if i >= first else "full_attention"
+                     for i in range(n_layer)]
+        elif mt == "qwen2_moe":  # Qwen2MoeConfig's default: odd layers below max_window_layers
+            first = c.get("max_window_layers", 28)
+            types = ["sliding_attention" if (i + 1) % 2 and i < first else "full_attention"
                      for i in range(n_layer)]
         elif mt == "gemma2":
             types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
@@ -207,11 +221,12 @@ def _llama_like(c: dict, mt: str) -> dict:
               n_kv_head=c.get("num_key_value_heads") or n,
               head_dim=c.get("head_dim") or head_default or c["hidden_size"] // n,
               d_ff=c["intermediate_size"], max_len=c["max_position_embeddings"],
-              norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-5 if mt == "phi3" else 1e-6),
+              norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-5 if mt in ("phi3", "mixtral") else 1e-6),
               activation=_act(act), gated_mlp=True, position="rotary", rotary_style="half",
               tie_embeddings=c.get("tie_word_embeddings", gemma), qkv_bias=False,
               attn_out_bias=False, mlp_bias=False)
-    kw.update(_gemma3_rope(c) if mt == "gemma3_text" else _rope(c))
+    kw.update(_gemma3_rope(c) if mt == "gemma3_text" else _rope(c, 1e6 if mt == "mixtral"
+                                                                   else 1e4))
     kw.update(_layer_types(c, mt, n_layer))
     if mt == "llama":
         bias = bool(c.get("attention_bias", False))
@@ -219,6 +234,8 @@ def _llama_like(c: dict, mt: str) -> dict:
                   mlp_bias=bool(c.get("mlp_bias", False)))
     elif mt in ("mistral", "qwen2"):
         kw.update(family="llama", qkv_bias=mt == "qwen2")
+    elif mt in ("mixtral", "qwen2_moe"):
+        kw.update(_moe(c, mt))
     elif mt == "qwen3":
         bias = bool(c.get("attention_bias", False))
         kw.update(family="qwen3", qk_norm=True, qkv_bias=bias, attn_out_bias=bias)
@@ -235,6 +252,39 @@ def _llama_like(c: dict, mt: str) -> dict:
         pct = rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
         kw.update(family="phi3", rotary_dim=int(kw["head_dim"] * pct))
     return kw
+
+
+def _moe(c: dict, mt: str) -> dict:
+    """Mixtral / Qwen2-MoE: the experts, the router's normalisation and (Qwen2-MoE) the shared
+    expert and q/k/v biases. Settings that would make a different model or a different
+    training objective are ValueErrors naming the field and value."""
+    if c.get("output_router_logits"):
+        raise ValueError(
+            f"config.json field 'output_router_logits' = {c['output_router_logits']!r} "
+            f"(model_type {mt!r}) asks for TRL's router auxiliary loss with weight "
+            f"router_aux_loss_coef = {c.get('router_aux_loss_coef')!r}; in dpo_jax the run config "
+            "sets it: set loss.router_aux_loss_coef to that weight and output_router_logits to "
+            "false in config.json")
+    if mt == "mixtral":
+        if c.get("router_jitter_noise") not in (None, 0, 0.0):
+            raise ValueError(f"config.json field 'router_jitter_noise' = "
+                             f"{c['router_jitter_noise']!r} (model_type 'mixtral') is not "
+                             "implemented; only 0 is (no multiplicative noise on the router "
+                             "input in training)")
+        return dict(family="mixtral", n_experts=c.get("num_local_experts", 8),
+                    n_experts_per_tok=c.get("num_experts_per_tok", 2), moe_renormalize=True)
+    step, only = c.get("decoder_sparse_step", 1), c.get("mlp_only_layers") or []
+    if step != 1 or only:
+        field, value = ("decoder_sparse_step", step) if step != 1 else ("mlp_only_layers", only)
+        raise ValueError(f"config.json field {field!r} = {value!r} (model_type 'qwen2_moe') is "
+                         "not implemented: every layer must be a mixture-of-experts layer "
+                         "(decoder_sparse_step 1, mlp_only_layers [])")
+    bias = bool(c.get("qkv_bias", True))
+    return dict(family="qwen2_moe", qkv_bias=bias, n_experts=c.get("num_experts", 60),
+                n_experts_per_tok=c.get("num_experts_per_tok", 4),
+                moe_d_ff=c.get("moe_intermediate_size", 1408),
+                shared_expert_d_ff=c.get("shared_expert_intermediate_size", 5632),
+                moe_renormalize=bool(c.get("norm_topk_prob", False)))
 
 
 def hf_config_to_model_config(c: dict, **overrides: Any) -> ModelConfig:
@@ -352,6 +402,18 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
                     final_logit_softcapping=cfg.final_logit_softcap,
                     sliding_window=cfg.sliding_window, layer_types=sliding.get("layer_types"),
                     **extra, **body)
+    if cfg.family == "mixtral":
+        return dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_act=act,
+                    sliding_window=cfg.sliding_window, num_local_experts=cfg.n_experts,
+                    num_experts_per_tok=cfg.n_experts_per_tok, **body)
+    if cfg.family == "qwen2_moe":
+        return dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"],
+                    hidden_act=act, qkv_bias=cfg.qkv_bias, use_sliding_window=bool(sliding),
+                    **sliding, num_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_tok,
+                    moe_intermediate_size=cfg.moe_d_ff,
+                    shared_expert_intermediate_size=cfg.shared_expert_d_ff,
+                    norm_topk_prob=cfg.moe_renormalize, decoder_sparse_step=1, mlp_only_layers=[],
+                    **body)
     if cfg.family == "phi3":
         return dict(model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_act=act,
                     partial_rotary_factor=cfg.rotary_dim / cfg.head_dim,

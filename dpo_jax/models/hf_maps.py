@@ -9,6 +9,8 @@ stacked parameters. Layout notes:
   * GPT-2 c_attn is [D, 3D] = q | k | v along columns.
   * NeoX query_key_value rows are per head [N, 3, Dh] (q, k, v interleaved per head).
   * Phi-3 qkv_proj rows are q [N*Dh] | k [K*Dh] | v [K*Dh]; gate_up_proj rows gate [F] | up [F].
+  * Mixtral / Qwen2-MoE store one tensor per expert (`experts.{e}.w1` ...); ours stack them
+    along an `expert` axis after `layers`; the router `gate.weight` is [E, D], ours [D, E].
   * Gemma's `post_attention_layernorm` normalises the attention output (our post_attn_norm);
     its MLP input norm is `pre_feedforward_layernorm` (our ln2). In Llama the same HF name is
     the MLP input norm.
@@ -35,6 +37,9 @@ class HFTensor:
     join: Callable[[list[np.ndarray]], np.ndarray]
     layered: bool = False
     layout: str = "fused"  # T: ours = hf.T.reshape; R: ours = hf.reshape; fused: several parts
+    # > 0: one tensor per expert, `{e}` in the name; each maps to expert e's slice of our
+    # parameter, whose `expert` axis follows the `layers` axis ([L, E, ...])
+    experts: int = 0
 
 
 def _T(name: str, hf_shape: tuple, part: Path, ours: tuple, layered: bool = True) -> HFTensor:
@@ -210,6 +215,50 @@ def _phi3(cfg: ModelConfig) -> list[HFTensor]:
     return out + _norm("norm", "final_norm", cfg, False) + _head(cfg, "lm_head")
 
 
+def _experts(cfg: ModelConfig, pre: str, names: tuple[str, str, str]) -> list[HFTensor]:
+    """Per-expert gate, up and down Linear weights `{pre}.{e}.<name>.weight` (in that order)."""
+    D, F, E = cfg.d_model, cfg.moe_d_ff, cfg.n_experts
+    gate, up, down = (f"{pre}.{{e}}.{n}.weight" for n in names)
+    return [dataclasses.replace(_T(gate, (F, D), ("mlp", "gate"), (D, F)), experts=E),
+            dataclasses.replace(_T(up, (F, D), ("mlp", "up"), (D, F)), experts=E),
+            dataclasses.replace(_T(down, (D, F), ("mlp", "down"), (F, D)), experts=E)]
+
+
+def _router(cfg: ModelConfig, name: str) -> HFTensor:
+    return _T(name, (cfg.n_experts, cfg.d_model), ("mlp", "router"), (cfg.d_model, cfg.n_experts))
+
+
+def _mixtral(cfg: ModelConfig) -> list[HFTensor]:
+    """Mixtral: Llama's attention and norms, `block_sparse_moe` experts w1 (gate), w3 (up),
+    w2 (down) and its router."""
+    D, V = cfg.d_model, cfg.vocab_size
+    m = "layers.{i}.block_sparse_moe"
+    out = [_R("embed_tokens.weight", (V, D), ("embed",), (V, D), False)]
+    out += _separate_attn(cfg, "layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
+    out += [_router(cfg, f"{m}.gate.weight")] + _experts(cfg, f"{m}.experts", ("w1", "w3", "w2"))
+    out += _llama_norms(cfg)
+    return out + _norm("norm", "final_norm", cfg, False) + _head(cfg, "lm_head")
+
+
+def _qwen2_moe(cfg: ModelConfig) -> list[HFTensor]:
+    """Qwen2-MoE: Qwen2's attention (q/k/v biases), experts, router, shared expert and its
+    sigmoid gate `shared_expert_gate` [1, D] (ours [D])."""
+    D, V, S = cfg.d_model, cfg.vocab_size, cfg.shared_expert_d_ff
+    m = "layers.{i}.mlp"
+    out = [_R("embed_tokens.weight", (V, D), ("embed",), (V, D), False)]
+    out += _separate_attn(cfg, "layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
+    out += [_router(cfg, f"{m}.gate.weight")]
+    out += _experts(cfg, f"{m}.experts", ("gate_proj", "up_proj", "down_proj"))
+    if S:
+        sh = f"{m}.shared_expert"
+        out += [_T(f"{sh}.gate_proj.weight", (S, D), ("mlp", "shared", "gate"), (D, S)),
+                _T(f"{sh}.up_proj.weight", (S, D), ("mlp", "shared", "up"), (D, S)),
+                _T(f"{sh}.down_proj.weight", (D, S), ("mlp", "shared", "down"), (S, D)),
+                _T(f"{m}.shared_expert_gate.weight", (1, D), ("mlp", "shared_gate"), (D,))]
+    out += _llama_norms(cfg)
+    return out + _norm("norm", "final_norm", cfg, False) + _head(cfg, "lm_head")
+
+
 # (tensor list builder, prefixes of the body in HF checkpoints: first one is used on export).
 # The LM head of every family lives outside the body prefix.
 FAMILY_MAPS = {
@@ -221,6 +270,8 @@ FAMILY_MAPS = {
     "gemma2": (_llama, ("model.", "")),
     "gemma3": (_llama, ("model.", "")),
     "phi3": (_phi3, ("model.", "")),
+    "mixtral": (_mixtral, ("model.", "")),
+    "qwen2_moe": (_qwen2_moe, ("model.", "")),
 }
 HEAD_NAMES = ("lm_head.weight", "lm_head.bias", "embed_out.weight")
 
@@ -229,8 +280,9 @@ def tensor_specs(cfg: ModelConfig) -> list[HFTensor]:
     return FAMILY_MAPS[cfg.family][0](cfg)
 
 
-def full_name(t_name: str, prefix: str, layer: int | None = None) -> str:
-    name = t_name.format(i=layer) if layer is not None else t_name
+def full_name(t_name: str, prefix: str, layer: int | None = None,
+              expert: int | None = None) -> str:
+    name = t_name.format(i=layer, e=expert) if layer is not None else t_name
     return name if name in HEAD_NAMES else prefix + name
 
 

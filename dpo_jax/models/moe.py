@@ -1,0 +1,119 @@
+"""Mixture-of-experts MLP (Mixtral, Qwen2-MoE) and the router's load-balancing loss.
+
+Experts are stacked parameters with a leading logical `expert` axis (after the decoder's
+`layers` axis), so the mesh rules can shard them like any other axis (sharding.DEFAULT_RULES:
+`expert` -> `fsdp`). Parameter tree under `layers/mlp` (E experts, F = moe_d_ff, S =
+shared_expert_d_ff):
+
+  router [L, D, E] ('layers', 'embed', None)
+  gate, up [L, E, D, F] ('layers', 'expert', 'embed', 'mlp'); down [L, E, F, D]
+  shared/{gate, up} [L, D, S], shared/down [L, S, D], shared_gate [L, D] (Qwen2-MoE only)
+
+Routing as transformers' MixtralTopKRouter / Qwen2MoeTopKRouter: probabilities are the float32
+softmax of the router logits, each token keeps its `n_experts_per_tok` most probable experts,
+weighted by those probabilities (Mixtral: divided by their sum, `moe_renormalize`; Qwen2-MoE
+renormalises only with `norm_topk_prob`). Qwen2-MoE adds a shared gated MLP on every token,
+scaled by sigmoid(x . shared_gate).
+
+Shape suffixes: B batch, T tokens, D d_model, E experts, K top-k, F expert width, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.layers import activation
+
+# (probabilities [B, T, E] float32, top-k indicator [B, T, E] float32 0/1) of one layer
+RouterStats = tuple[jax.Array, jax.Array]
+
+
+def _gated(cfg: ModelConfig, x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+           spec: str) -> jax.Array:
+    """down(act(x @ gate) * (x @ up)) with the einsum `spec` ('in,hid' form for each matmul)."""
+    first, second = spec.split(";")
+    h = activation(cfg.activation, jnp.einsum(first, x, gate)) * jnp.einsum(first, x, up)
+    return jnp.einsum(second, h, down)
+
+
+class MoE(nnx.Module):
+    """Top-k routed experts (+ Qwen2-MoE's shared expert) in place of the dense MLP.
+
+    `param(shape, axes, init='normal')` makes one stacked parameter (the decoder prepends the
+    `layers` axis), so this module needs nothing else from the decoder.
+
+    Compute is dense dispatch: every token runs through every expert and a one-hot combine
+    weights [B, T, E] (zero off the top-k) sum their outputs. Exact (an unselected expert's
+    output is multiplied by 0) and static-shaped (jit, scan and remat friendly), but it costs
+    n_experts / n_experts_per_tok times the expert FLOPs of sparse routing (4x for Mixtral's 8
+    experts, top-2) and holds the activations [B, T, E, F]. `config.flops_per_token` counts the
+    sparse FLOPs, so the reported MFU of an MoE model understates the work done here.
+    """
+
+    def __init__(self, cfg: ModelConfig, param: Callable[..., nnx.Param]):
+        self.cfg = cfg
+        D, E, F, S = cfg.d_model, cfg.n_experts, cfg.moe_d_ff, cfg.shared_expert_d_ff
+        self.router = param((D, E), ("embed", None))
+        self.gate = param((E, D, F), ("expert", "embed", "mlp"))
+        self.up = param((E, D, F), ("expert", "embed", "mlp"))
+        self.down = param((E, F, D), ("expert", "mlp", "embed"))
+        if S:
+            self.shared = nnx.Dict(gate=param((D, S), ("embed", "mlp")),
+                                   up=param((D, S), ("embed", "mlp")),
+                                   down=param((S, D), ("mlp", "embed")))
+            self.shared_gate = param((D,), (None,))
+
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, RouterStats]:
+        """[B, T, D] -> ([B, T, D], router statistics of this layer)."""
+        cfg, dt = self.cfg, x_BTD.dtype
+        logits_BTE = jnp.einsum("btd,de->bte", x_BTD, self.router[...].astype(dt))
+        combine_BTE, stats = top_k_routing(logits_BTE, cfg.n_experts_per_tok,
+                                           cfg.moe_renormalize)
+        w = lambda p: p[...].astype(dt)
+        y_BTED = _gated(cfg, x_BTD, w(self.gate), w(self.up), w(self.down),
+                        "btd,edf->btef;btef,efd->bted")
+        y_BTD = jnp.einsum("bted,bte->btd", y_BTED, combine_BTE.astype(dt))
+        if cfg.shared_expert_d_ff:
+            shared_BTD = _gated(cfg, x_BTD, w(self.shared["gate"]), w(self.shared["up"]),
+                                w(self.shared["down"]), "btd,df->btf;btf,fd->btd")
+            scale_BT1 = jax.nn.sigmoid(x_BTD @ w(self.shared_gate))[..., None]
+            y_BTD = y_BTD + scale_BT1 * shared_BTD
+        return y_BTD, stats
+
+
+def top_k_routing(logits_BTE: jax.Array, k: int, renormalize: bool
+                  ) -> tuple[jax.Array, RouterStats]:
+    """Router logits [B, T, E] -> (combine weights [B, T, E] float32, non-zero on each token's
+    k most probable experts: their softmax probabilities, divided by their sum when
+    `renormalize`; the router statistics (probabilities, top-k indicator) of
+    `load_balancing_loss`)."""
+    probs_BTE = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
+    top_BTK, index_BTK = jax.lax.top_k(probs_BTE, k)
+    if renormalize:
+        top_BTK = top_BTK / jnp.sum(top_BTK, axis=-1, keepdims=True)
+    onehot_BTKE = jax.nn.one_hot(index_BTK, logits_BTE.shape[-1], dtype=jnp.float32)
+    combine_BTE = jnp.einsum("btk,btke->bte", top_BTK, onehot_BTKE)
+    return combine_BTE, (probs_BTE, jnp.sum(onehot_BTKE, axis=2))
+
+
+def load_balancing_loss(stats_L: RouterStats, token_mask_BT: jax.Array) -> jax.Array:
+    """The router's auxiliary load-balancing loss over all layers (Switch Transformer eq. 4-6,
+    as transformers' `load_balancing_loss_func` with an attention mask).
+
+    stats_L: (probabilities, top-k indicator), each [L, B, T, E] (`MoE.__call__` per layer,
+    stacked); token_mask_BT: 1 for real tokens, 0 for padding. With n = L * (real tokens),
+    f_e = (top-k assignments to e) / n and P_e = (summed probability of e) / n over every layer,
+    the loss is E * sum_e f_e P_e (E * k when perfectly balanced; the gradient flows through
+    P only). Float32 scalar.
+    """
+    probs_LBTE, chosen_LBTE = stats_L
+    m = token_mask_BT.astype(jnp.float32)[None, :, :, None]
+    n = jnp.maximum(probs_LBTE.shape[0] * jnp.sum(token_mask_BT.astype(jnp.float32)), 1.0)
+    tokens_E = jnp.sum(chosen_LBTE * m, axis=(0, 1, 2)) / n
+    probs_E = jnp.sum(probs_LBTE * m, axis=(0, 1, 2)) / n
+    return probs_LBTE.shape[-1] * jnp.sum(tokens_E * probs_E)
