@@ -146,13 +146,13 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     params = lora_lib.join(ref_params, params, key)
     if not losses_lib.needs_reference(loss_cfg):
         ref_params = None
+    router_aux = loss_cfg.router_aux_loss_coef > 0
+    if router_aux and ("slot_rank" in batch or "desirable" in batch):
+        raise ValueError("loss.router_aux_loss_coef adds the router loss to paired preference "
+                         "losses, not to ranked lists or KTO; set it to 0")
     if "slot_rank" in batch:
         return ranked_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
                             policy_forward_only)
-    router_aux = loss_cfg.router_aux_loss_coef > 0
-    if router_aux and "desirable" in batch:
-        raise ValueError("loss.router_aux_loss_coef adds the router loss to paired preference "
-                         "losses, not to KTO; set it to 0")
     policy = sequence_stats(model, params, batch, cfg, max_scored,
                             forward_only=policy_forward_only, loss_cfg=loss_cfg,
                             with_wpo=loss_cfg.use_weighting, router_aux=router_aux)
