@@ -19,6 +19,12 @@ Configurations (``--configs``, comma separated; see VARIANTS):
   remat_dots, remat_dots_nb (dots_no_batch), no_donate, same_math_tiled(_ref),
   same_math_unrolled; bf16_remat_dots_nb, bf16_remat_full; best_chunked_attn (best +
   query-blocked attention); bf16_cudnn and best_bf16_cudnn (GPU: cuDNN fused attention).
+  NAME+shared (e.g. best+shared, best_tuned_scan+shared): NAME with prefix-shared pairs
+  (data.prefix_sharing, dpo_jax/data/prefix.py): one row [prompt, chosen, rejected] per pair,
+  its length rounded up to a multiple of 16 as the pipeline's buckets are; same pairs, so
+  ``first_loss`` matches NAME's. ``--hh N``: the first N pairs of the shared HH file
+  (GPT-2 tokenizer, the pipeline's truncation and auto buckets) instead of random tokens; each
+  configuration then runs every batch shape of that epoch and reports the epoch's time.
 FLOPs/token = 8N + 16 L d T (policy train + reference forward, as pytorch_dpo_step.py counts),
 for every configuration, so tokens/s and MFU compare the same nominal work; ``mfu_executed``
 counts only what the configuration runs (scored-only head, no reference forward when
@@ -47,6 +53,7 @@ sys.path.insert(0, REPO)
 
 from dpo_jax import losses as losses_lib  # noqa: E402
 from dpo_jax.config import base_config  # noqa: E402
+from dpo_jax.data import batching, prefix  # noqa: E402
 from dpo_jax.logprobs import DENSE, LogprobConfig, max_scored_tokens  # noqa: E402
 from dpo_jax.models import Model, matmul_param_count, preset  # noqa: E402
 from dpo_jax.optim import OptimConfig, make_optimizer  # noqa: E402
@@ -131,17 +138,93 @@ def matmul_ceiling(dtype, n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 / best
 
 
-def make_batch(pairs: int, prompt: int, response: int, vocab: int, seed: int = 1):
-    """Random [2B, T] batch, chosen rows then rejected, shared prompt, response tokens scored."""
+SHARED = "+shared"  # configuration-name suffix: prefix-shared pairs
+SHARED_MULTIPLE = 16  # shared rows are padded to this multiple (data.bucket_multiple's default)
+
+
+def split_config(name: str) -> tuple[str, bool]:
+    """``'best+shared'`` -> ``('best', True)``; ``'best'`` -> ``('best', False)``."""
+    if name.endswith(SHARED):
+        return name[: -len(SHARED)], True
+    return name, False
+
+
+def make_batch(pairs: int, prompt: int, response: int, vocab: int, seed: int = 1,
+               shared: bool = False):
+    """Random [2B, T] batch, chosen rows then rejected, shared prompt, response tokens scored;
+    ``shared``: the same pairs as B prefix-shared rows (``dpo_jax.data.prefix``)."""
     rng = np.random.default_rng(seed)
     T = prompt + response
     ids = rng.integers(0, vocab, (2 * pairs, T), dtype=np.int32)
     ids[pairs:, :prompt] = ids[:pairs, :prompt]
+    weight = np.ones((pairs,), np.float32)
+    if shared:
+        items = [{"prompt": ids[i, :prompt], "chosen": ids[i, prompt:],
+                  "rejected": ids[pairs + i, prompt:]} for i in range(pairs)]
+        length = int(prefix.unit_lengths(batching.pair_lengths(items)).max())
+        return dict(prefix.layout(items, 0, [batching.round_up(length, SHARED_MULTIPLE)]),
+                    pair_weight=weight)
     mask = np.zeros((2 * pairs, T), np.float32)
     mask[:, prompt:] = 1.0
     return {"input_ids": ids, "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape).copy(),
-            "segment_ids": np.ones_like(ids), "loss_mask": mask,
-            "pair_weight": np.ones((pairs,), np.float32)}
+            "segment_ids": np.ones_like(ids), "loss_mask": mask, "pair_weight": weight}
+
+
+def hh_batches(num_pairs: int, batch_pairs: int, shared: bool) -> list[tuple[dict, int, int]]:
+    """The first ``num_pairs`` pairs of the shared HH file (``harmless-base-test``) tokenised
+    with the shared GPT-2 tokenizer (the pipeline's default truncation, max_length 512), as the
+    eval pipeline batches them (auto buckets; ``shared``: prefix-shared): one ``(batch, count,
+    nominal tokens)`` per distinct batch shape, the batch the first of that shape, count the
+    batches of that shape, nominal tokens the unshared layout's real tokens of all of them."""
+    from dpo_jax.data import PreferencePipeline, default_data_config, load_tokenizer
+    from dpo_jax.data.errors import BadRows
+    from dpo_jax.data.sources import load_raw_pairs
+    from dpo_jax.data.testing import data_root
+    from dpo_jax.data.tokenize import PairTokenizer
+
+    root = data_root(REPO)
+    c = default_data_config()
+    c.source, c.tokenizer = "hh", str(root / "gpt2_tokenizer")
+    c.path = str(root / "hh_rlhf" / "harmless-base-test.jsonl.gz")
+    c.on_bad_row, c.prefix_sharing = "skip", shared
+    bad = BadRows("skip")
+    raw = load_raw_pairs(c, "test", bad)[:num_pairs]
+    pairs, _ = PairTokenizer(load_tokenizer(c.tokenizer), c).encode(raw, bad)
+    pipe = PreferencePipeline(pairs, c, train=False, global_batch_size=batch_pairs,
+                              pad_id=50256)
+    shapes: dict[tuple, list] = {}
+    for i, batch in enumerate(pipe):
+        idx = np.arange(i * batch_pairs, min((i + 1) * batch_pairs, len(pairs)))
+        tokens = int(batching.seq_lengths_of(batching.pair_lengths([pairs[j] for j in idx])).sum())
+        entry = shapes.setdefault(batch["input_ids"].shape, [batch, 0, 0, 0])
+        entry[1] += 1
+        entry[2] += tokens
+        entry[3] += int((batch["segment_ids"] > 0).sum())
+    return [tuple(v) for v in shapes.values()]
+
+
+def bench_hh(a, variant: str, ceilings: dict, cache: dict) -> list[dict]:
+    """``variant`` over every batch shape of the first ``a.hh`` HH pairs (``hh_batches``): one
+    row per shape (``batches`` of it in the epoch) and an ``epoch`` row whose ``epoch_s`` is
+    the sum over shapes of batches x median step time."""
+    shared = split_config(variant)[1]
+    if shared not in cache:
+        cache[shared] = hh_batches(a.hh, a.pairs, shared)
+    rows, epoch_s, nominal, real, padded = [], 0.0, 0, 0, 0
+    for batch, count, tokens, real_tokens in cache[shared]:
+        L = batch["input_ids"].shape[1]
+        r = bench_variant(a.preset, variant, a.pairs, 0, L, a.steps, a.warmup, ceilings,
+                          batch_np=batch, nominal_tokens=tokens // count)
+        r.update(shape=f"{a.preset} hh{a.hh}", batches=count)
+        rows.append(r)
+        epoch_s += count * r["step_s_median"]
+        nominal, real, padded = nominal + tokens, real + real_tokens, padded + count * batch[
+            "input_ids"].size
+    rows.append(dict(shape=f"{a.preset} hh{a.hh}", config=variant, epoch=True, pairs=a.pairs,
+                     epoch_s=round(epoch_s, 3), tokens_per_s=round(nominal / epoch_s),
+                     nominal_tokens=nominal, layout_real_tokens=real, layout_padded_tokens=padded,
+                     compiled_temp_MiB=max(r.get("compiled_temp_MiB", 0) for r in rows)))
+    return rows
 
 
 def _peak_bytes():
@@ -153,14 +236,17 @@ def _peak_bytes():
 
 def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: int, steps: int,
                   warmup: int, ceilings: dict, run_steps: bool = True,
-                  max_temp_bytes: float | None = None, abstract: bool = False) -> dict:
+                  max_temp_bytes: float | None = None, abstract: bool = False,
+                  batch_np: dict | None = None, nominal_tokens: int | None = None) -> dict:
     """One configuration: compile (XLA memory analysis), then time `steps` steps after
     `warmup`, unless run_steps is False or the step's XLA temp memory exceeds max_temp_bytes
     (then the row is compiled only). abstract=True compiles from shapes alone (no parameter
     or optimiser memory is allocated): a model too large for this host's memory can still
-    be sized."""
+    be sized. batch_np: a given batch instead of make_batch's (its nominal_tokens: the
+    unshared layout's real tokens of its pairs)."""
     run_steps = run_steps and not abstract
-    overrides, lp_cfg, precomputed, donate, *fwd_lp = VARIANTS[variant]
+    base, shared = split_config(variant)
+    overrides, lp_cfg, precomputed, donate, *fwd_lp = VARIANTS[base]
     cfg = model_config(shape, **overrides)
     model = Model(cfg)
     c = base_config()
@@ -175,14 +261,17 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     else:
         params = jax.jit(model.init)(jax.random.key(0))
         ref_params = jax.jit(to_bf16)(params)
-    batch_np = make_batch(pairs, prompt, response, cfg.vocab_size)
+    if batch_np is None:
+        batch_np = make_batch(pairs, prompt, response, cfg.vocab_size, shared=shared)
     max_scored = max_scored_tokens(batch_np["loss_mask"]) if lp_cfg.scored_only else None
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     out = dict(shape=shape, config=variant, backend=jax.default_backend(), pairs=pairs,
                matmul_params=matmul_param_count(cfg), vocab=cfg.vocab_size,
                seq=prompt + response, prompt=prompt, dtype=cfg.dtype, remat=cfg.remat,
                logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate,
-               forward_logprobs=dataclasses.asdict(step_cfg.forward_logprobs))
+               forward_logprobs=dataclasses.asdict(step_cfg.forward_logprobs),
+               prefix_shared=shared, rows=list(batch_np["input_ids"].shape),
+               real_tokens=int((batch_np["segment_ids"] > 0).sum()))
     # the reference's forward-only log-probs (the precompute pass of `best`)
     ref_stats = lambda p, b: sequence_stats(model, p, b, step_cfg, max_scored, forward_only=True)
     if precomputed:  # the step carries the reference results: shapes first, values if it runs
@@ -229,7 +318,9 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
         if i >= warmup:
             times.append(time.perf_counter() - t)
     T = prompt + response
-    tokens = 2 * pairs * T
+    # the same nominal tokens for both layouts (the unshared rows' real tokens), so tokens/s
+    # compares pair throughput
+    tokens = nominal_tokens or 2 * pairs * T
     n = matmul_param_count(cfg)
     flops_tok = 8 * n + 16 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
     # FLOPs this configuration executes (the nominal count above assumes the LM head at every
@@ -332,6 +423,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--configs", default="same_math,best")
+    p.add_argument("--hh", type=int, default=0,
+                   help="time an epoch of the first N pairs of the shared HH file (GPT-2 "
+                        "tokens) instead of random pairs of --prompt/--response tokens")
     p.add_argument("--torch", action="store_true", help="also run pytorch_dpo_step.py")
     p.add_argument("--torch_script", default=TORCH_SCRIPT)
     p.add_argument("--torch_device", default="cpu" if jax.default_backend() == "cpu" else "cuda")
@@ -376,7 +470,12 @@ def main() -> None:
 
         if torch_runs:  # first, before this process's allocator holds device memory
             emit(torch_row())
+        hh_cache: dict = {}
         for v in filter(None, a.configs.split(",")):
+            if a.hh:
+                for r in bench_hh(a, v, ceilings, hh_cache):
+                    emit(r)
+                continue
             if a.isolate:
                 emit(run_isolated(a, v, ceilings))
                 continue
@@ -401,6 +500,21 @@ def main() -> None:
     print(json.dumps(info["matmul_ceiling_tflops_end"]), flush=True)
     torch_tps = max((r["tokens_per_s"] for r in rows if r["config"] == "pytorch" and "tokens_per_s" in r),
                     default=None)
+    def twin_key(r):
+        return split_config(r["config"])[0], r.get("shape"), bool(r.get("epoch"))
+
+    # prefix sharing against the same configuration unshared (hh: whole-epoch rows only)
+    unshared = {twin_key(r): r for r in rows
+                if "batches" not in r and not split_config(r["config"])[1]}
+    for r in rows:
+        twin = unshared.get(twin_key(r)) if split_config(r["config"])[1] else None
+        if twin and twin.get("tokens_per_s") and r.get("tokens_per_s") and "batches" not in r:
+            r["speedup_vs_unshared"] = round(r["tokens_per_s"] / twin["tokens_per_s"], 3)
+            if twin.get("compiled_temp_MiB"):
+                r["temp_vs_unshared"] = round(r["compiled_temp_MiB"] / twin["compiled_temp_MiB"], 3)
+            print(json.dumps(dict(config=r["config"], shape=r.get("shape"),
+                                  speedup_vs_unshared=r["speedup_vs_unshared"],
+                                  temp_vs_unshared=r.get("temp_vs_unshared"))), flush=True)
     print("\n| shape | config | seq | step s (median [min,max]) | tokens/s | MFU nominal | MFU executed | compile s | temp MiB | peak est GiB | peak GiB | vs torch |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -408,6 +522,7 @@ def main() -> None:
                  and r["config"] != "pytorch" else "")
         med = r.get("step_s_median")
         span = (f"{med} [{r.get('step_s_min')}, {r.get('step_s_max')}]" if med else
+                f"epoch {r['epoch_s']}" if r.get("epoch") else
                 "error" if "error" in r else "compiled only")
         print(f"| {r.get('shape', r.get('model'))} | {r['config']} | {r.get('seq')} | {span} | "
               f"{r.get('tokens_per_s', '')} | {r.get('mfu', '')} | {r.get('mfu_executed', '')} | {r.get('compile_s', '')} | "
