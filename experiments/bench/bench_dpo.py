@@ -446,6 +446,8 @@ def main() -> None:
     p.add_argument("--ceilings", default="", help=argparse.SUPPRESS)  # f32,bf16 FLOP/s
     p.add_argument("--out", default="")
     a = p.parse_args()
+    if a.hh and (a.isolate or a.sweep or a.abstract):
+        p.error("--hh runs in this process, over real batches: drop --isolate/--sweep/--abstract")
     info = machine()
     print(json.dumps(info), flush=True)
     if a.ceilings:  # given by the parent of an --isolate run

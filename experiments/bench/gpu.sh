@@ -5,9 +5,11 @@
 # process (--isolate), so its peak device memory is its own. Results are written to $OUT as they
 # come, and each piece has its own time limit, so a partial run still reports.
 # Usage: experiments/bench/gpu.sh [path/to/pytorch_dpo_step.py] [outdir]
-#   ~8 min on one H100 (estimated, never run); hard limits 100 + 300 + 150 s, so one 600 s
-#   device call always returns: smoke checks, Pythia-1.4B 4 configurations + PyTorch,
-#   GPT-2-large 2 configurations + PyTorch.
+#   ~8 min on one H100 (estimated, never run); hard limits 90 + 260 + 100 + 120 s, so one
+#   600 s device call always returns: smoke checks, Pythia-1.4B 5 configurations + PyTorch
+#   (one of them prefix-shared), GPT-2-large 2 configurations + PyTorch, and Pythia-1.4B on
+#   an HH-like shape (prompt 384, responses 64) with and without prefix sharing
+#   (NAME+shared: data.prefix_sharing; same pairs, so first_loss agrees with NAME's).
 # Plumbing check on a CPU (tiny shapes, PyTorch on the CPU; cuDNN reports FAILED there):
 #   BIG=gpt2-tiny LARGE=gpt2-tiny PAIRS=2 PROMPT=32 RESPONSE=32 SMOKE_T=64 TORCH_DEVICE=cpu \
 #     experiments/bench/gpu.sh ../shared/bench/pytorch_dpo_step.py /tmp/gpu_dry
@@ -25,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 "$PY" -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 
 # 1. Attention implementations on the GPU against the XLA path (values and gradients, bf16).
-SMOKE_T="$SMOKE_T" timeout 100 "$PY" - <<'PY' 2>&1 | tee "$OUT/attention_smoke.log"
+SMOKE_T="$SMOKE_T" timeout 90 "$PY" - <<'PY' 2>&1 | tee "$OUT/attention_smoke.log"
 import dataclasses, os, jax, jax.numpy as jnp
 from dpo_jax.models import Model, preset
 base = preset("gpt2", n_layer=2, dtype="bfloat16")
@@ -53,17 +55,23 @@ PY
 
 # 2. Pythia-1.4B, PyTorch eager first, then in order of importance (a piece that runs out of
 # time loses the last ones): same math (bf16 compute, dense log-probs, online reference) with
-# cuDNN attention; the best configuration; same math with XLA attention under remat
+# cuDNN attention; the best configuration, unshared and prefix-shared; same math with XLA attention under remat
 # dots_no_batch (CPU-compiled estimate in float32: 55 GiB vs 147 GiB without remat); plain
 # bf16 last (the one most likely to run out of memory).
-timeout 300 "$PY" experiments/bench/bench_dpo.py --preset "$BIG" "${SHAPE[@]}" --isolate_timeout 100 \
-  --configs bf16_cudnn,best_bf16_cudnn,bf16_remat_dots_nb,bf16 \
+timeout 260 "$PY" experiments/bench/bench_dpo.py --preset "$BIG" "${SHAPE[@]}" --isolate_timeout 80 \
+  --configs bf16_cudnn,best_bf16_cudnn,best_bf16_cudnn+shared,bf16_remat_dots_nb,bf16 \
   --torch --torch_script "$TORCH_SCRIPT" --torch_device "$TORCH_DEVICE" \
   --out "$OUT/bench_$BIG.json" 2>&1 | tee "$OUT/bench_$BIG.log"
 
 # 3. GPT-2-large must fit at the same batch.
-timeout 150 "$PY" experiments/bench/bench_dpo.py --preset "$LARGE" "${SHAPE[@]}" --isolate_timeout 90 \
+timeout 100 "$PY" experiments/bench/bench_dpo.py --preset "$LARGE" "${SHAPE[@]}" --isolate_timeout 60 \
   --configs bf16_cudnn,best_bf16_cudnn \
   --torch --torch_script "$TORCH_SCRIPT" --torch_device "$TORCH_DEVICE" \
   --out "$OUT/bench_$LARGE.json" 2>&1 | tee "$OUT/bench_$LARGE.log"
+
+# 4. Prefix sharing where the prompt is most of the tokens (HH-like: prompt 384, responses 64).
+timeout 120 "$PY" experiments/bench/bench_dpo.py --preset "$BIG" --pairs "$PAIRS" \
+  --prompt "${HH_PROMPT:-384}" --response "${HH_RESPONSE:-64}" --steps 8 --warmup 2 --isolate \
+  --isolate_timeout 60 --configs best_bf16_cudnn,best_bf16_cudnn+shared \
+  --out "$OUT/bench_${BIG}_hh_like.json" 2>&1 | tee "$OUT/bench_${BIG}_hh_like.log"
 echo "gpu.sh done"
