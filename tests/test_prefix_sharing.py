@@ -298,3 +298,18 @@ def test_truncation_and_bad_rows_decided_before_the_layout():
     plain, shared = _both(pairs)
     scored = np.bincount(shared["seq_index"][shared["loss_mask"] > 0], minlength=4)
     np.testing.assert_array_equal(scored, plain["loss_mask"][:, 1:].sum(1))
+
+
+@pytest.mark.parametrize("field,value", [("task", "sft"), ("task", "reward"),
+                                         ("optim.grad_accum", 2)])
+def test_config_refuses_prefix_sharing_where_rows_are_read_one_sequence_each(field, value):
+    from dpo_jax.config import base_config, read_config
+
+    c = base_config()
+    c.data.prefix_sharing = True
+    block, _, name = field.rpartition(".")
+    (c[block] if block else c)[name] = value
+    with pytest.raises(ValueError, match="data.prefix_sharing=False"):
+        read_config(c)
+    c.data.prefix_sharing = False
+    read_config(c)
