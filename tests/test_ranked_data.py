@@ -266,3 +266,22 @@ def test_run_resumes_exactly(tmp_path, fmt, loss):
         assert "kl" in recs[0]
     else:
         assert "rewards/rank_2" in recs[0]
+
+
+def test_synthetic_lists_binarised_and_labelled():
+    from dpo_jax.data import synthetic
+
+    task = helpers.SyntheticTask()
+    lists = synthetic.make_ranked(task, 50, 3, 4)
+    assert all(np.all(np.diff(it["scores"]) <= 0) for it in lists)
+    assert all(synthetic.true_reward(task, it["prompt"], it["responses"][0]) == it["scores"][0]
+               for it in lists)
+    pairs = synthetic.best_vs_random(lists, 0)
+    by_prompt = {it["prompt"].tobytes(): it for it in lists}
+    for p in pairs:
+        it = by_prompt[p["prompt"].tobytes()]
+        score = {r.tobytes(): s for r, s in zip(it["responses"], it["scores"])}
+        assert score[p["chosen"].tobytes()] > score[p["rejected"].tobytes()]
+    examples = synthetic.labelled(lists)
+    assert len(examples) == 200
+    assert [e["desirable"] for e in examples[:4]] == list(lists[0]["scores"] >= 0.5)

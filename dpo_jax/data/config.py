@@ -71,6 +71,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.synthetic.train_seed = 0  # generator seed of the train split
     c.synthetic.eval_seed = 1  # generator seed of the eval split (differs so eval is held out)
     c.synthetic.num_responses = 4  # data.format='ranked': responses per prompt
+    # pairs / unpaired from the ranked lists instead: the best response vs a random lower one /
+    # every response labelled desirable when its true reward >= 0.5
+    c.synthetic.from_lists = False
     return c
 
 

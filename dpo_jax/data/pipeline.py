@@ -32,9 +32,14 @@ def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
     s = cfg.synthetic
     task = synthetic.SyntheticTask.from_config(s)
     if split == "train":
-        return synthetic.make_pairs(task, s.num_train, s.train_seed)
-    n = s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval)
-    return synthetic.make_pairs(task, n, s.eval_seed)
+        n, seed = s.num_train, s.train_seed
+    else:
+        n = s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval)
+        seed = s.eval_seed
+    if s.get("from_lists"):  # the binarised ranked lists (data/ranked.py's synthetic lists)
+        return synthetic.best_vs_random(
+            synthetic.make_ranked(task, n, seed, int(s.num_responses)), seed)
+    return synthetic.make_pairs(task, n, seed)
 
 
 def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPair], dict]:

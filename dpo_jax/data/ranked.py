@@ -184,6 +184,9 @@ def _synthetic_items(cfg, split: str, fmt: str) -> list[Item]:
     seed = s.train_seed if split == "train" else s.eval_seed
     n = s.num_train if split == "train" else (
         s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval))
+    if fmt == "unpaired" and s.get("from_lists"):
+        return synthetic.labelled(synthetic.make_ranked(task, n, seed,
+                                                        int(s.get("num_responses", 4))))
     if fmt == "unpaired":
         from dpo_jax.data.unpaired import unpair_tokens
 

@@ -104,3 +104,24 @@ def make_ranked(task: SyntheticTask, num_prompts: int, seed: int, num_responses:
         items.append({"prompt": prompt, "responses": [responses[i] for i in order],
                       "scores": scores[order]})
     return items
+
+
+def best_vs_random(lists: list[dict], seed: int) -> list[dict[str, np.ndarray]]:
+    """The common binarisation of ranked lists (UltraFeedback's): per list, the best response
+    against one drawn uniformly from those with a lower score (lists whose responses all tie
+    give no pair)."""
+    rng = np.random.default_rng([seed, 7717])
+    pairs = []
+    for it in lists:
+        lower = np.nonzero(it["scores"] < it["scores"][0])[0]
+        if lower.size:
+            pairs.append({"prompt": it["prompt"], "chosen": it["responses"][0],
+                          "rejected": it["responses"][int(rng.choice(lower))]})
+    return pairs
+
+
+def labelled(lists: list[dict], threshold: float = 0.5) -> list[dict]:
+    """Every response of ranked lists as an unpaired example: desirable when its true reward is
+    at least ``threshold`` (an absolute thumbs-up, as unpaired feedback is collected)."""
+    return [{"prompt": it["prompt"], "completion": r, "desirable": bool(s >= threshold)}
+            for it in lists for r, s in zip(it["responses"], it["scores"])]
