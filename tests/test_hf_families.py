@@ -40,6 +40,10 @@ CASES = {
                                             "rope_theta": 1000000.0}})),
     "phi3": ("Phi3Config", dict(sliding_window=WINDOW, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # LongRoPE: positions past original_max_position_embeddings (16) switch to the long factors
+    "phi3-longrope": ("Phi3Config", dict(original_max_position_embeddings=16, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]})),
     # 4 experts, top-2: Mixtral renormalises the top-2 weights; Qwen2-MoE does not (unless
     # norm_topk_prob) and adds its sigmoid-gated shared expert
     "mixtral-window": ("MixtralConfig", dict(sliding_window=WINDOW, num_local_experts=4,
@@ -52,8 +56,8 @@ CASES = {
                                               shared_expert_intermediate_size=16,
                                               tie_word_embeddings=True)),
 }
-GENERATING = ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3", "mixtral-window",
-              "qwen2-moe"]
+GENERATING = ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3", "phi3-longrope",
+              "mixtral-window", "qwen2-moe"]
 LENS = [24, 17, 10]  # longest three times the window
 
 
@@ -213,8 +217,11 @@ def _config(name):
     ("qwen3", "use_mrope", True, "'use_mrope' = True"),
     ("gemma3", "use_bidirectional_attention", True, "'use_bidirectional_attention' = True"),
     ("mistral-window", "attention_bias", True, "'attention_bias' = True"),
-    ("phi3", "rope_parameters", {"rope_type": "longrope", "short_factor": [1.0] * 2,
-                                 "long_factor": [1.0] * 2, "rope_theta": 1e4}, "'longrope'"),
+    ("phi3", "rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4},
+     "'yarn'"),
+    ("phi3-longrope", "rope_parameters", {"rope_type": "longrope", "short_factor": [1.0] * 2,
+                                          "long_factor": [1.0] * 2, "rope_theta": 1e4,
+                                          "beta_slow": 1.0}, r"\['beta_slow'\]"),
     ("mistral-window", "rope_parameters", {"rope_type": "linear", "factor": 2.0,
                                            "rope_theta": 1e4, "beta_fast": 32},
      r"\['beta_fast'\]"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -128,7 +129,9 @@ def _act(name: str) -> str:
 
 _ROPE_KEYS = {"default": set(), "linear": {"factor"},
               "llama3": {"factor", "low_freq_factor", "high_freq_factor",
-                         "original_max_position_embeddings"}}
+                         "original_max_position_embeddings"},
+              "longrope": {"short_factor", "long_factor", "factor", "attention_factor",
+                           "original_max_position_embeddings"}}
 
 
 def _rope(c: dict, default_theta: float = 10000.0) -> dict:
@@ -141,6 +144,8 @@ def _rope(c: dict, default_theta: float = 10000.0) -> dict:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     out: dict[str, Any] = dict(rope_theta=float(theta))
     kind = "default" if kind is None else kind
+    if kind == "su" and c.get("model_type") == "phi3":  # Phi3Config's older name of longrope
+        kind = "longrope"
     if kind not in _ROPE_KEYS:
         raise ValueError(f"config.json: unsupported rope scaling type {kind!r} (supported: "
                          f"{sorted(_ROPE_KEYS)})")
@@ -150,12 +155,40 @@ def _rope(c: dict, default_theta: float = 10000.0) -> dict:
                          f"not implemented")
     if kind == "default":
         return out
+    if kind == "longrope":
+        return {**out, **_longrope(c, scaling)}
     out.update(rope_scaling=kind, rope_factor=float(scaling["factor"]))
     if kind == "llama3":
         out.update(rope_low_freq_factor=float(scaling["low_freq_factor"]),
                    rope_high_freq_factor=float(scaling["high_freq_factor"]),
                    rope_original_max_len=int(scaling["original_max_position_embeddings"]))
     return out
+
+
+def _longrope(c: dict, scaling: dict) -> dict:
+    """LongRoPE as transformers' `_compute_longrope_parameters`: the pretraining length from
+    the scaling block or (Phi-3) the top-level `original_max_position_embeddings`; factor
+    None -> max_position_embeddings / original; attention_factor None -> sqrt(1 + ln(factor) /
+    ln(original)) (1 when factor <= 1)."""
+    original = scaling.get("original_max_position_embeddings",
+                           c.get("original_max_position_embeddings"))
+    if original is None:
+        raise ValueError("config.json: rope scaling type 'longrope' needs "
+                         "original_max_position_embeddings (the pretraining context length)")
+    for name in ("short_factor", "long_factor"):
+        if not isinstance(scaling.get(name), (list, tuple)):
+            raise ValueError(f"config.json: rope scaling type 'longrope' needs {name} (a list), "
+                             f"got {scaling.get(name)!r}")
+    factor = scaling.get("factor")
+    factor = c["max_position_embeddings"] / original if factor is None else float(factor)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return dict(rope_scaling="longrope", rope_factor=float(factor),
+                rope_original_max_len=int(original),
+                rope_short_factor=tuple(float(x) for x in scaling["short_factor"]),
+                rope_long_factor=tuple(float(x) for x in scaling["long_factor"]),
+                rope_attention_factor=float(attention))
 
 
 def _gemma3_rope(c: dict) -> dict:
@@ -345,6 +378,12 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
             "low_freq_factor": cfg.rope_low_freq_factor,
             "high_freq_factor": cfg.rope_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_original_max_len})
+    elif cfg.rope_scaling == "longrope":
+        rope = dict(rope_scaling={
+            "rope_type": "longrope", "short_factor": list(cfg.rope_short_factor),
+            "long_factor": list(cfg.rope_long_factor), "factor": cfg.rope_factor,
+            "attention_factor": cfg.rope_attention_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len})
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}[cfg.activation]
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
     if cfg.family == "gpt2":
@@ -415,6 +454,8 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
                     norm_topk_prob=cfg.moe_renormalize, decoder_sparse_step=1, mlp_only_layers=[],
                     **body)
     if cfg.family == "phi3":
+        if cfg.rope_scaling == "longrope":  # Phi3Config also reads it outside rope_scaling
+            body["original_max_position_embeddings"] = cfg.rope_original_max_len
         return dict(model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_act=act,
                     partial_rotary_factor=cfg.rotary_dim / cfg.head_dim,
                     sliding_window=cfg.sliding_window, **body)
@@ -439,7 +480,8 @@ def check_exportable(cfg: ModelConfig, hf_cfg: dict) -> None:
     back = hf_config_to_model_config(clean, **{f: getattr(cfg, f) for f in _EXECUTION_FIELDS})
     ours, theirs = dataclasses.asdict(cfg), dataclasses.asdict(back)
     if cfg.rope_scaling != "llama3":
-        for f in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+        for f in ("rope_low_freq_factor", "rope_high_freq_factor") + (
+                ("rope_original_max_len",) if cfg.rope_scaling != "longrope" else ()):
             ours.pop(f), theirs.pop(f)
     if cfg.rope_scaling is None:
         ours.pop("rope_factor"), theirs.pop("rope_factor")

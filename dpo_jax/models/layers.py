@@ -41,8 +41,9 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     return jax.nn.relu(x)
 
 
-def inv_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
-    """Rotary inverse frequencies [rotary_dim/2] with HF's rope scaling rules (linear, llama3).
+def inv_frequencies(cfg: ModelConfig, local: bool = False, long: bool = False) -> jax.Array:
+    """Rotary inverse frequencies [rotary_dim/2] with HF's rope scaling rules (linear, llama3,
+    longrope: divided by the short factors, or the long ones with long=True).
 
     local=True with cfg.local_rope_theta set: the sliding layers' own unscaled rope (Gemma 3's
     rope_local_base_freq); otherwise every layer uses rope_theta and the scaling.
@@ -63,15 +64,33 @@ def inv_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv = jnp.where(medium, smoothed, scaled)
+    elif cfg.rope_scaling == "longrope":
+        factors = cfg.rope_long_factor if long else cfg.rope_short_factor
+        inv = inv / jnp.asarray(factors, jnp.float32)
     return inv
 
 
 def rotary_tables(cfg: ModelConfig, positions: jax.Array,
                   local: bool = False) -> tuple[jax.Array, jax.Array]:
     """sin, cos [B, T, rotary_dim/2] in float32 for integer positions [B, T] (local: the
-    sliding layers' tables, see inv_frequencies)."""
-    ang = positions.astype(jnp.float32)[..., None] * inv_frequencies(cfg, local)
-    return jnp.sin(ang), jnp.cos(ang)
+    sliding layers' tables, see inv_frequencies).
+
+    longrope (Phi-3 su / longrope), as transformers' `longrope_frequency_update`: the long
+    factors for every position of the call when its largest position + 1 exceeds
+    rope_original_max_len, else the short ones (one choice per forward, over all rows: a KV-cache
+    step past the original length switches to the long factors while the cached keys keep the
+    short ones, as in transformers), and sin, cos times rope_attention_factor.
+    """
+    inv = inv_frequencies(cfg, local)
+    longrope = cfg.rope_scaling == "longrope" and not (local and cfg.local_rope_theta is not None)
+    if longrope:
+        long = jnp.max(positions) + 1 > cfg.rope_original_max_len
+        inv = jnp.where(long, inv_frequencies(cfg, local, long=True), inv)
+    ang = positions.astype(jnp.float32)[..., None] * inv
+    sin, cos = jnp.sin(ang), jnp.cos(ang)
+    if longrope:
+        sin, cos = sin * cfg.rope_attention_factor, cos * cfg.rope_attention_factor
+    return sin, cos
 
 
 def apply_rotary(cfg: ModelConfig, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
