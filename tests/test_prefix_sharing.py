@@ -313,3 +313,54 @@ def test_config_refuses_prefix_sharing_where_rows_are_read_one_sequence_each(fie
         read_config(c)
     c.data.prefix_sharing = False
     read_config(c)
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def _run_pair(tmp_path, make_config):
+    """``(summary, final params)`` of the run ``make_config()`` names, without and with
+    data.prefix_sharing."""
+    from tests import runs
+
+    out = []
+    for shared in (False, True):
+        c = make_config()
+        c.data.prefix_sharing = shared
+        summary = runs.run(c, tmp_path / f"shared_{shared}")
+        out.append((summary, runs.final_params(c, tmp_path / f"shared_{shared}")))
+    return out
+
+
+def _assert_same_run(got, rtol):
+    (s0, p0), (s1, p1) = got
+    for k, v in s0["final_eval"].items():
+        assert s1["final_eval"][k] == pytest.approx(v, rel=rtol, abs=rtol), k
+    assert _rel(p1, p0) < rtol
+
+
+def test_a_tiny_dpo_run_with_precomputed_reference_ends_with_the_same_parameters(tmp_path):
+    """train_and_evaluate end to end (stored reference log-probs, eval): the same final eval
+    metrics and parameters with and without prefix sharing."""
+    from tests import runs
+
+    def config():
+        c = runs.dpo_config(steps=3)
+        c.logprobs.precompute_reference = True
+        return c
+
+    _assert_same_run(_run_pair(tmp_path, config), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_offline_default_quick_run_gives_the_same_eval(tmp_path):
+    """configs/default.py:quick (60 steps): eval metrics and final parameters within float32
+    reassociation (measured: eval loss 0.21834528 unshared, 0.21834531 shared)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "configs" / "default.py"
+    spec = importlib.util.spec_from_file_location("default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _assert_same_run(_run_pair(tmp_path, lambda: module.get_config("quick")), rtol=1e-4)
