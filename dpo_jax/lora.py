@@ -468,17 +468,19 @@ def run_lora(config) -> LoraConfig:
 
 def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | None = None):
     """``(LoraModel, base, adapters)`` of the LoRA run in ``run_dir``: its base rebuilt from its
-    own sources (``shardings``: the base's) and its adapters from its checkpoint (``step`` or
-    the newest), replicated."""
+    own sources in its own ``param_dtype`` (``shardings``: those of ``model``, a model of the
+    same shapes) and checked against the checkpoint's fingerprint, and its adapters from its
+    checkpoint (``step`` or the newest), replicated. Raises ValueError when the rebuilt base is
+    not the one the adapters were trained on."""
     from dpo_jax import checkpoint as ckpt_lib
     from dpo_jax import state as state_lib
     from dpo_jax.config import read_config
 
     config = read_run_config(run_dir)
     rc = read_config(config)
-    lora_model = LoraModel(model.cfg, rc.lora)
+    lora_model = LoraModel(rc.model, rc.lora)
     base = state_lib.init_policy(lora_model, shardings, rc.sources)
-    base = state_lib.as_dtype(base, shardings, model.cfg.param_dtype)
+    base = state_lib.as_dtype(base, shardings, rc.model.param_dtype)
     one = jax.tree.leaves(shardings)[0]
     rep = jax.sharding.NamedSharding(one.mesh, jax.sharding.PartitionSpec()) if isinstance(
         one, jax.sharding.NamedSharding) else one
@@ -499,8 +501,9 @@ class _View:
 
 def run_params(run_dir: str, model: Model, shardings, step: int | None = None):
     """The policy parameters of another run (its workdir), in ``shardings``: its checkpoint's
-    parameters, or for a LoRA run its base with its adapters merged in (the paper's SFT model
-    as DPO's init and reference, when the SFT run trained adapters)."""
+    parameters, or for a LoRA run its base with its adapters merged in, in ``model``'s
+    ``param_dtype`` (the paper's SFT model as DPO's init and reference, when the SFT run
+    trained adapters)."""
     from dpo_jax import checkpoint as ckpt_lib
     from dpo_jax.state import abstract
 
@@ -508,8 +511,12 @@ def run_params(run_dir: str, model: Model, shardings, step: int | None = None):
     if config is None or not run_lora(config).rank:
         return ckpt_lib.restore_params(run_dir, abstract(model.abstract_params(), shardings),
                                        step=step)
+    from dpo_jax.state import cast_floats
+
     lora_model, base, adapters = run_base_and_adapters(run_dir, model, shardings, step)
-    return jax.jit(lambda b, a: merge(lora_model, b, a), out_shardings=shardings)(base, adapters)
+    dtype = jnp.dtype(model.cfg.param_dtype)
+    return jax.jit(lambda b, a: merge(lora_model, cast_floats(b, dtype), a),
+                   out_shardings=shardings)(base, adapters)
 
 
 # ------------------------------------------------------------------------------ PEFT

@@ -138,16 +138,17 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     from dpo_jax import lora as lora_lib
     from dpo_jax.optim import make_optimizer
 
-    mesh = shard_lib.make_mesh(rc.mesh_shape)
-    tx, schedule = make_optimizer(rc.optim, updates or rc.train.steps)
-    shardings = param_shardings(model, mesh, rc.mesh_rules)
-    params = (init or init_policy)(model, shardings, rc.sources)
     lora = getattr(rc, "lora", None)
     if lora is not None and lora.rank:
         if not isinstance(model, lora_lib.LoraModel):
             raise ValueError(f"model.lora.rank={lora.rank}: task {rc.task!r} does not train "
                              "adapters (LoRA runs: task dpo or sft); set model.lora.rank=0")
         lora_lib.check_run(rc)
+    mesh = shard_lib.make_mesh(rc.mesh_shape)
+    tx, schedule = make_optimizer(rc.optim, updates or rc.train.steps)
+    shardings = param_shardings(model, mesh, rc.mesh_rules)
+    params = (init or init_policy)(model, shardings, rc.sources)
+    if lora is not None and lora.rank:
         base = as_dtype(params, shardings, model.cfg.param_dtype)
         adapter_shardings = shard_lib.tree_shardings(
             model.abstract_adapters(), model.adapter_axes(), mesh, rc.mesh_rules)

@@ -72,12 +72,14 @@ def test_resume_refuses_a_changed_base(tmp_path):
 def test_two_stage_recipe_sft_adapters_merged_into_the_dpo_base(tmp_path):
     """SFT with LoRA, then DPO with ``init.policy`` = the SFT run: the SFT adapters are merged
     into the base, which is DPO's reference (full fine-tuning: its initial policy too; new
-    adapters: their base), where DPO starts at loss ln 2."""
+    adapters: their base), where DPO starts at loss ln 2. The SFT base, trained on in
+    bfloat16, is rebuilt as it was, then merged in DPO's float32."""
     sft = with_lora(runs.sft_config(steps=2))
+    sft.model.param_dtype = "bfloat16"  # the SFT base in bfloat16; DPO's model in float32
     runs.run(sft, tmp_path / "sft")
     sft_rc = read_config(sft)
     sft_model = lora_lib.LoraModel(sft_rc.model, sft_rc.lora)
-    seed_base = jax.device_get(jax.jit(sft_model.init)(jax.random.key(0)))
+    seed_base = state_lib.cast_floats(jax.jit(sft_model.init)(jax.random.key(0)), np.float32)
     want = jax.device_get(lora_lib.merge(sft_model, seed_base, final_adapters(sft, tmp_path / "sft")))
     assert not np.allclose(want["layers"]["attn"]["q"], seed_base["layers"]["attn"]["q"])
 
