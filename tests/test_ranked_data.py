@@ -285,3 +285,24 @@ def test_synthetic_lists_binarised_and_labelled():
     examples = synthetic.labelled(lists)
     assert len(examples) == 200
     assert [e["desirable"] for e in examples[:4]] == list(lists[0]["scores"] >= 0.5)
+
+
+@pytest.mark.parametrize("fmt", ["ranked", "unpaired"])
+def test_prefix_shared_units_give_the_unshared_step(fmt):
+    """data.prefix_sharing: each prompt once, its K responses (unpaired: the completion and
+    the mismatched KL completion) as branches; the step equals the unshared layout's."""
+    model = helpers.tiny_model()
+    params, ref_params = helpers.init_params(model), helpers.init_params(model, seed=1)
+    if fmt == "ranked":
+        items, cls, loss = _ranked_items(8), ranked.RankedPipeline, "plackett_luce"
+    else:
+        items = [unpaired.checked_unpaired(it, end_ids={0}, is_blank=None, file="s", row=i)
+                 for i, it in enumerate(unpaired.unpair_tokens(helpers.synthetic_pairs(4)))]
+        cls, loss = unpaired.UnpairedPipeline, "kto"
+    batches = [_batch(cls, items, format=fmt, prefix_sharing=shared) for shared in (False, True)]
+    assert "branch_ids" in batches[1] and batches[1]["input_ids"].shape[0] == len(items)
+    steps = [_step(model, params, ref_params, b, helpers.loss_config(loss, beta=0.5),
+                   helpers.mesh()) for b in batches]
+    for k in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm"):
+        np.testing.assert_allclose(steps[1][1][k], steps[0][1][k], rtol=2e-5, atol=2e-6,
+                                   err_msg=k)

@@ -120,9 +120,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     fmt = c.get("format", "pairs")
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
-    if fmt != "pairs" and (c.get("sources") or c.get("prefix_sharing")):
-        raise ValueError(f"data.format={fmt!r} reads one source without prefix sharing: set "
-                         "data.sources=[] and data.prefix_sharing=False")
+    if fmt != "pairs" and c.get("sources"):
+        raise ValueError(f"data.format={fmt!r} reads one source: set data.sources=[]")
     if c.get("sources"):
         from dpo_jax.data.mixture import mixture_sources
 

@@ -25,9 +25,10 @@ end token, truncation with the longest response deciding) and every response pas
 per-response checks of pairs (``checks.check_scored_response``).
 
 Batches: K slots per prompt laid out slot-major like pairs (rows ``[slot 0 of the B prompts,
-slot 1, ..., slot K-1]``; K = the most responses of any list of the split), ``slot_rank``
-int32 [B, K] the ranks (-1 on the empty slots of shorter lists: rows without tokens that the
-loss ignores), ``pair_weight`` [B].
+slot 1, ..., slot K-1]``; K = the most responses of any list of the split; with
+``data.prefix_sharing`` one unit ``[prompt, y_1 .. y_k]`` per prompt, ``data/prefix.py``),
+``slot_rank`` int32 [B, K] the ranks (-1 on the empty slots of shorter lists: sequences
+without tokens that the loss ignores), ``pair_weight`` [B].
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from dpo_jax.data import batching, synthetic
+from dpo_jax.data import batching, prefix, synthetic
 from dpo_jax.data.checks import check_scored_response
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.pipeline import PreferencePipeline
@@ -161,6 +162,9 @@ def _checked_list(prompt: np.ndarray, responses: list[np.ndarray], scores: list[
     """The tokenised list: each response checked as in pairs, duplicates kept once (the
     better-scored copy), at least two left; ``ranks`` recomputed on what is kept."""
     ends = np.asarray(sorted(int(t) for t in end_ids), np.int64)
+    if len(prompt) == 0:
+        raise DataError("the prompt has no token, so nothing predicts the first response token",
+                        file=file, row=row, field="prompt", reason="unscored_first_token")
     kept, seen = [], set()
     for k, r in enumerate(responses):
         scored = check_scored_response(len(prompt), r, ends=ends, is_blank=is_blank, file=file,
@@ -272,9 +276,11 @@ def pair_views(items: list[Item]) -> list[Item]:
 
 class SlotPipeline(PreferencePipeline):
     """``PreferencePipeline`` with K response slots per item: rows ``[slot 0 of the B items,
-    ..., slot K-1]`` (K = 2 for pairs), a subclass giving each slot's sequence
-    (:meth:`sequence`) and the per-item arrays (:meth:`per_item`). Stored reference log-probs,
-    mixtures and prefix sharing are for pairs (ValueError)."""
+    ..., slot K-1]`` (K = 2 for pairs) or, with ``data.prefix_sharing``, one unit per item
+    ``[prompt, y_1 .. y_k]`` (``data/prefix.py``; response k of item j scored as slot
+    ``k B + j``). A subclass gives each item's prompt and responses (:meth:`unit`) and the
+    per-item arrays (:meth:`per_item`). Stored reference log-probs and mixtures are for pairs
+    (ValueError)."""
 
     num_slots = 2
 
@@ -282,9 +288,6 @@ class SlotPipeline(PreferencePipeline):
         if kwargs.get("reference") is not None or kwargs.get("mixture"):
             raise ValueError(f"data.format={cfg.format!r}: stored reference log-probs "
                              "(logprobs.precompute_reference) and mixtures are for pairs")
-        if cfg.get("prefix_sharing"):
-            raise ValueError(f"data.format={cfg.format!r} has no prefix-shared layout: set "
-                             "data.prefix_sharing=False")
         super().__init__(items, cfg, **kwargs)
 
     def _item_lengths(self, items: list[Item]) -> np.ndarray:
@@ -295,19 +298,27 @@ class SlotPipeline(PreferencePipeline):
                 lengths[i, 1 + k] = len(r)
         return lengths
 
-    def _unit_lengths(self, idx: np.ndarray) -> np.ndarray:
+    def _slot_lengths(self, idx: np.ndarray) -> np.ndarray:
         """[K B] slot-major sequence lengths (0 for an empty slot)."""
         lens = self.lengths[idx]
         seq = np.where(lens[:, 1:] > 0, lens[:, :1] + lens[:, 1:], 0)
         return seq.T.reshape(-1)
 
-    def sequence(self, idx: np.ndarray, k: int, j: int) -> tuple[np.ndarray, int]:
-        """(tokens, prompt length) of slot k of the batch's item j (empty: no tokens)."""
+    def _unit_lengths(self, idx: np.ndarray) -> np.ndarray:
+        """What the planner places: the [K B] sequences, or (prefix sharing) the [B] units:
+        the prompt's first P - 1 tokens, then per response its restated last prompt token and
+        its tokens (``prefix.unit_lengths`` without the empty slots)."""
+        seq = self._slot_lengths(idx)
+        if not self.prefix_sharing:
+            return seq
+        seq_BK = seq.reshape(self.num_slots, -1).T
+        shared = self.lengths[idx, 0] - 1  # prompts are never empty (checked)
+        return shared + np.where(seq_BK > 0, seq_BK - shared[:, None], 0).sum(axis=1)
+
+    def unit(self, idx: np.ndarray, j: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(prompt, responses in slot order) of the batch's item j."""
         item = self.pairs[int(idx[j])]
-        responses = item_responses(item)
-        if k >= len(responses):
-            return np.zeros(0, np.int32), 0
-        return np.concatenate([item["prompt"], responses[k]]), len(item["prompt"])
+        return item["prompt"], item_responses(item)
 
     def per_item(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return {}
@@ -315,12 +326,23 @@ class SlotPipeline(PreferencePipeline):
     def batch_at(self, epoch: int, position: int) -> dict[str, np.ndarray]:
         idx, weight = self.batch_items(epoch, position)
         B, K = self.global_batch_size, self.num_slots
-        plan = batching.make_plan(self._unit_lengths(idx), self.buckets, bool(self.cfg.packing),
-                                  self.pack_length, self.row_multiple)
+        make_plan = prefix.make_plan if self.prefix_sharing else batching.make_plan
+        plan = make_plan(self._unit_lengths(idx), self.buckets, bool(self.cfg.packing),
+                         self.pack_length, self.row_multiple)
         r0, r1 = self.host_rows(plan.rows)
-        seqs = {s: self.sequence(idx, s // B, s % B) for s in range(K * B)
-                if r0 <= plan.row[s] < r1}
-        out = self._finish(idx, weight, batching.materialise(plan, seqs, r0, r1, self.pad_id))
+        if self.prefix_sharing:
+            units = {j: self.unit(idx, j) for j in range(B) if r0 <= plan.row[j] < r1}
+            rows = prefix.materialise(plan, units, r0, r1, self.pad_id)
+        else:
+            seqs = {}
+            for s in range(K * B):
+                if r0 <= plan.row[s] < r1:
+                    prompt, responses = self.unit(idx, s % B)
+                    k = s // B
+                    seqs[s] = ((np.concatenate([prompt, responses[k]]), len(prompt))
+                               if k < len(responses) else (np.zeros(0, np.int32), 0))
+            rows = batching.materialise(plan, seqs, r0, r1, self.pad_id)
+        out = self._finish(idx, weight, rows)
         out.update({k: self.host_block(v) for k, v in self.per_item(idx).items()})
         return out
 

@@ -9,8 +9,9 @@ TRL's ``unpair_preference_dataset`` does: (prompt, chosen, True) and (prompt, re
 Batches: each example is two sequences in the pair layout (slot 0: the prompt with its own
 completion; slot 1: the prompt with the completion of the batch's previous example, cyclically,
 cut to ``data.max_length`` tokens -- TRL's ``_get_kl_dataset`` +1 offset, applied to the
-global batch as served, so the mismatched completions are the batch's own) and ``desirable``
-float32 [B] (1 / 0). ``losses.kto`` reads slot 1's log-ratios for its reference point.
+global batch as served, so the mismatched completions are the batch's own; with
+``data.prefix_sharing`` both in one unit behind one prompt) and ``desirable`` float32 [B]
+(1 / 0). ``losses.kto`` reads slot 1's log-ratios for its reference point.
 """
 
 from __future__ import annotations
@@ -112,28 +113,32 @@ class UnpairedPipeline(SlotPipeline):
         bound = self._bound(np.arange(len(items)))
         if bound > self.buckets[-1]:
             self.buckets = self.buckets + [batching.round_up(bound, self.cfg.bucket_multiple)]
+            self.pack_length = int(self.cfg.pack_length) or self.buckets[-1]
 
     def _bound(self, idx: np.ndarray) -> int:
+        """At least the longest sequence (prefix sharing: unit) of any batch of items ``idx``:
+        the KL slot pairs a prompt with another example's completion."""
         lens = self.lengths[idx]
+        if self.prefix_sharing:
+            return int(lens[:, 0].max() + 1 + 2 * lens[:, 1].max())
         return int(min(lens[:, 0].max() + lens[:, 1].max(), self.cfg.max_length))
 
     def _longest(self, idx: np.ndarray) -> int:
         return self._bound(idx)
 
-    def _unit_lengths(self, idx: np.ndarray) -> np.ndarray:
+    def _slot_lengths(self, idx: np.ndarray) -> np.ndarray:
         lens = self.lengths[idx]
         kl = np.minimum(lens[:, 0] + np.roll(lens[:, 1], 1),
                         np.maximum(self.cfg.max_length, lens[:, 0] + 1))
         return np.concatenate([lens[:, 0] + lens[:, 1], kl])
 
-    def sequence(self, idx: np.ndarray, k: int, j: int) -> tuple[np.ndarray, int]:
+    def unit(self, idx: np.ndarray, j: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The prompt with its completion and the previous example's, cut to max_length."""
         item = self.pairs[int(idx[j])]
         prompt = item["prompt"]
-        if k == 0:
-            return np.concatenate([prompt, item["completion"]]), len(prompt)
         other = self.pairs[int(idx[(j - 1) % len(idx)])]["completion"]
         keep = max(int(self.cfg.max_length) - len(prompt), 1)
-        return np.concatenate([prompt, other[:keep]]), len(prompt)
+        return prompt, [item["completion"], other[:keep]]
 
     def per_item(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return {"desirable": self._desirable[idx]}
