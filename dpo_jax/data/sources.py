@@ -283,7 +283,9 @@ def load_raw_pairs(cfg, split: str, bad: BadRows) -> list[RawPair]:
         return load_se_pairs(cfg, split, bad)
     path = cfg.path or HUB_NAMES.get(cfg.source, "")
     if not cfg.path and cfg.source == "ultrafeedback" and getattr(cfg, "format", "") == "ranked":
-        path = "openbmb/UltraFeedback"  # the 4 rated completions per prompt
+        from dpo_jax.data.ranked import HUB_NAME  # the 4 rated completions per prompt
+
+        path = HUB_NAME
     hub_config = cfg.hub_config
     if cfg.source == "tldr" and not hub_config and path == HUB_NAMES["tldr"]:
         hub_config = "comparisons"

@@ -16,7 +16,7 @@ Then each trained policy scores 512 held-out lists of 4 (eval seed): implicit re
 pairwise accuracy over all within-prompt pairs of different true reward, Spearman within each
 prompt (mean), and Pearson / Spearman pooled over all responses.
 
-    python experiments/ranked/run.py --workdir=runs/ranked [--steps=300]
+    python experiments/ranked/run.py --workdir=runs/ranked [--steps=200] [--seed=0]
 
 Writes ``WORKDIR/<method>/`` (each a normal run) and ``WORKDIR/results.json``.
 """
@@ -100,12 +100,14 @@ def agreement(r_NK: np.ndarray, true_NK: np.ndarray) -> dict[str, float]:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seed", type=int, default=0, help="init and data-order seed")
     args = parser.parse_args()
     results = {}
     for name in args.methods.split(","):
         c = method_config(name, args.steps)
+        c.seed = args.seed
         workdir = os.path.join(args.workdir, name)
         start = time.time()
         get_task("dpo")(c, workdir)
@@ -115,7 +117,7 @@ def main():
         lists = synthetic.make_ranked(task, s.num_eval, s.eval_seed, int(s.num_responses))
         r = implicit_rewards(c, workdir, lists)
         truth = np.stack([it["scores"] for it in lists])
-        results[name] = {"steps": args.steps, "sequences_per_step": 64,
+        results[name] = {"steps": args.steps, "seed": args.seed, "sequences_per_step": 64,
                          "train_wall_s": round(wall, 1), **agreement(r, truth)}
         print(name, json.dumps(results[name]), flush=True)
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
