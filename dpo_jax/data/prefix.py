@@ -45,19 +45,18 @@ def unit_lengths(lengths_N3: np.ndarray) -> np.ndarray:
 
 
 def unit_columns(prompt: np.ndarray, responses: list[np.ndarray]):
-    """One unit's ``(tokens, positions, branch, scored)`` int32 arrays (scored: 1 on response
-    tokens that are predicted from the column before them)."""
-    P = len(prompt)
-    shared, head = prompt[:max(P - 1, 0)], prompt[max(P - 1, 0):]
-    tokens, positions, branch, scored = [shared], [np.arange(len(shared))], [
-        np.zeros(len(shared), np.int32)], [np.zeros(len(shared), np.int32)]
-    for k, y in enumerate(responses, start=1):
-        part = np.concatenate([head, y])
-        tokens.append(part)
-        positions.append(len(shared) + np.arange(len(part)))
-        branch.append(np.full(len(part), k, np.int32))
-        scored.append((np.arange(len(part)) >= 1).astype(np.int32))
-    return tuple(np.concatenate(a).astype(np.int32) for a in (tokens, positions, branch, scored))
+    """One unit's ``(tokens, positions, branch, scored)`` int32 arrays for a prompt and its K
+    responses (scored: 1 on the response tokens, each predicted from the column before it)."""
+    n_shared = max(len(prompt) - 1, 0)
+    head = prompt[n_shared:]  # the last prompt token, restated at the head of each branch
+    parts = [(prompt[:n_shared], 0)] + [(np.concatenate([head, y]), k)
+                                        for k, y in enumerate(responses, start=1)]
+    tokens = np.concatenate([part for part, _ in parts])
+    positions = np.concatenate([np.arange(len(part)) + (n_shared if k else 0)
+                                for part, k in parts])
+    branch = np.concatenate([np.full(len(part), k) for part, k in parts])
+    scored = (branch > 0) & (positions > n_shared)  # a branch's first column is context
+    return tuple(a.astype(np.int32) for a in (tokens, positions, branch, scored))
 
 
 def make_plan(unit_lengths_U: np.ndarray, buckets: list[int], packing: bool, pack_length: int,
