@@ -147,3 +147,47 @@ def test_switches_and_param_counts(models):
         assert param_count(cfg) == sum(x.size for x in jax.tree.leaves(params))
     # Mixtral-8x7B's published total
     assert param_count(preset("mixtral-8x7b")) == 46_702_792_704
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_of_trained_weights_keeps_the_source_config(name, models, tmp_path):
+    """dpo_jax.export.write_hf from an MoE source: config.json field by field as the source's,
+    and transformers reloads the moved expert weights with our logits."""
+    import json
+
+    from dpo_jax.export import write_hf
+
+    path, _, _, cfg, params = models[name]
+    moved = jax.tree.map(lambda x: x + 0.01 * np.sign(np.asarray(x)), params)
+    write_hf(str(tmp_path), cfg, moved, source=path)
+    with open(f"{path}/config.json") as f, open(tmp_path / "config.json") as g:
+        assert json.load(g) == json.load(f)
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), attn_implementation="eager").eval()
+    ids, mask = _batch()
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    helpers.assert_logits_close(Model(cfg).logits(moved, ids, pos, mask),
+                                helpers.hf_logits(back, ids, mask), mask)
+
+
+def test_gradients_on_an_expert_sharded_mesh(models):
+    """Forward and backward through the experts and the router loss with the parameters on
+    (fsdp 2, tensor 2), experts split over fsdp: the unsharded values and gradients."""
+    _, _, _, cfg, params = models["qwen2-moe"]
+    model = Model(cfg)
+    ids, mask = _batch()
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+
+    def objective(p):
+        h, aux = model.hidden(p, ids, pos, mask, router_aux=True)
+        return jax.numpy.mean(h.astype(jax.numpy.float32) ** 2) + aux
+
+    mesh = shard_lib.make_mesh({"fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+    sharded = jax.device_put(params, state_lib.param_shardings(model, mesh,
+                                                               shard_lib.DEFAULT_RULES))
+    assert sharded["layers"]["mlp"]["down"].sharding.spec == P(None, "fsdp", "tensor", None)
+    (v, g), (v_ref, g_ref) = (jax.jit(jax.value_and_grad(objective))(p)
+                              for p in (sharded, params))
+    assert float(v) == pytest.approx(float(v_ref), rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(b)) + 1)), g, g_ref)
