@@ -1,5 +1,6 @@
 """DPO with LoRA adapters (dpo_jax/lora.py): the policy is a frozen base plus rank-16 adapters
-on every projection, the reference is the base with the adapters off (one copy of the base).
+on every projection and the LM head, the reference is the base with the adapters off (one copy
+of the base).
 
     python -m dpo_jax.main --config=configs/lora_dpo.py --workdir=runs/lora_dpo
 
@@ -27,7 +28,9 @@ def _full(config) -> None:
 
 def get_config(arg: str = ""):
     config = base_config()
-    config.model.lora.update(rank=16, alpha=16.0, targets="all")
+    # every projection and the LM head's output side: this small model's embedding (tied to
+    # its head) stays frozen otherwise, which bounds how far any token's log-prob can move
+    config.model.lora.update(rank=16, alpha=16.0, targets="all,lm_head")
     config.optim.lr = 3e-3  # adapters start at zero update: a larger step than full fine-tuning
     return apply_variants(config, arg, {"from_sft": _from_sft, "full": _full,
                                         "quick": short_run(60)}, "configs/lora_dpo.py")

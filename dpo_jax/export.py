@@ -172,6 +172,7 @@ def export_run(workdir: str, out: str, step: int | None = None,
         lora_model, base, adapters = lora_lib.run_base_and_adapters(workdir, model, shardings,
                                                                    step)
         params = lora_lib.merge(lora_model, base, adapters)
+        model = Model(lora_lib.merged_config(lora_model))
         lora_lib.save_peft(adapter_out or os.path.join(out, "adapter"), lora_model, adapters,
                            base_model=config.model.hf_path)
     else:

@@ -153,7 +153,8 @@ def _target_paths(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int]]:
     """name -> (base weight path, number of input axes) of every projection name."""
     out = {n: (("layers", "attn", n), 2 if n == "o" else 1) for n in ATTENTION}
     out.update({n: (("layers", "mlp", n), 1) for n in MLP})
-    out[HEAD] = (("lm_head",), 1)
+    # a tied head's adapter acts on the output projection only; the input embedding stays
+    out[HEAD] = (("embed",) if cfg.tie_embeddings else ("lm_head",), 1)
     return out
 
 
@@ -182,8 +183,7 @@ def resolve_targets(model: Model, cfg: LoraConfig) -> tuple[Target, ...]:
             raise ValueError(f"model.lora.targets: unknown target {name!r}; valid targets of "
                              f"this model: {', '.join(valid)} (or 'all')")
         if name not in valid:
-            why = {HEAD: "its LM head is tied to the input embedding (tie_embeddings)",
-                   "gate": "its MLP is not gated"}.get(name, "")
+            why = {"gate": "its MLP is not gated"}.get(name, "")
             if name in MLP and getattr(model.cfg, "n_experts", 0) > 0:
                 why = "its MLP is a mixture of experts, whose experts LoRA does not adapt"
             raise ValueError(f"model.lora.targets: {name!r} is not a projection of this model "
@@ -396,15 +396,24 @@ def delta(target: Target, ab: Mapping[str, jax.Array], scale: float) -> jax.Arra
     return d.reshape(target.lead + target.in_shape + target.out_shape)
 
 
+def merged_config(model: LoraModel) -> ModelConfig:
+    """The config of :func:`merge`'s model: ``model.cfg``, untied when the adapters act on a
+    tied LM head (the merged head then differs from the input embedding)."""
+    tied_head = model.cfg.tie_embeddings and any(t.name == HEAD for t in model.targets)
+    return dataclasses.replace(model.cfg, tie_embeddings=False) if tied_head else model.cfg
+
+
 def merge(model: LoraModel, base, adapters):
     """The base with the adapters folded in (``W + scale * A @ B`` per target, computed in
-    float32, stored in each weight's dtype): a plain parameter tree of the adapted model."""
+    float32, stored in each weight's dtype): a plain parameter tree of the adapted model, whose
+    config is :func:`merged_config` (an adapted tied head becomes an ``lm_head`` of its own)."""
     out = base
     for t in model.targets:
         w = _get(base, t.path)
         new = (w.astype(jnp.float32) + delta(t, adapters["lora"][t.name], model.lora.scale)
                ).astype(w.dtype)
-        out = _insert(out, t.path[:-1], t.path[-1], new)
+        path = ("lm_head",) if t.name == HEAD else t.path
+        out = _insert(out, path[:-1], path[-1], new)
     return out
 
 
@@ -514,6 +523,12 @@ def run_params(run_dir: str, model: Model, shardings, step: int | None = None):
     from dpo_jax.state import cast_floats
 
     lora_model, base, adapters = run_base_and_adapters(run_dir, model, shardings, step)
+    if merged_config(lora_model).tie_embeddings != model.cfg.tie_embeddings:
+        raise ValueError(
+            f"the LoRA run {run_dir!r} adapted the LM head of a model whose head is tied to its "
+            "input embedding: merged, its head is a separate matrix, which this run's tied model "
+            "cannot hold. Leave lm_head out of that run's model.lora.targets, or adapt the head "
+            "in this run instead")
     dtype = jnp.dtype(model.cfg.param_dtype)
     return jax.jit(lambda b, a: merge(lora_model, cast_floats(b, dtype), a),
                    out_shardings=shardings)(base, adapters)
@@ -529,11 +544,13 @@ def _peft_modules(model: LoraModel) -> dict[str, str]:
     prefix = hf_maps.FAMILY_MAPS[model.cfg.family][1][0]
     out = {}
     for t in model.targets:
+        if t.name == HEAD:  # transformers' causal LMs name it so, tied or not
+            out[t.name] = "lm_head"
+            continue
         part = t.path[1:] if t.path[0] == "layers" else t.path
         specs = [s for s in hf_maps.tensor_specs(model.cfg) if part in s.parts]
         spec = specs[0] if specs else None
-        ok = spec is not None and len(spec.parts) == 1 and (
-            spec.layout == "T" or (t.name == HEAD and spec.layout == "R"))
+        ok = spec is not None and len(spec.parts) == 1 and spec.layout == "T"
         if not ok:
             raise ValueError(
                 f"PEFT export: target {t.name!r} is stored in the {model.cfg.family} checkpoint "

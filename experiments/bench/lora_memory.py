@@ -53,7 +53,7 @@ GiB = 2**30
 def _state(kind: str, cfg, rank: int, base_dtype: str, tx, abstract: bool):
     """(model, TrainState) of ``kind`` ('full' or 'lora'), abstract or allocated."""
     bf16 = jnp.dtype("bfloat16")
-    make = jax.eval_shape if abstract else jax.jit
+    make = (lambda f: lambda *a: jax.eval_shape(f, *a)) if abstract else jax.jit
     if kind == "full":
         model = Model(cfg)
         params = make(model.init)(jax.random.key(0))
@@ -73,7 +73,9 @@ def _bytes(tree) -> int:
 
 
 def measure(kind: str, args) -> dict:
-    cfg = model_config(args.preset, dtype=args.dtype, remat=args.remat)
+    cfg = model_config(args.preset, dtype=args.dtype, remat=args.remat,
+                       attention_impl=args.attention_impl or None,
+                       attention_chunk=args.attention_chunk)
     c = base_config()
     c.optim.update(name="adamw", lr=1e-4, warmup_steps=0, max_grad_norm=0.0)
     tx, schedule = make_optimizer(OptimConfig.from_config(c.optim), 1000)
@@ -89,6 +91,7 @@ def measure(kind: str, args) -> dict:
     compiled = step_fn.lower(state, batch, max_scored).compile()
     out = {"kind": kind, "preset": args.preset, "pairs": args.pairs,
            "tokens": args.prompt + args.response, "dtype": args.dtype, "remat": args.remat,
+           "attention_impl": args.attention_impl or "xla",
            "rank": args.rank if kind == "lora" else None,
            "base_dtype": args.base_dtype if kind == "lora" else cfg.param_dtype,
            "compile_s": round(time.perf_counter() - t, 1),
@@ -130,6 +133,8 @@ def main() -> None:
     p.add_argument("--base_dtype", default="bfloat16", help="the LoRA base's storage dtype")
     p.add_argument("--dtype", default="float32", help="compute dtype (both sides)")
     p.add_argument("--remat", default="none", help="per-layer remat (both sides)")
+    p.add_argument("--attention_impl", default="", help="'' (XLA), chunked or cudnn (both)")
+    p.add_argument("--attention_chunk", type=int, default=512, help="query rows per block")
     p.add_argument("--abstract", action="store_true", help="compile from shapes only")
     p.add_argument("--steps", type=int, default=5, help="timed steps (0: memory only)")
     p.add_argument("--warmup", type=int, default=2)
