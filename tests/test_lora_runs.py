@@ -99,3 +99,14 @@ def test_two_stage_recipe_sft_adapters_merged_into_the_dpo_base(tmp_path):
             _, out = pair_terms(model, loss_cfg, setup.params, setup.ref_params, b, StepConfig(),
                                 None)
             np.testing.assert_allclose(np.asarray(out.losses), math.log(2.0), rtol=1e-6)
+
+
+def test_lora_run_with_stored_reference_logps(tmp_path):
+    """``logprobs.precompute_reference``: the base's log-probs are computed once and stored;
+    the state keeps the base for the policy's forward, and step 1 is at loss ln 2."""
+    config = with_lora(runs.dpo_config(steps=2))
+    config.logprobs.precompute_reference = True
+    summary = runs.run(config, tmp_path)
+    np.testing.assert_allclose(summary["first_train"]["loss"], math.log(2.0), rtol=1e-6)
+    assert (tmp_path / "reference_logps").is_dir()
+    assert summary["final_train"]["loss"] < summary["first_train"]["loss"]
