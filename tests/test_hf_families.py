@@ -51,10 +51,10 @@ CASES = {
     "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=32,
                                          shared_expert_intermediate_size=48)),
-    "qwen2-moe-norm": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
-                                              moe_intermediate_size=32, norm_topk_prob=True,
-                                              shared_expert_intermediate_size=16,
-                                              tie_word_embeddings=True)),
+    "qwen2-moe-norm-window": ("Qwen2MoeConfig", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        shared_expert_intermediate_size=16, tie_word_embeddings=True, use_sliding_window=True,
+        sliding_window=WINDOW, max_window_layers=2)),  # layer 0 slides, layer 1 full
 }
 GENERATING = ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3", "phi3-longrope",
               "mixtral-window", "qwen2-moe"]
