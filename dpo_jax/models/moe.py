@@ -20,7 +20,7 @@ Shape suffixes: B batch, T tokens, D d_model, E experts, K top-k, F expert width
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
