@@ -324,11 +324,13 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     n = matmul_param_count(cfg)
     flops_tok = 8 * n + 16 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
     # FLOPs this configuration executes (the nominal count above assumes the LM head at every
-    # position and a reference forward each step): head at max_scored of T positions when
-    # scored-only, no reference forward when precomputed.
+    # position and a reference forward each step), per column of the rows it runs (prefix-
+    # shared rows: fewer, longer ones): head at max_scored of a row's columns when scored-only,
+    # no reference forward when precomputed.
     head = cfg.vocab_size * cfg.d_model
-    frac = (max_scored / T) if lp_cfg.scored_only else 1.0
-    attn = 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+    rows, width = batch_np["input_ids"].shape
+    frac = (max_scored / width) if lp_cfg.scored_only else 1.0
+    attn = 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * width
     executed = 3 * (2 * (n - head) + 2 * head * frac + attn)
     if not precomputed:
         executed += 2 * (n - head) + 2 * head * frac + attn
@@ -342,7 +344,8 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
                achieved_tflops=round(flops_tok * tokens / med / 1e12, 4),
                mfu=round(flops_tok * tokens / med / ceiling, 4),
                executed_flops_per_token=round(executed),
-               mfu_executed=round(executed * tokens / med / ceiling, 4), peak_bytes=_peak_bytes())
+               mfu_executed=round(executed * rows * width / med / ceiling, 4),
+               peak_bytes=_peak_bytes())
     if precomputed:  # the reference pass amortised over one epoch (each pair seen once)
         out["tokens_per_s_one_epoch"] = round(tokens / (med + out["ref_precompute_s_per_batch"]))
     return out
