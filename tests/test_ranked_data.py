@@ -287,10 +287,12 @@ def test_synthetic_lists_binarised_and_labelled():
     assert [e["desirable"] for e in examples[:4]] == list(lists[0]["scores"] >= 0.5)
 
 
-@pytest.mark.parametrize("fmt", ["ranked", "unpaired"])
-def test_prefix_shared_units_give_the_unshared_step(fmt):
-    """data.prefix_sharing: each prompt once, its K responses (unpaired: the completion and
-    the mismatched KL completion) as branches; the step equals the unshared layout's."""
+@pytest.mark.parametrize("fmt,layout", [("ranked", "prefix_sharing"), ("unpaired", "prefix_sharing"),
+                                        ("ranked", "packing")])
+def test_prefix_shared_and_packed_rows_give_the_unshared_step(fmt, layout):
+    """data.prefix_sharing (each prompt once, its K responses -- unpaired: the completion and
+    the mismatched KL completion -- as branches) and data.packing (several sequences a row,
+    empty slots included): the step equals the one-sequence-per-row layout's."""
     model = helpers.tiny_model()
     params, ref_params = helpers.init_params(model), helpers.init_params(model, seed=1)
     if fmt == "ranked":
@@ -299,8 +301,13 @@ def test_prefix_shared_units_give_the_unshared_step(fmt):
         items = [unpaired.checked_unpaired(it, end_ids={0}, is_blank=None, file="s", row=i)
                  for i, it in enumerate(unpaired.unpair_tokens(helpers.synthetic_pairs(4)))]
         cls, loss = unpaired.UnpairedPipeline, "kto"
-    batches = [_batch(cls, items, format=fmt, prefix_sharing=shared) for shared in (False, True)]
-    assert "branch_ids" in batches[1] and batches[1]["input_ids"].shape[0] == len(items)
+    fields = {"prefix_sharing": {"prefix_sharing": True},
+              "packing": {"packing": True, "pack_length": 128, "buckets": "128"}}[layout]
+    batches = [_batch(cls, items, format=fmt), _batch(cls, items, format=fmt, **fields)]
+    if layout == "packing":
+        assert batches[1]["segment_ids"].max() >= 2
+    else:
+        assert "branch_ids" in batches[1] and batches[1]["input_ids"].shape[0] == len(items)
     steps = [_step(model, params, ref_params, b, helpers.loss_config(loss, beta=0.5),
                    helpers.mesh()) for b in batches]
     for k in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm"):
