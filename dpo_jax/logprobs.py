@@ -203,14 +203,21 @@ def scored_counts(loss_mask_RL, seq_index_RL=None, num_seqs: int | None = None):
                                num_segments=num_seqs + 1)[:num_seqs]
 
 
-def max_scored_tokens(loss_mask_RL, minimum: int = 16) -> int:
+def max_scored_tokens(loss_mask_RL, minimum: int = 16, steps_per_octave: int = 1) -> int:
     """Host-side: the static ``max_scored`` for a numpy batch.
 
     Rounded up to a power of two (capped at the row length) so a run compiles a handful of
-    programs, not one per batch.
+    programs, not one per batch. ``steps_per_octave`` > 1 rounds to that many evenly spaced
+    steps between powers of two instead (4: ..., 128, 160, 192, 224, 256): less head work
+    for rows whose count sits just above a power of two (a prefix-shared row scores both
+    responses, e.g. 130 tokens -> 256 slots, or 160 with 4 steps), more distinct programs.
     """
     import numpy as np
 
     most = int(np.max(np.sum(np.asarray(loss_mask_RL)[:, 1:] > 0, axis=1), initial=1))
     length = np.shape(loss_mask_RL)[1] - 1
-    return int(min(length, max(minimum, 1 << (most - 1).bit_length())))
+    bound = 1 << (most - 1).bit_length()
+    step = (bound // 2) // max(int(steps_per_octave), 1)
+    if steps_per_octave > 1 and step >= 1:
+        bound = -(-most // step) * step
+    return int(min(length, max(minimum, bound)))

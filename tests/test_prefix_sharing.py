@@ -259,6 +259,23 @@ def test_precomputed_reference_and_its_step(tmp_path):
     _assert_same_step(*steps)
 
 
+def test_max_scored_steps_per_octave():
+    """A shared row scores both responses: 130 scored tokens take 256 head slots at the
+    default power-of-two bound, 160 with 4 steps per octave; never below the count, never
+    above the row, same as the default on powers of two."""
+    from dpo_jax.logprobs import max_scored_tokens
+
+    for n in (1, 17, 64, 65, 100, 130, 256, 257, 599):
+        mask = np.zeros((2, 601), np.float32)
+        mask[1, 1:n + 1] = 1.0
+        fine, coarse = max_scored_tokens(mask, steps_per_octave=4), max_scored_tokens(mask)
+        assert max(n, 16) <= fine <= coarse <= 600
+        assert (fine == coarse) == (n <= 16 or n & (n - 1) == 0 or coarse == 600)
+    mask = np.zeros((1, 400), np.float32)
+    mask[0, 1:131] = 1.0
+    assert (max_scored_tokens(mask), max_scored_tokens(mask, steps_per_octave=4)) == (256, 160)
+
+
 # ----------------------------------------------------------------------------- limits
 
 

@@ -214,7 +214,8 @@ def bench_hh(a, variant: str, ceilings: dict, cache: dict) -> list[dict]:
     for batch, count, tokens, real_tokens in cache[shared]:
         L = batch["input_ids"].shape[1]
         r = bench_variant(a.preset, variant, a.pairs, 0, L, a.steps, a.warmup, ceilings,
-                          batch_np=batch, nominal_tokens=tokens // count)
+                          batch_np=batch, nominal_tokens=tokens // count,
+                          scored_steps=a.scored_steps_per_octave)
         r.update(shape=f"{a.preset} hh{a.hh}", batches=count)
         rows.append(r)
         epoch_s += count * r["step_s_median"]
@@ -237,13 +238,15 @@ def _peak_bytes():
 def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: int, steps: int,
                   warmup: int, ceilings: dict, run_steps: bool = True,
                   max_temp_bytes: float | None = None, abstract: bool = False,
-                  batch_np: dict | None = None, nominal_tokens: int | None = None) -> dict:
+                  batch_np: dict | None = None, nominal_tokens: int | None = None,
+                  scored_steps: int = 1) -> dict:
     """One configuration: compile (XLA memory analysis), then time `steps` steps after
     `warmup`, unless run_steps is False or the step's XLA temp memory exceeds max_temp_bytes
     (then the row is compiled only). abstract=True compiles from shapes alone (no parameter
     or optimiser memory is allocated): a model too large for this host's memory can still
     be sized. batch_np: a given batch instead of make_batch's (its nominal_tokens: the
-    unshared layout's real tokens of its pairs)."""
+    unshared layout's real tokens of its pairs). scored_steps: max_scored_tokens'
+    steps_per_octave (1: the trainer's power-of-two bound)."""
     run_steps = run_steps and not abstract
     base, shared = split_config(variant)
     overrides, lp_cfg, precomputed, donate, *fwd_lp = VARIANTS[base]
@@ -263,7 +266,8 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
         ref_params = jax.jit(to_bf16)(params)
     if batch_np is None:
         batch_np = make_batch(pairs, prompt, response, cfg.vocab_size, shared=shared)
-    max_scored = max_scored_tokens(batch_np["loss_mask"]) if lp_cfg.scored_only else None
+    max_scored = (max_scored_tokens(batch_np["loss_mask"], steps_per_octave=scored_steps)
+                  if lp_cfg.scored_only else None)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     out = dict(shape=shape, config=variant, backend=jax.default_backend(), pairs=pairs,
                matmul_params=matmul_param_count(cfg), vocab=cfg.vocab_size,
@@ -271,6 +275,7 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
                logprobs=dataclasses.asdict(lp_cfg), precomputed_ref=precomputed, donate=donate,
                forward_logprobs=dataclasses.asdict(step_cfg.forward_logprobs),
                prefix_shared=shared, rows=list(batch_np["input_ids"].shape),
+               max_scored=max_scored,
                real_tokens=int((batch_np["segment_ids"] > 0).sum()))
     # the reference's forward-only log-probs (the precompute pass of `best`)
     ref_stats = lambda p, b: sequence_stats(model, p, b, step_cfg, max_scored, forward_only=True)
@@ -370,7 +375,8 @@ def run_isolated(a, variant: str, ceilings: dict) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--preset", a.preset,
            "--pairs", str(a.pairs), "--prompt", str(a.prompt), "--response", str(a.response),
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--configs", variant,
-           "--ceilings", f"{ceilings['float32']},{ceilings['bfloat16']}"]
+           "--ceilings", f"{ceilings['float32']},{ceilings['bfloat16']}",
+           "--scored_steps_per_octave", str(a.scored_steps_per_octave)]
     if a.abstract:
         cmd.append("--abstract")
     try:
@@ -426,6 +432,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--configs", default="same_math,best")
+    p.add_argument("--scored_steps_per_octave", type=int, default=1,
+                   help="max_scored rounding (logprobs.max_scored_tokens): 1 = the trainer's "
+                        "power of two; 4 = quarter steps between powers of two")
     p.add_argument("--hh", type=int, default=0,
                    help="time an epoch of the first N pairs of the shared HH file (GPT-2 "
                         "tokens) instead of random pairs of --prompt/--response tokens")
@@ -486,7 +495,8 @@ def main() -> None:
                 continue
             try:
                 r = bench_variant(a.preset, v, a.pairs, a.prompt, a.response, a.steps, a.warmup,
-                                  ceilings, abstract=a.abstract)
+                                  ceilings, abstract=a.abstract,
+                                  scored_steps=a.scored_steps_per_octave)
             except Exception as e:  # e.g. out of device memory: keep the other configurations
                 r = dict(shape=a.preset, config=v, error=f"{type(e).__name__}: {e}"[:2000])
             emit(r)
