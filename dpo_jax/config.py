@@ -246,6 +246,23 @@ def _ref_sync(config: ml_collections.ConfigDict) -> tuple[int, float]:
     return every, alpha
 
 
+def _check_data_format(config) -> None:
+    """Ranked lists train the DPO task with ``plackett_luce``, unpaired completions with
+    ``kto`` (``data/ranked.py``, ``data/unpaired.py``), neither from stored reference log-probs;
+    ``kto`` reads unpaired completions only. ValueError naming the fields otherwise."""
+    fmt = config.data.get("format", "pairs")
+    loss = str(config.loss.name).replace(" ", "")
+    want = {"ranked": "plackett_luce", "unpaired": "kto"}.get(fmt)
+    if want and (config.task != "dpo" or loss != want or config.logprobs.precompute_reference):
+        raise ValueError(f"data.format={fmt!r} trains task 'dpo' with loss.name={want!r} and "
+                         f"logprobs.precompute_reference=False; got task {config.task!r}, "
+                         f"loss.name={loss!r}, precompute_reference="
+                         f"{config.logprobs.precompute_reference}")
+    if fmt == "pairs" and "kto" in loss.split(","):
+        raise ValueError("loss.name='kto' trains on unpaired completions: set "
+                         "data.format='unpaired' (a pair source is split into unpaired rows)")
+
+
 def read_config(config: ml_collections.ConfigDict) -> RunConfig:
     """The frozen view of ``config`` that tasks consume. Raises ValueError for bad values."""
     t = config.train
@@ -271,6 +288,7 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                          f"pair) is read by the DPO step without gradient accumulation; task "
                          f"{config.task!r}, optim.grad_accum={optim.grad_accum}: set "
                          "data.prefix_sharing=False")
+    _check_data_format(config)
     data = config.data
     if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:
         # The tokenizer comes from the model's directory unless the config names another.

@@ -313,3 +313,21 @@ def test_prefix_shared_and_packed_rows_give_the_unshared_step(fmt, layout):
     for k in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm"):
         np.testing.assert_allclose(steps[1][1][k], steps[0][1][k], rtol=2e-5, atol=2e-6,
                                    err_msg=k)
+
+
+def test_config_pairs_each_format_with_its_loss():
+    from dpo_jax.config import base_config, read_config
+
+    c = base_config()
+    c.data.format = "ranked"
+    with pytest.raises(ValueError, match="plackett_luce"):
+        read_config(c)
+    c.loss.name, c.task = "plackett_luce", "reward"
+    with pytest.raises(ValueError, match="task 'dpo'"):
+        read_config(c)
+    c = base_config()
+    c.loss.name = "kto"
+    with pytest.raises(ValueError, match="unpaired"):
+        read_config(c)
+    c.data.format = "unpaired"
+    assert read_config(c).data.format == "unpaired"
