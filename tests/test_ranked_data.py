@@ -331,3 +331,12 @@ def test_config_pairs_each_format_with_its_loss():
         read_config(c)
     c.data.format = "unpaired"
     assert read_config(c).data.format == "unpaired"
+
+
+def test_pair_views_see_every_response_and_keep_pairs():
+    pairs = helpers.synthetic_pairs(3)
+    assert ranked.pair_views(pairs) == pairs  # pair indices in check messages unchanged
+    items = _ranked_items(3)
+    views = ranked.pair_views(items)
+    assert len(views) == sum(len(it["responses"]) for it in items)
+    np.testing.assert_array_equal(views[-1]["chosen"], items[-1]["responses"][-1])

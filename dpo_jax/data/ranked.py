@@ -265,10 +265,12 @@ def item_responses(item: Item) -> list[np.ndarray]:
 
 
 def pair_views(items: list[Item]) -> list[Item]:
-    """Each (prompt, response) of ``items`` as a ``{prompt, chosen, rejected}`` view (both the
-    response), so checks written for pairs (``checks.check_fits_model``) see every response."""
-    return [{"prompt": it["prompt"], "chosen": r, "rejected": r}
-            for it in items for r in item_responses(it)]
+    """Pairs as they are; each (prompt, response) of a ranked list or unpaired example as a
+    ``{prompt, chosen, rejected}`` view (both the response), so checks written for pairs
+    (``checks.check_fits_model``) see every response."""
+    return [view for it in items for view in (
+        [it] if "chosen" in it else
+        [{"prompt": it["prompt"], "chosen": r, "rejected": r} for r in item_responses(it)])]
 
 
 # ----------------------------------------------------------------------------- batches
