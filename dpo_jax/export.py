@@ -34,6 +34,7 @@ from absl import app, flags
 
 from dpo_jax import checkpoint as ckpt_lib
 from dpo_jax import lora as lora_lib
+from dpo_jax import lora_base, lora_peft
 from dpo_jax.models import Model, ModelConfig, model_config_from
 from dpo_jax.models import hf_config as hf_lib
 from dpo_jax.models.hf import save_hf
@@ -167,13 +168,13 @@ def export_run(workdir: str, out: str, step: int | None = None,
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
                         model.abstract_params())
-    if lora_lib.run_lora(config).rank:
+    if lora_base.run_lora(config).rank:
         shardings = jax.tree.map(lambda _: cpu, like)
-        lora_model, base, adapters = lora_lib.run_base_and_adapters(workdir, model, shardings,
+        lora_model, base, adapters = lora_base.run_base_and_adapters(workdir, model, shardings,
                                                                    step)
         params = lora_lib.merge(lora_model, base, adapters)
         model = Model(lora_lib.merged_config(lora_model))
-        lora_lib.save_peft(adapter_out or os.path.join(out, "adapter"), lora_model, adapters,
+        lora_peft.save_peft(adapter_out or os.path.join(out, "adapter"), lora_model, adapters,
                            base_model=config.model.hf_path)
     else:
         params = ckpt_lib.restore_params(workdir, like, step=step)

@@ -20,21 +20,19 @@ Parameter trees (ARCHITECTURE.md: plain nested dicts):
 
 In a train state (``dpo_jax/state.py``) ``params`` are the adapters and ``ref_params`` the
 frozen base. Checkpoints hold the adapters and their optimizer state, plus the base's
-fingerprint (:class:`BaseFingerprint`, the ``lora_base`` item) that a resume checks.
+fingerprint that a resume checks (``dpo_jax/lora_base.py``, which also rebuilds another LoRA
+run's base and merges its adapters); PEFT directories: ``dpo_jax/lora_peft.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dpo_jax.models import Model, ModelConfig, decoder
@@ -43,8 +41,6 @@ ATTENTION = ("q", "k", "v", "o")
 MLP = ("up", "gate", "down")
 HEAD = "lm_head"
 INITS = ("kaiming", "gaussian")
-ITEM = "lora_base"  # the checkpoint item holding the base's fingerprint
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,236 +411,3 @@ def merge(model: LoraModel, base, adapters):
         path = ("lm_head",) if t.name == HEAD else t.path
         out = _insert(out, path[:-1], path[-1], new)
     return out
-
-
-# ------------------------------------------------------------------------------ the base
-class BaseFingerprint:
-    """The ``lora_base`` checkpoint item: where the frozen base came from and a checksum of its
-    values (per leaf: dtype, shape and three float32 sums, ``reference.param_checksum``).
-    Restoring it into a run whose base differs raises ValueError, so adapters are never resumed
-    on another base."""
-
-    def __init__(self, base, source: Mapping[str, Any]):
-        from dpo_jax.reference import param_checksum
-
-        self.value = {"source": dict(source), "checksum": param_checksum(base)}
-
-    def state_dict(self) -> dict:
-        return self.value
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved, now = state, self.value
-        if dict(saved["source"]) != now["source"]:
-            raise ValueError(f"the checkpoint's adapters were trained on the base "
-                             f"{dict(saved['source'])}, this run's base is {now['source']}; "
-                             "resume with the base the run started with")
-        same = len(saved["checksum"]) == len(now["checksum"]) and all(
-            a[:2] == b[:2] and np.allclose(a[2:], b[2:], rtol=1e-6, atol=1e-6)
-            for a, b in zip(saved["checksum"], now["checksum"]))
-        if not same:
-            raise ValueError(
-                f"the frozen base from {now['source']} is not the one the checkpoint's adapters "
-                "were trained on (its values' checksum differs: were the files at that path "
-                "replaced, or the run given as init.policy trained further?); restore that base "
-                "or start a new run in another --workdir")
-
-
-def host_states(state, sources) -> dict:
-    """``{'lora_base': BaseFingerprint}`` for ``loop.train(host_states=...)`` when ``state``
-    is a LoRA state (``sources``: the base's ``config.ParamSources``), else ``{}``."""
-    if state.ref_params is None or "lora" not in state.params:
-        return {}
-    return {ITEM: BaseFingerprint(state.ref_params, {
-        "policy": sources.policy, "policy_hf": sources.policy_hf, "seed": sources.seed})}
-
-
-def read_run_config(run_dir: str):
-    """The ml_collections config a run was started with (its ``config.json``), or None."""
-    import ml_collections
-
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def run_lora(config) -> LoraConfig:
-    """The LoRA settings of a run's config (off when the block is absent)."""
-    return read_lora(config.model.get("lora") if config is not None else None,
-                     int(config.seed) if config is not None else 0)
-
-
-def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | None = None):
-    """``(LoraModel, base, adapters)`` of the LoRA run in ``run_dir``: its base rebuilt from its
-    own sources in its own ``param_dtype`` (``shardings``: those of ``model``, a model of the
-    same shapes) and checked against the checkpoint's fingerprint, and its adapters from its
-    checkpoint (``step`` or the newest), replicated. Raises ValueError when the rebuilt base is
-    not the one the adapters were trained on."""
-    from dpo_jax import checkpoint as ckpt_lib
-    from dpo_jax import state as state_lib
-    from dpo_jax.config import read_config
-
-    config = read_run_config(run_dir)
-    rc = read_config(config)
-    lora_model = LoraModel(rc.model, rc.lora)
-    base = state_lib.init_policy(lora_model, shardings, rc.sources)
-    base = state_lib.as_dtype(base, shardings, rc.model.param_dtype)
-    one = jax.tree.leaves(shardings)[0]
-    rep = jax.sharding.NamedSharding(one.mesh, jax.sharding.PartitionSpec()) if isinstance(
-        one, jax.sharding.NamedSharding) else one
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                        lora_model.abstract_adapters())
-    adapters = ckpt_lib.restore_params(run_dir, like, step=step)
-    saved = ckpt_lib.restore_json_item(run_dir, ITEM, step=step)
-    if saved is not None:
-        host_states(_View(base, adapters), rc.sources)[ITEM].load_state_dict(saved)
-    return lora_model, base, adapters
-
-
-@dataclasses.dataclass
-class _View:
-    ref_params: Any
-    params: Any
-
-
-def run_params(run_dir: str, model: Model, shardings, step: int | None = None):
-    """The policy parameters of another run (its workdir), in ``shardings``: its checkpoint's
-    parameters, or for a LoRA run its base with its adapters merged in, in ``model``'s
-    ``param_dtype`` (the paper's SFT model as DPO's init and reference, when the SFT run
-    trained adapters)."""
-    from dpo_jax import checkpoint as ckpt_lib
-    from dpo_jax.state import abstract
-
-    config = read_run_config(run_dir)
-    if config is None or not run_lora(config).rank:
-        return ckpt_lib.restore_params(run_dir, abstract(model.abstract_params(), shardings),
-                                       step=step)
-    from dpo_jax.state import cast_floats
-
-    lora_model, base, adapters = run_base_and_adapters(run_dir, model, shardings, step)
-    if merged_config(lora_model).tie_embeddings != model.cfg.tie_embeddings:
-        raise ValueError(
-            f"the LoRA run {run_dir!r} adapted the LM head of a model whose head is tied to its "
-            "input embedding: merged, its head is a separate matrix, which this run's tied model "
-            "cannot hold. Leave lm_head out of that run's model.lora.targets, or adapt the head "
-            "in this run instead")
-    dtype = jnp.dtype(model.cfg.param_dtype)
-    return jax.jit(lambda b, a: merge(lora_model, cast_floats(b, dtype), a),
-                   out_shardings=shardings)(base, adapters)
-
-
-# ------------------------------------------------------------------------------ PEFT
-def _peft_modules(model: LoraModel) -> dict[str, str]:
-    """target name -> the HF module name pattern (``{i}`` = layer) that PEFT adapts. Raises
-    ValueError for a target whose HF tensor is fused with others (GPT-2's c_attn, NeoX's
-    query_key_value, Phi-3's qkv_proj / gate_up_proj): one PEFT module per target is needed."""
-    from dpo_jax.models import hf_maps
-
-    prefix = hf_maps.FAMILY_MAPS[model.cfg.family][1][0]
-    out = {}
-    for t in model.targets:
-        if t.name == HEAD:  # transformers' causal LMs name it so, tied or not
-            out[t.name] = "lm_head"
-            continue
-        part = t.path[1:] if t.path[0] == "layers" else t.path
-        specs = [s for s in hf_maps.tensor_specs(model.cfg) if part in s.parts]
-        spec = specs[0] if specs else None
-        ok = spec is not None and len(spec.parts) == 1 and spec.layout == "T"
-        if not ok:
-            raise ValueError(
-                f"PEFT export: target {t.name!r} is stored in the {model.cfg.family} checkpoint "
-                f"as {spec.name if spec else 'no tensor'!r}, fused with other projections, "
-                "which one LoRA module cannot represent; export the merged model instead, or "
-                "target other projections")
-        name = spec.name[:-len(".weight")]
-        out[t.name] = name if not spec.layered else hf_maps.full_name(name, prefix, None)
-    return out
-
-
-def _peft_key(pattern: str, layer: int | None, which: str) -> str:
-    name = pattern.replace("{i}", str(layer)) if layer is not None else pattern
-    return f"base_model.model.{name}.lora_{which}.weight"
-
-
-def save_peft(out: str, model: LoraModel, adapters, base_model: str = "") -> str:
-    """Write ``adapters`` as a PEFT LoRA directory (``adapter_config.json`` +
-    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, out)`` loads onto
-    the exported base. Returns ``out``."""
-    from safetensors.numpy import save_file
-
-    modules = _peft_modules(model)
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), adapters["lora"])
-    r = model.lora.rank
-    tensors = {}
-    for t in model.targets:
-        a, b = host[t.name]["a"], host[t.name]["b"]
-        layers = range(t.lead[0]) if t.lead else [None]
-        for i in layers:
-            a_i = a[i] if i is not None else a
-            b_i = b[i] if i is not None else b
-            tensors[_peft_key(modules[t.name], i, "A")] = np.ascontiguousarray(
-                a_i.reshape(t.fan_in, r).T)
-            tensors[_peft_key(modules[t.name], i, "B")] = np.ascontiguousarray(
-                b_i.reshape(r, t.fan_out).T)
-    os.makedirs(out, exist_ok=True)
-    save_file(tensors, os.path.join(out, PEFT_WEIGHTS), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": r, "lora_alpha": model.lora.alpha, "lora_dropout": model.lora.dropout,
-        "target_modules": sorted({p.split(".")[-1] for p in modules.values()}),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-    }
-    with open(os.path.join(out, PEFT_CONFIG), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return out
-
-
-def load_peft(path: str, model: LoraModel, shardings) -> dict:
-    """Adapters from a PEFT LoRA directory, as ``model``'s adapter tree in ``shardings``.
-
-    Raises ValueError when its rank, alpha or adapted modules differ from ``model.lora`` (the
-    message names both), FileNotFoundError when a file is missing."""
-    from safetensors import safe_open
-
-    cfg_path, w_path = os.path.join(path, PEFT_CONFIG), os.path.join(path, PEFT_WEIGHTS)
-    for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"model.lora.path={path!r}: {os.path.basename(p)} not found "
-                                    "(a PEFT LoRA directory holds adapter_config.json and "
-                                    "adapter_model.safetensors)")
-    with open(cfg_path) as f:
-        peft_cfg = json.load(f)
-    lora = model.lora
-    if int(peft_cfg.get("r", -1)) != lora.rank or float(peft_cfg.get("lora_alpha", -1)) != lora.alpha:
-        raise ValueError(f"{cfg_path}: r={peft_cfg.get('r')}, lora_alpha="
-                         f"{peft_cfg.get('lora_alpha')}; the run has model.lora.rank={lora.rank}, "
-                         f"alpha={lora.alpha}: set them to the adapter's")
-    if peft_cfg.get("fan_in_fan_out") or peft_cfg.get("use_rslora") or peft_cfg.get("use_dora"):
-        raise ValueError(f"{cfg_path}: fan_in_fan_out / use_rslora / use_dora adapters are not "
-                         "plain LoRA; convert them first")
-    modules = _peft_modules(model)
-    out = {}
-    with safe_open(w_path, framework="np") as f:
-        keys = set(f.keys())
-        for t in model.targets:
-            layers = range(t.lead[0]) if t.lead else [None]
-            ab = {"a": [], "b": []}
-            for i in layers:
-                for which, k in (("A", "a"), ("B", "b")):
-                    name = _peft_key(modules[t.name], i, which)
-                    if name not in keys:
-                        raise ValueError(f"{w_path}: no tensor {name!r} for target {t.name!r} "
-                                         f"(model.lora.targets={','.join(lora.targets)}); the "
-                                         "adapter must cover exactly the run's targets")
-                    keys.discard(name)
-                    ab[k].append(f.get_tensor(name).astype(np.float32).T)
-            shapes = t.adapter_shapes(lora.rank)
-            out[t.name] = {k: np.stack(v).reshape(shapes[k]) if t.lead else v[0].reshape(shapes[k])
-                           for k, v in ab.items()}
-        if keys:
-            raise ValueError(f"{w_path}: tensors for modules the run does not adapt: "
-                             f"{sorted(keys)[:4]}...; set model.lora.targets to the adapter's")
-    return jax.device_put({"lora": out}, shardings)

@@ -32,6 +32,7 @@ import ml_collections
 from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import lora as lora_lib
+from dpo_jax import lora_base
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax import streams
@@ -206,4 +207,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
             lp_cfg.scored_only, finalize=lambda t: {k: float(v) for k, v in ratios(t, alpha).items()}),
             samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-        host_states=lora_lib.host_states(state, rc.sources), interrupt_after=interrupt_after)
+        host_states=lora_base.host_states(state, rc.sources), interrupt_after=interrupt_after)

@@ -64,9 +64,9 @@ def init_params(model, shardings, *, checkpoint: str = "", hf_path: str = "", se
     directory ``hf_path``, or a seeded random init; cast to ``dtype`` when given (e.g.
     'bfloat16' for a frozen reference)."""
     if checkpoint:
-        from dpo_jax import lora as lora_lib
+        from dpo_jax import lora_base
 
-        params = lora_lib.run_params(checkpoint, model, shardings)
+        params = lora_base.run_params(checkpoint, model, shardings)
     elif hf_path:
         from dpo_jax.models import hf
 
@@ -136,6 +136,7 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     parameters. Raises ValueError for LoRA settings the run contradicts
     (``lora.check_run``) or a task whose model carries no adapters."""
     from dpo_jax import lora as lora_lib
+    from dpo_jax import lora_peft
     from dpo_jax.optim import make_optimizer
 
     lora = getattr(rc, "lora", None)
@@ -153,7 +154,7 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
         adapter_shardings = shard_lib.tree_shardings(
             model.abstract_adapters(), model.adapter_axes(), mesh, rc.mesh_rules)
         if lora.path:
-            adapters = lora_lib.load_peft(lora.path, model, adapter_shardings)
+            adapters = lora_peft.load_peft(lora.path, model, adapter_shardings)
         else:
             adapters = jax.jit(model.init_adapters, out_shardings=adapter_shardings)(
                 jax.random.fold_in(jax.random.key(lora.seed), 1))

@@ -14,6 +14,7 @@ import ml_collections
 from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import lora as lora_lib
+from dpo_jax import lora_base
 from dpo_jax import losses as losses_lib
 from dpo_jax import state as state_lib
 from dpo_jax import streams
@@ -60,5 +61,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                 lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches, mesh,
                 scored_only, finalize), data), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-        host_states=lora_lib.host_states(state, rc.sources),
+        host_states=lora_base.host_states(state, rc.sources),
         interrupt_after=interrupt_after, save_reference=rc.step.ref_sync_every > 0)

@@ -10,6 +10,7 @@ import pytest
 
 from dpo_jax import checkpoint as ckpt_lib
 from dpo_jax import lora as lora_lib
+from dpo_jax import lora_base
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
 from dpo_jax.models import Model, model_config_from
@@ -46,7 +47,7 @@ def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path):
     assert runs.without_timing(runs.records(tmp_path / "cut")) == runs.without_timing(
         runs.records(tmp_path / "full"))
     # a checkpoint holds the adapters and the base's fingerprint, not the base
-    fingerprint = ckpt_lib.restore_json_item(str(tmp_path / "full"), lora_lib.ITEM)
+    fingerprint = ckpt_lib.restore_json_item(str(tmp_path / "full"), lora_base.ITEM)
     assert fingerprint["source"]["seed"] == 0 and len(fingerprint["checksum"]) > 0
     assert set(final_adapters(config, tmp_path / "full")) == {"lora"}
     assert summary["first_train"]["loss"] != summary["final_train"]["loss"]
