@@ -4,8 +4,11 @@ off (TRL's default with PEFT): one copy of the base weights serves both forwards
 
 At each targeted projection ``y = x @ W`` the adapted model computes
 ``y = x @ W + (alpha / rank) * dropout(x) @ A @ B`` (``W + A @ B`` is never formed in a training
-step). ``A`` starts Kaiming-uniform (PEFT's default) or Gaussian (std ``1/rank``), ``B`` at
-zero, so step 0 is the base exactly.
+step), except at an adapted LM head (target ``lm_head``, off by default): the chunked log-prob
+head reads one ``[V, D]`` matrix, so ``W + scale * (A @ B)^T`` is formed there (the size of
+the head, no dropout); on a model whose head is tied to the input embedding, the adapter acts
+on the head's side only. ``A`` starts Kaiming-uniform (PEFT's default) or Gaussian (std
+``1/rank``), ``B`` at zero, so step 0 is the base exactly.
 
 Parameter trees (ARCHITECTURE.md: plain nested dicts):
   * the base: ``Model.init``'s tree, frozen (no gradient, no optimizer state), in
