@@ -35,10 +35,11 @@ def final_adapters(config, workdir):
     return ckpt_lib.restore_params(str(workdir), like)
 
 
-def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("task", ["dpo", "sft"])
+def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path, task):
     """With adapter dropout (masks drawn from the step), killed after step 3 (checkpoint at 2):
     the rerun ends with the same adapters, bit for bit, and the same metrics log."""
-    config = with_lora(runs.dpo_config(steps=4, checkpoint_every=2), dropout=0.1)
+    config = with_lora(runs.CONFIGS[task](steps=4, checkpoint_every=2), dropout=0.1)
     runs.run(config, tmp_path / "full")
     summary = runs.cut_and_resume(config, tmp_path / "cut", 3)
     assert summary["resumed_from"] == 2
