@@ -34,3 +34,24 @@ def test_cli_on_generic_config(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "[PROMPT]" in out and "[CHOSEN]" in out and "R«" in out and "·×" in out
     assert '"num_pairs": 4' in out
+
+
+def test_cli_shows_ranked_lists_and_unpaired_completions(tmp_path):
+    outs = {}
+    for fmt in ("ranked", "unpaired"):
+        cfg = tmp_path / f"{fmt}.py"
+        cfg.write_text(textwrap.dedent(f"""
+            from dpo_jax.data import default_data_config
+            def get_config():
+                c = default_data_config()
+                c.format = {fmt!r}
+                return c
+        """))
+        outs[fmt] = subprocess.run([sys.executable, "-m", "dpo_jax.data", f"--config={cfg}",
+                                    "--batch_size=4", "--num_examples=1"],
+                                   capture_output=True, text=True, check=True).stdout
+    ranked, unpaired = outs["ranked"], outs["unpaired"]
+    assert "format=ranked" in ranked and "[RESPONSE 3, rank" in ranked
+    assert "[RESPONSE 4" not in ranked and "[CHOSEN]" not in ranked
+    assert "format=unpaired" in unpaired and "[COMPLETION]" in unpaired
+    assert "[DESIRABLE]" in unpaired and "R«" in unpaired

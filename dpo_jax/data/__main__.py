@@ -4,8 +4,9 @@ The config file's ``get_config()`` returns a ConfigDict with a ``data`` field (a
 is itself a data config; without ``--config`` the default (synthetic) data config is shown.
 Override fields as usual: ``--config.data.max_length=256``.
 
-Prints a few tokenised pairs with the prompt, responses and padding visibly marked, one batch's
-layout, and length / truncation / skip statistics.
+Prints a few tokenised examples (pairs, ranked lists or unpaired completions, as ``data.format``
+says) with the prompt, responses and padding visibly marked, one batch's layout, and length /
+truncation / skip statistics.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dpo_jax.data import build_pipeline, default_data_config, load_tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run or data config file")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "which split to show")
-_NUM = flags.DEFINE_integer("num_examples", 3, "pairs to print")
+_NUM = flags.DEFINE_integer("num_examples", 3, "examples to print")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "global batch size (pairs) for the batch view")
 
 
@@ -51,6 +52,29 @@ def _row_view(tok, ids, mask, seg) -> str:
     return " ".join(out)
 
 
+def _tokens(key: str, value) -> bool:
+    return (isinstance(value, np.ndarray) and value.ndim == 1 and key != "ranks"
+            and np.issubdtype(value.dtype, np.integer))
+
+
+def _print_example(tok, i: int, example: dict) -> None:
+    """One tokenised example of any ``data.format``: a pair (prompt, chosen, rejected), a ranked
+    list (prompt, responses best first with their ranks) or an unpaired completion (prompt,
+    completion, desirable); token arrays decoded, other fields printed as they are."""
+    sizes = ", ".join(f"{k} {len(v)} tok" for k, v in example.items() if _tokens(k, v))
+    print(f"\n-- example {i}: {sizes}")
+    for key, value in example.items():
+        label = f"[{key.upper()}]".ljust(12)
+        if key == "responses":
+            ranks = example.get("ranks", [None] * len(value))
+            for k, (resp, rank) in enumerate(zip(value, ranks)):
+                print(f"[RESPONSE {k}, rank {rank}] {_text(tok, resp)}")
+        elif _tokens(key, value):
+            print(label, _text(tok, value))
+        else:
+            print(label, value.tolist() if isinstance(value, np.ndarray) else value)
+
+
 def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
@@ -58,13 +82,11 @@ def main(argv) -> None:
     tok = None if data_cfg.source == "synthetic" else load_tokenizer(data_cfg.tokenizer)
     pipe = build_pipeline(data_cfg, split=_SPLIT.value, global_batch_size=_BATCH.value,
                           tokenizer=tok)
-    print(f"== source={data_cfg.source} split={_SPLIT.value} pairs={len(pipe.pairs)}")
-    for i, p in enumerate(pipe.pairs[: _NUM.value]):
-        print(f"\n-- pair {i}: prompt {len(p['prompt'])} tok, chosen {len(p['chosen'])}, "
-              f"rejected {len(p['rejected'])}")
-        print("[PROMPT]   ", _text(tok, p["prompt"]))
-        print("[CHOSEN]   ", _text(tok, p["chosen"]))
-        print("[REJECTED] ", _text(tok, p["rejected"]))
+    fmt = data_cfg.get("format", "pairs")
+    print(f"== source={data_cfg.source} format={fmt} split={_SPLIT.value} "
+          f"examples={len(pipe.pairs)}")
+    for i, example in enumerate(pipe.pairs[: _NUM.value]):
+        _print_example(tok, i, example)
     batch = next(pipe)
     R, L = batch["input_ids"].shape
     print(f"\n== first batch: {R} rows x {L}; P = prompt, R«» = scored response, ·×N = padding")
