@@ -22,8 +22,8 @@ each branch then starts at position 0 and its first token is not scored (as unsh
 
 Units are placed by the planner of ``dpo_jax.data.batching`` (one unit per row, or packed
 first-fit-decreasing with ``data.packing``); several units in a row get segment ids 1, 2, ...
-Every scored token carries its sequence slot in ``seq_index`` (response k of pair i ->
-``k * B + i``: chosen slots first, then rejected, the ``[2B]`` layout of the step).
+Every scored token carries its sequence slot in ``seq_index`` (response k = 1..K of pair i ->
+``(k - 1) * B + i``: chosen slots first, then rejected, the ``[2B]`` layout of the step).
 """
 
 from __future__ import annotations
