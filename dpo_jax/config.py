@@ -282,12 +282,13 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
         raise ValueError("loss.ld_alpha (LD-DPO) weights the reference's tokens too, but "
                          "logprobs.precompute_reference=True stores plain sums; set one of them "
                          "off")
+    fmt = config.data.get("format", "pairs")
     if config.data.get("prefix_sharing") and (config.task in ("sft", "reward", "ppo")
-                                              or optim.grad_accum > 1):
+                                              or optim.grad_accum > 1 or fmt != "pairs"):
         raise ValueError(f"data.prefix_sharing=True (one [prompt, chosen, rejected] row per "
-                         f"pair) is read by the DPO step without gradient accumulation; task "
-                         f"{config.task!r}, optim.grad_accum={optim.grad_accum}: set "
-                         "data.prefix_sharing=False")
+                         f"pair) is read by the DPO step on pairs without gradient "
+                         f"accumulation; task {config.task!r}, data.format={fmt!r}, "
+                         f"optim.grad_accum={optim.grad_accum}: set data.prefix_sharing=False")
     _check_data_format(config)
     data = config.data
     if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:

@@ -318,7 +318,7 @@ def test_truncation_and_bad_rows_decided_before_the_layout():
 
 
 @pytest.mark.parametrize("field,value", [("task", "sft"), ("task", "reward"),
-                                         ("optim.grad_accum", 2)])
+                                         ("optim.grad_accum", 2), ("data.format", "ranked")])
 def test_config_refuses_prefix_sharing_where_rows_are_read_one_sequence_each(field, value):
     from dpo_jax.config import base_config, read_config
 
@@ -326,6 +326,8 @@ def test_config_refuses_prefix_sharing_where_rows_are_read_one_sequence_each(fie
     c.data.prefix_sharing = True
     block, _, name = field.rpartition(".")
     (c[block] if block else c)[name] = value
+    if field == "data.format":  # the loss ranked lists train with
+        c.loss.name = "plackett_luce"
     with pytest.raises(ValueError, match="data.prefix_sharing=False"):
         read_config(c)
     c.data.prefix_sharing = False
