@@ -283,12 +283,13 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                          "logprobs.precompute_reference=True stores plain sums; set one of them "
                          "off")
     fmt = config.data.get("format", "pairs")
-    if config.data.get("prefix_sharing") and (config.task in ("sft", "reward", "ppo")
-                                              or optim.grad_accum > 1 or fmt != "pairs"):
-        raise ValueError(f"data.prefix_sharing=True (one [prompt, chosen, rejected] row per "
-                         f"pair) is read by the DPO step on pairs without gradient "
-                         f"accumulation; task {config.task!r}, data.format={fmt!r}, "
-                         f"optim.grad_accum={optim.grad_accum}: set data.prefix_sharing=False")
+    if config.data.get("prefix_sharing") and (
+            config.task in ("sft", "reward", "ppo", "online_dpo") or optim.grad_accum > 1):
+        raise ValueError(f"data.prefix_sharing=True (one row unit [prompt, response_1 .. "
+                         f"response_K] per example) is read by the DPO step (pairs, ranked lists "
+                         f"or unpaired examples) without gradient accumulation; task "
+                         f"{config.task!r}, optim.grad_accum={optim.grad_accum}: set "
+                         f"data.prefix_sharing=False")
     _check_data_format(config)
     data = config.data
     if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:

@@ -318,7 +318,7 @@ def test_truncation_and_bad_rows_decided_before_the_layout():
 
 
 @pytest.mark.parametrize("field,value", [("task", "sft"), ("task", "reward"),
-                                         ("optim.grad_accum", 2), ("data.format", "ranked")])
+                                         ("task", "online_dpo"), ("optim.grad_accum", 2)])
 def test_config_refuses_prefix_sharing_where_rows_are_read_one_sequence_each(field, value):
     from dpo_jax.config import base_config, read_config
 
@@ -326,8 +326,6 @@ def test_config_refuses_prefix_sharing_where_rows_are_read_one_sequence_each(fie
     c.data.prefix_sharing = True
     block, _, name = field.rpartition(".")
     (c[block] if block else c)[name] = value
-    if field == "data.format":  # the loss ranked lists train with
-        c.loss.name = "plackett_luce"
     with pytest.raises(ValueError, match="data.prefix_sharing=False"):
         read_config(c)
     c.data.prefix_sharing = False
@@ -383,3 +381,15 @@ def test_offline_default_quick_run_gives_the_same_eval(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     _assert_same_run(_run_pair(tmp_path, lambda: module.get_config("quick")), rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,loss", [("ranked", "plackett_luce"), ("unpaired", "kto")])
+def test_config_accepts_prefix_sharing_for_ranked_lists_and_unpaired_examples(fmt, loss):
+    """Their pipelines lay each prompt out once with its K responses (tests/test_ranked_data.py
+    checks the step equals the unshared layout's)."""
+    from dpo_jax.config import base_config, read_config
+
+    c = base_config()
+    c.data.update(prefix_sharing=True, format=fmt)
+    c.loss.name = loss
+    assert read_config(c).data.prefix_sharing
