@@ -6,10 +6,15 @@ import tempfile
 # The concurrency-optimised CPU scheduler lets fake devices reach independent collectives in
 # different orders, which deadlocks XLA:CPU's rendezvous on a 2-core machine (seen with FSDP
 # all-gathers inside the layer scan); the plain scheduler keeps them in program order.
+# The tests run tiny models whose XLA compile time dominates their run time: the backend's
+# LLVM optimisation passes are skipped (level 0). They change generated machine code, not
+# the HLO program or its floating-point semantics (XLA:CPU fast-math stays off); benchmarks
+# (experiments/bench) run outside pytest with the default level.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
     + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    + " --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole suite (and its xdist workers): most tests
