@@ -88,7 +88,7 @@ def test_isolated_configuration_runs_in_its_own_process(tmp_path):
     import jax
 
     a = argparse.Namespace(preset="tiny-gpt2", pairs=2, prompt=8, response=8, steps=1, warmup=0,
-                           abstract=False, isolate_timeout=300)
+                           abstract=False, isolate_timeout=300, scored_steps_per_octave=1)
     row = bench.run_isolated(a, "same_math", CEILINGS)
     assert row["config"] == "same_math" and "error" not in row, row
     assert row["backend"] == jax.default_backend() and row["first_loss"] > 0
