@@ -52,7 +52,6 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPai
     sizes), and for eval ``eval_pairs_in_train`` / ``eval_prompts_in_train``: how many eval
     pairs (prompts) the train split also holds, logged as a warning when pairs are shared."""
     from dpo_jax.data.checks import check_scored_pair
-    from dpo_jax.data.sources import select_split, shared_with_train
 
     if cfg.get("format", "pairs") != "pairs":  # ranked lists / unpaired completions
         from dpo_jax.data.ranked import load_tokenised_items
@@ -85,14 +84,8 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPai
             stats["eval_prompts_in_train"] = len({p["prompt"].tobytes() for p in pairs}
                                                  & train_prompts)
     else:
-        raw, stats["split"] = select_split(cfg, split, bad)
-        tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-        encoder = PairTokenizer(tok, cfg)
-        pairs, kept_at = encoder.encode(raw, bad)
-        stats["tokenisation"] = encoder.stats.as_dict()
-        if split == "eval":
-            stats["eval_pairs_in_train"], stats["eval_prompts_in_train"] = shared_with_train(
-                cfg, [raw[i] for i in kept_at])
+        pairs, stats = encode_text_split(cfg, split, bad, tokenizer,
+                                         lambda encoder, raw: encoder.encode(raw, bad))
     if not pairs:
         raise DataError(f"no usable pairs in split {split!r}", file=cfg.path or cfg.source)
     if stats.get("eval_pairs_in_train"):
@@ -105,6 +98,26 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPai
     stats["bad_rows_skipped"] = dict(bad.counts)
     stats["lengths"] = length_summary(pairs)
     return pairs, stats
+
+
+def encode_text_split(cfg, split: str, bad: BadRows, tokenizer, encode):
+    """A text source's split, for every ``data.format``: its raw rows (``select_split``)
+    tokenised by ``encode(encoder, raw) -> (items, kept_at)`` with a ``PairTokenizer`` over
+    ``tokenizer`` (loaded from ``cfg.tokenizer`` when None), ``kept_at`` the raw index of each
+    item. Returns ``(items, stats)``: ``split``, ``tokenisation`` and, for eval, the overlap
+    with the train split (``eval_pairs_in_train``, ``eval_prompts_in_train``)."""
+    from dpo_jax.data.sources import select_split, shared_with_train
+
+    stats: dict[str, Any] = {}
+    raw, stats["split"] = select_split(cfg, split, bad)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    encoder = PairTokenizer(tok, cfg)
+    items, kept_at = encode(encoder, raw)
+    stats["tokenisation"] = encoder.stats.as_dict()
+    if split == "eval":
+        stats["eval_pairs_in_train"], stats["eval_prompts_in_train"] = shared_with_train(
+            cfg, [raw[i] for i in kept_at])
+    return items, stats
 
 
 def load_mixture_pairs(cfg, split: str, tokenizer=None

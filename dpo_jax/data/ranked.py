@@ -204,8 +204,8 @@ def load_tokenised_items(cfg, split: str, tokenizer=None) -> tuple[list[Item], d
     tokenised items and the stats of getting them (``lengths``, ``bad_rows_skipped``,
     ``tokenisation`` and ``split`` for text sources, ``eval_pairs_in_train`` /
     ``eval_prompts_in_train`` for eval)."""
-    from dpo_jax.data.sources import select_split, shared_with_train
-    from dpo_jax.data.tokenize import PairTokenizer, length_summary, load_tokenizer
+    from dpo_jax.data.pipeline import encode_text_split
+    from dpo_jax.data.tokenize import length_summary
     from dpo_jax.data.unpaired import checked_unpaired
 
     fmt = cfg.format
@@ -225,29 +225,25 @@ def load_tokenised_items(cfg, split: str, tokenizer=None) -> tuple[list[Item], d
             except DataError as e:
                 bad.handle(e)
     else:
-        raw, stats["split"] = select_split(cfg, split, bad)
-        tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-        encoder = PairTokenizer(tok, cfg)
-        built: list[Item] = []
+        def encode(encoder, raw):
+            built: list[Item] = []
 
-        def check(prompt, responses, item):
-            kw = {"end_ids": encoder.end_ids, "is_blank": encoder.is_blank, "file": item.file,
-                  "row": item.row}
-            if fmt == "unpaired":
-                out = checked_unpaired({"prompt": prompt, "completion": responses[0],
-                                        "desirable": item.label}, **kw)
-            else:
-                out = _checked_list(prompt, responses, item.scores, **kw)
-            if item.weight != 1.0:
-                out["weight"] = np.asarray(item.weight, np.float32)
-            built.append(out)
+            def check(prompt, responses, item):
+                kw = {"end_ids": encoder.end_ids, "is_blank": encoder.is_blank,
+                      "file": item.file, "row": item.row}
+                if fmt == "unpaired":
+                    out = checked_unpaired({"prompt": prompt, "completion": responses[0],
+                                            "desirable": item.label}, **kw)
+                else:
+                    out = _checked_list(prompt, responses, item.scores, **kw)
+                if item.weight != 1.0:
+                    out["weight"] = np.asarray(item.weight, np.float32)
+                built.append(out)
 
-        _, kept_at = encoder.encode_lists(raw, bad, check)
-        items = built
-        stats["tokenisation"] = encoder.stats.as_dict()
-        if split == "eval":
-            stats["eval_pairs_in_train"], stats["eval_prompts_in_train"] = shared_with_train(
-                cfg, [raw[i] for i in kept_at])
+            _, kept_at = encoder.encode_lists(raw, bad, check)
+            return built, kept_at
+
+        items, stats = encode_text_split(cfg, split, bad, tokenizer, encode)
     if not items:
         raise DataError(f"no usable {fmt} items in split {split!r}", file=cfg.path or cfg.source)
     stats["bad_rows_skipped"] = dict(bad.counts)
