@@ -161,7 +161,7 @@ def dp_step():
                                                helpers.mesh(MESHES["dp"]))
 
 
-@pytest.mark.parametrize("mesh_name", ["fsdp", "mixed"])
+@pytest.mark.parametrize("mesh_name", [pytest.param("fsdp", marks=pytest.mark.slow), "mixed"])
 def test_lora_step_on_every_mesh_shards_the_frozen_base(dp_step, mesh_name):
     model, base, adapters, b, want = dp_step
     got = _one_step(model, base, adapters, b, helpers.loss_config(beta=0.5),
@@ -171,7 +171,8 @@ def test_lora_step_on_every_mesh_shards_the_frozen_base(dp_step, mesh_name):
     assert "fsdp" in jax.tree.leaves(tuple(embed))  # FSDP shards the frozen base too
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
+@pytest.mark.parametrize("loss", ["sigmoid"] + [pytest.param(x, marks=pytest.mark.slow)
+                                            for x in ("ipo", "simpo")])
 def test_gradient_accumulation_equals_the_big_batch(loss):
     model = lora_model()
     base, adapters, b = helpers.init_params(model), trained_adapters(model), batch()

@@ -35,7 +35,7 @@ def final_adapters(config, workdir):
     return ckpt_lib.restore_params(str(workdir), like)
 
 
-@pytest.mark.parametrize("task", ["dpo", "sft"])
+@pytest.mark.parametrize("task", ["dpo", pytest.param("sft", marks=pytest.mark.slow)])
 def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path, task):
     """With adapter dropout (masks drawn from the step), killed after step 3 (checkpoint at 2):
     the rerun ends with the same adapters, bit for bit, and the same metrics log."""

@@ -213,7 +213,7 @@ MESHES = {"dp": {"data": 8, "fsdp": 1, "tensor": 1}, "fsdp": {"data": 1, "fsdp":
           "mixed": {"data": 2, "fsdp": 2, "tensor": 2}}
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("mesh_name", [m if m == "mixed" else pytest.param(m, marks=pytest.mark.slow) for m in MESHES])
 def test_train_step_on_every_mesh(mesh_name):
     """One SGD step (lr 1, so the update is the gradient) with the online reference forward:
     loss, metrics and updated parameters equal on meshes (8,1,1), (1,8,1), (2,2,2)."""
@@ -225,7 +225,8 @@ def test_train_step_on_every_mesh(mesh_name):
     _assert_same_step(*steps)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid_norm", "ipo", "simpo"])
+@pytest.mark.parametrize("loss", ["sigmoid_norm"] + [pytest.param(x, marks=pytest.mark.slow)
+                                                     for x in ("ipo", "simpo")])
 def test_train_step_packed_rows_and_length_normalised_losses(loss):
     """Packed rows in both layouts (several units per shared row), length-normalised losses."""
     model = helpers.tiny_model()

@@ -203,7 +203,7 @@ def test_ranked_step_matches_numpy_plackett_luce():
     np.testing.assert_allclose(metrics["loss"], want.mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("mesh_name", [m if m == "mixed" else pytest.param(m, marks=pytest.mark.slow) for m in MESHES])
 def test_ranked_step_on_every_mesh_and_accumulated(mesh_name):
     model, params, ref_params, batch_np = _ranked_setup()
     loss_cfg = helpers.loss_config("plackett_luce", beta=0.5)
@@ -219,7 +219,7 @@ def test_ranked_step_on_every_mesh_and_accumulated(mesh_name):
     assert helpers.global_norm(diff) < 1e-5 * helpers.global_norm(update)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("mesh_name", [m if m == "mixed" else pytest.param(m, marks=pytest.mark.slow) for m in MESHES])
 def test_kto_step_matches_numpy_on_every_mesh(mesh_name):
     """KTO through the step on a pair dataset split into unpaired rows equals the numpy loss
     on the step's own log-probs, with z0 from the mismatched (previous example's) completions."""
