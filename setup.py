@@ -27,6 +27,9 @@ setup(
         "huggingface_hub>=0.23",
         "matplotlib>=3.8",  # frontier.png of the IMDb experiment
         "beautifulsoup4>=4.12",  # the se source cleans StackExchange HTML as the paper's code
+        # transformers imports it lazily, only when a chat template is applied
+        # (data/tokenize.py: tokenizer.apply_chat_template); not among its own requirements
+        "jinja2>=3.1",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

@@ -160,6 +160,13 @@ def short_run(steps: int):
     return apply
 
 
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """The offline default as a config file: ``python -m dpo_jax.main`` loads this file when no
+    ``--config`` is given, so ``--config.FIELD=...`` overrides work with or without it.
+    Variants as ``configs/default.py`` (``quick``)."""
+    return apply_variants(base_config(), arg, {"quick": short_run(60)}, "the offline default")
+
+
 # ----------------------------------------------------------------------------- reading
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -263,6 +270,22 @@ def _check_data_format(config) -> None:
                          "data.format='unpaired' (a pair source is split into unpaired rows)")
 
 
+def _check_tokenizer(config) -> None:
+    """Text sources need a tokenizer: ``data.tokenizer``, else the model directory
+    ``model.hf_path``. Only the synthetic task (single source or every mixture source) is
+    tokenised already. ValueError naming both fields otherwise."""
+    d = config.data
+    sources = [s.get("source", d.source) if hasattr(s, "get") else d.source
+               for s in (d.get("sources") or [])] or [d.source]
+    text = sorted({str(s) for s in sources if s != "synthetic"})
+    if text and not d.tokenizer and not config.model.hf_path:
+        raise ValueError(
+            f"data.source {', '.join(map(repr, text))} is text and needs a tokenizer, but "
+            f"data.tokenizer and model.hf_path are both empty: set data.tokenizer=DIR_OR_HUB_NAME "
+            f"(its vocabulary must fit the model's) or model.hf_path=HF_MODEL_DIR (the tokenizer "
+            f"then comes from that directory), or keep data.source='synthetic'")
+
+
 def read_config(config: ml_collections.ConfigDict) -> RunConfig:
     """The frozen view of ``config`` that tasks consume. Raises ValueError for bad values."""
     t = config.train
@@ -292,6 +315,7 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                          f"data.prefix_sharing=False")
     _check_data_format(config)
     data = config.data
+    _check_tokenizer(config)
     if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:
         # The tokenizer comes from the model's directory unless the config names another.
         data = ml_collections.ConfigDict(data.to_dict())

@@ -18,8 +18,12 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_F
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (optionally :variant).",
-                                          lock_config=True)
+# The default is the offline default's own file (dpo_jax/config.py:get_config), so field
+# overrides such as --config.loss.beta=0.5 exist with or without --config=.
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Config file (optionally :variant); default: the offline default.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, metrics.")
 # Multi-host (see dpo_jax/distributed.py and docs/scale.md): TPU pods and SLURM are detected;
 # elsewhere give all three (or DPO_JAX_COORDINATOR / DPO_JAX_NUM_PROCESSES / DPO_JAX_PROCESS_ID).
@@ -50,10 +54,9 @@ def main(argv):
     distributed.initialize(distributed.plan_initialization(
         os.environ, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
 
-    from dpo_jax.config import base_config
     from dpo_jax.tasks import get_task
 
-    config = _CONFIG.value if _CONFIG.value is not None else base_config()
+    config = _CONFIG.value
     workdir = _WORKDIR.value or "runs/default"
     logging.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                  jax.process_count())

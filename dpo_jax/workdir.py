@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 
+from dpo_jax.config import read_config
+
 CONFIG = "config.json"
 HISTORY = "config_history.jsonl"
 SUMMARY = "summary.json"
@@ -241,11 +243,14 @@ def write_summary(run: RunDir, summary: dict) -> None:
 
 def task(fn: Callable[..., dict]) -> Callable[..., dict]:
     """Make ``fn(config, run: RunDir, **kwargs) -> summary`` the task function
-    ``(config, workdir, **kwargs) -> summary``: the workdir is opened and accepted first
-    (:func:`open_run`), and a finished run's summary is returned without calling ``fn``."""
+    ``(config, workdir, **kwargs) -> summary``: the config is read and checked first
+    (``config.read_config``: a bad or missing field raises ValueError naming it, before anything
+    is written), then the workdir is opened and accepted (:func:`open_run`), and a finished run's
+    summary is returned without calling ``fn``."""
 
     @functools.wraps(fn)
     def run_task(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
+        read_config(config)
         with open_run(config, workdir) as run:
             return run.summary if run.finished else fn(config, run, **kwargs)
 

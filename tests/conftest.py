@@ -36,11 +36,19 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "imdb_data: needs the real IMDb parquet files")
+    config.addinivalue_line("markers", "torch: compares against PyTorch (transformers, peft); "
+                                       "skips without torch. Every test of a module that "
+                                       "imports torch at module level carries it: .ci/run "
+                                       "reruns `-m torch` after installing the parity extras")
     config.addinivalue_line("markers", "slow: end-to-end test of 20 s or more; runs with "
                                        "--run-slow")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and "torch" in vars(module):
+            item.add_marker(pytest.mark.torch)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow end-to-end test: run with --run-slow")

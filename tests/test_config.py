@@ -32,3 +32,52 @@ def test_optional_fields_are_typed_for_command_line_overrides():
     c.model.overrides.n_layer = 4
     with pytest.raises(TypeError):
         c.model.overrides.n_layer = "four"
+
+
+def _main_config(*args):
+    """The config ``python -m dpo_jax.main ARGS`` would run, parsed by main's own flags in a
+    fresh process (absl flags are process-global); nothing is trained."""
+    import json
+    import subprocess
+    import sys
+    code = ("import json, sys; from absl import flags; import dpo_jax.main as m; "
+            "flags.FLAGS(sys.argv); print(json.dumps(m._CONFIG.value.to_dict()))")
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_field_overrides_work_with_and_without_config_flag():
+    import json
+    from dpo_jax.config import base_config
+    plain = _main_config()
+    assert plain == json.loads(json.dumps(base_config().to_dict()))  # the offline default
+    over = _main_config("--config.loss.beta=0.5", "--config.train.batch_size=16",
+                        "--config.data.max_length=128")
+    assert (over["loss"]["beta"], over["train"]["batch_size"], over["data"]["max_length"]) == (
+        0.5, 16, 128)
+    assert {k: v for k, v in over.items() if k not in ("loss", "train", "data")} == {
+        k: v for k, v in plain.items() if k not in ("loss", "train", "data")}
+    quick = _main_config("--config=configs/default.py:quick", "--config.optim.lr=0.01")
+    assert (quick["train"]["steps"], quick["optim"]["lr"]) == (60, 0.01)
+
+
+@pytest.mark.parametrize("data", [
+    {"source": "hh"},
+    {"source": "generic", "path": "pairs.jsonl"},
+    {"sources": [{"source": "hh", "path": "a.jsonl"}, {"source": "tldr", "path": "b.jsonl"}]},
+])
+def test_a_text_source_without_a_tokenizer_is_named_before_the_workdir_is_written(tmp_path,
+                                                                                  data):
+    from dpo_jax.config import base_config, read_config
+    from dpo_jax.train import train_and_evaluate
+    c = base_config()
+    for k, v in data.items():
+        c.data[k] = v
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"needs a tokenizer.*data\.tokenizer.*model\.hf_path"):
+        train_and_evaluate(c, str(workdir))
+    assert not workdir.exists()
+    c.data.tokenizer = "some/tokenizer"  # named: the check passes (loading is the pipeline's)
+    assert read_config(c).data.tokenizer == "some/tokenizer"

@@ -132,6 +132,7 @@ def test_schedule_follows_the_papers_warmup():
     assert float(schedule(1150)) == pytest.approx(0.0, abs=1e-15)
 
 
+@pytest.mark.torch
 def test_rmsprop_matches_pytorch_as_the_paper_ran_it():
     torch = pytest.importorskip("torch")
     c = base_config()
