@@ -118,7 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.temperature = 1.0  # sampler temperature (0 = greedy)
     c.eval.top_k = 0  # keep the k most likely tokens (0 = all)
     c.eval.top_p = 1.0  # nucleus mass kept
-    c.eval.eos_id = 0  # the tokenizer's EOS (0 in the synthetic task)
+    # token ids that end a sample: () = the data's end tokens (data.tokenizer's chat-template turn
+    # end and EOS, the tokens responses are trained to end with; synthetic: 0); or e.g. (2, 7)
+    c.eval.stop_ids = ()
     c.eval.pad_id = 0  # pad id of sampled rows
     # judge for samples/reward and eval/win_rate (vs the reference, ties half): '' = none,
     # 'synthetic' (the synthetic task's true reward) or a task='reward' run's workdir
@@ -135,6 +137,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
     c.mesh.rules = [list(r) for r in sharding.DEFAULT_RULES]  # logical -> mesh axis
     return c
+
+
+def data_block(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config.data`` with its tokenizer resolved: ``model.hf_path`` (the model's directory)
+    when a text source names none (a copy then; else ``config.data`` itself)."""
+    data = config.data
+    if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:
+        data = ml_collections.ConfigDict(data.to_dict())
+        data.tokenizer = config.model.hf_path
+    return data
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str, variants: dict, source: str):
@@ -314,12 +326,8 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                          f"{config.task!r}, optim.grad_accum={optim.grad_accum}: set "
                          f"data.prefix_sharing=False")
     _check_data_format(config)
-    data = config.data
     _check_tokenizer(config)
-    if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:
-        # The tokenizer comes from the model's directory unless the config names another.
-        data = ml_collections.ConfigDict(data.to_dict())
-        data.tokenizer = config.model.hf_path
+    data = data_block(config)
     m = config.model
     return RunConfig(
         task=config.task, seed=int(config.seed), model=model_config_from(m),

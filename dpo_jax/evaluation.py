@@ -7,9 +7,12 @@ the run's KV-cache sampler (one jitted program, batch-sharded over the run's mes
 and appends ``{"step", "model", "prompt", "completion", "reward"}`` rows to
 ``WORKDIR/samples.jsonl`` and the text to TensorBoard (``tb/samples``). The reference's
 completions (the model the run starts from) are drawn once, at construction, and written at
-step 0. Returned metrics (the loop logs them as ``eval/...``):
+step 0. The prompts are the eval split's training prompts (the same tokens). Returned metrics (the loop logs them as ``eval/...``):
 
-* ``samples/length``: mean generated tokens per completion (EOS included);
+* ``samples/length``: mean generated tokens per completion, through the first stop token
+  (``eval.stop_ids``, by default the data's end tokens; nothing after it is counted or scored);
+* ``samples/truncated``: the fraction of completions that ran to ``eval.max_new_tokens``
+  without a stop token (each row of ``samples.jsonl`` says it too: ``"stopped": false``);
 * ``samples/reward``, ``samples/reference_reward``: mean judge score of the policy's and the
   reference's completions (only with a judge);
 * ``win_rate``, ``win_rate_se``: the fraction of prompts where the policy's completion scores
@@ -33,6 +36,8 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import sharding as shard_lib
+from dpo_jax.config import base_config, data_block
+from dpo_jax.data.prompts import stop_ids
 from dpo_jax.data.synthetic import SyntheticTask
 from dpo_jax.ppo.rewards import to_host
 from dpo_jax.sampling import Samples, SamplingConfig, generate
@@ -50,10 +55,10 @@ class EvalConfig:
 
 
 def read_eval(config: ml_collections.ConfigDict) -> EvalConfig:
-    """The frozen ``eval`` block; a config without one samples nothing. Raises ValueError when
-    ``eval.sample_every`` is not a multiple of ``train.eval_every`` (samples are drawn at
-    evaluation points) or a count is negative."""
-    from dpo_jax.config import base_config
+    """The frozen ``eval`` block; a config without one samples nothing. The sampler stops at
+    ``eval.stop_ids``, or when empty at the data's end tokens (``data.prompts.stop_ids``).
+    Raises ValueError when ``eval.sample_every`` is not a multiple of ``train.eval_every``
+    (samples are drawn at evaluation points) or a count is negative."""
 
     e = config.get("eval") or base_config().eval
     every, n = int(e.sample_every or 0), int(e.sample_prompts)
@@ -69,7 +74,9 @@ def read_eval(config: ml_collections.ConfigDict) -> EvalConfig:
         sample_every=every, sample_prompts=n, seed=int(e.seed),
         sampling=SamplingConfig(max_new_tokens=int(e.max_new_tokens),
                                 temperature=float(e.temperature), top_k=int(e.top_k),
-                                top_p=float(e.top_p), eos_id=int(e.eos_id), pad_id=int(e.pad_id)),
+                                top_p=float(e.top_p), pad_id=int(e.pad_id),
+                                stop_ids=stop_ids(data_block(config), e.get("stop_ids", ())
+                                                  ) if every else ()),
         judge=str(e.judge))
 
 
@@ -118,7 +125,8 @@ def global_rows(x_np: np.ndarray, mesh) -> jax.Array:
 
 
 def completions(samples: Samples, n: int) -> list[np.ndarray]:
-    """The generated tokens (EOS included) of the first ``n`` rows, on the host."""
+    """The generated tokens (through the first stop token, included) of the first ``n`` rows,
+    on the host."""
     tokens, mask = to_host(samples.tokens_BT), to_host(samples.completion_mask_BT)
     return [tokens[i][mask[i] > 0] for i in range(n)]
 
@@ -134,9 +142,10 @@ def token_decoder(data_cfg) -> Callable[[list[int]], str]:
     return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
 
 
-def build_judge(judge: str, config: ml_collections.ConfigDict, mesh, eos_id: int):
+def build_judge(judge: str, config: ml_collections.ConfigDict, mesh, stop_ids):
     """The reward function ``judge`` names: '' -> None, 'synthetic' -> the synthetic task's
-    true reward, else a ``task='reward'`` run's workdir (its model restored on ``mesh``)."""
+    true reward, else a ``task='reward'`` run's workdir (its model restored on ``mesh``; a
+    completion cut at the length bound is scored with ``stop_ids[0]`` appended)."""
     from dpo_jax.ppo import rewards
 
     if not judge:
@@ -148,7 +157,7 @@ def build_judge(judge: str, config: ml_collections.ConfigDict, mesh, eos_id: int
                          "run's workdir (no config.json there); pass any other judge as a "
                          "function (judge=)")
     return rewards.reward_model_from_run(judge, mesh, tuple(tuple(r) for r in config.mesh.rules),
-                                         eos_id)
+                                         stop_ids)
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -182,7 +191,8 @@ class SampleEvaluator:
                            self.cfg.sampling)
         n = len(self.prompts)
         out = {"completions": completions(samples, n),
-               "lengths": to_host(samples.lengths_B)[:n].astype(np.float64)}
+               "lengths": to_host(samples.lengths_B)[:n].astype(np.float64),
+               "stopped": to_host(samples.stopped_B)[:n].astype(bool)}
         out["scores"] = (to_host(self.judge(samples))[:n].astype(np.float64)
                          if self.judge is not None else None)
         return out
@@ -195,7 +205,8 @@ class SampleEvaluator:
         """Samples of ``state``'s policy: written, and their metrics returned."""
         step = int(jax.device_get(state.step))
         drawn = self._draw(self.params_of(state))
-        metrics = {"samples/length": float(drawn["lengths"].mean())}
+        metrics = {"samples/length": float(drawn["lengths"].mean()),
+                   "samples/truncated": float(1.0 - drawn["stopped"].mean())}
         if drawn["scores"] is not None:
             metrics["samples/reward"] = float(drawn["scores"].mean())
             metrics["samples/reference_reward"] = float(self.reference["scores"].mean())
@@ -209,7 +220,8 @@ class SampleEvaluator:
         rows = []
         for i, (prompt, completion) in enumerate(zip(self.prompts, drawn["completions"])):
             row = {"step": step, "model": model, "prompt": self.decode(prompt.tolist()),
-                   "completion": self.decode(completion.tolist())}
+                   "completion": self.decode(completion.tolist()),
+                   "stopped": bool(drawn["stopped"][i])}
             if drawn["scores"] is not None:
                 row["reward"] = float(drawn["scores"][i])
             rows.append(row)
@@ -250,6 +262,7 @@ class SampleEvaluator:
 
 def _markdown(rows: list[dict]) -> str:
     return "\n\n".join(f"**{r['prompt']}** -> {r['completion']}"
+                       + ("" if r.get("stopped", True) else " [no stop token: max_new_tokens]")
                        + (f" (reward {r['reward']:.3f})" if "reward" in r else "") for r in rows)
 
 
@@ -270,7 +283,7 @@ def sample_evaluator(config: ml_collections.ConfigDict, *, workdir: str, model, 
         prompts = load_prompts("eval", prompt_file="", eval_prompt_file="", max_prompts=0,
                                data_cfg=data_cfg)
     if judge is None:
-        judge = build_judge(cfg.judge, config, mesh, cfg.sampling.eos_id)
+        judge = build_judge(cfg.judge, config, mesh, cfg.sampling.stop_ids)
     return SampleEvaluator(cfg, workdir=workdir, model=model, mesh=mesh, prompts=prompts,
                            reference_params=reference_params, total_steps=total_steps,
                            decode=token_decoder(data_cfg), judge=judge, params_of=params_of)

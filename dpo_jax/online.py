@@ -26,7 +26,8 @@ stream's position is the ``data`` item.
 
 Metrics per step, besides the DPO step's: ``online/reward`` (mean score of all samples),
 ``online/reward_chosen`` / ``online/reward_rejected``, ``online/length`` (mean completion
-tokens), ``online/ties`` (fraction of prompts dropped as ties; ``online/ties_total`` since the
+tokens, through the first stop token: ``online.stop_ids``, by default the data's end tokens),
+``online/truncated`` (fraction of completions that ran to ``max_new_tokens`` without one), ``online/ties`` (fraction of prompts dropped as ties; ``online/ties_total`` since the
 start), ``online/pair_tokens`` (real tokens of the step's pairs, prompt counted twice, ties
 included: what the policy and reference forwards of the DPO step process), ``objective/kl`` (mean over samples of the summed ``log pi - log pi_ref`` of the sampled
 tokens, from the sampler's log-probs and one reference forward; only when the loss reads a
@@ -54,11 +55,11 @@ from dpo_jax import losses as losses_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax import streams
-from dpo_jax.config import read_config
+from dpo_jax.config import data_block, read_config
 from dpo_jax.data import batching
-from dpo_jax.data.prompts import PromptStream, load_prompts
+from dpo_jax.data.prompts import PromptStream, load_prompts, stop_ids
 from dpo_jax.models import Model
-from dpo_jax.sampling import SamplingConfig, generate, score_tokens, sequence_mask
+from dpo_jax.sampling import SamplingConfig, completion_kl, generate
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, task
 
@@ -79,9 +80,13 @@ def default_online_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0  # sampler temperature (> 0: pairs need distinct completions)
     c.top_k = 0  # keep the k most likely tokens (0 = all)
     c.top_p = 1.0  # nucleus mass kept
-    c.eos_id = 0  # the tokenizer's EOS (0 in the synthetic task)
+    # token ids that end a completion: () = the data's end tokens (data.tokenizer's chat-template
+    # turn end and EOS, as responses are trained to end; synthetic: 0); or e.g. (2, 7)
+    c.stop_ids = ()
     c.pad_id = 0  # pad id of prompts and sampled rows
-    c.prompt_file = ""  # jsonl rows with prompt_ids or prompt ('' = prompts of data's train split)
+    # jsonl rows with prompt_ids or prompt (text or messages: tokenised as training prompts);
+    # '' = the prompts of data's train split
+    c.prompt_file = ""
     c.max_prompts = 0  # cap on training prompts (0 = all)
     c.prompt_width = 0  # padded prompt length P (0 = the longest prompt)
     return c
@@ -101,7 +106,8 @@ class OnlineConfig:
 
 
 def read_online(config: ml_collections.ConfigDict) -> OnlineConfig:
-    """The frozen ``online`` block. Raises ValueError for k < 2, a greedy sampler (every
+    """The frozen ``online`` block; the sampler stops at ``online.stop_ids``, or when empty at
+    the data's end tokens (``dpo_jax.data.prompts.stop_ids``). Raises ValueError for k < 2, a greedy sampler (every
     completion of a prompt would be the same: all ties), negative iterations or a number of
     rounds that does not divide ``train.steps``."""
     o = config.online
@@ -118,7 +124,8 @@ def read_online(config: ml_collections.ConfigDict) -> OnlineConfig:
         reward=str(o.reward), samples_per_prompt=k, iterations=n,
         sampling=SamplingConfig(max_new_tokens=int(o.max_new_tokens),
                                 temperature=float(o.temperature), top_k=int(o.top_k),
-                                top_p=float(o.top_p), eos_id=int(o.eos_id), pad_id=int(o.pad_id)),
+                                top_p=float(o.top_p), pad_id=int(o.pad_id),
+                                stop_ids=stop_ids(data_block(config), o.get("stop_ids", ()))),
         prompt_file=str(o.prompt_file), max_prompts=int(o.max_prompts),
         prompt_width=int(o.prompt_width))
 
@@ -242,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
     needs_ref = losses_lib.needs_reference(loss_cfg)
     mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(rc, model,
                                                                        reference=needs_ref)
-    reward_fn = reward_fn or evaluation.build_judge(oc.reward, config, mesh, oc.sampling.eos_id)
+    reward_fn = reward_fn or evaluation.build_judge(oc.reward, config, mesh, oc.sampling.stop_ids)
     samples_eval = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
         reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps)
@@ -272,11 +279,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
         ids, lengths = jnp.repeat(ids_BP, k, axis=0), jnp.repeat(lengths_B, k, axis=0)
         return generate(model, params, ids, lengths, rng, cfg), lengths
 
-    @jax.jit
-    def sequence_kl(ref_params, samples, lengths_N):
-        ref_logps = score_tokens(model, ref_params, samples.tokens_BT,
-                                 sequence_mask(samples, lengths_N))
-        return jnp.mean(jnp.sum((samples.logps_BT - ref_logps) * samples.completion_mask_BT, 1))
+    sequence_kl = jax.jit(lambda ref, samples, lengths_N: jnp.mean(
+        completion_kl(model, ref, samples, lengths_N)))
 
     progress = OnlineProgress()
     rounds = (RoundPolicy(run.file("rounds"), rc.train.steps // oc.iterations, shardings)
@@ -304,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
                    "online/reward_chosen": float(np.mean(chosen_B)),
                    "online/reward_rejected": float(np.mean(rejected_B)),
                    "online/length": float(np.mean(evaluation.to_host(samples.lengths_B))),
+                   "online/truncated": float(1.0 - np.mean(evaluation.to_host(samples.stopped_B))),
                    "online/ties": ties / len(weight_B),
                    "online/round": float(step // (rc.train.steps // oc.iterations)
                                          if oc.iterations else 0)}

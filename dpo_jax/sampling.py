@@ -2,8 +2,13 @@
 
 Why a fixed-length ``lax.scan`` rather than a host loop: the whole generation is one XLA program
 (compiled once per (batch, prompt length, config)), it shards over the batch like any other
-batch computation, and no step waits on the host. Rows that emitted EOS keep running but emit
-``pad_id`` with mask 0; the cost is the same fixed ``max_new_tokens`` steps for every batch.
+batch computation, and no step waits on the host. A row stops at the first token in
+``SamplingConfig.stop_ids`` (the data's end tokens: ``dpo_jax.data.prompts.stop_ids``); rows that
+stopped keep running but emit ``pad_id`` with mask 0; the cost is the same fixed
+``max_new_tokens`` steps for every batch. The completion of a row is its generated tokens up to
+and including its first stop token (``completion_mask_BT``, ``lengths_B``): lengths, log-probs,
+KL and rewards read only those; ``stopped_B`` says whether a row stopped or ran to
+``max_new_tokens``.
 
 Prompts are right-padded ``[B, P]`` with per-row lengths. The prefill runs all prompt tokens with
 segment ids (0 = padding); then each row feeds its own next token at its own position, so rows
@@ -28,14 +33,22 @@ from dpo_jax.models.model import Model, Params, project
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How tokens are drawn. temperature=0 is greedy (argmax; top-k/top-p then irrelevant)."""
+    """How tokens are drawn. temperature=0 is greedy (argmax; top-k/top-p then irrelevant).
+
+    ``stop_ids``: the token ids that end a completion (any of them; ``()`` = none, every row runs
+    to ``max_new_tokens``). Runs take them from the data (``dpo_jax.data.prompts.stop_ids``:
+    the end tokens the pair tokenizer appends to responses). A list is stored as a tuple."""
 
     max_new_tokens: int
     temperature: float = 1.0
     top_k: int = 0  # keep the k most likely tokens (0 = all)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
-    eos_id: int = 0
+    stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
+
+    def __post_init__(self):
+        ids = (self.stop_ids,) if isinstance(self.stop_ids, int) else self.stop_ids
+        object.__setattr__(self, "stop_ids", tuple(int(t) for t in ids))
 
 
 @flax.struct.dataclass
@@ -43,9 +56,10 @@ class Samples:
     """Prompt + completion per row, completions placed right after each row's own prompt."""
 
     tokens_BT: jax.Array  # int32 [B, P + max_new_tokens], right-padded with pad_id
-    completion_mask_BT: jax.Array  # float32: 1 at generated tokens up to and including EOS
+    completion_mask_BT: jax.Array  # float32: 1 at generated tokens up to and including the stop
     logps_BT: jax.Array  # float32: untempered log p(token | prefix) at generated tokens, else 0
-    lengths_B: jax.Array  # int32: generated tokens per row (EOS included)
+    lengths_B: jax.Array  # int32: generated tokens per row (the stop token included)
+    stopped_B: jax.Array | None = None  # bool: the row ended on a stop id (else max_new_tokens)
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -86,7 +100,8 @@ def _place(row_T: jax.Array, values_N: jax.Array, start: jax.Array) -> jax.Array
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def generate(model: Model, params: Params, prompt_ids_BP: jax.Array, prompt_lengths_B: jax.Array,
              rng: jax.Array, cfg: SamplingConfig) -> Samples:
-    """Sample ``cfg.max_new_tokens`` tokens (or until EOS) after each right-padded prompt.
+    """Sample ``cfg.max_new_tokens`` tokens (or through the first of ``cfg.stop_ids``) after
+    each right-padded prompt ``prompt_ids_BP`` int [B, P] with ``prompt_lengths_B`` int [B].
 
     Jitted with ``model`` and ``cfg`` static; also traceable inside a caller's jit, where
     batch-sharded inputs give batch-sharded outputs (the same numbers as unsharded: every
@@ -106,6 +121,7 @@ def generate(model: Model, params: Params, prompt_ids_BP: jax.Array, prompt_leng
     w_VD, b_V = model.unembedding(params, caller_applies_softcap=True)
     cap = model.cfg.final_logit_softcap
     in_prompt_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
+    stop_S = jnp.asarray(cfg.stop_ids, jnp.int32)
 
     cache = model.init_cache(B, T)
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -121,7 +137,8 @@ def generate(model: Model, params: Params, prompt_ids_BP: jax.Array, prompt_leng
         live_B = ~done_B
         token_B = jnp.where(live_B, token_B, cfg.pad_id)
         logp_B = jnp.where(live_B, logp_B, 0.0)
-        done_B = done_B | (live_B & (token_B == cfg.eos_id))
+        if cfg.stop_ids:
+            done_B = done_B | (live_B & jnp.any(token_B[:, None] == stop_S[None, :], axis=1))
         return token_B, logp_B, live_B, done_B
 
     keys = jax.random.split(rng, N)
@@ -138,7 +155,7 @@ def generate(model: Model, params: Params, prompt_ids_BP: jax.Array, prompt_leng
         token_B, logp_B, live_B, done_B = emit(logits_BV, key, done_B)
         return (cache, token_B, live_B, done_B), (token_B, logp_B, live_B)
 
-    _, (toks_NB, logps_NB, live_NB) = jax.lax.scan(
+    (_, _, _, done_B), (toks_NB, logps_NB, live_NB) = jax.lax.scan(
         body, (cache, token_B, live_B, done_B), (keys[1:], jnp.arange(1, N)))
     toks_BN = jnp.concatenate([token_B[:, None], toks_NB.T], axis=1)
     logps_BN = jnp.concatenate([logp_B[:, None], logps_NB.T], axis=1)
@@ -151,7 +168,18 @@ def generate(model: Model, params: Params, prompt_ids_BP: jax.Array, prompt_leng
     mask_BT = place(jnp.zeros((B, T), jnp.float32), live_BN, lengths_B)
     logps_BT = place(jnp.zeros((B, T), jnp.float32), logps_BN, lengths_B)
     return Samples(tokens_BT=tokens_BT, completion_mask_BT=mask_BT, logps_BT=logps_BT,
-                   lengths_B=jnp.sum(live_BN, axis=1).astype(jnp.int32))
+                   lengths_B=jnp.sum(live_BN, axis=1).astype(jnp.int32), stopped_B=done_B)
+
+
+def completion_kl(model: Model, ref_params: Params, samples: Samples,
+                  prompt_lengths_B: jax.Array) -> jax.Array:
+    """float32 [B]: the summed ``log pi(t) - log pi_ref(t)`` over each row's completion (its
+    generated tokens through the first stop token, nothing after): the sampler's untempered
+    log-probs against one forward of the reference (``ref_params``) on the same tokens. Its
+    mean over rows is the Monte-Carlo sequence KL(pi || pi_ref) in nats."""
+    ref_logps_BT = score_tokens(model, ref_params, samples.tokens_BT,
+                                sequence_mask(samples, prompt_lengths_B))
+    return jnp.sum((samples.logps_BT - ref_logps_BT) * samples.completion_mask_BT, axis=1)
 
 
 def sequence_mask(samples: Samples, prompt_lengths_B: jax.Array) -> jax.Array:

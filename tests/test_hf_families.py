@@ -152,7 +152,7 @@ def test_greedy_sampling_matches_generate_past_the_window(name, hf_dirs, ours):
     eos = 127
     got = sampling.generate(Model(cfg), params, prompt, np.array(lens), jax.random.key(0),
                             sampling.SamplingConfig(max_new_tokens=new, temperature=0.0,
-                                                    eos_id=eos, pad_id=0))
+                                                    stop_ids=eos, pad_id=0))
     for b, n in enumerate(lens):
         with torch.no_grad():
             want = hf_model.generate(torch.tensor(prompt[b:b + 1, :n], dtype=torch.long),

@@ -44,7 +44,7 @@ def _forward_logps(model, params, samples, lens):
 
 def test_logps_equal_full_forward_and_layout(built):
     model, params, prompt = built
-    cfg = SamplingConfig(max_new_tokens=9, temperature=0.8, top_k=20, top_p=0.9, eos_id=3)
+    cfg = SamplingConfig(max_new_tokens=9, temperature=0.8, top_k=20, top_p=0.9, stop_ids=3)
     s = generate(model, params, prompt, LENS, jax.random.key(1), cfg)
     np.testing.assert_allclose(np.asarray(s.logps_BT), _forward_logps(model, params, s, LENS),
                                atol=2e-5)
@@ -67,13 +67,13 @@ def greedy(built):
     """Greedy completions of ``built``'s prompts: 6 new tokens, no EOS id."""
     model, params, prompt = built
     return generate(model, params, prompt, LENS, jax.random.key(0),
-                    SamplingConfig(max_new_tokens=6, temperature=0.0, eos_id=-1))
+                    SamplingConfig(max_new_tokens=6, temperature=0.0, stop_ids=()))
 
 
 def test_top_k_one_is_greedy_and_greedy_is_argmax(built, greedy):
     model, params, prompt = built
     topk1 = generate(model, params, prompt, LENS, jax.random.key(7),
-                     SamplingConfig(max_new_tokens=6, temperature=1.3, top_k=1, eos_id=-1))
+                     SamplingConfig(max_new_tokens=6, temperature=1.3, top_k=1, stop_ids=()))
     np.testing.assert_array_equal(greedy.tokens_BT, topk1.tokens_BT)
     np.testing.assert_allclose(greedy.logps_BT, topk1.logps_BT, atol=1e-6)
     # Each greedy token is the argmax of a full forward on its prefix.
@@ -110,7 +110,7 @@ def test_eos_stops_row_and_later_tokens_are_pad(built, greedy):
     # Make row 0's third greedy token the EOS id: row 0 must stop there, others not earlier.
     eos = int(greedy.tokens_BT[0, LENS[0] + 2])
     s = generate(model, params, prompt, LENS, jax.random.key(0),
-                 SamplingConfig(max_new_tokens=6, temperature=0.0, eos_id=eos, pad_id=0))
+                 SamplingConfig(max_new_tokens=6, temperature=0.0, stop_ids=eos, pad_id=0))
     toks, lens = np.asarray(s.tokens_BT), np.asarray(s.lengths_B)
     assert lens[0] <= 3 and toks[0, LENS[0] + lens[0] - 1] == eos
     for b, n in enumerate(LENS):
@@ -124,7 +124,7 @@ def test_eos_stops_row_and_later_tokens_are_pad(built, greedy):
 
 def test_sharded_equals_unsharded_and_deterministic(built):
     model, params, prompt = built
-    cfg = SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.95, eos_id=3)
+    cfg = SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.95, stop_ids=3)
     ref = generate(model, params, prompt, LENS, jax.random.key(11), cfg)
     again = generate(model, params, prompt, LENS, jax.random.key(11), cfg)
     other = generate(model, params, prompt, LENS, jax.random.key(12), cfg)

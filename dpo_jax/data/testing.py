@@ -83,12 +83,14 @@ def llama3_style_tokenizer(eos: str = "<|end_of_text|>"):
                                    chat_template=LLAMA3_TEMPLATE)
 
 
-def chatml_tokenizer():
-    """No BOS; EOS '<|im_end|>' closes each turn inside the template, followed by a newline."""
+def chatml_tokenizer(eos: str = "<|im_end|>"):
+    """No BOS; '<|im_end|>' (id 2) closes each turn inside the template, followed by a newline.
+    EOS is '<|im_end|>' (Qwen2-Instruct) or, with ``eos='<|endoftext|>'`` (id 0, a base model's
+    EOS), a token other than the turn end."""
     from transformers import PreTrainedTokenizerFast
 
     tok = _byte_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos,
                                    pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
 
 

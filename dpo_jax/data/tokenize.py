@@ -20,6 +20,13 @@ Rules (docs/data.md, "Tokenisation rules", states them as guarantees):
   template's own closing token and whitespace after it give way to that one end token;
 * chat messages: the prompt is rendered with ``add_generation_prompt=True``; the joined text is
   the rendered conversation with the assistant message (turn markers are learnt);
+* a response text that starts with the template's assistant header after a prompt that already
+  ends with it (``'<|im_start|>assistant\nMadrid'`` after ``...<|im_start|>assistant\n``) is a
+  bad row (``doubled_assistant_header``): it would be trained with the header twice;
+* one prompt path: ``prompt_ids`` gives a prompt's tokens (rendered or whitespace-moved text,
+  then BOS) for training pairs, ranked lists and the prompts a sampler feeds
+  (``encode_prompts``: prompt files of online DPO / PPO / evaluation); a sampler stops at
+  ``stop_ids``, the end tokens appended to responses;
 * truncation as the paper's code: if prompt + longer response > max_length, the prompt keeps
   max_prompt_length tokens (keep_end keeps its end, keep_start its start; BOS kept); if still
   too long the responses keep max_length - len(prompt) tokens;
@@ -102,6 +109,8 @@ class PairTokenizer:
             {self.eos} | ({self.turn_end} if self.turn_end is not None else set()))
         self._end_texts = sorted({tokenizer.convert_ids_to_tokens(i) for i in self.end_ids},
                                  key=len, reverse=True)
+        # What add_generation_prompt appends (ChatML '<|im_start|>assistant\n'); '' or None: none.
+        self.assistant_header: str | None = self._template_header()
         self.stats = TokenStats()
 
     # -------------------------------------------------------------------------- pieces
@@ -141,6 +150,39 @@ class PairTokenizer:
         while after and self.is_blank(after[-1]) and not self._is_special(after[-1]):
             after = after[:-1]
         return int(after[-1]) if after and self._is_special(after[-1]) else None
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids a sampler stops at: every end token a response is given (``end_ids``), the
+        template's turn end first (it ends chat responses), then EOS (text responses)."""
+        first = () if self.turn_end is None else (self.turn_end,)
+        return first + tuple(sorted(self.end_ids - set(first)))
+
+    def _template_header(self) -> str | None:
+        if not getattr(self.tok, "chat_template", None):
+            return None
+        user = [{"role": "user", "content": "hi"}]
+        try:
+            gen, plain = self._render(user, True), self._render(user, False)
+        except Exception:  # a template that refuses this conversation
+            return None
+        return gen[len(plain):] if gen.startswith(plain) else None
+
+    def check_response_start(self, prompt: str | list[dict], text: str, *, field: str,
+                             file: str | None, row: int | None) -> None:
+        """Raise ``DataError`` (reason ``doubled_assistant_header``) when response ``text``
+        starts with the template's assistant header although ``prompt`` (messages: rendered
+        with the generation prompt, which ends with it; text: as given) already ends with it."""
+        header = (self.assistant_header or "").strip()
+        if not header or not text.lstrip().startswith(header):
+            return
+        ptext = self._render(prompt, True) if isinstance(prompt, list) else prompt
+        if ptext.rstrip().endswith(header):
+            raise DataError(
+                f"the response starts with the chat template's assistant header {header!r} but "
+                f"the prompt already ends with it: it would be trained with the header twice; "
+                f"remove the header from the response", file=file, row=row, field=field,
+                reason="doubled_assistant_header")
 
     def finish_prompt(self, ids: list[int]) -> list[int]:
         """Add BOS when the tokenizer uses one; keep a single BOS if the text brought its own."""
@@ -200,33 +242,49 @@ class PairTokenizer:
         self._cache_text_prompts([prompt])
         return self._prompt_cache[prompt]
 
-    def prompt_text(self, prompt: str | list[dict]) -> str:
-        """The prompt string a sampler should tokenise (chat rendered, whitespace moved)."""
-        if isinstance(prompt, list):
-            return self._render(prompt, True)
-        return self._text_prompt(prompt)[0]
+    def raw_prompt_ids(self, prompts: list[str | list[dict]]) -> list[list[int]]:
+        """Each prompt's tokens before BOS: a text prompt's with trailing whitespace moved
+        (``_text_prompt``), a message list's generation-prompt rendering tokenised. Batched."""
+        self._cache_text_prompts([p for p in prompts if not isinstance(p, list)])
+        chat_at = [i for i, p in enumerate(prompts) if isinstance(p, list)]
+        chat = dict(zip(chat_at, self._ids([self._render(prompts[i], True) for i in chat_at])))
+        return [chat[i] if i in chat else list(self._text_prompt(p)[1])
+                for i, p in enumerate(prompts)]
+
+    def encode_prompts(self, prompts: list[str | list[dict]], where=(), bad: BadRows | None = None
+                       ) -> list[list[int] | None]:
+        """The prompts a sampler feeds: each prompt's tokens exactly as a training pair with
+        that prompt gets them (``raw_prompt_ids`` then ``finish_prompt``: BOS once), cut to
+        ``max_prompt_length`` as a too-long training prompt is (``cut_prompt``). ``where``: per
+        prompt an object with ``file`` / ``row`` for errors; a prompt that 'error' truncation
+        refuses raises ``DataError``, or is None when ``bad`` (skip mode) counts it."""
+        out: list[list[int] | None] = []
+        for i, raw in enumerate(self.raw_prompt_ids(prompts)):
+            ids = self.finish_prompt(list(raw))
+            try:
+                if len(ids) > self.cfg.max_prompt_length:
+                    ids = self.cut_prompt(ids, where[i] if i < len(where) else None,
+                                          "a sampled prompt is cut as a training prompt")
+            except DataError as e:
+                if bad is None:
+                    raise
+                bad.handle(e)
+                ids = None
+            out.append(ids)
+        return out
 
     def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
-        """Prompt ids as fed at sample time (BOS included when the tokenizer uses one)."""
-        if isinstance(prompt, list):
-            return self.finish_prompt(self._ids([self._render(prompt, True)])[0])
-        return self.finish_prompt(list(self._text_prompt(prompt)[1]))
+        """One prompt's ids as fed at sample time and trained (BOS included when the tokenizer
+        uses one), before truncation."""
+        return self.finish_prompt(self.raw_prompt_ids([prompt])[0])
 
-    def _joined(self, pair: RawPair) -> tuple[list[int] | str, str, str]:
-        """(raw prompt ids, or the rendered chat prompt still to tokenise; joined chosen text;
-        joined rejected text)."""
-        prompt, (chosen, rejected) = self.joined_texts(pair.prompt, [pair.chosen, pair.rejected])
-        return prompt, chosen, rejected
-
-    def joined_texts(self, prompt: str | list[dict], responses: list[str]
-                     ) -> tuple[list[int] | str, list[str]]:
-        """(raw prompt ids, or the rendered chat prompt still to tokenise; the joined text of
-        each response): the boundary rules of the module doc for any number of responses."""
+    def joined_texts(self, prompt: str | list[dict], responses: list[str]) -> list[str]:
+        """The joined text of each response (prompt + response, or the rendered conversation):
+        the boundary rules of the module doc for any number of responses."""
         responses = [self.strip_end_text(r) for r in responses]
         if not isinstance(prompt, list):
-            _, ids, moved = self._text_prompt(prompt)
-            self.stats.prompt_whitespace_moved += moved
-            return ids, [prompt + r for r in responses]
+            self.stats.prompt_whitespace_moved += self._text_prompt(prompt)[2]
+            return [prompt + r for r in responses]
         ptext = self._render(prompt, True)
         out = []
         for resp in responses:
@@ -235,7 +293,7 @@ class PairTokenizer:
                 self.stats.chat_prefix_mismatch += 1
                 full = ptext + resp
             out.append(full)
-        return ptext, out
+        return out
 
     # -------------------------------------------------------------------------- truncation
     def truncate(self, prompt: list[int], chosen: list[int], rejected: list[int],
@@ -251,23 +309,29 @@ class PairTokenizer:
         c = self.cfg
         longer = max(len(r) for r in responses)
         if len(prompt) + longer > c.max_length and len(prompt) > c.max_prompt_length:
-            if c.truncation_mode == "error":
-                raise DataError(
-                    f"prompt has {len(prompt)} tokens > max_prompt_length {c.max_prompt_length}"
-                    f" and prompt + response exceeds max_length {c.max_length}",
-                    file=getattr(where, "file", None), row=getattr(where, "row", None),
-                    field="prompt", reason="prompt_too_long")
-            keep_bos = self.bos is not None and prompt[:1] == [self.bos]
-            body, n = (prompt[1:], c.max_prompt_length - 1) if keep_bos else (prompt,
-                                                                               c.max_prompt_length)
-            body = body[-n:] if c.truncation_mode == "keep_end" else body[:n]
-            prompt = ([self.bos] if keep_bos else []) + body
-            self.stats.prompt_truncated += 1
+            prompt = self.cut_prompt(prompt, where, "prompt + response exceeds max_length "
+                                     f"{c.max_length}")
         if len(prompt) + longer > c.max_length:
             n = c.max_length - len(prompt)
             responses = [r[:n] for r in responses]
             self.stats.responses_truncated += 1
         return prompt, responses
+
+    def cut_prompt(self, prompt: list[int], where, why: str) -> list[int]:
+        """``prompt`` cut to ``max_prompt_length`` tokens by ``truncation_mode`` (BOS kept),
+        counted; 'error' mode raises ``DataError`` (field ``prompt``, saying ``why``)."""
+        c = self.cfg
+        if c.truncation_mode == "error":
+            raise DataError(
+                f"prompt has {len(prompt)} tokens > max_prompt_length {c.max_prompt_length} "
+                f"and {why}", file=getattr(where, "file", None),
+                row=getattr(where, "row", None), field="prompt", reason="prompt_too_long")
+        keep_bos = self.bos is not None and prompt[:1] == [self.bos]
+        body, n = (prompt[1:], c.max_prompt_length - 1) if keep_bos else (prompt,
+                                                                           c.max_prompt_length)
+        body = body[-n:] if c.truncation_mode == "keep_end" else body[:n]
+        self.stats.prompt_truncated += 1
+        return ([self.bos] if keep_bos else []) + body
 
     # -------------------------------------------------------------------------- all pairs
     def _boundary_error(self, pair: RawPair, field: str, prompt: list[int],
@@ -289,18 +353,18 @@ class PairTokenizer:
     def encode(self, pairs: list[RawPair], bad: BadRows) -> tuple[list[TokenPair], list[int]]:
         """Tokenised pairs and, for each, its index in ``pairs`` (bad rows raise or are
         counted by ``bad``). Tokenizer calls are batched."""
-        self._cache_text_prompts([p.prompt for p in pairs if not p.is_chat])
-        joined = [self._joined(p) for p in pairs]
-        chat_at = [i for i, j in enumerate(joined) if isinstance(j[0], str)]
-        chat_ids = dict(zip(chat_at, self._ids([joined[i][0] for i in chat_at])))
-        ids = [self._ids([j[k] for j in joined]) for k in (1, 2)]
+        raw_prompts = self.raw_prompt_ids([p.prompt for p in pairs])
+        joined = [self.joined_texts(p.prompt, [p.chosen, p.rejected]) for p in pairs]
+        ids = [self._ids([j[k] for j in joined]) for k in (0, 1)]
         out: list[TokenPair] = []
         kept: list[int] = []
         for i, pair in enumerate(pairs):
             try:
-                raw_prompt = chat_ids[i] if i in chat_ids else joined[i][0]
+                raw_prompt = raw_prompts[i]
                 responses = []
                 for field, joined_ids in zip(("chosen", "rejected"), (ids[0][i], ids[1][i])):
+                    self.check_response_start(pair.prompt, getattr(pair, field), field=field,
+                                              file=pair.file, row=pair.row)
                     resp = split_at_prompt(raw_prompt, joined_ids)
                     if resp is None:
                         raise self._boundary_error(pair, field, raw_prompt, joined_ids)
@@ -327,18 +391,19 @@ class PairTokenizer:
         and each kept item's index in ``items``. ``check(prompt, responses, item)`` raises
         ``DataError`` for an item that cannot be scored; bad rows raise or are counted by
         ``bad``."""
-        self._cache_text_prompts([p.prompt for p in items if not p.is_chat])
+        raw_prompts = self.raw_prompt_ids([p.prompt for p in items])
         joined = [self.joined_texts(p.prompt, list(p.responses)) for p in items]
-        chat_at = [i for i, j in enumerate(joined) if isinstance(j[0], str)]
-        chat_ids = dict(zip(chat_at, self._ids([joined[i][0] for i in chat_at])))
-        flat = self._ids([t for j in joined for t in j[1]])
+        flat = self._ids([t for j in joined for t in j])
         out, kept, at = [], [], 0
         for i, item in enumerate(items):
-            texts_ids, at = flat[at:at + len(joined[i][1])], at + len(joined[i][1])
+            texts_ids, at = flat[at:at + len(joined[i])], at + len(joined[i])
             try:
-                raw_prompt = chat_ids[i] if i in chat_ids else joined[i][0]
+                raw_prompt = raw_prompts[i]
                 responses = []
                 for k, joined_ids in enumerate(texts_ids):
+                    self.check_response_start(item.prompt, item.responses[k],
+                                              field=f"responses[{k}]", file=item.file,
+                                              row=item.row)
                     resp = split_at_prompt(raw_prompt, joined_ids)
                     if resp is None:
                         raise self._boundary_error(item, f"responses[{k}]", raw_prompt,

@@ -7,6 +7,8 @@ import dataclasses
 
 import ml_collections
 
+from dpo_jax.config import data_block
+from dpo_jax.data.prompts import stop_ids
 from dpo_jax.ppo.step import PPOConfig
 from dpo_jax.sampling import SamplingConfig
 
@@ -18,7 +20,8 @@ def default_ppo_config() -> ml_collections.ConfigDict:
     # (the name here then only labels it, e.g. 'ground_truth')
     c.reward = "model"
     c.reward_model = ""  # workdir of a task='reward' run
-    # prompts: jsonl rows with prompt_ids or prompt ('' = prompts of config.data's split)
+    # prompts: jsonl rows with prompt_ids or prompt (text or messages: tokenised as training
+    # prompts); '' = the prompts of config.data's split
     c.prompt_file = ""
     c.eval_prompt_file = ""  # held-out prompts ('' with prompt_file set: no eval)
     c.max_prompts = 0  # cap on prompts per split (0 = all)
@@ -28,7 +31,9 @@ def default_ppo_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.top_k = 0  # 0 = off (trl's recipe samples from the full distribution)
     c.top_p = 1.0
-    c.eos_id = 0  # the tokenizer's EOS (0 in the synthetic task)
+    # token ids that end a rollout: () = the data's end tokens (data.tokenizer's chat-template turn
+    # end and EOS, as responses are trained to end; synthetic: 0); or e.g. (2, 7)
+    c.stop_ids = ()
     c.pad_id = 0
     # KL penalty against the frozen reference
     c.init_kl_coef = 0.2  # beta at the start (trl: 0.2)
@@ -68,7 +73,9 @@ class PPOSettings:
 
 
 def read_ppo(config: ml_collections.ConfigDict) -> PPOSettings:
-    """The frozen view of ``config.ppo`` (and the run seed) that the PPO task consumes."""
+    """The frozen view of ``config.ppo`` (and the run seed) that the PPO task consumes; rollouts
+    stop at ``ppo.stop_ids``, or when empty at the data's end tokens
+    (``dpo_jax.data.prompts.stop_ids``)."""
     p = config.ppo
     return PPOSettings(
         update=PPOConfig(max_new_tokens=int(p.max_new_tokens), epochs=int(p.epochs),
@@ -78,7 +85,8 @@ def read_ppo(config: ml_collections.ConfigDict) -> PPOSettings:
                          detach_value_head=bool(p.detach_value_head), seed=int(config.seed)),
         sampling=SamplingConfig(max_new_tokens=int(p.max_new_tokens),
                                 temperature=float(p.temperature), top_k=int(p.top_k),
-                                top_p=float(p.top_p), eos_id=int(p.eos_id), pad_id=int(p.pad_id)),
+                                top_p=float(p.top_p), pad_id=int(p.pad_id),
+                                stop_ids=stop_ids(data_block(config), p.get("stop_ids", ()))),
         init_kl_coef=float(p.init_kl_coef),
         target_kl=float(p.target_kl) if p.adaptive_kl else None, kl_horizon=int(p.kl_horizon),
         prompt_file=p.prompt_file, eval_prompt_file=p.eval_prompt_file,

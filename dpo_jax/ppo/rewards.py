@@ -23,37 +23,47 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.data.synthetic import SyntheticTask
+from dpo_jax.ppo.config import read_ppo
 from dpo_jax.sampling import Samples
 
 RewardFn = Callable[[Samples], jax.Array]
 
 
-def with_final_eos(tokens_BT: jax.Array, mask_BT: jax.Array, eos_id: int):
-    """Rows ``[B, T + 1]`` whose completion ends in EOS: one is written after the last generated
-    token of every row that stopped at the length bound (rows already ending in EOS, and rows
-    with no generated token, are unchanged). A reward model trained by this codebase reads its
-    head at the EOS the data pipeline appends to every response; scoring a truncated rollout at
-    a content token instead would ask it for a reward at a position it never learnt."""
+def _stop_tuple(stop_ids) -> tuple[int, ...]:
+    return (int(stop_ids),) if isinstance(stop_ids, int) else tuple(int(t) for t in stop_ids)
+
+
+def with_final_eos(tokens_BT: jax.Array, mask_BT: jax.Array, stop_ids):
+    """Rows ``[B, T + 1]`` whose completion ends in a stop token: ``stop_ids[0]`` (an int: that
+    id) is written after the last generated token of every row that stopped at the length bound
+    (rows already ending in any of ``stop_ids``, and rows with no generated token, are
+    unchanged). A reward model trained by this codebase reads its head at the end token the
+    data pipeline appends to every response; scoring a truncated rollout at a content token
+    instead would ask it for a reward at a position it never learnt."""
+    stops = _stop_tuple(stop_ids)
+    eos_id = stops[0]
     B, T = tokens_BT.shape
     tokens = jnp.concatenate([tokens_BT, jnp.full((B, 1), eos_id, tokens_BT.dtype)], axis=1)
     mask = jnp.concatenate([mask_BT, jnp.zeros((B, 1), mask_BT.dtype)], axis=1)
     t = jnp.arange(T + 1, dtype=jnp.int32)
     has = jnp.any(mask > 0, axis=1)
     last = jnp.max(jnp.where(mask > 0, t[None, :], -1), axis=1)
-    ends_eos = jnp.take_along_axis(tokens, jnp.maximum(last, 0)[:, None], axis=1)[:, 0] == eos_id
+    final = jnp.take_along_axis(tokens, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+    ends_eos = jnp.any(final[:, None] == jnp.asarray(stops, tokens.dtype)[None, :], axis=1)
     add = (has & ~ends_eos)[:, None] & (t[None, :] == last[:, None] + 1)
     return (jnp.where(add, jnp.asarray(eos_id, tokens.dtype), tokens),
             jnp.where(add, jnp.ones((), mask.dtype), mask))
 
 
-def model_reward(model, params, eos_id: int | None = None) -> RewardFn:
+def model_reward(model, params, stop_ids=None) -> RewardFn:
     """Scores from a reward model (params are passed to one jitted function, not baked in).
-    With ``eos_id``, rollouts cut at the length bound are scored with an EOS appended
-    (:func:`with_final_eos`), as the reward model saw every response in training."""
+    With ``stop_ids`` (an id or a sequence), rollouts cut at the length bound are scored with
+    ``stop_ids[0]`` appended (:func:`with_final_eos`), as the reward model saw every response
+    in training."""
 
     def _score(params, tokens, mask):
-        if eos_id is not None:
-            tokens, mask = with_final_eos(tokens, mask, eos_id)
+        if stop_ids is not None and len(_stop_tuple(stop_ids)):
+            tokens, mask = with_final_eos(tokens, mask, stop_ids)
         return model.score(params, tokens, mask)
 
     score = jax.jit(_score)
@@ -122,12 +132,13 @@ def build_reward(config, *, mesh=None) -> RewardFn:
         if not p.reward_model:
             raise ValueError("ppo.reward='model' needs ppo.reward_model (a reward run's workdir)")
         return reward_model_from_run(p.reward_model, mesh,
-                                     tuple(tuple(r) for r in config.mesh.rules), int(p.eos_id))
+                                     tuple(tuple(r) for r in config.mesh.rules),
+                                     read_ppo(config).sampling.stop_ids)
     raise ValueError(f"ppo.reward={p.reward!r}: expected 'model' or 'synthetic'; pass any other "
                      "reward as reward_fn to dpo_jax.ppo.run.train_and_evaluate")
 
 
-def reward_model_from_run(run_dir: str, mesh, rules, eos_id: int) -> RewardFn:
+def reward_model_from_run(run_dir: str, mesh, rules, stop_ids) -> RewardFn:
     """The reward function of a ``task='reward'`` run: its model rebuilt from the run's
     config.json, its newest checkpoint restored in ``mesh``'s shardings under ``rules``.
     Raises ValueError when ``run_dir`` is empty or holds no config.json."""
@@ -146,4 +157,4 @@ def reward_model_from_run(run_dir: str, mesh, rules, eos_id: int) -> RewardFn:
         rm_config = ml_collections.ConfigDict(json.load(f))
     model = RewardModel(Model(model_config_from(rm_config.model)))
     shardings = state_lib.param_shardings(model, mesh, rules)
-    return model_reward(model, restore_reward_model(run_dir, model, shardings), eos_id=eos_id)
+    return model_reward(model, restore_reward_model(run_dir, model, shardings), stop_ids=stop_ids)

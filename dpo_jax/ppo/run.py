@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from dpo_jax import data as data_lib
@@ -84,16 +85,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         samples = sample(params, prompts["prompt_ids"], prompts["prompt_lengths"], rng)
         return {"tokens": samples.tokens_BT, "completion_mask": samples.completion_mask_BT,
                 "prompt_lengths": prompts["prompt_lengths"], "scores": reward_fn(samples),
-                "weight": prompts["weight"]}
+                "weight": prompts["weight"]}, samples.stopped_B
 
     train_rng = jax.random.key(rc.seed + 1)
 
     def step_fn(state, prompts_np):
         t0 = time.time()
-        batch = rollout(state.params, prompts_np, jax.random.fold_in(train_rng, state.step))
+        batch, stopped_B = rollout(state.params, prompts_np,
+                                   jax.random.fold_in(train_rng, state.step))
         batch["kl_coef"] = jnp.float32(kl.value)
         state, metrics = update(state, batch, None)
         metrics = loop.host_floats(metrics)
+        # rollouts that ran to max_new_tokens without a stop token (ppo.stop_ids)
+        metrics["env/truncated"] = float(1.0 - np.mean(evaluation.to_host(stopped_B)))
         kl.update(metrics["objective/kl"], int(batch["tokens"].shape[0]))
         metrics["iteration_s"] = time.time() - t0
         logging.log_every_n(logging.INFO, "ppo: reward=%.4f kl=%.4f beta=%.4f", 10,
@@ -102,7 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
 
     def evaluate(state):
         rng = jax.random.key(rc.seed + EVAL_SEED_OFFSET)
-        batches = (rollout(state.params, p, jax.random.fold_in(rng, i))
+        batches = (rollout(state.params, p, jax.random.fold_in(rng, i))[0]
                    for i, p in enumerate(data["eval"]))
         return loop.reduce_eval(lambda b: eval_sums(state.params, state.ref_params, b, None),
                                 batches)

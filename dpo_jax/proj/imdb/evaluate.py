@@ -38,7 +38,7 @@ def sample(exp: Experiment, params, prompts: list[dict], k: int, rng: jax.Array,
     c, tok = exp.imdb, exp.tokenizer
     eos = int(tok.eos_token_id)
     cfg = SamplingConfig(max_new_tokens=int(c.max_new_tokens), temperature=float(c.temperature),
-                         eos_id=eos, pad_id=eos)
+                         stop_ids=(eos,), pad_id=eos)
     rows = [p for p in prompts for _ in range(k)]
     B, P = int(c.sample_batch), int(c.max_prefix_tokens)
     out = []

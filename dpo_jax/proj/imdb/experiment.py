@@ -76,7 +76,7 @@ class Experiment:
 
         params = self.restore(self.workdir / "reward_model", head=True)
         return model_reward(RewardModel(self.model), params,
-                            eos_id=int(self.tokenizer.eos_token_id))
+                            stop_ids=int(self.tokenizer.eos_token_id))
 
     def texts(self, split: str, limit: int) -> list[str]:
         """Cleaned reviews of ``split`` (the first ``limit``; 0 = all)."""

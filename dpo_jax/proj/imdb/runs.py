@@ -111,7 +111,7 @@ def ppo_variants(exp: Experiment) -> Variants:
                  "keep_checkpoints": p["steps"] // every + 2}
         base = {"prompt_file": str(exp.workdir / "prefixes_train.jsonl"), "eval_prompt_file": "",
                 "prompt_width": int(c.max_prefix_tokens), "max_new_tokens": int(c.max_new_tokens),
-                "temperature": float(c.temperature), "eos_id": eos, "pad_id": eos,
+                "temperature": float(c.temperature), "stop_ids": (eos,), "pad_id": eos,
                 "init_kl_coef": float(p["init_kl_coef"]), "adaptive_kl": True,
                 "kl_horizon": int(p["kl_horizon"]), "epochs": int(p["epochs"]),
                 "minibatches": int(p["minibatches"]),
@@ -146,7 +146,7 @@ def online_variants(exp: Experiment) -> Variants:
                       eval_size=r.eval_pairs)
     online = {"reward": "ground_truth", "samples_per_prompt": int(o.samples_per_prompt),
               "max_new_tokens": int(c.max_new_tokens), "temperature": float(c.temperature),
-              "eos_id": eos, "pad_id": eos, "prompt_width": int(c.max_prefix_tokens),
+              "stop_ids": (eos,), "pad_id": eos, "prompt_width": int(c.max_prefix_tokens),
               "prompt_file": str(exp.workdir / "prefixes_train.jsonl")}
     out = {}
     for n in c.online_iterations:
