@@ -31,6 +31,7 @@ import jax
 import ml_collections
 
 from dpo_jax.config import read_config
+from dpo_jax.models.hf_dir import check_hf_dir
 
 CONFIG = "config.json"
 HISTORY = "config_history.jsonl"
@@ -241,15 +242,31 @@ def write_summary(run: RunDir, summary: dict) -> None:
         _atomic_json(run.file(SUMMARY), summary)
 
 
+def check_model_dirs(config: ml_collections.ConfigDict) -> None:
+    """`models.hf_dir.check_hf_dir` on the run config's `model.hf_path` and `model.ref_hf_path`
+    (with `data.tokenizer` when set): config.json, safetensors and tokenizer checked before
+    anything is written. Errors name the config field, the file and the field or tensor."""
+    model = config.get("model")
+    if model is None:
+        return
+    data = config.get("data")
+    tokenizer = (data.get("tokenizer") if data is not None else "") or ""
+    for field in ("hf_path", "ref_hf_path"):
+        path = model.get(field) or ""
+        if path:
+            check_hf_dir(path, field=f"model.{field}", tokenizer=tokenizer)
+
+
 def task(fn: Callable[..., dict]) -> Callable[..., dict]:
     """Make ``fn(config, run: RunDir, **kwargs) -> summary`` the task function
-    ``(config, workdir, **kwargs) -> summary``: the config is read and checked first
-    (``config.read_config``: a bad or missing field raises ValueError naming it, before anything
-    is written), then the workdir is opened and accepted (:func:`open_run`), and a finished run's
+    ``(config, workdir, **kwargs) -> summary``: the model directories and the config are
+    checked first (:func:`check_model_dirs`, ``config.read_config``: a bad file or field raises
+    naming it, before anything is written), then the workdir is opened and accepted (:func:`open_run`), and a finished run's
     summary is returned without calling ``fn``."""
 
     @functools.wraps(fn)
     def run_task(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
+        check_model_dirs(config)  # a bad model directory fails before the workdir is written
         read_config(config)
         with open_run(config, workdir) as run:
             return run.summary if run.finished else fn(config, run, **kwargs)

@@ -9,6 +9,7 @@ model larger than one host's memory never exists unsharded on a host.
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 from typing import Any
@@ -23,23 +24,59 @@ from dpo_jax.models.model import Model
 
 
 class _Checkpoint:
-    """Name -> safetensors handle over a single file or an index of shards (lazy, mmap'd)."""
+    """Name -> safetensors handle over a single file or an index of shards (lazy, mmap'd).
+
+    A missing file or shard, a truncated file (its header or data cut short) or an index
+    naming no tensors is a FileNotFoundError / ValueError naming the file."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+                try:
+                    weight_map = json.load(f).get("weight_map")
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{index}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            if not weight_map:
+                raise ValueError(f"{index}: field 'weight_map' is absent or empty")
             files = sorted(set(weight_map.values()))
+            for shard in files:
+                if not os.path.exists(os.path.join(path, shard)):
+                    tensor = next(k for k, v in weight_map.items() if v == shard)
+                    raise FileNotFoundError(
+                        f"{index}: field 'weight_map' puts {tensor!r} (and "
+                        f"{sum(v == shard for v in weight_map.values()) - 1} more tensors) in "
+                        f"shard {shard!r}, which is not in {path}")
         else:
             single = os.path.join(path, "model.safetensors")
             if not os.path.exists(single):
-                raise FileNotFoundError(f"no model.safetensors(.index.json) in {path}")
+                ggufs = [n for n in sorted(os.listdir(path)) if n.endswith(".gguf")]
+                hint = (f"; {ggufs} are GGUF (llama.cpp) files, which dpo_jax does not read: "
+                        "convert to safetensors with transformers first" if ggufs else
+                        "; *.bin (pickle) checkpoints are not read: convert with transformers' "
+                        "save_pretrained(safe_serialization=True)" if glob.glob(
+                            os.path.join(path, "*.bin")) else "")
+                raise FileNotFoundError(f"{path}: no model.safetensors nor "
+                                        f"model.safetensors.index.json{hint}")
             files, weight_map = ["model.safetensors"], None
-        self.handles = {f: safe_open(os.path.join(path, f), framework="np") for f in files}
+        self.handles = {}
+        for f in files:
+            try:
+                self.handles[f] = safe_open(os.path.join(path, f), framework="np")
+            except SafetensorError as e:
+                size = os.path.getsize(os.path.join(path, f))
+                raise ValueError(f"{os.path.join(path, f)}: not a whole safetensors file "
+                                 f"({size} bytes; {e}): truncated or corrupt download, fetch it "
+                                 "again") from None
         self.where = weight_map or {k: files[0] for k in self.handles[files[0]].keys()}
+        held = {f: set(h.keys()) for f, h in self.handles.items()}
+        missing = sorted(k for k, f in self.where.items() if k not in held[f])
+        if missing:
+            raise ValueError(f"{index}: field 'weight_map' puts {missing[0]!r} (and "
+                             f"{len(missing) - 1} more) in {self.where[missing[0]]!r}, which "
+                             "does not hold it")
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         if name not in self.where:
@@ -66,6 +103,33 @@ def _instances(t: hf_maps.HFTensor, cfg: ModelConfig) -> list[tuple[int | None, 
     return [(i, e) for i in layers for e in (range(t.experts) if t.experts else [None])]
 
 
+def _checked(path: str, cfg: ModelConfig) -> tuple[_Checkpoint, list, str]:
+    """Open the checkpoint and check every tensor's presence and shape before reading any."""
+    ckpt = _Checkpoint(path)
+    specs = hf_maps.tensor_specs(cfg)
+    prefix = _find_prefix(ckpt, cfg, specs)
+    for t in specs:
+        for i, e in _instances(t, cfg):
+            name = hf_maps.full_name(t.name, prefix, i, e)
+            got = ckpt.shape(name)
+            if got is None:
+                raise KeyError(f"missing tensor {name!r} (expected shape {t.shape}) in {path}")
+            if got != t.shape:
+                file = os.path.join(path, ckpt.where[name])
+                raise ValueError(f"{file}: tensor {name!r} has shape {got} but config.json "
+                                 f"implies {t.shape} (vocab_size {cfg.vocab_size}, d_model "
+                                 f"{cfg.d_model}, n_layer {cfg.n_layer}): config.json and the "
+                                 "weights are of different models")
+    return ckpt, specs, prefix
+
+
+def check_checkpoint(path: str, cfg: ModelConfig) -> None:
+    """Check the safetensors checkpoint in directory `path` against `cfg` from headers only
+    (no tensor data read): files present and whole (`_Checkpoint`), every tensor present with
+    the shape `cfg` implies. Errors name the file and the tensor."""
+    _checked(path, cfg)
+
+
 def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     """Read a safetensors checkpoint into our parameter tree (dtype cfg.param_dtype).
 
@@ -76,17 +140,7 @@ def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     NeoX) and non-contiguous slices read one whole layer tensor, kept in a small LRU cache.
     """
     path = resolve_path(path)
-    ckpt = _Checkpoint(path)
-    specs = hf_maps.tensor_specs(cfg)
-    prefix = _find_prefix(ckpt, cfg, specs)
-    for t in specs:  # check every tensor's presence and shape before reading anything
-        for i, e in _instances(t, cfg):
-            name = hf_maps.full_name(t.name, prefix, i, e)
-            got = ckpt.shape(name)
-            if got is None:
-                raise KeyError(f"missing tensor {name!r} (expected shape {t.shape}) in {path}")
-            if got != t.shape:
-                raise ValueError(f"tensor {name!r}: expected shape {t.shape}, found {got}")
+    ckpt, specs, prefix = _checked(path, cfg)
 
     dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
 

@@ -1,8 +1,8 @@
 """Hugging Face config.json <-> ModelConfig: the field checks and the mapping in both directions.
 
 Import (`hf_config_to_model_config`, `load_hf_config`) refuses any config.json field it does not
-implement (`check_fields`) rather than build a silently different model; export
-(`model_config_to_hf`) is checked by importing its result back (`check_exportable`). The weights
+implement (`hf_fields.check_fields`; fields that change nothing are accepted by kind) rather
+than build a silently different model; export (`model_config_to_hf`) is checked by importing its result back (`check_exportable`). The weights
 themselves are read and written by hf.py.
 """
 
@@ -15,100 +15,11 @@ import os
 from typing import Any
 
 from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.hf_fields import (  # noqa: F401  (re-exported)
+    SUPPORTED_MODEL_TYPES, check_fields, model_type_of)
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3",
-                         "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe")
 _ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
          "gelu": "gelu", "silu": "silu", "swish": "silu", "relu": "relu"}
-
-# config.json fields that never change the computed logits: names, token ids, dtype and cache
-# hints, initialisation, task heads. Fields with "dropout" / "pdrop" in their name are
-# training-time dropout, which dpo_jax never applies (as TRL's default disable_dropout=True).
-_METADATA = frozenset({
-    "_name_or_path", "architectures", "model_type", "transformers_version", "dtype",
-    "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
-    "decoder_start_token_id", "id2label", "label2id", "problem_type", "initializer_range",
-    "use_cache", "cache_implementation", "output_attentions", "output_hidden_states",
-    "return_dict", "is_decoder", "chunk_size_feed_forward", "tokenizer_class", "auto_map",
-    "task_specific_params", "keys_to_ignore_at_inference", "pretraining_tp",
-    "output_router_logits", "prefix", "torchscript", "tf_legacy_loss", "use_return_dict"})
-# Fields that leave the computation unchanged only at these values (anything else: refused).
-_ONLY_AT = {"is_encoder_decoder": (False, None), "add_cross_attention": (False, None),
-            "use_mrope": (False, None), "use_bidirectional_attention": (False, None),
-            "scale_attn_by_inverse_layer_idx": (False, None), "scale_attn_weights": (True, None),
-            "attention_bias": (False, None), "mlp_bias": (False, None)}
-_LLAMA_LIKE = {"vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
-               "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
-               "rms_norm_eps", "hidden_act", "tie_word_embeddings", "rope_theta", "rope_scaling",
-               "rope_parameters"}
-# The fields each model_type's mapping reads and implements (values are checked there).
-_IMPLEMENTED = {
-    "gpt2": {"vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "n_ctx",
-             "layer_norm_epsilon", "activation_function", "tie_word_embeddings",
-             "reorder_and_upcast_attn",  # float32 attention scores: ours always are
-             "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-             "summary_first_dropout"},  # sequence-classification head, not in a causal LM
-    "gpt_neox": {"vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
-                 "intermediate_size", "max_position_embeddings", "layer_norm_eps", "hidden_act",
-                 "rotary_pct", "partial_rotary_factor", "rotary_emb_base", "rope_theta",
-                 "rope_scaling", "rope_parameters", "use_parallel_residual",
-                 "tie_word_embeddings", "attention_bias"},
-    "gptj": {"vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "n_positions",
-             "layer_norm_epsilon", "activation_function", "rotary_dim", "rope_theta",
-             "tie_word_embeddings"},
-    "llama": _LLAMA_LIKE | {"attention_bias", "mlp_bias"},
-    "mistral": _LLAMA_LIKE | {"sliding_window"},
-    "qwen2": _LLAMA_LIKE | {"use_sliding_window", "sliding_window", "max_window_layers",
-                            "layer_types"},
-    "qwen3": _LLAMA_LIKE | {"attention_bias", "use_sliding_window", "sliding_window",
-                            "max_window_layers", "layer_types"},
-    "gemma2": _LLAMA_LIKE | {"hidden_activation", "attention_bias", "query_pre_attn_scalar",
-                             "attn_logit_softcapping", "final_logit_softcapping",
-                             "sliding_window", "layer_types"},
-    "gemma3_text": _LLAMA_LIKE | {"hidden_activation", "attention_bias", "query_pre_attn_scalar",
-                                  "attn_logit_softcapping", "final_logit_softcapping",
-                                  "sliding_window", "layer_types", "sliding_window_pattern",
-                                  "_sliding_window_pattern", "rope_local_base_freq"},
-    "phi3": _LLAMA_LIKE | {"sliding_window", "partial_rotary_factor",
-                           "original_max_position_embeddings"},  # read by longrope only
-    # router_aux_loss_coef: the weight of TRL's auxiliary loss, which TRL applies only with
-    # output_router_logits=True (refused in _moe: the run config's loss.router_aux_loss_coef
-    # sets it here); router_jitter_noise: training-time noise, refused unless 0 (in _moe).
-    "mixtral": _LLAMA_LIKE | {"sliding_window", "num_local_experts", "num_experts_per_tok",
-                              "router_aux_loss_coef", "router_jitter_noise"},
-    "qwen2_moe": _LLAMA_LIKE | {"use_sliding_window", "sliding_window", "max_window_layers",
-                                "layer_types", "qkv_bias", "num_experts", "num_experts_per_tok",
-                                "moe_intermediate_size", "shared_expert_intermediate_size",
-                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-                                "router_aux_loss_coef"},
-}
-
-
-def check_fields(c: dict) -> None:
-    """Refuse a config.json that asks for something the importer does not implement.
-
-    Every field must be metadata (_METADATA), dropout, implemented by its model_type's mapping
-    (_IMPLEMENTED) or at a value that changes nothing (_ONLY_AT); anything else is a ValueError
-    naming the field and its value, never a silently different model.
-    """
-    mt = c.get("model_type")
-    if mt not in _IMPLEMENTED:
-        raise ValueError(f"config.json: unsupported model_type {mt!r}; supported: "
-                         f"{SUPPORTED_MODEL_TYPES}")
-    for key, value in c.items():
-        if key in _METADATA or "dropout" in key or key.endswith("pdrop"):
-            continue
-        if key in _IMPLEMENTED[mt]:
-            continue
-        if key in _ONLY_AT:
-            if value not in _ONLY_AT[key]:
-                raise ValueError(f"config.json field {key!r} = {value!r} (model_type {mt!r}) "
-                                 f"is not implemented; only {_ONLY_AT[key]} are")
-            continue
-        raise ValueError(
-            f"config.json field {key!r} = {value!r} is not implemented for model_type {mt!r} "
-            f"and may change the computation; refusing rather than importing a different model "
-            f"(if it is only metadata, remove it from config.json)")
 
 
 def resolve_path(path: str) -> str:
@@ -147,11 +58,13 @@ def _rope(c: dict, default_theta: float = 10000.0) -> dict:
     if kind == "su" and c.get("model_type") == "phi3":  # Phi3Config's older name of longrope
         kind = "longrope"
     if kind not in _ROPE_KEYS:
-        raise ValueError(f"config.json: unsupported rope scaling type {kind!r} (supported: "
+        raise ValueError(f"config.json field 'rope_scaling' / 'rope_parameters': unsupported "
+                         f"rope scaling type {kind!r} (supported: "
                          f"{sorted(_ROPE_KEYS)})")
     unknown = set(scaling) - _ROPE_KEYS[kind] - {"rope_type", "type", "partial_rotary_factor"}
     if unknown:
-        raise ValueError(f"config.json: rope scaling field(s) {sorted(unknown)} of type {kind!r} "
+        raise ValueError(f"config.json field 'rope_scaling' / 'rope_parameters': rope scaling "
+                         f"field(s) {sorted(unknown)} of type {kind!r} "
                          f"not implemented")
     if kind == "default":
         return out
@@ -320,11 +233,14 @@ def _moe(c: dict, mt: str) -> dict:
                 moe_renormalize=bool(c.get("norm_topk_prob", False)))
 
 
-def hf_config_to_model_config(c: dict, **overrides: Any) -> ModelConfig:
-    """Map a parsed config.json to ModelConfig. An unknown model_type, or a field / value the
-    importer does not implement (check_fields, _rope, _layer_types), is a ValueError naming it."""
-    check_fields(c)
-    mt = c.get("model_type")
+def hf_config_to_model_config(c: dict, source: str = "config.json",
+                              **overrides: Any) -> ModelConfig:
+    """Map a parsed config.json (`source`: its name in error messages) to ModelConfig. An absent
+    or unknown model_type, or a field / value the importer does not implement (check_fields,
+    _rope, _layer_types), is a ValueError naming it."""
+    mt = model_type_of(c, source)
+    c = {**c, "model_type": mt}
+    check_fields(c, source)
     if mt == "gpt2":
         d = c["n_embd"]
         kw = dict(family="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d,
@@ -363,9 +279,15 @@ def hf_config_to_model_config(c: dict, **overrides: Any) -> ModelConfig:
 
 
 def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
-    """ModelConfig from <path>/config.json (path: local dir or hub name); overrides e.g. dtype."""
-    with open(os.path.join(resolve_path(path), "config.json")) as f:
-        return hf_config_to_model_config(json.load(f), **overrides)
+    """ModelConfig from <path>/config.json (path: local dir or hub name); overrides e.g. dtype.
+    A missing / invalid config.json (or a GGUF-only directory) is an error naming the file
+    (hf_dir.read_config_json)."""
+    from dpo_jax.models.hf_dir import read_config_json
+
+    path = resolve_path(path)
+    return hf_config_to_model_config(read_config_json(path),
+                                     source=os.path.join(path, "config.json"), **overrides)
+
 
 def model_config_to_hf(cfg: ModelConfig) -> dict:
     """transformers config kwargs (legacy key names, accepted by transformers 4.45+ and 5.x)."""
