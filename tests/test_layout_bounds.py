@@ -202,3 +202,20 @@ def test_unpaired_kl_completion_cut_at_max_length(prefix, over):
             if not prefix:  # the KL sequence cut to exactly max_length (when over)
                 assert max(segment_lengths(batch)) == min(10 + long_c, ML)
     assert met > 0
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_unpaired_bound_covers_examples_of_different_batches(prefix):
+    """Auto buckets come from epoch 0's batches; an unpaired bound must also cover a prompt and
+    a completion that first meet in a later epoch: here the longest prompt and the longest
+    completion sit in different batches of the (eval-ordered) epoch 0, whose batch bounds stay
+    exactly one under the global one."""
+    items = [unpaired_item(10, 2), unpaired_item(2, 3), unpaired_item(2, 11), unpaired_item(9, 2)]
+    pipe = make_pipeline("unpaired", items, 2, train=False, bucket_multiple=1,
+                         prefix_sharing=prefix)
+    want = 10 + 1 + 2 * 11 if prefix else 10 + 11  # both maxima in one example's unit
+    batch_bounds = [9 + 1 + 2 * 11, 10 + 1 + 2 * 3] if prefix else [9 + 11, 10 + 3]
+    assert max(batch_bounds) == want - 1
+    assert pipe.buckets[-1] == want
+    if not prefix:
+        assert want == worst_unit("unpaired", False, items)
