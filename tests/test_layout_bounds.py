@@ -76,7 +76,7 @@ def worst_unit(fmt, prefix, items, max_length=ML):
     """The longest unit any batch can hold: every unit (pairs, lists), or every prompt with
     every other example's completion (unpaired: which examples meet changes with the epoch)."""
     if fmt != "unpaired":
-        return max(units(fmt, prefix, items, [i]) [-1] for i in range(len(items)))
+        return max(units(fmt, prefix, items, [i])[-1] for i in range(len(items)))
     return max(max(units(fmt, prefix, items, [j, i], max_length))
                for i, j in itertools.permutations(range(len(items)), 2))
 
@@ -109,19 +109,19 @@ def make_pipeline(fmt, items, batch_size, train=True, **fields):
     return cls(list(items), cfg, train=train, global_batch_size=batch_size, seed=0, pad_id=0)
 
 
-def items_of(fmt, longest_extra=0):
-    """Items of ``fmt`` of mixed lengths whose longest unit is reached by exactly one item
-    (``longest_extra`` adds to that item's longest response); unpaired: two examples share
-    the longest completion and one of them has the longest prompt, so the bound is attained."""
-    e = longest_extra
+def items_of(fmt):
+    """Items of ``fmt`` of mixed lengths whose longest unit is reached by exactly one item;
+    unpaired: two examples share the longest completion and one of them has the longest
+    prompt, so the bound is attained."""
     if fmt == "pairs":
-        return [pair(5, 7, 3), pair(9, 2, 11 + e), pair(3, 4, 4), pair(6, 8, 1),
+        return [pair(5, 7, 3), pair(9, 2, 11), pair(3, 4, 4), pair(6, 8, 1),
                 pair(2, 5, 9), pair(7, 3, 6)]
     if fmt == "ranked":  # lists of 2, 3 and 4 responses (empty slots)
-        return [ranked_item(5, [7, 3]), ranked_item(9, [2, 11 + e, 4]), ranked_item(3, [4, 4, 2, 6]),
-                ranked_item(6, [8, 1]), ranked_item(2, [5, 9, 3]), ranked_item(7, [3, 6, 1, 2])]
+        return [ranked_item(5, [7, 3]), ranked_item(9, [2, 11, 4]),
+                ranked_item(3, [4, 4, 2, 6]), ranked_item(6, [8, 1]), ranked_item(2, [5, 9, 3]),
+                ranked_item(7, [3, 6, 1, 2])]
     # in this order (eval) the longest prompt meets the other longest completion
-    return [unpaired_item(4, 8 + e), unpaired_item(9, 8 + e), unpaired_item(3, 5, False),
+    return [unpaired_item(4, 8), unpaired_item(9, 8), unpaired_item(3, 5, False),
             unpaired_item(6, 2, False), unpaired_item(2, 7), unpaired_item(5, 1, False)]
 
 
