@@ -277,3 +277,4 @@ def test_lora_configs(path, variant, rank, policy):
     rc = read_config(module.get_config(variant))
     assert rc.lora.rank == rank and rc.sources.policy == policy
     assert rc.task == ("sft" if "sft.py" in path else "dpo")
+
