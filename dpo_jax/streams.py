@@ -41,7 +41,8 @@ def load_pairs(rc, splits, model_cfg) -> tuple[dict, dict, object]:
     pairs, stats = {}, {}
     for split in splits:
         if not mixed:
-            pairs[split], stats[split] = data_lib.load_tokenised_pairs(rc.data, split, tokenizer)
+            pairs[split], stats[split] = data_lib.load_tokenised_pairs(
+                rc.data, split, tokenizer, train_items=pairs.get("train"))
             continue
         from dpo_jax.data.pipeline import load_mixture_pairs
 
