@@ -12,6 +12,7 @@ import jax
 from absl import logging
 
 from dpo_jax import data as data_lib
+from dpo_jax import sharding as shard_lib
 from dpo_jax.loop import weighted_means
 
 
@@ -97,7 +98,8 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
         global_batch_size=rc.train.batch_size if split == "train" else rc.train.eval_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=rc.seed,
         pad_id=pad_id, load_stats=stats[split], reference=stored.get(split),
-        mixture=stats[split].pop("mixture_counts", None))
+        mixture=stats[split].pop("mixture_counts", None),
+        row_multiple=1 if mesh is None else shard_lib.num_batch_shards(mesh))
         for split in pairs}
 
 

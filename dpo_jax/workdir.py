@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 
+from dpo_jax.batch_sizes import check_batch_sizes
+
 CONFIG = "config.json"
 HISTORY = "config_history.jsonl"
 SUMMARY = "summary.json"
@@ -241,11 +243,13 @@ def write_summary(run: RunDir, summary: dict) -> None:
 
 def task(fn: Callable[..., dict]) -> Callable[..., dict]:
     """Make ``fn(config, run: RunDir, **kwargs) -> summary`` the task function
-    ``(config, workdir, **kwargs) -> summary``: the workdir is opened and accepted first
-    (:func:`open_run`), and a finished run's summary is returned without calling ``fn``."""
+    ``(config, workdir, **kwargs) -> summary``: the batch sizes are checked against the mesh
+    (``batch_sizes.check_batch_sizes``, ValueError) before anything is written, the workdir is
+    opened and accepted (:func:`open_run`), and a finished run's summary is returned without calling ``fn``."""
 
     @functools.wraps(fn)
     def run_task(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
+        check_batch_sizes(config)  # before the workdir is created
         with open_run(config, workdir) as run:
             return run.summary if run.finished else fn(config, run, **kwargs)
 

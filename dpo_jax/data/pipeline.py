@@ -187,7 +187,11 @@ class PreferencePipeline(BatchStream):
     concatenated in that order (``load_mixture_pairs``); train then orders each epoch by
     ``data.mixture.mixture_order`` (every batch holds the sources by weight), the stream state
     carries the mixture (a resume with another one is refused) and ``stats['mixture']`` gives
-    each source's pairs, weight, share of the epoch's slots and the pairs served."""
+    each source's pairs, weight, share of the epoch's slots and the pairs served.
+
+    ``row_multiple``: packed and prefix-shared row counts are multiples of it (and of
+    ``data.row_multiple`` and ``process_count``); the tasks pass the mesh's data-parallel size
+    (``sharding.num_batch_shards``) so such rows always split over the mesh."""
 
     item_name = "pairs"
 
@@ -195,7 +199,7 @@ class PreferencePipeline(BatchStream):
                  process_index: int = 0, process_count: int = 1, seed: int = 0,
                  pad_id: int = 0, load_stats: dict | None = None,
                  reference: tuple[np.ndarray, np.ndarray] | None = None,
-                 mixture: list[tuple[str, float, int]] | None = None):
+                 mixture: list[tuple[str, float, int]] | None = None, row_multiple: int = 1):
         if mixture is not None and sum(int(k) for _, _, k in mixture) != len(pairs):
             raise ValueError(f"mixture counts {[k for _, _, k in mixture]} do not add up to the "
                              f"{len(pairs)} pairs")
@@ -219,7 +223,7 @@ class PreferencePipeline(BatchStream):
         self.lengths = self._item_lengths(pairs)  # [N, 3] prompt, chosen, rejected
         # Per-pair weights (a pair's "weight", from data.weight_field; 1 when absent).
         self.weights = np.asarray([p.get("weight", 1.0) for p in pairs], np.float32)
-        self.row_multiple = math.lcm(int(cfg.row_multiple), process_count)
+        self.row_multiple = math.lcm(int(cfg.row_multiple), int(row_multiple), process_count)
         self._stats: dict[str, Any] = dict(load_stats or {})
         self._tokens = [0, 0]  # real, total (padded) tokens of the global batches this epoch
         self._shapes: dict[str, int] = {}
