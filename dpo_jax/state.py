@@ -22,7 +22,8 @@ class TrainState:
     params: Any  # the trained parameters: the whole policy, or its adapters under LoRA
     # The frozen reference: None when the loss is reference-free or reference log-probs are
     # precomputed. Under LoRA (dpo_jax/lora.py) it is always the frozen base, the policy's
-    # weights under its adapters and, with the adapters off, the reference.
+    # weights under its adapters, plus (reference = the starting policy, adapters from
+    # model.lora.path) a frozen copy of the initial adapters under 'lora'.
     ref_params: Any
     opt_state: Any
 
