@@ -137,8 +137,9 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     policy (``model.lora.reference='policy'``): with ``reference`` and adapters from
     ``rc.lora.path``, ``ref_params`` also holds a frozen copy of them under ``'lora'``
     (``lora.join`` puts the trained ones in their place for the policy); with
-    ``model.lora.reference='base'`` the reference is the bare base. Raises ValueError for LoRA settings the run contradicts
-    (``lora.check_run``) or a task whose model carries no adapters."""
+    ``model.lora.reference='base'`` the reference is the bare base. Raises ValueError for LoRA
+    settings the run contradicts (``lora.check_run``) or a task whose model carries no
+    adapters."""
     from dpo_jax import lora as lora_lib
     from dpo_jax import lora_peft
     from dpo_jax.optim import make_optimizer

@@ -47,7 +47,14 @@ def load_pairs(rc, splits, model_cfg) -> tuple[dict, dict, object]:
             continue
         from dpo_jax.data.pipeline import load_mixture_pairs
 
-        pairs[split], stats[split], mixture = load_mixture_pairs(rc.data, split, tokenizer)
+        by_source = None
+        if "train" in pairs:  # each source's train pairs, for eval's overlap count
+            by_source, start = {}, 0
+            for name, _, count in stats["train"]["mixture_counts"]:
+                by_source[name] = pairs["train"][start:start + count]
+                start += count
+        pairs[split], stats[split], mixture = load_mixture_pairs(rc.data, split, tokenizer,
+                                                                 train_items=by_source)
         stats[split]["mixture_counts"] = mixture
         if split == "eval":
             start = 0

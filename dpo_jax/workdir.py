@@ -245,7 +245,8 @@ def task(fn: Callable[..., dict]) -> Callable[..., dict]:
     """Make ``fn(config, run: RunDir, **kwargs) -> summary`` the task function
     ``(config, workdir, **kwargs) -> summary``: the batch sizes are checked against the mesh
     (``batch_sizes.check_batch_sizes``, ValueError) before anything is written, the workdir is
-    opened and accepted (:func:`open_run`), and a finished run's summary is returned without calling ``fn``."""
+    opened and accepted (:func:`open_run`), and a finished run's summary is returned without
+    calling ``fn``."""
 
     @functools.wraps(fn)
     def run_task(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:

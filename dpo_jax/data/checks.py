@@ -13,11 +13,14 @@ Two questions, each decided in one place:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
 from dpo_jax.data.errors import DataError
+
+log = logging.getLogger("dpo_jax.data")
 
 TokenPair = dict[str, np.ndarray]
 RESPONSES = ("chosen", "rejected")
@@ -179,3 +182,21 @@ def shared_items(eval_items: Sequence[dict], train_items: Sequence[dict]) -> tup
     pairs = sum(item_token_key(it) in train_keys for it in eval_items)
     prompts = len({_token_key(it["prompt"]) for it in eval_items} & train_prompts)
     return pairs, prompts
+
+
+def overlap_stats(eval_items: list, train_items: list) -> dict[str, int]:
+    """``eval_pairs_in_train`` / ``eval_prompts_in_train`` of ``checks.shared_items``."""
+    shared, prompts = shared_items(eval_items, train_items)
+    return {"eval_pairs_in_train": shared, "eval_prompts_in_train": prompts}
+
+
+def warn_overlap(stats: dict, num_eval: int) -> None:
+    """Log a warning when ``stats`` say eval items are train items."""
+    if stats.get("eval_pairs_in_train"):
+        log.warning(
+            "eval shares %d of its %d pairs with the train split (%d prompts in both; compared "
+            "as token ids): eval metrics partly measure training pairs. Hold out prompts "
+            "instead: data.eval_fraction > 0 when one file serves both splits, "
+            "data.eval_split='' to carve eval from train, or (synthetic) "
+            "data.synthetic.eval_seed != train_seed",
+            stats["eval_pairs_in_train"], num_eval, stats["eval_prompts_in_train"])

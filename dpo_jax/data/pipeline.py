@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from dpo_jax.data import batching, config as config_lib, prefix, synthetic
+from dpo_jax.data.checks import overlap_stats, warn_overlap
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.stream import BatchStream
 from dpo_jax.data.tokenize import PairTokenizer, TokenPair, length_summary, load_tokenizer
@@ -94,26 +95,6 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None, *,
     return pairs, stats
 
 
-def overlap_stats(eval_items: list, train_items: list) -> dict[str, int]:
-    """``eval_pairs_in_train`` / ``eval_prompts_in_train`` of ``checks.shared_items``."""
-    from dpo_jax.data.checks import shared_items
-
-    shared, prompts = shared_items(eval_items, train_items)
-    return {"eval_pairs_in_train": shared, "eval_prompts_in_train": prompts}
-
-
-def warn_overlap(stats: dict, num_eval: int) -> None:
-    """Log a warning when ``stats`` say eval items are train items."""
-    if stats.get("eval_pairs_in_train"):
-        log.warning(
-            "eval shares %d of its %d pairs with the train split (%d prompts in both; compared "
-            "as token ids): eval metrics partly measure training pairs. Hold out prompts "
-            "instead: data.eval_fraction > 0 when one file serves both splits, "
-            "data.eval_split='' to carve eval from train, or (synthetic) "
-            "data.synthetic.eval_seed != train_seed",
-            stats["eval_pairs_in_train"], num_eval, stats["eval_prompts_in_train"])
-
-
 def encode_text_split(cfg, split: str, bad: BadRows, tokenizer, encode, *,
                       train_items: list | None = None):
     """A text source's split, for every ``data.format``: its raw rows (``select_split``)
@@ -139,15 +120,17 @@ def encode_text_split(cfg, split: str, bad: BadRows, tokenizer, encode, *,
     return items, stats
 
 
-def load_mixture_pairs(cfg, split: str, tokenizer=None
+def load_mixture_pairs(cfg, split: str, tokenizer=None, *,
+                       train_items: dict[str, list] | None = None
                        ) -> tuple[list[TokenPair], dict, list[tuple[str, float, int]]]:
     """``load_tokenised_pairs`` of every source of ``cfg.sources`` (``data.mixture``), their
     pairs concatenated in source order.
 
     Returns ``(pairs, stats, mixture)``: ``stats['sources']`` holds each source's own stats
     (``lengths`` those of all pairs), ``mixture`` is ``[(name, weight, pairs)]`` for
-    ``PreferencePipeline``. Raises ``ValueError`` for a bad ``data.sources`` entry and
-    ``DataError`` naming the source for a source without usable pairs."""
+    ``PreferencePipeline``. ``train_items``: each source's train items by name, for eval's
+    overlap count (``load_tokenised_pairs``). Raises ``ValueError`` for a bad ``data.sources``
+    entry and ``DataError`` naming the source for a source without usable pairs."""
     from dpo_jax.data.mixture import mixture_sources
 
     sources = mixture_sources(cfg)
@@ -159,7 +142,8 @@ def load_mixture_pairs(cfg, split: str, tokenizer=None
     mixture = []
     for src in sources:
         try:
-            items, stats = load_tokenised_pairs(src.cfg, split, tok)
+            items, stats = load_tokenised_pairs(src.cfg, split, tok,
+                                                train_items=(train_items or {}).get(src.name))
         except DataError as e:
             raise DataError(f"mixture source {src.name!r}: {e}", reason=e.reason) from e
         pairs.extend(items)

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from dpo_jax.data import batching, prefix, synthetic
-from dpo_jax.data.checks import check_scored_response
+from dpo_jax.data.checks import check_scored_response, overlap_stats, warn_overlap
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.pipeline import PreferencePipeline
 from dpo_jax.data.sources import Message, _get, _get_str, _messages
@@ -225,7 +225,7 @@ def load_tokenised_items(cfg, split: str, tokenizer=None, *,
     ``tokenisation`` and ``split`` for text sources, ``eval_pairs_in_train`` /
     ``eval_prompts_in_train`` for eval, compared as token ids against ``train_items`` or the
     train split tokenised again)."""
-    from dpo_jax.data.pipeline import encode_text_split, overlap_stats, warn_overlap
+    from dpo_jax.data.pipeline import encode_text_split
     from dpo_jax.data.tokenize import length_summary
     from dpo_jax.data.unpaired import checked_unpaired
 
