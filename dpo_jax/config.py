@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = ""  # '' = XLA; 'cudnn' fused GPU kernel; 'chunked' query blocks
     c.model.attention_chunk = 512  # query rows per block with attention_impl='chunked'
     # LoRA (dpo_jax/lora.py): train low-rank adapters over the frozen base (from init.policy,
-    # hf_path or the seed, in param_dtype); the reference is the base with the adapters off
+    # hf_path or the seed, in param_dtype); the reference is the starting policy
     c.model.lora = ml_collections.ConfigDict()
     c.model.lora.rank = 0  # adapter rank (0 = off: every parameter is trained)
     c.model.lora.alpha = 16.0  # the update is (alpha / rank) * dropout(x) @ A @ B
@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora.targets = "all"
     c.model.lora.init = "kaiming"  # A: kaiming (uniform, PEFT's default) or gaussian; B = 0
     c.model.lora.path = ""  # a PEFT LoRA directory as the initial adapters ('' = A random, B 0)
+    # the reference under LoRA: 'policy' = the starting policy (the base with the initial
+    # adapters of model.lora.path, held frozen beside it: step 1 at ln 2); 'base' = the base
+    # with every adapter off (TRL's default for a PEFT model without ref_adapter_name)
+    c.model.lora.reference = "policy"
 
     c.init = ml_collections.ConfigDict()
     c.init.policy = ""  # another run's workdir to take policy params from (e.g. the SFT run)

@@ -1,6 +1,18 @@
 """LoRA (Hu et al. 2021, *LoRA: Low-Rank Adaptation of Large Language Models*): a policy that
-is a frozen base plus trained low-rank adapters, whose reference is the base with the adapters
-off (TRL's default with PEFT): one copy of the base weights serves both forwards.
+is a frozen base plus trained low-rank adapters, whose reference is the starting policy, as
+DPO's objective has it: one copy of the base weights serves both forwards.
+
+The reference (``model.lora.reference``):
+  * ``'policy'`` (default): the policy the run starts from. With seeded adapters (``B = 0``)
+    that is the base alone; with initial adapters from ``model.lora.path`` (a PEFT directory,
+    e.g. an SFT run's) it is the base with those adapters, held as a frozen copy beside the
+    base (``ref_params = {**base, 'lora': initial adapters}``: adapter-sized, never a merged
+    copy of the base), so step 1's loss is ln 2 and its rewards 0. A LoRA run given as
+    ``init.policy`` has its adapters merged into this run's base (``lora_base.run_params``), so
+    there too the base is the starting policy.
+  * ``'base'``: the base with every adapter off, also when ``model.lora.path`` gives initial
+    adapters (TRL's behaviour for a PEFT model without ``ref_adapter_name`` or a reference
+    model): the objective then measures the policy against the base, not the start.
 
 At each targeted projection ``y = x @ W`` the adapted model computes
 ``y = x @ W + (alpha / rank) * dropout(x) @ A @ B`` (``W + A @ B`` is never formed in a training
@@ -17,12 +29,14 @@ Parameter trees (ARCHITECTURE.md: plain nested dicts):
     projection with base weight ``[layers, *in, *out]``: ``A [layers, *in, r]``, ``B [layers,
     r, *out]``, each with its base weight's logical axes and the rank axis unsharded; the LM
     head (``[V, D]``): ``A [D, r]``, ``B [r, V]``;
-  * the policy's tree in a forward: :func:`join` of the two (``{**base, 'lora': ...}``).
+  * the policy's tree in a forward: :func:`join` of the two (``{**base, 'lora': ...}``, the
+    trained adapters replacing any frozen ones of the reference).
     :class:`LoraModel` runs it with the adapters attached at their projections; a tree without
-    ``'lora'`` runs the base alone (the reference).
+    ``'lora'`` runs the base alone.
 
 In a train state (``dpo_jax/state.py``) ``params`` are the adapters and ``ref_params`` the
-frozen base. Checkpoints hold the adapters and their optimizer state, plus the base's
+frozen base (with the frozen initial adapters when the reference is the starting policy and
+they are not zero). Checkpoints hold the adapters and their optimizer state, plus the base's
 fingerprint that a resume checks (``dpo_jax/lora_base.py``, which also rebuilds another LoRA
 run's base and merges its adapters); PEFT directories: ``dpo_jax/lora_peft.py``.
 """
@@ -44,6 +58,7 @@ ATTENTION = ("q", "k", "v", "o")
 MLP = ("up", "gate", "down")
 HEAD = "lm_head"
 INITS = ("kaiming", "gaussian")
+REFERENCES = ("policy", "base")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +72,7 @@ class LoraConfig:
     init: str = "kaiming"
     path: str = ""  # a PEFT adapter directory as the initial adapters
     seed: int = 0  # A's init and the dropout masks
+    reference: str = "policy"  # 'policy': base + initial adapters (frozen); 'base': adapters off
 
     @property
     def scale(self) -> float:
@@ -73,20 +89,25 @@ def read_lora(block, seed: int = 0) -> LoraConfig:
                                         else targets) if t.strip())
     cfg = LoraConfig(rank=int(block.rank), alpha=float(block.alpha), dropout=float(block.dropout),
                      targets=targets, init=str(block.init), path=str(block.path or ""),
-                     seed=int(seed))
+                     seed=int(seed), reference=str(block.get("reference", "policy")))
     if cfg.rank < 0:
         raise ValueError(f"model.lora.rank={cfg.rank}: must be >= 0 (0 = full fine-tuning)")
     if cfg.init not in INITS:
         raise ValueError(f"model.lora.init={cfg.init!r}: expected one of {INITS}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.lora.dropout={cfg.dropout}: must be in [0, 1)")
+    if cfg.reference not in REFERENCES:
+        raise ValueError(f"model.lora.reference={cfg.reference!r}: expected 'policy' (the "
+                         "starting policy: the base with the initial adapters) or 'base' (the "
+                         "base with the adapters off)")
     return cfg
 
 
 def check_run(rc) -> None:
     """Refuse settings that contradict a LoRA policy (``rc`` a ``config.RunConfig``): a reference
-    model of its own (the reference is the base with the adapters off), a reference dtype other
-    than the base's, and TR-DPO (which would move the reference, i.e. the base)."""
+    model of its own (the reference is the starting policy or the base, ``model.lora.reference``),
+    a reference dtype other than the base's, and TR-DPO (which would move the reference, i.e.
+    the frozen base)."""
     if not rc.lora.rank:
         return
     s = rc.sources
@@ -94,10 +115,11 @@ def check_run(rc) -> None:
         which = (f"init.reference={s.reference!r}" if s.reference
                  else f"model.ref_hf_path={s.reference_hf!r}")
         raise ValueError(
-            f"model.lora.rank={rc.lora.rank} with {which}: under LoRA the reference is the base "
-            "model with the adapters off, so a separate reference model is ambiguous. Unset it "
-            "(the base comes from init.policy or model.hf_path), or set model.lora.rank=0 to "
-            "fine-tune all parameters against that reference")
+            f"model.lora.rank={rc.lora.rank} with {which}: under LoRA the reference is the "
+            "starting policy (or, with model.lora.reference='base', the base with the adapters "
+            "off), so a separate reference model is ambiguous. Unset it (the base comes from "
+            "init.policy or model.hf_path), or set model.lora.rank=0 to fine-tune all "
+            "parameters against that reference")
     if s.reference_dtype and s.reference_dtype != rc.model.param_dtype:
         raise ValueError(
             f"model.ref_param_dtype={s.reference_dtype!r} with LoRA: the reference is the base, "
@@ -345,8 +367,9 @@ def make_model(cfg: ModelConfig, lora: LoraConfig | None) -> Model:
 
 def join(base, params, key: jax.Array | None = None):
     """The policy's parameter tree: ``params`` when they are a whole model (full fine-tuning),
-    else the adapters ``params`` over the frozen ``base`` (``{**base, 'lora': ...}``), with the
-    step's dropout ``key`` (None: no dropout, e.g. evaluation)."""
+    else the adapters ``params`` over the frozen ``base`` (``{**base, 'lora': ...}``: they
+    replace the reference's frozen initial adapters when ``base`` holds some), with the step's
+    dropout ``key`` (None: no dropout, e.g. evaluation)."""
     if base is None or "lora" not in params:
         return params
     tree = {**base, "lora": params["lora"]}

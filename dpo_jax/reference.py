@@ -115,7 +115,8 @@ def compute_pair_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], 
     for split, split_pairs in pairs.items():
         pipe = data_lib.PreferencePipeline(
             list(split_pairs), data_cfg, train=False, global_batch_size=B,
-            process_index=jax.process_index(), process_count=jax.process_count(), pad_id=pad_id)
+            process_index=jax.process_index(), process_count=jax.process_count(), pad_id=pad_id,
+            row_multiple=shard_lib.num_batch_shards(mesh))
         logps_N2 = np.zeros((pipe.num_batches * B, 2), np.float32)
         lengths_N2 = np.zeros((pipe.num_batches * B, 2), np.float32)
         for i, batch_np in enumerate(pipe):

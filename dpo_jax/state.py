@@ -22,7 +22,8 @@ class TrainState:
     params: Any  # the trained parameters: the whole policy, or its adapters under LoRA
     # The frozen reference: None when the loss is reference-free or reference log-probs are
     # precomputed. Under LoRA (dpo_jax/lora.py) it is always the frozen base, the policy's
-    # weights under its adapters and, with the adapters off, the reference.
+    # weights under its adapters, plus (reference = the starting policy, adapters from
+    # model.lora.path) a frozen copy of the initial adapters under 'lora'.
     ref_params: Any
     opt_state: Any
 
@@ -131,10 +132,14 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     ``reference``, :func:`init_reference`.
 
     With ``rc.lora.rank`` > 0 (``model`` a ``lora.LoraModel``): the base from ``init`` in
-    ``model.param_dtype`` as the frozen ``ref_params`` (the reference is the base with the
-    adapters off), and the adapters (seeded, or ``rc.lora.path``, a PEFT directory) as the
-    parameters. Raises ValueError for LoRA settings the run contradicts
-    (``lora.check_run``) or a task whose model carries no adapters."""
+    ``model.param_dtype`` as the frozen ``ref_params``, and the adapters (seeded, or
+    ``rc.lora.path``, a PEFT directory) as the parameters. The reference is the starting
+    policy (``model.lora.reference='policy'``): with ``reference`` and adapters from
+    ``rc.lora.path``, ``ref_params`` also holds a frozen copy of them under ``'lora'``
+    (``lora.join`` puts the trained ones in their place for the policy); with
+    ``model.lora.reference='base'`` the reference is the bare base. Raises ValueError for LoRA
+    settings the run contradicts (``lora.check_run``) or a task whose model carries no
+    adapters."""
     from dpo_jax import lora as lora_lib
     from dpo_jax import lora_peft
     from dpo_jax.optim import make_optimizer
@@ -155,7 +160,11 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
             model.abstract_adapters(), model.adapter_axes(), mesh, rc.mesh_rules)
         if lora.path:
             adapters = lora_peft.load_peft(lora.path, model, adapter_shardings)
-        else:
+            if reference and lora.reference == "policy":  # the reference: base + these, frozen
+                frozen = jax.jit(lambda a: jax.tree.map(jnp.copy, a),
+                                 out_shardings=adapter_shardings)(adapters)
+                base = {**base, "lora": frozen["lora"]}
+        else:  # B = 0: the starting policy is the base
             adapters = jax.jit(model.init_adapters, out_shardings=adapter_shardings)(
                 jax.random.fold_in(jax.random.key(lora.seed), 1))
         return Setup(mesh, tx, schedule, adapter_shardings, adapters, base)

@@ -12,6 +12,7 @@ import jax
 from absl import logging
 
 from dpo_jax import data as data_lib
+from dpo_jax import sharding as shard_lib
 from dpo_jax.loop import weighted_means
 
 
@@ -41,11 +42,19 @@ def load_pairs(rc, splits, model_cfg) -> tuple[dict, dict, object]:
     pairs, stats = {}, {}
     for split in splits:
         if not mixed:
-            pairs[split], stats[split] = data_lib.load_tokenised_pairs(rc.data, split, tokenizer)
+            pairs[split], stats[split] = data_lib.load_tokenised_pairs(
+                rc.data, split, tokenizer, train_items=pairs.get("train"))
             continue
         from dpo_jax.data.pipeline import load_mixture_pairs
 
-        pairs[split], stats[split], mixture = load_mixture_pairs(rc.data, split, tokenizer)
+        by_source = None
+        if "train" in pairs:  # each source's train pairs, for eval's overlap count
+            by_source, start = {}, 0
+            for name, _, count in stats["train"]["mixture_counts"]:
+                by_source[name] = pairs["train"][start:start + count]
+                start += count
+        pairs[split], stats[split], mixture = load_mixture_pairs(rc.data, split, tokenizer,
+                                                                 train_items=by_source)
         stats[split]["mixture_counts"] = mixture
         if split == "eval":
             start = 0
@@ -96,7 +105,8 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
         global_batch_size=rc.train.batch_size if split == "train" else rc.train.eval_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=rc.seed,
         pad_id=pad_id, load_stats=stats[split], reference=stored.get(split),
-        mixture=stats[split].pop("mixture_counts", None))
+        mixture=stats[split].pop("mixture_counts", None),
+        row_multiple=1 if mesh is None else shard_lib.num_batch_shards(mesh))
         for split in pairs}
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 
+from dpo_jax.batch_sizes import check_batch_sizes
 from dpo_jax.config import read_config
 from dpo_jax.models.hf_dir import check_hf_dir
 
@@ -257,17 +258,26 @@ def check_model_dirs(config: ml_collections.ConfigDict) -> None:
             check_hf_dir(path, field=f"model.{field}", tokenizer=tokenizer)
 
 
+def check_run(config: ml_collections.ConfigDict) -> None:
+    """Every check a task needs before it writes to the workdir: the model directories
+    (:func:`check_model_dirs`), the config read whole (``config.read_config``: ValueError naming
+    a bad or missing field) and every batch dimension against the mesh
+    (``batch_sizes.check_batch_sizes``)."""
+    check_model_dirs(config)
+    read_config(config)
+    check_batch_sizes(config)
+
+
 def task(fn: Callable[..., dict]) -> Callable[..., dict]:
     """Make ``fn(config, run: RunDir, **kwargs) -> summary`` the task function
-    ``(config, workdir, **kwargs) -> summary``: the model directories and the config are
-    checked first (:func:`check_model_dirs`, ``config.read_config``: a bad file or field raises
-    naming it, before anything is written), then the workdir is opened and accepted (:func:`open_run`), and a finished run's
-    summary is returned without calling ``fn``."""
+    ``(config, workdir, **kwargs) -> summary``. Before anything is written, the run is checked
+    (:func:`check_run`: model directories, the whole config, batch sizes against the mesh; each
+    error names the file or field and the fix); then the workdir is opened and accepted
+    (:func:`open_run`), and a finished run's summary is returned without calling ``fn``."""
 
     @functools.wraps(fn)
     def run_task(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
-        check_model_dirs(config)  # a bad model directory fails before the workdir is written
-        read_config(config)
+        check_run(config)
         with open_run(config, workdir) as run:
             return run.summary if run.finished else fn(config, run, **kwargs)
 

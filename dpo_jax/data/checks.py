@@ -13,11 +13,14 @@ Two questions, each decided in one place:
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Sequence
+import logging
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
 from dpo_jax.data.errors import DataError
+
+log = logging.getLogger("dpo_jax.data")
 
 TokenPair = dict[str, np.ndarray]
 RESPONSES = ("chosen", "rejected")
@@ -149,3 +152,51 @@ def check_fits_model(pairs: Sequence[TokenPair], *, vocab_size: int, max_positio
                 f"{max_positions} (and data.max_prompt_length below it), or use a model with a "
                 f"longer table (model.overrides.max_len / model.hf_path / model.preset)",
                 reason="sequence_too_long")
+
+
+def _token_key(value: Any) -> tuple:
+    """Hashable exact form of a token array (or a list of them) or a label."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_token_key(v) for v in value)
+    a = np.asarray(value)
+    if a.dtype.kind in "iu":
+        a = a.astype(np.int64)
+    return (a.dtype.str, a.shape, a.tobytes())
+
+
+def item_token_key(item: dict) -> tuple:
+    """What an item trains and scores, exactly: its prompt and response token ids after
+    truncation and the target they carry (a pair's chosen / rejected order, a ranked list's
+    ranks, an unpaired completion's label); its weight is not part of it."""
+    return tuple((k, _token_key(item[k])) for k in sorted(item) if k != "weight")
+
+
+def shared_items(eval_items: Sequence[dict], train_items: Sequence[dict]) -> tuple[int, int]:
+    """``(eval items that are also train items, distinct eval prompts that are also train
+    prompts)``, both compared as tokens (``item_token_key``; prompts as their token ids), so
+    texts that differ only where the tokenizer does not (whitespace moved across the prompt /
+    response boundary, a template's spacing) count as the same. Items: tokenised pairs,
+    ranked lists or unpaired completions."""
+    train_keys = {item_token_key(it) for it in train_items}
+    train_prompts = {_token_key(it["prompt"]) for it in train_items}
+    pairs = sum(item_token_key(it) in train_keys for it in eval_items)
+    prompts = len({_token_key(it["prompt"]) for it in eval_items} & train_prompts)
+    return pairs, prompts
+
+
+def overlap_stats(eval_items: list, train_items: list) -> dict[str, int]:
+    """``eval_pairs_in_train`` / ``eval_prompts_in_train`` of ``checks.shared_items``."""
+    shared, prompts = shared_items(eval_items, train_items)
+    return {"eval_pairs_in_train": shared, "eval_prompts_in_train": prompts}
+
+
+def warn_overlap(stats: dict, num_eval: int) -> None:
+    """Log a warning when ``stats`` say eval items are train items."""
+    if stats.get("eval_pairs_in_train"):
+        log.warning(
+            "eval shares %d of its %d pairs with the train split (%d prompts in both; compared "
+            "as token ids): eval metrics partly measure training pairs. Hold out prompts "
+            "instead: data.eval_fraction > 0 when one file serves both splits, "
+            "data.eval_split='' to carve eval from train, or (synthetic) "
+            "data.synthetic.eval_seed != train_seed",
+            stats["eval_pairs_in_train"], num_eval, stats["eval_prompts_in_train"])

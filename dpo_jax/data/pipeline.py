@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from dpo_jax.data import batching, config as config_lib, prefix, synthetic
+from dpo_jax.data.checks import overlap_stats, warn_overlap
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.stream import BatchStream
 from dpo_jax.data.tokenize import PairTokenizer, TokenPair, length_summary, load_tokenizer
@@ -42,7 +43,8 @@ def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
     return synthetic.make_pairs(task, n, seed)
 
 
-def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPair], dict]:
+def load_tokenised_pairs(cfg, split: str, tokenizer=None, *,
+                         train_items: list | None = None) -> tuple[list[TokenPair], dict]:
     """Tokenised pairs of ``split`` ('train' or 'eval') and the stats of getting them.
 
     Every pair passed ``checks.check_scored_pair`` on its tokens as scored (bad rows raise
@@ -50,13 +52,16 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPai
     by reason). Stats: ``lengths``, ``bad_rows_skipped``, ``tokenisation`` (text sources),
     ``split`` (text sources: the dataset split read and, when eval was carved by prompt, the
     sizes), and for eval ``eval_pairs_in_train`` / ``eval_prompts_in_train``: how many eval
-    pairs (prompts) the train split also holds, logged as a warning when pairs are shared."""
+    pairs (prompts) the train split also holds, compared as token ids
+    (``checks.shared_items``), logged as a warning when pairs are shared. ``train_items``: the
+    train split's tokenised items when the caller has them (else the train split is tokenised
+    again for that count)."""
     from dpo_jax.data.checks import check_scored_pair
 
     if cfg.get("format", "pairs") != "pairs":  # ranked lists / unpaired completions
         from dpo_jax.data.ranked import load_tokenised_items
 
-        return load_tokenised_items(cfg, split, tokenizer)
+        return load_tokenised_items(cfg, split, tokenizer, train_items=train_items)
     bad = BadRows(cfg.on_bad_row)
     stats: dict[str, Any] = {}
     if cfg.source == "synthetic":
@@ -75,60 +80,57 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None) -> tuple[list[TokenPai
                 bad.handle(e)
         pairs = kept
         if split == "eval":
-            key = lambda p: (p["prompt"].tobytes(), p["chosen"].tobytes(),  # noqa: E731
-                             p["rejected"].tobytes())
-            train = _synthetic_pairs(cfg, "train")[: cfg.max_pairs or None]
-            train_keys = {key(p) for p in train}
-            train_prompts = {p["prompt"].tobytes() for p in train}
-            stats["eval_pairs_in_train"] = sum(key(p) in train_keys for p in pairs)
-            stats["eval_prompts_in_train"] = len({p["prompt"].tobytes() for p in pairs}
-                                                 & train_prompts)
+            train = (train_items if train_items is not None
+                     else _synthetic_pairs(cfg, "train")[: cfg.max_pairs or None])
+            stats.update(overlap_stats(pairs, train))
     else:
         pairs, stats = encode_text_split(cfg, split, bad, tokenizer,
-                                         lambda encoder, raw: encoder.encode(raw, bad))
+                                         lambda encoder, raw, bad: encoder.encode(raw, bad),
+                                         train_items=train_items)
     if not pairs:
         raise DataError(f"no usable pairs in split {split!r}", file=cfg.path or cfg.source)
-    if stats.get("eval_pairs_in_train"):
-        log.warning(
-            "eval shares %d of its %d pairs with the train split (%d prompts in both): eval "
-            "metrics partly measure training pairs. Hold out prompts instead: "
-            "data.eval_fraction > 0 when one file serves both splits, data.eval_split='' to "
-            "carve eval from train, or (synthetic) data.synthetic.eval_seed != train_seed",
-            stats["eval_pairs_in_train"], len(pairs), stats["eval_prompts_in_train"])
+    warn_overlap(stats, len(pairs))
     stats["bad_rows_skipped"] = dict(bad.counts)
     stats["lengths"] = length_summary(pairs)
     return pairs, stats
 
 
-def encode_text_split(cfg, split: str, bad: BadRows, tokenizer, encode):
+def encode_text_split(cfg, split: str, bad: BadRows, tokenizer, encode, *,
+                      train_items: list | None = None):
     """A text source's split, for every ``data.format``: its raw rows (``select_split``)
-    tokenised by ``encode(encoder, raw) -> (items, kept_at)`` with a ``PairTokenizer`` over
-    ``tokenizer`` (loaded from ``cfg.tokenizer`` when None), ``kept_at`` the raw index of each
-    item. Returns ``(items, stats)``: ``split``, ``tokenisation`` and, for eval, the overlap
-    with the train split (``eval_pairs_in_train``, ``eval_prompts_in_train``)."""
-    from dpo_jax.data.sources import select_split, shared_with_train
+    tokenised by ``encode(encoder, raw, bad) -> (items, kept_at)`` with a ``PairTokenizer``
+    over ``tokenizer`` (loaded from ``cfg.tokenizer`` when None), ``kept_at`` the raw index of
+    each item. Returns ``(items, stats)``: ``split``, ``tokenisation`` and, for eval, the
+    overlap with the train split as token ids (``overlap_stats``) against ``train_items``, or
+    when None the train split tokenised here the same way (its bad rows skipped silently)."""
+    from dpo_jax.data.sources import select_split
 
     stats: dict[str, Any] = {}
     raw, stats["split"] = select_split(cfg, split, bad)
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
     encoder = PairTokenizer(tok, cfg)
-    items, kept_at = encode(encoder, raw)
+    items, _ = encode(encoder, raw, bad)
     stats["tokenisation"] = encoder.stats.as_dict()
     if split == "eval":
-        stats["eval_pairs_in_train"], stats["eval_prompts_in_train"] = shared_with_train(
-            cfg, [raw[i] for i in kept_at])
+        if train_items is None:
+            quiet = BadRows("skip", max_logged=0)
+            train_raw, _ = select_split(cfg, "train", quiet, quiet=True)
+            train_items, _ = encode(PairTokenizer(tok, cfg), train_raw, quiet)
+        stats.update(overlap_stats(items, train_items))
     return items, stats
 
 
-def load_mixture_pairs(cfg, split: str, tokenizer=None
+def load_mixture_pairs(cfg, split: str, tokenizer=None, *,
+                       train_items: dict[str, list] | None = None
                        ) -> tuple[list[TokenPair], dict, list[tuple[str, float, int]]]:
     """``load_tokenised_pairs`` of every source of ``cfg.sources`` (``data.mixture``), their
     pairs concatenated in source order.
 
     Returns ``(pairs, stats, mixture)``: ``stats['sources']`` holds each source's own stats
     (``lengths`` those of all pairs), ``mixture`` is ``[(name, weight, pairs)]`` for
-    ``PreferencePipeline``. Raises ``ValueError`` for a bad ``data.sources`` entry and
-    ``DataError`` naming the source for a source without usable pairs."""
+    ``PreferencePipeline``. ``train_items``: each source's train items by name, for eval's
+    overlap count (``load_tokenised_pairs``). Raises ``ValueError`` for a bad ``data.sources``
+    entry and ``DataError`` naming the source for a source without usable pairs."""
     from dpo_jax.data.mixture import mixture_sources
 
     sources = mixture_sources(cfg)
@@ -140,7 +142,8 @@ def load_mixture_pairs(cfg, split: str, tokenizer=None
     mixture = []
     for src in sources:
         try:
-            items, stats = load_tokenised_pairs(src.cfg, split, tok)
+            items, stats = load_tokenised_pairs(src.cfg, split, tok,
+                                                train_items=(train_items or {}).get(src.name))
         except DataError as e:
             raise DataError(f"mixture source {src.name!r}: {e}", reason=e.reason) from e
         pairs.extend(items)
@@ -168,7 +171,11 @@ class PreferencePipeline(BatchStream):
     concatenated in that order (``load_mixture_pairs``); train then orders each epoch by
     ``data.mixture.mixture_order`` (every batch holds the sources by weight), the stream state
     carries the mixture (a resume with another one is refused) and ``stats['mixture']`` gives
-    each source's pairs, weight, share of the epoch's slots and the pairs served."""
+    each source's pairs, weight, share of the epoch's slots and the pairs served.
+
+    ``row_multiple``: packed and prefix-shared row counts are multiples of it (and of
+    ``data.row_multiple`` and ``process_count``); the tasks pass the mesh's data-parallel size
+    (``sharding.num_batch_shards``) so such rows always split over the mesh."""
 
     item_name = "pairs"
 
@@ -176,7 +183,7 @@ class PreferencePipeline(BatchStream):
                  process_index: int = 0, process_count: int = 1, seed: int = 0,
                  pad_id: int = 0, load_stats: dict | None = None,
                  reference: tuple[np.ndarray, np.ndarray] | None = None,
-                 mixture: list[tuple[str, float, int]] | None = None):
+                 mixture: list[tuple[str, float, int]] | None = None, row_multiple: int = 1):
         if mixture is not None and sum(int(k) for _, _, k in mixture) != len(pairs):
             raise ValueError(f"mixture counts {[k for _, _, k in mixture]} do not add up to the "
                              f"{len(pairs)} pairs")
@@ -200,7 +207,7 @@ class PreferencePipeline(BatchStream):
         self.lengths = self._item_lengths(pairs)  # [N, 3] prompt, chosen, rejected
         # Per-pair weights (a pair's "weight", from data.weight_field; 1 when absent).
         self.weights = np.asarray([p.get("weight", 1.0) for p in pairs], np.float32)
-        self.row_multiple = math.lcm(int(cfg.row_multiple), process_count)
+        self.row_multiple = math.lcm(int(cfg.row_multiple), int(row_multiple), process_count)
         self._stats: dict[str, Any] = dict(load_stats or {})
         self._tokens = [0, 0]  # real, total (padded) tokens of the global batches this epoch
         self._shapes: dict[str, int] = {}

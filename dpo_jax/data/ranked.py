@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from dpo_jax.data import batching, prefix, synthetic
-from dpo_jax.data.checks import check_scored_response
+from dpo_jax.data.checks import check_scored_response, overlap_stats, warn_overlap
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.pipeline import PreferencePipeline
 from dpo_jax.data.sources import Message, _get, _get_str, _messages
@@ -199,11 +199,32 @@ def _synthetic_items(cfg, split: str, fmt: str) -> list[Item]:
             for it in synthetic.make_ranked(task, n, seed, int(s.get("num_responses", 4)))]
 
 
-def load_tokenised_items(cfg, split: str, tokenizer=None) -> tuple[list[Item], dict]:
+def _checked_synthetic(cfg, split: str, bad: BadRows) -> list[Item]:
+    """The synthetic source's checked items of ``split`` (``data.format`` ranked / unpaired)."""
+    from dpo_jax.data.unpaired import checked_unpaired
+
+    items = []
+    for i, it in enumerate(_synthetic_items(cfg, split, cfg.format)[: cfg.max_pairs or None]):
+        try:
+            if cfg.format == "unpaired":
+                items.append(checked_unpaired(it, end_ids={synthetic.EOS_ID}, is_blank=None,
+                                              file="synthetic", row=i))
+            else:
+                items.append(_checked_list(it["prompt"], it["responses"], list(it["scores"]),
+                                           end_ids={synthetic.EOS_ID}, is_blank=None,
+                                           file="synthetic", row=i))
+        except DataError as e:
+            bad.handle(e)
+    return items
+
+
+def load_tokenised_items(cfg, split: str, tokenizer=None, *,
+                         train_items: list | None = None) -> tuple[list[Item], dict]:
     """``load_tokenised_pairs`` for ``data.format`` 'ranked' or 'unpaired': the split's
     tokenised items and the stats of getting them (``lengths``, ``bad_rows_skipped``,
     ``tokenisation`` and ``split`` for text sources, ``eval_pairs_in_train`` /
-    ``eval_prompts_in_train`` for eval)."""
+    ``eval_prompts_in_train`` for eval, compared as token ids against ``train_items`` or the
+    train split tokenised again)."""
     from dpo_jax.data.pipeline import encode_text_split
     from dpo_jax.data.tokenize import length_summary
     from dpo_jax.data.unpaired import checked_unpaired
@@ -212,20 +233,9 @@ def load_tokenised_items(cfg, split: str, tokenizer=None) -> tuple[list[Item], d
     bad = BadRows(cfg.on_bad_row)
     stats: dict[str, Any] = {}
     if cfg.source == "synthetic":
-        items = []
-        for i, it in enumerate(_synthetic_items(cfg, split, fmt)[: cfg.max_pairs or None]):
-            try:
-                if fmt == "unpaired":
-                    items.append(checked_unpaired(it, end_ids={synthetic.EOS_ID}, is_blank=None,
-                                                  file="synthetic", row=i))
-                else:
-                    items.append(_checked_list(it["prompt"], it["responses"],
-                                               list(it["scores"]), end_ids={synthetic.EOS_ID},
-                                               is_blank=None, file="synthetic", row=i))
-            except DataError as e:
-                bad.handle(e)
+        items = _checked_synthetic(cfg, split, bad)
     else:
-        def encode(encoder, raw):
+        def encode(encoder, raw, bad):
             built: list[Item] = []
 
             def check(prompt, responses, item):
@@ -243,9 +253,15 @@ def load_tokenised_items(cfg, split: str, tokenizer=None) -> tuple[list[Item], d
             _, kept_at = encoder.encode_lists(raw, bad, check)
             return built, kept_at
 
-        items, stats = encode_text_split(cfg, split, bad, tokenizer, encode)
+        items, stats = encode_text_split(cfg, split, bad, tokenizer, encode,
+                                         train_items=train_items)
     if not items:
         raise DataError(f"no usable {fmt} items in split {split!r}", file=cfg.path or cfg.source)
+    if cfg.source == "synthetic" and split == "eval":
+        if train_items is None:
+            train_items = _checked_synthetic(cfg, "train", BadRows("skip", max_logged=0))
+        stats.update(overlap_stats(items, train_items))
+    warn_overlap(stats, len(items))
     stats["bad_rows_skipped"] = dict(bad.counts)
     stats["lengths"] = length_summary(pair_views(items))
     return items, stats

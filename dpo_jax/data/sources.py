@@ -299,13 +299,6 @@ def prompt_key(pair: RawPair) -> str:
     return json.dumps(pair.prompt)
 
 
-def pair_key(pair: RawPair) -> tuple[str, ...]:
-    """The prompt and responses (ranked lists: all of them; unpaired: the completion)."""
-    if not isinstance(pair, RawPair):
-        return (prompt_key(pair), *pair.responses)
-    return prompt_key(pair), pair.chosen, pair.rejected
-
-
 def same_rows_for_both_splits(cfg) -> bool:
     """True when ``train_split`` and ``eval_split`` read the same rows: one file (the file *is*
     the split), a ``save_to_disk`` Dataset without splits, or equal split names."""
@@ -386,18 +379,3 @@ def select_split(cfg, split: str, bad: BadRows, *,
     if cfg.max_pairs:
         raw = raw[: cfg.max_pairs]
     return raw, info
-
-
-def count_shared(eval_pairs: list[RawPair], train_pairs: list[RawPair]) -> tuple[int, int]:
-    """(eval pairs that are also train pairs, eval prompts that are also train prompts)."""
-    train_keys = {pair_key(p) for p in train_pairs}
-    train_prompts = {prompt_key(p) for p in train_pairs}
-    pairs = sum(pair_key(p) in train_keys for p in eval_pairs)
-    prompts = len({prompt_key(p) for p in eval_pairs} & train_prompts)
-    return pairs, prompts
-
-
-def shared_with_train(cfg, eval_items: list) -> tuple[int, int]:
-    """``count_shared`` of the kept eval items against the train split's raw items."""
-    train, _ = select_split(cfg, "train", BadRows("skip", max_logged=0), quiet=True)
-    return count_shared(eval_items, train)

@@ -185,6 +185,8 @@ class BatchStream:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """What was served, for logs and the run summary (subclasses add their own)."""
-        return {"split": "train" if self.train else "eval",
+        """What was served, for logs and the run summary (subclasses add their own).
+        ``stream`` is 'train' or 'eval'; ``split`` is left to the loading stats (which rows
+        of which dataset split were read, ``holdout`` sizes)."""
+        return {"stream": "train" if self.train else "eval",
                 "batches_per_epoch": self.num_batches}

@@ -7,16 +7,28 @@ column, ``hh``, ``shp``, ``tldr``, ``ultrafeedback``, ``synthetic``) split into 
 TRL's ``unpair_preference_dataset`` does: (prompt, chosen, True) and (prompt, rejected, False).
 
 Batches: each example is two sequences in the pair layout (slot 0: the prompt with its own
-completion; slot 1: the prompt with the completion of the batch's previous example, cyclically,
-cut to ``data.max_length`` tokens -- TRL's ``_get_kl_dataset`` +1 offset, applied to the
-global batch as served, so the mismatched completions are the batch's own; with
-``data.prefix_sharing`` both in one unit behind one prompt) and ``desirable`` float32 [B]
-(1 / 0). ``losses.kto`` reads slot 1's log-ratios for its reference point.
+completion; slot 1: the prompt with its *mismatched* (KL) completion, cut to
+``data.max_length`` tokens; with ``data.prefix_sharing`` both in one unit behind one prompt)
+and ``desirable`` float32 [B] (1 / 0). ``losses.kto`` reads slot 1's log-ratios for its
+reference point z0.
+
+The KL completion of example j of the global batch (as served, over all processes; eval
+padding slots included) is the completion of the nearest previous example of the batch,
+cyclically, whose completion tokens as cut differ from example j's own -- TRL's
+``_get_kl_dataset`` +1 offset whenever the previous example's completion differs, so the
+mismatched completions are the batch's own. When no example of the batch has a different
+completion (``train.batch_size=1``, an eval batch of one real example padded with its own
+copies, a batch of identical completions), it is the nearest previous item of the split, in
+dataset order cyclically, whose completion differs. So a KL completion is never the example's
+own completion, by construction (TRL refuses ``per_device_train_batch_size=1`` instead); a
+split whose items all have one completion is a ``DataError`` (``kl_completion``) at
+construction.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import numpy as np
@@ -107,6 +119,18 @@ class UnpairedPipeline(SlotPipeline):
 
     def __init__(self, items: list[dict], cfg, **kwargs):
         self._desirable = np.asarray([float(it["desirable"]) for it in items], np.float32)
+        ids: dict[bytes, int] = {}
+        self._completion_id = np.asarray(
+            [ids.setdefault(np.asarray(it["completion"], np.int64).tobytes(), len(ids))
+             for it in items], np.int64)
+        self._partners_cache: tuple[bytes | None, np.ndarray | None] = (None, None)
+        if len(ids) < 2:
+            raise DataError(
+                f"all {len(items)} examples of this split have the same completion, so KTO's "
+                "reference point has no mismatched completion to score (it would equal the "
+                "implied reward): give the split examples with different completions",
+                file=str(cfg.get("path") or cfg.source), field="completion",
+                reason="kl_completion")
         super().__init__(items, cfg, **kwargs)
         # Any two examples may meet in a later epoch's batch: the largest bucket must hold
         # every prompt with every completion.
@@ -115,28 +139,65 @@ class UnpairedPipeline(SlotPipeline):
             self.buckets = self.buckets + [batching.round_up(bound, self.cfg.bucket_multiple)]
             self.pack_length = int(self.cfg.pack_length) or self.buckets[-1]
 
+    def _differs(self, i: int, c: int) -> bool:
+        """Whether item ``c``'s completion, cut as item ``i``'s KL slot cuts it, differs from
+        item ``i``'s own completion."""
+        if self._completion_id[c] == self._completion_id[i]:
+            return False
+        own = self.pairs[i]["completion"]
+        keep = max(int(self.cfg.max_length) - len(self.pairs[i]["prompt"]), 1)
+        return not np.array_equal(self.pairs[c]["completion"][:keep], own)
+
+    def kl_partners(self, idx: np.ndarray) -> np.ndarray:
+        """[B] int64: the item whose completion is the KL completion of each example of the
+        global batch ``idx`` (module doc; eval padding -1 reads item 0, as served)."""
+        idx = np.where(np.asarray(idx) >= 0, idx, 0)
+        key = idx.tobytes()
+        if self._partners_cache[0] == key:
+            return self._partners_cache[1]
+        B, N = len(idx), len(self.pairs)
+        out = np.empty(B, np.int64)
+        for j in range(B):
+            i = int(idx[j])
+            in_batch = (int(idx[(j - k) % B]) for k in range(1, B))
+            in_split = ((i - k) % N for k in range(1, N))
+            for c in itertools.chain(in_batch, in_split):
+                if self._differs(i, c):
+                    out[j] = c
+                    break
+            else:
+                raise DataError(f"item {i}: every other completion of the split, cut to "
+                                f"data.max_length={self.cfg.max_length} after its prompt, "
+                                "equals its own: no mismatched completion for KTO's reference "
+                                "point", row=i, field="completion", reason="kl_completion")
+        self._partners_cache = (key, out)
+        return out
+
     def _bound(self, idx: np.ndarray) -> int:
         """At least the longest sequence (prefix sharing: unit) of any batch of items ``idx``:
         the KL slot pairs a prompt with another example's completion."""
+        idx = np.where(np.asarray(idx) >= 0, idx, 0)
         lens = self.lengths[idx]
+        longest = max(lens[:, 1].max(), self.lengths[self.kl_partners(idx), 1].max())
         if self.prefix_sharing:
-            return int(lens[:, 0].max() + 1 + 2 * lens[:, 1].max())
-        return int(min(lens[:, 0].max() + lens[:, 1].max(), self.cfg.max_length))
+            return int(lens[:, 0].max() + 1 + lens[:, 1].max() + longest)
+        return int(min(lens[:, 0].max() + longest, self.cfg.max_length))
 
     def _longest(self, idx: np.ndarray) -> int:
         return self._bound(idx)
 
     def _slot_lengths(self, idx: np.ndarray) -> np.ndarray:
         lens = self.lengths[idx]
-        kl = np.minimum(lens[:, 0] + np.roll(lens[:, 1], 1),
+        kl = np.minimum(lens[:, 0] + self.lengths[self.kl_partners(idx), 1],
                         np.maximum(self.cfg.max_length, lens[:, 0] + 1))
         return np.concatenate([lens[:, 0] + lens[:, 1], kl])
 
     def unit(self, idx: np.ndarray, j: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The prompt with its completion and the previous example's, cut to max_length."""
+        """The prompt with its completion and its KL completion (``kl_partners``), cut to
+        max_length."""
         item = self.pairs[int(idx[j])]
         prompt = item["prompt"]
-        other = self.pairs[int(idx[(j - 1) % len(idx)])]["completion"]
+        other = self.pairs[int(self.kl_partners(idx)[j])]["completion"]
         keep = max(int(self.cfg.max_length) - len(prompt), 1)
         return prompt, [item["completion"], other[:keep]]
 
