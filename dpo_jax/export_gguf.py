@@ -253,6 +253,17 @@ def _pre_name(pre: dict | None, path: str) -> str:
                      f"splits)")
 
 
+def _space_prefix(pre: dict | None, norm: dict | None) -> bool:
+    """Whether a SentencePiece-style tokenizer.json prepends '▁' to the text (Metaspace's
+    prepend_scheme, or a Prepend normalizer as in older Llama-2 files)."""
+    def steps(x: dict | None, key: str) -> list[dict]:
+        return [] if x is None else x.get(key, [x]) if x.get("type") == "Sequence" else [x]
+
+    return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never"
+               and p.get("add_prefix_space", True) for p in steps(pre, "pretokenizers")) or any(
+        n.get("type") == "Prepend" for n in steps(norm, "normalizers"))
+
+
 def tokenizer_metadata(tok: Any, vocab_size: int, path: str = "tokenizer") -> dict[str, Any]:
     """``tokenizer.*`` metadata of a transformers (fast) tokenizer for a model of
     ``vocab_size`` rows: key -> value (lists become GGUF arrays). Byte-level BPE is written as
@@ -291,7 +302,7 @@ def tokenizer_metadata(tok: Any, vocab_size: int, path: str = "tokenizer") -> di
         "tokenizer.ggml.merges": merges}
     if spm:
         meta["tokenizer.ggml.scores"] = [-float(i) for i in range(vocab_size)]
-        meta["tokenizer.ggml.add_space_prefix"] = True
+        meta["tokenizer.ggml.add_space_prefix"] = _space_prefix(pre, norm)
     for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
                       ("unknown", "unk_token_id"), ("padding", "pad_token_id")):
         if getattr(tok, attr, None) is not None:

@@ -1,0 +1,254 @@
+"""GGUF export (dpo_jax/export_gguf.py), read back independently.
+
+Each family's tiny random HF checkpoint is built here by ``transformers`` with a real-style
+tokenizer (``dpo_jax.data.testing``), imported into dpo_jax, and written as GGUF in every type.
+transformers' own GGUF loader (``from_pretrained(dir, gguf_file=...)``: gguf-py's dequantizers
+and transformers' GGUF->HF tensor map and config mapping) then gives the model whose logits
+must equal dpo_jax's, and the tokenizer whose ids must equal the run's tokenizer's on texts
+that include the chat template's rendering. transformers has no GGUF loader for GPT-NeoX: its
+file is read with ``gguf.GGUFReader`` and mapped back onto ``GPTNeoXForCausalLM`` by a table
+written here from llama.cpp's documented layout (the HF tensors unchanged).
+"""
+
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from dpo_jax import export_gguf
+from dpo_jax.data import testing as toks
+from dpo_jax.models import Model, load_hf_config, load_hf_params, preset
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+# Max |logit difference| to dpo_jax (logits of size ~1.5 here; measured maxima over the
+# families in the README's export section). F32 is round-off; the others are the weights'
+# rounding: F16 10 mantissa bits, BF16 7, Q8_0 8-bit integers times an F16 scale per 32 values.
+TOL = {"F32": 2e-5, "F16": 5e-3, "BF16": 3e-2, "Q8_0": 1e-1}
+IDS = np.random.default_rng(0).integers(3, 300, (2, 24)).astype(np.int32)
+CHAT = [{"role": "user", "content": "What is 12+30?"}, {"role": "assistant", "content": "42."},
+        {"role": "user", "content": "Thanks!\n\nAnd in  words?"}]
+TEXTS = ["Hello there! How are you today?", "  leading spaces\n\n\tand 12345 digits",
+         "héllo wörld ☃ naïve", "The movie was great.<|im_end|> trailing"]
+
+
+def _cfg(family, V):
+    """The tiny transformers config of ``family``. Where transformers' GGUF config mapping
+    leaves a field at its class default, the model uses that default (GPT-2 n_positions 1024,
+    Qwen3 head_dim 128, Gemma head_dim = query_pre_attn_scalar 256 and soft-caps 50 / 30)."""
+    T = transformers
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  max_position_embeddings=64)
+    if family == "llama":
+        return T.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0,
+                             tie_word_embeddings=False, **common)
+    if family == "mistral":
+        return T.MistralConfig(num_attention_heads=4, num_key_value_heads=1,
+                               sliding_window=None, **common)
+    if family == "qwen2":
+        return T.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common)
+    if family == "qwen3":
+        return T.Qwen3Config(num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                             **common)
+    if family == "gemma2":
+        return T.Gemma2Config(num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                              sliding_window=5, **common)
+    if family == "gemma3":  # 7 layers: five sliding, one global, one sliding
+        return T.Gemma3TextConfig(num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                                  sliding_window=5, **{**common, "num_hidden_layers": 7})
+    if family == "phi3":
+        return T.Phi3Config(num_attention_heads=4, num_key_value_heads=2, pad_token_id=2,
+                            bos_token_id=1, eos_token_id=2, **common)
+    if family == "gpt2":
+        return T.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=1024)
+    if family == "neox":
+        return T.GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.5,
+                               max_position_embeddings=64, tie_word_embeddings=False)
+    raise KeyError(family)
+
+
+# family -> the tokenizer its tiny model is saved with. The SentencePiece-style one goes with
+# the llama architecture only: transformers reads a Gemma or Phi-3 file's SentencePiece
+# vocabulary as the real Gemma / Phi-3 tokenizer (no prefix space; a prefix after every special
+# token), which the Llama-2-style tokenizer built here is not.
+TOKENIZERS = {
+    "llama": toks.llama3_style_tokenizer, "mistral": lambda: toks.llama2_style_tokenizer(
+        toks.MISTRAL_TEMPLATE), "qwen2": toks.chatml_tokenizer,
+    "qwen3": lambda: toks.chatml_tokenizer(eos="<|endoftext|>"), "gemma2": toks.chatml_tokenizer,
+    "gemma3": toks.llama3_style_tokenizer, "phi3": toks.llama3_style_tokenizer,
+    "gpt2": toks.gpt2_style_tokenizer, "neox": toks.gpt2_style_tokenizer}
+FAMILIES = list(TOKENIZERS)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    """(family, HF dir, tokenizer, dpo_jax ModelConfig, params, dpo_jax logits on IDS)."""
+    family = request.param
+    d = tmp_path_factory.mktemp(f"gguf_{family}")
+    tok = TOKENIZERS[family]()
+    if tok.pad_token is None:  # as dpo_jax.data.load_tokenizer, which the export uses
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_cfg(family, len(tok) + 5)).eval()
+    with torch.no_grad():  # move every weight (norms off 1, biases off 0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    cfg = load_hf_config(str(d))
+    params = load_hf_params(str(d), cfg)
+    pos = np.broadcast_to(np.arange(IDS.shape[1], dtype=np.int32), IDS.shape)
+    ours = np.asarray(Model(cfg).logits(params, IDS, pos, np.ones_like(IDS)))
+    np.testing.assert_allclose(_logits(model, IDS), ours, atol=2e-5)  # the import is right
+    return family, d, tok, cfg, params, ours
+
+
+def _neox_from_gguf(path):
+    """GPTNeoXForCausalLM from a GGUF file, mapped by this test's own table."""
+    reader = gguf.GGUFReader(path)
+
+    def field(key):
+        f = reader.fields[f"gptneox.{key}"]
+        return f.parts[f.data[0]][0].item()
+
+    D, N = field("embedding_length"), field("attention.head_count")
+    conf = transformers.GPTNeoXConfig(
+        vocab_size=field("vocab_size"), hidden_size=D, num_hidden_layers=field("block_count"),
+        num_attention_heads=N, intermediate_size=field("feed_forward_length"),
+        rotary_pct=field("rope.dimension_count") / (D // N), rotary_emb_base=field(
+            "rope.freq_base"), max_position_embeddings=field("context_length"),
+        layer_norm_eps=field("attention.layer_norm_epsilon"),
+        use_parallel_residual=bool(field("use_parallel_residual")), tie_word_embeddings=False)
+    names = {"token_embd": "gpt_neox.embed_in", "output_norm": "gpt_neox.final_layer_norm",
+             "output": "embed_out", "attn_norm": "input_layernorm",
+             "attn_qkv": "attention.query_key_value", "attn_output": "attention.dense",
+             "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.dense_h_to_4h",
+             "ffn_down": "mlp.dense_4h_to_h"}
+    state = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        w = gguf.dequantize(t.data, t.tensor_type)
+        if parts[0] == "blk":
+            hf = f"gpt_neox.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+        else:
+            hf = f"{names[parts[0]]}.{parts[1]}"
+        state[hf] = torch.from_numpy(np.array(w, np.float32))
+    model = transformers.GPTNeoXForCausalLM(conf).eval()
+    if "lm_head.weight" in model.state_dict():  # transformers 5 names the head lm_head
+        state["lm_head.weight"] = state.pop("embed_out.weight")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    return model
+
+
+def _read_back(path):
+    d, name = os.path.split(path)
+    if gguf.GGUFReader(path).fields["general.architecture"].contents() == "gptneox":
+        return _neox_from_gguf(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name).eval()
+
+
+@pytest.mark.parametrize("gguf_type", export_gguf.GGUF_TYPES)
+def test_gguf_logits_equal_dpo_jax(tiny, gguf_type, tmp_path):
+    family, _, tok, cfg, params, ours = tiny
+    path = str(tmp_path / f"{family}.gguf")
+    export_gguf.write_gguf(path, cfg, params, tok, gguf_type)
+    err = np.abs(_logits(_read_back(path), IDS) - ours).max()
+    print(f"GGUF {family} {gguf_type}: max |logit diff| {err:.3g}")
+    assert err <= TOL[gguf_type], (family, gguf_type, err)
+    if gguf_type != "F32":  # the file really holds the type: not the F32 numbers
+        assert err > 1e-6
+
+
+def test_gguf_tokenizer_ids_and_chat_template(tiny, tmp_path):
+    family, d, tok, cfg, params, _ = tiny
+    path = tmp_path / "m.gguf"
+    export_gguf.write_gguf(str(path), cfg, params, tok, "Q8_0")
+    if family == "neox":  # transformers' GGUF tokenizer builders, without its arch check
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+        arch, tok_dict, tok_config = get_gguf_tokenizer(str(path))
+        backend, _ = convert_gguf_tokenizer(arch, tok_dict)
+        theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config)
+    else:
+        theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    # transformers reads a Phi-3 file's SentencePiece vocabulary as sentencepiece does (and
+    # llama.cpp): a text starting with a space gets one more '▁' than from the Metaspace
+    # pre-tokenizer of the tokenizer built here, so those texts are left out for Phi-3.
+    texts = list(TEXTS)
+    if tok.chat_template:
+        texts.append(tok.apply_chat_template(CHAT, tokenize=False))
+        texts.append(tok.apply_chat_template(CHAT[:1], tokenize=False, add_generation_prompt=True))
+    for text in texts:
+        assert theirs(text)["input_ids"] == tok(text)["input_ids"], (family, text)
+    from transformers.integrations.gguf import get_gguf_tokenizer
+
+    _, _, meta = get_gguf_tokenizer(str(path))  # transformers' reading of the metadata
+    assert meta.get("chat_template") == tok.chat_template
+    for name in ("bos", "eos", "pad"):
+        assert meta[f"{name}_token"] == getattr(tok, f"{name}_token"), name
+
+
+def test_llama_without_the_rope_permutation_is_caught(tiny, tmp_path, monkeypatch):
+    """The tolerance has teeth: the Llama file without llama.cpp's q/k row permutation reads
+    back far outside it."""
+    family, _, tok, cfg, params, ours = tiny
+    if family != "llama":
+        pytest.skip("llama only")
+    monkeypatch.setattr(export_gguf, "_permute_rope", lambda w, n: w)
+    path = str(tmp_path / "unpermuted.gguf")
+    export_gguf.write_gguf(path, cfg, params, tok, "F32")
+    assert np.abs(_logits(_read_back(path), IDS) - ours).max() > 2 * TOL["Q8_0"]
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("name, overrides, match", [
+    ("tiny-gptj", {}, "family 'gptj'.*no GPT-J loader"),
+    ("tiny-llama", {"sliding_window": 8, "max_len": 64}, "sliding_window=8"),
+    ("tiny-llama", {"rope_scaling": "linear", "rope_factor": 2.0}, "rope_scaling='linear'"),
+    ("tiny-llama", {"activation": "gelu_tanh"}, "activation='gelu_tanh'"),
+])
+def test_unrepresentable_models_are_refused_naming_the_field(name, overrides, match, tmp_path):
+    cfg = preset(name, **overrides)
+    params = jax.jit(Model(cfg).init)(jax.random.key(0))
+    out = tmp_path / "x.gguf"
+    with pytest.raises(ValueError, match=match):
+        export_gguf.write_gguf(str(out), cfg, params, None, "F16")
+    assert not out.exists() and not pathlib.Path(str(out) + ".partial").exists()
+
+
+def test_gemma_scale_other_than_head_dim_and_unknown_type_are_refused(tmp_path):
+    cfg = preset("tiny-llama")
+    params = jax.jit(Model(cfg).init)(jax.random.key(0))
+    with pytest.raises(ValueError, match="gguf_type='Q4_K' is not implemented.*Q8_0"):
+        export_gguf.write_gguf(str(tmp_path / "x.gguf"), cfg, params, None, "Q4_K")
+    g = preset("tiny-gemma")
+    bad = preset("tiny-gemma", query_pre_attn_scalar=float(g.head_dim + 8))
+    with pytest.raises(ValueError, match="query_pre_attn_scalar"):
+        export_gguf.check_gguf(bad, "F16")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_tokenizer_llama_cpp_cannot_split_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="ab")
+    with pytest.raises(ValueError, match="pre_tokenizer.*Whitespace.*no llama.cpp"):
+        export_gguf.tokenizer_metadata(tok, 8, "tok_dir")
+    with pytest.raises(ValueError, match="tok_dir: tokenizer id 2 is outside.*vocab_size=2"):
+        export_gguf.tokenizer_metadata(tok, 2, "tok_dir")
