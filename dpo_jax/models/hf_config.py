@@ -25,7 +25,8 @@ _ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast":
 # hints, initialisation, task heads. Fields with "dropout" / "pdrop" in their name are
 # training-time dropout, which dpo_jax never applies (as TRL's default disable_dropout=True).
 _METADATA = frozenset({
-    "_name_or_path", "architectures", "model_type", "transformers_version", "dtype",
+    "_name_or_path", "_model_name_or_path", "architectures", "model_type", "transformers_version",
+    "dtype", "unk_token_id",
     "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
     "decoder_start_token_id", "id2label", "label2id", "problem_type", "initializer_range",
     "use_cache", "cache_implementation", "output_attentions", "output_hidden_states",
