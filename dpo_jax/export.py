@@ -206,11 +206,12 @@ def export_run(workdir: str, out: str, step: int | None = None,
     config, cfg, params, lora_model, adapters = _policy(workdir, step)
     tok_name = config.data.tokenizer or config.model.hf_path
     if fmt == "gguf":
-        tokenizer = None
-        if tok_name:
-            from dpo_jax.data import load_tokenizer
+        if not tok_name:  # llama.cpp cannot load a GGUF file without a vocabulary
+            raise ValueError(f"{workdir}: the run has no tokenizer (data.tokenizer and "
+                             f"model.hf_path are empty); a GGUF file needs one")
+        from dpo_jax.data import load_tokenizer
 
-            tokenizer = load_tokenizer(tok_name)
+        tokenizer = load_tokenizer(tok_name)
         name = os.path.basename(os.path.normpath(config.model.hf_path or workdir))
         return export_gguf.write_gguf(out, cfg, params, tokenizer, gguf_type, name=name)
     if lora_model is not None:

@@ -355,3 +355,11 @@ def test_lora_run_is_exported_merged(tmp_path):
     want = np.asarray(model.logits(lora_lib.join(base_p, adapters), ids, pos, np.ones_like(ids)))
     assert np.abs(_logits(base, ids) - want).max() > 1e-3  # the adapters changed the model
     np.testing.assert_allclose(_logits(_read_back(out), ids), want, atol=1e-4, rtol=0)
+
+
+def test_missing_gguf_package_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(ImportError, match=r"dpo_jax\[gguf\]"):
+        export_gguf._gguf()
