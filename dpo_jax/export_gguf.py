@@ -13,6 +13,9 @@ by the per-architecture tables below, with llama.cpp's three layout conventions:
   [out, in], so they are transposed;
 * Gemma 2 / 3: RMSNorm weights are stored as ``1 + w`` (the scale llama.cpp multiplies by).
 
+Llama 3's rope scaling is the tensor ``rope_freqs.weight`` [head_dim / 2]: the divisor
+llama.cpp applies to each unscaled rope frequency (unscaled / scaled inverse frequency).
+
 Tensor types (``GGUF_TYPES``): 1-D tensors (norms, biases) are always F32; matrices take the
 file's type; with Q8_0 a matrix whose rows are not a multiple of the 32-value block is F16
 (llama.cpp's fallback). The metadata holds the architecture's hyperparameters, the tokenizer
@@ -24,6 +27,7 @@ verification is transformers' own GGUF loader (``tests/test_export_gguf.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -114,8 +118,8 @@ def check_gguf(cfg: ModelConfig, gguf_type: str) -> str:
             bad.append(f"{field}={getattr(cfg, field)!r} (llama.cpp's {arch!r} needs {want})")
 
     need(cfg.activation in _ACT[arch], "activation", " or ".join(_ACT[arch]))
-    need(cfg.rope_scaling is None, "rope_scaling", "None: rope scaling export is not "
-         "implemented")
+    need(cfg.rope_scaling is None or (arch, cfg.rope_scaling) == ("llama", "llama3"),
+         "rope_scaling", "None (of the scalings, only Llama's 'llama3' is exported)")
     if arch in ("gpt2", "gptneox"):
         need(cfg.norm == "layernorm", "norm", "'layernorm'")
         for f in ("qkv_bias", "attn_out_bias", "mlp_bias"):
@@ -210,6 +214,11 @@ def gguf_tensors(arch: str, cfg: ModelConfig, params: dict) -> dict[str, np.ndar
         if arch in _SWA_PATTERN and module.endswith("norm") and kind == "weight":
             w = w + np.float32(1.0)
         out[f"{gname}.{kind}"] = np.ascontiguousarray(w)
+    if cfg.rope_scaling == "llama3":  # llama.cpp divides each rope frequency by its factor
+        from dpo_jax.models.layers import inv_frequencies
+
+        base = np.asarray(inv_frequencies(dataclasses.replace(cfg, rope_scaling=None)))
+        out["rope_freqs.weight"] = (base / np.asarray(inv_frequencies(cfg))).astype(np.float32)
     if arch in ("gpt2", "gptneox") and "output.weight" not in out:
         out["output.weight"] = out["token_embd.weight"]  # llama.cpp requires an output matrix
     return out

@@ -363,3 +363,41 @@ def test_missing_gguf_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(ImportError, match=r"dpo_jax\[gguf\]"):
         export_gguf._gguf()
+
+
+def test_llama3_rope_scaling_is_the_rope_freqs_tensor(tmp_path):
+    """Llama 3's rope scaling: ``rope_freqs.weight`` holds, per frequency, transformers'
+    unscaled inverse frequency over its llama3-scaled one (the divisor llama.cpp applies);
+    transformers' GGUF loader ignores that tensor, so the weights it reads are put into a
+    transformers Llama with the checkpoint's rope scaling, whose logits equal dpo_jax's."""
+    tok = toks.llama3_style_tokenizer()
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    conf = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rope_theta=10000.0, rope_scaling=scaling)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(conf).eval()
+    hf.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    cfg = load_hf_config(str(tmp_path / "src"))
+    assert cfg.rope_scaling == "llama3"
+    params = load_hf_params(str(tmp_path / "src"), cfg)
+    path = export_gguf.write_gguf(str(tmp_path / "m.gguf"), cfg, params, tok, "F32")
+    reader = gguf.GGUFReader(path)
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    Dh = 64 // 4
+    unscaled = 1.0 / 10000.0 ** (np.arange(0, Dh, 2, dtype=np.float64) / Dh)
+    want = unscaled / hf.model.rotary_emb.inv_freq.double().numpy()
+    assert abs(want.max() - 8.0) < 1e-5 and abs(want.min() - 1.0) < 1e-5  # three regimes
+    assert np.any((want > 1.01) & (want < 7.99))
+    np.testing.assert_allclose(np.asarray(freqs.data, np.float64), want, rtol=1e-6)
+    read = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    scaled = transformers.LlamaForCausalLM(conf).eval()
+    scaled.load_state_dict(read.state_dict())
+    ids = np.random.default_rng(1).integers(3, len(tok), (1, 200)).astype(np.int32)
+    pos = np.arange(200, dtype=np.int32)[None]
+    ours = np.asarray(Model(cfg).logits(params, ids, pos, np.ones_like(ids)))
+    np.testing.assert_allclose(_logits(scaled, ids), ours, atol=TOL["F32"], rtol=0)
+    assert np.abs(_logits(read, ids) - ours).max() > 1e-3  # the scaling matters at 200 tokens
