@@ -34,5 +34,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "wandb": ["wandb>=0.17"],  # log.wandb_project: metrics to Weights & Biases
+        # python -m dpo_jax.export --format=gguf (llama.cpp's own GGUF writer and quantizers);
+        # an extra: only that export needs it, and dpo_jax/export_gguf.py names it when absent
+        "gguf": ["gguf>=0.10"],
     },
 )

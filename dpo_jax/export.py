@@ -1,6 +1,7 @@
 """Write a trained policy back as a Hugging Face model directory.
 
     python -m dpo_jax.export --workdir=runs/hh --out=exported/hh [--step=N] [--adapter_out=DIR]
+    python -m dpo_jax.export --workdir=runs/hh --format=gguf --out=hh.gguf [--gguf_type=F16]
 
 Reads the run's ``config.json`` (model shape, HF source, tokenizer) and its newest (or the
 given) checkpoint, and writes ``config.json``, ``model.safetensors`` and, when the run used a
@@ -18,6 +19,10 @@ ids, rope settings, everything), changed only where the trained model differs (a
 ``generation_config.json`` and the tokenizer's files (chat template included) are copied as they
 are. A run from a preset has no source: its ``config.json`` is built from ``transformers``'
 defaults for the model type.
+
+``--format=gguf`` writes one GGUF file instead (``dpo_jax/export_gguf.py``: llama.cpp's tensor
+names and metadata, the run's tokenizer and chat template inside); a LoRA run is written
+merged. The model, the tokenizer and ``--gguf_type`` are checked before the file is created.
 """
 
 from __future__ import annotations
@@ -40,7 +45,12 @@ from dpo_jax.models import hf_config as hf_lib
 from dpo_jax.models.hf import save_hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to export from.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory (HF format).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory (HF format) or file (GGUF).",
+                           required=True)
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "gguf"], "hf: a Hugging Face directory "
+                            "(+ PEFT adapters for LoRA runs); gguf: one llama.cpp GGUF file.")
+_GGUF_TYPE = flags.DEFINE_string("gguf_type", "F16", "--format=gguf: the matrices' type, "
+                                 "F32 | F16 | BF16 | Q8_0 (norms and biases stay F32).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
 _ADAPTER_OUT = flags.DEFINE_string(
     "adapter_out", None, "LoRA runs: the PEFT adapter directory (default: OUT/adapter).")
@@ -154,11 +164,10 @@ def write_hf(out: str, cfg: ModelConfig, params: dict, *, source: str = "",
     return out
 
 
-def export_run(workdir: str, out: str, step: int | None = None,
-               adapter_out: str | None = None) -> str:
-    """Export ``workdir``'s policy at ``step`` to ``out``; returns ``out``. A LoRA run's policy
-    is its base with the adapters merged in, and its adapters also go to ``adapter_out``
-    (default ``out/adapter``) as a PEFT directory."""
+def _policy(workdir: str, step: int | None):
+    """``(config, ModelConfig, params, lora_model, adapters)`` of ``workdir``'s policy at
+    ``step`` (default: newest); a LoRA run's params are its base with the adapters merged in
+    (``lora_model``/``adapters`` None otherwise)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a dpo_jax run directory?")
@@ -173,18 +182,48 @@ def export_run(workdir: str, out: str, step: int | None = None,
         lora_model, base, adapters = lora_base.run_base_and_adapters(workdir, model, shardings,
                                                                    step)
         params = lora_lib.merge(lora_model, base, adapters)
-        model = Model(lora_lib.merged_config(lora_model))
+        return config, lora_lib.merged_config(lora_model), params, lora_model, adapters
+    return config, model.cfg, ckpt_lib.restore_params(workdir, like, step=step), None, None
+
+
+def export_run(workdir: str, out: str, step: int | None = None,
+               adapter_out: str | None = None, fmt: str = "hf", gguf_type: str = "F16") -> str:
+    """Export ``workdir``'s policy at ``step`` to ``out``; returns ``out``.
+
+    ``fmt='hf'``: an HF directory; a LoRA run's policy is its base with the adapters merged in,
+    and its adapters also go to ``adapter_out`` (default ``out/adapter``) as a PEFT directory.
+    ``fmt='gguf'``: one GGUF file (``export_gguf.write_gguf``) of the (merged) policy with
+    matrices in ``gguf_type``, the run's tokenizer and chat template; ValueError before
+    anything is written when llama.cpp cannot represent the model, tokenizer or type."""
+    if fmt == "gguf":
+        from dpo_jax import export_gguf
+
+        if gguf_type not in export_gguf.GGUF_TYPES:  # before the checkpoint is read
+            raise ValueError(f"--gguf_type={gguf_type!r} is not implemented; use one of "
+                             f"{export_gguf.GGUF_TYPES}")
+    elif fmt != "hf":
+        raise ValueError(f"--format={fmt!r}: use 'hf' or 'gguf'")
+    config, cfg, params, lora_model, adapters = _policy(workdir, step)
+    tok_name = config.data.tokenizer or config.model.hf_path
+    if fmt == "gguf":
+        if not tok_name:  # llama.cpp cannot load a GGUF file without a vocabulary
+            raise ValueError(f"{workdir}: the run has no tokenizer (data.tokenizer and "
+                             f"model.hf_path are empty); a GGUF file needs one")
+        from dpo_jax.data import load_tokenizer
+
+        tokenizer = load_tokenizer(tok_name)
+        name = os.path.basename(os.path.normpath(config.model.hf_path or workdir))
+        return export_gguf.write_gguf(out, cfg, params, tokenizer, gguf_type, name=name)
+    if lora_model is not None:
         lora_peft.save_peft(adapter_out or os.path.join(out, "adapter"), lora_model, adapters,
-                           base_model=config.model.hf_path)
-    else:
-        params = ckpt_lib.restore_params(workdir, like, step=step)
-    return write_hf(out, model.cfg, params, source=config.model.hf_path,
-                    tokenizer=config.data.tokenizer or config.model.hf_path)
+                            base_model=config.model.hf_path)
+    return write_hf(out, cfg, params, source=config.model.hf_path, tokenizer=tok_name)
 
 
 def main(argv):
     del argv
-    print(export_run(_WORKDIR.value, _OUT.value, _STEP.value, _ADAPTER_OUT.value))
+    print(export_run(_WORKDIR.value, _OUT.value, _STEP.value, _ADAPTER_OUT.value,
+                     fmt=_FORMAT.value, gguf_type=_GGUF_TYPE.value))
 
 
 if __name__ == "__main__":

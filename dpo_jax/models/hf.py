@@ -195,6 +195,28 @@ def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     return jax.tree_util.tree_map_with_path(build, abstract, shardings)
 
 
+def hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """``params`` (gathered on this host) as the tensors of the family's HF checkpoint: full
+    name (e.g. ``model.layers.0.self_attn.q_proj.weight``) -> array in the HF layout and the
+    parameters' dtype (``hf_maps``' ``join``)."""
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    prefix = hf_maps.FAMILY_MAPS[cfg.family][1][0]
+
+    def get(p: tuple) -> np.ndarray:
+        node = host
+        for k in p:
+            node = node[k]
+        return node
+
+    tensors = {}
+    for t in hf_maps.tensor_specs(cfg):
+        for i, e in _instances(t, cfg):
+            parts = [get(p) if i is None else get(("layers",) + p)[i] for p in t.parts]
+            parts = parts if e is None else [x[e] for x in parts]
+            tensors[hf_maps.full_name(t.name, prefix, i, e)] = np.ascontiguousarray(t.join(parts))
+    return tensors
+
+
 def save_hf(path: str, cfg: ModelConfig, params: dict, tokenizer: Any = None) -> None:
     """Write config.json + model.safetensors (+ tokenizer files) loadable by
     transformers.AutoModelForCausalLM.from_pretrained. Gathers the params on this host."""
@@ -223,21 +245,7 @@ def save_hf(path: str, cfg: ModelConfig, params: dict, tokenizer: Any = None) ->
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
 
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-    prefix = hf_maps.FAMILY_MAPS[cfg.family][1][0]
-
-    def get(p: tuple) -> np.ndarray:
-        node = host
-        for k in p:
-            node = node[k]
-        return node
-
-    tensors = {}
-    for t in hf_maps.tensor_specs(cfg):
-        for i, e in _instances(t, cfg):
-            parts = [get(p) if i is None else get(("layers",) + p)[i] for p in t.parts]
-            parts = parts if e is None else [x[e] for x in parts]
-            tensors[hf_maps.full_name(t.name, prefix, i, e)] = np.ascontiguousarray(t.join(parts))
+    tensors = hf_tensors(cfg, params)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
