@@ -59,8 +59,9 @@ def tables() -> str:
     lines = ["| name | data | reference model | batch statistic | options |",
              "| --- | --- | --- | --- | --- |"]
     for s in specs():
-        lines.append(f"| `{s.name}` | {KIND_DATA[s.kind]} | {_reference(s)} | "
-                     f"{'yes' if s.batch_statistic else 'no'} | {_names(s.option_names) or '—'} |")
+        statistic = "yes" if s.batch_statistic else "no"
+        lines.append(f"| `{s.name}` | {KIND_DATA[s.kind]} | {_reference(s)} | {statistic} | "
+                     f"{_names(s.option_names) or '—'} |")
     lines += ["", "| option | type | default | values | read by | meaning |",
               "| --- | --- | --- | --- | --- | --- |"]
     for o in options():
