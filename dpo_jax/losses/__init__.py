@@ -4,7 +4,10 @@
     loss_cfg = losses.loss_config_from(config.loss)   # validates
     out = losses.preference_loss(loss_cfg, policy_stats, reference_stats, weights=pair_weight)
 
-See docs/losses.md for the table of losses, formulas, papers and hyperparameter ranges.
+See docs/losses.md for the table of losses, formulas, papers and hyperparameter ranges. Each loss
+is a function registered with its declaration (`spec.register` / `spec.declare`: name, data
+kind, reference, batch statistic, options); the config schema, its validation, the name sets
+and the docs' option tables are generated from the declarations (`config.py`, `docs.py`).
 """
 
 from dpo_jax.losses.config import (
@@ -23,6 +26,7 @@ from dpo_jax.losses.config import (
     uses_batch_statistics,
 )
 from dpo_jax.losses.core import preference_loss
+from dpo_jax.losses.spec import LossSpec, Option, declare, register, specs
 from dpo_jax.losses.kto import kto_loss, kto_reference_point
 from dpo_jax.losses.listwise import listwise_loss, plackett_luce, ranked_stats
 from dpo_jax.losses.terms import (
@@ -61,5 +65,10 @@ __all__ = [
     "needs_reference",
     "uses_batch_statistics",
     "preference_loss",
+    "LossSpec",
+    "Option",
+    "declare",
+    "register",
+    "specs",
     "weighted_mean",
 ]

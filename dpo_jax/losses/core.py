@@ -22,17 +22,12 @@ pair's loss; their own entries in ``losses`` are finite garbage meant to be mult
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.losses.config import (
-    DEFAULT_EXO_EPSILON,
-    LossConfig,
-    needs_reference,
-)
+from dpo_jax.losses.spec import KIND_DATA, LossConfig, Option, needs_reference, register, spec
 from dpo_jax.losses.terms import (
+    F_DIVERGENCE_OPTIONS,
     Array,
     LossOutput,
     ORPO_MAX_AVG_LOGP,
@@ -53,9 +48,31 @@ from dpo_jax.losses.terms import (
 )
 
 
+# ----------------------------------------------------------------------------- shared options
+
+DEFAULT_EXO_EPSILON = 1e-3  # EXO needs a strictly positive epsilon (log eps); TRL's old default
+LABEL_SMOOTHING = Option(
+    "label_smoothing", float, None, "label-noise rate ε: cDPO (sigmoid), robust, EXO, AOT; "
+    "EXO needs ε > 0", low=0.0, high=0.5, high_open=True, default_doc="None (0; EXO 1e-3)")
+F_DIV = F_DIVERGENCE_OPTIONS
+
+
+def _exo_epsilon_positive(cfg: LossConfig, raw: dict) -> None:
+    if cfg.label_smoothing == 0.0:
+        raise ValueError(
+            "loss.label_smoothing=0 with exo_pair: EXO needs epsilon > 0 (it takes log eps); "
+            f"leave it None for the default {DEFAULT_EXO_EPSILON}")
+
+
 # ----------------------------------------------------------------------------- the losses
+# Each loss is a function of the shared `_Ctx` registered with its declaration (spec.py): the
+# order of the declarations is the documentation order of `losses.LOSS_NAMES`.
 
 
+@register("sigmoid", reference_free_with="reference_free", options=(
+    LABEL_SMOOTHING,
+    Option("reference_free", bool, False, "reference-free DPO: reference log-probs taken as 0"),
+    *F_DIV))
 def _sigmoid(c: _Ctx) -> _Part:
     # DPO, Rafailov et al. 2023 Eq. 7: -log sigma(beta * h). With label_smoothing eps this is
     # conservative DPO (cDPO, Mitchell 2023): -(1-eps) log sigma(beta h) - eps log sigma(-beta h).
@@ -72,6 +89,7 @@ def _sigmoid(c: _Ctx) -> _Part:
     return _Part(_smoothed_logistic(beta * h, c.cfg.label_smoothing or 0.0), rw, rl, {})
 
 
+@register("hinge", options=F_DIV)
 def _hinge(c: _Ctx) -> _Part:
     # SLiC-HF rank-calibration loss, Zhao et al. 2023 (arXiv 2305.10425): max(0, delta - log-ratio),
     # in the DPO paper / TRL form with the reference: relu(1 - beta * h), i.e. delta = 1 / beta.
@@ -84,6 +102,10 @@ def _ratios_and_scores(c: _Ctx) -> tuple[tuple[Array, Array], tuple[Array, Array
     return (c_w, c_l), _scores(c, c_w, c_l)
 
 
+@register("ipo", options=(
+    Option("ipo_logps", str, "average", "IPO on per-token average log-probs (the paper's and "
+           "TRL's) or on summed ones", choices=("average", "sum")),
+    *F_DIV))
 def _ipo(c: _Ctx) -> _Part:
     # IPO, Azar et al. 2023 Eq. 17: (h - 1/(2 tau))^2 with tau = beta. The paper (and TRL) use
     # per-token AVERAGE log-probs; ipo_logps='sum' uses summed log-probs instead.
@@ -97,6 +119,7 @@ def _ipo(c: _Ctx) -> _Part:
     return _Part(residual**2, _sg(beta * c_w), _sg(beta * c_l), {})
 
 
+@register("exo_pair", options=(LABEL_SMOOTHING, *F_DIV), check=_exo_epsilon_positive)
 def _exo_pair(c: _Ctx) -> _Part:
     # EXO-pref, Ji et al. 2024 Eq. 16 with K = 2: KL(p_theta || p_label) where
     # p_theta = (sigma(beta h), sigma(-beta h)) and p_label = (1 - eps, eps):
@@ -110,6 +133,7 @@ def _exo_pair(c: _Ctx) -> _Part:
     return _Part(losses, *_dpo_rewards(c), {})
 
 
+@register("nca_pair")
 def _nca_pair(c: _Ctx) -> _Part:
     # NCA, Chen et al. 2024 (Noise Contrastive Alignment, arXiv 2402.05369; pairwise form as in
     # TRL nca_pair; eq. number not re-checked), r = beta c:
@@ -119,6 +143,7 @@ def _nca_pair(c: _Ctx) -> _Part:
     return _Part(losses, _sg(rw), _sg(rl), {})
 
 
+@register("robust", options=(LABEL_SMOOTHING, *F_DIV))
 def _robust(c: _Ctx) -> _Part:
     # Robust DPO (rDPO), Chowdhury et al. 2024 (arXiv 2403.00409; the de-biased loss under label-flip
     # rate eps, eq. number not re-checked), with
@@ -129,6 +154,7 @@ def _robust(c: _Ctx) -> _Part:
     return _Part(losses, *_dpo_rewards(c), {})
 
 
+@register("bco_pair", batch_statistic=True)
 def _bco_pair(c: _Ctx) -> _Part:
     # BCO, Jung et al. 2024 (arXiv 2404.04656) on pairs (TRL bco_pair; eq. number not
     # re-checked): -log sigma(r_w - delta)
@@ -142,6 +168,7 @@ def _bco_pair(c: _Ctx) -> _Part:
     return _Part(losses, _sg(rw), _sg(rl), {"bco_delta": delta})
 
 
+@register("sppo_hard")
 def _sppo_hard(c: _Ctx) -> _Part:
     # SPPO, Wu et al. 2024 Eq. 4.7 (Algorithm 1) with hard win probabilities P = 1 / 0 and
     # eta = 1/beta: (c_w - 1/(2 beta))^2 + (c_l + 1/(2 beta))^2   (TRL sppo_hard).
@@ -161,18 +188,21 @@ def _rank_matched(c: _Ctx, x: Array, y: Array) -> _Part:
     return _Part(jnp.zeros_like(x).at[order_x].set(rank_loss), *_dpo_rewards(c), {})
 
 
+@register("aot", batch_statistic=True, options=(LABEL_SMOOTHING,))
 def _aot(c: _Ctx) -> _Part:
     # AOT paired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot): the policy log-ratios
     # pi_w - pi_l matched by rank with the reference log-ratios ref_w - ref_l.
     return _rank_matched(c, c.pi_w - c.pi_l, c.ref_w - c.ref_l)
 
 
+@register("aot_unpaired", batch_statistic=True, options=(LABEL_SMOOTHING,))
 def _aot_unpaired(c: _Ctx) -> _Part:
     # AOT unpaired, Melnyk et al. 2024 (arXiv 2406.05882; TRL aot_unpaired): the chosen
     # log-ratios c_w matched by rank with the rejected log-ratios c_l.
     return _rank_matched(c, *_log_ratios(c))
 
 
+@register("apo_zero")
 def _apo_zero(c: _Ctx) -> _Part:
     # APO-zero, D'Oosterlinck et al. 2024 Eq. 7: 1 - sigma(beta c_w) + sigma(beta c_l)
     # (raise chosen, lower rejected; for chosen answers better than the model's own).
@@ -181,6 +211,7 @@ def _apo_zero(c: _Ctx) -> _Part:
     return _Part(1.0 - jax.nn.sigmoid(beta * c_w) + jax.nn.sigmoid(beta * c_l), *_dpo_rewards(c), {})
 
 
+@register("apo_down")
 def _apo_down(c: _Ctx) -> _Part:
     # APO-down, D'Oosterlinck et al. 2024 Eq. 8: sigma(beta c_w) + 1 - sigma(beta (c_w - c_l))
     # (lower both, rejected more; for chosen answers worse than the model's own).
@@ -190,6 +221,10 @@ def _apo_down(c: _Ctx) -> _Part:
     return _Part(losses, *_dpo_rewards(c), {})
 
 
+@register("discopop", options=(
+    Option("discopop_tau", float, 0.05, "temperature τ of the logistic / exponential mixing "
+           "(Lu et al. 2024; TRL discopop_tau)", low=0.0, low_open=True),
+    *F_DIV))
 def _discopop(c: _Ctx) -> _Part:
     # DiscoPOP / LRML, Lu et al. 2024 Eq. 5, z = beta h, tau = discopop_tau:
     # (1 - sigma(z/tau)) * (-log sigma(z)) + sigma(z/tau) * exp(-z).
@@ -202,6 +237,7 @@ def _discopop(c: _Ctx) -> _Part:
     return _Part(logistic + jnp.exp(exponent), *_dpo_rewards(c), {})
 
 
+@register("sigmoid_norm", options=F_DIV)
 def _sigmoid_norm(c: _Ctx) -> _Part:
     # Length-normalised DPO (TRL sigmoid_norm; the Tulu 3 recipe, Lambert et al. 2024):
     # -log sigma(beta (s_w/|y_w| - s_l/|y_l|)), s = the log-ratio or its f-DPO score. Rewards
@@ -212,6 +248,7 @@ def _sigmoid_norm(c: _Ctx) -> _Part:
     return _Part(losses, _sg(beta * c_w / c.len_w), _sg(beta * c_l / c.len_l), {})
 
 
+@register("sft", reference=False)
 def _sft(c: _Ctx) -> _Part:
     # Supervised NLL of the chosen response, per-token average (TRL sft / MPO generation term).
     # SFT defines no implicit reward; the reported rewards are the per-token average log-probs
@@ -220,6 +257,9 @@ def _sft(c: _Ctx) -> _Part:
     return _Part(nll, _sg(c.pi_w / c.len_w), _sg(c.pi_l / c.len_l), {"nll_loss": nll})
 
 
+@register("simpo", reference=False, options=(
+    Option("simpo_gamma", float, 0.5, "target reward margin γ, in reward units (not γ/β); TRL "
+           "CPOConfig.simpo_gamma", low=0.0),))
 def _simpo(c: _Ctx) -> _Part:
     # SimPO, Meng et al. 2024 Eq. 6 (reference-free, length-normalised, target margin gamma):
     # -log sigma(beta pi_w/|y_w| - beta pi_l/|y_l| - gamma). Rewards beta * pi / |y| (Eq. 4).
@@ -234,6 +274,7 @@ def _log1mexp(x: Array) -> Array:
     return jnp.where(x > -0.6931471805599453, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
+@register("orpo", reference=False)
 def _orpo(c: _Ctx) -> _Part:
     # ORPO, Hong et al. 2024 Eq. 6-8: L = NLL(y_w) - lambda log sigma(log odds(y_w) - log odds(y_l)),
     # odds(y) = p / (1 - p) with log p = pi / |y| (per-token average); lambda = beta (as TRL's
@@ -252,6 +293,9 @@ def _orpo(c: _Ctx) -> _Part:
     return _Part(losses, _sg(beta * c.pi_w / c.len_w), _sg(beta * c.pi_l / c.len_l), extras)
 
 
+@register("rpo", options=(
+    Option("rpo_alpha", float, 1.0, "weight α of the chosen NLL added to DPO (Pang et al. 2024: "
+           "1)", low=0.0),))
 def _rpo(c: _Ctx) -> _Part:
     # RPO / IRPO, Pang et al. 2024 Eq. 1: DPO + alpha * NLL(y_w), the NLL normalised by the
     # chosen length (TRL rpo_alpha). Here the NLL is the per-pair token mean -pi_w/|y_w|; TRL
@@ -262,6 +306,10 @@ def _rpo(c: _Ctx) -> _Part:
     return _Part(losses, *_dpo_rewards(c), {"nll_loss": nll})
 
 
+@register("rdpo", options=(
+    Option("rdpo_alpha", float, None, "length penalty α per token in βh - α(|y_w| - |y_l|)",
+           low=0.0, required="e.g. 0.01; there is no safe default because it scales with "
+           "response lengths", default_doc="None (required)"),))
 def _rdpo(c: _Ctx) -> _Part:
     # R-DPO, Park et al. 2024 (arXiv 2403.19159; length-regularised DPO, eq. number not re-checked):
     # -log sigma(beta h - alpha (|y_w| - |y_l|)), lengths in tokens.
@@ -270,6 +318,9 @@ def _rdpo(c: _Ctx) -> _Part:
     return _Part(-jax.nn.log_sigmoid(margin), *_dpo_rewards(c), {})
 
 
+@register("dpop", options=(
+    Option("dpop_lambda", float, 50.0, "weight λ of the penalty max(0, ref_w - pi_w) inside "
+           "DPO's margin (Pal et al. 2024: 50)", low=0.0),))
 def _dpop(c: _Ctx) -> _Part:
     # DPO-Positive, Pal et al. 2024 ("Smaug", arXiv 2402.13228, Eq. 3):
     # -log sigma(beta (h - lambda max(0, ref_w - pi_w))): the penalty switches on as soon as the
@@ -278,42 +329,6 @@ def _dpop(c: _Ctx) -> _Part:
     penalty = jax.nn.relu(-c_w)
     losses = -jax.nn.log_sigmoid(c.cfg.beta * (c_w - c_l - c.cfg.dpop_lambda * penalty))
     return _Part(losses, *_dpo_rewards(c), {"dpop_penalty": penalty})
-
-
-def _plackett_luce_pair(c: _Ctx) -> _Part:
-    # Rafailov et al. 2023, Appendix A.3 with K = 2 (a ranking of two is a pair): equals
-    # `sigmoid` to the last bit; ranked lists of K responses go through listwise.listwise_loss.
-    from dpo_jax.losses.listwise import plackett_luce
-
-    c_w, c_l = _log_ratios(c)
-    losses = plackett_luce(jnp.stack([c_w, c_l], axis=1), jnp.ones((c_w.shape[0], 2)),
-                           c.cfg.beta, c.cfg.pl_top_k)
-    return _Part(losses, *_dpo_rewards(c), {})
-
-
-_LOSS_FNS: dict[str, Callable[[_Ctx], _Part]] = {
-    "sigmoid": _sigmoid,
-    "hinge": _hinge,
-    "ipo": _ipo,
-    "exo_pair": _exo_pair,
-    "nca_pair": _nca_pair,
-    "robust": _robust,
-    "bco_pair": _bco_pair,
-    "sppo_hard": _sppo_hard,
-    "aot": _aot,
-    "aot_unpaired": _aot_unpaired,
-    "apo_zero": _apo_zero,
-    "apo_down": _apo_down,
-    "discopop": _discopop,
-    "sigmoid_norm": _sigmoid_norm,
-    "sft": _sft,
-    "simpo": _simpo,
-    "orpo": _orpo,
-    "rpo": _rpo,
-    "rdpo": _rdpo,
-    "dpop": _dpop,
-    "plackett_luce": _plackett_luce_pair,
-}
 
 
 def preference_loss(
@@ -333,9 +348,10 @@ def preference_loss(
     The reference's lengths are ignored: both models score the same tokens, so the policy's
     lengths are used everywhere.
     """
-    if "kto" in cfg.names:
-        raise ValueError("loss 'kto' trains on unpaired labelled completions: set "
-                         "data.format='unpaired' (a pair source is split into unpaired rows)")
+    for name in cfg.names:
+        if spec(name).fn is None:
+            raise ValueError(f"loss {name!r} trains on {KIND_DATA[spec(name).kind]}, not on "
+                             "pairs (a pair source is split into the rows it needs)")
     if needs_reference(cfg) and reference is None:
         raise ValueError(f"loss(es) {list(cfg.names)} need reference log-probs, got reference=None")
     f32 = jnp.float32
@@ -358,7 +374,7 @@ def preference_loss(
     extras: dict[str, Array] = {}
     parts: dict[str, _Part] = {}
     for name, w in zip(cfg.names, cfg.weights):
-        part = parts[name] = _LOSS_FNS[name](ctx)
+        part = parts[name] = spec(name).fn(ctx)
         total = total + w * part.losses
         for key, value in part.extras.items():  # per-pair diagnostics -> weighted batch means
             extras[key] = value if value.ndim == 0 else weighted_mean(_sg(value), ctx.weights)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.losses.config import LossConfig
+from dpo_jax.losses.spec import LossConfig, LossSpec, Option, declare
 from dpo_jax.losses.terms import Array, LossOutput, SequenceStats, _sg
 
 
@@ -89,3 +89,11 @@ def kto_loss(cfg: LossConfig, policy: SequenceStats, reference: SequenceStats,
     }
     extras["rewards/margins"] = extras["rewards/chosen"] - extras["rewards/rejected"]
     return LossOutput(losses=losses_B, chosen_rewards=r_B, rejected_rewards=r_B, extras=extras)
+
+
+# KTO reads no pairs (fn=None): the step calls kto_loss on data.format='unpaired' batches.
+declare(LossSpec("kto", fn=None, kind="unpaired", batch_statistic=True, options=(
+    Option("desirable_weight", float, 1.0, "λ_D: weight of the desirable examples' losses "
+           "(TRL KTOConfig)", low=0.0, low_open=True),
+    Option("undesirable_weight", float, 1.0, "λ_U: weight of the undesirable examples' losses "
+           "(TRL KTOConfig)", low=0.0, low_open=True))))

@@ -27,8 +27,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.losses.config import LossConfig
-from dpo_jax.losses.terms import Array, LossOutput, SequenceStats, _sg, weighted_mean
+from dpo_jax.losses.spec import LossConfig, Option, register
+from dpo_jax.losses.terms import (Array, LossOutput, SequenceStats, _Ctx, _dpo_rewards,
+                                  _log_ratios, _sg, weighted_mean)
 
 
 def competition_ranks(mask_BK: Array, ranks_BK: Array | None) -> Array:
@@ -126,3 +127,15 @@ def listwise_loss(cfg: LossConfig, policy_logps_BK: Array, reference_logps_BK: A
         extras[f"rewards/rank_{k}"] = jnp.sum(wk * r_BK[:, k]) / jnp.maximum(jnp.sum(wk), 1e-12)
     return LossOutput(losses=losses_B, chosen_rewards=r_BK[:, 0],
                       rejected_rewards=last_real(r_BK, mask_BK), extras=extras)
+
+
+@register("plackett_luce", kind="list", options=(
+    Option("pl_top_k", int, None, "only the first k ranks are Plackett-Luce stages (the top-k "
+           "truncated ranking likelihood)", low=1, default_doc="None (all ranks)"),))
+def _plackett_luce_pair(c: _Ctx) -> LossOutput:
+    # Rafailov et al. 2023, Appendix A.3 with K = 2 (a ranking of two is a pair): equals
+    # `sigmoid` to the last bit; ranked lists of K responses go through listwise_loss.
+    c_w, c_l = _log_ratios(c)
+    losses = plackett_luce(jnp.stack([c_w, c_l], axis=1), jnp.ones((c_w.shape[0], 2)),
+                           c.cfg.beta, c.cfg.pl_top_k)
+    return LossOutput(losses, *_dpo_rewards(c), {})

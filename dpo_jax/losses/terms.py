@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dpo_jax.losses.config import LossConfig
+from dpo_jax.losses.spec import LossConfig, Option, readers
 
 Array = jax.Array
 
@@ -128,8 +128,45 @@ def f_divergence_score(r: Array, f_divergence_type: str, alpha: float = 0.5) -> 
     return jnp.clip(score, -F_SCORE_MAX, F_SCORE_MAX)
 
 
+F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence",
+                                       "alpha_divergence")
+
+
+def _check_f_divergence_type(cfg: LossConfig, raw: dict) -> None:
+    """As in TRL, a divergence other than reverse_kl applies only to the losses built on the
+    chosen and rejected log-ratios alone: every other selected loss refuses it."""
+    f_type, users = cfg.f_divergence_type, readers("f_divergence_type")
+    others = [n for n in cfg.names if n not in users]
+    if f_type != "reverse_kl" and others:
+        raise ValueError(
+            f"loss.f_divergence_type={f_type!r} does not apply to loss(es) {others} (as in "
+            f"TRL, only {', '.join(sorted(users))} replace their log-ratios by "
+            "the f-DPO score); drop those losses or use f_divergence_type='reverse_kl'")
+
+
+def _check_f_alpha(cfg: LossConfig, raw: dict) -> None:
+    if raw.get("f_alpha_divergence_coef") is not None and (
+            cfg.f_divergence_type != "alpha_divergence"):
+        raise ValueError(
+            f"loss.f_alpha_divergence_coef={raw['f_alpha_divergence_coef']!r} is set but "
+            f"unused with f_divergence_type={cfg.f_divergence_type!r}; it is read only with "
+            "f_divergence_type='alpha_divergence'")
+
+
+# The options of the losses that read their log-ratios through f_divergence_score (declare
+# both to get f-DPO); their readers are losses.F_DIVERGENCE_LOSSES.
+F_DIVERGENCE_OPTIONS: tuple[Option, ...] = (
+    Option("f_divergence_type", str, "reverse_kl", "f-DPO score replacing each log-ratio (TRL's "
+           "name and values); every other selected loss refuses a value other than reverse_kl",
+           choices=F_DIVERGENCE_TYPES, check=_check_f_divergence_type),
+    Option("f_alpha_divergence_coef", float, 0.5, "α of f_divergence_type='alpha_divergence' "
+           "(any finite value; α = 1 is reverse KL); read only with alpha_divergence",
+           check=_check_f_alpha),
+)
+
+
 def _scores(c: _Ctx, c_w: Array, c_l: Array) -> tuple[Array, Array]:
-    """The log-ratios (c_w, c_l) as the losses of F_DIVERGENCE_LOSSES read them: replaced by
+    """The log-ratios (c_w, c_l) as the losses declaring F_DIVERGENCE_OPTIONS read them: replaced by
     their f-DPO scores under cfg.f_divergence_type (identity for reverse_kl)."""
     f, alpha = c.cfg.f_divergence_type, c.cfg.f_alpha_divergence_coef
     return f_divergence_score(c_w, f, alpha), f_divergence_score(c_l, f, alpha)
