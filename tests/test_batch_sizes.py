@@ -133,11 +133,15 @@ def test_packed_rows_are_padded_to_the_data_parallel_size(prefix_sharing):
 
 
 def test_packed_dpo_run_on_eight_devices(tmp_path):
-    """A packed DPO run whose packed row counts are not multiples of 8 unless padded."""
+    """A packed DPO run whose packed row counts are not multiples of 8 unless padded: the 16
+    sequences of a batch pack into 4 rows of 128 (one 128 bucket, so packing is cheaper than
+    16 unpacked rows), which the 8-device mesh cannot split; the run pads them to 8."""
     c = runs.dpo_config(steps=2, batch_size=8, eval_every=2, eval_batch_size=8)
     c.mesh.shape = {"data": 8, "fsdp": 1, "tensor": 1}
-    c.data.update(packing=True, pack_length=128)
+    c.data.update(packing=True, pack_length=128, buckets="128")
     summary = runs.run(c, tmp_path / "run")
     assert summary["finished"] and np.isfinite(summary["final_eval"]["loss"])
-    shapes = summary["data"]["train"]["shapes_seen"]
-    assert all(int(s.split("x")[0]) % 8 == 0 for s in shapes), shapes
+    for split in ("train", "eval"):
+        shapes = summary["data"][split]["shapes_seen"]
+        rows = [int(s.split("x")[0]) for s in shapes]
+        assert all(r % 8 == 0 and r < 16 for r in rows), shapes  # packed, and padded to 8

@@ -70,7 +70,7 @@ def test_field_overrides_work_with_and_without_config_flag():
 ])
 def test_a_text_source_without_a_tokenizer_is_named_before_the_workdir_is_written(tmp_path,
                                                                                   data):
-    from dpo_jax.config import base_config, read_config
+    from dpo_jax.config import _check_tokenizer, base_config, read_config
     from dpo_jax.train import train_and_evaluate
     c = base_config()
     for k, v in data.items():
@@ -81,3 +81,5 @@ def test_a_text_source_without_a_tokenizer_is_named_before_the_workdir_is_writte
     assert not workdir.exists()
     c.data.tokenizer = "some/tokenizer"  # named: the check passes (loading is the pipeline's)
     assert read_config(c).data.tokenizer == "some/tokenizer"
+    c.data.tokenizer, c.model.hf_path = "", "some/model"  # the model directory's tokenizer
+    _check_tokenizer(c)  # passes (read_config would load the model's config.json)

@@ -157,3 +157,25 @@ def test_held_out_sizes_reach_the_run_summary(tmp_path):
         assert data["eval"]["eval_pairs_in_train"] == 0
         assert data["train"]["stream"] == "train" and data["eval"]["stream"] == "eval"
     assert np.isfinite(summary["final_eval"]["loss"])
+
+
+def test_repeats_count_per_eval_pair_and_weights_are_not_compared(tmp_path):
+    """Counted by hand (gpt2-style tokenizer, text source): eval holds training pair 0 twice
+    (two eval pairs are training pairs: the count is over eval pairs, not train pairs), pair 1
+    restated with its trailing prompt space moved and another ``data.weight_field`` weight (the
+    same tokens: a weight is not what is trained or scored), and pair 2 with its responses
+    swapped (another target). 3 pairs, 3 distinct prompts (0, 1, 2) shared."""
+    tok = gpt2_style_tokenizer()
+    rows = lambda split: [{"prompt": p, "chosen": c, "rejected": r, "w": w}  # noqa: E731
+                          for p, c, r, w in split]
+    train = [(*row, 1.0) for row in TRAIN]
+    evals = [(*TRAIN[0], 1.0), (*TRAIN[0], 1.0), ("Topic 1: ", "fine 1", "poor 1", 0.25),
+             ("Topic 2:", " poor 2", " fine 2", 1.0)]
+    helpers.write_jsonl(tmp_path / "train.jsonl", rows(train))
+    helpers.write_jsonl(tmp_path / "test.jsonl", rows(evals))
+    cfg = helpers.data_config(source="generic", tokenizer="unused", path=str(tmp_path),
+                              weight_field="w")
+    for train_items in (None, load_tokenised_pairs(cfg, "train", tok)[0]):
+        pairs, stats = load_tokenised_pairs(cfg, "eval", tok, train_items=train_items)
+        assert sorted(p.get("weight", 1.0) for p in pairs) == [0.25, 1.0, 1.0, 1.0]
+        assert (stats["eval_pairs_in_train"], stats["eval_prompts_in_train"]) == (3, 3)

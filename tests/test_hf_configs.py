@@ -164,6 +164,19 @@ def test_model_type_absent():
     assert "model_type" not in c and hf_config_to_model_config(c).family == "gpt2"
     with pytest.raises(ValueError, match="field 'model_type' is absent"):
         hf_config_to_model_config({k: v for k, v in c.items() if k != "architectures"})
+    # two families named: which computation is meant cannot be told
+    with pytest.raises(ValueError, match="field 'model_type' is absent"):
+        hf_config_to_model_config({**c, "architectures": ["GPT2LMHeadModel",
+                                                          "LlamaForCausalLM"]})
+
+
+def test_a_numeric_version_field_is_not_a_marker():
+    """'*_version' is a marker only as a string (a library version); a number may select a
+    variant of the computation: refused by name."""
+    c = _load(next(e for e in SUPPORTED if e["name"] == "Llama-3.2-1B-Instruct"))
+    assert hf_config_to_model_config({**c, "attn_version": "2.1"}) == hf_config_to_model_config(c)
+    with pytest.raises(ValueError, match=r"field 'attn_version' = 2 is not implemented"):
+        hf_config_to_model_config({**c, "attn_version": 2})
 
 
 # ---- the real SmolLM2 directory (shared/models/smollm2.sh), when present ----

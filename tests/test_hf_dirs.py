@@ -141,3 +141,57 @@ def test_nothing_written_before_the_error(good, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model.hf_path=.*nowhere/model': no such"):
         train_and_evaluate(c, str(workdir))
     assert not workdir.exists()
+
+
+def _tokenizer_json(path, model_vocab, added=()):
+    path.mkdir(exist_ok=True)
+    (path / "tokenizer.json").write_text(json.dumps(
+        {"model": {"vocab": model_vocab}, "added_tokens": [{"id": i} for i in added]}))
+    return path
+
+
+def test_tokenizer_size_is_the_largest_id_plus_one(tmp_path):
+    """Hand-written tokenizer files: a BPE vocabulary with a gap in its ids and an added token
+    far above it (451 ids, though 4 entries), a Unigram list of 3 pieces (ids 0..2: 3), a
+    vocab.json with added_tokens.json (ids up to 9: 10)."""
+    from dpo_jax.models.hf_dir import tokenizer_size
+
+    bpe = _tokenizer_json(tmp_path / "bpe", {"a": 0, "b": 1, "c": 7}, added=[450])
+    assert tokenizer_size(str(bpe)) == (str(bpe / "tokenizer.json"), 451)
+    uni = _tokenizer_json(tmp_path / "uni", [["<unk>", 0.0], ["a", -1.0], ["b", -2.0]])
+    assert tokenizer_size(str(uni))[1] == 3
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (old / "added_tokens.json").write_text(json.dumps({"<x>": 9}))
+    assert tokenizer_size(str(old)) == (str(old / "vocab.json"), 10)
+
+
+def test_tokenizer_at_the_embedding_size_passes_one_more_is_refused(tmp_path):
+    from dpo_jax.models.hf_dir import check_tokenizer
+
+    tok = _tokenizer_json(tmp_path / "t", {"a": 0, "b": 1}, added=[399])  # 400 ids
+    check_tokenizer(str(tok), preset("tiny-llama", vocab_size=400), "config.json")
+    with pytest.raises(ValueError, match=r"400 token ids but config.json field 'vocab_size' = "
+                       r"399 .*ids 399..399 have no embedding"):
+        check_tokenizer(str(tok), preset("tiny-llama", vocab_size=399), "config.json")
+
+
+def test_data_tokenizer_is_checked_not_the_model_directorys(good, tmp_path):
+    """`data.tokenizer` (another directory) is the tokenizer checked against the embedding."""
+    path, _ = good  # its own tokenizer (400 ids) fits the 512 rows
+    big = _tokenizer_json(tmp_path / "big", {"a": 0}, added=[600])
+    assert check_hf_dir(str(path)).vocab_size == 512
+    with pytest.raises(ValueError, match=r"big/tokenizer.json: the tokenizer has 601 token ids"):
+        check_hf_dir(str(path), tokenizer=str(big))
+
+
+def test_ref_hf_path_is_checked_before_the_workdir_is_written(good, tmp_path):
+    from dpo_jax.workdir import check_model_dirs
+
+    path, _ = good
+    c = base_config()
+    c.model.hf_path = str(path)
+    c.model.ref_hf_path = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"model.ref_hf_path=.*nowhere': no such"):
+        check_model_dirs(c)

@@ -8,8 +8,9 @@ small as a unit that does not fit; the default rounding to 16 hides both unless 
 unit sits exactly at a multiple.
 
 Independent lengths (from the layouts' definitions in ARCHITECTURE.md and ``data/prefix.py``):
-a sequence is ``prompt + response``; an unpaired KL sequence is the prompt with the previous
-example's completion cut to ``max(max_length - prompt, 1)`` tokens; a prefix-shared unit is
+a sequence is ``prompt + response``; an unpaired KL sequence is the prompt with its KL
+partner's completion (``kl_partner``: never its own) cut to ``max(max_length - prompt, 1)``
+tokens; a prefix-shared unit is
 ``prompt - 1 + sum_k (1 + response_k)`` over the real responses.
 """
 
@@ -41,8 +42,8 @@ def ranked_item(p, lens):
             "scores": np.arange(k, 0, -1).astype(np.float32), "ranks": np.arange(k, dtype=np.int32)}
 
 
-def unpaired_item(p, c, good=True):
-    return {"prompt": toks(p), "completion": toks(c, 3), "desirable": good}
+def unpaired_item(p, c, good=True, start=3):
+    return {"prompt": toks(p), "completion": toks(c, start), "desirable": good}
 
 
 # ------------------------------------------------------------------ independent lengths
@@ -56,14 +57,30 @@ def responses(it):
     return [len(it["chosen"]), len(it["rejected"])]
 
 
+def kl_partner(items, idx, j, max_length=ML):
+    """The KL partner rule of ``data/unpaired.py`` written out: the nearest previous example of
+    the batch (cyclically) whose completion, cut to the KL slot's ``max(max_length - prompt,
+    1)`` tokens, differs from example j's own completion; else the nearest previous item of
+    the split (eval padding, -1, reads item 0)."""
+    idx = [int(i) if i >= 0 else 0 for i in idx]
+    i = idx[j]
+    own = items[i]["completion"]
+    keep = max(max_length - len(items[i]["prompt"]), 1)
+    B, N = len(idx), len(items)
+    for c in [idx[(j - k) % B] for k in range(1, B)] + [(i - k) % N for k in range(1, N)]:
+        if not np.array_equal(items[c]["completion"][:keep], own):
+            return c
+    raise AssertionError(f"item {i}: no mismatched completion")
+
+
 def units(fmt, prefix, items, idx, max_length=ML):
     """The lengths of what one batch of items ``idx`` places (nonzero only, any order)."""
     its = [items[i] for i in idx]
     out = []
     for j, it in enumerate(its):
         p, ys = len(it["prompt"]), responses(it)
-        if fmt == "unpaired":  # + the previous example's completion, cut to max_length
-            other = len(its[(j - 1) % len(its)]["completion"])
+        if fmt == "unpaired":  # + its KL partner's completion, cut to max_length
+            other = len(items[kl_partner(items, idx, j, max_length)]["completion"])
             ys = ys + [min(other, max(max_length - p, 1))]
         if prefix:
             out.append(p - 1 + sum(1 + y for y in ys))
@@ -111,8 +128,9 @@ def make_pipeline(fmt, items, batch_size, train=True, **fields):
 
 def items_of(fmt):
     """Items of ``fmt`` of mixed lengths whose longest unit is reached by exactly one item;
-    unpaired: two examples share the longest completion and one of them has the longest
-    prompt, so the bound is attained."""
+    unpaired: two examples have different completions of the longest length and one of them
+    has the longest prompt, so the bound is attained (a KL completion is never the example's
+    own, so it takes the other one)."""
     if fmt == "pairs":
         return [pair(5, 7, 3), pair(9, 2, 11), pair(3, 4, 4), pair(6, 8, 1),
                 pair(2, 5, 9), pair(7, 3, 6)]
@@ -121,7 +139,7 @@ def items_of(fmt):
                 ranked_item(3, [4, 4, 2, 6]), ranked_item(6, [8, 1]), ranked_item(2, [5, 9, 3]),
                 ranked_item(7, [3, 6, 1, 2])]
     # in this order (eval) the longest prompt meets the other longest completion
-    return [unpaired_item(4, 8), unpaired_item(9, 8), unpaired_item(3, 5, False),
+    return [unpaired_item(4, 8, start=4), unpaired_item(9, 8), unpaired_item(3, 5, False),
             unpaired_item(6, 2, False), unpaired_item(2, 7), unpaired_item(5, 1, False)]
 
 

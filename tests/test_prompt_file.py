@@ -155,3 +155,24 @@ def test_a_doubled_assistant_header_is_a_bad_row(name, tmp_path):
                                  is_chat=True, file="ranked.jsonl", row=2)
     with pytest.raises(DataError, match=r"ranked.jsonl: row 2: field 'responses\[1\]'"):
         enc.encode_lists([item], BadRows("error"))
+
+
+def test_prompt_ids_rows_cut_keeping_the_end_and_edge_rows(tmp_path):
+    """``prompt_ids`` rows over ``max_prompt_length`` keep their last tokens (the cut a
+    too-long prompt gets at sample time, written out here); a text prompt of exactly
+    ``max_prompt_length`` tokens is kept whole even under 'error' truncation; an empty text
+    prompt (no BOS: gpt2-style) is a bad row naming file, row and field, or dropped."""
+    tok = gpt2_style_tokenizer()
+    exact = tok("a b c d e f g h", add_special_tokens=False)["input_ids"]
+    assert len(exact) == 8
+    path = helpers.write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt_ids": list(range(1, 30))}, {"prompt": "a b c d e f g h"}, {"prompt": ""}])
+    cfg = _cfg(tmp_path, tok, max_prompt_length=8, truncation_mode="error")
+    with pytest.raises(DataError, match=r"p.jsonl: row 2: field 'prompt'") as e:
+        load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
+                     data_cfg=cfg)
+    assert e.value.reason == "empty_prompt"
+    cfg.on_bad_row = "skip"
+    got = load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
+                       data_cfg=cfg)
+    assert [list(p) for p in got] == [list(range(22, 30)), exact]

@@ -223,3 +223,19 @@ def test_evaluator_lengths_judge_and_truncation_flag(model, tmp_path):
     assert out["data"]["samples/length"] == len(chosen) == out["data"]["samples/reward"]
     assert out["data"]["samples/truncated"] == 0.0
     assert out["old"]["samples/length"] == N and out["old"]["samples/truncated"] == 1.0
+
+
+def test_a_stop_token_as_the_last_allowed_token_is_a_stop(model, tmp_path):
+    """max_new_tokens exactly the trained answer's length: the last allowed token is the end
+    token, so the row stopped (not truncated) at full length; one token fewer, it did not."""
+    tok = chatml_tokenizer("<|endoftext|>")
+    tok.save_pretrained(tmp_path)
+    m, params = model
+    (_, _), (prompt, chosen) = _answers(tok, str(tmp_path))
+    policy = scripted_params(m, params, prompt, chosen * 2)
+    for N, stopped in ((len(chosen), True), (len(chosen) - 1, False)):
+        cfg = SamplingConfig(max_new_tokens=N, temperature=0.0,
+                             stop_ids=stop_ids(_data_cfg(str(tmp_path))))
+        s = generate(m, policy, np.asarray([prompt]), np.asarray([len(prompt)]),
+                     jax.random.key(0), cfg)
+        assert int(s.lengths_B[0]) == N and bool(s.stopped_B[0]) == stopped
