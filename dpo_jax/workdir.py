@@ -29,6 +29,9 @@ from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
+from absl import logging
+
+from dpo_jax.config import resolve_defaults
 
 CONFIG = "config.json"
 HISTORY = "config_history.jsonl"
@@ -242,11 +245,24 @@ def write_summary(run: RunDir, summary: dict) -> None:
 def task(fn: Callable[..., dict]) -> Callable[..., dict]:
     """Make ``fn(config, run: RunDir, **kwargs) -> summary`` the task function
     ``(config, workdir, **kwargs) -> summary``: the workdir is opened and accepted first
-    (:func:`open_run`), and a finished run's summary is returned without calling ``fn``."""
+    (:func:`open_run`), and a finished run's summary is returned without calling ``fn``.
+
+    Defaults chosen on the user's behalf (``dpo_jax.config.resolve_defaults``: the optimizer of
+    a run that imports a checkpoint) are filled in first, so ``config.json`` holds what the run
+    uses; each is logged as a warning and listed in the summary as ``config_notes``."""
 
     @functools.wraps(fn)
     def run_task(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
+        config, notes = resolve_defaults(config)
+        for note in notes:
+            logging.warning("%s", note)
         with open_run(config, workdir) as run:
-            return run.summary if run.finished else fn(config, run, **kwargs)
+            if run.finished:
+                return run.summary
+            summary = fn(config, run, **kwargs)
+            if notes and isinstance(summary, dict):
+                summary = {**summary, "config_notes": notes}
+                write_summary(run, summary)
+            return summary
 
     return run_task
