@@ -16,6 +16,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -263,9 +265,16 @@ def test_smollm2_hh_smoke_run_step1_ties_and_greedy_export(tmp_path):
     on held-out prompts."""
     _smollm2_or_skip()
     cfg = hh_config.get_config("smollm2,smoke")
-    cfg.eval.sample_every = 0
-    cfg.train.async_checkpointing = False
-    summary = runs.run(cfg, tmp_path / "dpo")
+    # as a user runs it: its own process on one CPU device; inside this test process (8 fake
+    # devices, XLA backend optimisation off) the run grew past 24 GB and was killed
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                 if "device_count" not in f and "optimization_level" not in f)}
+    subprocess.run([sys.executable, "-m", "dpo_jax.main",
+                    f"--config={REPO}/configs/hh.py:smollm2,smoke",
+                    f"--workdir={tmp_path / 'dpo'}", "--config.eval.sample_every=0",
+                    "--config.train.async_checkpointing=False"], check=True, env=env, cwd=REPO)
+    summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
     first = summary["first_train"]
     assert (first["rewards/chosen"], first["rewards/rejected"], first["rewards/margins"],
             first["rewards/accuracies"]) == (0.0, 0.0, 0.0, 0.0)
