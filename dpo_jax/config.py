@@ -83,16 +83,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.logprobs.precompute_reference = False  # reference log-probs computed once over the data
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"  # rmsprop (the paper's recipe), adamw or sgd
-    c.optim.lr = 1e-3  # peak learning rate (the paper: 1e-6 with RMSprop for billion-scale models)
-    c.optim.schedule = "constant"  # after warmup: constant (paper), linear or cosine decay to 0
-    c.optim.warmup_steps = 20  # linear warmup from 0 (paper: 150)
-    c.optim.b1 = 0.9  # AdamW first-moment decay
-    c.optim.b2 = 0.999  # AdamW second-moment decay
+    # where the unset (None) fields below come from (dpo_jax.optim.OPTIM_DEFAULTS): 'auto' =
+    # 'hf' (TRL's DPOConfig: adamw, lr 1e-6, linear decay, no warmup, clipping 1.0) when
+    # model.hf_path is set, else 'offline' (adamw, lr 1e-3, constant, warmup 20, clipping 10)
+    c.optim.defaults = "auto"
+    ph = ml_collections.config_dict.placeholder
+    c.optim.name = ph(str)  # rmsprop (the paper's recipe), adamw or sgd
+    c.optim.lr = ph(float)  # peak learning rate (the paper: 1e-6 with RMSprop for billion-scale models)
+    c.optim.schedule = ph(str)  # after warmup: constant (paper), linear or cosine decay to 0
+    c.optim.warmup_steps = ph(int)  # linear warmup from 0 (paper: 150)
+    c.optim.b1 = ph(float)  # AdamW first-moment decay
+    c.optim.b2 = ph(float)  # AdamW second-moment decay
     c.optim.rms_decay = 0.99  # RMSprop alpha (PyTorch default, as the paper ran it)
-    c.optim.eps = 1e-8  # optimizer epsilon
-    c.optim.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only)
-    c.optim.max_grad_norm = 10.0  # global-norm clipping (0 = off; paper's code: 10)
+    c.optim.eps = ph(float)  # optimizer epsilon
+    c.optim.weight_decay = ph(float)  # AdamW decoupled weight decay (matrices only)
+    c.optim.max_grad_norm = ph(float)  # global-norm clipping (0 = off; paper's code: 10)
     c.optim.grad_accum = 1  # micro-batches per update; the update equals the full batch's
 
     c.train = ml_collections.ConfigDict()
@@ -184,6 +189,41 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------- reading
+def optim_defaults(config: ml_collections.ConfigDict) -> str:
+    """The preset of ``dpo_jax.optim.OPTIM_DEFAULTS`` the unset ``optim`` fields take:
+    ``optim.defaults``, where 'auto' is 'hf' for a run that imports a checkpoint
+    (``model.hf_path``) and 'offline' otherwise."""
+    name = str(config.optim.get("defaults", "auto") or "auto")
+    if name == "auto":
+        return "hf" if config.model.get("hf_path") else "offline"
+    return name
+
+
+def resolve_defaults(config: ml_collections.ConfigDict
+                     ) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """``(config with every unset optim field filled in, notes)``: what the run will use,
+    written to ``config.json``, and one line per default chosen on the user's behalf
+    (logged as a warning and kept in ``summary.json`` as ``config_notes``). ``config`` itself
+    is not changed."""
+    from dpo_jax.optim import OPTIM_DEFAULTS
+
+    preset = optim_defaults(config)
+    if preset not in OPTIM_DEFAULTS:
+        raise ValueError(f"optim.defaults={config.optim.defaults!r}: expected 'auto' or one of "
+                         f"{sorted(OPTIM_DEFAULTS)}")
+    unset = {k: v for k, v in OPTIM_DEFAULTS[preset].items() if config.optim.get(k) is None}
+    if not unset:
+        return config, []
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.optim.update(unset)
+    why = ("model.hf_path imports a pretrained checkpoint: TRL DPOConfig's optimizer"
+           if preset == "hf" else f"optim.defaults preset {preset!r}")
+    if preset == "offline" and not config.model.get("hf_path"):
+        return out, []  # the offline default's own settings: nothing surprising
+    return out, [f"optim: {why} defaults for the fields not set in the config: "
+                 + ", ".join(f"{k}={v}" for k, v in unset.items())]
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The ``train`` block: what the loop (``dpo_jax/loop.py``) and the batch sizes need."""
@@ -315,7 +355,7 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
         keep_checkpoints=int(t.keep_checkpoints), async_checkpointing=bool(t.async_checkpointing),
         on_nonfinite=str(t.on_nonfinite))
     logprobs, forward = _logprob_configs(config.logprobs)
-    optim = OptimConfig.from_config(config.optim)
+    optim = OptimConfig.from_config(config.optim, optim_defaults(config))
     ref_sync_every, ref_mixup_alpha = _ref_sync(config)
     if config.logprobs.precompute_reference and config.loss.get("ld_alpha") is not None:
         raise ValueError("loss.ld_alpha (LD-DPO) weights the reference's tokens too, but "
@@ -333,14 +373,19 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
     _check_tokenizer(config)
     data = data_block(config)
     m = config.model
+    lora = read_lora(m.get("lora"), int(config.seed))
+    ref_dtype = m.get("ref_param_dtype") or ""
+    reference_is_initial_policy = (not config.init.reference and not m.ref_hf_path
+                                   and ref_dtype in ("", m.param_dtype) and not lora.rank)
     return RunConfig(
         task=config.task, seed=int(config.seed), model=model_config_from(m),
         sources=ParamSources(policy=config.init.policy, policy_hf=m.hf_path,
                              reference=config.init.reference, reference_hf=m.ref_hf_path,
                              reference_dtype=m.ref_param_dtype, seed=int(config.seed)),
         step=StepConfig(grad_accum=optim.grad_accum, logprobs=logprobs, forward_logprobs=forward,
-                        ref_sync_every=ref_sync_every, ref_mixup_alpha=ref_mixup_alpha),
+                        ref_sync_every=ref_sync_every, ref_mixup_alpha=ref_mixup_alpha,
+                        reference_is_initial_policy=reference_is_initial_policy),
         optim=optim, train=train, data=data, mesh_shape=dict(config.mesh.shape),
         mesh_rules=tuple(tuple(r) for r in config.mesh.rules),
         precompute_reference=bool(config.logprobs.precompute_reference),
-        lora=read_lora(m.get("lora"), int(config.seed)))
+        lora=lora)

@@ -20,6 +20,11 @@ ids, rope settings, everything), changed only where the trained model differs (a
 are. A run from a preset has no source: its ``config.json`` is built from ``transformers``'
 defaults for the model type.
 
+``generation_config.json`` stops ``generate`` where the run's responses ended: its
+``eos_token_id`` holds the tokenizer's EOS and its chat template's turn end (added when the
+source's file lacks them, written when there is none; :func:`write_generation_eos`), so greedy
+generations from ``transformers`` equal dpo_jax's sampler's (tested).
+
 ``--format=gguf`` writes one GGUF file instead (``dpo_jax/export_gguf.py``: llama.cpp's tensor
 names and metadata, the run's tokenizer and chat template inside); a LoRA run is written
 merged. The model, the tokenizer and ``--gguf_type`` are checked before the file is created.
@@ -161,7 +166,44 @@ def write_hf(out: str, cfg: ModelConfig, params: dict, *, source: str = "",
             import transformers
 
             transformers.AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+        write_generation_eos(out, response_end_ids(out))
     return out
+
+
+def response_end_ids(tokenizer_dir: str) -> list[int]:
+    """The tokens that end a response for the tokenizer in ``tokenizer_dir``: its EOS and the
+    token its chat template closes an assistant turn with (``PairTokenizer.end_ids``: ChatML
+    '<|im_end|>', Llama-3 '<|eot_id|>'), sorted."""
+    from dpo_jax.data.tokenize import PairTokenizer, load_tokenizer
+
+    return sorted(PairTokenizer(load_tokenizer(tokenizer_dir), None).end_ids)
+
+
+def write_generation_eos(out: str, end_ids: list[int]) -> list[int]:
+    """Make ``out/generation_config.json`` stop ``transformers``' ``generate`` where the run's
+    responses end: its ``eos_token_id`` gets every id of ``end_ids`` it lacks (a chat model's
+    turn end besides EOS); without the file, one is written from ``out/config.json``'s
+    ``bos_token_id`` / ``pad_token_id`` and ``end_ids``. A file that already names them all is
+    left byte for byte. Returns the ids added (all of them for a new file)."""
+    path = os.path.join(out, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            gen = json.load(f)
+    else:
+        with open(os.path.join(out, "config.json")) as f:
+            model_cfg = json.load(f)
+        gen = {k: model_cfg[k] for k in ("bos_token_id", "pad_token_id")
+               if model_cfg.get(k) is not None}
+    eos = gen.get("eos_token_id")
+    have = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    added = [int(e) for e in end_ids if int(e) not in have]
+    if added or not os.path.isfile(path):
+        ids = have + added
+        gen["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+        with open(path, "w") as f:
+            json.dump(gen, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return added
 
 
 def _policy(workdir: str, step: int | None):

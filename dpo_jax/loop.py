@@ -213,7 +213,9 @@ def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, window, c
         step, metrics_dev, tokens = item
         metrics = host_floats(metrics_dev)
         progress.update(step, tokens)
-        record = dict(metrics, tokens_per_s=progress.rates()[0])
+        # wall clock: tokens/s over the last 50 steps, iteration_s of this step alone
+        record = dict(metrics, tokens_per_s=progress.rates()[0],
+                      iteration_s=progress.last_step_s())
         window.add(record)
         first_train = first_train or record
         bad = metrics.get("nonfinite", 0.0) > 0

@@ -198,6 +198,14 @@ class Progress:
         dt = max(t1 - t0, 1e-9)
         return (k1 - k0) / dt, dt / max(s1 - s0, 1)
 
+    def last_step_s(self) -> float:
+        """Wall seconds between the last two marks per step between them (0 until two marks):
+        one step's time, including an evaluation or checkpoint that ran in between."""
+        if len(self._marks) < 2:
+            return 0.0
+        (t0, s0, _), (t1, s1, _) = self._marks[-2], self._marks[-1]
+        return (t1 - t0) / max(s1 - s0, 1)
+
     def line(self, step: int, metrics: Mapping[str, Any]) -> str:
         tps, sps = self.rates()
         eta = sps * (self.total - step)

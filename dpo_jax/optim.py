@@ -37,8 +37,33 @@ class OptimConfig:
     grad_accum: int = 1
 
     @classmethod
-    def from_config(cls, block) -> "OptimConfig":
-        return cls(**{f.name: type(f.default)(block[f.name]) for f in dataclasses.fields(cls)})
+    def from_config(cls, block, defaults: str = "offline") -> "OptimConfig":
+        """The ``optim`` block; a field left unset (None) takes its value from the preset
+        ``defaults`` names in :data:`OPTIM_DEFAULTS`. Raises ValueError for an unknown preset."""
+        if defaults not in OPTIM_DEFAULTS:
+            raise ValueError(f"optim.defaults={defaults!r}: expected 'auto' or one of "
+                             f"{sorted(OPTIM_DEFAULTS)}")
+        preset = OPTIM_DEFAULTS[defaults]
+        values = {}
+        for f in dataclasses.fields(cls):
+            v = block.get(f.name)
+            values[f.name] = type(f.default)(preset.get(f.name, f.default) if v is None else v)
+        return cls(**values)
+
+
+# Starting points of the ``optim`` block (``optim.defaults``; 'auto' picks 'hf' when
+# ``model.hf_path`` names a pretrained checkpoint, else 'offline'):
+# * offline: the offline default's small model trained from scratch on the synthetic task;
+# * hf: TRL's DPOConfig (learning_rate 1e-6) over transformers' TrainingArguments defaults
+#   (AdamW betas 0.9/0.999, eps 1e-8, weight decay 0, linear decay to 0, no warmup,
+#   max_grad_norm 1.0): where a user fine-tuning a pretrained checkpoint starts.
+OPTIM_DEFAULTS = {
+    "offline": {"name": "adamw", "lr": 1e-3, "schedule": "constant", "warmup_steps": 20,
+                "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+                "max_grad_norm": 10.0},
+    "hf": {"name": "adamw", "lr": 1e-6, "schedule": "linear", "warmup_steps": 0, "b1": 0.9,
+           "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0},
+}
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:

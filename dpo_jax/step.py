@@ -33,6 +33,12 @@ class StepConfig:
     # reference becomes ref_mixup_alpha * policy + (1 - ref_mixup_alpha) * reference.
     ref_sync_every: int = 0
     ref_mixup_alpha: float = 0.6
+    # The reference is the policy's starting point (same parameters in the same dtype: no
+    # init.reference / ref_hf_path / ref_param_dtype of its own, no LoRA). Then at step 0 the
+    # reference log-probs ARE the policy's (its forward is skipped, stored ones are not read),
+    # so the first step's rewards are exact zeros and no pair counts as accurate, as in TRL,
+    # instead of round-off between two differently compiled passes over the same parameters.
+    reference_is_initial_policy: bool = False
 
     def __post_init__(self):
         if self.forward_logprobs is None:
@@ -100,8 +106,21 @@ def _slots(x_S, K: int):
     return x_S.reshape(K, -1).T
 
 
+def _reference_or_own(own, reference, at_start):
+    """``reference`` (a thunk computing it, or arrays) except at the start, where the policy's
+    own statistics ``own`` stand for it (see ``StepConfig.reference_is_initial_policy``); no
+    gradient flows through either. ``at_start``: a traced bool, or None (never the start)."""
+    own = jax.lax.stop_gradient(own)
+    if at_start is None:
+        return jax.lax.stop_gradient(reference() if callable(reference) else reference)
+    if callable(reference):  # skip the reference forward at the start
+        return jax.lax.stop_gradient(jax.lax.cond(at_start, lambda: own, reference))
+    return jax.tree.map(lambda a, b: jnp.where(at_start, a, b), own,
+                        jax.lax.stop_gradient(reference))
+
+
 def ranked_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
-                 policy_forward_only=False):
+                 policy_forward_only=False, at_start=None):
     """``pair_terms`` for ranked lists (``slot_rank`` [B, K] in the batch; -1 = empty slot):
     the K responses of each prompt in one forward, ``losses.listwise_loss`` over ``[B, K]``.
     LD-DPO, WPO and stored reference log-probs read pairs only (ValueError)."""
@@ -114,8 +133,8 @@ def ranked_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, ma
                                     forward_only=policy_forward_only)
     ref_logps = jnp.zeros_like(logps)
     if ref_params is not None:
-        ref_logps = jax.lax.stop_gradient(sequence_stats(model, ref_params, batch, cfg,
-                                                         max_scored, forward_only=True)[0])
+        ref_logps = _reference_or_own(logps, lambda: sequence_stats(
+            model, ref_params, batch, cfg, max_scored, forward_only=True)[0], at_start)
     out = losses_lib.listwise_loss(loss_cfg, _slots(logps, K), _slots(ref_logps, K), mask_BK,
                                    rank_BK, batch["pair_weight"])
     return losses_lib.ranked_stats(_slots(logps, K), _slots(lengths, K), mask_BK), out
@@ -133,14 +152,17 @@ def _stats(logps, lengths, wpo_logps=None) -> losses_lib.SequenceStats:
 
 
 def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
-               policy_forward_only=False, key=None):
+               policy_forward_only=False, key=None, at_start=None):
     """Policy/reference statistics and the loss output for one (micro-)batch.
 
     LD-DPO (``loss_cfg.ld_alpha``) weights both models' log-probs, so it refuses stored
     reference log-probs (``ref_logps`` in the batch, plain sums); WPO reads the policy only.
     Ranked lists (``slot_rank`` in the batch) go to :func:`ranked_terms`; unpaired examples
     (``desirable`` [B] in the batch: chosen = the completion, rejected = its mismatched KL
-    completion) to ``losses.kto_loss``."""
+    completion) to ``losses.kto_loss``. ``at_start`` (a traced bool; None = never): the step
+    is the run's first and the reference is the initial policy
+    (``StepConfig.reference_is_initial_policy``), so the policy's log-probs are the
+    reference's."""
     # LoRA (dpo_jax/lora.py): params are adapters over the frozen base ref_params, which with
     # the adapters off is the reference (key: the adapters' dropout key, None = no dropout)
     params = lora_lib.join(ref_params, params, key)
@@ -152,11 +174,12 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
                          "losses, not to ranked lists or KTO; set it to 0")
     if "slot_rank" in batch:
         return ranked_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
-                            policy_forward_only)
+                            policy_forward_only, at_start)
     policy = sequence_stats(model, params, batch, cfg, max_scored,
                             forward_only=policy_forward_only, loss_cfg=loss_cfg,
                             with_wpo=loss_cfg.use_weighting, router_aux=router_aux)
     policy, aux = policy if router_aux else (policy, None)
+    own = policy[:2]  # (logps, lengths): what the reference's are when it is the policy
     policy = _stats(*policy)
     reference = None
     if "ref_logps" in batch:  # precomputed once over the dataset
@@ -164,11 +187,12 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
             raise ValueError("loss.ld_alpha (LD-DPO) weights the reference's tokens too; stored "
                              "reference log-probs are plain sums: set "
                              "logprobs.precompute_reference=False")
-        reference = _stats(batch["ref_logps"], batch["ref_lengths"])
+        reference = _stats(*_reference_or_own(
+            own, (batch["ref_logps"], batch["ref_lengths"]), at_start))
     elif ref_params is not None:
-        ref = sequence_stats(model, ref_params, batch, cfg, max_scored, forward_only=True,
-                             loss_cfg=loss_cfg)
-        reference = _stats(*jax.lax.stop_gradient(ref))
+        reference = _stats(*_reference_or_own(own, lambda: sequence_stats(
+            model, ref_params, batch, cfg, max_scored, forward_only=True, loss_cfg=loss_cfg),
+            at_start))
     weights = batch["pair_weight"]
     if "desirable" in batch:
         return policy, losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"],
@@ -246,9 +270,9 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
             "change it; set optim.grad_accum=1"
         )
 
-    def loss_fn(params, ref_params, batch, total_weight, max_scored, key=None):
+    def loss_fn(params, ref_params, batch, total_weight, max_scored, key=None, at_start=None):
         policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
-                                 key=key)
+                                 key=key, at_start=at_start)
         sums = _weighted_sums(policy, out, batch["pair_weight"])
         return sums["loss"] / total_weight, sums
 
@@ -257,9 +281,10 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
     def train_step(state: TrainState, batch, max_scored=None):
         total_weight = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
         n = cfg.grad_accum
+        at_start = state.step == 0 if cfg.reference_is_initial_policy else None
         if n == 1:
             grads, sums = grad_fn(state.params, state.ref_params, batch, total_weight, max_scored,
-                                  lora_lib.step_key(model, state.step))
+                                  lora_lib.step_key(model, state.step), at_start)
         else:
             if "seq_index" in batch:
                 raise ValueError("gradient accumulation with packed or prefix-shared batches "
@@ -269,7 +294,8 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
             def body(carry, j):
                 g_acc, s_acc = carry
                 g, s = grad_fn(state.params, state.ref_params, _micro(batch, n, j),
-                               total_weight, max_scored, lora_lib.step_key(model, state.step, j))
+                               total_weight, max_scored, lora_lib.step_key(model, state.step, j),
+                               at_start)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)

@@ -29,9 +29,10 @@ from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
+from absl import logging
 
 from dpo_jax.batch_sizes import check_batch_sizes
-from dpo_jax.config import read_config
+from dpo_jax.config import read_config, resolve_defaults
 from dpo_jax.models.hf_dir import check_hf_dir
 
 CONFIG = "config.json"
@@ -270,15 +271,28 @@ def check_run(config: ml_collections.ConfigDict) -> None:
 
 def task(fn: Callable[..., dict]) -> Callable[..., dict]:
     """Make ``fn(config, run: RunDir, **kwargs) -> summary`` the task function
-    ``(config, workdir, **kwargs) -> summary``. Before anything is written, the run is checked
-    (:func:`check_run`: model directories, the whole config, batch sizes against the mesh; each
-    error names the file or field and the fix); then the workdir is opened and accepted
-    (:func:`open_run`), and a finished run's summary is returned without calling ``fn``."""
+    ``(config, workdir, **kwargs) -> summary``. Defaults chosen on the user's behalf
+    (``dpo_jax.config.resolve_defaults``: the optimizer of a run that imports a checkpoint) are
+    filled in first, so ``config.json`` holds what the run uses; each is logged as a warning
+    and listed in the summary as ``config_notes``. Before anything is written, the run is
+    checked (:func:`check_run`: model directories, the whole config, batch sizes against the
+    mesh; each error names the file or field and the fix); then the workdir is opened and
+    accepted (:func:`open_run`), and a finished run's summary is returned without calling
+    ``fn``."""
 
     @functools.wraps(fn)
     def run_task(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
+        config, notes = resolve_defaults(config)
+        for note in notes:
+            logging.warning("%s", note)
         check_run(config)
         with open_run(config, workdir) as run:
-            return run.summary if run.finished else fn(config, run, **kwargs)
+            if run.finished:
+                return run.summary
+            summary = fn(config, run, **kwargs)
+            if notes and isinstance(summary, dict):
+                summary = {**summary, "config_notes": notes}
+                write_summary(run, summary)
+            return summary
 
     return run_task

@@ -1,6 +1,7 @@
 """Config files: variants apply in order, unknown variants are errors, CLI-typed fields exist."""
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -83,3 +84,44 @@ def test_a_text_source_without_a_tokenizer_is_named_before_the_workdir_is_writte
     assert read_config(c).data.tokenizer == "some/tokenizer"
     c.data.tokenizer, c.model.hf_path = "", "some/model"  # the model directory's tokenizer
     _check_tokenizer(c)  # passes (read_config would load the model's config.json)
+
+
+def test_optimizer_defaults_follow_the_model_unless_the_config_sets_them(tmp_path):
+    """optim fields left unset: TRL DPOConfig's values for an imported checkpoint, the offline
+    default's otherwise (the same numbers as before the presets existed); a field the config or
+    command line sets wins; config.json gets the resolved values; a preset chosen for the user is
+    a note."""
+    from dpo_jax.config import base_config, read_config, resolve_defaults
+    from dpo_jax.optim import OptimConfig
+
+    def optim(**fields):
+        c = base_config()
+        c.update_from_flattened_dict(fields)
+        return read_config(c).optim, resolve_defaults(c)
+
+    offline, (resolved, notes) = optim()
+    assert offline == OptimConfig(name="adamw", lr=1e-3, schedule="constant", warmup_steps=20,
+                                  b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                                  max_grad_norm=10.0)
+    assert notes == [] and resolved.optim.lr == 1e-3 and resolved.optim.warmup_steps == 20
+    # an imported checkpoint: TRL DPOConfig / TrainingArguments (transformers 5: learning_rate
+    # overridden to 1e-6 by DPOConfig, linear schedule, warmup 0, max_grad_norm 1.0, AdamW
+    # betas 0.9/0.999, eps 1e-8, weight decay 0)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}))
+    hf = {"model.hf_path": str(tmp_path)}
+    trl, (resolved, notes) = optim(**hf)
+    assert (trl.name, trl.lr, trl.schedule, trl.warmup_steps, trl.max_grad_norm, trl.b1, trl.b2,
+            trl.eps, trl.weight_decay) == ("adamw", 1e-6, "linear", 0, 1.0, 0.9, 0.999, 1e-8, 0.0)
+    assert resolved.optim.to_dict() | {"defaults": "auto", "grad_accum": 1,
+                                       "rms_decay": 0.99} == resolved.optim.to_dict()
+    assert resolved.optim.lr == 1e-6 and len(notes) == 1 and "TRL DPOConfig" in notes[0]
+    set_lr, (_, notes) = optim(**hf, **{"optim.lr": 5e-7, "optim.max_grad_norm": 10.0})
+    assert (set_lr.lr, set_lr.max_grad_norm, set_lr.schedule) == (5e-7, 10.0, "linear")
+    assert "lr=" not in notes[0] and "max_grad_norm=" not in notes[0]
+    back, _ = optim(**hf, **{"optim.defaults": "offline"})
+    assert back == offline
+    with pytest.raises(ValueError, match="optim.defaults='trl'.*'hf', 'offline'"):
+        optim(**{"optim.defaults": "trl"})

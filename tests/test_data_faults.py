@@ -252,14 +252,35 @@ def test_one_file_holds_out_prompts_by_default(tmp_path, caplog, n_prompts, per_
     assert len(evals) == held * per_prompt and len(train) == (n_prompts - held) * per_prompt
     assert not _prompts(train) & _prompts(evals)
     assert eval_stats["eval_pairs_in_train"] == 0 and eval_stats["eval_prompts_in_train"] == 0
-    assert eval_stats["split"]["holdout"] == train_stats["split"]["holdout"] == {
+    holdout = eval_stats["split"]["holdout"]
+    assert holdout == train_stats["split"]["holdout"]
+    note = holdout.pop("note")
+    assert holdout == {
         "by": "eval_fraction", "eval_prompts": held, "prompts": n_prompts,
         "eval_pairs": held * per_prompt, "train_pairs": (n_prompts - held) * per_prompt}
     assert "eval holds out" in caplog.text and "shares" not in caplog.text
+    # a decision the user did not ask for (eval_split 'test' on one file): a warning per split
+    # naming the counts and the field that turns it off, and the same line in the data stats
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and all(note in w for w in warned)
+    assert (f"eval holds out {held} of {n_prompts} prompts" in note
+            and f"train keeps {(n_prompts - held) * per_prompt} pairs" in note
+            and "data.eval_fraction=0" in note)
     again, _ = _load(cfg, "eval")  # deterministic
     assert [p["prompt"].tobytes() for p in again] == [p["prompt"].tobytes() for p in evals]
     other, _ = _load(_cfg(path=path, eval_fraction=fraction, shuffle_seed=1), "eval")
     assert len(other) == len(evals)
+
+
+def test_explicit_holdout_is_reported_without_a_warning(tmp_path, caplog):
+    """data.eval_split='' asks for the carve: an INFO line, no warning, the note in the stats."""
+    path = _write(tmp_path / "pairs.jsonl", _rows(20, 2))
+    with caplog.at_level(logging.INFO, logger="dpo_jax.data"):
+        _, stats = _load(_cfg(path=path, eval_split="", eval_fraction=0.1), "train")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert stats["split"]["holdout"]["note"] == (
+        f"eval holds out 2 of 20 prompts of {path} (4 pairs, by eval_fraction); train keeps "
+        "36 pairs")
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])

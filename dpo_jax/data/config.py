@@ -55,6 +55,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # numeric column (>= 0) that becomes each pair's weight in the loss and metrics ('' = all 1)
     c.weight_field = ""
     c.hh_single_turn = False  # hh: keep only single-turn conversations
+    # hh: Human/Assistant turns as chat messages rendered by the tokenizer's chat template
+    # (responses: assistant contents); False = the paper's raw '\n\nHuman:' text
+    c.hh_chat = False
     c.shp_min_score_ratio = 2.0  # shp: keep pairs whose score ratio is at least this (paper: 2)
     c.shp_max_pairs_per_post = 5  # shp: at most this many pairs per post (0 = no cap)
     # a mixture: [{source, weight, path, splits, fields, ...}, ...] (data/mixture.py; [] = the

@@ -29,7 +29,7 @@ import numpy as np
 SOURCE_FIELDS = (
     "source", "path", "hub_config", "train_split", "eval_split", "eval_size", "eval_fraction",
     "max_pairs", "field_prompt", "field_chosen", "field_rejected", "weight_field",
-    "hh_single_turn", "shp_min_score_ratio", "shp_max_pairs_per_post", "on_bad_row")
+    "hh_single_turn", "hh_chat", "shp_min_score_ratio", "shp_max_pairs_per_post", "on_bad_row")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -79,11 +80,42 @@ def split_prompt_and_responses(chosen: str, rejected: str, file: str = "", row: 
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 
+def hh_messages(prompt: str, file: str = "", row: int = -1) -> list[Message]:
+    """An HH prompt ('\n\nHuman: ... \n\nAssistant: ... \n\nAssistant:') as chat messages:
+    each Human turn a ``user`` message, each Assistant turn an ``assistant`` message, contents
+    stripped, the final empty Assistant turn dropped (the chat template's generation prompt
+    stands for it). Raises DataError (field 'chosen') when the dialogue does not start with a
+    Human turn or a turn is empty."""
+    pieces = re.split(r"(\n\nHuman:|\n\nAssistant:)", prompt)
+    if pieces[0].strip() or len(pieces) < 3 or pieces[1] != HH_HUMAN:
+        raise DataError("the dialogue does not start with a '\\n\\nHuman:' turn", file=file,
+                        row=row, field="chosen", reason="bad_format")
+    messages = []
+    for marker, text in zip(pieces[1::2], pieces[2::2]):
+        messages.append({"role": "user" if marker == HH_HUMAN else "assistant",
+                         "content": text.strip()})
+    if messages[-1] != {"role": "assistant", "content": ""} or any(
+            not m["content"] for m in messages[:-1]):
+        raise DataError("an empty turn inside the dialogue", file=file, row=row, field="chosen",
+                        reason="bad_format")
+    return messages[:-1]
+
+
 def parse_hh(rec: Record, file: str, row: int, cfg) -> RawPair | None:
+    """HH pairs as the paper's code splits them; with ``data.hh_chat`` the prompt becomes chat
+    messages (:func:`hh_messages`) and the responses assistant contents (stripped), rendered by
+    the tokenizer's chat template, as a chat model is prompted."""
     prompt, c, r = split_prompt_and_responses(
         _get_str(rec, "chosen", file, row), _get_str(rec, "rejected", file, row), file, row)
     if cfg.hh_single_turn and prompt.count(HH_HUMAN) != 1:
         return None  # not a bad row: a filter
+    if cfg.get("hh_chat", False):
+        c, r = c.strip(), r.strip()
+        for field, text in (("chosen", c), ("rejected", r)):
+            if not text:
+                raise DataError("empty assistant response", file=file, row=row, field=field,
+                                reason="empty_response")
+        return RawPair(hh_messages(prompt, file, row), c, r, file, row)
     return RawPair(prompt, c, r, file, row)
 
 
@@ -369,10 +401,20 @@ def select_split(cfg, split: str, bad: BadRows, *,
             "by": "eval_size" if cfg.eval_size > 0 else "eval_fraction",
             "eval_prompts": len(held), "prompts": len({prompt_key(p) for p in raw}),
             "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs)}
-        say = log.debug if quiet else log.info
-        say("data %s: eval holds out %d of %d prompts of %s split %r (%d pairs; by %s), train "
-            "keeps %d pairs", split, len(held), info["holdout"]["prompts"], where, split_name,
-            len(eval_pairs), info["holdout"]["by"], len(train_pairs))
+        # Asked for (eval_split='') it is reported; implied by one file serving both splits it
+        # is a decision taken for the user (training loses those pairs even in a run that
+        # never evaluates): a warning, and a note kept in the data summary.
+        implicit = bool(cfg.eval_split)
+        note = (f"eval holds out {len(held)} of {info['holdout']['prompts']} prompts of "
+                f"{where} ({len(eval_pairs)} pairs, by {info['holdout']['by']}); train keeps "
+                f"{len(train_pairs)} pairs")
+        if implicit:
+            note += (f": data.eval_split={cfg.eval_split!r} reads the same rows as "
+                     f"data.train_split={cfg.train_split!r}, so eval is carved out of them "
+                     f"(data.eval_fraction=0 trains on every pair)")
+        info["holdout"]["note"] = note
+        say = log.debug if quiet else (log.warning if implicit else log.info)
+        say("data %s: %s", split, note)
         raw = eval_pairs if split == "eval" else train_pairs
     elif split == "eval" and cfg.eval_size > 0:
         raw = raw[: cfg.eval_size]
