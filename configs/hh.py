@@ -32,7 +32,6 @@ STEPS = 200  # 1,600 pairs: about 0.8 epoch of the ~2,000 training pairs
 
 def _smollm2(c) -> None:
     c.model.hf_path = local_model(SMOLLM2)
-    c.eval.eos_id = 2  # <|im_end|>: SmolLM2's EOS, which ends every assistant turn
     c.eval.pad_id = 2  # its pad token (= EOS)
 
 

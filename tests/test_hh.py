@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpo_jax.config import data_block
+from dpo_jax.data.prompts import stop_ids
 from dpo_jax.data.testing import chatml_tokenizer, find_shared_data
 from dpo_jax.export import export_run, write_generation_eos
 from dpo_jax.models import Model, model_config_from
@@ -102,7 +104,7 @@ def tiny_hh_config(model_dir: str, data_path: str, variants: str = "smoke"):
     c.data.path = data_path
     c.data.eval_size = 8
     c.data.buckets = "64,128"
-    c.eval.update(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=8)
+    c.eval.update(pad_id=tok.pad_token_id, max_new_tokens=8)
     c.train.async_checkpointing = False
     return c
 
@@ -125,8 +127,8 @@ def test_hh_config_runs_end_to_end_and_reports(tiny_run):
     reference are exact zeros (TRL's convention), samples and a judged win rate, and the
     experiment script's report of it."""
     root, cfg, reward, dpo = tiny_run
-    holdout = dpo["data"]["eval"]["selection"]["holdout"]
-    assert holdout == dpo["data"]["train"]["selection"]["holdout"]
+    holdout = dpo["data"]["eval"]["split"]["holdout"]
+    assert holdout == dpo["data"]["train"]["split"]["holdout"]
     assert holdout["eval_pairs"] >= 8 and dpo["data"]["eval"]["eval_prompts_in_train"] == 0
     assert holdout["note"].startswith(f"eval holds out {holdout['eval_prompts']} of ")
     assert any("TRL DPOConfig" in n for n in dpo["config_notes"])
@@ -174,7 +176,8 @@ def assert_greedy_matches_transformers(workdir, cfg, out_dir, n_prompts: int, ne
     assert tok.chat_template == src_tok.chat_template and tok.chat_template
     hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
     eos = hf.generation_config.eos_token_id
-    assert cfg.eval.eos_id in (eos if isinstance(eos, list) else [eos])
+    stops = stop_ids(data_block(cfg))  # the data's end tokens: what the sampler stops at
+    assert set(stops) <= set(eos if isinstance(eos, list) else [eos])
 
     config = json.loads((pathlib.Path(workdir) / "config.json").read_text())
     model = Model(model_config_from(cfg.model))
@@ -184,7 +187,7 @@ def assert_greedy_matches_transformers(workdir, cfg, out_dir, n_prompts: int, ne
     prompts = _held_out_prompts(cfg, n_prompts)
     assert len(prompts) == n_prompts
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0,
-                              eos_id=int(cfg.eval.eos_id), pad_id=int(cfg.eval.pad_id))
+                              stop_ids=stops, pad_id=int(cfg.eval.pad_id))
     for prompt in prompts:
         ours = generate(model, params, jnp.asarray(prompt[None]), jnp.asarray([len(prompt)]),
                         jax.random.key(0), sampling)

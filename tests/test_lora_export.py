@@ -27,12 +27,13 @@ def trained(tmp_path_factory):
     adapts every projection and the LM head."""
     tmp = tmp_path_factory.mktemp("lora_export")
     torch.manual_seed(0)
+    tok = gpt2_style_tokenizer()  # export copies the run's tokenizer; the embedding covers it
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=False, rms_norm_eps=1e-5)
     transformers.LlamaForCausalLM(hf_cfg).eval().save_pretrained(tmp / "base")
-    gpt2_style_tokenizer().save_pretrained(tmp / "base")  # export copies the run's tokenizer
+    tok.save_pretrained(tmp / "base")
     config = runs.dpo_config(steps=2)
     config.model.hf_path = str(tmp / "base")
     config.model.lora.update(rank=4, alpha=8.0, targets="all,lm_head")

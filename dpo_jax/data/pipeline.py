@@ -350,9 +350,7 @@ class PreferencePipeline(BatchStream):
         """Loading stats (tokenisation, skipped rows, lengths) and what was served: buckets,
         padding fraction of the global batches per epoch, this host's batch shapes seen."""
         out = dict(self._stats)
-        out.update(super().stats)  # 'split': the served split's name
-        if isinstance(self._stats.get("split"), dict):  # how its rows were chosen (holdout)
-            out["selection"] = self._stats["split"]
+        out.update(super().stats)  # 'stream': train or eval; 'split': how its rows were chosen
         out.update(num_pairs=len(self.pairs), buckets=list(self.buckets),
                    pack_length=self.pack_length if self.cfg.packing else None,
                    padding_fraction_per_epoch=list(self._padding_per_epoch),

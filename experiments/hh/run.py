@@ -102,7 +102,7 @@ def report(workdir: str, samples_shown: int = 4) -> dict:
                    "beta": cfg["loss"]["beta"], "lr": cfg["optim"]["lr"],
                    "schedule": cfg["optim"]["schedule"],
                    "max_length": cfg["data"]["max_length"],
-                   "holdout": summary.get("data", {}).get("eval", {}).get("selection", {})
+                   "holdout": summary.get("data", {}).get("eval", {}).get("split", {})
                    .get("holdout")},
         "held_out": held,
         "train": train,
