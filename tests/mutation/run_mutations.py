@@ -435,8 +435,11 @@ MUTANTS = [
     M("bounds.unpaired_kl_plan_one_over", "np.maximum(self.cfg.max_length, lens[:, 0] + 1)",
       "np.maximum(self.cfg.max_length + 1, lens[:, 0] + 1)",
       "KL sequence planned one token past max_length"),
-    M("bounds.unpaired_bound_check_off_by_one", "if bound > self.buckets[-1]:",
-      "if bound > self.buckets[-1] + 1:", "unpaired bound one over the buckets not added"),
+    M("bounds.unpaired_bound_check_off_by_one",
+      ("if bound > self.buckets[-1]:", "            if longest > buckets[-1]:"),
+      ("if bound > self.buckets[-1] + 1:", "            if longest > buckets[-1] + 1:"),
+      "auto buckets: a unit one over epoch 0's batches (unpaired pairings of a later epoch; "
+      "since h-ktokl also a pair dropped from epoch 0) not added"),
     M("bounds.given_buckets_check_off_by_one", "elif longest > buckets[-1]:",
       "elif longest > buckets[-1] + 1:", "longest unit one over the given buckets not added"),
     M("bounds.pack_length_accepts_one_over", "if cfg.packing and self.pack_length < longest:",
