@@ -21,31 +21,32 @@ def _pipe(items, batch_size, *, train, process_index=0, process_count=1, **field
                                      process_count=process_count)
 
 
-def _want_partner(items, idx, j):
+def _want_partner(items, idx, j, max_length=512):
     """The rule, written out: the nearest previous example of the batch (cyclically) whose
-    completion differs from example j's, else the nearest previous item of the split."""
+    completion, cut to the KL slot's ``max(max_length - prompt, 1)`` tokens, differs from
+    example j's, else the nearest previous such item of the split. Eval padding (-1) is item 0,
+    as served (``batch_items``)."""
+    idx = [int(i) if i >= 0 else 0 for i in idx]
     own = items[idx[j]]["completion"]
+    keep = max(max_length - len(items[idx[j]]["prompt"]), 1)
     B, N = len(idx), len(items)
-    for k in range(1, B):
-        c = idx[(j - k) % B]
-        if not np.array_equal(items[c]["completion"], own):
-            return c
-    for k in range(1, N):
-        c = (idx[j] - k) % N
-        if not np.array_equal(items[c]["completion"], own):
+    for c in [idx[(j - k) % B] for k in range(1, B)] + [(idx[j] - k) % N for k in range(1, N)]:
+        if not np.array_equal(items[c]["completion"][:keep], own):
             return c
     raise AssertionError("no other completion")
 
 
 def _check_batch(items, pipe, epoch, position, batch):
     idx, _ = pipe.batch_items(epoch, position)
-    B = len(idx)
+    B, max_length = len(idx), int(pipe.cfg.max_length)
     for j in range(B):
         own = items[idx[j]]["completion"]
+        keep = max(max_length - len(items[idx[j]]["prompt"]), 1)
         got_own = batch["input_ids"][j][batch["loss_mask"][j] > 0]
         got_kl = batch["input_ids"][B + j][batch["loss_mask"][B + j] > 0]
         np.testing.assert_array_equal(got_own, own)
-        np.testing.assert_array_equal(got_kl, items[_want_partner(items, idx, j)]["completion"])
+        partner = _want_partner(items, idx, j, max_length)
+        np.testing.assert_array_equal(got_kl, items[partner]["completion"][:keep])
         assert not np.array_equal(got_kl, own)
     return idx
 
@@ -126,3 +127,48 @@ def test_a_split_with_one_completion_is_refused():
     with pytest.raises(DataError, match="same completion") as e:
         _pipe(items, 2, train=True)
     assert e.value.reason == "kl_completion" and e.value.field == "completion"
+
+
+def _hand(prompt_len, completion, desirable=True):
+    return {"prompt": np.arange(1, prompt_len + 1, dtype=np.int32),
+            "completion": np.asarray(completion, np.int32), "desirable": desirable}
+
+
+@pytest.mark.parametrize("batch_size", [3, 1])
+@pytest.mark.parametrize("prefix", [False, True])
+def test_a_completion_equal_to_its_own_once_cut_is_skipped(batch_size, prefix):
+    """max_length 16: example 1 (prompt 10) keeps 6 KL tokens, and example 0's completion
+    E = D + (11, 12) cut to 6 is example 1's own D; so example 1 skips example 0 (its previous
+    example in the batch of 3, its previous item of the split in batches of 1) and takes F.
+    Partners by hand: 0 -> 2 (F), 1 -> 2 (F), 2 -> 1 (D)."""
+    d = [5, 6, 7, 8, 9, 10]
+    items = [_hand(4, d + [11, 12]), _hand(10, d, False), _hand(4, [20, 21, 22])]
+    pipe = _pipe(items, batch_size, train=False, max_length=16, max_prompt_length=8,
+                 prefix_sharing=prefix)
+    kl = {0: [20, 21, 22], 1: [20, 21, 22], 2: d}
+    for position, batch in enumerate(pipe):
+        idx, _ = pipe.batch_items(0, position)
+        assert list(pipe.kl_partners(idx)) == [{0: 2, 1: 2, 2: 1}[int(i)] for i in idx]
+        for j, i in enumerate(idx):
+            got = batch["input_ids"][batch["seq_index"] == batch_size + j] if prefix else \
+                batch["input_ids"][batch_size + j][batch["loss_mask"][batch_size + j] > 0]
+            np.testing.assert_array_equal(got, kl[int(i)])
+        if not prefix:
+            _check_batch(items, pipe, 0, position, batch)
+
+
+def test_eval_padding_reads_item_0_in_kl_partners():
+    """The last eval batch of 5 examples in batches of 4 is [4, -1, -1, -1]; its padding slots
+    are served as item 0, and ``kl_partners`` of the raw row (as ``epoch_batches`` gives it)
+    reads them so too: example 4 takes the padding slot's completion (item 0), the padding
+    slots take example 4's (by hand: 0, 4, 4, 4; padding read as the last item would give
+    example 4 no other completion in the batch and item 3 from the split)."""
+    items = [_hand(3, [10 + i] * (i + 1)) for i in range(5)]
+    pipe = _pipe(items, 4, train=False)
+    raw = pipe.epoch_batches(0)[-1]
+    assert list(raw) == [4, -1, -1, -1]
+    served, weight = pipe.batch_items(0, 1)
+    assert list(served) == [4, 0, 0, 0] and list(weight) == [1, 0, 0, 0]
+    assert list(pipe.kl_partners(raw)) == [0, 4, 4, 4]
+    assert list(pipe.kl_partners(served)) == [0, 4, 4, 4]
+    _check_batch(items, pipe, 0, 1, pipe.batch_at(0, 1))

@@ -21,7 +21,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dpo_jax.data import ranked, unpaired
+from dpo_jax.data import batching, ranked, unpaired
 from dpo_jax.data.pipeline import PreferencePipeline
 from tests import helpers
 
@@ -237,3 +237,75 @@ def test_unpaired_bound_covers_examples_of_different_batches(prefix):
     assert pipe.buckets[-1] == want
     if not prefix:
         assert want == worst_unit("unpaired", False, items)
+
+
+@pytest.mark.parametrize("layout", ["unpaired", "packed_unpaired", "prefix_unpaired",
+                                    "packed_prefix_unpaired"])
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_unpaired_partner_not_the_previous_example(layout, batch_size):
+    """KL partners that are not the batch's previous example: a batch of one (the partner
+    comes from the split) and a batch of two that share a completion. Eval order, B = 1:
+    (0: prompt 3, A of 2), (1: 3, B of 20), (2: 10, C of 5), (3: 4, C): the partners are
+    3, 0, 1, 1 (item 3 skips item 2's equal C), so the per-batch longest sequences are 8, 23,
+    30, 24 where the examples' own completions give 5, 23, 15, 9. B = 2: batches [0, 1] and
+    [2, 3]; in the second both have C, so the partners are 1 and 1 (from the split): longest
+    23 and 30 (own completions: 23 and 15). The auto buckets follow the longest sequences the
+    partners actually used (or the prefix-shared bound, prompt + 1 + completion + longest
+    partner completion), and every batch places exactly the units computed here."""
+    fmt, prefix = "unpaired", layout.endswith("prefix_unpaired")
+    packing = layout.startswith("packed")
+    items = [unpaired_item(3, 2), unpaired_item(3, 20, False), unpaired_item(10, 5, start=7),
+             unpaired_item(4, 5, False, start=7)]
+    want_partners = {1: [[3], [0], [1], [1]], 2: [[1, 0], [1, 1]]}[batch_size]
+    want_longest = {1: [8, 23, 30, 24], 2: [23, 30]}[batch_size]  # unshared sequences
+    pipe = make_pipeline(fmt, items, batch_size, train=False, bucket_multiple=1,
+                         num_buckets=4, packing=packing, prefix_sharing=prefix)
+    batches = pipe.epoch_batches(0)
+    maxima = []
+    for position, idx in enumerate(batches):
+        partners = [kl_partner(items, idx, j) for j in range(len(idx))]
+        assert partners == want_partners[position]
+        if prefix:  # the loose bound of data/unpaired.py: longest prompt + 1 + the two longest
+            lp = max(len(items[i]["prompt"]) for i in idx)
+            own = max(len(items[i]["completion"]) for i in idx)
+            kl = max(own, max(len(items[c]["completion"]) for c in partners))
+            maxima.append(lp + 1 + own + kl)
+        else:
+            maxima.append(max(units(fmt, False, items, idx)))
+        batch = pipe.batch_at(0, position)
+        assert segment_lengths(batch) == units(fmt, prefix, items, idx)
+    if not prefix:
+        assert maxima == want_longest
+    bound = 10 + 1 + 20 + 20 if prefix else 10 + 20  # any prompt with any completion
+    want = batching.choose_buckets(np.asarray(maxima), 4, 1)
+    assert pipe.buckets == (want if want[-1] >= bound else want + [bound])
+
+
+@pytest.mark.parametrize("layout", ["pairs", "packed_pairs", "prefix_pairs",
+                                    "packed_prefix_pairs"])
+def test_auto_buckets_cover_a_pair_dropped_from_epoch_0(layout):
+    """Train order drops the last partial batch: 3 pairs in batches of 2, the longest
+    (prompt 20 + chosen 10 = 30 tokens; prefix-shared 20 - 1 + 11 + 6 = 36 columns) left out
+    of epoch 0 by some seeds. Auto buckets come from epoch 0's batches; the longest unit still
+    gets a bucket (before: a later epoch's batch was refused as longer than the largest bucket,
+    and packing refused pack_length at construction)."""
+    fmt, prefix, packing = LAYOUTS[layout]
+    items = [pair(3, 2, 2), pair(3, 3, 2), pair(20, 10, 5)]
+    longest = 20 - 1 + 11 + 6 if prefix else 20 + 10
+    dropped = 0
+    for seed in range(8):
+        cfg = helpers.data_config(format=fmt, max_length=ML, max_prompt_length=20,
+                                  bucket_multiple=1, num_buckets=1, packing=packing,
+                                  prefix_sharing=prefix)
+        pipe = PreferencePipeline(items, cfg, train=True, global_batch_size=2, seed=seed,
+                                  pad_id=0)
+        first = max(units(fmt, prefix, items, pipe.epoch_batches(0)[0]))
+        if 2 not in pipe.epoch_batches(0)[0]:
+            dropped += 1
+            assert first < longest and pipe.buckets == [first, longest]
+        else:
+            assert pipe.buckets == [longest] == [first]
+        for epoch in range(4):
+            idx, _ = pipe.batch_items(epoch, 0)
+            assert segment_lengths(pipe.batch_at(epoch, 0)) == units(fmt, prefix, items, idx)
+    assert dropped > 0

@@ -218,6 +218,10 @@ class PreferencePipeline(BatchStream):
             maxima = [self._longest(b) for b in self.epoch_batches(0)]
             buckets = batching.choose_buckets(np.asarray(maxima), cfg.num_buckets,
                                               cfg.bucket_multiple)
+            # Epoch 0's batches need not hold the longest unit (a train split drops its last
+            # partial batch; unpaired KL pairings change with the epoch): one more bucket.
+            if longest > buckets[-1]:
+                buckets = buckets + [batching.round_up(longest, cfg.bucket_multiple)]
         elif longest > buckets[-1]:
             log.warning("longest sequence %d exceeds buckets %s; adding a bucket", longest, buckets)
             buckets = buckets + [batching.round_up(longest, cfg.bucket_multiple)]

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from dpo_jax.data import batching
 from dpo_jax.data.checks import check_scored_response
 from dpo_jax.data.errors import DataError
 from dpo_jax.data.ranked import PromptItem, SlotPipeline
@@ -131,13 +130,9 @@ class UnpairedPipeline(SlotPipeline):
                 "implied reward): give the split examples with different completions",
                 file=str(cfg.get("path") or cfg.source), field="completion",
                 reason="kl_completion")
+        # Any two examples may meet in a later epoch's batch: the largest bucket holds every
+        # prompt with every completion (``_bound`` of the whole split, the base's longest unit).
         super().__init__(items, cfg, **kwargs)
-        # Any two examples may meet in a later epoch's batch: the largest bucket must hold
-        # every prompt with every completion.
-        bound = self._bound(np.arange(len(items)))
-        if bound > self.buckets[-1]:
-            self.buckets = self.buckets + [batching.round_up(bound, self.cfg.bucket_multiple)]
-            self.pack_length = int(self.cfg.pack_length) or self.buckets[-1]
 
     def _differs(self, i: int, c: int) -> bool:
         """Whether item ``c``'s completion, cut as item ``i``'s KL slot cuts it, differs from
