@@ -158,7 +158,9 @@ def _read_back(path):
     return transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name).eval()
 
 
-@pytest.mark.parametrize("gguf_type", export_gguf.GGUF_TYPES)
+# F32 (exactness) and Q8_0 (the quantizer) in the default suite; F16 / BF16 with --run-slow.
+@pytest.mark.parametrize("gguf_type", [t if t in ("F32", "Q8_0") else pytest.param(
+    t, marks=pytest.mark.slow) for t in export_gguf.GGUF_TYPES])
 def test_gguf_logits_equal_dpo_jax(tiny, gguf_type, tmp_path):
     family, _, tok, cfg, params, ours = tiny
     path = str(tmp_path / f"{family}.gguf")

@@ -99,6 +99,7 @@ def test_reference_of_a_run_started_from_a_peft_adapter(tmp_path, reference):
         assert np.abs(want - math.log(2.0)).max() > 1e-3  # the option differs from the start
 
 
+@pytest.mark.slow  # 18 s cold; the step-level test above pins ln 2 and rewards 0 in the suite
 def test_run_from_a_peft_adapter_starts_at_ln2_and_resumes_exactly(tmp_path):
     config = _config(tmp_path, steps=4, checkpoint_every=2)
     full = runs.run(config, tmp_path / "full")

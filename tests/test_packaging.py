@@ -11,6 +11,7 @@ declared when the code uses that feature.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import pathlib
 import re
@@ -67,10 +68,15 @@ def _imports() -> tuple[dict[str, str], dict[str, str]]:
     return top, lazy
 
 
+@functools.lru_cache(maxsize=None)
+def _module_distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()  # scans every installed package: once
+
+
 def _distributions(module: str) -> set[str]:
     """Distributions that provide ``module``; a module not installed here (an extra such as
     wandb) stands for the distribution of the same name."""
-    found = importlib.metadata.packages_distributions().get(module, [])
+    found = _module_distributions().get(module, [])
     return {_norm(d) for d in found} or {_norm(module)}
 
 

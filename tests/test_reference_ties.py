@@ -27,8 +27,8 @@ from dpo_jax.data import ranked, unpaired
 from dpo_jax.step import StepConfig, make_train_step, sequence_stats
 from tests import helpers
 
-# The default suite runs summed (sigmoid) and averaged (ipo) log-ratios; --run-slow every loss.
-FAST = ("sigmoid", "ipo")
+# The default suite runs sigmoid (summed log-ratios); --run-slow every loss (ipo: averaged).
+FAST = ("sigmoid",)
 REFERENCE_LOSSES = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
                     for n in losses_lib.LOSS_NAMES if n not in losses_lib.REFERENCE_FREE_LOSSES]
 OPTIONS = {"rdpo": {"rdpo_alpha": 0.01}}
@@ -95,7 +95,8 @@ def test_first_step_rewards_are_exact_zeros_for_lists_and_unpaired(fmt, loss):
     assert float(second["rewards/chosen"]) != 0.0
 
 
-@pytest.mark.parametrize("stored", [False, True], ids=["on_the_fly", "stored"])
+@pytest.mark.parametrize("stored", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["on_the_fly", "stored"])
 def test_without_the_flag_round_off_reads_as_rewards(stored):
     """The test's reference noise is visible when the step is not told the reference is the
     initial policy (so the zeros above come from the flag, not from the noise vanishing), and
