@@ -132,6 +132,7 @@ def test_packed_rows_are_padded_to_the_data_parallel_size(prefix_sharing):
         assert all(r % dp == 0 and r - dp < u <= r for r, u in zip(padded, unpadded)), padded
 
 
+@pytest.mark.slow  # 13 s; the padded plan itself is pinned by the test above
 def test_packed_dpo_run_on_eight_devices(tmp_path):
     """A packed DPO run whose packed row counts are not multiples of 8 unless padded: the 16
     sequences of a batch pack into 4 rows of 128 (one 128 bucket, so packing is cheaper than

@@ -61,7 +61,7 @@ def test_samples_and_win_rate_are_written_at_sample_points(tmp_path, task):
     assert os.listdir(tmp_path / "tb" / "samples")
 
 
-@pytest.mark.parametrize("checkpoint_every", [2, 0])
+@pytest.mark.parametrize("checkpoint_every", [pytest.param(2, marks=pytest.mark.slow), 0])
 def test_a_resumed_run_writes_the_samples_of_an_uninterrupted_one(tmp_path, checkpoint_every):
     """Killed after step 3 with the samples of step 2 written (and checkpointed at 2, or not
     checkpointed at all), the rerun redoes what follows its checkpoint: samples.jsonl ends as

@@ -109,7 +109,7 @@ def test_online_dpo_learns_the_true_reward(tmp_path):
             task, np.array(r["prompt"].split(), int), np.array(r["completion"].split(), int)))
 
 
-@pytest.mark.parametrize("iterations", [0, 2])
+@pytest.mark.parametrize("iterations", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_online_and_iterative_dpo_resume_exactly(tmp_path, iterations):
     """Killed after step 3 (checkpoint at 2; iterative: rounds of 2 steps, so the resumed run
     is in round 1 and reads its sampling policy back from rounds/1), the rerun ends with the

@@ -77,7 +77,7 @@ def test_synthetic_source_refuses_weight_field():
         build_pipeline(c, split="train", global_batch_size=4)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "dpop"])
+@pytest.mark.parametrize("loss", ["sigmoid", pytest.param("dpop", marks=pytest.mark.slow)])
 def test_zero_weights_equal_dropping_the_pairs(tmp_path, loss):
     """Weights 0 on the odd pairs: the same loss, metrics and update as the file holding only
     the even pairs (batch of 4 real pairs vs 8 pairs of which 4 weigh 0)."""
