@@ -714,8 +714,10 @@ def _pytest(root: str, files: list[str], timeout: float, cache: str) -> tuple[st
     env = dict(os.environ, PYTHONPATH=root, PYTHONDONTWRITEBYTECODE="1", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p",
-           "no:randomly", *files, *[f"--deselect={d}" for d in DESELECT]]
+    # --run-slow: a guarantee pinned only by a slow-marked test (kept out of the default suite
+    # for time) still counts against its mutants
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "--run-slow", "-p", "no:cacheprovider",
+           "-p", "no:randomly", *files, *[f"--deselect={d}" for d in DESELECT]]
     t0 = time.time()
     try:
         out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
