@@ -108,6 +108,10 @@ def get_config(arg: str = "cpu"):
     c.imdb = _imdb_block()
     c.train.async_checkpointing = False
     c.train.log_every = 20
+    # Every stage names the optimizer fields its recipe changes; the rest stay the paper's code's
+    # (constant schedule after warmup, clipping 10), also for the 'paper' variant that imports
+    # gpt2-large through model.hf_path (where 'auto' would pick TRL's DPOConfig defaults).
+    c.optim.defaults = "offline"
     c.model.overrides = ml_collections.ConfigDict(
         {"n_layer": 4, "d_model": 256, "n_head": 4, "d_ff": 1024, "max_len": 128})
     variant = arg or "cpu"
