@@ -357,21 +357,16 @@ def write_gguf(out: str, cfg: ModelConfig, params: dict, tokenizer: Any = None,
         "ALL_F32" if gguf_type == "F32" else f"MOSTLY_{gguf_type}"]))
     if gguf_type == "Q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, value in _hparams(arch, cfg).items():
-        key = f"{arch}.{key}"
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        else:
-            writer.add_float32(key, value)
-    for key, value in tok_meta.items():
+    meta = {f"{arch}.{k}": v for k, v in _hparams(arch, cfg).items()} | tok_meta
+    for key, value in meta.items():  # GGUF value types by Python type
         if isinstance(value, list):
             writer.add_array(key, value)
         elif isinstance(value, bool):
             writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
+        elif isinstance(value, (int, np.integer)):
+            writer.add_uint32(key, int(value))
+        elif isinstance(value, (float, np.floating)):
+            writer.add_float32(key, float(value))
         else:
             writer.add_string(key, value)
     for tname, w in tensors.items():
