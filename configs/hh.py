@@ -28,6 +28,7 @@ from dpo_jax.data.testing import data_root
 from dpo_jax.models.local import SMOLLM2, local_model
 
 STEPS = 200  # 1,600 pairs: about 0.8 epoch of the ~2,000 training pairs
+REWARD_STEPS = 100
 
 
 def _smollm2(c) -> None:
@@ -43,6 +44,8 @@ def _reward(c) -> None:
     c.logprobs.precompute_reference = False  # no reference model
     c.data.prefix_sharing = False  # the reward task reads plain pair rows
     c.data.buckets = "128,192,256"  # one sequence (prompt + response <= 256) a row
+    # 100 steps (800 pairs): a judge, not the experiment; half the DPO run's CPU time
+    c.train.update(steps=REWARD_STEPS, eval_every=50, checkpoint_every=50)
 
 
 def _smoke(c) -> None:
