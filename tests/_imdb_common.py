@@ -36,3 +36,18 @@ def imdb_data() -> pathlib.Path:
         pytest.skip(f"no IMDb data under {IMDB_DATA} (set ${DATA_ENV} to the data root "
                     "holding imdb/)")
     return IMDB_DATA
+
+
+def write_shards(root: pathlib.Path) -> None:
+    """``root/{train,test,unsup}-00000-of-00001.parquet`` of synthetic reviews (48 / 24 / 16;
+    unsup labelled -1), the layout ``imdb.data_dir`` reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir()
+    for split, n, seed in (("train", 48, 0), ("test", 24, 1), ("unsup", 16, 2)):
+        texts, labels = synthetic_reviews(n, seed)
+        if split == "unsup":
+            labels = np.full(n, -1)
+        pq.write_table(pa.table({"text": texts, "label": labels.astype(np.int64)}),
+                       root / f"{split}-00000-of-00001.parquet")

@@ -23,13 +23,13 @@ def test_csv_content(tmp_path):
     assert csv_path == tmp_path / "frontier.csv"
     with csv_path.open() as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["method", "setting", "step", "kl", "mean_reward"]
-    assert rows[1:] == [
-        ["dpo", "beta=0.1", "100", "4.0", "0.8"],
-        ["dpo", "beta=0.1", "200", "8.0", "0.95"],
-        ["dpo", "beta=0.5", "100", "2.0", "0.6"],
-        ["ppo", "target_kl=6", "50", "6.0", "0.7"],
-        ["ppo", "target_kl=6", "100", "9.0", "0.65"],
+    assert rows[0] == ["method", "setting", "step", "kl", "mean_reward", "sft_ppl"]
+    assert rows[1:] == [  # no perplexity measured for these points: an empty cell
+        ["dpo", "beta=0.1", "100", "4.0", "0.8", ""],
+        ["dpo", "beta=0.1", "200", "8.0", "0.95", ""],
+        ["dpo", "beta=0.5", "100", "2.0", "0.6", ""],
+        ["ppo", "target_kl=6", "50", "6.0", "0.7", ""],
+        ["ppo", "target_kl=6", "100", "9.0", "0.65", ""],
     ]
     assert frontier.read_frontier_csv(csv_path) == frontier.sort_points(POINTS)
 

@@ -15,22 +15,9 @@ from dpo_jax.evaluation import build_judge
 from dpo_jax.ppo.rewards import build_reward
 from dpo_jax.proj.imdb.pipeline import StageRunner
 from dpo_jax.tasks import get_task
-from tests._imdb_common import synthetic_reviews
+from tests._imdb_common import write_shards as _write_shards
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _write_shards(root: pathlib.Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root.mkdir()
-    for split, n, seed in (("train", 48, 0), ("test", 24, 1), ("unsup", 16, 2)):
-        texts, labels = synthetic_reviews(n, seed)
-        if split == "unsup":
-            labels = np.full(n, -1)
-        pq.write_table(pa.table({"text": texts, "label": labels.astype(np.int64)}),
-                       root / f"{split}-00000-of-00001.parquet")
 
 
 def _config(variant="tiny", data_dir=None):

@@ -54,11 +54,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20)
     args = ap.parse_args()
     d = pathlib.Path(args.workdir)
-    print("| method | setting | step | KL (nats/seq) | mean reward |\n| --- | --- | --- | --- | --- |")
+    print("| method | setting | step | KL (nats/seq) | mean reward | ppl under SFT |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     with open(d / "frontier.csv") as f:
         for r in csv.DictReader(f):
+            ppl = f"{float(r['sft_ppl']):.1f}" if r.get("sft_ppl") else ""
             print(f"| {r['method']} | {r['setting']} | {r['step']} | {float(r['kl']):.2f} | "
-                  f"{float(r['mean_reward']):.2f} |")
+                  f"{float(r['mean_reward']):.2f} | {ppl} |")
+    if (d / "real_fluency.json").exists():
+        real = json.loads((d / "real_fluency.json").read_text())
+        print(f"\nreal test reviews' continuations of the same prefixes: ppl under SFT "
+              f"{real['sft_ppl']:.1f} ({real['rows']} continuations, {real['tokens']:,} tokens)")
     _compute_table(d)
     sft = read_jsonl(d / "sft_test_samples.jsonl")
     run = read_jsonl(d / "runs" / args.run / "test_samples.jsonl")

@@ -20,6 +20,7 @@ from dpo_jax.data.io import read_jsonl, write_jsonl
 from dpo_jax.proj.imdb import frontier as frontier_lib
 from dpo_jax.proj.imdb.experiment import Experiment
 from dpo_jax.proj.imdb.kl import kl_estimate
+from dpo_jax.proj.imdb.text import clean_review
 from dpo_jax.sampling import Samples, SamplingConfig, generate, sequence_mask
 
 
@@ -33,7 +34,8 @@ def sample(exp: Experiment, params, prompts: list[dict], k: int, rng: jax.Array,
            ref_params=None) -> list[dict]:
     """``k`` completions per prompt row (``prompt``, ``prompt_ids``), ``k`` consecutive rows per
     prompt: text, token ids (EOS dropped), ground-truth ``reward``, the summed policy log-prob
-    ``policy_logp`` and, with ``ref_params``, the reference's ``ref_logp`` of the completion.
+    ``policy_logp`` and, with ``ref_params``, the reference's ``ref_logp`` of the completion
+    and ``completion_tokens``, the tokens it sums over (the completion with its EOS, if any).
     Batches have the fixed shape [imdb.sample_batch, imdb.max_prefix_tokens]: one compile."""
     c, tok = exp.imdb, exp.tokenizer
     eos = int(tok.eos_token_id)
@@ -63,6 +65,7 @@ def sample(exp: Experiment, params, prompts: list[dict], k: int, rng: jax.Array,
                    "policy_logp": float(policy_B[i])}
             if ref_params is not None:
                 row["ref_logp"] = float(ref_B[i])
+                row["completion_tokens"] = int(mask_BT[i].sum())
             out.append(row)
     rewards = exp.reward([r["prompt"] for r in out], [r["completion"] for r in out])
     for r, v in zip(out, rewards):
@@ -94,15 +97,74 @@ def proxy_scores(exp: Experiment, rows: list[dict]) -> np.ndarray:
     return np.concatenate(out)
 
 
+def sft_perplexity(logps: np.ndarray, tokens: np.ndarray) -> float:
+    """Token-level perplexity ``exp(-sum(logps) / sum(tokens))`` of texts whose summed log-probs
+    under the SFT model are ``logps`` [N] (nats) over ``tokens`` [N] tokens each: the fluency
+    measure of samples (and of real reviews' continuations, :func:`real_fluency`) as text the
+    SFT model finds likely. Raises ValueError when no token is scored."""
+    n = float(np.sum(tokens))
+    if n <= 0:
+        raise ValueError("sft_perplexity: no scored token")
+    return float(np.exp(-np.sum(logps, dtype=np.float64) / n))
+
+
 def point(method: str, setting: str, step: int, rows: list[dict]) -> dict:
     """One frontier point from sampled rows: Monte-Carlo sequence KL(pi || pi_SFT) and mean
-    ground-truth reward, each with its standard error."""
-    kl = kl_estimate(np.array([r["policy_logp"] for r in rows]),
-                     np.array([r["ref_logp"] for r in rows]))
+    ground-truth reward, each with its standard error, and ``sft_ppl``, the samples'
+    perplexity under the SFT model (:func:`sft_perplexity`, their fluency)."""
+    ref = np.array([r["ref_logp"] for r in rows])
+    kl = kl_estimate(np.array([r["policy_logp"] for r in rows]), ref)
     rewards = np.array([r["reward"] for r in rows])
     return {"method": method, "setting": setting, "step": int(step), "kl": kl.mean,
             "kl_stderr": kl.stderr, "mean_reward": float(rewards.mean()),
-            "reward_stderr": float(rewards.std(ddof=1) / math.sqrt(len(rows)))}
+            "reward_stderr": float(rewards.std(ddof=1) / math.sqrt(len(rows))),
+            "sft_ppl": sft_perplexity(ref, np.array([r["completion_tokens"] for r in rows]))}
+
+
+def continuations(exp: Experiment, prompts: list[dict], n: int) -> list[dict]:
+    """For each test prefix row (``source`` = ``test:i``, the i-th test review), the review's own
+    next ``n`` tokens after the prefix, EOS appended when the review ends within them:
+    ``{"prompt_ids", "completion_ids"}`` (ids include that EOS). Rows whose review does not
+    re-tokenize to the same prefix ids, or that have no continuation, are left out."""
+    texts = exp.texts("test", exp.imdb.max_test_reviews)
+    eos = int(exp.tokenizer.eos_token_id)
+    out = []
+    for p in prompts:
+        split, idx = p["source"].split(":")
+        if split != "test":
+            raise ValueError(f"continuations: prefix row {p['source']!r} is not a test review")
+        ids = exp.tokenizer.encode(clean_review(texts[int(idx)]), add_special_tokens=False)
+        P = len(p["prompt_ids"])
+        if [int(t) for t in ids[:P]] != [int(t) for t in p["prompt_ids"]] or len(ids) == P:
+            continue
+        cont = [int(t) for t in ids[P:P + n]] + ([eos] if len(ids) <= P + n else [])
+        out.append({"prompt_ids": list(p["prompt_ids"]), "completion_ids": cont[:n]})
+    return out
+
+
+def real_fluency(exp: Experiment, params, prompts: list[dict]) -> dict:
+    """The perplexity under the SFT model (``params``) of the real test reviews' continuations
+    of the frontier's prefixes, ``imdb.max_new_tokens`` tokens each: the fluency the samples'
+    ``sft_ppl`` is read against. ``{"sft_ppl", "rows", "tokens"}``."""
+    rows = continuations(exp, prompts, int(exp.imdb.max_new_tokens))
+    T = int(exp.imdb.max_prefix_tokens) + int(exp.imdb.max_new_tokens)
+    B, logps, tokens = int(exp.imdb.sample_batch), [], []
+    for start in range(0, len(rows), B):
+        chunk = rows[start:start + B]
+        ids_BT = np.zeros((B, T), np.int32)
+        seg_BT = np.zeros((B, T), np.int32)
+        mask_BT = np.zeros((B, T), np.float32)
+        for i, r in enumerate(chunk):
+            seq = r["prompt_ids"] + r["completion_ids"]
+            ids_BT[i, :len(seq)] = seq
+            seg_BT[i, :len(seq)] = 1
+            mask_BT[i, len(r["prompt_ids"]):len(seq)] = 1
+        lp_BT = np.asarray(exp.score(params, jnp.asarray(ids_BT), jnp.asarray(seg_BT)))
+        logps.append((lp_BT * mask_BT).sum(1)[:len(chunk)])
+        tokens.append(mask_BT.sum(1)[:len(chunk)])
+    logps_N, tokens_N = np.concatenate(logps), np.concatenate(tokens)
+    return {"sft_ppl": sft_perplexity(logps_N, tokens_N), "rows": len(rows),
+            "tokens": int(tokens_N.sum())}
 
 
 def frontier_points(exp: Experiment, name: str, method: str, setting: str) -> None:
@@ -134,20 +196,30 @@ def frontier_points(exp: Experiment, name: str, method: str, setting: str) -> No
 def sft_and_best_of_n(exp: Experiment) -> None:
     """``sft_frontier_points.jsonl``: SFT's own point (KL 0 up to Monte-Carlo noise) and
     Best-of-n of its samples for n in ``imdb.best_of_n``; one sample per prefix in
-    ``sft_test_samples.jsonl``."""
+    ``sft_test_samples.jsonl``; ``real_fluency.json``: the perplexity of the real reviews'
+    continuations under SFT (:func:`real_fluency`)."""
     ref = exp.restore(exp.workdir / "sft")
     prompts = read_jsonl(exp.workdir / "prefixes_test.jsonl")
     k = max([int(exp.imdb.eval_samples_per_prefix)] + [int(n) for n in exp.imdb.best_of_n])
     rows = sample(exp, ref, prompts, k, jax.random.key(999), ref_params=ref)
     points = [point("sft", "", 0, rows)]
     rewards_NK = np.array([r["reward"] for r in rows]).reshape(len(prompts), k)
+    ref_NK = np.array([r["ref_logp"] for r in rows]).reshape(len(prompts), k)
+    tokens_NK = np.array([r["completion_tokens"] for r in rows]).reshape(len(prompts), k)
     for n in exp.imdb.best_of_n:
-        best_N = rewards_NK[:, :int(n)].max(axis=1)
+        pick_N = rewards_NK[:, :int(n)].argmax(axis=1)
+        best_N = np.take_along_axis(rewards_NK, pick_N[:, None], 1)[:, 0]
         points.append({"method": "best_of_n", "setting": f"n={int(n)}", "step": 0,
                        "kl": best_of_n_kl(int(n)), "kl_stderr": 0.0,
                        "mean_reward": float(best_N.mean()),
-                       "reward_stderr": float(best_N.std(ddof=1) / math.sqrt(len(best_N)))})
+                       "reward_stderr": float(best_N.std(ddof=1) / math.sqrt(len(best_N))),
+                       "sft_ppl": sft_perplexity(
+                           np.take_along_axis(ref_NK, pick_N[:, None], 1),
+                           np.take_along_axis(tokens_NK, pick_N[:, None], 1))})
     write_jsonl(rows[::k], exp.workdir / "sft_test_samples.jsonl")
+    fluency = exp.workdir / "real_fluency.json.tmp"
+    fluency.write_text(json.dumps(real_fluency(exp, ref, prompts), indent=2))
+    fluency.replace(exp.workdir / "real_fluency.json")
     write_jsonl(points, exp.workdir / "sft_frontier_points.jsonl")
 
 

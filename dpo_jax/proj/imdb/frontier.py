@@ -15,21 +15,26 @@ import math
 import pathlib
 from typing import Iterable, Sequence
 
-FIELDS = ("method", "setting", "step", "kl", "mean_reward")
+FIELDS = ("method", "setting", "step", "kl", "mean_reward", "sft_ppl")
 
 
 @dataclasses.dataclass(frozen=True)
 class FrontierPoint:
+    """``sft_ppl``: the samples' perplexity under the SFT model (their fluency; None when not
+    measured, e.g. points written before it was)."""
+
     method: str
     setting: str
     step: int
     kl: float
     mean_reward: float
+    sft_ppl: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "FrontierPoint":
+        ppl = d.get("sft_ppl")
         return cls(str(d["method"]), str(d["setting"]), int(d["step"]), float(d["kl"]),
-                   float(d["mean_reward"]))
+                   float(d["mean_reward"]), None if ppl in (None, "") else float(ppl))
 
 
 def _points(points: Iterable[FrontierPoint | dict]) -> list[FrontierPoint]:
@@ -46,14 +51,15 @@ def sort_points(points: Iterable[FrontierPoint | dict]) -> list[FrontierPoint]:
 
 
 def write_frontier_csv(points: Iterable[FrontierPoint | dict], path: str | pathlib.Path):
-    """Write ``method,setting,step,kl,mean_reward`` rows (sorted); returns the path."""
+    """Write ``method,setting,step,kl,mean_reward,sft_ppl`` rows (sorted); returns the path."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(FIELDS)
         for p in sort_points(points):
-            w.writerow([p.method, p.setting, p.step, repr(p.kl), repr(p.mean_reward)])
+            w.writerow([p.method, p.setting, p.step, repr(p.kl), repr(p.mean_reward),
+                        "" if p.sft_ppl is None else repr(p.sft_ppl)])
     return path
 
 

@@ -9,8 +9,9 @@ Stages, each caching its output under the workdir and skipped when that output e
   Unlikelihood; each initialised from SFT) -> reward model (Bradley-Terry on the same pairs,
   prompts split into train/held-out) -> PPO runs (learned reward, one per target KL) and PPO-GT
   runs (the ground-truth reward) -> frontier (every checkpoint of every run: sample held-out
-  TEST prefixes, mean reward, sequence KL(pi || pi_SFT); SFT itself and Best-of-N of SFT
-  samples) -> frontier.csv + frontier.png; ``compute.json`` (wall time and tokens per method).
+  TEST prefixes, mean reward, sequence KL(pi || pi_SFT), the samples' perplexity under SFT;
+  SFT itself and Best-of-N of SFT samples; the real reviews' continuations' perplexity under
+  SFT, ``real_fluency.json``) -> frontier.csv + frontier.png; ``compute.json`` (wall time and tokens per method).
 
 The stages are functions of an :class:`~dpo_jax.proj.imdb.experiment.Experiment` in
 ``stages`` (data), ``runs`` (training) and ``evaluate`` (frontier, compute); this module runs
@@ -103,7 +104,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
               runs.train_variant, exp, name, method, cfg)
         stage(f"frontier:{name}", [d / "runs" / name / "frontier_points.jsonl"],
               evaluate.frontier_points, exp, name, method, setting)
-    stage("frontier:sft", [d / "sft_frontier_points.jsonl"], evaluate.sft_and_best_of_n, exp)
+    stage("frontier:sft", [d / "sft_frontier_points.jsonl", d / "real_fluency.json"],
+          evaluate.sft_and_best_of_n, exp)
 
     # Always re-assembled (cheap: it reads the per-run point files), so the CSV and plot hold
     # exactly the configured variants, also when a rerun adds a beta.
@@ -111,6 +113,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     evaluate.write_compute(exp, variants, stage.seconds)
     evaluate.log_frontier_to_wandb(config, d)
     stage.ran.append("frontier")
-    summary = {"stages_run": stage.ran, "stages_skipped": stage.skipped, "frontier": points}
+    summary = {"stages_run": stage.ran, "stages_skipped": stage.skipped, "frontier": points,
+               "real_fluency": json.loads((d / "real_fluency.json").read_text())}
     (d / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
