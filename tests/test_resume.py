@@ -4,10 +4,14 @@ metric log; finished runs are reported, not retrained; damaged checkpoints are w
 a changed config is refused; one run per workdir; non-finite steps never reach a checkpoint."""
 
 import glob
+import inspect
 import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -188,9 +192,6 @@ def test_run_length_is_not_safe_to_change_under_a_decaying_schedule(tmp_path):
 def _open_elsewhere(workdir, **train) -> str:
     """What another process gets when it opens ``workdir`` with ``runs.dpo_config(**train)``:
     'opened' or the error message."""
-    import subprocess
-    import sys
-
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import json, sys; from dpo_jax import workdir as w; from tests import runs\n"
             "config = w.resolve_defaults(runs.dpo_config(**json.loads(sys.argv[2])))[0]\n"
@@ -206,8 +207,6 @@ def _open_elsewhere(workdir, **train) -> str:
 
 def test_one_run_per_workdir_reentrant_in_its_thread_and_a_dead_holder_does_not_block(
         tmp_path):
-    import threading
-
     config = runs.dpo_config()
     with workdir_lib.open_run(config, str(tmp_path)):
         with workdir_lib.open_run(config, str(tmp_path)) as inner:  # same thread: re-entered
@@ -250,8 +249,6 @@ def test_a_task_calls_another_task_in_process(tmp_path):
     """Tasks compose: the outer task's workdir lock is re-entered by the DPO task it calls (it
     was refused with 'in use by pid <own pid>'), still refused to a second process while held,
     and released at the end. The task function's signature says what it is called with."""
-    import inspect
-
     assert list(inspect.signature(_task_calling_a_task).parameters) == ["config", "workdir",
                                                                       "seen"]
     assert list(inspect.signature(runs.get_task("dpo")).parameters)[:2] == ["config",
@@ -328,8 +325,6 @@ def test_kill_9_before_the_first_checkpoint_and_a_second_process_on_the_workdir(
     a log that the rerun (here shortened: nothing to resume, so it starts over) replaces: every
     step exactly once, in the JSONL and in TensorBoard."""
     import signal
-    import subprocess
-    import sys
     import time
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
