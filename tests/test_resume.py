@@ -253,6 +253,8 @@ def test_a_task_calls_another_task_in_process(tmp_path):
                                                                       "seen"]
     assert list(inspect.signature(runs.get_task("dpo")).parameters)[:2] == ["config",
                                                                            "workdir"]
+    assert list(inspect.signature(_task_calling_a_task.in_run).parameters)[:2] == ["config",
+                                                                                   "run"]
     config = runs.dpo_config(steps=2)
     seen = []
     summary = _task_calling_a_task(config, str(tmp_path), seen=seen)
