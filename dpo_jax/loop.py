@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from dpo_jax import checkpoint as ckpt_lib
+from dpo_jax import eval_metrics
 from dpo_jax import sharding as shard_lib
 from dpo_jax.config import TrainConfig
 from dpo_jax.distributed import PreemptionGuard
@@ -101,34 +102,27 @@ def host_step(train_step, mesh, scored_only: bool):
     return lambda state, batch_np: train_step(state, *device_batch(batch_np, mesh, scored_only))
 
 
-def evaluator(eval_step, batches, mesh, scored_only: bool,
-              finalize: Callable[[dict[str, float]], dict[str, float]] | None = None):
-    """``evaluate(state)`` for :func:`train`: :func:`reduce_eval` of
-    ``eval_step(state, batch, max_scored)`` sums over ``batches`` (None: no evaluation)."""
+def eval_totals(eval_step, batches, mesh, scored_only: bool):
+    """``state -> Totals``: the (numerator, denominator) pairs of
+    ``eval_step(state, batch, max_scored)`` summed over ``batches``
+    (:func:`dpo_jax.eval_metrics.totals`); None when ``batches`` is None."""
     if batches is None:
         return None
     jitted = jax.jit(eval_step, static_argnums=2)
-    return lambda state: reduce_eval(
-        lambda b: jitted(state, *device_batch(b, mesh, scored_only)), batches,
-        finalize or weighted_means)
+    return lambda state: eval_metrics.totals(
+        lambda b: jitted(state, *device_batch(b, mesh, scored_only)), batches)
 
 
-def weighted_means(totals: dict[str, float]) -> dict[str, float]:
-    """Sums divided by their ``weight`` entry (padding pairs weigh 0)."""
-    totals = dict(totals)
-    weight = max(totals.pop("weight", 0.0), 1e-9)
-    return {k: v / weight for k, v in totals.items()}
-
-
-def reduce_eval(sums_of: Callable[[Any], Mapping[str, Any]], batches: Iterable,
-                finalize: Callable[[dict[str, float]], dict[str, float]] = weighted_means
-                ) -> dict[str, float]:
-    """The one eval reducer: add ``sums_of(batch)`` over every batch, then ``finalize``."""
-    totals: dict[str, float] = {}
-    for batch in batches:
-        for k, v in jax.device_get(sums_of(batch)).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    return finalize(totals)
+def evaluator(eval_step, batches, mesh, scored_only: bool,
+              derived: eval_metrics.Derived | None = None):
+    """``evaluate(state)`` for :func:`train`: each metric's summed numerator over its summed
+    denominator (:func:`dpo_jax.eval_metrics.means`) of ``eval_step(state, batch, max_scored)
+    -> {name: (numerator, denominator)}`` over ``batches``, plus ``derived(means)``; None when
+    ``batches`` is None (no evaluation)."""
+    totals_of = eval_totals(eval_step, batches, mesh, scored_only)
+    if totals_of is None:
+        return None
+    return lambda state: eval_metrics.means(totals_of(state), derived)
 
 
 _all_finite = jax.jit(all_finite)

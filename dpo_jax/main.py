@@ -9,12 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-# Before jax initialises: on CPU, the concurrency-optimised scheduler can run independent
-# collectives in different orders on different (virtual) devices and deadlock the rendezvous.
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,6 +26,27 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index in [0, num_processes).")
 
 
+# On CPU, the concurrency-optimised scheduler can run independent collectives in different
+# orders on different (virtual) devices and deadlock the rendezvous.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def xla_flags(flags_value: str) -> str:
+    """``XLA_FLAGS`` with :data:`CPU_SCHEDULER_FLAG` appended unless it sets that option
+    already (either way)."""
+    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags_value:
+        return flags_value
+    return f"{flags_value} {CPU_SCHEDULER_FLAG}".strip()
+
+
+def set_xla_flags(environ=os.environ) -> None:
+    """Set ``environ['XLA_FLAGS']`` to :func:`xla_flags` of it. XLA reads the variable when jax
+    initialises its backends (the first ``jax.devices()``, not ``import jax``), so
+    :func:`main` calls this before anything touches a device; importing this module changes
+    nothing."""
+    environ["XLA_FLAGS"] = xla_flags(environ.get("XLA_FLAGS", ""))
+
+
 def quiet_library_logs() -> None:
     """orbax logs every checkpoint phase at INFO through absl; keep the run's own lines readable."""
     import logging as py_logging
@@ -46,6 +61,7 @@ def quiet_library_logs() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    set_xla_flags()
     import jax
 
     from dpo_jax import distributed

@@ -52,16 +52,16 @@ from dpo_jax import data as data_lib
 from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import losses as losses_lib
+from dpo_jax import preference_data
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
-from dpo_jax import streams
 from dpo_jax.config import data_block, read_config
 from dpo_jax.data import batching
 from dpo_jax.data.prompts import PromptStream, load_prompts, stop_ids
 from dpo_jax.models import Model
 from dpo_jax.sampling import SamplingConfig, completion_kl, generate
 from dpo_jax.step import make_eval_step, make_train_step
-from dpo_jax.workdir import RunDir, task
+from dpo_jax.workdir import RunDir, opens_workdir
 
 SAMPLE_SEED_OFFSET = 1  # training samples use key(seed + 1) folded with the step
 
@@ -230,7 +230,7 @@ class RoundPolicy:
 # ----------------------------------------------------------------------------- the task
 
 
-@task
+@opens_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward_fn=None,
                        interrupt_after: int | None = None) -> dict[str, Any]:
     """Train an online (or iterative) DPO run; called as ``train_and_evaluate(config,
@@ -247,12 +247,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
                          "False")
     model = Model(rc.model)
     needs_ref = losses_lib.needs_reference(loss_cfg)
-    mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(rc, model,
-                                                                       reference=needs_ref)
+    setup = state_lib.setup(rc, model, reference=needs_ref)
+    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
+    params, ref_params = setup.params, setup.ref_params
     reward_fn = reward_fn or evaluation.build_judge(oc.reward, config, mesh, oc.sampling.stop_ids)
+    # the eval samples are judged by the reward the run trains on, unless eval.judge names one
     samples_eval = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
-        reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps)
+        reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps,
+        judge=None if evaluation.read_eval(config).judge else reward_fn)
     state = state_lib.create_state(params, tx, mesh, shardings, ref_params)
 
     prompts = load_prompts("train", prompt_file=oc.prompt_file, eval_prompt_file="",
@@ -262,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
                               width=width, seed=rc.seed, pad_id=oc.sampling.pad_id,
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
-    eval_data = (streams.preference_streams(rc, ("eval",), model_cfg=model.cfg, mesh=mesh)
+    eval_data = (preference_data.preference_streams(rc, ("eval",), model_cfg=model.cfg,
+                                                    mesh=mesh)
                  if rc.train.eval_every else {})
     length = batching.round_up(width + oc.sampling.max_new_tokens, 8)
     if model.cfg.position == "learned" and length > model.cfg.max_len:

@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dpo_jax import eval_metrics
 from dpo_jax import loop
+from dpo_jax import preference_data
 from dpo_jax import state as state_lib
-from dpo_jax import streams
 from dpo_jax.config import read_config
 from dpo_jax.models import Model
 from dpo_jax.optim import gradient_step
-from dpo_jax.workdir import RunDir, task
+from dpo_jax.workdir import RunDir, opens_workdir
 
 Params = dict[str, Any]
 
@@ -131,12 +132,14 @@ def make_reward_train_step(model: RewardModel, tx, schedule, on_nonfinite: str =
 
 
 def make_reward_eval_step(model: RewardModel):
-    """``(params, batch) -> weighted sums incl. 'weight'``."""
+    """``(params, batch) -> {name: (numerator, denominator)}`` (``dpo_jax.eval_metrics``):
+    ``loss``, ``accuracy``, ``margin``, ``rewards/chosen``, ``rewards/rejected``, each a mean
+    over pairs weighted by ``pair_weight``."""
 
     def eval_step(params, batch):
-        sums = _sums(*pair_rewards(model, params, batch), batch["pair_weight"])
-        sums["weight"] = jnp.sum(batch["pair_weight"])
-        return sums
+        w = batch["pair_weight"]
+        return eval_metrics.over(_sums(*pair_rewards(model, params, batch), w),
+                                 jnp.sum(w.astype(jnp.float32)))
 
     return eval_step
 
@@ -155,7 +158,7 @@ def restore_reward_model(run_dir: str, model: RewardModel, shardings) -> Params:
     return ckpt_lib.restore_params(run_dir, state_lib.abstract(model.abstract_params(), shardings))
 
 
-@task
+@opens_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                        interrupt_after: int | None = None) -> dict[str, Any]:
     """Bradley-Terry reward-model training on the preference pipeline (``config.task='reward'``),
@@ -165,9 +168,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     if rc.optim.grad_accum != 1:
         raise ValueError("task 'reward' does not accumulate gradients; set optim.grad_accum=1")
     model = RewardModel(Model(rc.model))
-    mesh, tx, schedule, shardings, params, _ = state_lib.setup(rc, model, init=init_params)
+    setup = state_lib.setup(rc, model, init=init_params)
+    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
+    params = setup.params
     state = state_lib.create_state(params, tx, mesh, shardings)
-    data = streams.preference_streams(rc, rc.train.splits, model_cfg=model.config, mesh=mesh)
+    data = preference_data.preference_streams(rc, rc.train.splits, model_cfg=model.config,
+                                              mesh=mesh)
 
     train_step = loop.jit_train_step(
         make_reward_train_step(model, tx, schedule, rc.train.on_nonfinite), state)

@@ -33,11 +33,11 @@ from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import lora as lora_lib
 from dpo_jax import lora_base
+from dpo_jax import preference_data
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
-from dpo_jax import streams
 from dpo_jax.config import read_config
-from dpo_jax.workdir import RunDir, task
+from dpo_jax.workdir import RunDir, opens_workdir
 from dpo_jax.data.text import TextPipeline, load_examples
 from dpo_jax.logprobs import compact_scored, token_logps
 
@@ -102,17 +102,28 @@ def unlikelihood_sums(model, params, batch, lp_cfg, max_scored) -> dict[str, jax
             "rejected_tokens": jnp.sum(w * (1 - chosen))}
 
 
+def token_metrics(sums: Mapping[str, Any]) -> dict[str, Any]:
+    """The token means of :func:`nll_sums` / :func:`unlikelihood_sums` as ``{name: (numerator,
+    denominator)}`` (``dpo_jax.eval_metrics``): ``nll`` over the scored (chosen) tokens, ``ul``
+    and ``rejected_token_p`` over the rejected tokens."""
+    out = {"nll": (sums["nll"], sums["tokens"])}
+    if "ul" in sums:
+        out["ul"] = (sums["ul"], sums["rejected_tokens"])
+        out["rejected_token_p"] = (sums["rejected_p"], sums["rejected_tokens"])
+    return out
+
+
+def objective(means: Mapping[str, Any], alpha: float) -> dict[str, Any]:
+    """From token means: ``ppl = exp(nll)`` and ``loss = nll (+ alpha * ul)``."""
+    exp = jnp.exp if isinstance(means["nll"], jax.Array) else math.exp
+    loss = means["nll"] + alpha * means["ul"] if "ul" in means else means["nll"]
+    return {"ppl": exp(means["nll"]), "loss": loss}
+
+
 def ratios(sums: Mapping[str, Any], alpha: float) -> dict[str, Any]:
     """Token means from sums: nll, ppl, loss (+ ul terms). Works on jax or python numbers."""
-    exp = jnp.exp if isinstance(sums["nll"], jax.Array) else math.exp
-    nll = sums["nll"] / jnp.maximum(sums["tokens"], 1e-9)
-    out = {"nll": nll, "ppl": exp(nll), "loss": nll}
-    if "ul" in sums:
-        rej = jnp.maximum(sums["rejected_tokens"], 1e-9)
-        out["ul"] = sums["ul"] / rej
-        out["rejected_token_p"] = sums["rejected_p"] / rej
-        out["loss"] = nll + alpha * out["ul"]
-    return out
+    means = {k: num / jnp.maximum(den, 1e-9) for k, (num, den) in token_metrics(sums).items()}
+    return {**means, **objective(means, alpha)}
 
 
 def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cfg,
@@ -156,7 +167,7 @@ def _check(config, rc) -> None:
                          "model; set it to False")
 
 
-@task
+@opens_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                        interrupt_after: int | None = None) -> dict[str, Any]:
     """Train and evaluate an SFT / Unlikelihood run; called as
@@ -169,7 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     _check(config, rc)
     model = lora_lib.make_model(rc.model, rc.lora)  # a LoraModel when model.lora.rank > 0
     # under LoRA, params are the adapters and base the frozen base (dpo_jax/lora.py)
-    mesh, tx, schedule, shardings, params, base = state_lib.setup(rc, model)
+    setup = state_lib.setup(rc, model)
+    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
+    params, base = setup.params, setup.ref_params
     state = state_lib.create_state(params, tx, mesh, shardings, base)
     policy_of = lambda s: lora_lib.join(s.ref_params, s.params)
     samples = evaluation.sample_evaluator(
@@ -177,7 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         reference_params=policy_of(state), total_steps=rc.train.steps, params_of=policy_of)
 
     if sft.objective == "unlikelihood":
-        data = streams.preference_streams(rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh)
+        data = preference_data.preference_streams(rc, rc.train.splits, model_cfg=model.cfg,
+                                                  mesh=mesh)
     else:
         data = {}
         sizes = {"train": rc.train.batch_size, "eval": rc.train.eval_batch_size}
@@ -185,9 +199,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
             examples, pad_id = load_examples(
                 split, source=sft.source, data_cfg=rc.data,
                 path=sft.train_path if split == "train" else sft.eval_path)
-            streams.check_fits([{"prompt": e["prompt"], "chosen": e["response"],
-                                 "rejected": e["response"]} for e in examples],
-                               model.cfg, pad_id=pad_id, where=f"sft split {split!r}")
+            preference_data.check_fits(
+                [{"prompt": e["prompt"], "chosen": e["response"], "rejected": e["response"]}
+                 for e in examples], model.cfg, pad_id=pad_id, where=f"sft split {split!r}")
             data[split] = TextPipeline(
                 examples, rc.data, train=split == "train", global_batch_size=sizes[split],
                 target=sft.target, process_index=jax.process_index(),
@@ -203,8 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         run, state, cfg=rc.train, mesh=mesh,
         step_fn=loop.host_step(train_step, mesh, lp_cfg.scored_only), train_data=data["train"],
         evaluate=evaluation.with_samples(loop.evaluator(
-            lambda s, b, n: sums_fn(model, policy_of(s), b, lp_cfg, n), data.get("eval"), mesh,
-            lp_cfg.scored_only, finalize=lambda t: {k: float(v) for k, v in ratios(t, alpha).items()}),
-            samples),
+            lambda s, b, n: token_metrics(sums_fn(model, policy_of(s), b, lp_cfg, n)),
+            data.get("eval"), mesh, lp_cfg.scored_only,
+            derived=lambda means: objective(means, alpha)), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
         host_states=lora_base.host_states(state, rc.sources), interrupt_after=interrupt_after)

@@ -12,9 +12,11 @@ rejected_0..B-1]``; each host holds a contiguous block of those rows.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from dpo_jax import eval_metrics
 from dpo_jax import losses as losses_lib
 from dpo_jax import lora as lora_lib
 from dpo_jax.logprobs import LogprobConfig, scored_counts, sequence_logps
@@ -320,14 +322,27 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
     return train_step
 
 
-def make_eval_step(model, loss_cfg, cfg: StepConfig):
-    """``eval_step(params, ref_params, batch, max_scored) -> weighted sums`` (host divides)."""
+def pair_metrics(policy, out, weights) -> dict[str, eval_metrics.Ratio]:
+    """TRL's DPO metrics of one batch as ``{name: (numerator, denominator)}``
+    (:mod:`dpo_jax.eval_metrics`): every one a mean over pairs weighted by ``pair_weight``
+    ``[B]`` (padding pairs weigh 0), so each denominator is the summed weight."""
+    return eval_metrics.over(_weighted_sums(policy, out, weights),
+                             jnp.sum(weights.astype(jnp.float32)))
+
+
+def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | None = None):
+    """``eval_step(params, ref_params, batch, max_scored) -> {name: (numerator, denominator)}``
+    (:func:`pair_metrics`; ``dpo_jax.eval_metrics.means`` divides once over the split).
+    ``extra_metrics(policy: SequenceStats | ranked stats, out: LossOutput, batch) -> {name:
+    (numerator, denominator)}`` adds a task's own metrics, each with its own denominator (a
+    per-token mean, an accuracy over a bucket of pairs)."""
 
     def eval_step(params, ref_params, batch, max_scored=None):
         policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
                                  policy_forward_only=True)
-        sums = _weighted_sums(policy, out, batch["pair_weight"])
-        sums["weight"] = jnp.sum(batch["pair_weight"])
-        return sums
+        metrics = pair_metrics(policy, out, batch["pair_weight"])
+        if extra_metrics is not None:
+            metrics.update(extra_metrics(policy, out, batch))
+        return metrics
 
     return eval_step

@@ -11,19 +11,20 @@ from typing import Any
 
 import ml_collections
 
+from dpo_jax import eval_metrics
 from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import lora as lora_lib
 from dpo_jax import lora_base
 from dpo_jax import losses as losses_lib
+from dpo_jax import preference_data
 from dpo_jax import state as state_lib
-from dpo_jax import streams
 from dpo_jax.config import read_config
 from dpo_jax.step import make_eval_step, make_train_step
-from dpo_jax.workdir import RunDir, task
+from dpo_jax.workdir import RunDir, opens_workdir
 
 
-@task
+@opens_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                        interrupt_after: int | None = None) -> dict[str, Any]:
     """Train and evaluate a DPO-family run; called as ``train_and_evaluate(config, workdir)``,
@@ -34,14 +35,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     model = lora_lib.make_model(rc.model, rc.lora)  # a LoraModel when model.lora.rank > 0
     # under LoRA, params are the adapters and ref_params the frozen base (dpo_jax/lora.py)
     needs_reference = losses_lib.needs_reference(loss_cfg)
-    mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(
-        rc, model, reference=needs_reference)
+    setup = state_lib.setup(rc, model, reference=needs_reference)
+    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
+    params, ref_params = setup.params, setup.ref_params
     samples = evaluation.sample_evaluator(
         config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
         reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps,
         params_of=lambda s: lora_lib.join(s.ref_params, s.params))
 
-    data = streams.preference_streams(
+    data = preference_data.preference_streams(
         rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh,
         reference=(model, ref_params, run.file("reference_logps"))
         if ref_params is not None and needs_reference and rc.precompute_reference else None)
@@ -56,10 +58,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=loop.host_step(train_step, mesh, scored_only),
         train_data=data["train"],
-        evaluate=evaluation.with_samples(streams.evaluators(
-            lambda batches, finalize: loop.evaluator(
+        evaluate=evaluation.with_samples(eval_metrics.evaluator_by_source(
+            lambda batches: loop.eval_totals(
                 lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches, mesh,
-                scored_only, finalize), data), samples),
+                scored_only), data), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
         host_states=lora_base.host_states(state, rc.sources),
         interrupt_after=interrupt_after, save_reference=rc.step.ref_sync_every > 0)

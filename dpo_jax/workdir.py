@@ -5,7 +5,10 @@
 * **Lock.** Process 0 takes an exclusive ``flock`` on ``WORKDIR/.lock`` and writes its holder
   (host, pid, job id, start time) into it. A second process on the same workdir is refused at
   once with a message naming the holder. The kernel drops the lock when its process dies, so a
-  killed run never blocks its rerun (``flock`` also works across hosts on NFSv4).
+  killed run never blocks its rerun (``flock`` also works across hosts on NFSv4). The lock is
+  re-entrant within the thread that holds it: a task that calls another task on its own
+  workdir opens it again (the config is checked again) and the lock is released when the
+  outermost ``open_run`` ends; another thread of the same process is refused.
 * **Config.** A workdir remembers the config it was started with (``config.json``). A rerun
   whose config differs in anything that changes the result is refused, listing the differing
   fields. Fields in ``SAFE_ON_RESUME`` may differ when the rerun names them in
@@ -22,9 +25,11 @@ import dataclasses
 import datetime
 import fcntl
 import functools
+import inspect
 import json
 import os
 import socket
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -146,6 +151,44 @@ def _lock(path: str):
     return f
 
 
+@dataclasses.dataclass
+class _Hold:
+    """A workdir this process has locked: the flock-ed file, how many ``open_run`` are open on
+    it, and the thread that opened the first."""
+
+    file: Any
+    depth: int
+    thread: int
+
+
+_HELD: dict[str, _Hold] = {}  # absolute workdir path -> its hold, on process 0
+_HELD_GUARD = threading.Lock()
+
+
+def _enter(path: str) -> None:
+    """Lock ``path`` for this thread, or re-enter this thread's lock; WorkdirError when another
+    process or another thread of this process holds it."""
+    with _HELD_GUARD:
+        hold = _HELD.get(path)
+        if hold is None:
+            _HELD[path] = _Hold(_lock(path), 1, threading.get_ident())
+        elif hold.thread == threading.get_ident():
+            hold.depth += 1
+        else:
+            raise WorkdirError(f"workdir {path!r} is in use by another thread of this process "
+                               f"(pid {os.getpid()}): give this run another --workdir")
+
+
+def _exit(path: str) -> None:
+    """Undo one :func:`_enter`; the outermost releases the lock."""
+    with _HELD_GUARD:
+        hold = _HELD[path]
+        hold.depth -= 1
+        if hold.depth == 0:
+            del _HELD[path]
+            hold.file.close()
+
+
 def _atomic_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -208,19 +251,21 @@ def _agree(ok: bool, message: str) -> None:
 @contextlib.contextmanager
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> Iterator[RunDir]:
     """Lock ``workdir`` and accept ``config`` for it (see the module docstring); yields a
-    :class:`RunDir`, releases the lock on exit. Raises WorkdirError."""
+    :class:`RunDir`, releases the lock on exit (re-entrant within the holding thread: the
+    outermost exit releases it). Raises WorkdirError."""
     path = os.path.abspath(workdir)
-    lock, run, message = None, None, ""
+    locked, run, message = False, None, ""
     if jax.process_index() == 0:
         os.makedirs(path, exist_ok=True)
         try:
-            lock = _lock(path)
+            _enter(path)
+            locked = True
             run = _accept(path, config)
         except WorkdirError as e:
             message = str(e)
-            if lock is not None:
-                lock.close()
-                lock = None
+            if locked:
+                _exit(path)
+                locked = False
     _agree(not message, message)
     if run is None:  # processes > 0 follow process 0's decision
         summary_path = os.path.join(path, SUMMARY)
@@ -234,8 +279,8 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Iterator[RunDir
     try:
         yield run
     finally:
-        if lock is not None:
-            lock.close()
+        if locked:
+            _exit(path)
 
 
 def write_summary(run: RunDir, summary: dict) -> None:
@@ -269,16 +314,18 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     check_batch_sizes(config)
 
 
-def task(fn: Callable[..., dict]) -> Callable[..., dict]:
-    """Make ``fn(config, run: RunDir, **kwargs) -> summary`` the task function
-    ``(config, workdir, **kwargs) -> summary``. Defaults chosen on the user's behalf
-    (``dpo_jax.config.resolve_defaults``: the optimizer of a run that imports a checkpoint) are
-    filled in first, so ``config.json`` holds what the run uses; each is logged as a warning
-    and listed in the summary as ``config_notes``. Before anything is written, the run is
-    checked (:func:`check_run`: model directories, the whole config, batch sizes against the
-    mesh; each error names the file or field and the fix); then the workdir is opened and
-    accepted (:func:`open_run`), and a finished run's summary is returned without calling
-    ``fn``."""
+def opens_workdir(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """The task function ``(config, workdir: str, **kwargs) -> summary`` whose body is ``fn(config,
+    run: RunDir, **kwargs) -> summary``: the returned function's signature says ``workdir``
+    (``inspect.signature``), and ``.in_run`` is ``fn`` itself.
+
+    Defaults chosen on the user's behalf (``dpo_jax.config.resolve_defaults``: the optimizer of
+    a run that imports a checkpoint) are filled in first, so ``config.json`` holds what the run
+    uses; each is logged as a warning and listed in the summary as ``config_notes``. Before
+    anything is written, the run is checked (:func:`check_run`: model directories, the whole
+    config, batch sizes against the mesh; each error names the file or field and the fix); then
+    the workdir is opened and accepted (:func:`open_run`, re-entrant: a task may call another
+    task on its own workdir), and a finished run's summary is returned without calling ``fn``."""
 
     @functools.wraps(fn)
     def run_task(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
@@ -295,4 +342,12 @@ def task(fn: Callable[..., dict]) -> Callable[..., dict]:
                 write_summary(run, summary)
             return summary
 
+    body = inspect.signature(fn)
+    params = list(body.parameters.values())
+    if len(params) < 2:
+        raise TypeError(f"{fn.__qualname__}: a task body takes (config, run, **kwargs)")
+    params[1] = inspect.Parameter("workdir", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                  annotation="str")
+    run_task.__signature__ = body.replace(parameters=params)
+    run_task.in_run = fn
     return run_task

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from dpo_jax import loop, streams
+from dpo_jax import eval_metrics, preference_data
 from dpo_jax.config import base_config, read_config
 from dpo_jax.data import DataError, build_pipeline, default_data_config
 from dpo_jax.data.mixture import interleave, mixture_counts, mixture_sources
@@ -101,20 +101,18 @@ def test_per_source_eval_streams_and_metrics(mix, tmp_path):
     c.model.overrides.vocab_size = 512
     c.train.eval_batch_size = 8
     rc = read_config(c)
-    data = streams.preference_streams(rc, ("train", "eval"), model_cfg=rc.model, mesh=None)
+    data = preference_data.preference_streams(rc, ("train", "eval"), model_cfg=rc.model, mesh=None)
     assert sorted(data) == ["eval", "eval/b_side", "eval/generic", "train"]
     sizes = {k: len(v.pairs) for k, v in data.items()}
     assert sizes["eval"] == sizes["eval/generic"] + sizes["eval/b_side"] == (60 - 48) + (24 - 19)
-    # Each source's sums: a metric summing to n^2 over its n pairs (mean n), weight n. The
-    # overall mean comes from the summed sums, not from another pass over the eval stream.
-    def make(stream, finalize):
-        if stream is None:
-            return None
+    # Each source's totals: a metric summing to n^2 over its n pairs (mean n), weight n. The
+    # overall mean comes from the summed totals, not from another pass over the eval stream.
+    def totals_of(stream):
         n = float(len(stream.pairs))
-        return lambda state: (finalize or loop.weighted_means)({"size": n * n, "weight": n})
+        return lambda state: {"size": (n * n, n)}
 
     a, b = sizes["eval/generic"], sizes["eval/b_side"]
-    assert streams.evaluators(make, data)(None) == pytest.approx(
+    assert eval_metrics.evaluator_by_source(totals_of, data)(None) == pytest.approx(
         {"size": (a * a + b * b) / (a + b), "generic/size": a, "b_side/size": b})
 
 
@@ -150,7 +148,7 @@ def test_per_source_reference_log_probs_are_slices_of_the_eval_split(mix, tmp_pa
     rc = read_config(c)
     model = Model(rc.model)
     params = jax.jit(model.init)(jax.random.key(0))
-    data = streams.preference_streams(rc, ("train", "eval"), model_cfg=rc.model,
+    data = preference_data.preference_streams(rc, ("train", "eval"), model_cfg=rc.model,
                                       mesh=make_mesh({"data": -1}),
                                       reference=(model, params, str(tmp_path / "ref")))
     whole = data["eval"].reference

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import loop, streams
+from dpo_jax import loop, preference_data
 from dpo_jax import losses as losses_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
@@ -80,7 +80,7 @@ def test_policy_and_reference_from_different_hf_checkpoints(hf_setup):
     shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
     params = state_lib.init_policy(model, shardings, rc.sources)
     ref_params = state_lib.init_reference(model, shardings, rc.sources, params)
-    eval_stream = streams.preference_streams(rc, ("eval",), model_cfg=model.cfg, mesh=mesh)["eval"]
+    eval_stream = preference_data.preference_streams(rc, ("eval",), model_cfg=model.cfg, mesh=mesh)["eval"]
     batch = next(iter(eval_stream))
     eval_step = jax.jit(make_eval_step(model, losses_lib.loss_config_from(c.loss), rc.step),
                         static_argnums=3)
@@ -93,10 +93,11 @@ def test_policy_and_reference_from_different_hf_checkpoints(hf_setup):
     beta = c.loss.beta
     want_chosen = np.sum(weight * beta * (pol[:B] - ref[:B]))
     want_logps = np.sum(weight * pol[B:])
-    assert float(sums["rewards/chosen"]) == pytest.approx(want_chosen, rel=1e-4, abs=1e-5)
-    assert float(sums["logps/rejected"]) == pytest.approx(want_logps, rel=1e-5)
+    assert float(sums["rewards/chosen"][0]) == pytest.approx(want_chosen, rel=1e-4, abs=1e-5)
+    assert float(sums["logps/rejected"][0]) == pytest.approx(want_logps, rel=1e-5)
+    assert float(sums["loss"][1]) == np.sum(weight)
     # The two checkpoints differ, so DPO does not start at ln 2.
-    assert abs(float(sums["loss"]) / float(sums["weight"]) - np.log(2)) > 1e-4
+    assert abs(float(sums["loss"][0]) / float(sums["loss"][1]) - np.log(2)) > 1e-4
 
 
 def test_trained_policy_exports_to_transformers(hf_setup):
@@ -127,6 +128,6 @@ def test_tokenizer_defaults_to_the_model_directory(hf_setup):
     assert rc.data.tokenizer == c.model.hf_path
     assert c.data.tokenizer == ""  # reading the config leaves the given one as it was
     mesh = shard_lib.make_mesh(rc.mesh_shape)
-    train_stream = streams.preference_streams(rc, ("train",), model_cfg=rc.model,
+    train_stream = preference_data.preference_streams(rc, ("train",), model_cfg=rc.model,
                                               mesh=mesh)["train"]
     assert next(iter(train_stream))["input_ids"].shape[0] == 2 * c.train.batch_size

@@ -1,8 +1,9 @@
 """Every metric the train / eval step logs for every loss, against float64 numpy written here.
 
 The logged value of a metric is ``step._weighted_sums(policy, out, pair_weight)[k] /
-sum(pair_weight)``: exactly what ``make_train_step`` reports and ``make_eval_step``'s host
-division gives. The goldens below read only the inputs and the papers' / TRL's definitions
+sum(pair_weight)``: exactly what ``make_train_step`` reports, and ``make_eval_step``'s
+(numerator, denominator) pair (``step.pair_metrics``: these sums over ``sum(pair_weight)``)
+divided once by ``dpo_jax.eval_metrics``. The goldens below read only the inputs and the papers' / TRL's definitions
 (``docs/losses.md``), never ``dpo_jax.losses``:
 
 * pairs (every name in ``LOSS_NAMES``, options, combinations, WPO): ``loss``,

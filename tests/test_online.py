@@ -146,3 +146,33 @@ def test_the_same_run_on_every_mesh(data_parallel_run, tmp_path, mesh_shape):
             assert g[key] == w[key], key
         for key in ("loss", "rewards/margins", "objective/kl", "grad_norm"):
             assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+
+
+def test_eval_win_rate_is_judged_by_the_reward_the_run_trains_on(tmp_path):
+    """With ``eval.judge=''`` the eval samples are scored by the ``reward_fn`` the run trains
+    on (as PPO does): it is called at every train step and for the eval samples (reference
+    once, policy at the sample point), each written row's reward is that function recomputed
+    here in numpy on the row's decoded tokens, and ``eval/win_rate`` is numpy's from the rows."""
+    calls = []
+
+    def multiples_of_three(samples):  # not the synthetic task's reward
+        calls.append(samples.tokens_BT.shape[0])
+        hit = (samples.tokens_BT % 3 == 0) & (samples.completion_mask_BT > 0)
+        return np.sum(np.asarray(hit), axis=1).astype(np.float32)
+
+    c = online_config(steps=2, eval_every=2)
+    c.eval.update(sample_every=2, sample_prompts=8, judge="")
+    summary = runs.run(c, tmp_path, reward_fn=multiples_of_three)
+    assert len(calls) == 2 + 2  # two train steps, the reference's and the policy's samples
+    rows = [json.loads(x) for x in open(tmp_path / "samples.jsonl")]
+    for r in rows:
+        tokens = np.array(r["completion"].split(), int)
+        assert r["reward"] == float(np.sum(tokens % 3 == 0)), r
+    policy = np.array([r["reward"] for r in rows if r["model"] == "policy"])
+    reference = np.array([r["reward"] for r in rows if r["model"] == "reference"])
+    assert len(policy) == len(reference) == 8
+    ev = summary["final_eval"]
+    outcome = np.where(policy > reference, 1.0, np.where(policy == reference, 0.5, 0.0))
+    assert ev["win_rate"] == pytest.approx(outcome.mean())
+    assert ev["samples/reward"] == pytest.approx(policy.mean())
+    assert ev["samples/reference_reward"] == pytest.approx(reference.mean())

@@ -4,10 +4,14 @@ metric log; finished runs are reported, not retrained; damaged checkpoints are w
 a changed config is refused; one run per workdir; non-finite steps never reach a checkpoint."""
 
 import glob
+import inspect
 import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -185,16 +189,80 @@ def test_run_length_is_not_safe_to_change_under_a_decaying_schedule(tmp_path):
         runs.run(config, tmp_path)
 
 
-def test_one_run_per_workdir_and_a_dead_holder_does_not_block(tmp_path):
+def _open_elsewhere(workdir, **train) -> str:
+    """What another process gets when it opens ``workdir`` with ``runs.dpo_config(**train)``:
+    'opened' or the error message."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import json, sys; from dpo_jax import workdir as w; from tests import runs\n"
+            "config = w.resolve_defaults(runs.dpo_config(**json.loads(sys.argv[2])))[0]\n"
+            "try:\n    with w.open_run(config, sys.argv[1]): print('opened')\n"
+            "except w.WorkdirError as e: print(e)")
+    done = subprocess.run([sys.executable, "-c", code, str(workdir), json.dumps(train)],
+                          cwd=repo, text=True,
+                          capture_output=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=repo, XLA_FLAGS=""))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_one_run_per_workdir_reentrant_in_its_thread_and_a_dead_holder_does_not_block(
+        tmp_path):
     config = runs.dpo_config()
     with workdir_lib.open_run(config, str(tmp_path)):
-        with pytest.raises(workdir_lib.WorkdirError, match=f"pid {os.getpid()}"):
-            with workdir_lib.open_run(config, str(tmp_path)):
-                pass
+        with workdir_lib.open_run(config, str(tmp_path)) as inner:  # same thread: re-entered
+            assert inner.path == str(tmp_path)
+        # the inner exit kept the lock: another process and another thread are still refused
+        assert f"in use by pid {os.getpid()}" in _open_elsewhere(tmp_path)
+        refused = []
+
+        def other_thread():
+            try:
+                with workdir_lib.open_run(config, str(tmp_path)):
+                    pass
+            except workdir_lib.WorkdirError as e:
+                refused.append(str(e))
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert len(refused) == 1 and "another thread of this process" in refused[0]
     # The holder's record stays in the file after it ends; it does not block the next run.
     assert json.load(open(tmp_path / ".lock"))["pid"] == os.getpid()
+    assert _open_elsewhere(tmp_path).strip() == "opened"
     with workdir_lib.open_run(config, str(tmp_path)) as run:
         assert not run.finished
+
+
+@workdir_lib.opens_workdir
+def _task_calling_a_task(config, run, *, seen):
+    """A task whose body runs the DPO task on its own workdir and then a reward-model task in a
+    subdirectory, checking that its workdir stays locked against other processes."""
+    first = runs.run(config, run.path)
+    seen.append(_open_elsewhere(run.path))
+    reward = runs.dpo_config(steps=2)
+    reward.task = "reward"
+    second = runs.run(reward, os.path.join(run.path, "reward"))
+    return {"dpo": first, "reward": second}
+
+
+def test_a_task_calls_another_task_in_process(tmp_path):
+    """Tasks compose: the outer task's workdir lock is re-entered by the DPO task it calls (it
+    was refused with 'in use by pid <own pid>'), still refused to a second process while held,
+    and released at the end. The task function's signature says what it is called with."""
+    assert list(inspect.signature(_task_calling_a_task).parameters) == ["config", "workdir",
+                                                                      "seen"]
+    assert list(inspect.signature(runs.get_task("dpo")).parameters)[:2] == ["config",
+                                                                           "workdir"]
+    assert list(inspect.signature(_task_calling_a_task.in_run).parameters)[:2] == ["config",
+                                                                                   "run"]
+    config = runs.dpo_config(steps=2)
+    seen = []
+    summary = _task_calling_a_task(config, str(tmp_path), seen=seen)
+    assert summary["dpo"]["finished"] and summary["reward"]["finished"]
+    assert summary["dpo"]["final_train"]["loss"] > 0
+    assert len(seen) == 1 and f"in use by pid {os.getpid()}" in seen[0]
+    assert [r["step"] for r in runs.records(tmp_path)] == [1, 2]
+    assert _open_elsewhere(tmp_path, steps=2).strip() == "opened"
 
 
 # ------------------------------------------------------------------ non-finite steps
@@ -259,8 +327,6 @@ def test_kill_9_before_the_first_checkpoint_and_a_second_process_on_the_workdir(
     a log that the rerun (here shortened: nothing to resume, so it starts over) replaces: every
     step exactly once, in the JSONL and in TensorBoard."""
     import signal
-    import subprocess
-    import sys
     import time
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

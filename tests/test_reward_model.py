@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import loop
+from dpo_jax import eval_metrics
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax.config import ParamSources
@@ -59,7 +59,7 @@ def test_initial_reward_is_zero_so_loss_is_ln2_and_only_the_head_moves_first():
     assert set(params) == {"decoder", "value_head"}
     # Eval over 20 held-out pairs in batches of 8 (the last one padded at weight 0).
     eval_step = jax.jit(make_reward_eval_step(model))
-    metrics = loop.reduce_eval(lambda b: eval_step(params, helpers.device_batch(b)[0]),
+    metrics = eval_metrics.reduce(lambda b: eval_step(params, helpers.device_batch(b)[0]),
                                helpers.pipeline(helpers.synthetic_pairs(20, seed=1), 8,
                                                 buckets="32"))
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import loop, sft
+from dpo_jax import eval_metrics, sft
 from dpo_jax.data.text import TextPipeline, read_token_examples, write_token_examples
 from dpo_jax.logprobs import LogprobConfig
 from tests import helpers, runs
@@ -71,9 +71,9 @@ def test_step_and_eval_equal_the_numpy_token_mean_nll(packing, target):
         w = eval_np["example_weight"][slot] * mask
         total, tokens = total - (w * lp).sum(), tokens + w.sum()
     eval_sums = jax.jit(lambda p, b, n: sft.nll_sums(model, p, b, LP, n), static_argnums=2)
-    got = loop.reduce_eval(lambda b: eval_sums(state.params, *helpers.device_batch(b)),
-                           eval_stream,
-                           finalize=lambda t: {k: float(v) for k, v in sft.ratios(t, 1.0).items()})
+    got = eval_metrics.reduce(
+        lambda b: sft.token_metrics(eval_sums(state.params, *helpers.device_batch(b))),
+        eval_stream, derived=lambda means: sft.objective(means, 1.0))
     assert got["nll"] == pytest.approx(total / tokens, rel=1e-5)
     assert got["ppl"] == pytest.approx(np.exp(total / tokens), rel=1e-5)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import loop
+from dpo_jax import eval_metrics
 from dpo_jax.logprobs import LogprobConfig
 from dpo_jax.step import make_eval_step, make_train_step
 from tests import helpers
@@ -143,10 +143,10 @@ def test_step_metrics_match_numpy_on_the_models_logits(setup):
     for k, v in want.items():
         np.testing.assert_allclose(metrics[k], v, err_msg=k, **TOL)
 
-    sums = jax.device_get(_eval_step(model)(params, ref_params, batch, max_scored))
-    assert sums["weight"] == len(pairs)
+    pairs_of = jax.device_get(_eval_step(model)(params, ref_params, batch, max_scored))
     for k, v in want.items():
-        np.testing.assert_allclose(sums[k] / sums["weight"], v, err_msg=k, **TOL)
+        assert pairs_of[k][1] == len(pairs), k
+        np.testing.assert_allclose(pairs_of[k][0] / pairs_of[k][1], v, err_msg=k, **TOL)
 
 
 def test_policy_equal_to_reference_gives_exactly_ln2(setup):
@@ -261,8 +261,8 @@ def test_padded_final_eval_batch_gives_the_unpadded_mean(setup, layout):
 
     eval_step = _eval_step(model, forward_logprobs=LogprobConfig(seq_chunk=8, vocab_chunk=48))
     sums = [eval_step(params, ref_params, *helpers.device_batch(b)) for b in batches]
-    assert [float(s["weight"]) for s in sums] == [8.0, 4.0]
-    means = loop.reduce_eval(lambda s: s, sums)  # the loop's eval reducer
+    assert [float(s["loss"][1]) for s in sums] == [8.0, 4.0]
+    means = eval_metrics.reduce(lambda s: s, sums)  # the one eval reduction
 
     terms = numpy_dpo(numpy_logps(model, params, pairs), numpy_logps(model, ref_params, pairs))
     for k, v in terms.items():

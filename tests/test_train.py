@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from dpo_jax import eval_metrics
 from dpo_jax.config import base_config
 from dpo_jax.optim import OptimConfig, make_optimizer
 from dpo_jax.step import make_eval_step, make_train_step
@@ -27,7 +28,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     batch, bound = h.device_batch(h.pair_batch(h.synthetic_pairs(16)))
     sums = jax.device_get(make_eval_step(model, h.loss_config(), h.step_config())(
         params, params, batch, bound))
-    means = {k: float(v) / float(sums["weight"]) for k, v in sums.items()}
+    means = eval_metrics.means(eval_metrics.add({}, sums))
     assert means["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert means[k] == pytest.approx(0.0, abs=1e-6)

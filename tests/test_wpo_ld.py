@@ -137,7 +137,7 @@ def test_dpo_step_with_wpo_and_ld_matches_numpy(opts):
     batch, n = helpers.device_batch(batch_np)
     sums = make_eval_step(model, loss_cfg, StepConfig(logprobs=LogprobConfig(seq_chunk=4)))(
         params, ref_params, batch, n)
-    got = float(sums["loss"]) / float(sums["weight"])
+    got = float(sums["loss"][0]) / float(sums["loss"][1])
 
     ids, pos, seg = (batch_np[k] for k in ("input_ids", "positions", "segment_ids"))
     m = batch_np["loss_mask"][:, 1:].astype(np.float64)

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from dpo_jax import data as data_lib
+from dpo_jax import eval_metrics
 from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import sharding as shard_lib
@@ -33,12 +34,12 @@ from dpo_jax.ppo.rewards import RewardFn, build_reward
 from dpo_jax.ppo.step import make_ppo_eval_step, make_ppo_step
 from dpo_jax.reward_model import RewardModel, init_params
 from dpo_jax.sampling import generate
-from dpo_jax.workdir import RunDir, task
+from dpo_jax.workdir import RunDir, opens_workdir
 
 EVAL_SEED_OFFSET = 1_000_003  # eval rollouts use seed + this, train rollouts seed + 1
 
 
-@task
+@opens_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                        reward_fn: RewardFn | None = None,
                        interrupt_after: int | None = None) -> dict[str, Any]:
@@ -52,8 +53,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
     model = RewardModel(Model(rc.model))
     # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
-    mesh, tx, schedule, shardings, params, _ = state_lib.setup(
-        rc, model, updates=rc.train.steps * ppo.epochs * ppo.minibatches, init=init_params)
+    setup = state_lib.setup(rc, model, updates=rc.train.steps * ppo.epochs * ppo.minibatches,
+                            init=init_params)
+    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
+    params = setup.params
     ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.sources,
                                    params["decoder"])
     state = state_lib.create_state(params, tx, mesh, shardings, ref)
@@ -75,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
 
     update = loop.jit_train_step(
         make_ppo_step(model, tx, schedule, ppo, rc.train.on_nonfinite), state)
-    eval_sums = jax.jit(make_ppo_eval_step(model, ppo.max_new_tokens), static_argnums=3)
+    eval_metrics_of = jax.jit(make_ppo_eval_step(model, ppo.max_new_tokens), static_argnums=3)
     cfg = settings.sampling
     sample = jax.jit(lambda params, ids, lengths, rng: generate(
         model.decoder, params["decoder"], ids, lengths, rng, cfg))
@@ -108,8 +111,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         rng = jax.random.key(rc.seed + EVAL_SEED_OFFSET)
         batches = (rollout(state.params, p, jax.random.fold_in(rng, i))[0]
                    for i, p in enumerate(data["eval"]))
-        return loop.reduce_eval(lambda b: eval_sums(state.params, state.ref_params, b, None),
-                                batches)
+        return eval_metrics.reduce(
+            lambda b: eval_metrics_of(state.params, state.ref_params, b, None), batches)
 
     samples = evaluation.sample_evaluator(
         config, workdir=run.path, model=model.decoder, mesh=mesh, data_cfg=rc.data,

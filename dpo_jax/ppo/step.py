@@ -22,6 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dpo_jax import eval_metrics
 from dpo_jax.models import project
 from dpo_jax.optim import apply_gradients
 from dpo_jax.ppo import core
@@ -157,9 +158,10 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
 
 
 def make_ppo_eval_step(model, n: int):
-    """``(params, ref_params, batch, max_scored) -> weighted sums``: reward and sequence KL
-    (sum over the completion of log pi - log pi_ref) of sampled completions, for the
-    reward/KL frontier."""
+    """``(params, ref_params, batch, max_scored) -> {name: (numerator, denominator)}``
+    (``dpo_jax.eval_metrics``), each a mean over rollouts weighted by ``weight``: reward,
+    sequence KL (sum over the completion of log pi - log pi_ref) and length of sampled
+    completions, for the reward/KL frontier."""
 
     def eval_step(params, ref_params, batch, max_scored=None):
         del max_scored
@@ -167,9 +169,8 @@ def make_ppo_eval_step(model, n: int):
         logp, _, _ = forward(model, params, batch, n)
         ref_logp, _, _ = forward(model.decoder, ref_params, batch, n, with_values=False)
         w = batch["weight"].astype(jnp.float32)
-        return {"reward": jnp.sum(w * batch["scores"]),
-                "kl": jnp.sum(w * jnp.sum((logp - ref_logp) * mask, axis=1)),
-                "length": jnp.sum(w * jnp.sum(mask, axis=1)),
-                "weight": jnp.sum(w)}
+        return eval_metrics.over({"reward": jnp.sum(w * batch["scores"]),
+                                  "kl": jnp.sum(w * jnp.sum((logp - ref_logp) * mask, axis=1)),
+                                  "length": jnp.sum(w * jnp.sum(mask, axis=1))}, jnp.sum(w))
 
     return eval_step

@@ -1,4 +1,7 @@
-"""The data streams of the tasks that train on preference pairs (DPO, reward model, Unlikelihood).
+"""Preference data for a task (DPO, reward model, Unlikelihood, online DPO's eval): the
+tokenised, checked pairs of each split and one resumable ``PreferencePipeline`` per split.
+
+(The batch-stream skeleton those pipelines share is ``dpo_jax.data.stream``.)
 
 Each split is tokenised once, checked against the model it will feed (token ids inside the
 embedding table, lengths inside a learned position table: ``data.checks``), given its stored
@@ -13,7 +16,6 @@ from absl import logging
 
 from dpo_jax import data as data_lib
 from dpo_jax import sharding as shard_lib
-from dpo_jax.loop import weighted_means
 
 
 def check_fits(pairs, model_cfg, *, pad_id: int, where: str, tokenizer=None) -> None:
@@ -108,29 +110,3 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
         mixture=stats[split].pop("mixture_counts", None),
         row_multiple=1 if mesh is None else shard_lib.num_batch_shards(mesh))
         for split in pairs}
-
-
-def evaluators(make, streams: dict):
-    """``evaluate(state)`` over ``streams['eval']`` and, for a mixture, over each source's
-    ``streams['eval/<name>']`` (its metrics as ``'<name>/<metric>'``, logged as
-    ``eval/<name>/<metric>``); ``make(stream, finalize)`` builds one stream's ``evaluate``
-    (e.g. ``loop.evaluator``; ``finalize=None``: weighted means). A mixture's overall metrics
-    are the weighted means of the sources' summed sums: every eval pair runs through the model
-    once. None without an eval stream."""
-    per_source = {k.split("/", 1)[1]: make(v, dict) for k, v in streams.items()
-                  if k.startswith("eval/")}
-    if streams.get("eval") is None or not per_source:
-        return make(streams.get("eval"), None)
-
-    def evaluate(state):
-        sums = {name: ev(state) for name, ev in per_source.items()}
-        total: dict[str, float] = {}
-        for source_sums in sums.values():
-            for k, v in source_sums.items():
-                total[k] = total.get(k, 0.0) + v
-        out = weighted_means(total)
-        for name, source_sums in sums.items():
-            out.update({f"{name}/{k}": v for k, v in weighted_means(source_sums).items()})
-        return out
-
-    return evaluate
