@@ -21,12 +21,14 @@ from dpo_jax.logprobs import LogprobConfig
 from dpo_jax.lora import LoraConfig, read_lora
 from dpo_jax.models import ModelConfig, model_config_from
 from dpo_jax.optim import NONFINITE_POLICIES, OptimConfig
-from dpo_jax.step import StepConfig
+from dpo_jax.step_config import StepConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "dpo"  # what main runs: dpo | sft | reward | ppo, or 'module:function'
+    # what main runs: dpo | sft | reward | ppo | online_dpo (dpo_jax.tasks.TASKS), or
+    # 'module:function'
+    c.task = "dpo"
     c.seed = 0  # parameter init and data shuffling
     # fields a resumed run may change, comma separated (only those in
     # dpo_jax.workdir.SAFE_ON_RESUME, e.g. 'train.steps'); recorded in config_history.jsonl
@@ -265,7 +267,7 @@ class RunConfig:
     task: str
     seed: int
     model: ModelConfig
-    sources: ParamSources
+    param_sources: ParamSources  # where the policy and reference parameters come from
     step: StepConfig
     optim: OptimConfig
     train: TrainConfig
@@ -379,7 +381,7 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                                    and ref_dtype in ("", m.param_dtype) and not lora.rank)
     return RunConfig(
         task=config.task, seed=int(config.seed), model=model_config_from(m),
-        sources=ParamSources(policy=config.init.policy, policy_hf=m.hf_path,
+        param_sources=ParamSources(policy=config.init.policy, policy_hf=m.hf_path,
                              reference=config.init.reference, reference_hf=m.ref_hf_path,
                              reference_dtype=m.ref_param_dtype, seed=int(config.seed)),
         step=StepConfig(grad_accum=optim.grad_accum, logprobs=logprobs, forward_logprobs=forward,

@@ -207,4 +207,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
             lp_cfg.scored_only, finalize=lambda t: {k: float(v) for k, v in ratios(t, alpha).items()}),
             samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-        host_states=lora_base.host_states(state, rc.sources), interrupt_after=interrupt_after)
+        host_states=lora_base.host_states(state, rc.param_sources),
+        interrupt_after=interrupt_after)

@@ -84,15 +84,15 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
         from dpo_jax import reference as ref_lib
 
         model, ref_params, cache_dir = reference
+        src = rc.param_sources
         # A mixture's per-source eval splits are slices of 'eval': computed once, sliced below.
         stored, info = ref_lib.reference_logps(
             model, ref_params, {k: v for k, v in pairs.items() if "/" not in k},
             data_cfg=rc.data, step_cfg=rc.step, mesh=mesh,
             batch_size=rc.train.eval_batch_size, cache_dir=cache_dir,
             tokenizer_name=str(rc.data.tokenizer), pad_id=pad_id,
-            ref_source=dict(policy=rc.sources.policy, hf_path=rc.sources.policy_hf,
-                            reference=rc.sources.reference, ref_hf_path=rc.sources.reference_hf,
-                            ref_param_dtype=rc.sources.reference_dtype))
+            ref_source=dict(policy=src.policy, hf_path=src.policy_hf, reference=src.reference,
+                            ref_hf_path=src.reference_hf, ref_param_dtype=src.reference_dtype))
         logging.info("reference log-probs %s", info)
         start = 0
         for name, _, count in stats.get("eval", {}).get("mixture_counts", None) or ():

@@ -61,5 +61,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                 lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches, mesh,
                 scored_only, finalize), data), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-        host_states=lora_base.host_states(state, rc.sources),
+        host_states=lora_base.host_states(state, rc.param_sources),
         interrupt_after=interrupt_after, save_reference=rc.step.ref_sync_every > 0)

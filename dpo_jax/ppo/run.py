@@ -54,7 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
     mesh, tx, schedule, shardings, params, _ = state_lib.setup(
         rc, model, updates=rc.train.steps * ppo.epochs * ppo.minibatches, init=init_params)
-    ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.sources,
+    ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.param_sources,
                                    params["decoder"])
     state = state_lib.create_state(params, tx, mesh, shardings, ref)
     reward_fn = reward_fn if reward_fn is not None else build_reward(config, mesh=mesh)
