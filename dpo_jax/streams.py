@@ -36,9 +36,8 @@ def load_pairs(rc, splits, model_cfg) -> tuple[dict, dict, object]:
     is ``[(name, weight, pairs)]`` (``PreferencePipeline``'s ``mixture``).
 
     Raises DataError when the data cannot fit the model, naming the config fields to change."""
-    mixed = bool(rc.data.get("sources"))
-    tokenizer = (None if rc.data.source == "synthetic" and not mixed
-                 else data_lib.load_tokenizer(rc.data.tokenizer))
+    mixed = rc.data.mixed
+    tokenizer = None if rc.data.tokenised else data_lib.load_tokenizer(rc.data.tokenizer)
     pairs, stats = {}, {}
     for split in splits:
         if not mixed:
@@ -77,7 +76,7 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
     pairs, stats, tokenizer = load_pairs(rc, splits, model_cfg)
     pad_id = data_lib.pad_id_for(tokenizer)
     stored = {}
-    if reference is not None and rc.data.get("format", "pairs") != "pairs":
+    if reference is not None and rc.data.format != "pairs":
         raise ValueError(f"data.format={rc.data.format!r}: stored reference log-probs are for "
                          "pairs; set logprobs.precompute_reference=False")
     if reference is not None:

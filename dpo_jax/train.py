@@ -30,15 +30,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     returns its summary (also in ``summary.json``). ``interrupt_after``: see
     :func:`dpo_jax.loop.train`."""
     rc = read_config(config)
-    loss_cfg = losses_lib.loss_config_from(config.loss)
+    loss_cfg = rc.loss
     model = lora_lib.make_model(rc.model, rc.lora)  # a LoraModel when model.lora.rank > 0
     # under LoRA, params are the adapters and ref_params the frozen base (dpo_jax/lora.py)
     needs_reference = losses_lib.needs_reference(loss_cfg)
     mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(
         rc, model, reference=needs_reference)
     samples = evaluation.sample_evaluator(
-        config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
-        reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps,
+        rc, workdir=run.path, model=model, mesh=mesh,
+        reference_params=params if ref_params is None else ref_params,
         params_of=lambda s: lora_lib.join(s.ref_params, s.params))
 
     data = streams.preference_streams(

@@ -7,7 +7,7 @@ import dataclasses
 
 import ml_collections
 
-from dpo_jax.config import data_block
+from dpo_jax.data.config import read_run_data
 from dpo_jax.data.prompts import stop_ids
 from dpo_jax.ppo.step import PPOConfig
 from dpo_jax.sampling import SamplingConfig
@@ -63,6 +63,8 @@ class PPOSettings:
 
     update: PPOConfig
     sampling: SamplingConfig
+    reward: str  # 'model', a name of ppo.rewards.TRUE_REWARDS, or a label of a passed reward_fn
+    reward_model: str  # a task='reward' run's workdir (reward='model')
     init_kl_coef: float
     target_kl: float | None  # None: a fixed KL coefficient
     kl_horizon: int
@@ -78,6 +80,7 @@ def read_ppo(config: ml_collections.ConfigDict) -> PPOSettings:
     (``dpo_jax.data.prompts.stop_ids``)."""
     p = config.ppo
     return PPOSettings(
+        reward=str(p.reward), reward_model=str(p.reward_model),
         update=PPOConfig(max_new_tokens=int(p.max_new_tokens), epochs=int(p.epochs),
                          minibatches=int(p.minibatches), gamma=float(p.gamma), lam=float(p.lam),
                          clip=float(p.clip), vf_clip=float(p.vf_clip), vf_coef=float(p.vf_coef),
@@ -86,7 +89,7 @@ def read_ppo(config: ml_collections.ConfigDict) -> PPOSettings:
         sampling=SamplingConfig(max_new_tokens=int(p.max_new_tokens),
                                 temperature=float(p.temperature), top_k=int(p.top_k),
                                 top_p=float(p.top_p), pad_id=int(p.pad_id),
-                                stop_ids=stop_ids(data_block(config), p.get("stop_ids", ()))),
+                                stop_ids=stop_ids(read_run_data(config), p.get("stop_ids", ()))),
         init_kl_coef=float(p.init_kl_coef),
         target_kl=float(p.target_kl) if p.adaptive_kl else None, kl_horizon=int(p.kl_horizon),
         prompt_file=p.prompt_file, eval_prompt_file=p.eval_prompt_file,
