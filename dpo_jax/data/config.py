@@ -53,7 +53,7 @@ FORMATS = ("pairs", "ranked", "unpaired")
 def default_data_config() -> ml_collections.ConfigDict:
     """The offline default: the synthetic task, no tokenizer, no files."""
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"  # one of SOURCES: synthetic generic hh shp tldr ultrafeedback se
+    c.source = "synthetic"  # one of SOURCE_SPECS: synthetic generic hh shp tldr ultrafeedback se
     c.path = ""  # local file (jsonl, jsonl.gz, json, parquet), directory, save_to_disk dir, or hub name
     c.hub_config = ""  # hub dataset config name or data_dir (e.g. 'harmless-base' for hh)
     c.train_split = "train"  # split name (files whose name contains it, DatasetDict key, hub split)
@@ -325,10 +325,14 @@ def read_run_data(config) -> DataConfig:
     return read_data(block)
 
 
-def validate(c: DataConfig) -> None:
-    """Fail early on settings that would otherwise fail deep inside the pipeline."""
-    if c.source not in SOURCES:
-        raise ValueError(f"data.source must be one of {SOURCES}, got {c.source!r}")
+def validate(c: DataConfig | Mapping[str, Any]) -> None:
+    """Fail early on settings that would otherwise fail deep inside the pipeline (a raw block is
+    read by :func:`read_data`, which validates it). Raises ValueError naming the field."""
+    if not isinstance(c, DataConfig):
+        read_data(c)
+        return
+    if c.source not in SOURCE_SPECS:
+        raise ValueError(f"data.source must be one of {tuple(SOURCE_SPECS)}, got {c.source!r}")
     if c.truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"data.truncation_mode must be one of {TRUNCATION_MODES}")
     if c.on_bad_row not in ("error", "skip"):
