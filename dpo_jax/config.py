@@ -25,7 +25,7 @@ from dpo_jax.eval_config import EvalConfig, default_eval_config, read_eval
 from dpo_jax.logprobs import LogprobConfig
 from dpo_jax.lora import LoraConfig, read_lora
 from dpo_jax.models import ModelConfig, model_config_from
-from dpo_jax.optim import NONFINITE_POLICIES, OptimConfig
+from dpo_jax.optim import NONFINITE_POLICIES, OPTIM_DEFAULTS, OptimConfig
 from dpo_jax.step_config import StepConfig
 from dpo_jax.tasks import TASK_BLOCKS
 
@@ -194,8 +194,6 @@ def resolve_defaults(config: ml_collections.ConfigDict
     written to ``config.json``, and one line per default chosen on the user's behalf
     (logged as a warning and kept in ``summary.json`` as ``config_notes``). ``config`` itself
     is not changed."""
-    from dpo_jax.optim import OPTIM_DEFAULTS
-
     preset = optim_defaults(config)
     if preset not in OPTIM_DEFAULTS:
         raise ValueError(f"optim.defaults={config.optim.defaults!r}: expected 'auto' or one of "

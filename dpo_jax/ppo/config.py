@@ -9,8 +9,26 @@ import ml_collections
 
 from dpo_jax.data.config import read_run_data
 from dpo_jax.data.prompts import stop_ids
-from dpo_jax.ppo.step import PPOConfig
 from dpo_jax.sampling import SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """What the PPO update (``ppo/step.py``) reads of the ``ppo`` block (and the run seed)."""
+
+    max_new_tokens: int
+    epochs: int = 4  # passes over each rollout batch
+    minibatches: int = 4  # updates per pass
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2  # policy ratio clip
+    vf_clip: float = 0.2  # value clip (around the rollout-time value)
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    # True: the value head reads stop_gradient(hidden states), so the value loss cannot move the
+    # shared trunk (a linear value probe on the policy's features). False: trl's shared trunk.
+    detach_value_head: bool = False
+    seed: int = 0  # minibatch shuffling (folded with the step)
 
 
 def default_ppo_config() -> ml_collections.ConfigDict:
