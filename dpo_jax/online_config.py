@@ -54,12 +54,12 @@ class OnlineConfig:
 
 
 def read_online(config: ml_collections.ConfigDict) -> OnlineConfig:
-    """The frozen ``online`` block; the sampler stops at ``online.stop_ids``, or when empty at
-    the data's end tokens (``dpo_jax.data.prompts.stop_ids``). Raises ValueError for k < 2, a
-    greedy sampler (every
+    """The frozen ``online`` block (a config without one: :func:`default_online_config`); the
+    sampler stops at ``online.stop_ids``, or when empty at the data's end tokens
+    (``dpo_jax.data.prompts.stop_ids``). Raises ValueError for k < 2, a greedy sampler (every
     completion of a prompt would be the same: all ties), negative iterations or a number of
     rounds that does not divide ``train.steps``."""
-    o = config.online
+    o = config.get("online") or default_online_config()
     k, n, steps = int(o.samples_per_prompt), int(o.iterations), int(config.train.steps)
     if k < 2:
         raise ValueError(f"online.samples_per_prompt={k}: a pair needs at least 2 completions")

@@ -10,16 +10,22 @@ import dataclasses
 import ml_collections
 
 
+def default_sft_config() -> ml_collections.ConfigDict:
+    """The ``sft`` block with its defaults (token-mean NLL on the chosen responses)."""
+    c = ml_collections.ConfigDict()
+    c.objective = "nll"  # nll | unlikelihood
+    c.target = "response"  # response (prompt tokens unscored) | text (all tokens scored)
+    c.source = "preference"  # preference: (prompt, chosen) of config.data | tokens: jsonl
+    c.train_path = ""  # tokens source: jsonl(.gz) of {"prompt": [..], "response": [..]}
+    c.eval_path = ""  # tokens source: held-out file ('' = no eval data)
+    c.unlikelihood_alpha = 1.0  # weight of the unlikelihood term on rejected tokens
+    return c
+
+
 def add_sft_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Add the ``sft`` block to a base config and select the SFT task (returns ``c``)."""
     c.task = "sft"
-    c.sft = ml_collections.ConfigDict()
-    c.sft.objective = "nll"  # nll | unlikelihood
-    c.sft.target = "response"  # response (prompt tokens unscored) | text (all tokens scored)
-    c.sft.source = "preference"  # preference: (prompt, chosen) of config.data | tokens: jsonl
-    c.sft.train_path = ""  # tokens source: jsonl(.gz) of {"prompt": [..], "response": [..]}
-    c.sft.eval_path = ""  # tokens source: held-out file ('' = no eval data)
-    c.sft.unlikelihood_alpha = 1.0  # weight of the unlikelihood term on rejected tokens
+    c.sft = default_sft_config()
     return c
 
 
@@ -50,8 +56,6 @@ class SFTConfig:
 
 
 def read_sft(config: ml_collections.ConfigDict) -> SFTConfig:
-    """The ``sft`` block of run config ``config`` (:meth:`SFTConfig.from_config`)."""
-    if "sft" not in config:
-        raise ValueError("task 'sft' needs the sft block: start the config from "
-                         "dpo_jax.sft_config.add_sft_config(base_config())")
-    return SFTConfig.from_config(config.sft)
+    """The ``sft`` block of run config ``config`` (:meth:`SFTConfig.from_config`); a config
+    without one takes :func:`default_sft_config`."""
+    return SFTConfig.from_config(config.get("sft") or default_sft_config())

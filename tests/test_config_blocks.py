@@ -222,6 +222,32 @@ def test_the_config_layer_does_not_import_the_step():
     assert out.stdout.split() == ["False", "False"]
 
 
+def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
+    """Every dpo_jax module ``path`` imports, function-local imports included."""
+    out = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        names = ([f"{n.module}.{a.name}" for a in n.names] + [n.module]
+                 if isinstance(n, ast.ImportFrom) and n.module else
+                 [a.name for a in n.names] if isinstance(n, ast.Import) else [])
+        out |= {m for m in names if m in modules}
+    return out
+
+
+def test_the_config_layer_is_in_no_import_cycle():
+    """No module that config.py reaches (function-local imports included) imports it back."""
+    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (REPO / "dpo_jax").rglob("*.py")}
+    graph = {m: _imports(p, set(files)) - {m} for m, p in files.items()}
+    for start in ("dpo_jax.config", "dpo_jax.data.config", "dpo_jax.tasks"):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        assert start not in seen, start
+
+
 def test_config_json_keeps_the_keys_of_the_schema():
     """The blocks moved next to their readers; the ConfigDict a run writes is unchanged."""
     c = base_config().to_dict()

@@ -93,10 +93,10 @@ class PPOSettings:
 
 
 def read_ppo(config: ml_collections.ConfigDict) -> PPOSettings:
-    """The frozen view of ``config.ppo`` (and the run seed) that the PPO task consumes; rollouts
-    stop at ``ppo.stop_ids``, or when empty at the data's end tokens
-    (``dpo_jax.data.prompts.stop_ids``)."""
-    p = config.ppo
+    """The frozen view of ``config.ppo`` (and the run seed) that the PPO task consumes (a config
+    without the block: :func:`default_ppo_config`); rollouts stop at ``ppo.stop_ids``, or when
+    empty at the data's end tokens (``dpo_jax.data.prompts.stop_ids``)."""
+    p = config.get("ppo") or default_ppo_config()
     return PPOSettings(
         reward=str(p.reward), reward_model=str(p.reward_model),
         update=PPOConfig(max_new_tokens=int(p.max_new_tokens), epochs=int(p.epochs),
