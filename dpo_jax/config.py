@@ -1,10 +1,13 @@
-"""The run config: its schema (``base_config``) and the one place each block is read.
+"""The run config: its schema (``base_config``) and the one place it is read.
 
 Experiment files in ``configs/`` start from ``base_config`` and change what they need; the
 defaults are the offline default run (DPO on the synthetic preference task with a small
-GPT-2-shaped model, 2 CPU cores, minutes). Tasks call :func:`read_config` once and pass the frozen
-dataclasses on; nothing below the tasks reads the ConfigDict (the ``loss`` block is read by
-``losses.loss_config_from``, the ``ppo`` block by ``ppo.config.read_ppo``).
+GPT-2-shaped model, 2 CPU cores, minutes). Tasks call :func:`read_config` once and pass the
+frozen :class:`RunConfig` on; nothing below the tasks reads the ConfigDict. Each block is
+declared and checked next to its user and read here: ``data`` by ``data.config.read_data``,
+``loss`` by ``losses.loss_config_from``, ``eval`` by ``eval_config.read_eval``, ``model.lora``
+by ``lora.read_lora``, and a task's own block (``sft``, ``online``, ``ppo``) by the reader that
+``tasks.TASK_BLOCKS`` names (``rc.task_block``).
 """
 
 from __future__ import annotations
@@ -16,17 +19,22 @@ import ml_collections
 
 from dpo_jax import losses as losses_lib
 from dpo_jax import sharding
-from dpo_jax.data import default_data_config
+from dpo_jax.data.config import (SOURCE_SPECS, DataConfig, SourceSpec, default_data_config,
+                                 read_run_data)
+from dpo_jax.eval_config import EvalConfig, default_eval_config, read_eval
 from dpo_jax.logprobs import LogprobConfig
 from dpo_jax.lora import LoraConfig, read_lora
 from dpo_jax.models import ModelConfig, model_config_from
-from dpo_jax.optim import NONFINITE_POLICIES, OptimConfig
-from dpo_jax.step import StepConfig
+from dpo_jax.optim import NONFINITE_POLICIES, OPTIM_DEFAULTS, OptimConfig
+from dpo_jax.step_config import StepConfig
+from dpo_jax.tasks import TASK_BLOCKS
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "dpo"  # what main runs: dpo | sft | reward | ppo, or 'module:function'
+    # what main runs: dpo | sft | reward | ppo | online_dpo (dpo_jax.tasks.TASKS), or
+    # 'module:function'
+    c.task = "dpo"
     c.seed = 0  # parameter init and data shuffling
     # fields a resumed run may change, comma separated (only those in
     # dpo_jax.workdir.SAFE_ON_RESUME, e.g. 'train.steps'); recorded in config_history.jsonl
@@ -117,23 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ref_sync_every = 0
     c.train.ref_mixup_alpha = 0.6  # TR-DPO alpha in (0, 1]; 1 = hard copy (TRL's default 0.6)
 
-    # samples during evaluation (dpo_jax/evaluation.py, read by evaluation.read_eval): the
-    # policy's completions of held-out eval prompts in WORKDIR/samples.jsonl and TensorBoard
-    c.eval = ml_collections.ConfigDict()
-    c.eval.sample_every = 0  # steps between sample points, a multiple of train.eval_every (0 = off)
-    c.eval.sample_prompts = 16  # held-out prompts sampled (drawn once from the eval split)
-    c.eval.seed = 0  # which prompts, and the sampler's key (the same at every sample point)
-    c.eval.max_new_tokens = 32  # completion tokens per sample
-    c.eval.temperature = 1.0  # sampler temperature (0 = greedy)
-    c.eval.top_k = 0  # keep the k most likely tokens (0 = all)
-    c.eval.top_p = 1.0  # nucleus mass kept
-    # token ids that end a sample: () = the data's end tokens (data.tokenizer's chat-template turn
-    # end and EOS, the tokens responses are trained to end with; synthetic: 0); or e.g. (2, 7)
-    c.eval.stop_ids = ()
-    c.eval.pad_id = 0  # pad id of sampled rows
-    # judge for samples/reward and eval/win_rate (vs the reference, ties half): '' = none,
-    # 'synthetic' (the synthetic task's true reward) or a task='reward' run's workdir
-    c.eval.judge = ""
+    # samples during evaluation (dpo_jax/evaluation.py; the block: dpo_jax/eval_config.py)
+    c.eval = default_eval_config()
 
     # Weights & Biases (optional extra: pip install -e ".[wandb]"), process 0 only: the run's
     # config and every metrics.jsonl record (dpo_jax.metrics.WandbSink)
@@ -148,14 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def data_block(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config.data`` with its tokenizer resolved: ``model.hf_path`` (the model's directory)
-    when a text source names none (a copy then; else ``config.data`` itself)."""
-    data = config.data
-    if not data.tokenizer and data.source != "synthetic" and config.model.hf_path:
-        data = ml_collections.ConfigDict(data.to_dict())
-        data.tokenizer = config.model.hf_path
-    return data
+def data_block(config: ml_collections.ConfigDict) -> DataConfig:
+    """The frozen ``data`` block, its tokenizer resolved: ``model.hf_path`` (the model's
+    directory) when a text source names none (``data.config.read_run_data``)."""
+    return read_run_data(config)
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str, variants: dict, source: str):
@@ -205,8 +194,6 @@ def resolve_defaults(config: ml_collections.ConfigDict
     written to ``config.json``, and one line per default chosen on the user's behalf
     (logged as a warning and kept in ``summary.json`` as ``config_notes``). ``config`` itself
     is not changed."""
-    from dpo_jax.optim import OPTIM_DEFAULTS
-
     preset = optim_defaults(config)
     if preset not in OPTIM_DEFAULTS:
         raise ValueError(f"optim.defaults={config.optim.defaults!r}: expected 'auto' or one of "
@@ -265,15 +252,19 @@ class RunConfig:
     task: str
     seed: int
     model: ModelConfig
-    sources: ParamSources
+    param_sources: ParamSources  # where the policy and reference parameters come from
     step: StepConfig
     optim: OptimConfig
     train: TrainConfig
-    data: Any  # the ``data`` block (dpo_jax/data reads it; tokenizer resolved)
+    data: DataConfig  # the ``data`` block (tokenizer resolved: data_block)
     mesh_shape: dict
     mesh_rules: tuple
     precompute_reference: bool
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # model.lora (0 = off)
+    loss: losses_lib.LossConfig | None = None  # the ``loss`` block (losses.loss_config_from)
+    eval: EvalConfig | None = None  # the ``eval`` block (eval_config.read_eval)
+    # the task's own block (tasks.TASK_BLOCKS: SFTConfig, OnlineConfig, PPOSettings), or None
+    task_block: Any = None
 
 
 def _logprob_configs(lp) -> tuple[LogprobConfig, LogprobConfig]:
@@ -286,7 +277,7 @@ def _logprob_configs(lp) -> tuple[LogprobConfig, LogprobConfig]:
     return train, forward
 
 
-def _ref_sync(config: ml_collections.ConfigDict) -> tuple[int, float]:
+def _ref_sync(config: ml_collections.ConfigDict, loss_cfg) -> tuple[int, float]:
     """``(train.ref_sync_every, train.ref_mixup_alpha)`` checked: TR-DPO needs a reference
     forward to update, so a precomputed reference or a reference-free loss refuses it."""
     t = config.train
@@ -301,7 +292,6 @@ def _ref_sync(config: ml_collections.ConfigDict) -> tuple[int, float]:
                 "train.ref_sync_every > 0 (TR-DPO) updates the reference during training, but "
                 "logprobs.precompute_reference=True stores its log-probs once; set one of them "
                 "off")
-        loss_cfg = losses_lib.loss_config_from(config.loss)
         if not losses_lib.needs_reference(loss_cfg):
             raise ValueError(
                 f"train.ref_sync_every > 0 (TR-DPO) updates the reference, but loss "
@@ -309,11 +299,11 @@ def _ref_sync(config: ml_collections.ConfigDict) -> tuple[int, float]:
     return every, alpha
 
 
-def _check_data_format(config) -> None:
+def _check_data_format(config, data: DataConfig) -> None:
     """Ranked lists train the DPO task with ``plackett_luce``, unpaired completions with
     ``kto`` (``data/ranked.py``, ``data/unpaired.py``), neither from stored reference log-probs;
     ``kto`` reads unpaired completions only. ValueError naming the fields otherwise."""
-    fmt = config.data.get("format", "pairs")
+    fmt = data.format
     loss = str(config.loss.name).replace(" ", "")
     want = {"ranked": "plackett_luce", "unpaired": "kto"}.get(fmt)
     if want and (config.task != "dpo" or loss != want or config.logprobs.precompute_reference):
@@ -328,18 +318,22 @@ def _check_data_format(config) -> None:
 
 def _check_tokenizer(config) -> None:
     """Text sources need a tokenizer: ``data.tokenizer``, else the model directory
-    ``model.hf_path``. Only the synthetic task (single source or every mixture source) is
-    tokenised already. ValueError naming both fields otherwise."""
+    ``model.hf_path``. Only a tokenised source (``data.config.SOURCE_SPECS``: the synthetic
+    task; single source or every mixture source) needs none. ValueError naming both fields
+    otherwise."""
     d = config.data
     sources = [s.get("source", d.source) if hasattr(s, "get") else d.source
                for s in (d.get("sources") or [])] or [d.source]
-    text = sorted({str(s) for s in sources if s != "synthetic"})
+    text = sorted({str(s) for s in sources
+                   if not SOURCE_SPECS.get(str(s), SourceSpec(str(s))).tokenised})
+    tokenised = [n for n, spec in SOURCE_SPECS.items() if spec.tokenised]
     if text and not d.tokenizer and not config.model.hf_path:
         raise ValueError(
             f"data.source {', '.join(map(repr, text))} is text and needs a tokenizer, but "
             f"data.tokenizer and model.hf_path are both empty: set data.tokenizer=DIR_OR_HUB_NAME "
             f"(its vocabulary must fit the model's) or model.hf_path=HF_MODEL_DIR (the tokenizer "
-            f"then comes from that directory), or keep data.source='synthetic'")
+            f"then comes from that directory), or use a tokenised source: data.source in "
+            f"{tokenised}")
 
 
 def read_config(config: ml_collections.ConfigDict) -> RunConfig:
@@ -356,22 +350,22 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
         on_nonfinite=str(t.on_nonfinite))
     logprobs, forward = _logprob_configs(config.logprobs)
     optim = OptimConfig.from_config(config.optim, optim_defaults(config))
-    ref_sync_every, ref_mixup_alpha = _ref_sync(config)
+    loss = losses_lib.loss_config_from(config.loss)
+    ref_sync_every, ref_mixup_alpha = _ref_sync(config, loss)
     if config.logprobs.precompute_reference and config.loss.get("ld_alpha") is not None:
         raise ValueError("loss.ld_alpha (LD-DPO) weights the reference's tokens too, but "
                          "logprobs.precompute_reference=True stores plain sums; set one of them "
                          "off")
-    fmt = config.data.get("format", "pairs")
-    if config.data.get("prefix_sharing") and (
+    _check_tokenizer(config)
+    data = data_block(config)
+    if data.prefix_sharing and (
             config.task in ("sft", "reward", "ppo", "online_dpo") or optim.grad_accum > 1):
         raise ValueError(f"data.prefix_sharing=True (one row unit [prompt, response_1 .. "
                          f"response_K] per example) is read by the DPO step (pairs, ranked lists "
                          f"or unpaired examples) without gradient accumulation; task "
                          f"{config.task!r}, optim.grad_accum={optim.grad_accum}: set "
                          f"data.prefix_sharing=False")
-    _check_data_format(config)
-    _check_tokenizer(config)
-    data = data_block(config)
+    _check_data_format(config, data)
     m = config.model
     lora = read_lora(m.get("lora"), int(config.seed))
     ref_dtype = m.get("ref_param_dtype") or ""
@@ -379,7 +373,7 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                                    and ref_dtype in ("", m.param_dtype) and not lora.rank)
     return RunConfig(
         task=config.task, seed=int(config.seed), model=model_config_from(m),
-        sources=ParamSources(policy=config.init.policy, policy_hf=m.hf_path,
+        param_sources=ParamSources(policy=config.init.policy, policy_hf=m.hf_path,
                              reference=config.init.reference, reference_hf=m.ref_hf_path,
                              reference_dtype=m.ref_param_dtype, seed=int(config.seed)),
         step=StepConfig(grad_accum=optim.grad_accum, logprobs=logprobs, forward_logprobs=forward,
@@ -388,4 +382,5 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
         optim=optim, train=train, data=data, mesh_shape=dict(config.mesh.shape),
         mesh_rules=tuple(tuple(r) for r in config.mesh.rules),
         precompute_reference=bool(config.logprobs.precompute_reference),
-        lora=lora)
+        lora=lora, loss=loss, eval=read_eval(config),
+        task_block=TASK_BLOCKS[config.task](config) if config.task in TASK_BLOCKS else None)

@@ -1,5 +1,5 @@
-"""Samples and win rates during evaluation, for any task (``config.eval`` block of
-``dpo_jax.config.base_config``, read by :func:`read_eval`).
+"""Samples and win rates during evaluation, for any task (the ``eval`` block:
+``dpo_jax/eval_config.py``, read once by ``config.read_config`` into ``rc.eval``).
 
 At evaluation points whose step is a multiple of ``eval.sample_every`` (and at the last step),
 :class:`SampleEvaluator` draws one completion per held-out prompt from the current policy with
@@ -26,58 +26,20 @@ sentiment classifier through ``rewards.text_reward``). Nothing here reaches the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 
 from dpo_jax import sharding as shard_lib
-from dpo_jax.config import base_config, data_block
-from dpo_jax.data.prompts import stop_ids
-from dpo_jax.data.synthetic import SyntheticTask
+from dpo_jax.data.config import DataConfig
+from dpo_jax.data.prompts import load_prompts
+from dpo_jax.eval_config import EvalConfig, read_eval  # noqa: F401  (re-exported)
+from dpo_jax.ppo import rewards
 from dpo_jax.ppo.rewards import to_host
-from dpo_jax.sampling import Samples, SamplingConfig, generate
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """The ``eval`` block, read once (:func:`read_eval`)."""
-
-    sample_every: int  # 0 = no samples
-    sample_prompts: int
-    seed: int
-    sampling: SamplingConfig
-    judge: str
-
-
-def read_eval(config: ml_collections.ConfigDict) -> EvalConfig:
-    """The frozen ``eval`` block; a config without one samples nothing. The sampler stops at
-    ``eval.stop_ids``, or when empty at the data's end tokens (``data.prompts.stop_ids``).
-    Raises ValueError when ``eval.sample_every`` is not a multiple of ``train.eval_every``
-    (samples are drawn at evaluation points) or a count is negative."""
-
-    e = config.get("eval") or base_config().eval
-    every, n = int(e.sample_every or 0), int(e.sample_prompts)
-    eval_every = int(config.train.eval_every or 0)
-    if every < 0 or n < 1:
-        raise ValueError(f"eval.sample_every={every} must be >= 0 and eval.sample_prompts={n} "
-                         ">= 1")
-    if every and (not eval_every or every % eval_every):
-        raise ValueError(f"eval.sample_every={every} must be a multiple of train.eval_every="
-                         f"{eval_every} (samples are drawn when the run evaluates); set "
-                         "train.eval_every to a divisor of it")
-    return EvalConfig(
-        sample_every=every, sample_prompts=n, seed=int(e.seed),
-        sampling=SamplingConfig(max_new_tokens=int(e.max_new_tokens),
-                                temperature=float(e.temperature), top_k=int(e.top_k),
-                                top_p=float(e.top_p), pad_id=int(e.pad_id),
-                                stop_ids=stop_ids(data_block(config), e.get("stop_ids", ())
-                                                  ) if every else ()),
-        judge=str(e.judge))
+from dpo_jax.sampling import Samples, generate
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -131,10 +93,10 @@ def completions(samples: Samples, n: int) -> list[np.ndarray]:
     return [tokens[i][mask[i] > 0] for i in range(n)]
 
 
-def token_decoder(data_cfg) -> Callable[[list[int]], str]:
-    """Token ids -> text: the data's tokenizer, or space-separated ids for the synthetic task
-    (which has none)."""
-    if data_cfg.source == "synthetic" or not data_cfg.tokenizer:
+def token_decoder(data_cfg: DataConfig) -> Callable[[list[int]], str]:
+    """Token ids -> text: the data's tokenizer, or space-separated ids for a tokenised source
+    (the synthetic task) or data without a tokenizer."""
+    if data_cfg.tokenised or not data_cfg.tokenizer:
         return lambda ids: " ".join(str(int(t)) for t in ids)
     from dpo_jax.data.tokenize import load_tokenizer
 
@@ -142,22 +104,22 @@ def token_decoder(data_cfg) -> Callable[[list[int]], str]:
     return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
 
 
-def build_judge(judge: str, config: ml_collections.ConfigDict, mesh, stop_ids):
-    """The reward function ``judge`` names: '' -> None, 'synthetic' -> the synthetic task's
-    true reward, else a ``task='reward'`` run's workdir (its model restored on ``mesh``; a
-    completion cut at the length bound is scored with ``stop_ids[0]`` appended)."""
-    from dpo_jax.ppo import rewards
-
+def build_judge(judge: str, data: DataConfig, mesh, mesh_rules, stop_ids, *,
+                field: str = "eval.judge"):
+    """The reward function ``judge`` names: '' -> None, a true reward's name
+    (``rewards.TRUE_REWARDS``: 'synthetic', the synthetic task's, built from ``data``), else a
+    ``task='reward'`` run's workdir (its model restored on ``mesh`` under ``mesh_rules``; a
+    completion cut at the length bound is scored with ``stop_ids[0]`` appended). Raises
+    ValueError naming ``field`` for anything else."""
     if not judge:
         return None
-    if judge == "synthetic":
-        return rewards.synthetic_reward(SyntheticTask.from_config(config.data.synthetic))
+    if judge in rewards.TRUE_REWARDS:
+        return rewards.TRUE_REWARDS[judge](data)
     if not os.path.exists(os.path.join(judge, "config.json")):
-        raise ValueError(f"eval.judge={judge!r}: expected '', 'synthetic' or a task='reward' "
-                         "run's workdir (no config.json there); pass any other judge as a "
-                         "function (judge=)")
-    return rewards.reward_model_from_run(judge, mesh, tuple(tuple(r) for r in config.mesh.rules),
-                                         stop_ids)
+        raise ValueError(f"{field}={judge!r}: expected '', one of "
+                         f"{sorted(rewards.TRUE_REWARDS)} or a task='reward' run's workdir (no "
+                         "config.json there); pass any other judge as a function")
+    return rewards.reward_model_from_run(judge, mesh, mesh_rules, stop_ids)
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -266,26 +228,24 @@ def _markdown(rows: list[dict]) -> str:
                        + (f" (reward {r['reward']:.3f})" if "reward" in r else "") for r in rows)
 
 
-def sample_evaluator(config: ml_collections.ConfigDict, *, workdir: str, model, mesh,
-                     reference_params, data_cfg, total_steps: int,
+def sample_evaluator(rc, *, workdir: str, model, mesh, reference_params,
                      prompts: list[np.ndarray] | None = None, judge=None,
                      params_of: Callable[[Any], Any] = lambda state: state.params
                      ) -> SampleEvaluator | None:
-    """The run's :class:`SampleEvaluator`, or None when ``eval.sample_every`` is 0. Prompts
-    default to the distinct prompts of ``data_cfg``'s eval split; ``judge`` (a reward function)
+    """The run's :class:`SampleEvaluator` (``rc`` a ``config.RunConfig``: its ``eval``, ``data``,
+    ``train.steps`` and ``mesh_rules``), or None when ``eval.sample_every`` is 0. Prompts
+    default to the distinct prompts of the data's eval split; ``judge`` (a reward function)
     overrides ``eval.judge``."""
-    cfg = read_eval(config)
+    cfg, data_cfg = rc.eval, rc.data
     if not cfg.sample_every:
         return None
     if prompts is None:
-        from dpo_jax.data.prompts import load_prompts
-
         prompts = load_prompts("eval", prompt_file="", eval_prompt_file="", max_prompts=0,
                                data_cfg=data_cfg)
     if judge is None:
-        judge = build_judge(cfg.judge, config, mesh, cfg.sampling.stop_ids)
+        judge = build_judge(cfg.judge, data_cfg, mesh, rc.mesh_rules, cfg.sampling.stop_ids)
     return SampleEvaluator(cfg, workdir=workdir, model=model, mesh=mesh, prompts=prompts,
-                           reference_params=reference_params, total_steps=total_steps,
+                           reference_params=reference_params, total_steps=rc.train.steps,
                            decode=token_decoder(data_cfg), judge=judge, params_of=params_of)
 
 

@@ -110,7 +110,7 @@ def check_run(rc) -> None:
     the frozen base)."""
     if not rc.lora.rank:
         return
-    s = rc.sources
+    s = rc.param_sources
     if s.reference or s.reference_hf:
         which = (f"init.reference={s.reference!r}" if s.reference
                  else f"model.ref_hf_path={s.reference_hf!r}")

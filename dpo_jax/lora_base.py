@@ -94,7 +94,7 @@ def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | Non
     config = read_run_config(run_dir)
     rc = read_config(config)
     lora_model = LoraModel(rc.model, rc.lora)
-    base = state_lib.init_policy(lora_model, shardings, rc.sources)
+    base = state_lib.init_policy(lora_model, shardings, rc.param_sources)
     base = state_lib.as_dtype(base, shardings, rc.model.param_dtype)
     one = jax.tree.leaves(shardings)[0]
     rep = jax.sharding.NamedSharding(one.mesh, jax.sharding.PartitionSpec()) if isinstance(
@@ -104,7 +104,7 @@ def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | Non
     adapters = ckpt_lib.restore_params(run_dir, like, step=step)
     saved = ckpt_lib.restore_json_item(run_dir, ITEM, step=step)
     if saved is not None:
-        BaseFingerprint(base, _source(rc.sources)).load_state_dict(saved)
+        BaseFingerprint(base, _source(rc.param_sources)).load_state_dict(saved)
     return lora_model, base, adapters
 
 

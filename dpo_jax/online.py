@@ -38,7 +38,6 @@ reference) and ``online/round``. Evaluation: the DPO eval over the held-out pref
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any, Mapping
@@ -55,79 +54,17 @@ from dpo_jax import losses as losses_lib
 from dpo_jax import preference_data
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
-from dpo_jax.config import data_block, read_config
+from dpo_jax.config import read_config
 from dpo_jax.data import batching
-from dpo_jax.data.prompts import PromptStream, load_prompts, stop_ids
+from dpo_jax.data.prompts import PromptStream, load_prompts
 from dpo_jax.models import Model
-from dpo_jax.sampling import SamplingConfig, completion_kl, generate
+from dpo_jax.online_config import (OnlineConfig, default_online_config,  # noqa: F401
+                                   read_online)
+from dpo_jax.sampling import completion_kl, generate
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, opens_workdir
 
 SAMPLE_SEED_OFFSET = 1  # training samples use key(seed + 1) folded with the step
-
-
-def default_online_config() -> ml_collections.ConfigDict:
-    """The ``online`` block (``configs/online_dpo.py`` adds it to ``base_config``)."""
-    c = ml_collections.ConfigDict()
-    # reward of a completion: 'synthetic' (the synthetic task's true reward) or a task='reward'
-    # run's workdir; any other reward is passed as the task's reward_fn
-    c.reward = "synthetic"
-    c.samples_per_prompt = 2  # k completions per prompt; best and worst form the pair
-    # 0 = online (sample from the current policy every step); n >= 1 = iterative DPO: n rounds
-    # of train.steps / n steps, each sampling from the policy as it was when the round began
-    c.iterations = 0
-    c.max_new_tokens = 16  # completion tokens per sample
-    c.temperature = 1.0  # sampler temperature (> 0: pairs need distinct completions)
-    c.top_k = 0  # keep the k most likely tokens (0 = all)
-    c.top_p = 1.0  # nucleus mass kept
-    # token ids that end a completion: () = the data's end tokens (data.tokenizer's chat-template
-    # turn end and EOS, as responses are trained to end; synthetic: 0); or e.g. (2, 7)
-    c.stop_ids = ()
-    c.pad_id = 0  # pad id of prompts and sampled rows
-    # jsonl rows with prompt_ids or prompt (text or messages: tokenised as training prompts);
-    # '' = the prompts of data's train split
-    c.prompt_file = ""
-    c.max_prompts = 0  # cap on training prompts (0 = all)
-    c.prompt_width = 0  # padded prompt length P (0 = the longest prompt)
-    return c
-
-
-@dataclasses.dataclass(frozen=True)
-class OnlineConfig:
-    """The ``online`` block, read once (:func:`read_online`)."""
-
-    reward: str
-    samples_per_prompt: int
-    iterations: int
-    sampling: SamplingConfig
-    prompt_file: str
-    max_prompts: int
-    prompt_width: int
-
-
-def read_online(config: ml_collections.ConfigDict) -> OnlineConfig:
-    """The frozen ``online`` block; the sampler stops at ``online.stop_ids``, or when empty at
-    the data's end tokens (``dpo_jax.data.prompts.stop_ids``). Raises ValueError for k < 2, a greedy sampler (every
-    completion of a prompt would be the same: all ties), negative iterations or a number of
-    rounds that does not divide ``train.steps``."""
-    o = config.online
-    k, n, steps = int(o.samples_per_prompt), int(o.iterations), int(config.train.steps)
-    if k < 2:
-        raise ValueError(f"online.samples_per_prompt={k}: a pair needs at least 2 completions")
-    if float(o.temperature) <= 0.0:
-        raise ValueError(f"online.temperature={o.temperature}: greedy sampling gives every "
-                         "prompt identical completions (all ties); use a temperature > 0")
-    if n < 0 or (n and steps % n):
-        raise ValueError(f"online.iterations={n}: must be 0 (online) or a divisor of "
-                         f"train.steps={steps} (equal rounds)")
-    return OnlineConfig(
-        reward=str(o.reward), samples_per_prompt=k, iterations=n,
-        sampling=SamplingConfig(max_new_tokens=int(o.max_new_tokens),
-                                temperature=float(o.temperature), top_k=int(o.top_k),
-                                top_p=float(o.top_p), pad_id=int(o.pad_id),
-                                stop_ids=stop_ids(data_block(config), o.get("stop_ids", ()))),
-        prompt_file=str(o.prompt_file), max_prompts=int(o.max_prompts),
-        prompt_width=int(o.prompt_width))
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -239,8 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
     ``dpo_jax.ppo.rewards.text_reward``). Raises ValueError for a precomputed reference (the
     pairs are new every step) and for the settings :func:`read_online` refuses."""
     rc = read_config(config)
-    oc = read_online(config)
-    loss_cfg = losses_lib.loss_config_from(config.loss)
+    oc: OnlineConfig = rc.task_block
+    loss_cfg = rc.loss
     if rc.precompute_reference:
         raise ValueError("task 'online_dpo' samples new pairs every step, so their reference "
                          "log-probs cannot be precomputed; set logprobs.precompute_reference="
@@ -250,12 +187,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
     setup = state_lib.setup(rc, model, reference=needs_ref)
     mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
     params, ref_params = setup.params, setup.ref_params
-    reward_fn = reward_fn or evaluation.build_judge(oc.reward, config, mesh, oc.sampling.stop_ids)
+    reward_fn = reward_fn or evaluation.build_judge(oc.reward, rc.data, mesh, rc.mesh_rules,
+                                                    oc.sampling.stop_ids, field="online.reward")
     # the eval samples are judged by the reward the run trains on, unless eval.judge names one
     samples_eval = evaluation.sample_evaluator(
-        config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
-        reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps,
-        judge=None if evaluation.read_eval(config).judge else reward_fn)
+        rc, workdir=run.path, model=model, mesh=mesh,
+        reference_params=params if ref_params is None else ref_params,
+        judge=None if rc.eval.judge else reward_fn)
     state = state_lib.create_state(params, tx, mesh, shardings, ref_params)
 
     prompts = load_prompts("train", prompt_file=oc.prompt_file, eval_prompt_file="",

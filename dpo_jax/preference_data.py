@@ -38,9 +38,8 @@ def load_pairs(rc, splits, model_cfg) -> tuple[dict, dict, object]:
     is ``[(name, weight, pairs)]`` (``PreferencePipeline``'s ``mixture``).
 
     Raises DataError when the data cannot fit the model, naming the config fields to change."""
-    mixed = bool(rc.data.get("sources"))
-    tokenizer = (None if rc.data.source == "synthetic" and not mixed
-                 else data_lib.load_tokenizer(rc.data.tokenizer))
+    mixed = rc.data.mixed
+    tokenizer = None if rc.data.tokenised else data_lib.load_tokenizer(rc.data.tokenizer)
     pairs, stats = {}, {}
     for split in splits:
         if not mixed:
@@ -79,22 +78,22 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
     pairs, stats, tokenizer = load_pairs(rc, splits, model_cfg)
     pad_id = data_lib.pad_id_for(tokenizer)
     stored = {}
-    if reference is not None and rc.data.get("format", "pairs") != "pairs":
+    if reference is not None and rc.data.format != "pairs":
         raise ValueError(f"data.format={rc.data.format!r}: stored reference log-probs are for "
                          "pairs; set logprobs.precompute_reference=False")
     if reference is not None:
         from dpo_jax import reference as ref_lib
 
         model, ref_params, cache_dir = reference
+        src = rc.param_sources
         # A mixture's per-source eval splits are slices of 'eval': computed once, sliced below.
         stored, info = ref_lib.reference_logps(
             model, ref_params, {k: v for k, v in pairs.items() if "/" not in k},
             data_cfg=rc.data, step_cfg=rc.step, mesh=mesh,
             batch_size=rc.train.eval_batch_size, cache_dir=cache_dir,
             tokenizer_name=str(rc.data.tokenizer), pad_id=pad_id,
-            ref_source=dict(policy=rc.sources.policy, hf_path=rc.sources.policy_hf,
-                            reference=rc.sources.reference, ref_hf_path=rc.sources.reference_hf,
-                            ref_param_dtype=rc.sources.reference_dtype))
+            ref_source=dict(policy=src.policy, hf_path=src.policy_hf, reference=src.reference,
+                            ref_hf_path=src.reference_hf, ref_param_dtype=src.reference_dtype))
         logging.info("reference log-probs %s", info)
         start = 0
         for name, _, count in stats.get("eval", {}).get("mixture_counts", None) or ():

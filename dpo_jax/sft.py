@@ -21,7 +21,6 @@ pre-tokenised ``{"prompt": [ids], "response": [ids]}`` rows (``sft.train_path``/
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -37,24 +36,12 @@ from dpo_jax import preference_data
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
+from dpo_jax.sft_config import SFTConfig, add_sft_config  # noqa: F401  (re-exported)
 from dpo_jax.workdir import RunDir, opens_workdir
 from dpo_jax.data.text import TextPipeline, load_examples
 from dpo_jax.logprobs import compact_scored, token_logps
 
 UL_MIN_ONE_MINUS_P = 1e-5
-
-
-def add_sft_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Add the ``sft`` block to a base config and select the SFT task (returns ``c``)."""
-    c.task = "sft"
-    c.sft = ml_collections.ConfigDict()
-    c.sft.objective = "nll"  # nll | unlikelihood
-    c.sft.target = "response"  # response (prompt tokens unscored) | text (all tokens scored)
-    c.sft.source = "preference"  # preference: (prompt, chosen) of config.data | tokens: jsonl
-    c.sft.train_path = ""  # tokens source: jsonl(.gz) of {"prompt": [..], "response": [..]}
-    c.sft.eval_path = ""  # tokens source: held-out file ('' = no eval data)
-    c.sft.unlikelihood_alpha = 1.0  # weight of the unlikelihood term on rejected tokens
-    return c
 
 
 # ------------------------------------------------------------------------------- math
@@ -140,25 +127,6 @@ def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cf
 
 
 # ------------------------------------------------------------------------------- the task
-@dataclasses.dataclass(frozen=True)
-class SFTConfig:
-    """The ``sft`` block (see :func:`add_sft_config`)."""
-
-    objective: str
-    target: str
-    source: str
-    train_path: str
-    eval_path: str
-    unlikelihood_alpha: float
-
-    @classmethod
-    def from_config(cls, block) -> "SFTConfig":
-        cfg = cls(**{f.name: block[f.name] for f in dataclasses.fields(cls)})
-        if cfg.objective not in ("nll", "unlikelihood"):
-            raise ValueError(f"sft.objective must be 'nll' or 'unlikelihood', got {cfg.objective!r}")
-        return cfg
-
-
 def _check(config, rc) -> None:
     if rc.optim.grad_accum != 1:
         raise ValueError("the SFT task does not accumulate gradients; set optim.grad_accum=1")
@@ -176,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     Raises ValueError for settings the task cannot honour (gradient accumulation, a
     precomputed reference)."""
     rc = read_config(config)
-    sft = SFTConfig.from_config(config.sft)
+    sft: SFTConfig = rc.task_block
     _check(config, rc)
     model = lora_lib.make_model(rc.model, rc.lora)  # a LoraModel when model.lora.rank > 0
     # under LoRA, params are the adapters and base the frozen base (dpo_jax/lora.py)
@@ -186,8 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     state = state_lib.create_state(params, tx, mesh, shardings, base)
     policy_of = lambda s: lora_lib.join(s.ref_params, s.params)
     samples = evaluation.sample_evaluator(
-        config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
-        reference_params=policy_of(state), total_steps=rc.train.steps, params_of=policy_of)
+        rc, workdir=run.path, model=model, mesh=mesh, reference_params=policy_of(state),
+        params_of=policy_of)
 
     if sft.objective == "unlikelihood":
         data = preference_data.preference_streams(rc, rc.train.splits, model_cfg=model.cfg,
@@ -221,4 +189,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
             data.get("eval"), mesh, lp_cfg.scored_only,
             derived=lambda means: objective(means, alpha)), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-        host_states=lora_base.host_states(state, rc.sources), interrupt_after=interrupt_after)
+        host_states=lora_base.host_states(state, rc.param_sources),
+        interrupt_after=interrupt_after)

@@ -128,7 +128,7 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
           reference: bool = False) -> Setup:
     """:class:`Setup` of ``model`` under a ``config.RunConfig``: the mesh of ``rc.mesh_shape``,
     ``make_optimizer(rc.optim, updates or rc.train.steps)``, shardings by ``rc.mesh_rules``,
-    ``init(model, shardings, rc.sources)`` (default :func:`init_policy`) and, with
+    ``init(model, shardings, rc.param_sources)`` (default :func:`init_policy`) and, with
     ``reference``, :func:`init_reference`.
 
     With ``rc.lora.rank`` > 0 (``model`` a ``lora.LoraModel``): the base from ``init`` in
@@ -153,7 +153,7 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     mesh = shard_lib.make_mesh(rc.mesh_shape)
     tx, schedule = make_optimizer(rc.optim, updates or rc.train.steps)
     shardings = param_shardings(model, mesh, rc.mesh_rules)
-    params = (init or init_policy)(model, shardings, rc.sources)
+    params = (init or init_policy)(model, shardings, rc.param_sources)
     if lora is not None and lora.rank:
         base = as_dtype(params, shardings, model.cfg.param_dtype)
         adapter_shardings = shard_lib.tree_shardings(
@@ -168,5 +168,6 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
             adapters = jax.jit(model.init_adapters, out_shardings=adapter_shardings)(
                 jax.random.fold_in(jax.random.key(lora.seed), 1))
         return Setup(mesh, tx, schedule, adapter_shardings, adapters, base)
-    ref_params = init_reference(model, shardings, rc.sources, params) if reference else None
+    ref_params = (init_reference(model, shardings, rc.param_sources, params) if reference
+                  else None)
     return Setup(mesh, tx, schedule, shardings, params, ref_params)

@@ -31,7 +31,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     returns its summary (also in ``summary.json``). ``interrupt_after``: see
     :func:`dpo_jax.loop.train`."""
     rc = read_config(config)
-    loss_cfg = losses_lib.loss_config_from(config.loss)
+    loss_cfg = rc.loss
     model = lora_lib.make_model(rc.model, rc.lora)  # a LoraModel when model.lora.rank > 0
     # under LoRA, params are the adapters and ref_params the frozen base (dpo_jax/lora.py)
     needs_reference = losses_lib.needs_reference(loss_cfg)
@@ -39,8 +39,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
     params, ref_params = setup.params, setup.ref_params
     samples = evaluation.sample_evaluator(
-        config, workdir=run.path, model=model, mesh=mesh, data_cfg=rc.data,
-        reference_params=params if ref_params is None else ref_params, total_steps=rc.train.steps,
+        rc, workdir=run.path, model=model, mesh=mesh,
+        reference_params=params if ref_params is None else ref_params,
         params_of=lambda s: lora_lib.join(s.ref_params, s.params))
 
     data = preference_data.preference_streams(
@@ -63,5 +63,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                 lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches, mesh,
                 scored_only), data), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
-        host_states=lora_base.host_states(state, rc.sources),
+        host_states=lora_base.host_states(state, rc.param_sources),
         interrupt_after=interrupt_after, save_reference=rc.step.ref_sync_every > 0)

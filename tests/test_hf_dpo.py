@@ -78,8 +78,8 @@ def test_policy_and_reference_from_different_hf_checkpoints(hf_setup):
     mesh = shard_lib.make_mesh(rc.mesh_shape)
     model = Model(rc.model)
     shardings = state_lib.param_shardings(model, mesh, rc.mesh_rules)
-    params = state_lib.init_policy(model, shardings, rc.sources)
-    ref_params = state_lib.init_reference(model, shardings, rc.sources, params)
+    params = state_lib.init_policy(model, shardings, rc.param_sources)
+    ref_params = state_lib.init_reference(model, shardings, rc.param_sources, params)
     eval_stream = preference_data.preference_streams(rc, ("eval",), model_cfg=model.cfg, mesh=mesh)["eval"]
     batch = next(iter(eval_stream))
     eval_step = jax.jit(make_eval_step(model, losses_lib.loss_config_from(c.loss), rc.step),

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dpo_jax.config import read_config
 from dpo_jax.evaluation import build_judge
 from dpo_jax.ppo.rewards import build_reward
 from dpo_jax.proj.imdb.pipeline import StageRunner
@@ -88,7 +89,7 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     assert ppo_gt["ppo"]["reward"] == "ground_truth" and ppo_gt["ppo"]["target_kl"] == 6.0
     assert ppo_gt["ppo"]["kl_horizon"] == 50 and ppo_gt["train"]["checkpoint_every"] == 1
     with pytest.raises(ValueError, match="reward_fn"):
-        build_reward(ml_collections.ConfigDict(ppo_gt))
+        build_reward(read_config(ml_collections.ConfigDict(ppo_gt)))
     compute = json.loads((work / "compute.json").read_text())
     assert set(compute["runs"]) == {"dpo_beta0.1", "preferred_ft", "unlikelihood", "ppo_kl6",
                                     "ppo_gt_kl6", "online_dpo_beta0.1",
@@ -107,7 +108,8 @@ def test_tiny_pipeline_every_stage_then_cached(tmp_path):
     assert sorted(p.name for p in (work / "runs" / "iterative_dpo_beta0.1_r2" / "rounds")
                   .iterdir()) == ["0", "1"]
     with pytest.raises(ValueError, match="ground_truth"):
-        build_judge("ground_truth", ml_collections.ConfigDict(run_cfg), None, 0)
+        build_judge("ground_truth", read_config(ml_collections.ConfigDict(run_cfg)).data,
+                    None, (), 0)
     ppo_cost = compute["runs"]["ppo_kl6"]
     # 2 iterations x 8 rollouts x (prompt + completion) tokens, 2 epochs: trained = 2 x forward/2
     assert ppo_cost["sampled_tokens"] > 0 and ppo_cost["trained_tokens"] == ppo_cost["forward_tokens"]

@@ -116,7 +116,8 @@ def test_reference_is_the_separately_loaded_base_and_the_state_holds_it_once():
     assert total - base_bytes <= 3 * adapter_bytes + 64  # adapters + AdamW's two moments
     # the reference log-probs are a separately loaded base model's
     separate = state_lib.init_policy(
-        Model(rc.model), state_lib.param_shardings(model, setup.mesh, rc.mesh_rules), rc.sources)
+        Model(rc.model), state_lib.param_shardings(model, setup.mesh, rc.mesh_rules),
+        rc.param_sources)
     b = batch()
     step_cfg = StepConfig()
     want = sequence_stats(Model(rc.model), separate, b, step_cfg, None)
@@ -275,6 +276,6 @@ def test_lora_configs(path, variant, rank, policy):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rc = read_config(module.get_config(variant))
-    assert rc.lora.rank == rank and rc.sources.policy == policy
+    assert rc.lora.rank == rank and rc.param_sources.policy == policy
     assert rc.task == ("sft" if "sft.py" in path else "dpo")
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import sharding as shard_lib
+from dpo_jax.config import read_config
 from dpo_jax.data import synthetic
 from dpo_jax.data.prompts import PromptStream
 from dpo_jax.models import Model
@@ -98,7 +99,8 @@ def test_ppo_and_ppo_gt_share_everything_but_the_reward(tmp_path):
     gt = runs.ppo_config(steps=2)
     assert gt.ppo.reward == "synthetic"
     mesh = shard_lib.make_mesh(dict(gt.mesh.shape))
-    learned_fn, gt_fn = build_reward(learned, mesh=mesh), build_reward(gt, mesh=mesh)
+    learned_fn = build_reward(read_config(learned), mesh=mesh)
+    gt_fn = build_reward(read_config(gt), mesh=mesh)
     scored = []
 
     def learned_reward(samples):

@@ -6,7 +6,7 @@ resumable state; ``PreferencePipeline`` (pairs), ``TextPipeline`` (single sequen
 reader/writer and ``load_tokenizer`` the one tokenizer loader.
 """
 
-from dpo_jax.data.config import default_data_config
+from dpo_jax.data.config import DataConfig, default_data_config, read_data
 from dpo_jax.data.errors import DataError
 from dpo_jax.data.io import read_jsonl, write_jsonl
 from dpo_jax.data.pipeline import (PreferencePipeline, build_pipeline, load_tokenised_pairs,
@@ -16,6 +16,7 @@ from dpo_jax.data.stream import BatchStream
 from dpo_jax.data.text import TextPipeline
 from dpo_jax.data.tokenize import load_tokenizer
 
-__all__ = ["BatchStream", "DataError", "PreferencePipeline", "PromptStream", "TextPipeline",
+__all__ = ["BatchStream", "DataConfig", "DataError", "PreferencePipeline", "PromptStream",
+           "TextPipeline",
            "build_pipeline", "default_data_config", "load_tokenised_pairs", "load_tokenizer",
-           "pad_id_for", "read_jsonl", "to_global", "write_jsonl"]
+           "pad_id_for", "read_data", "read_jsonl", "to_global", "write_jsonl"]

@@ -19,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dpo_jax.data import build_pipeline, default_data_config, load_tokenizer
+from dpo_jax.data.config import read_data
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run or data config file")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "which split to show")
@@ -78,11 +79,12 @@ def _print_example(tok, i: int, example: dict) -> None:
 def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
-    data_cfg = default_data_config() if cfg is None else (cfg.data if "data" in cfg else cfg)
-    tok = None if data_cfg.source == "synthetic" else load_tokenizer(data_cfg.tokenizer)
+    data_cfg = read_data(default_data_config() if cfg is None
+                         else (cfg.data if "data" in cfg else cfg))
+    tok = None if data_cfg.tokenised else load_tokenizer(data_cfg.tokenizer)
     pipe = build_pipeline(data_cfg, split=_SPLIT.value, global_batch_size=_BATCH.value,
                           tokenizer=tok)
-    fmt = data_cfg.get("format", "pairs")
+    fmt = data_cfg.format
     print(f"== source={data_cfg.source} format={fmt} split={_SPLIT.value} "
           f"examples={len(pipe.pairs)}")
     for i, example in enumerate(pipe.pairs[: _NUM.value]):

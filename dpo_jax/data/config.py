@@ -1,4 +1,6 @@
-"""Default configuration of the data pipeline (``config.data`` in a run config).
+"""The ``data`` block of a run config: its schema (``default_data_config``), the declarations of
+the sources, and the one reader (``read_data``) that turns the block into a frozen
+:class:`DataConfig`.
 
 Every field that changes which tokens the model sees lives here, so a run's config file fully
 determines its batches (together with the run seed passed to ``build_pipeline``).
@@ -6,9 +8,42 @@ determines its batches (together with the run seed passed to ``build_pipeline``)
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any, Mapping
+
 import ml_collections
 
-SOURCES = ("synthetic", "generic", "hh", "shp", "tldr", "ultrafeedback", "se")
+from dpo_jax.data.synthetic import EOS_ID
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """What a value of ``data.source`` is, so code asks the declaration, never the name.
+
+    ``tokenised``: the source makes token ids itself (no text, no tokenizer, nothing to
+    decode); ``files``: it reads rows from files or the hub (so it has a path, columns such as
+    ``weight_field``, and can be one source of a mixture); ``end_ids``: the tokens its
+    responses end with when it has no tokenizer (the sampler's default stop set)."""
+
+    name: str
+    tokenised: bool = False
+    files: bool = True
+    end_ids: tuple[int, ...] = ()
+    doc: str = ""
+
+
+SOURCE_SPECS: dict[str, SourceSpec] = {s.name: s for s in (
+    SourceSpec("synthetic", tokenised=True, files=False, end_ids=(EOS_ID,),
+               doc="generated token ids with a known true reward (data/synthetic.py)"),
+    SourceSpec("generic", doc="a local or hub preference file with named columns"),
+    SourceSpec("hh", doc="Anthropic HH-RLHF"),
+    SourceSpec("shp", doc="Stanford Human Preferences"),
+    SourceSpec("tldr", doc="OpenAI TL;DR summarisation comparisons"),
+    SourceSpec("ultrafeedback", doc="UltraFeedback (binarised or ranked)"),
+    SourceSpec("se", doc="StackExchange paired answers"),
+)}
+SOURCES = tuple(SOURCE_SPECS)
 TRUNCATION_MODES = ("keep_end", "keep_start", "error")
 # pairs: {prompt, chosen, rejected}; ranked: {prompt, K responses, scores} (data/ranked.py,
 # loss plackett_luce); unpaired: {prompt, completion, label} (data/unpaired.py, loss kto)
@@ -18,7 +53,7 @@ FORMATS = ("pairs", "ranked", "unpaired")
 def default_data_config() -> ml_collections.ConfigDict:
     """The offline default: the synthetic task, no tokenizer, no files."""
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"  # one of SOURCES: synthetic generic hh shp tldr ultrafeedback se
+    c.source = "synthetic"  # one of SOURCE_SPECS: synthetic generic hh shp tldr ultrafeedback se
     c.path = ""  # local file (jsonl, jsonl.gz, json, parquet), directory, save_to_disk dir, or hub name
     c.hub_config = ""  # hub dataset config name or data_dir (e.g. 'harmless-base' for hh)
     c.train_split = "train"  # split name (files whose name contains it, DatasetDict key, hub split)
@@ -92,10 +127,212 @@ def parse_buckets(value) -> list[int] | None:
     return out
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Fail early on settings that would otherwise fail deep inside the pipeline."""
-    if c.source not in SOURCES:
-        raise ValueError(f"data.source must be one of {SOURCES}, got {c.source!r}")
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """``data.synthetic``: the synthetic task's generator (fields as ``default_data_config``)."""
+
+    vocab_size: int
+    num_topics: int
+    prompt_len: tuple[int, int]
+    response_len: tuple[int, int]
+    min_gap: float
+    num_train: int
+    num_eval: int
+    train_seed: int
+    eval_seed: int
+    num_responses: int
+    from_lists: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` block, read once (:func:`read_data`); every field of
+    :func:`default_data_config`, with its meaning there. ``sources`` is the mixture's
+    sources, each with its own ``DataConfig`` (``data/mixture.py``), ``synthetic`` the
+    generator's block."""
+
+    source: str
+    path: str
+    hub_config: str
+    train_split: str
+    eval_split: str
+    eval_size: int
+    eval_fraction: float
+    max_pairs: int
+    tokenizer: str
+    max_length: int
+    max_prompt_length: int
+    truncation_mode: str
+    prompt_trailing_whitespace: str
+    buckets: Any  # 'auto', '128,256' or a sequence of lengths (parse_buckets)
+    num_buckets: int
+    bucket_multiple: int
+    packing: bool
+    pack_length: int
+    row_multiple: int
+    prefix_sharing: bool
+    group_by_length: int
+    on_bad_row: str
+    shuffle_seed: int
+    shuffle: bool
+    field_prompt: str
+    field_chosen: str
+    field_rejected: str
+    format: str
+    field_responses: str
+    field_scores: str
+    field_completion: str
+    field_label: str
+    weight_field: str
+    hh_single_turn: bool
+    hh_chat: bool
+    shp_min_score_ratio: float
+    shp_max_pairs_per_post: int
+    sources: tuple["MixtureSource", ...]  # () = the single source above
+    synthetic: SyntheticConfig
+
+    @property
+    def spec(self) -> SourceSpec:
+        """The declaration of ``source``."""
+        return SOURCE_SPECS[self.source]
+
+    @property
+    def mixed(self) -> bool:
+        """A mixture (``data.sources`` non-empty): its entries' sources are read, not
+        ``source``."""
+        return bool(self.sources)
+
+    @property
+    def tokenised(self) -> bool:
+        """The data is token ids already (a single tokenised source such as the synthetic
+        task): no tokenizer is loaded and tokens are shown as ids."""
+        return self.spec.tokenised and not self.mixed
+
+    def source_names(self) -> list[str]:
+        """The sources read: each mixture entry's (default ``source``), else ``source``."""
+        return [m.cfg.source for m in self.sources] or [self.source]
+
+    def replace(self, **fields) -> "DataConfig":
+        """A copy with ``fields`` changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **fields)
+
+
+SOURCE_FIELDS = (
+    "source", "path", "hub_config", "train_split", "eval_split", "eval_size", "eval_fraction",
+    "max_pairs", "field_prompt", "field_chosen", "field_rejected", "weight_field",
+    "hh_single_turn", "hh_chat", "shp_min_score_ratio", "shp_max_pairs_per_post", "on_bad_row")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One source of a mixture: its ``name``, ``weight`` and data config (the top-level data
+    config with the entry's fields set)."""
+
+    name: str
+    weight: float
+    cfg: DataConfig
+
+
+def _mixture(top: DataConfig, entries) -> tuple[MixtureSource, ...]:
+    """The sources of the ``data.sources`` entries over the top-level config ``top``.
+
+    Raises ``ValueError`` naming ``data.sources[i]`` (and its source) and the field for an
+    entry that is not a dict, lacks ``source``, has a weight that is not a positive finite
+    number or a field that is not per-source, and for a per-source config that does not
+    validate."""
+    out: list[MixtureSource] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        where = f"data.sources[{i}]"
+        entry = _plain(entry)
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a dict of source fields, got {entry!r}")
+        if not entry.get("source"):
+            raise ValueError(f"{where}: field 'source' is required (one of the data sources)")
+        where = f"{where} (source {entry['source']!r})"
+        unknown = sorted(set(entry) - set(SOURCE_FIELDS) - {"weight", "name"})
+        if unknown:
+            raise ValueError(f"{where}: field(s) {unknown} are not per-source; per-source "
+                             f"fields: {list(SOURCE_FIELDS)} + weight, name (set the others "
+                             "once in data.*)")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                math.isfinite(weight) and weight > 0):
+            raise ValueError(f"{where}: field 'weight' must be a positive finite number, got "
+                             f"{weight!r}")
+        cfg = top.replace(**{k: entry[k] for k in SOURCE_FIELDS if k in entry})
+        try:
+            validate(cfg)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        if not cfg.spec.files:
+            raise ValueError(f"{where}: the {cfg.source} source has no files to mix; use file "
+                             "or hub sources")
+        base = str(entry.get("name") or entry["source"])
+        seen[base] = seen.get(base, 0) + 1
+        name = base if seen[base] == 1 else f"{base}_{seen[base]}"
+        out.append(MixtureSource(name=name, weight=float(weight), cfg=cfg))
+    return tuple(out)
+
+
+def _plain(value):
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def read_data(block: Mapping[str, Any] | DataConfig) -> DataConfig:
+    """The frozen ``data`` block, validated (:func:`validate`); fields the block lacks (a
+    config written before they existed) take :func:`default_data_config`'s values. A
+    ``DataConfig`` is returned as it is. Raises ValueError naming the ``data.*`` field for an
+    unknown field or a bad value."""
+    if isinstance(block, DataConfig):
+        return block
+    given = dict(_plain(block))
+    fields = default_data_config().to_dict()
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise ValueError(f"data.{unknown[0]}: not a field of the data block; fields: "
+                         f"{', '.join(sorted(fields))}")
+    fields.update(given)
+    synthetic = default_data_config().synthetic.to_dict()
+    given_synthetic = dict(_plain(fields["synthetic"]) or {})
+    unknown = sorted(set(given_synthetic) - set(synthetic))
+    if unknown:
+        raise ValueError(f"data.synthetic.{unknown[0]}: not a field of the synthetic block; "
+                         f"fields: {', '.join(sorted(synthetic))}")
+    synthetic.update(given_synthetic)
+    synthetic.update(prompt_len=tuple(synthetic["prompt_len"]),
+                     response_len=tuple(synthetic["response_len"]))
+    fields["synthetic"] = SyntheticConfig(**synthetic)
+    entries = list(_plain(fields["sources"]) or ())
+    fields["sources"] = ()
+    cfg = DataConfig(**fields)
+    validate(cfg)
+    if entries and cfg.format != "pairs":
+        raise ValueError(f"data.format={cfg.format!r} reads one source: set data.sources=[]")
+    return cfg.replace(sources=_mixture(cfg, entries)) if entries else cfg
+
+
+def read_run_data(config) -> DataConfig:
+    """``read_data(config.data)`` of a run config, the tokenizer resolved: a text source that
+    names none (``data.tokenizer=''``) takes the model's directory ``model.hf_path``."""
+    block = config.data
+    model = config.get("model") or {}
+    names = [str(_plain(e).get("source", block.source)) if isinstance(_plain(e), dict)
+             else block.source for e in (block.get("sources") or ())] or [block.source]
+    text = any(not SOURCE_SPECS.get(n, SourceSpec(n)).tokenised for n in names)
+    if not block.tokenizer and text and model.get("hf_path"):
+        return read_data({**_plain(block), "tokenizer": model.get("hf_path")})
+    return read_data(block)
+
+
+def validate(c: DataConfig | Mapping[str, Any]) -> None:
+    """Fail early on settings that would otherwise fail deep inside the pipeline (a raw block is
+    read by :func:`read_data`, which validates it). Raises ValueError naming the field."""
+    if not isinstance(c, DataConfig):
+        read_data(c)
+        return
+    if c.source not in SOURCE_SPECS:
+        raise ValueError(f"data.source must be one of {tuple(SOURCE_SPECS)}, got {c.source!r}")
     if c.truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"data.truncation_mode must be one of {TRUNCATION_MODES}")
     if c.on_bad_row not in ("error", "skip"):
@@ -106,26 +343,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError("need 0 < data.max_prompt_length < data.max_length")
     if c.source == "generic" and not c.path:
         raise ValueError("data.path is required for the generic source (others default to hub)")
-    if c.source != "synthetic" and not c.tokenizer:
+    if not c.spec.tokenised and not c.tokenizer:
         raise ValueError(f"data.tokenizer is required for source {c.source!r}")
     if not 0 <= c.eval_fraction < 1:
         raise ValueError(f"data.eval_fraction must be in [0, 1), got {c.eval_fraction}")
     if not c.eval_split and c.eval_size <= 0 and c.eval_fraction <= 0:
         raise ValueError("eval is carved from train (data.eval_split=''): set data.eval_size > 0 "
                          "or data.eval_fraction > 0")
-    if c.get("weight_field") and c.source == "synthetic":
-        raise ValueError("data.weight_field names a column of a preference file; the synthetic "
-                         "source has none (set data.source and data.path, or weight_field='')")
-    if not c.get("shuffle", True) and c.group_by_length:
+    if c.weight_field and not c.spec.files:
+        raise ValueError(f"data.weight_field names a column of a preference file; the "
+                         f"{c.source} source has none (set data.source and data.path, or "
+                         "weight_field='')")
+    if not c.shuffle and c.group_by_length:
         raise ValueError("data.shuffle=False keeps the file's order; data.group_by_length "
                          f"={c.group_by_length} would reorder it (set it to 0)")
     parse_buckets(c.buckets)
-    fmt = c.get("format", "pairs")
+    fmt = c.format
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
-    if fmt != "pairs" and c.get("sources"):
-        raise ValueError(f"data.format={fmt!r} reads one source: set data.sources=[]")
-    if c.get("sources"):
-        from dpo_jax.data.mixture import mixture_sources
-
-        mixture_sources(c)  # each entry and its source's config

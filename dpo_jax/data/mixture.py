@@ -19,77 +19,20 @@ stream position ``(epoch, position)`` resumes it exactly.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any, Sequence
+from typing import Sequence
 
-import ml_collections
 import numpy as np
 
-SOURCE_FIELDS = (
-    "source", "path", "hub_config", "train_split", "eval_split", "eval_size", "eval_fraction",
-    "max_pairs", "field_prompt", "field_chosen", "field_rejected", "weight_field",
-    "hh_single_turn", "hh_chat", "shp_min_score_ratio", "shp_max_pairs_per_post", "on_bad_row")
+from dpo_jax.data.config import SOURCE_FIELDS, MixtureSource, read_data
 
-
-@dataclasses.dataclass(frozen=True)
-class MixtureSource:
-    """One source of a mixture: its ``name``, ``weight`` and data config (the top-level data
-    config with the entry's fields set)."""
-
-    name: str
-    weight: float
-    cfg: Any
+__all__ = ["SOURCE_FIELDS", "MixtureSource", "interleave", "mixture_counts", "mixture_order",
+           "mixture_sources"]
 
 
 def mixture_sources(data_cfg) -> list[MixtureSource]:
-    """The sources of ``data_cfg.sources`` ([] when it is empty or absent).
-
-    Raises ``ValueError`` naming ``data.sources[i]`` (and its source) and the field for an
-    entry that is not a dict, lacks ``source``, has a weight that is not a positive finite
-    number or a field that is not per-source, and for a per-source config that does not
-    validate."""
-    from dpo_jax.data.config import validate
-
-    entries = data_cfg.get("sources") or []
-    out: list[MixtureSource] = []
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(entries):
-        where = f"data.sources[{i}]"
-        if isinstance(entry, ml_collections.ConfigDict):
-            entry = entry.to_dict()
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected a dict of source fields, got {entry!r}")
-        if not entry.get("source"):
-            raise ValueError(f"{where}: field 'source' is required (one of the data sources)")
-        where = f"{where} (source {entry['source']!r})"
-        unknown = sorted(set(entry) - set(SOURCE_FIELDS) - {"weight", "name"})
-        if unknown:
-            raise ValueError(f"{where}: field(s) {unknown} are not per-source; per-source "
-                             f"fields: {list(SOURCE_FIELDS)} + weight, name (set the others "
-                             "once in data.*)")
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
-                math.isfinite(weight) and weight > 0):
-            raise ValueError(f"{where}: field 'weight' must be a positive finite number, got "
-                             f"{weight!r}")
-        cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-        cfg.sources = []
-        for key in SOURCE_FIELDS:
-            if key in entry:
-                cfg[key] = entry[key]
-        try:
-            validate(cfg)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
-        if cfg.source == "synthetic":
-            raise ValueError(f"{where}: the synthetic source has no files to mix; use file or "
-                             "hub sources")
-        base = str(entry.get("name") or entry["source"])
-        seen[base] = seen.get(base, 0) + 1
-        name = base if seen[base] == 1 else f"{base}_{seen[base]}"
-        out.append(MixtureSource(name=name, weight=float(weight), cfg=cfg))
-    return out
+    """The sources of ``data.sources`` ([] for a single source), read and checked by
+    ``config.read_data`` (errors name ``data.sources[i]`` and the field)."""
+    return list(read_data(data_cfg).sources)
 
 
 def mixture_counts(weights: Sequence[float], total: int) -> np.ndarray:

@@ -37,7 +37,7 @@ def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
     else:
         n = s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval)
         seed = s.eval_seed
-    if s.get("from_lists"):  # the binarised ranked lists (data/ranked.py's synthetic lists)
+    if s.from_lists:  # the binarised ranked lists (data/ranked.py's synthetic lists)
         return synthetic.best_vs_random(
             synthetic.make_ranked(task, n, seed, int(s.num_responses)), seed)
     return synthetic.make_pairs(task, n, seed)
@@ -58,23 +58,25 @@ def load_tokenised_pairs(cfg, split: str, tokenizer=None, *,
     again for that count)."""
     from dpo_jax.data.checks import check_scored_pair
 
-    if cfg.get("format", "pairs") != "pairs":  # ranked lists / unpaired completions
+    cfg = config_lib.read_data(cfg)
+    if cfg.format != "pairs":  # ranked lists / unpaired completions
         from dpo_jax.data.ranked import load_tokenised_items
 
         return load_tokenised_items(cfg, split, tokenizer, train_items=train_items)
     bad = BadRows(cfg.on_bad_row)
     stats: dict[str, Any] = {}
-    if cfg.source == "synthetic":
+    if cfg.spec.tokenised:  # the synthetic task: token ids with a known reward
         pairs = _synthetic_pairs(cfg, split)[: cfg.max_pairs or None]
         too_long = [i for i, p in enumerate(pairs) if len(p["prompt"])
                     + max(len(p["chosen"]), len(p["rejected"])) > cfg.max_length]
         if too_long:
-            raise DataError(f"{len(too_long)} synthetic pairs exceed max_length {cfg.max_length}",
-                            file="synthetic", row=too_long[0], reason="prompt_too_long")
+            raise DataError(f"{len(too_long)} {cfg.source} pairs exceed max_length "
+                            f"{cfg.max_length}", file=cfg.source, row=too_long[0],
+                            reason="prompt_too_long")
         kept = []
         for i, pair in enumerate(pairs):
             try:
-                check_scored_pair(pair, end_ids={synthetic.EOS_ID}, file="synthetic", row=i)
+                check_scored_pair(pair, end_ids=set(cfg.spec.end_ids), file=cfg.source, row=i)
                 kept.append(pair)
             except DataError as e:
                 bad.handle(e)
@@ -131,9 +133,8 @@ def load_mixture_pairs(cfg, split: str, tokenizer=None, *,
     ``PreferencePipeline``. ``train_items``: each source's train items by name, for eval's
     overlap count (``load_tokenised_pairs``). Raises ``ValueError`` for a bad ``data.sources``
     entry and ``DataError`` naming the source for a source without usable pairs."""
-    from dpo_jax.data.mixture import mixture_sources
-
-    sources = mixture_sources(cfg)
+    cfg = config_lib.read_data(cfg)
+    sources = cfg.sources
     if not sources:
         raise ValueError("data.sources is empty: load_tokenised_pairs reads the single source")
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
@@ -190,12 +191,13 @@ class PreferencePipeline(BatchStream):
         self.mixture = None if not mixture else [(str(n), float(w), int(k))
                                                  for n, w, k in mixture]
         self._served = np.zeros(len(self.mixture or []), np.int64)
+        cfg = config_lib.read_data(cfg)
         super().__init__(len(pairs), train=train, global_batch_size=global_batch_size,
                          seed=(int(cfg.shuffle_seed), int(seed)), process_index=process_index,
-                         process_count=process_count, shuffle=bool(cfg.get("shuffle", True)))
+                         process_count=process_count, shuffle=bool(cfg.shuffle))
         self.pairs, self.cfg, self.pad_id = pairs, cfg, int(pad_id)
         # data.prefix_sharing: one [prompt, chosen, rejected] unit per pair (data/prefix.py)
-        self.prefix_sharing = bool(cfg.get("prefix_sharing", False))
+        self.prefix_sharing = bool(cfg.prefix_sharing)
         self.reference = None
         if reference is not None:
             logps_N2, lengths_N2 = (np.asarray(a, np.float32) for a in reference)
@@ -400,9 +402,9 @@ def build_pipeline(data_cfg, *, split: str, global_batch_size: int, process_inde
     a bad config or data."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    config_lib.validate(data_cfg)
-    mixed = bool(data_cfg.get("sources"))
-    if (mixed or data_cfg.source != "synthetic") and tokenizer is None:
+    data_cfg = config_lib.read_data(data_cfg)
+    mixed = data_cfg.mixed
+    if not data_cfg.tokenised and tokenizer is None:
         tokenizer = load_tokenizer(data_cfg.tokenizer)
     mixture = None
     if pairs is None and mixed:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dpo_jax.data import io
+from dpo_jax.data.config import read_data
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.pipeline import load_tokenised_pairs
 from dpo_jax.data.stream import BatchStream
@@ -48,10 +49,9 @@ def stop_ids(data_cfg, override: Sequence[int] = ()) -> tuple[int, ...]:
                         "tokens)", reason="bad_stop_ids")
     if ids:
         return ids
-    if data_cfg.source == "synthetic" and not data_cfg.tokenizer:
-        from dpo_jax.data.synthetic import EOS_ID
-
-        return (EOS_ID,)
+    data_cfg = read_data(data_cfg)
+    if data_cfg.spec.end_ids and not data_cfg.tokenizer:  # a tokenised source's own end tokens
+        return data_cfg.spec.end_ids
     return _tokenizer_stop_ids(str(data_cfg.tokenizer))
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from dpo_jax.data import batching, prefix, synthetic
 from dpo_jax.data.checks import check_scored_response, overlap_stats, warn_overlap
+from dpo_jax.data.config import read_data
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.pipeline import PreferencePipeline
 from dpo_jax.data.sources import Message, _get, _get_str, _messages
@@ -188,15 +189,14 @@ def _synthetic_items(cfg, split: str, fmt: str) -> list[Item]:
     seed = s.train_seed if split == "train" else s.eval_seed
     n = s.num_train if split == "train" else (
         s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval))
-    if fmt == "unpaired" and s.get("from_lists"):
-        return synthetic.labelled(synthetic.make_ranked(task, n, seed,
-                                                        int(s.get("num_responses", 4))))
+    if fmt == "unpaired" and s.from_lists:
+        return synthetic.labelled(synthetic.make_ranked(task, n, seed, int(s.num_responses)))
     if fmt == "unpaired":
         from dpo_jax.data.unpaired import unpair_tokens
 
         return unpair_tokens(synthetic.make_pairs(task, n, seed))
     return [{"prompt": it["prompt"], "responses": it["responses"], "scores": it["scores"]}
-            for it in synthetic.make_ranked(task, n, seed, int(s.get("num_responses", 4)))]
+            for it in synthetic.make_ranked(task, n, seed, int(s.num_responses))]
 
 
 def _checked_synthetic(cfg, split: str, bad: BadRows) -> list[Item]:
@@ -207,12 +207,12 @@ def _checked_synthetic(cfg, split: str, bad: BadRows) -> list[Item]:
     for i, it in enumerate(_synthetic_items(cfg, split, cfg.format)[: cfg.max_pairs or None]):
         try:
             if cfg.format == "unpaired":
-                items.append(checked_unpaired(it, end_ids={synthetic.EOS_ID}, is_blank=None,
-                                              file="synthetic", row=i))
+                items.append(checked_unpaired(it, end_ids=set(cfg.spec.end_ids), is_blank=None,
+                                              file=cfg.source, row=i))
             else:
                 items.append(_checked_list(it["prompt"], it["responses"], list(it["scores"]),
-                                           end_ids={synthetic.EOS_ID}, is_blank=None,
-                                           file="synthetic", row=i))
+                                           end_ids=set(cfg.spec.end_ids), is_blank=None,
+                                           file=cfg.source, row=i))
         except DataError as e:
             bad.handle(e)
     return items
@@ -229,10 +229,11 @@ def load_tokenised_items(cfg, split: str, tokenizer=None, *,
     from dpo_jax.data.tokenize import length_summary
     from dpo_jax.data.unpaired import checked_unpaired
 
+    cfg = read_data(cfg)
     fmt = cfg.format
     bad = BadRows(cfg.on_bad_row)
     stats: dict[str, Any] = {}
-    if cfg.source == "synthetic":
+    if cfg.spec.tokenised:  # the synthetic task's lists
         items = _checked_synthetic(cfg, split, bad)
     else:
         def encode(encoder, raw, bad):
@@ -257,7 +258,7 @@ def load_tokenised_items(cfg, split: str, tokenizer=None, *,
                                          train_items=train_items)
     if not items:
         raise DataError(f"no usable {fmt} items in split {split!r}", file=cfg.path or cfg.source)
-    if cfg.source == "synthetic" and split == "eval":
+    if cfg.spec.tokenised and split == "eval":
         if train_items is None:
             train_items = _checked_synthetic(cfg, "train", BadRows("skip", max_logged=0))
         stats.update(overlap_stats(items, train_items))
@@ -299,6 +300,7 @@ class SlotPipeline(PreferencePipeline):
     num_slots = 2
 
     def __init__(self, items: list[Item], cfg, **kwargs):
+        cfg = read_data(cfg)
         if kwargs.get("reference") is not None or kwargs.get("mixture"):
             raise ValueError(f"data.format={cfg.format!r}: stored reference log-probs "
                              "(logprobs.precompute_reference) and mixtures are for pairs")
@@ -379,7 +381,7 @@ class RankedPipeline(SlotPipeline):
 
 def pipeline_class(data_cfg) -> type[PreferencePipeline]:
     """The batch stream of ``data.format``: pairs, ranked lists or unpaired completions."""
-    fmt = data_cfg.get("format", "pairs")
+    fmt = read_data(data_cfg).format
     if fmt == "ranked":
         return RankedPipeline
     if fmt == "unpaired":

@@ -109,7 +109,7 @@ def parse_hh(rec: Record, file: str, row: int, cfg) -> RawPair | None:
         _get_str(rec, "chosen", file, row), _get_str(rec, "rejected", file, row), file, row)
     if cfg.hh_single_turn and prompt.count(HH_HUMAN) != 1:
         return None  # not a bad row: a filter
-    if cfg.get("hh_chat", False):
+    if cfg.hh_chat:
         c, r = c.strip(), r.strip()
         for field, text in (("chosen", c), ("rejected", r)):
             if not text:

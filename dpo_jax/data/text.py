@@ -59,6 +59,7 @@ class TextPipeline(BatchStream):
                  row_multiple: int = 1):
         if target not in ("response", "text"):
             raise ValueError(f"sft.target must be 'response' or 'text', got {target!r}")
+        cfg = config_lib.read_data(cfg)
         max_len = int(cfg.max_length)
         self.seqs: list[tuple[np.ndarray, int]] = []  # (tokens, unscored prefix length)
         truncated = 0
@@ -72,7 +73,7 @@ class TextPipeline(BatchStream):
                 self.seqs.append((tokens, p_len))
         super().__init__(len(self.seqs), train=train, global_batch_size=global_batch_size,
                          seed=(int(cfg.shuffle_seed), int(seed)), process_index=process_index,
-                         process_count=process_count, shuffle=bool(cfg.get("shuffle", True)))
+                         process_count=process_count, shuffle=bool(cfg.shuffle))
         self.cfg, self.pad_id = cfg, int(pad_id)
         self.lengths = np.asarray([len(t) for t, _ in self.seqs], np.int64)
         self.row_multiple = math.lcm(int(cfg.row_multiple), int(row_multiple), process_count)
@@ -114,8 +115,8 @@ def load_examples(split: str, *, source: str, path: str, data_cfg
             raise ValueError(f"sft.source='tokens' needs sft.{split}_path")
         return read_token_examples(path), 0
     if source == "preference":
-        config_lib.validate(data_cfg)
-        tok = None if data_cfg.source == "synthetic" else load_tokenizer(data_cfg.tokenizer)
+        data_cfg = config_lib.read_data(data_cfg)
+        tok = None if data_cfg.tokenised else load_tokenizer(data_cfg.tokenizer)
         pairs, _ = load_tokenised_pairs(data_cfg, split, tok)
         return ([{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs],
                 pad_id_for(tok))

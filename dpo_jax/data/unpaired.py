@@ -128,7 +128,7 @@ class UnpairedPipeline(SlotPipeline):
                 f"all {len(items)} examples of this split have the same completion, so KTO's "
                 "reference point has no mismatched completion to score (it would equal the "
                 "implied reward): give the split examples with different completions",
-                file=str(cfg.get("path") or cfg.source), field="completion",
+                file=str(cfg.path or cfg.source), field="completion",
                 reason="kl_completion")
         # Any two examples may meet in a later epoch's batch: the largest bucket holds every
         # prompt with every completion (``_bound`` of the whole split, the base's longest unit).

@@ -7,10 +7,28 @@ import dataclasses
 
 import ml_collections
 
-from dpo_jax.config import data_block
+from dpo_jax.data.config import read_run_data
 from dpo_jax.data.prompts import stop_ids
-from dpo_jax.ppo.step import PPOConfig
 from dpo_jax.sampling import SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """What the PPO update (``ppo/step.py``) reads of the ``ppo`` block (and the run seed)."""
+
+    max_new_tokens: int
+    epochs: int = 4  # passes over each rollout batch
+    minibatches: int = 4  # updates per pass
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2  # policy ratio clip
+    vf_clip: float = 0.2  # value clip (around the rollout-time value)
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    # True: the value head reads stop_gradient(hidden states), so the value loss cannot move the
+    # shared trunk (a linear value probe on the policy's features). False: trl's shared trunk.
+    detach_value_head: bool = False
+    seed: int = 0  # minibatch shuffling (folded with the step)
 
 
 def default_ppo_config() -> ml_collections.ConfigDict:
@@ -63,6 +81,8 @@ class PPOSettings:
 
     update: PPOConfig
     sampling: SamplingConfig
+    reward: str  # 'model', a name of ppo.rewards.TRUE_REWARDS, or a label of a passed reward_fn
+    reward_model: str  # a task='reward' run's workdir (reward='model')
     init_kl_coef: float
     target_kl: float | None  # None: a fixed KL coefficient
     kl_horizon: int
@@ -73,11 +93,12 @@ class PPOSettings:
 
 
 def read_ppo(config: ml_collections.ConfigDict) -> PPOSettings:
-    """The frozen view of ``config.ppo`` (and the run seed) that the PPO task consumes; rollouts
-    stop at ``ppo.stop_ids``, or when empty at the data's end tokens
-    (``dpo_jax.data.prompts.stop_ids``)."""
-    p = config.ppo
+    """The frozen view of ``config.ppo`` (and the run seed) that the PPO task consumes (a config
+    without the block: :func:`default_ppo_config`); rollouts stop at ``ppo.stop_ids``, or when
+    empty at the data's end tokens (``dpo_jax.data.prompts.stop_ids``)."""
+    p = config.get("ppo") or default_ppo_config()
     return PPOSettings(
+        reward=str(p.reward), reward_model=str(p.reward_model),
         update=PPOConfig(max_new_tokens=int(p.max_new_tokens), epochs=int(p.epochs),
                          minibatches=int(p.minibatches), gamma=float(p.gamma), lam=float(p.lam),
                          clip=float(p.clip), vf_clip=float(p.vf_clip), vf_coef=float(p.vf_coef),
@@ -86,7 +107,7 @@ def read_ppo(config: ml_collections.ConfigDict) -> PPOSettings:
         sampling=SamplingConfig(max_new_tokens=int(p.max_new_tokens),
                                 temperature=float(p.temperature), top_k=int(p.top_k),
                                 top_p=float(p.top_p), pad_id=int(p.pad_id),
-                                stop_ids=stop_ids(data_block(config), p.get("stop_ids", ()))),
+                                stop_ids=stop_ids(read_run_data(config), p.get("stop_ids", ()))),
         init_kl_coef=float(p.init_kl_coef),
         target_kl=float(p.target_kl) if p.adaptive_kl else None, kl_horizon=int(p.kl_horizon),
         prompt_file=p.prompt_file, eval_prompt_file=p.eval_prompt_file,

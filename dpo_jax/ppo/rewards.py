@@ -10,20 +10,21 @@ run passes to the same rollout/update code:
   prompt and completion (an experiment's ground truth, e.g. the IMDb project's sentiment
   classifier, which its pipeline passes to PPO as ``reward_fn``).
 
-:func:`build_reward` builds the first two from a config; a text reward is always passed in by
+:func:`build_reward` builds the first two from a run's ``ppo`` block (``TRUE_REWARDS`` names
+the ground truths a config can name, shared with the eval judge and online DPO's reward); a
+text reward is always passed in by
 its caller, so the library imports no experiment.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.data.synthetic import SyntheticTask
-from dpo_jax.ppo.config import read_ppo
 from dpo_jax.sampling import Samples
 
 RewardFn = Callable[[Samples], jax.Array]
@@ -119,23 +120,31 @@ def text_reward(fn: Callable[[list[str], list[str]], np.ndarray],
     return reward
 
 
-def build_reward(config, *, mesh=None) -> RewardFn:
-    """The reward the config names: ``ppo.reward`` in {'model', 'synthetic'}.
+# Ground-truth rewards a config names (eval.judge, online.reward, ppo.reward): name ->
+# fn(data: DataConfig) -> RewardFn. 'synthetic': the synthetic task's true reward.
+TRUE_REWARDS: dict[str, Callable[[Any], RewardFn]] = {
+    "synthetic": lambda data: synthetic_reward(SyntheticTask.from_config(data.synthetic)),
+}
+
+
+def build_reward(rc, *, mesh=None) -> RewardFn:
+    """The reward a PPO run names (``rc`` a ``config.RunConfig``; its ``task_block`` the
+    ``PPOSettings``): ``ppo.reward`` 'model' (``ppo.reward_model``, a reward run's workdir) or a
+    name of :data:`TRUE_REWARDS` ('synthetic').
 
     Raises ValueError for any other name: other rewards (an experiment's ground truth) are
     passed to PPO as a function, ``ppo.run.train_and_evaluate(config, workdir, reward_fn=...)``.
     """
-    p = config.ppo
-    if p.reward == "synthetic":
-        return synthetic_reward(SyntheticTask.from_config(config.data.synthetic))
+    p = rc.task_block
+    if p.reward in TRUE_REWARDS:
+        return TRUE_REWARDS[p.reward](rc.data)
     if p.reward == "model":
         if not p.reward_model:
             raise ValueError("ppo.reward='model' needs ppo.reward_model (a reward run's workdir)")
-        return reward_model_from_run(p.reward_model, mesh,
-                                     tuple(tuple(r) for r in config.mesh.rules),
-                                     read_ppo(config).sampling.stop_ids)
-    raise ValueError(f"ppo.reward={p.reward!r}: expected 'model' or 'synthetic'; pass any other "
-                     "reward as reward_fn to dpo_jax.ppo.run.train_and_evaluate")
+        return reward_model_from_run(p.reward_model, mesh, rc.mesh_rules, p.sampling.stop_ids)
+    raise ValueError(f"ppo.reward={p.reward!r}: expected 'model' or one of "
+                     f"{sorted(TRUE_REWARDS)}; pass any other reward as reward_fn to "
+                     "dpo_jax.ppo.run.train_and_evaluate")
 
 
 def reward_model_from_run(run_dir: str, mesh, rules, stop_ids) -> RewardFn:

@@ -29,7 +29,7 @@ from dpo_jax.config import read_config
 from dpo_jax.data.prompts import PromptStream, load_prompts
 from dpo_jax.models import Model
 from dpo_jax.ppo import core
-from dpo_jax.ppo.config import read_ppo
+from dpo_jax.ppo.config import PPOSettings
 from dpo_jax.ppo.rewards import RewardFn, build_reward
 from dpo_jax.ppo.step import make_ppo_eval_step, make_ppo_step
 from dpo_jax.reward_model import RewardModel, init_params
@@ -47,7 +47,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     ``reward_fn(samples) -> [B]`` replaces the reward the config names (``ppo.reward``), e.g. an
     experiment's ground truth."""
     rc = read_config(config)
-    settings = read_ppo(config)
+    settings: PPOSettings = rc.task_block
     ppo = settings.update
     if rc.optim.grad_accum != 1:
         raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
@@ -57,10 +57,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                             init=init_params)
     mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
     params = setup.params
-    ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.sources,
+    ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.param_sources,
                                    params["decoder"])
     state = state_lib.create_state(params, tx, mesh, shardings, ref)
-    reward_fn = reward_fn if reward_fn is not None else build_reward(config, mesh=mesh)
+    reward_fn = reward_fn if reward_fn is not None else build_reward(rc, mesh=mesh)
     kl = core.KLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
 
     data = {}
@@ -115,10 +115,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
             lambda b: eval_metrics_of(state.params, state.ref_params, b, None), batches)
 
     samples = evaluation.sample_evaluator(
-        config, workdir=run.path, model=model.decoder, mesh=mesh, data_cfg=rc.data,
-        reference_params=state.ref_params, total_steps=rc.train.steps,
+        rc, workdir=run.path, model=model.decoder, mesh=mesh, reference_params=state.ref_params,
         prompts=data["eval"].prompts if "eval" in data else None,
-        judge=None if evaluation.read_eval(config).judge else reward_fn, params_of=lambda s: s.params["decoder"])
+        judge=None if rc.eval.judge else reward_fn, params_of=lambda s: s.params["decoder"])
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn, train_data=data["train"],
         evaluate=evaluation.with_samples(evaluate if "eval" in data else None, samples),

@@ -17,8 +17,6 @@ scalar ``kl_coef``.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
@@ -26,24 +24,8 @@ from dpo_jax import eval_metrics
 from dpo_jax.models import project
 from dpo_jax.optim import apply_gradients
 from dpo_jax.ppo import core
+from dpo_jax.ppo.config import PPOConfig  # noqa: F401  (re-exported: ppo.step.PPOConfig)
 from dpo_jax.state import TrainState
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    max_new_tokens: int
-    epochs: int = 4  # passes over each rollout batch
-    minibatches: int = 4  # updates per pass
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2  # policy ratio clip
-    vf_clip: float = 0.2  # value clip (around the rollout-time value)
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    # True: the value head reads stop_gradient(hidden states), so the value loss cannot move the
-    # shared trunk (a linear value probe on the policy's features). False: trl's shared trunk.
-    detach_value_head: bool = False
-    seed: int = 0  # minibatch shuffling (folded with the step)
 
 
 def completion_view(batch, n: int):
