@@ -280,8 +280,9 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     # the reference's forward-only log-probs (the precompute pass of `best`)
     ref_stats = lambda p, b: sequence_stats(model, p, b, step_cfg, max_scored, forward_only=True)
     if precomputed:  # the step carries the reference results: shapes first, values if it runs
+        shapes = jax.eval_shape(ref_stats, ref_params, batch)
         ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype)
-                                  for s in jax.eval_shape(ref_stats, ref_params, batch))
+                                  for s in (shapes.logps, shapes.lengths))
         batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        ref_params=None if precomputed else ref_params,
