@@ -60,6 +60,7 @@ from dpo_jax.data import batching
 from dpo_jax.data.prompts import PromptStream, load_prompts, stop_ids
 from dpo_jax.models import Model
 from dpo_jax.sampling import SamplingConfig, completion_kl, generate
+from dpo_jax.batch_format import BatchFormat
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, task
 
@@ -271,7 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
     k, cfg = oc.samples_per_prompt, oc.sampling
     scored_only = rc.step.logprobs.scored_only
     train_step = loop.host_step(loop.jit_train_step(
-        make_train_step(model, loss_cfg, tx, schedule, rc.step, rc.train.on_nonfinite), state),
+        make_train_step(model, loss_cfg, tx, schedule, rc.step, rc.train.on_nonfinite,
+                        fmt=BatchFormat("pairs")), state),
         mesh, scored_only)
 
     @jax.jit

@@ -129,15 +129,15 @@ def apply_gradients(state, grads, loss, tx: optax.GradientTransformation, schedu
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: expected one of {NONFINITE_POLICIES}")
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    params = optax.apply_updates(state.trainable, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
     if on_nonfinite == "skip":
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        params, opt_state = keep(params, state.trainable), keep(opt_state, state.opt_state)
     metrics = {"grad_norm": grad_norm, "lr": schedule(state.step),
                "nonfinite": 1.0 - finite.astype(jnp.float32)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, trainable=params, opt_state=opt_state), metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,14 +212,15 @@ def make_update(objective: Objective, tx: optax.GradientTransformation, schedule
                 grad_accum: int = 1, split: Callable = whole_batch,
                 on_nonfinite: str = "error") -> Callable:
     """The one step builder of every task: ``update(state, batch, rng=None) -> (state,
-    metrics)``, :func:`accumulate`'s gradient of ``objective`` w.r.t. ``state.params`` (with
-    ``state.ref_params`` as the frozen tree) followed by :func:`apply_gradients`; metrics are
+    metrics)``, :func:`accumulate`'s gradient of ``objective`` w.r.t. ``state.trainable``
+    (with ``state.frozen``, a ``state.Frozen`` or None, as ``frozen``) followed by
+    :func:`apply_gradients`; metrics are
     the objective's plus ``grad_norm``, ``lr`` and ``nonfinite``. DPO (``dpo_jax/step.py``),
     SFT, the reward model and each PPO minibatch update are this function."""
     grads_fn = accumulate(objective, grad_accum, split)
 
     def update(state, batch, rng=None):
-        grads, metrics = grads_fn(state.params, state.ref_params, batch, rng)
+        grads, metrics = grads_fn(state.trainable, state.frozen, batch, rng)
         state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
                                                 on_nonfinite)
         return state, {**metrics, **update_metrics}

@@ -154,7 +154,8 @@ def sft_objective(model, objective: str, alpha: float, lp_cfg, max_scored,
         return {"tokens": jnp.sum(w * chosen), "rejected_tokens": jnp.sum(w * (1 - chosen))}
 
     def loss(trainable, frozen, batch, rng, total):
-        sums = sums_fn(model, lora_lib.join(frozen, trainable), batch, lp_cfg, max_scored, fmt,
+        base = None if frozen is None else frozen.lora_base
+        sums = sums_fn(model, lora_lib.join(base, trainable), batch, lp_cfg, max_scored, fmt,
                        rng)
         out = ratios({**sums, **total}, alpha)
         del out["ppl"]  # not a sum: from the accumulated nll (finalize)
@@ -168,7 +169,7 @@ def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cf
                         on_nonfinite: str = "error", grad_accum: int = 1,
                         fmt: BatchFormat | None = None):
     """``train_step(state, batch, max_scored) -> (state, metrics)`` minimising the token mean
-    (of the adapters over the frozen base ``state.ref_params`` under LoRA) with the shared step
+    (of the adapters over the frozen base ``state.frozen.lora_base`` under LoRA) with the shared step
     builder (``grad_accum`` micro-batches; ``fmt``: the batches' layout, None = as the first
     batch's arrays say)."""
 

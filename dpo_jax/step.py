@@ -266,7 +266,8 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
         )
 
     def build(fmt: BatchFormat, at_start, max_scored):
-        def loss(params, ref_params, batch, rng, total_weight):
+        def loss(params, frozen, batch, rng, total_weight):
+            ref_params = None if frozen is None else frozen.tree  # the reference or LoRA base
             policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg,
                                      max_scored, key=rng, at_start=at_start, fmt=fmt)
             sums = _weighted_sums(policy, out, batch["pair_weight"])
@@ -286,12 +287,12 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
         new_state, metrics = build(layout, at_start, max_scored)(
             state, batch, lora_lib.step_rng(model, state.step))
         if cfg.ref_sync_every:
-            if state.ref_params is None:
+            if state.frozen is None or state.frozen.reference is None:
                 raise ValueError("ref_sync_every > 0 (TR-DPO) needs the reference parameters in "
                                  "the state; precomputed reference log-probs cannot be updated")
-            new_state = new_state.replace(ref_params=sync_reference(
-                state.ref_params, new_state.params, new_state.step, cfg.ref_sync_every,
-                cfg.ref_mixup_alpha))
+            new_state = new_state.with_reference(sync_reference(
+                state.frozen.reference, new_state.trainable, new_state.step,
+                cfg.ref_sync_every, cfg.ref_mixup_alpha))
         return new_state, metrics
 
     return train_step

@@ -25,6 +25,7 @@ from dpo_jax.models import Model
 from dpo_jax.ppo import step as ppo_step
 from dpo_jax.reward_model import RewardModel, make_reward_train_step
 from dpo_jax.sft import make_sft_train_step
+from dpo_jax.state import Frozen
 from dpo_jax.step import make_train_step
 from tests import helpers
 
@@ -147,7 +148,7 @@ def test_ppo_minibatch_updates():
 
     def state():
         s = helpers.train_state(model, params, tx)
-        return s.replace(ref_params=ref)
+        return s.replace(frozen=Frozen(reference=ref))
 
     _assert_same_update(lambda n: ppo_step.make_ppo_step(model, tx, schedule, cfg,
                                                          grad_accum=n),

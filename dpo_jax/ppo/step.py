@@ -9,8 +9,8 @@ iteration on one rollout batch (Ziegler et al. 2019; Stiennon et al. 2020):
 2. per-token rewards ``-beta KL_t`` plus the reward score on the last token; GAE; whitening;
 3. ``epochs`` passes of ``minibatches`` clipped policy + value updates, rows reshuffled per epoch.
 
-``state.params`` is ``{"decoder", "value_head"}`` (policy and value function share the trunk);
-``state.ref_params`` is the frozen reference decoder. The batch holds the rollout:
+``state.trainable`` is ``{"decoder", "value_head"}`` (policy and value function share the
+trunk); ``state.frozen.reference`` is the frozen reference decoder. The batch holds the rollout:
 ``tokens [B, T]``, ``completion_mask [B, T]``, ``prompt_lengths [B]``, ``scores [B]`` and the
 scalar ``kl_coef``.
 """
@@ -128,9 +128,9 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
         if B % cfg.minibatches:
             raise ValueError(f"rollout batch {B} not divisible by {cfg.minibatches} minibatches")
         _, _, mask = completion_view(batch, n)
-        old_logp, old_values, _ = jax.lax.stop_gradient(forward(model, state.params, batch, n))
+        old_logp, old_values, _ = jax.lax.stop_gradient(forward(model, state.trainable, batch, n))
         ref_logp, _, _ = jax.lax.stop_gradient(
-            forward(model.decoder, state.ref_params, batch, n, with_values=False))
+            forward(model.decoder, state.frozen.reference, batch, n, with_values=False))
         rewards, kl = core.kl_penalty_rewards(old_logp, ref_logp, batch["scores"], mask,
                                               batch["kl_coef"])
         adv, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
@@ -151,10 +151,10 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
             del stats["loss"]  # policy/loss + vf_coef * value/loss, logged as its terms
             return carry, stats
 
-        inner = TrainState(step=state.step * cfg.epochs * cfg.minibatches, params=state.params,
-                           ref_params=None, opt_state=state.opt_state)
+        inner = TrainState(step=state.step * cfg.epochs * cfg.minibatches,
+                           trainable=state.trainable, opt_state=state.opt_state)
         inner, stats = jax.lax.scan(update, inner, mb_rows)
-        params, opt_state = inner.params, inner.opt_state
+        params, opt_state = inner.trainable, inner.opt_state
         metrics = {k: jnp.max(v) if k == "nonfinite" else jnp.mean(v) for k, v in stats.items()}
         seq_kl = jnp.sum(kl, axis=1)
         metrics.update({
@@ -170,7 +170,7 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
             # prompt + completion tokens of this rollout batch (compute accounting)
             "rollout/tokens": jnp.sum(batch["prompt_lengths"]) + jnp.sum(mask),
         })
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, trainable=params, opt_state=opt_state)
         return new_state, metrics
 
     return train_step
