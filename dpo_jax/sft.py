@@ -109,15 +109,15 @@ def nll_sums(model, params, batch, lp_cfg, max_scored, fmt=None, rng=None
              ) -> dict[str, jax.Array]:
     """Weighted sums over scored tokens: ``nll`` (of -log p) and ``tokens``."""
     logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt, rng)
-    w, _ = _token_weights(batch, mask, slot, "nll")
+    w = _token_weights(batch, mask, slot, "nll")[0]
     return {"nll": -jnp.sum(w * logps), "tokens": jnp.sum(w)}
 
 
 def unlikelihood_sums(model, params, batch, lp_cfg, max_scored, fmt=None, rng=None
                       ) -> dict[str, jax.Array]:
     """Sums for the Unlikelihood loss on a preference batch (slots < B are chosen)."""
-    logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt, rng)
-    w, chosen = _token_weights(batch, mask, slot, "unlikelihood")
+    logps, *slots = scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt, rng)
+    w, chosen = _token_weights(batch, *slots, "unlikelihood")
     one_minus_p = jnp.maximum(-jnp.expm1(logps), UL_MIN_ONE_MINUS_P)
     return {"nll": -jnp.sum(w * chosen * logps), "tokens": jnp.sum(w * chosen),
             "ul": -jnp.sum(w * (1 - chosen) * jnp.log(one_minus_p)),

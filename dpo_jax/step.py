@@ -2,8 +2,10 @@
 
 One policy forward runs chosen and rejected rows together (the reference implementation's
 ``concatenated_forward``); the reference forward runs under ``stop_gradient`` on a frozen second
-parameter tree. Gradient accumulation splits the pairs into equal strided micro-batches inside
-the jitted step and sums exactly-normalised gradients, so the update equals the big batch's.
+parameter tree. The update is the shared step builder's (``optim.make_update``): gradient
+accumulation splits the pairs into equal strided micro-batches inside the jitted step and sums
+gradients normalised by the whole batch's weight, so the update equals the big batch's. The
+batch layout is a ``batch_format.BatchFormat`` fixed when the step is built.
 
 Batch layout (see ARCHITECTURE.md): rows of the *global* batch are ``[chosen_0..B-1,
 rejected_0..B-1]``; each host holds a contiguous block of those rows.

@@ -119,21 +119,13 @@ def test_reward_model_with_uneven_pair_weights():
         lambda: helpers.train_state(model, params, tx), batch)
 
 
-def _rollout(B=16, max_prompt=3, n=4, vocab=128, seed=0):
-    """A rollout batch: right-padded ``tokens``, 1..n completion tokens per row (so the
-    micro-batches of a minibatch hold different token counts), scores, the KL coefficient."""
-    rng = np.random.default_rng(seed)
-    prompt_lengths = rng.integers(1, max_prompt + 1, B).astype(np.int32)
-    tokens = np.zeros((B, max_prompt + n), np.int32)
-    mask = np.zeros((B, max_prompt + n), np.float32)
-    for b, p in enumerate(prompt_lengths):
-        k = 1 if b % 2 else n  # odd rows (micro-batch 1) are short
-        tokens[b, :p + k] = rng.integers(1, vocab, p + k)
-        mask[b, p:p + k] = 1
-    return {"tokens": jnp.asarray(tokens), "completion_mask": jnp.asarray(mask),
-            "prompt_lengths": jnp.asarray(prompt_lengths),
-            "scores": jnp.asarray(rng.normal(size=B).astype(np.float32)),
-            "kl_coef": jnp.asarray(0.1, jnp.float32)}
+def _rollout(B=16, n=4, seed=0):
+    """A rollout batch whose rows complete 1 or n tokens alternately, so the strided
+    micro-batches of each (shuffled) minibatch hold different token counts; scores and the KL
+    coefficient."""
+    batch = helpers.rollout_batch(B, n=n, seed=seed, completion_lengths=lambda b: 1 if b % 2 else n)
+    scores = np.random.default_rng(seed + 1).normal(size=B).astype(np.float32)
+    return {**batch, "scores": jnp.asarray(scores), "kl_coef": jnp.asarray(0.1, jnp.float32)}
 
 
 def test_ppo_minibatch_updates():
