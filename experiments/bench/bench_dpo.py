@@ -312,7 +312,8 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
         jax.block_until_ready(fwd(ref_params, batch))
         out["ref_precompute_compile_s"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
-        ref_logps, ref_lengths = jax.block_until_ready(fwd(ref_params, batch))
+        stats = jax.block_until_ready(fwd(ref_params, batch))
+        ref_logps, ref_lengths = stats.logps, stats.lengths
         out["ref_precompute_s_per_batch"] = round(time.perf_counter() - t, 4)
         batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
     del ref_params
