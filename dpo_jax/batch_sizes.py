@@ -91,9 +91,10 @@ def batch_problems(config: ml_collections.ConfigDict, *, device_count: int,
                            f"optim.grad_accum=1 or data.{field}=False")
     if config.get("task") == "ppo" and config.get("ppo") is not None:
         mb = int(config.ppo.get("minibatches", 1) or 1)
-        if batch % mb:
+        if batch % (mb * accum):
             out.append(f"train.batch_size={batch} must be a multiple of ppo.minibatches={mb} "
-                       f"(rollouts per update): use {_works(batch, math.lcm(mb, dp))}")
+                       f"times optim.grad_accum={accum} (rollouts per update, split into "
+                       f"micro-batches): use {_works(batch, math.lcm(mb * accum, dp))}")
     return out
 
 

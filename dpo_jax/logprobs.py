@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +32,16 @@ class LogprobConfig:
 
 
 DENSE = LogprobConfig(scored_only=False, seq_chunk=None, vocab_chunk=None)
+
+
+@flax.struct.dataclass
+class SequenceLogps:
+    """:func:`sequence_logps`' result, float32 per sequence (``[R]`` unpacked, ``[num_seqs]``
+    packed)."""
+
+    sums: jax.Array  # summed (LD-DPO: weighted) log-probs of the scored tokens
+    counts: jax.Array  # scored tokens (unweighted)
+    wpo_sums: jax.Array | None = None  # with_wpo: sum of log p_t - log sum_v p_v^2 (no gradient)
 
 
 def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = False,
@@ -132,7 +143,7 @@ def sequence_logps(
     with_wpo: bool = False,
     softcap: float | None = None,
 ):
-    """Summed float32 log-probs and scored-token counts per sequence.
+    """Summed float32 log-probs and scored-token counts per sequence: a :class:`SequenceLogps`.
 
     Unpacked batches (``seq_index_RL`` None): one sequence per row, returns ``[R]`` arrays.
     Packed batches: ``seq_index_RL`` gives each scored token's sequence slot, ``[num_seqs]``.
@@ -142,8 +153,8 @@ def sequence_logps(
     LD-DPO (Liu et al. 2024): with ``ld_shared_S`` (per sequence, float), the k-th scored token
     of a sequence counts with weight 1 while k <= ld_shared_S[seq] and ``ld_alpha`` after it
     (counts stay unweighted). ``with_wpo``: also returns, per sequence, the sum over its scored
-    tokens of ``log p_t - log sum_v p_v^2`` (WPO's aligned log-prob, no gradient), so the
-    return value is ``(sums, counts, wpo_sums)``. ``softcap``: see :func:`token_logps`.
+    tokens of ``log p_t - log sum_v p_v^2`` (WPO's aligned log-prob, no gradient) as
+    ``wpo_sums`` (else None). ``softcap``: see :func:`token_logps`.
     """
     h = h_RLD[:, :-1]
     targets = input_ids_RL[:, 1:]
@@ -187,9 +198,8 @@ def sequence_logps(
                                       jnp.zeros((1,), jnp.float32)])[slot]
             weight = mask * jnp.where(rank <= shared, 1.0, ld_alpha)
     sums, counts = per_seq(logps * weight), per_seq(mask)
-    if not with_wpo:
-        return sums, counts
-    return sums, counts, per_seq((jax.lax.stop_gradient(logps) - log_sq) * mask)
+    wpo = per_seq((jax.lax.stop_gradient(logps) - log_sq) * mask) if with_wpo else None
+    return SequenceLogps(sums, counts, wpo)
 
 
 def scored_counts(loss_mask_RL, seq_index_RL=None, num_seqs: int | None = None):

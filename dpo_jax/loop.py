@@ -173,9 +173,9 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
         if restored is not None:
             start, params, opt_state, json_states, ref_params = restored
             step = jax.device_put(jnp.asarray(start, jnp.int32), shard_lib.replicated(mesh))
-            state = state.replace(step=step, params=params, opt_state=opt_state)
+            state = state.replace(step=step, trainable=params, opt_state=opt_state)
             if save_reference:
-                state = state.replace(ref_params=ref_params)
+                state = state.with_reference(ref_params)
             for name, obj in items.items():
                 obj.load_state_dict(json_states[name])
             logging.info("resumed from %s at step %d", checkpointer.directory, start)

@@ -45,14 +45,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import Model, ModelConfig, decoder
+from dpo_jax.models import Model, ModelConfig, decoder, project
 
 ATTENTION = ("q", "k", "v", "o")
 MLP = ("up", "gate", "down")
@@ -334,12 +334,11 @@ class LoraModel(Model):
             self._graphdefs[dropout] = nnx.graphdef(nnx.eval_shape(build))
         return self._graphdefs[dropout]
 
-    def _module(self, params):
+    def _module(self, params, key: jax.Array | None = None):
         if "lora" not in params:
             return super()._module(params)
-        key = params.get("lora_key")
         dropout = key is not None and self.lora.dropout > 0
-        tree = {k: v for k, v in params.items() if k not in ("lora", "lora_key")}
+        tree = {k: v for k, v in params.items() if k != "lora"}
         for i, t in enumerate(self.targets):
             if t.name == HEAD:
                 continue
@@ -349,6 +348,21 @@ class LoraModel(Model):
                 value["key"] = jax.random.key_data(keys).reshape(*t.lead, -1)
             tree = _insert(tree, t.path[:-1], "lora_" + t.name, value)
         return nnx.merge(self._adapted_graphdef(dropout), tree)
+
+    def hidden(self, params, input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL=None,
+               router_aux: bool = False, dropout_rng: jax.Array | None = None):
+        """:meth:`Model.hidden` of the adapted model; ``dropout_rng`` (a key, e.g.
+        :func:`step_key`; None: no dropout) draws the adapters' dropout masks."""
+        return self._module(params, dropout_rng)(input_ids_BL, positions_BL, segment_ids_BL,
+                                                 branch_ids_BL, router_aux)
+
+    def logits(self, params, input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL=None,
+               dropout_rng: jax.Array | None = None):
+        """:meth:`Model.logits` of the adapted model (``dropout_rng``: see :meth:`hidden`)."""
+        h = self.hidden(params, input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL,
+                        dropout_rng=dropout_rng)
+        return project(h, *self.unembedding(params, caller_applies_softcap=True),
+                       softcap=self.cfg.final_logit_softcap)
 
     def unembedding(self, params, *, caller_applies_softcap: bool = False):
         """:meth:`Model.unembedding`, with an adapted LM head merged: ``W + scale * (A @ B)^T``
@@ -365,42 +379,30 @@ def make_model(cfg: ModelConfig, lora: LoraConfig | None) -> Model:
     return LoraModel(cfg, lora) if lora is not None and lora.rank > 0 else Model(cfg)
 
 
-def join(base, params, key: jax.Array | None = None):
+def join(base, params):
     """The policy's parameter tree: ``params`` when they are a whole model (full fine-tuning),
     else the adapters ``params`` over the frozen ``base`` (``{**base, 'lora': ...}``: they
-    replace the reference's frozen initial adapters when ``base`` holds some), with the step's
-    dropout ``key`` (None: no dropout, e.g. evaluation)."""
+    replace the reference's frozen initial adapters when ``base`` holds some). Arrays only: the
+    dropout key goes to :meth:`LoraModel.hidden` (``dropout_rng``)."""
     if base is None or "lora" not in params:
         return params
-    tree = {**base, "lora": params["lora"]}
-    if key is not None:
-        tree["lora_key"] = key
-    return tree
+    return {**base, "lora": params["lora"]}
 
 
-def step_key(model: Model, step: jax.Array, micro: int | jax.Array = 0) -> jax.Array | None:
-    """The dropout key of update ``step``'s micro-batch ``micro`` (None without dropout):
-    fixed by the seed and the step, so a resumed run draws the same masks."""
+def step_rng(model: Model, step: jax.Array) -> jax.Array | None:
+    """The dropout key of update ``step`` (None without dropout), fixed by the seed and the
+    step, so a resumed run draws the same masks; the step builder folds in the micro-batch
+    (``optim.accumulate``), giving :func:`step_key`."""
     lora = getattr(model, "lora", None)
     if lora is None or lora.dropout <= 0:
         return None
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(lora.seed), step), micro)
+    return jax.random.fold_in(jax.random.key(lora.seed), step)
 
 
-def gradient_step(loss_fn: Callable, tx, schedule, on_nonfinite: str = "error",
-                  model: Model | None = None) -> Callable:
-    """:func:`dpo_jax.optim.gradient_step` over :func:`join` ``(state.ref_params,
-    state.params)``: ``loss_fn(policy_params, batch, max_scored)`` is differentiated with
-    respect to ``state.params`` (the adapters under LoRA, the whole model otherwise)."""
-    from dpo_jax.optim import gradient_step as plain
-
-    def train_step(state, batch, max_scored=None):
-        key = step_key(model, state.step)
-        step = plain(lambda p, b, n: loss_fn(join(state.ref_params, p, key), b, n), tx,
-                     schedule, on_nonfinite)
-        return step(state, batch, max_scored)
-
-    return train_step
+def step_key(model: Model, step: jax.Array, micro: int | jax.Array = 0) -> jax.Array | None:
+    """The dropout key of update ``step``'s micro-batch ``micro`` (None without dropout)."""
+    rng = step_rng(model, step)
+    return None if rng is None else jax.random.fold_in(rng, micro)
 
 
 # ------------------------------------------------------------------------------ merge

@@ -54,9 +54,9 @@ class BaseFingerprint:
 def host_states(state, sources) -> dict:
     """``{'lora_base': BaseFingerprint}`` for ``loop.train(host_states=...)`` when ``state``
     is a LoRA state (``sources``: the base's ``config.ParamSources``), else ``{}``."""
-    if state.ref_params is None or "lora" not in state.params:
+    if state.frozen is None or state.frozen.lora_base is None:
         return {}
-    return {ITEM: BaseFingerprint(state.ref_params, _source(sources))}
+    return {ITEM: BaseFingerprint(state.frozen.lora_base, _source(sources))}
 
 
 def _source(sources) -> dict:

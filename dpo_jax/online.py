@@ -61,6 +61,7 @@ from dpo_jax.models import Model
 from dpo_jax.online_config import (OnlineConfig, default_online_config,  # noqa: F401
                                    read_online)
 from dpo_jax.sampling import completion_kl, generate
+from dpo_jax.batch_format import BatchFormat
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, opens_workdir
 
@@ -213,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
     k, cfg = oc.samples_per_prompt, oc.sampling
     scored_only = rc.step.logprobs.scored_only
     train_step = loop.host_step(loop.jit_train_step(
-        make_train_step(model, loss_cfg, tx, schedule, rc.step, rc.train.on_nonfinite), state),
+        make_train_step(model, loss_cfg, tx, schedule, rc.step, rc.train.on_nonfinite,
+                        fmt=BatchFormat("pairs")), state),
         mesh, scored_only)
 
     @jax.jit

@@ -129,28 +129,100 @@ def apply_gradients(state, grads, loss, tx: optax.GradientTransformation, schedu
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: expected one of {NONFINITE_POLICIES}")
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    params = optax.apply_updates(state.trainable, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
     if on_nonfinite == "skip":
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        params, opt_state = keep(params, state.trainable), keep(opt_state, state.opt_state)
     metrics = {"grad_norm": grad_norm, "lr": schedule(state.step),
                "nonfinite": 1.0 - finite.astype(jnp.float32)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, trainable=params, opt_state=opt_state), metrics
 
 
-def gradient_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
-                  on_nonfinite: str = "error") -> Callable:
-    """``train_step(state, batch, max_scored) -> (state, metrics)`` for a task whose loss is
-    ``loss_fn(params, batch, max_scored) -> (loss, metrics)``: one gradient, one
-    :func:`apply_gradients`; metrics are the loss function's plus the update's."""
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a task minimises, in the form every train step accumulates.
 
-    def train_step(state, batch, max_scored=None):
-        grads, metrics = grad_fn(state.params, batch, max_scored)
+    * ``loss(trainable, frozen, batch, rng, totals) -> (loss, metrics)``: the loss of one
+      (micro-)batch as its share of the whole batch's: every sum is divided by the WHOLE
+      batch's normaliser ``totals`` (so the micro-batches' losses, gradients and metrics add up
+      to the whole batch's). ``trainable``: the tree differentiated (the policy, or its LoRA
+      adapters); ``frozen``: the tree that is not (a reference, a LoRA base, or None); ``rng``:
+      a key for stochastic layers (LoRA dropout) or None.
+    * ``totals(batch)``: the whole batch's normalisers (a pytree of float32 scalars computed from
+      masks and weights, no forward), handed to every micro-batch's ``loss``.
+    * ``finalize(metrics, totals)``: metrics that are not sums (e.g. a perplexity), from the
+      accumulated ones.
+    """
+
+    loss: Callable
+    totals: Callable = lambda batch: None
+    finalize: Callable = lambda metrics, totals: metrics
+
+
+def whole_batch(batch, n: int, j):
+    """The split of a batch that is never split: ``grad_accum`` = 1 only (ValueError else)."""
+    if n != 1:
+        raise ValueError(f"optim.grad_accum={n}: this task's batches cannot be split into "
+                         "micro-batches; set optim.grad_accum=1")
+    del j
+    return batch
+
+
+def accumulate(objective: Objective, grad_accum: int = 1, split: Callable = whole_batch
+               ) -> Callable:
+    """``grads_fn(trainable, frozen, batch, rng) -> (grads, metrics)``: the gradient of
+    ``objective`` over ``batch`` w.r.t. ``trainable``, summed over ``grad_accum`` micro-batches
+    ``split(batch, grad_accum, j)`` (j = 0..grad_accum-1, each with ``rng`` folded with j;
+    ``rng`` None stays None) inside one ``lax.scan``; since each micro-batch's loss is its share
+    of the whole batch's (:class:`Objective`), the sum equals the one-batch gradient up to
+    float32 round-off. ``metrics``: the accumulated metrics through ``objective.finalize``.
+    Raises ValueError for ``grad_accum`` < 1."""
+    if grad_accum < 1:
+        raise ValueError(f"optim.grad_accum={grad_accum}: expected an integer >= 1")
+    grad_fn = jax.grad(objective.loss, has_aux=True)
+
+    def micro_rng(rng, j):
+        return None if rng is None else jax.random.fold_in(rng, j)
+
+    def grads_fn(trainable, frozen, batch, rng=None):
+        totals = objective.totals(batch)
+        if grad_accum == 1:
+            grads, metrics = grad_fn(trainable, frozen, batch, micro_rng(rng, 0), totals)
+            return grads, objective.finalize(metrics, totals)
+
+        def body(carry, j):
+            g, m = grad_fn(trainable, frozen, split(batch, grad_accum, j), micro_rng(rng, j),
+                           totals)
+            return jax.tree.map(jnp.add, carry, (g, m)), None
+
+        _, metrics_shape = jax.eval_shape(
+            lambda b, r: grad_fn(trainable, frozen, b, r, totals),
+            split(batch, grad_accum, 0), micro_rng(rng, 0))
+        zeros = (jax.tree.map(jnp.zeros_like, trainable),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
+        (grads, metrics), _ = jax.lax.scan(body, zeros, jnp.arange(grad_accum))
+        return grads, objective.finalize(metrics, totals)
+
+    return grads_fn
+
+
+def make_update(objective: Objective, tx: optax.GradientTransformation, schedule: Callable, *,
+                grad_accum: int = 1, split: Callable = whole_batch,
+                on_nonfinite: str = "error") -> Callable:
+    """The one step builder of every task: ``update(state, batch, rng=None) -> (state,
+    metrics)``, :func:`accumulate`'s gradient of ``objective`` w.r.t. ``state.trainable``
+    (with ``state.frozen``, a ``state.Frozen`` or None, as ``frozen``) followed by
+    :func:`apply_gradients`; metrics are
+    the objective's plus ``grad_norm``, ``lr`` and ``nonfinite``. DPO (``dpo_jax/step.py``),
+    SFT, the reward model and each PPO minibatch update are this function."""
+    grads_fn = accumulate(objective, grad_accum, split)
+
+    def update(state, batch, rng=None):
+        grads, metrics = grads_fn(state.trainable, state.frozen, batch, rng)
         state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
                                                 on_nonfinite)
         return state, {**metrics, **update_metrics}
 
-    return train_step
+    return update

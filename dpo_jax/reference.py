@@ -95,6 +95,10 @@ def fingerprint(pairs: Mapping[str, Sequence[TokenPair]], *, tokenizer_name: str
     return h.hexdigest()
 
 
+def _logps_lengths(stats):
+    return stats.logps, stats.lengths
+
+
 def compute_pair_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], data_cfg,
                        step_cfg: StepConfig, mesh, global_batch_size: int, pad_id: int = 0
                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -108,7 +112,8 @@ def compute_pair_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], 
     reference inside a training step. ``global_batch_size`` pairs per forward; their 2B rows
     and B weights must divide over the mesh's batch axes."""
     replicated = shard_lib.replicated(mesh)
-    forward = jax.jit(lambda p, b, n: sequence_stats(model, p, b, step_cfg, n, forward_only=True),
+    forward = jax.jit(lambda p, b, n: _logps_lengths(sequence_stats(
+        model, p, b, step_cfg, n, forward_only=True)),
                       static_argnums=2, out_shardings=(replicated, replicated))
     B = int(global_batch_size)
     out = {}

@@ -19,13 +19,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dpo_jax import batch_format
 from dpo_jax import eval_metrics
 from dpo_jax import loop
 from dpo_jax import preference_data
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
+from dpo_jax.batch_format import BatchFormat
 from dpo_jax.models import Model
-from dpo_jax.optim import gradient_step
+from dpo_jax.optim import Objective, make_update
 from dpo_jax.workdir import RunDir, opens_workdir
 
 Params = dict[str, Any]
@@ -98,11 +100,13 @@ def bradley_terry(chosen_B: jax.Array, rejected_B: jax.Array) -> jax.Array:
     return -jax.nn.log_sigmoid(chosen_B.astype(jnp.float32) - rejected_B.astype(jnp.float32))
 
 
-def pair_rewards(model: RewardModel, params: Params, batch) -> tuple[jax.Array, jax.Array]:
-    """(r chosen, r rejected), each ``[B]``, for a pipeline batch (packed or not)."""
+def pair_rewards(model: RewardModel, params: Params, batch, fmt: BatchFormat | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """(r chosen, r rejected), each ``[B]``, for a pipeline batch laid out as ``fmt`` (pairs,
+    packed or not; None: as its arrays say)."""
+    fmt = fmt or batch_format.infer(batch)
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    seq_index = batch.get("seq_index")
-    num_seqs = None if seq_index is None else 2 * batch["pair_weight"].shape[0]
+    seq_index, num_seqs = fmt.seq_index(batch)
     r = model.head(params, last_scored_hidden(h, batch["loss_mask"], seq_index, num_seqs))
     return jnp.split(r, 2)
 
@@ -118,17 +122,34 @@ def _sums(chosen, rejected, weights) -> dict[str, jax.Array]:
     }
 
 
-def make_reward_train_step(model: RewardModel, tx, schedule, on_nonfinite: str = "error"):
-    """``(state, batch, max_scored) -> (state, metrics)``: one Bradley-Terry update."""
+def reward_objective(model: RewardModel, fmt: BatchFormat | None = None) -> Objective:
+    """The Bradley-Terry :class:`dpo_jax.optim.Objective`: sums over pairs divided by the whole
+    batch's ``pair_weight`` total (nothing frozen)."""
 
-    def loss_fn(params, batch, max_scored):
-        del max_scored  # the head reads one hidden state per sequence; no LM head here
-        total = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
-        sums = _sums(*pair_rewards(model, params, batch), batch["pair_weight"])
+    def loss(params, frozen, batch, rng, total):
+        del frozen, rng  # no frozen tree, nothing stochastic
+        sums = _sums(*pair_rewards(model, params, batch, fmt), batch["pair_weight"])
         metrics = {k: v / total for k, v in sums.items()}
         return metrics["loss"], metrics
 
-    return gradient_step(loss_fn, tx, schedule, on_nonfinite)
+    return Objective(loss=loss,
+                     totals=lambda batch: jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9))
+
+
+def make_reward_train_step(model: RewardModel, tx, schedule, on_nonfinite: str = "error",
+                           grad_accum: int = 1, fmt: BatchFormat | None = None):
+    """``(state, batch, max_scored) -> (state, metrics)``: one Bradley-Terry update by the
+    shared step builder (``grad_accum`` strided micro-batches of pairs; ``fmt``: the batches'
+    layout, None = as the first batch's arrays say)."""
+
+    def train_step(state, batch, max_scored=None):
+        del max_scored  # the head reads one hidden state per sequence; no LM head here
+        layout = fmt or batch_format.infer(batch)
+        return make_update(reward_objective(model, layout), tx, schedule,
+                           grad_accum=grad_accum, split=layout.split,
+                           on_nonfinite=on_nonfinite)(state, batch)
+
+    return train_step
 
 
 def make_reward_eval_step(model: RewardModel):
@@ -165,8 +186,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     called as ``train_and_evaluate(config, workdir)``; ``config.init.policy`` (e.g. the SFT run)
     initialises the decoder, the head starts at 0."""
     rc = read_config(config)
-    if rc.optim.grad_accum != 1:
-        raise ValueError("task 'reward' does not accumulate gradients; set optim.grad_accum=1")
     model = RewardModel(Model(rc.model))
     setup = state_lib.setup(rc, model, init=init_params)
     mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
@@ -176,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                                               mesh=mesh)
 
     train_step = loop.jit_train_step(
-        make_reward_train_step(model, tx, schedule, rc.train.on_nonfinite), state)
+        make_reward_train_step(model, tx, schedule, rc.train.on_nonfinite, rc.optim.grad_accum,
+                               batch_format.for_run(rc.data)), state)
     eval_step = make_reward_eval_step(model)
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=loop.host_step(train_step, mesh, False),

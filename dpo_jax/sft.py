@@ -36,29 +36,42 @@ from dpo_jax import preference_data
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
+from dpo_jax import batch_format
+from dpo_jax.batch_format import BatchFormat
 from dpo_jax.sft_config import SFTConfig, add_sft_config  # noqa: F401  (re-exported)
-from dpo_jax.workdir import RunDir, opens_workdir
 from dpo_jax.data.text import TextPipeline, load_examples
 from dpo_jax.logprobs import compact_scored, token_logps
+from dpo_jax.optim import Objective, make_update
+from dpo_jax.workdir import RunDir, opens_workdir
 
 UL_MIN_ONE_MINUS_P = 1e-5
 
 
 # ------------------------------------------------------------------------------- math
-def scored_token_logps(model, params, batch, lp_cfg, max_scored):
+def _slots(batch, fmt: BatchFormat):
+    """``(mask [R, L-1], slot [R, L-1])`` of the batch's scored tokens: ``slot`` is each
+    token's sequence slot (``seq_index`` in packed batches, else the row)."""
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    seq_index, _ = fmt.seq_index(batch)
+    if seq_index is not None:
+        return mask, seq_index[:, 1:]
+    rows, length = mask.shape
+    return mask, jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, length))
+
+
+def scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt: BatchFormat | None = None,
+                       rng: jax.Array | None = None):
     """Per-token log-probs of scored tokens: (logps [R,S], mask [R,S], slot [R,S]).
 
     ``slot`` is the sequence slot of each token: ``seq_index`` in packed batches, else the row.
-    """
-    h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    ``fmt``: the batch's layout (None: as its arrays say); ``rng``: LoRA's dropout key."""
+    fmt = fmt or batch_format.infer(batch)
+    h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                     **({} if rng is None else {"dropout_rng": rng}))
     w, b = model.unembedding(params, caller_applies_softcap=True)
     h, targets = h[:, :-1], batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    rows, length = targets.shape
-    if "seq_index" in batch:
-        slot = batch["seq_index"][:, 1:]
-    else:
-        slot = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, length))
+    mask, slot = _slots(batch, fmt)
+    length = targets.shape[1]
     if lp_cfg.scored_only:
         width = length if max_scored is None else min(max_scored, length)
         order, mask = compact_scored(mask, width)
@@ -69,19 +82,29 @@ def scored_token_logps(model, params, batch, lp_cfg, max_scored):
     return logps, mask, jnp.where(mask > 0, slot, 0)
 
 
-def nll_sums(model, params, batch, lp_cfg, max_scored) -> dict[str, jax.Array]:
+def _token_weights(batch, mask, slot, objective: str):
+    """(weight of each token, 1 on a chosen token) for ``objective``'s sums: NLL weighs a
+    token by its sequence's ``example_weight``; Unlikelihood (a pair batch, slots < B chosen)
+    by its pair's ``pair_weight``."""
+    if objective != "unlikelihood":
+        return batch["example_weight"][slot] * mask, None
+    B = batch["pair_weight"].shape[0]
+    return batch["pair_weight"][slot % B] * mask, (slot < B).astype(jnp.float32)
+
+
+def nll_sums(model, params, batch, lp_cfg, max_scored, fmt=None, rng=None
+             ) -> dict[str, jax.Array]:
     """Weighted sums over scored tokens: ``nll`` (of -log p) and ``tokens``."""
-    logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, max_scored)
-    w = batch["example_weight"][slot] * mask
+    logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt, rng)
+    w = _token_weights(batch, mask, slot, "nll")[0]
     return {"nll": -jnp.sum(w * logps), "tokens": jnp.sum(w)}
 
 
-def unlikelihood_sums(model, params, batch, lp_cfg, max_scored) -> dict[str, jax.Array]:
+def unlikelihood_sums(model, params, batch, lp_cfg, max_scored, fmt=None, rng=None
+                      ) -> dict[str, jax.Array]:
     """Sums for the Unlikelihood loss on a preference batch (slots < B are chosen)."""
-    logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, max_scored)
-    B = batch["pair_weight"].shape[0]
-    w = batch["pair_weight"][slot % B] * mask
-    chosen = (slot < B).astype(jnp.float32)
+    logps, *slots = scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt, rng)
+    w, chosen = _token_weights(batch, *slots, "unlikelihood")
     one_minus_p = jnp.maximum(-jnp.expm1(logps), UL_MIN_ONE_MINUS_P)
     return {"nll": -jnp.sum(w * chosen * logps), "tokens": jnp.sum(w * chosen),
             "ul": -jnp.sum(w * (1 - chosen) * jnp.log(one_minus_p)),
@@ -113,23 +136,53 @@ def ratios(sums: Mapping[str, Any], alpha: float) -> dict[str, Any]:
     return {**means, **objective(means, alpha)}
 
 
-def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cfg,
-                        on_nonfinite: str = "error"):
-    """``train_step(state, batch, max_scored) -> (state, metrics)`` minimising the token mean
-    (of the adapters over the frozen base ``state.ref_params`` under LoRA)."""
+def sft_objective(model, objective: str, alpha: float, lp_cfg, max_scored,
+                  fmt: BatchFormat | None = None) -> Objective:
+    """The SFT / Unlikelihood :class:`dpo_jax.optim.Objective`: token means whose
+    denominators (scored tokens, chosen and rejected ones for Unlikelihood) are the whole
+    batch's, so micro-batches add up to it. ``trainable`` is the policy or its LoRA adapters
+    over the frozen base."""
     sums_fn = unlikelihood_sums if objective == "unlikelihood" else nll_sums
 
-    def loss_fn(params, batch, max_scored):
-        out = ratios(sums_fn(model, params, batch, lp_cfg, max_scored), alpha)
+    def totals(batch):
+        mask, slot = _slots(batch, fmt or batch_format.infer(batch))
+        w, chosen = _token_weights(batch, mask, jnp.where(mask > 0, slot, 0), objective)
+        if chosen is None:
+            return {"tokens": jnp.sum(w)}
+        return {"tokens": jnp.sum(w * chosen), "rejected_tokens": jnp.sum(w * (1 - chosen))}
+
+    def loss(trainable, frozen, batch, rng, total):
+        base = None if frozen is None else frozen.lora_base
+        sums = sums_fn(model, lora_lib.join(base, trainable), batch, lp_cfg, max_scored, fmt,
+                       rng)
+        out = ratios({**sums, **total}, alpha)
+        del out["ppl"]  # not a sum: from the accumulated nll (finalize)
         return out["loss"], out
 
-    return lora_lib.gradient_step(loss_fn, tx, schedule, on_nonfinite, model)
+    return Objective(loss=loss, totals=totals,
+                     finalize=lambda m, total: {**m, "ppl": jnp.exp(m["nll"])})
+
+
+def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cfg,
+                        on_nonfinite: str = "error", grad_accum: int = 1,
+                        fmt: BatchFormat | None = None):
+    """``train_step(state, batch, max_scored) -> (state, metrics)`` minimising the token mean
+    (of the adapters over the frozen base ``state.frozen.lora_base`` under LoRA) with the shared step
+    builder (``grad_accum`` micro-batches; ``fmt``: the batches' layout, None = as the first
+    batch's arrays say)."""
+
+    def train_step(state, batch, max_scored=None):
+        layout = fmt or batch_format.infer(batch)
+        update = make_update(sft_objective(model, objective, alpha, lp_cfg, max_scored, layout),
+                             tx, schedule, grad_accum=grad_accum, split=layout.split,
+                             on_nonfinite=on_nonfinite)
+        return update(state, batch, lora_lib.step_rng(model, state.step))
+
+    return train_step
 
 
 # ------------------------------------------------------------------------------- the task
 def _check(config, rc) -> None:
-    if rc.optim.grad_accum != 1:
-        raise ValueError("the SFT task does not accumulate gradients; set optim.grad_accum=1")
     if rc.precompute_reference:
         raise ValueError("logprobs.precompute_reference=True: the SFT task has no reference "
                          "model; set it to False")
@@ -141,8 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     """Train and evaluate an SFT / Unlikelihood run; called as
     ``train_and_evaluate(config, workdir)``, returns its summary.
 
-    Raises ValueError for settings the task cannot honour (gradient accumulation, a
-    precomputed reference)."""
+    Raises ValueError for settings the task cannot honour (a precomputed reference)."""
     rc = read_config(config)
     sft: SFTConfig = rc.task_block
     _check(config, rc)
@@ -177,9 +229,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                 row_multiple=shard_lib.num_batch_shards(mesh))
 
     alpha, lp_cfg = sft.unlikelihood_alpha, rc.step.logprobs
+    fmt = batch_format.for_run(rc.data, kind=None if sft.objective == "unlikelihood"
+                               else "sequences")
     train_step = loop.jit_train_step(
         make_sft_train_step(model, sft.objective, alpha, tx, schedule, lp_cfg,
-                            rc.train.on_nonfinite), state)
+                            rc.train.on_nonfinite, rc.optim.grad_accum, fmt), state)
     sums_fn = unlikelihood_sums if sft.objective == "unlikelihood" else nll_sums
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh,

@@ -17,15 +17,64 @@ from dpo_jax import sharding as shard_lib
 
 
 @flax.struct.dataclass
+class Frozen:
+    """The parameters a step reads but does not train, by what they are (at most one is set):
+
+    * ``reference``: the reference policy of full fine-tuning (DPO's pi_ref, PPO's KL anchor;
+      TR-DPO updates it);
+    * ``lora_base``: under LoRA (``dpo_jax/lora.py``) the frozen base, the policy's weights
+      under its adapters, plus (reference = the starting policy, adapters from
+      ``model.lora.path``) a frozen copy of the initial adapters under ``'lora'``; the
+      reference is derived from it (``lora.join``).
+    """
+
+    reference: Any = None
+    lora_base: Any = None
+
+    @property
+    def tree(self):
+        """The one tree that is set (the checkpoint item ``ref_params`` of TR-DPO)."""
+        return self.lora_base if self.lora_base is not None else self.reference
+
+    @classmethod
+    def of(cls, trainable, tree) -> "Frozen | None":
+        """``tree`` named by what it is beside ``trainable``: the LoRA base when ``trainable``
+        is an adapter tree (``{'lora': ...}`` only, ``lora.join``'s rule), else the reference;
+        None for None."""
+        if tree is None:
+            return None
+        if isinstance(trainable, dict) and set(trainable) == {"lora"}:
+            return cls(lora_base=tree)
+        return cls(reference=tree)
+
+
+@flax.struct.dataclass
 class TrainState:
+    """What a train step carries from one update to the next. Holds no RNG key: a step's keys
+    derive from a seed and ``step`` (``lora.step_rng``, PPO's minibatch order)."""
+
     step: jax.Array  # int32 [], replicated: optimizer updates applied so far
-    params: Any  # the trained parameters: the whole policy, or its adapters under LoRA
-    # The frozen reference: None when the loss is reference-free or reference log-probs are
-    # precomputed. Under LoRA (dpo_jax/lora.py) it is always the frozen base, the policy's
-    # weights under its adapters, plus (reference = the starting policy, adapters from
-    # model.lora.path) a frozen copy of the initial adapters under 'lora'.
-    ref_params: Any
-    opt_state: Any
+    trainable: Any  # what the optimizer updates: the whole policy, or its adapters under LoRA
+    opt_state: Any  # the optimizer's state of ``trainable``, in its shardings
+    frozen: Frozen | None = None  # None: nothing frozen (reference-free loss, stored reference)
+
+    # The checkpoint's item names (``params``, ``ref_params``), read-only.
+    @property
+    def params(self):
+        """``trainable``."""
+        return self.trainable
+
+    @property
+    def ref_params(self):
+        """The frozen tree (``frozen.tree``: the reference, or the LoRA base) or None."""
+        return None if self.frozen is None else self.frozen.tree
+
+    def with_reference(self, reference) -> "TrainState":
+        """This state with the reference replaced (TR-DPO's sync; a restored ``ref_params``
+        checkpoint item). ValueError when it holds no reference (none, or a LoRA base)."""
+        if self.frozen is None or self.frozen.reference is None:
+            raise ValueError("this state holds no reference parameters to replace")
+        return self.replace(frozen=self.frozen.replace(reference=reference))
 
 
 def param_shardings(model, mesh, rules):
@@ -99,16 +148,20 @@ def init_reference(model, shardings, sources, policy_params):
 
 def create_state(params, tx: optax.GradientTransformation, mesh, shardings,
                  ref_params=None) -> TrainState:
-    """A step-0 TrainState whose optimizer moments carry their parameters' shardings and whose
-    scalar counters are replicated. (A moment does not depend on its parameter's values, so jit
-    would not propagate the sharding by itself: FSDP would then hold every moment whole.)"""
+    """A step-0 TrainState training ``params`` beside the frozen ``ref_params``
+    (:meth:`Frozen.of` names it: the LoRA base when ``params`` are adapters, else the
+    reference; None: nothing frozen), whose optimizer moments carry their parameters' shardings
+    and whose scalar counters are replicated. (A moment does not depend on its parameter's
+    values, so jit would not propagate the sharding by itself: FSDP would then hold every moment
+    whole.)"""
     replicated = shard_lib.replicated(mesh)
     opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings,
         transform_non_params=lambda _: replicated)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    return TrainState(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
+    return TrainState(step=step, trainable=params, opt_state=opt_state,
+                      frozen=Frozen.of(params, ref_params))
 
 
 class Setup(NamedTuple):

@@ -2,8 +2,10 @@
 
 One policy forward runs chosen and rejected rows together (the reference implementation's
 ``concatenated_forward``); the reference forward runs under ``stop_gradient`` on a frozen second
-parameter tree. Gradient accumulation splits the pairs into equal strided micro-batches inside
-the jitted step and sums exactly-normalised gradients, so the update equals the big batch's.
+parameter tree. The update is the shared step builder's (``optim.make_update``): gradient
+accumulation splits the pairs into equal strided micro-batches inside the jitted step and sums
+gradients normalised by the whole batch's weight, so the update equals the big batch's. The
+batch layout is a ``batch_format.BatchFormat`` fixed when the step is built.
 
 Batch layout (see ARCHITECTURE.md): rows of the *global* batch are ``[chosen_0..B-1,
 rejected_0..B-1]``; each host holds a contiguous block of those rows.
@@ -13,34 +15,48 @@ from __future__ import annotations
 
 from typing import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
+from dpo_jax import batch_format
 from dpo_jax import eval_metrics
 from dpo_jax import losses as losses_lib
 from dpo_jax import lora as lora_lib
+from dpo_jax.batch_format import BatchFormat
 from dpo_jax.logprobs import scored_counts, sequence_logps
-from dpo_jax.optim import apply_gradients
+from dpo_jax.optim import Objective, make_update
 from dpo_jax.state import TrainState
 from dpo_jax.step_config import StepConfig  # noqa: F401  (re-exported: step.StepConfig)
 
 
+@flax.struct.dataclass
+class SeqStats:
+    """One forward's per-sequence statistics, each float32 ``[S]`` in block layout (``S = K B``,
+    slot-major: chosen then rejected for pairs)."""
+
+    logps: jax.Array  # summed log-probs of the scored tokens (LD-DPO: weighted)
+    lengths: jax.Array  # scored tokens
+    wpo_logps: jax.Array | None = None  # WPO's per-token mean aligned log-prob (with_wpo)
+    router_aux: jax.Array | None = None  # f32 []: the router's load-balancing loss (router_aux)
+
+
 def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_only=False,
                    loss_cfg: losses_lib.LossConfig | None = None, with_wpo=False,
-                   router_aux=False):
-    """Per-sequence (logps, lengths), each ``[2B]`` in block layout, and with ``with_wpo`` a
-    third: WPO's per-token mean aligned log-prob. forward_only (no gradient will be taken)
-    evaluates the head with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights
-    the tokens past the shorter response of each pair. router_aux (mixture-of-experts models):
-    ``(those, the router's load-balancing loss of this forward)``."""
-    # prefix-shared rows (data.prefix_sharing) carry branch ids: the mask is derived from them
-    branch = {} if "branch_ids" not in batch else {"branch_ids_BL": batch["branch_ids"]}
-    aux = {"router_aux": True} if router_aux else {}
+                   router_aux=False, fmt: BatchFormat | None = None,
+                   rng: jax.Array | None = None) -> SeqStats:
+    """:class:`SeqStats` of ``params`` on ``batch`` (laid out as ``fmt``; None: as its arrays
+    say, :func:`batch_format.infer`). forward_only (no gradient will be taken) evaluates the head
+    with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights the tokens past the
+    shorter response of each pair; ``with_wpo`` fills ``wpo_logps``, ``router_aux``
+    (mixture-of-experts models) ``router_aux``. ``rng``: LoRA's dropout key (None: none)."""
+    fmt = fmt or batch_format.infer(batch)
+    kwargs = dict(fmt.hidden_kwargs(batch), **({"router_aux": True} if router_aux else {}),
+                  **({} if rng is None else {"dropout_rng": rng}))
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                     **branch, **aux)
+                     **kwargs)
     h, aux = h if router_aux else (h, None)
     w, b = model.unembedding(params, caller_applies_softcap=True)
-    seq_index = batch.get("seq_index")
-    num_seqs = None if seq_index is None else _num_slots(batch) * batch["pair_weight"].shape[0]
+    seq_index, num_seqs = fmt.seq_index(batch)
     ld = {}
     if loss_cfg is not None and loss_cfg.ld_alpha is not None:
         chosen, rejected = _pairs(scored_counts(batch["loss_mask"], seq_index, num_seqs))
@@ -52,26 +68,13 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
         max_scored=max_scored, seq_index_RL=seq_index, num_seqs=num_seqs, with_wpo=with_wpo,
         softcap=model.cfg.final_logit_softcap, **ld,
     )
-    if with_wpo:
-        logps, lengths, wpo_sums = out
-        out = logps, lengths, wpo_sums / jnp.maximum(lengths, 1.0)
-    return (out, aux) if router_aux else out
+    wpo = None if out.wpo_sums is None else out.wpo_sums / jnp.maximum(out.counts, 1.0)
+    return SeqStats(out.sums, out.counts, wpo, aux)
 
 
 def _pairs(x_S):
     chosen, rejected = jnp.split(x_S, 2)
     return chosen, rejected
-
-
-# Per-example arrays of a batch (leading axis B); every other array is laid out slot-major
-# over the K response slots (rows, or [K B] stored reference log-probs).
-_PER_EXAMPLE_KEYS = ("pair_weight", "slot_rank", "desirable")
-
-
-def _num_slots(batch) -> int:
-    """K, the response slots per example: a ranked batch's ``slot_rank`` [B, K] gives it; a pair
-    (or an unpaired example: its completion and its mismatched KL completion) has 2."""
-    return batch["slot_rank"].shape[1] if "slot_rank" in batch else 2
 
 
 def _slots(x_S, K: int):
@@ -93,30 +96,34 @@ def _reference_or_own(own, reference, at_start):
 
 
 def ranked_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
-                 policy_forward_only=False, at_start=None):
+                 policy_forward_only=False, at_start=None, fmt: BatchFormat | None = None,
+                 rng=None):
     """``pair_terms`` for ranked lists (``slot_rank`` [B, K] in the batch; -1 = empty slot):
     the K responses of each prompt in one forward, ``losses.listwise_loss`` over ``[B, K]``.
     LD-DPO, WPO and stored reference log-probs read pairs only (ValueError)."""
-    if loss_cfg.ld_alpha is not None or loss_cfg.use_weighting or "ref_logps" in batch:
+    fmt = fmt or batch_format.infer(batch)
+    if loss_cfg.ld_alpha is not None or loss_cfg.use_weighting or fmt.stored_reference:
         raise ValueError("ranked lists: loss.ld_alpha, loss.use_weighting and "
                          "logprobs.precompute_reference are for pairs; unset them")
-    K, rank_BK = _num_slots(batch), batch["slot_rank"]
+    K, rank_BK = fmt.num_slots(batch), batch["slot_rank"]
     mask_BK = (rank_BK >= 0).astype(jnp.float32)
-    logps, lengths = sequence_stats(model, params, batch, cfg, max_scored,
-                                    forward_only=policy_forward_only)
+    policy = sequence_stats(model, params, batch, cfg, max_scored,
+                            forward_only=policy_forward_only, fmt=fmt, rng=rng)
+    logps, lengths = policy.logps, policy.lengths
     ref_logps = jnp.zeros_like(logps)
     if ref_params is not None:
         ref_logps = _reference_or_own(logps, lambda: sequence_stats(
-            model, ref_params, batch, cfg, max_scored, forward_only=True)[0], at_start)
+            model, ref_params, batch, cfg, max_scored, forward_only=True, fmt=fmt).logps,
+            at_start)
     out = losses_lib.listwise_loss(loss_cfg, _slots(logps, K), _slots(ref_logps, K), mask_BK,
                                    rank_BK, batch["pair_weight"])
     return losses_lib.ranked_stats(_slots(logps, K), _slots(lengths, K), mask_BK), out
 
 
-def _stats(logps, lengths, wpo_logps=None) -> losses_lib.SequenceStats:
-    chosen_logps, rejected_logps = _pairs(logps)
-    chosen_lengths, rejected_lengths = _pairs(lengths)
-    chosen_wpo, rejected_wpo = (None, None) if wpo_logps is None else _pairs(wpo_logps)
+def _stats(s: SeqStats) -> losses_lib.SequenceStats:
+    chosen_logps, rejected_logps = _pairs(s.logps)
+    chosen_lengths, rejected_lengths = _pairs(s.lengths)
+    chosen_wpo, rejected_wpo = (None, None) if s.wpo_logps is None else _pairs(s.wpo_logps)
     return losses_lib.SequenceStats(
         chosen_logps=chosen_logps, rejected_logps=rejected_logps,
         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
@@ -125,53 +132,56 @@ def _stats(logps, lengths, wpo_logps=None) -> losses_lib.SequenceStats:
 
 
 def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
-               policy_forward_only=False, key=None, at_start=None):
-    """Policy/reference statistics and the loss output for one (micro-)batch.
+               policy_forward_only=False, key=None, at_start=None,
+               fmt: BatchFormat | None = None):
+    """Policy/reference statistics and the loss output for one (micro-)batch laid out as
+    ``fmt`` (None: as its arrays say, :func:`batch_format.infer`).
 
     LD-DPO (``loss_cfg.ld_alpha``) weights both models' log-probs, so it refuses stored
-    reference log-probs (``ref_logps`` in the batch, plain sums); WPO reads the policy only.
-    Ranked lists (``slot_rank`` in the batch) go to :func:`ranked_terms`; unpaired examples
-    (``desirable`` [B] in the batch: chosen = the completion, rejected = its mismatched KL
-    completion) to ``losses.kto_loss``. ``at_start`` (a traced bool; None = never): the step
-    is the run's first and the reference is the initial policy
-    (``StepConfig.reference_is_initial_policy``), so the policy's log-probs are the
-    reference's."""
+    reference log-probs (``fmt.stored_reference``, plain sums); WPO reads the policy only.
+    Ranked lists go to :func:`ranked_terms`; unpaired examples (``desirable`` [B]: chosen = the
+    completion, rejected = its mismatched KL completion) to ``losses.kto_loss``. ``at_start``
+    (a traced bool; None = never): the step is the run's first and the reference is the initial
+    policy (``StepConfig.reference_is_initial_policy``), so the policy's log-probs are the
+    reference's. ``key``: LoRA's dropout key for the policy forward (None: no dropout)."""
+    fmt = fmt or batch_format.infer(batch)
     # LoRA (dpo_jax/lora.py): params are adapters over the frozen base ref_params, which with
-    # the adapters off is the reference (key: the adapters' dropout key, None = no dropout)
-    params = lora_lib.join(ref_params, params, key)
+    # the adapters off is the reference
+    params = lora_lib.join(ref_params, params)
     if not losses_lib.needs_reference(loss_cfg):
         ref_params = None
     router_aux = loss_cfg.router_aux_loss_coef > 0
-    if router_aux and ("slot_rank" in batch or "desirable" in batch):
+    if router_aux and fmt.kind != "pairs":
         raise ValueError("loss.router_aux_loss_coef adds the router loss to paired preference "
                          "losses, not to ranked lists or KTO; set it to 0")
-    if "slot_rank" in batch:
+    if fmt.kind == "ranked":
         return ranked_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
-                            policy_forward_only, at_start)
-    policy = sequence_stats(model, params, batch, cfg, max_scored,
-                            forward_only=policy_forward_only, loss_cfg=loss_cfg,
-                            with_wpo=loss_cfg.use_weighting, router_aux=router_aux)
-    policy, aux = policy if router_aux else (policy, None)
-    own = policy[:2]  # (logps, lengths): what the reference's are when it is the policy
-    policy = _stats(*policy)
+                            policy_forward_only, at_start, fmt, key)
+    full = sequence_stats(model, params, batch, cfg, max_scored,
+                          forward_only=policy_forward_only, loss_cfg=loss_cfg,
+                          with_wpo=loss_cfg.use_weighting, router_aux=router_aux, fmt=fmt,
+                          rng=key)
+    own = SeqStats(full.logps, full.lengths)  # what the reference's are when it is the policy
+    policy = _stats(full)
     reference = None
-    if "ref_logps" in batch:  # precomputed once over the dataset
+    if fmt.stored_reference:  # precomputed once over the dataset
         if loss_cfg.ld_alpha is not None:
             raise ValueError("loss.ld_alpha (LD-DPO) weights the reference's tokens too; stored "
                              "reference log-probs are plain sums: set "
                              "logprobs.precompute_reference=False")
-        reference = _stats(*_reference_or_own(
-            own, (batch["ref_logps"], batch["ref_lengths"]), at_start))
+        reference = _stats(_reference_or_own(
+            own, SeqStats(batch["ref_logps"], batch["ref_lengths"]), at_start))
     elif ref_params is not None:
-        reference = _stats(*_reference_or_own(own, lambda: sequence_stats(
-            model, ref_params, batch, cfg, max_scored, forward_only=True, loss_cfg=loss_cfg),
-            at_start))
+        reference = _stats(_reference_or_own(own, lambda: sequence_stats(
+            model, ref_params, batch, cfg, max_scored, forward_only=True, loss_cfg=loss_cfg,
+            fmt=fmt), at_start))
     weights = batch["pair_weight"]
-    if "desirable" in batch:
+    if fmt.kind == "unpaired":
         return policy, losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"],
                                            weights)
     out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
     if router_aux:  # TRL: loss + router_aux_loss_coef * aux_loss, logged as aux_loss
+        aux = full.router_aux
         out = out.replace(losses=out.losses + loss_cfg.router_aux_loss_coef * aux,
                           extras={**out.extras, "aux_loss": aux})
     return policy, out
@@ -194,23 +204,6 @@ def _weighted_sums(policy, out, weights) -> dict[str, jax.Array]:
     return sums
 
 
-def _micro(batch, n: int, j):
-    """Micro-batch j of n: examples j, j+n, j+2n, ... (strided, so row sharding is kept), with
-    their K response slots."""
-
-    K = _num_slots(batch)
-
-    def split(x, paired_rows: bool):
-        lead = (K,) if paired_rows else ()
-        x = x.reshape(*lead, -1, n, *x.shape[1:])
-        x = jax.lax.dynamic_index_in_dim(x, j, axis=len(lead) + 1, keepdims=False)
-        return x.reshape(-1, *x.shape[len(lead) + 1:])
-
-    return {
-        k: split(v, paired_rows=k not in _PER_EXAMPLE_KEYS) for k, v in batch.items()
-    }
-
-
 def sync_reference(ref_params, params, step, every: int, alpha: float):
     """TR-DPO's reference update (Gorbatovski et al. 2024, Eq. 5-6; TRL SyncRefModelCallback):
     when ``step % every == 0``, ``alpha * params + (1 - alpha) * ref_params`` in float32, stored
@@ -226,12 +219,16 @@ def sync_reference(ref_params, params, step, every: int, alpha: float):
                         lambda: ref_params)
 
 
-def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite: str = "error"):
+def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite: str = "error",
+                    fmt: BatchFormat | None = None):
     """``train_step(state, batch, max_scored) -> (state, metrics)``; jit it with shardings.
 
-    ``metrics`` holds the weighted means of the loss terms plus ``grad_norm``, ``lr`` and
-    ``nonfinite`` (:func:`dpo_jax.optim.apply_gradients`). With ``cfg.ref_sync_every`` > 0
-    (TR-DPO) the returned state's reference is :func:`sync_reference` of the updated policy
+    The DPO family's :class:`dpo_jax.optim.Objective` (any loss of ``losses/`` on batches laid
+    out as ``fmt``; None: as the first batch's arrays say) under the shared step builder
+    :func:`dpo_jax.optim.make_update` (``cfg.grad_accum`` strided micro-batches, gradients
+    normalised by the whole batch's ``pair_weight``). ``metrics`` holds the weighted means of
+    the loss terms plus ``grad_norm``, ``lr`` and ``nonfinite``. With ``cfg.ref_sync_every`` >
+    0 (TR-DPO) the returned state's reference is :func:`sync_reference` of the updated policy
     after every ``ref_sync_every``-th update; the loss must read a reference and the state must
     hold its parameters (not precomputed log-probs), else ValueError."""
     if cfg.ref_sync_every and not losses_lib.needs_reference(loss_cfg):
@@ -243,52 +240,35 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
             "change it; set optim.grad_accum=1"
         )
 
-    def loss_fn(params, ref_params, batch, total_weight, max_scored, key=None, at_start=None):
-        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
-                                 key=key, at_start=at_start)
-        sums = _weighted_sums(policy, out, batch["pair_weight"])
-        return sums["loss"] / total_weight, sums
+    def build(fmt: BatchFormat, at_start, max_scored):
+        def loss(params, frozen, batch, rng, total_weight):
+            ref_params = None if frozen is None else frozen.tree  # the reference or LoRA base
+            policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg,
+                                     max_scored, key=rng, at_start=at_start, fmt=fmt)
+            sums = _weighted_sums(policy, out, batch["pair_weight"])
+            return sums["loss"] / total_weight, sums
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+        objective = Objective(
+            loss=loss,
+            totals=lambda batch: jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9),
+            finalize=lambda sums, total: {k: v / total for k, v in sums.items()})
+        return make_update(objective, tx, schedule, grad_accum=cfg.grad_accum, split=fmt.split,
+                           on_nonfinite=on_nonfinite)
 
     def train_step(state: TrainState, batch, max_scored=None):
-        total_weight = jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9)
-        n = cfg.grad_accum
+        layout = fmt or batch_format.infer(batch)
+        layout.check(batch)
         at_start = state.step == 0 if cfg.reference_is_initial_policy else None
-        if n == 1:
-            grads, sums = grad_fn(state.params, state.ref_params, batch, total_weight, max_scored,
-                                  lora_lib.step_key(model, state.step), at_start)
-        else:
-            if "seq_index" in batch:
-                raise ValueError("gradient accumulation with packed or prefix-shared batches "
-                                 "is not supported: set optim.grad_accum=1, or data.packing "
-                                 "and data.prefix_sharing to False")
-
-            def body(carry, j):
-                g_acc, s_acc = carry
-                g, s = grad_fn(state.params, state.ref_params, _micro(batch, n, j),
-                               total_weight, max_scored, lora_lib.step_key(model, state.step, j),
-                               at_start)
-                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
-
-            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-            _, zeros_s = jax.eval_shape(
-                lambda p, r, b, w: grad_fn(p, r, b, w, max_scored),
-                state.params, state.ref_params, _micro(batch, n, 0), total_weight,
-            )
-            zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_s)
-            (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), jnp.arange(n))
-        metrics = {k: v / total_weight for k, v in sums.items()}
-        new_state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, schedule,
-                                                    on_nonfinite)
+        new_state, metrics = build(layout, at_start, max_scored)(
+            state, batch, lora_lib.step_rng(model, state.step))
         if cfg.ref_sync_every:
-            if state.ref_params is None:
+            if state.frozen is None or state.frozen.reference is None:
                 raise ValueError("ref_sync_every > 0 (TR-DPO) needs the reference parameters in "
                                  "the state; precomputed reference log-probs cannot be updated")
-            new_state = new_state.replace(ref_params=sync_reference(
-                state.ref_params, new_state.params, new_state.step, cfg.ref_sync_every,
-                cfg.ref_mixup_alpha))
-        return new_state, {**metrics, **update_metrics}
+            new_state = new_state.with_reference(sync_reference(
+                state.frozen.reference, new_state.trainable, new_state.step,
+                cfg.ref_sync_every, cfg.ref_mixup_alpha))
+        return new_state, metrics
 
     return train_step
 

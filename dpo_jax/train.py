@@ -20,6 +20,7 @@ from dpo_jax import losses as losses_lib
 from dpo_jax import preference_data
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
+from dpo_jax import batch_format
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, opens_workdir
 
@@ -52,7 +53,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     state = state_lib.create_state(params, tx, mesh, shardings, ref_params)
 
     train_step = loop.jit_train_step(
-        make_train_step(model, loss_cfg, tx, schedule, rc.step, rc.train.on_nonfinite), state)
+        make_train_step(model, loss_cfg, tx, schedule, rc.step, rc.train.on_nonfinite,
+                        fmt=batch_format.for_run(rc.data, stored_reference=(
+                            rc.precompute_reference and needs_reference))), state)
     eval_step = make_eval_step(model, loss_cfg, rc.step)
     scored_only = rc.step.logprobs.scored_only
     return loop.train(

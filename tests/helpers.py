@@ -197,6 +197,22 @@ def assert_resumes(make, batches, after: int, through_json: bool = True) -> dict
     return state
 
 
+def rollout_batch(B=4, max_prompt=3, n=4, vocab=128, seed=0, completion_lengths=None):
+    """A rollout batch as PPO's step reads it: right-padded ``tokens [B, max_prompt + n]``,
+    each row's prompt then 1..n completion tokens (``completion_mask``; drawn, or
+    ``completion_lengths(b)``), ``prompt_lengths``."""
+    rng = np.random.default_rng(seed)
+    prompt_lengths = rng.integers(1, max_prompt + 1, B).astype(np.int32)
+    tokens = np.zeros((B, max_prompt + n), np.int32)
+    mask = np.zeros((B, max_prompt + n), np.float32)
+    for b, p in enumerate(prompt_lengths):
+        k = int(rng.integers(1, n + 1)) if completion_lengths is None else completion_lengths(b)
+        tokens[b, :p + k] = rng.integers(1, vocab, p + k)
+        mask[b, p:p + k] = 1
+    return {"tokens": jax.numpy.asarray(tokens), "completion_mask": jax.numpy.asarray(mask),
+            "prompt_lengths": jax.numpy.asarray(prompt_lengths)}
+
+
 def pair_batch(pairs, batch_size: int | None = None, **data_fields: Any) -> dict[str, np.ndarray]:
     """The first eval batch of ``pairs`` as the pipeline builds it (numpy, ARCHITECTURE.md
     layout); with the default ``batch_size`` (all pairs) no pair is padding."""

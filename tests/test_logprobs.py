@@ -39,21 +39,22 @@ def test_sequence_logps_match_direct_computation(cfg):
     tok = _numpy_token_logps(h[:, :-1], w, b, ids[:, 1:])
     want = (tok * mask[:, 1:]).sum(1)
     max_scored = max_scored_tokens(mask) if cfg.scored_only else None
-    got, lengths = sequence_logps(h, ids, mask, w, b, cfg, max_scored=max_scored)
+    out = sequence_logps(h, ids, mask, w, b, cfg, max_scored=max_scored)
+    got, lengths = out.sums, out.counts
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(lengths, mask[:, 1:].sum(1))
 
 
 def test_prompt_and_padding_tokens_are_ignored():
     h, w, b, ids, mask = _batch()
-    base, _ = sequence_logps(h, ids, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=9), max_scored=16)
+    base = sequence_logps(h, ids, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=9), max_scored=16).sums
     ids2, h2 = ids.copy(), h.copy()
     outside = mask == 0
     outside[:, 0] = True
     # Change every unscored target token; hidden states before the first scored one too.
     ids2[outside] = (ids2[outside] + 5) % w.shape[0]
     h2[:, :2] += 3.0
-    again, _ = sequence_logps(h2, ids2, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=9), max_scored=16)
+    again = sequence_logps(h2, ids2, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=9), max_scored=16).sums
     np.testing.assert_allclose(again, base, rtol=1e-6)
 
 
@@ -64,7 +65,7 @@ def test_gradients_equal_dense_path(cfg):
     max_scored = max_scored_tokens(mask) if cfg.scored_only else None
 
     def f(h, w, b, c, n):
-        s, _ = sequence_logps(h, ids, mask, w, b, c, max_scored=n)
+        s = sequence_logps(h, ids, mask, w, b, c, max_scored=n).sums
         return jnp.sum(s * weights)
 
     want = jax.grad(f, argnums=(0, 1, 2))(h, w, b, DENSE, None)
@@ -82,8 +83,9 @@ def test_packed_sequences_sum_by_slot():
         for t in range(1, 20):
             if mask[r, t]:
                 want[seq_index[r, t]] += tok[r, t - 1]
-    got, counts = sequence_logps(h, ids, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=16),
-                                 max_scored=max_scored_tokens(mask), seq_index_RL=seq_index, num_seqs=4)
+    out = sequence_logps(h, ids, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=16),
+                         max_scored=max_scored_tokens(mask), seq_index_RL=seq_index, num_seqs=4)
+    got, counts = out.sums, out.counts
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert counts.sum() == mask[:, 1:].sum()
 
@@ -94,7 +96,7 @@ def test_saturated_logits_stay_finite_and_exact(cfg):
     loses the answer."""
     h, w, b, ids, mask = _batch(seed=4)
     h = h * 300.0
-    got, _ = sequence_logps(h, ids, mask, w, b, cfg, max_scored=16 if cfg.scored_only else None)
+    got = sequence_logps(h, ids, mask, w, b, cfg, max_scored=16 if cfg.scored_only else None).sums
     assert np.all(np.isfinite(got))
     want = (_numpy_token_logps(h[:, :-1], w, b, ids[:, 1:]) * mask[:, 1:]).sum(1)
     assert np.abs(want).max() > 1e3  # saturated: most targets are far below the max logit

@@ -18,7 +18,7 @@ def _state(tx, step=1):
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
               "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
-    return TrainState(step=jnp.asarray(step, jnp.int32), params=params, ref_params=None,
+    return TrainState(step=jnp.asarray(step, jnp.int32), trainable=params,
                       opt_state=tx.init(params))
 
 

@@ -16,7 +16,7 @@ CHUNKED = LogprobConfig(scored_only=False, seq_chunk=64, vocab_chunk=4096)
 
 def _temp_bytes(cfg: LogprobConfig, length: int) -> int:
     def loss(h, w, ids, mask):
-        logps, _ = sequence_logps(h, ids, mask, w, None, cfg)
+        logps = sequence_logps(h, ids, mask, w, None, cfg).sums
         return logps.sum()
 
     args = (jax.ShapeDtypeStruct((ROWS, length, D), jnp.float32),

@@ -129,19 +129,6 @@ def test_learned_reward_scores_truncated_rollouts_with_a_final_eos():
     np.testing.assert_array_equal(m, [[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
 
 
-def _rollout_batch(B=4, max_prompt=3, n=4, vocab=128, seed=0):
-    """A rollout batch as PPO's step reads it: right-padded ``tokens [B, max_prompt + n]``,
-    each row's prompt then 1..n completion tokens (``completion_mask``), ``prompt_lengths``."""
-    rng = np.random.default_rng(seed)
-    prompt_lengths = rng.integers(1, max_prompt + 1, B).astype(np.int32)
-    tokens = np.zeros((B, max_prompt + n), np.int32)
-    mask = np.zeros((B, max_prompt + n), np.float32)
-    for b, p in enumerate(prompt_lengths):
-        k = int(rng.integers(1, n + 1))
-        tokens[b, :p + k] = rng.integers(1, vocab, p + k)
-        mask[b, p:p + k] = 1
-    return {"tokens": jnp.asarray(tokens), "completion_mask": jnp.asarray(mask),
-            "prompt_lengths": jnp.asarray(prompt_lengths)}
 
 
 def test_detached_value_head_keeps_the_value_loss_out_of_the_trunk():
@@ -149,7 +136,7 @@ def test_detached_value_head_keeps_the_value_loss_out_of_the_trunk():
     reaches the decoder too."""
     model = RewardModel(Model(helpers.tiny_model_config(n_layer=1)))
     n = 4
-    batch = _rollout_batch(n=n)
+    batch = helpers.rollout_batch(n=n)
     _, _, mask = ppo_step.completion_view(batch, n)
     returns = jnp.ones(mask.shape)  # any target the head misses
 

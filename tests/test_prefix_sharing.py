@@ -135,7 +135,8 @@ def test_sequence_logps_and_their_gradient_match_unshared(family):
         max_scored = helpers.max_scored_tokens(batch_np["loss_mask"])
 
         def f(p, b):
-            logps, counts = sequence_stats(model, p, b, cfg, max_scored)
+            s = sequence_stats(model, p, b, cfg, max_scored)
+            logps, counts = s.logps, s.lengths
             return jnp.sum(cot * logps), (logps, counts)
 
         (_, (logps, counts)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params, batch)
@@ -173,14 +174,15 @@ def test_every_loss_from_the_shared_stats():
             ld = "ld_alpha" in opts
             p, r = (policy_ld, ref_ld) if ld else (policy, ref)
             out = losses_lib.preference_loss(helpers.loss_config(name, **opts),
-                                             _seq_stats(*p), _seq_stats(*r))
+                                             _seq_stats(p), _seq_stats(r))
             per_loss.append(np.stack([out.losses, out.chosen_rewards, out.rejected_rewards]))
         results.append(per_loss)
     for (name, opts), a, b in zip(cases, *results):
         np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5, err_msg=f"{name} {opts}")
 
 
-def _seq_stats(logps, lengths, wpo=None):
+def _seq_stats(s):
+    logps, lengths, wpo = s.logps, s.lengths, s.wpo_logps
     half = len(logps) // 2
     return losses_lib.SequenceStats(
         chosen_logps=logps[:half], rejected_logps=logps[half:], chosen_lengths=lengths[:half],

@@ -191,8 +191,8 @@ def test_ranked_step_matches_numpy_plackett_luce():
     model, params, ref_params, batch_np = _ranked_setup()
     batch, max_scored = helpers.device_batch(batch_np)
     cfg = StepConfig()
-    pol = np.asarray(sequence_stats(model, params, batch, cfg, max_scored)[0], np.float64)
-    ref = np.asarray(sequence_stats(model, ref_params, batch, cfg, max_scored)[0], np.float64)
+    pol = np.asarray(sequence_stats(model, params, batch, cfg, max_scored).logps, np.float64)
+    ref = np.asarray(sequence_stats(model, ref_params, batch, cfg, max_scored).logps, np.float64)
     c_BK = (pol - ref).reshape(4, -1).T
     mask = batch_np["slot_rank"] >= 0
     from tests.test_plackett_luce import np_pl
@@ -229,8 +229,8 @@ def test_kto_step_matches_numpy_on_every_mesh(mesh_name):
              for i, it in enumerate(unpaired.unpair_tokens(helpers.synthetic_pairs(8)))]
     batch_np = _batch(unpaired.UnpairedPipeline, items, format="unpaired")
     batch, max_scored = helpers.device_batch(batch_np)
-    pol = np.asarray(sequence_stats(model, params, batch, StepConfig(), max_scored)[0])
-    ref = np.asarray(sequence_stats(model, ref_params, batch, StepConfig(), max_scored)[0])
+    pol = np.asarray(sequence_stats(model, params, batch, StepConfig(), max_scored).logps)
+    ref = np.asarray(sequence_stats(model, ref_params, batch, StepConfig(), max_scored).logps)
     from tests.test_kto import np_kto
 
     B = 16

@@ -63,7 +63,8 @@ def test_shuffled_packed_batches_carry_the_numbers_of_the_steps_reference_forwar
         assert "seq_index" in batch_np
         batch, max_scored = helpers.device_batch(
             {k: v for k, v in batch_np.items() if not k.startswith("ref_")}, _mesh())
-        logps_S, lengths_S = jax.device_get(forward(ref_params, batch, max_scored))
+        s = jax.device_get(forward(ref_params, batch, max_scored))
+        logps_S, lengths_S = s.logps, s.lengths
         np.testing.assert_allclose(batch_np["ref_logps"], logps_S, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(batch_np["ref_lengths"], lengths_S)
 

@@ -65,8 +65,8 @@ def _two_steps(loss: str, fmt: str, stored: bool, flag: bool, noise: float = 1e-
     step_cfg = StepConfig(reference_is_initial_policy=flag)
     if stored:
         batch, max_scored = helpers.device_batch(batch_np)
-        logps, lengths = sequence_stats(model, ref_params, batch, step_cfg, max_scored,
-                                        forward_only=True)
+        s = sequence_stats(model, ref_params, batch, step_cfg, max_scored, forward_only=True)
+        logps, lengths = s.logps, s.lengths
         batch_np = {**batch_np, "ref_logps": np.asarray(logps), "ref_lengths": np.asarray(lengths)}
     step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, step_cfg), static_argnums=2)
     state = helpers.train_state(model, params, tx, ref_params=None if stored else ref_params)

@@ -136,11 +136,11 @@ def test_memorises_a_tiny_dataset_through_the_task_registry(tmp_path):
     assert summary["final_eval"]["ppl"] == pytest.approx(np.exp(summary["final_eval"]["nll"]))
 
 
-@pytest.mark.parametrize("field,value", [("logprobs.precompute_reference", True),
-                                         ("optim.grad_accum", 2)])
+@pytest.mark.parametrize("field,value", [("logprobs.precompute_reference", True)])
 def test_settings_the_task_cannot_honour_are_refused_before_training(tmp_path, field, value):
     """SFT has no reference model, so a precomputed reference is a config error (not a crash
-    deep in the setup); nor does it accumulate gradients. The error names the field."""
+    deep in the setup). The error names the field. (It accumulates gradients:
+    ``test_grad_accum.py``.)"""
     c = runs.sft_config()
     block, name = field.split(".")
     c[block][name] = value

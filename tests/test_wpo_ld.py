@@ -55,8 +55,9 @@ def test_wpo_and_ld_sums_match_numpy(cfg):
     want_ld = (target * _np_ld_weights(m, shared, 0.3)).sum(1)
     want_wpo = ((target - log_sq) * m).sum(1)
     n = max_scored_tokens(mask) if cfg.scored_only else None
-    sums, counts, wpo = sequence_logps(h, ids, mask, w, b, cfg, max_scored=n,
-                                       ld_shared_S=shared, ld_alpha=0.3, with_wpo=True)
+    out = sequence_logps(h, ids, mask, w, b, cfg, max_scored=n, ld_shared_S=shared,
+                         ld_alpha=0.3, with_wpo=True)
+    sums, counts, wpo = out.sums, out.counts, out.wpo_sums
     np.testing.assert_allclose(sums, want_ld, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(wpo, want_wpo, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(counts, m.sum(1))
@@ -77,9 +78,10 @@ def test_ld_weights_in_packed_rows_count_within_each_sequence():
                 seen[s] += 1
                 want[s] += target[r, t - 1] * (1.0 if seen[s] <= shared[s] else 0.5)
                 want_wpo[s] += target[r, t - 1] - log_sq[r, t - 1]
-    sums, _, wpo = sequence_logps(h, ids, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=16),
-                                  max_scored=max_scored_tokens(mask), seq_index_RL=seq_index,
-                                  num_seqs=4, ld_shared_S=shared, ld_alpha=0.5, with_wpo=True)
+    out = sequence_logps(h, ids, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=16),
+                         max_scored=max_scored_tokens(mask), seq_index_RL=seq_index,
+                         num_seqs=4, ld_shared_S=shared, ld_alpha=0.5, with_wpo=True)
+    sums, wpo = out.sums, out.wpo_sums
     np.testing.assert_allclose(sums, want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(wpo, want_wpo, rtol=1e-5, atol=1e-4)
 
@@ -95,8 +97,8 @@ def test_gradients_exact_with_wpo_and_ld(cfg):
     def f(h, w, b, c, n, wpo):
         out = sequence_logps(h, ids, mask, w, b, c, max_scored=n, ld_shared_S=shared,
                              ld_alpha=0.25, with_wpo=wpo)
-        extra = jnp.sum(out[2] * 7.0) if wpo else 0.0
-        return jnp.sum(out[0] * coef) + extra
+        extra = jnp.sum(out.wpo_sums * 7.0) if wpo else 0.0
+        return jnp.sum(out.sums * coef) + extra
 
     want = jax.grad(f, argnums=(0, 1, 2))(h, w, b, DENSE, None, False)
     got = jax.grad(f, argnums=(0, 1, 2))(h, w, b, cfg, n, True)

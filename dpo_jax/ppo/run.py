@@ -49,8 +49,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     rc = read_config(config)
     settings: PPOSettings = rc.task_block
     ppo = settings.update
-    if rc.optim.grad_accum != 1:
-        raise ValueError("task 'ppo' does not accumulate gradients; set optim.grad_accum=1")
     model = RewardModel(Model(rc.model))
     # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
     setup = state_lib.setup(rc, model, updates=rc.train.steps * ppo.epochs * ppo.minibatches,
@@ -77,7 +75,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                 process_index=jax.process_index(), process_count=jax.process_count())
 
     update = loop.jit_train_step(
-        make_ppo_step(model, tx, schedule, ppo, rc.train.on_nonfinite), state)
+        make_ppo_step(model, tx, schedule, ppo, rc.train.on_nonfinite, rc.optim.grad_accum), state)
     eval_metrics_of = jax.jit(make_ppo_eval_step(model, ppo.max_new_tokens), static_argnums=3)
     cfg = settings.sampling
     sample = jax.jit(lambda params, ids, lengths, rng: generate(

@@ -9,8 +9,8 @@ iteration on one rollout batch (Ziegler et al. 2019; Stiennon et al. 2020):
 2. per-token rewards ``-beta KL_t`` plus the reward score on the last token; GAE; whitening;
 3. ``epochs`` passes of ``minibatches`` clipped policy + value updates, rows reshuffled per epoch.
 
-``state.params`` is ``{"decoder", "value_head"}`` (policy and value function share the trunk);
-``state.ref_params`` is the frozen reference decoder. The batch holds the rollout:
+``state.trainable`` is ``{"decoder", "value_head"}`` (policy and value function share the
+trunk); ``state.frozen.reference`` is the frozen reference decoder. The batch holds the rollout:
 ``tokens [B, T]``, ``completion_mask [B, T]``, ``prompt_lengths [B]``, ``scores [B]`` and the
 scalar ``kl_coef``.
 """
@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax import eval_metrics
+from dpo_jax.batch_format import BatchFormat
 from dpo_jax.models import project
-from dpo_jax.optim import apply_gradients
+from dpo_jax.optim import Objective, make_update
 from dpo_jax.ppo import core
 from dpo_jax.ppo.config import PPOConfig  # noqa: F401  (re-exported: ppo.step.PPOConfig)
 from dpo_jax.state import TrainState
@@ -65,24 +66,44 @@ def forward(model, params, batch, n: int, with_values: bool = True, detach_value
     return logp, values, logits
 
 
-def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "error"):
-    """PPO iteration as one function; see the module docstring. ``schedule`` counts optimizer
-    updates (``epochs * minibatches`` per iteration); ``on_nonfinite``: see
-    :func:`dpo_jax.optim.apply_gradients` (applied per minibatch update)."""
+ROLLOUT = BatchFormat("rollout")
+
+
+def ppo_objective(model, cfg: PPOConfig) -> Objective:
+    """The clipped policy + value loss of one minibatch as a :class:`dpo_jax.optim.Objective`:
+    every masked mean (losses and statistics) is a masked sum over the WHOLE minibatch's
+    completion tokens, so micro-batches add up to it."""
     n = cfg.max_new_tokens
 
-    def loss_fn(params, mb):
+    def loss(params, frozen, mb, rng, total):
+        del frozen, rng  # the reference is read before the updates; nothing stochastic
         logp, values, logits = forward(model, params, mb, n, detach_value=cfg.detach_value_head)
         mask = mb["mask"]
+        share = jnp.sum(mask) / total  # this micro-batch's part of the minibatch's tokens
         pg, pg_stats = core.policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip)
         vf, vf_stats = core.value_loss(values, mb["old_values"], mb["returns"], mask, cfg.vf_clip)
         stats = {"policy/loss": pg, "value/loss": vf,
                  "policy/entropy": core.entropy(jax.lax.stop_gradient(logits), mask),
                  "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
                  "value/clipfrac": vf_stats["vf_clipfrac"]}
-        return pg + cfg.vf_coef * vf, stats
+        stats = {k: v * share for k, v in stats.items()}
+        out = stats["policy/loss"] + cfg.vf_coef * stats["value/loss"]
+        return out, {**stats, "loss": out}
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    return Objective(loss=loss, totals=lambda mb: jnp.maximum(jnp.sum(mb["mask"]), 1e-8))
+
+
+def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "error",
+                  grad_accum: int = 1):
+    """PPO iteration as one function; see the module docstring. ``schedule`` counts optimizer
+    updates (``epochs * minibatches`` per iteration); ``on_nonfinite``: see
+    :func:`dpo_jax.optim.apply_gradients` (applied per minibatch update). Each minibatch update
+    is the shared step builder's (:func:`dpo_jax.optim.make_update`), accumulating
+    ``grad_accum`` strided micro-batches of its rows."""
+    n = cfg.max_new_tokens
+    minibatch_update = make_update(ppo_objective(model, cfg), tx, schedule,
+                                   grad_accum=grad_accum, split=ROLLOUT.split,
+                                   on_nonfinite=on_nonfinite)
 
     def train_step(state: TrainState, batch, max_scored=None):
         del max_scored
@@ -90,9 +111,9 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
         if B % cfg.minibatches:
             raise ValueError(f"rollout batch {B} not divisible by {cfg.minibatches} minibatches")
         _, _, mask = completion_view(batch, n)
-        old_logp, old_values, _ = jax.lax.stop_gradient(forward(model, state.params, batch, n))
+        old_logp, old_values, _ = jax.lax.stop_gradient(forward(model, state.trainable, batch, n))
         ref_logp, _, _ = jax.lax.stop_gradient(
-            forward(model.decoder, state.ref_params, batch, n, with_values=False))
+            forward(model.decoder, state.frozen.reference, batch, n, with_values=False))
         rewards, kl = core.kl_penalty_rewards(old_logp, ref_logp, batch["scores"], mask,
                                               batch["kl_coef"])
         adv, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
@@ -109,15 +130,14 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
 
         def update(carry, rows):
             mb = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), rollout)
-            grads, stats = grad_fn(carry.params, mb)
-            loss = stats["policy/loss"] + cfg.vf_coef * stats["value/loss"]
-            carry, update_stats = apply_gradients(carry, grads, loss, tx, schedule, on_nonfinite)
-            return carry, {**stats, **update_stats}
+            carry, stats = minibatch_update(carry, mb)
+            del stats["loss"]  # policy/loss + vf_coef * value/loss, logged as its terms
+            return carry, stats
 
-        inner = TrainState(step=state.step * cfg.epochs * cfg.minibatches, params=state.params,
-                           ref_params=None, opt_state=state.opt_state)
+        inner = TrainState(step=state.step * cfg.epochs * cfg.minibatches,
+                           trainable=state.trainable, opt_state=state.opt_state)
         inner, stats = jax.lax.scan(update, inner, mb_rows)
-        params, opt_state = inner.params, inner.opt_state
+        params, opt_state = inner.trainable, inner.opt_state
         metrics = {k: jnp.max(v) if k == "nonfinite" else jnp.mean(v) for k, v in stats.items()}
         seq_kl = jnp.sum(kl, axis=1)
         metrics.update({
@@ -133,7 +153,7 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
             # prompt + completion tokens of this rollout batch (compute accounting)
             "rollout/tokens": jnp.sum(batch["prompt_lengths"]) + jnp.sum(mask),
         })
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, trainable=params, opt_state=opt_state)
         return new_state, metrics
 
     return train_step

@@ -57,7 +57,7 @@ from dpo_jax.data import batching, prefix  # noqa: E402
 from dpo_jax.logprobs import DENSE, LogprobConfig, max_scored_tokens  # noqa: E402
 from dpo_jax.models import Model, matmul_param_count, preset  # noqa: E402
 from dpo_jax.optim import OptimConfig, make_optimizer  # noqa: E402
-from dpo_jax.state import TrainState  # noqa: E402
+from dpo_jax.state import Frozen, TrainState  # noqa: E402
 from dpo_jax.step import StepConfig, sequence_stats, make_train_step  # noqa: E402
 
 # The PyTorch baseline lives beside the repository, in ../shared/bench/.
@@ -280,11 +280,12 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     # the reference's forward-only log-probs (the precompute pass of `best`)
     ref_stats = lambda p, b: sequence_stats(model, p, b, step_cfg, max_scored, forward_only=True)
     if precomputed:  # the step carries the reference results: shapes first, values if it runs
+        shapes = jax.eval_shape(ref_stats, ref_params, batch)
         ref_logps, ref_lengths = (jnp.zeros(s.shape, s.dtype)
-                                  for s in jax.eval_shape(ref_stats, ref_params, batch))
+                                  for s in (shapes.logps, shapes.lengths))
         batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       ref_params=None if precomputed else ref_params,
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=params,
+                       frozen=None if precomputed else Frozen(reference=ref_params),
                        opt_state=(jax.eval_shape(tx.init, params) if abstract
                                   else jax.jit(tx.init)(params)))
     step_fn = jax.jit(make_train_step(model, loss_cfg, tx, schedule, step_cfg),
@@ -311,7 +312,8 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
         jax.block_until_ready(fwd(ref_params, batch))
         out["ref_precompute_compile_s"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
-        ref_logps, ref_lengths = jax.block_until_ready(fwd(ref_params, batch))
+        stats = jax.block_until_ready(fwd(ref_params, batch))
+        ref_logps, ref_lengths = stats.logps, stats.lengths
         out["ref_precompute_s_per_batch"] = round(time.perf_counter() - t, 4)
         batch = dict(batch, ref_logps=ref_logps, ref_lengths=ref_lengths)
     del ref_params

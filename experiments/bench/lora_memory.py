@@ -44,7 +44,7 @@ from dpo_jax.config import base_config
 from dpo_jax.logprobs import max_scored_tokens
 from dpo_jax.models import Model
 from dpo_jax.optim import OptimConfig, make_optimizer
-from dpo_jax.state import TrainState, cast_floats
+from dpo_jax.state import Frozen, TrainState, cast_floats
 from dpo_jax.step import StepConfig, make_train_step
 
 GiB = 2**30
@@ -65,7 +65,8 @@ def _state(kind: str, cfg, rank: int, base_dtype: str, tx, abstract: bool):
         params = make(model.init_adapters)(jax.random.key(1))
     opt = make(tx.init)(params)
     step = jnp.zeros((), jnp.int32)
-    return model, TrainState(step=step, params=params, ref_params=ref, opt_state=opt)
+    return model, TrainState(step=step, trainable=params, opt_state=opt,
+                             frozen=Frozen.of(params, ref))
 
 
 def _bytes(tree) -> int:

@@ -46,12 +46,12 @@ def main() -> None:
         batch, ms = h.device_batch(h.pair_batch(pairs, buckets=str(length)), mesh)
         for scale in (1, 2):
             fwd = jax.jit(lambda p, b, m=ms * scale: sequence_stats(model, p, b, sc, m,
-                                                                    forward_only=True)[0])
+                                                                    forward_only=True).logps)
             out[f"forward-only, length {length}, max_scored x{scale}"] = np.asarray(
                 fwd(params, batch))
 
         def loss(p, b, m=ms):
-            lp = sequence_stats(model, p, b, sc, m)[0]
+            lp = sequence_stats(model, p, b, sc, m).logps
             return jnp.sum(lp), lp
 
         out[f"inside jax.grad, length {length}"] = np.asarray(

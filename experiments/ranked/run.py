@@ -68,7 +68,7 @@ def implicit_rewards(c, workdir: str, lists: list[dict]) -> np.ndarray:
                                       end_ids={synthetic.EOS_ID}, is_blank=None,
                                       file="synthetic", row=i) for i, it in enumerate(lists)]
     pipe = ranked_lib.RankedPipeline(items, c.data, train=False, global_batch_size=64, pad_id=0)
-    score = jax.jit(lambda p, b: sequence_stats(model, p, b, StepConfig(), None)[0])
+    score = jax.jit(lambda p, b: sequence_stats(model, p, b, StepConfig(), None).logps)
     out = []
     for batch_np in pipe:
         batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
