@@ -32,6 +32,27 @@ ENV_PORT = "DPO_JAX_COORDINATOR_PORT"
 ENV_TPU_POD = "DPO_JAX_TPU_POD"
 
 
+# On CPU, the concurrency-optimised scheduler can run independent collectives in different
+# orders on different (virtual) devices and deadlock the rendezvous.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def xla_flags(flags_value: str) -> str:
+    """``XLA_FLAGS`` with :data:`CPU_SCHEDULER_FLAG` appended unless it sets that option
+    already (either way)."""
+    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags_value:
+        return flags_value
+    return f"{flags_value} {CPU_SCHEDULER_FLAG}".strip()
+
+
+def set_xla_flags(environ=os.environ) -> None:
+    """Set ``environ['XLA_FLAGS']`` to :func:`xla_flags` of it. XLA reads the variable when jax
+    initialises its backends (the first ``jax.devices()``, not ``import jax``), so
+    ``dpo_jax.main.main`` calls this before anything touches a device; importing a module changes
+    nothing."""
+    environ["XLA_FLAGS"] = xla_flags(environ.get("XLA_FLAGS", ""))
+
+
 @dataclasses.dataclass(frozen=True)
 class InitPlan:
     """Arguments for ``jax.distributed.initialize``; ``None`` fields are left to JAX (TPU)."""

@@ -12,6 +12,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dpo_jax.distributed import set_xla_flags
+
 # The default is the offline default's own file (dpo_jax/config.py:get_config), so field
 # overrides such as --config.loss.beta=0.5 exist with or without --config=.
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -24,27 +26,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, che
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index in [0, num_processes).")
-
-
-# On CPU, the concurrency-optimised scheduler can run independent collectives in different
-# orders on different (virtual) devices and deadlock the rendezvous.
-CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
-def xla_flags(flags_value: str) -> str:
-    """``XLA_FLAGS`` with :data:`CPU_SCHEDULER_FLAG` appended unless it sets that option
-    already (either way)."""
-    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags_value:
-        return flags_value
-    return f"{flags_value} {CPU_SCHEDULER_FLAG}".strip()
-
-
-def set_xla_flags(environ=os.environ) -> None:
-    """Set ``environ['XLA_FLAGS']`` to :func:`xla_flags` of it. XLA reads the variable when jax
-    initialises its backends (the first ``jax.devices()``, not ``import jax``), so
-    :func:`main` calls this before anything touches a device; importing this module changes
-    nothing."""
-    environ["XLA_FLAGS"] = xla_flags(environ.get("XLA_FLAGS", ""))
 
 
 def quiet_library_logs() -> None:

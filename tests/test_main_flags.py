@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dpo_jax import main as main_lib
+from dpo_jax import distributed as main_lib  # the flag helpers main() calls
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
