@@ -55,7 +55,8 @@ CONFIGS = ("trl_default", "trl_precompute", "jax_same_math", "jax_default", "jax
 PAIRS_PER_STEP = 8
 # jax_best on top of configs/hh.py (numerics-free switches: same log-probs, same updates)
 BEST = {
-    "model.remat": "dots_saveable",  # the layer scan recomputes elementwise work (bench README)
+    # prefix-shared units packed several to a row (segment ids): fewer padded columns
+    "data.packing": True,
     "logprobs.forward_seq_chunk": 32,  # the one-time reference pass in cache-sized tiles
     "logprobs.forward_vocab_chunk": 4096,
 }
