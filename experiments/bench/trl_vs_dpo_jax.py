@@ -372,9 +372,9 @@ def run_jax(name: str, a) -> dict:
     for key, c in compiled.items():
         m = c.memory_analysis()
         if m is not None:
-            memory[str(key)] = {k: getattr(m, k) / 2**20 for k in (
-                "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
-                if hasattr(m, k)}
+            memory[str(key)] = {name: getattr(m, f"{name}_size_in_bytes") / 2**20
+                                for name in ("temp", "argument", "output")
+                                if hasattr(m, f"{name}_size_in_bytes")}
     step_s, losses = [], []
     for bt, bound in device:
         t = time.perf_counter()
@@ -384,7 +384,7 @@ def run_jax(name: str, a) -> dict:
         losses.append(float(metrics["loss"]))
     return _finish(name, a, step_s, losses, step_tokens(pairs, total), dict(
         setup_s=setup_s, compile_s=compile_s, precompute_s=precompute_s,
-        first_logps=first_logps, compiled_MiB=memory,
+        first_logps=first_logps, compiled_MiB=memory,  # XLA's memory statistics per shape
         shapes=sorted({str(k) for k in compiled}),
         versions={"jax": jax.__version__, "backend": jax.default_backend()}))
 
