@@ -1,7 +1,7 @@
 """dpo_jax against TRL's DPOTrainer on a real model and real pairs, in one invocation.
 
     python experiments/bench/trl_vs_dpo_jax.py --steps 5 --warmup 2 --out runs/trl_vs_dpo_jax
-    python experiments/bench/trl_vs_dpo_jax.py --smoke --out /tmp/x     # 2 short steps each
+    python experiments/bench/trl_vs_dpo_jax.py --smoke --out runs/trl_smoke   # 2 short steps each
 
 Model: SmolLM2-135M-Instruct (``dpo_jax.models.local.local_model(SMOLLM2)``, ``$DPO_JAX_MODELS``),
 float32. Data: the train split of ``configs/hh.py`` (real HH pairs under ``data_root()``, the
