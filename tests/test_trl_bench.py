@@ -50,6 +50,7 @@ def test_ratios_speeds_and_logp_agreement_by_hand():
 def test_no_trl_rows_gives_no_ratios_and_unequal_batches_are_refused():
     rows = bench.summarize([_result("jax_default", [3.0, 2.0, 4.0])])
     assert rows[0]["vs_trl_default"] is None and rows[0]["max_rel_logp_diff"] is None
+    assert "| jax_default | 3.00 [2.00, 4.00] | 333 | 2.00 |  |  | 0.6931 |  |" in bench.markdown(rows)
     with pytest.raises(ValueError, match="first-batch chosen log-probs"):
         bench.summarize([_result("trl_default", [1.0, 1.0]),
                          _result("jax_default", [1.0, 1.0], chosen=(-1.0,))])

@@ -133,7 +133,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['config']} | {r['median_step_s']:.2f} [{r['min_step_s']:.2f}, "
             f"{r['max_step_s']:.2f}] | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} | "
-            f"{f(r['vs_trl_default'], '.2f')}x | {f(r['vs_trl_best'], '.2f')}x | "
+            f"{f(r['vs_trl_default'], '.2f')}{'x' * bool(r['vs_trl_default'])} | "
+            f"{f(r['vs_trl_best'], '.2f')}{'x' * bool(r['vs_trl_best'])} | "
             f"{f(r['first_loss'], '.4f')} | {f(r['max_rel_logp_diff'], '.1e')} | {once} |")
     return "\n".join(lines)
 
