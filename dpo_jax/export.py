@@ -45,6 +45,7 @@ from absl import app, flags
 from dpo_jax import checkpoint as ckpt_lib
 from dpo_jax import lora as lora_lib
 from dpo_jax import lora_base, lora_peft
+from dpo_jax import state as state_lib
 from dpo_jax.models import Model, ModelConfig, model_config_from
 from dpo_jax.models import hf_config as hf_lib
 from dpo_jax.models.hf import save_hf
@@ -221,7 +222,7 @@ def _policy(workdir: str, step: int | None):
                         model.abstract_params())
     if lora_base.run_lora(config).rank:
         shardings = jax.tree.map(lambda _: cpu, like)
-        lora_model, base, adapters = lora_base.run_base_and_adapters(workdir, model, shardings,
+        lora_model, base, adapters = state_lib.run_base_and_adapters(workdir, model, shardings,
                                                                    step)
         params = lora_lib.merge(lora_model, base, adapters)
         return config, lora_lib.merged_config(lora_model), params, lora_model, adapters
