@@ -24,7 +24,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from absl import logging
 
-from dpo_jax.state import abstract
+from dpo_jax.train_state import abstract
 
 ARRAY_ITEMS = ("params", "opt_state")
 REF_ITEM = "ref_params"

@@ -40,6 +40,7 @@ from dpo_jax.eval_config import EvalConfig, read_eval  # noqa: F401  (re-exporte
 from dpo_jax.ppo import rewards
 from dpo_jax.ppo.rewards import to_host
 from dpo_jax.sampling import Samples, generate
+from dpo_jax.data.tokenize import load_tokenizer
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -98,8 +99,6 @@ def token_decoder(data_cfg: DataConfig) -> Callable[[list[int]], str]:
     (the synthetic task) or data without a tokenizer."""
     if data_cfg.tokenised or not data_cfg.tokenizer:
         return lambda ids: " ".join(str(int(t)) for t in ids)
-    from dpo_jax.data.tokenize import load_tokenizer
-
     tok = load_tokenizer(data_cfg.tokenizer)
     return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
 

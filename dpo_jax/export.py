@@ -45,9 +45,12 @@ from absl import app, flags
 from dpo_jax import checkpoint as ckpt_lib
 from dpo_jax import lora as lora_lib
 from dpo_jax import lora_base, lora_peft
+from dpo_jax import state as state_lib
 from dpo_jax.models import Model, ModelConfig, model_config_from
 from dpo_jax.models import hf_config as hf_lib
 from dpo_jax.models.hf import save_hf
+from dpo_jax import export_gguf
+from dpo_jax.data.tokenize import PairTokenizer, load_tokenizer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to export from.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory (HF format) or file (GGUF).",
@@ -174,8 +177,6 @@ def response_end_ids(tokenizer_dir: str) -> list[int]:
     """The tokens that end a response for the tokenizer in ``tokenizer_dir``: its EOS and the
     token its chat template closes an assistant turn with (``PairTokenizer.end_ids``: ChatML
     '<|im_end|>', Llama-3 '<|eot_id|>'), sorted."""
-    from dpo_jax.data.tokenize import PairTokenizer, load_tokenizer
-
     return sorted(PairTokenizer(load_tokenizer(tokenizer_dir), None).end_ids)
 
 
@@ -221,7 +222,7 @@ def _policy(workdir: str, step: int | None):
                         model.abstract_params())
     if lora_base.run_lora(config).rank:
         shardings = jax.tree.map(lambda _: cpu, like)
-        lora_model, base, adapters = lora_base.run_base_and_adapters(workdir, model, shardings,
+        lora_model, base, adapters = state_lib.run_base_and_adapters(workdir, model, shardings,
                                                                    step)
         params = lora_lib.merge(lora_model, base, adapters)
         return config, lora_lib.merged_config(lora_model), params, lora_model, adapters
@@ -238,8 +239,6 @@ def export_run(workdir: str, out: str, step: int | None = None,
     matrices in ``gguf_type``, the run's tokenizer and chat template; ValueError before
     anything is written when llama.cpp cannot represent the model, tokenizer or type."""
     if fmt == "gguf":
-        from dpo_jax import export_gguf
-
         if gguf_type not in export_gguf.GGUF_TYPES:  # before the checkpoint is read
             raise ValueError(f"--gguf_type={gguf_type!r} is not implemented; use one of "
                              f"{export_gguf.GGUF_TYPES}")
@@ -251,8 +250,6 @@ def export_run(workdir: str, out: str, step: int | None = None,
         if not tok_name:  # llama.cpp cannot load a GGUF file without a vocabulary
             raise ValueError(f"{workdir}: the run has no tokenizer (data.tokenizer and "
                              f"model.hf_path are empty); a GGUF file needs one")
-        from dpo_jax.data import load_tokenizer
-
         tokenizer = load_tokenizer(tok_name)
         name = os.path.basename(os.path.normpath(config.model.hf_path or workdir))
         return export_gguf.write_gguf(out, cfg, params, tokenizer, gguf_type, name=name)

@@ -38,6 +38,7 @@ import numpy as np
 from dpo_jax.models import ModelConfig
 from dpo_jax.models import hf_config as hf_lib
 from dpo_jax.models.hf import hf_tensors
+from dpo_jax.models.layers import inv_frequencies
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0")
 # HF model_type (as dpo_jax exports it) -> llama.cpp architecture
@@ -215,8 +216,6 @@ def gguf_tensors(arch: str, cfg: ModelConfig, params: dict) -> dict[str, np.ndar
             w = w + np.float32(1.0)
         out[f"{gname}.{kind}"] = np.ascontiguousarray(w)
     if cfg.rope_scaling == "llama3":  # llama.cpp divides each rope frequency by its factor
-        from dpo_jax.models.layers import inv_frequencies
-
         base = np.asarray(inv_frequencies(dataclasses.replace(cfg, rope_scaling=None)))
         out["rope_freqs.weight"] = (base / np.asarray(inv_frequencies(cfg))).astype(np.float32)
     if arch in ("gpt2", "gptneox") and "output.weight" not in out:

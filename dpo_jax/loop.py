@@ -29,6 +29,7 @@ from dpo_jax.logprobs import max_scored_tokens
 from dpo_jax.metrics import MetricWriter, Progress
 from dpo_jax.optim import all_finite
 from dpo_jax.workdir import RunDir, write_summary
+from dpo_jax.data import to_global
 
 
 class Interrupted(Exception):
@@ -84,8 +85,6 @@ def device_batch(batch_np: Mapping[str, np.ndarray], mesh, scored_only: bool):
             from jax.experimental import multihost_utils
 
             bound = int(np.max(multihost_utils.process_allgather(np.asarray(bound))))
-    from dpo_jax.data import to_global
-
     return to_global(batch_np, shard_lib.batch_shardings(batch_np, mesh)), bound
 
 

@@ -8,7 +8,7 @@ The reference (``model.lora.reference``):
     e.g. an SFT run's) it is the base with those adapters, held as a frozen copy beside the
     base (``ref_params = {**base, 'lora': initial adapters}``: adapter-sized, never a merged
     copy of the base), so step 1's loss is ln 2 and its rewards 0. A LoRA run given as
-    ``init.policy`` has its adapters merged into this run's base (``lora_base.run_params``), so
+    ``init.policy`` has its adapters merged into this run's base (``state.run_params``), so
     there too the base is the starting policy.
   * ``'base'``: the base with every adapter off, also when ``model.lora.path`` gives initial
     adapters (TRL's behaviour for a PEFT model without ``ref_adapter_name`` or a reference

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from dpo_jax.lora import HEAD, LoraModel
+from dpo_jax.models import hf_maps
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -23,8 +24,6 @@ def _peft_modules(model: LoraModel) -> dict[str, str]:
     """target name -> the HF module name pattern (``{i}`` = layer) that PEFT adapts. Raises
     ValueError for a target whose HF tensor is fused with others (GPT-2's c_attn, NeoX's
     query_key_value, Phi-3's qkv_proj / gate_up_proj): one PEFT module per target is needed."""
-    from dpo_jax.models import hf_maps
-
     prefix = hf_maps.FAMILY_MAPS[model.cfg.family][1][0]
     out = {}
     for t in model.targets:

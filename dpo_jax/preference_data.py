@@ -16,14 +16,14 @@ from absl import logging
 
 from dpo_jax import data as data_lib
 from dpo_jax import sharding as shard_lib
+from dpo_jax import reference as ref_lib
+from dpo_jax.data.checks import check_fits_model
+from dpo_jax.data.loading import load_mixture_pairs, pipeline_class
+from dpo_jax.data.ranked import pair_views
 
 
 def check_fits(pairs, model_cfg, *, pad_id: int, where: str, tokenizer=None) -> None:
     """``data.checks.check_fits_model`` for the model described by ``model_cfg``."""
-    from dpo_jax.data.checks import check_fits_model
-
-    from dpo_jax.data.ranked import pair_views
-
     check_fits_model(pair_views(pairs), vocab_size=model_cfg.vocab_size,
                      max_positions=model_cfg.max_len if model_cfg.position == "learned" else None,
                      pad_id=pad_id, where=where,
@@ -46,8 +46,6 @@ def load_pairs(rc, splits, model_cfg) -> tuple[dict, dict, object]:
             pairs[split], stats[split] = data_lib.load_tokenised_pairs(
                 rc.data, split, tokenizer, train_items=pairs.get("train"))
             continue
-        from dpo_jax.data.pipeline import load_mixture_pairs
-
         by_source = None
         if "train" in pairs:  # each source's train pairs, for eval's overlap count
             by_source, start = {}, 0
@@ -82,8 +80,6 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
         raise ValueError(f"data.format={rc.data.format!r}: stored reference log-probs are for "
                          "pairs; set logprobs.precompute_reference=False")
     if reference is not None:
-        from dpo_jax import reference as ref_lib
-
         model, ref_params, cache_dir = reference
         src = rc.param_sources
         # A mixture's per-source eval splits are slices of 'eval': computed once, sliced below.
@@ -99,8 +95,6 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
         for name, _, count in stats.get("eval", {}).get("mixture_counts", None) or ():
             stored[f"eval/{name}"] = tuple(x[start:start + count] for x in stored["eval"])
             start += count
-    from dpo_jax.data.ranked import pipeline_class
-
     return {split: pipeline_class(rc.data)(
         pairs[split], rc.data, train=split == "train",
         global_batch_size=rc.train.batch_size if split == "train" else rc.train.eval_batch_size,

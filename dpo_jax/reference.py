@@ -25,37 +25,17 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax import data as data_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax.logprobs import max_scored_tokens
 from dpo_jax.step import StepConfig, sequence_stats
+from dpo_jax.train_state import param_checksum  # noqa: F401  (re-exported: reference.param_checksum)
 
 SUBDIR = "reference_logps"  # the cache directory's conventional name inside a run's workdir
 
 TokenPair = Mapping[str, np.ndarray]
-
-
-def _leaf_sums(x):
-    x = x.astype(jnp.float32).reshape(-1)
-    w = jnp.sin(jnp.arange(x.shape[0], dtype=jnp.float32))
-    return jnp.stack([x.sum(), (x * x).sum(), (x * w).sum()])
-
-
-_tree_sums = jax.jit(lambda params: jax.tree.map(_leaf_sums, params))
-
-
-def param_checksum(params: Any) -> list[list]:
-    """Per leaf ``[dtype, shape, sum x, sum x^2, sum x*sin(i)]`` (sums in float32, computed on
-    device, rounded to 6 decimals).
-
-    A cheap stand-in for hashing every byte (which would move the whole model to the host): the
-    third sum depends on the position of each value, so permutations change it too."""
-    sums = jax.device_get(_tree_sums(params))
-    return [[str(x.dtype), list(x.shape)] + np.asarray(s).round(6).tolist()
-            for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(sums))]
 
 
 def _hash_pairs(h, pairs: Sequence[TokenPair]) -> None:

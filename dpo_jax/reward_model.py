@@ -29,6 +29,7 @@ from dpo_jax.batch_format import BatchFormat
 from dpo_jax.models import Model
 from dpo_jax.optim import Objective, make_update
 from dpo_jax.workdir import RunDir, opens_workdir
+from dpo_jax import checkpoint as ckpt_lib
 
 Params = dict[str, Any]
 
@@ -174,8 +175,6 @@ def init_params(model: RewardModel, shardings, sources) -> Params:
 
 def restore_reward_model(run_dir: str, model: RewardModel, shardings) -> Params:
     """A trained reward model's params (``{"decoder", "value_head"}``) from its run directory."""
-    from dpo_jax import checkpoint as ckpt_lib
-
     return ckpt_lib.restore_params(run_dir, state_lib.abstract(model.abstract_params(), shardings))
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax.models.model import Model, Params, project
+from dpo_jax.logprobs import DENSE, token_logps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +198,6 @@ def score_tokens(model: Model, params: Params, tokens_BT: jax.Array,
     Same alignment as ``Samples.logps_BT``: multiply by ``completion_mask_BT`` to rescore a
     sample under another model (e.g. the reference, for KL(pi || pi_ref)).
     """
-    from dpo_jax.logprobs import DENSE, token_logps
-
     T = tokens_BT.shape[1]
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
     h = model.hidden(params, tokens_BT, positions, segment_ids_BT)

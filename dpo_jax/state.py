@@ -1,111 +1,34 @@
-"""The sharded train state of every task: parameters from a source, optimizer state, restore targets.
+"""Parameters from their sources and what every task builds first (``setup``): another run's
+checkpoint (a LoRA run's base rebuilt and its adapters merged in), an HF directory or a seeded
+init, the frozen reference, the optimizer and the shardings.
 
-Parameters are plain nested dicts (ARCHITECTURE.md). Every tree is created directly in its
-sharding (``jax.jit(..., out_shardings=...)`` or a sharded restore), never whole on one host.
+The state's types and tree helpers live one layer down in ``train_state`` (re-exported here:
+``state.TrainState``, ``state.create_state``, ...). Parameters are plain nested dicts
+(ARCHITECTURE.md). Every tree is created directly in its sharding (``jax.jit(...,
+out_shardings=...)`` or a sharded restore), never whole on one host.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
+from dpo_jax import checkpoint as ckpt_lib
+from dpo_jax import lora as lora_lib
+from dpo_jax import lora_base
+from dpo_jax import lora_peft
 from dpo_jax import sharding as shard_lib
-
-
-@flax.struct.dataclass
-class Frozen:
-    """The parameters a step reads but does not train, by what they are (at most one is set):
-
-    * ``reference``: the reference policy of full fine-tuning (DPO's pi_ref, PPO's KL anchor;
-      TR-DPO updates it);
-    * ``lora_base``: under LoRA (``dpo_jax/lora.py``) the frozen base, the policy's weights
-      under its adapters, plus (reference = the starting policy, adapters from
-      ``model.lora.path``) a frozen copy of the initial adapters under ``'lora'``; the
-      reference is derived from it (``lora.join``).
-    """
-
-    reference: Any = None
-    lora_base: Any = None
-
-    @property
-    def tree(self):
-        """The one tree that is set (the checkpoint item ``ref_params`` of TR-DPO)."""
-        return self.lora_base if self.lora_base is not None else self.reference
-
-    @classmethod
-    def of(cls, trainable, tree) -> "Frozen | None":
-        """``tree`` named by what it is beside ``trainable``: the LoRA base when ``trainable``
-        is an adapter tree (``{'lora': ...}`` only, ``lora.join``'s rule), else the reference;
-        None for None."""
-        if tree is None:
-            return None
-        if isinstance(trainable, dict) and set(trainable) == {"lora"}:
-            return cls(lora_base=tree)
-        return cls(reference=tree)
-
-
-@flax.struct.dataclass
-class TrainState:
-    """What a train step carries from one update to the next. Holds no RNG key: a step's keys
-    derive from a seed and ``step`` (``lora.step_rng``, PPO's minibatch order)."""
-
-    step: jax.Array  # int32 [], replicated: optimizer updates applied so far
-    trainable: Any  # what the optimizer updates: the whole policy, or its adapters under LoRA
-    opt_state: Any  # the optimizer's state of ``trainable``, in its shardings
-    frozen: Frozen | None = None  # None: nothing frozen (reference-free loss, stored reference)
-
-    # The checkpoint's item names (``params``, ``ref_params``), read-only.
-    @property
-    def params(self):
-        """``trainable``."""
-        return self.trainable
-
-    @property
-    def ref_params(self):
-        """The frozen tree (``frozen.tree``: the reference, or the LoRA base) or None."""
-        return None if self.frozen is None else self.frozen.tree
-
-    def with_reference(self, reference) -> "TrainState":
-        """This state with the reference replaced (TR-DPO's sync; a restored ``ref_params``
-        checkpoint item). ValueError when it holds no reference (none, or a LoRA base)."""
-        if self.frozen is None or self.frozen.reference is None:
-            raise ValueError("this state holds no reference parameters to replace")
-        return self.replace(frozen=self.frozen.replace(reference=reference))
-
-
-def param_shardings(model, mesh, rules):
-    """NamedShardings of ``model``'s parameter tree under the logical-axis ``rules``."""
-    return shard_lib.tree_shardings(model.abstract_params(), model.logical_axes(), mesh, rules)
-
-
-def abstract(tree, shardings=None):
-    """``jax.ShapeDtypeStruct`` tree with shardings: the target a checkpoint restores into.
-
-    Leaves of ``tree`` may be arrays or ShapeDtypeStructs; ``shardings`` (same structure)
-    replaces theirs."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
-
-
-def cast_floats(tree, dtype):
-    """Floating leaves of ``tree`` cast to ``dtype`` (integer leaves unchanged)."""
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def as_dtype(params, shardings, dtype: str):
-    """``params`` with floating leaves in ``dtype`` (unchanged when they already are)."""
-    if all(x.dtype == jnp.dtype(dtype) for x in jax.tree.leaves(params)
-           if jnp.issubdtype(x.dtype, jnp.floating)):
-        return params
-    return jax.jit(lambda p: cast_floats(p, jnp.dtype(dtype)), out_shardings=shardings)(params)
-
+from dpo_jax.config import read_config
+from dpo_jax.lora import LoraModel, merge, merged_config
+from dpo_jax.models import Model, hf
+from dpo_jax.optim import make_optimizer
+# The state's types and tree helpers, re-exported: state.TrainState, state.create_state, ...
+from dpo_jax.train_state import Frozen, TrainState, abstract, as_dtype  # noqa: F401
+from dpo_jax.train_state import cast_floats, create_state, param_checksum  # noqa: F401
+from dpo_jax.train_state import param_shardings
 
 def init_params(model, shardings, *, checkpoint: str = "", hf_path: str = "", seed: int = 0,
                 dtype: str = ""):
@@ -114,12 +37,8 @@ def init_params(model, shardings, *, checkpoint: str = "", hf_path: str = "", se
     directory ``hf_path``, or a seeded random init; cast to ``dtype`` when given (e.g.
     'bfloat16' for a frozen reference)."""
     if checkpoint:
-        from dpo_jax import lora_base
-
-        params = lora_base.run_params(checkpoint, model, shardings)
+        params = run_params(checkpoint, model, shardings)
     elif hf_path:
-        from dpo_jax.models import hf
-
         params = hf.load_hf_params(hf_path, model.cfg, shardings=shardings)
     else:
         params = jax.jit(model.init, out_shardings=shardings)(jax.random.key(seed))
@@ -144,24 +63,6 @@ def init_reference(model, shardings, sources, policy_params):
     cast = (lambda p: cast_floats(p, jnp.dtype(sources.reference_dtype))) if (
         sources.reference_dtype) else (lambda p: jax.tree.map(jnp.copy, p))
     return jax.jit(cast, out_shardings=shardings)(policy_params)
-
-
-def create_state(params, tx: optax.GradientTransformation, mesh, shardings,
-                 ref_params=None) -> TrainState:
-    """A step-0 TrainState training ``params`` beside the frozen ``ref_params``
-    (:meth:`Frozen.of` names it: the LoRA base when ``params`` are adapters, else the
-    reference; None: nothing frozen), whose optimizer moments carry their parameters' shardings
-    and whose scalar counters are replicated. (A moment does not depend on its parameter's
-    values, so jit would not propagate the sharding by itself: FSDP would then hold every moment
-    whole.)"""
-    replicated = shard_lib.replicated(mesh)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings,
-        transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    return TrainState(step=step, trainable=params, opt_state=opt_state,
-                      frozen=Frozen.of(params, ref_params))
 
 
 class Setup(NamedTuple):
@@ -193,10 +94,6 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     ``model.lora.reference='base'`` the reference is the bare base. Raises ValueError for LoRA
     settings the run contradicts (``lora.check_run``) or a task whose model carries no
     adapters."""
-    from dpo_jax import lora as lora_lib
-    from dpo_jax import lora_peft
-    from dpo_jax.optim import make_optimizer
-
     lora = getattr(rc, "lora", None)
     if lora is not None and lora.rank:
         if not isinstance(model, lora_lib.LoraModel):
@@ -224,3 +121,49 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     ref_params = (init_reference(model, shardings, rc.param_sources, params) if reference
                   else None)
     return Setup(mesh, tx, schedule, shardings, params, ref_params)
+
+
+def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | None = None):
+    """``(LoraModel, base, adapters)`` of the LoRA run in ``run_dir``: its base rebuilt from its
+    own sources in its own ``param_dtype`` (``shardings``: those of ``model``, a model of the
+    same shapes) and checked against the checkpoint's fingerprint, and its adapters from its
+    checkpoint (``step`` or the newest), replicated. Raises ValueError when the rebuilt base is
+    not the one the adapters were trained on."""
+    config = lora_base.read_run_config(run_dir)
+    rc = read_config(config)
+    lora_model = LoraModel(rc.model, rc.lora)
+    base = init_policy(lora_model, shardings, rc.param_sources)
+    base = as_dtype(base, shardings, rc.model.param_dtype)
+    one = jax.tree.leaves(shardings)[0]
+    rep = jax.sharding.NamedSharding(one.mesh, jax.sharding.PartitionSpec()) if isinstance(
+        one, jax.sharding.NamedSharding) else one
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                        lora_model.abstract_adapters())
+    adapters = ckpt_lib.restore_params(run_dir, like, step=step)
+    saved = ckpt_lib.restore_json_item(run_dir, lora_base.ITEM, step=step)
+    if saved is not None:
+        lora_base.BaseFingerprint(base, lora_base.source_of(rc.param_sources)).load_state_dict(saved)
+    return lora_model, base, adapters
+
+
+def run_params(run_dir: str, model: Model, shardings, step: int | None = None):
+    """The policy parameters of another run (its workdir), in ``shardings``: its checkpoint's
+    parameters, or for a LoRA run its base with its adapters merged in, in ``model``'s
+    ``param_dtype`` (the paper's SFT model as DPO's init and reference, when the SFT run
+    trained adapters)."""
+    config = lora_base.read_run_config(run_dir)
+    if config is None or not lora_base.run_lora(config).rank:
+        return ckpt_lib.restore_params(run_dir, abstract(model.abstract_params(), shardings),
+                                       step=step)
+    lora_model, base, adapters = run_base_and_adapters(run_dir, model, shardings, step)
+    if merged_config(lora_model).tie_embeddings != model.cfg.tie_embeddings:
+        raise ValueError(
+            f"the LoRA run {run_dir!r} adapted the LM head of a model whose head is tied to its "
+            "input embedding: merged, its head is a separate matrix, which this run's tied model "
+            "cannot hold. Leave lm_head out of that run's model.lora.targets, or adapt the head "
+            "in this run instead")
+    dtype = jnp.dtype(model.cfg.param_dtype)
+    return jax.jit(lambda b, a: merge(lora_model, cast_floats(b, dtype), a),
+                   out_shardings=shardings)(base, adapters)
+
+

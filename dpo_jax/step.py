@@ -25,7 +25,7 @@ from dpo_jax import lora as lora_lib
 from dpo_jax.batch_format import BatchFormat
 from dpo_jax.logprobs import scored_counts, sequence_logps
 from dpo_jax.optim import Objective, make_update
-from dpo_jax.state import TrainState
+from dpo_jax.train_state import TrainState
 from dpo_jax.step_config import StepConfig  # noqa: F401  (re-exported: step.StepConfig)
 
 

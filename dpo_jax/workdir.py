@@ -39,6 +39,7 @@ from absl import logging
 from dpo_jax.batch_sizes import check_batch_sizes
 from dpo_jax.config import read_config, resolve_defaults
 from dpo_jax.models.hf_dir import check_hf_dir
+from dpo_jax.config import base_config
 
 CONFIG = "config.json"
 HISTORY = "config_history.jsonl"
@@ -76,8 +77,6 @@ def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """``{field: (old, new)}`` for every leaf that differs (lists compared as lists). A field
     the old config lacks (added to the schema since) counts only when it is not at its default."""
-    from dpo_jax.config import base_config
-
     a, b = _flat(old), _flat(new)
     defaults = _flat(config_dict(base_config()))
     out = {}

@@ -11,7 +11,7 @@ from dpo_jax.data.batching import materialise, pair_lengths, plan_packed, plan_u
 from dpo_jax.data.batching import packed_row_choices, seq_lengths_of, sequences
 from dpo_jax.data.checks import check_fits_model, check_scored_pair, scored_tokens
 from dpo_jax.data.errors import BadRows
-from dpo_jax.data.pipeline import load_tokenised_pairs
+from dpo_jax.data.loading import load_tokenised_pairs
 from dpo_jax.data.sources import RawPair
 from dpo_jax.data.testing import (chatml_tokenizer, gpt2_style_tokenizer,
                                   llama2_style_tokenizer, llama3_style_tokenizer)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.data import build_pipeline
-from dpo_jax.data.pipeline import load_tokenised_pairs
+from dpo_jax.data.loading import load_tokenised_pairs
 from dpo_jax.data.testing import chatml_tokenizer, gpt2_style_tokenizer, llama3_style_tokenizer
 from tests import helpers, runs
 
@@ -107,7 +107,7 @@ def test_token_overlap_of_the_gpt2_style_variants_is_the_hand_count(tmp_path):
 def test_ranked_lists_and_synthetic_items_report_overlap():
     cfg = helpers.data_config(format="ranked")
     cfg.synthetic.update(num_train=64, num_eval=16)
-    from dpo_jax.data.ranked import load_tokenised_items
+    from dpo_jax.data.loading import load_tokenised_items
 
     _, stats = load_tokenised_items(cfg, "eval")
     assert stats["eval_pairs_in_train"] == 0

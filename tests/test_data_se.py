@@ -8,8 +8,7 @@ import pytest
 
 from dpo_jax.data import DataError, default_data_config
 from dpo_jax.data.errors import BadRows
-from dpo_jax.data.pipeline import load_tokenised_pairs
-from dpo_jax.data.sources import load_raw_pairs
+from dpo_jax.data.loading import load_raw_pairs, load_tokenised_pairs
 from dpo_jax.data.stackexchange import TEST_FRACTION, reference_split, se_pairs, strip_html_tags
 from dpo_jax.data.testing import gpt2_style_tokenizer
 

@@ -8,8 +8,8 @@ import pytest
 from dpo_jax.data import DataError, build_pipeline
 from dpo_jax.data.errors import BadRows
 from dpo_jax.data.io import read_rows
-from dpo_jax.data.pipeline import load_tokenised_pairs
-from dpo_jax.data.sources import load_raw_pairs, split_prompt_and_responses
+from dpo_jax.data.loading import load_raw_pairs, load_tokenised_pairs
+from dpo_jax.data.sources import split_prompt_and_responses
 from dpo_jax.data.testing import find_shared_data, gpt2_style_tokenizer, llama3_style_tokenizer
 from tests import helpers
 

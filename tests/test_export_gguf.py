@@ -327,7 +327,7 @@ def test_lora_run_is_exported_merged(tmp_path):
     the GGUF file gives the adapted policy's logits (base + adapters, computed unmerged by
     ``LoraModel``), not the base's."""
     from dpo_jax import lora as lora_lib
-    from dpo_jax import lora_base
+    from dpo_jax import state as state_lib
     from dpo_jax.config import read_config
     from dpo_jax.export import export_run
     from tests import runs
@@ -351,7 +351,7 @@ def test_lora_run_is_exported_merged(tmp_path):
     model = lora_lib.LoraModel(rc.model, rc.lora)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: one, model.abstract_params())
-    _, base_p, adapters = lora_base.run_base_and_adapters(str(tmp_path / "run"), model, shardings)
+    _, base_p, adapters = state_lib.run_base_and_adapters(str(tmp_path / "run"), model, shardings)
     ids = IDS[:, :12] % 128
     pos = np.broadcast_to(np.arange(12, dtype=np.int32), ids.shape)
     want = np.asarray(model.logits(lora_lib.join(base_p, adapters), ids, pos, np.ones_like(ids)))

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from dpo_jax import lora as lora_lib
-from dpo_jax import lora_base
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
 from dpo_jax.data.testing import gpt2_style_tokenizer
@@ -48,7 +47,7 @@ def _ours(config, workdir):
     model = lora_lib.LoraModel(rc.model, rc.lora)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: one, model.abstract_params())
-    _, base, adapters = lora_base.run_base_and_adapters(str(workdir), model, shardings)
+    _, base, adapters = state_lib.run_base_and_adapters(str(workdir), model, shardings)
     ids = np.random.default_rng(0).integers(1, 128, (2, 12)).astype(np.int32)
     pos = np.broadcast_to(np.arange(12, dtype=np.int32), ids.shape)
     logits = model.logits(lora_lib.join(base, adapters), ids, pos, np.ones_like(ids))

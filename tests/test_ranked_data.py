@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax.data import ranked, unpaired
+from dpo_jax.data import loading, ranked, unpaired
 from dpo_jax.data.errors import DataError
 from dpo_jax.step import StepConfig, make_train_step, sequence_stats
 from tests import helpers, runs
@@ -91,7 +91,7 @@ def test_generic_and_ultrafeedback_files_tokenise_like_pairs(tmp_path):
     path = helpers.write_jsonl(tmp_path / "ranked.jsonl", rows)
     cfg = helpers.data_config(source="generic", path=path, tokenizer="gpt2", format="ranked",
                               eval_fraction=0.0, eval_split="train")
-    items, stats = ranked.load_tokenised_items(cfg, "train", tok)
+    items, stats = loading.load_tokenised_items(cfg, "train", tok)
     assert len(items) == 6 and stats["bad_rows_skipped"] == {}
     it = items[0]
     # sorted best first; the duplicate ' no' kept once (its better score); ties share a rank
@@ -120,11 +120,11 @@ def test_generic_and_ultrafeedback_files_tokenise_like_pairs(tmp_path):
     ucfg = helpers.data_config(source="ultrafeedback", path=helpers.write_jsonl(
         tmp_path / "uf.jsonl", uf), tokenizer="gpt2", format="ranked", eval_fraction=0.0,
         eval_split="train")
-    items, _ = ranked.load_tokenised_items(ucfg, "train", tok)
+    items, _ = loading.load_tokenised_items(ucfg, "train", tok)
     assert tok.decode(items[0]["prompt"]) == "user: Say 0\nassistant:"
     assert tok.decode(items[0]["responses"][0]) == "  two\n<|endoftext|>"
     ucfg.field_scores = "annotations"
-    items, _ = ranked.load_tokenised_items(ucfg, "train", tok)
+    items, _ = loading.load_tokenised_items(ucfg, "train", tok)
     assert tok.decode(items[0]["responses"][0]) == "  two\n<|endoftext|>"
 
 

@@ -9,8 +9,8 @@ reader/writer and ``load_tokenizer`` the one tokenizer loader.
 from dpo_jax.data.config import DataConfig, default_data_config, read_data
 from dpo_jax.data.errors import DataError
 from dpo_jax.data.io import read_jsonl, write_jsonl
-from dpo_jax.data.pipeline import (PreferencePipeline, build_pipeline, load_tokenised_pairs,
-                                   pad_id_for, to_global)
+from dpo_jax.data.loading import build_pipeline, load_tokenised_pairs
+from dpo_jax.data.pipeline import PreferencePipeline, pad_id_for, to_global
 from dpo_jax.data.prompts import PromptStream
 from dpo_jax.data.stream import BatchStream
 from dpo_jax.data.text import TextPipeline

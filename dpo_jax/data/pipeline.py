@@ -19,10 +19,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from dpo_jax.data import batching, config as config_lib, prefix, synthetic
-from dpo_jax.data.checks import overlap_stats, warn_overlap
-from dpo_jax.data.errors import BadRows, DataError
+from dpo_jax.data.errors import DataError
 from dpo_jax.data.stream import BatchStream
-from dpo_jax.data.tokenize import PairTokenizer, TokenPair, length_summary, load_tokenizer
+from dpo_jax.data.tokenize import TokenPair
+from dpo_jax.data.mixture import mixture_order
 
 log = logging.getLogger("dpo_jax.data")
 
@@ -41,117 +41,6 @@ def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
         return synthetic.best_vs_random(
             synthetic.make_ranked(task, n, seed, int(s.num_responses)), seed)
     return synthetic.make_pairs(task, n, seed)
-
-
-def load_tokenised_pairs(cfg, split: str, tokenizer=None, *,
-                         train_items: list | None = None) -> tuple[list[TokenPair], dict]:
-    """Tokenised pairs of ``split`` ('train' or 'eval') and the stats of getting them.
-
-    Every pair passed ``checks.check_scored_pair`` on its tokens as scored (bad rows raise
-    ``DataError`` or, with ``on_bad_row='skip'``, are counted in ``stats['bad_rows_skipped']``
-    by reason). Stats: ``lengths``, ``bad_rows_skipped``, ``tokenisation`` (text sources),
-    ``split`` (text sources: the dataset split read and, when eval was carved by prompt, the
-    sizes), and for eval ``eval_pairs_in_train`` / ``eval_prompts_in_train``: how many eval
-    pairs (prompts) the train split also holds, compared as token ids
-    (``checks.shared_items``), logged as a warning when pairs are shared. ``train_items``: the
-    train split's tokenised items when the caller has them (else the train split is tokenised
-    again for that count)."""
-    from dpo_jax.data.checks import check_scored_pair
-
-    cfg = config_lib.read_data(cfg)
-    if cfg.format != "pairs":  # ranked lists / unpaired completions
-        from dpo_jax.data.ranked import load_tokenised_items
-
-        return load_tokenised_items(cfg, split, tokenizer, train_items=train_items)
-    bad = BadRows(cfg.on_bad_row)
-    stats: dict[str, Any] = {}
-    if cfg.spec.tokenised:  # the synthetic task: token ids with a known reward
-        pairs = _synthetic_pairs(cfg, split)[: cfg.max_pairs or None]
-        too_long = [i for i, p in enumerate(pairs) if len(p["prompt"])
-                    + max(len(p["chosen"]), len(p["rejected"])) > cfg.max_length]
-        if too_long:
-            raise DataError(f"{len(too_long)} {cfg.source} pairs exceed max_length "
-                            f"{cfg.max_length}", file=cfg.source, row=too_long[0],
-                            reason="prompt_too_long")
-        kept = []
-        for i, pair in enumerate(pairs):
-            try:
-                check_scored_pair(pair, end_ids=set(cfg.spec.end_ids), file=cfg.source, row=i)
-                kept.append(pair)
-            except DataError as e:
-                bad.handle(e)
-        pairs = kept
-        if split == "eval":
-            train = (train_items if train_items is not None
-                     else _synthetic_pairs(cfg, "train")[: cfg.max_pairs or None])
-            stats.update(overlap_stats(pairs, train))
-    else:
-        pairs, stats = encode_text_split(cfg, split, bad, tokenizer,
-                                         lambda encoder, raw, bad: encoder.encode(raw, bad),
-                                         train_items=train_items)
-    if not pairs:
-        raise DataError(f"no usable pairs in split {split!r}", file=cfg.path or cfg.source)
-    warn_overlap(stats, len(pairs))
-    stats["bad_rows_skipped"] = dict(bad.counts)
-    stats["lengths"] = length_summary(pairs)
-    return pairs, stats
-
-
-def encode_text_split(cfg, split: str, bad: BadRows, tokenizer, encode, *,
-                      train_items: list | None = None):
-    """A text source's split, for every ``data.format``: its raw rows (``select_split``)
-    tokenised by ``encode(encoder, raw, bad) -> (items, kept_at)`` with a ``PairTokenizer``
-    over ``tokenizer`` (loaded from ``cfg.tokenizer`` when None), ``kept_at`` the raw index of
-    each item. Returns ``(items, stats)``: ``split``, ``tokenisation`` and, for eval, the
-    overlap with the train split as token ids (``overlap_stats``) against ``train_items``, or
-    when None the train split tokenised here the same way (its bad rows skipped silently)."""
-    from dpo_jax.data.sources import select_split
-
-    stats: dict[str, Any] = {}
-    raw, stats["split"] = select_split(cfg, split, bad)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-    encoder = PairTokenizer(tok, cfg)
-    items, _ = encode(encoder, raw, bad)
-    stats["tokenisation"] = encoder.stats.as_dict()
-    if split == "eval":
-        if train_items is None:
-            quiet = BadRows("skip", max_logged=0)
-            train_raw, _ = select_split(cfg, "train", quiet, quiet=True)
-            train_items, _ = encode(PairTokenizer(tok, cfg), train_raw, quiet)
-        stats.update(overlap_stats(items, train_items))
-    return items, stats
-
-
-def load_mixture_pairs(cfg, split: str, tokenizer=None, *,
-                       train_items: dict[str, list] | None = None
-                       ) -> tuple[list[TokenPair], dict, list[tuple[str, float, int]]]:
-    """``load_tokenised_pairs`` of every source of ``cfg.sources`` (``data.mixture``), their
-    pairs concatenated in source order.
-
-    Returns ``(pairs, stats, mixture)``: ``stats['sources']`` holds each source's own stats
-    (``lengths`` those of all pairs), ``mixture`` is ``[(name, weight, pairs)]`` for
-    ``PreferencePipeline``. ``train_items``: each source's train items by name, for eval's
-    overlap count (``load_tokenised_pairs``). Raises ``ValueError`` for a bad ``data.sources``
-    entry and ``DataError`` naming the source for a source without usable pairs."""
-    cfg = config_lib.read_data(cfg)
-    sources = cfg.sources
-    if not sources:
-        raise ValueError("data.sources is empty: load_tokenised_pairs reads the single source")
-    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-    pairs: list[TokenPair] = []
-    per_source: dict[str, dict] = {}
-    mixture = []
-    for src in sources:
-        try:
-            items, stats = load_tokenised_pairs(src.cfg, split, tok,
-                                                train_items=(train_items or {}).get(src.name))
-        except DataError as e:
-            raise DataError(f"mixture source {src.name!r}: {e}", reason=e.reason) from e
-        pairs.extend(items)
-        per_source[src.name] = stats
-        mixture.append((src.name, src.weight, len(items)))
-    log.info("data %s: mixture %s", split, {n: (w, k) for n, w, k in mixture})
-    return pairs, {"sources": per_source, "lengths": length_summary(pairs)}, mixture
 
 
 class PreferencePipeline(BatchStream):
@@ -242,8 +131,6 @@ class PreferencePipeline(BatchStream):
     def train_order(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
         if self.mixture is None:
             return super().train_order(epoch, rng)
-        from dpo_jax.data.mixture import mixture_order
-
         return mixture_order([k for _, _, k in self.mixture], [w for _, w, _ in self.mixture],
                              seed=self.seed, epoch=epoch, shuffle=self.shuffle)
 
@@ -384,42 +271,6 @@ def pad_id_for(tokenizer) -> int:
         return synthetic.EOS_ID
     return int(tokenizer.eos_token_id if tokenizer.pad_token_id is None
                else tokenizer.pad_token_id)
-
-
-def build_pipeline(data_cfg, *, split: str, global_batch_size: int, process_index: int = 0,
-                   process_count: int = 1, seed: int = 0, tokenizer=None,
-                   pairs: list[TokenPair] | None = None, load_stats: dict | None = None,
-                   reference: tuple[np.ndarray, np.ndarray] | None = None
-                   ) -> PreferencePipeline:
-    """The pipeline for ``split`` ('train' or 'eval'; the config maps them to dataset splits).
-
-    ``pairs``: the split's tokenised pairs when the caller already has them (tokenise once,
-    compute reference log-probs, then build; ``load_stats`` the stats that came with them);
-    None loads them with ``load_tokenised_pairs``. ``tokenizer``: loaded from
-    ``data_cfg.tokenizer`` when needed and not given (it gives the pad id). ``reference``: see
-    ``PreferencePipeline``. With ``data.sources`` (and ``pairs`` None) the split is the
-    mixture of those sources (``load_mixture_pairs``). Raises ``ValueError``/``DataError`` for
-    a bad config or data."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    data_cfg = config_lib.read_data(data_cfg)
-    mixed = data_cfg.mixed
-    if not data_cfg.tokenised and tokenizer is None:
-        tokenizer = load_tokenizer(data_cfg.tokenizer)
-    mixture = None
-    if pairs is None and mixed:
-        pairs, load_stats, mixture = load_mixture_pairs(data_cfg, split, tokenizer)
-    elif pairs is None:
-        pairs, load_stats = load_tokenised_pairs(data_cfg, split, tokenizer)
-    stats = dict(load_stats or {})
-    log.info("data %s: %d pairs, lengths %s, skipped %s", split, len(pairs),
-             stats.get("lengths", {}).get("total"), stats.get("bad_rows_skipped"))
-    from dpo_jax.data.ranked import pipeline_class
-
-    return pipeline_class(data_cfg)(pairs, data_cfg, train=split == "train",
-                              global_batch_size=global_batch_size, process_index=process_index,
-                              process_count=process_count, seed=seed, pad_id=pad_id_for(tokenizer),
-                              load_stats=stats, reference=reference, mixture=mixture)
 
 
 def to_global(batch_np: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:

@@ -20,17 +20,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from dpo_jax.data import io
-from dpo_jax.data.config import read_data
+from dpo_jax.data.config import default_data_config, read_data
 from dpo_jax.data.errors import BadRows, DataError
-from dpo_jax.data.pipeline import load_tokenised_pairs
+from dpo_jax.data.loading import load_tokenised_pairs
 from dpo_jax.data.stream import BatchStream
+from dpo_jax.data.tokenize import PairTokenizer, load_tokenizer
 
 
 @functools.lru_cache(maxsize=16)
 def _tokenizer_stop_ids(name: str) -> tuple[int, ...]:
-    from dpo_jax.data.config import default_data_config
-    from dpo_jax.data.tokenize import PairTokenizer, load_tokenizer
-
     return PairTokenizer(load_tokenizer(name), default_data_config()).stop_ids
 
 
@@ -78,8 +76,6 @@ def prompt_file_tokens(path: str, data_cfg, tokenizer=None) -> list[np.ndarray]:
         except DataError as e:
             bad.handle(e)
     if texts:
-        from dpo_jax.data.tokenize import PairTokenizer, load_tokenizer
-
         encoder = PairTokenizer(tokenizer if tokenizer is not None
                                 else load_tokenizer(data_cfg.tokenizer), data_cfg)
         where = [_Where(path, i) for i, _ in texts]

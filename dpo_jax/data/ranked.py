@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from dpo_jax.data import batching, prefix, synthetic
-from dpo_jax.data.checks import check_scored_response, overlap_stats, warn_overlap
+from dpo_jax.data import batching, prefix
+from dpo_jax.data.checks import check_scored_response
 from dpo_jax.data.config import read_data
-from dpo_jax.data.errors import BadRows, DataError
+from dpo_jax.data.errors import DataError
 from dpo_jax.data.pipeline import PreferencePipeline
 from dpo_jax.data.sources import Message, _get, _get_str, _messages
 
@@ -183,91 +183,6 @@ def _checked_list(prompt: np.ndarray, responses: list[np.ndarray], scores: list[
             "scores": scores_K, "ranks": competition_ranks(scores_K)}
 
 
-def _synthetic_items(cfg, split: str, fmt: str) -> list[Item]:
-    s = cfg.synthetic
-    task = synthetic.SyntheticTask.from_config(s)
-    seed = s.train_seed if split == "train" else s.eval_seed
-    n = s.num_train if split == "train" else (
-        s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval))
-    if fmt == "unpaired" and s.from_lists:
-        return synthetic.labelled(synthetic.make_ranked(task, n, seed, int(s.num_responses)))
-    if fmt == "unpaired":
-        from dpo_jax.data.unpaired import unpair_tokens
-
-        return unpair_tokens(synthetic.make_pairs(task, n, seed))
-    return [{"prompt": it["prompt"], "responses": it["responses"], "scores": it["scores"]}
-            for it in synthetic.make_ranked(task, n, seed, int(s.num_responses))]
-
-
-def _checked_synthetic(cfg, split: str, bad: BadRows) -> list[Item]:
-    """The synthetic source's checked items of ``split`` (``data.format`` ranked / unpaired)."""
-    from dpo_jax.data.unpaired import checked_unpaired
-
-    items = []
-    for i, it in enumerate(_synthetic_items(cfg, split, cfg.format)[: cfg.max_pairs or None]):
-        try:
-            if cfg.format == "unpaired":
-                items.append(checked_unpaired(it, end_ids=set(cfg.spec.end_ids), is_blank=None,
-                                              file=cfg.source, row=i))
-            else:
-                items.append(_checked_list(it["prompt"], it["responses"], list(it["scores"]),
-                                           end_ids=set(cfg.spec.end_ids), is_blank=None,
-                                           file=cfg.source, row=i))
-        except DataError as e:
-            bad.handle(e)
-    return items
-
-
-def load_tokenised_items(cfg, split: str, tokenizer=None, *,
-                         train_items: list | None = None) -> tuple[list[Item], dict]:
-    """``load_tokenised_pairs`` for ``data.format`` 'ranked' or 'unpaired': the split's
-    tokenised items and the stats of getting them (``lengths``, ``bad_rows_skipped``,
-    ``tokenisation`` and ``split`` for text sources, ``eval_pairs_in_train`` /
-    ``eval_prompts_in_train`` for eval, compared as token ids against ``train_items`` or the
-    train split tokenised again)."""
-    from dpo_jax.data.pipeline import encode_text_split
-    from dpo_jax.data.tokenize import length_summary
-    from dpo_jax.data.unpaired import checked_unpaired
-
-    cfg = read_data(cfg)
-    fmt = cfg.format
-    bad = BadRows(cfg.on_bad_row)
-    stats: dict[str, Any] = {}
-    if cfg.spec.tokenised:  # the synthetic task's lists
-        items = _checked_synthetic(cfg, split, bad)
-    else:
-        def encode(encoder, raw, bad):
-            built: list[Item] = []
-
-            def check(prompt, responses, item):
-                kw = {"end_ids": encoder.end_ids, "is_blank": encoder.is_blank,
-                      "file": item.file, "row": item.row}
-                if fmt == "unpaired":
-                    out = checked_unpaired({"prompt": prompt, "completion": responses[0],
-                                            "desirable": item.label}, **kw)
-                else:
-                    out = _checked_list(prompt, responses, item.scores, **kw)
-                if item.weight != 1.0:
-                    out["weight"] = np.asarray(item.weight, np.float32)
-                built.append(out)
-
-            _, kept_at = encoder.encode_lists(raw, bad, check)
-            return built, kept_at
-
-        items, stats = encode_text_split(cfg, split, bad, tokenizer, encode,
-                                         train_items=train_items)
-    if not items:
-        raise DataError(f"no usable {fmt} items in split {split!r}", file=cfg.path or cfg.source)
-    if cfg.spec.tokenised and split == "eval":
-        if train_items is None:
-            train_items = _checked_synthetic(cfg, "train", BadRows("skip", max_logged=0))
-        stats.update(overlap_stats(items, train_items))
-    warn_overlap(stats, len(items))
-    stats["bad_rows_skipped"] = dict(bad.counts)
-    stats["lengths"] = length_summary(pair_views(items))
-    return items, stats
-
-
 def item_responses(item: Item) -> list[np.ndarray]:
     """The responses of a ranked list, an unpaired completion, or a pair."""
     if "responses" in item:
@@ -377,15 +292,3 @@ class RankedPipeline(SlotPipeline):
 
     def per_item(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return {"slot_rank": self._ranks[idx]}
-
-
-def pipeline_class(data_cfg) -> type[PreferencePipeline]:
-    """The batch stream of ``data.format``: pairs, ranked lists or unpaired completions."""
-    fmt = read_data(data_cfg).format
-    if fmt == "ranked":
-        return RankedPipeline
-    if fmt == "unpaired":
-        from dpo_jax.data.unpaired import UnpairedPipeline
-
-        return UnpairedPipeline
-    return PreferencePipeline

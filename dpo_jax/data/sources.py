@@ -15,12 +15,12 @@ import json
 import logging
 import pathlib
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
-from dpo_jax.data.errors import BadRows, DataError
-from dpo_jax.data.io import Record, Row, read_rows
+from dpo_jax.data.errors import DataError
+from dpo_jax.data.io import Record
 
 log = logging.getLogger("dpo_jax.data")
 Message = dict[str, str]
@@ -263,69 +263,6 @@ def pair_weight(rec: Record, field: str, file: str, row: int) -> float:
     return w
 
 
-def row_parser(source: str, cfg) -> Callable[..., Any]:
-    """The row parser of ``source`` for ``data.format``: pairs (``PARSERS``), ranked lists
-    (``data/ranked.py``) or unpaired completions (``data/unpaired.py``; one row may give
-    several). Raises ValueError for a source without that format."""
-    fmt = getattr(cfg, "format", "pairs") or "pairs"
-    if fmt == "ranked":
-        from dpo_jax.data.ranked import RANKED_PARSERS
-
-        if source not in RANKED_PARSERS:
-            raise ValueError(f"data.source={source!r} has no ranked lists; ranked sources: "
-                             f"{sorted(RANKED_PARSERS)} and synthetic")
-        return RANKED_PARSERS[source]
-    if fmt == "unpaired":
-        from dpo_jax.data.unpaired import unpaired_parser
-
-        return unpaired_parser(source)
-    return PARSERS[source]
-
-
-def parse_rows(source: str, rows: Iterable[Row], cfg, bad: BadRows) -> list[RawPair]:
-    """Parse every row; rows that do not parse raise or are counted by ``bad``. Whether a pair
-    can teach a preference is decided on its tokens (``checks.check_scored_pair``).
-    ``cfg.weight_field`` (when set) gives each pair its weight (``pair_weight``)."""
-    parser = row_parser(source, cfg)
-    weight_field = getattr(cfg, "weight_field", "") or ""
-    pairs: list[RawPair] = []
-    for file, row, rec in rows:
-        try:
-            parsed = parser(rec, file, row, cfg)
-            for pair in parsed if isinstance(parsed, list) else [parsed]:
-                if pair is not None:
-                    if weight_field:
-                        pair.weight = pair_weight(rec, weight_field, file, row)
-                    pairs.append(pair)
-        except DataError as e:
-            bad.handle(e)
-    if source == "shp":
-        pairs = _cap_per_prompt(pairs, cfg.shp_max_pairs_per_post)
-    return pairs
-
-
-def load_raw_pairs(cfg, split: str, bad: BadRows) -> list[RawPair]:
-    """Parsed rows of dataset split ``split`` of ``cfg.path`` (a local copy, or the hub when
-    the path is a name)."""
-    if cfg.source == "se":  # many pairs per row, the paper's own split: stackexchange.py
-        if (getattr(cfg, "format", "pairs") or "pairs") != "pairs":
-            raise ValueError("data.source='se' reads pairs only (data.format='pairs')")
-        from dpo_jax.data.stackexchange import load_se_pairs
-
-        return load_se_pairs(cfg, split, bad)
-    path = cfg.path or HUB_NAMES.get(cfg.source, "")
-    if not cfg.path and cfg.source == "ultrafeedback" and getattr(cfg, "format", "") == "ranked":
-        from dpo_jax.data.ranked import HUB_NAME  # the 4 rated completions per prompt
-
-        path = HUB_NAME
-    hub_config = cfg.hub_config
-    if cfg.source == "tldr" and not hub_config and path == HUB_NAMES["tldr"]:
-        hub_config = "comparisons"
-    return parse_rows(cfg.source, read_rows(path, split, hub_config), cfg, bad)
-
-
-# ------------------------------------------------------------------------ train / eval split
-
 def prompt_key(pair: RawPair) -> str:
     """The prompt as one string (text and message-list prompts never collide)."""
     return json.dumps(pair.prompt)
@@ -375,49 +312,3 @@ def hold_out_prompts(pairs: list[RawPair], *, eval_size: int, eval_fraction: flo
             f"pairs with data.eval_fraction=0 (reported as eval_pairs_in_train)", file=where,
             reason="no_train_prompts")
     return set(held)
-
-
-def select_split(cfg, split: str, bad: BadRows, *,
-                 quiet: bool = False) -> tuple[list[RawPair], dict[str, Any]]:
-    """Raw pairs of ``split`` ('train' or 'eval') and how they were chosen.
-
-    Eval is carved from the train split's rows, by prompt (no prompt in both), when
-    ``eval_split=''`` or when both splits would read the same rows
-    (``same_rows_for_both_splits``) and ``eval_fraction > 0``; otherwise eval reads
-    ``eval_split`` (its first ``eval_size`` pairs when > 0). ``max_pairs`` then caps each split.
-    Returns ``(pairs, info)``; ``info['holdout']`` gives the carved sizes (None when eval has
-    its own rows), also logged unless ``quiet``."""
-    carve = not cfg.eval_split or (cfg.eval_fraction > 0 and same_rows_for_both_splits(cfg))
-    split_name = cfg.train_split if (split == "train" or carve) else cfg.eval_split
-    raw = load_raw_pairs(cfg, split_name, bad)
-    where = cfg.path or cfg.source
-    info: dict[str, Any] = {"dataset_split": split_name, "holdout": None}
-    if carve:
-        held = hold_out_prompts(raw, eval_size=cfg.eval_size, eval_fraction=cfg.eval_fraction,
-                                seed=cfg.shuffle_seed, where=where)
-        eval_pairs = [p for p in raw if prompt_key(p) in held]
-        train_pairs = [p for p in raw if prompt_key(p) not in held]
-        info["holdout"] = {
-            "by": "eval_size" if cfg.eval_size > 0 else "eval_fraction",
-            "eval_prompts": len(held), "prompts": len({prompt_key(p) for p in raw}),
-            "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs)}
-        # Asked for (eval_split='') it is reported; implied by one file serving both splits it
-        # is a decision taken for the user (training loses those pairs even in a run that
-        # never evaluates): a warning, and a note kept in the data summary.
-        implicit = bool(cfg.eval_split)
-        note = (f"eval holds out {len(held)} of {info['holdout']['prompts']} prompts of "
-                f"{where} ({len(eval_pairs)} pairs, by {info['holdout']['by']}); train keeps "
-                f"{len(train_pairs)} pairs")
-        if implicit:
-            note += (f": data.eval_split={cfg.eval_split!r} reads the same rows as "
-                     f"data.train_split={cfg.train_split!r}, so eval is carved out of them "
-                     f"(data.eval_fraction=0 trains on every pair)")
-        info["holdout"]["note"] = note
-        say = log.debug if quiet else (log.warning if implicit else log.info)
-        say("data %s: %s", split, note)
-        raw = eval_pairs if split == "eval" else train_pairs
-    elif split == "eval" and cfg.eval_size > 0:
-        raw = raw[: cfg.eval_size]
-    if cfg.max_pairs:
-        raw = raw[: cfg.max_pairs]
-    return raw, info

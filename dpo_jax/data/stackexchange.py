@@ -29,6 +29,7 @@ import numpy as np
 
 from dpo_jax.data.errors import BadRows, DataError
 from dpo_jax.data.io import Row, read_rows
+from dpo_jax.data.sources import RawPair
 
 HUB_NAME = "HuggingFaceH4/stack-exchange-preferences"
 SHUFFLE_SEED = 42  # the paper's code: dataset.shuffle(seed=42)
@@ -117,8 +118,6 @@ def _rows_of(path: str, split: str, hub_config: str) -> Iterable[Row]:
 def load_se_pairs(cfg, split: str, bad: BadRows) -> list:
     """Raw pairs of dataset split ``split`` of ``cfg.path`` (the hub dataset when empty), as
     the module doc says."""
-    from dpo_jax.data.sources import RawPair
-
     if getattr(cfg, "weight_field", ""):
         raise DataError("the se source forms several pairs per row and has no per-pair weight "
                         "column: set data.weight_field=''", file=cfg.path or HUB_NAME,

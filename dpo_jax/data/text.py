@@ -14,7 +14,8 @@ import numpy as np
 
 from dpo_jax.data import batching, config as config_lib, io
 from dpo_jax.data.errors import DataError
-from dpo_jax.data.pipeline import load_tokenised_pairs, pad_id_for
+from dpo_jax.data.loading import load_tokenised_pairs
+from dpo_jax.data.pipeline import pad_id_for
 from dpo_jax.data.stream import BatchStream
 from dpo_jax.data.tokenize import load_tokenizer
 

@@ -7,12 +7,12 @@ from dpo_jax.models.config import (
     ModelConfig,
     flops_per_token,
     matmul_param_count,
-    model_config_from,
     param_count,
     preset,
 )
 from dpo_jax.models.hf import load_hf_params, save_hf
 from dpo_jax.models.hf_config import load_hf_config
+from dpo_jax.models.hf_dir import model_config_from
 from dpo_jax.models.model import Model, project
 
 __all__ = [

@@ -373,19 +373,3 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     Kaplan et al. / PaLM MFU, so MFU numbers are comparable with the literature.
     """
     return 6 * matmul_param_count(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-
-
-def model_config_from(model_block) -> ModelConfig:
-    """The policy's ModelConfig from a run config's ``model`` block: an HF directory's
-    ``config.json`` when ``hf_path`` is set, else the named preset; ``overrides`` (None = keep)
-    and the dtype / remat / attention switches applied on top."""
-    m = model_block
-    overrides = {k: v for k, v in m.overrides.items() if v is not None}
-    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                     scan_layers=m.scan_layers, attention_impl=m.attention_impl or None,
-                     attention_chunk=m.attention_chunk)
-    if m.hf_path:
-        from dpo_jax.models.hf_config import load_hf_config
-
-        return load_hf_config(m.hf_path, **overrides)
-    return preset(m.preset, **overrides)

@@ -9,6 +9,7 @@ themselves are read and written by hf.py.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -278,12 +279,43 @@ def hf_config_to_model_config(c: dict, source: str = "config.json",
     return ModelConfig(**{**kw, **overrides})
 
 
+def _listing(path: str) -> str:
+    names = sorted(os.listdir(path))
+    return ", ".join(names[:12]) + (f", ... ({len(names)} files)" if len(names) > 12 else "") \
+        if names else "nothing"
+
+
+def read_config_json(path: str) -> dict:
+    """The parsed `<path>/config.json`. FileNotFoundError naming the file (and, for a directory
+    holding only a GGUF file, what to do); ValueError naming the file, line and column of
+    invalid JSON."""
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        ggufs = sorted(os.path.basename(g) for g in glob.glob(os.path.join(path, "*.gguf")))
+        if ggufs:
+            raise FileNotFoundError(
+                f"{file}: absent; {path} holds GGUF file(s) {ggufs}, a llama.cpp format dpo_jax "
+                "does not read (quantized blocks, reordered query/key rows): convert it to a "
+                "Hugging Face directory first (transformers: AutoModelForCausalLM.from_pretrained("
+                "dir, gguf_file=...) then save_pretrained; see shared/models/smollm2.sh)")
+        raise FileNotFoundError(f"{file}: absent (the directory holds {_listing(path)}); a "
+                                "Hugging Face model directory needs config.json and safetensors")
+    with open(file) as f:
+        text = f.read()
+    try:
+        c = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: "
+                         f"{e.msg})") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{file}: expected a JSON object of fields, got {type(c).__name__}")
+    return c
+
+
 def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
     """ModelConfig from <path>/config.json (path: local dir or hub name); overrides e.g. dtype.
     A missing / invalid config.json (or a GGUF-only directory) is an error naming the file
-    (hf_dir.read_config_json)."""
-    from dpo_jax.models.hf_dir import read_config_json
-
+    (read_config_json)."""
     path = resolve_path(path)
     return hf_config_to_model_config(read_config_json(path),
                                      source=os.path.join(path, "config.json"), **overrides)

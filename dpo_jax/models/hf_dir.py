@@ -4,49 +4,19 @@ present, whole and of the shapes config.json implies, and a tokenizer no larger 
 embedding. Each failure is an error naming the file and the field (or tensor).
 
 `check_hf_dir` is called by `workdir.task` for `model.hf_path` / `model.ref_hf_path` before the
-workdir is opened, so a bad directory leaves no workdir behind.
+workdir is opened, so a bad directory leaves no workdir behind. `model_config_from` turns a run
+config's ``model`` block into its ModelConfig (that directory's config.json, or a preset).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
-from dpo_jax.models.config import ModelConfig
-
-
-def _listing(path: str) -> str:
-    names = sorted(os.listdir(path))
-    return ", ".join(names[:12]) + (f", ... ({len(names)} files)" if len(names) > 12 else "") \
-        if names else "nothing"
-
-
-def read_config_json(path: str) -> dict:
-    """The parsed `<path>/config.json`. FileNotFoundError naming the file (and, for a directory
-    holding only a GGUF file, what to do); ValueError naming the file, line and column of
-    invalid JSON."""
-    file = os.path.join(path, "config.json")
-    if not os.path.exists(file):
-        ggufs = sorted(os.path.basename(g) for g in glob.glob(os.path.join(path, "*.gguf")))
-        if ggufs:
-            raise FileNotFoundError(
-                f"{file}: absent; {path} holds GGUF file(s) {ggufs}, a llama.cpp format dpo_jax "
-                "does not read (quantized blocks, reordered query/key rows): convert it to a "
-                "Hugging Face directory first (transformers: AutoModelForCausalLM.from_pretrained("
-                "dir, gguf_file=...) then save_pretrained; see shared/models/smollm2.sh)")
-        raise FileNotFoundError(f"{file}: absent (the directory holds {_listing(path)}); a "
-                                "Hugging Face model directory needs config.json and safetensors")
-    with open(file) as f:
-        text = f.read()
-    try:
-        c = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: "
-                         f"{e.msg})") from None
-    if not isinstance(c, dict):
-        raise ValueError(f"{file}: expected a JSON object of fields, got {type(c).__name__}")
-    return c
+from dpo_jax.models import hf
+from dpo_jax.models.config import ModelConfig, preset
+from dpo_jax.models.hf_config import (  # noqa: F401  (re-exported: hf_dir.read_config_json)
+    hf_config_to_model_config, load_hf_config, read_config_json)
 
 
 def tokenizer_size(path: str) -> tuple[str, int] | None:
@@ -116,9 +86,6 @@ def check_hf_dir(path: str, *, field: str = "model.hf_path",
     against the embedding (`check_tokenizer`). Returns the ModelConfig, or None for a hub name
     (checked when downloaded). Raises FileNotFoundError / ValueError / KeyError naming the file
     and the field or tensor."""
-    from dpo_jax.models import hf
-    from dpo_jax.models.hf_config import hf_config_to_model_config
-
     local = local_dir(path, field)
     if local is None:
         return None
@@ -130,3 +97,17 @@ def check_hf_dir(path: str, *, field: str = "model.hf_path",
     if os.path.isdir(tok_dir):
         check_tokenizer(tok_dir, cfg, config_file)
     return cfg
+
+
+def model_config_from(model_block) -> ModelConfig:
+    """The policy's ModelConfig from a run config's ``model`` block: an HF directory's
+    ``config.json`` when ``hf_path`` is set, else the named preset; ``overrides`` (None = keep)
+    and the dtype / remat / attention switches applied on top."""
+    m = model_block
+    overrides = {k: v for k, v in m.overrides.items() if v is not None}
+    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                     scan_layers=m.scan_layers, attention_impl=m.attention_impl or None,
+                     attention_chunk=m.attention_chunk)
+    if m.hf_path:
+        return load_hf_config(m.hf_path, **overrides)
+    return preset(m.preset, **overrides)

@@ -26,6 +26,9 @@ import numpy as np
 
 from dpo_jax.data.synthetic import SyntheticTask
 from dpo_jax.sampling import Samples
+from dpo_jax import state as state_lib
+from dpo_jax.models import Model, model_config_from
+from dpo_jax.reward_model import RewardModel, restore_reward_model
 
 RewardFn = Callable[[Samples], jax.Array]
 
@@ -155,10 +158,6 @@ def reward_model_from_run(run_dir: str, mesh, rules, stop_ids) -> RewardFn:
     import os
 
     import ml_collections
-
-    from dpo_jax import state as state_lib
-    from dpo_jax.models import Model, model_config_from
-    from dpo_jax.reward_model import RewardModel, restore_reward_model
 
     if not run_dir or not os.path.exists(os.path.join(run_dir, "config.json")):
         raise ValueError(f"{run_dir!r} is not a task='reward' run's workdir (no config.json)")

@@ -26,7 +26,7 @@ from dpo_jax.models import project
 from dpo_jax.optim import Objective, make_update
 from dpo_jax.ppo import core
 from dpo_jax.ppo.config import PPOConfig  # noqa: F401  (re-exported: ppo.step.PPOConfig)
-from dpo_jax.state import TrainState
+from dpo_jax.train_state import TrainState
 
 
 def completion_view(batch, n: int):

@@ -178,7 +178,7 @@ def hh_batches(num_pairs: int, batch_pairs: int, shared: bool) -> list[tuple[dic
     batches of that shape, nominal tokens the unshared layout's real tokens of all of them."""
     from dpo_jax.data import PreferencePipeline, default_data_config, load_tokenizer
     from dpo_jax.data.errors import BadRows
-    from dpo_jax.data.sources import load_raw_pairs
+    from dpo_jax.data.loading import load_raw_pairs
     from dpo_jax.data.testing import data_root
     from dpo_jax.data.tokenize import PairTokenizer
 

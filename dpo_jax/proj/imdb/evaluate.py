@@ -22,6 +22,7 @@ from dpo_jax.proj.imdb.experiment import Experiment
 from dpo_jax.proj.imdb.kl import kl_estimate
 from dpo_jax.proj.imdb.text import clean_review
 from dpo_jax.sampling import Samples, SamplingConfig, generate, sequence_mask
+from dpo_jax.metrics import WandbSink
 
 
 def best_of_n_kl(n: int) -> float:
@@ -237,8 +238,6 @@ def log_frontier_to_wandb(config, workdir: pathlib.Path) -> bool:
     """When ``config.log.wandb_project`` is set: ``workdir/frontier.png`` as the image
     ``imdb/frontier`` of the pipeline's own W&B run (each training run streams its metrics to
     its own), from process 0 only. Returns whether it logged."""
-    from dpo_jax.metrics import WandbSink
-
     log = config.get("log") or {}
     if not log.get("wandb_project") or jax.process_index() != 0:
         return False

@@ -23,6 +23,10 @@ from dpo_jax.models import Model, model_config_from
 from dpo_jax.proj.imdb.text import load_imdb
 from dpo_jax.reward_model import RewardModel
 from dpo_jax.sampling import score_tokens
+from dpo_jax.proj.imdb.sentiment import HubSentimentReward, SentimentReward
+from dpo_jax.ppo.rewards import model_reward
+from dpo_jax.ppo.config import default_ppo_config
+from dpo_jax.online import default_online_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +55,6 @@ class Experiment:
         """The ground-truth reward ``(prompts, completions) -> float32 [N]``: the hub classifier
         (``imdb.hub_reward``), a saved offline classifier (``imdb.reward_dir``), or the one the
         ``reward`` stage fitted in the workdir."""
-        from dpo_jax.proj.imdb.sentiment import HubSentimentReward, SentimentReward
-
         if self.imdb.hub_reward:
             return HubSentimentReward(self.imdb.hub_reward)
         return SentimentReward.load(self.imdb.reward_dir or self.workdir / "reward")
@@ -72,8 +74,6 @@ class Experiment:
         """The learned reward model (the ``reward_model`` stage's run) as the reward function
         PPO optimised: ``ppo.rewards.model_reward``, which scores prompt + completion + EOS as
         the model was trained."""
-        from dpo_jax.ppo.rewards import model_reward
-
         params = self.restore(self.workdir / "reward_model", head=True)
         return model_reward(RewardModel(self.model), params,
                             stop_ids=int(self.tokenizer.eos_token_id))
@@ -90,12 +90,8 @@ class Experiment:
         c.unlock()
         c.task = task
         if task == "ppo":
-            from dpo_jax.ppo.config import default_ppo_config
-
             c.ppo = default_ppo_config()
         if task == "online_dpo":
-            from dpo_jax.online import default_online_config
-
             c.online = default_online_config()
         if not c.model.hf_path:
             c.model.overrides.vocab_size = len(self.tokenizer)

@@ -30,6 +30,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from dpo_jax.proj.imdb.text import clean_review
+from dpo_jax.proj.imdb.text import load_imdb
 
 FORMAT_VERSION = 1
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[!?]")
@@ -283,8 +284,6 @@ class HubSentimentReward(_TextScorer):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train on IMDb train, evaluate on the full test split, save to ``--out``."""
-    from dpo_jax.proj.imdb.text import load_imdb
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="directory with {train,test}-*.parquet")
     ap.add_argument("--out", required=True, help="output directory for the fitted reward")

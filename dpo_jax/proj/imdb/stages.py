@@ -19,6 +19,8 @@ from dpo_jax.proj.imdb.evaluate import sample
 from dpo_jax.proj.imdb.experiment import Experiment
 from dpo_jax.proj.imdb.pairs import build_pair_dataset, make_prefixes, write_pairs
 from dpo_jax.proj.imdb.text import load_imdb
+from dpo_jax.proj.imdb.tokenizer import build_imdb_tokenizer
+from dpo_jax.proj.imdb.sentiment import train_sentiment
 
 
 def _sft_splits(exp: Experiment) -> tuple[str, ...]:
@@ -27,8 +29,6 @@ def _sft_splits(exp: Experiment) -> tuple[str, ...]:
 
 def build_tokenizer(exp: Experiment) -> None:
     """``tokenizer/``: the IMDb byte-level BPE on the SFT splits (never on test)."""
-    from dpo_jax.proj.imdb.tokenizer import build_imdb_tokenizer
-
     c = exp.imdb
     build_imdb_tokenizer(c.data_dir, exp.workdir / "tokenizer", vocab_size=int(c.vocab_size),
                          splits=_sft_splits(exp), limit=int(c.max_reviews) or None)
@@ -37,8 +37,6 @@ def build_tokenizer(exp: Experiment) -> None:
 def build_reward(exp: Experiment) -> None:
     """``reward/``: the offline ground-truth classifier fitted on IMDb train, with its test
     accuracy in its metadata."""
-    from dpo_jax.proj.imdb.sentiment import train_sentiment
-
     c = exp.imdb
     texts, labels = load_imdb(c.data_dir, "train", limit=int(c.max_reviews) or None)
     model = train_sentiment(texts, labels, n_features=int(c.reward_features),

@@ -18,6 +18,7 @@ import json
 import pathlib
 import time
 from typing import Iterable, Iterator, Sequence
+from dpo_jax.proj.imdb.text import load_imdb
 
 EOS = "<|endoftext|>"
 
@@ -86,8 +87,6 @@ def build_imdb_tokenizer(
     ``test`` is excluded by default so that nothing about the tokenizer is fitted on the
     evaluation reviews.
     """
-    from dpo_jax.proj.imdb.text import load_imdb
-
     t0 = time.perf_counter()
     texts: list[str] = []
     for split in splits:
