@@ -148,7 +148,10 @@ def test_ppo_minibatch_updates():
 
 
 # ----------------------------------------------------------------------------- the tasks
-@pytest.mark.parametrize("task,steps", [("sft", 2), ("reward", 2), ("ppo", 1)])
+@pytest.mark.parametrize("task,steps", [  # reward and ppo: their steps' accumulation is
+    ("sft", 2),                              # tested above; the runs are --run-slow
+    pytest.param("reward", 2, marks=pytest.mark.slow),
+    pytest.param("ppo", 1, marks=pytest.mark.slow)])
 def test_tasks_honour_optim_grad_accum(tmp_path, monkeypatch, task, steps):
     """``optim.grad_accum=2`` reaches each task's step through ``read_config`` (the builder is
     asked for 2 micro-batches), and the run's metrics and final parameters equal the

@@ -245,6 +245,7 @@ def _task_calling_a_task(config, run, *, seen):
     return {"dpo": first, "reward": second}
 
 
+@pytest.mark.slow  # the lock's re-entrancy itself is in the fast suite (test above)
 def test_a_task_calls_another_task_in_process(tmp_path):
     """Tasks compose: the outer task's workdir lock is re-entered by the DPO task it calls (it
     was refused with 'in use by pid <own pid>'), still refused to a second process while held,
