@@ -139,6 +139,7 @@ def test_held_out_sizes_reach_the_pipeline_stats(tmp_path):
         assert pipe.stats["stream"] == split and pipe.stats["num_pairs"] == n
 
 
+@pytest.mark.slow  # a whole run for a summary field
 def test_held_out_sizes_reach_the_run_summary(tmp_path):
     tok = gpt2_style_tokenizer()
     tok.save_pretrained(tmp_path / "tok")

@@ -71,6 +71,7 @@ def test_resume_refuses_a_changed_base(tmp_path):
         runs.run(config, tmp_path / "run")
 
 
+@pytest.mark.slow  # two whole runs
 def test_two_stage_recipe_sft_adapters_merged_into_the_dpo_base(tmp_path):
     """SFT with LoRA, then DPO with ``init.policy`` = the SFT run: the SFT adapters are merged
     into the base, which is DPO's reference (full fine-tuning: its initial policy too; new

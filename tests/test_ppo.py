@@ -61,6 +61,7 @@ def test_prompt_stream_resumes():
     assert lengths.min() >= 1
 
 
+@pytest.mark.slow  # a learning run; PPO's math is pinned by the golden tests
 def test_ppo_increases_a_bandit_reward_and_starts_at_zero_kl(tmp_path):
     c = runs.ppo_config(steps=14, batch_size=32)
     c.model.overrides.update(d_model=64, d_ff=128)
@@ -83,6 +84,7 @@ def test_ppo_increases_a_bandit_reward_and_starts_at_zero_kl(tmp_path):
         assert np.isfinite(summary["final_train"][k]), k
 
 
+@pytest.mark.slow  # two whole PPO runs
 def test_ppo_and_ppo_gt_share_everything_but_the_reward(tmp_path):
     """PPO (``ppo.reward='model'``: a trained reward model restored from its run) and PPO-GT
     (``'synthetic'``: the task's true reward) differ only in the reward callable: the PPO-GT

@@ -359,6 +359,7 @@ def _assert_same_run(got, rtol):
     assert _rel(p1, p0) < rtol
 
 
+@pytest.mark.slow  # a whole run; the step itself is tested fast
 def test_a_tiny_dpo_run_with_precomputed_reference_ends_with_the_same_parameters(tmp_path):
     """train_and_evaluate end to end (stored reference log-probs, eval): the same final eval
     metrics and parameters with and without prefix sharing."""

@@ -252,7 +252,8 @@ def test_kto_refuses_grad_accum_and_pairs_refuse_kto():
 # ----------------------------------------------------------------------------- runs
 
 
-@pytest.mark.parametrize("fmt,loss", [("ranked", "plackett_luce"), ("unpaired", "kto")])
+@pytest.mark.parametrize("fmt,loss", [("ranked", "plackett_luce"),
+                                      pytest.param("unpaired", "kto", marks=pytest.mark.slow)])
 def test_run_resumes_exactly(tmp_path, fmt, loss):
     c = runs.dpo_config(steps=4, batch_size=8, checkpoint_every=2)
     c.data.format, c.loss.name = fmt, loss

@@ -107,6 +107,7 @@ def _learning(c, steps):
     return c
 
 
+@pytest.mark.slow  # a learning run; the step is pinned against numpy
 def test_reward_model_learns_the_synthetic_preferences(tmp_path):
     """As in the paper the reward model starts from a trained LM (there: the SFT model; here a
     60-step DPO run on the same task, via ``init.policy``). From a random trunk the tiny model

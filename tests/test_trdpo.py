@@ -19,7 +19,7 @@ def _step(model, tx, schedule, every, alpha, loss="sigmoid"):
     return make_train_step(model, helpers.loss_config(loss, beta=0.5), tx, schedule, cfg)
 
 
-@pytest.mark.parametrize("alpha", [0.5, 1.0])
+@pytest.mark.parametrize("alpha", [0.5, pytest.param(1.0, marks=pytest.mark.slow)])
 def test_reference_mixes_every_tau_steps_and_keeps_shardings(alpha):
     model = helpers.tiny_model()
     params = helpers.init_params(model, seed=0)
@@ -52,6 +52,7 @@ def test_reference_mixes_every_tau_steps_and_keeps_shardings(alpha):
         assert x.sharding.is_equivalent_to(s, x.ndim)
 
 
+@pytest.mark.slow  # builds a run per case; the config-level refusals are fast elsewhere
 def test_refused_with_precomputed_reference_or_reference_free_loss():
     c = base_config()
     c.train.ref_sync_every = 4
@@ -77,6 +78,7 @@ def test_refused_with_precomputed_reference_or_reference_free_loss():
         _step(model, tx, schedule, every=2, alpha=0.5)(state, batch, max_scored)
 
 
+@pytest.mark.slow  # a second resume variant; test_resume.py's are fast
 def test_interrupted_trdpo_run_resumes_bit_for_bit(tmp_path):
     """Reference synced at steps 3 and 6; cut after step 5 (checkpoint at 4 holds the step-3
     reference): the rerun ends with the uninterrupted run's parameters and log."""
