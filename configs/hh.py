@@ -27,9 +27,10 @@ from dpo_jax.config import apply_variants, base_config
 from dpo_jax.data.testing import data_root
 from dpo_jax.models.local import SMOLLM2, local_model
 
-# What fits the 2-core CPU in one session (about an hour idle, with the judge): one epoch of
-# the first 800 of the 2,176 training pairs (``data.max_pairs``), 8 a step
-STEPS = 100
+# What fit the 2-core CPU in one session beside other work (experiments/hh/README.md): 50
+# steps of 8 pairs (the first 400 of the 800 training pairs kept by ``data.max_pairs``, whose
+# reference log-probs are stored), a judge of 50 steps on the same pairs
+STEPS = 50
 TRAIN_PAIRS = 800
 REWARD_STEPS = 50
 
@@ -47,7 +48,7 @@ def _reward(c) -> None:
     c.logprobs.precompute_reference = False  # no reference model
     c.data.prefix_sharing = False  # the reward task reads plain pair rows
     c.data.buckets = "128,192,256"  # one sequence (prompt + response <= 256) a row
-    # 400 of the same 800 pairs: a judge, not the experiment; a third of the DPO run's CPU time
+    # 400 of the same 800 pairs: a judge, not the experiment
     c.train.update(steps=REWARD_STEPS, eval_every=REWARD_STEPS, checkpoint_every=REWARD_STEPS)
 
 
