@@ -167,7 +167,7 @@ def prepare_pairs(n_pairs: int, max_length: int | None, path: str) -> dict:
     import numpy as np
 
     from dpo_jax.config import read_config
-    from dpo_jax.streams import load_pairs
+    from dpo_jax.preference_data import load_pairs
 
     c = hh_config(1)
     rc = read_config(c)
@@ -343,8 +343,8 @@ def run_jax(name: str, a) -> dict:
     # first batch's log-probs under the initial parameters (the reference's forward path)
     first = next(iter(pipeline()))
     b, n = loop.device_batch(first, mesh, scored_only)
-    logps, _ = jax.device_get(jax.jit(lambda p, b, n: sequence_stats(
-        model, p, b, rc.step, n, forward_only=True), static_argnums=2)(params, b, n))
+    logps = jax.device_get(jax.jit(lambda p, b, n: sequence_stats(
+        model, p, b, rc.step, n, forward_only=True).logps, static_argnums=2)(params, b, n))
     first_logps = {"chosen": logps[:PAIRS_PER_STEP].tolist(),
                    "rejected": logps[PAIRS_PER_STEP:].tolist()}
     precompute_s = None
