@@ -106,9 +106,10 @@ def report(workdir: str, samples_shown: int = 4) -> dict:
                    .get("holdout")},
         "held_out": held,
         "train": train,
-        "logps_fall": None if len(train) < 2 else {
-            side: train[-1][f"logps/{side}"] < train[0][f"logps/{side}"]
-            for side in ("chosen", "rejected")},
+        # on the same held-out pairs: rewards/X = beta * (log pi(X) - log pi_ref(X)) < 0 means
+        # X's log-prob fell (train records are different batches each step: not comparable)
+        "logps_fall": None if "rewards/chosen" not in final else {
+            side: final[f"rewards/{side}"] < 0 for side in ("chosen", "rejected")},
         "win_rate": None if "win_rate" not in final else {
             "step": final["step"], "win_rate": final["win_rate"], "se": final["win_rate_se"],
             "prompts": len(after), "policy_reward": final.get("samples/reward"),
@@ -149,7 +150,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {t['step']} | {_fmt(t.get('loss'))} | "
                      f"{_fmt(t.get('rewards/accuracies'))} | {_fmt(t.get('rewards/margins'))} | "
                      f"{_fmt(t.get('logps/chosen'))} | {_fmt(t.get('logps/rejected'))} |")
-    lines += ["", f"logps fall (first -> last train record): {r['logps_fall']}",
+    lines += ["", f"held-out logps fell vs the reference (last eval): {r['logps_fall']}",
               f"win rate: {json.dumps(r['win_rate'])}",
               f"reward model held out: {json.dumps(r['reward_model_held_out'])}",
               f"timing: {json.dumps(r['timing'])}", ""]
