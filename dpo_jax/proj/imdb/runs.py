@@ -51,7 +51,9 @@ def sft_config(exp: Experiment) -> ml_collections.ConfigDict:
         train={"steps": s.steps, "batch_size": s.batch_size, "eval_every": s.eval_every,
                "eval_batch_size": s.batch_size, "checkpoint_every": s.checkpoint_every},
         optim={"lr": s.lr, "warmup_steps": s.warmup_steps},
-        data={"max_length": int(exp.imdb.sft_max_length)})
+        # whole reviews have no prompt: max_prompt_length only has to stay below max_length
+        data={"max_length": int(exp.imdb.sft_max_length),
+              "max_prompt_length": int(exp.imdb.sft_max_length) // 2})
 
 
 def reward_model_config(exp: Experiment) -> ml_collections.ConfigDict:
