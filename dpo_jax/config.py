@@ -369,6 +369,10 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                          f"{config.task!r}, optim.grad_accum={optim.grad_accum}: set "
                          f"data.prefix_sharing=False")
     _check_data_format(config, data)
+    if data.ches_filter.mode and (config.task != "dpo" or data.format != "pairs"):
+        raise ValueError(f"data.ches_filter.mode={data.ches_filter.mode!r} filters preference "
+                         f"pairs for task 'dpo'; task {config.task!r}, data.format="
+                         f"{data.format!r}: set data.ches_filter.mode=''")
     diagnostics = bool(t.get("diagnostics", False))
     if diagnostics and data.format != "pairs":
         raise ValueError(f"train.diagnostics=True reads preference pairs; data.format="

@@ -22,6 +22,7 @@ from dpo_jax import preference_data
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
 from dpo_jax import batch_format
+from dpo_jax import ches_filter
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, opens_workdir
 
@@ -47,6 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
 
     data = preference_data.preference_streams(
         rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh,
+        ches=(model, lora_lib.join(ref_params, params), run.file(ches_filter.SUBDIR)),
         reference=(model, ref_params, run.file("reference_logps"))
         if ref_params is not None and needs_reference and rc.precompute_reference else None)
     if rc.precompute_reference and not rc.lora.rank:
