@@ -21,6 +21,7 @@ diagnostics (set ``train.diagnostics=True`` and evaluate: ``train.eval_every`` >
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import Any
@@ -30,7 +31,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
 
 from dpo_jax import eval_pairs, evaluation, lora_base, preference_data  # noqa: E402
 from dpo_jax.config import read_config  # noqa: E402
@@ -198,11 +198,16 @@ def inspect_run(workdir: str, out: str | None = None, top: int = 10,
                   last, by_step[min(by_step)], f"@{min(by_step)}")},
               "ranked_by": key, "top_pairs": worst,
               "plots": _plots(out, train, evals, last)}
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(_markdown(report))
+    write_report(out, report, _markdown(report))
     return report
+
+
+def write_report(directory: str, report: dict, markdown: str) -> None:
+    """``report`` as ``directory/report.json`` and ``markdown`` as ``directory/report.md``."""
+    with open(os.path.join(directory, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(directory, "report.md"), "w") as f:
+        f.write(markdown)
 
 
 def _markdown(rep: dict) -> str:
@@ -227,20 +232,22 @@ def _markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "the run directory to report on")
-_OUT = flags.DEFINE_string("out", None, "report directory (default WORKDIR/inspect)")
-_TOP = flags.DEFINE_integer("top", 10, "pairs of largest displacement shown as text")
-_TEXT = flags.DEFINE_bool("text", True, "decode the top pairs (reads the run's eval data)")
-
-
-def main(argv):
-    del argv
-    rep = inspect_run(_WORKDIR.value, _OUT.value, _TOP.value, _TEXT.value)
-    print(os.path.join(_OUT.value or os.path.join(_WORKDIR.value, "inspect"), "report.md"))
+def main(argv=None) -> dict[str, Any]:
+    """The command line: ``--workdir`` (required), ``--out``, ``--top`` (10), ``--no_text``."""
+    ap = argparse.ArgumentParser(prog="python -m dpo_jax.inspect",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True, help="the run directory to report on")
+    ap.add_argument("--out", default=None, help="report directory (default WORKDIR/inspect)")
+    ap.add_argument("--top", type=int, default=10, help="pairs of largest displacement shown")
+    ap.add_argument("--no_text", action="store_true",
+                    help="do not decode the top pairs (which reads the run's eval data)")
+    args = ap.parse_args(argv)
+    rep = inspect_run(args.workdir, args.out, args.top, not args.no_text)
+    print(os.path.join(args.out or os.path.join(args.workdir, "inspect"), "report.md"))
     for k, v in rep["correlations"].items():
         print(f"{k}: {v:.3f}")
+    return rep
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
-    app.run(main)
+    main()
