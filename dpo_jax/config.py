@@ -374,9 +374,10 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                          f"pairs for task 'dpo'; task {config.task!r}, data.format="
                          f"{data.format!r}: set data.ches_filter.mode=''")
     diagnostics = bool(t.get("diagnostics", False))
-    if diagnostics and data.format != "pairs":
-        raise ValueError(f"train.diagnostics=True reads preference pairs; data.format="
-                         f"{data.format!r}: set train.diagnostics=False")
+    if diagnostics and (data.format != "pairs" or config.task not in ("dpo", "online_dpo")):
+        raise ValueError(f"train.diagnostics=True reads the DPO step's preference pairs; task "
+                         f"{config.task!r}, data.format={data.format!r}: set "
+                         f"train.diagnostics=False")
     m = config.model
     lora = read_lora(m.get("lora"), int(config.seed))
     ref_dtype = m.get("ref_param_dtype") or ""

@@ -54,10 +54,17 @@ def test_bad_settings_name_the_key(field, value, match):
         read_ches_filter({"mode": "drop", field: value})
 
 
-def test_the_filter_is_for_dpo_pairs():
+def test_the_filter_and_the_diagnostics_are_for_dpo_pairs():
     c = runs.reward_config()
     c.data.ches_filter.mode = "drop"
     with pytest.raises(ValueError, match="data.ches_filter.mode"):
+        read_config(c)
+    c = runs.reward_config(diagnostics=True)
+    with pytest.raises(ValueError, match="train.diagnostics"):
+        read_config(c)
+    c = runs.dpo_config(diagnostics=True)
+    c.data.format, c.loss.name = "ranked", "plackett_luce"
+    with pytest.raises(ValueError, match="train.diagnostics"):
         read_config(c)
 
 
