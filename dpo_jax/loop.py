@@ -101,15 +101,18 @@ def host_step(train_step, mesh, scored_only: bool):
     return lambda state, batch_np: train_step(state, *device_batch(batch_np, mesh, scored_only))
 
 
-def eval_totals(eval_step, batches, mesh, scored_only: bool):
+def eval_totals(eval_step, batches, mesh, scored_only: bool, per_example=None):
     """``state -> Totals``: the (numerator, denominator) pairs of
     ``eval_step(state, batch, max_scored)`` summed over ``batches``
-    (:func:`dpo_jax.eval_metrics.totals`); None when ``batches`` is None."""
+    (:func:`dpo_jax.eval_metrics.totals`); None when ``batches`` is None. Outputs are
+    replicated, so per-example arrays (``eval_metrics.PER_EXAMPLE``) reach every process whole;
+    ``per_example(batches)`` gives their sink for ``batches`` (None: dropped)."""
     if batches is None:
         return None
-    jitted = jax.jit(eval_step, static_argnums=2)
+    jitted = jax.jit(eval_step, static_argnums=2, out_shardings=shard_lib.replicated(mesh))
+    sink = None if per_example is None else per_example(batches)
     return lambda state: eval_metrics.totals(
-        lambda b: jitted(state, *device_batch(b, mesh, scored_only)), batches)
+        lambda b: jitted(state, *device_batch(b, mesh, scored_only)), batches, sink)
 
 
 def evaluator(eval_step, batches, mesh, scored_only: bool,

@@ -19,6 +19,7 @@ import flax
 import jax
 import jax.numpy as jnp
 from dpo_jax import batch_format
+from dpo_jax import diagnostics
 from dpo_jax import eval_metrics
 from dpo_jax import losses as losses_lib
 from dpo_jax import lora as lora_lib
@@ -38,17 +39,19 @@ class SeqStats:
     lengths: jax.Array  # scored tokens
     wpo_logps: jax.Array | None = None  # WPO's per-token mean aligned log-prob (with_wpo)
     router_aux: jax.Array | None = None  # f32 []: the router's load-balancing loss (router_aux)
+    hidden_sums: jax.Array | None = None  # f32 [S, D]: with_hidden (logprobs.sequence_logps)
 
 
 def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_only=False,
                    loss_cfg: losses_lib.LossConfig | None = None, with_wpo=False,
                    router_aux=False, fmt: BatchFormat | None = None,
-                   rng: jax.Array | None = None) -> SeqStats:
+                   rng: jax.Array | None = None, with_hidden: bool = False) -> SeqStats:
     """:class:`SeqStats` of ``params`` on ``batch`` (laid out as ``fmt``; None: as its arrays
     say, :func:`batch_format.infer`). forward_only (no gradient will be taken) evaluates the head
     with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights the tokens past the
     shorter response of each pair; ``with_wpo`` fills ``wpo_logps``, ``router_aux``
-    (mixture-of-experts models) ``router_aux``. ``rng``: LoRA's dropout key (None: none)."""
+    (mixture-of-experts models) ``router_aux``, ``with_hidden`` ``hidden_sums`` (the CHES
+    score's sums, ``dpo_jax.diagnostics``). ``rng``: LoRA's dropout key (None: none)."""
     fmt = fmt or batch_format.infer(batch)
     kwargs = dict(fmt.hidden_kwargs(batch), **({"router_aux": True} if router_aux else {}),
                   **({} if rng is None else {"dropout_rng": rng}))
@@ -66,10 +69,10 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
         h, batch["input_ids"], batch["loss_mask"], w, b,
         cfg.forward_logprobs if forward_only else cfg.logprobs,
         max_scored=max_scored, seq_index_RL=seq_index, num_seqs=num_seqs, with_wpo=with_wpo,
-        softcap=model.cfg.final_logit_softcap, **ld,
+        softcap=model.cfg.final_logit_softcap, with_hidden=with_hidden, **ld,
     )
     wpo = None if out.wpo_sums is None else out.wpo_sums / jnp.maximum(out.counts, 1.0)
-    return SeqStats(out.sums, out.counts, wpo, aux)
+    return SeqStats(out.sums, out.counts, wpo, aux, out.hidden_sums)
 
 
 def _pairs(x_S):
@@ -143,8 +146,14 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     completion, rejected = its mismatched KL completion) to ``losses.kto_loss``. ``at_start``
     (a traced bool; None = never): the step is the run's first and the reference is the initial
     policy (``StepConfig.reference_is_initial_policy``), so the policy's log-probs are the
-    reference's. ``key``: LoRA's dropout key for the policy forward (None: no dropout)."""
+    reference's. ``key``: LoRA's dropout key for the policy forward (None: no dropout).
+    ``cfg.diagnostics`` (pairs only, else ValueError) adds :func:`diagnostics.pair_extras` to
+    the output's extras, from the same forward; the loss is unchanged."""
     fmt = fmt or batch_format.infer(batch)
+    diag = cfg.diagnostics
+    if diag and fmt.kind != "pairs":
+        raise ValueError(f"train.diagnostics=True reads preference pairs; the batches are "
+                         f"{fmt.kind}: set train.diagnostics=False")
     # LoRA (dpo_jax/lora.py): params are adapters over the frozen base ref_params, which with
     # the adapters off is the reference
     params = lora_lib.join(ref_params, params)
@@ -160,7 +169,7 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     full = sequence_stats(model, params, batch, cfg, max_scored,
                           forward_only=policy_forward_only, loss_cfg=loss_cfg,
                           with_wpo=loss_cfg.use_weighting, router_aux=router_aux, fmt=fmt,
-                          rng=key)
+                          rng=key, with_hidden=diag)
     own = SeqStats(full.logps, full.lengths)  # what the reference's are when it is the policy
     policy = _stats(full)
     reference = None
@@ -184,6 +193,9 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
         aux = full.router_aux
         out = out.replace(losses=out.losses + loss_cfg.router_aux_loss_coef * aux,
                           extras={**out.extras, "aux_loss": aux})
+    if diag:
+        out = out.replace(extras={**out.extras, **diagnostics.pair_extras(
+            policy, reference, out, full.hidden_sums)})
     return policy, out
 
 
@@ -251,7 +263,8 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
         objective = Objective(
             loss=loss,
             totals=lambda batch: jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9),
-            finalize=lambda sums, total: {k: v / total for k, v in sums.items()})
+            finalize=lambda sums, total: {
+                k: v if diagnostics.is_count(k) else v / total for k, v in sums.items()})
         return make_update(objective, tx, schedule, grad_accum=cfg.grad_accum, split=fmt.split,
                            on_nonfinite=on_nonfinite)
 
@@ -276,9 +289,12 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
 def pair_metrics(policy, out, weights) -> dict[str, eval_metrics.Ratio]:
     """TRL's DPO metrics of one batch as ``{name: (numerator, denominator)}``
     (:mod:`dpo_jax.eval_metrics`): every one a mean over pairs weighted by ``pair_weight``
-    ``[B]`` (padding pairs weigh 0), so each denominator is the summed weight."""
-    return eval_metrics.over(_weighted_sums(policy, out, weights),
-                             jnp.sum(weights.astype(jnp.float32)))
+    ``[B]`` (padding pairs weigh 0), so each denominator is the summed weight; the
+    diagnostics' histogram bins (:func:`diagnostics.is_count`) are weighted counts over the
+    split (denominator 0, :func:`eval_metrics.means`)."""
+    total = jnp.sum(weights.astype(jnp.float32))
+    return {k: (v, 0.0 if diagnostics.is_count(k) else total)
+            for k, v in _weighted_sums(policy, out, weights).items()}
 
 
 def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | None = None):
@@ -286,7 +302,8 @@ def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | N
     (:func:`pair_metrics`; ``dpo_jax.eval_metrics.means`` divides once over the split).
     ``extra_metrics(policy: SequenceStats | ranked stats, out: LossOutput, batch) -> {name:
     (numerator, denominator)}`` adds a task's own metrics, each with its own denominator (a
-    per-token mean, an accuracy over a bucket of pairs)."""
+    per-token mean, an accuracy over a bucket of pairs). With ``cfg.diagnostics`` the result
+    also holds ``eval_metrics.PER_EXAMPLE``: :func:`diagnostics.per_pair`'s ``{name: [B]}``."""
 
     def eval_step(params, ref_params, batch, max_scored=None):
         policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
@@ -294,6 +311,9 @@ def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | N
         metrics = pair_metrics(policy, out, batch["pair_weight"])
         if extra_metrics is not None:
             metrics.update(extra_metrics(policy, out, batch))
+        if cfg.diagnostics:
+            metrics[eval_metrics.PER_EXAMPLE] = diagnostics.per_pair(policy, out,
+                                                                     batch["pair_weight"])
         return metrics
 
     return eval_step

@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from dpo_jax import eval_metrics
+from dpo_jax import eval_pairs
 from dpo_jax import evaluation
 from dpo_jax import loop
 from dpo_jax import lora as lora_lib
@@ -21,6 +22,7 @@ from dpo_jax import preference_data
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
 from dpo_jax import batch_format
+from dpo_jax import ches_filter
 from dpo_jax.step import make_eval_step, make_train_step
 from dpo_jax.workdir import RunDir, opens_workdir
 
@@ -46,6 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
 
     data = preference_data.preference_streams(
         rc, rc.train.splits, model_cfg=model.cfg, mesh=mesh,
+        ches=(model, lora_lib.join(ref_params, params), run.file(ches_filter.SUBDIR)),
         reference=(model, ref_params, run.file("reference_logps"))
         if ref_params is not None and needs_reference and rc.precompute_reference else None)
     if rc.precompute_reference and not rc.lora.rank:
@@ -58,13 +61,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                             rc.precompute_reference and needs_reference))), state)
     eval_step = make_eval_step(model, loss_cfg, rc.step)
     scored_only = rc.step.logprobs.scored_only
+    # train.diagnostics: each evaluation's per-pair values to eval_pairs/ (dpo_jax/eval_pairs.py)
+    pairs_log = eval_pairs.EvalPairs(run.path, data) if rc.step.diagnostics else None
+    evaluate = eval_metrics.evaluator_by_source(
+        lambda batches: loop.eval_totals(
+            lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches, mesh,
+            scored_only, per_example=pairs_log and pairs_log.sink), data)
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=loop.host_step(train_step, mesh, scored_only),
         train_data=data["train"],
-        evaluate=evaluation.with_samples(eval_metrics.evaluator_by_source(
-            lambda batches: loop.eval_totals(
-                lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches, mesh,
-                scored_only), data), samples),
+        evaluate=evaluation.with_samples(pairs_log.wrap(evaluate) if pairs_log else evaluate,
+                                         samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
         host_states=lora_base.host_states(state, rc.param_sources),
         interrupt_after=interrupt_after, save_reference=rc.step.ref_sync_every > 0)

@@ -98,6 +98,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     # a mixture: [{source, weight, path, splits, fields, ...}, ...] (data/mixture.py; [] = the
     # single source above); the other fields here are shared by every source
     c.sources = []
+    # CHES filter (Razin et al. 2024, Section 6; dpo_jax/ches_filter.py): score the train pairs
+    # under the starting policy (one forward, cached by fingerprint) and drop / down-weight the
+    # pairs whose chosen and rejected responses look most alike to it
+    c.ches_filter = ml_collections.ConfigDict()
+    c.ches_filter.mode = ""  # '' = off | 'drop' | 'downweight'
+    c.ches_filter.score = "ln_ches"  # 'ln_ches' (length-normalised, the paper's filter) | 'ches'
+    c.ches_filter.quantile = 0.9  # pairs scoring above this quantile of the train scores go
+    c.ches_filter.weight = 0.1  # 'downweight': their pair weight is multiplied by this
     c.synthetic = ml_collections.ConfigDict()
     c.synthetic.vocab_size = 128  # EOS(0) + topic tokens + content tokens
     c.synthetic.num_topics = 4  # topic tokens 1..num_topics
@@ -142,6 +150,43 @@ class SyntheticConfig:
     eval_seed: int
     num_responses: int
     from_lists: bool
+
+
+CHES_MODES = ("", "drop", "downweight")
+CHES_SCORES = ("ln_ches", "ches")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChesFilterConfig:
+    """``data.ches_filter`` (fields as in :func:`default_data_config`); ``mode`` '' = off."""
+
+    mode: str = ""
+    score: str = "ln_ches"
+    quantile: float = 0.9
+    weight: float = 0.1
+
+
+def read_ches_filter(block) -> ChesFilterConfig:
+    """The ``data.ches_filter`` block, checked. Raises ValueError naming the
+    ``data.ches_filter.*`` field for an unknown field or a bad value."""
+    given = dict(_plain(block) or {})
+    fields = dataclasses.asdict(ChesFilterConfig())
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise ValueError(f"data.ches_filter.{unknown[0]}: not a field of the block; fields: "
+                         f"{', '.join(fields)}")
+    cfg = ChesFilterConfig(**{**fields, **given})
+    if cfg.mode not in CHES_MODES:
+        raise ValueError(f"data.ches_filter.mode={cfg.mode!r}: expected one of {CHES_MODES}")
+    if cfg.score not in CHES_SCORES:
+        raise ValueError(f"data.ches_filter.score={cfg.score!r}: expected one of {CHES_SCORES}")
+    if not 0.0 < float(cfg.quantile) < 1.0:
+        raise ValueError(f"data.ches_filter.quantile={cfg.quantile!r}: must be in (0, 1) (the "
+                         "pairs above this quantile of the scores are filtered)")
+    if not 0.0 <= float(cfg.weight) < 1.0:
+        raise ValueError(f"data.ches_filter.weight={cfg.weight!r}: must be in [0, 1) (the "
+                         "filtered pairs' weight multiplier)")
+    return dataclasses.replace(cfg, quantile=float(cfg.quantile), weight=float(cfg.weight))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +235,7 @@ class DataConfig:
     shp_max_pairs_per_post: int
     sources: tuple["MixtureSource", ...]  # () = the single source above
     synthetic: SyntheticConfig
+    ches_filter: ChesFilterConfig = ChesFilterConfig()
 
     @property
     def spec(self) -> SourceSpec:
@@ -303,6 +349,7 @@ def read_data(block: Mapping[str, Any] | DataConfig) -> DataConfig:
     synthetic.update(prompt_len=tuple(synthetic["prompt_len"]),
                      response_len=tuple(synthetic["response_len"]))
     fields["synthetic"] = SyntheticConfig(**synthetic)
+    fields["ches_filter"] = read_ches_filter(fields["ches_filter"])
     entries = list(_plain(fields["sources"]) or ())
     fields["sources"] = ()
     cfg = DataConfig(**fields)

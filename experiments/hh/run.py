@@ -161,8 +161,11 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def stage_args(argv, doc: str):
+    """``(args, extra)`` of an experiment script's command line: ``--workdir`` (required),
+    ``--smoke``, ``--report_only``, and ``--config.X=V`` overrides passed on to every stage
+    (anything else is an error)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--smoke", action="store_true", help="3 steps of each stage")
     ap.add_argument("--report_only", action="store_true")
@@ -170,6 +173,11 @@ def main(argv=None) -> dict:
     bad = [a for a in extra if not a.startswith("--config.")]
     if bad:
         ap.error(f"unknown arguments {bad} (only --config.X=V overrides are passed on)")
+    return args, extra
+
+
+def main(argv=None) -> dict:
+    args, extra = stage_args(argv, __doc__)
     workdir = os.path.abspath(args.workdir)
     smoke = ",smoke" if args.smoke else ""
     if not args.report_only:
