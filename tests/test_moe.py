@@ -68,7 +68,7 @@ def test_router_aux_loss_matches_transformers(name, models):
     # the reduction alone, on transformers' router logits, with and without a padding mask
     B, T = ids.shape
     stats = [moe.top_k_routing(jax.numpy.asarray(x.numpy()).reshape(B, T, -1),
-                               cfg.n_experts_per_tok, cfg.moe_renormalize)[1]
+                               cfg.n_experts_per_tok, cfg.moe_renormalize)[2]
              for x in router_logits]
     stacked = jax.tree.map(lambda *a: jax.numpy.stack(a), *stats)
     for m in (mask, np.ones_like(mask)):

@@ -57,6 +57,10 @@ class ModelConfig:
     # norm_topk_prob); False: the top-k softmax probabilities as they are
     shared_expert_d_ff: int = 0  # > 0: a gated MLP of this width on every token, times
     # sigmoid(x . shared_gate) (Qwen2-MoE's shared expert)
+    moe_impl: str = "sparse"  # sparse (dropless grouped dispatch) | dense (reference)
+    moe_kernel: str | None = None  # sparse's grouped matmul: ragged_dot | tiled | None (by
+    # backend: tiled on CPU, ragged_dot on TPU / GPU; models/moe_dispatch.py)
+    moe_tile: int = 128  # rows per tile of the tiled kernel
     # positions
     position: str = "learned"  # learned | rotary
     rotary_dim: int | None = None  # per-head dims that are rotated (NeoX rotary_pct * head_dim)
@@ -169,6 +173,11 @@ class ModelConfig:
             if self.shared_expert_d_ff:
                 raise ValueError("shared_expert_d_ff needs n_experts > 0")
             return
+        if self.moe_impl not in ("sparse", "dense") or self.moe_kernel not in (
+                None, "ragged_dot", "tiled") or self.moe_tile < 1:
+            raise ValueError(f"moe_impl must be 'sparse' or 'dense' (got {self.moe_impl!r}), "
+                             f"moe_kernel None, 'ragged_dot' or 'tiled' (got "
+                             f"{self.moe_kernel!r}), moe_tile >= 1 (got {self.moe_tile})")
         if not 1 <= self.n_experts_per_tok <= self.n_experts:
             raise ValueError(f"n_experts_per_tok must be in [1, n_experts={self.n_experts}], "
                              f"got {self.n_experts_per_tok}")

@@ -422,7 +422,7 @@ def _number(x: float | None) -> float | int | None:
 
 
 _EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk",
-                     "scan_layers", "init_std")
+                     "scan_layers", "init_std", "moe_impl", "moe_kernel", "moe_tile")
 
 
 def check_exportable(cfg: ModelConfig, hf_cfg: dict) -> None:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dpo_jax.models import moe_dispatch
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import activation
 
@@ -47,12 +48,13 @@ class MoE(nnx.Module):
     `param(shape, axes, init='normal')` makes one stacked parameter (the decoder prepends the
     `layers` axis), so this module needs nothing else from the decoder.
 
-    Compute is dense dispatch: every token runs through every expert and a one-hot combine
-    weights [B, T, E] (zero off the top-k) sum their outputs. Exact (an unselected expert's
-    output is multiplied by 0) and static-shaped (jit, scan and remat friendly), but it costs
-    n_experts / n_experts_per_tok times the expert FLOPs of sparse routing (4x for Mixtral's 8
-    experts, top-2) and holds the activations [B, T, E, F]. `config.flops_per_token` counts the
-    sparse FLOPs, so the reported MFU of an MoE model understates the work done here.
+    `cfg.moe_impl='sparse'` (the default): dropless sorted dispatch through grouped matmuls
+    (moe_dispatch.py), the FLOPs of the k selected experts per token. `'dense'`: the reference
+    implementation: every token runs through every expert and one-hot combine weights
+    [B, T, E] (zero off the top-k) sum their outputs; exact (an unselected expert's output is
+    multiplied by 0) but n_experts / n_experts_per_tok times the expert FLOPs (4x for
+    Mixtral's 8 experts, top-2) and activations [B, T, E, F]. Both give the same numbers to
+    round-off (tests/test_moe_sparse.py).
     """
 
     def __init__(self, cfg: ModelConfig, param: Callable[..., nnx.Param]):
@@ -72,12 +74,21 @@ class MoE(nnx.Module):
         """[B, T, D] -> ([B, T, D], router statistics of this layer)."""
         cfg, dt = self.cfg, x_BTD.dtype
         logits_BTE = jnp.einsum("btd,de->bte", x_BTD, self.router[...].astype(dt))
-        combine_BTE, stats = top_k_routing(logits_BTE, cfg.n_experts_per_tok,
-                                           cfg.moe_renormalize)
+        weight_BTK, index_BTK, stats = top_k_routing(logits_BTE, cfg.n_experts_per_tok,
+                                                     cfg.moe_renormalize)
         w = lambda p: p[...].astype(dt)
-        y_BTED = _gated(cfg, x_BTD, w(self.gate), w(self.up), w(self.down),
-                        "btd,edf->btef;btef,efd->bted")
-        y_BTD = jnp.einsum("bted,bte->btd", y_BTED, combine_BTE.astype(dt))
+        if cfg.moe_impl == "dense":
+            combine_BTE = combine_weights(weight_BTK, index_BTK, cfg.n_experts)
+            y_BTED = _gated(cfg, x_BTD, w(self.gate), w(self.up), w(self.down),
+                            "btd,edf->btef;btef,efd->bted")
+            y_BTD = jnp.einsum("bted,bte->btd", y_BTED, combine_BTE.astype(dt))
+        else:
+            B, T, D = x_BTD.shape
+            K = cfg.n_experts_per_tok
+            y_BTD = moe_dispatch.sparse_experts(
+                cfg.activation, x_BTD.reshape(B * T, D), index_BTK.reshape(B * T, K),
+                weight_BTK.reshape(B * T, K), w(self.gate), w(self.up), w(self.down),
+                cfg.moe_kernel, cfg.moe_tile).reshape(B, T, D)
         if cfg.shared_expert_d_ff:
             shared_BTD = _gated(cfg, x_BTD, w(self.shared["gate"]), w(self.shared["up"]),
                                 w(self.shared["down"]), "btd,df->btf;btf,fd->btd")
@@ -87,18 +98,26 @@ class MoE(nnx.Module):
 
 
 def top_k_routing(logits_BTE: jax.Array, k: int, renormalize: bool
-                  ) -> tuple[jax.Array, RouterStats]:
-    """Router logits [B, T, E] -> (combine weights [B, T, E] float32, non-zero on each token's
-    k most probable experts: their softmax probabilities, divided by their sum when
-    `renormalize`; the router statistics (probabilities, top-k indicator) of
-    `load_balancing_loss`)."""
+                  ) -> tuple[jax.Array, jax.Array, RouterStats]:
+    """Router logits [B, T, E] -> (weights [B, T, K] float32: the softmax probabilities of each
+    token's k most probable experts, divided by their sum when `renormalize`; those experts'
+    ids [B, T, K] int32, most probable first (ties: the lower id, as torch.topk); the router
+    statistics (probabilities, top-k indicator) of `load_balancing_loss` and
+    `routing_agreement`)."""
     probs_BTE = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
     top_BTK, index_BTK = jax.lax.top_k(probs_BTE, k)
     if renormalize:
         top_BTK = top_BTK / jnp.sum(top_BTK, axis=-1, keepdims=True)
-    onehot_BTKE = jax.nn.one_hot(index_BTK, logits_BTE.shape[-1], dtype=jnp.float32)
-    combine_BTE = jnp.einsum("btk,btke->bte", top_BTK, onehot_BTKE)
-    return combine_BTE, (probs_BTE, jnp.sum(onehot_BTKE, axis=2))
+    chosen_BTE = jnp.sum(jax.nn.one_hot(index_BTK, logits_BTE.shape[-1], dtype=jnp.float32),
+                         axis=2)
+    return top_BTK, index_BTK.astype(jnp.int32), (probs_BTE, chosen_BTE)
+
+
+def combine_weights(weight_BTK: jax.Array, index_BTK: jax.Array, n_experts: int) -> jax.Array:
+    """The dense dispatch's combine weights [B, T, E] float32: weight_BTK at each token's
+    selected experts, 0 elsewhere."""
+    onehot_BTKE = jax.nn.one_hot(index_BTK, n_experts, dtype=jnp.float32)
+    return jnp.einsum("btk,btke->bte", weight_BTK, onehot_BTKE)
 
 
 def load_balancing_loss(stats_L: RouterStats, token_mask_BT: jax.Array) -> jax.Array:
