@@ -1,6 +1,6 @@
 """ModelConfig: one frozen dataclass whose named switches select GPT-2, GPT-NeoX, GPT-J, the
 Llama family (Llama 2/3, Mistral, Qwen2), Qwen3, Gemma 2, Gemma 3, Phi-3, or the
-mixture-of-experts Mixtral and Qwen2-MoE.
+mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 Why one decoder with switches rather than one model class per family: the DPO trainer, sharding
 rules, checkpointing and the HF importer all see the same parameter tree layout; the families
@@ -18,7 +18,7 @@ from typing import Any
 # The family chooses the HF tensor-name map and the model_type written on export; every
 # difference in the computation is a separate switch below.
 FAMILIES = ("gpt2", "neox", "gptj", "llama", "qwen3", "gemma2", "gemma3", "phi3", "mixtral",
-            "qwen2_moe")
+            "qwen2_moe", "qwen3_moe")
 LAYER_TYPES = ("full", "sliding")
 
 
@@ -245,6 +245,7 @@ _MIXTRAL = dict(_LLAMA, family="mixtral", n_experts=8, n_experts_per_tok=2, rope
                 norm_eps=1e-5)
 _QWEN2_MOE = dict(_LLAMA, family="qwen2_moe", qkv_bias=True, moe_renormalize=False,
                   norm_eps=1e-6)
+_QWEN3_MOE = dict(_QWEN3, family="qwen3_moe", moe_renormalize=True)
 
 
 def _alternate(n_layer: int, every: int) -> tuple[str, ...]:
@@ -319,6 +320,9 @@ PRESETS: dict[str, dict] = {
                               n_head=16, n_kv_head=16, d_ff=5632, max_len=8192,
                               rope_theta=1e6, n_experts=60, n_experts_per_tok=4, moe_d_ff=1408,
                               shared_expert_d_ff=5632, tie_embeddings=False),
+    "qwen3-30b-a3b": dict(_QWEN3_MOE, n_layer=48, d_model=2048, n_head=32, n_kv_head=4,
+                          d_ff=6144, n_experts=128, n_experts_per_tok=8, moe_d_ff=768,
+                          tie_embeddings=False),
 }
 
 
