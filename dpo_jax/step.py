@@ -24,6 +24,7 @@ from dpo_jax import losses as losses_lib
 from dpo_jax import lora as lora_lib
 from dpo_jax.batch_format import BatchFormat
 from dpo_jax.logprobs import scored_counts, sequence_logps
+from dpo_jax.models import moe
 from dpo_jax.optim import Objective, make_update
 from dpo_jax.train_state import TrainState
 from dpo_jax.step_config import StepConfig  # noqa: F401  (re-exported: step.StepConfig)
@@ -107,16 +108,19 @@ def ranked_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, ma
                          "logprobs.precompute_reference are for pairs; unset them")
     K, rank_BK = fmt.num_slots(batch), batch["slot_rank"]
     mask_BK = (rank_BK >= 0).astype(jnp.float32)
+    coef = moe.router_aux_coef(loss_cfg.router_aux_loss_coef, model.cfg)
     policy = sequence_stats(model, params, batch, cfg, max_scored,
-                            forward_only=policy_forward_only, fmt=fmt, rng=rng)
+                            forward_only=policy_forward_only, fmt=fmt, rng=rng,
+                            router_aux=coef > 0)
     logps, lengths = policy.logps, policy.lengths
     ref_logps = jnp.zeros_like(logps)
     if ref_params is not None:
         ref_logps = _reference_or_own(logps, lambda: sequence_stats(
             model, ref_params, batch, cfg, max_scored, forward_only=True, fmt=fmt).logps,
             at_start)
-    out = losses_lib.listwise_loss(loss_cfg, _slots(logps, K), _slots(ref_logps, K), mask_BK,
-                                   rank_BK, batch["pair_weight"])
+    out = with_router_loss(losses_lib.listwise_loss(
+        loss_cfg, _slots(logps, K), _slots(ref_logps, K), mask_BK, rank_BK,
+        batch["pair_weight"]), coef, policy.router_aux)
     return losses_lib.ranked_stats(_slots(logps, K), _slots(lengths, K), mask_BK), out
 
 
@@ -150,10 +154,8 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     params = lora_lib.join(ref_params, params)
     if not losses_lib.needs_reference(loss_cfg):
         ref_params = None
-    router_aux = loss_cfg.router_aux_loss_coef > 0
-    if router_aux and fmt.kind != "pairs":
-        raise ValueError("loss.router_aux_loss_coef adds the router loss to paired preference "
-                         "losses, not to ranked lists or KTO; set it to 0")
+    coef = moe.router_aux_coef(loss_cfg.router_aux_loss_coef, model.cfg)
+    router_aux = coef > 0
     if fmt.kind == "ranked":
         return ranked_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
                             policy_forward_only, at_start, fmt, key)
@@ -177,14 +179,19 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
             fmt=fmt), at_start))
     weights = batch["pair_weight"]
     if fmt.kind == "unpaired":
-        return policy, losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"],
-                                           weights)
-    out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
-    if router_aux:  # TRL: loss + router_aux_loss_coef * aux_loss, logged as aux_loss
-        aux = full.router_aux
-        out = out.replace(losses=out.losses + loss_cfg.router_aux_loss_coef * aux,
-                          extras={**out.extras, "aux_loss": aux})
-    return policy, out
+        out = losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"], weights)
+    else:
+        out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
+    return policy, with_router_loss(out, coef, full.router_aux)
+
+
+def with_router_loss(out, coef: float, aux):
+    """TRL 1.16: each example's loss plus ``coef * aux_loss`` (the policy forward's router
+    load-balancing loss, ``moe.load_balancing_loss``), ``aux_loss`` logged; ``out`` as it is
+    when ``coef`` is 0 (``moe.router_aux_coef``)."""
+    if not coef:
+        return out
+    return out.replace(losses=out.losses + coef * aux, extras={**out.extras, "aux_loss": aux})
 
 
 def _weighted_sums(policy, out, weights) -> dict[str, jax.Array]:

@@ -237,7 +237,6 @@ def _config(name):
      r"\['beta_fast'\]"),
     ("gemma2", "layer_types", ["sliding_attention", "chunked_attention"], "chunked_attention"),
     ("mistral-window", "model_type", "deepseek_v3", "'deepseek_v3'"),
-    ("mixtral-window", "output_router_logits", True, "'output_router_logits' = True"),
     ("mixtral-window", "router_jitter_noise", 0.1, "'router_jitter_noise' = 0.1"),
     ("qwen2-moe", "decoder_sparse_step", 2, "'decoder_sparse_step' = 2"),
     ("qwen2-moe", "mlp_only_layers", [0], r"'mlp_only_layers' = \[0\]"),

@@ -61,6 +61,8 @@ class ModelConfig:
     moe_kernel: str | None = None  # sparse's grouped matmul: ragged_dot | tiled | None (by
     # backend: tiled on CPU, ragged_dot on TPU / GPU; models/moe_dispatch.py)
     moe_tile: int = 128  # rows per tile of the tiled kernel
+    router_aux_loss_coef: float = 0.0  # the router loss weight the checkpoint declares
+    # (config.json, else transformers' class default); loss.router_aux_loss_coef=None uses it
     # positions
     position: str = "learned"  # learned | rotary
     rotary_dim: int | None = None  # per-head dims that are rotated (NeoX rotary_pct * head_dim)
@@ -170,9 +172,11 @@ class ModelConfig:
             raise ValueError(f"n_experts ({self.n_experts}) and shared_expert_d_ff "
                              f"({self.shared_expert_d_ff}) must be >= 0")
         if not self.n_experts:
-            if self.shared_expert_d_ff:
-                raise ValueError("shared_expert_d_ff needs n_experts > 0")
+            if self.shared_expert_d_ff or self.router_aux_loss_coef:
+                raise ValueError("shared_expert_d_ff and router_aux_loss_coef need n_experts > 0")
             return
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.moe_impl not in ("sparse", "dense") or self.moe_kernel not in (
                 None, "ragged_dot", "tiled") or self.moe_tile < 1:
             raise ValueError(f"moe_impl must be 'sparse' or 'dense' (got {self.moe_impl!r}), "
@@ -242,10 +246,10 @@ _GEMMA3 = dict(_GEMMA, family="gemma3", qk_norm=True, rope_theta=1000000.0,
                local_rope_theta=10000.0)
 _PHI3 = dict(_LLAMA, family="phi3")
 _MIXTRAL = dict(_LLAMA, family="mixtral", n_experts=8, n_experts_per_tok=2, rope_theta=1e6,
-                norm_eps=1e-5)
+                norm_eps=1e-5, router_aux_loss_coef=0.02)  # Mixtral-8x7B's config.json
 _QWEN2_MOE = dict(_LLAMA, family="qwen2_moe", qkv_bias=True, moe_renormalize=False,
-                  norm_eps=1e-6)
-_QWEN3_MOE = dict(_QWEN3, family="qwen3_moe", moe_renormalize=True)
+                  norm_eps=1e-6, router_aux_loss_coef=0.001)
+_QWEN3_MOE = dict(_QWEN3, family="qwen3_moe", moe_renormalize=True, router_aux_loss_coef=0.001)
 
 
 def _alternate(n_layer: int, every: int) -> tuple[str, ...]:

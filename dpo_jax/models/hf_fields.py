@@ -45,8 +45,8 @@ TASK_HEAD = frozenset({
     "id2label", "label2id", "num_labels", "_num_labels", "problem_type", "summary_type",
     "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout"})
 # 4. Training-only settings: initialisation, gradient checkpointing, the router loss weight
-#    (TRL applies it only with output_router_logits, refused in hf_config._moe; dpo_jax's run
-#    config sets loss.router_aux_loss_coef). Any "*dropout*" / "*pdrop" field is dropout,
+#    (inert for dense models; the mixture-of-experts types read it into
+#    ModelConfig.router_aux_loss_coef, hf_moe.py, TRL 1.16's default weight). Any "*dropout*" / "*pdrop" field is dropout,
 #    which dpo_jax never applies (as TRL's default disable_dropout=True).
 TRAINING = frozenset({
     "initializer_range", "initializer_factor", "init_std", "gradient_checkpointing",

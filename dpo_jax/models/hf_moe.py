@@ -27,14 +27,18 @@ def moe_fields(c: dict, mt: str) -> dict:
     """The ModelConfig fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config.json: the experts, the
     router's normalisation, (Qwen2-MoE) the shared expert and q/k/v biases, (Qwen3-MoE) q/k
     norms and attention_bias. Settings that would make a different model or a different
-    training objective are ValueErrors naming the field and value."""
-    if c.get("output_router_logits"):
-        raise ValueError(
-            f"config.json field 'output_router_logits' = {c['output_router_logits']!r} "
-            f"(model_type {mt!r}) asks for the router auxiliary loss with weight "
-            f"router_aux_loss_coef = {c.get('router_aux_loss_coef')!r}; in dpo_jax the run config "
-            "sets it (loss.router_aux_loss_coef; its default 'model' reads the weight from "
-            "config.json): set output_router_logits to false in config.json")
+    training objective are ValueErrors naming the field and value. `router_aux_loss_coef`: the
+    field, else transformers' class default 0.001."""
+    out = _fields(c, mt)
+    # TRL 1.16 reads the model config's router_aux_loss_coef (the class default 0.001 of all
+    # three when the file has none) as its default weight; output_router_logits, whatever its
+    # value, changes neither the logits nor TRL's objective (TRL asks for the router logits in
+    # its forward call)
+    out["router_aux_loss_coef"] = float(c.get("router_aux_loss_coef", 0.001))
+    return out
+
+
+def _fields(c: dict, mt: str) -> dict:
     if mt == "mixtral":
         if c.get("router_jitter_noise") not in (None, 0, 0.0):
             raise ValueError(f"config.json field 'router_jitter_noise' = "
@@ -68,7 +72,8 @@ def moe_fields(c: dict, mt: str) -> dict:
 def moe_config_json(cfg: ModelConfig, act: str, sliding: dict, body: dict[str, Any]) -> dict:
     """config.json of a mixture-of-experts ModelConfig (hf_config.model_config_to_hf's
     `act`, `sliding` and common `body`)."""
-    experts = dict(num_experts_per_tok=cfg.n_experts_per_tok)
+    experts = dict(num_experts_per_tok=cfg.n_experts_per_tok,
+                   router_aux_loss_coef=cfg.router_aux_loss_coef)
     if cfg.family == "mixtral":
         return dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_act=act,
                     sliding_window=cfg.sliding_window, num_local_experts=cfg.n_experts,

@@ -120,6 +120,22 @@ def combine_weights(weight_BTK: jax.Array, index_BTK: jax.Array, n_experts: int)
     return jnp.einsum("btk,btke->bte", weight_BTK, onehot_BTKE)
 
 
+def router_aux_coef(requested: float | None, cfg: ModelConfig) -> float:
+    """The router loss weight a run uses, resolved as TRL 1.16 resolves DPOConfig /
+    SFTConfig.router_aux_loss_coef (TRL PR #6208): None (the default) -> the weight the model
+    config declares (`cfg.router_aux_loss_coef`: config.json's field, else transformers' class
+    default; 0.02 for Mixtral-8x7B, 0.001 for Qwen2/3-MoE) for a mixture-of-experts model, 0
+    (off) for a dense one; a number as given (0: off). ValueError for a positive weight on a
+    model without experts (TRL refuses it too)."""
+    if requested is None:
+        return float(cfg.router_aux_loss_coef) if cfg.n_experts else 0.0
+    if requested > 0 and not cfg.n_experts:
+        raise ValueError(f"loss.router_aux_loss_coef = {requested} weights the router loss of a "
+                         "mixture-of-experts model, but this model has no experts "
+                         "(n_experts = 0): set it to None or 0")
+    return float(requested)
+
+
 def load_balancing_loss(stats_L: RouterStats, token_mask_BT: jax.Array) -> jax.Array:
     """The router's auxiliary load-balancing loss over all layers (Switch Transformer eq. 4-6,
     as transformers' `load_balancing_loss_func` with an attention mask).
