@@ -39,23 +39,26 @@ class SeqStats:
     lengths: jax.Array  # scored tokens
     wpo_logps: jax.Array | None = None  # WPO's per-token mean aligned log-prob (with_wpo)
     router_aux: jax.Array | None = None  # f32 []: the router's load-balancing loss (router_aux)
+    routing: jax.Array | None = None  # int32 [L, R, T, K]: sorted top-k experts (routing)
 
 
 def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_only=False,
                    loss_cfg: losses_lib.LossConfig | None = None, with_wpo=False,
                    router_aux=False, fmt: BatchFormat | None = None,
-                   rng: jax.Array | None = None) -> SeqStats:
+                   rng: jax.Array | None = None, routing=False) -> SeqStats:
     """:class:`SeqStats` of ``params`` on ``batch`` (laid out as ``fmt``; None: as its arrays
     say, :func:`batch_format.infer`). forward_only (no gradient will be taken) evaluates the head
     with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights the tokens past the
     shorter response of each pair; ``with_wpo`` fills ``wpo_logps``, ``router_aux``
-    (mixture-of-experts models) ``router_aux``. ``rng``: LoRA's dropout key (None: none)."""
+    (mixture-of-experts models) ``router_aux``, ``routing`` each layer's sorted top-k experts.
+    ``rng``: LoRA's dropout key (None: none)."""
     fmt = fmt or batch_format.infer(batch)
     kwargs = dict(fmt.hidden_kwargs(batch), **({"router_aux": True} if router_aux else {}),
+                  **({"routing": True} if routing else {}),
                   **({} if rng is None else {"dropout_rng": rng}))
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"],
                      **kwargs)
-    h, aux = h if router_aux else (h, None)
+    h, aux, routes = h if routing else (*(h if router_aux else (h, None)), None)
     w, b = model.unembedding(params, caller_applies_softcap=True)
     seq_index, num_seqs = fmt.seq_index(batch)
     ld = {}
@@ -70,7 +73,7 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
         softcap=model.cfg.final_logit_softcap, **ld,
     )
     wpo = None if out.wpo_sums is None else out.wpo_sums / jnp.maximum(out.counts, 1.0)
-    return SeqStats(out.sums, out.counts, wpo, aux)
+    return SeqStats(out.sums, out.counts, wpo, aux, routes)
 
 
 def _pairs(x_S):
@@ -137,7 +140,7 @@ def _stats(s: SeqStats) -> losses_lib.SequenceStats:
 
 def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
                policy_forward_only=False, key=None, at_start=None,
-               fmt: BatchFormat | None = None):
+               fmt: BatchFormat | None = None, routing_by_layer=False):
     """Policy/reference statistics and the loss output for one (micro-)batch laid out as
     ``fmt`` (None: as its arrays say, :func:`batch_format.infer`).
 
@@ -147,7 +150,11 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     completion, rejected = its mismatched KL completion) to ``losses.kto_loss``. ``at_start``
     (a traced bool; None = never): the step is the run's first and the reference is the initial
     policy (``StepConfig.reference_is_initial_policy``), so the policy's log-probs are the
-    reference's. ``key``: LoRA's dropout key for the policy forward (None: no dropout)."""
+    reference's. ``key``: LoRA's dropout key for the policy forward (None: no dropout).
+    Mixture-of-experts models with a reference forward (pairs, KTO) add the routing drift to
+    ``out.extras``: ``routing/agreement``, the fraction of scored tokens whose top-k experts
+    are the same under policy and reference (mean over layers; 1 when the reference is the
+    policy), and with ``routing_by_layer`` ``routing/agreement/layer_<i>`` per layer."""
     fmt = fmt or batch_format.infer(batch)
     # LoRA (dpo_jax/lora.py): params are adapters over the frozen base ref_params, which with
     # the adapters off is the reference
@@ -159,11 +166,13 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     if fmt.kind == "ranked":
         return ranked_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
                             policy_forward_only, at_start, fmt, key)
+    drift = bool(model.cfg.n_experts) and ref_params is not None and not fmt.stored_reference
     full = sequence_stats(model, params, batch, cfg, max_scored,
                           forward_only=policy_forward_only, loss_cfg=loss_cfg,
                           with_wpo=loss_cfg.use_weighting, router_aux=router_aux, fmt=fmt,
-                          rng=key)
-    own = SeqStats(full.logps, full.lengths)  # what the reference's are when it is the policy
+                          rng=key, routing=drift)
+    # what the reference's are when it is the policy
+    own = SeqStats(full.logps, full.lengths, routing=full.routing)
     policy = _stats(full)
     reference = None
     if fmt.stored_reference:  # precomputed once over the dataset
@@ -174,14 +183,22 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
         reference = _stats(_reference_or_own(
             own, SeqStats(batch["ref_logps"], batch["ref_lengths"]), at_start))
     elif ref_params is not None:
-        reference = _stats(_reference_or_own(own, lambda: sequence_stats(
+        ref = _reference_or_own(own, lambda: sequence_stats(
             model, ref_params, batch, cfg, max_scored, forward_only=True, loss_cfg=loss_cfg,
-            fmt=fmt), at_start))
+            fmt=fmt, routing=drift), at_start)
+        reference = _stats(ref)
     weights = batch["pair_weight"]
     if fmt.kind == "unpaired":
         out = losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"], weights)
     else:
         out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
+    if drift:
+        agree_L, n = moe.routing_agreement(full.routing, ref.routing, batch["loss_mask"])
+        frac_L = agree_L / jnp.maximum(n, 1.0)
+        extras = {"routing/agreement": jnp.mean(frac_L)}
+        if routing_by_layer:
+            extras.update({f"routing/agreement/layer_{i}": f for i, f in enumerate(frac_L)})
+        out = out.replace(extras={**out.extras, **extras})
     return policy, with_router_loss(out, coef, full.router_aux)
 
 
@@ -297,7 +314,7 @@ def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | N
 
     def eval_step(params, ref_params, batch, max_scored=None):
         policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
-                                 policy_forward_only=True)
+                                 policy_forward_only=True, routing_by_layer=True)
         metrics = pair_metrics(policy, out, batch["pair_weight"])
         if extra_metrics is not None:
             metrics.update(extra_metrics(policy, out, batch))

@@ -132,6 +132,7 @@ def test_dpo_step_adds_the_router_loss(models):
                                        tx, schedule, helpers.step_config()), static_argnums=2)
         metrics[coef] = step(state, batch, max_scored)[1]
     assert "aux_loss" not in metrics[0.0]
+    assert 0.0 < float(metrics[0.0]["routing/agreement"]) <= 1.0  # logged every step
     aux = float(metrics[None]["aux_loss"])
     want, _ = _hf_router(hf_model, batch_np["input_ids"],
                          (batch_np["segment_ids"] > 0).astype(np.int64))
@@ -257,3 +258,45 @@ def test_sft_and_reward_objectives_add_the_router_loss(models):
     assert float(m["aux_loss"]) == pytest.approx(want, rel=1e-5)
     assert float(loss) == pytest.approx(np.log(2) + 0.3 * want, rel=1e-5)  # zero head: ln 2
     assert float(np.abs(np.asarray(grad["decoder"]["layers"]["mlp"]["router"])).max()) > 0
+
+
+def test_routing_agreement_counts_scored_tokens_with_the_same_expert_set():
+    """moe.routing_agreement on hand-written expert ids: a token agrees when its sorted top-k
+    set is equal (the order the router ranked them in does not matter: top_k_routing sorts);
+    only masked tokens count."""
+    logits = jax.numpy.array([[[3.0, 2.0, 0.0, 1.0], [0.0, 1.0, 2.0, 3.0]]])  # [B=1, T=2, E]
+    swapped = jax.numpy.array([[[2.0, 3.0, 0.0, 1.0], [3.0, 1.0, 2.0, 0.0]]])
+    ids = moe.top_k_routing(logits, 2, True)[2][2]
+    ids_ref = moe.top_k_routing(swapped, 2, True)[2][2]
+    np.testing.assert_array_equal(ids, [[[0, 1], [2, 3]]])
+    np.testing.assert_array_equal(ids_ref, [[[0, 1], [0, 2]]])
+    L2 = lambda a, b: jax.numpy.stack([a, b])  # two layers: the second identical
+    agree, n = moe.routing_agreement(L2(ids, ids), L2(ids_ref, ids), np.array([[1.0, 1.0]]))
+    np.testing.assert_array_equal(agree, [1.0, 2.0])
+    assert float(n) == 2.0
+    agree, n = moe.routing_agreement(L2(ids, ids), L2(ids_ref, ids), np.array([[0.0, 1.0]]))
+    np.testing.assert_array_equal(agree, [0.0, 1.0])
+    assert float(n) == 1.0
+
+
+def test_routing_drift_in_the_train_and_eval_steps(models):
+    """The step's routing/agreement: 1.0 exactly when the reference is the policy; with the
+    reference's layer-1 router negated (its top-2 of 4 experts becomes the policy's bottom 2:
+    disjoint on every token, layer 0 unchanged) the eval summary reads 1 for layer 0, 0 for
+    layer 1, and the logged mean 0.5."""
+    from dpo_jax.step import make_eval_step
+
+    _, _, _, cfg, params = models["mixtral"]
+    model = Model(cfg)
+    batch_np = helpers.pair_batch(helpers.synthetic_pairs(4))
+    batch = {k: jax.numpy.asarray(v) for k, v in batch_np.items()}
+    ref = jax.tree.map(lambda x: x, params)
+    ref["layers"]["mlp"]["router"] = params["layers"]["mlp"]["router"].at[1].multiply(-1.0)
+    step = jax.jit(make_eval_step(model, helpers.loss_config(), helpers.step_config()),
+                   static_argnums=3)
+    for reference, want in ((params, [1.0, 1.0]), (ref, [1.0, 0.0])):
+        m = jax.device_get(step(params, reference, batch, 64))
+        got = [m[f"routing/agreement/layer_{i}"][0] / m[f"routing/agreement/layer_{i}"][1]
+               for i in range(2)]
+        assert got == want
+        assert m["routing/agreement"][0] / m["routing/agreement"][1] == np.mean(want)

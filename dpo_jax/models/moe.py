@@ -30,8 +30,9 @@ from dpo_jax.models import moe_dispatch
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import activation
 
-# (probabilities [B, T, E] float32, top-k indicator [B, T, E] float32 0/1) of one layer
-RouterStats = tuple[jax.Array, jax.Array]
+# (probabilities [B, T, E] float32, top-k indicator [B, T, E] float32 0/1, the top-k expert ids
+# in ascending order [B, T, K] int32) of one layer
+RouterStats = tuple[jax.Array, jax.Array, jax.Array]
 
 
 def _gated(cfg: ModelConfig, x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
@@ -102,15 +103,15 @@ def top_k_routing(logits_BTE: jax.Array, k: int, renormalize: bool
     """Router logits [B, T, E] -> (weights [B, T, K] float32: the softmax probabilities of each
     token's k most probable experts, divided by their sum when `renormalize`; those experts'
     ids [B, T, K] int32, most probable first (ties: the lower id, as torch.topk); the router
-    statistics (probabilities, top-k indicator) of `load_balancing_loss` and
-    `routing_agreement`)."""
+    statistics RouterStats of `load_balancing_loss` and `routing_agreement`)."""
     probs_BTE = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
     top_BTK, index_BTK = jax.lax.top_k(probs_BTE, k)
     if renormalize:
         top_BTK = top_BTK / jnp.sum(top_BTK, axis=-1, keepdims=True)
     chosen_BTE = jnp.sum(jax.nn.one_hot(index_BTK, logits_BTE.shape[-1], dtype=jnp.float32),
                          axis=2)
-    return top_BTK, index_BTK.astype(jnp.int32), (probs_BTE, chosen_BTE)
+    index_BTK = index_BTK.astype(jnp.int32)
+    return top_BTK, index_BTK, (probs_BTE, chosen_BTE, jnp.sort(index_BTK, axis=-1))
 
 
 def combine_weights(weight_BTK: jax.Array, index_BTK: jax.Array, n_experts: int) -> jax.Array:
@@ -140,15 +141,26 @@ def load_balancing_loss(stats_L: RouterStats, token_mask_BT: jax.Array) -> jax.A
     """The router's auxiliary load-balancing loss over all layers (Switch Transformer eq. 4-6,
     as transformers' `load_balancing_loss_func` with an attention mask).
 
-    stats_L: (probabilities, top-k indicator), each [L, B, T, E] (`MoE.__call__` per layer,
-    stacked); token_mask_BT: 1 for real tokens, 0 for padding. With n = L * (real tokens),
+    stats_L: (probabilities, top-k indicator, ...), each [L, B, T, E] (`MoE.__call__` per
+    layer, stacked; the expert ids are not read); token_mask_BT: 1 for real tokens, 0 for padding. With n = L * (real tokens),
     f_e = (top-k assignments to e) / n and P_e = (summed probability of e) / n over every layer,
     the loss is E * sum_e f_e P_e (E * k when perfectly balanced; the gradient flows through
     P only). Float32 scalar.
     """
-    probs_LBTE, chosen_LBTE = stats_L
+    probs_LBTE, chosen_LBTE = stats_L[:2]
     m = token_mask_BT.astype(jnp.float32)[None, :, :, None]
     n = jnp.maximum(probs_LBTE.shape[0] * jnp.sum(token_mask_BT.astype(jnp.float32)), 1.0)
     tokens_E = jnp.sum(chosen_LBTE * m, axis=(0, 1, 2)) / n
     probs_E = jnp.sum(probs_LBTE * m, axis=(0, 1, 2)) / n
     return probs_LBTE.shape[-1] * jnp.sum(tokens_E * probs_E)
+
+
+def routing_agreement(experts_LBTK: jax.Array, ref_experts_LBTK: jax.Array,
+                      token_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """How far training moved the router: per layer, the number of masked tokens whose top-k
+    expert set is the same under the policy and the reference (float32 [L]), and the number of
+    masked tokens (float32 []). experts: the sorted top-k ids of each forward ([L, B, T, K],
+    `Model.hidden(..., routing=True)`); token_mask_BT: the tokens counted (the scored ones)."""
+    same_LBT = jnp.all(experts_LBTK == ref_experts_LBTK, axis=-1).astype(jnp.float32)
+    m_BT = token_mask_BT.astype(jnp.float32)
+    return jnp.sum(same_LBT * m_BT[None], axis=(1, 2)), jnp.sum(m_BT)
