@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True  # scan over stacked layers (compile time independent of depth)
     c.model.attention_impl = ""  # '' = XLA; 'cudnn' fused GPU kernel; 'chunked' query blocks
     c.model.attention_chunk = 512  # query rows per block with attention_impl='chunked'
+    # mixture-of-experts models: 'sparse' (dropless grouped dispatch) or 'dense' (reference);
+    # moe_kernel '' = by backend (tiled on CPU, ragged_dot on TPU / GPU; models/moe_dispatch.py)
+    c.model.moe_impl = "sparse"
+    c.model.moe_kernel = ""
     # LoRA (dpo_jax/lora.py): train low-rank adapters over the frozen base (from init.policy,
     # hf_path or the seed, in param_dtype); the reference is the starting policy
     c.model.lora = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ from dpo_jax import losses as losses_lib
 from dpo_jax import lora as lora_lib
 from dpo_jax.batch_format import BatchFormat
 from dpo_jax.logprobs import scored_counts, sequence_logps
+from dpo_jax.models import moe
 from dpo_jax.optim import Objective, make_update
 from dpo_jax.train_state import TrainState
 from dpo_jax.step_config import StepConfig  # noqa: F401  (re-exported: step.StepConfig)
@@ -40,24 +41,28 @@ class SeqStats:
     wpo_logps: jax.Array | None = None  # WPO's per-token mean aligned log-prob (with_wpo)
     router_aux: jax.Array | None = None  # f32 []: the router's load-balancing loss (router_aux)
     hidden_sums: jax.Array | None = None  # f32 [S, D]: with_hidden (logprobs.sequence_logps)
+    routing: jax.Array | None = None  # int32 [L, R, T, K]: sorted top-k experts (routing)
 
 
 def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_only=False,
                    loss_cfg: losses_lib.LossConfig | None = None, with_wpo=False,
                    router_aux=False, fmt: BatchFormat | None = None,
-                   rng: jax.Array | None = None, with_hidden: bool = False) -> SeqStats:
+                   rng: jax.Array | None = None, with_hidden: bool = False,
+                   routing=False) -> SeqStats:
     """:class:`SeqStats` of ``params`` on ``batch`` (laid out as ``fmt``; None: as its arrays
     say, :func:`batch_format.infer`). forward_only (no gradient will be taken) evaluates the head
     with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights the tokens past the
     shorter response of each pair; ``with_wpo`` fills ``wpo_logps``, ``router_aux``
     (mixture-of-experts models) ``router_aux``, ``with_hidden`` ``hidden_sums`` (the CHES
-    score's sums, ``dpo_jax.diagnostics``). ``rng``: LoRA's dropout key (None: none)."""
+    score's sums, ``dpo_jax.diagnostics``), ``routing`` each layer's sorted top-k experts.
+    ``rng``: LoRA's dropout key (None: none)."""
     fmt = fmt or batch_format.infer(batch)
     kwargs = dict(fmt.hidden_kwargs(batch), **({"router_aux": True} if router_aux else {}),
+                  **({"routing": True} if routing else {}),
                   **({} if rng is None else {"dropout_rng": rng}))
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"],
                      **kwargs)
-    h, aux = h if router_aux else (h, None)
+    h, aux, routes = h if routing else (*(h if router_aux else (h, None)), None)
     w, b = model.unembedding(params, caller_applies_softcap=True)
     seq_index, num_seqs = fmt.seq_index(batch)
     ld = {}
@@ -72,7 +77,7 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
         softcap=model.cfg.final_logit_softcap, with_hidden=with_hidden, **ld,
     )
     wpo = None if out.wpo_sums is None else out.wpo_sums / jnp.maximum(out.counts, 1.0)
-    return SeqStats(out.sums, out.counts, wpo, aux, out.hidden_sums)
+    return SeqStats(out.sums, out.counts, wpo, aux, out.hidden_sums, routes)
 
 
 def _pairs(x_S):
@@ -110,16 +115,19 @@ def ranked_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, ma
                          "logprobs.precompute_reference are for pairs; unset them")
     K, rank_BK = fmt.num_slots(batch), batch["slot_rank"]
     mask_BK = (rank_BK >= 0).astype(jnp.float32)
+    coef = moe.router_aux_coef(loss_cfg.router_aux_loss_coef, model.cfg)
     policy = sequence_stats(model, params, batch, cfg, max_scored,
-                            forward_only=policy_forward_only, fmt=fmt, rng=rng)
+                            forward_only=policy_forward_only, fmt=fmt, rng=rng,
+                            router_aux=coef > 0)
     logps, lengths = policy.logps, policy.lengths
     ref_logps = jnp.zeros_like(logps)
     if ref_params is not None:
         ref_logps = _reference_or_own(logps, lambda: sequence_stats(
             model, ref_params, batch, cfg, max_scored, forward_only=True, fmt=fmt).logps,
             at_start)
-    out = losses_lib.listwise_loss(loss_cfg, _slots(logps, K), _slots(ref_logps, K), mask_BK,
-                                   rank_BK, batch["pair_weight"])
+    out = with_router_loss(losses_lib.listwise_loss(
+        loss_cfg, _slots(logps, K), _slots(ref_logps, K), mask_BK, rank_BK,
+        batch["pair_weight"]), coef, policy.router_aux)
     return losses_lib.ranked_stats(_slots(logps, K), _slots(lengths, K), mask_BK), out
 
 
@@ -136,7 +144,7 @@ def _stats(s: SeqStats) -> losses_lib.SequenceStats:
 
 def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
                policy_forward_only=False, key=None, at_start=None,
-               fmt: BatchFormat | None = None):
+               fmt: BatchFormat | None = None, routing_by_layer=False):
     """Policy/reference statistics and the loss output for one (micro-)batch laid out as
     ``fmt`` (None: as its arrays say, :func:`batch_format.infer`).
 
@@ -148,7 +156,11 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     policy (``StepConfig.reference_is_initial_policy``), so the policy's log-probs are the
     reference's. ``key``: LoRA's dropout key for the policy forward (None: no dropout).
     ``cfg.diagnostics`` (pairs only, else ValueError) adds :func:`diagnostics.pair_extras` to
-    the output's extras, from the same forward; the loss is unchanged."""
+    the output's extras, from the same forward; the loss is unchanged.
+    Mixture-of-experts models with a reference forward (pairs, KTO) add the routing drift to
+    ``out.extras``: ``routing/agreement``, the fraction of scored tokens whose top-k experts
+    are the same under policy and reference (mean over layers; 1 when the reference is the
+    policy), and with ``routing_by_layer`` ``routing/agreement/layer_<i>`` per layer."""
     fmt = fmt or batch_format.infer(batch)
     diag = cfg.diagnostics
     if diag and fmt.kind != "pairs":
@@ -159,18 +171,18 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     params = lora_lib.join(ref_params, params)
     if not losses_lib.needs_reference(loss_cfg):
         ref_params = None
-    router_aux = loss_cfg.router_aux_loss_coef > 0
-    if router_aux and fmt.kind != "pairs":
-        raise ValueError("loss.router_aux_loss_coef adds the router loss to paired preference "
-                         "losses, not to ranked lists or KTO; set it to 0")
+    coef = moe.router_aux_coef(loss_cfg.router_aux_loss_coef, model.cfg)
+    router_aux = coef > 0
     if fmt.kind == "ranked":
         return ranked_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
                             policy_forward_only, at_start, fmt, key)
+    drift = bool(model.cfg.n_experts) and ref_params is not None and not fmt.stored_reference
     full = sequence_stats(model, params, batch, cfg, max_scored,
                           forward_only=policy_forward_only, loss_cfg=loss_cfg,
                           with_wpo=loss_cfg.use_weighting, router_aux=router_aux, fmt=fmt,
-                          rng=key, with_hidden=diag)
-    own = SeqStats(full.logps, full.lengths)  # what the reference's are when it is the policy
+                          rng=key, with_hidden=diag, routing=drift)
+    # what the reference's are when it is the policy
+    own = SeqStats(full.logps, full.lengths, routing=full.routing)
     policy = _stats(full)
     reference = None
     if fmt.stored_reference:  # precomputed once over the dataset
@@ -181,22 +193,35 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
         reference = _stats(_reference_or_own(
             own, SeqStats(batch["ref_logps"], batch["ref_lengths"]), at_start))
     elif ref_params is not None:
-        reference = _stats(_reference_or_own(own, lambda: sequence_stats(
+        ref = _reference_or_own(own, lambda: sequence_stats(
             model, ref_params, batch, cfg, max_scored, forward_only=True, loss_cfg=loss_cfg,
-            fmt=fmt), at_start))
+            fmt=fmt, routing=drift), at_start)
+        reference = _stats(ref)
     weights = batch["pair_weight"]
     if fmt.kind == "unpaired":
-        return policy, losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"],
-                                           weights)
-    out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
-    if router_aux:  # TRL: loss + router_aux_loss_coef * aux_loss, logged as aux_loss
-        aux = full.router_aux
-        out = out.replace(losses=out.losses + loss_cfg.router_aux_loss_coef * aux,
-                          extras={**out.extras, "aux_loss": aux})
+        out = losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"], weights)
+    else:
+        out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
+    if drift:
+        agree_L, n = moe.routing_agreement(full.routing, ref.routing, batch["loss_mask"])
+        frac_L = agree_L / jnp.maximum(n, 1.0)
+        extras = {"routing/agreement": jnp.mean(frac_L)}
+        if routing_by_layer:
+            extras.update({f"routing/agreement/layer_{i}": f for i, f in enumerate(frac_L)})
+        out = out.replace(extras={**out.extras, **extras})
     if diag:
         out = out.replace(extras={**out.extras, **diagnostics.pair_extras(
             policy, reference, out, full.hidden_sums)})
-    return policy, out
+    return policy, with_router_loss(out, coef, full.router_aux)
+
+
+def with_router_loss(out, coef: float, aux):
+    """TRL 1.16: each example's loss plus ``coef * aux_loss`` (the policy forward's router
+    load-balancing loss, ``moe.load_balancing_loss``), ``aux_loss`` logged; ``out`` as it is
+    when ``coef`` is 0 (``moe.router_aux_coef``)."""
+    if not coef:
+        return out
+    return out.replace(losses=out.losses + coef * aux, extras={**out.extras, "aux_loss": aux})
 
 
 def _weighted_sums(policy, out, weights) -> dict[str, jax.Array]:
@@ -307,7 +332,7 @@ def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | N
 
     def eval_step(params, ref_params, batch, max_scored=None):
         policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
-                                 policy_forward_only=True)
+                                 policy_forward_only=True, routing_by_layer=True)
         metrics = pair_metrics(policy, out, batch["pair_weight"])
         if extra_metrics is not None:
             metrics.update(extra_metrics(policy, out, batch))
