@@ -32,7 +32,7 @@ from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
 from dpo_jax.models import Model, ModelConfig
 from dpo_jax.models.config import preset
 from dpo_jax.optim import OptimConfig, make_optimizer
-from dpo_jax.state import TrainState, create_state, param_shardings
+from dpo_jax.state import Frozen, TrainState, create_state, param_shardings
 from dpo_jax.step import StepConfig
 
 # ----------------------------------------------------------------------------- model and state
@@ -79,9 +79,9 @@ def train_state(model: Model, params, tx, ref_params=None, mesh_=None) -> TrainS
     mesh_ = mesh_ if mesh_ is not None else mesh()
     shardings = param_shardings(model, mesh_, shard_lib.DEFAULT_RULES)
     params = jax.device_put(params, shardings)
-    if ref_params is not None:
-        ref_params = jax.device_put(ref_params, shardings)
-    return create_state(params, tx, mesh_, shardings, ref_params=ref_params)
+    frozen = (None if ref_params is None
+              else Frozen(reference=jax.device_put(ref_params, shardings)))
+    return create_state(params, tx, mesh_, shardings, frozen)
 
 
 def step_config(grad_accum: int = 1, forward_logprobs: LogprobConfig | None = None,

@@ -83,7 +83,7 @@ def test_peft_directory_imports_as_the_initial_adapters(trained):
     config.model.lora.update(rank=4, alpha=8.0, targets="all,lm_head", path=str(adapter_dir))
     rc = read_config(config)
     setup = state_lib.setup(rc, lora_lib.make_model(rc.model, rc.lora), reference=True)
-    runs.assert_same_params(setup.params, want)
+    runs.assert_same_params(setup.trainable, want)
     config.model.lora.alpha = 16.0
     rc = read_config(config)
     with pytest.raises(ValueError, match="lora_alpha=8.0.*alpha=16.0"):

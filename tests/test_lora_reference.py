@@ -68,19 +68,19 @@ def test_reference_of_a_run_started_from_a_peft_adapter(tmp_path, reference):
     start = jax.tree.map(np.asarray, _start_adapters(config, tmp_path / "again"))
     # The state: the adapters trained, the base unmerged, the initial adapters frozen beside it
     # (policy) or absent (base).
-    ref = jax.device_get(setup.ref_params)
+    ref = jax.device_get(setup.frozen.lora_base)
     assert set(ref) == set(base) | ({"lora"} if reference == "policy" else set())
     for got, want in zip(jax.tree.leaves({k: ref[k] for k in base}), jax.tree.leaves(base),
                          strict=True):
         np.testing.assert_array_equal(got, want)
-    runs.assert_same_params(jax.device_get(setup.params), start)
+    runs.assert_same_params(jax.device_get(setup.trainable), start)
     if reference == "policy":
         runs.assert_same_params({"lora": ref["lora"]}, start)
 
     pairs = helpers.synthetic_pairs(8, seed=2)
     batch = helpers.pair_batch(pairs)
     loss_cfg = helpers.loss_config(beta=0.5)
-    _, out = pair_terms(model, loss_cfg, setup.params, setup.ref_params, batch, StepConfig(),
+    _, out = pair_terms(model, loss_cfg, setup.trainable, setup.frozen.lora_base, batch, StepConfig(),
                         None)
     merged = Model(lora_lib.merged_config(model))
     policy_logits = np.asarray(merged.logits(

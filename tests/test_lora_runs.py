@@ -92,15 +92,15 @@ def test_two_stage_recipe_sft_adapters_merged_into_the_dpo_base(tmp_path):
         rc = read_config(dpo)
         model = lora_lib.make_model(rc.model, rc.lora)
         setup = state_lib.setup(rc, model, reference=True)
-        base = setup.ref_params if rank else setup.params
+        base = setup.frozen.lora_base if rank else setup.trainable
         for got, w in zip(jax.tree.leaves(jax.device_get(base)), jax.tree.leaves(want),
                           strict=True):
             np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-6)
         if rank:  # step 0: the adapted policy is its base, the reference
             loss_cfg = helpers.loss_config(beta=0.5)
             b = helpers.pair_batch(helpers.synthetic_pairs(8))
-            _, out = pair_terms(model, loss_cfg, setup.params, setup.ref_params, b, StepConfig(),
-                                None)
+            _, out = pair_terms(model, loss_cfg, setup.trainable, setup.frozen.lora_base, b,
+                                StepConfig(), None)
             np.testing.assert_allclose(np.asarray(out.losses), math.log(2.0), rtol=1e-6)
 
 

@@ -200,7 +200,7 @@ def _one_step(model, params, ref_params, batch_np, loss_cfg, mesh_, cfg=None):
                    static_argnums=2)
     new_state, metrics = step(state, batch, max_scored)
     update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
-                          jax.device_get(new_state.params), jax.device_get(params))
+                          jax.device_get(new_state.trainable), jax.device_get(params))
     return update, jax.device_get(metrics)
 
 

@@ -49,7 +49,7 @@ def _step(model, params, ref_params, batch_np, loss_cfg, mesh_, step_cfg=None):
     step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, step_cfg), static_argnums=2)
     state = helpers.train_state(model, params, tx, ref_params=ref_params, mesh_=mesh_)
     new_state, metrics = step(state, *helpers.device_batch(batch_np, mesh_))
-    return jax.device_get(new_state.params), jax.device_get(metrics)
+    return jax.device_get(new_state.trainable), jax.device_get(metrics)
 
 
 # ----------------------------------------------------------------------------- data

@@ -13,6 +13,7 @@ from dpo_jax import losses
 from dpo_jax.config import base_config, read_config
 from dpo_jax.logprobs import DENSE, LogprobConfig, max_scored_tokens, sequence_logps
 from dpo_jax.step import StepConfig, make_eval_step
+from dpo_jax.train_state import Frozen
 from tests import helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -138,7 +139,7 @@ def test_dpo_step_with_wpo_and_ld_matches_numpy(opts):
     loss_cfg = helpers.loss_config("sigmoid", beta=0.5, **opts)
     batch, n = helpers.device_batch(batch_np)
     sums = make_eval_step(model, loss_cfg, StepConfig(logprobs=LogprobConfig(seq_chunk=4)))(
-        params, ref_params, batch, n)
+        params, Frozen(reference=ref_params), batch, n)
     got = float(sums["loss"][0]) / float(sums["loss"][1])
 
     ids, pos, seg = (batch_np[k] for k in ("input_ids", "positions", "segment_ids"))

@@ -96,9 +96,10 @@ def measure(kind: str, args) -> dict:
            "rank": args.rank if kind == "lora" else None,
            "base_dtype": args.base_dtype if kind == "lora" else cfg.param_dtype,
            "compile_s": round(time.perf_counter() - t, 1),
-           "trained_params": sum(x.size for x in jax.tree.leaves(state.params)),
-           "state_GiB": {name: round(_bytes(getattr(state, name)) / GiB, 3)
-                         for name in ("params", "ref_params", "opt_state")}}
+           "trained_params": sum(x.size for x in jax.tree.leaves(state.trainable)),
+           "state_GiB": {name: round(_bytes(tree) / GiB, 3) for name, tree in (
+               ("params", state.trainable), ("ref_params", state.frozen.tree),
+               ("opt_state", state.opt_state))}}
     mem = compiled.memory_analysis()
     out.update(args_GiB=round(mem.argument_size_in_bytes / GiB, 3),
                temp_GiB=round(mem.temp_size_in_bytes / GiB, 3),
