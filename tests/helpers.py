@@ -16,7 +16,9 @@ Everything is small enough that one jitted step compiles and runs in about a sec
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
+import pathlib
 from typing import Any
 
 import jax
@@ -28,12 +30,25 @@ from dpo_jax import sharding as shard_lib
 from dpo_jax.data import PreferencePipeline, default_data_config, load_tokenizer, to_global
 from dpo_jax.data.synthetic import SyntheticTask, make_pairs
 from dpo_jax.data.testing import find_shared_data
+from dpo_jax.data.tokenize import PairTokenizer
 from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
 from dpo_jax.models import Model, ModelConfig
 from dpo_jax.models.config import preset
 from dpo_jax.optim import OptimConfig, make_optimizer
 from dpo_jax.state import Frozen, TrainState, create_state, param_shardings
 from dpo_jax.step import StepConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_module(path: str, name: str | None = None):
+    """The Python file ``path`` (relative to the repository root: ``configs/*.py``, an
+    experiment's script) imported as a module named ``name`` (default: the file's stem)."""
+    spec = importlib.util.spec_from_file_location(name or pathlib.Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # ----------------------------------------------------------------------------- model and state
 
@@ -169,6 +184,11 @@ def data_config(**fields: Any):
     return c
 
 
+def pair_tokenizer(tok, **data_fields: Any) -> PairTokenizer:
+    """The pair tokenizer of ``tok`` under :func:`data_config` with ``data_fields`` set."""
+    return PairTokenizer(tok, data_config(**data_fields))
+
+
 def pipeline(pairs, batch_size: int | None = None, *, train: bool = False, seed: int = 0,
              **data_fields: Any) -> PreferencePipeline:
     """The real ``PreferencePipeline`` over ``pairs`` (one process). Eval (default): one pass in
@@ -240,6 +260,12 @@ def global_norm(tree) -> float:
 
 # ----------------------------------------------------------------------------- transformers parity
 # torch and transformers are imported inside these functions: only the HF tests need them.
+
+# The fields every tiny transformers config of the parity tests shares (random_hf_models'
+# ``common``): 2 layers, width 32, 4 query and 2 key/value heads, the synthetic vocabulary.
+TINY_HF_FIELDS = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def padded_ids(lens: list[int], low: int = 0, vocab: int = 128, seed: int = 0):

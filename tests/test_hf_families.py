@@ -20,9 +20,7 @@ from tests import helpers  # noqa: E402
 torch.set_num_threads(2)
 
 WINDOW = 8
-BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+BASE = helpers.TINY_HF_FIELDS
 CASES = {
     "mistral-window": ("MistralConfig", dict(head_dim=16, sliding_window=WINDOW)),
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=False)),

@@ -267,14 +267,7 @@ def test_a_task_without_adapters_refuses_lora():
     ("configs/lora_dpo.py", "from_sft", 16, "runs/lora_sft"),
     ("configs/lora_dpo.py", "from_sft,full", 0, "runs/lora_sft")])
 def test_lora_configs(path, variant, rank, policy):
-    import importlib.util
-    import os
-
-    spec = importlib.util.spec_from_file_location(
-        "cfg", os.path.join(os.path.dirname(os.path.dirname(__file__)), path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rc = read_config(module.get_config(variant))
+    rc = read_config(helpers.load_module(path, "cfg").get_config(variant))
     assert rc.lora.rank == rank and rc.param_sources.policy == policy
     assert rc.task == ("sft" if "sft.py" in path else "dpo")
 

@@ -8,13 +8,12 @@ import types
 
 import pytest
 
-from dpo_jax.data import DataError, default_data_config, load_tokenised_pairs
+from dpo_jax.data import DataError, load_tokenised_pairs
 from dpo_jax.data.errors import BadRows
 from dpo_jax.data.prompts import load_prompts
 from dpo_jax.data.sources import RawPair
 from dpo_jax.data.testing import (chatml_tokenizer, gpt2_style_tokenizer,
                                   llama2_style_tokenizer, llama3_style_tokenizer)
-from dpo_jax.data.tokenize import PairTokenizer
 from tests import helpers
 
 BUILDERS = {"llama3": llama3_style_tokenizer, "llama2": llama2_style_tokenizer,
@@ -32,12 +31,9 @@ def tok(request):
 
 def _cfg(tmp_path, tok, **fields):
     tok.save_pretrained(tmp_path / "tok")
-    c = default_data_config()
-    c.source, c.path, c.tokenizer = "generic", str(tmp_path / "data"), str(tmp_path / "tok")
-    c.eval_fraction = 0.0
-    for k, v in fields.items():
-        setattr(c, k, v)
-    return c
+    return helpers.data_config(**{"source": "generic", "path": str(tmp_path / "data"),
+                                  "tokenizer": str(tmp_path / "tok"), "eval_fraction": 0.0,
+                                  **fields})
 
 
 def _turn(prompt, text):
@@ -115,11 +111,7 @@ def test_prompt_file_bad_rows_are_named_or_skipped(tmp_path):
     assert [list(p) for p in got] == [tok("Hi!")["input_ids"], [5, 6]]
 
 
-def _enc(tok, **fields):
-    c = default_data_config()
-    for k, v in fields.items():
-        setattr(c, k, v)
-    return PairTokenizer(tok, c)
+_enc = helpers.pair_tokenizer
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama3"])
