@@ -19,6 +19,7 @@ import gzip
 import importlib.util
 import json
 import pathlib
+import types
 from typing import Any
 
 import jax
@@ -36,7 +37,7 @@ from dpo_jax.models import Model, ModelConfig
 from dpo_jax.models.config import preset
 from dpo_jax.optim import OptimConfig, make_optimizer
 from dpo_jax.state import Frozen, TrainState, create_state, param_shardings
-from dpo_jax.step import StepConfig
+from dpo_jax.step import StepConfig, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -154,6 +155,16 @@ def packed_seq_index(mask) -> np.ndarray:
     return seq_index
 
 
+def packed_tokens(mask, seq_index):
+    """``(slot, row, column)`` of every scored token ``t >= 1`` of ``mask`` [R, L], row by row
+    in order: its sequence slot ``seq_index[row, t]`` and the column ``t - 1`` of the log-prob
+    that predicts it (what a packed per-sequence sum adds up)."""
+    for r in range(len(mask)):
+        for t in range(1, np.shape(mask)[1]):
+            if mask[r, t]:
+                yield int(seq_index[r, t]), r, t - 1
+
+
 def write_jsonl(path, rows, gz: bool = False) -> str:
     """``rows`` (dicts) written to ``path`` one JSON object a line, gzip-compressed when
     ``gz``; the path as a string."""
@@ -246,6 +257,23 @@ def device_batch(batch_np: dict[str, np.ndarray], mesh_=None):
     mesh_ = mesh_ if mesh_ is not None else mesh()
     batch = to_global(batch_np, shard_lib.batch_shardings(batch_np, mesh_))
     return batch, max_scored_tokens(batch_np["loss_mask"])
+
+
+def one_device_dpo_step(model: Model, params, loss_cfg, num_pairs: int = 4, lr: float = 1e-3):
+    """One DPO train step (``make_train_step``: SGD at ``lr``, the default StepConfig) of
+    ``params`` beside a reference perturbed by 0.02, on a one-device mesh (the math, not the
+    sharding), over the pair batch of ``num_pairs`` synthetic pairs. A namespace of ``state``
+    (before), ``new_state``, ``metrics``, ``batch_np`` (numpy) and ``batch`` (on device)."""
+    mesh_ = shard_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    tx, schedule = optimizer(lr=lr)
+    state = train_state(model, params, tx, ref_params=perturbed(params, 0.02), mesh_=mesh_)
+    batch_np = pair_batch(synthetic_pairs(num_pairs))
+    batch, max_scored = device_batch(batch_np, mesh_)
+    step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, step_config()),
+                   static_argnums=2)
+    new_state, metrics = step(state, batch, max_scored)
+    return types.SimpleNamespace(state=state, new_state=new_state, metrics=metrics,
+                                 batch_np=batch_np, batch=batch)
 
 
 def leaves(tree) -> list[np.ndarray]:

@@ -41,6 +41,14 @@ def dpo_config(**train):
     return tiny(base_config(), **train)
 
 
+def format_config(data_format: str, loss: str, **train):
+    """A tiny DPO config on ``data.format=data_format`` (ranked lists, unpaired examples)
+    trained with the loss ``loss`` that reads it."""
+    c = dpo_config(**train)
+    c.data.format, c.loss.name = data_format, loss
+    return c
+
+
 def sft_config(**train):
     return tiny(add_sft_config(base_config()), **train)
 

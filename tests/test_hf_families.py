@@ -165,23 +165,11 @@ def test_greedy_sampling_matches_generate_past_the_window(name, hf_dirs, ours):
 def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
     """One DPO train step (dpo_jax.step.make_train_step) on the imported model: the policy
     log-probs it reports equal PyTorch's on the same batch, and the parameters move."""
-    from dpo_jax.step import make_train_step
-
     _, hf_model, _ = hf_dirs[name]
     cfg, params, _ = ours[name]
-    from dpo_jax.sharding import make_mesh
-
-    model = Model(cfg)
-    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])  # the math, not the sharding
-    tx, schedule = helpers.optimizer(lr=1e-3)
-    state = helpers.train_state(model, params, tx, ref_params=helpers.perturbed(params, 0.02),
-                                mesh_=mesh)
-    batch_np = helpers.pair_batch(helpers.synthetic_pairs(4))
+    run = helpers.one_device_dpo_step(Model(cfg), params, helpers.loss_config(beta=0.1))
+    batch_np, metrics = run.batch_np, run.metrics
     assert batch_np["input_ids"].shape[1] > WINDOW
-    batch, max_scored = helpers.device_batch(batch_np, mesh)
-    step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.1), tx, schedule,
-                                   helpers.step_config()), static_argnums=2)
-    new_state, metrics = step(state, batch, max_scored)
     with torch.no_grad():
         logits = helpers.hf_logits(hf_model, batch_np["input_ids"],
                             (batch_np["segment_ids"] > 0).astype(np.int64)).astype(np.float64)
@@ -193,7 +181,7 @@ def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
     assert float(metrics["logps/rejected"]) == pytest.approx(seq[B:].mean(), rel=1e-4)
     assert np.isfinite(float(metrics["loss"]))
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                         new_state.trainable, state.trainable)
+                         run.new_state.trainable, run.state.trainable)
     assert max(jax.tree.leaves(moved)) > 0
 
 

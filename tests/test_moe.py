@@ -78,21 +78,12 @@ def test_router_aux_loss_matches_transformers(name, models):
 def test_dpo_step_adds_the_router_loss(models):
     """loss.router_aux_loss_coef: the step's loss is the DPO loss plus coef * aux_loss, and
     aux_loss is transformers' aux_loss of the policy forward over the pair batch."""
-    from dpo_jax.step import make_train_step
-
     _, hf_model, _, cfg, params = models["mixtral"]
     model = Model(cfg)
-    mesh = shard_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    tx, schedule = helpers.optimizer(lr=1e-3)
-    state = helpers.train_state(model, params, tx, ref_params=helpers.perturbed(params, 0.02),
-                                mesh_=mesh)
-    batch_np = helpers.pair_batch(helpers.synthetic_pairs(4))
-    batch, max_scored = helpers.device_batch(batch_np, mesh)
-    metrics = {}
-    for coef in (0.0, 0.5):
-        step = jax.jit(make_train_step(model, helpers.loss_config(router_aux_loss_coef=coef),
-                                       tx, schedule, helpers.step_config()), static_argnums=2)
-        metrics[coef] = step(state, batch, max_scored)[1]
+    runs = {coef: helpers.one_device_dpo_step(
+        model, params, helpers.loss_config(router_aux_loss_coef=coef)) for coef in (0.0, 0.5)}
+    metrics = {coef: run.metrics for coef, run in runs.items()}
+    batch_np, batch = runs[0.5].batch_np, runs[0.5].batch
     assert "aux_loss" not in metrics[0.0]
     aux = float(metrics[0.5]["aux_loss"])
     want, _ = _hf_router(hf_model, batch_np["input_ids"],

@@ -36,6 +36,12 @@ def _cfg(tmp_path, tok, **fields):
                                   **fields})
 
 
+def _train_prompts(path, cfg):
+    """The training prompts of the prompt file ``path`` under data block ``cfg``."""
+    return load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
+                        data_cfg=cfg)
+
+
 def _turn(prompt, text):
     """A response as a pairs file holds it: text, or an assistant message after messages."""
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
@@ -59,8 +65,7 @@ def test_prompt_file_tokens_are_the_training_prompts(tok, tmp_path):
     cfg = _cfg(tmp_path, tok)
     pairs, _ = load_tokenised_pairs(cfg, "train")
     assert len(pairs) == len(prompts)
-    got = load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                       data_cfg=cfg)
+    got = _train_prompts(path, cfg)
     assert [list(p) for p in got] == [list(p["prompt"]) for p in pairs]
     bos = tok.bos_token_id if tok("")["input_ids"][:1] == [tok.bos_token_id] else None
     differs = 0
@@ -86,14 +91,12 @@ def test_long_prompts_are_cut_as_training_prompts(mode, tmp_path):
     cfg = _cfg(tmp_path, tok, max_prompt_length=16, max_length=40, truncation_mode=mode)
     pairs, stats = load_tokenised_pairs(cfg, "train")
     assert stats["tokenisation"]["prompt_truncated"] == 1
-    got = load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                       data_cfg=cfg)
+    got = _train_prompts(path, cfg)
     assert [list(p) for p in got] == [list(p["prompt"]) for p in pairs]
     assert len(got[1]) == 16 and got[1][0] == tok.bos_token_id
     cfg.truncation_mode = "error"
     with pytest.raises(DataError, match=r"prompts.jsonl: row 1: field 'prompt'") as e:
-        load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                     data_cfg=cfg)
+        _train_prompts(path, cfg)
     assert e.value.reason == "prompt_too_long"
 
 
@@ -103,11 +106,9 @@ def test_prompt_file_bad_rows_are_named_or_skipped(tmp_path):
                                                       {"prompt_ids": [5, 6]}])
     cfg = _cfg(tmp_path, tok)
     with pytest.raises(DataError, match=r"p.jsonl: row 1: field 'prompt'"):
-        load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                     data_cfg=cfg)
+        _train_prompts(path, cfg)
     cfg.on_bad_row = "skip"
-    got = load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                       data_cfg=cfg)
+    got = _train_prompts(path, cfg)
     assert [list(p) for p in got] == [tok("Hi!")["input_ids"], [5, 6]]
 
 
@@ -161,10 +162,8 @@ def test_prompt_ids_rows_cut_keeping_the_end_and_edge_rows(tmp_path):
         {"prompt_ids": list(range(1, 30))}, {"prompt": "a b c d e f g h"}, {"prompt": ""}])
     cfg = _cfg(tmp_path, tok, max_prompt_length=8, truncation_mode="error")
     with pytest.raises(DataError, match=r"p.jsonl: row 2: field 'prompt'") as e:
-        load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                     data_cfg=cfg)
+        _train_prompts(path, cfg)
     assert e.value.reason == "empty_prompt"
     cfg.on_bad_row = "skip"
-    got = load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                       data_cfg=cfg)
+    got = _train_prompts(path, cfg)
     assert [list(p) for p in got] == [list(range(22, 30)), exact]

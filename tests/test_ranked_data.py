@@ -255,8 +255,7 @@ def test_kto_refuses_grad_accum_and_pairs_refuse_kto():
 @pytest.mark.parametrize("fmt,loss", [("ranked", "plackett_luce"),
                                       pytest.param("unpaired", "kto", marks=pytest.mark.slow)])
 def test_run_resumes_exactly(tmp_path, fmt, loss):
-    c = runs.dpo_config(steps=4, batch_size=8, checkpoint_every=2)
-    c.data.format, c.loss.name = fmt, loss
+    c = runs.format_config(fmt, loss, steps=4, batch_size=8, checkpoint_every=2)
     c.data.buckets = "48"
     if fmt == "ranked":
         c.data.synthetic.num_responses = 3

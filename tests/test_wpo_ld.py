@@ -72,13 +72,10 @@ def test_ld_weights_in_packed_rows_count_within_each_sequence():
     shared = np.array([3.0, 2.0, 1.0, 4.0], np.float32)
     want, want_wpo = np.zeros(4), np.zeros(4)
     seen = np.zeros(4)
-    for r in range(2):
-        for t in range(1, 20):
-            if mask[r, t]:
-                s = seq_index[r, t]
-                seen[s] += 1
-                want[s] += target[r, t - 1] * (1.0 if seen[s] <= shared[s] else 0.5)
-                want_wpo[s] += target[r, t - 1] - log_sq[r, t - 1]
+    for s, r, t in helpers.packed_tokens(mask, seq_index):
+        seen[s] += 1
+        want[s] += target[r, t] * (1.0 if seen[s] <= shared[s] else 0.5)
+        want_wpo[s] += target[r, t] - log_sq[r, t]
     out = sequence_logps(h, ids, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=16),
                          max_scored=max_scored_tokens(mask), seq_index_RL=seq_index,
                          num_seqs=4, ld_shared_S=shared, ld_alpha=0.5, with_wpo=True)
