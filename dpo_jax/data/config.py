@@ -279,6 +279,16 @@ def _plain(value):
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
+def _with_defaults(given: dict, defaults: dict, where: str, what: str) -> dict:
+    """``defaults`` updated with ``given``; ValueError naming ``where.<field>`` for a field
+    ``defaults`` lacks."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: not a field of the {what}; fields: "
+                         f"{', '.join(sorted(defaults))}")
+    return {**defaults, **given}
+
+
 def read_data(block: Mapping[str, Any] | DataConfig) -> DataConfig:
     """The frozen ``data`` block, validated (:func:`validate`); fields the block lacks (a
     config written before they existed) take :func:`default_data_config`'s values. A
@@ -286,20 +296,10 @@ def read_data(block: Mapping[str, Any] | DataConfig) -> DataConfig:
     unknown field or a bad value."""
     if isinstance(block, DataConfig):
         return block
-    given = dict(_plain(block))
-    fields = default_data_config().to_dict()
-    unknown = sorted(set(given) - set(fields))
-    if unknown:
-        raise ValueError(f"data.{unknown[0]}: not a field of the data block; fields: "
-                         f"{', '.join(sorted(fields))}")
-    fields.update(given)
-    synthetic = default_data_config().synthetic.to_dict()
-    given_synthetic = dict(_plain(fields["synthetic"]) or {})
-    unknown = sorted(set(given_synthetic) - set(synthetic))
-    if unknown:
-        raise ValueError(f"data.synthetic.{unknown[0]}: not a field of the synthetic block; "
-                         f"fields: {', '.join(sorted(synthetic))}")
-    synthetic.update(given_synthetic)
+    defaults = default_data_config()
+    fields = _with_defaults(dict(_plain(block)), defaults.to_dict(), "data", "data block")
+    synthetic = _with_defaults(dict(_plain(fields["synthetic"]) or {}),
+                               defaults.synthetic.to_dict(), "data.synthetic", "synthetic block")
     synthetic.update(prompt_len=tuple(synthetic["prompt_len"]),
                      response_len=tuple(synthetic["response_len"]))
     fields["synthetic"] = SyntheticConfig(**synthetic)

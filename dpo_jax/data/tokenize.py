@@ -133,17 +133,26 @@ class PairTokenizer:
         return self.tok.apply_chat_template(messages, tokenize=False,
                                             add_generation_prompt=generation_prompt)
 
-    def _template_turn_end(self) -> int | None:
-        """The special token the chat template puts after an assistant message's content
-        (ChatML '<|im_end|>', Llama-3 '<|eot_id|>', Llama-2/Mistral '</s>'), else None."""
+    def _render_probe(self, with_answer: bool) -> tuple[str, str] | None:
+        """The chat template's rendering of a one-message user turn with the generation
+        prompt, then of that turn without it (``with_answer``: followed by the assistant
+        message ``_PROBE``); None without a template or when it refuses the conversation."""
         if not getattr(self.tok, "chat_template", None):
             return None
         user = [{"role": "user", "content": "hi"}]
+        answer = [{"role": "assistant", "content": _PROBE}] if with_answer else []
         try:
-            prompt = self._render(user, True)
-            full = self._render(user + [{"role": "assistant", "content": _PROBE}], False)
-        except Exception:  # a template that refuses this conversation: no known turn end
+            return self._render(user, True), self._render(user + answer, False)
+        except Exception:  # a template that refuses this conversation
             return None
+
+    def _template_turn_end(self) -> int | None:
+        """The special token the chat template puts after an assistant message's content
+        (ChatML '<|im_end|>', Llama-3 '<|eot_id|>', Llama-2/Mistral '</s>'), else None."""
+        rendered = self._render_probe(with_answer=True)
+        if rendered is None:  # no template, or no known turn end
+            return None
+        prompt, full = rendered
         if not full.startswith(prompt) or _PROBE not in full[len(prompt):]:
             return None
         after = self._ids([full[full.rindex(_PROBE) + len(_PROBE):]])[0]
@@ -159,13 +168,10 @@ class PairTokenizer:
         return first + tuple(sorted(self.end_ids - set(first)))
 
     def _template_header(self) -> str | None:
-        if not getattr(self.tok, "chat_template", None):
+        rendered = self._render_probe(with_answer=False)
+        if rendered is None:
             return None
-        user = [{"role": "user", "content": "hi"}]
-        try:
-            gen, plain = self._render(user, True), self._render(user, False)
-        except Exception:  # a template that refuses this conversation
-            return None
+        gen, plain = rendered
         return gen[len(plain):] if gen.startswith(plain) else None
 
     def check_response_start(self, prompt: str | list[dict], text: str, *, field: str,
