@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, HERE)
 
-from bench_dpo import SCORED_CHUNKED, make_batch, model_config
+from bench_dpo import SCORED_CHUNKED, add_batch_args, make_batch, model_config
 
 from dpo_jax import lora as lora_lib
 from dpo_jax import losses as losses_lib
@@ -127,10 +127,7 @@ def time_steps(rows, runners, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="gpt2-cpu-bench")
-    p.add_argument("--pairs", type=int, default=8)
-    p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--response", type=int, default=64)
+    add_batch_args(p)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--base_dtype", default="bfloat16", help="the LoRA base's storage dtype")
     p.add_argument("--dtype", default="float32", help="compute dtype (both sides)")
