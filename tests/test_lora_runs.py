@@ -25,7 +25,7 @@ def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path, task):
     """With adapter dropout (masks drawn from the step), killed after step 3 (checkpoint at 2):
     the rerun ends with the same adapters, bit for bit, and the same metrics log."""
     config = with_lora(runs.CONFIGS[task](steps=4, checkpoint_every=2), dropout=0.1)
-    runs.resume_matches_full_run(config, tmp_path, 3, resumed_from=2)
+    _, summary, _ = runs.resume_matches_full_run(config, tmp_path, 3, resumed_from=2)
     # a checkpoint holds the adapters and the base's fingerprint, not the base
     fingerprint = ckpt_lib.restore_json_item(str(tmp_path / "full"), lora_base.ITEM)
     assert fingerprint["source"]["seed"] == 0 and len(fingerprint["checksum"]) > 0
