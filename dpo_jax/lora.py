@@ -390,6 +390,13 @@ def join(base, params):
     return {**base, "lora": params["lora"]}
 
 
+def policy_of(state):
+    """The policy's parameter tree of a ``TrainState``: :func:`join` of its LoRA base (when
+    ``state.frozen`` holds one) and its ``trainable`` tree."""
+    frozen = state.frozen
+    return join(None if frozen is None else frozen.lora_base, state.trainable)
+
+
 def step_rng(model: Model, step: jax.Array) -> jax.Array | None:
     """The dropout key of update ``step`` (None without dropout), fixed by the seed and the
     step, so a resumed run draws the same masks; the step builder folds in the micro-batch

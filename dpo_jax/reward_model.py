@@ -204,22 +204,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     rc = read_config(config)
     model = RewardModel(Model(rc.model))
     setup = state_lib.setup(rc, model, init=init_params)
-    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
-    params = setup.params
-    state = state_lib.create_state(params, tx, mesh, shardings)
+    mesh, state = setup.mesh, setup.initial_state()
     data = preference_data.preference_streams(rc, rc.train.splits, model_cfg=model.config,
                                               mesh=mesh)
 
     train_step = loop.jit_train_step(
-        make_reward_train_step(model, tx, schedule, rc.train.on_nonfinite, rc.optim.grad_accum,
-                               batch_format.for_run(rc.data),
+        make_reward_train_step(model, setup.tx, setup.schedule, rc.train.on_nonfinite,
+                               rc.optim.grad_accum, batch_format.for_run(rc.data),
                                moe.router_aux_coef(rc.loss.router_aux_loss_coef, model.config)),
         state)
     eval_step = make_reward_eval_step(model)
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=loop.host_step(train_step, mesh, False),
         train_data=data["train"],
-        evaluate=loop.evaluator(lambda s, b, n: eval_step(s.params, b), data.get("eval"), mesh,
+        evaluate=loop.evaluator(lambda s, b, n: eval_step(s.trainable, b), data.get("eval"), mesh,
                                 False),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
         interrupt_after=interrupt_after)

@@ -219,15 +219,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     sft: SFTConfig = rc.task_block
     _check(config, rc)
     model = lora_lib.make_model(rc.model, rc.lora)  # a LoraModel when model.lora.rank > 0
-    # under LoRA, params are the adapters and base the frozen base (dpo_jax/lora.py)
+    # under LoRA, trainable are the adapters and frozen.lora_base the base (dpo_jax/lora.py)
     setup = state_lib.setup(rc, model)
-    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
-    params, base = setup.params, setup.ref_params
-    state = state_lib.create_state(params, tx, mesh, shardings, base)
-    policy_of = lambda s: lora_lib.join(s.ref_params, s.params)
+    mesh, state = setup.mesh, setup.initial_state()
     samples = evaluation.sample_evaluator(
-        rc, workdir=run.path, model=model, mesh=mesh, reference_params=policy_of(state),
-        params_of=policy_of)
+        rc, workdir=run.path, model=model, mesh=mesh,
+        reference_params=lora_lib.policy_of(state), params_of=lora_lib.policy_of)
 
     if sft.objective == "unlikelihood":
         data = preference_data.preference_streams(rc, rc.train.splits, model_cfg=model.cfg,
@@ -252,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     fmt = batch_format.for_run(rc.data, kind=None if sft.objective == "unlikelihood"
                                else "sequences")
     train_step = loop.jit_train_step(
-        make_sft_train_step(model, sft.objective, alpha, tx, schedule, lp_cfg,
+        make_sft_train_step(model, sft.objective, alpha, setup.tx, setup.schedule, lp_cfg,
                             rc.train.on_nonfinite, rc.optim.grad_accum, fmt,
                             moe.router_aux_coef(rc.loss.router_aux_loss_coef, model.cfg)), state)
     sums_fn = unlikelihood_sums if sft.objective == "unlikelihood" else nll_sums
@@ -260,7 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
         run, state, cfg=rc.train, mesh=mesh,
         step_fn=loop.host_step(train_step, mesh, lp_cfg.scored_only), train_data=data["train"],
         evaluate=evaluation.with_samples(loop.evaluator(
-            lambda s, b, n: token_metrics(sums_fn(model, policy_of(s), b, lp_cfg, n)),
+            lambda s, b, n: token_metrics(
+                sums_fn(model, lora_lib.policy_of(s), b, lp_cfg, n, fmt)),
             data.get("eval"), mesh, lp_cfg.scored_only,
             derived=lambda means: objective(means, alpha)), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},

@@ -27,7 +27,7 @@ from dpo_jax.batch_format import BatchFormat
 from dpo_jax.logprobs import scored_counts, sequence_logps
 from dpo_jax.models import moe
 from dpo_jax.optim import Objective, make_update
-from dpo_jax.train_state import TrainState
+from dpo_jax.train_state import Frozen, TrainState
 from dpo_jax.step_config import StepConfig  # noqa: F401  (re-exported: step.StepConfig)
 
 
@@ -279,8 +279,7 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
 
     def build(fmt: BatchFormat, at_start, max_scored):
         def loss(params, frozen, batch, rng, total_weight):
-            ref_params = None if frozen is None else frozen.tree  # the reference or LoRA base
-            policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg,
+            policy, out = pair_terms(model, loss_cfg, params, Frozen.tree_of(frozen), batch, cfg,
                                      max_scored, key=rng, at_start=at_start, fmt=fmt)
             sums = _weighted_sums(policy, out, batch["pair_weight"])
             return sums["loss"] / total_weight, sums
@@ -322,17 +321,24 @@ def pair_metrics(policy, out, weights) -> dict[str, eval_metrics.Ratio]:
             for k, v in _weighted_sums(policy, out, weights).items()}
 
 
-def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | None = None):
-    """``eval_step(params, ref_params, batch, max_scored) -> {name: (numerator, denominator)}``
-    (:func:`pair_metrics`; ``dpo_jax.eval_metrics.means`` divides once over the split).
+def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | None = None,
+                   fmt: BatchFormat | None = None):
+    """``eval_step(trainable, frozen, batch, max_scored) -> {name: (numerator, denominator)}``
+    (:func:`pair_metrics`; ``dpo_jax.eval_metrics.means`` divides once over the split):
+    ``trainable`` and ``frozen`` (a ``train_state.Frozen`` or None) as a ``TrainState`` holds
+    them, on batches laid out as ``fmt`` (None: as each batch's arrays say,
+    :func:`batch_format.infer`; a batch of another layout is a ValueError).
     ``extra_metrics(policy: SequenceStats | ranked stats, out: LossOutput, batch) -> {name:
     (numerator, denominator)}`` adds a task's own metrics, each with its own denominator (a
     per-token mean, an accuracy over a bucket of pairs). With ``cfg.diagnostics`` the result
     also holds ``eval_metrics.PER_EXAMPLE``: :func:`diagnostics.per_pair`'s ``{name: [B]}``."""
 
-    def eval_step(params, ref_params, batch, max_scored=None):
-        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
-                                 policy_forward_only=True, routing_by_layer=True)
+    def eval_step(trainable, frozen: Frozen | None, batch, max_scored=None):
+        layout = fmt or batch_format.infer(batch)
+        layout.check(batch)
+        policy, out = pair_terms(model, loss_cfg, trainable, Frozen.tree_of(frozen), batch, cfg,
+                                 max_scored, policy_forward_only=True, fmt=layout,
+                                 routing_by_layer=True)
         metrics = pair_metrics(policy, out, batch["pair_weight"])
         if extra_metrics is not None:
             metrics.update(extra_metrics(policy, out, batch))

@@ -100,7 +100,7 @@ def test_ches_from_the_forward_matches_numpy(setup, layout, mesh_shape):
     mesh = helpers.mesh(mesh_shape)
     batch, max_scored = helpers.device_batch(batch_np, mesh)
     params_m = jax.device_put(params, jax.tree.map(lambda x: x.sharding, helpers.train_state(
-        model, params, setup["tx"], mesh_=mesh).params))
+        model, params, setup["tx"], mesh_=mesh).trainable))
 
     def scores(p, b):
         s = sequence_stats(model, p, b, helpers.step_config(), max_scored, with_hidden=True,
@@ -154,7 +154,7 @@ def test_loss_and_update_are_bit_identical_with_diagnostics(setup):
     assert "ches/mean" in m1 and "ches/mean" not in m0
     for k in m0:
         assert np.array_equal(m0[k], m1[k]), k
-    for a, b in zip(helpers.leaves(s0.params), helpers.leaves(s1.params)):
+    for a, b in zip(helpers.leaves(s0.trainable), helpers.leaves(s1.trainable)):
         assert np.array_equal(a, b)
 
 
@@ -170,7 +170,7 @@ def test_eval_means_counts_and_per_pair_file(setup, tmp_path):
     cfg = StepConfig(diagnostics=True)
     eval_step = make_eval_step(model, helpers.loss_config(beta=BETA), cfg)
     log = eval_pairs.EvalPairs(str(tmp_path), {"train": None, "eval": stream})
-    totals_of = loop.eval_totals(lambda s, b, n: eval_step(s.params, s.ref_params, b, n),
+    totals_of = loop.eval_totals(lambda s, b, n: eval_step(s.trainable, s.frozen, b, n),
                                  stream, helpers.mesh(), True, per_example=log.sink)
     evaluate = log.wrap(lambda state: eval_metrics.means(totals_of(state)))
     state = helpers.train_state(model, params, setup["tx"], ref_params=ref_params)

@@ -21,9 +21,7 @@ from tests import helpers  # noqa: E402
 torch.set_num_threads(2)
 
 WINDOW = 8
-BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+BASE = helpers.TINY_HF_FIELDS
 CASES = {
     "mistral-window": ("MistralConfig", dict(head_dim=16, sliding_window=WINDOW)),
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=False)),
@@ -177,23 +175,11 @@ def test_greedy_sampling_matches_generate_past_the_window(name, hf_dirs, ours):
 def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
     """One DPO train step (dpo_jax.step.make_train_step) on the imported model: the policy
     log-probs it reports equal PyTorch's on the same batch, and the parameters move."""
-    from dpo_jax.step import make_train_step
-
     _, hf_model, _ = hf_dirs[name]
     cfg, params, _ = ours[name]
-    from dpo_jax.sharding import make_mesh
-
-    model = Model(cfg)
-    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])  # the math, not the sharding
-    tx, schedule = helpers.optimizer(lr=1e-3)
-    state = helpers.train_state(model, params, tx, ref_params=helpers.perturbed(params, 0.02),
-                                mesh_=mesh)
-    batch_np = helpers.pair_batch(helpers.synthetic_pairs(4))
+    run = helpers.one_device_dpo_step(Model(cfg), params, helpers.loss_config(beta=0.1))
+    batch_np, metrics = run.batch_np, run.metrics
     assert batch_np["input_ids"].shape[1] > WINDOW
-    batch, max_scored = helpers.device_batch(batch_np, mesh)
-    step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.1), tx, schedule,
-                                   helpers.step_config()), static_argnums=2)
-    new_state, metrics = step(state, batch, max_scored)
     with torch.no_grad():
         logits = helpers.hf_logits(hf_model, batch_np["input_ids"],
                             (batch_np["segment_ids"] > 0).astype(np.int64)).astype(np.float64)
@@ -205,7 +191,7 @@ def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
     assert float(metrics["logps/rejected"]) == pytest.approx(seq[B:].mean(), rel=1e-4)
     assert np.isfinite(float(metrics["loss"]))
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                         new_state.params, state.params)
+                         run.new_state.trainable, run.state.trainable)
     assert max(jax.tree.leaves(moved)) > 0
 
 

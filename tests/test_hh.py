@@ -12,7 +12,6 @@ Slow (``--run-slow``, and SmolLM2-135M-Instruct under ``$DPO_JAX_MODELS``, writt
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
@@ -31,7 +30,7 @@ from dpo_jax.export import export_run, write_generation_eos
 from dpo_jax.models import Model, model_config_from
 from dpo_jax.models.local import SMOLLM2, find_local_model
 from dpo_jax.sampling import SamplingConfig, generate
-from tests import runs
+from tests import helpers, runs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -41,17 +40,10 @@ WORDS = ("what is the capital of France Paris movie great loved terrible boring 
          "you today fine thank very much friend late help").split()
 
 
-def _load(path: pathlib.Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hh_config = _load(REPO / "configs" / "hh.py", "configs_hh")
-hh_run = _load(REPO / "experiments" / "hh" / "run.py", "experiments_hh_run")
-hh_displacement = _load(REPO / "experiments" / "hh" / "displacement.py",
-                        "experiments_hh_displacement")
+hh_config = helpers.load_module("configs/hh.py", "configs_hh")
+hh_run = helpers.load_module("experiments/hh/run.py", "experiments_hh_run")
+hh_displacement = helpers.load_module("experiments/hh/displacement.py",
+                                      "experiments_hh_displacement")
 
 
 def _sentence(rng, n):

@@ -3,7 +3,6 @@ Also: the stage runner's cache, the default data source, and that the library ne
 the project."""
 
 import ast
-import importlib.util
 import json
 import pathlib
 
@@ -16,16 +15,14 @@ from dpo_jax.evaluation import build_judge
 from dpo_jax.ppo.rewards import build_reward
 from dpo_jax.proj.imdb.pipeline import StageRunner
 from dpo_jax.tasks import get_task
+from tests import helpers
 from tests._imdb_common import write_shards as _write_shards
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(variant="tiny", data_dir=None):
-    spec = importlib.util.spec_from_file_location("imdb_config", REPO / "configs" / "imdb.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(variant)
+    c = helpers.load_module("configs/imdb.py", "imdb_config").get_config(variant)
     if data_dir is not None:
         c.imdb.data_dir = str(data_dir)
     return c

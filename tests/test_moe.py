@@ -23,9 +23,7 @@ from tests import helpers  # noqa: E402
 
 torch.set_num_threads(2)
 
-BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+BASE = helpers.TINY_HF_FIELDS
 CASES = {
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
@@ -116,21 +114,12 @@ def test_dpo_step_adds_the_router_loss(models):
     (None) takes the model config's weight (0.5 here), 0 turns it off."""
     import dataclasses
 
-    from dpo_jax.step import make_train_step
-
     _, hf_model, _, cfg, params = models["mixtral"]
     model = Model(dataclasses.replace(cfg, router_aux_loss_coef=0.5))
-    mesh = shard_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    tx, schedule = helpers.optimizer(lr=1e-3)
-    state = helpers.train_state(model, params, tx, ref_params=helpers.perturbed(params, 0.02),
-                                mesh_=mesh)
-    batch_np = helpers.pair_batch(helpers.synthetic_pairs(4))
-    batch, max_scored = helpers.device_batch(batch_np, mesh)
-    metrics = {}
-    for coef in (0.0, None):
-        step = jax.jit(make_train_step(model, helpers.loss_config(router_aux_loss_coef=coef),
-                                       tx, schedule, helpers.step_config()), static_argnums=2)
-        metrics[coef] = step(state, batch, max_scored)[1]
+    runs = {coef: helpers.one_device_dpo_step(
+        model, params, helpers.loss_config(router_aux_loss_coef=coef)) for coef in (0.0, None)}
+    metrics = {coef: run.metrics for coef, run in runs.items()}
+    batch_np, batch = runs[None].batch_np, runs[None].batch
     assert "aux_loss" not in metrics[0.0]
     assert 0.0 < float(metrics[0.0]["routing/agreement"]) <= 1.0  # logged every step
     aux = float(metrics[None]["aux_loss"])
@@ -285,6 +274,7 @@ def test_routing_drift_in_the_train_and_eval_steps(models):
     disjoint on every token, layer 0 unchanged) the eval summary reads 1 for layer 0, 0 for
     layer 1, and the logged mean 0.5."""
     from dpo_jax.step import make_eval_step
+    from dpo_jax.train_state import Frozen
 
     _, _, _, cfg, params = models["mixtral"]
     model = Model(cfg)
@@ -295,7 +285,7 @@ def test_routing_drift_in_the_train_and_eval_steps(models):
     step = jax.jit(make_eval_step(model, helpers.loss_config(), helpers.step_config()),
                    static_argnums=3)
     for reference, want in ((params, [1.0, 1.0]), (ref, [1.0, 0.0])):
-        m = jax.device_get(step(params, reference, batch, 64))
+        m = jax.device_get(step(params, Frozen(reference=reference), batch, 64))
         got = [m[f"routing/agreement/layer_{i}"][0] / m[f"routing/agreement/layer_{i}"][1]
                for i in range(2)]
         assert got == want

@@ -157,7 +157,7 @@ def test_dpo_step_sparse_equals_dense():
         step = jax.jit(make_train_step(model, helpers.loss_config(router_aux_loss_coef=0.1),
                                        tx, schedule, helpers.step_config()), static_argnums=2)
         new_state, metrics = step(state, batch, max_scored)
-        out[impl] = (jax.device_get(metrics), jax.device_get(new_state.params))
+        out[impl] = (jax.device_get(metrics), jax.device_get(new_state.trainable))
     (m_d, p_d), (m_s, p_s) = out["dense"], out["sparse"]
     assert set(m_d) == set(m_s) and "aux_loss" in m_d
     for k in m_d:

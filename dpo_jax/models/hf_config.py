@@ -203,6 +203,16 @@ def _llama_like(c: dict, mt: str) -> dict:
     return kw
 
 
+def _gpt2_fields(c: dict) -> dict:
+    """The ModelConfig fields that GPT-2 and GPT-J configs name alike (``n_embd``, ``n_layer``,
+    ``n_head``, ``n_inner``, ``n_positions``, ``layer_norm_epsilon``, ``activation_function``)."""
+    d = c["n_embd"]
+    return dict(vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d, n_head=c["n_head"],
+                d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
+                norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                activation=_act(c.get("activation_function", "gelu_new")))
+
+
 def hf_config_to_model_config(c: dict, source: str = "config.json",
                               **overrides: Any) -> ModelConfig:
     """Map a parsed config.json (`source`: its name in error messages) to ModelConfig. An absent
@@ -212,11 +222,7 @@ def hf_config_to_model_config(c: dict, source: str = "config.json",
     c = {**c, "model_type": mt}
     check_fields(c, source)
     if mt == "gpt2":
-        d = c["n_embd"]
-        kw = dict(family="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d,
-                  n_head=c["n_head"], d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
-                  norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                  activation=_act(c.get("activation_function", "gelu_new")),
+        kw = dict(family="gpt2", **_gpt2_fields(c),
                   tie_embeddings=c.get("tie_word_embeddings", True))
     elif mt == "gpt_neox":
         d, n = c["hidden_size"], c["num_attention_heads"]
@@ -234,12 +240,9 @@ def hf_config_to_model_config(c: dict, source: str = "config.json",
                   qkv_bias=c.get("attention_bias", True),
                   attn_out_bias=c.get("attention_bias", True), **rope)
     elif mt == "gptj":
-        d = c["n_embd"]
-        kw = dict(family="gptj", vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d,
-                  n_head=c["n_head"], d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
-                  norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                  activation=_act(c.get("activation_function", "gelu_new")), position="rotary",
-                  rotary_dim=c.get("rotary_dim") or d // c["n_head"], rotary_style="interleaved",
+        kw = dict(family="gptj", **_gpt2_fields(c), position="rotary",
+                  rotary_dim=c.get("rotary_dim") or c["n_embd"] // c["n_head"],
+                  rotary_style="interleaved",
                   parallel_residual=True, shared_norm=True, tie_embeddings=False,
                   qkv_bias=False, attn_out_bias=False, lm_head_bias=True,
                   rope_theta=float(c.get("rope_theta", 10000.0)))
@@ -309,11 +312,11 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
             "original_max_position_embeddings": cfg.rope_original_max_len})
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}[cfg.activation]
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
+    gpt2_fields = dict(n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_inner=cfg.d_ff, n_positions=cfg.max_len, layer_norm_epsilon=cfg.norm_eps,
+                       activation_function=act, **common)  # GPT-2's and GPT-J's names
     if cfg.family == "gpt2":
-        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model,
-                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
-                    n_positions=cfg.max_len, layer_norm_epsilon=cfg.norm_eps,
-                    activation_function=act, **common)
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], **gpt2_fields)
     if cfg.family == "neox":
         return dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"],
                     hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
@@ -324,10 +327,8 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
                     use_parallel_residual=cfg.parallel_residual,
                     attention_bias=cfg.qkv_bias, **common)
     if cfg.family == "gptj":
-        return dict(model_type="gptj", architectures=["GPTJForCausalLM"], n_embd=cfg.d_model,
-                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
-                    n_positions=cfg.max_len, rotary_dim=cfg.rotary_dim,
-                    layer_norm_epsilon=cfg.norm_eps, activation_function=act, **common)
+        return dict(model_type="gptj", architectures=["GPTJForCausalLM"],
+                    rotary_dim=cfg.rotary_dim, **gpt2_fields)
     sliding: dict[str, Any] = {}
     if cfg.sliding_window is not None:
         sliding = dict(sliding_window=cfg.sliding_window, layer_types=[

@@ -33,13 +33,9 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 
-
-def _records(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from dpo_jax.metrics import read_records  # noqa: E402  (after the path, as a script)
 
 
 def run_stage(variants: str, workdir: str, extra: list[str]) -> dict:
@@ -81,18 +77,18 @@ def report(workdir: str, samples_shown: int = 4) -> dict:
         cfg = json.load(f)
     with open(os.path.join(dpo, "summary.json")) as f:
         summary = json.load(f)
-    recs = _records(os.path.join(dpo, "metrics.jsonl"))
+    recs = read_records(os.path.join(dpo, "metrics.jsonl"))
     train_keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
                   "logps/rejected", "grad_norm", "lr")
     train = [{"step": r["step"], **{k: r[k] for k in train_keys if k in r}}
              for r in recs if "loss" in r]
     held = [{"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
             for r in recs if any(k.startswith("eval/") for k in r)]
-    samples = _records(os.path.join(dpo, "samples.jsonl"))
+    samples = read_records(os.path.join(dpo, "samples.jsonl"))
     last = max((s["step"] for s in samples if s["model"] == "policy"), default=None)
     before = [s for s in samples if s["model"] == "reference"]
     after = [s for s in samples if s["model"] == "policy" and s["step"] == last]
-    rm_recs = _records(os.path.join(rm, "metrics.jsonl"))
+    rm_recs = read_records(os.path.join(rm, "metrics.jsonl"))
     rm_eval = [{k[5:]: v for k, v in r.items() if k.startswith("eval/")} | {"step": r["step"]}
                for r in rm_recs if any(k.startswith("eval/") for k in r)]
     final = held[-1] if held else {}
