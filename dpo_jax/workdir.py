@@ -36,6 +36,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from dpo_jax import sharding as shard_lib
 from dpo_jax.batch_sizes import check_batch_sizes
 from dpo_jax.config import read_config, resolve_defaults
 from dpo_jax.models.hf_dir import check_hf_dir
@@ -314,6 +315,15 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     check_batch_sizes(config)
 
 
+def _expert_mesh(config: ml_collections.ConfigDict):
+    """``jax.set_mesh`` of the run's mesh for a run with ``model.moe_expert_axis`` (expert
+    parallelism reads the mesh its program is traced under; models/moe_parallel.py), else no
+    context."""
+    if not config.model.get("moe_expert_axis"):
+        return contextlib.nullcontext()
+    return jax.set_mesh(shard_lib.make_mesh(dict(config.mesh.shape)))
+
+
 def opens_workdir(fn: Callable[..., dict]) -> Callable[..., dict]:
     """The task function ``(config, workdir: str, **kwargs) -> summary`` whose body is ``fn(config,
     run: RunDir, **kwargs) -> summary``: the returned function's signature says ``workdir``
@@ -333,7 +343,7 @@ def opens_workdir(fn: Callable[..., dict]) -> Callable[..., dict]:
         for note in notes:
             logging.warning("%s", note)
         check_run(config)
-        with open_run(config, workdir) as run:
+        with open_run(config, workdir) as run, _expert_mesh(config):
             if run.finished:
                 return run.summary
             summary = fn(config, run, **kwargs)
