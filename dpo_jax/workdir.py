@@ -309,10 +309,17 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     """Every check a task needs before it writes to the workdir: the model directories
     (:func:`check_model_dirs`), the config read whole (``config.read_config``: ValueError naming
     a bad or missing field) and every batch dimension against the mesh
-    (``batch_sizes.check_batch_sizes``)."""
+    (``batch_sizes.check_batch_sizes``), and the expert axis against the experts."""
     check_model_dirs(config)
-    read_config(config)
+    rc = read_config(config)
     check_batch_sizes(config)
+    axis, experts = rc.model.moe_expert_axis, rc.model.n_experts
+    if axis and experts:
+        size = shard_lib.make_mesh(rc.mesh_shape).shape[axis]
+        if experts % size:
+            raise ValueError(f"model.moe_expert_axis={axis!r} splits the {experts} experts over "
+                             f"the mesh's {axis} axis of {size} devices, which does not divide "
+                             f"them: change mesh.shape.{axis} or model.moe_expert_axis")
 
 
 def _expert_mesh(config: ml_collections.ConfigDict):

@@ -2,7 +2,8 @@
 axis, copies exchanged by all_to_all under shard_map, equal to the single-device sparse
 dispatch to float32 round-off on the 8 fake CPU devices: the dispatch and its gradients, a DPO
 train step (metrics and update), and KV-cache sampling, on an expert axis of 8 (1 x 8 x 1)
-and on 2 x 4 (data x fsdp, experts over fsdp)."""
+and on 2 x 4 (data x fsdp, experts over fsdp); the dispatch also with the experts over tensor
+(2 x 2 x 2); a whole run (slow) and the run's check of the axis size."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dpo_jax import sampling
 from dpo_jax.models import Model, moe_dispatch, moe_parallel
 from dpo_jax.models.config import preset
 from dpo_jax.step import make_train_step
-from tests import helpers
+from tests import helpers, runs
 
 MESHES = {"ep8": ({"data": 1, "fsdp": 8, "tensor": 1}, "fsdp"),
           "dp2xep4": ({"data": 2, "fsdp": 4, "tensor": 1}, "fsdp")}
@@ -34,8 +35,7 @@ def _params(model: Model):
 
 
 @pytest.mark.parametrize("mesh_shape,axis,kernel", [
-    ((1, 8, 1), "fsdp", "tiled"), ((2, 4, 1), "fsdp", "ragged_dot"),
-    ((2, 2, 2), "tensor", "tiled")])
+    ((1, 8, 1), "fsdp", "tiled"), ((2, 2, 2), "tensor", "ragged_dot")])
 def test_dispatch_and_gradients_equal_single_device(mesh_shape, axis, kernel):
     """expert_parallel on 29 tokens (not a multiple of the 8 devices: padded), 8 experts top-2,
     most copies on expert 1 (so one device receives more than its share, and one expert
@@ -150,31 +150,42 @@ def test_sampling_expert_parallel_equals_single_device(mesh_name):
     np.testing.assert_allclose(got.logps_BT, want.logps_BT, rtol=1e-5, atol=1e-5)
 
 
+def _run_config(axis: str, **overrides):
+    """A 2-step tiny DPO run of a Mixtral-shaped model (8 experts unless overridden) on mesh
+    2 x 4 x 1 with model.moe_expert_axis = axis."""
+    c = runs.dpo_config(steps=2)
+    c.model.preset = "tiny-llama"
+    c.model.overrides.update({**dict(family="mixtral", n_experts=8, n_experts_per_tok=2,
+                                     moe_d_ff=16, rope_scaling=None), **overrides})
+    c.mesh.shape.update({"data": 2, "fsdp": 4, "tensor": 1})
+    c.model.moe_expert_axis = axis
+    return c
+
+
+def test_run_refuses_an_expert_axis_that_does_not_divide_the_experts(tmp_path):
+    """Before anything is written: 6 experts over fsdp = 4 is a ValueError naming the keys."""
+    with pytest.raises(ValueError, match=r"moe_expert_axis='fsdp'.*6 experts.*4 devices"):
+        runs.run(_run_config("fsdp", n_experts=6), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_dpo_run_with_expert_parallelism_equals_one_without(tmp_path, monkeypatch):
     """A 2-step DPO run (`model.moe_expert_axis='fsdp'` on mesh 2 x 4 x 1, the run's mesh set
     by workdir.opens_workdir) logs the same losses and log-probs as the same run without
     expert parallelism, and ends with the same parameters, to float32 round-off; the
     exchange is traced in the first run only."""
-    from tests import runs
-
     traced = []
     exchange = moe_parallel.expert_parallel
     monkeypatch.setattr(moe_parallel, "expert_parallel",
                         lambda *a, **kw: traced.append(kw["axis"]) or exchange(*a, **kw))
 
-    def config(axis):
-        c = runs.dpo_config(steps=2)
-        c.model.preset = "tiny-llama"
-        c.model.overrides.update(dict(family="mixtral", n_experts=8, n_experts_per_tok=2,
-                                      moe_d_ff=16, rope_scaling=None))
-        c.mesh.shape.update({"data": 2, "fsdp": 4, "tensor": 1})
-        c.model.moe_expert_axis = axis
-        return c
-
-    for axis in ("fsdp", ""):
-        runs.run(config(axis), tmp_path / (axis or "none"))
-        assert set(traced) == {"fsdp"}
+    config = _run_config
+    runs.run(config("fsdp"), tmp_path / "fsdp")
+    n = len(traced)
+    assert n and set(traced) == {"fsdp"}
+    runs.run(config(""), tmp_path / "none")
+    assert len(traced) == n
     want, got = (runs.records(tmp_path / d) for d in ("none", "fsdp"))
     assert len(want) == len(got) == 2
     for r, s in zip(got, want):
