@@ -71,8 +71,10 @@ def expert_parallel(act: str, x_TD: jax.Array, index_TK: jax.Array, weight_TK: j
         weight_TK = jnp.pad(weight_TK, ((0, pad), (0, 0)))
     rows, experts = P(token_axes, None), P(axis, None, None)
     local = functools.partial(_local, act, axis, e, E, kernel, tile)
+    # check_vma off: the tiled kernel's skipped tiles (zeros) carry no varying-axis type
     y_TD = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows) + (experts,) * 3,
-                         out_specs=rows, check_vma=False)(x_TD, index_TK, weight_TK, gate_EDF, up_EDF, down_EFD)
+                         out_specs=rows, check_vma=False)(
+        x_TD, index_TK, weight_TK, gate_EDF, up_EDF, down_EFD)
     return y_TD[:T]
 
 
@@ -84,10 +86,11 @@ def _local(act, axis, e, E, kernel, tile, x_TD, index_TK, weight_TK, gate_EDF, u
     order_N, sizes_E = moe_dispatch.sort_by_expert(index_TK, E)
     # send: sorted copy p goes to device dev[p], row p - start[dev] of the chunk for it
     send_e = sizes_E.reshape(e, El).sum(axis=1)
-    dev_N = jnp.searchsorted(jnp.cumsum(send_e), jnp.arange(N, dtype=jnp.int32), side="right")
+    start_e = jnp.cumsum(send_e) - send_e
+    copy_N = jnp.arange(N, dtype=jnp.int32)
+    dev_N = jnp.searchsorted(start_e + send_e, copy_N, side="right")  # e: a padding copy
     dev_c = jnp.minimum(dev_N, e - 1)
-    slot_N = jnp.where(dev_N < e, dev_c * N + jnp.arange(N) - (jnp.cumsum(send_e) - send_e)[dev_c],
-                       e * N)  # e N: a padding copy, sent nowhere
+    slot_N = jnp.where(dev_N < e, dev_c * N + copy_N - start_e[dev_c], e * N)  # e N: nowhere
     buf = jnp.zeros((e * N, D), x_TD.dtype).at[slot_N].set(x_TD[order_N // K], mode="drop",
                                                             unique_indices=True)
     recv_RD = jax.lax.all_to_all(buf, axis, 0, 0, tiled=True)  # chunk i: from device i
@@ -96,13 +99,12 @@ def _local(act, axis, e, E, kernel, tile, x_TD, index_TK, weight_TK, gate_EDF, u
     C_eL = jax.lax.dynamic_slice_in_dim(jax.lax.all_gather(sizes_E, axis), me * El, El, axis=1)
     size_L = C_eL.sum(axis=0)
     cend_eL = jnp.cumsum(C_eL, axis=1)
-    local_eN = jax.vmap(lambda ends: jnp.searchsorted(ends, jnp.arange(N, dtype=jnp.int32),
-                                                      side="right"))(cend_eL)
+    local_eN = jax.vmap(lambda ends: jnp.searchsorted(ends, copy_N, side="right"))(cend_eL)
     l_eN = jnp.minimum(local_eN, El - 1)
     take = lambda a_eL: jnp.take_along_axis(a_eL, l_eN, axis=1)
     # row of each received copy among all rows grouped by local expert (by source within one)
     group_eN = ((jnp.cumsum(size_L) - size_L)[l_eN] + take(jnp.cumsum(C_eL, axis=0) - C_eL)
-                + jnp.arange(N)[None, :] - take(cend_eL - C_eL))
+                + copy_N[None, :] - take(cend_eL - C_eL))
     dest_R = jnp.where(local_eN < El, group_eN, e * N).reshape(-1)
     rows_RD = jnp.zeros_like(recv_RD).at[dest_R].set(recv_RD, mode="drop", unique_indices=True)
     ys_RD = moe_dispatch.grouped_mlp(act, rows_RD, size_L, gate_EDF, up_EDF, down_EFD, kernel,
