@@ -8,6 +8,8 @@ each copy to its expert's device. There every received copy is put in the group 
 expert, the local experts run their grouped matmuls (moe_dispatch.grouped_mlp), and a second
 all_to_all sends the outputs back, where they are summed with the router weights as in the
 single-device dispatch (moe_dispatch.sparse_experts; the same numbers to float32 round-off).
+The dispatch / combine all_to_all pair of GShard (Lepikhin et al. 2021, sec. 3.2) without its
+capacity factor, as MaxText's `sparse_matmul` expert-parallel path.
 
 Dropless: the all_to_all buffers have a fixed size, so each device sends every destination a
 chunk of n = (local tokens) k rows, the worst case (all its copies to one device), and
