@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     # moe_kernel '' = by backend (tiled on CPU, ragged_dot on TPU / GPU; models/moe_dispatch.py)
     c.model.moe_impl = "sparse"
     c.model.moe_kernel = ""
+    # expert parallelism: '' = off, or the mesh axis (data / fsdp / tensor) the experts are split
+    # over, tokens exchanged by all_to_all (models/moe_parallel.py; pair it with the mesh rule
+    # that puts `expert` on the same axis, by default fsdp)
+    c.model.moe_expert_axis = ""
     # LoRA (dpo_jax/lora.py): train low-rank adapters over the frozen base (from init.policy,
     # hf_path or the seed, in param_dtype); the reference is the starting policy
     c.model.lora = ml_collections.ConfigDict()

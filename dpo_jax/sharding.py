@@ -24,8 +24,9 @@ BATCH_AXES = ("data", "fsdp")
 # (the expert axis precedes `embed` in those arrays and an array uses a mesh axis once): each
 # fsdp shard holds n_experts / fsdp experts, split over `tensor` along their hidden width. Where fsdp
 # does not divide n_experts the expert axis stays whole and `embed` takes `fsdp` as in a dense
-# MLP. Weights are gathered for the compute as FSDP gathers them (models/moe.py runs every
-# token through every expert).
+# MLP. Weights are gathered for the compute as FSDP gathers them, unless the model's
+# `moe_expert_axis` names the axis (expert parallelism, models/moe_parallel.py: each device
+# runs its own experts on the tokens sent to it).
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "tensor"),
     ("expert", "fsdp"),

@@ -36,6 +36,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from dpo_jax import sharding as shard_lib
 from dpo_jax.batch_sizes import check_batch_sizes
 from dpo_jax.config import read_config, resolve_defaults
 from dpo_jax.models.hf_dir import check_hf_dir
@@ -308,10 +309,26 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     """Every check a task needs before it writes to the workdir: the model directories
     (:func:`check_model_dirs`), the config read whole (``config.read_config``: ValueError naming
     a bad or missing field) and every batch dimension against the mesh
-    (``batch_sizes.check_batch_sizes``)."""
+    (``batch_sizes.check_batch_sizes``), and the expert axis against the experts."""
     check_model_dirs(config)
-    read_config(config)
+    rc = read_config(config)
     check_batch_sizes(config)
+    axis, experts = rc.model.moe_expert_axis, rc.model.n_experts
+    if axis and experts:
+        size = shard_lib.make_mesh(rc.mesh_shape).shape[axis]
+        if experts % size:
+            raise ValueError(f"model.moe_expert_axis={axis!r} splits the {experts} experts over "
+                             f"the mesh's {axis} axis of {size} devices, which does not divide "
+                             f"them: change mesh.shape.{axis} or model.moe_expert_axis")
+
+
+def _expert_mesh(config: ml_collections.ConfigDict):
+    """``jax.set_mesh`` of the run's mesh for a run with ``model.moe_expert_axis`` (expert
+    parallelism reads the mesh its program is traced under; models/moe_parallel.py), else no
+    context."""
+    if not config.model.get("moe_expert_axis"):
+        return contextlib.nullcontext()
+    return jax.set_mesh(shard_lib.make_mesh(dict(config.mesh.shape)))
 
 
 def opens_workdir(fn: Callable[..., dict]) -> Callable[..., dict]:
@@ -333,7 +350,7 @@ def opens_workdir(fn: Callable[..., dict]) -> Callable[..., dict]:
         for note in notes:
             logging.warning("%s", note)
         check_run(config)
-        with open_run(config, workdir) as run:
+        with open_run(config, workdir) as run, _expert_mesh(config):
             if run.finished:
                 return run.summary
             summary = fn(config, run, **kwargs)

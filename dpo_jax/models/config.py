@@ -61,6 +61,9 @@ class ModelConfig:
     moe_kernel: str | None = None  # sparse's grouped matmul: ragged_dot | tiled | None (by
     # backend: tiled on CPU, ragged_dot on TPU / GPU; models/moe_dispatch.py)
     moe_tile: int = 128  # rows per tile of the tiled kernel
+    moe_expert_axis: str | None = None  # expert parallelism: the mesh axis (data | fsdp |
+    # tensor) the experts are split over, tokens exchanged by all_to_all (models/moe_parallel.py)
+    # when the trace runs under a `jax.set_mesh` whose axis has > 1 device; None: no exchange
     router_aux_loss_coef: float = 0.0  # the router loss weight the checkpoint declares
     # (config.json, else transformers' class default); loss.router_aux_loss_coef=None uses it
     # positions
@@ -182,6 +185,11 @@ class ModelConfig:
             raise ValueError(f"moe_impl must be 'sparse' or 'dense' (got {self.moe_impl!r}), "
                              f"moe_kernel None, 'ragged_dot' or 'tiled' (got "
                              f"{self.moe_kernel!r}), moe_tile >= 1 (got {self.moe_tile})")
+        if self.moe_expert_axis not in (None, "data", "fsdp", "tensor") or (
+                self.moe_expert_axis and self.moe_impl != "sparse"):
+            raise ValueError(f"moe_expert_axis must be None or a mesh axis 'data', 'fsdp', "
+                             f"'tensor' (got {self.moe_expert_axis!r}) and needs moe_impl "
+                             f"'sparse' (got {self.moe_impl!r})")
         if not 1 <= self.n_experts_per_tok <= self.n_experts:
             raise ValueError(f"n_experts_per_tok must be in [1, n_experts={self.n_experts}], "
                              f"got {self.n_experts_per_tok}")

@@ -382,7 +382,8 @@ def _number(x: float | None) -> float | int | None:
 
 
 _EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk",
-                     "scan_layers", "init_std", "moe_impl", "moe_kernel", "moe_tile")
+                     "scan_layers", "init_std", "moe_impl", "moe_kernel", "moe_tile",
+                     "moe_expert_axis")
 
 
 def check_exportable(cfg: ModelConfig, hf_cfg: dict) -> None:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import moe_dispatch
+from dpo_jax.models import moe_dispatch, moe_parallel
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import activation
 
@@ -55,7 +55,9 @@ class MoE(nnx.Module):
     [B, T, E] (zero off the top-k) sum their outputs; exact (an unselected expert's output is
     multiplied by 0) but n_experts / n_experts_per_tok times the expert FLOPs (4x for
     Mixtral's 8 experts, top-2) and activations [B, T, E, F]. Both give the same numbers to
-    round-off (tests/test_moe_sparse.py).
+    round-off (tests/test_moe_sparse.py). Sparse with `cfg.moe_expert_axis` set and traced
+    under a `jax.set_mesh` mesh where that axis has > 1 device: expert parallelism, the copies
+    exchanged by all_to_all (moe_parallel.py; the same numbers, tests/test_moe_parallel.py).
     """
 
     def __init__(self, cfg: ModelConfig, param: Callable[..., nnx.Param]):
@@ -86,10 +88,15 @@ class MoE(nnx.Module):
         else:
             B, T, D = x_BTD.shape
             K = cfg.n_experts_per_tok
-            y_BTD = moe_dispatch.sparse_experts(
-                cfg.activation, x_BTD.reshape(B * T, D), index_BTK.reshape(B * T, K),
-                weight_BTK.reshape(B * T, K), w(self.gate), w(self.up), w(self.down),
-                cfg.moe_kernel, cfg.moe_tile).reshape(B, T, D)
+            args = (cfg.activation, x_BTD.reshape(B * T, D), index_BTK.reshape(B * T, K),
+                    weight_BTK.reshape(B * T, K), w(self.gate), w(self.up), w(self.down))
+            mesh = moe_parallel.expert_mesh(cfg.moe_expert_axis)
+            if mesh is None:
+                y_TD = moe_dispatch.sparse_experts(*args, cfg.moe_kernel, cfg.moe_tile)
+            else:
+                y_TD = moe_parallel.expert_parallel(*args, mesh=mesh, axis=cfg.moe_expert_axis,
+                                                    kernel=cfg.moe_kernel, tile=cfg.moe_tile)
+            y_BTD = y_TD.reshape(B, T, D)
         if cfg.shared_expert_d_ff:
             shared_BTD = _gated(cfg, x_BTD, w(self.shared["gate"]), w(self.shared["up"]),
                                 w(self.shared["down"]), "btd,df->btf;btf,fd->btd")

@@ -95,15 +95,62 @@ def tile_rows(n_copies: int, n_experts: int, tile: int) -> int:
     return min(tile, 1 << (per_expert - 1).bit_length())
 
 
-def _sort_by_expert(index_TK: jax.Array, n_experts: int):
-    """(order [N]: copy ids sorted by expert, stable; group sizes [E] int32; each sorted copy's
-    rank within its expert's group [N])."""
+def sort_by_expert(index_TK: jax.Array, n_experts: int):
+    """(order [N]: copy ids sorted by expert, stable; group sizes [E] int32). Ids >= n_experts
+    (padding copies) sort last and are not counted."""
     expert_N = index_TK.reshape(-1)
     order_N = jnp.argsort(expert_N, stable=True)
-    sizes_E = jnp.bincount(expert_N, length=n_experts).astype(jnp.int32)
-    starts_E = jnp.cumsum(sizes_E) - sizes_E
-    rank_N = jnp.arange(expert_N.shape[0], dtype=jnp.int32) - starts_E[expert_N[order_N]]
-    return order_N, sizes_E, rank_N
+    sizes_E = jnp.bincount(expert_N, length=n_experts + 1)[:n_experts].astype(jnp.int32)
+    return order_N, sizes_E
+
+
+def grouped_mlp(act: str, xs_RD: jax.Array, sizes_E: jax.Array, gate_EDF: jax.Array,
+                up_EDF: jax.Array, down_EFD: jax.Array, kernel: str, tile: int) -> jax.Array:
+    """Each expert's gated MLP down_e(act(gate_e x) * up_e x) on its own group of rows.
+
+    xs_RD [R, D]: rows sorted by expert, expert e's `sizes_E[e]` rows after those of experts
+    < e; rows past sum(sizes_E) belong to no expert (their output is 0). gate / up [E, D, F],
+    down [E, F, D]; kernel one of KERNELS. Returns [R, D] in the dtype of xs."""
+    R, D = xs_RD.shape
+    E = sizes_E.shape[0]
+    ends_E = jnp.cumsum(sizes_E)
+    expert_R = jnp.searchsorted(ends_E, jnp.arange(R, dtype=jnp.int32), side="right")
+    valid_R = expert_R < E
+    if kernel == "ragged_dot":
+        mm = lambda h, w: jax.lax.ragged_dot(h, w, sizes_E)
+        ys_RD = mm(activation(act, mm(xs_RD, gate_EDF)) * mm(xs_RD, up_EDF), down_EFD)
+        return jnp.where(valid_R[:, None], ys_RD, 0)
+    m = tile_rows(R, E, tile)
+    e_R = jnp.minimum(expert_R, E - 1)
+    padded_E = -(-sizes_E // m) * m
+    pend_E = jnp.cumsum(padded_E)
+    n = -(-(R + E * (m - 1)) // m)  # tiles: the static bound on the padded rows
+    rank_R = jnp.arange(R, dtype=jnp.int32) - (ends_E - sizes_E)[e_R]
+    dest_R = jnp.where(valid_R, (pend_E - padded_E)[e_R] + rank_R, n * m)  # n m: dropped
+    rows = jnp.zeros((n * m, D), xs_RD.dtype).at[dest_R].set(xs_RD, mode="drop",
+                                                            unique_indices=True)
+    first_n = jnp.arange(n, dtype=jnp.int32) * m
+    expert_n = jnp.sum(pend_E[None, :] <= first_n[:, None], axis=1).astype(jnp.int32)
+    expert_n = jnp.where(first_n < pend_E[-1], expert_n, -1)
+    x_nmD = rows.reshape(n, m, D)
+    mm = lambda h, w: tiled_matmul(h, w, expert_n)
+    y_nmD = mm(activation(act, mm(x_nmD, gate_EDF)) * mm(x_nmD, up_EDF), down_EFD)
+    return y_nmD.reshape(n * m, D).at[dest_R].get(mode="fill", fill_value=0)
+
+
+def check_kernel(kernel: str | None) -> str:
+    """`kernel` or default_kernel(); ValueError unless one of KERNELS."""
+    kernel = kernel or default_kernel()
+    if kernel not in KERNELS:
+        raise ValueError(f"moe_kernel must be one of {KERNELS} or None, got {kernel!r}")
+    return kernel
+
+
+def combine(ys_ND: jax.Array, order_N: jax.Array, weight_TK: jax.Array) -> jax.Array:
+    """Outputs of the copies in expert order [N, D] -> sum_k weight[t, k] * copy (t, k): [T, D]."""
+    T, K = weight_TK.shape
+    copies_ND = jnp.zeros_like(ys_ND).at[order_N].set(ys_ND, unique_indices=True)
+    return jnp.einsum("tkd,tk->td", copies_ND.reshape(T, K, -1), weight_TK.astype(ys_ND.dtype))
 
 
 def sparse_experts(act: str, x_TD: jax.Array, index_TK: jax.Array, weight_TK: jax.Array,
@@ -118,33 +165,10 @@ def sparse_experts(act: str, x_TD: jax.Array, index_TK: jax.Array, weight_TK: ja
     tile of the tiled kernel (tile_rows). Returns [T, D] in the dtype of x. ValueError on an
     unknown kernel.
     """
-    kernel = kernel or default_kernel()
-    if kernel not in KERNELS:
-        raise ValueError(f"moe_kernel must be one of {KERNELS} or None, got {kernel!r}")
+    kernel = check_kernel(kernel)
     index_TK = jnp.asarray(index_TK, jnp.int32)
-    T, K = index_TK.shape
-    E, D = gate_EDF.shape[0], x_TD.shape[-1]
-    order_N, sizes_E, rank_N = _sort_by_expert(index_TK, E)
-    token_N = order_N // K  # the token of each sorted copy
-    if kernel == "ragged_dot":
-        xs_ND = x_TD[token_N]
-        mm = lambda h, w: jax.lax.ragged_dot(h, w, sizes_E)
-        ys_ND = mm(activation(act, mm(xs_ND, gate_EDF)) * mm(xs_ND, up_EDF), down_EFD)
-    else:
-        m = tile_rows(T * K, E, tile)
-        padded_E = -(-sizes_E // m) * m
-        pstart_E = jnp.cumsum(padded_E) - padded_E
-        n = -(-(T * K + E * (m - 1)) // m)  # tiles: the static bound on the padded rows
-        dest_N = pstart_E[index_TK.reshape(-1)[order_N]] + rank_N
-        rows = jnp.zeros((n * m, D), x_TD.dtype).at[dest_N].set(x_TD[token_N],
-                                                                unique_indices=True)
-        pend_E = jnp.cumsum(padded_E)
-        first_n = jnp.arange(n, dtype=jnp.int32) * m
-        expert_n = jnp.sum(pend_E[None, :] <= first_n[:, None], axis=1).astype(jnp.int32)
-        expert_n = jnp.where(first_n < pend_E[-1], expert_n, -1)
-        x_nmD = rows.reshape(n, m, D)
-        mm = lambda h, w: tiled_matmul(h, w, expert_n)
-        y_nmD = mm(activation(act, mm(x_nmD, gate_EDF)) * mm(x_nmD, up_EDF), down_EFD)
-        ys_ND = y_nmD.reshape(n * m, D)[dest_N]
-    copies_ND = jnp.zeros_like(ys_ND).at[order_N].set(ys_ND, unique_indices=True)
-    return jnp.einsum("tkd,tk->td", copies_ND.reshape(T, K, D), weight_TK.astype(x_TD.dtype))
+    K = index_TK.shape[1]
+    order_N, sizes_E = sort_by_expert(index_TK, gate_EDF.shape[0])
+    ys_ND = grouped_mlp(act, x_TD[order_N // K], sizes_E, gate_EDF, up_EDF, down_EFD, kernel,
+                        tile)
+    return combine(ys_ND, order_N, weight_TK)
