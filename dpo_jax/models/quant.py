@@ -1,0 +1,295 @@
+"""Weight-only quantization of a frozen base's projections (QLoRA, Dettmers et al. 2023,
+*QLoRA: Efficient Finetuning of Quantized LLMs*): int8 per output channel, or 4-bit NormalFloat
+(NF4) in blocks of 64 with double-quantised block constants, dequantised inside each matmul.
+
+Kinds (``model.lora.base_quant``, ``dpo_jax/lora.py``):
+
+* ``'int8'``: ``w = q * s`` with ``s = absmax / 127`` over each output channel's inputs and
+  ``q = round(w * 127 / absmax)`` in int8 (bitsandbytes' row-wise ``int8_vectorwise_quant``
+  without the outlier split, bit for bit). Stored in the weight's own layout ``[*lead, *in, *out]`` with ``scale``
+  float32 ``[*lead, *out]``; the matmul is ``(x @ q) * s`` (float32 accumulation), so no scaled
+  weight is formed. 1 byte per parameter + 4 per output channel.
+* ``'nf4'``: each layer's weight read as the HF ``[out, in]`` matrix (``[*out, *in]``, row-major:
+  bitsandbytes' flattening of a ``Linear``'s weight), cut into blocks of 64; block ``b`` holds
+  ``absmax_b`` and, per value, the index of the nearest of the 16 NF4 levels (:data:`NF4`,
+  Appendix E of the paper) to ``w / absmax_b``, two per uint8 (first value in the high nibble).
+  The block constants are quantised again (the paper's double quantisation): their per-layer
+  mean ``offset`` is subtracted and the rest quantised blockwise, 256 per block, to the 8-bit
+  dynamic map (:func:`dynamic_map`) with a float32 ``absmax2`` per 256 blocks. About 0.516
+  bytes per parameter (0.5 + 1/64 + 4/16384). Bit for bit bitsandbytes' ``quantize_4bit(W,
+  blocksize=64, quant_type='nf4', compress_statistics=True)`` on each layer's HF weight
+  (``tests/test_quant.py``).
+
+A quantised weight is a dict of arrays in the parameter tree where the float weight was
+(:func:`quantize_tree`), read by a :class:`QuantLinear` module in its place (:func:`attach`).
+Its matmul dequantises one layer's weight (the decoder scans layers) inside ``jax.checkpoint``,
+so neither the forward nor the backward keeps a dequantised copy: the backward recomputes it
+from the codes (``dx = dy @ w^T``; the base gets no gradient). Quantised: every attention
+projection (q, k, v, o) and dense MLP projection (up, gate, down). Kept in ``param_dtype`` as
+QLoRA keeps them: embeddings, the LM head, norms, biases, a mixture of experts' router and
+experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+KINDS = ("none", "int8", "nf4")
+BLOCK, BLOCK2 = 64, 256  # NF4 block; double-quantisation block (of block constants)
+
+# The 16 NF4 levels: QLoRA Appendix E (= bitsandbytes' ``get_4bit_type('nf4')``).
+NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+
+# name -> (path in the parameter tree, number of input axes after the `layers` axis)
+PROJECTIONS = {
+    "q": (("layers", "attn", "q"), 1), "k": (("layers", "attn", "k"), 1),
+    "v": (("layers", "attn", "v"), 1), "o": (("layers", "attn", "o"), 2),
+    "up": (("layers", "mlp", "up"), 1), "gate": (("layers", "mlp", "gate"), 1),
+    "down": (("layers", "mlp", "down"), 1)}
+
+
+def dynamic_map() -> np.ndarray:
+    """The signed 8-bit dynamic quantisation map [256] (Dettmers 2015; bitsandbytes'
+    ``create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)``, the map of the
+    paper's double quantisation), sorted, float32."""
+    data = []
+    for i in range(7):
+        bounds = np.linspace(0.1, 1, 2 ** i + 1, dtype=np.float32)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+        data += (np.float32(10.0 ** (-6 + i)) * means).tolist()
+        data += (-np.float32(10.0 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    return np.sort(np.array(data + [0.0] * (256 - len(data)), np.float32))
+
+
+def quantize_blockwise(x: jax.Array, code, block: int) -> tuple[jax.Array, jax.Array]:
+    """Flat ``x`` [n] -> (uint8 index [n] of the code level nearest to ``x / absmax`` of its
+    block, absmax float32 [ceil(n / block)]): bitsandbytes' blockwise rule (levels chosen by
+    the midpoints of the sorted ``code``; the last block may be short)."""
+    code = jnp.asarray(code, jnp.float32)
+    n = x.shape[0]
+    nb = -(-n // block)
+    x = jnp.pad(x.astype(jnp.float32), (0, nb * block - n)).reshape(nb, block)
+    absmax = jnp.max(jnp.abs(x), axis=1)
+    scaled = jnp.clip(x * (1.0 / jnp.maximum(absmax, 1e-38))[:, None], -1, 1)
+    q = jnp.searchsorted((code[:-1] + code[1:]) / 2, scaled.reshape(-1), side="left")
+    return q[:n].astype(jnp.uint8), absmax
+
+
+def dequantize_blockwise(q: jax.Array, absmax: jax.Array, code, block: int) -> jax.Array:
+    """Inverse of :func:`quantize_blockwise`: ``code[q] * absmax`` of each block, float32 [n]."""
+    n = q.shape[0]
+    v = jnp.pad(jnp.asarray(code, jnp.float32)[q], (0, absmax.shape[0] * block - n))
+    return (v.reshape(-1, block) * absmax[:, None]).reshape(-1)[:n]
+
+
+def _fold(dims: tuple, axes: tuple, k: int) -> tuple[tuple, tuple]:
+    """``dims`` with its shortest suffix whose size ``k`` divides folded into one axis of that
+    size / k (named as the suffix when it is one axis, else None): the storage of per-``k``
+    quantities of a row-major array, sharded like the array where its axes survive."""
+    for j in range(len(dims) - 1, -1, -1):
+        size = math.prod(dims[j:])
+        if size % k == 0:
+            return dims[:j] + (size // k,), axes[:j] + ((axes[j] if j == len(dims) - 1 else None),)
+    raise ValueError(f"a weight of shape {dims} has {math.prod(dims)} values per layer, not a "
+                     f"multiple of the NF4 block ({k}); use model.lora.base_quant='int8'")
+
+
+def _nf4_layer(w_OI: jax.Array) -> dict:
+    """One layer's ``[*out, *in]`` weight -> its NF4 leaves (see the module docstring)."""
+    dims = w_OI.shape
+    q, absmax = quantize_blockwise(w_OI.reshape(-1), NF4, BLOCK)
+    offset = jnp.mean(absmax)
+    q2, absmax2 = quantize_blockwise(absmax - offset, dynamic_map(), BLOCK2)
+    return {"codes": ((q[0::2] << 4) | q[1::2]).reshape(_fold(dims, dims, 2)[0]),
+            "absmax": q2.reshape(_fold(dims, dims, BLOCK)[0]), "absmax2": absmax2,
+            "offset": offset}
+
+
+def _nf4_values(leaf: Mapping, dims: tuple) -> jax.Array:
+    """One layer's dequantised ``[*out, *in]`` weight, float32."""
+    absmax = dequantize_blockwise(leaf["absmax"].reshape(-1), leaf["absmax2"], dynamic_map(),
+                                  BLOCK2) + leaf["offset"]
+    c = leaf["codes"].reshape(-1)
+    q = jnp.stack([c >> 4, c & 15], axis=1).reshape(-1)
+    return dequantize_blockwise(q, absmax, NF4, BLOCK).reshape(dims)
+
+
+def _split(shape: tuple, n_lead: int, n_in: int):
+    return shape[:n_lead], shape[n_lead:n_lead + n_in], shape[n_lead + n_in:]
+
+
+def quantize(kind: str, w: jax.Array, n_lead: int, n_in: int) -> dict:
+    """Weight ``w`` [*lead, *in, *out] (``n_lead`` stacked axes, then ``n_in`` input axes) as
+    ``kind``'s leaves (module docstring); jittable. ValueError for an unknown kind."""
+    lead, i_s, o_s = _split(w.shape, n_lead, n_in)
+    if kind == "int8":
+        w32 = w.astype(jnp.float32)
+        in_axes = tuple(range(n_lead, n_lead + n_in))
+        absmax = jnp.max(jnp.abs(w32), axis=in_axes, keepdims=True)
+        q = jnp.round(w32 * (127.0 / jnp.where(absmax == 0, 1.0, absmax)))
+        return {"codes": q.astype(jnp.int8), "scale": (absmax / 127.0).reshape(lead + o_s)}
+    if kind == "nf4":
+        i, o = math.prod(i_s), math.prod(o_s)
+        w_LOI = jnp.swapaxes(w.reshape(-1, i, o), 1, 2).reshape((-1,) + o_s + i_s)
+        out = jax.vmap(_nf4_layer)(w_LOI)
+        return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
+    raise ValueError(f"unknown quantization {kind!r}; expected one of {KINDS[1:]}")
+
+
+def dequantize(kind: str, leaf: Mapping, shape: tuple, n_lead: int, n_in: int) -> jax.Array:
+    """The float32 weight [*lead, *in, *out] (``shape``) that ``leaf`` stands for."""
+    lead, i_s, o_s = _split(tuple(shape), n_lead, n_in)
+    if kind == "int8":
+        scale = leaf["scale"].reshape(lead + (1,) * len(i_s) + o_s)
+        return leaf["codes"].astype(jnp.float32) * scale
+    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[n_lead:]), dict(leaf))
+    w_LOI = jax.vmap(lambda lf: _nf4_values(lf, o_s + i_s))(flat)
+    i, o = math.prod(i_s), math.prod(o_s)
+    return jnp.swapaxes(w_LOI.reshape(-1, o, i), 1, 2).reshape(shape)
+
+
+def leaf_axes(kind: str, shape: tuple, axes: tuple, n_lead: int, n_in: int) -> dict:
+    """Logical axes of :func:`quantize`'s leaves for a weight of ``shape`` and ``axes``: the
+    codes and per-block constants keep the weight's axis names where their axes are the
+    weight's (so they shard like it); the second level and the offset are per layer."""
+    lead, i_s, o_s = _split(tuple(shape), n_lead, n_in)
+    la, ia, oa = _split(tuple(axes), n_lead, n_in)
+    if kind == "int8":
+        return {"codes": tuple(axes), "scale": la + oa}
+    return {"codes": la + _fold(o_s + i_s, oa + ia, 2)[1],
+            "absmax": la + _fold(o_s + i_s, oa + ia, BLOCK)[1],
+            "absmax2": la + (None,), "offset": la}
+
+
+def hf_quantization_config(kind: str, compute_dtype: str) -> dict:
+    """transformers' ``BitsAndBytesConfig`` (``to_dict`` form) of the same weight quantisation:
+    NF4 with double quantisation (bit for bit the same codes; bitsandbytes computes in
+    ``compute_dtype`` on the dequantised weight, as here), or 8-bit with the outlier split off
+    (the same row-wise weights; bitsandbytes' LLM.int8() also quantises the activations, which
+    this module does not). The LM head is left out, as QLoRA leaves it."""
+    if kind == "nf4":
+        return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8",
+                "llm_int8_skip_modules": ["lm_head"]}
+    return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
+            "llm_int8_threshold": 0.0, "llm_int8_skip_modules": ["lm_head"]}
+
+
+# ------------------------------------------------------------------------------ the module
+class QuantParam(nnx.Variable):
+    """A leaf of a quantised weight (codes, block constants) inside the module graph."""
+
+
+class QuantLinear(nnx.Module):
+    """A quantised projection in place of its ``nnx.Param``: called on one layer's leaves,
+    ``x [..., I] -> x @ W [..., O]`` (input / output axes flattened) in ``x``'s dtype with
+    float32 accumulation, dequantising ``W`` inside ``jax.checkpoint``."""
+
+    def __init__(self, kind: str, leaves: Mapping, in_shape: tuple, out_shape: tuple):
+        self.kind, self.in_shape, self.out_shape = kind, tuple(in_shape), tuple(out_shape)
+        for k, s in leaves.items():
+            setattr(self, k, QuantParam(jnp.zeros(s.shape, s.dtype)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        names = ("codes", "scale") if self.kind == "int8" else ("codes", "absmax", "absmax2",
+                                                                  "offset")
+        leaf = {k: getattr(self, k)[...] for k in names}
+        return _matmul(self.kind, self.in_shape, self.out_shape, x, leaf)
+
+
+def _matmul(kind, i_s, o_s, x, leaf):
+    i, o = math.prod(i_s), math.prod(o_s)
+
+    @jax.checkpoint
+    def mm(x_NI, leaf):
+        if kind == "int8":
+            y = jnp.dot(x_NI, leaf["codes"].reshape(i, o).astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+            return (y * leaf["scale"].reshape(o)).astype(x.dtype)
+        w_OI = _nf4_values(leaf, o_s + i_s).reshape(o, i).astype(x.dtype)
+        return jax.lax.dot_general(x_NI, w_OI, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32).astype(x.dtype)
+
+    return mm(x.reshape(-1, i), leaf).reshape(*x.shape[:-1], o)
+
+
+# ------------------------------------------------------------------------------ trees
+def _get(tree, path):
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def _with(tree: Mapping, path: tuple, value) -> dict:
+    out = dict(tree)
+    out[path[0]] = value if len(path) == 1 else _with(tree[path[0]], path[1:], value)
+    return out
+
+
+def projections(cfg, tree) -> dict[str, tuple[tuple, int]]:
+    """The quantised projections present in ``tree``: name -> (path, input axes) (a mixture of
+    experts' MLP is not among them)."""
+    return {n: (p, k) for n, (p, k) in PROJECTIONS.items()
+            if _get(tree, p) is not None and not (cfg.n_experts and p[1] == "mlp")}
+
+
+def is_quantized(tree) -> bool:
+    """Whether ``tree``'s query projection is a quantised weight (a dict of leaves)."""
+    return isinstance(_get(tree, PROJECTIONS["q"][0]), Mapping)
+
+
+def quantize_tree(cfg, kind: str, params) -> dict:
+    """``params`` with every projection (:func:`projections`) replaced by its ``kind`` leaves;
+    other leaves unchanged. Jittable."""
+    for name, (path, n_in) in projections(cfg, params).items():
+        params = _with(params, path, quantize(kind, _get(params, path), 1, n_in))
+    return params
+
+
+def dequantize_tree(cfg, kind: str, params, shapes, dtype) -> dict:
+    """The float tree (``dtype``) a :func:`quantize_tree` output stands for; ``shapes`` is the
+    float tree's ``abstract_params``."""
+    for name, (path, n_in) in projections(cfg, shapes).items():
+        w = dequantize(kind, _get(params, path), _get(shapes, path).shape, 1, n_in)
+        params = _with(params, path, w.astype(dtype))
+    return params
+
+
+def tree_axes(cfg, kind: str, shapes, axes) -> dict:
+    """Logical axes of :func:`quantize_tree`'s output, from the float tree's ``shapes`` and
+    ``axes``."""
+    for name, (path, n_in) in projections(cfg, shapes).items():
+        axes = _with(axes, path, leaf_axes(kind, _get(shapes, path).shape,
+                                           tuple(_get(axes, path)), 1, n_in))
+    return axes
+
+
+def attach(module: nnx.Module, cfg, kind: str, shapes) -> None:
+    """Put a :class:`QuantLinear` in place of every projection parameter of a decoder
+    ``module`` (abstract, under ``nnx.eval_shape``), so ``nnx.merge`` takes a
+    :func:`quantize_tree` tree."""
+    for name, (path, n_in) in projections(cfg, shapes).items():
+        owner = module
+        for k in path[:-1]:
+            owner = getattr(owner, k)
+        shape = _get(shapes, path).shape
+        leaves = jax.eval_shape(lambda w: quantize(kind, w, 0, n_in),
+                                jax.ShapeDtypeStruct(shape[1:], jnp.float32))
+        leaves = {k: jax.ShapeDtypeStruct((shape[0],) + v.shape, v.dtype)
+                  for k, v in leaves.items()}
+        _, i_s, o_s = _split(shape, 1, n_in)
+        setattr(owner, path[-1], QuantLinear(kind, leaves, i_s, o_s))
