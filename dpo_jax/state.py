@@ -106,8 +106,8 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     params = (init or init_policy)(model, shardings, rc.param_sources)
     if lora is not None and lora.rank:
         base = as_dtype(params, shardings, model.cfg.param_dtype)
-        if lora.base_quant != "none":  # QLoRA: the float base is donated, the quantised kept
-            base = jax.jit(model.quantize_base, donate_argnums=0, out_shardings=(
+        if lora.base_quant != "none":  # QLoRA: the float base is dropped on return
+            base = jax.jit(model.quantize_base, out_shardings=(
                 shard_lib.tree_shardings(model.abstract_base(), model.base_axes(), mesh,
                                          rc.mesh_rules)))(base)
         adapter_shardings = shard_lib.tree_shardings(
@@ -139,7 +139,7 @@ def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | Non
     base = init_policy(lora_model, shardings, rc.param_sources)
     base = as_dtype(base, shardings, rc.model.param_dtype)
     if rc.lora.base_quant != "none":  # the base its adapters were trained on
-        base = jax.jit(lora_model.quantize_base, donate_argnums=0)(base)
+        base = jax.jit(lora_model.quantize_base)(base)
     one = jax.tree.leaves(shardings)[0]
     rep = jax.sharding.NamedSharding(one.mesh, jax.sharding.PartitionSpec()) if isinstance(
         one, jax.sharding.NamedSharding) else one

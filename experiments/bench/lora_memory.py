@@ -4,6 +4,7 @@
         --response 64 --steps 5                       # CPU bench shape: memory and step time
     python experiments/bench/lora_memory.py --preset llama-3.1-8b --pairs 16 --prompt 256 \
         --response 768 --abstract --dtype bfloat16 --remat full   # from shapes only
+    ... --kinds lora,lora_int8,lora_nf4      # QLoRA: the base's projections in int8 / NF4
 
 Both sides run the trainer's step (``step.make_train_step``, donated state, sigmoid loss,
 AdamW, scored-only chunked log-probs, the reference forward each step):
@@ -11,7 +12,8 @@ AdamW, scored-only chunked log-probs, the reference forward each step):
          the frozen reference stored in bfloat16 (``model.ref_param_dtype=bfloat16``);
   lora   rank ``--rank`` adapters on every projection (float32, with their AdamW moments)
          over one frozen base in ``--base_dtype`` (bfloat16 by default), which is also the
-         reference (adapters off).
+         reference (adapters off); ``lora_int8`` / ``lora_nf4``: the same with the base's
+         projections quantised (``model.lora.base_quant``, ``dpo_jax/models/quant.py``).
 Memory is XLA's buffer assignment of the compiled step (``compiled.memory_analysis()``):
 arguments (the state and batch), temporaries, and the estimated peak arguments + outputs -
 aliased (donated) + temporaries. Step times: the configurations alternate step by step after
@@ -59,9 +61,11 @@ def _state(kind: str, cfg, rank: int, base_dtype: str, tx, abstract: bool):
         params = make(model.init)(jax.random.key(0))
         ref = make(lambda p: cast_floats(p, bf16))(params)
     else:
+        quant = kind.split("_")[1] if "_" in kind else "none"
         model = lora_lib.LoraModel(dataclasses.replace(cfg, param_dtype=base_dtype),
-                                   lora_lib.LoraConfig(rank=rank, alpha=float(rank)))
-        ref = make(model.init)(jax.random.key(0))
+                                   lora_lib.LoraConfig(rank=rank, alpha=float(rank),
+                                                       base_quant=quant))
+        ref = make(lambda k: model.quantize_base(model.init(k)))(jax.random.key(0))
         params = make(model.init_adapters)(jax.random.key(1))
     opt = make(tx.init)(params)
     step = jnp.zeros((), jnp.int32)
@@ -93,8 +97,9 @@ def measure(kind: str, args) -> dict:
     out = {"kind": kind, "preset": args.preset, "pairs": args.pairs,
            "tokens": args.prompt + args.response, "dtype": args.dtype, "remat": args.remat,
            "attention_impl": args.attention_impl or "xla",
-           "rank": args.rank if kind == "lora" else None,
-           "base_dtype": args.base_dtype if kind == "lora" else cfg.param_dtype,
+           "rank": args.rank if kind.startswith("lora") else None,
+           "base_dtype": args.base_dtype if kind.startswith("lora") else cfg.param_dtype,
+           "base_quant": kind.split("_")[1] if "_" in kind else None,
            "compile_s": round(time.perf_counter() - t, 1),
            "trained_params": sum(x.size for x in jax.tree.leaves(state.params)),
            "state_GiB": {name: round(_bytes(getattr(state, name)) / GiB, 3)
