@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     # channel) or 'nf4' (QLoRA: 4-bit NormalFloat, blocks of 64, double-quantised constants);
     # dequantised inside each matmul, the reference is the quantised base (models/quant.py)
     c.model.lora.base_quant = "none"
+    # with base_quant: an untied input embedding quantised too, row by row (QLoRA keeps it in
+    # param_dtype; a tied one is the LM head, always kept)
+    c.model.lora.quant_embedding = False
 
     c.init = ml_collections.ConfigDict()
     c.init.policy = ""  # another run's workdir to take policy params from (e.g. the SFT run)

@@ -74,6 +74,7 @@ class LoraConfig:
     seed: int = 0  # A's init and the dropout masks
     reference: str = "policy"  # 'policy': base + initial adapters (frozen); 'base': adapters off
     base_quant: str = "none"  # the frozen base's projections: 'none', 'int8', 'nf4' (QLoRA)
+    quant_embedding: bool = False  # with base_quant: an untied input embedding too
 
     @property
     def scale(self) -> float:
@@ -91,13 +92,9 @@ def read_lora(block, seed: int = 0) -> LoraConfig:
     cfg = LoraConfig(rank=int(block.rank), alpha=float(block.alpha), dropout=float(block.dropout),
                      targets=targets, init=str(block.init), path=str(block.path or ""),
                      seed=int(seed), reference=str(block.get("reference", "policy")),
-                     base_quant=str(block.get("base_quant", "none") or "none"))
-    if cfg.base_quant not in quant.KINDS:
-        raise ValueError(f"model.lora.base_quant={cfg.base_quant!r}: expected one of "
-                         f"{quant.KINDS}")
-    if cfg.base_quant != "none" and cfg.rank <= 0:
-        raise ValueError(f"model.lora.base_quant={cfg.base_quant!r} quantises LoRA's frozen "
-                         "base; it needs model.lora.rank > 0")
+                     base_quant=str(block.get("base_quant", "none") or "none"),
+                     quant_embedding=bool(block.get("quant_embedding", False)))
+    quant.check_settings(cfg.base_quant, cfg.quant_embedding, cfg.rank)
     if cfg.rank < 0:
         raise ValueError(f"model.lora.rank={cfg.rank}: must be >= 0 (0 = full fine-tuning)")
     if cfg.init not in INITS:
@@ -295,18 +292,17 @@ class LoraModel(Model):
 
     # -- the quantised base (dpo_jax/models/quant.py) ------------------------------------------
     def quantize_base(self, base):
-        """The frozen base as the run holds it: its projections quantised to
-        ``model.lora.base_quant`` (unchanged for 'none'); jittable."""
+        """The base with its projections in ``model.lora.base_quant`` (jittable)."""
         if self.lora.base_quant == "none" or quant.is_quantized(base):
             return base
-        return quant.quantize_tree(self.cfg, self.lora.base_quant, base)
+        return quant.quantize_tree(self.cfg, self.lora.base_quant, base,
+                                   self.lora.quant_embedding)
 
     def dequantize_base(self, base):
         """The float base (``param_dtype``) a quantised base stands for (merge, export)."""
-        if not quant.is_quantized(base):
-            return base
         return quant.dequantize_tree(self.cfg, self.lora.base_quant, base, self.abstract_params(),
-                                     jnp.dtype(self.cfg.param_dtype))
+                                     jnp.dtype(self.cfg.param_dtype)) if quant.is_quantized(
+                                         base) else base
 
     def abstract_base(self) -> dict:
         """ShapeDtypeStructs of :meth:`quantize_base`'s tree."""
@@ -314,10 +310,9 @@ class LoraModel(Model):
 
     def base_axes(self) -> dict:
         """Logical axes of :meth:`abstract_base` (quantised leaves shard like their weight)."""
-        if self.lora.base_quant == "none":
-            return self.logical_axes()
-        return quant.tree_axes(self.cfg, self.lora.base_quant, self.abstract_params(),
-                               self.logical_axes())
+        return self.logical_axes() if self.lora.base_quant == "none" else quant.tree_axes(
+            self.cfg, self.lora.base_quant, self.abstract_params(), self.logical_axes(),
+            self.lora.quant_embedding)
 
     # -- forward -----------------------------------------------------------------------------
     def _adapted_graphdef(self, dropout: bool | None):
@@ -329,7 +324,8 @@ class LoraModel(Model):
             def build():
                 module = decoder.Decoder(self.cfg, nnx.Rngs(0))
                 if self.lora.base_quant != "none":
-                    quant.attach(module, self.cfg, self.lora.base_quant, self.abstract_params())
+                    quant.attach(module, self.cfg, self.lora.base_quant, self.abstract_params(),
+                                 self.lora.quant_embedding)
                 for t in self.targets if dropout is not None else ():
                     if t.name != HEAD:
                         owner = module

@@ -197,6 +197,40 @@ def test_quantised_model_is_the_model_of_the_dequantised_weights(kind, name, ove
     assert np.abs(got - ref).max() > 1e-4  # the adapters act
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantised_embedding_rows_are_the_dequantised_table(kind):
+    """``quant_embedding``: an untied embedding (tiny NeoX, d_model 64) is held quantised and
+    only the looked-up rows are dequantised: the logits equal the plain model's on the
+    dequantised tree; each row within its blocks' level spacing; a tied table stays float."""
+    cfg = preset("tiny-neox")
+    model = lora_lib.LoraModel(cfg, lora_lib.LoraConfig(rank=4, base_quant=kind,
+                                                        quant_embedding=True))
+    base = helpers.init_params(model)
+    ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 12)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(12, dtype=np.int32), ids.shape)
+
+    @jax.jit
+    def run(base):
+        q = model.quantize_base(base)
+        back = model.dequantize_base(q)
+        return (q["embed"], back["embed"], model.logits(q, ids, pos, np.ones_like(ids)),
+                Model(cfg).logits(back, ids, pos, np.ones_like(ids)))
+
+    table, back, got, want = jax.device_get(run(base))
+    assert set(table) == ({"codes", "scale"} if kind == "int8" else
+                          {"codes", "absmax", "absmax2", "offset"})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    w = np.asarray(base["embed"])
+    absmax = np.abs(w).max(1, keepdims=True)
+    step = absmax / 127 / 2 if kind == "int8" else (  # + the block constant's own error
+        absmax * np.diff(quant.NF4).max() / 2
+        + table["absmax2"].max() * np.diff(quant.dynamic_map()).max() / 2)
+    assert np.all(np.abs(back - w) <= step + 1e-7)
+    tied = lora_lib.LoraModel(preset("tiny-gpt2"), lora_lib.LoraConfig(
+        rank=4, base_quant=kind, quant_embedding=True))
+    assert not isinstance(tied.abstract_base()["embed"], dict)  # the head reads it whole
+
+
 def test_adapter_gradients_equal_those_on_the_dequantised_base():
     """d(sum of log-probs)/d(adapters) with the in-matmul dequantisation (checkpointed,
     recomputed in the backward) equals the gradient on the dequantised base held in float."""
@@ -227,6 +261,8 @@ def test_bad_settings_are_refused():
         lora_lib.read_lora(_block(rank=4, base_quant="fp4"))
     with pytest.raises(ValueError, match="needs model.lora.rank > 0"):
         lora_lib.read_lora(_block(rank=0, base_quant="nf4"))
+    with pytest.raises(ValueError, match="quant_embedding=True .* which is 'none'"):
+        lora_lib.read_lora(_block(rank=4, quant_embedding=True))
     odd = dataclasses.replace(cfg, d_model=36, n_head=4, head_dim=9)
     with pytest.raises(ValueError, match="not a multiple of the NF4 block"):
         lora_lib.LoraModel(odd, lora_lib.LoraConfig(rank=2, base_quant="nf4")).abstract_base()

@@ -273,7 +273,8 @@ class Decoder(nnx.Module):
         [B,T,R]) or (None, None)} of the layer types present (see _layer_kinds)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        h_BTD = jnp.take(self.embed[...], ids_BT, axis=0).astype(dt)
+        h_BTD = (self.embed.lookup(ids_BT) if isinstance(self.embed, quant.QuantEmbedding)
+                 else jnp.take(self.embed[...], ids_BT, axis=0)).astype(dt)
         if cfg.embed_scale:  # Gemma: sqrt(d_model), as a scalar of the compute dtype
             h_BTD = h_BTD * jnp.asarray(cfg.d_model ** 0.5, dt)
         ropes = {}

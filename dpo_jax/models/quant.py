@@ -58,6 +58,19 @@ PROJECTIONS = {
     "down": (("layers", "mlp", "down"), 1)}
 
 
+def check_settings(kind: str, embedding: bool, rank: int) -> None:
+    """ValueError for ``model.lora`` settings no quantised base can have: an unknown kind, a
+    quantised base without adapters (rank 0), ``quant_embedding`` without a kind."""
+    if kind not in KINDS:
+        raise ValueError(f"model.lora.base_quant={kind!r}: expected one of {KINDS}")
+    if kind != "none" and rank <= 0:
+        raise ValueError(f"model.lora.base_quant={kind!r} quantises LoRA's frozen base; it "
+                         "needs model.lora.rank > 0")
+    if embedding and kind == "none":
+        raise ValueError("model.lora.quant_embedding=True quantises the input embedding with "
+                         "model.lora.base_quant, which is 'none'; set 'int8' or 'nf4'")
+
+
 def dynamic_map() -> np.ndarray:
     """The signed 8-bit dynamic quantisation map [256] (Dettmers 2015; bitsandbytes'
     ``create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)``, the map of the
@@ -172,6 +185,36 @@ def leaf_axes(kind: str, shape: tuple, axes: tuple, n_lead: int, n_in: int) -> d
             "absmax2": la + (None,), "offset": la}
 
 
+def quantize_embedding(kind: str, w_VD: jax.Array) -> dict:
+    """An input embedding [V, D] quantised row by row (``model.lora.quant_embedding``): int8
+    with one scale per token row, or NF4 in blocks of 64 along each row (HF's layout, as
+    bitsandbytes would quantise it; D a multiple of 64) with double-quantised constants."""
+    if kind == "int8":
+        w = w_VD.astype(jnp.float32)
+        absmax = jnp.max(jnp.abs(w), axis=1, keepdims=True)
+        q = jnp.round(w * (127.0 / jnp.where(absmax == 0, 1.0, absmax)))
+        return {"codes": q.astype(jnp.int8), "scale": absmax[:, 0] / 127.0}
+    if w_VD.shape[1] % BLOCK:
+        raise ValueError(f"model.lora.quant_embedding with NF4 needs d_model a multiple of "
+                         f"{BLOCK} (blocks along each token's row); d_model={w_VD.shape[1]}")
+    return _nf4_layer(w_VD)
+
+
+def embedding_lookup(kind: str, leaf: Mapping, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` [...] of a :func:`quantize_embedding` table, dequantised: float32 [..., D];
+    only the gathered rows are read."""
+    if kind == "int8":
+        return leaf["codes"][ids].astype(jnp.float32) * leaf["scale"][ids][..., None]
+    c = leaf["codes"][ids]
+    q = jnp.stack([c >> 4, c & 15], axis=-1).reshape(*ids.shape, -1)
+    nb = leaf["absmax"].shape[1]  # blocks per row
+    block = ids[..., None] * nb + jnp.arange(nb)  # the blocks' flat index in the table
+    absmax = (jnp.asarray(dynamic_map())[leaf["absmax"][ids]] * leaf["absmax2"][block // BLOCK2]
+              + leaf["offset"])
+    v = jnp.asarray(NF4)[q].reshape(*ids.shape, nb, BLOCK) * absmax[..., None]
+    return v.reshape(*ids.shape, -1)
+
+
 def hf_quantization_config(kind: str, compute_dtype: str) -> dict:
     """transformers' ``BitsAndBytesConfig`` (``to_dict`` form) of the same weight quantisation:
     NF4 with double quantisation (bit for bit the same codes; bitsandbytes computes in
@@ -207,6 +250,20 @@ class QuantLinear(nnx.Module):
                                                                   "offset")
         leaf = {k: getattr(self, k)[...] for k in names}
         return _matmul(self.kind, self.in_shape, self.out_shape, x, leaf)
+
+
+class QuantEmbedding(nnx.Module):
+    """A quantised input embedding in place of its ``nnx.Param`` (:func:`embedding_lookup`)."""
+
+    def __init__(self, kind: str, leaves: Mapping):
+        self.kind = kind
+        for k, s in leaves.items():
+            setattr(self, k, QuantParam(jnp.zeros(s.shape, s.dtype)))
+
+    def lookup(self, ids: jax.Array) -> jax.Array:
+        names = ("codes", "scale") if self.kind == "int8" else ("codes", "absmax", "absmax2",
+                                                                  "offset")
+        return embedding_lookup(self.kind, {k: getattr(self, k)[...] for k in names}, ids)
 
 
 def _matmul(kind, i_s, o_s, x, leaf):
@@ -247,14 +304,23 @@ def projections(cfg, tree) -> dict[str, tuple[tuple, int]]:
             if _get(tree, p) is not None and not (cfg.n_experts and p[1] == "mlp")}
 
 
+def _embedding(cfg, tree, embedding: bool) -> bool:
+    """Whether ``tree``'s input embedding is quantised: asked for, and not tied to the LM head
+    (a tied table is read whole by the head, so it stays in ``param_dtype``)."""
+    return embedding and not cfg.tie_embeddings and "embed" in tree
+
+
 def is_quantized(tree) -> bool:
     """Whether ``tree``'s query projection is a quantised weight (a dict of leaves)."""
     return isinstance(_get(tree, PROJECTIONS["q"][0]), Mapping)
 
 
-def quantize_tree(cfg, kind: str, params) -> dict:
-    """``params`` with every projection (:func:`projections`) replaced by its ``kind`` leaves;
-    other leaves unchanged. Jittable."""
+def quantize_tree(cfg, kind: str, params, embedding: bool = False) -> dict:
+    """``params`` with every projection (:func:`projections`) replaced by its ``kind`` leaves,
+    and with ``embedding`` an untied input embedding (:func:`quantize_embedding`); other leaves
+    unchanged. Jittable."""
+    if _embedding(cfg, params, embedding):
+        params = {**params, "embed": quantize_embedding(kind, params["embed"])}
     for name, (path, n_in) in projections(cfg, params).items():
         params = _with(params, path, quantize(kind, _get(params, path), 1, n_in))
     return params
@@ -263,25 +329,36 @@ def quantize_tree(cfg, kind: str, params) -> dict:
 def dequantize_tree(cfg, kind: str, params, shapes, dtype) -> dict:
     """The float tree (``dtype``) a :func:`quantize_tree` output stands for; ``shapes`` is the
     float tree's ``abstract_params``."""
+    if isinstance(params.get("embed"), Mapping):
+        ids = jnp.arange(shapes["embed"].shape[0])
+        params = {**params, "embed": embedding_lookup(kind, params["embed"], ids).astype(dtype)}
     for name, (path, n_in) in projections(cfg, shapes).items():
         w = dequantize(kind, _get(params, path), _get(shapes, path).shape, 1, n_in)
         params = _with(params, path, w.astype(dtype))
     return params
 
 
-def tree_axes(cfg, kind: str, shapes, axes) -> dict:
+def tree_axes(cfg, kind: str, shapes, axes, embedding: bool = False) -> dict:
     """Logical axes of :func:`quantize_tree`'s output, from the float tree's ``shapes`` and
     ``axes``."""
+    if _embedding(cfg, shapes, embedding):  # rows stay on `vocab`, blocks on `embed`
+        v, d = axes["embed"]
+        axes = {**axes, "embed": {"codes": (v, d), "scale": (v,)} if kind == "int8" else {
+            "codes": (v, d), "absmax": (v, d), "absmax2": (None,), "offset": ()}}
     for name, (path, n_in) in projections(cfg, shapes).items():
         axes = _with(axes, path, leaf_axes(kind, _get(shapes, path).shape,
                                            tuple(_get(axes, path)), 1, n_in))
     return axes
 
 
-def attach(module: nnx.Module, cfg, kind: str, shapes) -> None:
+def attach(module: nnx.Module, cfg, kind: str, shapes, embedding: bool = False) -> None:
     """Put a :class:`QuantLinear` in place of every projection parameter of a decoder
-    ``module`` (abstract, under ``nnx.eval_shape``), so ``nnx.merge`` takes a
+    ``module`` (abstract, under ``nnx.eval_shape``), and with ``embedding`` a
+    :class:`QuantEmbedding` in place of an untied input embedding, so ``nnx.merge`` takes a
     :func:`quantize_tree` tree."""
+    if _embedding(cfg, shapes, embedding):
+        module.embed = QuantEmbedding(kind, jax.eval_shape(lambda w: quantize_embedding(kind, w),
+                                                           shapes["embed"]))
     for name, (path, n_in) in projections(cfg, shapes).items():
         owner = module
         for k in path[:-1]:
