@@ -139,12 +139,7 @@ class Target:
         return math.prod(self.out_shape)
 
 
-def _get(tree, path):
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
+_get = quant.get_path
 
 
 def _target_paths(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int]]:

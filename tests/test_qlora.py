@@ -1,13 +1,17 @@
 """QLoRA runs (``model.lora.base_quant``, dpo_jax/models/quant.py): the state holds the
 quantised base, sharded like the float base, and a step on 8 devices equals one device's; a run
-resumes exactly and with stored reference log-probs starts at ln 2; the export merges the
+resumes exactly (``test_lora_runs.py``) and with stored reference log-probs starts at ln 2; the export merges the
 adapters into the dequantised base (transformers' logits = the run's) and its PEFT directory
 names the quantisation."""
 
+import dataclasses
+import importlib.util
 import json
 import math
+import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,8 +21,9 @@ from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
 from dpo_jax.export import export_run
+from dpo_jax.models import Model, quant
+from dpo_jax.models.local import SMOLLM2, find_local_model
 from dpo_jax.step import StepConfig, make_train_step
-from dpo_jax.workdir import WorkdirError
 from tests import helpers, runs
 from tests.test_lora_runs import final_adapters, with_lora
 
@@ -58,25 +63,6 @@ def test_step_on_eight_devices_equals_one_and_the_base_is_sharded(kind):
     assert abs(got[1]["loss"] - math.log(2.0)) > 1e-4  # the adapters moved the policy
 
 
-def test_interrupted_run_ends_as_the_uninterrupted_one(tmp_path):
-    """NF4 base, adapter dropout: cut after step 3 (checkpoint at 2), resumed: the same
-    adapters bit for bit and the same metrics log; the fingerprint is the quantised base's."""
-    config = with_lora(runs.dpo_config(steps=4, checkpoint_every=2), dropout=0.1,
-                       base_quant="nf4")
-    runs.run(config, tmp_path / "full")
-    summary = runs.cut_and_resume(config, tmp_path / "cut", 3)
-    assert summary["resumed_from"] == 2
-    runs.assert_same_params(final_adapters(config, tmp_path / "cut"),
-                            final_adapters(config, tmp_path / "full"))
-    assert runs.without_timing(runs.records(tmp_path / "cut")) == runs.without_timing(
-        runs.records(tmp_path / "full"))
-    # resuming with another quantisation is refused (the run's config changed)
-    other = with_lora(runs.dpo_config(steps=4, checkpoint_every=2), dropout=0.1,
-                      base_quant="int8")
-    with pytest.raises(WorkdirError, match="model.lora.base_quant: 'nf4' -> 'int8'"):
-        runs.run(other, tmp_path / "full")
-
-
 def test_stored_reference_logps_start_at_ln2(tmp_path):
     config = with_lora(runs.dpo_config(steps=2), base_quant="nf4")
     config.logprobs.precompute_reference = True
@@ -114,3 +100,36 @@ def test_export_merges_into_the_dequantised_base_and_names_the_quantisation(tmp_
     back = lora_peft.load_peft(str(tmp_path / "out" / "adapter"), model,
                                jax.tree.map(lambda _: one, model.abstract_adapters()))
     runs.assert_same_params(back, final_adapters(config, tmp_path / "run"))
+
+
+@pytest.mark.slow  # SmolLM2-135M forwards on the CPU; skips without the model directory
+def test_smollm2_logprob_errors_script():
+    """experiments/qlora/logprob_error.py on 4 held-out HH pairs: its NF4 log-probs are the
+    plain model's on the dequantised weights (float64 log-softmax of ``Model.logits`` over the
+    pair's own tokens), the bfloat16 base differs from itself by 0, int8 by less than NF4."""
+    if find_local_model(SMOLLM2) is None:
+        pytest.skip(f"{SMOLLM2} not found (bash ../shared/models/smollm2.sh)")
+    path = pathlib.Path(__file__).parents[1] / "experiments" / "qlora" / "logprob_error.py"
+    spec = importlib.util.spec_from_file_location("logprob_error", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, logps, items, f32 = script.measure(4, 4)
+    v = out["variants"]
+    assert v["bfloat16"]["mean_abs_dlogp_per_seq"] == 0.0
+    assert 0 < v["int8"]["mean_abs_dlogp_per_token"] < v["nf4"]["mean_abs_dlogp_per_token"]
+    assert all(0.05 < e["nf4"] < 0.15 and 0.003 < e["int8"] < 0.02
+               for e in out["weight_rel_error"].values())
+    rc = read_config(script.hh.get_config("smollm2"))
+    cfg = dataclasses.replace(rc.model, dtype="float32", param_dtype="float32", remat="none")
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), f32)
+    qbase = quant.quantize_tree(cfg, "nf4", bf16)
+    w = quant.dequantize_tree(cfg, "nf4", qbase, Model(cfg).abstract_params(), jnp.float32)
+    pair = items[0]
+    ids = np.concatenate([pair["prompt"], pair["chosen"]]).astype(np.int32)[None]
+    logits = np.asarray(Model(cfg).logits(w, ids, np.arange(ids.shape[1])[None],
+                                          np.ones_like(ids)), np.float64)[0]
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    n = len(pair["prompt"])
+    want = sum(logp[t - 1, ids[0, t]] for t in range(n, ids.shape[1]))
+    np.testing.assert_allclose(logps["nf4"][0, 0], want, rtol=1e-4)

@@ -283,7 +283,8 @@ def _matmul(kind, i_s, o_s, x, leaf):
 
 
 # ------------------------------------------------------------------------------ trees
-def _get(tree, path):
+def get_path(tree, path):
+    """``tree[path[0]][path[1]]...``, or None where the path leaves the tree."""
     for k in path:
         if not isinstance(tree, Mapping) or k not in tree:
             return None
@@ -301,7 +302,7 @@ def projections(cfg, tree) -> dict[str, tuple[tuple, int]]:
     """The quantised projections present in ``tree``: name -> (path, input axes) (a mixture of
     experts' MLP is not among them)."""
     return {n: (p, k) for n, (p, k) in PROJECTIONS.items()
-            if _get(tree, p) is not None and not (cfg.n_experts and p[1] == "mlp")}
+            if get_path(tree, p) is not None and not (cfg.n_experts and p[1] == "mlp")}
 
 
 def _embedding(cfg, tree, embedding: bool) -> bool:
@@ -312,7 +313,7 @@ def _embedding(cfg, tree, embedding: bool) -> bool:
 
 def is_quantized(tree) -> bool:
     """Whether ``tree``'s query projection is a quantised weight (a dict of leaves)."""
-    return isinstance(_get(tree, PROJECTIONS["q"][0]), Mapping)
+    return isinstance(get_path(tree, PROJECTIONS["q"][0]), Mapping)
 
 
 def quantize_tree(cfg, kind: str, params, embedding: bool = False) -> dict:
@@ -322,7 +323,7 @@ def quantize_tree(cfg, kind: str, params, embedding: bool = False) -> dict:
     if _embedding(cfg, params, embedding):
         params = {**params, "embed": quantize_embedding(kind, params["embed"])}
     for name, (path, n_in) in projections(cfg, params).items():
-        params = _with(params, path, quantize(kind, _get(params, path), 1, n_in))
+        params = _with(params, path, quantize(kind, get_path(params, path), 1, n_in))
     return params
 
 
@@ -333,7 +334,7 @@ def dequantize_tree(cfg, kind: str, params, shapes, dtype) -> dict:
         ids = jnp.arange(shapes["embed"].shape[0])
         params = {**params, "embed": embedding_lookup(kind, params["embed"], ids).astype(dtype)}
     for name, (path, n_in) in projections(cfg, shapes).items():
-        w = dequantize(kind, _get(params, path), _get(shapes, path).shape, 1, n_in)
+        w = dequantize(kind, get_path(params, path), get_path(shapes, path).shape, 1, n_in)
         params = _with(params, path, w.astype(dtype))
     return params
 
@@ -346,8 +347,8 @@ def tree_axes(cfg, kind: str, shapes, axes, embedding: bool = False) -> dict:
         axes = {**axes, "embed": {"codes": (v, d), "scale": (v,)} if kind == "int8" else {
             "codes": (v, d), "absmax": (v, d), "absmax2": (None,), "offset": ()}}
     for name, (path, n_in) in projections(cfg, shapes).items():
-        axes = _with(axes, path, leaf_axes(kind, _get(shapes, path).shape,
-                                           tuple(_get(axes, path)), 1, n_in))
+        axes = _with(axes, path, leaf_axes(kind, get_path(shapes, path).shape,
+                                           tuple(get_path(axes, path)), 1, n_in))
     return axes
 
 
@@ -363,7 +364,7 @@ def attach(module: nnx.Module, cfg, kind: str, shapes, embedding: bool = False) 
         owner = module
         for k in path[:-1]:
             owner = getattr(owner, k)
-        shape = _get(shapes, path).shape
+        shape = get_path(shapes, path).shape
         leaves = jax.eval_shape(lambda w: quantize(kind, w, 0, n_in),
                                 jax.ShapeDtypeStruct(shape[1:], jnp.float32))
         leaves = {k: jax.ShapeDtypeStruct((shape[0],) + v.shape, v.dtype)

@@ -39,7 +39,9 @@ from tests import helpers as h  # noqa: E402
 VARIANTS = ("float32", "bfloat16", "int8", "nf4")
 
 
-def measure(pairs: int, batch: int) -> dict:
+def measure(pairs: int, batch: int) -> tuple[dict, dict, list, object]:
+    """(the JSON summary, {variant: summed response log-probs [pairs, 2] (chosen, rejected)},
+    the pairs, the float32 parameters)."""
     path = find_local_model(SMOLLM2)
     if path is None:
         raise FileNotFoundError(f"{SMOLLM2} not found under $DPO_JAX_MODELS "
@@ -93,7 +95,7 @@ def measure(pairs: int, batch: int) -> dict:
             "mean_abs_dmargin": round(float(np.abs(margin - ref_margin).mean()), 4),
             "mean_abs_margin_bf16": round(float(np.abs(ref_margin).mean()), 4),
             "margin_sign_flips": int(np.sum(np.sign(margin) != np.sign(ref_margin)))}
-    return out
+    return out, logps, items, f32
 
 
 def main() -> None:
@@ -101,7 +103,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
-    print(json.dumps(measure(args.pairs, args.batch)), flush=True)
+    print(json.dumps(measure(args.pairs, args.batch)[0]), flush=True)
 
 
 if __name__ == "__main__":
