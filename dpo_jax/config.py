@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True  # scan over stacked layers (compile time independent of depth)
     c.model.attention_impl = ""  # '' = XLA; 'cudnn' fused GPU kernel; 'chunked' query blocks
     c.model.attention_chunk = 512  # query rows per block with attention_impl='chunked'
+    # mixture-of-experts models: 'sparse' (dropless grouped dispatch) or 'dense' (reference);
+    # moe_kernel '' = by backend (tiled on CPU, ragged_dot on TPU / GPU; models/moe_dispatch.py)
+    c.model.moe_impl = "sparse"
+    c.model.moe_kernel = ""
     # LoRA (dpo_jax/lora.py): train low-rank adapters over the frozen base (from init.policy,
     # hf_path or the seed, in param_dtype); the reference is the starting policy
     c.model.lora = ml_collections.ConfigDict()
@@ -131,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
     # reference becomes ref_mixup_alpha * policy + (1 - ref_mixup_alpha) * reference (0 = frozen)
     c.train.ref_sync_every = 0
     c.train.ref_mixup_alpha = 0.6  # TR-DPO alpha in (0, 1]; 1 = hard copy (TRL's default 0.6)
+    # per-pair diagnostics (pairs): log-prob changes from the reference, margin histogram,
+    # CHES scores (dpo_jax/diagnostics.py) in the metrics; per-pair eval values in eval_pairs/
+    c.train.diagnostics = False
 
     # samples during evaluation (dpo_jax/evaluation.py; the block: dpo_jax/eval_config.py)
     c.eval = default_eval_config()
@@ -373,6 +380,15 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                          f"{config.task!r}, optim.grad_accum={optim.grad_accum}: set "
                          f"data.prefix_sharing=False")
     _check_data_format(config, data)
+    if data.ches_filter.mode and (config.task != "dpo" or data.format != "pairs"):
+        raise ValueError(f"data.ches_filter.mode={data.ches_filter.mode!r} filters preference "
+                         f"pairs for task 'dpo'; task {config.task!r}, data.format="
+                         f"{data.format!r}: set data.ches_filter.mode=''")
+    diagnostics = bool(t.get("diagnostics", False))
+    if diagnostics and (data.format != "pairs" or config.task not in ("dpo", "online_dpo")):
+        raise ValueError(f"train.diagnostics=True reads the DPO step's preference pairs; task "
+                         f"{config.task!r}, data.format={data.format!r}: set "
+                         f"train.diagnostics=False")
     m = config.model
     lora = read_lora(m.get("lora"), int(config.seed))
     ref_dtype = m.get("ref_param_dtype") or ""
@@ -385,7 +401,8 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                              reference_dtype=m.ref_param_dtype, seed=int(config.seed)),
         step=StepConfig(grad_accum=optim.grad_accum, logprobs=logprobs, forward_logprobs=forward,
                         ref_sync_every=ref_sync_every, ref_mixup_alpha=ref_mixup_alpha,
-                        reference_is_initial_policy=reference_is_initial_policy),
+                        reference_is_initial_policy=reference_is_initial_policy,
+                        diagnostics=diagnostics),
         optim=optim, train=train, data=data, mesh_shape=dict(config.mesh.shape),
         mesh_rules=tuple(tuple(r) for r in config.mesh.rules),
         precompute_reference=bool(config.logprobs.precompute_reference),

@@ -6,8 +6,14 @@ rows). The reported value of a metric is the sum of its numerators over every ev
 by the sum of its denominators (:func:`means`): a mean over the split, computed once. Each
 metric has its own denominator: DPO's metrics (TRL's ``rewards/accuracies``, ``loss``, ...)
 divide by the summed pair weights (padding pairs weigh 0), a per-token mean by the scored
-tokens, an accuracy over one bucket of pairs by the weight of that bucket. Values that are not
-ratios of sums (perplexity = exp of the token-mean NLL) are ``derived`` from the means.
+tokens, an accuracy over one bucket of pairs by the weight of that bucket. A metric whose
+denominators are all 0 is a total (a count of pairs in a histogram bin): its summed numerator.
+Values that are not ratios of sums (perplexity = exp of the token-mean NLL) are ``derived``
+from the means.
+
+An eval step may also return per-example arrays under the key :data:`PER_EXAMPLE`
+(``{name: [B]}``, e.g. ``step.make_eval_step`` with diagnostics); :func:`totals` hands them to
+its ``per_example`` sink batch by batch instead of reducing them.
 
 A task adds a metric by returning one more pair from its eval step; nothing else changes::
 
@@ -33,8 +39,11 @@ Ratio = tuple[Any, Any]  # (numerator, denominator): scalars, jax or host
 Totals = dict[str, tuple[float, float]]
 Derived = Callable[[dict[str, float]], dict[str, float]]
 
-# A denominator of 0 (no example of a bucket, an eval split of padding only) reads as 0, not NaN.
+# A denominator of 0 (no example of a bucket, an eval split of padding only) reads as 0, not NaN:
+# its numerator, a sum over no example, is 0 too. A metric declared with denominator 0 (a
+# count) therefore reads as its summed numerator.
 MIN_DENOMINATOR = 1e-9
+PER_EXAMPLE = "per_example"  # an eval step's per-example arrays {name: [B]}, not a ratio
 
 
 def over(sums: Mapping[str, Any], denominator) -> dict[str, Ratio]:
@@ -62,20 +71,28 @@ def add(totals: Mapping[str, tuple[float, float]], metrics: Mapping[str, Ratio])
     return out
 
 
-def totals(metrics_of: Callable[[Any], Mapping[str, Ratio]], batches: Iterable) -> Totals:
+def totals(metrics_of: Callable[[Any], Mapping[str, Ratio]], batches: Iterable,
+           per_example: Callable[[dict], None] | None = None) -> Totals:
     """The pairs of ``metrics_of(batch)`` summed over ``batches`` (read to the host once per
-    batch)."""
+    batch). Its :data:`PER_EXAMPLE` entry, if any, goes to ``per_example(values)`` (host
+    arrays, batch by batch, in order) and is dropped when no sink is given."""
     out: Totals = {}
     for batch in batches:
-        out = add(out, jax.device_get(metrics_of(batch)))
+        metrics = dict(jax.device_get(metrics_of(batch)))
+        values = metrics.pop(PER_EXAMPLE, None)
+        if values is not None and per_example is not None:
+            per_example(values)
+        out = add(out, metrics)
     return out
 
 
 def means(summed: Mapping[str, tuple[float, float]], derived: Derived | None = None
           ) -> dict[str, float]:
-    """Each metric's summed numerator over its summed denominator, then ``derived(means)``'s
-    entries added (e.g. perplexity from the token-mean NLL)."""
-    out = {k: num / max(den, MIN_DENOMINATOR) for k, (num, den) in summed.items()}
+    """Each metric's summed numerator over its summed denominator (a denominator of 0: the
+    numerator, a total), then ``derived(means)``'s entries added (e.g. perplexity from the
+    token-mean NLL)."""
+    out = {k: num / max(den, MIN_DENOMINATOR) if den > 0 else num
+           for k, (num, den) in summed.items()}
     if derived is not None:
         out.update(derived(out))
     return out

@@ -128,13 +128,13 @@ class SampleEvaluator:
     """Draws, scores, writes and summarises samples; see the module docstring.
 
     ``model`` is the decoder that samples (``Model``); ``params_of(state)`` its parameters in a
-    task's state (default ``state.params``); ``reference_params`` those of the model the run
+    task's state (default ``state.trainable``); ``reference_params`` those of the model the run
     starts from, sampled once here (before any update can donate them)."""
 
     def __init__(self, cfg: EvalConfig, *, workdir: str, model, mesh, prompts: list[np.ndarray],
                  reference_params, total_steps: int, decode: Callable[[list[int]], str],
                  judge: Callable[[Samples], jax.Array] | None = None,
-                 params_of: Callable[[Any], Any] = lambda state: state.params):
+                 params_of: Callable[[Any], Any] = lambda state: state.trainable):
         self.cfg, self.model, self.mesh, self.judge = cfg, model, mesh, judge
         self.decode, self.params_of, self.total_steps = decode, params_of, int(total_steps)
         self.path = os.path.join(workdir, "samples.jsonl")
@@ -229,7 +229,7 @@ def _markdown(rows: list[dict]) -> str:
 
 def sample_evaluator(rc, *, workdir: str, model, mesh, reference_params,
                      prompts: list[np.ndarray] | None = None, judge=None,
-                     params_of: Callable[[Any], Any] = lambda state: state.params
+                     params_of: Callable[[Any], Any] = lambda state: state.trainable
                      ) -> SampleEvaluator | None:
     """The run's :class:`SampleEvaluator` (``rc`` a ``config.RunConfig``: its ``eval``, ``data``,
     ``train.steps`` and ``mesh_rules``), or None when ``eval.sample_every`` is 0. Prompts

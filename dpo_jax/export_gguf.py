@@ -50,6 +50,7 @@ REFUSED = {
     "mixtral": "mixture-of-experts export is not implemented (llama.cpp stores experts "
                "stacked as ffn_*_exps; transformers' GGUF loader reads no Mixtral)",
     "qwen2_moe": "mixture-of-experts export is not implemented",
+    "qwen3_moe": "mixture-of-experts export is not implemented",
 }
 # the activation each llama.cpp architecture hard-codes (ours: ModelConfig.activation)
 _ACT = {"llama": ("silu",), "qwen2": ("silu",), "qwen3": ("silu",), "phi3": ("silu",),

@@ -42,6 +42,8 @@ class SequenceLogps:
     sums: jax.Array  # summed (LD-DPO: weighted) log-probs of the scored tokens
     counts: jax.Array  # scored tokens (unweighted)
     wpo_sums: jax.Array | None = None  # with_wpo: sum of log p_t - log sum_v p_v^2 (no gradient)
+    # with_hidden: f32 [S, D] sum of the hidden states that predict the scored tokens (no gradient)
+    hidden_sums: jax.Array | None = None
 
 
 def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = False,
@@ -142,6 +144,7 @@ def sequence_logps(
     ld_alpha: float = 1.0,
     with_wpo: bool = False,
     softcap: float | None = None,
+    with_hidden: bool = False,
 ):
     """Summed float32 log-probs and scored-token counts per sequence: a :class:`SequenceLogps`.
 
@@ -154,7 +157,10 @@ def sequence_logps(
     of a sequence counts with weight 1 while k <= ld_shared_S[seq] and ``ld_alpha`` after it
     (counts stay unweighted). ``with_wpo``: also returns, per sequence, the sum over its scored
     tokens of ``log p_t - log sum_v p_v^2`` (WPO's aligned log-prob, no gradient) as
-    ``wpo_sums`` (else None). ``softcap``: see :func:`token_logps`.
+    ``wpo_sums`` (else None). ``softcap``: see :func:`token_logps`. ``with_hidden``: also
+    returns ``hidden_sums`` float32 ``[R or num_seqs, D]``, per sequence the sum of the hidden
+    states ``h_RLD[t - 1]`` of its scored tokens ``t`` (the vectors the LM head multiplies: the
+    sums of Razin et al. 2024's CHES score, ``dpo_jax.diagnostics``), without gradient.
     """
     h = h_RLD[:, :-1]
     targets = input_ids_RL[:, 1:]
@@ -199,7 +205,15 @@ def sequence_logps(
             weight = mask * jnp.where(rank <= shared, 1.0, ld_alpha)
     sums, counts = per_seq(logps * weight), per_seq(mask)
     wpo = per_seq((jax.lax.stop_gradient(logps) - log_sq) * mask) if with_wpo else None
-    return SequenceLogps(sums, counts, wpo)
+    hidden = None
+    if with_hidden:
+        h_f32 = jax.lax.stop_gradient(h).astype(jnp.float32) * mask[..., None]
+        if index is None:
+            hidden = h_f32.sum(axis=1)
+        else:
+            hidden = jax.ops.segment_sum(h_f32.reshape(-1, h_f32.shape[-1]), slot.reshape(-1),
+                                         num_segments=num_seqs + 1)[:num_seqs]
+    return SequenceLogps(sums, counts, wpo, hidden)
 
 
 def scored_counts(loss_mask_RL, seq_index_RL=None, num_seqs: int | None = None):

@@ -101,15 +101,18 @@ def host_step(train_step, mesh, scored_only: bool):
     return lambda state, batch_np: train_step(state, *device_batch(batch_np, mesh, scored_only))
 
 
-def eval_totals(eval_step, batches, mesh, scored_only: bool):
+def eval_totals(eval_step, batches, mesh, scored_only: bool, per_example=None):
     """``state -> Totals``: the (numerator, denominator) pairs of
     ``eval_step(state, batch, max_scored)`` summed over ``batches``
-    (:func:`dpo_jax.eval_metrics.totals`); None when ``batches`` is None."""
+    (:func:`dpo_jax.eval_metrics.totals`); None when ``batches`` is None. Outputs are
+    replicated, so per-example arrays (``eval_metrics.PER_EXAMPLE``) reach every process whole;
+    ``per_example(batches)`` gives their sink for ``batches`` (None: dropped)."""
     if batches is None:
         return None
-    jitted = jax.jit(eval_step, static_argnums=2)
+    jitted = jax.jit(eval_step, static_argnums=2, out_shardings=shard_lib.replicated(mesh))
+    sink = None if per_example is None else per_example(batches)
     return lambda state: eval_metrics.totals(
-        lambda b: jitted(state, *device_batch(b, mesh, scored_only)), batches)
+        lambda b: jitted(state, *device_batch(b, mesh, scored_only)), batches, sink)
 
 
 def evaluator(eval_step, batches, mesh, scored_only: bool,
@@ -151,7 +154,8 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
     simulates a crash right after step ``n`` is dispatched and step ``n-1``'s metrics are logged
     (so the log may run past the newest checkpoint): nothing more is logged or saved and
     :class:`Interrupted` is raised (the resume tests use it). ``save_reference``: the step
-    changes ``state.ref_params`` (TR-DPO), so they are checkpointed and restored with the rest.
+    changes ``state.frozen.reference`` (TR-DPO), so it is checkpointed (item ``ref_params``) and
+    restored with the rest.
 
     Raises NonFiniteError (``cfg.on_nonfinite='error'``) at the first step whose loss, gradient
     norm or updated parameters are not finite, before any checkpoint of that state;
@@ -166,8 +170,8 @@ def train(run: RunDir, state, *, cfg: TrainConfig, mesh, step_fn: Callable,
     writer = MetricWriter(run.path)
     guard = PreemptionGuard(mesh)
     try:
-        restored = checkpointer.restore(state.params, state.opt_state,
-                                        state.ref_params if save_reference else None)
+        restored = checkpointer.restore(state.trainable, state.opt_state,
+                                        state.frozen.reference if save_reference else None)
         start = 0
         if restored is not None:
             start, params, opt_state, json_states, ref_params = restored
@@ -230,11 +234,11 @@ def _run(run, state, cfg, start, step_fn, train_data, evaluate, items, window, c
         return last_train
 
     def save(done: int) -> None:
-        if not bool(_all_finite(state.params)):
+        if not bool(_all_finite(state.trainable)):
             raise NonFiniteError(f"step {done}: parameters are not finite; not checkpointed")
-        checkpointer.save(done, state.params, state.opt_state,
+        checkpointer.save(done, state.trainable, state.opt_state,
                           {k: v.state_dict() for k, v in items.items()},
-                          ref_params=state.ref_params if checkpointer.ref_item else None)
+                          ref_params=state.frozen.reference if checkpointer.ref_item else None)
         writer.flush()
 
     for step in range(start, cfg.steps):

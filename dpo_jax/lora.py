@@ -36,8 +36,8 @@ Parameter trees (ARCHITECTURE.md: plain nested dicts):
 
 ``model.lora.base_quant`` ('int8', 'nf4': QLoRA) holds the base's projections quantised
 (``dpo_jax/models/quant.py``; :meth:`LoraModel.quantize_base`), dequantised inside each matmul;
-the reference is then the quantised base. In a train state ``params`` are the adapters and
-``ref_params`` the frozen base; checkpoints hold the adapters and their optimizer state plus the
+the reference is then the quantised base. A train state's ``trainable`` are the adapters and
+``frozen.lora_base`` the base; checkpoints hold the adapters, their optimizer state and the
 base's fingerprint (``dpo_jax/lora_base.py``); PEFT directories: ``dpo_jax/lora_peft.py``.
 """
 
@@ -59,6 +59,7 @@ MLP = ("up", "gate", "down")
 HEAD = "lm_head"
 INITS = ("kaiming", "gaussian")
 REFERENCES = ("policy", "base")
+_get = quant.get_path  # tree[path[0]][path[1]]..., or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +138,6 @@ class Target:
     @property
     def fan_out(self) -> int:
         return math.prod(self.out_shape)
-
-
-_get = quant.get_path
 
 
 def _target_paths(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int]]:
@@ -352,11 +350,12 @@ class LoraModel(Model):
         return nnx.merge(self._adapted_graphdef(dropout), tree)
 
     def hidden(self, params, input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL=None,
-               router_aux: bool = False, dropout_rng: jax.Array | None = None):
+               router_aux: bool = False, dropout_rng: jax.Array | None = None,
+               routing: bool = False):
         """:meth:`Model.hidden` of the adapted model; ``dropout_rng`` (a key, e.g.
         :func:`step_key`; None: no dropout) draws the adapters' dropout masks."""
         return self._module(params, dropout_rng)(input_ids_BL, positions_BL, segment_ids_BL,
-                                                 branch_ids_BL, router_aux)
+                                                 branch_ids_BL, router_aux, routing)
 
     def logits(self, params, input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL=None,
                dropout_rng: jax.Array | None = None):
@@ -389,6 +388,13 @@ def join(base, params):
     if base is None or "lora" not in params:
         return params
     return {**base, "lora": params["lora"]}
+
+
+def policy_of(state):
+    """The policy's parameter tree of a ``TrainState``: :func:`join` of its LoRA base (when
+    ``state.frozen`` holds one) and its ``trainable`` tree."""
+    frozen = state.frozen
+    return join(None if frozen is None else frozen.lora_base, state.trainable)
 
 
 def step_rng(model: Model, step: jax.Array) -> jax.Array | None:

@@ -92,6 +92,15 @@ def _scalar(v: Any) -> float | int:
     return v.item() if v.size == 1 else float(v.mean())
 
 
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL log (``metrics.jsonl``, ``samples.jsonl``): one JSON object a
+    non-blank line; ``[]`` when the file does not exist (yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class MetricWriter:
     """Appends one JSON object per record to ``workdir/metrics.jsonl`` and mirrors scalars to
     TensorBoard event files under ``workdir/tb`` and, when the run's ``config.json`` in
@@ -125,10 +134,7 @@ class MetricWriter:
 
     def records(self) -> list[dict]:
         """The records written so far (empty when there are none)."""
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_records(self.path)
 
     def truncate_after(self, step: int) -> None:
         """Drop records with ``step > step`` and rebuild TensorBoard from the rest."""

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dpo_jax import batch_format
 from dpo_jax import data as data_lib
 from dpo_jax import evaluation
 from dpo_jax import loop
@@ -61,8 +62,8 @@ from dpo_jax.models import Model
 from dpo_jax.online_config import (OnlineConfig, default_online_config,  # noqa: F401
                                    read_online)
 from dpo_jax.sampling import completion_kl, generate
-from dpo_jax.batch_format import BatchFormat
 from dpo_jax.step import make_eval_step, make_train_step
+from dpo_jax.train_state import Frozen
 from dpo_jax.workdir import RunDir, opens_workdir
 
 SAMPLE_SEED_OFFSET = 1  # training samples use key(seed + 1) folded with the step
@@ -154,12 +155,12 @@ class RoundPolicy:
             path = os.path.join(self.directory, str(r))
             checkpointer = ocp.StandardCheckpointer()
             if step % self.steps_per_round == 0:
-                self.params = self._copy(state.params)
+                self.params = self._copy(state.trainable)
                 checkpointer.save(path, self.params, force=True)
                 checkpointer.wait_until_finished()
             else:
                 self.params = checkpointer.restore(
-                    path, state_lib.abstract(state.params, self._shardings))
+                    path, state_lib.abstract(state.trainable, self._shardings))
             checkpointer.close()
             self.round = r
         return self.params
@@ -186,16 +187,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
     model = Model(rc.model)
     needs_ref = losses_lib.needs_reference(loss_cfg)
     setup = state_lib.setup(rc, model, reference=needs_ref)
-    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
-    params, ref_params = setup.params, setup.ref_params
+    mesh, reference = setup.mesh, Frozen.tree_of(setup.frozen)
     reward_fn = reward_fn or evaluation.build_judge(oc.reward, rc.data, mesh, rc.mesh_rules,
                                                     oc.sampling.stop_ids, field="online.reward")
     # the eval samples are judged by the reward the run trains on, unless eval.judge names one
     samples_eval = evaluation.sample_evaluator(
         rc, workdir=run.path, model=model, mesh=mesh,
-        reference_params=params if ref_params is None else ref_params,
+        reference_params=setup.trainable if reference is None else reference,
         judge=None if rc.eval.judge else reward_fn)
-    state = state_lib.create_state(params, tx, mesh, shardings, ref_params)
+    state = setup.initial_state()
 
     prompts = load_prompts("train", prompt_file=oc.prompt_file, eval_prompt_file="",
                            max_prompts=oc.max_prompts, data_cfg=rc.data)
@@ -214,8 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
     k, cfg = oc.samples_per_prompt, oc.sampling
     scored_only = rc.step.logprobs.scored_only
     train_step = loop.host_step(loop.jit_train_step(
-        make_train_step(model, loss_cfg, tx, schedule, rc.step, rc.train.on_nonfinite,
-                        fmt=BatchFormat("pairs")), state),
+        make_train_step(model, loss_cfg, setup.tx, setup.schedule, rc.step,
+                        rc.train.on_nonfinite, fmt=batch_format.BatchFormat("pairs")), state),
         mesh, scored_only)
 
     @jax.jit
@@ -227,14 +227,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
         completion_kl(model, ref, samples, lengths_N)))
 
     progress = OnlineProgress()
-    rounds = (RoundPolicy(run.file("rounds"), rc.train.steps // oc.iterations, shardings)
+    rounds = (RoundPolicy(run.file("rounds"), rc.train.steps // oc.iterations, setup.shardings)
               if oc.iterations else None)
     key = jax.random.key(rc.seed + SAMPLE_SEED_OFFSET)
 
     def step_fn(state, prompts_np):
         t0 = time.time()
         step = progress.step
-        policy = rounds.params_at(state, step) if rounds else state.params
+        policy = rounds.params_at(state, step) if rounds else state.trainable
         prompts_dev = data_lib.to_global(prompts_np, shard_lib.batch_shardings(prompts_np, mesh))
         samples, lengths_N = sample(policy, prompts_dev["prompt_ids"],
                                     prompts_dev["prompt_lengths"], jax.random.fold_in(key, step))
@@ -256,8 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
                    "online/ties": ties / len(weight_B),
                    "online/round": float(step // (rc.train.steps // oc.iterations)
                                          if oc.iterations else 0)}
-        if state.ref_params is not None:
-            metrics["objective/kl"] = sequence_kl(state.ref_params, samples, lengths_N)
+        if state.frozen is not None:
+            metrics["objective/kl"] = sequence_kl(state.frozen.reference, samples, lengths_N)
         state, step_metrics = train_step(state, batch)
         progress.step += 1
         progress.pairs += len(weight_B) - ties
@@ -266,8 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *, reward
         metrics["iteration_s"] = time.time() - t0
         return state, {**step_metrics, **metrics}
 
-    eval_step = make_eval_step(model, loss_cfg, rc.step)
-    evaluate = loop.evaluator(lambda s, b, n: eval_step(s.params, s.ref_params, b, n),
+    eval_step = make_eval_step(model, loss_cfg, rc.step, fmt=batch_format.for_run(rc.data))
+    evaluate = loop.evaluator(lambda s, b, n: eval_step(s.trainable, s.frozen, b, n),
                               eval_data.get("eval"), mesh, scored_only)
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn, train_data=train_data,

@@ -9,8 +9,7 @@ import dataclasses
 
 import ml_collections
 
-from dpo_jax.data.config import read_run_data
-from dpo_jax.data.prompts import stop_ids
+from dpo_jax.eval_config import add_sampling_fields, read_sampling
 from dpo_jax.sampling import SamplingConfig
 
 
@@ -24,14 +23,8 @@ def default_online_config() -> ml_collections.ConfigDict:
     # 0 = online (sample from the current policy every step); n >= 1 = iterative DPO: n rounds
     # of train.steps / n steps, each sampling from the policy as it was when the round began
     c.iterations = 0
-    c.max_new_tokens = 16  # completion tokens per sample
-    c.temperature = 1.0  # sampler temperature (> 0: pairs need distinct completions)
-    c.top_k = 0  # keep the k most likely tokens (0 = all)
-    c.top_p = 1.0  # nucleus mass kept
-    # token ids that end a completion: () = the data's end tokens (data.tokenizer's chat-template
-    # turn end and EOS, as responses are trained to end; synthetic: 0); or e.g. (2, 7)
-    c.stop_ids = ()
-    c.pad_id = 0  # pad id of prompts and sampled rows
+    # the sampler (temperature > 0: pairs need distinct completions)
+    add_sampling_fields(c, max_new_tokens=16)
     # jsonl rows with prompt_ids or prompt (text or messages: tokenised as training prompts);
     # '' = the prompts of data's train split
     c.prompt_file = ""
@@ -71,9 +64,6 @@ def read_online(config: ml_collections.ConfigDict) -> OnlineConfig:
                          f"train.steps={steps} (equal rounds)")
     return OnlineConfig(
         reward=str(o.reward), samples_per_prompt=k, iterations=n,
-        sampling=SamplingConfig(max_new_tokens=int(o.max_new_tokens),
-                                temperature=float(o.temperature), top_k=int(o.top_k),
-                                top_p=float(o.top_p), pad_id=int(o.pad_id),
-                                stop_ids=stop_ids(read_run_data(config), o.get("stop_ids", ()))),
+        sampling=read_sampling(o, config),
         prompt_file=str(o.prompt_file), max_prompts=int(o.max_prompts),
         prompt_width=int(o.prompt_width))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 from absl import logging
 
+from dpo_jax import ches_filter as ches_lib
 from dpo_jax import data as data_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax import reference as ref_lib
@@ -68,13 +69,47 @@ def load_pairs(rc, splits, model_cfg) -> tuple[dict, dict, object]:
     return pairs, stats, tokenizer
 
 
-def preference_streams(rc, splits, *, model_cfg, mesh, reference=None) -> dict:
+def filter_by_ches(rc, pairs, stats, *, model, params, cache_dir, mesh, pad_id) -> None:
+    """``data.ches_filter`` (``dpo_jax/ches_filter.py``) applied to ``pairs['train']`` in place:
+    scores under ``params`` (the starting policy) loaded from or stored in ``cache_dir``; a
+    mixture's per-source counts follow. ``stats['train']['ches_filter']`` records what was done.
+    Raises DataError when a mixture source would be left without pairs."""
+    src = rc.param_sources
+    scores, info = ches_lib.ches_scores_of(
+        model, params, pairs["train"], data_cfg=rc.data, step_cfg=rc.step, mesh=mesh,
+        batch_size=rc.train.eval_batch_size, cache_dir=cache_dir,
+        tokenizer_name=str(rc.data.tokenizer), pad_id=pad_id,
+        source=dict(policy=src.policy, hf_path=src.policy_hf, seed=src.seed))
+    pairs["train"], kept, filter_stats = ches_lib.apply(pairs["train"], scores,
+                                                        rc.data.ches_filter)
+    stats["train"]["ches_filter"] = {**filter_stats, **info}
+    logging.info("data.ches_filter: %s", stats["train"]["ches_filter"])
+    mixture, start = stats["train"].get("mixture_counts"), 0
+    for i, (name, weight, count) in enumerate(mixture or ()):
+        left = int(kept[start:start + count].sum())
+        if not left:
+            raise data_lib.DataError(f"data.ches_filter drops every train pair of mixture source "
+                                     f"{name!r}; raise data.ches_filter.quantile")
+        mixture[i], start = (name, weight, left), start + count
+
+
+def preference_streams(rc, splits, *, model_cfg, mesh, reference=None, ches=None) -> dict:
     """``{split: PreferencePipeline}`` for ``splits`` ('train', 'eval').
 
-    ``reference = (model, ref_params, cache_dir)`` precomputes (or reloads, by fingerprint)
-    the reference log-probs of every pair and gives them to the pipelines."""
+    ``ches = (model, params, cache_dir)``: the starting policy that ``data.ches_filter`` scores
+    the train pairs with (:func:`filter_by_ches`, before anything else reads them); required
+    when the filter is on (ValueError). ``reference = (model, ref_params, cache_dir)``
+    precomputes (or reloads, by fingerprint) the reference log-probs of every pair and gives
+    them to the pipelines."""
     pairs, stats, tokenizer = load_pairs(rc, splits, model_cfg)
     pad_id = data_lib.pad_id_for(tokenizer)
+    if rc.data.ches_filter.mode:
+        if ches is None:
+            raise ValueError("data.ches_filter is applied by the DPO task (task='dpo'); set "
+                             "data.ches_filter.mode=''")
+        model, params, cache_dir = ches
+        filter_by_ches(rc, pairs, stats, model=model, params=params, cache_dir=cache_dir,
+                       mesh=mesh, pad_id=pad_id)
     stored = {}
     if reference is not None and rc.data.format != "pairs":
         raise ValueError(f"data.format={rc.data.format!r}: stored reference log-probs are for "

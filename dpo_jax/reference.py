@@ -25,6 +25,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax import data as data_lib
@@ -76,7 +77,40 @@ def fingerprint(pairs: Mapping[str, Sequence[TokenPair]], *, tokenizer_name: str
 
 
 def _logps_lengths(stats):
-    return stats.logps, stats.lengths
+    B = stats.logps.shape[0] // 2
+    return (jnp.stack([stats.logps[:B], stats.logps[B:]], axis=1),
+            jnp.stack([stats.lengths[:B], stats.lengths[B:]], axis=1))
+
+
+def pair_pass(fn, params, split_pairs: Sequence[TokenPair], data_cfg, step_cfg: StepConfig,
+              mesh, global_batch_size: int, pad_id: int = 0) -> tuple[np.ndarray, ...]:
+    """``fn(params, batch, max_scored) -> (a_B..., ...)`` (jittable, ``max_scored`` static;
+    arrays with one leading row per pair) over every pair of ``split_pairs``: one pass
+    in file order through an eval ``PreferencePipeline`` built from ``data_cfg`` (buckets,
+    packing; the last batch padded with weight-0 copies of pair 0), one jitted call per batch
+    over ``mesh``, outputs replicated. Returns the outputs stacked, one row per pair
+    (``[N, ...]``, padding dropped). ``global_batch_size`` pairs per call; their rows and
+    weights must divide over the mesh's batch axes."""
+    replicated = shard_lib.replicated(mesh)
+    jitted = jax.jit(fn, static_argnums=2, out_shardings=replicated)
+    B = int(global_batch_size)
+    pipe = data_lib.PreferencePipeline(
+        list(split_pairs), data_cfg, train=False, global_batch_size=B,
+        process_index=jax.process_index(), process_count=jax.process_count(), pad_id=pad_id,
+        row_multiple=shard_lib.num_batch_shards(mesh))
+    parts = []
+    for batch_np in pipe:
+        max_scored = None
+        if step_cfg.logprobs.scored_only:
+            max_scored = max_scored_tokens(batch_np["loss_mask"])
+            if jax.process_count() > 1:  # every process must compile the same program
+                from jax.experimental import multihost_utils
+
+                max_scored = int(np.max(multihost_utils.process_allgather(
+                    np.asarray(max_scored))))
+        batch = data_lib.to_global(batch_np, shard_lib.batch_shardings(batch_np, mesh))
+        parts.append(jax.device_get(jitted(params, batch, max_scored)))
+    return tuple(np.concatenate(a)[:len(split_pairs)] for a in zip(*parts))
 
 
 def compute_pair_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], data_cfg,
@@ -85,40 +119,17 @@ def compute_pair_logps(model, params, pairs: Mapping[str, Sequence[TokenPair]], 
     """``{split: (logps_N2, lengths_N2)}`` float32 (column 0 chosen, 1 rejected, one row per
     pair): summed response log-probs under ``params`` (nats) and scored token counts.
 
-    Per split, one pass in file order through an eval ``PreferencePipeline`` built from
-    ``data_cfg`` (buckets, packing; the last batch padded with weight-0 copies of pair 0); one
-    jitted forward per batch over ``mesh`` with the forward-only log-prob settings
+    Per split, one :func:`pair_pass` with the forward-only log-prob settings
     (``step_cfg.forward_logprobs``), as ``step.sequence_stats(forward_only=True)`` computes the
-    reference inside a training step. ``global_batch_size`` pairs per forward; their 2B rows
-    and B weights must divide over the mesh's batch axes."""
-    replicated = shard_lib.replicated(mesh)
-    forward = jax.jit(lambda p, b, n: _logps_lengths(sequence_stats(
-        model, p, b, step_cfg, n, forward_only=True)),
-                      static_argnums=2, out_shardings=(replicated, replicated))
-    B = int(global_batch_size)
-    out = {}
-    for split, split_pairs in pairs.items():
-        pipe = data_lib.PreferencePipeline(
-            list(split_pairs), data_cfg, train=False, global_batch_size=B,
-            process_index=jax.process_index(), process_count=jax.process_count(), pad_id=pad_id,
-            row_multiple=shard_lib.num_batch_shards(mesh))
-        logps_N2 = np.zeros((pipe.num_batches * B, 2), np.float32)
-        lengths_N2 = np.zeros((pipe.num_batches * B, 2), np.float32)
-        for i, batch_np in enumerate(pipe):
-            max_scored = None
-            if step_cfg.logprobs.scored_only:
-                max_scored = max_scored_tokens(batch_np["loss_mask"])
-                if jax.process_count() > 1:  # every process must compile the same program
-                    from jax.experimental import multihost_utils
+    reference inside a training step. ``global_batch_size`` pairs per forward."""
 
-                    max_scored = int(np.max(multihost_utils.process_allgather(
-                        np.asarray(max_scored))))
-            batch = data_lib.to_global(batch_np, shard_lib.batch_shardings(batch_np, mesh))
-            logps_S, lengths_S = jax.device_get(forward(params, batch, max_scored))
-            logps_N2[i * B:(i + 1) * B] = np.stack([logps_S[:B], logps_S[B:]], axis=1)
-            lengths_N2[i * B:(i + 1) * B] = np.stack([lengths_S[:B], lengths_S[B:]], axis=1)
-        out[split] = (logps_N2[:len(split_pairs)], lengths_N2[:len(split_pairs)])
-    return out
+    def forward(p, batch, max_scored):
+        return _logps_lengths(sequence_stats(model, p, batch, step_cfg, max_scored,
+                                             forward_only=True))
+
+    return {split: tuple(a.astype(np.float32) for a in pair_pass(
+        forward, params, split_pairs, data_cfg, step_cfg, mesh, global_batch_size, pad_id))
+        for split, split_pairs in pairs.items()}
 
 
 def load_or_compute(path: str, compute) -> tuple[dict[str, np.ndarray], bool]:

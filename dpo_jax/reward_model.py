@@ -26,7 +26,7 @@ from dpo_jax import preference_data
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
 from dpo_jax.batch_format import BatchFormat
-from dpo_jax.models import Model
+from dpo_jax.models import Model, moe
 from dpo_jax.optim import Objective, make_update
 from dpo_jax.workdir import RunDir, opens_workdir
 from dpo_jax import checkpoint as ckpt_lib
@@ -64,8 +64,11 @@ class RewardModel:
         return jnp.einsum("...d,d->...", h_BLD.astype(jnp.float32),
                           hp["kernel"].astype(jnp.float32)) + hp["bias"].astype(jnp.float32)
 
-    def hidden(self, params: Params, ids_BL, positions_BL, segment_ids_BL) -> jax.Array:
-        return self.decoder.hidden(params["decoder"], ids_BL, positions_BL, segment_ids_BL)
+    def hidden(self, params: Params, ids_BL, positions_BL, segment_ids_BL,
+               router_aux: bool = False) -> jax.Array:
+        """The decoder's hidden states (``router_aux``: and its router loss, Model.hidden)."""
+        return self.decoder.hidden(params["decoder"], ids_BL, positions_BL, segment_ids_BL,
+                                   router_aux=router_aux)
 
     def score(self, params: Params, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
         """Reward ``[B]`` of right-padded rows ``prompt + response``: the head at each row's last
@@ -101,15 +104,18 @@ def bradley_terry(chosen_B: jax.Array, rejected_B: jax.Array) -> jax.Array:
     return -jax.nn.log_sigmoid(chosen_B.astype(jnp.float32) - rejected_B.astype(jnp.float32))
 
 
-def pair_rewards(model: RewardModel, params: Params, batch, fmt: BatchFormat | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+def pair_rewards(model: RewardModel, params: Params, batch, fmt: BatchFormat | None = None,
+                 router_aux: bool = False) -> tuple[jax.Array, ...]:
     """(r chosen, r rejected), each ``[B]``, for a pipeline batch laid out as ``fmt`` (pairs,
-    packed or not; None: as its arrays say)."""
+    packed or not; None: as its arrays say); ``router_aux`` (mixture-of-experts decoders)
+    appends the forward's router load-balancing loss (float32 [])."""
     fmt = fmt or batch_format.infer(batch)
-    h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                     router_aux=router_aux)
+    h, aux = h if router_aux else (h, None)
     seq_index, num_seqs = fmt.seq_index(batch)
     r = model.head(params, last_scored_hidden(h, batch["loss_mask"], seq_index, num_seqs))
-    return jnp.split(r, 2)
+    return (*jnp.split(r, 2), aux) if router_aux else tuple(jnp.split(r, 2))
 
 
 def _sums(chosen, rejected, weights) -> dict[str, jax.Array]:
@@ -123,13 +129,23 @@ def _sums(chosen, rejected, weights) -> dict[str, jax.Array]:
     }
 
 
-def reward_objective(model: RewardModel, fmt: BatchFormat | None = None) -> Objective:
+def reward_objective(model: RewardModel, fmt: BatchFormat | None = None,
+                     router_coef: float = 0.0) -> Objective:
     """The Bradley-Terry :class:`dpo_jax.optim.Objective`: sums over pairs divided by the whole
-    batch's ``pair_weight`` total (nothing frozen)."""
+    batch's ``pair_weight`` total (nothing frozen). ``router_coef`` > 0 (mixture-of-experts
+    decoders, ``models.moe.router_aux_coef``): each pair's loss plus ``coef * aux_loss`` of
+    the forward, ``aux_loss`` logged, as the DPO step (TRL 1.16's RewardTrainer adds no router
+    loss)."""
 
     def loss(params, frozen, batch, rng, total):
         del frozen, rng  # no frozen tree, nothing stochastic
-        sums = _sums(*pair_rewards(model, params, batch, fmt), batch["pair_weight"])
+        chosen, rejected, *aux = pair_rewards(model, params, batch, fmt, router_coef > 0)
+        w = batch["pair_weight"]
+        sums = _sums(chosen, rejected, w)
+        if aux:
+            # this micro-batch's aux weighted by its pairs (divided by the total below)
+            sums["aux_loss"] = jnp.sum(w.astype(jnp.float32)) * aux[0]
+            sums["loss"] = sums["loss"] + router_coef * sums["aux_loss"]
         metrics = {k: v / total for k, v in sums.items()}
         return metrics["loss"], metrics
 
@@ -138,15 +154,16 @@ def reward_objective(model: RewardModel, fmt: BatchFormat | None = None) -> Obje
 
 
 def make_reward_train_step(model: RewardModel, tx, schedule, on_nonfinite: str = "error",
-                           grad_accum: int = 1, fmt: BatchFormat | None = None):
+                           grad_accum: int = 1, fmt: BatchFormat | None = None,
+                           router_coef: float = 0.0):
     """``(state, batch, max_scored) -> (state, metrics)``: one Bradley-Terry update by the
     shared step builder (``grad_accum`` strided micro-batches of pairs; ``fmt``: the batches'
-    layout, None = as the first batch's arrays say)."""
+    layout, None = as the first batch's arrays say; ``router_coef``: :func:`reward_objective`)."""
 
     def train_step(state, batch, max_scored=None):
         del max_scored  # the head reads one hidden state per sequence; no LM head here
         layout = fmt or batch_format.infer(batch)
-        return make_update(reward_objective(model, layout), tx, schedule,
+        return make_update(reward_objective(model, layout, router_coef), tx, schedule,
                            grad_accum=grad_accum, split=layout.split,
                            on_nonfinite=on_nonfinite)(state, batch)
 
@@ -187,20 +204,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     rc = read_config(config)
     model = RewardModel(Model(rc.model))
     setup = state_lib.setup(rc, model, init=init_params)
-    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
-    params = setup.params
-    state = state_lib.create_state(params, tx, mesh, shardings)
+    mesh, state = setup.mesh, setup.initial_state()
     data = preference_data.preference_streams(rc, rc.train.splits, model_cfg=model.config,
                                               mesh=mesh)
 
     train_step = loop.jit_train_step(
-        make_reward_train_step(model, tx, schedule, rc.train.on_nonfinite, rc.optim.grad_accum,
-                               batch_format.for_run(rc.data)), state)
+        make_reward_train_step(model, setup.tx, setup.schedule, rc.train.on_nonfinite,
+                               rc.optim.grad_accum, batch_format.for_run(rc.data),
+                               moe.router_aux_coef(rc.loss.router_aux_loss_coef, model.config)),
+        state)
     eval_step = make_reward_eval_step(model)
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=loop.host_step(train_step, mesh, False),
         train_data=data["train"],
-        evaluate=loop.evaluator(lambda s, b, n: eval_step(s.params, b), data.get("eval"), mesh,
+        evaluate=loop.evaluator(lambda s, b, n: eval_step(s.trainable, b), data.get("eval"), mesh,
                                 False),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},
         interrupt_after=interrupt_after)

@@ -41,6 +41,7 @@ from dpo_jax.batch_format import BatchFormat
 from dpo_jax.sft_config import SFTConfig, add_sft_config  # noqa: F401  (re-exported)
 from dpo_jax.data.text import TextPipeline, load_examples
 from dpo_jax.logprobs import compact_scored, token_logps
+from dpo_jax.models import moe
 from dpo_jax.optim import Objective, make_update
 from dpo_jax.workdir import RunDir, opens_workdir
 
@@ -60,14 +61,18 @@ def _slots(batch, fmt: BatchFormat):
 
 
 def scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt: BatchFormat | None = None,
-                       rng: jax.Array | None = None):
-    """Per-token log-probs of scored tokens: (logps [R,S], mask [R,S], slot [R,S]).
+                       rng: jax.Array | None = None, router_aux: bool = False):
+    """Per-token log-probs of scored tokens: (logps [R,S], mask [R,S], slot [R,S], the
+    router's load-balancing loss (float32 [], mixture-of-experts models with ``router_aux``)
+    or None).
 
     ``slot`` is the sequence slot of each token: ``seq_index`` in packed batches, else the row.
     ``fmt``: the batch's layout (None: as its arrays say); ``rng``: LoRA's dropout key."""
     fmt = fmt or batch_format.infer(batch)
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                     **({} if rng is None else {"dropout_rng": rng}))
+                     **({} if rng is None else {"dropout_rng": rng}),
+                     **({"router_aux": True} if router_aux else {}))
+    h, aux = h if router_aux else (h, None)
     w, b = model.unembedding(params, caller_applies_softcap=True)
     h, targets = h[:, :-1], batch["input_ids"][:, 1:]
     mask, slot = _slots(batch, fmt)
@@ -79,7 +84,7 @@ def scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt: BatchForma
         targets = jnp.take_along_axis(targets, order, axis=1)
         slot = jnp.take_along_axis(slot, order, axis=1)
     logps = token_logps(h, targets, w, b, lp_cfg, softcap=model.cfg.final_logit_softcap) * mask
-    return logps, mask, jnp.where(mask > 0, slot, 0)
+    return logps, mask, jnp.where(mask > 0, slot, 0), aux
 
 
 def _token_weights(batch, mask, slot, objective: str):
@@ -92,21 +97,29 @@ def _token_weights(batch, mask, slot, objective: str):
     return batch["pair_weight"][slot % B] * mask, (slot < B).astype(jnp.float32)
 
 
-def nll_sums(model, params, batch, lp_cfg, max_scored, fmt=None, rng=None
+def _aux(aux) -> dict[str, jax.Array]:
+    return {} if aux is None else {"aux_loss": aux}
+
+
+def nll_sums(model, params, batch, lp_cfg, max_scored, fmt=None, rng=None, router_aux=False
              ) -> dict[str, jax.Array]:
-    """Weighted sums over scored tokens: ``nll`` (of -log p) and ``tokens``."""
-    logps, mask, slot = scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt, rng)
+    """Weighted sums over scored tokens: ``nll`` (of -log p) and ``tokens``; with
+    ``router_aux``, the router's ``aux_loss`` of the forward (a mean, not a sum)."""
+    logps, mask, slot, aux = scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt,
+                                                rng, router_aux)
     w = _token_weights(batch, mask, slot, "nll")[0]
-    return {"nll": -jnp.sum(w * logps), "tokens": jnp.sum(w)}
+    return {"nll": -jnp.sum(w * logps), "tokens": jnp.sum(w), **_aux(aux)}
 
 
-def unlikelihood_sums(model, params, batch, lp_cfg, max_scored, fmt=None, rng=None
-                      ) -> dict[str, jax.Array]:
-    """Sums for the Unlikelihood loss on a preference batch (slots < B are chosen)."""
-    logps, *slots = scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt, rng)
-    w, chosen = _token_weights(batch, *slots, "unlikelihood")
+def unlikelihood_sums(model, params, batch, lp_cfg, max_scored, fmt=None, rng=None,
+                      router_aux=False) -> dict[str, jax.Array]:
+    """Sums for the Unlikelihood loss on a preference batch (slots < B are chosen); with
+    ``router_aux`` the router's ``aux_loss`` as :func:`nll_sums`."""
+    logps, mask, slot, aux = scored_token_logps(model, params, batch, lp_cfg, max_scored, fmt,
+                                                rng, router_aux)
+    w, chosen = _token_weights(batch, mask, slot, "unlikelihood")
     one_minus_p = jnp.maximum(-jnp.expm1(logps), UL_MIN_ONE_MINUS_P)
-    return {"nll": -jnp.sum(w * chosen * logps), "tokens": jnp.sum(w * chosen),
+    return {**_aux(aux), "nll": -jnp.sum(w * chosen * logps), "tokens": jnp.sum(w * chosen),
             "ul": -jnp.sum(w * (1 - chosen) * jnp.log(one_minus_p)),
             "rejected_p": jnp.sum(w * (1 - chosen) * jnp.exp(logps)),
             "rejected_tokens": jnp.sum(w * (1 - chosen))}
@@ -137,11 +150,13 @@ def ratios(sums: Mapping[str, Any], alpha: float) -> dict[str, Any]:
 
 
 def sft_objective(model, objective: str, alpha: float, lp_cfg, max_scored,
-                  fmt: BatchFormat | None = None) -> Objective:
+                  fmt: BatchFormat | None = None, router_coef: float = 0.0) -> Objective:
     """The SFT / Unlikelihood :class:`dpo_jax.optim.Objective`: token means whose
     denominators (scored tokens, chosen and rejected ones for Unlikelihood) are the whole
     batch's, so micro-batches add up to it. ``trainable`` is the policy or its LoRA adapters
-    over the frozen base."""
+    over the frozen base. ``router_coef`` > 0 (``models.moe.router_aux_coef``): TRL 1.16's
+    SFT loss ``loss + coef * aux_loss``, ``aux_loss`` logged; with gradient accumulation each
+    micro-batch's aux weighted by its share of the scored tokens (TRL: by 1 / steps)."""
     sums_fn = unlikelihood_sums if objective == "unlikelihood" else nll_sums
 
     def totals(batch):
@@ -154,9 +169,13 @@ def sft_objective(model, objective: str, alpha: float, lp_cfg, max_scored,
     def loss(trainable, frozen, batch, rng, total):
         base = None if frozen is None else frozen.lora_base
         sums = sums_fn(model, lora_lib.join(base, trainable), batch, lp_cfg, max_scored, fmt,
-                       rng)
+                       rng, router_coef > 0)
+        aux = sums.pop("aux_loss", None)
         out = ratios({**sums, **total}, alpha)
         del out["ppl"]  # not a sum: from the accumulated nll (finalize)
+        if aux is not None:
+            out["aux_loss"] = aux * sums["tokens"] / jnp.maximum(total["tokens"], 1e-9)
+            out["loss"] = out["loss"] + router_coef * out["aux_loss"]
         return out["loss"], out
 
     return Objective(loss=loss, totals=totals,
@@ -165,15 +184,16 @@ def sft_objective(model, objective: str, alpha: float, lp_cfg, max_scored,
 
 def make_sft_train_step(model, objective: str, alpha: float, tx, schedule, lp_cfg,
                         on_nonfinite: str = "error", grad_accum: int = 1,
-                        fmt: BatchFormat | None = None):
+                        fmt: BatchFormat | None = None, router_coef: float = 0.0):
     """``train_step(state, batch, max_scored) -> (state, metrics)`` minimising the token mean
     (of the adapters over the frozen base ``state.frozen.lora_base`` under LoRA) with the shared step
     builder (``grad_accum`` micro-batches; ``fmt``: the batches' layout, None = as the first
-    batch's arrays say)."""
+    batch's arrays say; ``router_coef``: :func:`sft_objective`)."""
 
     def train_step(state, batch, max_scored=None):
         layout = fmt or batch_format.infer(batch)
-        update = make_update(sft_objective(model, objective, alpha, lp_cfg, max_scored, layout),
+        update = make_update(sft_objective(model, objective, alpha, lp_cfg, max_scored, layout,
+                                           router_coef),
                              tx, schedule, grad_accum=grad_accum, split=layout.split,
                              on_nonfinite=on_nonfinite)
         return update(state, batch, lora_lib.step_rng(model, state.step))
@@ -199,15 +219,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     sft: SFTConfig = rc.task_block
     _check(config, rc)
     model = lora_lib.make_model(rc.model, rc.lora)  # a LoraModel when model.lora.rank > 0
-    # under LoRA, params are the adapters and base the frozen base (dpo_jax/lora.py)
+    # under LoRA, trainable are the adapters and frozen.lora_base the base (dpo_jax/lora.py)
     setup = state_lib.setup(rc, model)
-    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
-    params, base = setup.params, setup.ref_params
-    state = state_lib.create_state(params, tx, mesh, shardings, base)
-    policy_of = lambda s: lora_lib.join(s.ref_params, s.params)
+    mesh, state = setup.mesh, setup.initial_state()
     samples = evaluation.sample_evaluator(
-        rc, workdir=run.path, model=model, mesh=mesh, reference_params=policy_of(state),
-        params_of=policy_of)
+        rc, workdir=run.path, model=model, mesh=mesh,
+        reference_params=lora_lib.policy_of(state), params_of=lora_lib.policy_of)
 
     if sft.objective == "unlikelihood":
         data = preference_data.preference_streams(rc, rc.train.splits, model_cfg=model.cfg,
@@ -232,14 +249,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     fmt = batch_format.for_run(rc.data, kind=None if sft.objective == "unlikelihood"
                                else "sequences")
     train_step = loop.jit_train_step(
-        make_sft_train_step(model, sft.objective, alpha, tx, schedule, lp_cfg,
-                            rc.train.on_nonfinite, rc.optim.grad_accum, fmt), state)
+        make_sft_train_step(model, sft.objective, alpha, setup.tx, setup.schedule, lp_cfg,
+                            rc.train.on_nonfinite, rc.optim.grad_accum, fmt,
+                            moe.router_aux_coef(rc.loss.router_aux_loss_coef, model.cfg)), state)
     sums_fn = unlikelihood_sums if sft.objective == "unlikelihood" else nll_sums
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh,
         step_fn=loop.host_step(train_step, mesh, lp_cfg.scored_only), train_data=data["train"],
         evaluate=evaluation.with_samples(loop.evaluator(
-            lambda s, b, n: token_metrics(sums_fn(model, policy_of(s), b, lp_cfg, n)),
+            lambda s, b, n: token_metrics(
+                sums_fn(model, lora_lib.policy_of(s), b, lp_cfg, n, fmt)),
             data.get("eval"), mesh, lp_cfg.scored_only,
             derived=lambda means: objective(means, alpha)), samples),
         report=lambda: {"data": {k: s.stats for k, s in data.items()}},

@@ -10,35 +10,17 @@ import dataclasses
 import ml_collections
 
 
-def default_sft_config() -> ml_collections.ConfigDict:
-    """The ``sft`` block with its defaults (token-mean NLL on the chosen responses)."""
-    c = ml_collections.ConfigDict()
-    c.objective = "nll"  # nll | unlikelihood
-    c.target = "response"  # response (prompt tokens unscored) | text (all tokens scored)
-    c.source = "preference"  # preference: (prompt, chosen) of config.data | tokens: jsonl
-    c.train_path = ""  # tokens source: jsonl(.gz) of {"prompt": [..], "response": [..]}
-    c.eval_path = ""  # tokens source: held-out file ('' = no eval data)
-    c.unlikelihood_alpha = 1.0  # weight of the unlikelihood term on rejected tokens
-    return c
-
-
-def add_sft_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Add the ``sft`` block to a base config and select the SFT task (returns ``c``)."""
-    c.task = "sft"
-    c.sft = default_sft_config()
-    return c
-
-
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    """The ``sft`` block (see :func:`add_sft_config`)."""
+    """The ``sft`` block (see :func:`add_sft_config`), declared once: these defaults are the
+    block's in :func:`default_sft_config` (token-mean NLL on the chosen responses)."""
 
-    objective: str
-    target: str
-    source: str
-    train_path: str
-    eval_path: str
-    unlikelihood_alpha: float
+    objective: str = "nll"  # nll | unlikelihood
+    target: str = "response"  # response (prompt tokens unscored) | text (all tokens scored)
+    source: str = "preference"  # preference: (prompt, chosen) of config.data | tokens: jsonl
+    train_path: str = ""  # tokens source: jsonl(.gz) of {"prompt": [..], "response": [..]}
+    eval_path: str = ""  # tokens source: held-out file ('' = no eval data)
+    unlikelihood_alpha: float = 1.0  # weight of the unlikelihood term on rejected tokens
 
     @classmethod
     def from_config(cls, block) -> "SFTConfig":
@@ -53,6 +35,18 @@ class SFTConfig:
         if cfg.source not in ("preference", "tokens"):
             raise ValueError(f"sft.source must be 'preference' or 'tokens', got {cfg.source!r}")
         return cfg
+
+
+def default_sft_config() -> ml_collections.ConfigDict:
+    """The ``sft`` block with its defaults (:class:`SFTConfig`'s)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(SFTConfig()))
+
+
+def add_sft_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Add the ``sft`` block to a base config and select the SFT task (returns ``c``)."""
+    c.task = "sft"
+    c.sft = default_sft_config()
+    return c
 
 
 def read_sft(config: ml_collections.ConfigDict) -> SFTConfig:

@@ -66,16 +66,22 @@ def init_reference(model, shardings, sources, policy_params):
 
 
 class Setup(NamedTuple):
-    """What every task builds first: the mesh, the optimizer over ``updates`` steps, the
-    parameter shardings, the initial parameters and (when asked for) the frozen reference.
-    Under LoRA: the adapters' shardings, the initial adapters and the frozen base (always)."""
+    """What every task builds first, by field name: the mesh, the optimizer ``tx`` over
+    ``updates`` steps and its ``schedule``, the ``trainable`` tree's ``shardings``, the initial
+    ``trainable`` parameters and the ``frozen`` ones (a ``Frozen``, or None). Under LoRA:
+    ``trainable`` the initial adapters (and ``shardings`` theirs), ``frozen.lora_base`` the
+    frozen base (always). A task changes what is frozen with ``setup._replace(frozen=...)``."""
 
     mesh: Any
     tx: optax.GradientTransformation
     schedule: Callable
     shardings: Any
-    params: Any
-    ref_params: Any = None
+    trainable: Any
+    frozen: Frozen | None = None
+
+    def initial_state(self) -> TrainState:
+        """The step-0 ``TrainState`` of ``trainable`` and ``frozen`` (``create_state``)."""
+        return create_state(self.trainable, self.tx, self.mesh, self.shardings, self.frozen)
 
 
 def setup(rc, model, *, updates: int | None = None, init: Callable | None = None,
@@ -86,10 +92,10 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     ``reference``, :func:`init_reference`.
 
     With ``rc.lora.rank`` > 0 (``model`` a ``lora.LoraModel``): the base from ``init`` in
-    ``model.param_dtype`` as the frozen ``ref_params``, and the adapters (seeded, or
-    ``rc.lora.path``, a PEFT directory) as the parameters. The reference is the starting
+    ``model.param_dtype`` as ``frozen.lora_base``, and the adapters (seeded, or
+    ``rc.lora.path``, a PEFT directory) as ``trainable``. The reference is the starting
     policy (``model.lora.reference='policy'``): with ``reference`` and adapters from
-    ``rc.lora.path``, ``ref_params`` also holds a frozen copy of them under ``'lora'``
+    ``rc.lora.path``, the base also holds a frozen copy of them under ``'lora'``
     (``lora.join`` puts the trained ones in their place for the policy); with
     ``model.lora.reference='base'`` the reference is the bare base. Raises ValueError for LoRA
     settings the run contradicts (``lora_base.check_run``) or a task whose model carries no
@@ -121,10 +127,11 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
         else:  # B = 0: the starting policy is the base
             adapters = jax.jit(model.init_adapters, out_shardings=adapter_shardings)(
                 jax.random.fold_in(jax.random.key(lora.seed), 1))
-        return Setup(mesh, tx, schedule, adapter_shardings, adapters, base)
-    ref_params = (init_reference(model, shardings, rc.param_sources, params) if reference
-                  else None)
-    return Setup(mesh, tx, schedule, shardings, params, ref_params)
+        return Setup(mesh, tx, schedule, adapter_shardings, trainable=adapters,
+                     frozen=Frozen(lora_base=base))
+    frozen = (Frozen(reference=init_reference(model, shardings, rc.param_sources, params))
+              if reference else None)
+    return Setup(mesh, tx, schedule, shardings, trainable=params, frozen=frozen)
 
 
 def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | None = None):

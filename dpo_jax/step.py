@@ -19,13 +19,15 @@ import flax
 import jax
 import jax.numpy as jnp
 from dpo_jax import batch_format
+from dpo_jax import diagnostics
 from dpo_jax import eval_metrics
 from dpo_jax import losses as losses_lib
 from dpo_jax import lora as lora_lib
 from dpo_jax.batch_format import BatchFormat
 from dpo_jax.logprobs import scored_counts, sequence_logps
+from dpo_jax.models import moe
 from dpo_jax.optim import Objective, make_update
-from dpo_jax.train_state import TrainState
+from dpo_jax.train_state import Frozen, TrainState
 from dpo_jax.step_config import StepConfig  # noqa: F401  (re-exported: step.StepConfig)
 
 
@@ -38,23 +40,29 @@ class SeqStats:
     lengths: jax.Array  # scored tokens
     wpo_logps: jax.Array | None = None  # WPO's per-token mean aligned log-prob (with_wpo)
     router_aux: jax.Array | None = None  # f32 []: the router's load-balancing loss (router_aux)
+    hidden_sums: jax.Array | None = None  # f32 [S, D]: with_hidden (logprobs.sequence_logps)
+    routing: jax.Array | None = None  # int32 [L, R, T, K]: sorted top-k experts (routing)
 
 
 def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_only=False,
                    loss_cfg: losses_lib.LossConfig | None = None, with_wpo=False,
                    router_aux=False, fmt: BatchFormat | None = None,
-                   rng: jax.Array | None = None) -> SeqStats:
+                   rng: jax.Array | None = None, with_hidden: bool = False,
+                   routing=False) -> SeqStats:
     """:class:`SeqStats` of ``params`` on ``batch`` (laid out as ``fmt``; None: as its arrays
     say, :func:`batch_format.infer`). forward_only (no gradient will be taken) evaluates the head
     with ``cfg.forward_logprobs``. ``loss_cfg.ld_alpha`` (LD-DPO) weights the tokens past the
     shorter response of each pair; ``with_wpo`` fills ``wpo_logps``, ``router_aux``
-    (mixture-of-experts models) ``router_aux``. ``rng``: LoRA's dropout key (None: none)."""
+    (mixture-of-experts models) ``router_aux``, ``with_hidden`` ``hidden_sums`` (the CHES
+    score's sums, ``dpo_jax.diagnostics``), ``routing`` each layer's sorted top-k experts.
+    ``rng``: LoRA's dropout key (None: none)."""
     fmt = fmt or batch_format.infer(batch)
     kwargs = dict(fmt.hidden_kwargs(batch), **({"router_aux": True} if router_aux else {}),
+                  **({"routing": True} if routing else {}),
                   **({} if rng is None else {"dropout_rng": rng}))
     h = model.hidden(params, batch["input_ids"], batch["positions"], batch["segment_ids"],
                      **kwargs)
-    h, aux = h if router_aux else (h, None)
+    h, aux, routes = h if routing else (*(h if router_aux else (h, None)), None)
     w, b = model.unembedding(params, caller_applies_softcap=True)
     seq_index, num_seqs = fmt.seq_index(batch)
     ld = {}
@@ -66,10 +74,10 @@ def sequence_stats(model, params, batch, cfg: StepConfig, max_scored, forward_on
         h, batch["input_ids"], batch["loss_mask"], w, b,
         cfg.forward_logprobs if forward_only else cfg.logprobs,
         max_scored=max_scored, seq_index_RL=seq_index, num_seqs=num_seqs, with_wpo=with_wpo,
-        softcap=model.cfg.final_logit_softcap, **ld,
+        softcap=model.cfg.final_logit_softcap, with_hidden=with_hidden, **ld,
     )
     wpo = None if out.wpo_sums is None else out.wpo_sums / jnp.maximum(out.counts, 1.0)
-    return SeqStats(out.sums, out.counts, wpo, aux)
+    return SeqStats(out.sums, out.counts, wpo, aux, out.hidden_sums, routes)
 
 
 def _pairs(x_S):
@@ -107,16 +115,19 @@ def ranked_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, ma
                          "logprobs.precompute_reference are for pairs; unset them")
     K, rank_BK = fmt.num_slots(batch), batch["slot_rank"]
     mask_BK = (rank_BK >= 0).astype(jnp.float32)
+    coef = moe.router_aux_coef(loss_cfg.router_aux_loss_coef, model.cfg)
     policy = sequence_stats(model, params, batch, cfg, max_scored,
-                            forward_only=policy_forward_only, fmt=fmt, rng=rng)
+                            forward_only=policy_forward_only, fmt=fmt, rng=rng,
+                            router_aux=coef > 0)
     logps, lengths = policy.logps, policy.lengths
     ref_logps = jnp.zeros_like(logps)
     if ref_params is not None:
         ref_logps = _reference_or_own(logps, lambda: sequence_stats(
             model, ref_params, batch, cfg, max_scored, forward_only=True, fmt=fmt).logps,
             at_start)
-    out = losses_lib.listwise_loss(loss_cfg, _slots(logps, K), _slots(ref_logps, K), mask_BK,
-                                   rank_BK, batch["pair_weight"])
+    out = with_router_loss(losses_lib.listwise_loss(
+        loss_cfg, _slots(logps, K), _slots(ref_logps, K), mask_BK, rank_BK,
+        batch["pair_weight"]), coef, policy.router_aux)
     return losses_lib.ranked_stats(_slots(logps, K), _slots(lengths, K), mask_BK), out
 
 
@@ -133,7 +144,7 @@ def _stats(s: SeqStats) -> losses_lib.SequenceStats:
 
 def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_scored,
                policy_forward_only=False, key=None, at_start=None,
-               fmt: BatchFormat | None = None):
+               fmt: BatchFormat | None = None, routing_by_layer=False):
     """Policy/reference statistics and the loss output for one (micro-)batch laid out as
     ``fmt`` (None: as its arrays say, :func:`batch_format.infer`).
 
@@ -143,25 +154,35 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
     completion, rejected = its mismatched KL completion) to ``losses.kto_loss``. ``at_start``
     (a traced bool; None = never): the step is the run's first and the reference is the initial
     policy (``StepConfig.reference_is_initial_policy``), so the policy's log-probs are the
-    reference's. ``key``: LoRA's dropout key for the policy forward (None: no dropout)."""
+    reference's. ``key``: LoRA's dropout key for the policy forward (None: no dropout).
+    ``cfg.diagnostics`` (pairs only, else ValueError) adds :func:`diagnostics.pair_extras` to
+    the output's extras, from the same forward; the loss is unchanged.
+    Mixture-of-experts models with a reference forward (pairs, KTO) add the routing drift to
+    ``out.extras``: ``routing/agreement``, the fraction of scored tokens whose top-k experts
+    are the same under policy and reference (mean over layers; 1 when the reference is the
+    policy), and with ``routing_by_layer`` ``routing/agreement/layer_<i>`` per layer."""
     fmt = fmt or batch_format.infer(batch)
+    diag = cfg.diagnostics
+    if diag and fmt.kind != "pairs":
+        raise ValueError(f"train.diagnostics=True reads preference pairs; the batches are "
+                         f"{fmt.kind}: set train.diagnostics=False")
     # LoRA (dpo_jax/lora.py): params are adapters over the frozen base ref_params, which with
     # the adapters off is the reference
     params = lora_lib.join(ref_params, params)
     if not losses_lib.needs_reference(loss_cfg):
         ref_params = None
-    router_aux = loss_cfg.router_aux_loss_coef > 0
-    if router_aux and fmt.kind != "pairs":
-        raise ValueError("loss.router_aux_loss_coef adds the router loss to paired preference "
-                         "losses, not to ranked lists or KTO; set it to 0")
+    coef = moe.router_aux_coef(loss_cfg.router_aux_loss_coef, model.cfg)
+    router_aux = coef > 0
     if fmt.kind == "ranked":
         return ranked_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
                             policy_forward_only, at_start, fmt, key)
+    drift = bool(model.cfg.n_experts) and ref_params is not None and not fmt.stored_reference
     full = sequence_stats(model, params, batch, cfg, max_scored,
                           forward_only=policy_forward_only, loss_cfg=loss_cfg,
                           with_wpo=loss_cfg.use_weighting, router_aux=router_aux, fmt=fmt,
-                          rng=key)
-    own = SeqStats(full.logps, full.lengths)  # what the reference's are when it is the policy
+                          rng=key, with_hidden=diag, routing=drift)
+    # what the reference's are when it is the policy
+    own = SeqStats(full.logps, full.lengths, routing=full.routing)
     policy = _stats(full)
     reference = None
     if fmt.stored_reference:  # precomputed once over the dataset
@@ -172,19 +193,35 @@ def pair_terms(model, loss_cfg, params, ref_params, batch, cfg: StepConfig, max_
         reference = _stats(_reference_or_own(
             own, SeqStats(batch["ref_logps"], batch["ref_lengths"]), at_start))
     elif ref_params is not None:
-        reference = _stats(_reference_or_own(own, lambda: sequence_stats(
+        ref = _reference_or_own(own, lambda: sequence_stats(
             model, ref_params, batch, cfg, max_scored, forward_only=True, loss_cfg=loss_cfg,
-            fmt=fmt), at_start))
+            fmt=fmt, routing=drift), at_start)
+        reference = _stats(ref)
     weights = batch["pair_weight"]
     if fmt.kind == "unpaired":
-        return policy, losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"],
-                                           weights)
-    out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
-    if router_aux:  # TRL: loss + router_aux_loss_coef * aux_loss, logged as aux_loss
-        aux = full.router_aux
-        out = out.replace(losses=out.losses + loss_cfg.router_aux_loss_coef * aux,
-                          extras={**out.extras, "aux_loss": aux})
-    return policy, out
+        out = losses_lib.kto_loss(loss_cfg, policy, reference, batch["desirable"], weights)
+    else:
+        out = losses_lib.preference_loss(loss_cfg, policy, reference, weights=weights)
+    if drift:
+        agree_L, n = moe.routing_agreement(full.routing, ref.routing, batch["loss_mask"])
+        frac_L = agree_L / jnp.maximum(n, 1.0)
+        extras = {"routing/agreement": jnp.mean(frac_L)}
+        if routing_by_layer:
+            extras.update({f"routing/agreement/layer_{i}": f for i, f in enumerate(frac_L)})
+        out = out.replace(extras={**out.extras, **extras})
+    if diag:
+        out = out.replace(extras={**out.extras, **diagnostics.pair_extras(
+            policy, reference, out, full.hidden_sums)})
+    return policy, with_router_loss(out, coef, full.router_aux)
+
+
+def with_router_loss(out, coef: float, aux):
+    """TRL 1.16: each example's loss plus ``coef * aux_loss`` (the policy forward's router
+    load-balancing loss, ``moe.load_balancing_loss``), ``aux_loss`` logged; ``out`` as it is
+    when ``coef`` is 0 (``moe.router_aux_coef``)."""
+    if not coef:
+        return out
+    return out.replace(losses=out.losses + coef * aux, extras={**out.extras, "aux_loss": aux})
 
 
 def _weighted_sums(policy, out, weights) -> dict[str, jax.Array]:
@@ -242,8 +279,7 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
 
     def build(fmt: BatchFormat, at_start, max_scored):
         def loss(params, frozen, batch, rng, total_weight):
-            ref_params = None if frozen is None else frozen.tree  # the reference or LoRA base
-            policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg,
+            policy, out = pair_terms(model, loss_cfg, params, Frozen.tree_of(frozen), batch, cfg,
                                      max_scored, key=rng, at_start=at_start, fmt=fmt)
             sums = _weighted_sums(policy, out, batch["pair_weight"])
             return sums["loss"] / total_weight, sums
@@ -251,7 +287,8 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
         objective = Objective(
             loss=loss,
             totals=lambda batch: jnp.maximum(jnp.sum(batch["pair_weight"]), 1e-9),
-            finalize=lambda sums, total: {k: v / total for k, v in sums.items()})
+            finalize=lambda sums, total: {
+                k: v if diagnostics.is_count(k) else v / total for k, v in sums.items()})
         return make_update(objective, tx, schedule, grad_accum=cfg.grad_accum, split=fmt.split,
                            on_nonfinite=on_nonfinite)
 
@@ -276,24 +313,38 @@ def make_train_step(model, loss_cfg, tx, schedule, cfg: StepConfig, on_nonfinite
 def pair_metrics(policy, out, weights) -> dict[str, eval_metrics.Ratio]:
     """TRL's DPO metrics of one batch as ``{name: (numerator, denominator)}``
     (:mod:`dpo_jax.eval_metrics`): every one a mean over pairs weighted by ``pair_weight``
-    ``[B]`` (padding pairs weigh 0), so each denominator is the summed weight."""
-    return eval_metrics.over(_weighted_sums(policy, out, weights),
-                             jnp.sum(weights.astype(jnp.float32)))
+    ``[B]`` (padding pairs weigh 0), so each denominator is the summed weight; the
+    diagnostics' histogram bins (:func:`diagnostics.is_count`) are weighted counts over the
+    split (denominator 0, :func:`eval_metrics.means`)."""
+    total = jnp.sum(weights.astype(jnp.float32))
+    return {k: (v, 0.0 if diagnostics.is_count(k) else total)
+            for k, v in _weighted_sums(policy, out, weights).items()}
 
 
-def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | None = None):
-    """``eval_step(params, ref_params, batch, max_scored) -> {name: (numerator, denominator)}``
-    (:func:`pair_metrics`; ``dpo_jax.eval_metrics.means`` divides once over the split).
+def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | None = None,
+                   fmt: BatchFormat | None = None):
+    """``eval_step(trainable, frozen, batch, max_scored) -> {name: (numerator, denominator)}``
+    (:func:`pair_metrics`; ``dpo_jax.eval_metrics.means`` divides once over the split):
+    ``trainable`` and ``frozen`` (a ``train_state.Frozen`` or None) as a ``TrainState`` holds
+    them, on batches laid out as ``fmt`` (None: as each batch's arrays say,
+    :func:`batch_format.infer`; a batch of another layout is a ValueError).
     ``extra_metrics(policy: SequenceStats | ranked stats, out: LossOutput, batch) -> {name:
     (numerator, denominator)}`` adds a task's own metrics, each with its own denominator (a
-    per-token mean, an accuracy over a bucket of pairs)."""
+    per-token mean, an accuracy over a bucket of pairs). With ``cfg.diagnostics`` the result
+    also holds ``eval_metrics.PER_EXAMPLE``: :func:`diagnostics.per_pair`'s ``{name: [B]}``."""
 
-    def eval_step(params, ref_params, batch, max_scored=None):
-        policy, out = pair_terms(model, loss_cfg, params, ref_params, batch, cfg, max_scored,
-                                 policy_forward_only=True)
+    def eval_step(trainable, frozen: Frozen | None, batch, max_scored=None):
+        layout = fmt or batch_format.infer(batch)
+        layout.check(batch)
+        policy, out = pair_terms(model, loss_cfg, trainable, Frozen.tree_of(frozen), batch, cfg,
+                                 max_scored, policy_forward_only=True, fmt=layout,
+                                 routing_by_layer=True)
         metrics = pair_metrics(policy, out, batch["pair_weight"])
         if extra_metrics is not None:
             metrics.update(extra_metrics(policy, out, batch))
+        if cfg.diagnostics:
+            metrics[eval_metrics.PER_EXAMPLE] = diagnostics.per_pair(policy, out,
+                                                                     batch["pair_weight"])
         return metrics
 
     return eval_step

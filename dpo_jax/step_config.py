@@ -28,6 +28,10 @@ class StepConfig:
     # so the first step's rewards are exact zeros and no pair counts as accurate, as in TRL,
     # instead of round-off between two differently compiled passes over the same parameters.
     reference_is_initial_policy: bool = False
+    # Per-pair diagnostics (train.diagnostics; dpo_jax/diagnostics.py): log-prob changes from
+    # the reference, margin histogram, CHES scores from the policy forward's hidden states.
+    # Metrics only: the loss and its gradient are the same with or without them.
+    diagnostics: bool = False
 
     def __post_init__(self):
         if self.forward_logprobs is None:

@@ -37,8 +37,14 @@ class Frozen:
 
     @property
     def tree(self):
-        """The one tree that is set (the checkpoint item ``ref_params`` of TR-DPO)."""
+        """The one tree that is set: the reference's parameters as the task's model reads them
+        (under LoRA the base, with the frozen initial adapters when it holds them)."""
         return self.lora_base if self.lora_base is not None else self.reference
+
+    @staticmethod
+    def tree_of(frozen: "Frozen | None"):
+        """``frozen.tree``, or None when nothing is frozen."""
+        return None if frozen is None else frozen.tree
 
     @classmethod
     def of(cls, trainable, tree) -> "Frozen | None":
@@ -61,17 +67,6 @@ class TrainState:
     trainable: Any  # what the optimizer updates: the whole policy, or its adapters under LoRA
     opt_state: Any  # the optimizer's state of ``trainable``, in its shardings
     frozen: Frozen | None = None  # None: nothing frozen (reference-free loss, stored reference)
-
-    # The checkpoint's item names (``params``, ``ref_params``), read-only.
-    @property
-    def params(self):
-        """``trainable``."""
-        return self.trainable
-
-    @property
-    def ref_params(self):
-        """The frozen tree (``frozen.tree``: the reference, or the LoRA base) or None."""
-        return None if self.frozen is None else self.frozen.tree
 
     def with_reference(self, reference) -> "TrainState":
         """This state with the reference replaced (TR-DPO's sync; a restored ``ref_params``
@@ -111,22 +106,22 @@ def as_dtype(params, shardings, dtype: str):
     return jax.jit(lambda p: cast_floats(p, jnp.dtype(dtype)), out_shardings=shardings)(params)
 
 
-def create_state(params, tx: optax.GradientTransformation, mesh, shardings,
-                 ref_params=None) -> TrainState:
-    """A step-0 TrainState training ``params`` beside the frozen ``ref_params``
-    (:meth:`Frozen.of` names it: the LoRA base when ``params`` are adapters, else the
-    reference; None: nothing frozen), whose optimizer moments carry their parameters' shardings
-    and whose scalar counters are replicated. (A moment does not depend on its parameter's
-    values, so jit would not propagate the sharding by itself: FSDP would then hold every moment
-    whole.)"""
+def create_state(trainable, tx: optax.GradientTransformation, mesh, shardings,
+                 frozen: Frozen | None = None) -> TrainState:
+    """A step-0 TrainState training ``trainable`` (in ``shardings``) beside ``frozen`` (a
+    :class:`Frozen`, e.g. ``Frozen.of(trainable, tree)``; None: nothing frozen; TypeError for
+    anything else), whose optimizer moments carry their parameters' shardings and whose scalar
+    counters are replicated. (A moment does not depend on its parameter's values, so jit would
+    not propagate the sharding by itself: FSDP would then hold every moment whole.)"""
+    if frozen is not None and not isinstance(frozen, Frozen):
+        raise TypeError(f"frozen must be a Frozen or None, got {type(frozen).__name__}")
     replicated = shard_lib.replicated(mesh)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings,
+        tx, lambda _, s: s, jax.eval_shape(tx.init, trainable), shardings,
         transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    return TrainState(step=step, trainable=params, opt_state=opt_state,
-                      frozen=Frozen.of(params, ref_params))
+    return TrainState(step=step, trainable=trainable, opt_state=opt_state, frozen=frozen)
 
 
 def _leaf_sums(x):

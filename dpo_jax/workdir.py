@@ -51,6 +51,7 @@ LOCK = ".lock"
 SAFE_ON_RESUME = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpointing",
+    "train.diagnostics",  # metrics only: the loss and update are the same bits (test_diagnostics)
 )
 # Never compared: the override list itself and where metrics are mirrored.
 NOT_COMPARED = ("allow_resume_changes", "log.wandb_project", "log.wandb_entity", "log.wandb_name")

@@ -16,7 +16,10 @@ Everything is small enough that one jitted step compiles and runs in about a sec
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
+import pathlib
+import types
 from typing import Any
 
 import jax
@@ -28,12 +31,25 @@ from dpo_jax import sharding as shard_lib
 from dpo_jax.data import PreferencePipeline, default_data_config, load_tokenizer, to_global
 from dpo_jax.data.synthetic import SyntheticTask, make_pairs
 from dpo_jax.data.testing import find_shared_data
+from dpo_jax.data.tokenize import PairTokenizer
 from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
 from dpo_jax.models import Model, ModelConfig
 from dpo_jax.models.config import preset
 from dpo_jax.optim import OptimConfig, make_optimizer
-from dpo_jax.state import TrainState, create_state, param_shardings
-from dpo_jax.step import StepConfig
+from dpo_jax.state import Frozen, TrainState, create_state, param_shardings
+from dpo_jax.step import StepConfig, make_train_step
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_module(path: str, name: str | None = None):
+    """The Python file ``path`` (relative to the repository root: ``configs/*.py``, an
+    experiment's script) imported as a module named ``name`` (default: the file's stem)."""
+    spec = importlib.util.spec_from_file_location(name or pathlib.Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # ----------------------------------------------------------------------------- model and state
 
@@ -79,9 +95,9 @@ def train_state(model: Model, params, tx, ref_params=None, mesh_=None) -> TrainS
     mesh_ = mesh_ if mesh_ is not None else mesh()
     shardings = param_shardings(model, mesh_, shard_lib.DEFAULT_RULES)
     params = jax.device_put(params, shardings)
-    if ref_params is not None:
-        ref_params = jax.device_put(ref_params, shardings)
-    return create_state(params, tx, mesh_, shardings, ref_params=ref_params)
+    frozen = (None if ref_params is None
+              else Frozen(reference=jax.device_put(ref_params, shardings)))
+    return create_state(params, tx, mesh_, shardings, frozen)
 
 
 def step_config(grad_accum: int = 1, forward_logprobs: LogprobConfig | None = None,
@@ -139,6 +155,16 @@ def packed_seq_index(mask) -> np.ndarray:
     return seq_index
 
 
+def packed_tokens(mask, seq_index):
+    """``(slot, row, column)`` of every scored token ``t >= 1`` of ``mask`` [R, L], row by row
+    in order: its sequence slot ``seq_index[row, t]`` and the column ``t - 1`` of the log-prob
+    that predicts it (what a packed per-sequence sum adds up)."""
+    for r in range(len(mask)):
+        for t in range(1, np.shape(mask)[1]):
+            if mask[r, t]:
+                yield int(seq_index[r, t]), r, t - 1
+
+
 def write_jsonl(path, rows, gz: bool = False) -> str:
     """``rows`` (dicts) written to ``path`` one JSON object a line, gzip-compressed when
     ``gz``; the path as a string."""
@@ -167,6 +193,11 @@ def data_config(**fields: Any):
     for k, v in fields.items():
         c[k] = v
     return c
+
+
+def pair_tokenizer(tok, **data_fields: Any) -> PairTokenizer:
+    """The pair tokenizer of ``tok`` under :func:`data_config` with ``data_fields`` set."""
+    return PairTokenizer(tok, data_config(**data_fields))
 
 
 def pipeline(pairs, batch_size: int | None = None, *, train: bool = False, seed: int = 0,
@@ -228,6 +259,23 @@ def device_batch(batch_np: dict[str, np.ndarray], mesh_=None):
     return batch, max_scored_tokens(batch_np["loss_mask"])
 
 
+def one_device_dpo_step(model: Model, params, loss_cfg, num_pairs: int = 4, lr: float = 1e-3):
+    """One DPO train step (``make_train_step``: SGD at ``lr``, the default StepConfig) of
+    ``params`` beside a reference perturbed by 0.02, on a one-device mesh (the math, not the
+    sharding), over the pair batch of ``num_pairs`` synthetic pairs. A namespace of ``state``
+    (before), ``new_state``, ``metrics``, ``batch_np`` (numpy) and ``batch`` (on device)."""
+    mesh_ = shard_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    tx, schedule = optimizer(lr=lr)
+    state = train_state(model, params, tx, ref_params=perturbed(params, 0.02), mesh_=mesh_)
+    batch_np = pair_batch(synthetic_pairs(num_pairs))
+    batch, max_scored = device_batch(batch_np, mesh_)
+    step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, step_config()),
+                   static_argnums=2)
+    new_state, metrics = step(state, batch, max_scored)
+    return types.SimpleNamespace(state=state, new_state=new_state, metrics=metrics,
+                                 batch_np=batch_np, batch=batch)
+
+
 def leaves(tree) -> list[np.ndarray]:
     """The leaves of a pytree as host numpy arrays (for exact / allclose comparisons)."""
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
@@ -240,6 +288,12 @@ def global_norm(tree) -> float:
 
 # ----------------------------------------------------------------------------- transformers parity
 # torch and transformers are imported inside these functions: only the HF tests need them.
+
+# The fields every tiny transformers config of the parity tests shares (random_hf_models'
+# ``common``): 2 layers, width 32, 4 query and 2 key/value heads, the synthetic vocabulary.
+TINY_HF_FIELDS = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def padded_ids(lens: list[int], low: int = 0, vocab: int = 128, seed: int = 0):

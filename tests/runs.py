@@ -6,7 +6,6 @@ tests use ``tests/helpers.py`` instead.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -15,7 +14,10 @@ import pytest
 
 from dpo_jax import checkpoint as ckpt_lib
 from dpo_jax import loop
-from dpo_jax.config import base_config
+from dpo_jax import lora as lora_lib
+from dpo_jax import state as state_lib
+from dpo_jax.config import base_config, read_config
+from dpo_jax.metrics import read_records
 from dpo_jax.models import Model, model_config_from
 from dpo_jax.ppo.config import default_ppo_config
 from dpo_jax.reward_model import RewardModel
@@ -37,6 +39,14 @@ def tiny(c, steps: int = 4, batch_size: int = 16, **train):
 
 def dpo_config(**train):
     return tiny(base_config(), **train)
+
+
+def format_config(data_format: str, loss: str, **train):
+    """A tiny DPO config on ``data.format=data_format`` (ranked lists, unpaired examples)
+    trained with the loss ``loss`` that reads it."""
+    c = dpo_config(**train)
+    c.data.format, c.loss.name = data_format, loss
+    return c
 
 
 def sft_config(**train):
@@ -76,21 +86,23 @@ def cut_and_resume(config, workdir, interrupt_after: int, **kwargs) -> dict:
 
 
 def final_params(config, workdir, step: int | None = None):
-    """The parameters of ``workdir``'s newest (or ``step``'s) checkpoint, on one device."""
-    cfg = model_config_from(config.model)
-    model = RewardModel(Model(cfg)) if config.task in ("reward", "ppo") else Model(cfg)
+    """The trained parameters of ``workdir``'s newest (or ``step``'s) checkpoint, on one
+    device: the model's, or a LoRA run's adapters (``model.lora.rank`` > 0)."""
+    if config.model.lora.get("rank", 0):
+        rc = read_config(config)
+        abstract = lora_lib.LoraModel(rc.model, rc.lora).abstract_adapters()
+    else:
+        cfg = model_config_from(config.model)
+        model = RewardModel(Model(cfg)) if config.task in ("reward", "ppo") else Model(cfg)
+        abstract = model.abstract_params()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                        model.abstract_params())
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
     return ckpt_lib.restore_params(str(workdir), like, step=step)
 
 
 def records(workdir) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The metric records of the run in ``workdir`` (``metrics.jsonl``)."""
+    return read_records(os.path.join(workdir, "metrics.jsonl"))
 
 
 def assert_same_params(a, b) -> None:
@@ -124,3 +136,49 @@ def resume_matches_full_run(config, workdir, interrupt_after: int, resumed_from:
     summary = cut_and_resume(config, workdir / "cut", interrupt_after)
     assert summary["resumed_from"] == resumed_from
     return full, summary, assert_same_run(config, workdir / "cut", workdir / "full")
+
+
+# ----------------------------------------------------------------------------- LoRA runs
+
+
+def with_lora(config, rank=4, **lora):
+    """``config`` with LoRA adapters of ``rank`` (``model.lora`` fields ``lora``), lr 1e-2."""
+    config.model.lora.update(rank=rank, **lora)
+    config.optim.lr = 1e-2
+    return config
+
+
+def lora_llama_run(tmp, tok, **llama_fields):
+    """A tiny Llama (1 layer, untied LM head, seeded torch init; ``llama_fields`` add
+    ``LlamaConfig`` fields) saved with ``tok`` as the HF directory ``tmp/'base'``, and a 2-step
+    LoRA DPO run on it adapting every projection and the LM head in ``tmp/'run'``. The torch
+    base model and the run's config. (torch and transformers: imported here, only the HF
+    tests need them.)"""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, **llama_fields)).eval()
+    base.save_pretrained(tmp / "base")
+    tok.save_pretrained(tmp / "base")
+    config = dpo_config(steps=2)
+    config.model.hf_path = str(tmp / "base")
+    config.model.lora.update(rank=4, alpha=8.0, targets="all,lm_head")
+    config.optim.lr = 1e-2
+    run(config, tmp / "run")
+    return base, config
+
+
+def lora_policy(config, workdir):
+    """``(LoraModel, policy, adapters)`` of the LoRA run of ``config`` in ``workdir``, on one
+    device: its base rebuilt from its sources (``state.run_base_and_adapters``) and its newest
+    adapters; ``policy`` the two joined (``lora.join``)."""
+    rc = read_config(config)
+    model = lora_lib.LoraModel(rc.model, rc.lora)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: one, model.abstract_params())
+    _, base, adapters = state_lib.run_base_and_adapters(str(workdir), model, shardings)
+    return model, lora_lib.join(base, adapters), adapters

@@ -1,6 +1,7 @@
 """Batch sizes the mesh cannot split: one start-up check naming the fields and the values that
 would work, before the workdir is written; packed rows are padded to the data-parallel size."""
 
+import functools
 import os
 
 import numpy as np
@@ -23,19 +24,9 @@ def _online_config(**train):
     return c
 
 
-def _ranked_config(**train):
-    c = runs.dpo_config(**train)
-    c.data.format, c.loss.name = "ranked", "plackett_luce"
-    return c
-
-
-def _kto_config(**train):
-    c = runs.dpo_config(**train)
-    c.data.format, c.loss.name = "unpaired", "kto"
-    return c
-
-
-CONFIGS = dict(runs.CONFIGS, online_dpo=_online_config, ranked=_ranked_config, kto=_kto_config)
+CONFIGS = dict(runs.CONFIGS, online_dpo=_online_config,
+               ranked=functools.partial(runs.format_config, "ranked", "plackett_luce"),
+               kto=functools.partial(runs.format_config, "unpaired", "kto"))
 
 
 def _nearest_multiples(value, dp):

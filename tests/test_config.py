@@ -1,19 +1,17 @@
 """Config files: variants apply in order, unknown variants are errors, CLI-typed fields exist."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+from tests import helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.load_module(f"configs/{name}.py")
 
 
 def test_variants_apply_in_order_and_typos_fail():

@@ -47,6 +47,8 @@ def test_the_typed_data_block_has_every_schema_field_with_its_value():
                 k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
         elif key == "sources":
             assert cfg.sources == () and value == []
+        elif key == "ches_filter":
+            assert dataclasses.asdict(cfg.ches_filter) == value
         else:
             assert getattr(cfg, key) == value, key
     with pytest.raises(dataclasses.FrozenInstanceError):

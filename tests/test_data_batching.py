@@ -6,18 +6,16 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpo_jax.data import DataError, build_pipeline, default_data_config, to_global
+from dpo_jax.data import DataError, build_pipeline, to_global
 from dpo_jax.data import batching
 from dpo_jax.data.pipeline import PreferencePipeline
 from tests import helpers
 
 
 def _cfg(**kw):
-    c = default_data_config()
+    c = helpers.data_config(**kw)
     c.synthetic.num_train = 96
     c.synthetic.num_eval = 37
-    for k, v in kw.items():
-        setattr(c, k, v)
     return c
 
 

@@ -94,13 +94,19 @@ def test_counts_and_interleaving():
     assert set(np.diff(np.flatnonzero(ids == 1)).tolist()) == {4}
 
 
+def _run_config(data_cfg, **model_overrides):
+    """The run config (read) of the mixture ``data_cfg``: vocabulary 512 (the mixture's
+    tokenizer), eval batches of 8, ``model_overrides`` added."""
+    c = base_config()
+    c.data = data_cfg
+    c.model.overrides.update(vocab_size=512, **model_overrides)
+    c.train.eval_batch_size = 8
+    return read_config(c)
+
+
 def test_per_source_eval_streams_and_metrics(mix, tmp_path):
     cfg, _ = mix
-    c = base_config()
-    c.data = cfg
-    c.model.overrides.vocab_size = 512
-    c.train.eval_batch_size = 8
-    rc = read_config(c)
+    rc = _run_config(cfg)
     data = preference_data.preference_streams(rc, ("train", "eval"), model_cfg=rc.model, mesh=None)
     assert sorted(data) == ["eval", "eval/b_side", "eval/generic", "train"]
     sizes = {k: len(v.pairs) for k, v in data.items()}
@@ -140,12 +146,7 @@ def test_per_source_reference_log_probs_are_slices_of_the_eval_split(mix, tmp_pa
     from dpo_jax.sharding import make_mesh
 
     cfg, _ = mix
-    c = base_config()
-    c.data = cfg
-    c.model.overrides.vocab_size = 512
-    c.model.overrides.n_layer = 1
-    c.train.eval_batch_size = 8
-    rc = read_config(c)
+    rc = _run_config(cfg, n_layer=1)
     model = Model(rc.model)
     params = jax.jit(model.init)(jax.random.key(0))
     data = preference_data.preference_streams(rc, ("train", "eval"), model_cfg=rc.model,

@@ -5,14 +5,13 @@ every path, chat templates, truncation, masks."""
 import numpy as np
 import pytest
 
-from dpo_jax.data import DataError, default_data_config
+from dpo_jax.data import DataError
 from dpo_jax.data.batching import (materialise, pair_lengths, plan_unpacked, seq_lengths_of,
                                    sequences)
 from dpo_jax.data.errors import BadRows
 from dpo_jax.data.sources import RawPair
 from dpo_jax.data.testing import (MISTRAL_TEMPLATE, chatml_tokenizer, gpt2_style_tokenizer,
                                   llama2_style_tokenizer, llama3_style_tokenizer)
-from dpo_jax.data.tokenize import PairTokenizer
 from tests import helpers
 
 FAMILIES = {
@@ -35,11 +34,7 @@ def tok(request):
     return _tokenizer(request.param)
 
 
-def _enc(tok, **kw):
-    c = default_data_config()
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return PairTokenizer(tok, c)
+_enc = helpers.pair_tokenizer
 
 
 def _one(enc, prompt, chosen, rejected="Something else entirely."):

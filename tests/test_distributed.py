@@ -175,7 +175,7 @@ def test_state_bytes_per_device_equal_the_real_shards():
     tx, _ = make_optimizer(OptimConfig(name=optimizer, warmup_steps=0, max_grad_norm=1.0), 10)
     state = state_lib.create_state(state_lib.init_policy(model, shardings, ParamSources()), tx,
                                    mesh, shardings)
-    params, opt_state = state.params, state.opt_state
+    params, opt_state = state.trainable, state.opt_state
 
     def on_device(tree, device):
         return sum(s.data.nbytes for x in jax.tree.leaves(tree) if x.ndim  # counters: scalars

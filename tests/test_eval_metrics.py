@@ -73,7 +73,7 @@ def test_a_task_metric_with_its_own_denominator_matches_numpy(mesh_shape):
     eval_step = make_eval_step(model, helpers.loss_config(beta=BETA), step_cfg,
                                extra_metrics=_own_metrics)
     mesh = helpers.mesh(mesh_shape)
-    evaluate = loop.evaluator(lambda s, b, n: eval_step(s.params, s.ref_params, b, n), batches,
+    evaluate = loop.evaluator(lambda s, b, n: eval_step(s.trainable, s.frozen, b, n), batches,
                               mesh, step_cfg.logprobs.scored_only)
     got = evaluate(helpers.train_state(model, params, helpers.optimizer()[0], ref_params, mesh))
 

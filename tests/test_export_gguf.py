@@ -326,35 +326,16 @@ def test_lora_run_is_exported_merged(tmp_path):
     """A 2-step LoRA DPO run on a tiny Llama (adapters on every projection and the LM head):
     the GGUF file gives the adapted policy's logits (base + adapters, computed unmerged by
     ``LoraModel``), not the base's."""
-    from dpo_jax import lora as lora_lib
-    from dpo_jax import state as state_lib
-    from dpo_jax.config import read_config
     from dpo_jax.export import export_run
     from tests import runs
 
-    tok = toks.gpt2_style_tokenizer()
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False)).eval()
-    base.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    config = runs.dpo_config(steps=2)
-    config.model.hf_path = str(tmp_path / "base")
-    config.model.lora.update(rank=4, alpha=8.0, targets="all,lm_head")
-    config.optim.lr = 1e-2
-    runs.run(config, tmp_path / "run")
+    base, config = runs.lora_llama_run(tmp_path, toks.gpt2_style_tokenizer())
     out = export_run(str(tmp_path / "run"), str(tmp_path / "m.gguf"), fmt="gguf",
                      gguf_type="F32")
-    rc = read_config(config)
-    model = lora_lib.LoraModel(rc.model, rc.lora)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: one, model.abstract_params())
-    _, base_p, adapters = state_lib.run_base_and_adapters(str(tmp_path / "run"), model, shardings)
+    model, policy, _ = runs.lora_policy(config, tmp_path / "run")
     ids = IDS[:, :12] % 128
     pos = np.broadcast_to(np.arange(12, dtype=np.int32), ids.shape)
-    want = np.asarray(model.logits(lora_lib.join(base_p, adapters), ids, pos, np.ones_like(ids)))
+    want = np.asarray(model.logits(policy, ids, pos, np.ones_like(ids)))
     assert np.abs(_logits(base, ids) - want).max() > 1e-3  # the adapters changed the model
     np.testing.assert_allclose(_logits(_read_back(out), ids), want, atol=1e-4, rtol=0)
 

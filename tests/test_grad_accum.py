@@ -46,8 +46,8 @@ def _assert_same_update(step_for, state_for, batch, max_scored=None, keys=None):
     for k in keys or want:
         np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-6, err_msg=k)
     moved = 0.0
-    for g, w, p in zip(helpers.leaves(got_state.params), helpers.leaves(want_state.params),
-                       helpers.leaves(state_for().params), strict=True):
+    for g, w, p in zip(helpers.leaves(got_state.trainable), helpers.leaves(want_state.trainable),
+                       helpers.leaves(state_for().trainable), strict=True):
         # float32 round-off of the leaf's largest entries (sums in another order)
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6 * max(1.0, np.abs(w).max()))
         moved = max(moved, float(np.abs(w - p).max()))

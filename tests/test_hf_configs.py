@@ -72,7 +72,7 @@ def _expected(c: dict) -> dict:
         if kind != "default":
             out["rope_factor"] = float(rope["factor"])
     window = getattr(conf, "sliding_window", None)
-    if mt in ("qwen2", "qwen3") and not getattr(conf, "use_sliding_window", False):
+    if mt in ("qwen2", "qwen3", "qwen3_moe") and not getattr(conf, "use_sliding_window", False):
         window = None
     out["sliding_window"] = window
     return out, conf

@@ -39,12 +39,18 @@ def test_gguf_only(tmp_path):
         check_hf_dir(str(tmp_path / "m.Q4_1.gguf"))
 
 
+def _edit_config(path, change: dict) -> None:
+    """``path/config.json`` with the fields of ``change`` set (a None value removes one)."""
+    c = {**json.loads((path / "config.json").read_text()), **change}
+    (path / "config.json").write_text(json.dumps(
+        {k: v for k, v in c.items() if k not in change or change[k] is not None}))
+
+
 def test_tokenizer_larger_than_embedding(good, tmp_path):
     from dpo_jax.data.testing import gpt2_style_tokenizer
 
     path, cfg = good
-    c = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**c, "vocab_size": 300}))
+    _edit_config(path, {"vocab_size": 300})
     # the config now disagrees with the embedding too: the tokenizer check names the tokenizer
     # when the weights agree, so check it on its own first
     from dpo_jax.models.hf_dir import check_tokenizer
@@ -63,8 +69,7 @@ def test_tokenizer_larger_than_embedding(good, tmp_path):
 
 def test_config_and_embedding_disagree(good):
     path, _ = good
-    c = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**c, "vocab_size": 1024}))
+    _edit_config(path, {"vocab_size": 1024})
     with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.embed_tokens.weight' "
                        r"has shape \(512, .*config.json implies \(1024,"):
         check_hf_dir(str(path))
@@ -111,9 +116,7 @@ def test_index_names_a_missing_shard(good):
 ])
 def test_unsupported_family(good, change, match):
     path, _ = good
-    c = json.loads((path / "config.json").read_text())
-    c = {k: v for k, v in {**c, **change}.items() if v is not None}
-    (path / "config.json").write_text(json.dumps(c))
+    _edit_config(path, change)
     with pytest.raises(ValueError, match=match):
         check_hf_dir(str(path))
 

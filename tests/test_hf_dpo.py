@@ -15,6 +15,7 @@ from dpo_jax.config import base_config, read_config
 from dpo_jax.data.testing import gpt2_style_tokenizer
 from dpo_jax.models import Model
 from dpo_jax.step import make_eval_step
+from dpo_jax.train_state import Frozen
 from tests import runs
 
 torch = pytest.importorskip("torch")
@@ -85,7 +86,7 @@ def test_policy_and_reference_from_different_hf_checkpoints(hf_setup):
     eval_step = jax.jit(make_eval_step(model, losses_lib.loss_config_from(c.loss), rc.step),
                         static_argnums=3)
     sums = jax.device_get(eval_step(
-        params, ref_params, *loop.device_batch(batch, mesh, rc.step.logprobs.scored_only)))
+        params, Frozen(reference=ref_params), *loop.device_batch(batch, mesh, rc.step.logprobs.scored_only)))
     weight = batch["pair_weight"]
     B = len(weight)
     pol = _torch_seq_logps(policy, batch["input_ids"], batch["loss_mask"])

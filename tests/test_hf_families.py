@@ -1,4 +1,5 @@
-"""Mistral's sliding window, Qwen3, Gemma 2, Gemma 3, Phi-3, Mixtral and Qwen2-MoE against tiny
+"""Mistral's sliding window, Qwen3, Gemma 2, Gemma 3, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE
+against tiny
 random transformers
 models (torch, float32, CPU): logits on padded and packed batches with sequences longer than
 the window, the export round trip, greedy sampling past the window, a DPO step, and the
@@ -20,9 +21,7 @@ from tests import helpers  # noqa: E402
 torch.set_num_threads(2)
 
 WINDOW = 8
-BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+BASE = helpers.TINY_HF_FIELDS
 CASES = {
     "mistral-window": ("MistralConfig", dict(head_dim=16, sliding_window=WINDOW)),
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=False)),
@@ -55,9 +54,14 @@ CASES = {
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
         shared_expert_intermediate_size=16, tie_word_embeddings=True, use_sliding_window=True,
         sliding_window=WINDOW, max_window_layers=2)),  # layer 0 slides, layer 1 full
+    # Qwen3-MoE: Qwen3's q/k norms, 8 experts top-3 renormalised (Qwen3-30B-A3B's
+    # norm_topk_prob), no shared expert; every layer slides
+    "qwen3-moe-window": ("Qwen3MoeConfig", dict(
+        head_dim=16, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
+        norm_topk_prob=True, use_sliding_window=True, sliding_window=WINDOW)),
 }
 GENERATING = ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3", "phi3-longrope",
-              "mixtral-window", "qwen2-moe"]
+              "mixtral-window", "qwen2-moe", "qwen3-moe-window"]
 LENS = [24, 17, 10]  # longest three times the window
 
 
@@ -133,6 +137,10 @@ def test_switches_resolved(ours):
     g3 = ours["gemma3"][0]
     assert (g3.qk_norm, g3.local_rope_theta, g3.rope_theta, g3.rope_scaling,
             g3.final_logit_softcap) == (True, 10000.0, 1000000.0, "linear", None)
+    q3m = ours["qwen3-moe-window"][0]
+    assert (q3m.family, q3m.qk_norm, q3m.qkv_bias, q3m.n_experts, q3m.n_experts_per_tok,
+            q3m.moe_d_ff, q3m.moe_renormalize, q3m.shared_expert_d_ff, q3m.sliding_layers) == (
+        "qwen3_moe", True, False, 8, 3, 16, True, 0, (True, True))
     phi = ours["phi3"][0]
     assert (phi.family, phi.rotary_dim, phi.head_dim, phi.sliding_window) == (
         "phi3", 4, 8, WINDOW)
@@ -167,23 +175,11 @@ def test_greedy_sampling_matches_generate_past_the_window(name, hf_dirs, ours):
 def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
     """One DPO train step (dpo_jax.step.make_train_step) on the imported model: the policy
     log-probs it reports equal PyTorch's on the same batch, and the parameters move."""
-    from dpo_jax.step import make_train_step
-
     _, hf_model, _ = hf_dirs[name]
     cfg, params, _ = ours[name]
-    from dpo_jax.sharding import make_mesh
-
-    model = Model(cfg)
-    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])  # the math, not the sharding
-    tx, schedule = helpers.optimizer(lr=1e-3)
-    state = helpers.train_state(model, params, tx, ref_params=helpers.perturbed(params, 0.02),
-                                mesh_=mesh)
-    batch_np = helpers.pair_batch(helpers.synthetic_pairs(4))
+    run = helpers.one_device_dpo_step(Model(cfg), params, helpers.loss_config(beta=0.1))
+    batch_np, metrics = run.batch_np, run.metrics
     assert batch_np["input_ids"].shape[1] > WINDOW
-    batch, max_scored = helpers.device_batch(batch_np, mesh)
-    step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.1), tx, schedule,
-                                   helpers.step_config()), static_argnums=2)
-    new_state, metrics = step(state, batch, max_scored)
     with torch.no_grad():
         logits = helpers.hf_logits(hf_model, batch_np["input_ids"],
                             (batch_np["segment_ids"] > 0).astype(np.int64)).astype(np.float64)
@@ -195,7 +191,7 @@ def test_dpo_step_matches_transformers_logps(name, hf_dirs, ours):
     assert float(metrics["logps/rejected"]) == pytest.approx(seq[B:].mean(), rel=1e-4)
     assert np.isfinite(float(metrics["loss"]))
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                         new_state.params, state.params)
+                         run.new_state.trainable, run.state.trainable)
     assert max(jax.tree.leaves(moved)) > 0
 
 
@@ -226,12 +222,15 @@ def _config(name):
                                            "rope_theta": 1e4, "beta_fast": 32},
      r"\['beta_fast'\]"),
     ("gemma2", "layer_types", ["sliding_attention", "chunked_attention"], "chunked_attention"),
-    ("mistral-window", "model_type", "qwen3_moe", "'qwen3_moe'"),
-    ("mixtral-window", "output_router_logits", True, "'output_router_logits' = True"),
+    ("mistral-window", "model_type", "deepseek_v3", "'deepseek_v3'"),
     ("mixtral-window", "router_jitter_noise", 0.1, "'router_jitter_noise' = 0.1"),
     ("qwen2-moe", "decoder_sparse_step", 2, "'decoder_sparse_step' = 2"),
     ("qwen2-moe", "mlp_only_layers", [0], r"'mlp_only_layers' = \[0\]"),
     ("qwen2-moe", "router_type", "expert_choice", "'router_type' = 'expert_choice'"),
+    ("qwen3-moe-window", "decoder_sparse_step", 2, "'decoder_sparse_step' = 2"),
+    ("qwen3-moe-window", "mlp_only_layers", [1], r"'mlp_only_layers' = \[1\]"),
+    ("qwen3-moe-window", "num_experts", 6, "'num_local_experts' = 8"),
+    ("qwen3-moe-window", "max_window_layers", 1, "'max_window_layers' = 1"),
 ])
 def test_unimplemented_config_fields_are_refused(name, field, value, match):
     c = _config(name)

@@ -12,7 +12,6 @@ Slow (``--run-slow``, and SmolLM2-135M-Instruct under ``$DPO_JAX_MODELS``, writt
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
@@ -31,7 +30,7 @@ from dpo_jax.export import export_run, write_generation_eos
 from dpo_jax.models import Model, model_config_from
 from dpo_jax.models.local import SMOLLM2, find_local_model
 from dpo_jax.sampling import SamplingConfig, generate
-from tests import runs
+from tests import helpers, runs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -41,15 +40,10 @@ WORDS = ("what is the capital of France Paris movie great loved terrible boring 
          "you today fine thank very much friend late help").split()
 
 
-def _load(path: pathlib.Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hh_config = _load(REPO / "configs" / "hh.py", "configs_hh")
-hh_run = _load(REPO / "experiments" / "hh" / "run.py", "experiments_hh_run")
+hh_config = helpers.load_module("configs/hh.py", "configs_hh")
+hh_run = helpers.load_module("experiments/hh/run.py", "experiments_hh_run")
+hh_displacement = helpers.load_module("experiments/hh/displacement.py",
+                                      "experiments_hh_displacement")
 
 
 def _sentence(rng, n):
@@ -155,6 +149,59 @@ def test_hh_config_runs_end_to_end_and_reports(tiny_run):
     # the chat template reached the data: every sampled prompt is a rendered conversation
     samples = [json.loads(x) for x in (root / "dpo" / "samples.jsonl").read_text().splitlines()]
     assert {s["model"] for s in samples} == {"reference", "policy"}
+
+
+def test_displacement_variants_differ_only_by_the_filter():
+    """``displacement`` turns diagnostics on at LD_LR for LD_STEPS, evaluating every
+    LD_EVAL_EVERY steps without samples; ``ches_filter`` adds the filter and nothing else."""
+    plain = hh_config.get_config("displacement").to_dict()
+    filtered = hh_config.get_config("displacement,ches_filter").to_dict()
+    assert plain["train"]["diagnostics"] and plain["optim"]["lr"] == hh_config.LD_LR
+    assert (plain["train"]["steps"], plain["train"]["eval_every"]) == (
+        hh_config.LD_STEPS, hh_config.LD_EVAL_EVERY)
+    assert plain["data"]["ches_filter"]["mode"] == "" and plain["eval"]["sample_every"] == 0
+    assert filtered["data"].pop("ches_filter") == {"mode": "drop", "score": "ln_ches",
+                                                   "quantile": 0.5, "weight": 0.1}
+    plain["data"].pop("ches_filter")
+    assert filtered == plain
+
+
+@pytest.mark.slow
+def test_displacement_runs_with_and_without_the_ches_filter(tiny_llama, tmp_path):
+    """Issue 34's experiment shape (``configs/hh.py:displacement[,ches_filter]``,
+    ``experiments/hh/displacement.py``) on the tiny Llama: diagnostics with stored reference
+    log-probs and prefix-shared rows, the filter keeping half the train pairs (its scores
+    cached), equal steps, the comparison report and the inspect report's decoded text."""
+    from dpo_jax import inspect as inspect_lib
+
+    data = write_hh(tmp_path / "hh-test.jsonl.gz")
+    out = {}
+    for stage, variants in (("dpo", "displacement,smoke"),
+                            ("dpo_ches", "displacement,ches_filter,smoke")):
+        cfg = tiny_hh_config(tiny_llama, data, variants)
+        assert cfg.train.diagnostics and cfg.optim.lr == hh_config.LD_LR
+        assert cfg.eval.sample_every == 0 and cfg.data.prefix_sharing
+        out[stage] = runs.run(cfg, tmp_path / stage)
+    plain, filtered = out["dpo"], out["dpo_ches"]
+    f = filtered["data"]["train"]["ches_filter"]
+    n = plain["data"]["train"]["num_pairs"]
+    assert f["pairs_before"] == n and filtered["data"]["train"]["num_pairs"] == f["pairs_after"]
+    assert f["pairs_after"] == n - f["flagged"] and n // 2 - 1 <= f["flagged"] <= n // 2
+    assert os.path.dirname(f["path"]) == str(tmp_path / "dpo_ches" / "ches_scores")
+    assert "ches_filter" not in plain["data"]["train"]
+    for summary in (plain, filtered):
+        assert summary["steps"] == 3
+        for key in ("logps_delta/chosen", "displacement/chosen_fell", "ches/q50"):
+            assert key in summary["final_eval"], key
+    rep = hh_displacement.compare(str(tmp_path))
+    assert rep["chosen_delta_final"] == {
+        "dpo": plain["final_eval"]["logps_delta/chosen"],
+        "dpo_ches": filtered["final_eval"]["logps_delta/chosen"]}
+    assert (tmp_path / "chosen_delta.png").exists() and "dpo_ches" in (
+        tmp_path / "report.md").read_text()
+    ins = inspect_lib.inspect_run(str(tmp_path / "dpo_ches"), top=2)
+    assert all("<|im_start|>" in r["text"]["prompt"] or r["text"]["prompt"]
+               for r in ins["top_pairs"])
 
 
 def _held_out_prompts(cfg, n):

@@ -2,7 +2,6 @@
 as the hub repository), a parquet shard directory or a save_to_disk directory overriding it,
 and one clear message when there is neither data nor network."""
 
-import importlib.util
 import pathlib
 
 import numpy as np
@@ -10,9 +9,9 @@ import pytest
 
 from dpo_jax.proj.imdb import text
 from dpo_jax.proj.imdb.text import clean_review, load_imdb
+from tests import helpers
 from tests._imdb_common import synthetic_reviews
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZES = {"train": 40, "test": 20, "unsupervised": 12}
 
 
@@ -96,9 +95,7 @@ def test_no_data_and_no_network_is_one_message_saying_what_to_set(tmp_path, monk
     from dpo_jax.tasks import get_task
 
     monkeypatch.setattr(text, "HUB_DATASET", "dpo-jax-tests/no-such-imdb")
-    spec = importlib.util.spec_from_file_location("imdb_config", REPO / "configs" / "imdb.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = helpers.load_module("configs/imdb.py", "imdb_config")
     config = module.get_config("tiny")
     assert config.imdb.data_dir == "" and module.get_config("cpu").imdb.data_dir == ""
     with pytest.raises(FileNotFoundError) as info:

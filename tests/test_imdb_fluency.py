@@ -4,10 +4,8 @@ that import a checkpoint keep its shape (the cpu shape's overrides never replace
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
 import types
 
 import jax.numpy as jnp
@@ -19,8 +17,8 @@ from dpo_jax.data.testing import gpt2_style_tokenizer
 from dpo_jax.proj.imdb import evaluate
 from dpo_jax.proj.imdb.frontier import FrontierPoint, read_frontier_csv, write_frontier_csv
 from dpo_jax.proj.imdb.pairs import make_prefixes
+from tests import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 REVIEWS = ["the movie was great and the plot was fun<br />I loved it",
            "boring",  # shorter than any continuation: EOS follows its last token
            "this film was awful and the ending was dull and bad and the music was worse too"]
@@ -94,10 +92,7 @@ def test_frontier_csv_keeps_perplexity_and_reads_older_files(tmp_path):
 
 
 def _variant(name):
-    spec = importlib.util.spec_from_file_location("imdb_cfg", REPO / "configs" / "imdb.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(name)
+    return helpers.load_module("configs/imdb.py", "imdb_cfg").get_config(name)
 
 
 @pytest.mark.slow

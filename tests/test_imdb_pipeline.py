@@ -3,7 +3,6 @@ Also: the stage runner's cache, the default data source, and that the library ne
 the project."""
 
 import ast
-import importlib.util
 import json
 import pathlib
 
@@ -16,16 +15,14 @@ from dpo_jax.evaluation import build_judge
 from dpo_jax.ppo.rewards import build_reward
 from dpo_jax.proj.imdb.pipeline import StageRunner
 from dpo_jax.tasks import get_task
+from tests import helpers
 from tests._imdb_common import write_shards as _write_shards
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(variant="tiny", data_dir=None):
-    spec = importlib.util.spec_from_file_location("imdb_config", REPO / "configs" / "imdb.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(variant)
+    c = helpers.load_module("configs/imdb.py", "imdb_config").get_config(variant)
     if data_dir is not None:
         c.imdb.data_dir = str(data_dir)
     return c
@@ -159,3 +156,41 @@ def test_library_never_imports_the_project():
                      if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}: {n}" for n in names if n.startswith("dpo_jax.proj")]
     assert offenders == []
+
+
+@pytest.mark.parametrize("variant", ["tiny", "cpu", "smollm2"])
+def test_every_stage_config_of_every_variant_is_accepted(variant, tmp_path, monkeypatch):
+    """Each training run the pipeline derives (SFT, reward model, DPO per beta, baselines,
+    online, PPO, PPO-GT) passes the checks a task makes before it writes (``check_run``): the
+    whole-pipeline tests are slow, and a stage config that a config-reader change refuses would
+    otherwise surface only hours into a real run (the SFT stage's data block did)."""
+    import jax
+
+    from dpo_jax.data.testing import chatml_tokenizer
+    from dpo_jax.models import Model, preset
+    from dpo_jax.models.hf import save_hf
+    from dpo_jax.models.local import MODELS_ENV, SMOLLM2
+    from dpo_jax.proj.imdb import runs
+    from dpo_jax.proj.imdb.experiment import Experiment
+    from dpo_jax.workdir import check_run
+
+    tok = chatml_tokenizer()
+    if variant == "smollm2":  # a tiny random Llama in place of the real directory
+        cfg = preset("tiny-llama", vocab_size=512, max_len=64)
+        save_hf(str(tmp_path / "models" / SMOLLM2), cfg, Model(cfg).init(jax.random.key(0)),
+                tokenizer=tok)
+        monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
+    config = _config(variant, data_dir=tmp_path / "imdb")
+    work = tmp_path / "work"
+    if not config.imdb.tokenizer:  # the tokenizer stage's output
+        tok.save_pretrained(str(work / "tokenizer"))
+    exp = Experiment(config, work)
+    derived = {"sft": runs.sft_config(exp), "reward_model": runs.reward_model_config(exp)}
+    for group in (runs.variants(exp), runs.online_variants(exp), runs.ppo_variants(exp)):
+        derived.update({name: cfg for name, (_, _, cfg) in group.items()})
+    assert len(derived) >= 6
+    for name, cfg in derived.items():
+        try:
+            check_run(cfg)
+        except ValueError as e:
+            raise AssertionError(f"imdb:{variant} stage {name}: {e}") from e

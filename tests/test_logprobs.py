@@ -7,7 +7,7 @@ import pytest
 
 from dpo_jax.logprobs import DENSE, LogprobConfig, max_scored_tokens, sequence_logps, token_logps
 from tests.helpers import head_batch as _batch  # (h, w, b, ids, mask)
-from tests.helpers import packed_seq_index
+from tests.helpers import packed_seq_index, packed_tokens
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -79,10 +79,8 @@ def test_packed_sequences_sum_by_slot():
     seq_index = packed_seq_index(mask)  # row 0 packs slots 0 and 2, row 1 slots 1 and 3
     tok = _numpy_token_logps(h[:, :-1], w, b, ids[:, 1:]) * mask[:, 1:]
     want = np.zeros(4)
-    for r in range(2):
-        for t in range(1, 20):
-            if mask[r, t]:
-                want[seq_index[r, t]] += tok[r, t - 1]
+    for s, r, t in packed_tokens(mask, seq_index):
+        want[s] += tok[r, t]
     out = sequence_logps(h, ids, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=16),
                          max_scored=max_scored_tokens(mask), seq_index_RL=seq_index, num_seqs=4)
     got, counts = out.sums, out.counts

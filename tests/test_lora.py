@@ -41,7 +41,7 @@ def lora_state(model, base, adapters, tx, mesh_):
                                          rules)
     base = jax.device_put(base, state_lib.param_shardings(model, mesh_, rules))
     return state_lib.create_state(jax.device_put(adapters, shardings), tx, mesh_, shardings,
-                                  ref_params=base)
+                                  state_lib.Frozen(lora_base=base))
 
 
 def batch(num_pairs=8, **fields):
@@ -103,15 +103,14 @@ def test_reference_is_the_separately_loaded_base_and_the_state_holds_it_once():
     rc = read_config(config)
     model = lora_lib.make_model(rc.model, rc.lora)
     setup = state_lib.setup(rc, model, reference=True)
-    state = state_lib.create_state(setup.params, setup.tx, setup.mesh, setup.shardings,
-                                   setup.ref_params)
+    state = setup.initial_state()
     # the trained tree is the adapters (float32), the base is frozen in bfloat16
-    assert set(state.params) == {"lora"}
-    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
-    assert {x.dtype for x in jax.tree.leaves(state.ref_params)} == {jnp.dtype("bfloat16")}
+    assert set(state.trainable) == {"lora"}
+    assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state.frozen.lora_base)} == {jnp.dtype("bfloat16")}
     # one copy of the base: every other array of the state is adapter-sized or a scalar
-    base_bytes = sum(x.nbytes for x in jax.tree.leaves(state.ref_params))
-    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(state.frozen.lora_base))
+    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(state.trainable))
     total = sum(x.nbytes for x in jax.tree.leaves(state))
     assert total - base_bytes <= 3 * adapter_bytes + 64  # adapters + AdamW's two moments
     # the reference log-probs are a separately loaded base model's
@@ -123,7 +122,7 @@ def test_reference_is_the_separately_loaded_base_and_the_state_holds_it_once():
     want = sequence_stats(Model(rc.model), separate, b, step_cfg, None)
     loss_cfg = helpers.loss_config(beta=0.5)
     adapters = trained_adapters(model)
-    policy, out = pair_terms(model, loss_cfg, adapters, state.ref_params, b, step_cfg, None)
+    policy, out = pair_terms(model, loss_cfg, adapters, state.frozen.lora_base, b, step_cfg, None)
     pi = np.concatenate([policy.chosen_logps, policy.rejected_logps])
     rewards = np.concatenate([out.chosen_rewards, out.rejected_rewards])
     np.testing.assert_allclose(pi - rewards / 0.5, want.logps, rtol=1e-5, atol=1e-4)
@@ -137,10 +136,10 @@ def _one_step(model, base, adapters, b, loss_cfg, mesh_, grad_accum=1):
     step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, StepConfig(grad_accum=grad_accum)),
                    static_argnums=2)
     new, metrics = step(state, b, None)
-    np.testing.assert_array_equal(jax.tree.leaves(jax.device_get(new.ref_params))[0],
+    np.testing.assert_array_equal(jax.tree.leaves(jax.device_get(new.frozen.lora_base))[0],
                                   jax.tree.leaves(jax.device_get(base))[0])
     update = jax.tree.map(lambda x, y: np.asarray(x) - np.asarray(y),
-                          jax.device_get(new.params), jax.device_get(adapters))
+                          jax.device_get(new.trainable), jax.device_get(adapters))
     return update, jax.device_get(metrics), new
 
 
@@ -168,7 +167,7 @@ def test_lora_step_on_every_mesh_shards_the_frozen_base(dp_step, mesh_name):
     got = _one_step(model, base, adapters, b, helpers.loss_config(beta=0.5),
                     helpers.mesh(MESHES[mesh_name]))
     _assert_same(want, got)
-    embed = got[2].ref_params["embed"].sharding.spec
+    embed = got[2].frozen.lora_base["embed"].sharding.spec
     assert "fsdp" in jax.tree.leaves(tuple(embed))  # FSDP shards the frozen base too
 
 
@@ -268,14 +267,7 @@ def test_a_task_without_adapters_refuses_lora():
     ("configs/lora_dpo.py", "from_sft", 16, "runs/lora_sft"),
     ("configs/lora_dpo.py", "from_sft,full", 0, "runs/lora_sft")])
 def test_lora_configs(path, variant, rank, policy):
-    import importlib.util
-    import os
-
-    spec = importlib.util.spec_from_file_location(
-        "cfg", os.path.join(os.path.dirname(os.path.dirname(__file__)), path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rc = read_config(module.get_config(variant))
+    rc = read_config(helpers.load_module(path, "cfg").get_config(variant))
     assert rc.lora.rank == rank and rc.param_sources.policy == policy
     assert rc.task == ("sft" if "sft.py" in path else "dpo")
 

@@ -2,7 +2,6 @@
 ``transformers`` with the run's logits, the PEFT adapter directory loads onto the base with
 ``peft`` with the same logits, and the PEFT directory imports back as the initial adapters."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -25,32 +24,17 @@ def trained(tmp_path_factory):
     """A tiny Llama (untied LM head) as an HF directory, and a 2-step LoRA DPO run on it that
     adapts every projection and the LM head."""
     tmp = tmp_path_factory.mktemp("lora_export")
-    torch.manual_seed(0)
-    tok = gpt2_style_tokenizer()  # export copies the run's tokenizer; the embedding covers it
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False, rms_norm_eps=1e-5)
-    transformers.LlamaForCausalLM(hf_cfg).eval().save_pretrained(tmp / "base")
-    tok.save_pretrained(tmp / "base")
-    config = runs.dpo_config(steps=2)
-    config.model.hf_path = str(tmp / "base")
-    config.model.lora.update(rank=4, alpha=8.0, targets="all,lm_head")
-    config.optim.lr = 1e-2
-    runs.run(config, tmp / "run")
+    # export copies the run's tokenizer; the embedding covers it
+    _, config = runs.lora_llama_run(tmp, gpt2_style_tokenizer(), rms_norm_eps=1e-5)
     return tmp, config
 
 
 def _ours(config, workdir):
     """Logits of the run's adapted policy on fixed token ids, and its adapters."""
-    rc = read_config(config)
-    model = lora_lib.LoraModel(rc.model, rc.lora)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: one, model.abstract_params())
-    _, base, adapters = state_lib.run_base_and_adapters(str(workdir), model, shardings)
+    model, policy, adapters = runs.lora_policy(config, workdir)
     ids = np.random.default_rng(0).integers(1, 128, (2, 12)).astype(np.int32)
     pos = np.broadcast_to(np.arange(12, dtype=np.int32), ids.shape)
-    logits = model.logits(lora_lib.join(base, adapters), ids, pos, np.ones_like(ids))
+    logits = model.logits(policy, ids, pos, np.ones_like(ids))
     return ids, np.asarray(logits), adapters
 
 
@@ -83,7 +67,7 @@ def test_peft_directory_imports_as_the_initial_adapters(trained):
     config.model.lora.update(rank=4, alpha=8.0, targets="all,lm_head", path=str(adapter_dir))
     rc = read_config(config)
     setup = state_lib.setup(rc, lora_lib.make_model(rc.model, rc.lora), reference=True)
-    runs.assert_same_params(setup.params, want)
+    runs.assert_same_params(setup.trainable, want)
     config.model.lora.alpha = 16.0
     rc = read_config(config)
     with pytest.raises(ValueError, match="lora_alpha=8.0.*alpha=16.0"):

@@ -15,7 +15,7 @@ from dpo_jax.config import read_config
 from dpo_jax.models import Model
 from dpo_jax.step import StepConfig, pair_terms
 from tests import helpers, runs
-from tests.test_lora_runs import final_adapters, with_lora
+from tests.runs import with_lora
 
 
 def _start_adapters(config, path, seed=5, scale=0.3):
@@ -68,19 +68,19 @@ def test_reference_of_a_run_started_from_a_peft_adapter(tmp_path, reference):
     start = jax.tree.map(np.asarray, _start_adapters(config, tmp_path / "again"))
     # The state: the adapters trained, the base unmerged, the initial adapters frozen beside it
     # (policy) or absent (base).
-    ref = jax.device_get(setup.ref_params)
+    ref = jax.device_get(setup.frozen.lora_base)
     assert set(ref) == set(base) | ({"lora"} if reference == "policy" else set())
     for got, want in zip(jax.tree.leaves({k: ref[k] for k in base}), jax.tree.leaves(base),
                          strict=True):
         np.testing.assert_array_equal(got, want)
-    runs.assert_same_params(jax.device_get(setup.params), start)
+    runs.assert_same_params(jax.device_get(setup.trainable), start)
     if reference == "policy":
         runs.assert_same_params({"lora": ref["lora"]}, start)
 
     pairs = helpers.synthetic_pairs(8, seed=2)
     batch = helpers.pair_batch(pairs)
     loss_cfg = helpers.loss_config(beta=0.5)
-    _, out = pair_terms(model, loss_cfg, setup.params, setup.ref_params, batch, StepConfig(),
+    _, out = pair_terms(model, loss_cfg, setup.trainable, setup.frozen.lora_base, batch, StepConfig(),
                         None)
     merged = Model(lora_lib.merged_config(model))
     policy_logits = np.asarray(merged.logits(
@@ -102,19 +102,13 @@ def test_reference_of_a_run_started_from_a_peft_adapter(tmp_path, reference):
 @pytest.mark.slow  # 18 s cold; the step-level test above pins ln 2 and rewards 0 in the suite
 def test_run_from_a_peft_adapter_starts_at_ln2_and_resumes_exactly(tmp_path):
     config = _config(tmp_path, steps=4, checkpoint_every=2)
-    full = runs.run(config, tmp_path / "full")
+    full, _, _ = runs.resume_matches_full_run(config, tmp_path, 3, resumed_from=2)
     first = full["first_train"]
     # Through the jitted train step the policy's forward (training tiling) and the reference's
     # (forward-only) round differently in the last bits: 0 up to float32 rounding.
     np.testing.assert_allclose(first["loss"], math.log(2.0), rtol=1e-6)
     assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
     assert full["final_train"]["loss"] != first["loss"]
-    cut = runs.cut_and_resume(config, tmp_path / "cut", 3)
-    assert cut["resumed_from"] == 2
-    runs.assert_same_params(final_adapters(config, tmp_path / "cut"),
-                            final_adapters(config, tmp_path / "full"))
-    assert runs.without_timing(runs.records(tmp_path / "cut")) == runs.without_timing(
-        runs.records(tmp_path / "full"))
     # model.lora.reference='base': the old objective (the bare base as the reference).
     base = _config(tmp_path, "base", steps=1)
     first_base = runs.run(base, tmp_path / "base")["first_train"]

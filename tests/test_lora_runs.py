@@ -18,22 +18,7 @@ from dpo_jax.models.hf import save_hf
 from dpo_jax.step import StepConfig, pair_terms
 from dpo_jax.workdir import WorkdirError
 from tests import helpers, runs
-
-
-def with_lora(config, rank=4, **lora):
-    config.model.lora.update(rank=rank, **lora)
-    config.optim.lr = 1e-2
-    return config
-
-
-def final_adapters(config, workdir):
-    """The adapters of ``workdir``'s newest checkpoint, on one device."""
-    rc = read_config(config)
-    model = lora_lib.LoraModel(rc.model, rc.lora)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                        model.abstract_adapters())
-    return ckpt_lib.restore_params(str(workdir), like)
+from tests.runs import with_lora
 
 
 @pytest.mark.parametrize("task,quant", [("dpo", "none"), ("dpo", "nf4"),
@@ -45,17 +30,11 @@ def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path, task, quan
     refused."""
     config = with_lora(runs.CONFIGS[task](steps=4, checkpoint_every=2), dropout=0.1,
                        base_quant=quant)
-    runs.run(config, tmp_path / "full")
-    summary = runs.cut_and_resume(config, tmp_path / "cut", 3)
-    assert summary["resumed_from"] == 2
-    runs.assert_same_params(final_adapters(config, tmp_path / "cut"),
-                            final_adapters(config, tmp_path / "full"))
-    assert runs.without_timing(runs.records(tmp_path / "cut")) == runs.without_timing(
-        runs.records(tmp_path / "full"))
+    _, summary, _ = runs.resume_matches_full_run(config, tmp_path, 3, resumed_from=2)
     # a checkpoint holds the adapters and the base's fingerprint, not the base
     fingerprint = ckpt_lib.restore_json_item(str(tmp_path / "full"), lora_base.ITEM)
     assert fingerprint["source"]["seed"] == 0 and len(fingerprint["checksum"]) > 0
-    assert set(final_adapters(config, tmp_path / "full")) == {"lora"}
+    assert set(runs.final_params(config, tmp_path / "full")) == {"lora"}
     assert summary["first_train"]["loss"] != summary["final_train"]["loss"]
     if quant != "none":
         config.model.lora.base_quant = "int8"
@@ -92,7 +71,8 @@ def test_two_stage_recipe_sft_adapters_merged_into_the_dpo_base(tmp_path):
     sft_rc = read_config(sft)
     sft_model = lora_lib.LoraModel(sft_rc.model, sft_rc.lora)
     seed_base = state_lib.cast_floats(jax.jit(sft_model.init)(jax.random.key(0)), np.float32)
-    want = jax.device_get(lora_lib.merge(sft_model, seed_base, final_adapters(sft, tmp_path / "sft")))
+    want = jax.device_get(lora_lib.merge(sft_model, seed_base,
+                                         runs.final_params(sft, tmp_path / "sft")))
     assert not np.allclose(want["layers"]["attn"]["q"], seed_base["layers"]["attn"]["q"])
 
     for rank in (0, 8):  # full fine-tuning from the merged SFT model; new adapters stacked on it
@@ -101,15 +81,15 @@ def test_two_stage_recipe_sft_adapters_merged_into_the_dpo_base(tmp_path):
         rc = read_config(dpo)
         model = lora_lib.make_model(rc.model, rc.lora)
         setup = state_lib.setup(rc, model, reference=True)
-        base = setup.ref_params if rank else setup.params
+        base = setup.frozen.lora_base if rank else setup.trainable
         for got, w in zip(jax.tree.leaves(jax.device_get(base)), jax.tree.leaves(want),
                           strict=True):
             np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-6)
         if rank:  # step 0: the adapted policy is its base, the reference
             loss_cfg = helpers.loss_config(beta=0.5)
             b = helpers.pair_batch(helpers.synthetic_pairs(8))
-            _, out = pair_terms(model, loss_cfg, setup.params, setup.ref_params, b, StepConfig(),
-                                None)
+            _, out = pair_terms(model, loss_cfg, setup.trainable, setup.frozen.lora_base, b,
+                                StepConfig(), None)
             np.testing.assert_allclose(np.asarray(out.losses), math.log(2.0), rtol=1e-6)
 
 

@@ -53,7 +53,7 @@ def test_name_sets_are_derived_from_the_declarations():
 def test_schema_keys_and_placeholders():
     cfg = losses.default_loss_config()
     assert set(cfg.keys()) == SCHEMA_KEYS
-    assert (cfg.name, cfg.beta, cfg.router_aux_loss_coef) == ("sigmoid", 0.1, 0.0)
+    assert (cfg.name, cfg.beta, cfg.router_aux_loss_coef) == ("sigmoid", 0.1, None)
     cfg.simpo_gamma = 1  # typed placeholders: an int is accepted for a float ...
     with pytest.raises(TypeError):
         cfg.pl_top_k = "two"  # ... a string is not an int
@@ -82,7 +82,7 @@ def test_resolved_defaults():
             cfg.f_divergence_type, cfg.f_alpha_divergence_coef, cfg.use_weighting, cfg.ld_alpha,
             cfg.pl_top_k, cfg.desirable_weight, cfg.undesirable_weight,
             cfg.router_aux_loss_coef) == (None, False, "average", 0.5, 1.0, None, 0.05, 50.0,
-                                          "reverse_kl", 0.5, False, None, None, 1.0, 1.0, 0.0)
+                                          "reverse_kl", 0.5, False, None, None, 1.0, 1.0, None)
     with pytest.raises(AttributeError, match="no option 'simpo_gama'"):
         cfg.simpo_gama  # noqa: B018  (a typo is an error, not None)
 

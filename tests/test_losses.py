@@ -467,7 +467,7 @@ def test_default_config_fields_are_declared():
     assert set(losses.default_loss_config().keys()) == set(declared)
     for name, option in declared.items():
         assert option.doc and "\n" not in option.doc, name
-        if name not in ("name", "beta", "router_aux_loss_coef"):  # 0 = off, not a loss's default
+        if name not in ("name", "beta"):
             assert losses.default_loss_config()[name] is None, name
 
 

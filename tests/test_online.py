@@ -2,9 +2,7 @@
 the pipeline's batch layout, learning against the synthetic task's true reward, exact resume
 (online and mid-round iterative), the same run on the three mesh shapes."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -88,12 +86,7 @@ def test_bad_online_settings_are_refused(field, value, message):
 def test_online_dpo_learns_the_true_reward(tmp_path):
     """configs/online_dpo.py:quick against the synthetic task's true reward: held-out DPO
     accuracy well above chance, the policy's samples beat the reference's."""
-    spec = importlib.util.spec_from_file_location(
-        "online_dpo", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
-                                   "online_dpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("quick")
+    c = h.load_module("configs/online_dpo.py").get_config("quick")
     c.train.async_checkpointing = False
     summary = runs.run(c, tmp_path)
     ev = summary["final_eval"]

@@ -49,7 +49,7 @@ def test_finite_update_is_applied_and_reported(policy):
     # lr of the update at step 1 of a 3-step warmup: 0.1 * (1 + 1) / (3 + 1)
     np.testing.assert_allclose(metrics["lr"], 0.05, rtol=1e-6)
     assert int(new.step) == 2
-    for a, b in zip(helpers.leaves(new.params), helpers.leaves(state.params)):
+    for a, b in zip(helpers.leaves(new.trainable), helpers.leaves(state.trainable)):
         assert np.all(np.isfinite(a)) and not np.array_equal(a, b)
 
 
@@ -64,8 +64,8 @@ def test_nonfinite_is_flagged_and_skip_keeps_params_and_optimizer_state(bad_grad
     state, skipped, metrics = _update("skip", grads, loss)
     assert metrics["nonfinite"] == 1.0
     assert int(skipped.step) == 2  # the step counter advances past the dropped update
-    for a, b in zip(helpers.leaves((skipped.params, skipped.opt_state)),
-                    helpers.leaves((state.params, state.opt_state))):
+    for a, b in zip(helpers.leaves((skipped.trainable, skipped.opt_state)),
+                    helpers.leaves((state.trainable, state.opt_state))):
         np.testing.assert_array_equal(a, b)
 
 
@@ -79,10 +79,10 @@ def test_adamw_decays_matrices_not_vectors():
     shrinks by lr * weight_decay, a bias or norm vector stays."""
     tx, schedule = helpers.optimizer(name="adamw", lr=0.1, weight_decay=0.5)
     state = _state(tx)
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
     new, _ = apply_gradients(state, zeros, 0.0, tx, schedule)
-    np.testing.assert_allclose(new.params["w"], state.params["w"] * (1 - 0.1 * 0.5), rtol=1e-6)
-    np.testing.assert_array_equal(new.params["b"], state.params["b"])
+    np.testing.assert_allclose(new.trainable["w"], state.trainable["w"] * (1 - 0.1 * 0.5), rtol=1e-6)
+    np.testing.assert_array_equal(new.trainable["b"], state.trainable["b"])
 
 
 def test_rmsprop_is_pytorchs_with_eps_outside_the_sqrt():

@@ -101,7 +101,7 @@ def test_zero_weights_equal_dropping_the_pairs(tmp_path, loss):
                                     mesh_=helpers.mesh({"data": 2, "fsdp": 1, "tensor": 4}))
         batch, max_scored = helpers.device_batch(b, helpers.mesh({"data": 2, "fsdp": 1, "tensor": 4}))
         new_state, metrics = step(state, batch, max_scored)
-        outs.append((helpers.leaves(new_state.params), jax.device_get(metrics)))
+        outs.append((helpers.leaves(new_state.trainable), jax.device_get(metrics)))
     (p_w, m_w), (p_k, m_k) = outs
     for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm"):
         np.testing.assert_allclose(float(m_w[k]), float(m_k[k]), rtol=1e-5, atol=1e-6, err_msg=k)

@@ -1,20 +1,16 @@
 """experiments/bench/bench_dpo.py: its numbers follow from its measurements, and its
 configurations compute the same DPO step (they differ in cost only)."""
 
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
 
+from tests import helpers
+
 pytestmark = pytest.mark.slow  # run with --run-slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location(
-    "bench_dpo", os.path.join(REPO, "experiments", "bench", "bench_dpo.py"))
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = helpers.load_module("experiments/bench/bench_dpo.py")
 
 CEILINGS = {"float32": 1e11, "bfloat16": 2e11}
 

@@ -8,13 +8,12 @@ import types
 
 import pytest
 
-from dpo_jax.data import DataError, default_data_config, load_tokenised_pairs
+from dpo_jax.data import DataError, load_tokenised_pairs
 from dpo_jax.data.errors import BadRows
 from dpo_jax.data.prompts import load_prompts
 from dpo_jax.data.sources import RawPair
 from dpo_jax.data.testing import (chatml_tokenizer, gpt2_style_tokenizer,
                                   llama2_style_tokenizer, llama3_style_tokenizer)
-from dpo_jax.data.tokenize import PairTokenizer
 from tests import helpers
 
 BUILDERS = {"llama3": llama3_style_tokenizer, "llama2": llama2_style_tokenizer,
@@ -32,12 +31,15 @@ def tok(request):
 
 def _cfg(tmp_path, tok, **fields):
     tok.save_pretrained(tmp_path / "tok")
-    c = default_data_config()
-    c.source, c.path, c.tokenizer = "generic", str(tmp_path / "data"), str(tmp_path / "tok")
-    c.eval_fraction = 0.0
-    for k, v in fields.items():
-        setattr(c, k, v)
-    return c
+    return helpers.data_config(**{"source": "generic", "path": str(tmp_path / "data"),
+                                  "tokenizer": str(tmp_path / "tok"), "eval_fraction": 0.0,
+                                  **fields})
+
+
+def _train_prompts(path, cfg):
+    """The training prompts of the prompt file ``path`` under data block ``cfg``."""
+    return load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
+                        data_cfg=cfg)
 
 
 def _turn(prompt, text):
@@ -63,8 +65,7 @@ def test_prompt_file_tokens_are_the_training_prompts(tok, tmp_path):
     cfg = _cfg(tmp_path, tok)
     pairs, _ = load_tokenised_pairs(cfg, "train")
     assert len(pairs) == len(prompts)
-    got = load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                       data_cfg=cfg)
+    got = _train_prompts(path, cfg)
     assert [list(p) for p in got] == [list(p["prompt"]) for p in pairs]
     bos = tok.bos_token_id if tok("")["input_ids"][:1] == [tok.bos_token_id] else None
     differs = 0
@@ -90,14 +91,12 @@ def test_long_prompts_are_cut_as_training_prompts(mode, tmp_path):
     cfg = _cfg(tmp_path, tok, max_prompt_length=16, max_length=40, truncation_mode=mode)
     pairs, stats = load_tokenised_pairs(cfg, "train")
     assert stats["tokenisation"]["prompt_truncated"] == 1
-    got = load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                       data_cfg=cfg)
+    got = _train_prompts(path, cfg)
     assert [list(p) for p in got] == [list(p["prompt"]) for p in pairs]
     assert len(got[1]) == 16 and got[1][0] == tok.bos_token_id
     cfg.truncation_mode = "error"
     with pytest.raises(DataError, match=r"prompts.jsonl: row 1: field 'prompt'") as e:
-        load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                     data_cfg=cfg)
+        _train_prompts(path, cfg)
     assert e.value.reason == "prompt_too_long"
 
 
@@ -107,19 +106,13 @@ def test_prompt_file_bad_rows_are_named_or_skipped(tmp_path):
                                                       {"prompt_ids": [5, 6]}])
     cfg = _cfg(tmp_path, tok)
     with pytest.raises(DataError, match=r"p.jsonl: row 1: field 'prompt'"):
-        load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                     data_cfg=cfg)
+        _train_prompts(path, cfg)
     cfg.on_bad_row = "skip"
-    got = load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                       data_cfg=cfg)
+    got = _train_prompts(path, cfg)
     assert [list(p) for p in got] == [tok("Hi!")["input_ids"], [5, 6]]
 
 
-def _enc(tok, **fields):
-    c = default_data_config()
-    for k, v in fields.items():
-        setattr(c, k, v)
-    return PairTokenizer(tok, c)
+_enc = helpers.pair_tokenizer
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama3"])
@@ -169,10 +162,8 @@ def test_prompt_ids_rows_cut_keeping_the_end_and_edge_rows(tmp_path):
         {"prompt_ids": list(range(1, 30))}, {"prompt": "a b c d e f g h"}, {"prompt": ""}])
     cfg = _cfg(tmp_path, tok, max_prompt_length=8, truncation_mode="error")
     with pytest.raises(DataError, match=r"p.jsonl: row 2: field 'prompt'") as e:
-        load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                     data_cfg=cfg)
+        _train_prompts(path, cfg)
     assert e.value.reason == "empty_prompt"
     cfg.on_bad_row = "skip"
-    got = load_prompts("train", prompt_file=path, eval_prompt_file="", max_prompts=0,
-                       data_cfg=cfg)
+    got = _train_prompts(path, cfg)
     assert [list(p) for p in got] == [list(range(22, 30)), exact]

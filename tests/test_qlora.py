@@ -25,7 +25,7 @@ from dpo_jax.models import Model, quant
 from dpo_jax.models.local import SMOLLM2, find_local_model
 from dpo_jax.step import StepConfig, make_train_step
 from tests import helpers, runs
-from tests.test_lora_runs import final_adapters, with_lora
+from tests.runs import with_lora
 
 
 def _step(model, base, adapters, b, mesh_):
@@ -39,7 +39,7 @@ def _step(model, base, adapters, b, mesh_):
     step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.5), tx, schedule,
                                    StepConfig()), static_argnums=2)
     new, metrics = step(state, b, None)
-    return jax.device_get(new.params), jax.device_get(metrics), new
+    return jax.device_get(new.trainable), jax.device_get(metrics), new
 
 
 @pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
@@ -56,7 +56,7 @@ def test_step_on_eight_devices_equals_one_and_the_base_is_sharded(kind):
         np.testing.assert_allclose(got[1][k], want[1][k], rtol=2e-5, atol=2e-6, err_msg=k)
     for x, y in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
-    codes = got[2].ref_params["layers"]["attn"]["q"]["codes"]
+    codes = got[2].frozen.lora_base["layers"]["attn"]["q"]["codes"]
     assert codes.dtype == (np.uint8 if kind == "nf4" else np.int8)
     spec = jax.tree.leaves(tuple(codes.sharding.spec))
     assert "fsdp" in spec and "tensor" in spec  # embed -> fsdp, heads -> tensor, as the base
@@ -99,7 +99,7 @@ def test_export_merges_into_the_dequantised_base_and_names_the_quantisation(tmp_
     assert bnb.bnb_4bit_use_double_quant and q["llm_int8_skip_modules"] == ["lm_head"]
     back = lora_peft.load_peft(str(tmp_path / "out" / "adapter"), model,
                                jax.tree.map(lambda _: one, model.abstract_adapters()))
-    runs.assert_same_params(back, final_adapters(config, tmp_path / "run"))
+    runs.assert_same_params(back, runs.final_params(config, tmp_path / "run"))
 
 
 @pytest.mark.slow  # SmolLM2-135M forwards on the CPU; skips without the model directory

@@ -49,7 +49,7 @@ def _step(model, params, ref_params, batch_np, loss_cfg, mesh_, step_cfg=None):
     step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, step_cfg), static_argnums=2)
     state = helpers.train_state(model, params, tx, ref_params=ref_params, mesh_=mesh_)
     new_state, metrics = step(state, *helpers.device_batch(batch_np, mesh_))
-    return jax.device_get(new_state.params), jax.device_get(metrics)
+    return jax.device_get(new_state.trainable), jax.device_get(metrics)
 
 
 # ----------------------------------------------------------------------------- data
@@ -255,8 +255,7 @@ def test_kto_refuses_grad_accum_and_pairs_refuse_kto():
 @pytest.mark.parametrize("fmt,loss", [("ranked", "plackett_luce"),
                                       pytest.param("unpaired", "kto", marks=pytest.mark.slow)])
 def test_run_resumes_exactly(tmp_path, fmt, loss):
-    c = runs.dpo_config(steps=4, batch_size=8, checkpoint_every=2)
-    c.data.format, c.loss.name = fmt, loss
+    c = runs.format_config(fmt, loss, steps=4, batch_size=8, checkpoint_every=2)
     c.data.buckets = "48"
     if fmt == "ranked":
         c.data.synthetic.num_responses = 3

@@ -69,16 +69,16 @@ def test_initial_reward_is_zero_so_loss_is_ln2_and_only_the_head_moves_first():
     # gradient and the trunk none (d loss / d hidden = the head's zero kernel).
     tx, schedule = helpers.optimizer()
     state = helpers.train_state(model, params, tx)
-    before = helpers.leaves(state.params["decoder"])
+    before = helpers.leaves(state.trainable["decoder"])
     train_step = jax.jit(make_reward_train_step(model, tx, schedule), static_argnums=2)
     batch, _ = helpers.device_batch(helpers.pair_batch(helpers.synthetic_pairs(16),
                                                        buckets="32"))
     state, metrics = train_step(state, batch)
     assert float(metrics["loss"]) == pytest.approx(math.log(2), abs=1e-6)
     assert float(metrics["accuracy"]) == 0.0 and float(metrics["grad_norm"]) > 0
-    for got, want in zip(helpers.leaves(state.params["decoder"]), before, strict=True):
+    for got, want in zip(helpers.leaves(state.trainable["decoder"]), before, strict=True):
         np.testing.assert_array_equal(got, want)
-    assert float(jnp.max(jnp.abs(state.params["value_head"]["kernel"]))) > 0
+    assert float(jnp.max(jnp.abs(state.trainable["value_head"]["kernel"]))) > 0
 
 
 def test_score_equals_the_reward_the_training_step_reads():

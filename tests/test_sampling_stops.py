@@ -216,7 +216,7 @@ def test_evaluator_lengths_judge_and_truncation_flag(model, tmp_path):
             prompts=[np.asarray(chat_prompt, np.int32)] * 3, reference_params=policy,
             total_steps=1, decode=lambda t: tok.decode(t, skip_special_tokens=True), judge=judge)
         (tmp_path / label).mkdir()
-        out[label] = ev(types.SimpleNamespace(step=jnp.int32(1), params=policy))
+        out[label] = ev(types.SimpleNamespace(step=jnp.int32(1), trainable=policy))
         ev.close()
         rows = [json.loads(x) for x in open(tmp_path / label / "samples.jsonl")]
         assert [r["stopped"] for r in rows] == [label == "data"] * 6  # reference and policy

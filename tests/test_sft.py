@@ -72,7 +72,7 @@ def test_step_and_eval_equal_the_numpy_token_mean_nll(packing, target):
         total, tokens = total - (w * lp).sum(), tokens + w.sum()
     eval_sums = jax.jit(lambda p, b, n: sft.nll_sums(model, p, b, LP, n), static_argnums=2)
     got = eval_metrics.reduce(
-        lambda b: sft.token_metrics(eval_sums(state.params, *helpers.device_batch(b))),
+        lambda b: sft.token_metrics(eval_sums(state.trainable, *helpers.device_batch(b))),
         eval_stream, derived=lambda means: sft.objective(means, 1.0))
     assert got["nll"] == pytest.approx(total / tokens, rel=1e-5)
     assert got["ppl"] == pytest.approx(np.exp(total / tokens), rel=1e-5)

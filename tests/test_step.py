@@ -18,6 +18,7 @@ import pytest
 from dpo_jax import eval_metrics
 from dpo_jax.logprobs import LogprobConfig
 from dpo_jax.step import make_eval_step, make_train_step
+from dpo_jax.train_state import Frozen
 from tests import helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -143,7 +144,7 @@ def test_step_metrics_match_numpy_on_the_models_logits(setup):
     for k, v in want.items():
         np.testing.assert_allclose(metrics[k], v, err_msg=k, **TOL)
 
-    pairs_of = jax.device_get(_eval_step(model)(params, ref_params, batch, max_scored))
+    pairs_of = jax.device_get(_eval_step(model)(params, Frozen(reference=ref_params), batch, max_scored))
     for k, v in want.items():
         assert pairs_of[k][1] == len(pairs), k
         np.testing.assert_allclose(pairs_of[k][0] / pairs_of[k][1], v, err_msg=k, **TOL)
@@ -193,7 +194,7 @@ def test_accumulated_micro_batches_give_the_big_batch_update(setup):
     (want_state, want), (got_state, got) = outputs
     for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/rejected", "grad_norm"):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for g, w in zip(helpers.leaves(got_state.params), helpers.leaves(want_state.params)):
+    for g, w in zip(helpers.leaves(got_state.trainable), helpers.leaves(want_state.trainable)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
@@ -207,10 +208,10 @@ def test_nonfinite_loss_with_skip_keeps_the_parameters(setup):
                                    helpers.step_config(), on_nonfinite="skip"),
                    static_argnums=2)
     state = helpers.train_state(model, params, tx, ref_params=ref_params)
-    before = helpers.leaves(state.params)
+    before = helpers.leaves(state.trainable)
     new_state, metrics = step(state, *helpers.device_batch(helpers.pair_batch(pairs)))
     assert float(metrics["nonfinite"]) == 1.0 and int(new_state.step) == 1
-    for a, b in zip(helpers.leaves(new_state.params), before):
+    for a, b in zip(helpers.leaves(new_state.trainable), before):
         np.testing.assert_array_equal(a, b)
 
 
@@ -231,13 +232,13 @@ def test_clipped_sgd_step_equals_the_hand_computed_update(setup):
 
     tx, schedule = helpers.optimizer(lr=lr, max_grad_norm=clip)
     state = helpers.train_state(model, params, tx, ref_params=ref_params)
-    before = helpers.leaves(state.params)
+    before = helpers.leaves(state.trainable)
     batch, max_scored = helpers.device_batch(helpers.pair_batch(pairs))
     new_state, metrics = _train_step(model, tx, schedule)(state, batch, max_scored)
     np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-4)
     assert float(metrics["lr"]) == lr and int(new_state.step) == 1
     scale = max(np.abs(w).max() for w in want)
-    for got_after, got_before, w in zip(helpers.leaves(new_state.params), before, want):
+    for got_after, got_before, w in zip(helpers.leaves(new_state.trainable), before, want):
         np.testing.assert_allclose(got_after - got_before, w, rtol=1e-3, atol=1e-4 * scale)
 
 
@@ -260,7 +261,8 @@ def test_padded_final_eval_batch_gives_the_unpadded_mean(setup, layout):
     assert ("seq_index" in batches[0]) == bool(layout)
 
     eval_step = _eval_step(model, forward_logprobs=LogprobConfig(seq_chunk=8, vocab_chunk=48))
-    sums = [eval_step(params, ref_params, *helpers.device_batch(b)) for b in batches]
+    sums = [eval_step(params, Frozen(reference=ref_params), *helpers.device_batch(b))
+            for b in batches]
     assert [float(s["loss"][1]) for s in sums] == [8.0, 4.0]
     means = eval_metrics.reduce(lambda s: s, sums)  # the one eval reduction
 

@@ -15,6 +15,7 @@ from dpo_jax import eval_metrics
 from dpo_jax.config import base_config
 from dpo_jax.optim import OptimConfig, make_optimizer
 from dpo_jax.step import make_eval_step, make_train_step
+from dpo_jax.train_state import Frozen
 from tests import helpers as h
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -27,7 +28,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     params = h.init_params(model)
     batch, bound = h.device_batch(h.pair_batch(h.synthetic_pairs(16)))
     sums = jax.device_get(make_eval_step(model, h.loss_config(), h.step_config())(
-        params, params, batch, bound))
+        params, Frozen(reference=params), batch, bound))
     means = eval_metrics.means(eval_metrics.add({}, sums))
     assert means["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
@@ -48,7 +49,7 @@ def _one_step(mesh_shape, model_fields=None, forward=None, grad_accum=1):
                         forward_logprobs=forward)
     new, metrics = jax.jit(make_train_step(model, h.loss_config(), tx, schedule, cfg),
                            static_argnums=2)(state, batch, bound)
-    grads = [a - b for a, b in zip(h.leaves(params), h.leaves(new.params))]
+    grads = [a - b for a, b in zip(h.leaves(params), h.leaves(new.trainable))]
     return {k: float(v) for k, v in jax.device_get(metrics).items()}, grads
 
 

@@ -27,28 +27,28 @@ def test_reference_mixes_every_tau_steps_and_keeps_shardings(alpha):
     ref0_np = helpers.leaves(ref0)  # host copy: the step donates the state
     tx, schedule = helpers.optimizer(lr=0.1)
     state = helpers.train_state(model, params, tx, ref_params=ref0)
-    shardings = jax.tree.map(lambda x: x.sharding, state.ref_params)
+    shardings = jax.tree.map(lambda x: x.sharding, state.frozen.reference)
     step = loop.jit_train_step(_step(model, tx, schedule, every=2, alpha=alpha), state)
     batch, max_scored = helpers.device_batch(helpers.pair_batch(helpers.synthetic_pairs(8)))
 
     state, _ = step(state, batch, max_scored)  # step 1: not a multiple of 2, reference kept
-    for a, b in zip(helpers.leaves(state.ref_params), ref0_np):
+    for a, b in zip(helpers.leaves(state.frozen.reference), ref0_np):
         np.testing.assert_array_equal(a, b)
     state, _ = step(state, batch, max_scored)  # step 2: ref = alpha * policy + (1 - alpha) * ref
-    policy = helpers.leaves(state.params)
-    for got, p, r in zip(helpers.leaves(state.ref_params), policy, ref0_np):
+    policy = helpers.leaves(state.trainable)
+    for got, p, r in zip(helpers.leaves(state.frozen.reference), policy, ref0_np):
         want = (alpha * p.astype(np.float64) + (1 - alpha) * r.astype(np.float64))
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
         if alpha == 1.0:
             np.testing.assert_array_equal(got, p)
     assert any(not np.array_equal(p, r) for p, r in zip(policy, ref0_np))
-    for x, s in zip(jax.tree.leaves(state.ref_params), jax.tree.leaves(shardings)):
+    for x, s in zip(jax.tree.leaves(state.frozen.reference), jax.tree.leaves(shardings)):
         assert x.sharding.is_equivalent_to(s, x.ndim)
 
     # Unjitted shardings are not pinned: the mix itself keeps them.
     plain = jax.jit(_step(model, tx, schedule, every=1, alpha=alpha), static_argnums=2)
     state2, _ = plain(state, batch, max_scored)
-    for x, s in zip(jax.tree.leaves(state2.ref_params), jax.tree.leaves(shardings)):
+    for x, s in zip(jax.tree.leaves(state2.frozen.reference), jax.tree.leaves(shardings)):
         assert x.sharding.is_equivalent_to(s, x.ndim)
 
 

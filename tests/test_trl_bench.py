@@ -2,17 +2,13 @@
 tokens/s, ratios to TRL's default and best, the first batch's log-prob agreement), checked
 against values worked out by hand. The benchmark itself (TRL and the real model) is not a test."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location(
-    "trl_vs_dpo_jax", os.path.join(REPO, "experiments", "bench", "trl_vs_dpo_jax.py"))
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from tests import helpers
+
+bench = helpers.load_module("experiments/bench/trl_vs_dpo_jax.py")
 
 
 def _result(name, steps, tokens=1000.0, chosen=(-10.0, -20.0), rejected=(-30.0, -5.0), **kw):

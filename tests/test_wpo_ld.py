@@ -13,6 +13,7 @@ from dpo_jax import losses
 from dpo_jax.config import base_config, read_config
 from dpo_jax.logprobs import DENSE, LogprobConfig, max_scored_tokens, sequence_logps
 from dpo_jax.step import StepConfig, make_eval_step
+from dpo_jax.train_state import Frozen
 from tests import helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -71,13 +72,10 @@ def test_ld_weights_in_packed_rows_count_within_each_sequence():
     shared = np.array([3.0, 2.0, 1.0, 4.0], np.float32)
     want, want_wpo = np.zeros(4), np.zeros(4)
     seen = np.zeros(4)
-    for r in range(2):
-        for t in range(1, 20):
-            if mask[r, t]:
-                s = seq_index[r, t]
-                seen[s] += 1
-                want[s] += target[r, t - 1] * (1.0 if seen[s] <= shared[s] else 0.5)
-                want_wpo[s] += target[r, t - 1] - log_sq[r, t - 1]
+    for s, r, t in helpers.packed_tokens(mask, seq_index):
+        seen[s] += 1
+        want[s] += target[r, t] * (1.0 if seen[s] <= shared[s] else 0.5)
+        want_wpo[s] += target[r, t] - log_sq[r, t]
     out = sequence_logps(h, ids, mask, w, b, LogprobConfig(seq_chunk=4, vocab_chunk=16),
                          max_scored=max_scored_tokens(mask), seq_index_RL=seq_index,
                          num_seqs=4, ld_shared_S=shared, ld_alpha=0.5, with_wpo=True)
@@ -138,7 +136,7 @@ def test_dpo_step_with_wpo_and_ld_matches_numpy(opts):
     loss_cfg = helpers.loss_config("sigmoid", beta=0.5, **opts)
     batch, n = helpers.device_batch(batch_np)
     sums = make_eval_step(model, loss_cfg, StepConfig(logprobs=LogprobConfig(seq_chunk=4)))(
-        params, ref_params, batch, n)
+        params, Frozen(reference=ref_params), batch, n)
     got = float(sums["loss"][0]) / float(sums["loss"][1])
 
     ids, pos, seg = (batch_np[k] for k in ("input_ids", "positions", "segment_ids"))

@@ -123,6 +123,25 @@ def seq_lengths_of(lengths: np.ndarray) -> np.ndarray:
     return np.concatenate([lengths[:, 0] + lengths[:, 1], lengths[:, 0] + lengths[:, 2]])
 
 
+ROW_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask", "seq_index")
+
+
+def empty_rows(n_rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """``n_rows`` rows of ``length`` positions, all padding: ``input_ids`` int32 (``pad_id``),
+    ``positions`` and ``segment_ids`` int32 0, ``loss_mask`` float32 0, ``seq_index`` int32 -1
+    (ARCHITECTURE.md's layout), for a materialiser to fill."""
+    shape = (n_rows, length)
+    return {"input_ids": np.full(shape, pad_id, np.int32), "positions": np.zeros(shape, np.int32),
+            "segment_ids": np.zeros(shape, np.int32), "loss_mask": np.zeros(shape, np.float32),
+            "seq_index": np.full(shape, -1, np.int32)}
+
+
+def placed_slots(plan: Plan, row_start: int, row_stop: int) -> list[int]:
+    """The slots ``plan`` places in rows ``row_start:row_stop``, in row then offset order."""
+    slots = [s for s in range(len(plan.row)) if row_start <= plan.row[s] < row_stop]
+    return sorted(slots, key=lambda s: (plan.row[s], plan.offset[s]))
+
+
 def materialise(plan: Plan, seqs: dict[int, tuple[np.ndarray, int]], row_start: int,
                 row_stop: int, pad_id: int) -> dict[str, np.ndarray]:
     """Rows ``row_start:row_stop`` of the batch described by ``plan``.
@@ -130,16 +149,10 @@ def materialise(plan: Plan, seqs: dict[int, tuple[np.ndarray, int]], row_start: 
     ``seqs`` maps slot -> (tokens, prompt length) and needs only the slots in those rows.
     ``loss_mask`` is 1 on response tokens (never the first token of a row: nothing predicts it);
     masks come from the plan, never from comparing ids with ``pad_id`` (pad may equal EOS)."""
-    n_rows, L = row_stop - row_start, plan.length
-    ids = np.full((n_rows, L), pad_id, np.int32)
-    pos = np.zeros((n_rows, L), np.int32)
-    seg = np.zeros((n_rows, L), np.int32)
-    mask = np.zeros((n_rows, L), np.float32)
-    sidx = np.full((n_rows, L), -1, np.int32)
-    slots = [s for s in range(len(plan.row)) if row_start <= plan.row[s] < row_stop]
-    slots.sort(key=lambda s: (plan.row[s], plan.offset[s]))
+    out = empty_rows(row_stop - row_start, plan.length, pad_id)
+    ids, pos, seg, mask, sidx = (out[k] for k in ROW_KEYS)
     next_seg: dict[int, int] = {}
-    for s in slots:
+    for s in placed_slots(plan, row_start, row_stop):
         tokens, p_len = seqs[s]
         r, o, n = int(plan.row[s]) - row_start, int(plan.offset[s]), len(tokens)
         ids[r, o:o + n] = tokens
@@ -148,7 +161,6 @@ def materialise(plan: Plan, seqs: dict[int, tuple[np.ndarray, int]], row_start: 
         seg[r, o:o + n] = next_seg[r]
         mask[r, o + max(p_len, 1):o + n] = 1.0
         sidx[r, o + max(p_len, 1):o + n] = s
-    out = {"input_ids": ids, "positions": pos, "segment_ids": seg, "loss_mask": mask}
-    if plan.packed:
-        out["seq_index"] = sidx
+    if not plan.packed:
+        del out["seq_index"]
     return out

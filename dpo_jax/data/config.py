@@ -50,6 +50,26 @@ TRUNCATION_MODES = ("keep_end", "keep_start", "error")
 FORMATS = ("pairs", "ranked", "unpaired")
 
 
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """``data.synthetic``: the synthetic task's generator, declared once: these defaults are
+    the block's in :func:`default_data_config`."""
+
+    vocab_size: int = 128  # EOS(0) + topic tokens + content tokens
+    num_topics: int = 4  # topic tokens 1..num_topics
+    prompt_len: tuple[int, int] = (4, 12)  # content tokens after the topic token, inclusive
+    response_len: tuple[int, int] = (6, 14)  # content tokens per response (+ EOS), inclusive
+    min_gap: float = 0.25  # chosen true reward - rejected true reward, at least
+    num_train: int = 4096  # train pairs
+    num_eval: int = 512  # eval pairs
+    train_seed: int = 0  # generator seed of the train split
+    eval_seed: int = 1  # generator seed of the eval split (differs so eval is held out)
+    num_responses: int = 4  # data.format='ranked': responses per prompt
+    # pairs / unpaired from the ranked lists instead: the best response vs a random lower one /
+    # every response labelled desirable when its true reward >= 0.5
+    from_lists: bool = False
+
+
 def default_data_config() -> ml_collections.ConfigDict:
     """The offline default: the synthetic task, no tokenizer, no files."""
     c = ml_collections.ConfigDict()
@@ -98,20 +118,15 @@ def default_data_config() -> ml_collections.ConfigDict:
     # a mixture: [{source, weight, path, splits, fields, ...}, ...] (data/mixture.py; [] = the
     # single source above); the other fields here are shared by every source
     c.sources = []
-    c.synthetic = ml_collections.ConfigDict()
-    c.synthetic.vocab_size = 128  # EOS(0) + topic tokens + content tokens
-    c.synthetic.num_topics = 4  # topic tokens 1..num_topics
-    c.synthetic.prompt_len = (4, 12)  # content tokens after the topic token, inclusive range
-    c.synthetic.response_len = (6, 14)  # content tokens per response (+ EOS), inclusive range
-    c.synthetic.min_gap = 0.25  # chosen true reward - rejected true reward, at least
-    c.synthetic.num_train = 4096  # train pairs
-    c.synthetic.num_eval = 512  # eval pairs
-    c.synthetic.train_seed = 0  # generator seed of the train split
-    c.synthetic.eval_seed = 1  # generator seed of the eval split (differs so eval is held out)
-    c.synthetic.num_responses = 4  # data.format='ranked': responses per prompt
-    # pairs / unpaired from the ranked lists instead: the best response vs a random lower one /
-    # every response labelled desirable when its true reward >= 0.5
-    c.synthetic.from_lists = False
+    # CHES filter (Razin et al. 2024, Section 6; dpo_jax/ches_filter.py): score the train pairs
+    # under the starting policy (one forward, cached by fingerprint) and drop / down-weight the
+    # pairs whose chosen and rejected responses look most alike to it
+    c.ches_filter = ml_collections.ConfigDict()
+    c.ches_filter.mode = ""  # '' = off | 'drop' | 'downweight'
+    c.ches_filter.score = "ln_ches"  # 'ln_ches' (length-normalised, the paper's filter) | 'ches'
+    c.ches_filter.quantile = 0.9  # pairs scoring above this quantile of the train scores go
+    c.ches_filter.weight = 0.1  # 'downweight': their pair weight is multiplied by this
+    c.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticConfig()))
     return c
 
 
@@ -127,21 +142,41 @@ def parse_buckets(value) -> list[int] | None:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class SyntheticConfig:
-    """``data.synthetic``: the synthetic task's generator (fields as ``default_data_config``)."""
+CHES_MODES = ("", "drop", "downweight")
+CHES_SCORES = ("ln_ches", "ches")
 
-    vocab_size: int
-    num_topics: int
-    prompt_len: tuple[int, int]
-    response_len: tuple[int, int]
-    min_gap: float
-    num_train: int
-    num_eval: int
-    train_seed: int
-    eval_seed: int
-    num_responses: int
-    from_lists: bool
+
+@dataclasses.dataclass(frozen=True)
+class ChesFilterConfig:
+    """``data.ches_filter`` (fields as in :func:`default_data_config`); ``mode`` '' = off."""
+
+    mode: str = ""
+    score: str = "ln_ches"
+    quantile: float = 0.9
+    weight: float = 0.1
+
+
+def read_ches_filter(block) -> ChesFilterConfig:
+    """The ``data.ches_filter`` block, checked. Raises ValueError naming the
+    ``data.ches_filter.*`` field for an unknown field or a bad value."""
+    given = dict(_plain(block) or {})
+    fields = dataclasses.asdict(ChesFilterConfig())
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise ValueError(f"data.ches_filter.{unknown[0]}: not a field of the block; fields: "
+                         f"{', '.join(fields)}")
+    cfg = ChesFilterConfig(**{**fields, **given})
+    if cfg.mode not in CHES_MODES:
+        raise ValueError(f"data.ches_filter.mode={cfg.mode!r}: expected one of {CHES_MODES}")
+    if cfg.score not in CHES_SCORES:
+        raise ValueError(f"data.ches_filter.score={cfg.score!r}: expected one of {CHES_SCORES}")
+    if not 0.0 < float(cfg.quantile) < 1.0:
+        raise ValueError(f"data.ches_filter.quantile={cfg.quantile!r}: must be in (0, 1) (the "
+                         "pairs above this quantile of the scores are filtered)")
+    if not 0.0 <= float(cfg.weight) < 1.0:
+        raise ValueError(f"data.ches_filter.weight={cfg.weight!r}: must be in [0, 1) (the "
+                         "filtered pairs' weight multiplier)")
+    return dataclasses.replace(cfg, quantile=float(cfg.quantile), weight=float(cfg.weight))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +225,7 @@ class DataConfig:
     shp_max_pairs_per_post: int
     sources: tuple["MixtureSource", ...]  # () = the single source above
     synthetic: SyntheticConfig
+    ches_filter: ChesFilterConfig = ChesFilterConfig()
 
     @property
     def spec(self) -> SourceSpec:
@@ -279,6 +315,16 @@ def _plain(value):
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
+def _with_defaults(given: dict, defaults: dict, where: str, what: str) -> dict:
+    """``defaults`` updated with ``given``; ValueError naming ``where.<field>`` for a field
+    ``defaults`` lacks."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: not a field of the {what}; fields: "
+                         f"{', '.join(sorted(defaults))}")
+    return {**defaults, **given}
+
+
 def read_data(block: Mapping[str, Any] | DataConfig) -> DataConfig:
     """The frozen ``data`` block, validated (:func:`validate`); fields the block lacks (a
     config written before they existed) take :func:`default_data_config`'s values. A
@@ -286,23 +332,14 @@ def read_data(block: Mapping[str, Any] | DataConfig) -> DataConfig:
     unknown field or a bad value."""
     if isinstance(block, DataConfig):
         return block
-    given = dict(_plain(block))
-    fields = default_data_config().to_dict()
-    unknown = sorted(set(given) - set(fields))
-    if unknown:
-        raise ValueError(f"data.{unknown[0]}: not a field of the data block; fields: "
-                         f"{', '.join(sorted(fields))}")
-    fields.update(given)
-    synthetic = default_data_config().synthetic.to_dict()
-    given_synthetic = dict(_plain(fields["synthetic"]) or {})
-    unknown = sorted(set(given_synthetic) - set(synthetic))
-    if unknown:
-        raise ValueError(f"data.synthetic.{unknown[0]}: not a field of the synthetic block; "
-                         f"fields: {', '.join(sorted(synthetic))}")
-    synthetic.update(given_synthetic)
+    defaults = default_data_config()
+    fields = _with_defaults(dict(_plain(block)), defaults.to_dict(), "data", "data block")
+    synthetic = _with_defaults(dict(_plain(fields["synthetic"]) or {}),
+                               defaults.synthetic.to_dict(), "data.synthetic", "synthetic block")
     synthetic.update(prompt_len=tuple(synthetic["prompt_len"]),
                      response_len=tuple(synthetic["response_len"]))
     fields["synthetic"] = SyntheticConfig(**synthetic)
+    fields["ches_filter"] = read_ches_filter(fields["ches_filter"])
     entries = list(_plain(fields["sources"]) or ())
     fields["sources"] = ()
     cfg = DataConfig(**fields)

@@ -46,6 +46,18 @@ class BadRows:
         if sum(self.counts.values()) <= self._max_logged:
             log.warning("skipping bad row: %s", err)
 
+    def keep(self, items: list, encode) -> tuple[list, list[int]]:
+        """``([encode(i, item) of the items it takes], [their indices])``: an item whose
+        ``encode`` raises DataError is a bad row (:meth:`handle`)."""
+        out, kept = [], []
+        for i, item in enumerate(items):
+            try:
+                out.append(encode(i, item))
+                kept.append(i)
+            except DataError as e:
+                self.handle(e)
+        return out, kept
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

@@ -170,10 +170,7 @@ class PreferencePipeline(BatchStream):
         """This host's rows of global batch ``position`` of ``epoch`` (pure: no state change)."""
         idx, weight = self.batch_items(epoch, position)
         B = self.global_batch_size
-        make_plan = prefix.make_plan if self.prefix_sharing else batching.make_plan
-        plan = make_plan(self._unit_lengths(idx), self.buckets, bool(self.cfg.packing),
-                         self.pack_length, self.row_multiple)
-        r0, r1 = self.host_rows(plan.rows)
+        plan, r0, r1 = self.plan_rows(idx)
         if self.prefix_sharing:  # unit s: pair s's prompt and both responses
             units = {}
             for s in range(B):
@@ -189,6 +186,14 @@ class PreferencePipeline(BatchStream):
                 resp = pair["chosen"] if s < B else pair["rejected"]
                 seqs[s] = (np.concatenate([pair["prompt"], resp]), len(pair["prompt"]))
         return self._finish(idx, weight, batching.materialise(plan, seqs, r0, r1, self.pad_id))
+
+    def plan_rows(self, idx: np.ndarray):
+        """``(plan, r0, r1)``: the rows of the batch of items ``idx`` (``prefix.make_plan``
+        with prefix sharing, else ``batching.make_plan``) and this host's block ``[r0, r1)``."""
+        make_plan = prefix.make_plan if self.prefix_sharing else batching.make_plan
+        plan = make_plan(self._unit_lengths(idx), self.buckets, bool(self.cfg.packing),
+                         self.pack_length, self.row_multiple)
+        return (plan, *self.host_rows(plan.rows))
 
     def _finish(self, idx: np.ndarray, weight: np.ndarray, out: dict) -> dict[str, np.ndarray]:
         """A batch's rows with this host's block of the per-pair arrays added."""

@@ -76,17 +76,12 @@ def materialise(plan: batching.Plan, units: dict[int, tuple[np.ndarray, list[np.
     needs only the pairs in those rows. Returns the ARCHITECTURE.md keys (``input_ids``,
     ``positions``, ``segment_ids``, ``loss_mask``, ``seq_index``) plus ``branch_ids`` int32
     [rows, L]. Masks come from the plan, never from comparing ids with ``pad_id``."""
-    n_rows, L, B = row_stop - row_start, plan.length, len(plan.row)
-    ids = np.full((n_rows, L), pad_id, np.int32)
-    pos = np.zeros((n_rows, L), np.int32)
-    seg = np.zeros((n_rows, L), np.int32)
-    branch = np.zeros((n_rows, L), np.int32)
-    mask = np.zeros((n_rows, L), np.float32)
-    sidx = np.full((n_rows, L), -1, np.int32)
-    slots = sorted((s for s in range(B) if row_start <= plan.row[s] < row_stop),
-                   key=lambda s: (plan.row[s], plan.offset[s]))
+    B = len(plan.row)
+    rows = batching.empty_rows(row_stop - row_start, plan.length, pad_id)
+    ids, pos, seg, mask, sidx = (rows[k] for k in batching.ROW_KEYS)
+    branch = np.zeros_like(seg)
     next_seg: dict[int, int] = {}
-    for s in slots:
+    for s in batching.placed_slots(plan, row_start, row_stop):
         prompt, responses = units[s]
         tokens, positions, branches, scored = unit_columns(prompt, responses)
         r, o, n = int(plan.row[s]) - row_start, int(plan.offset[s]), len(tokens)

@@ -257,10 +257,7 @@ class SlotPipeline(PreferencePipeline):
     def batch_at(self, epoch: int, position: int) -> dict[str, np.ndarray]:
         idx, weight = self.batch_items(epoch, position)
         B, K = self.global_batch_size, self.num_slots
-        make_plan = prefix.make_plan if self.prefix_sharing else batching.make_plan
-        plan = make_plan(self._unit_lengths(idx), self.buckets, bool(self.cfg.packing),
-                         self.pack_length, self.row_multiple)
-        r0, r1 = self.host_rows(plan.rows)
+        plan, r0, r1 = self.plan_rows(idx)
         if self.prefix_sharing:
             units = {j: self.unit(idx, j) for j in range(B) if r0 <= plan.row[j] < r1}
             rows = prefix.materialise(plan, units, r0, r1, self.pad_id)

@@ -63,16 +63,22 @@ def _sample_response(task: SyntheticTask, rng: np.random.Generator, topic: int, 
     return np.concatenate([tokens, [EOS_ID]]).astype(np.int32)
 
 
+def _sample_prompt(task: SyntheticTask, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """``(topic, prompt)``: a topic in 1..num_topics, then the int32 prompt of that topic
+    token followed by ``prompt_len`` uniform content tokens (drawn in that order)."""
+    topic = int(rng.integers(1, task.num_topics + 1))
+    n_prompt = int(rng.integers(task.prompt_len[0], task.prompt_len[1] + 1))
+    prompt = np.concatenate(
+        [[topic], rng.integers(task.first_content, task.vocab_size, n_prompt)]).astype(np.int32)
+    return topic, prompt
+
+
 def make_pairs(task: SyntheticTask, num_pairs: int, seed: int) -> list[dict[str, np.ndarray]]:
     """``num_pairs`` tokenised pairs ``{prompt, chosen, rejected}``, EOS ending each response."""
     rng = np.random.default_rng(seed)
     pairs = []
     while len(pairs) < num_pairs:
-        topic = int(rng.integers(1, task.num_topics + 1))
-        n_prompt = int(rng.integers(task.prompt_len[0], task.prompt_len[1] + 1))
-        prompt = np.concatenate(
-            [[topic], rng.integers(task.first_content, task.vocab_size, n_prompt)]
-        ).astype(np.int32)
+        topic, prompt = _sample_prompt(task, rng)
         a = _sample_response(task, rng, topic, rng.random())
         b = _sample_response(task, rng, topic, rng.random())
         ra, rb = true_reward(task, prompt, a), true_reward(task, prompt, b)
@@ -92,11 +98,7 @@ def make_ranked(task: SyntheticTask, num_prompts: int, seed: int, num_responses:
     rng = np.random.default_rng([seed, 4099])
     items = []
     for _ in range(num_prompts):
-        topic = int(rng.integers(1, task.num_topics + 1))
-        n_prompt = int(rng.integers(task.prompt_len[0], task.prompt_len[1] + 1))
-        prompt = np.concatenate(
-            [[topic], rng.integers(task.first_content, task.vocab_size, n_prompt)]
-        ).astype(np.int32)
+        topic, prompt = _sample_prompt(task, rng)
         responses = [_sample_response(task, rng, topic, rng.random())
                      for _ in range(num_responses)]
         scores = np.asarray([true_reward(task, prompt, r) for r in responses], np.float32)

@@ -133,17 +133,26 @@ class PairTokenizer:
         return self.tok.apply_chat_template(messages, tokenize=False,
                                             add_generation_prompt=generation_prompt)
 
-    def _template_turn_end(self) -> int | None:
-        """The special token the chat template puts after an assistant message's content
-        (ChatML '<|im_end|>', Llama-3 '<|eot_id|>', Llama-2/Mistral '</s>'), else None."""
+    def _render_probe(self, with_answer: bool) -> tuple[str, str] | None:
+        """The chat template's rendering of a one-message user turn with the generation
+        prompt, then of that turn without it (``with_answer``: followed by the assistant
+        message ``_PROBE``); None without a template or when it refuses the conversation."""
         if not getattr(self.tok, "chat_template", None):
             return None
         user = [{"role": "user", "content": "hi"}]
+        answer = [{"role": "assistant", "content": _PROBE}] if with_answer else []
         try:
-            prompt = self._render(user, True)
-            full = self._render(user + [{"role": "assistant", "content": _PROBE}], False)
-        except Exception:  # a template that refuses this conversation: no known turn end
+            return self._render(user, True), self._render(user + answer, False)
+        except Exception:  # a template that refuses this conversation
             return None
+
+    def _template_turn_end(self) -> int | None:
+        """The special token the chat template puts after an assistant message's content
+        (ChatML '<|im_end|>', Llama-3 '<|eot_id|>', Llama-2/Mistral '</s>'), else None."""
+        rendered = self._render_probe(with_answer=True)
+        if rendered is None:  # no template, or no known turn end
+            return None
+        prompt, full = rendered
         if not full.startswith(prompt) or _PROBE not in full[len(prompt):]:
             return None
         after = self._ids([full[full.rindex(_PROBE) + len(_PROBE):]])[0]
@@ -159,13 +168,10 @@ class PairTokenizer:
         return first + tuple(sorted(self.end_ids - set(first)))
 
     def _template_header(self) -> str | None:
-        if not getattr(self.tok, "chat_template", None):
+        rendered = self._render_probe(with_answer=False)
+        if rendered is None:
             return None
-        user = [{"role": "user", "content": "hi"}]
-        try:
-            gen, plain = self._render(user, True), self._render(user, False)
-        except Exception:  # a template that refuses this conversation
-            return None
+        gen, plain = rendered
         return gen[len(plain):] if gen.startswith(plain) else None
 
     def check_response_start(self, prompt: str | list[dict], text: str, *, field: str,
@@ -356,32 +362,21 @@ class PairTokenizer:
         raw_prompts = self.raw_prompt_ids([p.prompt for p in pairs])
         joined = [self.joined_texts(p.prompt, [p.chosen, p.rejected]) for p in pairs]
         ids = [self._ids([j[k] for j in joined]) for k in (0, 1)]
-        out: list[TokenPair] = []
-        kept: list[int] = []
-        for i, pair in enumerate(pairs):
-            try:
-                raw_prompt = raw_prompts[i]
-                responses = []
-                for field, joined_ids in zip(("chosen", "rejected"), (ids[0][i], ids[1][i])):
-                    self.check_response_start(pair.prompt, getattr(pair, field), field=field,
-                                              file=pair.file, row=pair.row)
-                    resp = split_at_prompt(raw_prompt, joined_ids)
-                    if resp is None:
-                        raise self._boundary_error(pair, field, raw_prompt, joined_ids)
-                    responses.append(self.finish_response(resp, pair.is_chat))
-                prompt, chosen, rejected = self.truncate(self.finish_prompt(list(raw_prompt)),
-                                                         *responses, pair)
-                tokens = {k: np.asarray(v, np.int32) for k, v in
-                          (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))}
-                if pair.weight != 1.0:  # data.weight_field; absent means 1
-                    tokens["weight"] = np.asarray(pair.weight, np.float32)
-                check_scored_pair(tokens, end_ids=self.end_ids, is_blank=self.is_blank,
-                                  file=pair.file, row=pair.row)
-                out.append(tokens)
-                kept.append(i)
-            except DataError as e:
-                bad.handle(e)
-        return out, kept
+
+        def one(i: int, pair: RawPair) -> TokenPair:
+            responses = self._responses(pair, raw_prompts[i], ("chosen", "rejected"),
+                                        (pair.chosen, pair.rejected), (ids[0][i], ids[1][i]))
+            prompt, chosen, rejected = self.truncate(self.finish_prompt(list(raw_prompts[i])),
+                                                     *responses, pair)
+            tokens = {k: np.asarray(v, np.int32) for k, v in
+                      (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))}
+            if pair.weight != 1.0:  # data.weight_field; absent means 1
+                tokens["weight"] = np.asarray(pair.weight, np.float32)
+            check_scored_pair(tokens, end_ids=self.end_ids, is_blank=self.is_blank,
+                              file=pair.file, row=pair.row)
+            return tokens
+
+        return bad.keep(pairs, one)
 
     def encode_lists(self, items: list, bad: BadRows, check=None
                      ) -> tuple[list[tuple[np.ndarray, list[np.ndarray]]], list[int]]:
@@ -394,32 +389,38 @@ class PairTokenizer:
         raw_prompts = self.raw_prompt_ids([p.prompt for p in items])
         joined = [self.joined_texts(p.prompt, list(p.responses)) for p in items]
         flat = self._ids([t for j in joined for t in j])
-        out, kept, at = [], [], 0
-        for i, item in enumerate(items):
-            texts_ids, at = flat[at:at + len(joined[i])], at + len(joined[i])
-            try:
-                raw_prompt = raw_prompts[i]
-                responses = []
-                for k, joined_ids in enumerate(texts_ids):
-                    self.check_response_start(item.prompt, item.responses[k],
-                                              field=f"responses[{k}]", file=item.file,
-                                              row=item.row)
-                    resp = split_at_prompt(raw_prompt, joined_ids)
-                    if resp is None:
-                        raise self._boundary_error(item, f"responses[{k}]", raw_prompt,
-                                                   joined_ids)
-                    responses.append(self.finish_response(resp, item.is_chat))
-                prompt, responses = self.truncate_responses(
-                    self.finish_prompt(list(raw_prompt)), responses, item)
-                prompt = np.asarray(prompt, np.int32)
-                responses = [np.asarray(r, np.int32) for r in responses]
-                if check is not None:
-                    check(prompt, responses, item)
-                out.append((prompt, responses))
-                kept.append(i)
-            except DataError as e:
-                bad.handle(e)
-        return out, kept
+        ends = np.cumsum([len(j) for j in joined]).tolist()
+
+        def one(i: int, item) -> tuple[np.ndarray, list[np.ndarray]]:
+            texts_ids = flat[ends[i] - len(joined[i]):ends[i]]
+            fields = [f"responses[{k}]" for k in range(len(texts_ids))]
+            responses = self._responses(item, raw_prompts[i], fields, item.responses, texts_ids)
+            prompt, responses = self.truncate_responses(
+                self.finish_prompt(list(raw_prompts[i])), responses, item)
+            prompt = np.asarray(prompt, np.int32)
+            responses = [np.asarray(r, np.int32) for r in responses]
+            if check is not None:
+                check(prompt, responses, item)
+            return prompt, responses
+
+        return bad.keep(items, one)
+
+    def _responses(self, item, raw_prompt: list[int], fields, texts, joined_ids
+                   ) -> list[list[int]]:
+        """The response ids of ``item`` (a raw pair, list or unpaired row), one per ``fields``
+        name, response text and ids of the prompt + response text joined: cut at the
+        prompt's end (``split_at_prompt``) and finished (one end token). Raises DataError,
+        naming the field, for a response that repeats the template's assistant header or a
+        prompt end that the joined text's tokens cross."""
+        responses = []
+        for field, text, ids in zip(fields, texts, joined_ids):
+            self.check_response_start(item.prompt, text, field=field, file=item.file,
+                                      row=item.row)
+            resp = split_at_prompt(raw_prompt, ids)
+            if resp is None:
+                raise self._boundary_error(item, field, raw_prompt, ids)
+            responses.append(self.finish_response(resp, item.is_chat))
+        return responses
 
     def __call__(self, pairs: list[RawPair], bad: BadRows) -> list[TokenPair]:
         """Tokenise all pairs (see ``encode``)."""

@@ -63,7 +63,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
 
     Options a loss declares are typed placeholders, None until set (so `--config.loss.<option>=`
     works on the command line): None means "not set", and `loss_config_from` fills the declared
-    default. `name`, `beta` and `router_aux_loss_coef` hold their defaults.
+    default. `name` and `beta` hold their defaults (`router_aux_loss_coef` None: the model's,
+    resolved by the step, `models.moe.router_aux_coef`).
     """
     cfg = ml_collections.ConfigDict()
     for option in options():

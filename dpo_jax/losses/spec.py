@@ -129,9 +129,10 @@ FEATURE_OPTIONS: tuple[Option, ...] = (
     Option("ld_alpha", float, None, "LD-DPO: weight of the tokens past the shorter response in "
            "every summed log-prob, policy and reference (TRL `ld_alpha`)", low=0.0, high=1.0,
            default_doc="None (off)"),
-    Option("router_aux_loss_coef", float, 0.0, "mixture-of-experts policies: weight of the "
-           "router's load-balancing loss added to the loss; a model without experts refuses > 0",
-           low=0.0, fixed=True),
+    Option("router_aux_loss_coef", float, None, "mixture-of-experts policies: weight of the "
+           "router's load-balancing loss added to the loss (None: the model config's "
+           "`router_aux_loss_coef`, as TRL 1.16; 0: off); a model without experts refuses > 0",
+           low=0.0, default_doc="None (the model's; 0 without experts)"),
 )
 GENERAL_OPTIONS = BASE_OPTIONS + FEATURE_OPTIONS
 

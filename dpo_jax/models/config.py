@@ -1,6 +1,6 @@
 """ModelConfig: one frozen dataclass whose named switches select GPT-2, GPT-NeoX, GPT-J, the
 Llama family (Llama 2/3, Mistral, Qwen2), Qwen3, Gemma 2, Gemma 3, Phi-3, or the
-mixture-of-experts Mixtral and Qwen2-MoE.
+mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 Why one decoder with switches rather than one model class per family: the DPO trainer, sharding
 rules, checkpointing and the HF importer all see the same parameter tree layout; the families
@@ -18,7 +18,7 @@ from typing import Any
 # The family chooses the HF tensor-name map and the model_type written on export; every
 # difference in the computation is a separate switch below.
 FAMILIES = ("gpt2", "neox", "gptj", "llama", "qwen3", "gemma2", "gemma3", "phi3", "mixtral",
-            "qwen2_moe")
+            "qwen2_moe", "qwen3_moe")
 LAYER_TYPES = ("full", "sliding")
 
 
@@ -57,6 +57,12 @@ class ModelConfig:
     # norm_topk_prob); False: the top-k softmax probabilities as they are
     shared_expert_d_ff: int = 0  # > 0: a gated MLP of this width on every token, times
     # sigmoid(x . shared_gate) (Qwen2-MoE's shared expert)
+    moe_impl: str = "sparse"  # sparse (dropless grouped dispatch) | dense (reference)
+    moe_kernel: str | None = None  # sparse's grouped matmul: ragged_dot | tiled | None (by
+    # backend: tiled on CPU, ragged_dot on TPU / GPU; models/moe_dispatch.py)
+    moe_tile: int = 128  # rows per tile of the tiled kernel
+    router_aux_loss_coef: float = 0.0  # the router loss weight the checkpoint declares
+    # (config.json, else transformers' class default); loss.router_aux_loss_coef=None uses it
     # positions
     position: str = "learned"  # learned | rotary
     rotary_dim: int | None = None  # per-head dims that are rotated (NeoX rotary_pct * head_dim)
@@ -166,9 +172,16 @@ class ModelConfig:
             raise ValueError(f"n_experts ({self.n_experts}) and shared_expert_d_ff "
                              f"({self.shared_expert_d_ff}) must be >= 0")
         if not self.n_experts:
-            if self.shared_expert_d_ff:
-                raise ValueError("shared_expert_d_ff needs n_experts > 0")
+            if self.shared_expert_d_ff or self.router_aux_loss_coef:
+                raise ValueError("shared_expert_d_ff and router_aux_loss_coef need n_experts > 0")
             return
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        if self.moe_impl not in ("sparse", "dense") or self.moe_kernel not in (
+                None, "ragged_dot", "tiled") or self.moe_tile < 1:
+            raise ValueError(f"moe_impl must be 'sparse' or 'dense' (got {self.moe_impl!r}), "
+                             f"moe_kernel None, 'ragged_dot' or 'tiled' (got "
+                             f"{self.moe_kernel!r}), moe_tile >= 1 (got {self.moe_tile})")
         if not 1 <= self.n_experts_per_tok <= self.n_experts:
             raise ValueError(f"n_experts_per_tok must be in [1, n_experts={self.n_experts}], "
                              f"got {self.n_experts_per_tok}")
@@ -233,9 +246,10 @@ _GEMMA3 = dict(_GEMMA, family="gemma3", qk_norm=True, rope_theta=1000000.0,
                local_rope_theta=10000.0)
 _PHI3 = dict(_LLAMA, family="phi3")
 _MIXTRAL = dict(_LLAMA, family="mixtral", n_experts=8, n_experts_per_tok=2, rope_theta=1e6,
-                norm_eps=1e-5)
+                norm_eps=1e-5, router_aux_loss_coef=0.02)  # Mixtral-8x7B's config.json
 _QWEN2_MOE = dict(_LLAMA, family="qwen2_moe", qkv_bias=True, moe_renormalize=False,
-                  norm_eps=1e-6)
+                  norm_eps=1e-6, router_aux_loss_coef=0.001)
+_QWEN3_MOE = dict(_QWEN3, family="qwen3_moe", moe_renormalize=True, router_aux_loss_coef=0.001)
 
 
 def _alternate(n_layer: int, every: int) -> tuple[str, ...]:
@@ -310,6 +324,9 @@ PRESETS: dict[str, dict] = {
                               n_head=16, n_kv_head=16, d_ff=5632, max_len=8192,
                               rope_theta=1e6, n_experts=60, n_experts_per_tok=4, moe_d_ff=1408,
                               shared_expert_d_ff=5632, tie_embeddings=False),
+    "qwen3-30b-a3b": dict(_QWEN3_MOE, n_layer=48, d_model=2048, n_head=32, n_kv_head=4,
+                          d_ff=6144, n_experts=128, n_experts_per_tok=8, moe_d_ff=768,
+                          tie_embeddings=False),
 }
 
 

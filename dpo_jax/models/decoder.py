@@ -323,23 +323,26 @@ class Decoder(nnx.Module):
 
     def __call__(self, ids_BT: jax.Array, positions_BT: jax.Array,
                  segment_ids_BT: jax.Array, branch_ids_BT: jax.Array | None = None,
-                 router_aux: bool = False):
+                 router_aux: bool = False, routing: bool = False):
         """Hidden states [B, T, D] after the final norm, in the compute dtype. branch_ids_BT:
         prefix-shared rows' branch per token (see layers.segment_causal_mask) or None.
         router_aux=True (mixture-of-experts configs only): (hidden, the router's load-balancing
-        loss over the real tokens, moe.load_balancing_loss)."""
+        loss over the real tokens, moe.load_balancing_loss). routing=True (mixture-of-experts
+        only): (hidden, that loss or None, each layer's sorted top-k expert ids [L, B, T, K]
+        int32, moe.routing_agreement)."""
         h_BTD, ropes = self._embed(ids_BT, positions_BT)
         masks = {kind: segment_causal_mask(
             segment_ids_BT, self.cfg.sliding_window if kind == "sliding" else None,
             branch_ids_BT, positions_BT)
             for kind in _layer_kinds(self.cfg)}
         h_BTD, _, router = self._run_layers(h_BTD, ropes, masks)
-        if router_aux:
-            if router is None:
-                raise ValueError("router_aux=True (e.g. loss.router_aux_loss_coef > 0) needs a "
-                                 "mixture-of-experts model (n_experts > 0)")
-            return self.final_norm(h_BTD), moe.load_balancing_loss(router, segment_ids_BT != 0)
-        return self.final_norm(h_BTD)
+        if (router_aux or routing) and router is None:
+            raise ValueError("router_aux=True (e.g. loss.router_aux_loss_coef > 0) and routing="
+                             "True need a mixture-of-experts model (n_experts > 0)")
+        aux = moe.load_balancing_loss(router, segment_ids_BT != 0) if router_aux else None
+        if routing:
+            return self.final_norm(h_BTD), aux, router[2]
+        return (self.final_norm(h_BTD), aux) if router_aux else self.final_norm(h_BTD)
 
     def decode(self, ids_BT: jax.Array, positions_BT: jax.Array, cache: Cache,
                segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, Cache]:

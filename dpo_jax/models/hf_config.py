@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.hf_moe import MOE_MODEL_TYPES, moe_config_json, moe_fields
 from dpo_jax.models.hf_fields import (  # noqa: F401  (re-exported)
     SUPPORTED_MODEL_TYPES, check_fields, model_type_of)
 
@@ -125,7 +126,8 @@ def _layer_types(c: dict, mt: str, n_layer: int) -> dict:
     """sliding_window and per-layer types from config.json, with each model_type's defaults as
     transformers applies them (sliding windows are honoured, never dropped)."""
     window = c.get("sliding_window", 4096 if mt in ("mistral", "gemma2", "gemma3_text") else None)
-    if mt in ("qwen2", "qwen3", "qwen2_moe") and not c.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not c.get("use_sliding_window",
+                                                                         False):
         window = None
     if window is None:
         return {}
@@ -181,8 +183,8 @@ def _llama_like(c: dict, mt: str) -> dict:
                   mlp_bias=bool(c.get("mlp_bias", False)))
     elif mt in ("mistral", "qwen2"):
         kw.update(family="llama", qkv_bias=mt == "qwen2")
-    elif mt in ("mixtral", "qwen2_moe"):
-        kw.update(_moe(c, mt))
+    elif mt in MOE_MODEL_TYPES:
+        kw.update(moe_fields(c, mt))
     elif mt == "qwen3":
         bias = bool(c.get("attention_bias", False))
         kw.update(family="qwen3", qk_norm=True, qkv_bias=bias, attn_out_bias=bias)
@@ -201,37 +203,14 @@ def _llama_like(c: dict, mt: str) -> dict:
     return kw
 
 
-def _moe(c: dict, mt: str) -> dict:
-    """Mixtral / Qwen2-MoE: the experts, the router's normalisation and (Qwen2-MoE) the shared
-    expert and q/k/v biases. Settings that would make a different model or a different
-    training objective are ValueErrors naming the field and value."""
-    if c.get("output_router_logits"):
-        raise ValueError(
-            f"config.json field 'output_router_logits' = {c['output_router_logits']!r} "
-            f"(model_type {mt!r}) asks for TRL's router auxiliary loss with weight "
-            f"router_aux_loss_coef = {c.get('router_aux_loss_coef')!r}; in dpo_jax the run config "
-            "sets it: set loss.router_aux_loss_coef to that weight and output_router_logits to "
-            "false in config.json")
-    if mt == "mixtral":
-        if c.get("router_jitter_noise") not in (None, 0, 0.0):
-            raise ValueError(f"config.json field 'router_jitter_noise' = "
-                             f"{c['router_jitter_noise']!r} (model_type 'mixtral') is not "
-                             "implemented; only 0 is (no multiplicative noise on the router "
-                             "input in training)")
-        return dict(family="mixtral", n_experts=c.get("num_local_experts", 8),
-                    n_experts_per_tok=c.get("num_experts_per_tok", 2), moe_renormalize=True)
-    step, only = c.get("decoder_sparse_step", 1), c.get("mlp_only_layers") or []
-    if step != 1 or only:
-        field, value = ("decoder_sparse_step", step) if step != 1 else ("mlp_only_layers", only)
-        raise ValueError(f"config.json field {field!r} = {value!r} (model_type 'qwen2_moe') is "
-                         "not implemented: every layer must be a mixture-of-experts layer "
-                         "(decoder_sparse_step 1, mlp_only_layers [])")
-    bias = bool(c.get("qkv_bias", True))
-    return dict(family="qwen2_moe", qkv_bias=bias, n_experts=c.get("num_experts", 60),
-                n_experts_per_tok=c.get("num_experts_per_tok", 4),
-                moe_d_ff=c.get("moe_intermediate_size", 1408),
-                shared_expert_d_ff=c.get("shared_expert_intermediate_size", 5632),
-                moe_renormalize=bool(c.get("norm_topk_prob", False)))
+def _gpt2_fields(c: dict) -> dict:
+    """The ModelConfig fields that GPT-2 and GPT-J configs name alike (``n_embd``, ``n_layer``,
+    ``n_head``, ``n_inner``, ``n_positions``, ``layer_norm_epsilon``, ``activation_function``)."""
+    d = c["n_embd"]
+    return dict(vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d, n_head=c["n_head"],
+                d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
+                norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                activation=_act(c.get("activation_function", "gelu_new")))
 
 
 def hf_config_to_model_config(c: dict, source: str = "config.json",
@@ -243,11 +222,7 @@ def hf_config_to_model_config(c: dict, source: str = "config.json",
     c = {**c, "model_type": mt}
     check_fields(c, source)
     if mt == "gpt2":
-        d = c["n_embd"]
-        kw = dict(family="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d,
-                  n_head=c["n_head"], d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
-                  norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                  activation=_act(c.get("activation_function", "gelu_new")),
+        kw = dict(family="gpt2", **_gpt2_fields(c),
                   tie_embeddings=c.get("tie_word_embeddings", True))
     elif mt == "gpt_neox":
         d, n = c["hidden_size"], c["num_attention_heads"]
@@ -265,12 +240,9 @@ def hf_config_to_model_config(c: dict, source: str = "config.json",
                   qkv_bias=c.get("attention_bias", True),
                   attn_out_bias=c.get("attention_bias", True), **rope)
     elif mt == "gptj":
-        d = c["n_embd"]
-        kw = dict(family="gptj", vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=d,
-                  n_head=c["n_head"], d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"],
-                  norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                  activation=_act(c.get("activation_function", "gelu_new")), position="rotary",
-                  rotary_dim=c.get("rotary_dim") or d // c["n_head"], rotary_style="interleaved",
+        kw = dict(family="gptj", **_gpt2_fields(c), position="rotary",
+                  rotary_dim=c.get("rotary_dim") or c["n_embd"] // c["n_head"],
+                  rotary_style="interleaved",
                   parallel_residual=True, shared_norm=True, tie_embeddings=False,
                   qkv_bias=False, attn_out_bias=False, lm_head_bias=True,
                   rope_theta=float(c.get("rope_theta", 10000.0)))
@@ -340,11 +312,11 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
             "original_max_position_embeddings": cfg.rope_original_max_len})
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}[cfg.activation]
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
+    gpt2_fields = dict(n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_inner=cfg.d_ff, n_positions=cfg.max_len, layer_norm_epsilon=cfg.norm_eps,
+                       activation_function=act, **common)  # GPT-2's and GPT-J's names
     if cfg.family == "gpt2":
-        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model,
-                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
-                    n_positions=cfg.max_len, layer_norm_epsilon=cfg.norm_eps,
-                    activation_function=act, **common)
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], **gpt2_fields)
     if cfg.family == "neox":
         return dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"],
                     hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
@@ -355,10 +327,8 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
                     use_parallel_residual=cfg.parallel_residual,
                     attention_bias=cfg.qkv_bias, **common)
     if cfg.family == "gptj":
-        return dict(model_type="gptj", architectures=["GPTJForCausalLM"], n_embd=cfg.d_model,
-                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
-                    n_positions=cfg.max_len, rotary_dim=cfg.rotary_dim,
-                    layer_norm_epsilon=cfg.norm_eps, activation_function=act, **common)
+        return dict(model_type="gptj", architectures=["GPTJForCausalLM"],
+                    rotary_dim=cfg.rotary_dim, **gpt2_fields)
     sliding: dict[str, Any] = {}
     if cfg.sliding_window is not None:
         sliding = dict(sliding_window=cfg.sliding_window, layer_types=[
@@ -395,18 +365,8 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
                     final_logit_softcapping=cfg.final_logit_softcap,
                     sliding_window=cfg.sliding_window, layer_types=sliding.get("layer_types"),
                     **extra, **body)
-    if cfg.family == "mixtral":
-        return dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_act=act,
-                    sliding_window=cfg.sliding_window, num_local_experts=cfg.n_experts,
-                    num_experts_per_tok=cfg.n_experts_per_tok, **body)
-    if cfg.family == "qwen2_moe":
-        return dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"],
-                    hidden_act=act, qkv_bias=cfg.qkv_bias, use_sliding_window=bool(sliding),
-                    **sliding, num_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_tok,
-                    moe_intermediate_size=cfg.moe_d_ff,
-                    shared_expert_intermediate_size=cfg.shared_expert_d_ff,
-                    norm_topk_prob=cfg.moe_renormalize, decoder_sparse_step=1, mlp_only_layers=[],
-                    **body)
+    if cfg.n_experts:
+        return moe_config_json(cfg, act, sliding, body)
     if cfg.family == "phi3":
         if cfg.rope_scaling == "longrope":  # Phi3Config also reads it outside rope_scaling
             body["original_max_position_embeddings"] = cfg.rope_original_max_len
@@ -422,7 +382,7 @@ def _number(x: float | None) -> float | int | None:
 
 
 _EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk",
-                     "scan_layers", "init_std")
+                     "scan_layers", "init_std", "moe_impl", "moe_kernel", "moe_tile")
 
 
 def check_exportable(cfg: ModelConfig, hf_cfg: dict) -> None:

@@ -107,7 +107,8 @@ def model_config_from(model_block) -> ModelConfig:
     overrides = {k: v for k, v in m.overrides.items() if v is not None}
     overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                      scan_layers=m.scan_layers, attention_impl=m.attention_impl or None,
-                     attention_chunk=m.attention_chunk)
+                     attention_chunk=m.attention_chunk,
+                     moe_impl=m.get("moe_impl", "sparse"), moe_kernel=m.get("moe_kernel") or None)
     if m.hf_path:
         return load_hf_config(m.hf_path, **overrides)
     return preset(m.preset, **overrides)

@@ -45,8 +45,8 @@ TASK_HEAD = frozenset({
     "id2label", "label2id", "num_labels", "_num_labels", "problem_type", "summary_type",
     "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout"})
 # 4. Training-only settings: initialisation, gradient checkpointing, the router loss weight
-#    (TRL applies it only with output_router_logits, refused in hf_config._moe; dpo_jax's run
-#    config sets loss.router_aux_loss_coef). Any "*dropout*" / "*pdrop" field is dropout,
+#    (inert for dense models; the mixture-of-experts types read it into
+#    ModelConfig.router_aux_loss_coef, hf_moe.py, TRL 1.16's default weight). Any "*dropout*" / "*pdrop" field is dropout,
 #    which dpo_jax never applies (as TRL's default disable_dropout=True).
 TRAINING = frozenset({
     "initializer_range", "initializer_factor", "init_std", "gradient_checkpointing",
@@ -66,7 +66,9 @@ ONLY_AT = {"is_encoder_decoder": (False, None), "add_cross_attention": (False, N
 #    value leaves which one the checkpoint was trained with ambiguous: refused).
 DUPLICATES = {"gemma2": {"hidden_act": "hidden_activation", "sliding_window_size":
                          "sliding_window"},
-              "gemma3_text": {"hidden_act": "hidden_activation"}}
+              "gemma3_text": {"hidden_act": "hidden_activation"},
+              # transformers 5 writes Qwen3MoeConfig.num_experts under its attribute_map name
+              "qwen3_moe": {"num_local_experts": "num_experts"}}
 # 7. Refused with a reason even though they look like metadata.
 REFUSED = {"quantization_config": "the checkpoint's weights are quantized (bitsandbytes / GPTQ / "
                                   "AWQ / ...); dpo_jax reads float safetensors: dequantize the "
@@ -115,6 +117,11 @@ IMPLEMENTED = {
                                 "moe_intermediate_size", "shared_expert_intermediate_size",
                                 "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
                                 "output_router_logits"},
+    "qwen3_moe": _LLAMA_LIKE | {"attention_bias", "use_sliding_window", "sliding_window",
+                                "max_window_layers",
+                                "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+                                "output_router_logits"},
 }
 SUPPORTED_MODEL_TYPES = tuple(IMPLEMENTED)
 
@@ -149,7 +156,8 @@ _ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
                   "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                   "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2",
                   "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3",
-                  "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe"}
+                  "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                  "Qwen3MoeForCausalLM": "qwen3_moe"}
 
 
 def model_type_of(c: dict, source: str = "config.json") -> str:

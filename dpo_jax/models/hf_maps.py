@@ -9,7 +9,7 @@ stacked parameters. Layout notes:
   * GPT-2 c_attn is [D, 3D] = q | k | v along columns.
   * NeoX query_key_value rows are per head [N, 3, Dh] (q, k, v interleaved per head).
   * Phi-3 qkv_proj rows are q [N*Dh] | k [K*Dh] | v [K*Dh]; gate_up_proj rows gate [F] | up [F].
-  * Mixtral / Qwen2-MoE store one tensor per expert (`experts.{e}.w1` ...); ours stack them
+  * Mixtral / Qwen2-MoE / Qwen3-MoE store one tensor per expert (`experts.{e}.w1` ...); ours stack them
     along an `expert` axis after `layers`; the router `gate.weight` is [E, D], ours [D, E].
   * Gemma's `post_attention_layernorm` normalises the attention output (our post_attn_norm);
     its MLP input norm is `pre_feedforward_layernorm` (our ln2). In Llama the same HF name is
@@ -242,11 +242,13 @@ def _mixtral(cfg: ModelConfig) -> list[HFTensor]:
 
 def _qwen2_moe(cfg: ModelConfig) -> list[HFTensor]:
     """Qwen2-MoE: Qwen2's attention (q/k/v biases), experts, router, shared expert and its
-    sigmoid gate `shared_expert_gate` [1, D] (ours [D])."""
+    sigmoid gate `shared_expert_gate` [1, D] (ours [D]). Qwen3-MoE: the same names with Qwen3's
+    q/k norms and no shared expert."""
     D, V, S = cfg.d_model, cfg.vocab_size, cfg.shared_expert_d_ff
     m = "layers.{i}.mlp"
     out = [_R("embed_tokens.weight", (V, D), ("embed",), (V, D), False)]
     out += _separate_attn(cfg, "layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
+    out += _qk_norm(cfg, "layers.{i}.self_attn")
     out += [_router(cfg, f"{m}.gate.weight")]
     out += _experts(cfg, f"{m}.experts", ("gate_proj", "up_proj", "down_proj"))
     if S:
@@ -272,6 +274,7 @@ FAMILY_MAPS = {
     "phi3": (_phi3, ("model.", "")),
     "mixtral": (_mixtral, ("model.", "")),
     "qwen2_moe": (_qwen2_moe, ("model.", "")),
+    "qwen3_moe": (_qwen2_moe, ("model.", "")),
 }
 HEAD_NAMES = ("lm_head.weight", "lm_head.bias", "embed_out.weight")
 

@@ -64,14 +64,16 @@ class Model:
     # -- forward -----------------------------------------------------------------------------
     def hidden(self, params: Params, input_ids_BL: jax.Array, positions_BL: jax.Array,
                segment_ids_BL: jax.Array, branch_ids_BL: jax.Array | None = None,
-               router_aux: bool = False):
+               router_aux: bool = False, routing: bool = False):
         """Final-norm hidden states [B, L, D] in the compute dtype (the loss code projects them
         onto the vocabulary in chunks, so the full [B, L, V] logits need never exist).
         branch_ids_BL: prefix-shared rows (``dpo_jax.data.prefix``), else None.
         router_aux=True (mixture-of-experts models): (hidden, the router's load-balancing loss,
-        a float32 scalar; ``moe.load_balancing_loss``)."""
+        a float32 scalar; ``moe.load_balancing_loss``). routing=True: (hidden, that loss or
+        None, each layer's sorted top-k expert ids [n_layer, B, L, K] int32;
+        ``moe.routing_agreement``)."""
         return self._module(params)(input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL,
-                                    router_aux)
+                                    router_aux, routing)
 
     def unembedding(self, params: Params, *, caller_applies_softcap: bool = False
                     ) -> tuple[jax.Array, jax.Array | None]:

@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dpo_jax.models import moe_dispatch
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import activation
 
-# (probabilities [B, T, E] float32, top-k indicator [B, T, E] float32 0/1) of one layer
-RouterStats = tuple[jax.Array, jax.Array]
+# (probabilities [B, T, E] float32, top-k indicator [B, T, E] float32 0/1, the top-k expert ids
+# in ascending order [B, T, K] int32) of one layer
+RouterStats = tuple[jax.Array, jax.Array, jax.Array]
 
 
 def _gated(cfg: ModelConfig, x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
@@ -47,12 +49,13 @@ class MoE(nnx.Module):
     `param(shape, axes, init='normal')` makes one stacked parameter (the decoder prepends the
     `layers` axis), so this module needs nothing else from the decoder.
 
-    Compute is dense dispatch: every token runs through every expert and a one-hot combine
-    weights [B, T, E] (zero off the top-k) sum their outputs. Exact (an unselected expert's
-    output is multiplied by 0) and static-shaped (jit, scan and remat friendly), but it costs
-    n_experts / n_experts_per_tok times the expert FLOPs of sparse routing (4x for Mixtral's 8
-    experts, top-2) and holds the activations [B, T, E, F]. `config.flops_per_token` counts the
-    sparse FLOPs, so the reported MFU of an MoE model understates the work done here.
+    `cfg.moe_impl='sparse'` (the default): dropless sorted dispatch through grouped matmuls
+    (moe_dispatch.py), the FLOPs of the k selected experts per token. `'dense'`: the reference
+    implementation: every token runs through every expert and one-hot combine weights
+    [B, T, E] (zero off the top-k) sum their outputs; exact (an unselected expert's output is
+    multiplied by 0) but n_experts / n_experts_per_tok times the expert FLOPs (4x for
+    Mixtral's 8 experts, top-2) and activations [B, T, E, F]. Both give the same numbers to
+    round-off (tests/test_moe_sparse.py).
     """
 
     def __init__(self, cfg: ModelConfig, param: Callable[..., nnx.Param]):
@@ -72,12 +75,21 @@ class MoE(nnx.Module):
         """[B, T, D] -> ([B, T, D], router statistics of this layer)."""
         cfg, dt = self.cfg, x_BTD.dtype
         logits_BTE = jnp.einsum("btd,de->bte", x_BTD, self.router[...].astype(dt))
-        combine_BTE, stats = top_k_routing(logits_BTE, cfg.n_experts_per_tok,
-                                           cfg.moe_renormalize)
+        weight_BTK, index_BTK, stats = top_k_routing(logits_BTE, cfg.n_experts_per_tok,
+                                                     cfg.moe_renormalize)
         w = lambda p: p[...].astype(dt)
-        y_BTED = _gated(cfg, x_BTD, w(self.gate), w(self.up), w(self.down),
-                        "btd,edf->btef;btef,efd->bted")
-        y_BTD = jnp.einsum("bted,bte->btd", y_BTED, combine_BTE.astype(dt))
+        if cfg.moe_impl == "dense":
+            combine_BTE = combine_weights(weight_BTK, index_BTK, cfg.n_experts)
+            y_BTED = _gated(cfg, x_BTD, w(self.gate), w(self.up), w(self.down),
+                            "btd,edf->btef;btef,efd->bted")
+            y_BTD = jnp.einsum("bted,bte->btd", y_BTED, combine_BTE.astype(dt))
+        else:
+            B, T, D = x_BTD.shape
+            K = cfg.n_experts_per_tok
+            y_BTD = moe_dispatch.sparse_experts(
+                cfg.activation, x_BTD.reshape(B * T, D), index_BTK.reshape(B * T, K),
+                weight_BTK.reshape(B * T, K), w(self.gate), w(self.up), w(self.down),
+                cfg.moe_kernel, cfg.moe_tile).reshape(B, T, D)
         if cfg.shared_expert_d_ff:
             shared_BTD = _gated(cfg, x_BTD, w(self.shared["gate"]), w(self.shared["up"]),
                                 w(self.shared["down"]), "btd,df->btf;btf,fd->btd")
@@ -87,33 +99,68 @@ class MoE(nnx.Module):
 
 
 def top_k_routing(logits_BTE: jax.Array, k: int, renormalize: bool
-                  ) -> tuple[jax.Array, RouterStats]:
-    """Router logits [B, T, E] -> (combine weights [B, T, E] float32, non-zero on each token's
-    k most probable experts: their softmax probabilities, divided by their sum when
-    `renormalize`; the router statistics (probabilities, top-k indicator) of
-    `load_balancing_loss`)."""
+                  ) -> tuple[jax.Array, jax.Array, RouterStats]:
+    """Router logits [B, T, E] -> (weights [B, T, K] float32: the softmax probabilities of each
+    token's k most probable experts, divided by their sum when `renormalize`; those experts'
+    ids [B, T, K] int32, most probable first (ties: the lower id, as torch.topk); the router
+    statistics RouterStats of `load_balancing_loss` and `routing_agreement`)."""
     probs_BTE = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
     top_BTK, index_BTK = jax.lax.top_k(probs_BTE, k)
     if renormalize:
         top_BTK = top_BTK / jnp.sum(top_BTK, axis=-1, keepdims=True)
-    onehot_BTKE = jax.nn.one_hot(index_BTK, logits_BTE.shape[-1], dtype=jnp.float32)
-    combine_BTE = jnp.einsum("btk,btke->bte", top_BTK, onehot_BTKE)
-    return combine_BTE, (probs_BTE, jnp.sum(onehot_BTKE, axis=2))
+    chosen_BTE = jnp.sum(jax.nn.one_hot(index_BTK, logits_BTE.shape[-1], dtype=jnp.float32),
+                         axis=2)
+    index_BTK = index_BTK.astype(jnp.int32)
+    return top_BTK, index_BTK, (probs_BTE, chosen_BTE, jnp.sort(index_BTK, axis=-1))
+
+
+def combine_weights(weight_BTK: jax.Array, index_BTK: jax.Array, n_experts: int) -> jax.Array:
+    """The dense dispatch's combine weights [B, T, E] float32: weight_BTK at each token's
+    selected experts, 0 elsewhere."""
+    onehot_BTKE = jax.nn.one_hot(index_BTK, n_experts, dtype=jnp.float32)
+    return jnp.einsum("btk,btke->bte", weight_BTK, onehot_BTKE)
+
+
+def router_aux_coef(requested: float | None, cfg: ModelConfig) -> float:
+    """The router loss weight a run uses, resolved as TRL 1.16 resolves DPOConfig /
+    SFTConfig.router_aux_loss_coef (TRL PR #6208): None (the default) -> the weight the model
+    config declares (`cfg.router_aux_loss_coef`: config.json's field, else transformers' class
+    default; 0.02 for Mixtral-8x7B, 0.001 for Qwen2/3-MoE) for a mixture-of-experts model, 0
+    (off) for a dense one; a number as given (0: off). ValueError for a positive weight on a
+    model without experts (TRL refuses it too)."""
+    if requested is None:
+        return float(cfg.router_aux_loss_coef) if cfg.n_experts else 0.0
+    if requested > 0 and not cfg.n_experts:
+        raise ValueError(f"loss.router_aux_loss_coef = {requested} weights the router loss of a "
+                         "mixture-of-experts model, but this model has no experts "
+                         "(n_experts = 0): set it to None or 0")
+    return float(requested)
 
 
 def load_balancing_loss(stats_L: RouterStats, token_mask_BT: jax.Array) -> jax.Array:
     """The router's auxiliary load-balancing loss over all layers (Switch Transformer eq. 4-6,
     as transformers' `load_balancing_loss_func` with an attention mask).
 
-    stats_L: (probabilities, top-k indicator), each [L, B, T, E] (`MoE.__call__` per layer,
-    stacked); token_mask_BT: 1 for real tokens, 0 for padding. With n = L * (real tokens),
+    stats_L: (probabilities, top-k indicator, ...), each [L, B, T, E] (`MoE.__call__` per
+    layer, stacked; the expert ids are not read); token_mask_BT: 1 for real tokens, 0 for padding. With n = L * (real tokens),
     f_e = (top-k assignments to e) / n and P_e = (summed probability of e) / n over every layer,
     the loss is E * sum_e f_e P_e (E * k when perfectly balanced; the gradient flows through
     P only). Float32 scalar.
     """
-    probs_LBTE, chosen_LBTE = stats_L
+    probs_LBTE, chosen_LBTE = stats_L[:2]
     m = token_mask_BT.astype(jnp.float32)[None, :, :, None]
     n = jnp.maximum(probs_LBTE.shape[0] * jnp.sum(token_mask_BT.astype(jnp.float32)), 1.0)
     tokens_E = jnp.sum(chosen_LBTE * m, axis=(0, 1, 2)) / n
     probs_E = jnp.sum(probs_LBTE * m, axis=(0, 1, 2)) / n
     return probs_LBTE.shape[-1] * jnp.sum(tokens_E * probs_E)
+
+
+def routing_agreement(experts_LBTK: jax.Array, ref_experts_LBTK: jax.Array,
+                      token_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """How far training moved the router: per layer, the number of masked tokens whose top-k
+    expert set is the same under the policy and the reference (float32 [L]), and the number of
+    masked tokens (float32 []). experts: the sorted top-k ids of each forward ([L, B, T, K],
+    `Model.hidden(..., routing=True)`); token_mask_BT: the tokens counted (the scored ones)."""
+    same_LBT = jnp.all(experts_LBTK == ref_experts_LBTK, axis=-1).astype(jnp.float32)
+    m_BT = token_mask_BT.astype(jnp.float32)
+    return jnp.sum(same_LBT * m_BT[None], axis=(1, 2)), jnp.sum(m_BT)

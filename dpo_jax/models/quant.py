@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 KINDS = ("none", "int8", "nf4")
+LEAVES = {"int8": ("codes", "scale"), "nf4": ("codes", "absmax", "absmax2", "offset")}
 BLOCK, BLOCK2 = 64, 256  # NF4 block; double-quantisation block (of block constants)
 
 # The 16 NF4 levels: QLoRA Appendix E (= bitsandbytes' ``get_4bit_type('nf4')``).
@@ -246,9 +247,7 @@ class QuantLinear(nnx.Module):
             setattr(self, k, QuantParam(jnp.zeros(s.shape, s.dtype)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        names = ("codes", "scale") if self.kind == "int8" else ("codes", "absmax", "absmax2",
-                                                                  "offset")
-        leaf = {k: getattr(self, k)[...] for k in names}
+        leaf = {k: getattr(self, k)[...] for k in LEAVES[self.kind]}
         return _matmul(self.kind, self.in_shape, self.out_shape, x, leaf)
 
 
@@ -261,9 +260,8 @@ class QuantEmbedding(nnx.Module):
             setattr(self, k, QuantParam(jnp.zeros(s.shape, s.dtype)))
 
     def lookup(self, ids: jax.Array) -> jax.Array:
-        names = ("codes", "scale") if self.kind == "int8" else ("codes", "absmax", "absmax2",
-                                                                  "offset")
-        return embedding_lookup(self.kind, {k: getattr(self, k)[...] for k in names}, ids)
+        return embedding_lookup(self.kind, {k: getattr(self, k)[...] for k in LEAVES[self.kind]},
+                                ids)
 
 
 def _matmul(kind, i_s, o_s, x, leaf):

@@ -7,8 +7,7 @@ import dataclasses
 
 import ml_collections
 
-from dpo_jax.data.config import read_run_data
-from dpo_jax.data.prompts import stop_ids
+from dpo_jax.eval_config import add_sampling_fields, read_sampling
 from dpo_jax.sampling import SamplingConfig
 
 
@@ -44,15 +43,9 @@ def default_ppo_config() -> ml_collections.ConfigDict:
     c.eval_prompt_file = ""  # held-out prompts ('' with prompt_file set: no eval)
     c.max_prompts = 0  # cap on prompts per split (0 = all)
     c.prompt_width = 0  # padded prompt length P (0 = the longest prompt)
-    # sampling
-    c.max_new_tokens = 16  # completion tokens per rollout (T = P + this)
-    c.temperature = 1.0
-    c.top_k = 0  # 0 = off (trl's recipe samples from the full distribution)
-    c.top_p = 1.0
-    # token ids that end a rollout: () = the data's end tokens (data.tokenizer's chat-template turn
-    # end and EOS, as responses are trained to end; synthetic: 0); or e.g. (2, 7)
-    c.stop_ids = ()
-    c.pad_id = 0
+    # sampling: max_new_tokens completion tokens per rollout (T = P + this); top_k 0 (trl's
+    # recipe samples from the full distribution)
+    add_sampling_fields(c, max_new_tokens=16)
     # KL penalty against the frozen reference
     c.init_kl_coef = 0.2  # beta at the start (trl: 0.2)
     c.adaptive_kl = True  # Ziegler et al.'s proportional controller
@@ -104,10 +97,7 @@ def read_ppo(config: ml_collections.ConfigDict) -> PPOSettings:
                          clip=float(p.clip), vf_clip=float(p.vf_clip), vf_coef=float(p.vf_coef),
                          whiten_advantages=bool(p.whiten_advantages),
                          detach_value_head=bool(p.detach_value_head), seed=int(config.seed)),
-        sampling=SamplingConfig(max_new_tokens=int(p.max_new_tokens),
-                                temperature=float(p.temperature), top_k=int(p.top_k),
-                                top_p=float(p.top_p), pad_id=int(p.pad_id),
-                                stop_ids=stop_ids(read_run_data(config), p.get("stop_ids", ()))),
+        sampling=read_sampling(p, config),
         init_kl_coef=float(p.init_kl_coef),
         target_kl=float(p.target_kl) if p.adaptive_kl else None, kl_horizon=int(p.kl_horizon),
         prompt_file=p.prompt_file, eval_prompt_file=p.eval_prompt_file,

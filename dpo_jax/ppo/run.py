@@ -53,11 +53,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
     # The schedule counts optimizer updates: epochs * minibatches per PPO iteration.
     setup = state_lib.setup(rc, model, updates=rc.train.steps * ppo.epochs * ppo.minibatches,
                             init=init_params)
-    mesh, tx, schedule, shardings = setup.mesh, setup.tx, setup.schedule, setup.shardings
-    params = setup.params
-    ref = state_lib.init_reference(model.decoder, shardings["decoder"], rc.param_sources,
-                                   params["decoder"])
-    state = state_lib.create_state(params, tx, mesh, shardings, ref)
+    mesh = setup.mesh
+    ref = state_lib.init_reference(model.decoder, setup.shardings["decoder"], rc.param_sources,
+                                   setup.trainable["decoder"])
+    state = setup._replace(frozen=state_lib.Frozen(reference=ref)).initial_state()
     reward_fn = reward_fn if reward_fn is not None else build_reward(rc, mesh=mesh)
     kl = core.KLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
 
@@ -75,7 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
                 process_index=jax.process_index(), process_count=jax.process_count())
 
     update = loop.jit_train_step(
-        make_ppo_step(model, tx, schedule, ppo, rc.train.on_nonfinite, rc.optim.grad_accum), state)
+        make_ppo_step(model, setup.tx, setup.schedule, ppo, rc.train.on_nonfinite,
+                      rc.optim.grad_accum), state)
     eval_metrics_of = jax.jit(make_ppo_eval_step(model, ppo.max_new_tokens), static_argnums=3)
     cfg = settings.sampling
     sample = jax.jit(lambda params, ids, lengths, rng: generate(
@@ -92,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
 
     def step_fn(state, prompts_np):
         t0 = time.time()
-        batch, stopped_B = rollout(state.params, prompts_np,
+        batch, stopped_B = rollout(state.trainable, prompts_np,
                                    jax.random.fold_in(train_rng, state.step))
         batch["kl_coef"] = jnp.float32(kl.value)
         state, metrics = update(state, batch, None)
@@ -107,15 +107,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run: RunDir, *,
 
     def evaluate(state):
         rng = jax.random.key(rc.seed + EVAL_SEED_OFFSET)
-        batches = (rollout(state.params, p, jax.random.fold_in(rng, i))[0]
+        batches = (rollout(state.trainable, p, jax.random.fold_in(rng, i))[0]
                    for i, p in enumerate(data["eval"]))
         return eval_metrics.reduce(
-            lambda b: eval_metrics_of(state.params, state.ref_params, b, None), batches)
+            lambda b: eval_metrics_of(state.trainable, state.frozen, b, None), batches)
 
     samples = evaluation.sample_evaluator(
-        rc, workdir=run.path, model=model.decoder, mesh=mesh, reference_params=state.ref_params,
+        rc, workdir=run.path, model=model.decoder, mesh=mesh,
+        reference_params=state.frozen.reference,
         prompts=data["eval"].prompts if "eval" in data else None,
-        judge=None if rc.eval.judge else reward_fn, params_of=lambda s: s.params["decoder"])
+        judge=None if rc.eval.judge else reward_fn, params_of=lambda s: s.trainable["decoder"])
     return loop.train(
         run, state, cfg=rc.train, mesh=mesh, step_fn=step_fn, train_data=data["train"],
         evaluate=evaluation.with_samples(evaluate if "eval" in data else None, samples),

@@ -160,16 +160,16 @@ def make_ppo_step(model, tx, schedule, cfg: PPOConfig, on_nonfinite: str = "erro
 
 
 def make_ppo_eval_step(model, n: int):
-    """``(params, ref_params, batch, max_scored) -> {name: (numerator, denominator)}``
-    (``dpo_jax.eval_metrics``), each a mean over rollouts weighted by ``weight``: reward,
+    """``(trainable, frozen, batch, max_scored) -> {name: (numerator, denominator)}``
+    (``dpo_jax.eval_metrics``) of the state's ``trainable`` and ``frozen.reference``, each a mean over rollouts weighted by ``weight``: reward,
     sequence KL (sum over the completion of log pi - log pi_ref) and length of sampled
     completions, for the reward/KL frontier."""
 
-    def eval_step(params, ref_params, batch, max_scored=None):
+    def eval_step(trainable, frozen, batch, max_scored=None):
         del max_scored
         _, _, mask = completion_view(batch, n)
-        logp, _, _ = forward(model, params, batch, n)
-        ref_logp, _, _ = forward(model.decoder, ref_params, batch, n, with_values=False)
+        logp, _, _ = forward(model, trainable, batch, n)
+        ref_logp, _, _ = forward(model.decoder, frozen.reference, batch, n, with_values=False)
         w = batch["weight"].astype(jnp.float32)
         return eval_metrics.over({"reward": jnp.sum(w * batch["scores"]),
                                   "kl": jnp.sum(w * jnp.sum((logp - ref_logp) * mask, axis=1)),

@@ -425,12 +425,18 @@ def sweep(args, ceilings) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    """The options of the model and the random pairs a step is timed on (``model_config``,
+    ``make_batch``): ``--preset``, ``--pairs``, ``--prompt`` and ``--response`` tokens."""
     p.add_argument("--preset", default="gpt2-cpu-bench")
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--response", type=int, default=64)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_batch_args(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--configs", default="same_math,best")

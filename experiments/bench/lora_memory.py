@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, HERE)
 
-from bench_dpo import SCORED_CHUNKED, make_batch, model_config
+from bench_dpo import SCORED_CHUNKED, add_batch_args, make_batch, model_config
 
 from dpo_jax import lora as lora_lib
 from dpo_jax import losses as losses_lib
@@ -104,9 +104,10 @@ def measure(kind: str, args) -> dict:
            "base_dtype": args.base_dtype if kind.startswith("lora") else cfg.param_dtype,
            "base_quant": kind.split("_")[1] if "_" in kind else None,
            "compile_s": round(time.perf_counter() - t, 1),
-           "trained_params": sum(x.size for x in jax.tree.leaves(state.params)),
-           "state_GiB": {name: round(_bytes(getattr(state, name)) / GiB, 3)
-                         for name in ("params", "ref_params", "opt_state")}}
+           "trained_params": sum(x.size for x in jax.tree.leaves(state.trainable)),
+           "state_GiB": {name: round(_bytes(tree) / GiB, 3) for name, tree in (
+               ("params", state.trainable), ("ref_params", state.frozen.tree),
+               ("opt_state", state.opt_state))}}
     mem = compiled.memory_analysis()
     out.update(args_GiB=round(mem.argument_size_in_bytes / GiB, 3),
                temp_GiB=round(mem.temp_size_in_bytes / GiB, 3),
@@ -155,10 +156,7 @@ def state_table(presets=("gpt2-large", "pythia-2.8b", "llama-3.1-8b"), rank: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="gpt2-cpu-bench")
-    p.add_argument("--pairs", type=int, default=8)
-    p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--response", type=int, default=64)
+    add_batch_args(p)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--base_dtype", default="bfloat16", help="the LoRA base's storage dtype")
     p.add_argument("--dtype", default="float32", help="compute dtype (both sides)")

@@ -331,7 +331,8 @@ def run_jax(name: str, a) -> dict:
     rc = read_config(config)
     loss_cfg = losses_lib.loss_config_from(config.loss)
     model = lora_lib.make_model(rc.model, rc.lora)
-    mesh, tx, schedule, shardings, params, ref_params = state_lib.setup(rc, model, reference=True)
+    setup = state_lib.setup(rc, model, reference=True)
+    mesh = setup.mesh
     scored_only = rc.step.logprobs.scored_only
     setup_s = time.perf_counter() - t0
 
@@ -344,21 +345,21 @@ def run_jax(name: str, a) -> dict:
     first = next(iter(pipeline()))
     b, n = loop.device_batch(first, mesh, scored_only)
     logps = jax.device_get(jax.jit(lambda p, b, n: sequence_stats(
-        model, p, b, rc.step, n, forward_only=True).logps, static_argnums=2)(params, b, n))
+        model, p, b, rc.step, n, forward_only=True).logps, static_argnums=2)(setup.trainable, b, n))
     first_logps = {"chosen": logps[:PAIRS_PER_STEP].tolist(),
                    "rejected": logps[PAIRS_PER_STEP:].tolist()}
     precompute_s = None
     if rc.precompute_reference:
         t = time.perf_counter()
-        got = ref_lib.compute_pair_logps(model, ref_params, {"train": pairs}, rc.data, rc.step,
-                                         mesh, PAIRS_PER_STEP, pad_id)
+        got = ref_lib.compute_pair_logps(model, setup.frozen.tree, {"train": pairs}, rc.data,
+                                         rc.step, mesh, PAIRS_PER_STEP, pad_id)
         precompute_s = time.perf_counter() - t
         batches = list(pipeline(got["train"]))
-        ref_params = None  # the stored log-probs replace the reference forward
+        setup = setup._replace(frozen=None)  # the stored log-probs replace the reference forward
     else:
         batches = list(pipeline())
-    state = state_lib.create_state(params, tx, mesh, shardings, ref_params)
-    del params
+    state, tx, schedule = setup.initial_state(), setup.tx, setup.schedule
+    del setup
     step = loop.jit_train_step(make_train_step(model, loss_cfg, tx, schedule, rc.step,
                                                rc.train.on_nonfinite), state)
     device = [loop.device_batch(bt, mesh, scored_only) for bt in batches[:total]]

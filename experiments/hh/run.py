@@ -33,13 +33,9 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 
-
-def _records(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from dpo_jax.metrics import read_records  # noqa: E402  (after the path, as a script)
 
 
 def run_stage(variants: str, workdir: str, extra: list[str]) -> dict:
@@ -81,18 +77,18 @@ def report(workdir: str, samples_shown: int = 4) -> dict:
         cfg = json.load(f)
     with open(os.path.join(dpo, "summary.json")) as f:
         summary = json.load(f)
-    recs = _records(os.path.join(dpo, "metrics.jsonl"))
+    recs = read_records(os.path.join(dpo, "metrics.jsonl"))
     train_keys = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
                   "logps/rejected", "grad_norm", "lr")
     train = [{"step": r["step"], **{k: r[k] for k in train_keys if k in r}}
              for r in recs if "loss" in r]
     held = [{"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
             for r in recs if any(k.startswith("eval/") for k in r)]
-    samples = _records(os.path.join(dpo, "samples.jsonl"))
+    samples = read_records(os.path.join(dpo, "samples.jsonl"))
     last = max((s["step"] for s in samples if s["model"] == "policy"), default=None)
     before = [s for s in samples if s["model"] == "reference"]
     after = [s for s in samples if s["model"] == "policy" and s["step"] == last]
-    rm_recs = _records(os.path.join(rm, "metrics.jsonl"))
+    rm_recs = read_records(os.path.join(rm, "metrics.jsonl"))
     rm_eval = [{k[5:]: v for k, v in r.items() if k.startswith("eval/")} | {"step": r["step"]}
                for r in rm_recs if any(k.startswith("eval/") for k in r)]
     final = held[-1] if held else {}
@@ -161,8 +157,11 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def stage_args(argv, doc: str):
+    """``(args, extra)`` of an experiment script's command line: ``--workdir`` (required),
+    ``--smoke``, ``--report_only``, and ``--config.X=V`` overrides passed on to every stage
+    (anything else is an error)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--smoke", action="store_true", help="3 steps of each stage")
     ap.add_argument("--report_only", action="store_true")
@@ -170,6 +169,11 @@ def main(argv=None) -> dict:
     bad = [a for a in extra if not a.startswith("--config.")]
     if bad:
         ap.error(f"unknown arguments {bad} (only --config.X=V overrides are passed on)")
+    return args, extra
+
+
+def main(argv=None) -> dict:
+    args, extra = stage_args(argv, __doc__)
     workdir = os.path.abspath(args.workdir)
     smoke = ",smoke" if args.smoke else ""
     if not args.report_only:

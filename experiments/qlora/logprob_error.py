@@ -33,6 +33,7 @@ from dpo_jax.config import read_config  # noqa: E402
 from dpo_jax.data.loading import load_tokenised_pairs  # noqa: E402
 from dpo_jax.models import load_hf_params, quant  # noqa: E402
 from dpo_jax.models.local import SMOLLM2, find_local_model  # noqa: E402
+from dpo_jax.sharding import make_mesh  # noqa: E402
 from dpo_jax.step import StepConfig, sequence_stats  # noqa: E402
 from tests import helpers as h  # noqa: E402
 
@@ -51,7 +52,8 @@ def measure(pairs: int, batch: int) -> tuple[dict, dict, list, object]:
     items = items[:pairs]
     cfg = dataclasses.replace(rc.model, dtype="float32", param_dtype="float32", remat="none")
     f32 = load_hf_params(path, cfg)
-    mesh, sc = h.mesh({"data": 1, "fsdp": 1, "tensor": 1}), StepConfig()
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    sc = StepConfig()
     out = {"pairs": len(items), "model": SMOLLM2, "variants": {}, "weight_rel_error": {}}
     logps = {}
     for name in VARIANTS:

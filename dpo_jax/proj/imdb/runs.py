@@ -51,7 +51,9 @@ def sft_config(exp: Experiment) -> ml_collections.ConfigDict:
         train={"steps": s.steps, "batch_size": s.batch_size, "eval_every": s.eval_every,
                "eval_batch_size": s.batch_size, "checkpoint_every": s.checkpoint_every},
         optim={"lr": s.lr, "warmup_steps": s.warmup_steps},
-        data={"max_length": int(exp.imdb.sft_max_length)})
+        # whole reviews have no prompt: max_prompt_length only has to stay below max_length
+        data={"max_length": int(exp.imdb.sft_max_length),
+              "max_prompt_length": int(exp.imdb.sft_max_length) // 2})
 
 
 def reward_model_config(exp: Experiment) -> ml_collections.ConfigDict:
@@ -67,15 +69,24 @@ def reward_model_config(exp: Experiment) -> ml_collections.ConfigDict:
         optim={"lr": m.lr, "name": "adamw", "warmup_steps": m.warmup_steps})
 
 
-def variants(exp: Experiment) -> Variants:
-    """DPO per beta (``imdb.betas``) and the baselines (``imdb.baselines``) on ``pairs.jsonl``,
-    checkpointed every ``imdb.eval_every`` steps (each checkpoint a frontier point)."""
+def _offline_train_and_data(exp: Experiment) -> tuple[dict, dict]:
+    """The ``train`` and ``data`` blocks of the DPO-family runs on ``pairs.jsonl``
+    (``imdb.runs``): checkpointed every ``imdb.eval_every`` steps, all checkpoints kept (each
+    a frontier point), ``imdb.runs.eval_pairs`` held-out pairs."""
     c, r = exp.imdb, exp.imdb.runs
     train = {"steps": r.steps, "batch_size": r.batch_size, "eval_every": r.eval_every,
              "eval_batch_size": r.batch_size, "checkpoint_every": int(c.eval_every),
              "keep_checkpoints": r.steps // int(c.eval_every) + 2}
     data = _pair_data(exp, str(exp.workdir / "pairs.jsonl"), eval_split="",
                       eval_size=r.eval_pairs)
+    return train, data
+
+
+def variants(exp: Experiment) -> Variants:
+    """DPO per beta (``imdb.betas``) and the baselines (``imdb.baselines``) on ``pairs.jsonl``,
+    checkpointed every ``imdb.eval_every`` steps (each checkpoint a frontier point)."""
+    c, r = exp.imdb, exp.imdb.runs
+    train, data = _offline_train_and_data(exp)
     out = {}
     for beta in c.betas:
         out[f"dpo_beta{beta:g}"] = ("dpo", f"beta={beta:g}", exp.run_config(
@@ -139,11 +150,7 @@ def online_variants(exp: Experiment) -> Variants:
     :func:`train_variant`). Eval: the offline runs' held-out pairs."""
     c, r, o = exp.imdb, exp.imdb.runs, exp.imdb.online
     eos, beta = int(exp.tokenizer.eos_token_id), float(o.beta)
-    train = {"steps": r.steps, "batch_size": r.batch_size, "eval_every": r.eval_every,
-             "eval_batch_size": r.batch_size, "checkpoint_every": int(c.eval_every),
-             "keep_checkpoints": r.steps // int(c.eval_every) + 2}
-    data = _pair_data(exp, str(exp.workdir / "pairs.jsonl"), eval_split="",
-                      eval_size=r.eval_pairs)
+    train, data = _offline_train_and_data(exp)
     online = {"reward": "ground_truth", "samples_per_prompt": int(o.samples_per_prompt),
               "max_new_tokens": int(c.max_new_tokens), "temperature": float(c.temperature),
               "stop_ids": (eos,), "pad_id": eos, "prompt_width": int(c.max_prefix_tokens),
