@@ -35,7 +35,8 @@ def _step(model, base, adapters, b, mesh_):
     ad_sh = shard_lib.tree_shardings(model.abstract_adapters(), model.adapter_axes(), mesh_, rules)
     base_sh = shard_lib.tree_shardings(model.abstract_base(), model.base_axes(), mesh_, rules)
     qbase = jax.jit(model.quantize_base, out_shardings=base_sh)(base)
-    state = state_lib.create_state(jax.device_put(adapters, ad_sh), tx, mesh_, ad_sh, qbase)
+    state = state_lib.create_state(jax.device_put(adapters, ad_sh), tx, mesh_, ad_sh,
+                                   state_lib.Frozen(lora_base=qbase))
     step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.5), tx, schedule,
                                    StepConfig()), static_argnums=2)
     new, metrics = step(state, b, None)
