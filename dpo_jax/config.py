@@ -79,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
     # adapters of model.lora.path, held frozen beside it: step 1 at ln 2); 'base' = the base
     # with every adapter off (TRL's default for a PEFT model without ref_adapter_name)
     c.model.lora.reference = "policy"
+    # the frozen base's attention / MLP projections: 'none' (param_dtype), 'int8' (per output
+    # channel) or 'nf4' (QLoRA: 4-bit NormalFloat, blocks of 64, double-quantised constants);
+    # dequantised inside each matmul, the reference is the quantised base (models/quant.py)
+    c.model.lora.base_quant = "none"
+    # with base_quant: an untied input embedding quantised too, row by row (QLoRA keeps it in
+    # param_dtype; a tied one is the LM head, always kept)
+    c.model.lora.quant_embedding = False
 
     c.init = ml_collections.ConfigDict()
     c.init.policy = ""  # another run's workdir to take policy params from (e.g. the SFT run)

@@ -34,11 +34,11 @@ Parameter trees (ARCHITECTURE.md: plain nested dicts):
     :class:`LoraModel` runs it with the adapters attached at their projections; a tree without
     ``'lora'`` runs the base alone.
 
-In a train state (``dpo_jax/state.py``) ``params`` are the adapters and ``ref_params`` the
-frozen base (with the frozen initial adapters when the reference is the starting policy and
-they are not zero). Checkpoints hold the adapters and their optimizer state, plus the base's
-fingerprint that a resume checks (``dpo_jax/lora_base.py``, which also rebuilds another LoRA
-run's base and merges its adapters); PEFT directories: ``dpo_jax/lora_peft.py``.
+``model.lora.base_quant`` ('int8', 'nf4': QLoRA) holds the base's projections quantised
+(``dpo_jax/models/quant.py``; :meth:`LoraModel.quantize_base`), dequantised inside each matmul;
+the reference is then the quantised base. A train state's ``trainable`` are the adapters and
+``frozen.lora_base`` the base; checkpoints hold the adapters, their optimizer state and the
+base's fingerprint (``dpo_jax/lora_base.py``); PEFT directories: ``dpo_jax/lora_peft.py``.
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import Model, ModelConfig, decoder, project
+from dpo_jax.models import Model, ModelConfig, decoder, project, quant
 
 ATTENTION = ("q", "k", "v", "o")
 MLP = ("up", "gate", "down")
 HEAD = "lm_head"
 INITS = ("kaiming", "gaussian")
 REFERENCES = ("policy", "base")
+_get = quant.get_path  # tree[path[0]][path[1]]..., or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,8 @@ class LoraConfig:
     path: str = ""  # a PEFT adapter directory as the initial adapters
     seed: int = 0  # A's init and the dropout masks
     reference: str = "policy"  # 'policy': base + initial adapters (frozen); 'base': adapters off
+    base_quant: str = "none"  # the frozen base's projections: 'none', 'int8', 'nf4' (QLoRA)
+    quant_embedding: bool = False  # with base_quant: an untied input embedding too
 
     @property
     def scale(self) -> float:
@@ -89,7 +92,10 @@ def read_lora(block, seed: int = 0) -> LoraConfig:
                                         else targets) if t.strip())
     cfg = LoraConfig(rank=int(block.rank), alpha=float(block.alpha), dropout=float(block.dropout),
                      targets=targets, init=str(block.init), path=str(block.path or ""),
-                     seed=int(seed), reference=str(block.get("reference", "policy")))
+                     seed=int(seed), reference=str(block.get("reference", "policy")),
+                     base_quant=str(block.get("base_quant", "none") or "none"),
+                     quant_embedding=bool(block.get("quant_embedding", False)))
+    quant.check_settings(cfg.base_quant, cfg.quant_embedding, cfg.rank)
     if cfg.rank < 0:
         raise ValueError(f"model.lora.rank={cfg.rank}: must be >= 0 (0 = full fine-tuning)")
     if cfg.init not in INITS:
@@ -101,34 +107,6 @@ def read_lora(block, seed: int = 0) -> LoraConfig:
                          "starting policy: the base with the initial adapters) or 'base' (the "
                          "base with the adapters off)")
     return cfg
-
-
-def check_run(rc) -> None:
-    """Refuse settings that contradict a LoRA policy (``rc`` a ``config.RunConfig``): a reference
-    model of its own (the reference is the starting policy or the base, ``model.lora.reference``),
-    a reference dtype other than the base's, and TR-DPO (which would move the reference, i.e.
-    the frozen base)."""
-    if not rc.lora.rank:
-        return
-    s = rc.param_sources
-    if s.reference or s.reference_hf:
-        which = (f"init.reference={s.reference!r}" if s.reference
-                 else f"model.ref_hf_path={s.reference_hf!r}")
-        raise ValueError(
-            f"model.lora.rank={rc.lora.rank} with {which}: under LoRA the reference is the "
-            "starting policy (or, with model.lora.reference='base', the base with the adapters "
-            "off), so a separate reference model is ambiguous. Unset it (the base comes from "
-            "init.policy or model.hf_path), or set model.lora.rank=0 to fine-tune all "
-            "parameters against that reference")
-    if s.reference_dtype and s.reference_dtype != rc.model.param_dtype:
-        raise ValueError(
-            f"model.ref_param_dtype={s.reference_dtype!r} with LoRA: the reference is the base, "
-            f"stored in model.param_dtype={rc.model.param_dtype!r}; set that one instead and "
-            "leave model.ref_param_dtype=''")
-    if rc.step.ref_sync_every:
-        raise ValueError("train.ref_sync_every > 0 (TR-DPO) moves the reference, which under "
-                         "LoRA is the frozen base; set train.ref_sync_every=0 or "
-                         "model.lora.rank=0")
 
 
 # ------------------------------------------------------------------------------ targets
@@ -162,18 +140,9 @@ class Target:
         return math.prod(self.out_shape)
 
 
-def _get(tree, path):
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
-
-
 def _target_paths(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int]]:
     """name -> (base weight path, number of input axes) of every projection name."""
-    out = {n: (("layers", "attn", n), 2 if n == "o" else 1) for n in ATTENTION}
-    out.update({n: (("layers", "mlp", n), 1) for n in MLP})
+    out = dict(quant.PROJECTIONS)
     # a tied head's adapter acts on the output projection only; the input embedding stays
     out[HEAD] = (("embed",) if cfg.tie_embeddings else ("lm_head",), 1)
     return out
@@ -314,14 +283,43 @@ class LoraModel(Model):
             out[t.name] = {"a": a, "b": jnp.zeros(shapes["b"], jnp.float32)}
         return {"lora": out}
 
+    # -- the quantised base (dpo_jax/models/quant.py) ------------------------------------------
+    def quantize_base(self, base):
+        """The base with its projections in ``model.lora.base_quant`` (jittable)."""
+        if self.lora.base_quant == "none" or quant.is_quantized(base):
+            return base
+        return quant.quantize_tree(self.cfg, self.lora.base_quant, base,
+                                   self.lora.quant_embedding)
+
+    def dequantize_base(self, base):
+        """The float base (``param_dtype``) a quantised base stands for (merge, export)."""
+        return quant.dequantize_tree(self.cfg, self.lora.base_quant, base, self.abstract_params(),
+                                     jnp.dtype(self.cfg.param_dtype)) if quant.is_quantized(
+                                         base) else base
+
+    def abstract_base(self) -> dict:
+        """ShapeDtypeStructs of :meth:`quantize_base`'s tree."""
+        return jax.eval_shape(self.quantize_base, self.abstract_params())
+
+    def base_axes(self) -> dict:
+        """Logical axes of :meth:`abstract_base` (quantised leaves shard like their weight)."""
+        return self.logical_axes() if self.lora.base_quant == "none" else quant.tree_axes(
+            self.cfg, self.lora.base_quant, self.abstract_params(), self.logical_axes(),
+            self.lora.quant_embedding)
+
     # -- forward -----------------------------------------------------------------------------
-    def _adapted_graphdef(self, dropout: bool):
+    def _adapted_graphdef(self, dropout: bool | None):
+        """The graphdef with adapters (``dropout``: with their dropout keys; None: no adapters)
+        and the quantised base's modules."""
         if dropout not in self._graphdefs:
             rate = self.lora.dropout if dropout else 0.0
 
             def build():
                 module = decoder.Decoder(self.cfg, nnx.Rngs(0))
-                for t in self.targets:
+                if self.lora.base_quant != "none":
+                    quant.attach(module, self.cfg, self.lora.base_quant, self.abstract_params(),
+                                 self.lora.quant_embedding)
+                for t in self.targets if dropout is not None else ():
                     if t.name != HEAD:
                         owner = module
                         for k in t.path[:-1]:
@@ -336,6 +334,8 @@ class LoraModel(Model):
 
     def _module(self, params, key: jax.Array | None = None):
         if "lora" not in params:
+            if self.lora.base_quant != "none" and quant.is_quantized(params):
+                return nnx.merge(self._adapted_graphdef(None), params)
             return super()._module(params)
         dropout = key is not None and self.lora.dropout > 0
         tree = {k: v for k, v in params.items() if k != "lora"}
@@ -437,9 +437,10 @@ def merged_config(model: LoraModel) -> ModelConfig:
 
 def merge(model: LoraModel, base, adapters):
     """The base with the adapters folded in (``W + scale * A @ B`` per target, computed in
-    float32, stored in each weight's dtype): a plain parameter tree of the adapted model, whose
-    config is :func:`merged_config` (an adapted tied head becomes an ``lm_head`` of its own)."""
-    out = base
+    float32, stored in each weight's dtype; a quantised base dequantised first): a plain
+    parameter tree of the adapted model, whose config is :func:`merged_config` (an adapted tied
+    head becomes an ``lm_head`` of its own)."""
+    out = base = model.dequantize_base(base)
     for t in model.targets:
         w = _get(base, t.path)
         new = (w.astype(jnp.float32) + delta(t, adapters["lora"][t.name], model.lora.scale)

@@ -1,5 +1,6 @@
-"""The frozen base of a LoRA run (``dpo_jax/lora.py``): its fingerprint in every checkpoint
-(checked on resume) and another run's LoRA settings. Rebuilding another run's base and merging
+"""The frozen base of a LoRA run (``dpo_jax/lora.py``): the run settings that contradict it
+(``check_run``), its fingerprint in every checkpoint (checked on resume) and another run's LoRA
+settings. Rebuilding another run's base and merging
 its adapters (``init.policy``, export) is ``state.run_base_and_adapters`` / ``state.run_params``,
 beside the parameter sources it recurses into.
 """
@@ -46,6 +47,34 @@ class BaseFingerprint:
                 "were trained on (its values' checksum differs: were the files at that path "
                 "replaced, or the run given as init.policy trained further?); restore that base "
                 "or start a new run in another --workdir")
+
+
+def check_run(rc) -> None:
+    """Refuse settings that contradict a LoRA policy (``rc`` a ``config.RunConfig``): a reference
+    model of its own (the reference is the starting policy or the base, ``model.lora.reference``),
+    a reference dtype other than the base's, and TR-DPO (which would move the reference, i.e.
+    the frozen base)."""
+    if not rc.lora.rank:
+        return
+    s = rc.param_sources
+    if s.reference or s.reference_hf:
+        which = (f"init.reference={s.reference!r}" if s.reference
+                 else f"model.ref_hf_path={s.reference_hf!r}")
+        raise ValueError(
+            f"model.lora.rank={rc.lora.rank} with {which}: under LoRA the reference is the "
+            "starting policy (or, with model.lora.reference='base', the base with the adapters "
+            "off), so a separate reference model is ambiguous. Unset it (the base comes from "
+            "init.policy or model.hf_path), or set model.lora.rank=0 to fine-tune all "
+            "parameters against that reference")
+    if s.reference_dtype and s.reference_dtype != rc.model.param_dtype:
+        raise ValueError(
+            f"model.ref_param_dtype={s.reference_dtype!r} with LoRA: the reference is the base, "
+            f"stored in model.param_dtype={rc.model.param_dtype!r}; set that one instead and "
+            "leave model.ref_param_dtype=''")
+    if rc.step.ref_sync_every:
+        raise ValueError("train.ref_sync_every > 0 (TR-DPO) moves the reference, which under "
+                         "LoRA is the frozen base; set train.ref_sync_every=0 or "
+                         "model.lora.rank=0")
 
 
 def host_states(state, sources) -> dict:

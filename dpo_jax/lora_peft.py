@@ -15,9 +15,11 @@ import jax
 import numpy as np
 
 from dpo_jax.lora import HEAD, LoraModel
-from dpo_jax.models import hf_maps
+from dpo_jax.models import hf_maps, quant
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# a quantised base's (model.lora.base_quant) transformers quantization_config, beside the adapter
+BASE_QUANT_CONFIG = "base_model_quantization.json"
 
 
 def _peft_modules(model: LoraModel) -> dict[str, str]:
@@ -53,7 +55,9 @@ def _peft_key(pattern: str, layer: int | None, which: str) -> str:
 def save_peft(out: str, model: LoraModel, adapters, base_model: str = "") -> str:
     """Write ``adapters`` as a PEFT LoRA directory (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, out)`` loads onto
-    the exported base. Returns ``out``."""
+    the exported base; with a quantised base (``model.lora.base_quant``) also
+    ``base_model_quantization.json``, the ``BitsAndBytesConfig`` that loads the base as the
+    adapters were trained on it (``quant.hf_quantization_config``). Returns ``out``."""
     from safetensors.numpy import save_file
 
     modules = _peft_modules(model)
@@ -79,9 +83,14 @@ def save_peft(out: str, model: LoraModel, adapters, base_model: str = "") -> str
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
     }
-    with open(os.path.join(out, PEFT_CONFIG), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    files = {PEFT_CONFIG: config}
+    if model.lora.base_quant != "none":  # the base the adapters were trained on
+        files[BASE_QUANT_CONFIG] = quant.hf_quantization_config(model.lora.base_quant,
+                                                                model.cfg.dtype)
+    for name, value in files.items():
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+            f.write("\n")
     return out
 
 

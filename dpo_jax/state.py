@@ -98,20 +98,24 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     ``rc.lora.path``, the base also holds a frozen copy of them under ``'lora'``
     (``lora.join`` puts the trained ones in their place for the policy); with
     ``model.lora.reference='base'`` the reference is the bare base. Raises ValueError for LoRA
-    settings the run contradicts (``lora.check_run``) or a task whose model carries no
+    settings the run contradicts (``lora_base.check_run``) or a task whose model carries no
     adapters."""
     lora = getattr(rc, "lora", None)
     if lora is not None and lora.rank:
         if not isinstance(model, lora_lib.LoraModel):
             raise ValueError(f"model.lora.rank={lora.rank}: task {rc.task!r} does not train "
                              "adapters (LoRA runs: task dpo or sft); set model.lora.rank=0")
-        lora_lib.check_run(rc)
+        lora_base.check_run(rc)
     mesh = shard_lib.make_mesh(rc.mesh_shape)
     tx, schedule = make_optimizer(rc.optim, updates or rc.train.steps)
     shardings = param_shardings(model, mesh, rc.mesh_rules)
     params = (init or init_policy)(model, shardings, rc.param_sources)
     if lora is not None and lora.rank:
         base = as_dtype(params, shardings, model.cfg.param_dtype)
+        if lora.base_quant != "none":  # QLoRA: the float base is dropped on return
+            base = jax.jit(model.quantize_base, out_shardings=(
+                shard_lib.tree_shardings(model.abstract_base(), model.base_axes(), mesh,
+                                         rc.mesh_rules)))(base)
         adapter_shardings = shard_lib.tree_shardings(
             model.abstract_adapters(), model.adapter_axes(), mesh, rc.mesh_rules)
         if lora.path:
@@ -141,6 +145,8 @@ def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | Non
     lora_model = LoraModel(rc.model, rc.lora)
     base = init_policy(lora_model, shardings, rc.param_sources)
     base = as_dtype(base, shardings, rc.model.param_dtype)
+    if rc.lora.base_quant != "none":  # the base its adapters were trained on
+        base = jax.jit(lora_model.quantize_base)(base)
     one = jax.tree.leaves(shardings)[0]
     rep = jax.sharding.NamedSharding(one.mesh, jax.sharding.PartitionSpec()) if isinstance(
         one, jax.sharding.NamedSharding) else one
@@ -170,7 +176,8 @@ def run_params(run_dir: str, model: Model, shardings, step: int | None = None):
             "cannot hold. Leave lm_head out of that run's model.lora.targets, or adapt the head "
             "in this run instead")
     dtype = jnp.dtype(model.cfg.param_dtype)
-    return jax.jit(lambda b, a: merge(lora_model, cast_floats(b, dtype), a),
+    return jax.jit(lambda b, a: merge(lora_model, cast_floats(lora_model.dequantize_base(b),
+                                                              dtype), a),
                    out_shardings=shardings)(base, adapters)
 
 

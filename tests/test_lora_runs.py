@@ -16,21 +16,30 @@ from dpo_jax.config import read_config
 from dpo_jax.models import Model, model_config_from
 from dpo_jax.models.hf import save_hf
 from dpo_jax.step import StepConfig, pair_terms
+from dpo_jax.workdir import WorkdirError
 from tests import helpers, runs
 from tests.runs import with_lora
 
 
-@pytest.mark.parametrize("task", ["dpo", pytest.param("sft", marks=pytest.mark.slow)])
-def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path, task):
+@pytest.mark.parametrize("task,quant", [("dpo", "none"), ("dpo", "nf4"),
+                                        pytest.param("sft", "none", marks=pytest.mark.slow)])
+def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path, task, quant):
     """With adapter dropout (masks drawn from the step), killed after step 3 (checkpoint at 2):
-    the rerun ends with the same adapters, bit for bit, and the same metrics log."""
-    config = with_lora(runs.CONFIGS[task](steps=4, checkpoint_every=2), dropout=0.1)
+    the rerun ends with the same adapters, bit for bit, and the same metrics log; also over an
+    NF4 base (QLoRA, ``model.lora.base_quant``), whose rerun with another quantisation is
+    refused."""
+    config = with_lora(runs.CONFIGS[task](steps=4, checkpoint_every=2), dropout=0.1,
+                       base_quant=quant)
     _, summary, _ = runs.resume_matches_full_run(config, tmp_path, 3, resumed_from=2)
     # a checkpoint holds the adapters and the base's fingerprint, not the base
     fingerprint = ckpt_lib.restore_json_item(str(tmp_path / "full"), lora_base.ITEM)
     assert fingerprint["source"]["seed"] == 0 and len(fingerprint["checksum"]) > 0
     assert set(runs.final_params(config, tmp_path / "full")) == {"lora"}
     assert summary["first_train"]["loss"] != summary["final_train"]["loss"]
+    if quant != "none":
+        config.model.lora.base_quant = "int8"
+        with pytest.raises(WorkdirError, match=f"model.lora.base_quant: '{quant}' -> 'int8'"):
+            runs.run(config, tmp_path / "full")
 
 
 def test_resume_refuses_a_changed_base(tmp_path):

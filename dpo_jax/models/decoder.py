@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax.models import moe
+from dpo_jax.models import quant
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import (
     activation,
@@ -65,10 +66,14 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
-def _heads(x: jax.Array, w_DNH: jax.Array) -> jax.Array:
-    """x [..., D] @ w [D, N, H] -> [..., N, H] through one 2-D matmul."""
-    y = _mm(x, w_DNH.reshape(w_DNH.shape[0], -1))
-    return y.reshape(*x.shape[:-1], *w_DNH.shape[1:])
+def _dense(module: nnx.Module, name: str, x: jax.Array) -> jax.Array:
+    """``x`` [..., I] times ``module``'s projection ``name`` read as [I, O] -> [..., O], in
+    ``x``'s dtype: a parameter, or a quantised weight (``quant.QuantLinear``, a LoRA run's
+    quantised base) dequantised inside the matmul."""
+    w = getattr(module, name)
+    if isinstance(w, quant.QuantLinear):
+        return w(x)
+    return _mm(x, w[...].astype(x.dtype).reshape(x.shape[-1], -1))
 
 
 def _adapted(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -120,9 +125,10 @@ class Attention(nnx.Module):
     def qkv(self, x_BTD: jax.Array, sin_BTR: jax.Array | None, cos_BTR: jax.Array | None):
         """Queries [B,T,N,H], keys and values [B,T,K,H] (biased, normed, rotated per cfg)."""
         cfg, dt = self.cfg, x_BTD.dtype
-        q_BTNH = _adapted(self, "q", x_BTD, _heads(x_BTD, self.q[...].astype(dt)))
-        k_BTKH = _adapted(self, "k", x_BTD, _heads(x_BTD, self.k[...].astype(dt)))
-        v_BTKH = _adapted(self, "v", x_BTD, _heads(x_BTD, self.v[...].astype(dt)))
+        heads = lambda name, n: _adapted(self, name, x_BTD, _dense(self, name, x_BTD).reshape(
+            *x_BTD.shape[:-1], n, cfg.head_dim))
+        q_BTNH, k_BTKH, v_BTKH = heads("q", cfg.n_head), heads("k", cfg.n_kv_head), heads(
+            "v", cfg.n_kv_head)
         if cfg.qkv_bias:
             q_BTNH = q_BTNH + self.q_bias[...].astype(dt)
             k_BTKH = k_BTKH + self.k_bias[...].astype(dt)
@@ -136,9 +142,8 @@ class Attention(nnx.Module):
 
     def out(self, a_BTNH: jax.Array) -> jax.Array:
         """The output projection of attention's result: [B,T,N,H] -> [B,T,D]."""
-        o_NHD = self.o[...].astype(a_BTNH.dtype)
         a_BTF = a_BTNH.reshape(*a_BTNH.shape[:-2], -1)
-        y_BTD = _adapted(self, "o", a_BTF, _mm(a_BTF, o_NHD.reshape(-1, o_NHD.shape[-1])))
+        y_BTD = _adapted(self, "o", a_BTF, _dense(self, "o", a_BTF))
         if self.cfg.attn_out_bias:
             y_BTD = y_BTD + self.o_bias[...].astype(a_BTNH.dtype)
         return y_BTD
@@ -163,17 +168,17 @@ class MLP(nnx.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         """[B,T,D] -> [B,T,D]: down(act(gate(x)) * up(x)) when gated, else down(act(up(x)))."""
         cfg, dt = self.cfg, x_BTD.dtype
-        u_BTF = _adapted(self, "up", x_BTD, _mm(x_BTD, self.up[...].astype(dt)))
+        u_BTF = _adapted(self, "up", x_BTD, _dense(self, "up", x_BTD))
         if cfg.mlp_bias:
             u_BTF = u_BTF + self.up_bias[...].astype(dt)
         if cfg.gated_mlp:
-            g_BTF = _adapted(self, "gate", x_BTD, _mm(x_BTD, self.gate[...].astype(dt)))
+            g_BTF = _adapted(self, "gate", x_BTD, _dense(self, "gate", x_BTD))
             if cfg.mlp_bias:
                 g_BTF = g_BTF + self.gate_bias[...].astype(dt)
             u_BTF = activation(cfg.activation, g_BTF) * u_BTF
         else:
             u_BTF = activation(cfg.activation, u_BTF)
-        y_BTD = _adapted(self, "down", u_BTF, _mm(u_BTF, self.down[...].astype(dt)))
+        y_BTD = _adapted(self, "down", u_BTF, _dense(self, "down", u_BTF))
         if cfg.mlp_bias:
             y_BTD = y_BTD + self.down_bias[...].astype(dt)
         return y_BTD
@@ -268,7 +273,8 @@ class Decoder(nnx.Module):
         [B,T,R]) or (None, None)} of the layer types present (see _layer_kinds)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        h_BTD = jnp.take(self.embed[...], ids_BT, axis=0).astype(dt)
+        h_BTD = (self.embed.lookup(ids_BT) if isinstance(self.embed, quant.QuantEmbedding)
+                 else jnp.take(self.embed[...], ids_BT, axis=0)).astype(dt)
         if cfg.embed_scale:  # Gemma: sqrt(d_model), as a scalar of the compute dtype
             h_BTD = h_BTD * jnp.asarray(cfg.d_model ** 0.5, dt)
         ropes = {}

@@ -4,6 +4,9 @@
         --response 64 --steps 5                       # CPU bench shape: memory and step time
     python experiments/bench/lora_memory.py --preset llama-3.1-8b --pairs 16 --prompt 256 \
         --response 768 --abstract --dtype bfloat16 --remat full   # from shapes only
+    ... --kinds lora,lora_int8,lora_nf4      # QLoRA: the base's projections in int8 / NF4
+    ... --kinds lora_nf4+embed               # and the (untied) input embedding in NF4
+    python experiments/bench/lora_memory.py --state_table   # README's bytes-per-parameter rows
 
 Both sides run the trainer's step (``step.make_train_step``, donated state, sigmoid loss,
 AdamW, scored-only chunked log-probs, the reference forward each step):
@@ -11,7 +14,8 @@ AdamW, scored-only chunked log-probs, the reference forward each step):
          the frozen reference stored in bfloat16 (``model.ref_param_dtype=bfloat16``);
   lora   rank ``--rank`` adapters on every projection (float32, with their AdamW moments)
          over one frozen base in ``--base_dtype`` (bfloat16 by default), which is also the
-         reference (adapters off).
+         reference (adapters off); ``lora_int8`` / ``lora_nf4``: the same with the base's
+         projections quantised (``model.lora.base_quant``, ``dpo_jax/models/quant.py``).
 Memory is XLA's buffer assignment of the compiled step (``compiled.memory_analysis()``):
 arguments (the state and batch), temporaries, and the estimated peak arguments + outputs -
 aliased (donated) + temporaries. Step times: the configurations alternate step by step after
@@ -59,9 +63,12 @@ def _state(kind: str, cfg, rank: int, base_dtype: str, tx, abstract: bool):
         params = make(model.init)(jax.random.key(0))
         ref = make(lambda p: cast_floats(p, bf16))(params)
     else:
+        quant = kind.split("_")[1].split("+")[0] if "_" in kind else "none"
         model = lora_lib.LoraModel(dataclasses.replace(cfg, param_dtype=base_dtype),
-                                   lora_lib.LoraConfig(rank=rank, alpha=float(rank)))
-        ref = make(model.init)(jax.random.key(0))
+                                   lora_lib.LoraConfig(rank=rank, alpha=float(rank),
+                                                       base_quant=quant,
+                                                       quant_embedding=kind.endswith("+embed")))
+        ref = make(lambda k: model.quantize_base(model.init(k)))(jax.random.key(0))
         params = make(model.init_adapters)(jax.random.key(1))
     opt = make(tx.init)(params)
     step = jnp.zeros((), jnp.int32)
@@ -93,8 +100,9 @@ def measure(kind: str, args) -> dict:
     out = {"kind": kind, "preset": args.preset, "pairs": args.pairs,
            "tokens": args.prompt + args.response, "dtype": args.dtype, "remat": args.remat,
            "attention_impl": args.attention_impl or "xla",
-           "rank": args.rank if kind == "lora" else None,
-           "base_dtype": args.base_dtype if kind == "lora" else cfg.param_dtype,
+           "rank": args.rank if kind.startswith("lora") else None,
+           "base_dtype": args.base_dtype if kind.startswith("lora") else cfg.param_dtype,
+           "base_quant": kind.split("_")[1] if "_" in kind else None,
            "compile_s": round(time.perf_counter() - t, 1),
            "trained_params": sum(x.size for x in jax.tree.leaves(state.trainable)),
            "state_GiB": {name: round(_bytes(tree) / GiB, 3) for name, tree in (
@@ -125,6 +133,27 @@ def time_steps(rows, runners, args) -> None:
                    tokens_per_s=round(2 * args.pairs * (args.prompt + args.response) / median))
 
 
+def state_table(presets=("gpt2-large", "pythia-2.8b", "llama-3.1-8b"), rank: int = 16) -> str:
+    """Markdown rows: a LoRA state's bytes per base parameter (the frozen base as held, bfloat16
+    or quantised, + 16 bytes per adapter parameter: float32 value, gradient and AdamW's two
+    moments) and its total for each preset, from the abstract trees (no allocation)."""
+    from dpo_jax.models import param_count, preset
+    rows = []
+    for quant, emb in (("none", False), ("int8", False), ("nf4", False), ("nf4", True)):
+        cells, per = [], []
+        for name in presets:
+            cfg = dataclasses.replace(preset(name), param_dtype="bfloat16")
+            model = lora_lib.LoraModel(cfg, lora_lib.LoraConfig(rank=rank, base_quant=quant,
+                                                                quant_embedding=emb))
+            total = _bytes(model.abstract_base()) + 16 * sum(
+                x.size for x in jax.tree.leaves(model.abstract_adapters()))
+            per.append(total / param_count(cfg))
+            cells.append(f"{total / 1e9:.2f} GB")
+        rows.append(f"| {quant}{' + embedding' if emb else ''} | {min(per):.3f}-{max(per):.3f} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_batch_args(p)
@@ -138,7 +167,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps (0: memory only)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--kinds", default="full,lora")
+    p.add_argument("--state_table", action="store_true", help="print the README's rows, exit")
     args = p.parse_args()
+    if args.state_table:
+        print(state_table(rank=args.rank))
+        return
     rows, runners = zip(*(measure(kind, args) for kind in args.kinds.split(",")))
     if not args.abstract and args.steps:
         time_steps(rows, runners, args)
