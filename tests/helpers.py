@@ -348,3 +348,18 @@ def random_hf_models(tmp_path_factory, cases, common: dict, ids, mask, **from_co
         model.save_pretrained(path)
         out[name] = (str(path), model, hf_logits(model, ids, mask))
     return out
+
+
+def routed_experts(rng: np.random.Generator, T: int, E: int, others, D: int = 6, F: int = 5,
+                   K: int = 2):
+    """Random inputs of a top-2 expert MLP with skewed routing: ``T`` tokens of width ``D``,
+    ``E`` experts of width ``F``; slot 0 routes about 60% of the tokens to expert 1 and the rest
+    to one of ``others``, slot 1 every token to expert 3. Returns ``(x [T, D], index [T, K]
+    int32, weight [T, K], gate [E, D, F], up [E, D, F], down [E, F, D])``, float32."""
+    x = rng.normal(size=(T, D)).astype(np.float32)
+    index = np.stack([np.where(rng.random(T) < 0.6, 1, rng.choice(list(others), T)),
+                      np.full(T, 3)], 1).astype(np.int32)
+    weight = rng.random((T, K)).astype(np.float32)
+    gate, up = (rng.normal(size=(E, D, F)).astype(np.float32) for _ in range(2))
+    down = rng.normal(size=(E, F, D)).astype(np.float32)
+    return x, index, weight, gate, up, down

@@ -93,10 +93,12 @@ def test_two_stage_recipe_sft_adapters_merged_into_the_dpo_base(tmp_path):
             np.testing.assert_allclose(np.asarray(out.losses), math.log(2.0), rtol=1e-6)
 
 
-def test_lora_run_with_stored_reference_logps(tmp_path):
-    """``logprobs.precompute_reference``: the base's log-probs are computed once and stored;
-    the state keeps the base for the policy's forward, and step 1 is at loss ln 2."""
-    config = with_lora(runs.dpo_config(steps=2))
+@pytest.mark.parametrize("base_quant", ["none", "nf4"])
+def test_lora_run_with_stored_reference_logps(base_quant, tmp_path):
+    """``logprobs.precompute_reference``: the base's log-probs (of the float base, or of the
+    NF4-quantised one: QLoRA) are computed once and stored; the state keeps the base for the
+    policy's forward, and step 1 is at loss ln 2."""
+    config = with_lora(runs.dpo_config(steps=2), base_quant=base_quant)
     config.logprobs.precompute_reference = True
     summary = runs.run(config, tmp_path)
     np.testing.assert_allclose(summary["first_train"]["loss"], math.log(2.0), rtol=1e-6)

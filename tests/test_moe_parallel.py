@@ -42,12 +42,7 @@ def test_dispatch_and_gradients_equal_single_device(mesh_shape, axis, kernel):
     none), equals sparse_experts, and so do the gradients of every input."""
     rng = np.random.default_rng(0)
     T, D, F, E, K = 29, 6, 5, 8, 2
-    x = rng.normal(size=(T, D)).astype(np.float32)
-    index = np.stack([np.where(rng.random(T) < 0.6, 1, rng.choice([0, 2, 4, 7], T)),
-                      np.full(T, 3)], 1).astype(np.int32)
-    weight = rng.random((T, K)).astype(np.float32)
-    gate, up = (rng.normal(size=(E, D, F)).astype(np.float32) for _ in range(2))
-    down = rng.normal(size=(E, F, D)).astype(np.float32)
+    x, index, weight, gate, up, down = helpers.routed_experts(rng, T, E, [0, 2, 4, 7])
     cot = rng.normal(size=(T, D)).astype(np.float32)
     args = (x, weight, gate, up, down)
     vg = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * cot), argnums=range(5)))
@@ -108,7 +103,7 @@ def _dpo_step(mesh_name: str | None):
         assert ("all_to_all" in lowered.as_text()) == bool(axis)  # the exchange
         new_state, metrics = lowered.compile()(state, batch)
     update = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b,
-                          jax.device_get(new_state.params), params)
+                          jax.device_get(new_state.trainable), params)
     return jax.device_get(metrics), update
 
 

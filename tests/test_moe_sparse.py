@@ -46,12 +46,7 @@ def test_kernels_match_numpy_per_token_and_their_gradients(kernel):
     equal those of the dense formula (every expert, weight 0 off the top-k)."""
     rng = np.random.default_rng(0)
     T, D, F, E, K = 13, 6, 5, 5, 2
-    x = rng.normal(size=(T, D)).astype(np.float32)
-    index = np.stack([np.where(rng.random(T) < 0.6, 1, rng.choice([0, 2, 4], T)),
-                      np.full(T, 3)], 1).astype(np.int32)
-    weight = rng.random((T, K)).astype(np.float32)
-    gate, up = (rng.normal(size=(E, D, F)).astype(np.float32) for _ in range(2))
-    down = rng.normal(size=(E, F, D)).astype(np.float32)
+    x, index, weight, gate, up, down = helpers.routed_experts(rng, T, E, [0, 2, 4])
     silu = lambda a: a / (1 + np.exp(-a))
     want = np.zeros((T, D))
     for t in range(T):

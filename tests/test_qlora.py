@@ -64,15 +64,6 @@ def test_step_on_eight_devices_equals_one_and_the_base_is_sharded(kind):
     assert abs(got[1]["loss"] - math.log(2.0)) > 1e-4  # the adapters moved the policy
 
 
-def test_stored_reference_logps_start_at_ln2(tmp_path):
-    config = with_lora(runs.dpo_config(steps=2), base_quant="nf4")
-    config.logprobs.precompute_reference = True
-    summary = runs.run(config, tmp_path)
-    np.testing.assert_allclose(summary["first_train"]["loss"], math.log(2.0), rtol=1e-6)
-    assert (tmp_path / "reference_logps").is_dir()
-    assert summary["final_train"]["loss"] < summary["first_train"]["loss"]
-
-
 def test_export_merges_into_the_dequantised_base_and_names_the_quantisation(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

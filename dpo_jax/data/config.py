@@ -159,13 +159,9 @@ class ChesFilterConfig:
 def read_ches_filter(block) -> ChesFilterConfig:
     """The ``data.ches_filter`` block, checked. Raises ValueError naming the
     ``data.ches_filter.*`` field for an unknown field or a bad value."""
-    given = dict(_plain(block) or {})
-    fields = dataclasses.asdict(ChesFilterConfig())
-    unknown = sorted(set(given) - set(fields))
-    if unknown:
-        raise ValueError(f"data.ches_filter.{unknown[0]}: not a field of the block; fields: "
-                         f"{', '.join(fields)}")
-    cfg = ChesFilterConfig(**{**fields, **given})
+    cfg = ChesFilterConfig(**_with_defaults(dict(_plain(block) or {}),
+                                            dataclasses.asdict(ChesFilterConfig()),
+                                            "data.ches_filter", "block"))
     if cfg.mode not in CHES_MODES:
         raise ValueError(f"data.ches_filter.mode={cfg.mode!r}: expected one of {CHES_MODES}")
     if cfg.score not in CHES_SCORES:

@@ -142,6 +142,26 @@ SHARED = "+shared"  # configuration-name suffix: prefix-shared pairs
 SHARED_MULTIPLE = 16  # shared rows are padded to this multiple (data.bucket_multiple's default)
 
 
+def bench_optimizer():
+    """``(tx, schedule, loss_cfg)`` of every benchmarked step: AdamW at TRL's lr 1e-6, no
+    warmup, no clipping; the default loss (sigmoid, beta 0.1; a MoE model's router loss from
+    its config)."""
+    c = base_config()
+    c.optim.name, c.optim.lr, c.optim.warmup_steps, c.optim.max_grad_norm = "adamw", 1e-6, 0, 0.0
+    tx, schedule = make_optimizer(OptimConfig.from_config(c.optim), 1000)
+    return tx, schedule, losses_lib.loss_config_from(c.loss)
+
+
+def compiled_memory(compiled, out: dict):
+    """Adds XLA's compiled temporary and argument sizes (MiB) of ``compiled`` to ``out``;
+    returns its ``memory_analysis()`` (None where the backend gives none)."""
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        out["compiled_temp_MiB"] = round(mem.temp_size_in_bytes / 2**20, 1)
+        out["compiled_args_MiB"] = round(mem.argument_size_in_bytes / 2**20, 1)
+    return mem
+
+
 def split_config(name: str) -> tuple[str, bool]:
     """``'best+shared'`` -> ``('best', True)``; ``'best'`` -> ``('best', False)``."""
     if name.endswith(SHARED):
@@ -252,10 +272,7 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     overrides, lp_cfg, precomputed, donate, *fwd_lp = VARIANTS[base]
     cfg = model_config(shape, **overrides)
     model = Model(cfg)
-    c = base_config()
-    c.optim.name, c.optim.lr, c.optim.warmup_steps, c.optim.max_grad_norm = "adamw", 1e-6, 0, 0.0
-    tx, schedule = make_optimizer(OptimConfig.from_config(c.optim), 1000)
-    loss_cfg = losses_lib.loss_config_from(c.loss)  # sigmoid, beta 0.1
+    tx, schedule, loss_cfg = bench_optimizer()
     step_cfg = StepConfig(logprobs=lp_cfg, forward_logprobs=fwd_lp[0] if fwd_lp else None)
     to_bf16 = lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
     if abstract:
@@ -293,10 +310,8 @@ def bench_variant(shape: str, variant: str, pairs: int, prompt: int, response: i
     t = time.perf_counter()
     compiled = step_fn.lower(state, batch, max_scored).compile()
     out["compile_s"] = round(time.perf_counter() - t, 2)
-    mem = compiled.memory_analysis()
+    mem = compiled_memory(compiled, out)
     if mem is not None:
-        out["compiled_temp_MiB"] = round(mem.temp_size_in_bytes / 2**20, 1)
-        out["compiled_args_MiB"] = round(mem.argument_size_in_bytes / 2**20, 1)
         # live at once: arguments (donated state aliases the new state), outputs, temporaries
         out["compiled_peak_est_GiB"] = round((mem.argument_size_in_bytes + mem.output_size_in_bytes
                                               - mem.alias_size_in_bytes

@@ -32,17 +32,14 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from dpo_jax import losses as losses_lib  # noqa: E402
-from dpo_jax.config import base_config  # noqa: E402
 from dpo_jax.distributed import state_bytes_per_device  # noqa: E402
 from dpo_jax.models import Model, matmul_param_count, param_count, preset  # noqa: E402
 from dpo_jax.models.config import ModelConfig, _layer_matmul_params  # noqa: E402
-from dpo_jax.optim import OptimConfig, make_optimizer  # noqa: E402
 from dpo_jax.state import Frozen, TrainState  # noqa: E402
 from dpo_jax.step import StepConfig, make_train_step  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dpo import machine, make_batch  # noqa: E402
+from bench_dpo import bench_optimizer, compiled_memory, machine, make_batch  # noqa: E402
 
 _COMMON = dict(n_layer=2, d_model=256, n_head=4, n_kv_head=2, d_ff=1024, vocab_size=1024,
                max_len=1024, rope_scaling=None)
@@ -59,10 +56,7 @@ def bench(shape: str, impl: str, pairs: int, prompt: int, response: int, steps: 
     name, overrides = SHAPES[shape]
     cfg = preset(name, **overrides, moe_impl=impl)
     model = Model(cfg)
-    c = base_config()
-    c.optim.name, c.optim.lr, c.optim.warmup_steps, c.optim.max_grad_norm = "adamw", 1e-6, 0, 0.0
-    tx, schedule = make_optimizer(OptimConfig.from_config(c.optim), 1000)
-    loss_cfg = losses_lib.loss_config_from(c.loss)  # sigmoid, beta 0.1, router loss: model's
+    tx, schedule, loss_cfg = bench_optimizer()  # router loss: the model config's
     params = jax.jit(model.init)(jax.random.key(0))
     ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))(params)
     batch = {k: jnp.asarray(v) for k, v in
@@ -77,10 +71,7 @@ def bench(shape: str, impl: str, pairs: int, prompt: int, response: int, steps: 
                seq=prompt + response, tokens=2 * pairs * (prompt + response),
                experts=cfg.n_experts, top_k=cfg.n_experts_per_tok, moe_d_ff=cfg.moe_d_ff,
                compile_s=round(time.perf_counter() - t, 2))
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        out["compiled_temp_MiB"] = round(mem.temp_size_in_bytes / 2**20, 1)
-        out["compiled_args_MiB"] = round(mem.argument_size_in_bytes / 2**20, 1)
+    compiled_memory(compiled, out)
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
