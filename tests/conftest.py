@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices so mesh shapes (8,1,1), (1,8,1), (2,2,2) are testable anywhere."""
 
+import inspect
 import os
 import tempfile
 
@@ -44,10 +45,24 @@ def pytest_configure(config):
                                        "--run-slow")
 
 
+def _imports_torch(item) -> bool:
+    """Whether a test needs PyTorch: its module imports torch at module level, or the test
+    function imports it itself (``pytest.importorskip("torch")``, ``import torch``). Such a
+    test skips in ``.ci/run``'s first pass (no torch), so without the marker the ``-m torch``
+    pass would never select it and it would run nowhere."""
+    module = getattr(item, "module", None)
+    if module is not None and "torch" in vars(module):
+        return True
+    try:
+        source = inspect.getsource(item.function)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return 'importorskip("torch")' in source or "import torch" in source
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        module = getattr(item, "module", None)
-        if module is not None and "torch" in vars(module):
+        if _imports_torch(item):
             item.add_marker(pytest.mark.torch)
     if config.getoption("--run-slow"):
         return
