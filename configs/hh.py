@@ -25,7 +25,10 @@ Variants (comma-separated, in order):
     "Likelihood displacement"): ``train.diagnostics`` on, ``LD_STEPS`` steps at the paper's
     Section 6 learning rate, an evaluation every ``LD_EVAL_EVERY`` steps, no samples;
   * ``ches_filter``: with ``displacement``, the same run on the train pairs the CHES filter
-    keeps (``data.ches_filter``: the half of lowest ln-CHES under the starting model).
+    keeps (``data.ches_filter``: the half of lowest ln-CHES under the starting model);
+  * ``ches_random``: with ``displacement``, the filter's control: the same half of the train
+    pairs dropped at random (``data.ches_filter.score='random'``), to tell the CHES choice
+    apart from training on fewer pairs for more epochs.
 """
 
 from dpo_jax.config import apply_variants, base_config
@@ -82,6 +85,11 @@ def _ches_filter(c) -> None:
     c.data.ches_filter.update(mode="drop", score="ln_ches", quantile=0.5)
 
 
+def _ches_random(c) -> None:
+    _ches_filter(c)
+    c.data.ches_filter.update(score="random", seed=0)
+
+
 def get_config(arg: str = ""):
     c = base_config()
     c.task = "dpo"
@@ -115,4 +123,5 @@ def get_config(arg: str = ""):
     _smollm2(c)
     return apply_variants(c, arg, {"smollm2": _smollm2, "reward": _reward, "smoke": _smoke,
                                    "displacement": _displacement,
-                                   "ches_filter": _ches_filter}, "configs/hh.py")
+                                   "ches_filter": _ches_filter, "ches_random": _ches_random},
+                         "configs/hh.py")

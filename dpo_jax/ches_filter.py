@@ -13,6 +13,8 @@ log-probability falling). Here:
    model and log-prob settings), so a rerun or resume loads them;
 2. :func:`flagged` marks the pairs scoring above the ``quantile`` of the scores (numpy's linear
    quantile; ties at the threshold are kept);
+   With ``score='random'`` (the control experiment) the pairs are flagged by uniform random
+   scores drawn with ``seed`` instead: the same fraction goes, chosen without regard to CHES;
 3. :func:`apply` drops them (``mode='drop'``) or multiplies their pair weight by ``weight``
    (``mode='downweight'``: the loss and metrics weigh them less, ``pair_weight``).
 """
@@ -87,11 +89,15 @@ def apply(pairs: list[dict], scores: Mapping[str, np.ndarray], cfg: ChesFilterCo
     """``(pairs after the filter, kept [N] bool, stats)`` for ``cfg.mode`` 'drop' (the flagged
     pairs removed, the others in order) or 'downweight' (every pair kept, the flagged ones'
     ``weight`` multiplied by ``cfg.weight``). ``scores``: :func:`ches_scores_of`'s arrays; the
-    filter reads ``scores[cfg.score]``. Raises ValueError for another mode or a score array of
-    another length."""
-    score = np.asarray(scores[cfg.score])
-    if score.shape != (len(pairs),):
-        raise ValueError(f"data.ches_filter: {score.shape[0]} scores for {len(pairs)} pairs")
+    filter reads ``scores[cfg.score]``, or for ``cfg.score='random'`` :func:`random_scores`
+    (the stats then also give the kept pairs' mean ln-CHES, to compare with the CHES filter).
+    Raises ValueError for another mode or a score array of another length."""
+    for name, array in scores.items():
+        if np.shape(array) != (len(pairs),):
+            raise ValueError(f"data.ches_filter: {np.shape(array)[0]} {name} scores for "
+                             f"{len(pairs)} pairs")
+    score = (random_scores(len(pairs), cfg.seed) if cfg.score == "random"
+             else np.asarray(scores[cfg.score]))
     out, threshold = flagged(score, cfg.quantile)
     if cfg.mode == "drop":
         kept = ~out
@@ -108,4 +114,15 @@ def apply(pairs: list[dict], scores: Mapping[str, np.ndarray], cfg: ChesFilterCo
              "score_mean_after": float(score[kept].mean()) if kept.any() else None}
     if cfg.mode == "downweight":
         stats["weight"] = cfg.weight
+    if cfg.score == "random":
+        ln = np.asarray(scores["ln_ches"], np.float64)
+        stats.update(seed=cfg.seed, ln_ches_mean=float(ln.mean()),
+                     ln_ches_mean_after=float(ln[kept].mean()) if kept.any() else None)
     return new, kept, stats
+
+
+def random_scores(n: int, seed: int) -> np.ndarray:
+    """[n] float64 uniform on [0, 1) from ``numpy.random.default_rng(seed)``: the scores of the
+    ``score='random'`` control, so :func:`flagged` picks a seeded random ``1 - quantile`` of
+    the pairs (the same count as a CHES filter at that quantile, up to ties)."""
+    return np.random.default_rng(seed).random(n)

@@ -44,6 +44,33 @@ def test_the_pairs_above_the_quantile_are_dropped_or_downweighted():
     assert [int(p["prompt"][0]) for p in kept] == [0, 2, 3]
 
 
+def test_the_random_control_drops_the_same_count_without_reading_ches():
+    """score='random': the flagged pairs are those whose seeded uniform draw is above the
+    quantile (worked out from numpy's generator here), the count is the CHES filter's at the
+    same quantile, the choice changes with the seed and not with the CHES scores, and the stats
+    carry the kept pairs' mean ln-CHES."""
+    n = 40
+    pairs = [{"prompt": np.array([i])} for i in range(n)]
+    ln = np.linspace(-3.0, 3.0, n)
+    scores = {"ln_ches": ln, "ches": ln[::-1].copy()}
+    cfg = ChesFilterConfig("drop", "random", 0.75, seed=7)
+    kept, mask, stats = ches_filter.apply(pairs, scores, cfg)
+    draws = np.random.default_rng(7).random(n)
+    assert mask.tolist() == (draws <= np.quantile(draws, 0.75)).tolist()
+    assert len(kept) == n - 10 == int(mask.sum())
+    assert len(ches_filter.apply(pairs, scores, ChesFilterConfig("drop", "ln_ches", 0.75))[0]) \
+        == len(kept)
+    assert stats["ln_ches_mean_after"] == pytest.approx(ln[mask].mean())
+    assert stats["seed"] == 7 and stats["ln_ches_mean"] == pytest.approx(0.0, abs=1e-12)
+    shuffled = {"ln_ches": ln[::-1].copy(), "ches": ln.copy()}
+    assert ches_filter.apply(pairs, shuffled, cfg)[1].tolist() == mask.tolist()
+    other = ches_filter.apply(pairs, scores, ChesFilterConfig("drop", "random", 0.75, seed=8))
+    assert other[1].tolist() != mask.tolist()
+    assert read_ches_filter({"mode": "drop", "score": "random", "seed": 3}).seed == 3
+    with pytest.raises(ValueError, match="3 ln_ches scores for 40 pairs"):
+        ches_filter.apply(pairs, {"ln_ches": ln[:3], "ches": ln}, cfg)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("mode", "keep", "data.ches_filter.mode"), ("score", "cos", "data.ches_filter.score"),
     ("quantile", 1.0, "data.ches_filter.quantile"), ("weight", 1.5, "data.ches_filter.weight"),

@@ -153,17 +153,21 @@ def test_hh_config_runs_end_to_end_and_reports(tiny_run):
 
 def test_displacement_variants_differ_only_by_the_filter():
     """``displacement`` turns diagnostics on at LD_LR for LD_STEPS, evaluating every
-    LD_EVAL_EVERY steps without samples; ``ches_filter`` adds the filter and nothing else."""
+    LD_EVAL_EVERY steps without samples; ``ches_filter`` adds the filter and nothing else;
+    ``ches_random`` the same filter with random scores."""
     plain = hh_config.get_config("displacement").to_dict()
     filtered = hh_config.get_config("displacement,ches_filter").to_dict()
+    control = hh_config.get_config("displacement,ches_random").to_dict()
+    assert control["data"].pop("ches_filter") == {"mode": "drop", "score": "random",
+                                                  "quantile": 0.5, "weight": 0.1, "seed": 0}
     assert plain["train"]["diagnostics"] and plain["optim"]["lr"] == hh_config.LD_LR
     assert (plain["train"]["steps"], plain["train"]["eval_every"]) == (
         hh_config.LD_STEPS, hh_config.LD_EVAL_EVERY)
     assert plain["data"]["ches_filter"]["mode"] == "" and plain["eval"]["sample_every"] == 0
     assert filtered["data"].pop("ches_filter") == {"mode": "drop", "score": "ln_ches",
-                                                   "quantile": 0.5, "weight": 0.1}
+                                                   "quantile": 0.5, "weight": 0.1, "seed": 0}
     plain["data"].pop("ches_filter")
-    assert filtered == plain
+    assert filtered == plain == control
 
 
 @pytest.mark.slow
@@ -177,7 +181,8 @@ def test_displacement_runs_with_and_without_the_ches_filter(tiny_llama, tmp_path
     data = write_hh(tmp_path / "hh-test.jsonl.gz")
     out = {}
     for stage, variants in (("dpo", "displacement,smoke"),
-                            ("dpo_ches", "displacement,ches_filter,smoke")):
+                            ("dpo_ches", "displacement,ches_filter,smoke"),
+                            ("dpo_random", "displacement,ches_random,smoke")):
         cfg = tiny_hh_config(tiny_llama, data, variants)
         assert cfg.train.diagnostics and cfg.optim.lr == hh_config.LD_LR
         assert cfg.eval.sample_every == 0 and cfg.data.prefix_sharing
@@ -193,12 +198,18 @@ def test_displacement_runs_with_and_without_the_ches_filter(tiny_llama, tmp_path
         assert summary["steps"] == 3
         for key in ("logps_delta/chosen", "displacement/chosen_fell", "ches/q50"):
             assert key in summary["final_eval"], key
+    r = out["dpo_random"]["data"]["train"]["ches_filter"]
+    assert (r["score"], r["flagged"], r["pairs_after"]) == ("random", f["flagged"],
+                                                            f["pairs_after"])
+    assert r["ln_ches_mean_after"] >= f["score_mean_after"]  # CHES kept the lowest half
     rep = hh_displacement.compare(str(tmp_path))
     assert rep["chosen_delta_final"] == {
-        "dpo": plain["final_eval"]["logps_delta/chosen"],
-        "dpo_ches": filtered["final_eval"]["logps_delta/chosen"]}
+        s: out[s]["final_eval"]["logps_delta/chosen"] for s in out}
     assert (tmp_path / "chosen_delta.png").exists() and "dpo_ches" in (
         tmp_path / "report.md").read_text()
+    assert "ln_ches_mean_after" in (tmp_path / "report.md").read_text()  # the control's line
+    assert hh_displacement.compare(str(tmp_path), ("dpo",))["chosen_delta_final"] == {
+        "dpo": plain["final_eval"]["logps_delta/chosen"]}
     ins = inspect_lib.inspect_run(str(tmp_path / "dpo_ches"), top=2)
     assert all("<|im_start|>" in r["text"]["prompt"] or r["text"]["prompt"]
                for r in ins["top_pairs"])

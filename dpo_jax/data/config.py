@@ -123,9 +123,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     # pairs whose chosen and rejected responses look most alike to it
     c.ches_filter = ml_collections.ConfigDict()
     c.ches_filter.mode = ""  # '' = off | 'drop' | 'downweight'
-    c.ches_filter.score = "ln_ches"  # 'ln_ches' (length-normalised, the paper's filter) | 'ches'
+    # 'ln_ches' (length-normalised, the paper's filter) | 'ches' | 'random' (the control)
+    c.ches_filter.score = "ln_ches"
     c.ches_filter.quantile = 0.9  # pairs scoring above this quantile of the train scores go
     c.ches_filter.weight = 0.1  # 'downweight': their pair weight is multiplied by this
+    # score='random': the control (the same fraction of pairs flagged by uniform random scores
+    # drawn with this seed instead of by CHES)
+    c.ches_filter.seed = 0
     c.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticConfig()))
     return c
 
@@ -143,7 +147,7 @@ def parse_buckets(value) -> list[int] | None:
 
 
 CHES_MODES = ("", "drop", "downweight")
-CHES_SCORES = ("ln_ches", "ches")
+CHES_SCORES = ("ln_ches", "ches", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +158,7 @@ class ChesFilterConfig:
     score: str = "ln_ches"
     quantile: float = 0.9
     weight: float = 0.1
+    seed: int = 0
 
 
 def read_ches_filter(block) -> ChesFilterConfig:
@@ -172,7 +177,8 @@ def read_ches_filter(block) -> ChesFilterConfig:
     if not 0.0 <= float(cfg.weight) < 1.0:
         raise ValueError(f"data.ches_filter.weight={cfg.weight!r}: must be in [0, 1) (the "
                          "filtered pairs' weight multiplier)")
-    return dataclasses.replace(cfg, quantile=float(cfg.quantile), weight=float(cfg.weight))
+    return dataclasses.replace(cfg, quantile=float(cfg.quantile), weight=float(cfg.weight),
+                               seed=int(cfg.seed))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,13 +9,15 @@ finished stage is skipped on a rerun, an interrupted one resumes):
 1. ``WORKDIR/dpo``: ``configs/hh.py:smollm2,displacement`` (per-pair diagnostics on);
 2. ``WORKDIR/dpo_ches``: the same with ``ches_filter`` (the train pairs of highest ln-CHES under
    the starting model dropped), at equal steps;
+   ``WORKDIR/dpo_random``: the control, ``ches_random`` (as many pairs dropped at random);
 3. ``python -m dpo_jax.inspect`` of each (``WORKDIR/<stage>/inspect/``) and
    ``WORKDIR/report.md`` / ``report.json`` (:func:`compare`): held-out chosen and rejected
    log-prob changes from the reference, the fraction of pairs whose chosen log-prob fell and
    the accuracy at every evaluation, for both runs; the filter's statistics; a plot of the
    chosen log-prob trajectories.
 
-Extra ``--config.X=V`` arguments go to both runs.
+Extra ``--config.X=V`` arguments go to every run; ``--stages=dpo,dpo_random`` runs (and
+reports) only those stages.
 """
 
 from __future__ import annotations
@@ -34,17 +36,18 @@ import run as hh_run  # noqa: E402  (experiments/hh/run.py: run_stage)
 
 from dpo_jax import inspect as inspect_lib  # noqa: E402
 
-STAGES = {"dpo": "smollm2,displacement", "dpo_ches": "smollm2,displacement,ches_filter"}
+STAGES = {"dpo": "smollm2,displacement", "dpo_ches": "smollm2,displacement,ches_filter",
+          "dpo_random": "smollm2,displacement,ches_random"}
 KEYS = ("logps_delta/chosen", "logps_delta/rejected", "displacement/chosen_fell",
         "rewards/accuracies", "ln_ches/q50")
 
 
-def compare(workdir: str) -> dict:
+def compare(workdir: str, stages=tuple(STAGES)) -> dict:
     """Both runs' evaluations side by side (``report.json`` / ``report.md`` in ``workdir``)
     and ``chosen_delta.png``; the answer to "does the filter reduce the fall of the chosen
     log-prob at equal steps?" as the two final numbers, not a verdict."""
     runs = {}
-    for stage in STAGES:
+    for stage in stages:
         _, evals = inspect_lib.read_metrics(os.path.join(workdir, stage))
         with open(os.path.join(workdir, stage, "summary.json")) as f:
             summary = json.load(f)
@@ -78,7 +81,8 @@ def markdown(r: dict) -> str:
         if run["ches_filter"]:
             lines += ["filter: " + json.dumps({k: run["ches_filter"][k] for k in (
                 "score", "quantile", "threshold", "pairs_before", "pairs_after",
-                "score_mean", "score_mean_after")}), ""]
+                "score_mean", "score_mean_after", "ln_ches_mean", "ln_ches_mean_after")
+                if k in run["ches_filter"]}), ""]
         cols = ["step", *KEYS]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(hh_run._fmt(e.get(c)) for c in cols) + " |"
@@ -91,14 +95,22 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args, extra = hh_run.stage_args(argv, __doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    picked = [a.split("=", 1)[1] for a in argv if a.startswith("--stages=")]
+    stages = tuple(picked[-1].split(",")) if picked else tuple(STAGES)
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise SystemExit(f"--stages: unknown {unknown} (known: {', '.join(STAGES)})")
+    args, extra = hh_run.stage_args([a for a in argv if not a.startswith("--stages=")],
+                                    __doc__)
     workdir = os.path.abspath(args.workdir)
-    for stage, variants in STAGES.items():
+    for stage in stages:
+        variants = STAGES[stage]
         path = os.path.join(workdir, stage)
         if not args.report_only:
             hh_run.run_stage(variants + (",smoke" if args.smoke else ""), path, extra)
         inspect_lib.inspect_run(path)
-    out = compare(workdir)
+    out = compare(workdir, stages)
     print(os.path.join(workdir, "report.md"))
     return out
 
