@@ -276,6 +276,25 @@ def one_device_dpo_step(model: Model, params, loss_cfg, num_pairs: int = 4, lr: 
                                  batch_np=batch_np, batch=batch)
 
 
+def qlora_step(model, base, adapters, batch, mesh_):
+    """One SGD step of sigmoid DPO (beta 0.5) of a LoRA ``model`` over the float ``base``
+    quantised into its sharding on ``mesh_`` as ``state.setup`` places it, traced under
+    ``jax.set_mesh(mesh_)`` (so expert parallelism applies): (the new adapters and the metrics
+    on the host, the new state)."""
+    rules = shard_lib.DEFAULT_RULES
+    tx, schedule = optimizer()
+    ad_sh = shard_lib.tree_shardings(model.abstract_adapters(), model.adapter_axes(), mesh_, rules)
+    base_sh = shard_lib.tree_shardings(model.abstract_base(), model.base_axes(), mesh_, rules)
+    qbase = jax.jit(model.quantize_base, out_shardings=base_sh)(base)
+    state = create_state(jax.device_put(adapters, ad_sh), tx, mesh_, ad_sh,
+                         Frozen(lora_base=qbase))
+    step = jax.jit(make_train_step(model, loss_config(beta=0.5), tx, schedule, StepConfig()),
+                   static_argnums=2)
+    with jax.set_mesh(mesh_):
+        new, metrics = step(state, batch, None)
+    return jax.device_get(new.trainable), jax.device_get(metrics), new
+
+
 def leaves(tree) -> list[np.ndarray]:
     """The leaves of a pytree as host numpy arrays (for exact / allclose comparisons)."""
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]

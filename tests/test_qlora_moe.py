@@ -16,9 +16,7 @@ import pytest
 
 from dpo_jax import lora as lora_lib
 from dpo_jax import sharding as shard_lib
-from dpo_jax import state as state_lib
 from dpo_jax.models import Model, moe, moe_dispatch, moe_parallel, preset, quant
-from dpo_jax.step import StepConfig, make_train_step
 from tests import helpers
 
 T, D, F, E = 29, 64, 32, 4
@@ -192,22 +190,6 @@ def test_moe_model_is_the_model_of_the_dequantised_weights_router_float(shape, k
         assert 0 < np.abs(np.asarray(back[name]) - np.asarray(mlp[name])).max()
 
 
-def _step(model, base, adapters, b, mesh_):
-    """One SGD step of sigmoid DPO with the quantised ``base`` placed as setup places it."""
-    rules = shard_lib.DEFAULT_RULES
-    tx, schedule = helpers.optimizer()
-    ad_sh = shard_lib.tree_shardings(model.abstract_adapters(), model.adapter_axes(), mesh_, rules)
-    base_sh = shard_lib.tree_shardings(model.abstract_base(), model.base_axes(), mesh_, rules)
-    qbase = jax.jit(model.quantize_base, out_shardings=base_sh)(base)
-    state = state_lib.create_state(jax.device_put(adapters, ad_sh), tx, mesh_, ad_sh,
-                                   state_lib.Frozen(lora_base=qbase))
-    step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.5), tx, schedule,
-                                   StepConfig()), static_argnums=2)
-    with jax.set_mesh(mesh_):
-        new, metrics = step(state, b, None)
-    return jax.device_get(new.trainable), jax.device_get(metrics), new
-
-
 def _moe_model(kind, axis=None):
     cfg = preset("tiny-llama", n_kv_head=2, rope_scaling=None, family="mixtral", n_experts=8,
                  n_experts_per_tok=2, moe_d_ff=16, moe_tile=16, moe_expert_axis=axis)
@@ -228,8 +210,8 @@ def test_moe_qlora_step_on_eight_devices_equals_one(kind, mesh_shape, axis):
     adapters = helpers.perturbed(jax.jit(one_model.init_adapters)(jax.random.key(0)), 0.05, 1)
     b = helpers.pair_batch(helpers.synthetic_pairs(8))
     one = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    want = _step(one_model, base, adapters, b, one)
-    got = _step(_moe_model(kind, axis), base, adapters, b,
+    want = helpers.qlora_step(one_model, base, adapters, b, one)
+    got = helpers.qlora_step(_moe_model(kind, axis), base, adapters, b,
                 helpers.mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape))))
     for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         np.testing.assert_allclose(got[1][k], want[1][k], rtol=2e-5, atol=2e-6, err_msg=k)
