@@ -220,3 +220,19 @@ def test_moe_qlora_step_on_eight_devices_equals_one(kind, mesh_shape, axis):
     codes = got[2].frozen.lora_base["layers"]["mlp"]["up"]["codes"]
     assert codes.dtype == (np.uint8 if kind == "nf4" else np.int8)
     assert codes.sharding.spec[1] == "fsdp"  # the expert axis, as the float experts'
+
+
+def test_exported_quantization_config_keeps_the_router_float():
+    """The PEFT directory's ``BitsAndBytesConfig`` of a mixture-of-experts base skips the
+    routers and the shared expert's gate (float here) and nothing else: transformers' own
+    module matcher on Mixtral's and Qwen2-MoE's module names."""
+    utils = pytest.importorskip("transformers.quantizers.quantizers_utils")
+    skip = quant.hf_quantization_config("nf4", "bfloat16", moe=True)["llm_int8_skip_modules"]
+    for name in ("model.layers.0.block_sparse_moe.gate", "model.layers.3.mlp.gate",
+                 "model.layers.3.mlp.shared_expert_gate", "lm_head"):
+        assert not utils.should_convert_module(name, skip), name
+    for name in ("model.layers.0.block_sparse_moe.experts.1.w1", "model.layers.0.mlp.gate_proj",
+                 "model.layers.3.mlp.experts.0.gate_proj", "model.layers.0.self_attn.q_proj",
+                 "model.layers.3.mlp.shared_expert.gate_proj"):
+        assert utils.should_convert_module(name, skip), name
+    assert quant.hf_quantization_config("int8", "float32")["llm_int8_skip_modules"] == ["lm_head"]

@@ -230,19 +230,24 @@ def embedding_lookup(kind: str, leaf: Mapping, ids: jax.Array) -> jax.Array:
     return v.reshape(*ids.shape, -1)
 
 
-def hf_quantization_config(kind: str, compute_dtype: str) -> dict:
+def hf_quantization_config(kind: str, compute_dtype: str, moe: bool = False) -> dict:
     """transformers' ``BitsAndBytesConfig`` (``to_dict`` form) of the same weight quantisation:
     NF4 with double quantisation (bit for bit the same codes; bitsandbytes computes in
     ``compute_dtype`` on the dequantised weight, as here), or 8-bit with the outlier split off
     (the same row-wise weights; bitsandbytes' LLM.int8() also quantises the activations, which
-    this module does not). The LM head is left out, as QLoRA leaves it."""
+    this module does not). The LM head is left out, as QLoRA leaves it; with ``moe`` (a mixture
+    of experts) also the modules named ``gate``: the router (Mixtral's
+    ``block_sparse_moe.gate``, Qwen2/3-MoE's ``mlp.gate``) and Qwen2-MoE's
+    ``mlp.shared_expert_gate``, which stay float here (transformers 5 matches the name as a
+    suffix, 4.x by module name: neither matches ``gate_proj``)."""
+    skip = ["lm_head", "gate"] if moe else ["lm_head"]
     if kind == "nf4":
         return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
                 "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                 "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8",
-                "llm_int8_skip_modules": ["lm_head"]}
+                "llm_int8_skip_modules": skip}
     return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
-            "llm_int8_threshold": 0.0, "llm_int8_skip_modules": ["lm_head"]}
+            "llm_int8_threshold": 0.0, "llm_int8_skip_modules": skip}
 
 
 # ------------------------------------------------------------------------------ the module
