@@ -295,6 +295,22 @@ def qlora_step(model, base, adapters, batch, mesh_):
     return jax.device_get(new.trainable), jax.device_get(metrics), new
 
 
+def assert_qlora_step_on_mesh_equals_one_device(model_one, model_mesh, base, adapters, mesh_):
+    """:func:`qlora_step` of ``model_one`` on one device and of ``model_mesh`` (the same model,
+    e.g. with expert parallelism) on ``mesh_``, from the same base and adapters on 8 synthetic
+    pairs: equal metrics and updated adapters (float32 round-off). Returns the mesh step's
+    :func:`qlora_step` result."""
+    b = pair_batch(synthetic_pairs(8))
+    one = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    want = qlora_step(model_one, base, adapters, b, one)
+    got = qlora_step(model_mesh, base, adapters, b, mesh_)
+    for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        np.testing.assert_allclose(got[1][k], want[1][k], rtol=2e-5, atol=2e-6, err_msg=k)
+    for x, y in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    return got
+
+
 def leaves(tree) -> list[np.ndarray]:
     """The leaves of a pytree as host numpy arrays (for exact / allclose comparisons)."""
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]

@@ -17,7 +17,6 @@ import pytest
 
 from dpo_jax import lora as lora_lib
 from dpo_jax import lora_peft
-from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
 from dpo_jax.export import export_run
@@ -33,15 +32,8 @@ def test_step_on_eight_devices_equals_one_and_the_base_is_sharded(kind):
                                lora_lib.LoraConfig(rank=4, base_quant=kind))
     base = helpers.init_params(model)
     adapters = helpers.perturbed(jax.jit(model.init_adapters)(jax.random.key(0)), 0.05, 1)
-    b = helpers.pair_batch(helpers.synthetic_pairs(8))
-    one = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    want = helpers.qlora_step(model, base, adapters, b, one)
-    got = helpers.qlora_step(model, base, adapters, b,
-                             helpers.mesh({"data": 2, "fsdp": 2, "tensor": 2}))
-    for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
-        np.testing.assert_allclose(got[1][k], want[1][k], rtol=2e-5, atol=2e-6, err_msg=k)
-    for x, y in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    got = helpers.assert_qlora_step_on_mesh_equals_one_device(
+        model, model, base, adapters, helpers.mesh({"data": 2, "fsdp": 2, "tensor": 2}))
     codes = got[2].frozen.lora_base["layers"]["attn"]["q"]["codes"]
     assert codes.dtype == (np.uint8 if kind == "nf4" else np.int8)
     spec = jax.tree.leaves(tuple(codes.sharding.spec))

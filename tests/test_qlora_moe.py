@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from dpo_jax import lora as lora_lib
-from dpo_jax import sharding as shard_lib
 from dpo_jax.models import Model, moe, moe_dispatch, moe_parallel, preset, quant
 from tests import helpers
 
@@ -208,15 +207,9 @@ def test_moe_qlora_step_on_eight_devices_equals_one(kind, mesh_shape, axis):
     one_model = _moe_model(kind)
     base = jax.tree.map(lambda x: x * 8 if x.ndim >= 3 else x, helpers.init_params(one_model))
     adapters = helpers.perturbed(jax.jit(one_model.init_adapters)(jax.random.key(0)), 0.05, 1)
-    b = helpers.pair_batch(helpers.synthetic_pairs(8))
-    one = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    want = helpers.qlora_step(one_model, base, adapters, b, one)
-    got = helpers.qlora_step(_moe_model(kind, axis), base, adapters, b,
-                helpers.mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape))))
-    for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
-        np.testing.assert_allclose(got[1][k], want[1][k], rtol=2e-5, atol=2e-6, err_msg=k)
-    for x, y in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    got = helpers.assert_qlora_step_on_mesh_equals_one_device(
+        one_model, _moe_model(kind, axis), base, adapters,
+        helpers.mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape))))
     codes = got[2].frozen.lora_base["layers"]["mlp"]["up"]["codes"]
     assert codes.dtype == (np.uint8 if kind == "nf4" else np.int8)
     assert codes.sharding.spec[1] == "fsdp"  # the expert axis, as the float experts'
