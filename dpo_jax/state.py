@@ -161,8 +161,12 @@ def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | Non
     config = lora_base.read_run_config(run_dir)
     rc = read_config(config)
     lora_model = LoraModel(rc.model, rc.lora)
-    base = init_base(lora_model, shardings, rc.param_sources)  # quantised as it was trained
     one = jax.tree.leaves(shardings)[0]
+    base_shardings = shard_lib.tree_shardings(  # the quantised base sharded like the float one
+        lora_model.abstract_base(), lora_model.base_axes(), one.mesh, rc.mesh_rules) if (
+            isinstance(one, jax.sharding.NamedSharding)) else None
+    base = init_base(lora_model, shardings, rc.param_sources,  # quantised as it was trained
+                     base_shardings=base_shardings)
     rep = jax.sharding.NamedSharding(one.mesh, jax.sharding.PartitionSpec()) if isinstance(
         one, jax.sharding.NamedSharding) else one
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),

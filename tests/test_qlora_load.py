@@ -8,6 +8,7 @@ experiments/qlora/load_memory.py in subprocesses)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -20,7 +21,8 @@ from dpo_jax import lora as lora_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax.models import hf, preset, quant
-from tests import helpers
+from dpo_jax.models.hf_config import model_config_to_hf
+from tests import helpers, runs
 
 MOE = dict(n_kv_head=2, rope_scaling=None, family="mixtral", n_experts=4, n_experts_per_tok=2,
            moe_d_ff=32)
@@ -87,27 +89,38 @@ def test_quantised_while_read_into_a_mesh(tmp_path):
 
 
 def test_lora_setup_from_hf_path_never_builds_the_float_base(tmp_path, monkeypatch):
-    """A QLoRA DPO run's setup (``model.hf_path``) reads the base through load_hf_quantized
-    (load_hf_params would build the float tree: it is made to fail) and gets the whole-tree
-    quantisation; the unquantised LoRA base still comes from load_hf_params."""
-    cfg = preset("tiny-llama", param_dtype="bfloat16")
+    """A QLoRA DPO run's setup (``model.hf_path``, bfloat16 base, mesh 2 x 2 x 2) reads the base
+    through load_hf_quantized (load_hf_params would build the float tree: it is made to fail)
+    and holds the whole-tree quantisation in the base's shardings; the unquantised LoRA base
+    still comes from load_hf_params."""
+    cfg = preset("tiny-llama")
     _checkpoint(tmp_path / "hf", cfg)
-    want = jax.jit(lambda p: quant.quantize_tree(cfg, "nf4", p))(
-        hf.load_hf_params(str(tmp_path / "hf"), cfg))
-    sources = config_lib.ParamSources(policy_hf=str(tmp_path / "hf"))
-    model = lora_lib.LoraModel(cfg, lora_lib.LoraConfig(rank=2, base_quant="nf4"))
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-                             model.abstract_params())
-    float_base = hf.load_hf_params(str(tmp_path / "hf"), cfg)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(model_config_to_hf(cfg)))
+    config = runs.dpo_config(steps=2)
+    config.model.update(hf_path=str(tmp_path / "hf"), param_dtype="bfloat16")
+    config.model.lora.update(rank=2, base_quant="nf4")
+    config.mesh.shape.update({"data": 2, "fsdp": 2, "tensor": 2})
+    rc = config_lib.read_config(config)
+    model = lora_lib.LoraModel(rc.model, rc.lora)
+    float_base = hf.load_hf_params(str(tmp_path / "hf"), rc.model)
+    want = jax.jit(model.quantize_base)(float_base)
 
     def refuse(*a, **k):
         raise AssertionError("the float base was loaded whole")
 
     monkeypatch.setattr(hf, "load_hf_params", refuse)
-    _assert_identical(state_lib.init_base(model, shardings, sources), want)
+    setup = state_lib.setup(rc, model, reference=True)
+    got = setup.frozen.lora_base
+    _assert_identical(got, want)
+    sh = shard_lib.tree_shardings(model.abstract_base(), model.base_axes(), setup.mesh,
+                                  rc.mesh_rules)
+    for a, s in zip(jax.tree.leaves(got), jax.tree.leaves(sh), strict=True):
+        assert a.sharding == s
     monkeypatch.undo()
-    plain = lora_lib.LoraModel(cfg, lora_lib.LoraConfig(rank=2))
-    _assert_identical(state_lib.init_base(plain, shardings, sources), float_base)
+    plain = lora_lib.LoraModel(rc.model, lora_lib.LoraConfig(rank=2))
+    one = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                       plain.abstract_params())
+    _assert_identical(state_lib.init_base(plain, one, rc.param_sources), float_base)
 
 
 @pytest.mark.slow  # two subprocesses, each importing jax and reading a 160 MB checkpoint
