@@ -85,8 +85,8 @@ def save_peft(out: str, model: LoraModel, adapters, base_model: str = "") -> str
     }
     files = {PEFT_CONFIG: config}
     if model.lora.base_quant != "none":  # the base the adapters were trained on
-        files[BASE_QUANT_CONFIG] = quant.hf_quantization_config(model.lora.base_quant,
-                                                                model.cfg.dtype)
+        files[BASE_QUANT_CONFIG] = quant.hf_quantization_config(
+            model.lora.base_quant, model.cfg.dtype, moe=bool(model.cfg.n_experts))
     for name, value in files.items():
         with open(os.path.join(out, name), "w") as f:
             json.dump(value, f, indent=2, sort_keys=True)

@@ -109,13 +109,10 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
     mesh = shard_lib.make_mesh(rc.mesh_shape)
     tx, schedule = make_optimizer(rc.optim, updates or rc.train.steps)
     shardings = param_shardings(model, mesh, rc.mesh_rules)
-    params = (init or init_policy)(model, shardings, rc.param_sources)
     if lora is not None and lora.rank:
-        base = as_dtype(params, shardings, model.cfg.param_dtype)
-        if lora.base_quant != "none":  # QLoRA: the float base is dropped on return
-            base = jax.jit(model.quantize_base, out_shardings=(
-                shard_lib.tree_shardings(model.abstract_base(), model.base_axes(), mesh,
-                                         rc.mesh_rules)))(base)
+        base = init_base(model, shardings, rc.param_sources, init=init,
+                         base_shardings=shard_lib.tree_shardings(
+                             model.abstract_base(), model.base_axes(), mesh, rc.mesh_rules))
         adapter_shardings = shard_lib.tree_shardings(
             model.abstract_adapters(), model.adapter_axes(), mesh, rc.mesh_rules)
         if lora.path:
@@ -129,9 +126,30 @@ def setup(rc, model, *, updates: int | None = None, init: Callable | None = None
                 jax.random.fold_in(jax.random.key(lora.seed), 1))
         return Setup(mesh, tx, schedule, adapter_shardings, trainable=adapters,
                      frozen=Frozen(lora_base=base))
+    params = (init or init_policy)(model, shardings, rc.param_sources)
     frozen = (Frozen(reference=init_reference(model, shardings, rc.param_sources, params))
               if reference else None)
     return Setup(mesh, tx, schedule, shardings, trainable=params, frozen=frozen)
+
+
+def init_base(model: LoraModel, shardings, sources, *, init: Callable | None = None,
+              base_shardings=None):
+    """A LoRA run's frozen base in ``model.param_dtype``: the policy's initial parameters
+    (``init``, default :func:`init_policy`, in ``shardings``) and, under
+    ``model.lora.base_quant``, quantised into ``base_shardings`` (``model.abstract_base`` /
+    ``model.base_axes``; None: replicated on the default device). An HF directory (with no run
+    checkpoint as the policy) is quantised layer by layer as it is read
+    (``hf.load_hf_quantized``: the float base never exists whole); other sources are built whole
+    in float, then quantised (the float tree is dropped on return)."""
+    lora = model.lora
+    if lora.base_quant != "none" and init is None and sources.policy_hf and not sources.policy:
+        return hf.load_hf_quantized(sources.policy_hf, model.cfg, lora.base_quant,
+                                    base_shardings, lora.quant_embedding)
+    base = as_dtype((init or init_policy)(model, shardings, sources), shardings,
+                    model.cfg.param_dtype)
+    if lora.base_quant != "none":  # QLoRA
+        base = jax.jit(model.quantize_base, out_shardings=base_shardings)(base)
+    return base
 
 
 def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | None = None):
@@ -143,11 +161,12 @@ def run_base_and_adapters(run_dir: str, model: Model, shardings, step: int | Non
     config = lora_base.read_run_config(run_dir)
     rc = read_config(config)
     lora_model = LoraModel(rc.model, rc.lora)
-    base = init_policy(lora_model, shardings, rc.param_sources)
-    base = as_dtype(base, shardings, rc.model.param_dtype)
-    if rc.lora.base_quant != "none":  # the base its adapters were trained on
-        base = jax.jit(lora_model.quantize_base)(base)
     one = jax.tree.leaves(shardings)[0]
+    base_shardings = shard_lib.tree_shardings(  # the quantised base sharded like the float one
+        lora_model.abstract_base(), lora_model.base_axes(), one.mesh, rc.mesh_rules) if (
+            isinstance(one, jax.sharding.NamedSharding)) else None
+    base = init_base(lora_model, shardings, rc.param_sources,  # quantised as it was trained
+                     base_shardings=base_shardings)
     rep = jax.sharding.NamedSharding(one.mesh, jax.sharding.PartitionSpec()) if isinstance(
         one, jax.sharding.NamedSharding) else one
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),

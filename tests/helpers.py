@@ -276,6 +276,41 @@ def one_device_dpo_step(model: Model, params, loss_cfg, num_pairs: int = 4, lr: 
                                  batch_np=batch_np, batch=batch)
 
 
+def qlora_step(model, base, adapters, batch, mesh_):
+    """One SGD step of sigmoid DPO (beta 0.5) of a LoRA ``model`` over the float ``base``
+    quantised into its sharding on ``mesh_`` as ``state.setup`` places it, traced under
+    ``jax.set_mesh(mesh_)`` (so expert parallelism applies): (the new adapters and the metrics
+    on the host, the new state)."""
+    rules = shard_lib.DEFAULT_RULES
+    tx, schedule = optimizer()
+    ad_sh = shard_lib.tree_shardings(model.abstract_adapters(), model.adapter_axes(), mesh_, rules)
+    base_sh = shard_lib.tree_shardings(model.abstract_base(), model.base_axes(), mesh_, rules)
+    qbase = jax.jit(model.quantize_base, out_shardings=base_sh)(base)
+    state = create_state(jax.device_put(adapters, ad_sh), tx, mesh_, ad_sh,
+                         Frozen(lora_base=qbase))
+    step = jax.jit(make_train_step(model, loss_config(beta=0.5), tx, schedule, StepConfig()),
+                   static_argnums=2)
+    with jax.set_mesh(mesh_):
+        new, metrics = step(state, batch, None)
+    return jax.device_get(new.trainable), jax.device_get(metrics), new
+
+
+def assert_qlora_step_on_mesh_equals_one_device(model_one, model_mesh, base, adapters, mesh_):
+    """:func:`qlora_step` of ``model_one`` on one device and of ``model_mesh`` (the same model,
+    e.g. with expert parallelism) on ``mesh_``, from the same base and adapters on 8 synthetic
+    pairs: equal metrics and updated adapters (float32 round-off). Returns the mesh step's
+    :func:`qlora_step` result."""
+    b = pair_batch(synthetic_pairs(8))
+    one = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    want = qlora_step(model_one, base, adapters, b, one)
+    got = qlora_step(model_mesh, base, adapters, b, mesh_)
+    for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        np.testing.assert_allclose(got[1][k], want[1][k], rtol=2e-5, atol=2e-6, err_msg=k)
+    for x, y in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    return got
+
+
 def leaves(tree) -> list[np.ndarray]:
     """The leaves of a pytree as host numpy arrays (for exact / allclose comparisons)."""
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]

@@ -17,30 +17,13 @@ import pytest
 
 from dpo_jax import lora as lora_lib
 from dpo_jax import lora_peft
-from dpo_jax import sharding as shard_lib
 from dpo_jax import state as state_lib
 from dpo_jax.config import read_config
 from dpo_jax.export import export_run
 from dpo_jax.models import Model, quant
 from dpo_jax.models.local import SMOLLM2, find_local_model
-from dpo_jax.step import StepConfig, make_train_step
 from tests import helpers, runs
 from tests.runs import with_lora
-
-
-def _step(model, base, adapters, b, mesh_):
-    """One SGD step of sigmoid DPO with the quantised ``base`` placed as setup places it."""
-    rules = shard_lib.DEFAULT_RULES
-    tx, schedule = helpers.optimizer()
-    ad_sh = shard_lib.tree_shardings(model.abstract_adapters(), model.adapter_axes(), mesh_, rules)
-    base_sh = shard_lib.tree_shardings(model.abstract_base(), model.base_axes(), mesh_, rules)
-    qbase = jax.jit(model.quantize_base, out_shardings=base_sh)(base)
-    state = state_lib.create_state(jax.device_put(adapters, ad_sh), tx, mesh_, ad_sh,
-                                   state_lib.Frozen(lora_base=qbase))
-    step = jax.jit(make_train_step(model, helpers.loss_config(beta=0.5), tx, schedule,
-                                   StepConfig()), static_argnums=2)
-    new, metrics = step(state, b, None)
-    return jax.device_get(new.trainable), jax.device_get(metrics), new
 
 
 @pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
@@ -49,14 +32,8 @@ def test_step_on_eight_devices_equals_one_and_the_base_is_sharded(kind):
                                lora_lib.LoraConfig(rank=4, base_quant=kind))
     base = helpers.init_params(model)
     adapters = helpers.perturbed(jax.jit(model.init_adapters)(jax.random.key(0)), 0.05, 1)
-    b = helpers.pair_batch(helpers.synthetic_pairs(8))
-    one = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    want = _step(model, base, adapters, b, one)
-    got = _step(model, base, adapters, b, helpers.mesh({"data": 2, "fsdp": 2, "tensor": 2}))
-    for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
-        np.testing.assert_allclose(got[1][k], want[1][k], rtol=2e-5, atol=2e-6, err_msg=k)
-    for x, y in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    got = helpers.assert_qlora_step_on_mesh_equals_one_device(
+        model, model, base, adapters, helpers.mesh({"data": 2, "fsdp": 2, "tensor": 2}))
     codes = got[2].frozen.lora_base["layers"]["attn"]["q"]["codes"]
     assert codes.dtype == (np.uint8 if kind == "nf4" else np.int8)
     spec = jax.tree.leaves(tuple(codes.sharding.spec))

@@ -130,6 +130,62 @@ def check_checkpoint(path: str, cfg: ModelConfig) -> None:
     _checked(path, cfg)
 
 
+class _Reader:
+    """Blocks of our parameter leaves read from a checked checkpoint (``_checked``), in
+    ``cfg.param_dtype``: :meth:`block` reads the part ``index`` of leaf ``key`` (a path of our
+    tree) through ``hf_maps.slice_through`` where it can (only the layers and the contiguous HF
+    range asked for), else one whole layer tensor, kept in a small LRU cache (fused qkv tensors,
+    non-contiguous slices)."""
+
+    def __init__(self, path: str, cfg: ModelConfig):
+        self.ckpt, self.specs, self.prefix = _checked(path, cfg)
+        self.dtype = (np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16"
+                      else jax.numpy.bfloat16)
+        self.owner: dict[tuple, tuple[int, int]] = {}
+        for ti, t in enumerate(self.specs):
+            for j, part in enumerate(t.parts):
+                self.owner[(("layers",) + part) if t.layered else part] = (ti, j)
+        self.parts_of = functools.lru_cache(maxsize=8)(self._parts)
+
+    def _parts(self, t_index: int, layer: int | None, expert: int | None) -> list[np.ndarray]:
+        t = self.specs[t_index]
+        raw = self.ckpt.read(hf_maps.full_name(t.name, self.prefix, layer, expert))
+        return [np.asarray(p, self.dtype) for p in t.split(raw)]
+
+    def block(self, key: tuple, shape: tuple, index: tuple) -> np.ndarray:
+        """Part ``index`` (a tuple of slices, possibly shorter than ``shape``) of the leaf at
+        ``key`` whose whole shape is ``shape``. KeyError for a leaf no HF tensor maps to."""
+        if key not in self.owner:
+            raise KeyError(f"no HF tensor maps to parameter {'/'.join(key)}")
+        ti, j = self.owner[key]
+        t = self.specs[ti]
+        lead = (1 if t.layered else 0) + (1 if t.experts else 0)  # layers, expert axes
+        layer_shape = shape[lead:]
+
+        def read(layer: int | None, expert: int | None, index: tuple) -> np.ndarray:
+            plan = hf_maps.slice_through(t, layer_shape, index)
+            if plan is None:  # fused qkv or a non-contiguous slice: whole tensor (cached)
+                return self.parts_of(ti, layer, expert)[j][index]
+            hf_index, block, residual = plan
+            raw = self.ckpt.read(hf_maps.full_name(t.name, self.prefix, layer, expert),
+                                 hf_index)
+            raw = raw.T if t.layout == "T" else raw
+            return np.asarray(raw.reshape(block)[residual], self.dtype)
+
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if not t.layered:
+            return read(None, None, index)
+        layers = range(*index[0].indices(shape[0]))
+        if not t.experts:
+            return np.stack([read(i, None, index[1:]) for i in layers])
+        experts = range(*index[1].indices(shape[1]))
+        return np.stack([np.stack([read(i, e, index[2:]) for e in experts]) for i in layers])
+
+
+def _key(path_keys) -> tuple:
+    return tuple(getattr(k, "key", k) for k in path_keys)
+
+
 def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     """Read a safetensors checkpoint into our parameter tree (dtype cfg.param_dtype).
 
@@ -139,60 +195,75 @@ def load_hf_params(path: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     device's slice (via get_slice; see hf_maps.slice_through). Fused qkv tensors (GPT-2,
     NeoX) and non-contiguous slices read one whole layer tensor, kept in a small LRU cache.
     """
-    path = resolve_path(path)
-    ckpt, specs, prefix = _checked(path, cfg)
-
-    dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
-
-    @functools.lru_cache(maxsize=8)
-    def parts_of(t_index: int, layer: int | None, expert: int | None) -> list[np.ndarray]:
-        t = specs[t_index]
-        raw = ckpt.read(hf_maps.full_name(t.name, prefix, layer, expert))
-        return [np.asarray(p, dtype) for p in t.split(raw)]
-
-    owner: dict[tuple, tuple[int, int]] = {}
-    for ti, t in enumerate(specs):
-        for j, part in enumerate(t.parts):
-            owner[(("layers",) + part) if t.layered else part] = (ti, j)
-
+    reader = _Reader(resolve_path(path), cfg)
     abstract = Model(cfg).abstract_params()
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def build(path_keys: tuple, leaf: jax.ShapeDtypeStruct, sharding) -> jax.Array:
-        key = tuple(getattr(k, "key", k) for k in path_keys)
-        if key not in owner:
-            raise KeyError(f"no HF tensor maps to parameter {'/'.join(key)}")
-        ti, j = owner[key]
-        t = specs[ti]
-
-        lead = (1 if t.layered else 0) + (1 if t.experts else 0)  # layers, expert axes
-        layer_shape = leaf.shape[lead:]
-
-        def read(layer: int | None, expert: int | None, index: tuple) -> np.ndarray:
-            plan = hf_maps.slice_through(t, layer_shape, index)
-            if plan is None:  # fused qkv or a non-contiguous slice: whole tensor (cached)
-                return parts_of(ti, layer, expert)[j][index]
-            hf_index, block, residual = plan
-            raw = ckpt.read(hf_maps.full_name(t.name, prefix, layer, expert), hf_index)
-            raw = raw.T if t.layout == "T" else raw
-            return np.asarray(raw.reshape(block)[residual], dtype)
-
-        def callback(index: tuple) -> np.ndarray:
-            index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
-            if not t.layered:
-                return read(None, None, index)
-            layers = range(*index[0].indices(leaf.shape[0]))
-            if not t.experts:
-                return np.stack([read(i, None, index[1:]) for i in layers])
-            experts = range(*index[1].indices(leaf.shape[1]))
-            return np.stack([np.stack([read(i, e, index[2:]) for e in experts])
-                             for i in layers])
-
-        return jax.make_array_from_callback(leaf.shape, sharding or default, callback)
+        key = _key(path_keys)
+        return jax.make_array_from_callback(
+            leaf.shape, sharding or default, lambda index: reader.block(key, leaf.shape, index))
 
     if shardings is None:
         return jax.tree_util.tree_map_with_path(lambda p, x: build(p, x, None), abstract)
     return jax.tree_util.tree_map_with_path(build, abstract, shardings)
+
+
+def load_hf_quantized(path: str, cfg: ModelConfig, kind: str, shardings: Any = None,
+                      embedding: bool = False) -> dict:
+    """``quant.quantize_tree(cfg, kind, load_hf_params(path, cfg), embedding)`` (a QLoRA run's
+    frozen base, ``model.lora.base_quant``), bit for bit, without the float tree: each
+    quantised weight (``quant.weights``: the projections, a mixture of experts' experts) is read
+    one layer at a time (``[1, ...]`` in ``cfg.param_dtype``, all of a layer's experts
+    together), quantised on the default device by the same ``quant.quantize`` and gathered on
+    the host into its ``[layers, ...]`` leaves, which are then placed in their sharding. Peak
+    host memory: the quantised model, plus one quantised weight's leaves (all layers) and one
+    float layer of it in flight; a quantised input embedding (``embedding``) is read whole and
+    then quantised (its NF4 offset is a mean over the whole table). The other leaves are read
+    as :func:`load_hf_params` reads them.
+
+    ``shardings``: optional tree like the result (``LoraModel.base_axes``' shardings) of
+    jax.sharding.Sharding; default: the first device. ValueError for an unknown ``kind``."""
+    from dpo_jax.models import quant
+
+    if kind not in quant.KINDS[1:]:
+        raise ValueError(f"unknown quantization {kind!r}; expected one of {quant.KINDS[1:]}")
+    reader = _Reader(resolve_path(path), cfg)
+    abstract = Model(cfg).abstract_params()
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    weights = {p: (n_lead, n_in) for p, n_lead, n_in in quant.weights(cfg, abstract).values()}
+    embed = quant.quantizes_embedding(cfg, abstract, embedding)
+    placed = lambda key: quant.get_path(shardings, key) if shardings is not None else None
+
+    def quantized(key: tuple, leaf: jax.ShapeDtypeStruct, n_lead: int, n_in: int) -> dict:
+        fn = jax.jit(lambda w: quant.quantize(kind, w, n_lead, n_in))
+        full = (slice(None),) * (len(leaf.shape) - 1)
+        out: dict[str, np.ndarray] = {}
+        for i in range(leaf.shape[0]):
+            layer = jax.device_get(fn(reader.block(key, leaf.shape, (slice(i, i + 1),) + full)))
+            for k, v in layer.items():
+                if k not in out:
+                    out[k] = np.empty((leaf.shape[0],) + v.shape[1:], v.dtype)
+                out[k][i] = v[0]
+            del layer
+        where = placed(key)
+        return {k: jax.device_put(v, where[k] if where is not None else default)
+                for k, v in out.items()}
+
+    def build(path_keys: tuple, leaf: jax.ShapeDtypeStruct):
+        key = _key(path_keys)
+        if key in weights:
+            return quantized(key, leaf, *weights[key])
+        if embed and key == ("embed",):
+            w = jax.make_array_from_callback(
+                leaf.shape, default, lambda index: reader.block(key, leaf.shape, index))
+            where = placed(key)
+            return jax.jit(lambda w: quant.quantize_embedding(kind, w), out_shardings=(
+                where if where is not None else default))(w)
+        return jax.make_array_from_callback(
+            leaf.shape, placed(key) or default, lambda index: reader.block(key, leaf.shape, index))
+
+    return jax.tree_util.tree_map_with_path(build, abstract)
 
 
 def hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:

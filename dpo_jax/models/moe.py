@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax.models import moe_dispatch, moe_parallel
+from dpo_jax.models import moe_dispatch, moe_parallel, quant
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import activation
 
@@ -35,12 +35,24 @@ from dpo_jax.models.layers import activation
 RouterStats = tuple[jax.Array, jax.Array, jax.Array]
 
 
-def _gated(cfg: ModelConfig, x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
-           spec: str) -> jax.Array:
-    """down(act(x @ gate) * (x @ up)) with the einsum `spec` ('in,hid' form for each matmul)."""
+def _gated(cfg: ModelConfig, x: jax.Array, gate, up, down, spec: str) -> jax.Array:
+    """down(act(x @ gate) * (x @ up)) with the einsum `spec` ('in,hid' form for each matmul);
+    a weight is an array in x's dtype or a QLoRA base's quantised one (`_einsum`)."""
     first, second = spec.split(";")
-    h = activation(cfg.activation, jnp.einsum(first, x, gate)) * jnp.einsum(first, x, up)
-    return jnp.einsum(second, h, down)
+    h = activation(cfg.activation, _einsum(first, x, gate)) * _einsum(first, x, up)
+    return _einsum(second, h, down)
+
+
+def _einsum(spec: str, x: jax.Array, w) -> jax.Array:
+    """einsum(spec, x, w); a quantised w (a LoRA run's quantised base, models/quant.py): a
+    shared expert's projection (`quant.QuantLinear`, [..., I] -> [..., O]) or one layer's
+    experts (`quant.Experts`), dequantised inside `jax.checkpoint` (recomputed, never stored,
+    for the backward)."""
+    if isinstance(w, quant.QuantLinear):
+        return w(x)
+    if isinstance(w, quant.Experts):
+        return jax.checkpoint(lambda x, w: jnp.einsum(spec, x, w.whole(x.dtype)))(x, w)
+    return jnp.einsum(spec, x, w)
 
 
 class MoE(nnx.Module):
@@ -54,7 +66,10 @@ class MoE(nnx.Module):
     implementation: every token runs through every expert and one-hot combine weights
     [B, T, E] (zero off the top-k) sum their outputs; exact (an unselected expert's output is
     multiplied by 0) but n_experts / n_experts_per_tok times the expert FLOPs (4x for
-    Mixtral's 8 experts, top-2) and activations [B, T, E, F]. Both give the same numbers to
+    Mixtral's 8 experts, top-2) and activations [B, T, E, F]. Under a QLoRA base
+    (`model.lora.base_quant`) the experts and the shared expert's projections are quantised
+    (`quant.Experts`, `quant.QuantLinear`) and dequantised inside the matmuls; the router and
+    the shared expert's gate stay float. Both give the same numbers to
     round-off (tests/test_moe_sparse.py). Sparse with `cfg.moe_expert_axis` set and traced
     under a `jax.set_mesh` mesh where that axis has > 1 device: expert parallelism, the copies
     exchanged by all_to_all (moe_parallel.py; the same numbers, tests/test_moe_parallel.py).
@@ -79,7 +94,9 @@ class MoE(nnx.Module):
         logits_BTE = jnp.einsum("btd,de->bte", x_BTD, self.router[...].astype(dt))
         weight_BTK, index_BTK, stats = top_k_routing(logits_BTE, cfg.n_experts_per_tok,
                                                      cfg.moe_renormalize)
-        w = lambda p: p[...].astype(dt)
+        # a QLoRA base's quantised experts / shared projections stay quantised here
+        w = lambda p: (p.experts() if isinstance(p, quant.QuantExperts) else p
+                       if isinstance(p, quant.QuantLinear) else p[...].astype(dt))
         if cfg.moe_impl == "dense":
             combine_BTE = combine_weights(weight_BTK, index_BTK, cfg.n_experts)
             y_BTED = _gated(cfg, x_BTD, w(self.gate), w(self.up), w(self.down),

@@ -21,6 +21,13 @@ Two grouped-matmul kernels compute the same numbers (`moe_kernel`):
 
 `None` (the default) picks ``ragged_dot`` on TPU / GPU and ``tiled`` on CPU.
 
+Expert weights may be a QLoRA base's quantised experts (``quant.Experts``, a LoRA run's
+``model.lora.base_quant``): the tiled kernel dequantises each tile's expert inside its scan
+step (forward, and again in the backward for the input gradient; the frozen base gets no
+gradient), so at most one expert's matrix is dequantised at a time; ``ragged_dot`` takes the
+``[E, D, F]`` operand whole, so there one layer's experts of that matrix are dequantised inside
+``jax.checkpoint`` (recomputed in the backward, never stored).
+
 Shape suffixes: T tokens, K top-k, N = T K copies, D d_model, F expert width, E experts,
 n tiles, m rows per tile.
 """
@@ -31,7 +38,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from dpo_jax.models import quant
 from dpo_jax.models.layers import activation
 
 KERNELS = ("ragged_dot", "tiled")
@@ -88,6 +97,71 @@ def _tiled_bwd(res, dy_nmF):
 tiled_matmul.defvjp(_tiled_fwd, _tiled_bwd)
 
 
+@functools.partial(jax.custom_vjp)
+def quant_tiled_matmul(x_nmD: jax.Array, w: quant.Experts, expert_n: jax.Array) -> jax.Array:
+    """:func:`tiled_matmul` with quantised experts ``w`` (standing for [E, D, F]): each tile
+    dequantises its own expert's [D, F] (in x's dtype) inside the scan step. Differentiable in
+    x only (the frozen base gets no gradient): the backward scans again, dequantising each
+    tile's expert for dx = dy @ w[e]^T."""
+    return _quant_tiles(x_nmD, w, expert_n, False)
+
+
+def _quant_tiles(x_nmD, w, expert_n, transpose):
+    F = w.in_dim if transpose else w.out_dim
+
+    def body(_, xs):
+        x_mD, e = xs
+
+        def used():
+            w_DF = w.expert(jnp.maximum(e, 0), x_mD.dtype)
+            return x_mD @ (w_DF.T if transpose else w_DF)
+
+        return None, jax.lax.cond(e >= 0, used,
+                                  lambda: jnp.zeros((x_mD.shape[0], F), x_mD.dtype))
+
+    return jax.lax.scan(body, None, (x_nmD, expert_n))[1]
+
+
+def _quant_tiled_fwd(x_nmD, w, expert_n):
+    return _quant_tiles(x_nmD, w, expert_n, False), (w, expert_n)
+
+
+def _quant_tiled_bwd(res, dy_nmF):
+    w, expert_n = res
+    zero_w = jax.tree.map(_zero_cotangent, w)
+    return _quant_tiles(dy_nmF, w, expert_n, True), zero_w, None
+
+
+def _zero_cotangent(x):
+    """A zero cotangent for a primal leaf (float0 for an integer one)."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+quant_tiled_matmul.defvjp(_quant_tiled_fwd, _quant_tiled_bwd)
+
+
+def n_experts(w) -> int:
+    """E of an expert weight: a float [E, ...] array or ``quant.Experts``."""
+    return w.n if isinstance(w, quant.Experts) else w.shape[0]
+
+
+def _ragged(h_RD: jax.Array, w, sizes_E: jax.Array) -> jax.Array:
+    """``jax.lax.ragged_dot(h, w, sizes)``; quantised ``w``: its layer's experts dequantised
+    inside ``jax.checkpoint`` (the backward recomputes them from the codes)."""
+    if isinstance(w, quant.Experts):
+        return jax.checkpoint(lambda h, w, s: jax.lax.ragged_dot(h, w.whole(h.dtype), s))(
+            h_RD, w, sizes_E)
+    return jax.lax.ragged_dot(h_RD, w, sizes_E)
+
+
+def _tiled(x_nmD: jax.Array, w, expert_n: jax.Array) -> jax.Array:
+    if isinstance(w, quant.Experts):
+        return quant_tiled_matmul(x_nmD, w, expert_n)
+    return tiled_matmul(x_nmD, w, expert_n)
+
+
 def tile_rows(n_copies: int, n_experts: int, tile: int) -> int:
     """Rows per tile: `tile`, or the power of two >= n_copies / n_experts when that is smaller
     (at least 8), so few tokens (sampling) are not padded to E whole tiles of `tile` rows."""
@@ -110,14 +184,15 @@ def grouped_mlp(act: str, xs_RD: jax.Array, sizes_E: jax.Array, gate_EDF: jax.Ar
 
     xs_RD [R, D]: rows sorted by expert, expert e's `sizes_E[e]` rows after those of experts
     < e; rows past sum(sizes_E) belong to no expert (their output is 0). gate / up [E, D, F],
-    down [E, F, D]; kernel one of KERNELS. Returns [R, D] in the dtype of xs."""
+    down [E, F, D] (or ``quant.Experts`` standing for them); kernel one of KERNELS. Returns
+    [R, D] in the dtype of xs."""
     R, D = xs_RD.shape
     E = sizes_E.shape[0]
     ends_E = jnp.cumsum(sizes_E)
     expert_R = jnp.searchsorted(ends_E, jnp.arange(R, dtype=jnp.int32), side="right")
     valid_R = expert_R < E
     if kernel == "ragged_dot":
-        mm = lambda h, w: jax.lax.ragged_dot(h, w, sizes_E)
+        mm = lambda h, w: _ragged(h, w, sizes_E)
         ys_RD = mm(activation(act, mm(xs_RD, gate_EDF)) * mm(xs_RD, up_EDF), down_EFD)
         return jnp.where(valid_R[:, None], ys_RD, 0)
     m = tile_rows(R, E, tile)
@@ -133,7 +208,7 @@ def grouped_mlp(act: str, xs_RD: jax.Array, sizes_E: jax.Array, gate_EDF: jax.Ar
     expert_n = jnp.sum(pend_E[None, :] <= first_n[:, None], axis=1).astype(jnp.int32)
     expert_n = jnp.where(first_n < pend_E[-1], expert_n, -1)
     x_nmD = rows.reshape(n, m, D)
-    mm = lambda h, w: tiled_matmul(h, w, expert_n)
+    mm = lambda h, w: _tiled(h, w, expert_n)
     y_nmD = mm(activation(act, mm(x_nmD, gate_EDF)) * mm(x_nmD, up_EDF), down_EFD)
     return y_nmD.reshape(n * m, D).at[dest_R].get(mode="fill", fill_value=0)
 
@@ -160,7 +235,8 @@ def sparse_experts(act: str, x_TD: jax.Array, index_TK: jax.Array, weight_TK: ja
     the selected experts only (dropless).
 
     x_TD [T, D] (compute dtype); index_TK int [T, K] expert ids; weight_TK [T, K] router weights
-    (float32); gate / up [E, D, F], down [E, F, D] in the compute dtype; `act` an activation
+    (float32); gate / up [E, D, F], down [E, F, D] in the compute dtype (or quantised:
+    ``quant.Experts``, dequantised to x's dtype inside the matmuls); `act` an activation
     name of layers.activation; kernel: one of KERNELS or None (default_kernel()); tile: rows per
     tile of the tiled kernel (tile_rows). Returns [T, D] in the dtype of x. ValueError on an
     unknown kernel.
@@ -168,7 +244,7 @@ def sparse_experts(act: str, x_TD: jax.Array, index_TK: jax.Array, weight_TK: ja
     kernel = check_kernel(kernel)
     index_TK = jnp.asarray(index_TK, jnp.int32)
     K = index_TK.shape[1]
-    order_N, sizes_E = sort_by_expert(index_TK, gate_EDF.shape[0])
+    order_N, sizes_E = sort_by_expert(index_TK, n_experts(gate_EDF))
     ys_ND = grouped_mlp(act, x_TD[order_N // K], sizes_E, gate_EDF, up_EDF, down_EFD, kernel,
                         tile)
     return combine(ys_ND, order_N, weight_TK)

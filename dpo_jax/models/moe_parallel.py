@@ -54,11 +54,12 @@ def expert_parallel(act: str, x_TD: jax.Array, index_TK: jax.Array, weight_TK: j
                     axis: str, kernel: str | None = None, tile: int = 128) -> jax.Array:
     """moe_dispatch.sparse_experts with the experts split over mesh axis `axis` and the copies
     exchanged by all_to_all (module docstring); the same arguments and result ([T, D], the
-    dtype of x), plus `mesh` (a Mesh or AbstractMesh with `axis`). T need not divide by the
+    dtype of x), plus `mesh` (a Mesh or AbstractMesh with `axis`); quantised experts
+    (``quant.Experts``) are split on their expert axis like float ones. T need not divide by the
     mesh: padding tokens are added and dropped. ValueError when the axis size does not divide
     the number of experts, or on an unknown kernel."""
     kernel = moe_dispatch.check_kernel(kernel)
-    E, e = gate_EDF.shape[0], mesh.shape[axis]
+    E, e = moe_dispatch.n_experts(gate_EDF), mesh.shape[axis]
     if E % e:
         raise ValueError(f"moe_expert_axis {axis!r} has {e} devices, which do not divide the "
                          f"{E} experts")
@@ -71,7 +72,7 @@ def expert_parallel(act: str, x_TD: jax.Array, index_TK: jax.Array, weight_TK: j
         x_TD = jnp.pad(x_TD, ((0, pad), (0, 0)))
         index_TK = jnp.pad(index_TK, ((0, pad), (0, 0)), constant_values=E)
         weight_TK = jnp.pad(weight_TK, ((0, pad), (0, 0)))
-    rows, experts = P(token_axes, None), P(axis, None, None)
+    rows, experts = P(token_axes, None), P(axis)  # experts: also each leaf of quant.Experts
     local = functools.partial(_local, act, axis, e, E, kernel, tile)
     # check_vma off: the tiled kernel's skipped tiles (zeros) carry no varying-axis type
     y_TD = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows) + (experts,) * 3,

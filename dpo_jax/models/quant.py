@@ -25,13 +25,18 @@ A quantised weight is a dict of arrays in the parameter tree where the float wei
 Its matmul dequantises one layer's weight (the decoder scans layers) inside ``jax.checkpoint``,
 so neither the forward nor the backward keeps a dequantised copy: the backward recomputes it
 from the codes (``dx = dy @ w^T``; the base gets no gradient). Quantised: every attention
-projection (q, k, v, o) and dense MLP projection (up, gate, down). Kept in ``param_dtype`` as
-QLoRA keeps them: embeddings, the LM head, norms, biases, a mixture of experts' router and
-experts.
+projection (q, k, v, o) and dense MLP projection (up, gate, down); a mixture of experts'
+experts, each expert's matrix on its own (read as HF's per-expert ``[out, in]`` Linear, as
+bitsandbytes quantises it), held as :class:`Experts` and dequantised one expert at a time by
+the tiled kernel, one layer's experts at a time by the dense and ``ragged_dot`` dispatches
+(``models/moe_dispatch.py``), and Qwen2-MoE's shared expert. Kept in ``param_dtype`` as QLoRA
+keeps them: embeddings, the LM head, norms, biases, the router and the shared expert's gate.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 
@@ -57,6 +62,15 @@ PROJECTIONS = {
     "v": (("layers", "attn", "v"), 1), "o": (("layers", "attn", "o"), 2),
     "up": (("layers", "mlp", "up"), 1), "gate": (("layers", "mlp", "gate"), 1),
     "down": (("layers", "mlp", "down"), 1)}
+# a mixture of experts' MLP (models/moe.py): name -> (path, stacked axes, input axes); the
+# experts [layers, expert, *in, *out] are quantised per (layer, expert) matrix, the shared
+# expert (Qwen2-MoE) as dense projections; the router and the shared expert's gate stay float
+EXPERT_WEIGHTS = {
+    "gate": (("layers", "mlp", "gate"), 2, 1), "up": (("layers", "mlp", "up"), 2, 1),
+    "down": (("layers", "mlp", "down"), 2, 1),
+    "shared/gate": (("layers", "mlp", "shared", "gate"), 1, 1),
+    "shared/up": (("layers", "mlp", "shared", "up"), 1, 1),
+    "shared/down": (("layers", "mlp", "shared", "down"), 1, 1)}
 
 
 def check_settings(kind: str, embedding: bool, rank: int) -> None:
@@ -216,19 +230,24 @@ def embedding_lookup(kind: str, leaf: Mapping, ids: jax.Array) -> jax.Array:
     return v.reshape(*ids.shape, -1)
 
 
-def hf_quantization_config(kind: str, compute_dtype: str) -> dict:
+def hf_quantization_config(kind: str, compute_dtype: str, moe: bool = False) -> dict:
     """transformers' ``BitsAndBytesConfig`` (``to_dict`` form) of the same weight quantisation:
     NF4 with double quantisation (bit for bit the same codes; bitsandbytes computes in
     ``compute_dtype`` on the dequantised weight, as here), or 8-bit with the outlier split off
     (the same row-wise weights; bitsandbytes' LLM.int8() also quantises the activations, which
-    this module does not). The LM head is left out, as QLoRA leaves it."""
+    this module does not). The LM head is left out, as QLoRA leaves it; with ``moe`` (a mixture
+    of experts) also the modules named ``gate``: the router (Mixtral's
+    ``block_sparse_moe.gate``, Qwen2/3-MoE's ``mlp.gate``) and Qwen2-MoE's
+    ``mlp.shared_expert_gate``, which stay float here (transformers 5 matches the name as a
+    suffix, 4.x by module name: neither matches ``gate_proj``)."""
+    skip = ["lm_head", "gate"] if moe else ["lm_head"]
     if kind == "nf4":
         return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
                 "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                 "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8",
-                "llm_int8_skip_modules": ["lm_head"]}
+                "llm_int8_skip_modules": skip}
     return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
-            "llm_int8_threshold": 0.0, "llm_int8_skip_modules": ["lm_head"]}
+            "llm_int8_threshold": 0.0, "llm_int8_skip_modules": skip}
 
 
 # ------------------------------------------------------------------------------ the module
@@ -264,6 +283,53 @@ class QuantEmbedding(nnx.Module):
                                 ids)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["leaves"],
+                   meta_fields=["kind", "in_dim", "out_dim"])
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """One layer's quantised expert weights, standing for a float ``[E, in_dim, out_dim]``
+    (``models/moe.py``: gate / up ``[E, D, F]``, down ``[E, F, D]``): ``kind``'s leaves (see
+    :func:`quantize`) with a leading expert axis. A pytree (the leaves are its children), so it
+    passes through ``lax.scan``, ``jax.checkpoint`` and ``shard_map`` (split on the expert
+    axis) like the float weight."""
+
+    leaves: dict
+    kind: str
+    in_dim: int
+    out_dim: int
+
+    @property
+    def n(self) -> int:
+        """The number of experts E."""
+        return self.leaves["codes"].shape[0]
+
+    def expert(self, e: jax.Array, dtype) -> jax.Array:
+        """Expert ``e``'s weight (a traced index) dequantised: ``[in_dim, out_dim]`` in ``dtype``
+        (float32 levels x constants, then cast, as :class:`QuantLinear`)."""
+        leaf = {k: jax.lax.dynamic_index_in_dim(v, e, 0, keepdims=False)
+                for k, v in self.leaves.items()}
+        return dequantize(self.kind, leaf, (self.in_dim, self.out_dim), 0, 1).astype(dtype)
+
+    def whole(self, dtype) -> jax.Array:
+        """Every expert's weight dequantised: ``[E, in_dim, out_dim]`` in ``dtype``."""
+        return dequantize(self.kind, self.leaves, (self.n, self.in_dim, self.out_dim), 1,
+                          1).astype(dtype)
+
+
+class QuantExperts(nnx.Module):
+    """A mixture of experts' quantised expert weights in place of their ``nnx.Param``
+    (``[layers, E, *in, *out]``); :meth:`experts` gives one layer's :class:`Experts`."""
+
+    def __init__(self, kind: str, leaves: Mapping, in_dim: int, out_dim: int):
+        self.kind, self.in_dim, self.out_dim = kind, int(in_dim), int(out_dim)
+        for k, s in leaves.items():
+            setattr(self, k, QuantParam(jnp.zeros(s.shape, s.dtype)))
+
+    def experts(self) -> Experts:
+        return Experts({k: getattr(self, k)[...] for k in LEAVES[self.kind]}, self.kind,
+                       self.in_dim, self.out_dim)
+
+
 def _matmul(kind, i_s, o_s, x, leaf):
     i, o = math.prod(i_s), math.prod(o_s)
 
@@ -297,13 +363,23 @@ def _with(tree: Mapping, path: tuple, value) -> dict:
 
 
 def projections(cfg, tree) -> dict[str, tuple[tuple, int]]:
-    """The quantised projections present in ``tree``: name -> (path, input axes) (a mixture of
-    experts' MLP is not among them)."""
+    """The quantised dense projections present in ``tree``: name -> (path, input axes) (a
+    mixture of experts' MLP is not among them: :func:`weights`)."""
     return {n: (p, k) for n, (p, k) in PROJECTIONS.items()
             if get_path(tree, p) is not None and not (cfg.n_experts and p[1] == "mlp")}
 
 
-def _embedding(cfg, tree, embedding: bool) -> bool:
+def weights(cfg, tree) -> dict[str, tuple[tuple, int, int]]:
+    """Every weight :func:`quantize_tree` quantises in ``tree``: name -> (path, stacked axes,
+    input axes): the :func:`projections` (1 stacked axis, the layers) and a mixture of experts'
+    :data:`EXPERT_WEIGHTS` (the experts: 2, layers and expert)."""
+    out = {n: (p, 1, k) for n, (p, k) in projections(cfg, tree).items()}
+    if cfg.n_experts:
+        out.update({n: v for n, v in EXPERT_WEIGHTS.items() if get_path(tree, v[0]) is not None})
+    return out
+
+
+def quantizes_embedding(cfg, tree, embedding: bool) -> bool:
     """Whether ``tree``'s input embedding is quantised: asked for, and not tied to the LM head
     (a tied table is read whole by the head, so it stays in ``param_dtype``)."""
     return embedding and not cfg.tie_embeddings and "embed" in tree
@@ -318,10 +394,10 @@ def quantize_tree(cfg, kind: str, params, embedding: bool = False) -> dict:
     """``params`` with every projection (:func:`projections`) replaced by its ``kind`` leaves,
     and with ``embedding`` an untied input embedding (:func:`quantize_embedding`); other leaves
     unchanged. Jittable."""
-    if _embedding(cfg, params, embedding):
+    if quantizes_embedding(cfg, params, embedding):
         params = {**params, "embed": quantize_embedding(kind, params["embed"])}
-    for name, (path, n_in) in projections(cfg, params).items():
-        params = _with(params, path, quantize(kind, get_path(params, path), 1, n_in))
+    for name, (path, n_lead, n_in) in weights(cfg, params).items():
+        params = _with(params, path, quantize(kind, get_path(params, path), n_lead, n_in))
     return params
 
 
@@ -331,8 +407,8 @@ def dequantize_tree(cfg, kind: str, params, shapes, dtype) -> dict:
     if isinstance(params.get("embed"), Mapping):
         ids = jnp.arange(shapes["embed"].shape[0])
         params = {**params, "embed": embedding_lookup(kind, params["embed"], ids).astype(dtype)}
-    for name, (path, n_in) in projections(cfg, shapes).items():
-        w = dequantize(kind, get_path(params, path), get_path(shapes, path).shape, 1, n_in)
+    for name, (path, n_lead, n_in) in weights(cfg, shapes).items():
+        w = dequantize(kind, get_path(params, path), get_path(shapes, path).shape, n_lead, n_in)
         params = _with(params, path, w.astype(dtype))
     return params
 
@@ -340,32 +416,33 @@ def dequantize_tree(cfg, kind: str, params, shapes, dtype) -> dict:
 def tree_axes(cfg, kind: str, shapes, axes, embedding: bool = False) -> dict:
     """Logical axes of :func:`quantize_tree`'s output, from the float tree's ``shapes`` and
     ``axes``."""
-    if _embedding(cfg, shapes, embedding):  # rows stay on `vocab`, blocks on `embed`
+    if quantizes_embedding(cfg, shapes, embedding):  # rows stay on `vocab`, blocks on `embed`
         v, d = axes["embed"]
         axes = {**axes, "embed": {"codes": (v, d), "scale": (v,)} if kind == "int8" else {
             "codes": (v, d), "absmax": (v, d), "absmax2": (None,), "offset": ()}}
-    for name, (path, n_in) in projections(cfg, shapes).items():
+    for name, (path, n_lead, n_in) in weights(cfg, shapes).items():
         axes = _with(axes, path, leaf_axes(kind, get_path(shapes, path).shape,
-                                           tuple(get_path(axes, path)), 1, n_in))
+                                           tuple(get_path(axes, path)), n_lead, n_in))
     return axes
 
 
 def attach(module: nnx.Module, cfg, kind: str, shapes, embedding: bool = False) -> None:
     """Put a :class:`QuantLinear` in place of every projection parameter of a decoder
-    ``module`` (abstract, under ``nnx.eval_shape``), and with ``embedding`` a
-    :class:`QuantEmbedding` in place of an untied input embedding, so ``nnx.merge`` takes a
-    :func:`quantize_tree` tree."""
-    if _embedding(cfg, shapes, embedding):
+    ``module`` (abstract, under ``nnx.eval_shape``), a :class:`QuantExperts` in place of a
+    mixture of experts' expert weights, and with ``embedding`` a :class:`QuantEmbedding` in
+    place of an untied input embedding, so ``nnx.merge`` takes a :func:`quantize_tree` tree."""
+    if quantizes_embedding(cfg, shapes, embedding):
         module.embed = QuantEmbedding(kind, jax.eval_shape(lambda w: quantize_embedding(kind, w),
                                                            shapes["embed"]))
-    for name, (path, n_in) in projections(cfg, shapes).items():
+    for name, (path, n_lead, n_in) in weights(cfg, shapes).items():
         owner = module
         for k in path[:-1]:
-            owner = getattr(owner, k)
+            owner = getattr(owner, k)  # an nnx.Dict (the shared expert) too
         shape = get_path(shapes, path).shape
-        leaves = jax.eval_shape(lambda w: quantize(kind, w, 0, n_in),
+        leaves = jax.eval_shape(lambda w: quantize(kind, w, n_lead - 1, n_in),
                                 jax.ShapeDtypeStruct(shape[1:], jnp.float32))
         leaves = {k: jax.ShapeDtypeStruct((shape[0],) + v.shape, v.dtype)
                   for k, v in leaves.items()}
-        _, i_s, o_s = _split(shape, 1, n_in)
-        setattr(owner, path[-1], QuantLinear(kind, leaves, i_s, o_s))
+        _, i_s, o_s = _split(shape, n_lead, n_in)
+        setattr(owner, path[-1], QuantLinear(kind, leaves, i_s, o_s) if n_lead == 1 else
+                QuantExperts(kind, leaves, math.prod(i_s), math.prod(o_s)))
