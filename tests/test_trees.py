@@ -51,9 +51,19 @@ def conversation(rng, turns: int = 3, k: int = 2) -> list[trees.BranchPoint]:
     return out
 
 
-def forest(n: int, seed: int, k: int = 2) -> list[list[trees.BranchPoint]]:
+def forest(n: int, seed: int, k: int = 2, branch_points: int | None = None
+           ) -> list[list[trees.BranchPoint]]:
+    """``n`` random conversation trees; with ``branch_points``, as many trees as give exactly
+    that many branch points (the last tree cut)."""
     rng = np.random.default_rng(seed)
-    return [conversation(rng, int(rng.integers(1, 4)), k) for _ in range(n)]
+    out = [conversation(rng, int(rng.integers(1, 4)), k) for _ in range(n)]
+    if branch_points is None:
+        return out
+    while sum(map(len, out)) < branch_points:
+        out.append(conversation(rng, 3, k))
+    while sum(map(len, out)) > branch_points:
+        out[-1] = out[-1][:branch_points - sum(map(len, out[:-1]))] or out.pop()
+    return [t for t in out if t]
 
 
 def unrolled_pairs(tree_bps: list[list[trees.BranchPoint]]) -> list[dict]:
@@ -225,3 +235,98 @@ def test_batch_format_of_tree_rows():
         batch_format.BatchFormat("pairs", packed=True, tree=True, prefix_shared=True)
     with pytest.raises(ValueError, match="tree_lo"):
         batch_format.BatchFormat("pairs", packed=True).check(batch)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _one_step(model, params, ref_params, batch_np, loss_cfg, mesh_):
+    """``(update, metrics)`` of one jitted train step (SGD, lr 1: the update is minus the
+    gradient) on ``batch_np`` over ``mesh_``."""
+    tx, schedule = helpers.optimizer()
+    state = helpers.train_state(model, params, tx, ref_params=ref_params, mesh_=mesh_)
+    batch, max_scored = helpers.device_batch(batch_np, mesh_)
+    step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, StepConfig()),
+                   static_argnums=2)
+    new_state, metrics = step(state, batch, max_scored)
+    update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                          jax.device_get(new_state.trainable), jax.device_get(params))
+    return update, jax.device_get(metrics)
+
+
+def _assert_same_step(a, b, keys=("loss", "rewards/margins", "grad_norm")):
+    (update0, m0), (update1, m1) = a, b
+    for k in keys:
+        np.testing.assert_allclose(m1[k], m0[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    assert helpers.global_norm(update0) > 0 and _rel(update1, update0) < 1e-5
+
+
+def _weighted_pairs(tree_bps):
+    """The unrolled pairs' batch with each branch point's weight as its pair_weight."""
+    batch = helpers.pair_batch(unrolled_pairs(tree_bps), row_multiple=8)
+    batch["pair_weight"] = np.asarray([bp.weight for bps in tree_bps for bp in bps], np.float32)
+    return batch
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", pytest.param("simpo", marks=pytest.mark.slow)])
+def test_train_step_at_every_branch_point_with_weights_on_a_mesh(loss):
+    """One SGD step on the (2, 2, 2) mesh with the online reference forward: a pairwise loss at
+    every binary branch point, weighted per branch point (here by depth: 1, 2, 3), gives the
+    loss, metrics and update of the unrolled pairs carrying the same weights."""
+    model = helpers.tiny_model()
+    params, ref_params = helpers.init_params(model), helpers.init_params(model, seed=1)
+    loss_cfg = helpers.loss_config(loss, beta=0.5)
+    ref = ref_params if losses_lib.needs_reference(loss_cfg) else None
+    tree_bps = forest(8, seed=4, branch_points=16)
+    assert len({bp.weight for bps in tree_bps for bp in bps}) >= 2
+    mesh_ = helpers.mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    batches = [_weighted_pairs(tree_bps),
+               tree_batch(tree_bps, row_multiple=8, packing=True, pack_length=64, buckets=[64])]
+    _assert_same_step(*[_one_step(model, params, ref, b, loss_cfg, mesh_) for b in batches])
+
+
+def test_stored_reference_logps_through_trees():
+    """Reference log-probs computed once through tree rows equal the unrolled pairs' (the
+    stored [2B] layout of precompute_reference), and a step reading them equals the unrolled
+    step reading theirs."""
+    model = helpers.tiny_model()
+    params, ref_params = helpers.init_params(model), helpers.init_params(model, seed=1)
+    tree_bps = forest(8, seed=5, branch_points=16)
+    batches = [_weighted_pairs(tree_bps),
+               tree_batch(tree_bps, row_multiple=8, packing=True, pack_length=64, buckets=[64])]
+    stored = []
+    for b in batches:
+        s = jax.jit(lambda p, bb: sequence_stats(model, p, bb, StepConfig(), None))(
+            ref_params, {k: jnp.asarray(v) for k, v in b.items()})
+        stored.append((np.asarray(s.logps), np.asarray(s.lengths)))
+    np.testing.assert_array_equal(stored[1][1], stored[0][1])
+    np.testing.assert_allclose(stored[1][0], stored[0][0], **LOGP_TOL)
+    steps = []
+    for b, (logps, lengths) in zip(batches, stored):
+        b = dict(b, ref_logps=logps, ref_lengths=lengths)
+        steps.append(_one_step(model, params, None, b, helpers.loss_config(beta=0.5),
+                               helpers.mesh()))
+    _assert_same_step(*steps)
+
+
+def test_plackett_luce_at_three_way_branch_points():
+    """Ranked 3-way branch points (data.format='ranked'): plackett_luce over each branch
+    point's siblings equals the unrolled ranked lists (the real ranked pipeline)."""
+    from dpo_jax.data import ranked
+
+    model = helpers.tiny_model()
+    params, ref_params = helpers.init_params(model), helpers.init_params(model, seed=1)
+    tree_bps = forest(6, seed=6, k=3, branch_points=8)
+    items = [{"prompt": bp.history, "responses": list(bp.responses),
+              "scores": -np.arange(3, dtype=np.float32), "ranks": np.arange(3, dtype=np.int32)}
+             for bps in tree_bps for bp in bps]
+    pipe = ranked.RankedPipeline(items, helpers.data_config(format="ranked", row_multiple=8),
+                                 train=False, global_batch_size=len(items), pad_id=0)
+    plain = next(iter(pipe))
+    plain["pair_weight"] = np.asarray([bp.weight for bps in tree_bps for bp in bps], np.float32)
+    tree = tree_batch(tree_bps, row_multiple=8, packing=True, pack_length=64, buckets=[64])
+    tree["slot_rank"] = np.tile(np.arange(3, dtype=np.int32), (len(items), 1))
+    loss_cfg = helpers.loss_config("plackett_luce", beta=0.5)
+    mesh_ = helpers.mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    steps = [_one_step(model, params, ref_params, b, loss_cfg, mesh_) for b in (plain, tree)]
+    _assert_same_step(*steps, keys=("loss", "grad_norm"))
