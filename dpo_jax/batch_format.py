@@ -148,10 +148,15 @@ def infer(batch) -> BatchFormat:
 
 def for_run(data, *, stored_reference: bool = False, kind: str | None = None) -> BatchFormat:
     """The format of a run's preference batches: ``data`` is the run's data block (fields
-    ``format``, ``packing``, ``prefix_sharing``); ``kind`` overrides ``data.format`` (e.g.
-    ``'sequences'`` for SFT text)."""
+    ``format``, ``packing``, ``prefix_sharing``, ``tree_responses``); ``kind`` overrides
+    ``data.format`` (e.g. ``'sequences'`` for SFT text). ``data.format='trees'``: packed tree
+    rows of pairs (``tree_responses`` 2) or ranked lists."""
     get = data.get if hasattr(data, "get") else lambda k, d=None: getattr(data, k, d)
     shared = bool(get("prefix_sharing", False))
+    if (get("format", "pairs") or "pairs") == "trees" and kind is None:
+        # branch points: pairs, or ranked lists of data.tree_responses (plackett_luce)
+        return BatchFormat("ranked" if int(get("tree_responses", 2) or 2) > 2 else "pairs",
+                           packed=True, tree=True, stored_reference=stored_reference)
     return BatchFormat(kind or get("format", "pairs") or "pairs",
                        packed=bool(get("packing", False)) or shared, prefix_shared=shared,
                        stored_reference=stored_reference)

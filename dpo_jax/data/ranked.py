@@ -159,7 +159,7 @@ HUB_NAME = "openbmb/UltraFeedback"
 
 
 def _checked_list(prompt: np.ndarray, responses: list[np.ndarray], scores: list[float],
-                  *, end_ids, is_blank, file, row) -> Item:
+                  *, end_ids, is_blank, file, row, fields: list[str] | None = None) -> Item:
     """The tokenised list: each response checked as in pairs, duplicates kept once (the
     better-scored copy), at least two left; ``ranks`` recomputed on what is kept."""
     ends = np.asarray(sorted(int(t) for t in end_ids), np.int64)
@@ -169,7 +169,8 @@ def _checked_list(prompt: np.ndarray, responses: list[np.ndarray], scores: list[
     kept, seen = [], set()
     for k, r in enumerate(responses):
         scored = check_scored_response(len(prompt), r, ends=ends, is_blank=is_blank, file=file,
-                                       row=row, field=f"responses[{k}]")
+                                       row=row, field=fields[k] if fields else
+                                       f"responses[{k}]")
         if scored.tobytes() not in seen:
             seen.add(scored.tobytes())
             kept.append(k)
