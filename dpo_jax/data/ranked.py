@@ -196,7 +196,11 @@ def item_responses(item: Item) -> list[np.ndarray]:
 def pair_views(items: list[Item]) -> list[Item]:
     """Pairs as they are; each (prompt, response) of a ranked list or unpaired example as a
     ``{prompt, chosen, rejected}`` view (both the response), so checks written for pairs
-    (``checks.check_fits_model``) see every response."""
+    (``checks.check_fits_model``) see every response; a preference tree's branch points
+    (``data/tree_data.py``) each as the views of its (history, responses) list."""
+    if items and "branch_points" in items[0]:
+        items = [{"prompt": bp.history, "responses": bp.responses}
+                 for it in items for bp in it["branch_points"]]
     return [view for it in items for view in (
         [it] if "chosen" in it else
         [{"prompt": it["prompt"], "chosen": r, "rejected": r} for r in item_responses(it)])]
