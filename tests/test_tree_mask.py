@@ -125,11 +125,13 @@ def test_prefix_branches_read_as_a_tree():
     np.testing.assert_array_equal(flat[i, j], (seg[0, i] == seg[0, j]) & (i - j < 2))
 
 
+@pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("window", [None, 4, "traced"])
-def test_chunked_attention_from_metadata_equals_dense(window):
+def test_chunked_attention_from_metadata_equals_dense(window, skip):
     """Attention over query blocks whose masks come from the metadata (never [B,1,T,T])
     equals the dense path on the materialised mask: values and gradients of q, k, v; block 8
-    does not divide T = 37; soft-capped scores; a traced window (the per-layer pick)."""
+    does not divide T = 37; soft-capped scores; a traced window (the per-layer pick); query
+    blocks over all keys, and query x key blocks with the empty ones skipped."""
     seg, pos, lo, hi, _, _ = random_tree_rows(2, 37, seed=5)
     meta = token_meta(jnp.asarray(seg), jnp.asarray(pos), (jnp.asarray(lo), jnp.asarray(hi)))
     B, T, N, K, Dh = 2, 37, 4, 2, 8
@@ -140,7 +142,7 @@ def test_chunked_attention_from_metadata_equals_dense(window):
 
     def run(q, k, v, w, cap, meta_mask):
         if meta_mask:
-            return chunked_attention(q, k, v, MetaMask(meta, w), 8, 0.3, cap)
+            return chunked_attention(q, k, v, MetaMask(meta, w), 8, 0.3, cap, skip_empty=skip)
         return chunked_attention(q, k, v, block_mask(meta, meta, w), 64, 0.3, cap)
 
     for cap in (None, 2.0):

@@ -308,7 +308,7 @@ def _dense_attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Arra
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | MetaMask,
                       chunk: int, scale: float | None = None,
-                      cap: float | None = None, skip_empty: bool = True) -> jax.Array:
+                      cap: float | None = None, skip_empty: bool = False) -> jax.Array:
     """Exact attention over query blocks of `chunk` rows, each block rematerialised.
 
     The dense XLA path keeps the float32 scores and probabilities [B, N, T, S] of every layer
@@ -325,12 +325,15 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
     `mask`: [B, 1, T, S] bool, or a :class:`MetaMask` (S = T), whose block of `chunk` query
     rows is computed inside the block from the per-token metadata (``block_mask``): the
     [B, 1, T, T] mask is never materialised and the residuals are the metadata. With a
-    MetaMask and ``skip_empty`` (default) the keys are split into blocks of `chunk` too and a
+    MetaMask and ``skip_empty`` (``ModelConfig.attention_skip_blocks``) the keys are split into blocks of `chunk` too and a
     (query block, key block) pair that the metadata leave empty in every row
     (:func:`block_may_be_visible`: the causal future, other segments, sibling branches of a
     tree, beyond the window) is skipped by a ``lax.cond``, in the forward and the backward;
     the visible key blocks are combined by the online softmax (running max and sum, as flash
     attention, Dao et al. 2022): exact, equal to the dense path up to float summation order.
+    Its backward reruns the forward once more than the plain path (the whole map is
+    rematerialised, see _blocked_attention), so it pays where the skipped blocks outweigh
+    that: long rows, trees, packed segments (measured: experiments/bench/README.md).
     """
     B, T, N, Dh = q.shape
     scale = float(Dh) ** -0.5 if scale is None else scale
