@@ -247,7 +247,8 @@ def _weighted_pairs(tree_bps):
     return batch
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", pytest.param("simpo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("loss", ["sigmoid"] + [pytest.param(x, marks=pytest.mark.slow)
+                                  for x in ("ipo", "simpo")])
 def test_train_step_at_every_branch_point_with_weights_on_a_mesh(loss):
     """One SGD step on the (2, 2, 2) mesh with the online reference forward: a pairwise loss at
     every binary branch point, weighted per branch point (here by depth: 1, 2, 3), gives the
