@@ -8,7 +8,9 @@ A pair ``(prompt, y_1 .. y_K)`` (K = 2: chosen, rejected) becomes one *unit* of 
 with positions ``0 .. P-2`` on the shared prompt and ``P-1, P, ...`` on every branch, so each
 response sits at the positions it has behind its prompt in the unshared layout. Branch ids
 (``branch_ids``: 0 on the prompt, k on response k) make the attention mask inside the jitted
-step (``dpo_jax.models.layers.segment_causal_mask``): a token sees its own unit's prompt and the
+step: the model reads them as the DFS intervals of a preference tree with one branch point
+(``dpo_jax.models.layers.branch_tree``, ``block_mask``; the layout equals
+``dpo_jax.data.trees``' for that tree, tested): a token sees its own unit's prompt and the
 earlier tokens of its own branch, never another branch or unit. Every token then sees exactly
 the (token, position) keys it sees in the unshared layout, so per-sequence log-probs agree to
 float32 round-off.

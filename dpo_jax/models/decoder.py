@@ -33,10 +33,12 @@ from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import (
     activation,
     apply_rotary,
+    MetaMask,
     attention,
+    branch_tree,
     norm,
     rotary_tables,
-    segment_causal_mask,
+    token_meta,
 )
 
 Cache = dict[str, Any]
@@ -286,7 +288,8 @@ class Decoder(nnx.Module):
         return h_BTD, ropes
 
     def _run_layers(self, h_BTD, ropes, masks, cache_kv=None, start_B=None):
-        """Run every layer. ropes / masks: {layer type: (sin, cos) / mask [B,1,T,S]} for the
+        """Run every layer. ropes / masks: {layer type: (sin, cos) / mask [B,1,T,S] or
+        layers.MetaMask (the same metadata for every type, its window per type)} for the
         types in _layer_kinds; with both types present each layer picks its own by a per-layer
         flag scanned alongside its parameters. cache_kv: (k, v) [n_layer,B,S,K,H] or None.
         Returns (h [B,T,D], the updated (k, v) cache or None, the stacked router statistics
@@ -301,7 +304,11 @@ class Decoder(nnx.Module):
                 (sin_BTR, cos_BTR), mask_B1TS = ropes[kinds[0]], masks[kinds[0]]
             else:
                 pick = lambda a, b: None if a is None else jnp.where(sliding, a, b)
-                mask_B1TS = pick(masks["sliding"], masks["full"])
+                if isinstance(masks["sliding"], MetaMask):  # one metadata, a per-layer window
+                    mask_B1TS = MetaMask(masks["sliding"].meta, jnp.where(
+                        sliding, masks["sliding"].window, _NO_WINDOW))
+                else:
+                    mask_B1TS = pick(masks["sliding"], masks["full"])
                 sin_BTR, cos_BTR = (pick(a, b) for a, b in zip(ropes["sliding"], ropes["full"]))
             block = nnx.merge(graphdef, layer_state)
             kv_arg = None if kv is None else (kv[0], kv[1], start_B)
@@ -323,18 +330,25 @@ class Decoder(nnx.Module):
 
     def __call__(self, ids_BT: jax.Array, positions_BT: jax.Array,
                  segment_ids_BT: jax.Array, branch_ids_BT: jax.Array | None = None,
-                 router_aux: bool = False, routing: bool = False):
-        """Hidden states [B, T, D] after the final norm, in the compute dtype. branch_ids_BT:
-        prefix-shared rows' branch per token (see layers.segment_causal_mask) or None.
+                 router_aux: bool = False, routing: bool = False,
+                 tree_BT: tuple[jax.Array, jax.Array] | None = None):
+        """Hidden states [B, T, D] after the final norm, in the compute dtype. tree_BT:
+        preference-tree rows' ``(tree_lo, tree_hi)`` [B, T] DFS intervals (layers.TokenMeta),
+        or None; branch_ids_BT: prefix-shared rows' branch per token, read as a tree with one
+        branch point (layers.branch_tree), or None. The attention mask is built from this
+        per-token metadata (layers.block_mask), per query block with attention_impl='chunked'.
         router_aux=True (mixture-of-experts configs only): (hidden, the router's load-balancing
         loss over the real tokens, moe.load_balancing_loss). routing=True (mixture-of-experts
         only): (hidden, that loss or None, each layer's sorted top-k expert ids [L, B, T, K]
         int32, moe.routing_agreement)."""
         h_BTD, ropes = self._embed(ids_BT, positions_BT)
-        masks = {kind: segment_causal_mask(
-            segment_ids_BT, self.cfg.sliding_window if kind == "sliding" else None,
-            branch_ids_BT, positions_BT)
-            for kind in _layer_kinds(self.cfg)}
+        if branch_ids_BT is not None:
+            if tree_BT is not None:
+                raise ValueError("pass tree_BT or branch_ids_BT, not both")
+            tree_BT = branch_tree(branch_ids_BT)
+        meta = token_meta(segment_ids_BT, positions_BT, tree_BT)
+        masks = {kind: MetaMask(meta, self.cfg.sliding_window if kind == "sliding" else None)
+                 for kind in _layer_kinds(self.cfg)}
         h_BTD, _, router = self._run_layers(h_BTD, ropes, masks)
         if (router_aux or routing) and router is None:
             raise ValueError("router_aux=True (e.g. loss.router_aux_loss_coef > 0) and routing="
@@ -379,6 +393,11 @@ class Decoder(nnx.Module):
         new_cache = {"k": k_LBSKH, "v": v_LBSKH, "valid": valid_BS,
                      "index": start_B + jnp.sum(real_BT, axis=1).astype(start_B.dtype)}
         return self.final_norm(h_BTD), new_cache
+
+
+# The window of full-attention layers when a per-layer window is picked inside the layer scan:
+# larger than any position difference.
+_NO_WINDOW = 2 ** 30
 
 
 def _layer_kinds(cfg: ModelConfig) -> tuple[str, ...]:
