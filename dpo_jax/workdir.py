@@ -76,9 +76,24 @@ def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def effective_rules(rules: list, shape: dict) -> list:
+    """``mesh.rules`` as they act on a mesh of ``shape`` (a config's ``mesh.shape``; a missing
+    axis is 1): mesh axes of size 1 dropped, a one-axis list read as that axis. So the rule
+    ``[embed, [fsdp, context]]`` (the default since the context axis) equals the earlier
+    ``[embed, fsdp]`` on a mesh without context parallelism: same shardings, same run."""
+    out = []
+    for name, axis in rules:
+        axes = [] if axis is None else [axis] if isinstance(axis, str) else list(axis)
+        axes = [a for a in axes if shape.get(a, 1) != 1]
+        out.append([name, None if not axes else axes[0] if len(axes) == 1 else axes])
+    return out
+
+
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """``{field: (old, new)}`` for every leaf that differs (lists compared as lists). A field
-    the old config lacks (added to the schema since) counts only when it is not at its default."""
+    the old config lacks (added to the schema since) counts only when it is not at its default.
+    ``mesh.rules`` are compared as they act on each config's mesh (:func:`effective_rules`)."""
+    old, new = (_with_effective_rules(c) for c in (old, new))
     a, b = _flat(old), _flat(new)
     defaults = _flat(config_dict(base_config()))
     out = {}
@@ -89,6 +104,14 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
         if va != vb:
             out[k] = (va, vb)
     return out
+
+
+def _with_effective_rules(config: dict) -> dict:
+    mesh = config.get("mesh")
+    if not isinstance(mesh, dict) or "rules" not in mesh:
+        return config
+    mesh = dict(mesh, rules=effective_rules(mesh["rules"], mesh.get("shape") or {}))
+    return dict(config, mesh=mesh)
 
 
 def refused_changes(changes: dict[str, tuple[Any, Any]], allowed: str,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dpo_jax.models import context_parallel
 from dpo_jax.models import moe
 from dpo_jax.models import quant
 from dpo_jax.models.config import ModelConfig
@@ -223,7 +224,11 @@ class Block(nnx.Module):
             new_kv = (k_cache_BSKH, v_cache_BSKH)
             k_BSKH = k_cache_BSKH.astype(q_BTNH.dtype)
             v_BSKH = v_cache_BSKH.astype(q_BTNH.dtype)
-        a_BTD = self.attn.out(attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS))
+        if isinstance(mask_B1TS, context_parallel.TokenMeta):  # the sequence split over devices
+            a_BTNH = context_parallel.attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS)
+        else:
+            a_BTNH = attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS)
+        a_BTD = self.attn.out(a_BTNH)
         mlp = self.mlp if cfg.n_experts else lambda x: (self.mlp(x), None)
         if cfg.parallel_residual:
             m_BTD, router = mlp(x_BTD if cfg.shared_norm else self.ln2(h_BTD))
@@ -286,9 +291,9 @@ class Decoder(nnx.Module):
         return h_BTD, ropes
 
     def _run_layers(self, h_BTD, ropes, masks, cache_kv=None, start_B=None):
-        """Run every layer. ropes / masks: {layer type: (sin, cos) / mask [B,1,T,S]} for the
-        types in _layer_kinds; with both types present each layer picks its own by a per-layer
-        flag scanned alongside its parameters. cache_kv: (k, v) [n_layer,B,S,K,H] or None.
+        """Run every layer. ropes / masks: {layer type: (sin, cos) / mask [B,1,T,S], or its
+        per-token context_parallel.TokenMeta} for the types in _layer_kinds; with both types
+        present each layer picks its own by a per-layer flag scanned alongside its parameters. cache_kv: (k, v) [n_layer,B,S,K,H] or None.
         Returns (h [B,T,D], the updated (k, v) cache or None, the stacked router statistics
         [n_layer, ...] of mixture-of-experts layers or None)."""
         cfg = self.cfg
@@ -300,12 +305,15 @@ class Decoder(nnx.Module):
             if len(kinds) == 1:
                 (sin_BTR, cos_BTR), mask_B1TS = ropes[kinds[0]], masks[kinds[0]]
             else:
-                pick = lambda a, b: None if a is None else jnp.where(sliding, a, b)
+                pick = lambda a, b: None if a is None else jax.tree.map(  # noqa: E731
+                    lambda x, y: jnp.where(sliding, x, y), a, b)
                 mask_B1TS = pick(masks["sliding"], masks["full"])
                 sin_BTR, cos_BTR = (pick(a, b) for a, b in zip(ropes["sliding"], ropes["full"]))
             block = nnx.merge(graphdef, layer_state)
             kv_arg = None if kv is None else (kv[0], kv[1], start_B)
             h_BTD, new_kv, router = block(h_BTD, sin_BTR, cos_BTR, mask_B1TS, kv_arg)
+            if kv is None:  # between layers the residual stays split along the sequence
+                h_BTD = context_parallel.constrain_sequence(h_BTD)
             return h_BTD, (new_kv, router)
 
         if cfg.remat != "none":
@@ -331,10 +339,20 @@ class Decoder(nnx.Module):
         only): (hidden, that loss or None, each layer's sorted top-k expert ids [L, B, T, K]
         int32, moe.routing_agreement)."""
         h_BTD, ropes = self._embed(ids_BT, positions_BT)
-        masks = {kind: segment_causal_mask(
-            segment_ids_BT, self.cfg.sliding_window if kind == "sliding" else None,
-            branch_ids_BT, positions_BT)
-            for kind in _layer_kinds(self.cfg)}
+        kinds = _layer_kinds(self.cfg)
+        if context_parallel.context_mesh() is not None:
+            # context parallelism: per-token metadata, each device builds its own mask blocks
+            h_BTD = context_parallel.constrain_sequence(h_BTD)
+            mixed = len(kinds) > 1
+            masks = {kind: context_parallel.token_meta(
+                segment_ids_BT, positions_BT, branch_ids_BT,
+                self.cfg.sliding_window if kind == "sliding" else
+                (context_parallel.NO_WINDOW if mixed else None)) for kind in kinds}
+        else:
+            masks = {kind: segment_causal_mask(
+                segment_ids_BT, self.cfg.sliding_window if kind == "sliding" else None,
+                branch_ids_BT, positions_BT)
+                for kind in kinds}
         h_BTD, _, router = self._run_layers(h_BTD, ropes, masks)
         if (router_aux or routing) and router is None:
             raise ValueError("router_aux=True (e.g. loss.router_aux_loss_coef > 0) and routing="
