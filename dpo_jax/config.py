@@ -358,49 +358,6 @@ def _check_tokenizer(config) -> None:
             f"{tokenised}")
 
 
-def read_mesh_shape(config: ml_collections.ConfigDict) -> dict:
-    """``mesh.shape`` as ``{axis: size}`` over ``sharding.MESH_AXES`` (a missing axis is 1, so
-    the three-axis configs of earlier runs read as context 1). ValueError naming the field for
-    an unknown axis, a size that is neither >= 1 nor -1, or a context axis > 1 with a setting
-    that cannot split the sequence (``model.attention_impl='cudnn'``)."""
-    shape = dict(config.mesh.shape)
-    unknown = sorted(set(shape) - set(sharding.MESH_AXES))
-    if unknown:
-        raise ValueError(f"mesh.shape: unknown axes {unknown}; the axes are "
-                         f"{sharding.MESH_AXES}")
-    out = {}
-    for axis in sharding.MESH_AXES:
-        value = shape.get(axis, 1)
-        size = -2 if value is None else int(value)
-        if size < 1 and size != -1:
-            raise ValueError(f"mesh.shape.{axis}={value!r}: must be >= 1, or -1 (the rest)")
-        out[axis] = size
-    if out[sharding.CONTEXT_AXIS] != 1 and (config.model.attention_impl or "") == "cudnn":
-        raise ValueError(f"mesh.shape.context={out['context']} splits the sequence, and its "
-                         f"attention (models/context_parallel.py) runs XLA or query-blocked "
-                         f"attention on each shard: set model.attention_impl to '' or "
-                         f"'chunked' (not 'cudnn')")
-    return out
-
-
-def read_mesh_rules(rules) -> tuple:
-    """``mesh.rules`` as a hashable tuple of ``(logical name, mesh axis | tuple of mesh axes |
-    None)``; ValueError naming the rule for a malformed entry or an unknown mesh axis."""
-    out = []
-    for i, rule in enumerate(rules):
-        if len(rule) != 2 or not isinstance(rule[0], str):
-            raise ValueError(f"mesh.rules[{i}]={list(rule)!r}: expected [logical name, mesh "
-                             f"axis or list of mesh axes or None]")
-        name, axis = rule
-        axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
-        bad = [a for a in axes if a not in sharding.MESH_AXES]
-        if bad:
-            raise ValueError(f"mesh.rules[{i}] ({name!r}): unknown mesh axes {bad}; the axes "
-                             f"are {sharding.MESH_AXES}")
-        out.append((name, axis if axis is None or isinstance(axis, str) else axes))
-    return tuple(out)
-
-
 def read_config(config: ml_collections.ConfigDict) -> RunConfig:
     """The frozen view of ``config`` that tasks consume. Raises ValueError for bad values."""
     t = config.train
@@ -454,8 +411,9 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                         ref_sync_every=ref_sync_every, ref_mixup_alpha=ref_mixup_alpha,
                         reference_is_initial_policy=reference_is_initial_policy,
                         diagnostics=diagnostics),
-        optim=optim, train=train, data=data, mesh_shape=read_mesh_shape(config),
-        mesh_rules=read_mesh_rules(config.mesh.rules),
+        optim=optim, train=train, data=data, mesh_shape=sharding.read_mesh_shape(
+            config.mesh.shape, config.model.attention_impl),
+        mesh_rules=sharding.read_mesh_rules(config.mesh.rules),
         precompute_reference=bool(config.logprobs.precompute_reference),
         lora=lora, loss=loss, eval=read_eval(config),
         task_block=TASK_BLOCKS[config.task](config) if config.task in TASK_BLOCKS else None)

@@ -66,6 +66,49 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+def read_mesh_shape(shape: Mapping[str, Any], attention_impl: str | None = "") -> dict:
+    """A run config's ``mesh.shape`` as ``{axis: size}`` over :data:`MESH_AXES` (a missing axis
+    is 1, so the three-axis configs of earlier runs read as context 1). ValueError naming the
+    field for an unknown axis, a size that is neither >= 1 nor -1, or a context axis > 1 with
+    a setting that cannot split the sequence (``model.attention_impl='cudnn'``)."""
+    shape = dict(shape)
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh.shape: unknown axes {unknown}; the axes are {MESH_AXES}")
+    out = {}
+    for axis in MESH_AXES:
+        value = shape.get(axis, 1)
+        size = -2 if value is None else int(value)
+        if size < 1 and size != -1:
+            raise ValueError(f"mesh.shape.{axis}={value!r}: must be >= 1, or -1 (the rest)")
+        out[axis] = size
+    if out[CONTEXT_AXIS] != 1 and (attention_impl or "") == "cudnn":
+        raise ValueError(f"mesh.shape.context={out['context']} splits the sequence, and its "
+                         f"attention (models/context_parallel.py) runs XLA or query-blocked "
+                         f"attention on each shard: set model.attention_impl to '' or "
+                         f"'chunked' (not 'cudnn')")
+    return out
+
+
+def read_mesh_rules(rules) -> tuple:
+    """A run config's ``mesh.rules`` as a hashable tuple of ``(logical name, mesh axis | tuple
+    of mesh axes | None)``; ValueError naming the rule for a malformed entry or an unknown mesh
+    axis."""
+    out = []
+    for i, rule in enumerate(rules):
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"mesh.rules[{i}]={list(rule)!r}: expected [logical name, mesh "
+                             f"axis or list of mesh axes or None]")
+        name, axis = rule
+        axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"mesh.rules[{i}] ({name!r}): unknown mesh axes {bad}; the axes "
+                             f"are {MESH_AXES}")
+        out.append((name, axis if axis is None or isinstance(axis, str) else axes))
+    return tuple(out)
+
+
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
     """Mesh with axes ('data', 'fsdp', 'context', 'tensor'); one entry may be -1 (all remaining
     devices). ``shape``: a mapping (missing axes are 1) or a sequence of 4 entries in that order,

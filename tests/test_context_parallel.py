@@ -13,7 +13,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -94,20 +93,22 @@ def test_config_mesh_fields():
     rules accept a list of axes; an old run's [embed, fsdp] equals the new default on a
     mesh without context (no refused change on resume), but not on one with it."""
     c = config_lib.base_config()
-    assert config_lib.read_mesh_shape(c) == {"data": -1, "fsdp": 1, "context": 1, "tensor": 1}
-    c.mesh.shape = ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 4})
-    assert config_lib.read_mesh_shape(c)["context"] == 1
+    assert config_lib.read_config(c).mesh_shape == {"data": -1, "fsdp": 1, "context": 1,
+                                                    "tensor": 1}
+    assert sharding.read_mesh_shape({"data": 2, "fsdp": 1, "tensor": 4})["context"] == 1
     c.mesh.shape.context = 0
     with pytest.raises(ValueError, match=r"mesh.shape.context=0"):
-        config_lib.read_mesh_shape(c)
+        config_lib.read_config(c)
     c.mesh.shape.context = 2
     c.model.attention_impl = "cudnn"
     with pytest.raises(ValueError, match="mesh.shape.context=2.*attention_impl"):
-        config_lib.read_mesh_shape(c)
-    rules = config_lib.read_mesh_rules(config_lib.base_config().mesh.rules)
+        config_lib.read_config(c)
+    with pytest.raises(ValueError, match=r"mesh.shape: unknown axes \['seq'\]"):
+        sharding.read_mesh_shape({"seq": 2})
+    rules = config_lib.read_config(config_lib.base_config()).mesh_rules
     assert dict(rules)["embed"] == ("fsdp", "context") and dict(rules)["vocab"] == "tensor"
     with pytest.raises(ValueError, match=r"mesh.rules\[0\].*'seq'"):
-        config_lib.read_mesh_rules([["embed", ["fsdp", "seq"]]])
+        sharding.read_mesh_rules([["embed", ["fsdp", "seq"]]])
     new = workdir.config_dict(config_lib.base_config())
     old = dict(new, mesh={"shape": {"data": -1, "fsdp": 1, "tensor": 1},
                           "rules": [[n, "fsdp" if n == "embed" else a]
