@@ -345,11 +345,12 @@ def check_run(config: ml_collections.ConfigDict) -> None:
                              f"them: change mesh.shape.{axis} or model.moe_expert_axis")
 
 
-def _expert_mesh(config: ml_collections.ConfigDict):
-    """``jax.set_mesh`` of the run's mesh for a run with ``model.moe_expert_axis`` (expert
-    parallelism reads the mesh its program is traced under; models/moe_parallel.py), else no
+def _run_mesh(config: ml_collections.ConfigDict):
+    """``jax.set_mesh`` of the run's mesh for a run with ``model.moe_expert_axis`` or a
+    ``mesh.shape.context`` other than 1 (expert and context parallelism read the mesh their
+    program is traced under: models/moe_parallel.py, models/context_parallel.py), else no
     context."""
-    if not config.model.get("moe_expert_axis"):
+    if not config.model.get("moe_expert_axis") and config.mesh.shape.get("context", 1) == 1:
         return contextlib.nullcontext()
     return jax.set_mesh(shard_lib.make_mesh(dict(config.mesh.shape)))
 
@@ -373,7 +374,7 @@ def opens_workdir(fn: Callable[..., dict]) -> Callable[..., dict]:
         for note in notes:
             logging.warning("%s", note)
         check_run(config)
-        with open_run(config, workdir) as run, _expert_mesh(config):
+        with open_run(config, workdir) as run, _run_mesh(config):
             if run.finished:
                 return run.summary
             summary = fn(config, run, **kwargs)

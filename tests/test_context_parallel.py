@@ -283,3 +283,48 @@ def test_dpo_step_equals_unsharded(model_name, layout, shape):
     scale = helpers.global_norm(u_ref)
     assert scale > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale), u, u_ref)
+
+
+# ----------------------------------------------------------------------------- configs, a run
+
+long_context = helpers.load_module("configs/long_context.py", "configs_long_context")
+
+
+@pytest.mark.parametrize("variant,devices", [("tpu_v5p_64", 32), ("gpu_8x8", 64)])
+def test_long_context_pod_variants(variant, devices):
+    """The pod variants fill their device counts, their pair batch divides data x fsdp, and
+    the mesh fields read back; the base is prefix-shared chunked bfloat16 at 128k tokens."""
+    c = long_context.get_config(variant)
+    shape = sharding.read_mesh_shape(c.mesh.shape, c.model.attention_impl)
+    assert int(np.prod(list(shape.values()))) == devices and shape["context"] == 8
+    assert c.train.batch_size % (shape["data"] * shape["fsdp"]) == 0
+    assert c.data.max_length == long_context.MAX_LENGTH and c.data.prefix_sharing
+    assert c.model.attention_impl == "chunked" and c.model.remat == "full"
+
+
+@pytest.mark.slow  # two whole runs: about 40 s of CPU
+def test_long_context_smoke_run(tmp_path, monkeypatch):
+    """configs/long_context.py:smoke, a whole DPO run (2 steps, an eval, a checkpoint) with
+    the sequence split 4 ways under the run's mesh, logs the losses of the same run with
+    context 1 (mesh data 8) to float32 round-off; the context-parallel attention is traced in
+    the first run only."""
+    traced = []
+    attend = context_parallel.attention
+    monkeypatch.setattr(context_parallel, "attention",
+                        lambda *a, **kw: traced.append(1) or attend(*a, **kw))
+    from tests import runs
+    runs.run(long_context.get_config("smoke"), tmp_path / "cp")
+    n = len(traced)
+    assert n > 0
+    c = long_context.get_config("smoke")
+    c.mesh.shape.update({"data": 8, "context": 1})
+    runs.run(c, tmp_path / "dp")
+    assert len(traced) == n
+    got, want = runs.records(tmp_path / "cp"), runs.records(tmp_path / "dp")
+    train = [r for r in want if "loss" in r and "step" in r]
+    assert len(train) >= 2
+    for r, s in zip(got, want):
+        assert set(r) == set(s)
+        for k in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "eval/loss"):
+            if k in s:
+                assert r[k] == pytest.approx(s[k], rel=1e-5, abs=1e-5), k

@@ -190,9 +190,10 @@ def _local_attention(scale, cap, chunk, q_BTNH, k_BTKH, v_BTKH, meta: TokenMeta)
 
 def constrain_sequence(x_BT):
     """``x`` [B, T, ...] constrained to be split along T over the context axis (the other
-    dimensions left to the compiler); ``x`` itself without context parallelism."""
+    dimensions left to the compiler); ``x`` itself without context parallelism, or when T does
+    not divide (a KV-cache step) or ``x`` has fewer than 3 dimensions."""
     mesh = context_mesh()
-    if mesh is None or x_BT.shape[1] % mesh.shape[AXIS]:
+    if mesh is None or x_BT.ndim < 3 or x_BT.shape[1] % mesh.shape[AXIS]:
         return x_BT
     free = P.UNCONSTRAINED
     return jax.lax.with_sharding_constraint(x_BT, P(free, AXIS, *([free] * (x_BT.ndim - 2))))

@@ -64,6 +64,10 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
     all its weight gradient (a contraction over two batch-like dims), more slowly than the
     flattened matmul.
     """
+    if x.ndim > 2 and context_parallel.context_mesh() is not None:
+        # the sequence is split over devices: [B, T] cannot merge into one sharded row axis
+        # (each device holds a T-block of every row), so flattening would gather the tokens
+        return jnp.einsum("...i,io->...o", x, w)
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
@@ -72,9 +76,13 @@ def _dense(module: nnx.Module, name: str, x: jax.Array) -> jax.Array:
     ``x``'s dtype: a parameter, or a quantised weight (``quant.QuantLinear``, a LoRA run's
     quantised base) dequantised inside the matmul."""
     w = getattr(module, name)
+    # context parallelism: tokens stay split along the sequence through the matmul, so the
+    # compiler gathers the weights (FSDP) rather than the activations
+    x = context_parallel.constrain_sequence(x)
     if isinstance(w, quant.QuantLinear):
-        return w(x)
-    return _mm(x, w[...].astype(x.dtype).reshape(x.shape[-1], -1))
+        return context_parallel.constrain_sequence(w(x))
+    return context_parallel.constrain_sequence(
+        _mm(x, w[...].astype(x.dtype).reshape(x.shape[-1], -1)))
 
 
 def _adapted(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:

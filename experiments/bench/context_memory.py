@@ -57,9 +57,13 @@ def _args():
 
 def main() -> None:
     args = _args()
+    # all-reduce-promotion off: XLA:CPU's pass (bfloat16 all-reduces widened to float32)
+    # aborts on the all-reduce of shard_map's transpose ("Invalid binary instruction opcode
+    # copy", jax 0.10.2); without it the CPU program keeps bfloat16 all-reduces, as GPU / TPU
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}"
-                               " --xla_cpu_enable_concurrency_optimized_scheduler=false")
+                               " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+                               " --xla_disable_hlo_passes=all-reduce-promotion")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import jax.numpy as jnp
