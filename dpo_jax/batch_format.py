@@ -12,7 +12,9 @@ A :class:`BatchFormat` is a frozen (hashable) description. Its ``kind`` is one o
 
 Flags: ``packed`` (``seq_index`` [R, L] maps scored tokens to sequence slots: data.packing or
 prefix sharing; such rows cannot be split into micro-batches), ``prefix_shared``
-(``branch_ids`` [R, L], data.prefix_sharing), ``stored_reference`` (``ref_logps`` /
+(``branch_ids`` [R, L], data.prefix_sharing), ``tree`` (``tree_lo`` / ``tree_hi`` [R, L]:
+preference trees, ``dpo_jax.data.trees``; the examples are the trees' branch points),
+``stored_reference`` (``ref_logps`` /
 ``ref_lengths`` [K B], logprobs.precompute_reference). The batch layout itself is
 ARCHITECTURE.md's table.
 """
@@ -31,7 +33,7 @@ _PER_EXAMPLE = {"pairs": ("pair_weight",), "ranked": ("pair_weight", "slot_rank"
 _REQUIRED = {"pairs": ("pair_weight",), "ranked": ("pair_weight", "slot_rank"),
              "unpaired": ("pair_weight", "desirable"), "sequences": ("example_weight",),
              "rollout": ("tokens",)}
-_OPTIONAL = (("packed", "seq_index"), ("prefix_shared", "branch_ids"),
+_OPTIONAL = (("packed", "seq_index"), ("prefix_shared", "branch_ids"), ("tree", "tree_lo"),
              ("stored_reference", "ref_logps"))
 
 
@@ -44,12 +46,19 @@ class BatchFormat:
     packed: bool = False
     prefix_shared: bool = False
     stored_reference: bool = False
+    tree: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"batch format {self.kind!r}: expected one of {KINDS}")
         if self.prefix_shared and not self.packed:
             raise ValueError("prefix-shared rows carry seq_index: packed must be True")
+        if self.tree and not (self.packed and self.kind in ("pairs", "ranked")):
+            raise ValueError("preference-tree rows are packed pairs or ranked lists (branch "
+                             "points): packed must be True, kind 'pairs' or 'ranked'")
+        if self.tree and self.prefix_shared:
+            raise ValueError("a batch carries branch_ids (prefix sharing) or tree_lo / tree_hi "
+                             "(trees), not both")
         if self.stored_reference and self.kind not in ("pairs", "ranked", "unpaired"):
             raise ValueError(f"{self.kind} batches carry no stored reference log-probs")
 
@@ -79,7 +88,10 @@ class BatchFormat:
         return batch["seq_index"], self.num_slots(batch) * self.num_examples(batch)
 
     def hidden_kwargs(self, batch) -> dict:
-        """Keyword arguments of ``Model.hidden`` the layout adds (prefix sharing's branch ids)."""
+        """Keyword arguments of ``Model.hidden`` the layout adds (prefix sharing's branch ids,
+        trees' DFS intervals)."""
+        if self.tree:
+            return {"tree_BL": (batch["tree_lo"], batch["tree_hi"])}
         return {"branch_ids_BL": batch["branch_ids"]} if self.prefix_shared else {}
 
     def check(self, batch) -> None:
@@ -104,8 +116,8 @@ class BatchFormat:
         if n == 1:
             return batch
         if self.packed:
-            raise ValueError("gradient accumulation with packed or prefix-shared batches "
-                             "is not supported: set optim.grad_accum=1, or data.packing "
+            raise ValueError("gradient accumulation with packed, prefix-shared or tree "
+                             "batches is not supported: set optim.grad_accum=1, or data.packing "
                              "and data.prefix_sharing to False")
         B = self.num_examples(batch)
         if B % n:
@@ -131,15 +143,20 @@ def infer(batch) -> BatchFormat:
             else "pairs" if "pair_weight" in batch else "sequences" if "example_weight" in batch
             else "rollout")
     return BatchFormat(kind, packed="seq_index" in batch, prefix_shared="branch_ids" in batch,
-                       stored_reference="ref_logps" in batch)
+                       stored_reference="ref_logps" in batch, tree="tree_lo" in batch)
 
 
 def for_run(data, *, stored_reference: bool = False, kind: str | None = None) -> BatchFormat:
     """The format of a run's preference batches: ``data`` is the run's data block (fields
-    ``format``, ``packing``, ``prefix_sharing``); ``kind`` overrides ``data.format`` (e.g.
-    ``'sequences'`` for SFT text)."""
+    ``format``, ``packing``, ``prefix_sharing``, ``tree_responses``); ``kind`` overrides
+    ``data.format`` (e.g. ``'sequences'`` for SFT text). ``data.format='trees'``: packed tree
+    rows of pairs (``tree_responses`` 2) or ranked lists."""
     get = data.get if hasattr(data, "get") else lambda k, d=None: getattr(data, k, d)
     shared = bool(get("prefix_sharing", False))
+    if (get("format", "pairs") or "pairs") == "trees" and kind is None:
+        # branch points: pairs, or ranked lists of data.tree_responses (plackett_luce)
+        return BatchFormat("ranked" if int(get("tree_responses", 2) or 2) > 2 else "pairs",
+                           packed=True, tree=True, stored_reference=stored_reference)
     return BatchFormat(kind or get("format", "pairs") or "pairs",
                        packed=bool(get("packing", False)) or shared, prefix_shared=shared,
                        stored_reference=stored_reference)

@@ -351,11 +351,11 @@ class LoraModel(Model):
 
     def hidden(self, params, input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL=None,
                router_aux: bool = False, dropout_rng: jax.Array | None = None,
-               routing: bool = False):
+               routing: bool = False, tree_BL=None):
         """:meth:`Model.hidden` of the adapted model; ``dropout_rng`` (a key, e.g.
         :func:`step_key`; None: no dropout) draws the adapters' dropout masks."""
         return self._module(params, dropout_rng)(input_ids_BL, positions_BL, segment_ids_BL,
-                                                 branch_ids_BL, router_aux, routing)
+                                                 branch_ids_BL, router_aux, routing, tree_BL)
 
     def logits(self, params, input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL=None,
                dropout_rng: jax.Array | None = None):

@@ -35,11 +35,12 @@ BATCH_AXES = ("data", "fsdp")
 CONTEXT_AXIS = "context"
 # Arrays of a batch laid out [rows, length] (batch_format / ARCHITECTURE.md): split along the
 # sequence over CONTEXT_AXIS; every other array (per example, per sequence) only by rows.
-TOKEN_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask", "seq_index", "branch_ids")
+TOKEN_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask", "seq_index", "branch_ids",
+              "tree_lo", "tree_hi")
 # Padding values of TOKEN_KEYS when a batch's length is rounded up to a multiple of the context
 # axis (pad_for_context): segment 0, never scored, so no real token sees it or is changed by it.
 _TOKEN_PAD = {"input_ids": 0, "positions": 0, "segment_ids": 0, "loss_mask": 0,
-              "seq_index": 0, "branch_ids": 0}
+              "seq_index": 0, "branch_ids": 0, "tree_lo": 0, "tree_hi": 0}
 
 # Default logical -> mesh rules: FSDP shards the model dimension, tensor parallelism the
 # vocabulary, MLP and heads (Megatron layout). An axis missing from the mesh shape is size 1.

@@ -321,6 +321,33 @@ def pair_metrics(policy, out, weights) -> dict[str, eval_metrics.Ratio]:
             for k, v in _weighted_sums(policy, out, weights).items()}
 
 
+# Eval's per-depth metrics of preference trees: depths 0 .. TREE_DEPTHS - 2, and the last bucket
+# every deeper branch point.
+TREE_DEPTHS = 4
+
+
+def depth_metrics(policy, out, weights, depth_B) -> dict[str, eval_metrics.Ratio]:
+    """Preference trees' eval metrics per branch-point depth (``bp_depth`` [B], the turn or step
+    index, ``data/tree_data.py``): ``depth_<d>/loss``, ``/rewards/accuracies`` and
+    ``/rewards/margins`` as weighted means over the branch points at depth d (``depth_3``:
+    depth >= 3), and ``depth_<d>/branch_points``, their summed weight (a total: 0 means the
+    split has none at that depth and the means read 0)."""
+    del policy  # the terms are the loss output's
+    w = weights.astype(jnp.float32)
+    terms = {"loss": out.losses,
+             "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).astype(jnp.float32),
+             "rewards/margins": out.chosen_rewards - out.rejected_rewards}
+    result = {}
+    for d in range(TREE_DEPTHS):
+        at = (depth_B >= d) if d == TREE_DEPTHS - 1 else (depth_B == d)
+        w_d = w * at
+        total = jnp.sum(w_d)
+        for k, v in terms.items():
+            result[f"depth_{d}/{k}"] = (jnp.sum(w_d * v), total)
+        result[f"depth_{d}/branch_points"] = (total, 0.0)
+    return result
+
+
 def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | None = None,
                    fmt: BatchFormat | None = None):
     """``eval_step(trainable, frozen, batch, max_scored) -> {name: (numerator, denominator)}``
@@ -340,6 +367,8 @@ def make_eval_step(model, loss_cfg, cfg: StepConfig, extra_metrics: Callable | N
                                  max_scored, policy_forward_only=True, fmt=layout,
                                  routing_by_layer=True)
         metrics = pair_metrics(policy, out, batch["pair_weight"])
+        if layout.tree and "bp_depth" in batch:
+            metrics.update(depth_metrics(policy, out, batch["pair_weight"], batch["bp_depth"]))
         if extra_metrics is not None:
             metrics.update(extra_metrics(policy, out, batch))
         if cfg.diagnostics:

@@ -1,7 +1,7 @@
 """Context parallelism (models/context_parallel.py, mesh axis `context`): the sequence split
 over devices, attention by all-gathered keys / values and per-token mask metadata, the
 log-prob head per shard with psum-ed sums. On the 8 fake CPU devices every number equals the
-unsharded computation to float32 round-off: the block masks, hidden states, per-sequence
+unsharded computation to float32 round-off: hidden states, per-sequence
 log-probs (packed, LD-DPO, WPO, hidden sums) and a DPO train step (metrics, per-sequence
 log-probs and the update, i.e. the gradients) with context 2, 4 and 8, alone and with data,
 fsdp and tensor, on plain, packed and prefix-shared batches, a sliding-window + soft-cap
@@ -24,7 +24,6 @@ from dpo_jax.data import to_global
 from dpo_jax.logprobs import LogprobConfig, max_scored_tokens, sequence_logps
 from dpo_jax.models import Model, context_parallel
 from dpo_jax.models.config import preset
-from dpo_jax.models.layers import segment_causal_mask
 from dpo_jax.step import make_train_step, sequence_stats
 from tests import helpers
 
@@ -116,32 +115,6 @@ def test_config_mesh_fields():
     assert workdir.config_changes(old, new) == {}
     cp = dict(new, mesh=dict(new["mesh"], shape=dict(new["mesh"]["shape"], context=2)))
     assert set(workdir.config_changes(old, cp)) == {"mesh.rules", "mesh.shape.context"}
-
-
-# ----------------------------------------------------------------------------- masks
-
-
-@pytest.mark.parametrize("window", [None, 3])
-@pytest.mark.parametrize("branched", [False, True])
-def test_block_masks_assemble_segment_causal_mask(window, branched):
-    """Query blocks of 4 rows against all keys, from per-token metadata and global columns,
-    assemble layers.segment_causal_mask (packing, prefix-sharing branches, windows) exactly."""
-    rng = np.random.default_rng(0)
-    B, L = 3, 16
-    seg = np.sort(rng.integers(0, 3, (B, L)), axis=1)[:, ::-1].copy()  # segments, then padding
-    branch = rng.integers(0, 3, (B, L)) if branched else None
-    pos = np.cumsum(rng.integers(0, 2, (B, L)), axis=1) if branched else np.tile(np.arange(L),
-                                                                                   (B, 1))
-    want = segment_causal_mask(jnp.asarray(seg), window, None if branch is None else
-                               jnp.asarray(branch), jnp.asarray(pos))
-    meta = context_parallel.token_meta(jnp.asarray(seg), jnp.asarray(pos),
-                                       None if branch is None else jnp.asarray(branch), window)
-    cols = jnp.arange(L)
-    blocks = []
-    for s in range(0, L, 4):
-        q = jax.tree.map(lambda x: x if jnp.ndim(x) == 0 else x[:, s:s + 4], meta)
-        blocks.append(context_parallel.block_mask(q, cols[s:s + 4], meta, cols))
-    np.testing.assert_array_equal(jnp.concatenate(blocks, axis=2), want)
 
 
 # ----------------------------------------------------------------------------- forward and head

@@ -184,9 +184,19 @@ def shared_items(eval_items: Sequence[dict], train_items: Sequence[dict]) -> tup
     return pairs, prompts
 
 
+def _branch_point_views(items: list) -> list:
+    """Preference trees (``{"branch_points": [...]}``, ``data/tree_data.py``) as one ranked-list
+    view per branch point (history as the prompt); other items as they are."""
+    return [view for it in items for view in (
+        [{"prompt": bp.history, "responses": list(bp.responses)} for bp in it["branch_points"]]
+        if isinstance(it, dict) and "branch_points" in it else [it])]
+
+
 def overlap_stats(eval_items: list, train_items: list) -> dict[str, int]:
-    """``eval_pairs_in_train`` / ``eval_prompts_in_train`` of ``checks.shared_items``."""
-    shared, prompts = shared_items(eval_items, train_items)
+    """``eval_pairs_in_train`` / ``eval_prompts_in_train`` of ``checks.shared_items`` (trees:
+    counted per branch point)."""
+    shared, prompts = shared_items(_branch_point_views(eval_items),
+                                   _branch_point_views(train_items))
     return {"eval_pairs_in_train": shared, "eval_prompts_in_train": prompts}
 
 

@@ -46,8 +46,9 @@ SOURCE_SPECS: dict[str, SourceSpec] = {s.name: s for s in (
 SOURCES = tuple(SOURCE_SPECS)
 TRUNCATION_MODES = ("keep_end", "keep_start", "error")
 # pairs: {prompt, chosen, rejected}; ranked: {prompt, K responses, scores} (data/ranked.py,
-# loss plackett_luce); unpaired: {prompt, completion, label} (data/unpaired.py, loss kto)
-FORMATS = ("pairs", "ranked", "unpaired")
+# loss plackett_luce); unpaired: {prompt, completion, label} (data/unpaired.py, loss kto);
+# trees: conversations with alternatives / Step-DPO rows (data/tree_data.py, issue 31)
+FORMATS = ("pairs", "ranked", "unpaired", "trees")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.field_scores = "scores"
     c.field_completion = "completion"  # generic unpaired source: completion column
     c.field_label = "label"  # generic unpaired source: bool column (True = desirable)
+    c.field_messages = "messages"  # trees: conversation column (assistant turns with 'rejected')
+    c.field_steps = "initial_reason_steps"  # trees, Step-DPO rows: the shared step prefix column
+    c.tree_depth_decay = 1.0  # trees: a branch point's weight times this ** its depth (turn)
+    c.tree_responses = 2  # trees: responses per branch point at most (> 2: plackett_luce)
     # numeric column (>= 0) that becomes each pair's weight in the loss and metrics ('' = all 1)
     c.weight_field = ""
     c.hh_single_turn = False  # hh: keep only single-turn conversations
@@ -214,6 +219,10 @@ class DataConfig:
     field_scores: str
     field_completion: str
     field_label: str
+    field_messages: str
+    field_steps: str
+    tree_depth_decay: float
+    tree_responses: int
     weight_field: str
     hh_single_turn: bool
     hh_chat: bool
@@ -394,3 +403,15 @@ def validate(c: DataConfig | Mapping[str, Any]) -> None:
     fmt = c.format
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "trees":
+        if c.source != "generic" or c.mixed:
+            raise ValueError("data.format='trees' reads one generic source (data.source="
+                             f"'generic', data.path: local files or a hub name); got "
+                             f"{c.source!r}")
+        if c.prefix_sharing:
+            raise ValueError("data.format='trees' already shares every common prefix: set "
+                             "data.prefix_sharing=False")
+        if not (math.isfinite(c.tree_depth_decay) and c.tree_depth_decay > 0):
+            raise ValueError(f"data.tree_depth_decay must be > 0, got {c.tree_depth_decay}")
+        if int(c.tree_responses) < 2:
+            raise ValueError(f"data.tree_responses must be >= 2, got {c.tree_responses}")

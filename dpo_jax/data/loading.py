@@ -29,6 +29,8 @@ from dpo_jax.data.sources import (HUB_NAMES, PARSERS, RawPair, _cap_per_prompt, 
                                   hold_out_prompts, prompt_key, same_rows_for_both_splits)
 from dpo_jax.data.stackexchange import load_se_pairs
 from dpo_jax.data.tokenize import PairTokenizer, TokenPair, length_summary, load_tokenizer
+from dpo_jax.data.tree_data import (TreePipeline, branch_point_lengths, encode_trees,
+                                    group_trees, parse_tree_row)
 from dpo_jax.data.unpaired import (UnpairedPipeline, checked_unpaired, unpair_tokens,
                                    unpaired_parser)
 
@@ -40,6 +42,10 @@ def row_parser(source: str, cfg) -> Callable[..., Any]:
     (``data/ranked.py``) or unpaired completions (``data/unpaired.py``; one row may give
     several). Raises ValueError for a source without that format."""
     fmt = getattr(cfg, "format", "pairs") or "pairs"
+    if fmt == "trees":
+        if source != "generic":
+            raise ValueError(f"data.source={source!r} has no preference trees; use 'generic'")
+        return parse_tree_row
     if fmt == "ranked":
         if source not in RANKED_PARSERS:
             raise ValueError(f"data.source={source!r} has no ranked lists; ranked sources: "
@@ -318,7 +324,14 @@ def load_tokenised_items(cfg, split: str, tokenizer=None, *,
     fmt = cfg.format
     bad = BadRows(cfg.on_bad_row)
     stats: dict[str, Any] = {}
-    if cfg.spec.tokenised:  # the synthetic task's lists
+    if fmt == "trees":
+        def encode(encoder, raw, bad):
+            grouped = group_trees(raw)
+            return encode_trees(encoder, grouped, bad, cfg.tree_depth_decay), None
+
+        items, stats = encode_text_split(cfg, split, bad, tokenizer, encode,
+                                         train_items=train_items)
+    elif cfg.spec.tokenised:  # the synthetic task's lists
         items = _checked_synthetic(cfg, split, bad)
     else:
         def encode(encoder, raw, bad):
@@ -349,13 +362,16 @@ def load_tokenised_items(cfg, split: str, tokenizer=None, *,
         stats.update(overlap_stats(items, train_items))
     warn_overlap(stats, len(items))
     stats["bad_rows_skipped"] = dict(bad.counts)
-    stats["lengths"] = length_summary(pair_views(items))
+    stats["lengths"] = (branch_point_lengths(items) if fmt == "trees"
+                        else length_summary(pair_views(items)))
     return items, stats
 
 
 def pipeline_class(data_cfg) -> type[PreferencePipeline]:
     """The batch stream of ``data.format``: pairs, ranked lists or unpaired completions."""
     fmt = config_lib.read_data(data_cfg).format
+    if fmt == "trees":
+        return TreePipeline
     if fmt == "ranked":
         return RankedPipeline
     if fmt == "unpaired":

@@ -159,7 +159,7 @@ HUB_NAME = "openbmb/UltraFeedback"
 
 
 def _checked_list(prompt: np.ndarray, responses: list[np.ndarray], scores: list[float],
-                  *, end_ids, is_blank, file, row) -> Item:
+                  *, end_ids, is_blank, file, row, fields: list[str] | None = None) -> Item:
     """The tokenised list: each response checked as in pairs, duplicates kept once (the
     better-scored copy), at least two left; ``ranks`` recomputed on what is kept."""
     ends = np.asarray(sorted(int(t) for t in end_ids), np.int64)
@@ -169,7 +169,8 @@ def _checked_list(prompt: np.ndarray, responses: list[np.ndarray], scores: list[
     kept, seen = [], set()
     for k, r in enumerate(responses):
         scored = check_scored_response(len(prompt), r, ends=ends, is_blank=is_blank, file=file,
-                                       row=row, field=f"responses[{k}]")
+                                       row=row, field=fields[k] if fields else
+                                       f"responses[{k}]")
         if scored.tobytes() not in seen:
             seen.add(scored.tobytes())
             kept.append(k)
@@ -195,7 +196,11 @@ def item_responses(item: Item) -> list[np.ndarray]:
 def pair_views(items: list[Item]) -> list[Item]:
     """Pairs as they are; each (prompt, response) of a ranked list or unpaired example as a
     ``{prompt, chosen, rejected}`` view (both the response), so checks written for pairs
-    (``checks.check_fits_model``) see every response."""
+    (``checks.check_fits_model``) see every response; a preference tree's branch points
+    (``data/tree_data.py``) each as the views of its (history, responses) list."""
+    if items and "branch_points" in items[0]:
+        items = [{"prompt": bp.history, "responses": bp.responses}
+                 for it in items for bp in it["branch_points"]]
     return [view for it in items for view in (
         [it] if "chosen" in it else
         [{"prompt": it["prompt"], "chosen": r, "rejected": r} for r in item_responses(it)])]

@@ -264,8 +264,10 @@ def pair_weight(rec: Record, field: str, file: str, row: int) -> float:
 
 
 def prompt_key(pair: RawPair) -> str:
-    """The prompt as one string (text and message-list prompts never collide)."""
-    return json.dumps(pair.prompt)
+    """The prompt as one string (text and message-list prompts never collide); a preference
+    tree's branch points give their tree's root prompt (``group_key``), so a tree is held out
+    whole."""
+    return getattr(pair, "group_key", "") or json.dumps(pair.prompt)
 
 
 def same_rows_for_both_splits(cfg) -> bool:

@@ -393,7 +393,8 @@ class PairTokenizer:
 
         def one(i: int, item) -> tuple[np.ndarray, list[np.ndarray]]:
             texts_ids = flat[ends[i] - len(joined[i]):ends[i]]
-            fields = [f"responses[{k}]" for k in range(len(texts_ids))]
+            fields = getattr(item, "fields", None) or [f"responses[{k}]"
+                                                        for k in range(len(texts_ids))]
             responses = self._responses(item, raw_prompts[i], fields, item.responses, texts_ids)
             prompt, responses = self.truncate_responses(
                 self.finish_prompt(list(raw_prompts[i])), responses, item)

@@ -34,10 +34,12 @@ from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import (
     activation,
     apply_rotary,
+    MetaMask,
     attention,
+    branch_tree,
     norm,
     rotary_tables,
-    segment_causal_mask,
+    token_meta,
 )
 
 Cache = dict[str, Any]
@@ -232,7 +234,7 @@ class Block(nnx.Module):
             new_kv = (k_cache_BSKH, v_cache_BSKH)
             k_BSKH = k_cache_BSKH.astype(q_BTNH.dtype)
             v_BSKH = v_cache_BSKH.astype(q_BTNH.dtype)
-        if isinstance(mask_B1TS, context_parallel.TokenMeta):  # the sequence split over devices
+        if kv is None and context_parallel.context_mesh() is not None:  # sequence split
             a_BTNH = context_parallel.attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS)
         else:
             a_BTNH = attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS)
@@ -299,9 +301,11 @@ class Decoder(nnx.Module):
         return h_BTD, ropes
 
     def _run_layers(self, h_BTD, ropes, masks, cache_kv=None, start_B=None):
-        """Run every layer. ropes / masks: {layer type: (sin, cos) / mask [B,1,T,S], or its
-        per-token context_parallel.TokenMeta} for the types in _layer_kinds; with both types
-        present each layer picks its own by a per-layer flag scanned alongside its parameters. cache_kv: (k, v) [n_layer,B,S,K,H] or None.
+        """Run every layer. ropes / masks: {layer type: (sin, cos) / mask [B,1,T,S] or
+        layers.MetaMask (the same metadata for every type, its window per type; under context
+        parallelism each device holds its tokens' part)} for the
+        types in _layer_kinds; with both types present each layer picks its own by a per-layer
+        flag scanned alongside its parameters. cache_kv: (k, v) [n_layer,B,S,K,H] or None.
         Returns (h [B,T,D], the updated (k, v) cache or None, the stacked router statistics
         [n_layer, ...] of mixture-of-experts layers or None)."""
         cfg = self.cfg
@@ -313,9 +317,12 @@ class Decoder(nnx.Module):
             if len(kinds) == 1:
                 (sin_BTR, cos_BTR), mask_B1TS = ropes[kinds[0]], masks[kinds[0]]
             else:
-                pick = lambda a, b: None if a is None else jax.tree.map(  # noqa: E731
-                    lambda x, y: jnp.where(sliding, x, y), a, b)
-                mask_B1TS = pick(masks["sliding"], masks["full"])
+                pick = lambda a, b: None if a is None else jnp.where(sliding, a, b)
+                if isinstance(masks["sliding"], MetaMask):  # one metadata, a per-layer window
+                    mask_B1TS = MetaMask(masks["sliding"].meta, jnp.where(
+                        sliding, masks["sliding"].window, _NO_WINDOW))
+                else:
+                    mask_B1TS = pick(masks["sliding"], masks["full"])
                 sin_BTR, cos_BTR = (pick(a, b) for a, b in zip(ropes["sliding"], ropes["full"]))
             block = nnx.merge(graphdef, layer_state)
             kv_arg = None if kv is None else (kv[0], kv[1], start_B)
@@ -339,28 +346,29 @@ class Decoder(nnx.Module):
 
     def __call__(self, ids_BT: jax.Array, positions_BT: jax.Array,
                  segment_ids_BT: jax.Array, branch_ids_BT: jax.Array | None = None,
-                 router_aux: bool = False, routing: bool = False):
-        """Hidden states [B, T, D] after the final norm, in the compute dtype. branch_ids_BT:
-        prefix-shared rows' branch per token (see layers.segment_causal_mask) or None.
+                 router_aux: bool = False, routing: bool = False,
+                 tree_BT: tuple[jax.Array, jax.Array] | None = None):
+        """Hidden states [B, T, D] after the final norm, in the compute dtype. tree_BT:
+        preference-tree rows' ``(tree_lo, tree_hi)`` [B, T] DFS intervals (layers.TokenMeta),
+        or None; branch_ids_BT: prefix-shared rows' branch per token, read as a tree with one
+        branch point (layers.branch_tree), or None. The attention mask is built from this
+        per-token metadata (layers.block_mask), per query block with attention_impl='chunked'.
         router_aux=True (mixture-of-experts configs only): (hidden, the router's load-balancing
         loss over the real tokens, moe.load_balancing_loss). routing=True (mixture-of-experts
         only): (hidden, that loss or None, each layer's sorted top-k expert ids [L, B, T, K]
         int32, moe.routing_agreement)."""
         h_BTD, ropes = self._embed(ids_BT, positions_BT)
-        kinds = _layer_kinds(self.cfg)
+        if branch_ids_BT is not None:
+            if tree_BT is not None:
+                raise ValueError("pass tree_BT or branch_ids_BT, not both")
+            tree_BT = branch_tree(branch_ids_BT)
+        meta = token_meta(segment_ids_BT, positions_BT, tree_BT)
         if context_parallel.context_mesh() is not None:
-            # context parallelism: per-token metadata, each device builds its own mask blocks
+            # context parallelism: the tokens (and their metadata) split along the sequence;
+            # each device builds its own mask blocks (context_parallel.attention)
             h_BTD = context_parallel.constrain_sequence(h_BTD)
-            mixed = len(kinds) > 1
-            masks = {kind: context_parallel.token_meta(
-                segment_ids_BT, positions_BT, branch_ids_BT,
-                self.cfg.sliding_window if kind == "sliding" else
-                (context_parallel.NO_WINDOW if mixed else None)) for kind in kinds}
-        else:
-            masks = {kind: segment_causal_mask(
-                segment_ids_BT, self.cfg.sliding_window if kind == "sliding" else None,
-                branch_ids_BT, positions_BT)
-                for kind in kinds}
+        masks = {kind: MetaMask(meta, self.cfg.sliding_window if kind == "sliding" else None)
+                 for kind in _layer_kinds(self.cfg)}
         h_BTD, _, router = self._run_layers(h_BTD, ropes, masks)
         if (router_aux or routing) and router is None:
             raise ValueError("router_aux=True (e.g. loss.router_aux_loss_coef > 0) and routing="
@@ -405,6 +413,11 @@ class Decoder(nnx.Module):
         new_cache = {"k": k_LBSKH, "v": v_LBSKH, "valid": valid_BS,
                      "index": start_B + jnp.sum(real_BT, axis=1).astype(start_B.dtype)}
         return self.final_norm(h_BTD), new_cache
+
+
+# The window of full-attention layers when a per-layer window is picked inside the layer scan:
+# larger than any position difference.
+_NO_WINDOW = 2 ** 30
 
 
 def _layer_kinds(cfg: ModelConfig) -> tuple[str, ...]:

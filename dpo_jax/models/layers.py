@@ -6,6 +6,7 @@ Kept free of nnx so the numerics (float32 norms / softmax / rotary) are easy to 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,36 +114,110 @@ def apply_rotary(cfg: ModelConfig, x: jax.Array, sin: jax.Array, cos: jax.Array)
     return jnp.concatenate([out.astype(dtype), xp], axis=-1)
 
 
+class TokenMeta(NamedTuple):
+    """Per-token attention metadata of a block of columns, each field int32 ``[B, T]``.
+
+    ``column``: the token's global column in its row (0 .. L-1), so that a block of queries and a
+    block of keys taken from anywhere in the row (a query chunk, a context-parallel shard)
+    still compare causally. ``segment_ids``: packed segments (0 = padding). ``positions``: the
+    model's positions (the sliding window of tree rows is measured in them). ``tree_lo``,
+    ``tree_hi``: the token's preference-tree node as a DFS interval (``dpo_jax.data.trees``):
+    the node's entry index in a depth-first walk of its tree and the largest entry index in its
+    subtree, so node a is an ancestor-or-self of node b iff ``lo_a <= lo_b <= hi_a``. Both None
+    for rows without trees (every token of a segment on one path).
+    """
+
+    column: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    tree_lo: jax.Array | None = None
+    tree_hi: jax.Array | None = None
+
+    def slice(self, start: int, size: int) -> "TokenMeta":
+        """Columns ``start .. start + size - 1`` of every field (``start`` may be traced)."""
+        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, 1), self)
+
+
+def token_meta(segment_ids: jax.Array, positions: jax.Array,
+               tree: tuple[jax.Array, jax.Array] | None = None,
+               column: jax.Array | None = None) -> TokenMeta:
+    """The :class:`TokenMeta` of whole rows: ``segment_ids``, ``positions`` [B, L], ``tree``
+    ``(tree_lo, tree_hi)`` [B, L] or None, ``column`` [B, L] or None (``0 .. L-1``)."""
+    B, L = segment_ids.shape
+    if column is None:
+        column = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    lo, hi = (None, None) if tree is None else tree
+    return TokenMeta(column, segment_ids, positions, lo, hi)
+
+
+# The DFS interval a prefix-shared prompt token gets from its branch ids: an ancestor of every
+# branch of its segment.
+_ROOT_HI = 2 ** 30
+
+
+def branch_tree(branch_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(tree_lo, tree_hi)`` of prefix-shared rows (``dpo_jax.data.prefix``) from their
+    ``branch_ids`` [B, L]: the shared prompt is the root, ``(0, 2**30)``, response branch k a
+    leaf, ``(k, k)`` (a tree with one branch point)."""
+    branch_ids = branch_ids.astype(jnp.int32)
+    return branch_ids, jnp.where(branch_ids == 0, _ROOT_HI, branch_ids)
+
+
+def block_mask(q: TokenMeta, k: TokenMeta, window: int | jax.Array | None = None) -> jax.Array:
+    """[B, 1, Tq, Tk] bool: key j visible to query i.
+
+    Visible iff same segment id, ``column_j <= column_i``, key j's tree node an
+    ancestor-or-self of query i's (``lo_j <= lo_i <= hi_j``; skipped when the metadata carry no
+    tree) and, with a sliding ``window`` (a static int or a traced int32 scalar), the distance
+    is below it: HF's ``kv_idx > q_idx - sliding_window`` in columns for rows without trees
+    (within a packed segment, the position difference), in positions (``pos_i - pos_j <
+    window``) for tree rows, whose branches do not follow their ancestors' columns directly.
+
+    Padding (segment 0) sees earlier padding incl. itself, so no query row of a full key range
+    is empty (no NaN). ``q`` and ``k`` may be any blocks of the same rows (their ``column``
+    fields give the causal order), e.g. one query chunk against all keys.
+    """
+    delta = q.column[:, :, None] - k.column[:, None, :]
+    visible = (delta >= 0) & (q.segment_ids[:, :, None] == k.segment_ids[:, None, :])
+    tree = q.tree_lo is not None
+    if tree:
+        lo_i = q.tree_lo[:, :, None]
+        visible = visible & (k.tree_lo[:, None, :] <= lo_i) & (lo_i <= k.tree_hi[:, None, :])
+    if window is not None:
+        if tree:
+            delta = q.positions[:, :, None] - k.positions[:, None, :]
+        visible = visible & (delta < window)
+    return visible[:, None]
+
+
+class MetaMask(NamedTuple):
+    """A self-attention mask given by per-token metadata rather than materialised: ``meta``
+    (:class:`TokenMeta` of the call's T columns) and the sliding ``window`` (None, an int, or a
+    traced int32 scalar per layer). ``dense()`` is ``block_mask(meta, meta, window)``."""
+
+    meta: TokenMeta
+    window: int | jax.Array | None = None
+
+    def dense(self) -> jax.Array:
+        return block_mask(self.meta, self.meta, self.window)
+
+
 def segment_causal_mask(segment_ids: jax.Array, window: int | None = None,
                         branch_ids: jax.Array | None = None,
                         positions: jax.Array | None = None) -> jax.Array:
-    """[B, 1, L, L] bool: key j visible to query i iff j <= i and same segment id, and, with a
-    sliding `window`, i - j < window (HF's `kv_idx > q_idx - sliding_window`).
-
-    Packed segments are contiguous, so i - j is also the position difference within a segment.
-    Padding (segment 0) rows see earlier padding incl. themselves, so no row is empty (no NaN).
-
-    `branch_ids` [B, L] (prefix-shared rows, `dpo_jax.data.prefix`): 0 on a segment's shared
-    prompt, k >= 1 on its k-th response branch; j must also be on the prompt or on i's branch
-    (branch_j == 0 or branch_j == branch_i). A branch's columns then do not follow its prompt
-    directly, so the window is measured in `positions` [B, L] (pos_i - pos_j < window), which
-    equals i - j in rows without branches.
+    """[B, 1, L, L] bool mask of whole rows, materialised: :func:`block_mask` of the rows'
+    :func:`token_meta`, with prefix-shared rows' ``branch_ids`` [B, L] (0 on a segment's
+    shared prompt, k >= 1 on its k-th response branch) read as a tree (:func:`branch_tree`).
+    A sliding window over branched rows is measured in ``positions`` [B, L] (required then).
     """
-    L = segment_ids.shape[1]
-    delta = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]
-    causal = (delta >= 0)[None]
-    if window is not None and branch_ids is None:
-        causal = causal & (delta < window)[None]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if branch_ids is not None:
-        key_branch = branch_ids[:, None, :]
-        same = same & ((key_branch == 0) | (key_branch == branch_ids[:, :, None]))
-        if window is not None:
-            if positions is None:
-                raise ValueError("segment_causal_mask: a sliding window over branched rows "
-                                 "needs positions (the window is measured in positions)")
-            same = same & (positions[:, :, None] - positions[:, None, :] < window)
-    return (causal & same)[:, None]
+    tree = None if branch_ids is None else branch_tree(branch_ids)
+    if tree is not None and window is not None and positions is None:
+        raise ValueError("segment_causal_mask: a sliding window over branched rows "
+                         "needs positions (the window is measured in positions)")
+    if positions is None:
+        positions = jnp.zeros_like(segment_ids)
+    meta = token_meta(segment_ids, positions, tree)
+    return block_mask(meta, meta, window)
 
 
 def attention_scale(cfg: ModelConfig) -> float:
@@ -152,18 +227,22 @@ def attention_scale(cfg: ModelConfig) -> float:
 
 
 def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
-              mask: jax.Array) -> jax.Array:
-    """q [B,T,N,Dh], k/v [B,S,K,Dh] (GQA when K < N), mask [B,1,T,S] -> [B,T,N,Dh].
+              mask: jax.Array | MetaMask) -> jax.Array:
+    """q [B,T,N,Dh], k/v [B,S,K,Dh] (GQA when K < N), mask [B,1,T,S] bool or a
+    :class:`MetaMask` (self-attention, S = T) -> [B,T,N,Dh].
 
     jax.nn.dot_product_attention keeps logits and softmax in float32 (XLA path) and can
     dispatch to cuDNN flash attention with attention_impl='cudnn'. attention_impl='chunked'
-    runs the same over query blocks of cfg.attention_chunk rows (see chunked_attention).
-    With cfg.attn_logit_softcap the scores go through softcapped_attention (jax's attention
-    has no soft-capping). Sliding windows are part of `mask`.
+    runs the same over query blocks of cfg.attention_chunk rows (see chunked_attention; a
+    MetaMask is then evaluated one query block at a time, never as [B,1,T,S]; other paths
+    materialise it). With cfg.attn_logit_softcap the scores go through softcapped_attention
+    (jax's attention has no soft-capping). Sliding windows are part of `mask`.
     """
     scale, cap = attention_scale(cfg), cfg.attn_logit_softcap
     if cfg.attention_impl == "chunked":
         return chunked_attention(q, k, v, mask, cfg.attention_chunk, scale, cap)
+    if isinstance(mask, MetaMask):
+        mask = mask.dense()
     if cap is not None:
         return softcapped_attention(q, k, v, mask, scale, cap)
     impl = None if cfg.attention_impl in (None, "xla") else cfg.attention_impl
@@ -193,7 +272,7 @@ def _dense_attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Arra
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | MetaMask,
                       chunk: int, scale: float | None = None,
                       cap: float | None = None) -> jax.Array:
     """Exact attention over query blocks of `chunk` rows, each block rematerialised.
@@ -208,25 +287,43 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     float summation order. T is padded to a multiple of chunk with fully visible rows, which
     are dropped afterwards. T <= chunk falls back to the dense path. scale None: head_dim**-0.5;
     cap: the score soft-cap (softcapped_attention) or None.
+
+    `mask`: [B, 1, T, S] bool, or a :class:`MetaMask` (S = T), whose block of `chunk` query
+    rows is computed inside the block from the per-token metadata (``block_mask``): the
+    [B, 1, T, T] mask is never materialised and the residuals are the metadata.
     """
     B, T, N, Dh = q.shape
     scale = float(Dh) ** -0.5 if scale is None else scale
     if T <= chunk:
-        return _dense_attention(q, k, v, mask, scale, cap)
+        return _dense_attention(q, k, v, mask.dense() if isinstance(mask, MetaMask) else mask,
+                                scale, cap)
     S = k.shape[1]
-    mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
     n = -(-T // chunk)
     pad = n * chunk - T
     if pad:
         q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
     q_blocks = jnp.moveaxis(q.reshape(B, n, chunk, N, Dh), 1, 0)  # [n, B, c, N, Dh]
-    m_blocks = jnp.moveaxis(mask.reshape(B, mask.shape[1], n, chunk, S), 2, 0)  # [n,B,1,c,S]
+    if isinstance(mask, MetaMask):
+        meta, window = mask
+        # Padded query rows repeat the last column's metadata (a non-empty row), then dropped.
+        q_meta = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, pad)), mode="edge"), meta)
+        m_blocks = jax.tree.map(lambda a: jnp.moveaxis(a.reshape(B, n, chunk), 1, 0), q_meta)
+
+        def block_mask_of(m_i):
+            return block_mask(m_i, meta, window)
+    else:
+        mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
+        if pad:
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+        m_blocks = jnp.moveaxis(mask.reshape(B, mask.shape[1], n, chunk, S), 2, 0)  # [n,B,1,c,S]
+
+        def block_mask_of(m_i):
+            return m_i
 
     @jax.checkpoint
     def block(args):
         q_i, m_i = args
-        return _dense_attention(q_i, k, v, m_i, scale, cap)
+        return _dense_attention(q_i, k, v, block_mask_of(m_i), scale, cap)
 
     out = jax.lax.map(block, (q_blocks, m_blocks))  # [n, B, c, N, Dh]
     return jnp.moveaxis(out, 0, 1).reshape(B, n * chunk, N, Dh)[:, :T]

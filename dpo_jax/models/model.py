@@ -64,16 +64,18 @@ class Model:
     # -- forward -----------------------------------------------------------------------------
     def hidden(self, params: Params, input_ids_BL: jax.Array, positions_BL: jax.Array,
                segment_ids_BL: jax.Array, branch_ids_BL: jax.Array | None = None,
-               router_aux: bool = False, routing: bool = False):
+               router_aux: bool = False, routing: bool = False,
+               tree_BL: tuple[jax.Array, jax.Array] | None = None):
         """Final-norm hidden states [B, L, D] in the compute dtype (the loss code projects them
         onto the vocabulary in chunks, so the full [B, L, V] logits need never exist).
-        branch_ids_BL: prefix-shared rows (``dpo_jax.data.prefix``), else None.
+        branch_ids_BL: prefix-shared rows (``dpo_jax.data.prefix``), else None. tree_BL:
+        preference-tree rows' ``(tree_lo, tree_hi)`` [B, L] (``dpo_jax.data.trees``), else None.
         router_aux=True (mixture-of-experts models): (hidden, the router's load-balancing loss,
         a float32 scalar; ``moe.load_balancing_loss``). routing=True: (hidden, that loss or
         None, each layer's sorted top-k expert ids [n_layer, B, L, K] int32;
         ``moe.routing_agreement``)."""
         return self._module(params)(input_ids_BL, positions_BL, segment_ids_BL, branch_ids_BL,
-                                    router_aux, routing)
+                                    router_aux, routing, tree_BL)
 
     def unembedding(self, params: Params, *, caller_applies_softcap: bool = False
                     ) -> tuple[jax.Array, jax.Array | None]:
