@@ -4,8 +4,9 @@ log-prob head per shard with psum-ed sums. On the 8 fake CPU devices every numbe
 unsharded computation to float32 round-off: hidden states, per-sequence
 log-probs (packed, LD-DPO, WPO, hidden sums) and a DPO train step (metrics, per-sequence
 log-probs and the update, i.e. the gradients) with context 2, 4 and 8, alone and with data,
-fsdp and tensor, on plain, packed and prefix-shared batches, a sliding-window + soft-cap
-model; plus the mesh, shardings and config checks."""
+fsdp and tensor, on plain, packed, prefix-shared and preference-tree batches, a
+sliding-window + soft-cap model; plus the mesh, shardings and config checks, the long-context
+config's variants and (slow) its smoke run against context 1."""
 
 from __future__ import annotations
 
@@ -181,6 +182,10 @@ def test_sequence_logps_equal_unsharded(shape):
 
 
 def _batch(layout: str):
+    if layout == "trees":  # preference trees (issue 31): packed conversations, DFS intervals
+        from tests.test_trees import forest, tree_batch
+        return tree_batch(forest(8, seed=4, branch_points=16), row_multiple=4, packing=True,
+                          pack_length=64, buckets=[64])
     pairs = helpers.synthetic_pairs(8)
     if layout == "packed":
         return helpers.pair_batch(pairs, packing=True, pack_length=96, buckets="96")
@@ -230,8 +235,10 @@ def _dpo_step(model_name: str, layout: str, shape: tuple | None):
 slow = pytest.mark.slow
 CASES = [
     ("llama", "prefix", (1, 1, 8, 1)),
-    ("gemma", "plain", (2, 1, 4, 1)),
+    ("gemma", "trees", (2, 1, 4, 1)),
     ("llama", "packed", (1, 2, 2, 2)),
+    pytest.param("gemma", "plain", (2, 1, 4, 1), marks=slow),
+    pytest.param("llama", "trees", (1, 2, 4, 1), marks=slow),
     pytest.param("llama", "plain", (4, 1, 2, 1), marks=slow),
     pytest.param("llama", "packed", (1, 2, 4, 1), marks=slow),
     pytest.param("llama", "plain", (1, 2, 2, 2), marks=slow),
