@@ -50,7 +50,11 @@ class SequenceLogps:
 
 
 def _pick(logits, index):
-    """``logits[..., index]`` per position, as a one-hot contraction over the vocabulary."""
+    """``logits[..., index]`` per position. Under context parallelism as a one-hot select and
+    sum over the vocabulary (exact: one term): XLA's partitioner (jax 0.10.2) aborts on the
+    gather inside the head's shard_map when the vocabulary is split over ``tensor``."""
+    if context_parallel.context_mesh() is None:
+        return jnp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
     hot = jnp.arange(logits.shape[-1]) == index[..., None]
     return jnp.sum(jnp.where(hot, logits, 0.0), axis=-1)
 
