@@ -39,7 +39,7 @@ Long-context examples (each sequence split over mesh.shape.context devices; docs
 "Long context"; configs/long_context.py):
   launch.sh tpu my-v5p-64 us-east5-a -- --config=configs/long_context.py:tpu_v5p_64 \
       --workdir=/mnt/shared/runs/lc --config.model.hf_path=/mnt/shared/models/Llama-3.1-8B \
-      --config.data.path=/mnt/shared/data/long_pairs.jsonl        # fsdp 4 x context 8
+      --config.data.path=/mnt/shared/data/long_pairs.jsonl        # fsdp 8 x context 4
   launch.sh slurm 8 8 --time 24:00:00 -- --config=configs/long_context.py:gpu_8x8 \
       --workdir=/shared/runs/lc --config.model.hf_path=/shared/models/Llama-3.1-8B \
       --config.data.path=/shared/data/long_pairs.jsonl            # fsdp 8 x context 8

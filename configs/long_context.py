@@ -1,7 +1,7 @@
 """Long-context DPO: each sequence split over the mesh axis ``context`` (context parallelism,
 ``dpo_jax/models/context_parallel.py``; docs/scale.md, "Long context").
 
-    # TPU v5p-64 (32 chips = 8 hosts x 4): Llama-3.1-8B, pairs of up to 128k tokens
+    # TPU v5p-64 (32 chips = 8 hosts x 4 chips): Llama-3.1-8B, pairs of up to 128k tokens
     ./launch.sh tpu my-v5p-64 us-east5-a --project my-proj -- \\
         --config=configs/long_context.py:tpu_v5p_64 --workdir=/mnt/shared/runs/lc \\
         --config.model.hf_path=/mnt/shared/models/Llama-3.1-8B-Instruct \\
@@ -25,7 +25,9 @@ over the ``context`` devices, so ``train.batch_size`` (pairs = prefix-shared row
 to be a multiple of data x fsdp.
 
 Variants (comma-separated, in order):
-  * ``tpu_v5p_64``: mesh fsdp 4 x context 8 (32 chips; 128k tokens = 16k per chip);
+  * ``tpu_v5p_64``: mesh fsdp 8 x context 4 (32 chips; 128k tokens = 32k per chip; the
+    context axis stays inside a host of 4 chips, as a run requires: each process loads whole
+    rows, ``workdir.check_context_axis``);
   * ``gpu_8x8``: mesh fsdp 8 x context 8 (64 GPUs; ``jax.make_mesh`` keeps the context axis
     inside a node, where the per-layer K/V all-gather runs over NVLink, and fsdp across nodes);
   * ``smoke``: the tiny ``tiny-llama`` preset (GQA, rotary) on the synthetic task, rows padded
@@ -38,7 +40,7 @@ MAX_LENGTH = 131072
 
 
 def _tpu_v5p_64(c) -> None:
-    c.mesh.shape.update({"data": 1, "fsdp": 4, "context": 8, "tensor": 1})
+    c.mesh.shape.update({"data": 1, "fsdp": 8, "context": 4, "tensor": 1})
     c.train.batch_size = 8
 
 

@@ -332,10 +332,13 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     """Every check a task needs before it writes to the workdir: the model directories
     (:func:`check_model_dirs`), the config read whole (``config.read_config``: ValueError naming
     a bad or missing field) and every batch dimension against the mesh
-    (``batch_sizes.check_batch_sizes``), and the expert axis against the experts."""
+    (``batch_sizes.check_batch_sizes``), the expert axis against the experts, and a context
+    axis inside each host (:func:`check_context_axis`)."""
     check_model_dirs(config)
     rc = read_config(config)
     check_batch_sizes(config)
+    if rc.mesh_shape.get(shard_lib.CONTEXT_AXIS, 1) != 1:
+        check_context_axis(shard_lib.make_mesh(rc.mesh_shape))
     axis, experts = rc.model.moe_expert_axis, rc.model.n_experts
     if axis and experts:
         size = shard_lib.make_mesh(rc.mesh_shape).shape[axis]
@@ -343,6 +346,21 @@ def check_run(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"model.moe_expert_axis={axis!r} splits the {experts} experts over "
                              f"the mesh's {axis} axis of {size} devices, which does not divide "
                              f"them: change mesh.shape.{axis} or model.moe_expert_axis")
+
+
+def check_context_axis(mesh) -> None:
+    """ValueError when the mesh's ``context`` axis spans several processes: each process loads
+    whole rows of its block of the batch (``data.to_global``), so the devices that split a
+    row's length must sit in one host (``jax.make_mesh`` keeps the trailing axes inside a host
+    when ``context x tensor`` divides the devices per host)."""
+    from dpo_jax.distributed import axis_process_spans
+
+    span = axis_process_spans(mesh)[shard_lib.CONTEXT_AXIS]
+    if span > 1:
+        raise ValueError(f"mesh.shape.context={mesh.shape[shard_lib.CONTEXT_AXIS]} spans {span} "
+                         f"processes, but each process loads whole rows: make context x tensor "
+                         f"at most the {len(mesh.local_devices)} devices of a host (and a "
+                         f"divisor of it), and raise fsdp or data instead")
 
 
 def _run_mesh(config: ml_collections.ConfigDict):

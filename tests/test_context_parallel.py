@@ -270,16 +270,30 @@ def test_dpo_step_equals_unsharded(model_name, layout, shape):
 long_context = helpers.load_module("configs/long_context.py", "configs_long_context")
 
 
-@pytest.mark.parametrize("variant,devices", [("tpu_v5p_64", 32), ("gpu_8x8", 64)])
-def test_long_context_pod_variants(variant, devices):
+@pytest.mark.parametrize("variant,devices,context", [("tpu_v5p_64", 32, 4), ("gpu_8x8", 64, 8)])
+def test_long_context_pod_variants(variant, devices, context):
     """The pod variants fill their device counts, their pair batch divides data x fsdp, and
     the mesh fields read back; the base is prefix-shared chunked bfloat16 at 128k tokens."""
     c = long_context.get_config(variant)
     shape = sharding.read_mesh_shape(c.mesh.shape, c.model.attention_impl)
-    assert int(np.prod(list(shape.values()))) == devices and shape["context"] == 8
+    assert int(np.prod(list(shape.values()))) == devices and shape["context"] == context
     assert c.train.batch_size % (shape["data"] * shape["fsdp"]) == 0
     assert c.data.max_length == long_context.MAX_LENGTH and c.data.prefix_sharing
     assert c.model.attention_impl == "chunked" and c.model.remat == "full"
+
+
+def test_context_axis_must_stay_inside_a_host():
+    """A run refuses a context axis whose devices sit in several processes (each process loads
+    whole rows); one inside a process passes."""
+    import types
+    devices = np.array([types.SimpleNamespace(process_index=p) for p in (0, 0, 1, 1)])
+    fake = lambda axes: types.SimpleNamespace(  # noqa: E731
+        devices=devices.reshape(1, 1, 4, 1) if axes == "across" else devices.reshape(2, 1, 2, 1),
+        axis_names=sharding.MESH_AXES, shape={"context": 4 if axes == "across" else 2},
+        local_devices=devices[:2])
+    with pytest.raises(ValueError, match="context=4 spans 2 processes.*2 devices of a host"):
+        workdir.check_context_axis(fake("across"))
+    workdir.check_context_axis(fake("inside"))
 
 
 @pytest.mark.slow  # two whole runs: about 40 s of CPU
