@@ -364,12 +364,10 @@ def check_context_axis(mesh) -> None:
 
 
 def _run_mesh(config: ml_collections.ConfigDict):
-    """``jax.set_mesh`` of the run's mesh for a run with ``model.moe_expert_axis`` or a
-    ``mesh.shape.context`` other than 1 (expert and context parallelism read the mesh their
-    program is traced under: models/moe_parallel.py, models/context_parallel.py), else no
-    context."""
-    if not config.model.get("moe_expert_axis") and config.mesh.shape.get("context", 1) == 1:
-        return contextlib.nullcontext()
+    """``jax.set_mesh`` of the run's mesh: expert and context parallelism read the mesh their
+    program is traced under (models/moe_parallel.py, models/context_parallel.py), and the
+    decoder constrains its activations to the batch's layout under it (rows over data x
+    fsdp: ``context_parallel.constrain_sequence``)."""
     return jax.set_mesh(shard_lib.make_mesh(dict(config.mesh.shape)))
 
 

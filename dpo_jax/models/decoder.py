@@ -78,8 +78,9 @@ def _dense(module: nnx.Module, name: str, x: jax.Array) -> jax.Array:
     ``x``'s dtype: a parameter, or a quantised weight (``quant.QuantLinear``, a LoRA run's
     quantised base) dequantised inside the matmul."""
     w = getattr(module, name)
-    # context parallelism: tokens stay split along the sequence through the matmul, so the
-    # compiler gathers the weights (FSDP) rather than the activations
+    # under a mesh the tokens keep the batch's layout through the matmul (rows over data x
+    # fsdp, the sequence over context), so the compiler gathers the weights (FSDP) rather
+    # than the activations
     x = context_parallel.constrain_sequence(x)
     if isinstance(w, quant.QuantLinear):
         return context_parallel.constrain_sequence(w(x))
@@ -327,7 +328,7 @@ class Decoder(nnx.Module):
             block = nnx.merge(graphdef, layer_state)
             kv_arg = None if kv is None else (kv[0], kv[1], start_B)
             h_BTD, new_kv, router = block(h_BTD, sin_BTR, cos_BTR, mask_B1TS, kv_arg)
-            if kv is None:  # between layers the residual stays split along the sequence
+            if kv is None:  # between layers the residual keeps the batch's layout
                 h_BTD = context_parallel.constrain_sequence(h_BTD)
             return h_BTD, (new_kv, router)
 
@@ -363,10 +364,9 @@ class Decoder(nnx.Module):
                 raise ValueError("pass tree_BT or branch_ids_BT, not both")
             tree_BT = branch_tree(branch_ids_BT)
         meta = token_meta(segment_ids_BT, positions_BT, tree_BT)
-        if context_parallel.context_mesh() is not None:
-            # context parallelism: the tokens (and their metadata) split along the sequence;
-            # each device builds its own mask blocks (context_parallel.attention)
-            h_BTD = context_parallel.constrain_sequence(h_BTD)
+        # under a mesh: rows over data x fsdp and, with context parallelism, the tokens (and
+        # their metadata) split along the sequence, each device building its own mask blocks
+        h_BTD = context_parallel.constrain_sequence(h_BTD)
         masks = {kind: MetaMask(meta, self.cfg.sliding_window if kind == "sliding" else None)
                  for kind in _layer_kinds(self.cfg)}
         h_BTD, _, router = self._run_layers(h_BTD, ropes, masks)

@@ -63,7 +63,11 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}"
                                " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-                               " --xla_disable_hlo_passes=all-reduce-promotion")
+                               " --xla_disable_hlo_passes=all-reduce-promotion"
+                               # --run: one device thread may compute for minutes before a
+                               # collective on a loaded 2-core host (the default aborts at 40 s)
+                               " --xla_cpu_collective_call_terminate_timeout_seconds=7200"
+                               " --xla_cpu_collective_timeout_seconds=7200")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import jax.numpy as jnp
