@@ -287,6 +287,46 @@ def global_norm(tree) -> float:
     return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves(tree))))
 
 
+def rel_diff(a, b) -> float:
+    """Global relative L2 difference ``|a - b| / |b|`` of two pytrees (float64, host side)."""
+    diff = jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
+    return global_norm(diff) / max(global_norm(b), 1e-30)
+
+
+def logps_and_vjp(model: Model, params, batch_np: dict[str, np.ndarray], cfg: StepConfig,
+                  cotangent):
+    """``(logps [S], counts [S], d sum(cotangent * logps) / d params)`` of one jitted
+    ``step.sequence_stats`` forward over the numpy batch ``batch_np``: what the layout parity
+    tests (prefix sharing, preference trees) compare, since every loss is a function of the
+    per-sequence sums and counts."""
+    from dpo_jax.step import sequence_stats
+
+    batch = {k: jax.numpy.asarray(v) for k, v in batch_np.items()}
+    max_scored = max_scored_tokens(batch_np["loss_mask"])
+
+    def f(p, b):
+        s = sequence_stats(model, p, b, cfg, max_scored)
+        return jax.numpy.sum(cotangent * s.logps), (s.logps, s.lengths)
+
+    (_, (logps, counts)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params, batch)
+    return np.asarray(logps), np.asarray(counts), grads
+
+
+def sgd_step(model: Model, params, ref_params, batch_np: dict[str, np.ndarray], loss_cfg,
+             mesh_, cfg: StepConfig | None = None):
+    """``(update, metrics)`` of one jitted train step (SGD, lr 1: the update is minus the
+    gradient) on ``batch_np`` over ``mesh_``, as host numpy."""
+    tx, schedule = optimizer()
+    state = train_state(model, params, tx, ref_params=ref_params, mesh_=mesh_)
+    batch, max_scored = device_batch(batch_np, mesh_)
+    step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, cfg or StepConfig()),
+                   static_argnums=2)
+    new_state, metrics = step(state, batch, max_scored)
+    update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                          jax.device_get(new_state.trainable), jax.device_get(params))
+    return update, jax.device_get(metrics)
+
+
 # ----------------------------------------------------------------------------- transformers parity
 # torch and transformers are imported inside these functions: only the HF tests need them.
 

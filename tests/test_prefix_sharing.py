@@ -24,7 +24,7 @@ from dpo_jax.data import PreferencePipeline, prefix
 from dpo_jax.logprobs import LogprobConfig
 from dpo_jax.models import Model, preset
 from dpo_jax.models.layers import segment_causal_mask
-from dpo_jax.step import StepConfig, make_train_step, sequence_stats
+from dpo_jax.step import StepConfig, sequence_stats
 from tests import helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -42,10 +42,7 @@ def _both(pairs, **fields):
             helpers.pair_batch(pairs, prefix_sharing=True, **fields))
 
 
-def _rel(a, b) -> float:
-    """Global relative L2 difference of two pytrees."""
-    diff = jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
-    return helpers.global_norm(diff) / max(helpers.global_norm(b), 1e-30)
+_rel = helpers.rel_diff
 
 
 # ----------------------------------------------------------------------------- layout
@@ -116,6 +113,8 @@ FAMILIES = {
     "sliding_window": ("tiny-llama", dict(sliding_window=5)),
     "gemma_sliding_softcaps": ("tiny-gemma", {}),
     "chunked_attention": ("tiny-llama", dict(attention_impl="chunked", attention_chunk=16)),
+    "chunked_skip_blocks": ("tiny-llama", dict(attention_impl="chunked", attention_chunk=16,
+                                               attention_skip_blocks=True)),
 }
 
 
@@ -129,18 +128,7 @@ def test_sequence_logps_and_their_gradient_match_unshared(family):
     params = helpers.init_params(model)
     cfg = StepConfig(logprobs=LogprobConfig(scored_only=True, seq_chunk=16))
     cot = jnp.asarray(np.random.default_rng(0).normal(size=16), jnp.float32)
-    out = []
-    for batch_np in _both(_pairs(8)):
-        batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-        max_scored = helpers.max_scored_tokens(batch_np["loss_mask"])
-
-        def f(p, b):
-            s = sequence_stats(model, p, b, cfg, max_scored)
-            logps, counts = s.logps, s.lengths
-            return jnp.sum(cot * logps), (logps, counts)
-
-        (_, (logps, counts)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params, batch)
-        out.append((np.asarray(logps), np.asarray(counts), grads))
+    out = [helpers.logps_and_vjp(model, params, b, cfg, cot) for b in _both(_pairs(8))]
     (lp0, n0, g0), (lp1, n1, g1) = out
     np.testing.assert_array_equal(n1, n0)
     np.testing.assert_allclose(lp1, lp0, **LOGP_TOL)
@@ -190,18 +178,7 @@ def _seq_stats(s):
         rejected_wpo_logps=None if wpo is None else wpo[half:])
 
 
-def _one_step(model, params, ref_params, batch_np, loss_cfg, mesh_, cfg=None):
-    """``(update, metrics)`` of one jitted train step (SGD, lr 1: the update is minus the
-    gradient) on ``batch_np`` over ``mesh_``."""
-    tx, schedule = helpers.optimizer()
-    state = helpers.train_state(model, params, tx, ref_params=ref_params, mesh_=mesh_)
-    batch, max_scored = helpers.device_batch(batch_np, mesh_)
-    step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, cfg or StepConfig()),
-                   static_argnums=2)
-    new_state, metrics = step(state, batch, max_scored)
-    update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
-                          jax.device_get(new_state.trainable), jax.device_get(params))
-    return update, jax.device_get(metrics)
+_one_step = helpers.sgd_step
 
 
 def _assert_same_step(a, b):

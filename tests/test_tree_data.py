@@ -179,7 +179,6 @@ def test_pipeline_batches_and_per_depth_eval_metrics(tmp_path):
     params, ref_params = helpers.init_params(model), helpers.init_params(model, seed=1)
     loss_cfg = helpers.loss_config(beta=0.5)
     fmt = batch_format.for_run(pipe.cfg)
-    step = jax.jit(make_eval_step(model, loss_cfg, StepConfig(), fmt=fmt), static_argnums=3)
     from dpo_jax.eval_metrics import means, totals
     from dpo_jax.logprobs import max_scored_tokens
 
@@ -191,7 +190,6 @@ def test_pipeline_batches_and_per_depth_eval_metrics(tmp_path):
                                                            b.items()},
             max_scored_tokens(b["loss_mask"]))), batches))
 
-    del step
     batches = list(pipe)
     assert len(batches) == 2 and all(b["pair_weight"].shape == (2 * pipe.max_bp,)
                                      for b in batches)

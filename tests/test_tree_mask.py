@@ -125,11 +125,13 @@ def test_prefix_branches_read_as_a_tree():
     np.testing.assert_array_equal(flat[i, j], (seg[0, i] == seg[0, j]) & (i - j < 2))
 
 
+@pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("window", [None, 4, "traced"])
-def test_chunked_attention_from_metadata_equals_dense(window):
+def test_chunked_attention_from_metadata_equals_dense(window, skip):
     """Attention over query blocks whose masks come from the metadata (never [B,1,T,T])
     equals the dense path on the materialised mask: values and gradients of q, k, v; block 8
-    does not divide T = 37; soft-capped scores; a traced window (the per-layer pick)."""
+    does not divide T = 37; soft-capped scores; a traced window (the per-layer pick); query
+    blocks over all keys, and query x key blocks with the empty ones skipped."""
     seg, pos, lo, hi, _, _ = random_tree_rows(2, 37, seed=5)
     meta = token_meta(jnp.asarray(seg), jnp.asarray(pos), (jnp.asarray(lo), jnp.asarray(hi)))
     B, T, N, K, Dh = 2, 37, 4, 2, 8
@@ -140,7 +142,7 @@ def test_chunked_attention_from_metadata_equals_dense(window):
 
     def run(q, k, v, w, cap, meta_mask):
         if meta_mask:
-            return chunked_attention(q, k, v, MetaMask(meta, w), 8, 0.3, cap)
+            return chunked_attention(q, k, v, MetaMask(meta, w), 8, 0.3, cap, skip_empty=skip)
         return chunked_attention(q, k, v, block_mask(meta, meta, w), 64, 0.3, cap)
 
     for cap in (None, 2.0):
@@ -164,22 +166,64 @@ def test_chunked_attention_from_metadata_equals_dense(window):
 def test_chunked_metadata_path_holds_no_full_mask():
     """Compiled temp memory of the chunked path's gradient at T = 2048: the materialised-mask
     call holds one [B, 1, T, T] bool mask (4 MiB) more than the metadata call (measured on CPU:
-    10.27 vs 6.28 MiB, the rest being the per-block scores and q, k, v)."""
+    10.27 vs 6.28 MiB, the rest being the per-block scores and q, k, v); the block-skipping
+    path (query x key blocks, online softmax) stays below the materialised one too (6.86)."""
     B, T, N, Dh = 1, 2048, 2, 8
     seg = jnp.ones((B, T), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     meta = token_meta(seg, pos, (jnp.zeros((B, T), jnp.int32), jnp.zeros((B, T), jnp.int32)))
     shapes = [jax.ShapeDtypeStruct((B, T, N, Dh), jnp.float32)] * 3
 
-    def temp(mask_fn):
-        f = lambda q, k, v: jnp.sum(chunked_attention(q, k, v, mask_fn(), 128))
+    def temp(mask_fn, skip=True):
+        f = lambda q, k, v: jnp.sum(chunked_attention(q, k, v, mask_fn(), 128, skip_empty=skip))
         stats = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(*shapes).compile().memory_analysis()
         if stats is None:
             pytest.skip("backend reports no memory analysis")
         return stats.temp_size_in_bytes
 
     full_mask_bytes = B * T * T
-    meta_temp = temp(lambda: MetaMask(meta, None))
+    meta_temp = temp(lambda: MetaMask(meta, None), skip=False)
+    blocked_temp = temp(lambda: MetaMask(meta, None))
     dense_temp = temp(lambda: block_mask(meta, meta, None))
-    print({"meta": meta_temp / 2**20, "dense": dense_temp / 2**20})
+    print({"meta": meta_temp / 2**20, "blocked": blocked_temp / 2**20,
+           "dense": dense_temp / 2**20})
     assert dense_temp - meta_temp > 0.9 * full_mask_bytes
+    assert dense_temp - blocked_temp > 0.75 * full_mask_bytes
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_block_skipping_is_sound_and_skips_what_the_layout_leaves_empty(window):
+    """block_may_be_visible is False only for (query block, key block) pairs whose mask is
+    empty in every row (random packed trees, every block pair of size 8); on prefix-shared
+    rows (one unit per row) every causal-future block and the rejected-queries x
+    chosen-keys block are skipped."""
+    from dpo_jax.data import prefix
+
+    from dpo_jax.models.layers import block_may_be_visible
+
+    seg, pos, lo, hi, _, _ = random_tree_rows(4, 48, seed=11)
+    meta = token_meta(jnp.asarray(seg), jnp.asarray(pos), (jnp.asarray(lo), jnp.asarray(hi)))
+    full = np.asarray(block_mask(meta, meta, window))[:, 0]
+    skipped = 0
+    for qs in range(0, 48, 8):
+        for ks in range(0, 48, 8):
+            may = bool(block_may_be_visible(meta.slice(qs, 8), meta.slice(ks, 8), window))
+            empty = not full[:, qs:qs + 8, ks:ks + 8].any()
+            assert may or empty
+            skipped += not may
+    assert skipped >= 15  # at least the causal future (15 of 36 block pairs)
+    # prefix sharing: prompt 16 (15 shared columns), responses 16 -> unit [15 | 17 | 17] = 49
+    rng = np.random.default_rng(0)
+    pairs = [{"prompt": rng.integers(3, 100, 16).astype(np.int32),
+              "chosen": rng.integers(3, 100, 16).astype(np.int32),
+              "rejected": rng.integers(3, 100, 16).astype(np.int32)} for _ in range(2)]
+    b = prefix.layout(pairs, pad_id=0, buckets=[64])
+    from dpo_jax.models.layers import branch_tree
+
+    meta = token_meta(jnp.asarray(b["segment_ids"]), jnp.asarray(b["positions"]),
+                      branch_tree(jnp.asarray(b["branch_ids"])))
+    # columns 0-14 prompt, 15-31 chosen, 32-48 rejected, 49-63 padding; blocks of 16
+    may = np.array([[bool(block_may_be_visible(meta.slice(q, 16), meta.slice(k, 16), window))
+                     for k in range(0, 64, 16)] for q in range(0, 64, 16)])
+    assert not may[np.triu_indices(4, 1)].any()  # the causal future
+    assert not may[3, 1]  # rejected (and padding) queries x keys 16-31 (all chosen)

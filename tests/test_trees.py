@@ -18,10 +18,10 @@ import pytest
 from dpo_jax import batch_format
 from dpo_jax import losses as losses_lib
 from dpo_jax.data import prefix, trees
-from dpo_jax.logprobs import LogprobConfig, max_scored_tokens
+from dpo_jax.logprobs import LogprobConfig
 from dpo_jax.models import Model, preset
 from dpo_jax.models.layers import block_mask, token_meta
-from dpo_jax.step import StepConfig, make_train_step, sequence_stats
+from dpo_jax.step import StepConfig, sequence_stats
 from tests import helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -164,6 +164,8 @@ FAMILIES = {
     "sliding_window": ("tiny-llama", dict(sliding_window=3)),
     "gemma_sliding_softcaps": ("tiny-gemma", {}),
     "chunked_attention": ("tiny-llama", dict(attention_impl="chunked", attention_chunk=16)),
+    "chunked_skip_blocks": ("tiny-llama", dict(attention_impl="chunked", attention_chunk=16,
+                                               attention_skip_blocks=True, sliding_window=6)),
     "moe": ("tiny-llama", dict(n_experts=4, n_experts_per_tok=2)),
     "lora": ("tiny-llama", {}),
 }
@@ -199,26 +201,14 @@ def test_branch_point_logps_and_their_gradient_match_unrolled_pairs(family):
     batches = [helpers.pair_batch(pairs),
                tree_batch(tree_bps, packing=True, pack_length=64, buckets=[64])]
     assert batches[1]["input_ids"].size < batches[0]["input_ids"].size
-    out = []
-    for batch_np in batches:
-        batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-        max_scored = max_scored_tokens(batch_np["loss_mask"])
-
-        def f(p, b):
-            s = sequence_stats(model, p, b, cfg, max_scored)
-            return jnp.sum(cot * s.logps), (s.logps, s.lengths)
-
-        (_, (logps, counts)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params, batch)
-        out.append((np.asarray(logps), np.asarray(counts), grads))
+    out = [helpers.logps_and_vjp(model, params, b, cfg, cot) for b in batches]
     (lp0, n0, g0), (lp1, n1, g1) = out
     np.testing.assert_array_equal(n1, n0)
     np.testing.assert_allclose(lp1, lp0, **LOGP_TOL)
     assert _rel(g1, g0) < 1e-5
 
 
-def _rel(a, b) -> float:
-    diff = jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
-    return helpers.global_norm(diff) / max(helpers.global_norm(b), 1e-30)
+_rel = helpers.rel_diff
 
 
 def test_batch_format_of_tree_rows():
@@ -240,18 +230,7 @@ def test_batch_format_of_tree_rows():
 # ----------------------------------------------------------------------------- the step
 
 
-def _one_step(model, params, ref_params, batch_np, loss_cfg, mesh_):
-    """``(update, metrics)`` of one jitted train step (SGD, lr 1: the update is minus the
-    gradient) on ``batch_np`` over ``mesh_``."""
-    tx, schedule = helpers.optimizer()
-    state = helpers.train_state(model, params, tx, ref_params=ref_params, mesh_=mesh_)
-    batch, max_scored = helpers.device_batch(batch_np, mesh_)
-    step = jax.jit(make_train_step(model, loss_cfg, tx, schedule, StepConfig()),
-                   static_argnums=2)
-    new_state, metrics = step(state, batch, max_scored)
-    update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
-                          jax.device_get(new_state.trainable), jax.device_get(params))
-    return update, jax.device_get(metrics)
+_one_step = helpers.sgd_step
 
 
 def _assert_same_step(a, b, keys=("loss", "rewards/margins", "grad_norm")):

@@ -105,6 +105,9 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots_saveable | dots_no_batch (per layer)
     attention_impl: str | None = None  # None (XLA) | cudnn | chunked (query blocks, remat)
     attention_chunk: int = 512  # query rows per block for attention_impl='chunked'
+    # chunked: query x key blocks, skipping the pairs the mask metadata leave empty (exact;
+    # opt-in: slower than plain query blocks on CPU, experiments/bench/README.md)
+    attention_skip_blocks: bool = False
     scan_layers: bool = True  # lax.scan over stacked layers: compile time independent of depth
     init_std: float = 0.02
 

@@ -382,6 +382,7 @@ def _number(x: float | None) -> float | int | None:
 
 
 _EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk",
+                     "attention_skip_blocks",
                      "scan_layers", "init_std", "moe_impl", "moe_kernel", "moe_tile",
                      "moe_expert_axis")
 

@@ -190,6 +190,38 @@ def block_mask(q: TokenMeta, k: TokenMeta, window: int | jax.Array | None = None
     return visible[:, None]
 
 
+def block_may_be_visible(q: TokenMeta, k: TokenMeta,
+                         window: int | jax.Array | None = None) -> jax.Array:
+    """bool []: False only when :func:`block_mask` (q, k, window) is all False in every row,
+    decided from the blocks' metadata ranges alone (O(Tq + Tk), no [Tq, Tk] work).
+
+    Each test is a necessary condition of some visible pair, per row: a key column not after
+    the last query column (``min col_k <= max col_q``), overlapping segment-id ranges, with a
+    tree ``min lo_k <= max lo_q`` and ``min lo_q <= max hi_k``, and with a window a distance
+    below it (``min pos_q - max pos_k < window``, columns without a tree); the tree ranges are
+    taken over the tokens of the segments both blocks hold. So a False is exact
+    (the block can be skipped); a True may still be an empty block (computed, masked)."""
+    lo_max = lambda a: (jnp.min(a, axis=1), jnp.max(a, axis=1))  # noqa: E731
+    qc, kc = lo_max(q.column), lo_max(k.column)
+    qs, ks = lo_max(q.segment_ids), lo_max(k.segment_ids)
+    ok = (kc[0] <= qc[1]) & (ks[0] <= qs[1]) & (qs[0] <= ks[1])
+    tree = q.tree_lo is not None
+    if tree:  # over the tokens of the segments both blocks hold (padding apart)
+        big = 2 ** 30
+        q_in = (q.segment_ids >= ks[0][:, None]) & (q.segment_ids <= ks[1][:, None])
+        k_in = (k.segment_ids >= qs[0][:, None]) & (k.segment_ids <= qs[1][:, None])
+        ql_max = jnp.max(jnp.where(q_in, q.tree_lo, -big), axis=1)
+        ql_min = jnp.min(jnp.where(q_in, q.tree_lo, big), axis=1)
+        kl_min = jnp.min(jnp.where(k_in, k.tree_lo, big), axis=1)
+        kh_max = jnp.max(jnp.where(k_in, k.tree_hi, -big), axis=1)
+        ok = ok & (kl_min <= ql_max) & (ql_min <= kh_max)
+    if window is not None:
+        dist = (jnp.min(q.positions, axis=1) - jnp.max(k.positions, axis=1) if tree
+                else qc[0] - kc[1])
+        ok = ok & (dist < window)
+    return jnp.any(ok)
+
+
 class MetaMask(NamedTuple):
     """A self-attention mask given by per-token metadata rather than materialised: ``meta``
     (:class:`TokenMeta` of the call's T columns) and the sliding ``window`` (None, an int, or a
@@ -234,13 +266,15 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
     jax.nn.dot_product_attention keeps logits and softmax in float32 (XLA path) and can
     dispatch to cuDNN flash attention with attention_impl='cudnn'. attention_impl='chunked'
     runs the same over query blocks of cfg.attention_chunk rows (see chunked_attention; a
-    MetaMask is then evaluated one query block at a time, never as [B,1,T,S]; other paths
+    MetaMask is then evaluated one block at a time, never as [B,1,T,S], and with
+    cfg.attention_skip_blocks the key blocks it leaves empty are skipped; other paths
     materialise it). With cfg.attn_logit_softcap the scores go through softcapped_attention
     (jax's attention has no soft-capping). Sliding windows are part of `mask`.
     """
     scale, cap = attention_scale(cfg), cfg.attn_logit_softcap
     if cfg.attention_impl == "chunked":
-        return chunked_attention(q, k, v, mask, cfg.attention_chunk, scale, cap)
+        return chunked_attention(q, k, v, mask, cfg.attention_chunk, scale, cap,
+                                 cfg.attention_skip_blocks)
     if isinstance(mask, MetaMask):
         mask = mask.dense()
     if cap is not None:
@@ -274,7 +308,7 @@ def _dense_attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Arra
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | MetaMask,
                       chunk: int, scale: float | None = None,
-                      cap: float | None = None) -> jax.Array:
+                      cap: float | None = None, skip_empty: bool = False) -> jax.Array:
     """Exact attention over query blocks of `chunk` rows, each block rematerialised.
 
     The dense XLA path keeps the float32 scores and probabilities [B, N, T, S] of every layer
@@ -290,13 +324,24 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
 
     `mask`: [B, 1, T, S] bool, or a :class:`MetaMask` (S = T), whose block of `chunk` query
     rows is computed inside the block from the per-token metadata (``block_mask``): the
-    [B, 1, T, T] mask is never materialised and the residuals are the metadata.
+    [B, 1, T, T] mask is never materialised and the residuals are the metadata. With a
+    MetaMask and ``skip_empty`` (``ModelConfig.attention_skip_blocks``) the keys are split into blocks of `chunk` too and a
+    (query block, key block) pair that the metadata leave empty in every row
+    (:func:`block_may_be_visible`: the causal future, other segments, sibling branches of a
+    tree, beyond the window) is skipped by a ``lax.cond``, in the forward and the backward;
+    the visible key blocks are combined by the online softmax (running max and sum, as flash
+    attention, Dao et al. 2022): exact, equal to the dense path up to float summation order.
+    Its backward reruns the forward once more than the plain path (the whole map is
+    rematerialised, see _blocked_attention), so it pays where the skipped blocks outweigh
+    that: long rows, trees, packed segments (measured: experiments/bench/README.md).
     """
     B, T, N, Dh = q.shape
     scale = float(Dh) ** -0.5 if scale is None else scale
     if T <= chunk:
         return _dense_attention(q, k, v, mask.dense() if isinstance(mask, MetaMask) else mask,
                                 scale, cap)
+    if isinstance(mask, MetaMask) and skip_empty:
+        return _blocked_attention(q, k, v, mask, chunk, scale, cap)
     S = k.shape[1]
     n = -(-T // chunk)
     pad = n * chunk - T
@@ -326,4 +371,73 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
         return _dense_attention(q_i, k, v, block_mask_of(m_i), scale, cap)
 
     out = jax.lax.map(block, (q_blocks, m_blocks))  # [n, B, c, N, Dh]
+    return jnp.moveaxis(out, 0, 1).reshape(B, n * chunk, N, Dh)[:, :T]
+
+
+# Masked scores and the running max's start in the online softmax: finite, so that a key block
+# with no visible key for some query row gives exp(0) * 0 rather than NaN.
+_NEG = -1e30
+
+
+def _blocked_attention(q, k, v, mask: MetaMask, chunk: int, scale: float, cap) -> jax.Array:
+    """chunked_attention's query x key blocks with empty blocks skipped (see there). q
+    [B,T,N,Dh], k/v [B,T,K,Dh] -> [B,T,N,Dh]."""
+    B, T, N, Dh = q.shape
+    K = k.shape[2]
+    G = N // K
+    meta, window = mask
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    # Padded query rows repeat the last column's metadata (non-empty rows, dropped after);
+    # padded keys are never visible (a column after every query, segment -1).
+    q_meta = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, pad)), mode="edge"), meta)
+    k_meta = meta._replace(**{f: jnp.pad(getattr(meta, f), ((0, 0), (0, pad)),
+                                         constant_values=c)
+                              for f, c in (("column", 2 ** 30), ("segment_ids", -1))})
+    k_meta = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, pad - (a.shape[1] - T)))), k_meta)
+    pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q, k, v = jnp.pad(q, pad4), jnp.pad(k, pad4), jnp.pad(v, pad4)
+    blocks = lambda a: jnp.moveaxis(a.reshape(B, n, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+    q_blocks = blocks(q).reshape(n, B, chunk, K, G, Dh)
+    k_blocks, v_blocks = blocks(k), blocks(v)  # [n, B, c, K, Dh]
+    qm_blocks = jax.tree.map(blocks, q_meta)
+    km_blocks = jax.tree.map(blocks, k_meta)
+
+    def one_key_block(q_i, m_i, carry, xs):
+        k_j, v_j, km_j = xs
+
+        def compute(carry):
+            m, l, acc = carry  # [B, K, G, c] f32 (m, l), [B, K, G, c, Dh] f32
+            s = jnp.einsum("bckgd,bskd->bkgcs", q_i, k_j,
+                           preferred_element_type=jnp.float32) * scale
+            if cap is not None:
+                s = cap * jnp.tanh(s / cap)
+            visible = block_mask(m_i, km_j, window)[:, :, None]  # [B, 1, 1, c, s]
+            s = jnp.where(visible, s, _NEG)
+            m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
+            p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            acc = acc * corr[..., None] + jnp.einsum(
+                "bkgcs,bskd->bkgcd", p.astype(v_j.dtype), v_j,
+                preferred_element_type=jnp.float32)
+            return m_new, l * corr + jnp.sum(p, axis=-1), acc
+
+        return jax.lax.cond(block_may_be_visible(m_i, km_j, window), compute,
+                            lambda c: c, carry), None
+
+    @jax.checkpoint
+    def query_block(args):
+        q_i, m_i = args
+        init = (jnp.full((B, K, G, chunk), _NEG, jnp.float32),
+                jnp.zeros((B, K, G, chunk), jnp.float32),
+                jnp.zeros((B, K, G, chunk, Dh), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(lambda c, xs: one_key_block(q_i, m_i, c, xs), init,
+                                      (k_blocks, v_blocks, km_blocks))
+        out = acc / l[..., None]  # every query row sees at least itself: l > 0
+        return jnp.moveaxis(out, 3, 1).reshape(B, chunk, N, Dh).astype(q.dtype)
+
+    # The whole map rematerialised as well: inside a differentiated layer scan, the inner
+    # scan's per-key-block residuals of every query block were otherwise kept (quadratic
+    # memory, measured); now only q, k, v and the metadata are.
+    out = jax.checkpoint(lambda *a: jax.lax.map(query_block, a))(q_blocks, qm_blocks)
     return jnp.moveaxis(out, 0, 1).reshape(B, n * chunk, N, Dh)[:, :T]
