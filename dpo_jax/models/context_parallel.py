@@ -27,8 +27,11 @@ exchange. Two places look across the split:
   row and layer in bfloat16, recomputed (not stored) under remat: small next to an 80 GiB
   device, and one collective per layer that XLA can overlap. This is the choice of Llama 3
   (Dubey et al. 2024, sec. 3.3.2: all-gather K/V, then local attention), also because it
-  keeps arbitrary masks (documents, trees) trivial. Past a few hundred thousand tokens, or
-  without GQA, the ring's bounded memory wins; it is not implemented here.
+  keeps arbitrary masks (documents, trees) trivial. Measured (docs/scale.md, Long context),
+  the per-device memory at 128k is dominated by the float32 score blocks [B, N, chunk, T],
+  which ``attention_chunk`` sets (a ring's blocks would be [B, N, chunk, T / c]), and by the
+  residual stream, not by the gathered K/V. Past a few hundred thousand tokens, or without
+  GQA, the ring's bounded memory wins; it is not implemented here.
 
   Query blocks: with ``attention_impl='chunked'`` the local queries run in blocks of
   ``attention_chunk`` rows under ``jax.checkpoint`` (as ``layers.chunked_attention``), so the
