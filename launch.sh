@@ -34,6 +34,17 @@ Usage:
       process, forwards SIGTERM/SIGINT to all, waits for all, and exits non-zero as soon as one
       fails (the others are then terminated). For testing multi-host code on one machine.
       $PYTHON selects the interpreter (default: python).
+
+Long-context examples (each sequence split over mesh.shape.context devices; docs/scale.md,
+"Long context"; configs/long_context.py):
+  launch.sh tpu my-v5p-64 us-east5-a -- --config=configs/long_context.py:tpu_v5p_64 \
+      --workdir=/mnt/shared/runs/lc --config.model.hf_path=/mnt/shared/models/Llama-3.1-8B \
+      --config.data.path=/mnt/shared/data/long_pairs.jsonl        # fsdp 8 x context 4
+  launch.sh slurm 8 8 --time 24:00:00 -- --config=configs/long_context.py:gpu_8x8 \
+      --workdir=/shared/runs/lc --config.model.hf_path=/shared/models/Llama-3.1-8B \
+      --config.data.path=/shared/data/long_pairs.jsonl            # fsdp 8 x context 8
+  launch.sh local 2 --devices-per-process 4 -- --config=configs/long_context.py:smoke \
+      --workdir=/tmp/runs/lc                                       # data 2 x context 4, CPU
 EOF
 }
 

@@ -154,8 +154,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.wandb_name = ""  # run name ('' = the workdir's name)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
-    c.mesh.rules = [list(r) for r in sharding.DEFAULT_RULES]  # logical -> mesh axis
+    # -1: the rest. context > 1 splits every sequence over that many devices (context
+    # parallelism, models/context_parallel.py; docs/scale.md, Long context)
+    c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1, "tensor": 1})
+    # logical -> mesh axis, or a list of mesh axes splitting the dimension together
+    c.mesh.rules = [[name, axis if isinstance(axis, str) or axis is None else list(axis)]
+                    for name, axis in sharding.DEFAULT_RULES]
     return c
 
 
@@ -419,8 +423,9 @@ def read_config(config: ml_collections.ConfigDict) -> RunConfig:
                         ref_sync_every=ref_sync_every, ref_mixup_alpha=ref_mixup_alpha,
                         reference_is_initial_policy=reference_is_initial_policy,
                         diagnostics=diagnostics),
-        optim=optim, train=train, data=data, mesh_shape=dict(config.mesh.shape),
-        mesh_rules=tuple(tuple(r) for r in config.mesh.rules),
+        optim=optim, train=train, data=data, mesh_shape=sharding.read_mesh_shape(
+            config.mesh.shape, config.model.attention_impl),
+        mesh_rules=sharding.read_mesh_rules(config.mesh.rules),
         precompute_reference=bool(config.logprobs.precompute_reference),
         lora=lora, loss=loss, eval=read_eval(config),
         task_block=TASK_BLOCKS[config.task](config) if config.task in TASK_BLOCKS else None)

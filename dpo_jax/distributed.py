@@ -136,7 +136,8 @@ def initialize(plan: InitPlan | None) -> None:
 def axis_process_spans(mesh) -> dict[str, int]:
     """For each mesh axis, how many processes one line along that axis touches (the most over
     all lines). 1 means the axis' collectives stay inside a host; the intended layout for
-    N hosts is ``data`` spanning hosts and ``fsdp``/``tensor`` at 1 when a host holds them."""
+    N hosts is ``data`` spanning hosts and ``fsdp``/``context``/``tensor`` at 1 when a host
+    holds them."""
     owner = np.vectorize(lambda d: d.process_index)(mesh.devices)
     spans = {}
     for i, name in enumerate(mesh.axis_names):
@@ -176,7 +177,7 @@ def state_bytes_per_device(model_cfg, mesh_shape: Mapping[str, int], *,
     elements = 0
     for a, ax in zip(leaves, axes_leaves):
         spec = sharding.logical_to_spec(ax, a.shape, mesh, table)
-        split = int(np.prod([dims[m] for m in spec if m is not None] or [1]))
+        split = sharding.spec_devices(spec, dims)
         elements += int(np.prod(a.shape)) // split
     pbytes = jnp.dtype(policy_dtype).itemsize
     out = {"params": elements * pbytes, "grads": elements * pbytes,

@@ -19,6 +19,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
+from dpo_jax.models import context_parallel
 from dpo_jax.models.model import project
 
 
@@ -46,6 +49,16 @@ class SequenceLogps:
     hidden_sums: jax.Array | None = None
 
 
+def _pick(logits, index):
+    """``logits[..., index]`` per position. Under context parallelism as a one-hot select and
+    sum over the vocabulary (exact: one term): XLA's partitioner (jax 0.10.2) aborts on the
+    gather inside the head's shard_map when the vocabulary is split over ``tensor``."""
+    if context_parallel.context_mesh() is None:
+        return jnp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
+    hot = jnp.arange(logits.shape[-1]) == index[..., None]
+    return jnp.sum(jnp.where(hot, logits, 0.0), axis=-1)
+
+
 def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = False,
                  softcap: float | None = None):
     """log p(target) for one chunk: target logit minus a float32 (online) logsumexp.
@@ -55,7 +68,7 @@ def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = Fals
     vocab = w_VD.shape[0]
     if not vocab_chunk or vocab_chunk >= vocab:
         logits = project(h_RCD, w_VD, b_V, softcap)
-        target = jnp.take_along_axis(logits, targets_RC[..., None], axis=-1)[..., 0]
+        target = _pick(logits, targets_RC)
         lse = jax.nn.logsumexp(logits, axis=-1)
         if not with_sq:
             return target - lse
@@ -70,7 +83,7 @@ def _chunk_logps(h_RCD, targets_RC, w_VD, b_V, vocab_chunk, with_sq: bool = Fals
         chunk_max = jax.lax.stop_gradient(logits.max(axis=-1))
         in_chunk = (targets_RC >= start) & (targets_RC < end)
         index = jnp.clip(targets_RC - start, 0, end - start - 1)
-        hit = jnp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
+        hit = _pick(logits, index)
         hit = jnp.where(in_chunk, hit, 0.0)
         if running_max is None:
             running_max = chunk_max
@@ -161,11 +174,66 @@ def sequence_logps(
     returns ``hidden_sums`` float32 ``[R or num_seqs, D]``, per sequence the sum of the hidden
     states ``h_RLD[t - 1]`` of its scored tokens ``t`` (the vectors the LM head multiplies: the
     sums of Razin et al. 2024's CHES score, ``dpo_jax.diagnostics``), without gradient.
+    Context parallelism (traced under a mesh whose ``context`` axis has more than one device,
+    ``models/context_parallel.py``): the rows' positions stay split over that axis; the
+    targets and masks are shifted by one token instead of the hidden states (so nothing of
+    size D crosses the split), each device runs the head on its own positions under
+    ``jax.shard_map`` and the per-sequence sums are ``psum``-ed over the axis (LD-DPO's ranks
+    count the scored tokens of the earlier shards). The same numbers to float32 round-off.
     """
-    h = h_RLD[:, :-1]
-    targets = input_ids_RL[:, 1:]
-    mask = loss_mask_RL[:, 1:].astype(jnp.float32)
     index = None if seq_index_RL is None else seq_index_RL[:, 1:]
+    options = dict(cfg=cfg, max_scored=max_scored, num_seqs=num_seqs, ld_alpha=ld_alpha,
+                   with_wpo=with_wpo, softcap=softcap, with_hidden=with_hidden)
+    if seq_index_RL is not None and num_seqs is None:
+        raise ValueError("packed batches need num_seqs")
+    mesh = context_parallel.context_mesh()
+    if mesh is None:
+        return _aligned_sums(h_RLD[:, :-1], input_ids_RL[:, 1:],
+                             loss_mask_RL[:, 1:].astype(jnp.float32), index, w_VD, b_V,
+                             ld_shared_S, **options)
+    # position t predicts token t + 1: shift the (integer) targets left, keep h where it is
+    shift = lambda a: jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)  # noqa
+    arrays = {"h": h_RLD, "targets": shift(input_ids_RL),
+              "mask": shift(loss_mask_RL.astype(jnp.float32))}
+    if seq_index_RL is not None:
+        arrays["index"] = shift(seq_index_RL)
+    c, length = mesh.shape[context_parallel.AXIS], h_RLD.shape[1]
+    if length % c:
+        arrays = {k: jnp.pad(v, [(0, 0), (0, -length % c)] + [(0, 0)] * (v.ndim - 2))
+                  for k, v in arrays.items()}
+    seq = P(None, context_parallel.AXIS)
+    rest = {"w": w_VD, "b": b_V, "ld": ld_shared_S}
+
+    def local(arrays, rest):
+        # rows stay where the compiler puts them, each device's positions whole: left free,
+        # XLA's partitioner may split the gathers along the positions over another axis and
+        # then fails on the device groups (jax 0.10.2, tensor > 1)
+        whole = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
+            x, P(P.UNCONSTRAINED, *([None] * (x.ndim - 1))))
+        arrays = jax.tree.map(whole, arrays)
+        return _aligned_sums(arrays["h"], arrays["targets"], arrays["mask"],
+                             arrays.get("index"), rest["w"], rest["b"], rest["ld"],
+                             axis=context_parallel.AXIS, **options)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(jax.tree.map(lambda _: seq, arrays), P()),
+                         out_specs=P(), axis_names={context_parallel.AXIS})(arrays, rest)
+
+
+def _aligned_sums(h, targets, mask, index, w_VD, b_V, ld_shared_S, *, cfg, max_scored,
+                  num_seqs, ld_alpha, with_wpo, softcap, with_hidden, axis=None):
+    """:func:`sequence_logps` on aligned arrays: ``h`` [R, L, D] predicts ``targets`` [R, L]
+    with float ``mask`` [R, L] and packed ``index`` [R, L] or None. ``axis``: these are one
+    device's positions of rows split over that mesh axis (inside ``shard_map``); the sums and
+    LD-DPO's ranks then take the other devices' parts into account."""
+    if axis is None:
+        offset = 0.0
+        reduce = lambda x: x  # noqa: E731
+    else:
+        # scored tokens of each row on the devices before this one (LD-DPO's ranks)
+        before = jax.lax.all_gather(mask.sum(axis=1), axis)  # [c, R]
+        earlier = jnp.arange(before.shape[0]) < jax.lax.axis_index(axis)
+        offset = jnp.sum(jnp.where(earlier[:, None], before, 0.0), axis=0)[:, None]
+        reduce = lambda x: jax.lax.psum(x, axis)  # noqa: E731
     if cfg.scored_only:
         width = mask.shape[1] if max_scored is None else min(max_scored, mask.shape[1])
         order, mask = compact_scored(mask, width)
@@ -178,42 +246,59 @@ def sequence_logps(
     weight = mask
     if index is None:  # one sequence per row: sums along the row keep the rows' sharding
         def per_seq(x):
-            return x.sum(axis=1)
+            return reduce(x.sum(axis=1))
 
         if ld_shared_S is not None:
-            rank = jnp.cumsum(mask, axis=1)  # 1-based rank of each scored token in its row
+            # 1-based rank of each scored token in its row
+            rank = jnp.cumsum(mask, axis=1) + offset
             shared = jnp.asarray(ld_shared_S, jnp.float32)[:, None]
             weight = mask * jnp.where(rank <= shared, 1.0, ld_alpha)
     else:
-        if num_seqs is None:
-            raise ValueError("packed batches need num_seqs")
         slot = jnp.where(mask > 0, index, num_seqs)  # unscored tokens go to a dropped slot
 
+        if axis is None:
+            def seg_sum(x):  # [R, L, ...] -> [num_seqs, ...]
+                return jax.ops.segment_sum(x.reshape(-1, *x.shape[2:]), slot.reshape(-1),
+                                           num_segments=num_seqs + 1)[:num_seqs]
+        else:
+            # a one-hot contraction instead of segment_sum: XLA's partitioner (jax 0.10.2)
+            # fails on the gather of segment_sum's transpose inside this shard_map when
+            # another mesh axis (tensor) is left to it
+            hot = (slot[..., None] == jnp.arange(num_seqs)).astype(jnp.float32)  # [R, L, S]
+
+            def seg_sum(x):
+                return jnp.einsum("rls,rl...->s...", hot, x)
+
         def per_seq(x):
-            return jax.ops.segment_sum(x.reshape(-1), slot.reshape(-1),
-                                       num_segments=num_seqs + 1)[:num_seqs]
+            return reduce(seg_sum(x))
 
         if ld_shared_S is not None:
             # Rank within the sequence: the row's running count of scored tokens minus that
             # count at the sequence's first token, plus 1.
-            count = jnp.cumsum(mask, axis=1)
+            count = jnp.cumsum(mask, axis=1) + offset
             first = jax.ops.segment_min(jnp.where(mask > 0, count, jnp.inf).reshape(-1),
                                         slot.reshape(-1), num_segments=num_seqs + 1)
-            rank = count - first[slot] + 1.0
-            shared = jnp.concatenate([jnp.asarray(ld_shared_S, jnp.float32),
-                                      jnp.zeros((1,), jnp.float32)])[slot]
+            if axis is not None:
+                first = jax.lax.pmin(first, axis)
+            rank = count - _at_slot(first, slot, axis) + 1.0
+            shared = _at_slot(jnp.concatenate([jnp.asarray(ld_shared_S, jnp.float32),
+                                               jnp.zeros((1,), jnp.float32)]), slot, axis)
             weight = mask * jnp.where(rank <= shared, 1.0, ld_alpha)
     sums, counts = per_seq(logps * weight), per_seq(mask)
     wpo = per_seq((jax.lax.stop_gradient(logps) - log_sq) * mask) if with_wpo else None
     hidden = None
     if with_hidden:
         h_f32 = jax.lax.stop_gradient(h).astype(jnp.float32) * mask[..., None]
-        if index is None:
-            hidden = h_f32.sum(axis=1)
-        else:
-            hidden = jax.ops.segment_sum(h_f32.reshape(-1, h_f32.shape[-1]), slot.reshape(-1),
-                                         num_segments=num_seqs + 1)[:num_seqs]
+        hidden = per_seq(h_f32)
     return SequenceLogps(sums, counts, wpo, hidden)
+
+
+def _at_slot(table, slot, axis):
+    """``table[slot]`` (``table`` [num_seqs + 1], ``slot`` [R, L]); inside the context-parallel
+    shard_map (``axis``) as a one-hot select, not a gather (see ``_aligned_sums``)."""
+    if axis is None:
+        return table[slot]
+    return jnp.sum(jnp.where(slot[..., None] == jnp.arange(table.shape[0]), table, 0.0), -1)
 
 
 def scored_counts(loss_mask_RL, seq_index_RL=None, num_seqs: int | None = None):

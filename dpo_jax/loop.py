@@ -77,7 +77,10 @@ class Stateful(Protocol):
 
 def device_batch(batch_np: Mapping[str, np.ndarray], mesh, scored_only: bool):
     """A host batch as global arrays on ``mesh``, and its static bound on scored tokens per
-    row (None unless ``scored_only``): the same on every process, so all compile one program."""
+    row (None unless ``scored_only``): the same on every process, so all compile one program.
+    Token arrays are padded to a multiple of the mesh's context axis
+    (``sharding.pad_for_context``: unscored segment-0 columns, the numbers unchanged)."""
+    batch_np = shard_lib.pad_for_context(batch_np, mesh)
     bound = None
     if scored_only:
         bound = max_scored_tokens(batch_np["loss_mask"])

@@ -100,6 +100,7 @@ def pair_pass(fn, params, split_pairs: Sequence[TokenPair], data_cfg, step_cfg: 
         row_multiple=shard_lib.num_batch_shards(mesh))
     parts = []
     for batch_np in pipe:
+        batch_np = shard_lib.pad_for_context(batch_np, mesh)
         max_scored = None
         if step_cfg.logprobs.scored_only:
             max_scored = max_scored_tokens(batch_np["loss_mask"])

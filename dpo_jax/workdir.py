@@ -76,9 +76,24 @@ def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def effective_rules(rules: list, shape: dict) -> list:
+    """``mesh.rules`` as they act on a mesh of ``shape`` (a config's ``mesh.shape``; a missing
+    axis is 1): mesh axes of size 1 dropped, a one-axis list read as that axis. So the rule
+    ``[embed, [fsdp, context]]`` (the default since the context axis) equals the earlier
+    ``[embed, fsdp]`` on a mesh without context parallelism: same shardings, same run."""
+    out = []
+    for name, axis in rules:
+        axes = [] if axis is None else [axis] if isinstance(axis, str) else list(axis)
+        axes = [a for a in axes if shape.get(a, 1) != 1]
+        out.append([name, None if not axes else axes[0] if len(axes) == 1 else axes])
+    return out
+
+
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """``{field: (old, new)}`` for every leaf that differs (lists compared as lists). A field
-    the old config lacks (added to the schema since) counts only when it is not at its default."""
+    the old config lacks (added to the schema since) counts only when it is not at its default.
+    ``mesh.rules`` are compared as they act on each config's mesh (:func:`effective_rules`)."""
+    old, new = (_with_effective_rules(c) for c in (old, new))
     a, b = _flat(old), _flat(new)
     defaults = _flat(config_dict(base_config()))
     out = {}
@@ -89,6 +104,14 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
         if va != vb:
             out[k] = (va, vb)
     return out
+
+
+def _with_effective_rules(config: dict) -> dict:
+    mesh = config.get("mesh")
+    if not isinstance(mesh, dict) or "rules" not in mesh:
+        return config
+    mesh = dict(mesh, rules=effective_rules(mesh["rules"], mesh.get("shape") or {}))
+    return dict(config, mesh=mesh)
 
 
 def refused_changes(changes: dict[str, tuple[Any, Any]], allowed: str,
@@ -309,10 +332,13 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     """Every check a task needs before it writes to the workdir: the model directories
     (:func:`check_model_dirs`), the config read whole (``config.read_config``: ValueError naming
     a bad or missing field) and every batch dimension against the mesh
-    (``batch_sizes.check_batch_sizes``), and the expert axis against the experts."""
+    (``batch_sizes.check_batch_sizes``), the expert axis against the experts, and a context
+    axis inside each host (:func:`check_context_axis`)."""
     check_model_dirs(config)
     rc = read_config(config)
     check_batch_sizes(config)
+    if rc.mesh_shape.get(shard_lib.CONTEXT_AXIS, 1) != 1:
+        check_context_axis(shard_lib.make_mesh(rc.mesh_shape))
     axis, experts = rc.model.moe_expert_axis, rc.model.n_experts
     if axis and experts:
         size = shard_lib.make_mesh(rc.mesh_shape).shape[axis]
@@ -322,12 +348,26 @@ def check_run(config: ml_collections.ConfigDict) -> None:
                              f"them: change mesh.shape.{axis} or model.moe_expert_axis")
 
 
-def _expert_mesh(config: ml_collections.ConfigDict):
-    """``jax.set_mesh`` of the run's mesh for a run with ``model.moe_expert_axis`` (expert
-    parallelism reads the mesh its program is traced under; models/moe_parallel.py), else no
-    context."""
-    if not config.model.get("moe_expert_axis"):
-        return contextlib.nullcontext()
+def check_context_axis(mesh) -> None:
+    """ValueError when the mesh's ``context`` axis spans several processes: each process loads
+    whole rows of its block of the batch (``data.to_global``), so the devices that split a
+    row's length must sit in one host (``jax.make_mesh`` keeps the trailing axes inside a host
+    when ``context x tensor`` divides the devices per host)."""
+    from dpo_jax.distributed import axis_process_spans
+
+    span = axis_process_spans(mesh)[shard_lib.CONTEXT_AXIS]
+    if span > 1:
+        raise ValueError(f"mesh.shape.context={mesh.shape[shard_lib.CONTEXT_AXIS]} spans {span} "
+                         f"processes, but each process loads whole rows: make context x tensor "
+                         f"at most the {len(mesh.local_devices)} devices of a host (and a "
+                         f"divisor of it), and raise fsdp or data instead")
+
+
+def _run_mesh(config: ml_collections.ConfigDict):
+    """``jax.set_mesh`` of the run's mesh: expert and context parallelism read the mesh their
+    program is traced under (models/moe_parallel.py, models/context_parallel.py), and the
+    decoder constrains its activations to the batch's layout under it (rows over data x
+    fsdp: ``context_parallel.constrain_sequence``)."""
     return jax.set_mesh(shard_lib.make_mesh(dict(config.mesh.shape)))
 
 
@@ -350,7 +390,7 @@ def opens_workdir(fn: Callable[..., dict]) -> Callable[..., dict]:
         for note in notes:
             logging.warning("%s", note)
         check_run(config)
-        with open_run(config, workdir) as run, _expert_mesh(config):
+        with open_run(config, workdir) as run, _run_mesh(config):
             if run.finished:
                 return run.summary
             summary = fn(config, run, **kwargs)

@@ -85,7 +85,8 @@ def optimizer(total_steps: int = 10, **fields: Any):
 
 
 def mesh(shape: dict[str, int] | None = None):
-    """A ('data', 'fsdp', 'tensor') mesh over the 8 fake CPU devices (default: all on data)."""
+    """A ('data', 'fsdp', 'context', 'tensor') mesh over the 8 fake CPU devices (default: all
+    on data)."""
     return shard_lib.make_mesh(shape or {"data": -1, "fsdp": 1, "tensor": 1})
 
 

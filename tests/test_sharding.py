@@ -9,7 +9,7 @@ from dpo_jax import sharding
 
 def test_mesh_fills_the_minus_one_axis():
     mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "context": 1, "tensor": 1}
     assert mesh.axis_names == sharding.MESH_AXES
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dpo_jax.models import context_parallel
 from dpo_jax.models import moe
 from dpo_jax.models import quant
 from dpo_jax.models.config import ModelConfig
@@ -65,6 +66,10 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
     all its weight gradient (a contraction over two batch-like dims), more slowly than the
     flattened matmul.
     """
+    if x.ndim > 2 and context_parallel.context_mesh() is not None:
+        # the sequence is split over devices: [B, T] cannot merge into one sharded row axis
+        # (each device holds a T-block of every row), so flattening would gather the tokens
+        return jnp.einsum("...i,io->...o", x, w)
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
@@ -73,9 +78,14 @@ def _dense(module: nnx.Module, name: str, x: jax.Array) -> jax.Array:
     ``x``'s dtype: a parameter, or a quantised weight (``quant.QuantLinear``, a LoRA run's
     quantised base) dequantised inside the matmul."""
     w = getattr(module, name)
+    # under a mesh the tokens keep the batch's layout through the matmul (rows over data x
+    # fsdp, the sequence over context), so the compiler gathers the weights (FSDP) rather
+    # than the activations
+    x = context_parallel.constrain_sequence(x)
     if isinstance(w, quant.QuantLinear):
-        return w(x)
-    return _mm(x, w[...].astype(x.dtype).reshape(x.shape[-1], -1))
+        return context_parallel.constrain_sequence(w(x))
+    return context_parallel.constrain_sequence(
+        _mm(x, w[...].astype(x.dtype).reshape(x.shape[-1], -1)))
 
 
 def _adapted(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -225,7 +235,11 @@ class Block(nnx.Module):
             new_kv = (k_cache_BSKH, v_cache_BSKH)
             k_BSKH = k_cache_BSKH.astype(q_BTNH.dtype)
             v_BSKH = v_cache_BSKH.astype(q_BTNH.dtype)
-        a_BTD = self.attn.out(attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS))
+        if kv is None and context_parallel.context_mesh() is not None:  # sequence split
+            a_BTNH = context_parallel.attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS)
+        else:
+            a_BTNH = attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_B1TS)
+        a_BTD = self.attn.out(a_BTNH)
         mlp = self.mlp if cfg.n_experts else lambda x: (self.mlp(x), None)
         if cfg.parallel_residual:
             m_BTD, router = mlp(x_BTD if cfg.shared_norm else self.ln2(h_BTD))
@@ -289,7 +303,8 @@ class Decoder(nnx.Module):
 
     def _run_layers(self, h_BTD, ropes, masks, cache_kv=None, start_B=None):
         """Run every layer. ropes / masks: {layer type: (sin, cos) / mask [B,1,T,S] or
-        layers.MetaMask (the same metadata for every type, its window per type)} for the
+        layers.MetaMask (the same metadata for every type, its window per type; under context
+        parallelism each device holds its tokens' part)} for the
         types in _layer_kinds; with both types present each layer picks its own by a per-layer
         flag scanned alongside its parameters. cache_kv: (k, v) [n_layer,B,S,K,H] or None.
         Returns (h [B,T,D], the updated (k, v) cache or None, the stacked router statistics
@@ -313,6 +328,8 @@ class Decoder(nnx.Module):
             block = nnx.merge(graphdef, layer_state)
             kv_arg = None if kv is None else (kv[0], kv[1], start_B)
             h_BTD, new_kv, router = block(h_BTD, sin_BTR, cos_BTR, mask_B1TS, kv_arg)
+            if kv is None:  # between layers the residual keeps the batch's layout
+                h_BTD = context_parallel.constrain_sequence(h_BTD)
             return h_BTD, (new_kv, router)
 
         if cfg.remat != "none":
@@ -347,6 +364,9 @@ class Decoder(nnx.Module):
                 raise ValueError("pass tree_BT or branch_ids_BT, not both")
             tree_BT = branch_tree(branch_ids_BT)
         meta = token_meta(segment_ids_BT, positions_BT, tree_BT)
+        # under a mesh: rows over data x fsdp and, with context parallelism, the tokens (and
+        # their metadata) split along the sequence, each device building its own mask blocks
+        h_BTD = context_parallel.constrain_sequence(h_BTD)
         masks = {kind: MetaMask(meta, self.cfg.sliding_window if kind == "sliding" else None)
                  for kind in _layer_kinds(self.cfg)}
         h_BTD, _, router = self._run_layers(h_BTD, ropes, masks)
