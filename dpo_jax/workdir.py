@@ -39,6 +39,7 @@ from absl import logging
 from dpo_jax import sharding as shard_lib
 from dpo_jax.batch_sizes import check_batch_sizes
 from dpo_jax.config import read_config, resolve_defaults
+from dpo_jax.distributed import axis_process_spans
 from dpo_jax.models.hf_dir import check_hf_dir
 from dpo_jax.config import base_config
 
@@ -353,8 +354,6 @@ def check_context_axis(mesh) -> None:
     whole rows of its block of the batch (``data.to_global``), so the devices that split a
     row's length must sit in one host (``jax.make_mesh`` keeps the trailing axes inside a host
     when ``context x tensor`` divides the devices per host)."""
-    from dpo_jax.distributed import axis_process_spans
-
     span = axis_process_spans(mesh)[shard_lib.CONTEXT_AXIS]
     if span > 1:
         raise ValueError(f"mesh.shape.context={mesh.shape[shard_lib.CONTEXT_AXIS]} spans {span} "

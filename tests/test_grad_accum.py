@@ -209,7 +209,7 @@ def test_builder_sums_exact_shares_and_refuses_what_it_cannot_split():
     with pytest.raises(ValueError, match="must divide the batch's 4 examples"):
         optim.accumulate(objective, 3, fmt.split)(jnp.float32(2.0), None, batch)
     packed = BatchFormat("pairs", packed=True)
-    with pytest.raises(ValueError, match="packed or prefix-shared"):
+    with pytest.raises(ValueError, match="packed, prefix-shared or tree"):
         optim.accumulate(objective, 2, packed.split)(jnp.float32(2.0), None, batch)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax.models import hf_maps
+from dpo_jax.models import hf_maps, quant
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.hf_config import check_exportable, model_config_to_hf, resolve_path
 from dpo_jax.models.model import Model
@@ -224,8 +224,6 @@ def load_hf_quantized(path: str, cfg: ModelConfig, kind: str, shardings: Any = N
 
     ``shardings``: optional tree like the result (``LoraModel.base_axes``' shardings) of
     jax.sharding.Sharding; default: the first device. ValueError for an unknown ``kind``."""
-    from dpo_jax.models import quant
-
     if kind not in quant.KINDS[1:]:
         raise ValueError(f"unknown quantization {kind!r}; expected one of {quant.KINDS[1:]}")
     reader = _Reader(resolve_path(path), cfg)
