@@ -308,6 +308,28 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Iterator[RunDir
             _exit(path)
 
 
+class RunStopped(RuntimeError):
+    """A run that a chain of runs depends on stopped before its last step (preempted)."""
+
+
+def finished_summary(workdir: str) -> dict:
+    """``workdir``'s ``summary.json`` when it says ``finished``, for code that chains runs (a
+    pipeline stage, an experiment script) and must not read a preempted run as a done one.
+
+    Raises FileNotFoundError when there is no summary, and :class:`RunStopped` (naming the
+    workdir and the step it stopped at) when the run stopped before ``train.steps``: rerunning
+    the same command resumes it from that checkpoint."""
+    path = os.path.join(workdir, SUMMARY)
+    with open(path) as f:
+        summary = json.load(f)
+    if not summary.get("finished", True):
+        raise RunStopped(
+            f"{workdir}: the run stopped at step {summary.get('stopped_at')} of "
+            f"{summary.get('steps')} (SIGTERM / preemption; its {SUMMARY} says finished=false), "
+            "so nothing that depends on it runs; rerun the same command to resume it")
+    return summary
+
+
 def write_summary(run: RunDir, summary: dict) -> None:
     """``summary.json``, atomically, from process 0."""
     if jax.process_index() == 0:

@@ -136,6 +136,33 @@ def test_stage_runner_skips_finished_stages_and_keeps_their_times(tmp_path):
     assert set(again.seconds) == {"a"} and (tmp_path / "a.txt").read_text() == "1"
 
 
+def test_a_stage_stopped_by_sigterm_is_not_done_and_stops_the_pipeline(tmp_path):
+    """A preempted training run writes summary.json with finished=false: the stage that ran it
+    must raise (nothing after it may read the half-trained model) and a rerun must run it
+    again (resume), not skip it as cached."""
+    from dpo_jax import workdir as workdir_lib
+
+    run = tmp_path / "sft"
+    calls = []
+
+    def train(finished):
+        calls.append(finished)
+        run.mkdir(exist_ok=True)
+        (run / "summary.json").write_text(json.dumps(
+            {"steps": 150, "finished": finished, "stopped_at": None if finished else 40}))
+
+    stage = StageRunner.open(tmp_path)
+    with pytest.raises(workdir_lib.RunStopped, match=r"sft.*step 40 of 150.*rerun"):
+        stage("sft", [run / "summary.json"], train, False)
+    assert stage.ran == [] and "sft" not in stage.seconds
+    again = StageRunner.open(tmp_path)
+    again("sft", [run / "summary.json"], train, True)  # not skipped: it resumes and finishes
+    assert again.ran == ["sft"] and calls == [False, True]
+    third = StageRunner.open(tmp_path)
+    third("sft", [run / "summary.json"], train, True)
+    assert third.skipped == ["sft"] and calls == [False, True]
+
+
 def test_default_config_names_no_local_path():
     """The reviews default to the hub (tests/test_imdb_data.py), the paper's tokenizer to the
     model's own."""

@@ -36,17 +36,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from dpo_jax.metrics import read_records  # noqa: E402  (after the path, as a script)
+from dpo_jax.workdir import finished_summary  # noqa: E402
 
 
 def run_stage(variants: str, workdir: str, extra: list[str]) -> dict:
     """``python -m dpo_jax.main --config=configs/hh.py:VARIANTS --workdir=WORKDIR EXTRA``; its
-    summary. Raises CalledProcessError when the stage fails."""
+    summary. Raises CalledProcessError when the stage fails and RunStopped when it was stopped
+    (SIGTERM) before its last step."""
     cmd = [sys.executable, "-m", "dpo_jax.main", f"--config={REPO}/configs/hh.py:{variants}",
            f"--workdir={workdir}", *extra]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return json.load(f)
+    return finished_summary(workdir)  # RunStopped when SIGTERM stopped it: rerun resumes
 
 
 def steady_step_times(records: list[dict], eval_every: int) -> dict[str, float]:

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from dpo_jax.workdir import finished_summary
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # name -> config overrides (beta and loss options from the docs/losses.md table).
@@ -74,7 +76,7 @@ def run_one(label: str, overrides: dict[str, str], steps: int, out: str) -> dict
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
-    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    summary = finished_summary(workdir)  # RunStopped when SIGTERM stopped it
     ev = summary["final_eval"]
     return {"loss": label, "eval_accuracy": ev["rewards/accuracies"],
             "eval_margin": ev["rewards/margins"], "eval_loss": ev["loss"],

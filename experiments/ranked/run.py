@@ -40,6 +40,7 @@ from dpo_jax.data import synthetic
 from dpo_jax.models import Model, model_config_from
 from dpo_jax.step import StepConfig, sequence_stats
 from dpo_jax.tasks import get_task
+from dpo_jax.workdir import finished_summary
 
 METHODS = {
     "pairs": {"data.format": "pairs", "data.synthetic.from_lists": True, "loss.name": "sigmoid",
@@ -111,6 +112,7 @@ def main():
         workdir = os.path.join(args.workdir, name)
         start = time.time()
         get_task("dpo")(c, workdir)
+        finished_summary(workdir)  # RunStopped when SIGTERM stopped it: rerun resumes
         wall = time.time() - start
         s = c.data.synthetic
         task = synthetic.SyntheticTask.from_config(s)

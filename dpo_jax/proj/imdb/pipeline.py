@@ -29,8 +29,21 @@ from typing import Any, Callable
 import ml_collections
 from absl import logging
 
+from dpo_jax import workdir as workdir_lib
 from dpo_jax.proj.imdb import evaluate, runs, stages
 from dpo_jax.proj.imdb.experiment import Experiment
+
+
+def _done(path: pathlib.Path) -> bool:
+    """A stage output counts when it exists; a run's ``summary.json`` only when the run
+    finished (a preempted run writes one too, with ``finished: false``)."""
+    if path.name != workdir_lib.SUMMARY or not path.exists():
+        return path.exists()
+    try:
+        workdir_lib.finished_summary(str(path.parent))
+    except workdir_lib.RunStopped:
+        return False
+    return True
 
 
 @dataclasses.dataclass
@@ -51,15 +64,20 @@ class StageRunner:
 
     def __call__(self, name: str, outputs: list[pathlib.Path], fn: Callable[..., Any],
                  *args: Any) -> None:
-        """``fn(*args)`` unless every path in ``outputs`` exists. Raises RuntimeError when
-        ``fn`` returns without writing all of ``outputs`` (a stage must write what it
-        promises, or a rerun would redo it forever)."""
-        if all(p.exists() for p in outputs):
+        """``fn(*args)`` unless every path in ``outputs`` exists (a run's ``summary.json``:
+        exists and says finished). Raises RuntimeError when ``fn`` returns without writing all
+        of ``outputs`` (a stage must write what it promises, or a rerun would redo it
+        forever), and :class:`~dpo_jax.workdir.RunStopped` when a training stage was stopped
+        by SIGTERM before its last step (its checkpoint is kept; a rerun resumes it)."""
+        if all(_done(p) for p in outputs):
             logging.info("imdb stage %s: cached (%s)", name, outputs[0])
             self.skipped.append(name)
             return
         t0 = time.time()
         fn(*args)
+        for p in outputs:  # a training stage stopped by SIGTERM: nothing after it may run
+            if p.name == workdir_lib.SUMMARY and p.exists():
+                workdir_lib.finished_summary(str(p.parent))
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise RuntimeError(f"imdb stage {name} did not write {missing}")
@@ -73,11 +91,24 @@ class StageRunner:
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Every stage in order (finished ones skipped); returns and writes
-    ``pipeline_summary.json``: ``stages_run``, ``stages_skipped`` and the ``frontier`` points."""
+    ``pipeline_summary.json``: ``finished``, ``stages_run``, ``stages_skipped`` and the
+    ``frontier`` points. A training stage stopped by SIGTERM ends the pipeline there: the
+    returned summary has ``finished: false`` and ``stopped`` (which run, at which step), and
+    rerunning the same command resumes that stage from its checkpoint."""
     d = pathlib.Path(workdir)
     d.mkdir(parents=True, exist_ok=True)
-    exp, c = Experiment(config, d), config.imdb
     stage = StageRunner.open(d)
+    try:
+        return _run_stages(config, d, stage)
+    except workdir_lib.RunStopped as e:
+        logging.warning("imdb pipeline stopped: %s", e)
+        return {"finished": False, "stopped": str(e), "stages_run": stage.ran,
+                "stages_skipped": stage.skipped}
+
+
+def _run_stages(config: ml_collections.ConfigDict, d: pathlib.Path,
+                stage: StageRunner) -> dict[str, Any]:
+    exp, c = Experiment(config, d), config.imdb
     if not c.tokenizer:
         stage("tokenizer", [d / "tokenizer" / "tokenizer.json"], stages.build_tokenizer, exp)
     if not (c.reward_dir or c.hub_reward):
@@ -113,7 +144,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     evaluate.write_compute(exp, variants, stage.seconds)
     evaluate.log_frontier_to_wandb(config, d)
     stage.ran.append("frontier")
-    summary = {"stages_run": stage.ran, "stages_skipped": stage.skipped, "frontier": points,
-               "real_fluency": json.loads((d / "real_fluency.json").read_text())}
+    summary = {"finished": True, "stages_run": stage.ran, "stages_skipped": stage.skipped,
+               "frontier": points, "real_fluency": json.loads((d / "real_fluency.json").read_text())}
     (d / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
