@@ -439,3 +439,12 @@ def routed_experts(rng: np.random.Generator, T: int, E: int, others, D: int = 6,
     gate, up = (rng.normal(size=(E, D, F)).astype(np.float32) for _ in range(2))
     down = rng.normal(size=(E, F, D)).astype(np.float32)
     return x, index, weight, gate, up, down
+
+
+def fast_cases(cases, fast):
+    """``cases`` as pytest parameters, those not in ``fast`` marked ``slow`` (run with
+    ``--run-slow``): the default suite keeps one or two cases of a kind whose other cases
+    exercise the same code path (the suite's 8-minute budget, README); ``--run-slow`` runs
+    them all."""
+    return [c if c in fast else pytest.param(*(c if isinstance(c, tuple) else (c,)),
+                                             marks=pytest.mark.slow) for c in cases]

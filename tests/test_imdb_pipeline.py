@@ -199,7 +199,7 @@ def test_every_stage_config_of_every_variant_is_accepted(variant, tmp_path, monk
     from dpo_jax.models.local import MODELS_ENV, SMOLLM2
     from dpo_jax.proj.imdb import runs
     from dpo_jax.proj.imdb.experiment import Experiment
-    from dpo_jax.workdir import check_run
+    from dpo_jax.workdir import check_run, config_changes, config_dict
 
     tok = chatml_tokenizer()
     if variant == "smollm2":  # a tiny random Llama in place of the real directory
@@ -221,3 +221,11 @@ def test_every_stage_config_of_every_variant_is_accepted(variant, tmp_path, monk
             check_run(cfg)
         except ValueError as e:
             raise AssertionError(f"imdb:{variant} stage {name}: {e}") from e
+    # A run's workdir refuses a rerun whose config changes: the experiment's own block stays
+    # out of every run config, so a new beta or PPO setting reuses the finished SFT stage.
+    assert all("imdb" not in cfg for cfg in derived.values())
+    config.imdb.betas = (0.3,)
+    config.imdb.ppo_target_kls = ()
+    config.imdb.runs.steps = 7
+    again = runs.sft_config(Experiment(config, work))
+    assert config_changes(config_dict(derived["sft"]), config_dict(again)) == {}

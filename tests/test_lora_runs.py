@@ -21,7 +21,8 @@ from tests import helpers, runs
 from tests.runs import with_lora
 
 
-@pytest.mark.parametrize("task,quant", [("dpo", "none"), ("dpo", "nf4"),
+@pytest.mark.parametrize("task,quant", [pytest.param("dpo", "none", marks=pytest.mark.slow),
+                                        ("dpo", "nf4"),
                                         pytest.param("sft", "none", marks=pytest.mark.slow)])
 def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path, task, quant):
     """With adapter dropout (masks drawn from the step), killed after step 3 (checkpoint at 2):

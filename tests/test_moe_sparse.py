@@ -104,7 +104,8 @@ def _rel_close(a, b, rtol):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=rtol * scale), a, b)
 
 
-@pytest.mark.parametrize("shape,layout", CASES)
+# Mixtral's sparse step is checked whole by test_dpo_step_sparse_equals_dense below.
+@pytest.mark.parametrize("shape,layout", helpers.fast_cases(CASES, {("qwen2_moe", "packed")}))
 def test_sequence_logps_router_loss_and_vjp_sparse_equal_dense(shape, layout):
     """The step's per-sequence statistics (summed log-probs, scored counts, router loss) and
     their vector-Jacobian product with a random cotangent: sparse equals dense to float32

@@ -287,8 +287,9 @@ def test_synthetic_lists_binarised_and_labelled():
     assert [e["desirable"] for e in examples[:4]] == list(lists[0]["scores"] >= 0.5)
 
 
-@pytest.mark.parametrize("fmt,layout", [("ranked", "prefix_sharing"), ("unpaired", "prefix_sharing"),
-                                        ("ranked", "packing")])
+@pytest.mark.parametrize("fmt,layout", [
+    pytest.param("ranked", "prefix_sharing", marks=pytest.mark.slow), ("unpaired", "prefix_sharing"),
+    ("ranked", "packing")])
 def test_prefix_shared_and_packed_rows_give_the_unshared_step(fmt, layout):
     """data.prefix_sharing (each prompt once, its K responses -- unpaired: the completion and
     the mismatched KL completion -- as branches) and data.packing (several sequences a row,

@@ -18,7 +18,7 @@ import pytest
 from dpo_jax import checkpoint as ckpt_lib
 from dpo_jax import loop
 from dpo_jax import workdir as workdir_lib
-from tests import runs
+from tests import helpers, runs
 
 # ------------------------------------------------------------------ helpers
 
@@ -74,7 +74,7 @@ def test_interrupted_dpo_run_ends_as_the_uninterrupted_one(dpo_full, tmp_path, i
     assert summary["final_train"]["loss"] == full_summary["final_train"]["loss"]
 
 
-@pytest.mark.parametrize("task", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("task", helpers.fast_cases(["sft", "reward", "ppo"], {"sft", "ppo"}))
 def test_every_task_resumes_exactly(tmp_path, task):
     """Killed right after the checkpoint at step 2 (PPO: with its adaptive KL coefficient, saved
     as its own checkpoint item), the rerun crosses an epoch boundary and ends with the
@@ -124,8 +124,9 @@ def _damage(step_dir, how):
         raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["truncate_all", "delete_params", "empty_step_dir",
-                                 "garbage_data_item", "torn_async_write"])
+@pytest.mark.parametrize("how", helpers.fast_cases(
+    ["truncate_all", "delete_params", "empty_step_dir", "garbage_data_item", "torn_async_write"],
+    {"truncate_all", "torn_async_write"}))
 def test_a_damaged_newest_checkpoint_is_walked_past(dpo_full, tmp_path, how, caplog):
     config, full_dir, _ = dpo_full
     with pytest.raises(loop.Interrupted):
@@ -271,7 +272,8 @@ def test_a_task_calls_another_task_in_process(tmp_path):
 
 @pytest.mark.parametrize("lr,checkpoint_every,message", [
     (1e38, 0, "step 2: non-finite loss, gradient"),  # params huge after step 1, NaN loss at 2
-    (1e39, 1, "step 1: non-finite"),  # lr = inf in float32: step 1's updated params
+    pytest.param(1e39, 1, "step 1: non-finite",  # lr = inf in float32: step 1's updated params
+                 marks=pytest.mark.slow),
 ])
 def test_a_non_finite_step_stops_the_run_and_is_never_checkpointed(tmp_path, lr,
                                                                    checkpoint_every, message):

@@ -18,6 +18,7 @@ from dpo_jax.models.layers import (
     segment_causal_mask,
     token_meta,
 )
+from tests import helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -125,8 +126,8 @@ def test_prefix_branches_read_as_a_tree():
     np.testing.assert_array_equal(flat[i, j], (seg[0, i] == seg[0, j]) & (i - j < 2))
 
 
-@pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("window", [None, 4, "traced"])
+@pytest.mark.parametrize("window,skip", helpers.fast_cases(
+    [(w, s) for s in (False, True) for w in (None, 4, "traced")], {(None, False), ("traced", True)}))
 def test_chunked_attention_from_metadata_equals_dense(window, skip):
     """Attention over query blocks whose masks come from the metadata (never [B,1,T,T])
     equals the dense path on the materialised mask: values and gradients of q, k, v; block 8

@@ -83,11 +83,16 @@ class Experiment:
         return load_imdb(self.imdb.data_dir, split, limit=int(limit) or None)[0]
 
     def run_config(self, task: str, **sections: dict) -> ml_collections.ConfigDict:
-        """A copy of the experiment config for one training run of ``task``: the model's
-        vocabulary taken from the tokenizer (unless ``model.hf_path`` gives a whole model) and
-        ``sections`` (block name -> {field: value}) set on top."""
+        """A copy of the experiment config for one training run of ``task``, less the
+        experiment's own ``imdb`` block: the model's vocabulary taken from the tokenizer
+        (unless ``model.hf_path`` gives a whole model) and ``sections`` (block name ->
+        {field: value}) set on top."""
         c = self.config.copy_and_resolve_references()
         c.unlock()
+        # The run's own workdir remembers this config and refuses a rerun that changes it: the
+        # experiment's block is not the run's (a new beta or PPO setting must not stop a
+        # finished SFT stage from being reused), and the library never reads it.
+        del c["imdb"]
         c.task = task
         if task == "ppo":
             c.ppo = default_ppo_config()
