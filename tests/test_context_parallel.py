@@ -285,11 +285,10 @@ def test_dpo_step_equals_unsharded(model_name, layout, shape):
 def test_long_context_step_equals_unsharded(shape):
     """A 4,096-token DPO step (tiny Llama, chunked attention) with context 8 and fsdp 2 x
     context 4 equals the one-device step, as the short cases above. Its size is the point:
-    with buffers past a few hundred bytes XLA:CPU runs the program's thunks concurrently, and
-    the layer loop's all-gathers and the log-prob halo's collective-permute block pool
-    threads at once; with XLA's default pools (8 threads for 8 fake devices) the 32k-token
-    step deadlocked and this one hangs too unless PJRT_NPROC gives more (tests/conftest.py,
-    dpo_jax.distributed.cpu_pool_threads)."""
+    its devices compute long between collectives, so the layer loop's all-gathers and the
+    log-prob halo's collective-permute block XLA:CPU pool threads at the same time, the
+    pattern that deadlocked the 32k-token step with XLA's default pools (8 threads for 8 fake
+    devices; tests/conftest.py sets PJRT_NPROC, dpo_jax.distributed.cpu_pool_threads)."""
     m_ref, lp_ref, u_ref = _dpo_step("llama-long", "long", None)
     m, lp, u = _dpo_step("llama-long", "long", shape)
     for k in m_ref:
