@@ -54,6 +54,28 @@ def test_fake_cpu_devices_get_four_pool_threads_each_unless_set():
     assert "PJRT_NPROC" not in env
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names from Linux /proc")
+def test_the_suite_runs_xla_cpu_with_four_pool_threads_per_fake_device():
+    """tests/conftest.py's PJRT_NPROC reaches XLA: its intra-op pool (threads named
+    tf_XLAEigen) has that many threads, at least 4 per fake device. With XLA's default of
+    max(cores, devices) a long context-parallel step deadlocked (dpo_jax.distributed); the
+    hang depends on timing, this check does not."""
+    import jax
+
+    assert jax.device_count() == 8
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    want = int(os.environ["PJRT_NPROC"])
+    assert names.count("tf_XLAEigen") == want
+    assert want >= main_lib.CPU_THREADS_PER_DEVICE * jax.device_count(), (
+        "PJRT_NPROC given below 4 threads per fake device")
+
+
 def report_flags(config, workdir):
     """A task for the subprocess below: what the run sees once main() has started it."""
     import jax
