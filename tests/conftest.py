@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU's thread pools get 4 threads per fake device (32; a PJRT_NPROC or NPROC given is
 # kept): a collective blocks its thread until all devices arrive, and with the default
 # max(cores, devices) = 8 threads a long context-parallel step deadlocked
-# (dpo_jax.distributed.cpu_pool_threads explains; test_long_context_parallel_step).
+# (dpo_jax.distributed.cpu_pool_threads explains; test_main_flags.py checks the pool).
 from dpo_jax.distributed import cpu_pool_threads  # noqa: E402  (imports no jax backend)
 
 if (_threads := cpu_pool_threads(os.environ)) is not None:
