@@ -45,12 +45,52 @@ def xla_flags(flags_value: str) -> str:
     return f"{flags_value} {CPU_SCHEDULER_FLAG}".strip()
 
 
+# XLA:CPU runs a program's thunks concurrently, and a collective blocks the thread that runs
+# it until every device of its group has arrived (an in-process rendezvous). Collectives start
+# in program order, but a later one may start before an earlier one ends: they are chained by
+# "scheduling" edges only (xla/runtime/execution_graph.cc), so e.g. a collective-permute after
+# a layer loop starts once the loop's body goes asynchronous, while the body's all-gathers
+# still block. All the fake devices of a process share one intra-op pool of max(cores,
+# devices) threads (xla/pjrt/cpu/cpu_client.cc): with about two blocked collectives per
+# device the pool is used up before the last devices reach their rendezvous, and the program
+# hangs with no CPU use. Seen on a 2-core host: a 32k-token context-parallel DPO step on 8
+# fake devices: 13 threads blocked in an all-gather and a collective-permute (all 8 pool
+# threads and 5 of the 8 dispatch threads; the other 3 waited for their devices' programs),
+# the rest of the program queued behind them (experiments/bench/README.md). XLA sizes its
+# CPU pools (intra-op and dispatch) from the PJRT_NPROC variable (xla/pjrt/utils.cc,
+# DefaultThreadPoolSize), so runs on fake devices get CPU_THREADS_PER_DEVICE threads per
+# device; blocked threads cost no CPU.
+CPU_THREADS_PER_DEVICE = 4
+_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def host_device_count(flags_value: str) -> int:
+    """The ``--xla_force_host_platform_device_count`` in an ``XLA_FLAGS`` value (the last one
+    wins, as in XLA), else 1."""
+    found = _DEVICE_COUNT.findall(flags_value)
+    return int(found[-1]) if found else 1
+
+
+def cpu_pool_threads(environ: Mapping[str, str], cores: int | None = None) -> int | None:
+    """The ``PJRT_NPROC`` to set for ``environ``: max(cores, :data:`CPU_THREADS_PER_DEVICE` x
+    the fake CPU devices of its ``XLA_FLAGS``) when there are several and neither
+    ``PJRT_NPROC`` nor ``NPROC`` is set (XLA reads both; a user's value is kept), else None.
+    ``cores``: ``os.cpu_count()`` unless given."""
+    devices = host_device_count(environ.get("XLA_FLAGS", ""))
+    if devices <= 1 or "PJRT_NPROC" in environ or "NPROC" in environ:
+        return None
+    return max(cores or os.cpu_count() or 1, CPU_THREADS_PER_DEVICE * devices)
+
+
 def set_xla_flags(environ=os.environ) -> None:
-    """Set ``environ['XLA_FLAGS']`` to :func:`xla_flags` of it. XLA reads the variable when jax
-    initialises its backends (the first ``jax.devices()``, not ``import jax``), so
-    ``dpo_jax.main.main`` calls this before anything touches a device; importing a module changes
-    nothing."""
+    """Set ``environ['XLA_FLAGS']`` to :func:`xla_flags` of it and ``PJRT_NPROC`` to
+    :func:`cpu_pool_threads` where that is not None. XLA reads both when jax initialises its
+    backends (the first ``jax.devices()``, not ``import jax``), so ``dpo_jax.main.main`` calls
+    this before anything touches a device; importing a module changes nothing."""
     environ["XLA_FLAGS"] = xla_flags(environ.get("XLA_FLAGS", ""))
+    threads = cpu_pool_threads(environ)
+    if threads is not None:
+        environ["PJRT_NPROC"] = str(threads)
 
 
 @dataclasses.dataclass(frozen=True)

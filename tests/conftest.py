@@ -18,6 +18,14 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU's thread pools get 4 threads per fake device (32; a PJRT_NPROC or NPROC given is
+# kept): a collective blocks its thread until all devices arrive, and with the default
+# max(cores, devices) = 8 threads a long context-parallel step deadlocked
+# (dpo_jax.distributed.cpu_pool_threads explains; test_main_flags.py checks the pool).
+from dpo_jax.distributed import cpu_pool_threads  # noqa: E402  (imports no jax backend)
+
+if (_threads := cpu_pool_threads(os.environ)) is not None:
+    os.environ["PJRT_NPROC"] = str(_threads)
 # One persistent XLA compilation cache for the whole suite (and its xdist workers): most tests
 # build tiny runs that compile the same programs, which then compile once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(

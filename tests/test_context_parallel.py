@@ -181,7 +181,19 @@ def test_sequence_logps_equal_unsharded(shape):
 # ----------------------------------------------------------------------------- the DPO step
 
 
+LONG = 4096  # tokens per row of the "long" layout
+
+
 def _batch(layout: str):
+    if layout == "long":  # 2 pairs of LONG-token rows (chosen rows first), each pair's rows
+        rng = np.random.default_rng(0)  # sharing a prompt, 256 scored tokens per row
+        ids = rng.integers(0, 128, (4, LONG), dtype=np.int32)
+        ids[2:, :LONG - 256] = ids[:2, :LONG - 256]
+        mask = np.zeros((4, LONG), np.float32)
+        mask[:, LONG - 256:] = 1.0
+        return {"input_ids": ids, "positions": np.tile(np.arange(LONG, dtype=np.int32), (4, 1)),
+                "segment_ids": np.ones_like(ids), "loss_mask": mask,
+                "pair_weight": np.ones((2,), np.float32)}
     if layout == "trees":  # preference trees (issue 31): packed conversations, DFS intervals
         from tests.test_trees import forest, tree_batch
         return tree_batch(forest(8, seed=4, branch_points=16), row_multiple=4, packing=True,
@@ -195,6 +207,9 @@ def _batch(layout: str):
 
 
 def _model(name: str) -> Model:
+    if name == "llama-long":  # query blocks of 128 rows: 4 to 32 per device at LONG tokens
+        return Model(preset("tiny-llama", attention_impl="chunked", attention_chunk=128,
+                            max_len=LONG))
     if name == "gemma":  # a sliding window of 4 on every other layer, both soft-caps, chunked
         return Model(preset("tiny-gemma", attention_impl="chunked", attention_chunk=4))
     return Model(preset("tiny-llama"))
@@ -254,6 +269,10 @@ def test_dpo_step_equals_unsharded(model_name, layout, shape):
     """One DPO train step with the sequence split equals the one-device step: every metric
     (loss, rewards, log-prob means), each sequence's summed log-prob and the update (the
     gradients), to float32 round-off."""
+    _assert_step_equals_unsharded(model_name, layout, shape)
+
+
+def _assert_step_equals_unsharded(model_name, layout, shape):
     m_ref, lp_ref, u_ref = _dpo_step(model_name, layout, None)
     m, lp, u = _dpo_step(model_name, layout, shape)
     assert set(m) == set(m_ref)
@@ -263,6 +282,20 @@ def test_dpo_step_equals_unsharded(model_name, layout, shape):
     scale = helpers.global_norm(u_ref)
     assert scale > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale), u, u_ref)
+
+
+@pytest.mark.slow  # two 4k-token steps and the one-device step: minutes on 2 loaded cores
+@pytest.mark.parametrize("shape", [(1, 1, 8, 1), (1, 2, 4, 1)])
+def test_long_context_step_equals_unsharded(shape):
+    """A 4,096-token DPO step (tiny Llama, chunked attention) with context 8 and fsdp 2 x
+    context 4 equals the one-device step, as the short cases above. Its size is the point:
+    its devices compute long between collectives, so the layer loop's all-gathers and the
+    log-prob halo's collective-permute block XLA:CPU pool threads at the same time, the
+    pattern that deadlocked the 32k-token step with XLA's default pools (8 threads for 8 fake
+    devices; tests/conftest.py sets PJRT_NPROC, dpo_jax.distributed.cpu_pool_threads). The
+    hang depends on timing (with 8 threads this step once completed); the pool size itself is
+    checked in test_main_flags.py."""
+    _assert_step_equals_unsharded("llama-long", "long", shape)
 
 
 # ----------------------------------------------------------------------------- configs, a run

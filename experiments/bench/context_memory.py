@@ -18,8 +18,11 @@ pairs, each row ``--tokens`` long, a shared prompt and ``--response`` scored tok
 response. Memory is XLA's buffer assignment of the compiled SPMD program, per device:
 arguments (state shard + batch shard), temporaries, and peak = arguments + outputs - donated
 (aliased) + temporaries. ``--run`` also executes the step once on random parameters and
-reports its wall time and the process' peak RSS (``ru_maxrss``; the host holds all 8 fake
-devices' buffers). One JSON line per mesh.
+reports its wall time, its loss, gradient norm and summed log-probs (``1,1,1,1``: the same
+step unsharded, on the first device) and the process' peak RSS (``ru_maxrss``, over the whole
+process so far; the host holds all the fake devices' buffers). One JSON line per mesh.
+``PJRT_NPROC`` (XLA:CPU's thread pools) is set as ``dpo_jax.distributed.cpu_pool_threads``
+says unless given: with fewer threads the 32k step deadlocks.
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ def main() -> None:
                                " --xla_cpu_collective_call_terminate_timeout_seconds=7200"
                                " --xla_cpu_collective_timeout_seconds=7200")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # XLA:CPU's pools, CPU_THREADS_PER_DEVICE threads per fake device: a collective blocks its
+    # thread, and with the default max(cores, devices) threads the --run step at 32k tokens
+    # deadlocked (dpo_jax/distributed.py explains)
+    from dpo_jax.distributed import cpu_pool_threads
+    threads = cpu_pool_threads(os.environ)
+    if threads is not None:
+        os.environ["PJRT_NPROC"] = str(threads)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -106,7 +116,9 @@ def main() -> None:
     bf16 = jnp.dtype("bfloat16")
     for text in args.meshes:
         shape = dict(zip(sharding.MESH_AXES, (int(x) for x in text.split(","))))
-        mesh = sharding.make_mesh(shape)
+        # a mesh of fewer devices (1,1,1,1: the unsharded step) takes the first ones
+        mesh = sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(list(
+            shape.values())))])
         shardings = param_shardings(model, mesh, sharding.DEFAULT_RULES)
         opt_shape = jax.eval_shape(tx.init, model.abstract_params())
         abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
@@ -155,11 +167,13 @@ def main() -> None:
                 _, metrics = compiled(live, data)
                 metrics = jax.device_get(metrics)
             out.update(step_s=round(time.perf_counter() - t0, 1),
-                       loss=round(float(metrics["loss"]), 6),
+                       **{k: float(metrics[k]) for k in ("loss", "grad_norm", "logps/chosen",
+                                                         "logps/rejected")},
                        max_rss_GiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                          * 1024 / GiB, 2))
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        print(json.dumps(dict(out, load_avg_1min=load)), flush=True)
+        print(json.dumps(dict(out, load_avg_1min=load,
+                              pjrt_nproc=os.environ.get("PJRT_NPROC"))), flush=True)
 
 
 if __name__ == "__main__":
