@@ -13,8 +13,9 @@ Variants (``:name``):
   * ``gpu``   -- the same recipe at GPT-2-small shape on all reviews (one accelerator).
   * ``smollm2`` -- a real pretrained LM offline: SmolLM2-135M-Instruct (``$DPO_JAX_MODELS``,
     ``bash ../shared/models/smollm2.sh``) with its own tokenizer, SFT on IMDb first, 24-token
-    continuations, 3 betas + Preferred-FT, PPO at 2 target KLs + PPO-GT, Best-of-N; the
-    samples' fluency as their perplexity under SFT beside the real reviews'.
+    continuations, DPO at 2 betas + Preferred-FT, PPO-GT, Best-of-N (what ran in about an hour
+    of the 2-core CPU: experiments/imdb/README.md section 7); the samples' fluency as their
+    perplexity under SFT beside the real reviews'.
   * ``paper`` -- gpt2-large from ``model.hf_path`` (hub or a local directory) with its own
     tokenizer, reward ``siebert/sentiment-roberta-large-english`` through
     ``HubSentimentReward`` (needs network/hub cache; never run here).
@@ -113,26 +114,30 @@ def _smollm2(c) -> None:
     IMDb reviews first (as the paper does with GPT-2-large), short prefixes and continuations,
     the offline n-gram sentiment classifier as the ground truth. Everything is the paper's
     pipeline at a smaller count: 24-token continuations (paper: up to 128 with GPT-2-large),
-    256 train prefixes x 4 samples, 3 betas, PPO at 2 target KLs and PPO-GT at 1."""
+    256 train prefixes x 4 samples, DPO at beta 0.1 and 2 and Preferred-FT (50 steps of 16
+    pairs), PPO-GT at target KL 6 (20 iterations of 32 rollouts, 2 epochs x 2 minibatches),
+    no PPO against a learned reward model (set ``imdb.ppo_target_kls`` to add it: a reward
+    model stage and one run per target). This is what ran in the 2026-12-06 session, about
+    an hour of stage time (experiments/imdb/README.md section 7)."""
     c.model.overrides = ml_collections.ConfigDict()  # the checkpoint's own shape
     c.model.hf_path = local_model(SMOLLM2)
     c.imdb.tokenizer = c.model.hf_path  # its own tokenizer (EOS <|im_end|> ends a review)
     c.imdb.update(sft_max_length=48, sft_eval_size=256, num_train_prefixes=256,
                   num_test_prefixes=128, max_new_tokens=24, sample_batch=128,
-                  betas=(0.1, 0.5, 2.0), baselines=("preferred_ft",), online_iterations=(),
-                  eval_every=25, best_of_n=(2, 4, 16))
+                  betas=(0.1, 2.0), baselines=("preferred_ft",), online_iterations=(),
+                  eval_every=10, best_of_n=(2, 4, 16))
     # a pretrained model: small steps (the paper's 1e-6 for GPT-2-large over 5,000 steps of 64
     # would barely move in 100 steps of 16), AdamW, no clipping change from the paper's code
     c.imdb.sft.update(steps=150, batch_size=16, lr=2e-5, warmup_steps=10, eval_every=75,
                       checkpoint_every=75)
-    c.imdb.runs.update(steps=100, batch_size=16, lr=5e-6, sft_lr=5e-6, optim="adamw",
+    c.imdb.runs.update(steps=50, batch_size=16, lr=1e-5, sft_lr=1e-5, optim="adamw",
                        warmup_steps=10, eval_every=0, eval_pairs=64)
     c.imdb.reward_model.update(steps=100, batch_size=16, lr=1e-5, warmup_steps=10,
                                eval_fraction=0.1)
-    c.imdb.ppo_target_kls = (3.0, 9.0)
+    c.imdb.ppo_target_kls = ()
     c.imdb.ppo_gt_target_kls = (6.0,)
-    c.imdb.ppo.update(steps=30, batch_size=32, lr=5e-6, warmup_steps=0, max_grad_norm=1.0,
-                      epochs=4, minibatches=4, init_kl_coef=0.1, kl_horizon=1000, eval_every=10)
+    c.imdb.ppo.update(steps=20, batch_size=32, lr=5e-6, warmup_steps=0, max_grad_norm=1.0,
+                      epochs=2, minibatches=2, init_kl_coef=0.1, kl_horizon=1000, eval_every=10)
     c.imdb.ppo_gt.update(kl_horizon=200, eval_every=10)
 
 
