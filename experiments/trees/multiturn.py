@@ -109,6 +109,37 @@ def tokens_per_step(c, batches: int = 16) -> dict:
     return {"tokens": float(np.mean(real)), "columns": float(np.mean(padded))}
 
 
+def table(results: dict) -> str:
+    """Markdown tables of ``results``: per method and turn depth the held-out accuracy and mean
+    margin, mean over seeds with the half range (max - min) / 2 and each seed's value; then the
+    tokens per step and train wall times."""
+    runs = [r for r in results["runs"].values() if r["method"] != "reference"]  # margins 0
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    depths = sorted({d for r in runs for d in r["eval"]})
+    lines = ["| method | " + " | ".join(f"turn {d.split('_')[1]} accuracy" for d in depths)
+             + " | " + " | ".join(f"turn {d.split('_')[1]} margin" for d in depths) + " |",
+             "| --- |" + " --- |" * (2 * len(depths))]
+    for m in methods:
+        rs = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
+        cells = []
+        for key in ("accuracy", "margin"):
+            for d in depths:
+                v = np.asarray([r["eval"][d][key] for r in rs])
+                each = " ".join(f"{x:.3f}" for x in v)
+                cells.append(f"{v.mean():.3f} ± {np.ptp(v) / 2:.3f} [{each}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | tokens / step | padded columns / step | train wall s (per seed) |",
+              "| --- | --- | --- | --- |"]
+    for m in methods:
+        rs = sorted((r for r in runs if r["method"] == m and "tokens" in r),
+                    key=lambda r: r["seed"])
+        if rs:
+            lines.append(f"| {m} | {np.mean([r['tokens'] for r in rs]):.0f} | "
+                         f"{np.mean([r['columns'] for r in rs]):.0f} | "
+                         + " ".join(f"{r['train_wall_s']:.0f}" for r in rs) + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
@@ -120,7 +151,17 @@ def main():
     parser.add_argument("--batch", type=int, default=32, help="conversations per step")
     parser.add_argument("--num_train", type=int, default=4096)
     parser.add_argument("--num_eval", type=int, default=512)
+    parser.add_argument("--table", action="store_true",
+                        help="only print the tables of WORKDIR/results.json (WORKDIR: a "
+                        "comma list merges several)")
     args = parser.parse_args()
+    if args.table:  # WORKDIR may be a comma list (seeds run as separate processes)
+        merged = {"runs": {}}
+        for w in args.workdir.split(","):
+            with open(os.path.join(w, "results.json")) as f:
+                merged["runs"].update(json.load(f)["runs"])
+        print(table(merged))
+        return
     results = {"args": vars(args), "runs": {}}
     for seed in map(int, args.seeds.split(",")):
         args.seed = seed
@@ -139,6 +180,7 @@ def main():
                                                  "eval": per_depth(c, None)}
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    print(table(results))
 
 
 if __name__ == "__main__":
