@@ -432,10 +432,10 @@ def validate(c: DataConfig | Mapping[str, Any]) -> None:
     fmt = c.format
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
-    if c.source == "synthetic":
+    if c.spec.tokenised:  # the synthetic task: its conversations' fields
         _validate_turns(c.synthetic, fmt)
     if fmt == "trees":
-        if c.source not in ("generic", "synthetic") or c.mixed:
+        if not (c.source == "generic" or c.spec.tokenised) or c.mixed:
             raise ValueError("data.format='trees' reads one generic source (data.source="
                              f"'generic', data.path: local files or a hub name) or the "
                              f"synthetic conversations (data.source='synthetic'); got "
