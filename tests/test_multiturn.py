@@ -146,18 +146,10 @@ def test_synthetic_trees_see_exactly_the_unrolled_histories():
     under the tree mask, exactly the (position, token) keys of its unrolled pair sequence
     before it, and every slot scores its response's tokens in order: the trees are well
     formed and score what the unrolled pairs score."""
-    from tests.test_trees import _rows_of_sequences
+    from tests.test_trees import assert_sees_unrolled_histories
 
     batch, pairs = _first_batch_and_pairs()
-    B = len(pairs)
-    got = _rows_of_sequences(batch, B)
-    assert sorted(got) == list(range(2 * B))
-    for s, toks in got.items():
-        p = pairs[s % B]
-        seq = np.concatenate([p["prompt"], p["chosen" if s < B else "rejected"]])
-        assert [t for _, t in toks] == seq[len(p["prompt"]):].tolist()
-        for n, (seen, _) in enumerate(toks):
-            assert seen == list(enumerate(seq[:len(p["prompt"]) + n].tolist()))
+    assert_sees_unrolled_histories(batch, pairs)
 
 
 @pytest.mark.slow

@@ -21,7 +21,9 @@ runs them once (T(U + 2R) columns, U / R the user / response lengths), the pairs
 the shared part (2 T(U + R)); the measured non-padding tokens and padded columns per step are
 reported (trees use fewer). Metric, on held-out conversations (``eval_seed``): at every turn
 depth, the fraction of branch points whose implicit reward ``beta * (log pi - log pi_ref)``
-ranks the higher-true-reward alternative first (beta > 0 only scales it), and the mean margin.
+ranks the higher-true-reward alternative first (beta > 0 only scales it; a tie, as under the
+reference itself, counts as wrong), and the mean margin of the log-ratios (chosen minus
+rejected, in nats: the implicit reward margin divided by beta).
 
     python experiments/trees/multiturn.py --workdir=runs/trees_mt --seeds=0,1 [--steps=200]
 
