@@ -336,12 +336,14 @@ def _check_data_format(config, data: DataConfig) -> None:
     if fmt == "trees":
         listwise = int(data.tree_responses) > 2
         if (config.task != "dpo" or "kto" in loss.split(",")
-                or (loss == "plackett_luce") != listwise or config.logprobs.precompute_reference
+                or (loss == "plackett_luce") != listwise
+                or (listwise and config.logprobs.precompute_reference)
                 or int(config.optim.grad_accum) != 1):
             raise ValueError(
                 "data.format='trees' trains task 'dpo' with a pairwise loss at binary branch "
-                "points (data.tree_responses=2) or loss.name='plackett_luce' at K-way ones "
-                "(tree_responses > 2), logprobs.precompute_reference=False and optim.grad_accum"
+                "points (data.tree_responses=2; stored reference log-probs allowed) or "
+                "loss.name='plackett_luce' at K-way ones (tree_responses > 2, "
+                "logprobs.precompute_reference=False), and optim.grad_accum"
                 f"=1; got task {config.task!r}, loss.name={loss!r}, tree_responses="
                 f"{data.tree_responses}, precompute_reference="
                 f"{config.logprobs.precompute_reference}, grad_accum={config.optim.grad_accum}")

@@ -18,6 +18,7 @@ from dpo_jax import ches_filter as ches_lib
 from dpo_jax import data as data_lib
 from dpo_jax import sharding as shard_lib
 from dpo_jax import reference as ref_lib
+from dpo_jax.data import tree_data
 from dpo_jax.data.checks import check_fits_model
 from dpo_jax.data.loading import load_mixture_pairs, pipeline_class
 from dpo_jax.data.ranked import pair_views
@@ -111,15 +112,19 @@ def preference_streams(rc, splits, *, model_cfg, mesh, reference=None, ches=None
         filter_by_ches(rc, pairs, stats, model=model, params=params, cache_dir=cache_dir,
                        mesh=mesh, pad_id=pad_id)
     stored = {}
-    if reference is not None and rc.data.format != "pairs":
+    if reference is not None and rc.data.format not in ("pairs", "trees"):
         raise ValueError(f"data.format={rc.data.format!r}: stored reference log-probs are for "
-                         "pairs; set logprobs.precompute_reference=False")
+                         "pairs and binary preference trees; set "
+                         "logprobs.precompute_reference=False")
     if reference is not None:
         model, ref_params, cache_dir = reference
         src = rc.param_sources
         # A mixture's per-source eval splits are slices of 'eval': computed once, sliced below.
+        # Trees: their branch points unrolled into pairs, in tree order (one row each, what
+        # TreePipeline(reference=...) reads; equal to the tree forward's to round-off).
+        as_pairs = tree_data.unrolled_pairs if rc.data.format == "trees" else (lambda x: x)
         stored, info = ref_lib.reference_logps(
-            model, ref_params, {k: v for k, v in pairs.items() if "/" not in k},
+            model, ref_params, {k: as_pairs(v) for k, v in pairs.items() if "/" not in k},
             data_cfg=rc.data, step_cfg=rc.step, mesh=mesh,
             batch_size=rc.train.eval_batch_size, cache_dir=cache_dir,
             tokenizer_name=str(rc.data.tokenizer), pad_id=pad_id,

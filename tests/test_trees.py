@@ -143,7 +143,13 @@ def test_every_scored_token_sees_exactly_its_unrolled_history():
     tree_bps = forest(12, seed=1)
     batch = tree_batch(tree_bps, packing=True, pack_length=96, buckets=[96])
     assert batch["segment_ids"].max() >= 2
-    pairs = unrolled_pairs(tree_bps)
+    assert_sees_unrolled_histories(batch, unrolled_pairs(tree_bps))
+
+
+def assert_sees_unrolled_histories(batch, pairs) -> None:
+    """Every scored token of the tree ``batch`` (its branch points are ``pairs``, in slot
+    order) is predicted from a column that sees exactly the (position, token) keys of its
+    unrolled sequence before it, and every slot scores its response's tokens in order."""
     B = len(pairs)
     got = _rows_of_sequences(batch, B)
     assert sorted(got) == list(range(2 * B))

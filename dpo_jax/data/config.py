@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from dpo_jax.data.synthetic import EOS_ID
+from dpo_jax.data.synthetic import CONVERSATION_PAIRS, EOS_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,15 @@ class SyntheticConfig:
     # pairs / unpaired from the ranked lists instead: the best response vs a random lower one /
     # every response labelled desirable when its true reward >= 0.5
     from_lists: bool = False
+    # multi-turn conversations (synthetic.make_conversations; issue 31): rounds per
+    # conversation (1 = the single-turn task above), the liked class's shift per turn (0: one
+    # rule at every turn), and what format='pairs' keeps of each conversation ('last_turn': the
+    # final turn's pair after the full history; 'whole': all-chosen vs all-rejected
+    # conversation). format='trees': a branch point at every turn. num_train / num_eval count
+    # conversations.
+    turns: int = 1
+    turn_shift: int = 0
+    conversation_pairs: str = "last_turn"
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -373,6 +382,20 @@ def read_run_data(config) -> DataConfig:
     return read_data(block)
 
 
+def _validate_turns(s: SyntheticConfig, fmt: str) -> None:
+    """The multi-turn fields of ``data.synthetic``; ValueError naming the field."""
+    if int(s.turns) < 1:
+        raise ValueError(f"data.synthetic.turns must be >= 1, got {s.turns}")
+    if s.conversation_pairs not in CONVERSATION_PAIRS:
+        raise ValueError(f"data.synthetic.conversation_pairs must be one of "
+                         f"{CONVERSATION_PAIRS}, got {s.conversation_pairs!r}")
+    multi = int(s.turns) > 1 or fmt == "trees"
+    if multi and (fmt not in ("pairs", "trees") or s.from_lists):
+        raise ValueError(f"data.synthetic.turns={s.turns} (conversations) reads as "
+                         f"data.format 'pairs' or 'trees' without data.synthetic.from_lists; got "
+                         f"format {fmt!r}, from_lists={s.from_lists}")
+
+
 def validate(c: DataConfig | Mapping[str, Any]) -> None:
     """Fail early on settings that would otherwise fail deep inside the pipeline (a raw block is
     read by :func:`read_data`, which validates it). Raises ValueError naming the field."""
@@ -409,10 +432,13 @@ def validate(c: DataConfig | Mapping[str, Any]) -> None:
     fmt = c.format
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
+    if c.spec.tokenised:  # the synthetic task: its conversations' fields
+        _validate_turns(c.synthetic, fmt)
     if fmt == "trees":
-        if c.source != "generic" or c.mixed:
+        if not (c.source == "generic" or c.spec.tokenised) or c.mixed:
             raise ValueError("data.format='trees' reads one generic source (data.source="
-                             f"'generic', data.path: local files or a hub name); got "
+                             f"'generic', data.path: local files or a hub name) or the "
+                             f"synthetic conversations (data.source='synthetic'); got "
                              f"{c.source!r}")
         if c.prefix_sharing:
             raise ValueError("data.format='trees' already shares every common prefix: set "

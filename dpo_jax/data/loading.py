@@ -29,6 +29,7 @@ from dpo_jax.data.sources import (HUB_NAMES, PARSERS, RawPair, _cap_per_prompt, 
                                   hold_out_prompts, prompt_key, same_rows_for_both_splits)
 from dpo_jax.data.stackexchange import load_se_pairs
 from dpo_jax.data.tokenize import PairTokenizer, TokenPair, length_summary, load_tokenizer
+from dpo_jax.data.trees import BranchPoint
 from dpo_jax.data.tree_data import (TreePipeline, branch_point_lengths, encode_trees,
                                     group_trees, parse_tree_row)
 from dpo_jax.data.unpaired import (UnpairedPipeline, checked_unpaired, unpair_tokens,
@@ -296,6 +297,42 @@ def _synthetic_items(cfg, split: str, fmt: str) -> list[Item]:
             for it in synthetic.make_ranked(task, n, seed, int(s.num_responses))]
 
 
+def _synthetic_trees(cfg, split: str, bad: BadRows) -> list[dict]:
+    """The synthetic conversations of ``split`` as preference trees (``data.format='trees'``,
+    ``synthetic.conversation_branch_points``): a branch point at every turn, each checked as a
+    ranked list (``ranked._checked_list``); a conversation with a bad branch point is dropped
+    whole (``bad`` raises or counts). Weights: ``tree_depth_decay ** depth``. Raises DataError
+    for a conversation longer than ``data.max_length`` at any branch point."""
+    s = cfg.synthetic
+    task = synthetic.SyntheticTask.from_config(s)
+    seed = s.train_seed if split == "train" else s.eval_seed
+    n = s.num_train if split == "train" else (
+        s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval))
+    convs = synthetic.make_conversations(task, n, seed, int(s.turns), int(s.turn_shift))
+    out = []
+    for i, conv in enumerate(convs[: cfg.max_pairs or None]):
+        try:
+            points = []
+            for bp in synthetic.conversation_branch_points(conv):
+                longest = len(bp["history"]) + max(map(len, bp["responses"]))
+                if longest > cfg.max_length:
+                    raise DataError(f"turn {bp['depth']} needs {longest} tokens > data.max_length "
+                                    f"{cfg.max_length}", file=cfg.source, row=i,
+                                    field=f"turns[{bp['depth']}]", reason="prompt_too_long")
+                c = _checked_list(bp["history"], bp["responses"], [1.0, 0.0],
+                                  end_ids=set(cfg.spec.end_ids), is_blank=None, file=cfg.source,
+                                  row=i, fields=[f"turns[{bp['depth']}].chosen",
+                                                 f"turns[{bp['depth']}].rejected"])
+                points.append(BranchPoint(c["prompt"], list(c["responses"]),
+                                          [int(r) for r in c["ranks"]],
+                                          float(cfg.tree_depth_decay ** bp["depth"]),
+                                          bp["depth"]))
+            out.append({"branch_points": points})
+        except DataError as e:
+            bad.handle(e)
+    return out
+
+
 def _checked_synthetic(cfg, split: str, bad: BadRows) -> list[Item]:
     """The synthetic source's checked items of ``split`` (``data.format`` ranked / unpaired)."""
     items = []
@@ -324,7 +361,9 @@ def load_tokenised_items(cfg, split: str, tokenizer=None, *,
     fmt = cfg.format
     bad = BadRows(cfg.on_bad_row)
     stats: dict[str, Any] = {}
-    if fmt == "trees":
+    if fmt == "trees" and cfg.spec.tokenised:  # the synthetic conversations
+        items = _synthetic_trees(cfg, split, bad)
+    elif fmt == "trees":
         def encode(encoder, raw, bad):
             grouped = group_trees(raw)
             return encode_trees(encoder, grouped, bad, cfg.tree_depth_decay), None
@@ -358,7 +397,8 @@ def load_tokenised_items(cfg, split: str, tokenizer=None, *,
         raise DataError(f"no usable {fmt} items in split {split!r}", file=cfg.path or cfg.source)
     if cfg.spec.tokenised and split == "eval":
         if train_items is None:
-            train_items = _checked_synthetic(cfg, "train", BadRows("skip", max_logged=0))
+            train_items = (_synthetic_trees if fmt == "trees" else _checked_synthetic)(
+                cfg, "train", BadRows("skip", max_logged=0))
         stats.update(overlap_stats(items, train_items))
     warn_overlap(stats, len(items))
     stats["bad_rows_skipped"] = dict(bad.counts)

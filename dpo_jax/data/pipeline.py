@@ -29,7 +29,8 @@ log = logging.getLogger("dpo_jax.data")
 
 def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
     """The synthetic task's pairs of ``split``: train from ``train_seed``, eval from
-    ``eval_seed`` (its first ``eval_size`` when > 0), before ``max_pairs``."""
+    ``eval_seed`` (its first ``eval_size`` when > 0), before ``max_pairs``. With
+    ``synthetic.turns > 1``: one pair per conversation (``synthetic.conversation_pair``)."""
     s = cfg.synthetic
     task = synthetic.SyntheticTask.from_config(s)
     if split == "train":
@@ -37,6 +38,10 @@ def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
     else:
         n = s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval)
         seed = s.eval_seed
+    if int(s.turns) > 1:  # one pair per conversation (data.synthetic.conversation_pairs)
+        return [synthetic.conversation_pair(c, s.conversation_pairs)
+                for c in synthetic.make_conversations(task, n, seed, int(s.turns),
+                                                      int(s.turn_shift))]
     if s.from_lists:  # the binarised ranked lists (data/ranked.py's synthetic lists)
         return synthetic.best_vs_random(
             synthetic.make_ranked(task, n, seed, int(s.num_responses)), seed)

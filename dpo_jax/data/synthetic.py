@@ -127,3 +127,122 @@ def labelled(lists: list[dict], threshold: float = 0.5) -> list[dict]:
     at least ``threshold`` (an absolute thumbs-up, as unpaired feedback is collected)."""
     return [{"prompt": it["prompt"], "completion": r, "desirable": bool(s >= threshold)}
             for it in lists for r, s in zip(it["responses"], it["scores"])]
+
+
+# ------------------------------------------------------------------ multi-turn conversations
+#
+# The task extended to turns (issue 31, item 5): a conversation is T rounds of a user turn (its
+# own topic token, then ``prompt_len`` content tokens) and an assistant turn (``response_len``
+# content tokens). The true reward of an assistant turn is the fraction of its content tokens
+# liked under its own turn's topic, with the liked class shifted by ``turn_shift`` per turn:
+# content ``c`` is liked at turn ``t`` (0-based) under topic ``k`` when
+# ``c % num_topics == (k - 1 + t * turn_shift) % num_topics``. With ``turn_shift`` 0 one rule
+# holds at every turn (the policy must find the latest topic token in a long history); with
+# ``turn_shift`` != 0 the preference also depends on how many turns came before, so the history
+# decides which tokens are liked. At every turn two alternatives are drawn (each its own uniform
+# liked-token rate, true rewards at least ``min_gap`` apart); the chosen one (higher reward)
+# continues the conversation. Inside a conversation an assistant turn has no end token: the next
+# user turn's topic token delimits it (as ``"\n\nHuman:"`` does in HH); a response that is
+# scored gets EOS.
+
+
+def liked_class(task: SyntheticTask, topic: int, turn: int, turn_shift: int) -> int:
+    """The residue ``c % num_topics`` of the content tokens liked at ``turn`` under ``topic``."""
+    return (topic - 1 + turn * turn_shift) % task.num_topics
+
+
+def turn_reward(task: SyntheticTask, topic: int, turn: int, response: np.ndarray,
+                turn_shift: int = 0) -> float:
+    """True reward of an assistant turn: the fraction of its content tokens (EOS and topic
+    tokens ignored) liked at ``turn`` under ``topic`` (module section above); 0 with none."""
+    response = np.asarray(response)
+    content = response[response >= task.first_content]
+    if content.size == 0:
+        return 0.0
+    return float(np.mean(content % task.num_topics == liked_class(task, topic, turn, turn_shift)))
+
+
+def make_conversations(task: SyntheticTask, num: int, seed: int, turns: int,
+                       turn_shift: int = 0) -> list[dict]:
+    """``num`` conversations of ``turns`` rounds (module section above), from ``seed``.
+
+    Each is ``{"topics": [T] ints, "users": [T] int32 arrays (topic token + content),
+    "chosen": [T], "rejected": [T] int32 arrays (content only, no EOS), "rewards": float32
+    [T, 2] (true reward of chosen, rejected per turn)}``. Raises ValueError for ``turns < 1``."""
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    rng = np.random.default_rng([seed, 31, turns])
+    content = np.arange(task.first_content, task.vocab_size)
+    out = []
+    for _ in range(num):
+        conv = {"topics": [], "users": [], "chosen": [], "rejected": [], "rewards": []}
+        for t in range(turns):
+            topic, user = _sample_prompt(task, rng)
+            cls = liked_class(task, topic, t, turn_shift)
+            liked, other = content[content % task.num_topics == cls], \
+                content[content % task.num_topics != cls]
+            while True:
+                pair = []
+                for _ in range(2):
+                    n = int(rng.integers(task.response_len[0], task.response_len[1] + 1))
+                    take = rng.random(n) < rng.random()
+                    pair.append(np.where(take, rng.choice(liked, n),
+                                         rng.choice(other, n)).astype(np.int32))
+                ra, rb = (turn_reward(task, topic, t, r, turn_shift) for r in pair)
+                if abs(ra - rb) >= task.min_gap:
+                    break
+            if ra < rb:
+                pair, (ra, rb) = pair[::-1], (rb, ra)
+            conv["topics"].append(topic)
+            conv["users"].append(user)
+            conv["chosen"].append(pair[0])
+            conv["rejected"].append(pair[1])
+            conv["rewards"].append((ra, rb))
+        conv["rewards"] = np.asarray(conv["rewards"], np.float32)
+        out.append(conv)
+    return out
+
+
+def _eos(tokens: np.ndarray) -> np.ndarray:
+    return np.concatenate([tokens, [EOS_ID]]).astype(np.int32)
+
+
+def conversation_history(conv: dict, turn: int) -> np.ndarray:
+    """int32 tokens before assistant turn ``turn``: every earlier user turn and chosen
+    assistant turn, then user turn ``turn``."""
+    parts = []
+    for t in range(turn):
+        parts += [conv["users"][t], conv["chosen"][t]]
+    parts.append(conv["users"][turn])
+    return np.concatenate(parts).astype(np.int32)
+
+
+def conversation_branch_points(conv: dict) -> list[dict]:
+    """The preference tree of a conversation: per turn ``t`` a branch point ``{history,
+    responses: [chosen + EOS, rejected + EOS], depth: t}`` whose history holds the chosen turns
+    before it (turn-level DPO: a pair at every assistant turn)."""
+    return [{"history": conversation_history(conv, t),
+             "responses": [_eos(conv["chosen"][t]), _eos(conv["rejected"][t])], "depth": t}
+            for t in range(len(conv["users"]))]
+
+
+CONVERSATION_PAIRS = ("last_turn", "whole")
+
+
+def conversation_pair(conv: dict, mode: str) -> dict[str, np.ndarray]:
+    """One pair per conversation: ``'last_turn'`` = the final turn's alternatives after the full
+    (chosen) history; ``'whole'`` = the all-chosen conversation against the all-rejected one
+    after the first user turn (the later user turns are part of both responses, as when whole
+    dialogues are given as chosen / rejected texts: every token after the shared prompt is
+    scored). Raises ValueError for another ``mode``."""
+    last = len(conv["users"]) - 1
+    if mode == "last_turn":
+        return {"prompt": conversation_history(conv, last), "chosen": _eos(conv["chosen"][last]),
+                "rejected": _eos(conv["rejected"][last])}
+    if mode == "whole":
+        side = lambda key: _eos(np.concatenate(  # noqa: E731
+            [conv[key][0]] + [x for t in range(1, last + 1)
+                              for x in (conv["users"][t], conv[key][t])]))
+        return {"prompt": np.asarray(conv["users"][0], np.int32), "chosen": side("chosen"),
+                "rejected": side("rejected")}
+    raise ValueError(f"conversation pairs mode must be one of {CONVERSATION_PAIRS}, got {mode!r}")

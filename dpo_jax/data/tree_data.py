@@ -330,6 +330,22 @@ class TreePipeline(PreferencePipeline):
         return out
 
 
+def unrolled_pairs(items: list[dict]) -> list[dict[str, np.ndarray]]:
+    """The branch points of trees ``items`` (``{"branch_points": [...]}``) as independent pairs
+    ``{prompt: history, chosen, rejected}`` with their full histories, tree by tree (the order
+    of ``TreePipeline(reference=...)``'s rows). Raises ValueError for a branch point with other
+    than two responses (Plackett-Luce trees have no pair form)."""
+    out = []
+    for t in items:
+        for bp in t["branch_points"]:
+            if len(bp.responses) != 2:
+                raise ValueError(f"a branch point has {len(bp.responses)} responses: only "
+                                 "binary branch points unroll into pairs")
+            out.append({"prompt": bp.history, "chosen": bp.responses[0],
+                        "rejected": bp.responses[1]})
+    return out
+
+
 def branch_point_lengths(items: list[dict]) -> dict[str, Any]:
     """Length summary of the trees (histories, responses, tree units) for the data stats."""
     bps = [t["branch_points"] for t in items]
