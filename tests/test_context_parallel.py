@@ -249,8 +249,8 @@ def _dpo_step(model_name: str, layout: str, shape: tuple | None):
 # (about 20 s on 2 cores) and run with --run-slow.
 slow = pytest.mark.slow
 CASES = [
-    ("llama", "prefix", (1, 1, 8, 1)),
-    ("gemma", "trees", (2, 1, 4, 1)),
+    pytest.param("llama", "prefix", (1, 1, 8, 1), marks=slow),
+    pytest.param("gemma", "trees", (2, 1, 4, 1), marks=slow),
     ("llama", "packed", (1, 2, 2, 2)),
     pytest.param("gemma", "plain", (2, 1, 4, 1), marks=slow),
     pytest.param("llama", "trees", (1, 2, 4, 1), marks=slow),

@@ -145,6 +145,7 @@ def test_launch_tpu_prints_and_runs_the_gcloud_commands(tmp_path):
     assert len(printed) == 2  # each command shown before it runs
 
 
+@pytest.mark.slow  # the suite's 8-minute budget: a sibling test covers the kind
 def test_launch_local_fails_when_a_process_fails(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
     out = subprocess.run(["bash", LAUNCH, "local", "2", "--", "--no_such_flag=1"],

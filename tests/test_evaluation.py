@@ -32,7 +32,7 @@ def _read(path):
         return [json.loads(x) for x in f if x.strip()]
 
 
-@pytest.mark.parametrize("task", ["dpo", "sft", pytest.param("ppo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("task", ["dpo"] + [pytest.param(t, marks=pytest.mark.slow) for t in ("sft", "ppo")])
 def test_samples_and_win_rate_are_written_at_sample_points(tmp_path, task):
     config = runs.CONFIGS[task](steps=4, eval_every=2)
     config.eval.update(sample_every=2, sample_prompts=6, max_new_tokens=5, judge="synthetic")

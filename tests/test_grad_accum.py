@@ -80,7 +80,7 @@ def test_dpo_pairs_with_uneven_pair_weights():
         lambda: helpers.train_state(model, params, tx, ref_params=ref_params), batch, max_scored)
 
 
-@pytest.mark.parametrize("objective", ["nll", "unlikelihood"])
+@pytest.mark.parametrize("objective", ["nll", pytest.param("unlikelihood", marks=pytest.mark.slow)])
 def test_sft_token_means_over_the_whole_batch(objective):
     """NLL: sequences of different lengths (the token mean weighs micro-batches by their scored
     tokens); Unlikelihood: two denominators (chosen and rejected tokens) at once."""

@@ -22,7 +22,7 @@ from tests.runs import with_lora
 
 
 @pytest.mark.parametrize("task,quant", [pytest.param("dpo", "none", marks=pytest.mark.slow),
-                                        ("dpo", "nf4"),
+                                        pytest.param("dpo", "nf4", marks=pytest.mark.slow),
                                         pytest.param("sft", "none", marks=pytest.mark.slow)])
 def test_interrupted_lora_run_ends_as_the_uninterrupted_one(tmp_path, task, quant):
     """With adapter dropout (masks drawn from the step), killed after step 3 (checkpoint at 2):
@@ -94,7 +94,7 @@ def test_two_stage_recipe_sft_adapters_merged_into_the_dpo_base(tmp_path):
             np.testing.assert_allclose(np.asarray(out.losses), math.log(2.0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("base_quant", ["none", "nf4"])
+@pytest.mark.parametrize("base_quant", [pytest.param("none", marks=pytest.mark.slow), "nf4"])
 def test_lora_run_with_stored_reference_logps(base_quant, tmp_path):
     """``logprobs.precompute_reference``: the base's log-probs (of the float base, or of the
     NF4-quantised one: QLoRA) are computed once and stored; the state keeps the base for the

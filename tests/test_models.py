@@ -209,7 +209,7 @@ def test_chunked_attention_equals_dense_any_mask():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref)
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("name", [pytest.param("tiny-gpt2", marks=pytest.mark.slow), "tiny-llama"])
 def test_chunked_attention_model_matches_dense(name):
     """attention_impl='chunked' through the whole model: packed segments + padding, hidden
     states and parameter gradients equal the dense path's; block 5 does not divide 13."""

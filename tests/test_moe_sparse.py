@@ -162,6 +162,7 @@ def test_dpo_step_sparse_equals_dense():
     _rel_close(update(p_s), update(p_d), 1e-5)
 
 
+@pytest.mark.slow  # the suite's 8-minute budget: a sibling test covers the kind
 def test_remat_unrolled_and_sampling_match_dense():
     """The sparse forward and gradient under remat (dots_saveable) in the layer scan and
     unrolled layers equal the dense ones; so do prefill + one-token decode logits (the sampler's

@@ -118,9 +118,10 @@ FAMILIES = {
 }
 
 
-# MoE, LoRA and block skipping run fast in test_trees.py (the same mask code path).
+# MoE and LoRA run fast in test_trees.py (the same mask code path); block skipping in
+# test_tree_mask.py.
 @pytest.mark.parametrize("family", helpers.fast_cases(
-    list(FAMILIES), {"gemma_sliding_softcaps", "scaled_rotary_gqa", "learned"}))
+    list(FAMILIES), {"gemma_sliding_softcaps"}))
 def test_sequence_logps_and_their_gradient_match_unshared(family):
     """Per-sequence log-prob sums, counts and the vector-Jacobian product with a random
     cotangent over the 2B sequences: every model family, dense and chunked attention, with a

@@ -50,12 +50,14 @@ def _assert_identical(got, want):
 
 
 @pytest.mark.parametrize("kind,name,over,dtype,embedding", [
-    ("nf4", "tiny-llama", {}, "bfloat16", False),
+    pytest.param("nf4", "tiny-llama", {}, "bfloat16", False, marks=pytest.mark.slow),
     ("int8", "tiny-gpt2", {}, "float32", False),  # fused qkv (Conv1D layout)
-    ("nf4", "tiny-neox", {}, "bfloat16", True),  # fused qkv, untied embedding quantised
+    pytest.param("nf4", "tiny-neox", {}, "bfloat16", True,  # fused qkv, untied embedding
+                 marks=pytest.mark.slow),
     ("int8", "tiny-neox", {}, "float32", True),
     ("nf4", "tiny-llama", MOE, "float32", False),  # experts [layers, expert, ...]
-    ("int8", "tiny-llama", QWEN_MOE, "bfloat16", False)])  # + the shared expert
+    pytest.param("int8", "tiny-llama", QWEN_MOE, "bfloat16", False,  # + the shared expert
+                 marks=pytest.mark.slow)])
 def test_quantised_while_read_is_bit_identical_to_quantising_the_float_tree(
         tmp_path, kind, name, over, dtype, embedding):
     cfg = preset(name, param_dtype=dtype, **over)

@@ -84,7 +84,7 @@ DISPATCH = {
 REL = {"nf4": (0.1, 0.22), "int8": (0.006, 0.014)}
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_quantised_experts_equal_their_dequantised_weights_within_the_bound(kind):
     """29 tokens, 4 experts top-2 (skewed routing), D 64, F 32: every dispatch on quantised
     experts equals itself on the dequantised weights (output and d/dx, float32 round-off); the
@@ -147,8 +147,8 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("shape,kind,impl", [("mixtral", "nf4", "sparse"),
-                                             ("qwen2_moe", "int8", "dense")])
+@pytest.mark.parametrize("shape,kind,impl", [
+    pytest.param("mixtral", "nf4", "sparse", marks=pytest.mark.slow), ("qwen2_moe", "int8", "dense")])
 def test_moe_model_is_the_model_of_the_dequantised_weights_router_float(shape, kind, impl):
     """Adapters on the attention projections: the logits over the quantised base equal the
     plain model's on the merged dequantised tree; the experts (and Qwen2-MoE's shared expert)
@@ -196,7 +196,7 @@ def _moe_model(kind, axis=None):
 
 
 @pytest.mark.parametrize("kind,mesh_shape,axis", [
-    ("nf4", (2, 4, 1), "fsdp"),
+    pytest.param("nf4", (2, 4, 1), "fsdp", marks=pytest.mark.slow),
     pytest.param("int8", (1, 8, 1), "fsdp", marks=pytest.mark.slow),
     pytest.param("nf4", (2, 2, 2), None, marks=pytest.mark.slow)])
 def test_moe_qlora_step_on_eight_devices_equals_one(kind, mesh_shape, axis):

@@ -288,7 +288,8 @@ def test_synthetic_lists_binarised_and_labelled():
 
 
 @pytest.mark.parametrize("fmt,layout", [
-    pytest.param("ranked", "prefix_sharing", marks=pytest.mark.slow), ("unpaired", "prefix_sharing"),
+    pytest.param("ranked", "prefix_sharing", marks=pytest.mark.slow),
+    pytest.param("unpaired", "prefix_sharing", marks=pytest.mark.slow),
     ("ranked", "packing")])
 def test_prefix_shared_and_packed_rows_give_the_unshared_step(fmt, layout):
     """data.prefix_sharing (each prompt once, its K responses -- unpaired: the completion and

@@ -86,7 +86,8 @@ def test_first_step_rewards_are_exact_zeros_for_every_loss(loss, stored):
     assert float(second["rewards/chosen"]) != 0.0
 
 
-@pytest.mark.parametrize("fmt,loss", [("ranked", "plackett_luce"), ("unpaired", "kto")])
+@pytest.mark.parametrize("fmt,loss", [("ranked", "plackett_luce"),
+                                      pytest.param("unpaired", "kto", marks=pytest.mark.slow)])
 def test_first_step_rewards_are_exact_zeros_for_lists_and_unpaired(fmt, loss):
     first, second = _two_steps(loss, fmt, stored=False, flag=True)
     for k in ZERO_KEYS:

@@ -86,6 +86,7 @@ def test_speed_switches_give_the_same_step_on_a_sharded_mesh(data_parallel_step)
     _assert_same_step(got, data_parallel_step)
 
 
+@pytest.mark.slow  # the suite's 8-minute budget: a sibling test covers the kind
 def test_accumulating_four_micro_batches_equals_one_big_batch(data_parallel_step):
     _assert_same_step(_one_step({"data": 8, "fsdp": 1, "tensor": 1}, grad_accum=4),
                       data_parallel_step)

@@ -192,9 +192,10 @@ def _model_and_params(family):
     return model, lora_lib.join(base, adapters)
 
 
-# The families not kept fast here run fast in test_prefix_sharing.py (the same mask code path).
+# Gemma (sliding + soft-caps) runs fast in test_prefix_sharing.py (the same mask code path),
+# block skipping in test_tree_mask.py; the other families with --run-slow.
 @pytest.mark.parametrize("family", helpers.fast_cases(
-    list(FAMILIES), {"moe", "lora", "chunked_skip_blocks"}))
+    list(FAMILIES), {"moe", "lora"}))
 def test_branch_point_logps_and_their_gradient_match_unrolled_pairs(family):
     """Per-branch-point log-prob sums, counts and their vector-Jacobian product with a random
     cotangent equal those of the unrolled pairs (the real pair pipeline, one sequence per
