@@ -229,3 +229,25 @@ def test_every_stage_config_of_every_variant_is_accepted(variant, tmp_path, monk
     config.imdb.runs.steps = 7
     again = runs.sft_config(Experiment(config, work))
     assert config_changes(config_dict(derived["sft"]), config_dict(again)) == {}
+
+
+@pytest.mark.parametrize("summary,error", [
+    ({"steps": 5, "finished": True, "stopped_at": None}, None),
+    ({"steps": 5}, None),  # a summary from before the field: read as it is
+    ({"steps": 5, "finished": False, "stopped_at": 3}, r"step 3 of 5.*rerun"),
+    (None, "summary.json"),  # no summary: the run never ended a step loop
+])
+def test_finished_summary_is_the_check_every_chain_of_runs_shares(tmp_path, summary, error):
+    """workdir.finished_summary (the IMDb stages, experiments/hh/run.py, the loss sweep and the
+    ranked runs call it): a finished run's summary, RunStopped naming the step of a stopped one,
+    FileNotFoundError without one."""
+    from dpo_jax import workdir as workdir_lib
+
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+    if error is None:
+        assert workdir_lib.finished_summary(str(tmp_path)) == summary
+    else:
+        kind = workdir_lib.RunStopped if summary else FileNotFoundError
+        with pytest.raises(kind, match=error):
+            workdir_lib.finished_summary(str(tmp_path))
