@@ -8,6 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax.data import DataError, build_pipeline, to_global
 from dpo_jax.data import batching
+from dpo_jax.data.config import read_data
 from dpo_jax.data.pipeline import PreferencePipeline
 from tests import helpers
 
@@ -144,6 +145,58 @@ def test_packing_falls_back_when_it_does_not_save():
     assert (plan.rows, plan.length, plan.packed) == (16, 32, True)
     plan = batching.make_plan(np.full(16, 20), [32], True, 64, 1)
     assert (plan.rows, plan.length) == (6, 64)  # three 20-token sequences per row
+
+
+def test_pack_length_step_tries_longer_rows_worked_by_hand():
+    """Sequences 300, 200, 180, 150 with pack_length 320 (bucket 320): rows of 320 hold one
+    each (4 x 320 = 1280, a tie, so one per row wins). Step 64 also tries 384 (FFD: 300 | 200
+    + 180 | 150 = 3 x 384 = 1152), 448 (300 | 200 + 180 | 150: 1344), 512 (300 + 200 | 180 +
+    150: 2 x 512 = 1024) and 576 (1152): the 512-token rows win."""
+    lengths = np.array([300, 200, 180, 150])
+    assert batching.pack_lengths(320, 64) == [320, 384, 448, 512, 576]
+    assert batching.pack_lengths(320, 0) == [320]
+    plan = batching.make_plan(lengths, [320], True, 320, 1)
+    assert (plan.rows, plan.length) == (4, 320) and plan.row.tolist() == [0, 1, 2, 3]
+    plan = batching.make_plan(lengths, [320], True, 320, 1, pack_length_step=64)
+    assert (plan.rows, plan.length) == (2, 512)
+    assert plan.row.tolist() == [0, 0, 1, 1] and plan.offset.tolist() == [0, 300, 0, 180]
+    # equal columns at two lengths, the shorter rows win: 113, 90, 76, 49 fill 3 rows of 128
+    # (113 | 90 | 76 + 49) or 2 rows of 192 (113 + 76 | 90 + 49), 384 columns each
+    plan = batching.make_plan(np.array([113, 90, 76, 49]), [128], True, 128, 1,
+                              pack_length_step=64)
+    assert (plan.rows, plan.length) == (3, 128) and plan.row.tolist() == [0, 1, 2, 2]
+    # the row multiple still holds: 3 rows of 384 round up to 4, so 512's 2 rows win
+    plan = batching.make_plan(lengths, [320], True, 320, 2, pack_length_step=64)
+    assert (plan.rows, plan.length) == (2, 512)
+    with pytest.raises(ValueError, match="pack_length_step"):
+        batching.pack_lengths(320, -1)
+    with pytest.raises(ValueError, match="data.pack_length_step"):
+        read_data(helpers.data_config(packing=True, pack_length_step=-16))
+
+
+def test_pack_length_step_pipeline_serves_the_same_sequences_in_fewer_columns():
+    """A pipeline with ``pack_length_step`` serves every sequence with the same tokens, mask and
+    positions as one sequence per row, never in more columns than ``pack_length`` rows alone
+    (over a whole epoch), and reports the step in its stats."""
+    kw = dict(buckets="48", packing=True, pack_length=48)
+    un = build_pipeline(_cfg(buckets="48"), split="train", global_batch_size=8)
+    fixed = build_pipeline(_cfg(**kw), split="train", global_batch_size=8)
+    stepped = build_pipeline(_cfg(pack_length_step=16, **kw), split="train", global_batch_size=8)
+    cols = {"fixed": 0, "stepped": 0}
+    lengths = set()
+    for _ in range(stepped.num_batches):
+        bu, bf, bs = next(un), next(fixed), next(stepped)
+        su, ss = _sequences(bu, 8), _sequences(bs, 8)
+        assert sorted(su) == sorted(ss) == list(range(16))
+        for s in su:
+            assert su[s] == ss[s]
+        cols["fixed"] += bf["input_ids"].size
+        cols["stepped"] += bs["input_ids"].size
+        lengths.add(bs["input_ids"].shape[1])
+    assert cols["stepped"] < cols["fixed"], cols
+    assert lengths - {48}, "no batch used a longer row"
+    assert max(lengths) < 96
+    assert stepped.stats["pack_length_step"] == 16 and fixed.stats["pack_length_step"] == 0
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -70,11 +70,17 @@ def test_unit_layout_of_one_pair():
     assert empty[1].tolist() == [0, 1, 0, 1, 2] and empty[3].tolist() == [0, 1, 0, 1, 1]
 
 
-def test_packed_units_and_the_pipelines_token_count():
+@pytest.mark.parametrize("pack_length, pack_length_step, shape", [(96, 0, (6, 96)),
+                                                                 (48, 16, (8, 64))])
+def test_packed_units_and_the_pipelines_token_count(pack_length, pack_length_step, shape):
     """Packed: several units per row, segment ids 1, 2, ... per unit; every scored token of the
-    unshared batch appears once, under the same slot; fewer columns than unshared."""
+    unshared batch appears once, under the same slot; fewer columns than unshared
+    (``pack_length`` 48 alone puts one unit in each of 16 rows; ``pack_length_step`` 16 finds
+    8 rows of 64)."""
     pairs = _pairs(16)
-    plain, shared = _both(pairs, packing=True, pack_length=96, buckets="96")
+    plain, shared = _both(pairs, packing=True, pack_length=pack_length,
+                          buckets=str(pack_length), pack_length_step=pack_length_step)
+    assert shared["input_ids"].shape == shape
     assert shared["segment_ids"].max() >= 2
     for s in range(32):
         assert (shared["seq_index"] == s).sum() == (plain["seq_index"] == s).sum() > 0

@@ -136,13 +136,16 @@ def _rows_of_sequences(batch, B):
     return out
 
 
-def test_every_scored_token_sees_exactly_its_unrolled_history():
+@pytest.mark.parametrize("pack_length_step, shape", [(0, (5, 48)), (16, (3, 64))])
+def test_every_scored_token_sees_exactly_its_unrolled_history(pack_length_step, shape):
     """On packed random trees: each scored token is predicted from a column that sees exactly
     the (position, token) keys of its unrolled sequence before it, and every slot scores the
-    tokens of its response (positions 0 excluded), in order."""
+    tokens of its response (positions 0 excluded), in order (``pack_length_step`` 16: rows
+    of 64 hold the 12 trees in 3 rows instead of 5 rows of 48, the same rule)."""
     tree_bps = forest(12, seed=1)
-    batch = tree_batch(tree_bps, packing=True, pack_length=96, buckets=[96])
-    assert batch["segment_ids"].max() >= 2
+    batch = tree_batch(tree_bps, packing=True, pack_length=48, buckets=[48],
+                       pack_length_step=pack_length_step)
+    assert batch["segment_ids"].max() >= 2 and batch["input_ids"].shape == shape
     assert_sees_unrolled_histories(batch, unrolled_pairs(tree_bps))
 
 

@@ -100,15 +100,30 @@ def plan_packed(seq_lengths: np.ndarray, pack_length: int, row_choices: list[int
     return Plan(rows, pack_length, row, offset, True)
 
 
+def pack_lengths(pack_length: int, pack_length_step: int) -> list[int]:
+    """Row lengths the packed planner tries: ``pack_length`` alone (``pack_length_step`` 0), or
+    ``pack_length + k * pack_length_step`` for every k >= 0 below ``2 * pack_length``
+    (``data.pack_length_step``)."""
+    if pack_length_step < 0:
+        raise ValueError(f"data.pack_length_step must be >= 0, got {pack_length_step}")
+    if not pack_length_step:
+        return [pack_length]
+    return list(range(pack_length, 2 * pack_length, pack_length_step))
+
+
 def make_plan(seq_lengths: np.ndarray, buckets: list[int], packing: bool, pack_length: int,
-              row_multiple: int) -> Plan:
-    """Unpacked plan, or (packing on) the cheaper of packed and one-sequence-per-row."""
+              row_multiple: int, pack_length_step: int = 0) -> Plan:
+    """Unpacked plan, or (packing on) the cheapest of one-sequence-per-row and first-fit-
+    decreasing rows of each length in :func:`pack_lengths`: the fewest columns (rows x length),
+    ties to the shorter rows. Longer rows fill better but cost attention FLOPs quadratic in
+    their length, so the candidates stop below twice ``pack_length``."""
     unpacked = plan_unpacked(seq_lengths, buckets, packed=packing)
     if not packing:
         return unpacked
-    packed = plan_packed(seq_lengths, pack_length,
-                         packed_row_choices(len(seq_lengths), row_multiple))
-    return packed if packed.cost < unpacked.cost else unpacked
+    choices = packed_row_choices(len(seq_lengths), row_multiple)
+    plans = [unpacked] + [plan_packed(seq_lengths, n, choices)
+                          for n in pack_lengths(pack_length, pack_length_step)]
+    return min(plans, key=lambda p: (p.cost, p.length))  # ties: the first (unpacked) wins
 
 
 def sequences(pairs: list[TokenPair]) -> list[tuple[np.ndarray, int]]:

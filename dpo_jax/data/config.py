@@ -101,6 +101,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.bucket_multiple = 16  # auto bucket lengths are rounded up to a multiple of this
     c.packing = False  # pack several sequences per row (segment ids) when that saves compute
     c.pack_length = 0  # packed row length (0 = the largest bucket)
+    # > 0: packing also tries rows of pack_length + k * step (below 2 * pack_length) per batch and
+    # keeps the fewest columns: tighter rows, more distinct batch shapes (compiles); 0 = off
+    c.pack_length_step = 0
     c.row_multiple = 1  # packed row counts are multiples of this (set to the data-parallel size)
     c.prefix_sharing = False  # one row unit [prompt, chosen, rejected] per pair (data/prefix.py)
     c.group_by_length = 0  # sort pairs by length within windows of this many batches (0 = off)
@@ -220,6 +223,7 @@ class DataConfig:
     bucket_multiple: int
     packing: bool
     pack_length: int
+    pack_length_step: int
     row_multiple: int
     prefix_sharing: bool
     group_by_length: int
@@ -429,6 +433,8 @@ def validate(c: DataConfig | Mapping[str, Any]) -> None:
         raise ValueError("data.shuffle=False keeps the file's order; data.group_by_length "
                          f"={c.group_by_length} would reorder it (set it to 0)")
     parse_buckets(c.buckets)
+    if int(c.pack_length_step) < 0:
+        raise ValueError(f"data.pack_length_step must be >= 0, got {c.pack_length_step}")
     fmt = c.format
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")

@@ -197,7 +197,7 @@ class PreferencePipeline(BatchStream):
         with prefix sharing, else ``batching.make_plan``) and this host's block ``[r0, r1)``."""
         make_plan = prefix.make_plan if self.prefix_sharing else batching.make_plan
         plan = make_plan(self._unit_lengths(idx), self.buckets, bool(self.cfg.packing),
-                         self.pack_length, self.row_multiple)
+                         self.pack_length, self.row_multiple, int(self.cfg.pack_length_step))
         return (plan, *self.host_rows(plan.rows))
 
     def _finish(self, idx: np.ndarray, weight: np.ndarray, out: dict) -> dict[str, np.ndarray]:
@@ -256,6 +256,7 @@ class PreferencePipeline(BatchStream):
         out.update(super().stats)  # 'stream': train or eval; 'split': how its rows were chosen
         out.update(num_pairs=len(self.pairs), buckets=list(self.buckets),
                    pack_length=self.pack_length if self.cfg.packing else None,
+                   pack_length_step=int(self.cfg.pack_length_step) if self.cfg.packing else None,
                    padding_fraction_per_epoch=list(self._padding_per_epoch),
                    shapes_seen=dict(self._shapes))
         if self.mixture is not None:

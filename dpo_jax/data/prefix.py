@@ -62,11 +62,13 @@ def unit_columns(prompt: np.ndarray, responses: list[np.ndarray]):
 
 
 def make_plan(unit_lengths_U: np.ndarray, buckets: list[int], packing: bool, pack_length: int,
-              row_multiple: int) -> batching.Plan:
+              row_multiple: int, pack_length_step: int = 0) -> batching.Plan:
     """Where each of the U units goes: one per row (rows padded to the smallest bucket that fits)
-    or, with ``packing``, the cheaper of that and first-fit-decreasing rows of ``pack_length``.
+    or, with ``packing``, the cheapest of that and first-fit-decreasing rows of ``pack_length``
+    (and the longer rows of ``pack_length_step``: ``batching.make_plan``).
     Always with ``seq_index`` (a row holds two or more sequences)."""
-    plan = batching.make_plan(unit_lengths_U, buckets, packing, pack_length, row_multiple)
+    plan = batching.make_plan(unit_lengths_U, buckets, packing, pack_length, row_multiple,
+                              pack_length_step)
     return dataclasses.replace(plan, packed=True)
 
 
@@ -98,13 +100,15 @@ def materialise(plan: batching.Plan, units: dict[int, tuple[np.ndarray, list[np.
 
 
 def layout(pairs: list, pad_id: int, buckets: list[int] | None = None, packing: bool = False,
-           pack_length: int = 0, row_multiple: int = 1) -> dict[str, np.ndarray]:
+           pack_length: int = 0, row_multiple: int = 1,
+           pack_length_step: int = 0) -> dict[str, np.ndarray]:
     """The whole prefix-shared batch of ``pairs`` (``{"prompt", "chosen", "rejected"}``) on one
     host: plan and materialise in one call (tests, benchmarks). ``buckets`` None: the longest
     unit; ``pack_length`` 0: the largest bucket."""
     lengths = batching.pair_lengths(pairs)
     units_U = unit_lengths(lengths)
     buckets = buckets or [int(units_U.max())]
-    plan = make_plan(units_U, buckets, packing, pack_length or buckets[-1], row_multiple)
+    plan = make_plan(units_U, buckets, packing, pack_length or buckets[-1], row_multiple,
+                     pack_length_step)
     units = {i: (p["prompt"], [p["chosen"], p["rejected"]]) for i, p in enumerate(pairs)}
     return materialise(plan, units, 0, plan.rows, pad_id)

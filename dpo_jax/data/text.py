@@ -92,7 +92,8 @@ class TextPipeline(BatchStream):
         """This host's rows of global batch ``position`` of ``epoch`` (pure)."""
         idx, weight = self.batch_items(epoch, position)
         plan = batching.make_plan(self.lengths[idx], self.buckets, bool(self.cfg.packing),
-                                  self.pack_length, self.row_multiple)
+                                  self.pack_length, self.row_multiple,
+                                  int(self.cfg.pack_length_step))
         r0, r1 = self.host_rows(plan.rows)
         seqs = {s: self.seqs[int(idx[s])] for s in range(self.global_batch_size)
                 if r0 <= plan.row[s] < r1}

@@ -278,7 +278,8 @@ class TreePipeline(PreferencePipeline):
 
     def plan_rows(self, idx: np.ndarray):
         plan = trees.make_plan(self._unit_lengths(idx), self.buckets, bool(self.cfg.packing),
-                               self.pack_length, self.row_multiple)
+                               self.pack_length, self.row_multiple,
+                               int(self.cfg.pack_length_step))
         return (plan, *self.host_rows(plan.rows))
 
     def batch_at(self, epoch: int, position: int) -> dict[str, np.ndarray]:

@@ -199,10 +199,10 @@ def unit_length(tree: Tree) -> int:
 
 
 def make_plan(unit_lengths_U: np.ndarray, buckets: list[int], packing: bool, pack_length: int,
-              row_multiple: int) -> batching.Plan:
+              row_multiple: int, pack_length_step: int = 0) -> batching.Plan:
     """Where each of the U trees goes (as ``prefix.make_plan``): always with ``seq_index``."""
     plan = batching.make_plan(np.asarray(unit_lengths_U), buckets, packing, pack_length,
-                              row_multiple)
+                              row_multiple, pack_length_step)
     return dataclasses.replace(plan, packed=True)
 
 
@@ -240,7 +240,7 @@ def materialise(plan: batching.Plan, units: dict[int, dict[str, np.ndarray]],
 
 def layout(trees: list[Tree], pad_id: int, num_slots: int | None = None,
            buckets: list[int] | None = None, packing: bool = False, pack_length: int = 0,
-           row_multiple: int = 1) -> dict[str, np.ndarray]:
+           row_multiple: int = 1, pack_length_step: int = 0) -> dict[str, np.ndarray]:
     """The whole batch of ``trees`` on one host (tests, benchmarks): branch points numbered tree
     by tree; ``num_slots`` None: their number. Adds ``bp_index`` [B] (tree, branch point) pairs
     as an int32 [B, 2] array (-1 on padding slots)."""
@@ -250,7 +250,8 @@ def layout(trees: list[Tree], pad_id: int, num_slots: int | None = None,
     first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     B = int(counts.sum()) if num_slots is None else int(num_slots)
     buckets = buckets or [int(lengths.max())]
-    plan = make_plan(lengths, buckets, packing, pack_length or buckets[-1], row_multiple)
+    plan = make_plan(lengths, buckets, packing, pack_length or buckets[-1], row_multiple,
+                     pack_length_step)
     out = materialise(plan, units, first, B, 0, plan.rows, pad_id)
     index = -np.ones((B, 2), np.int32)
     for u, t in enumerate(trees):
