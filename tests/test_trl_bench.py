@@ -34,19 +34,28 @@ def test_ratios_speeds_and_logp_agreement_by_hand():
     assert d["vs_trl_default"] == 1.0 and d["vs_trl_best"] == pytest.approx(29.0 / 38.0)
     assert j["vs_trl_default"] == pytest.approx(2.0) and j["vs_trl_best"] == pytest.approx(29 / 19)
     assert p["precompute_s"] == 12.0
+    # sums of the 3 timed steps: 114, 87, 58 s
+    assert (d["total_s"], p["total_s"], j["total_s"]) == (114.0, 87.0, 58.0)
+    assert j["vs_trl_default_total"] == pytest.approx(114 / 58)
+    assert j["vs_trl_best_total"] == pytest.approx(87 / 58)
+    assert p["vs_trl_best_total"] == 1.0
     # |-10.001 + 10| / 10 = 1e-4 beats |-5.0005 + 5| / 5 = 1e-4 ... both 1e-4; the max of them
     assert j["max_rel_logp_diff"] == pytest.approx(1e-4, rel=1e-6)
     assert d["max_rel_logp_diff"] == 0.0
     assert rows["jax_best"]["error"].startswith("killed") and "vs_trl_default" not in rows["jax_best"]
     table = bench.markdown(bench.summarize(results))
-    assert "| jax_same_math | 19.00 [19.00, 20.00] | 53 | 2.00 | 2.00x | 1.53x | 0.6931 | 1.0e-04 |" in table
+    assert ("| jax_same_math | 19.00 [19.00, 20.00] | 53 | 2.00 | 2.00x | 1.53x | 58.0 (1.97x / "
+            "1.50x) | 0.6931 | 1.0e-04 |") in table
     assert "| jax_best | error: killed above --max_rss_gib=7.0 |" in table
 
 
 def test_no_trl_rows_gives_no_ratios_and_unequal_batches_are_refused():
     rows = bench.summarize([_result("jax_default", [3.0, 2.0, 4.0])])
     assert rows[0]["vs_trl_default"] is None and rows[0]["max_rel_logp_diff"] is None
-    assert "| jax_default | 3.00 [2.00, 4.00] | 333 | 2.00 |  |  | 0.6931 |  |" in bench.markdown(rows)
+    assert "| jax_default | 3.00 [2.00, 4.00] | 333 | 2.00 |  |  | 6.0 | 0.6931 |  |" in bench.markdown(rows)
+    with pytest.raises(ValueError, match="different numbers of steps"):
+        bench.summarize([_result("trl_default", [1.0, 1.0, 1.0]),
+                         _result("jax_default", [1.0, 1.0])])
     with pytest.raises(ValueError, match="first-batch chosen log-probs"):
         bench.summarize([_result("trl_default", [1.0, 1.0]),
                          _result("jax_default", [1.0, 1.0], chosen=(-1.0,))])

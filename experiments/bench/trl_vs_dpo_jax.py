@@ -68,7 +68,10 @@ BEST = {
 def summarize(results: list[dict]) -> list[dict]:
     """One row per configuration result: the median step, tokens/s, peak RSS and the speed
     ratios ``vs_trl_default`` / ``vs_trl_best`` (TRL's time / this one's: > 1 is faster than
-    TRL; ``trl_best`` is the faster of the TRL rows), and ``max_rel_logp_diff``: the largest
+    TRL; ``trl_best`` is the faster of the TRL rows), the same ratios of the summed timed steps
+    (``total_s``, ``vs_trl_default_total`` / ``vs_trl_best_total``: every configuration
+    trains on the same batches, so the sums compare equal work, where a median of few steps
+    of different lengths swings with the batch order), and ``max_rel_logp_diff``: the largest
     ``|logp - logp_trl| / |logp_trl|`` over the first batch's chosen and rejected log-probs
     against ``trl_default``'s (None when either side has none). Results with an ``error`` keep
     it and get no ratios."""
@@ -77,6 +80,13 @@ def summarize(results: list[dict]) -> list[dict]:
     ref = next((r for r in ok if r["config"] == "trl_default"), None)
     t_default = ref["median_step_s"] if ref else None
     t_best = min((r["median_step_s"] for r in trl), default=None)
+    total = {r["config"]: sum(r["step_s"][r["warmup"]:]) for r in ok}
+    sums_default = total[ref["config"]] if ref else None
+    sums_best = min((total[r["config"]] for r in trl), default=None)
+    timed = {len(r["step_s"]) - r["warmup"] for r in ok}
+    if len(timed) > 1:
+        raise ValueError(f"configurations timed different numbers of steps {sorted(timed)}: "
+                         "their sums do not compare")
     rows = []
     for r in results:
         row = {"config": r["config"]}
@@ -92,6 +102,9 @@ def summarize(results: list[dict]) -> list[dict]:
             tokens_per_s=r["tokens_per_step"] / med, peak_rss_gib=r["peak_rss_gib"],
             vs_trl_default=t_default / med if t_default else None,
             vs_trl_best=t_best / med if t_best else None,
+            total_s=total[r["config"]],
+            vs_trl_default_total=sums_default / total[r["config"]] if sums_default else None,
+            vs_trl_best_total=sums_best / total[r["config"]] if sums_best else None,
             first_loss=r["losses"][0] if r.get("losses") else None,
             setup_s=r.get("setup_s"), compile_s=r.get("compile_s"),
             precompute_s=r.get("precompute_s"),
@@ -121,13 +134,14 @@ def markdown(rows: list[dict]) -> str:
         return "" if x is None else format(x, spec)
 
     lines = ["| configuration | s/step median [min, max] | tokens/s | peak RSS GiB | "
-             "vs TRL default | vs TRL best | first loss | max rel. diff of first-batch "
-             "log-probs vs TRL | one-time s (compile / precompute) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "vs TRL default | vs TRL best | timed steps' sum s (vs TRL default / best) | "
+             "first loss | max rel. diff of first-batch log-probs vs TRL | "
+             "one-time s (compile / precompute) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
             lines.append(f"| {r['config']} | error: {r['error']} | | {f(r.get('peak_rss_gib'), '.2f')}"
-                         " | | | | | |")
+                         " | | | | | | |")
             continue
         once = " / ".join(f(r.get(k), ".1f") or "-" for k in ("compile_s", "precompute_s"))
         lines.append(
@@ -135,8 +149,13 @@ def markdown(rows: list[dict]) -> str:
             f"{r['max_step_s']:.2f}] | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} | "
             f"{f(r['vs_trl_default'], '.2f')}{'x' * bool(r['vs_trl_default'])} | "
             f"{f(r['vs_trl_best'], '.2f')}{'x' * bool(r['vs_trl_best'])} | "
+            f"{r['total_s']:.1f}{_pair(r['vs_trl_default_total'], r['vs_trl_best_total'])} | "
             f"{f(r['first_loss'], '.4f')} | {f(r['max_rel_logp_diff'], '.1e')} | {once} |")
     return "\n".join(lines)
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return "" if a is None else f" ({a:.2f}x / {b:.2f}x)"
 
 
 # ----------------------------------------------------------------------------- shared data
@@ -299,15 +318,24 @@ def run_trl(name: str, a) -> dict:
 # ----------------------------------------------------------------------------- dpo_jax child
 
 
-def jax_overrides(name: str) -> dict:
-    """configs/hh.py overrides of a dpo_jax configuration."""
+def jax_overrides(name: str, best_set: list[str] = ()) -> dict:
+    """configs/hh.py overrides of a dpo_jax configuration; ``best_set`` ("key=value", the value
+    read as a Python literal) changes ``jax_best``'s switches (A/B runs of one switch)."""
     if name == "jax_same_math":  # plain rows, a reference forward every step
         return {"data.prefix_sharing": False, "logprobs.precompute_reference": False,
                 "data.buckets": "128,192,256"}
     if name == "jax_default":
         return {}
     if name == "jax_best":
-        return dict(BEST)
+        import ast
+
+        out = dict(BEST)
+        for item in best_set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--best_set {item!r}: expected key=value")
+            out[key] = ast.literal_eval(value)
+        return out
     raise ValueError(f"unknown dpo_jax configuration {name!r}; expected one of {CONFIGS[2:]}")
 
 
@@ -327,7 +355,7 @@ def run_jax(name: str, a) -> dict:
     pairs, pad_id = load_stored_pairs(a.pairs_file)
     total = a.warmup + a.steps
     t0 = time.perf_counter()
-    config = hh_config(total, jax_overrides(name))
+    config = hh_config(total, jax_overrides(name, a.best_set))
     rc = read_config(config)
     loss_cfg = losses_lib.loss_config_from(config.loss)
     model = lora_lib.make_model(rc.model, rc.lora)
@@ -409,7 +437,7 @@ def run_child(name: str, a, pairs_file: str, result_file: str) -> dict:
     """``name`` in its own process; killed (an error row) above ``--max_rss_gib``."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--pairs_file", pairs_file,
            "--result", result_file, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--threads", str(a.threads)]
+           "--threads", str(a.threads)] + [f"--best_set={s}" for s in a.best_set]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     seen, killed = [0.0], [False]
@@ -452,6 +480,9 @@ def parse_args(argv=None):
     p.add_argument("--max_rss_gib", type=float, default=0.0,
                    help="kill a configuration whose RSS passes this (0: no limit)")
     p.add_argument("--out", default="", help="directory for results.json and results.md")
+    p.add_argument("--best_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of jax_best's config switches (repeatable), e.g. "
+                        "data.pack_length_step=0")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--pairs_file", default="", help=argparse.SUPPRESS)
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
