@@ -17,14 +17,14 @@ import tempfile
 # two emitters round a few fused results differently, so a test that compares two differently
 # fused programs bit for bit carries the marker `default_emitters` and runs in a child pytest
 # process with XLA's default emitters (pytest_pyfunc_call below).
-_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+_ELEMENTAL_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 _DEFAULT_EMITTERS_CHILD = "DPO_JAX_TEST_DEFAULT_EMITTERS"
 os.environ["XLA_FLAGS"] = (
-    _USER_XLA_FLAGS
+    os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
     + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
     + " --xla_backend_optimization_level=0"
-    + ("" if os.environ.get(_DEFAULT_EMITTERS_CHILD) else " --xla_cpu_use_fusion_emitters=false")
+    + ("" if os.environ.get(_DEFAULT_EMITTERS_CHILD) else " " + _ELEMENTAL_EMITTERS)
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU's thread pools get 4 threads per fake device (32; a PJRT_NPROC or NPROC given is
@@ -104,7 +104,10 @@ def pytest_pyfunc_call(pyfuncitem):
         return None
     import subprocess
     import sys
-    env = dict(os.environ, XLA_FLAGS=_USER_XLA_FLAGS, **{_DEFAULT_EMITTERS_CHILD: "1"})
+    # the flags this process runs with (an xdist worker's include the controller's), less the
+    # elemental emitters; the child's conftest adds the rest again and not that one
+    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f != _ELEMENTAL_EMITTERS)
+    env = dict(os.environ, XLA_FLAGS=flags, **{_DEFAULT_EMITTERS_CHILD: "1"})
     env.pop("PYTEST_XDIST_WORKER", None)
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]
     if pyfuncitem.config.getoption("--run-slow"):
