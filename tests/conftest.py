@@ -13,7 +13,7 @@ import tempfile
 # (experiments/bench) run outside pytest with the default level.
 # XLA:CPU's MLIR fusion emitters are replaced by its older elemental IR emitters
 # (--xla_cpu_use_fusion_emitters=false): the same HLO program, emitted straight to LLVM IR; it
-# cut the suite's compile-bound CPU time by about 30% (experiments/suite_time/README.md). The
+# cut the suite's CPU time by 28% and its wall time by 30% (experiments/suite_time/README.md). The
 # two emitters round a few fused results differently, so a test that compares two differently
 # fused programs bit for bit carries the marker `default_emitters` and runs in a child pytest
 # process with XLA's default emitters (pytest_pyfunc_call below).
