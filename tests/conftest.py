@@ -11,11 +11,20 @@ import tempfile
 # LLVM optimisation passes are skipped (level 0). They change generated machine code, not
 # the HLO program or its floating-point semantics (XLA:CPU fast-math stays off); benchmarks
 # (experiments/bench) run outside pytest with the default level.
+# XLA:CPU's MLIR fusion emitters are replaced by its older elemental IR emitters
+# (--xla_cpu_use_fusion_emitters=false): the same HLO program, emitted straight to LLVM IR; it
+# cut the suite's CPU time by 28% and its wall time by 30% (experiments/suite_time/README.md). The
+# two emitters round a few fused results differently, so a test that compares two differently
+# fused programs bit for bit carries the marker `default_emitters` and runs in a child pytest
+# process with XLA's default emitters (pytest_pyfunc_call below).
+_ELEMENTAL_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+_DEFAULT_EMITTERS_CHILD = "DPO_JAX_TEST_DEFAULT_EMITTERS"
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
     + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
     + " --xla_backend_optimization_level=0"
+    + ("" if os.environ.get(_DEFAULT_EMITTERS_CHILD) else " " + _ELEMENTAL_EMITTERS)
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU's thread pools get 4 threads per fake device (32; a PJRT_NPROC or NPROC given is
@@ -51,6 +60,9 @@ def pytest_configure(config):
                                        "reruns `-m torch` after installing the parity extras")
     config.addinivalue_line("markers", "slow: end-to-end test of 20 s or more; runs with "
                                        "--run-slow")
+    config.addinivalue_line("markers", "default_emitters: compares two differently fused "
+                                       "programs bit for bit; runs in a child pytest process "
+                                       "with XLA:CPU's default fusion emitters")
 
 
 def _imports_torch(item) -> bool:
@@ -80,6 +92,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A test marked ``default_emitters`` runs as ``python -m pytest NODEID`` in a child process
+    whose XLA flags keep XLA:CPU's default fusion emitters (the ones a user's run compiles
+    with); the test fails with the child's output when the child fails."""
+    if pyfuncitem.get_closest_marker("default_emitters") is None or os.environ.get(
+            _DEFAULT_EMITTERS_CHILD):
+        return None
+    import subprocess
+    import sys
+    # the flags this process runs with (an xdist worker's include the controller's), less the
+    # elemental emitters; the child's conftest adds the rest again and not that one
+    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f != _ELEMENTAL_EMITTERS)
+    env = dict(os.environ, XLA_FLAGS=flags, **{_DEFAULT_EMITTERS_CHILD: "1"})
+    env.pop("PYTEST_XDIST_WORKER", None)
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]
+    if pyfuncitem.config.getoption("--run-slow"):
+        args.append("--run-slow")
+    done = subprocess.run(args, cwd=pyfuncitem.config.rootpath, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0 or " passed" not in done.stdout:
+        pytest.fail(f"{pyfuncitem.nodeid} in a child process with XLA's default fusion "
+                    f"emitters (exit {done.returncode}):\n{done.stdout[-4000:]}"
+                    f"{done.stderr[-2000:]}", pytrace=False)
+    return True
 
 from dpo_jax.data.testing import DATA_ENV, data_root  # noqa: E402
 

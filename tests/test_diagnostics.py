@@ -137,6 +137,7 @@ def test_train_metrics_match_hand_computation_and_accumulate(setup):
             _close(metrics[k], v, f"{k} (grad_accum={accum})")
 
 
+@pytest.mark.default_emitters  # bit for bit across two programs (conftest.py)
 def test_loss_and_update_are_bit_identical_with_diagnostics(setup):
     """Diagnostics are metrics only: the loss, the gradient norm and every updated parameter
     are the same bits with them on and off (grad_accum=2, the scan path)."""

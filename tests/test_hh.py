@@ -330,7 +330,8 @@ def test_smollm2_hh_smoke_run_step1_ties_and_greedy_export(tmp_path):
     # devices, XLA backend optimisation off) the run grew past 24 GB and was killed
     env = {**os.environ, "PYTHONPATH": str(REPO),
            "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                 if "device_count" not in f and "optimization_level" not in f)}
+                                 if "device_count" not in f and "optimization_level" not in f
+                                 and "fusion_emitters" not in f)}
     subprocess.run([sys.executable, "-m", "dpo_jax.main",
                     f"--config={REPO}/configs/hh.py:smollm2,smoke",
                     f"--workdir={tmp_path / 'dpo'}", "--config.eval.sample_every=0",

@@ -118,3 +118,23 @@ def test_main_sets_the_flag_before_jax_initialises_its_backends(tmp_path):
     summary = json.loads(done.stdout.split("SEEN ", 1)[0])["summary"]
     assert summary == {"xla_flags": f"{given} {FLAG}", "devices": 2,
                        "pjrt_nproc": str(max(os.cpu_count(), 8))}
+
+
+def test_the_suite_compiles_with_the_elemental_emitters():
+    """tests/conftest.py: the suite's own XLA flags replace XLA:CPU's fusion emitters (compile
+    time) and keep the 8 fake devices."""
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_cpu_use_fusion_emitters=false" in flags
+    assert "--xla_force_host_platform_device_count=8" in flags
+
+
+@pytest.mark.default_emitters
+def test_a_default_emitters_test_runs_in_a_child_with_xlas_default_emitters():
+    """The marker `default_emitters` (tests/conftest.py): the test body runs in a child pytest
+    process whose flags keep XLA's default fusion emitters and the 8 fake devices."""
+    import jax
+    flags = os.environ["XLA_FLAGS"].split()
+    assert os.environ.get("DPO_JAX_TEST_DEFAULT_EMITTERS") == "1"
+    assert not any("fusion_emitters" in f for f in flags)
+    assert "--xla_force_host_platform_device_count=8" in flags
+    assert jax.device_count() == 8

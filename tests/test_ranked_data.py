@@ -162,6 +162,7 @@ def test_unpaired_generic_rows_and_pair_rows(tmp_path):
 # ----------------------------------------------------------------------------- the step
 
 
+@pytest.mark.default_emitters  # bit for bit across two programs (conftest.py)
 def test_pairs_are_the_k2_case_exactly():
     """The same pairs as ranked lists of two, trained with plackett_luce, give the sigmoid
     step's loss, metrics and update bit for bit."""
