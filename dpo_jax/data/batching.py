@@ -29,6 +29,18 @@ def pair_lengths(pairs: list[TokenPair]) -> np.ndarray:
                       np.int64).reshape(-1, 3)
 
 
+def parse_buckets(value) -> list[int] | None:
+    """``data.buckets``: ``'auto'`` -> None; ``'128,256'`` or a sequence of ints -> sorted unique ints."""
+    if isinstance(value, str):
+        if value.strip() in ("", "auto"):
+            return None
+        value = [v for v in value.split(",") if v.strip()]
+    out = sorted({int(v) for v in value})
+    if not out or out[0] <= 0:
+        raise ValueError(f"buckets must be positive lengths, got {value!r}")
+    return out
+
+
 def choose_buckets(batch_max_lengths: np.ndarray, num_buckets: int, multiple: int) -> list[int]:
     """Bucket lengths at evenly spaced quantiles of the per-batch max length.
 

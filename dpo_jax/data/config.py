@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from dpo_jax.data.batching import parse_buckets
 from dpo_jax.data.synthetic import CONVERSATION_PAIRS, EOS_ID
 
 
@@ -101,9 +102,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.bucket_multiple = 16  # auto bucket lengths are rounded up to a multiple of this
     c.packing = False  # pack several sequences per row (segment ids) when that saves compute
     c.pack_length = 0  # packed row length (0 = the largest bucket)
-    # > 0: packing also tries rows of pack_length + k * step (below 2 * pack_length) per batch and
-    # keeps the fewest columns: tighter rows, more distinct batch shapes (compiles); 0 = off
-    c.pack_length_step = 0
+    c.pack_length_step = 0  # > 0: also try rows of pack_length + k * step (< 2x; batching.py)
     c.row_multiple = 1  # packed row counts are multiples of this (set to the data-parallel size)
     c.prefix_sharing = False  # one row unit [prompt, chosen, rejected] per pair (data/prefix.py)
     c.group_by_length = 0  # sort pairs by length within windows of this many batches (0 = off)
@@ -149,18 +148,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.ches_filter.seed = 0
     c.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticConfig()))
     return c
-
-
-def parse_buckets(value) -> list[int] | None:
-    """``'auto'`` -> None; ``'128,256'`` or a sequence of ints -> sorted unique ints."""
-    if isinstance(value, str):
-        if value.strip() in ("", "auto"):
-            return None
-        value = [v for v in value.split(",") if v.strip()]
-    out = sorted({int(v) for v in value})
-    if not out or out[0] <= 0:
-        raise ValueError(f"buckets must be positive lengths, got {value!r}")
-    return out
 
 
 CHES_MODES = ("", "drop", "downweight")

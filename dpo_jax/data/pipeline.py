@@ -108,7 +108,7 @@ class PreferencePipeline(BatchStream):
         self._tokens = [0, 0]  # real, total (padded) tokens of the global batches this epoch
         self._shapes: dict[str, int] = {}
         self._padding_per_epoch: list[float] = []
-        buckets = config_lib.parse_buckets(cfg.buckets)
+        buckets = batching.parse_buckets(cfg.buckets)
         longest = self._longest(np.arange(len(pairs)))
         if buckets is None:
             maxima = [self._longest(b) for b in self.epoch_batches(0)]

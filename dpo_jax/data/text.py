@@ -78,7 +78,7 @@ class TextPipeline(BatchStream):
         self.cfg, self.pad_id = cfg, int(pad_id)
         self.lengths = np.asarray([len(t) for t, _ in self.seqs], np.int64)
         self.row_multiple = math.lcm(int(cfg.row_multiple), int(row_multiple), process_count)
-        buckets = config_lib.parse_buckets(cfg.buckets)
+        buckets = batching.parse_buckets(cfg.buckets)
         if buckets is None or self.lengths.max() > buckets[-1]:
             maxima = [self.lengths[np.maximum(b, 0)].max() for b in self.epoch_batches(0)]
             buckets = batching.choose_buckets(np.asarray(maxima), cfg.num_buckets,
