@@ -285,10 +285,7 @@ def build_pipeline(data_cfg, *, split: str, global_batch_size: int, process_inde
 
 def _synthetic_items(cfg, split: str, fmt: str) -> list[Item]:
     s = cfg.synthetic
-    task = synthetic.SyntheticTask.from_config(s)
-    seed = s.train_seed if split == "train" else s.eval_seed
-    n = s.num_train if split == "train" else (
-        s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval))
+    task, n, seed = synthetic.split_draw(cfg, split)
     if fmt == "unpaired" and s.from_lists:
         return synthetic.labelled(synthetic.make_ranked(task, n, seed, int(s.num_responses)))
     if fmt == "unpaired":
@@ -304,10 +301,7 @@ def _synthetic_trees(cfg, split: str, bad: BadRows) -> list[dict]:
     whole (``bad`` raises or counts). Weights: ``tree_depth_decay ** depth``. Raises DataError
     for a conversation longer than ``data.max_length`` at any branch point."""
     s = cfg.synthetic
-    task = synthetic.SyntheticTask.from_config(s)
-    seed = s.train_seed if split == "train" else s.eval_seed
-    n = s.num_train if split == "train" else (
-        s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval))
+    task, n, seed = synthetic.split_draw(cfg, split)
     convs = synthetic.make_conversations(task, n, seed, int(s.turns), int(s.turn_shift))
     out = []
     for i, conv in enumerate(convs[: cfg.max_pairs or None]):

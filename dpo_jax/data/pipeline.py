@@ -32,12 +32,7 @@ def _synthetic_pairs(cfg, split: str) -> list[TokenPair]:
     ``eval_seed`` (its first ``eval_size`` when > 0), before ``max_pairs``. With
     ``synthetic.turns > 1``: one pair per conversation (``synthetic.conversation_pair``)."""
     s = cfg.synthetic
-    task = synthetic.SyntheticTask.from_config(s)
-    if split == "train":
-        n, seed = s.num_train, s.train_seed
-    else:
-        n = s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval)
-        seed = s.eval_seed
+    task, n, seed = synthetic.split_draw(cfg, split)
     if int(s.turns) > 1:  # one pair per conversation (data.synthetic.conversation_pairs)
         return [synthetic.conversation_pair(c, s.conversation_pairs)
                 for c in synthetic.make_conversations(task, n, seed, int(s.turns),

@@ -73,6 +73,18 @@ def _sample_prompt(task: SyntheticTask, rng: np.random.Generator) -> tuple[int, 
     return topic, prompt
 
 
+def split_draw(cfg, split: str) -> tuple[SyntheticTask, int, int]:
+    """``(task, count, seed)`` of ``split`` for the data block ``cfg``: the task of
+    ``cfg.synthetic``; train: ``num_train`` items from ``train_seed``; eval: ``num_eval`` (its
+    first ``cfg.eval_size`` when > 0) from ``eval_seed``. Every synthetic loader draws its items
+    with these."""
+    s = cfg.synthetic
+    if split == "train":
+        return SyntheticTask.from_config(s), int(s.num_train), int(s.train_seed)
+    n = s.num_eval if cfg.eval_size <= 0 else min(cfg.eval_size, s.num_eval)
+    return SyntheticTask.from_config(s), int(n), int(s.eval_seed)
+
+
 def make_pairs(task: SyntheticTask, num_pairs: int, seed: int) -> list[dict[str, np.ndarray]]:
     """``num_pairs`` tokenised pairs ``{prompt, chosen, rejected}``, EOS ending each response."""
     rng = np.random.default_rng(seed)
